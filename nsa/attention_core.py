@@ -1,0 +1,81 @@
+"""Masked-softmax attention over a small key set, with GQA, shared by the reference branches.
+
+Rows whose mask is empty produce a zero output and lse = -inf (never NaN, in value or gradient).
+Scores and softmax run in float32 for half inputs (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+# Elements of the per-chunk score/gather tensors the reference path allows itself; bounds peak
+# memory at a few hundred MB whatever T is.
+CHUNK_ELEMENT_BUDGET = 1 << 24
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of scores [..., K] over entries where mask is True; returns (probs, lse [...]).
+
+    The row maximum is taken over the masked-filled scores: in any non-empty row it belongs to a
+    valid entry, so the shifted sum is >= 1 there and exactly 0 in empty rows, which makes
+    clamp_min(1) an exact guard (a tiny clamp would blow up the gradient of empty rows).
+    """
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    row_max = filled.amax(dim=-1, keepdim=True).detach()
+    weights = torch.exp(filled - row_max) * mask
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / total.clamp_min(1.0)
+    lse = torch.where(total > 0, row_max + torch.log(total.clamp_min(1.0)), float("-inf"))
+    return probs, lse.squeeze(-1)
+
+
+def attend_shared_keys(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries of a chunk against one key set.
+
+    q [B, C, HQ, Dk], k [B, K, Hkv, Dk], v [B, K, Hkv, Dv], mask bool [B|1, C, K] (True = attend).
+    Returns o [B, C, HQ, Dv] (q's dtype), lse [B, C, HQ] and probs [B, Hkv, G, C, K] (accumulation dtype).
+    """
+    batch, chunk, num_heads, _ = q.shape
+    num_kv_heads = k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    qg = q.to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
+    scores = torch.einsum("bchgd,bkhd->bhgck", qg, k.to(acc)) * scale
+    probs, lse = masked_softmax(scores, mask[:, None, None])
+    out = torch.einsum("bhgck,bkhd->bchgd", probs, v.to(acc))
+    return out.flatten(2, 3).to(q.dtype), lse.permute(0, 3, 1, 2).flatten(2), probs
+
+
+def attend_gathered_keys(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Each query against its own gathered keys.
+
+    q [B, C, HQ, Dk], k [B, C, Hkv, K, Dk], v [B, C, Hkv, K, Dv], mask bool [B, C, Hkv, K].
+    Returns o [B, C, HQ, Dv] in q's dtype; all G heads of a group share the group's keys.
+    """
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    qg = q.to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
+    scores = torch.einsum("bchgd,bchkd->bchgk", qg, k.to(acc)) * scale
+    probs, _ = masked_softmax(scores, mask[:, :, :, None])
+    out = torch.einsum("bchgk,bchkd->bchgd", probs, v.to(acc))
+    return out.flatten(2, 3).to(q.dtype)
+
+
+def budget_chunk_size(elements_per_query: int) -> int:
+    """Queries per chunk such that one chunk's score/gather tensors stay within the element budget."""
+    return max(1, CHUNK_ELEMENT_BUDGET // max(1, elements_per_query))
+
+
+def query_chunks(seq_len: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    """Yield [start, end) query ranges of at most chunk_size queries."""
+    for start in range(0, seq_len, chunk_size):
+        yield start, min(seq_len, start + chunk_size)

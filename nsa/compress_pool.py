@@ -1,0 +1,60 @@
+"""Compression phi: pools each block of l raw keys (or values), stride d, into one token."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nsa.block_index import num_compressed_blocks
+from nsa.errors import NSAInputError
+from nsa.validation import check_divides, check_float_tensor, check_positive_int
+
+
+def block_windows(x: torch.Tensor, block_size: int, block_stride: int) -> torch.Tensor:
+    """x [B, T, H, D] -> overlapping blocks [B, num_cmp(T), H, l, D] (a view where possible)."""
+    check_float_tensor("x", x, 4)
+    check_positive_int("block_size", block_size)
+    check_positive_int("block_stride", block_stride)
+    check_divides("block_stride", block_stride, "block_size", block_size)
+    batch, seq_len, num_heads, dim = x.shape
+    if num_compressed_blocks(seq_len, block_size, block_stride) == 0:
+        return x.new_zeros(batch, 0, num_heads, block_size, dim)
+    return x.unfold(1, block_size, block_stride).transpose(-1, -2)
+
+
+def compress_mean_pool(x: torch.Tensor, block_size: int, block_stride: int) -> torch.Tensor:
+    """Mean of each compressed block: x [B, T, H, D] -> [B, num_cmp(T), H, D], block i = [i*d, i*d + l)."""
+    return block_windows(x, block_size, block_stride).mean(dim=-2)
+
+
+class CompressPool(nn.Module):
+    """phi of the compression branch, shared across heads.
+
+    kind="mean": mean pooling. kind="mlp": mean pooling plus an MLP over the block's l tokens
+    concatenated, each with a learnable intra-block position encoding. The MLP's output layer starts
+    at zero, so a fresh "mlp" phi equals mean pooling exactly and learns a correction from there.
+    """
+
+    def __init__(self, head_dim: int, block_size: int, block_stride: int, kind: str = "mlp",
+                 hidden: int | None = None) -> None:
+        super().__init__()
+        if kind not in ("mean", "mlp"):
+            raise NSAInputError(f"kind={kind!r} must be 'mean' or 'mlp'")
+        self.block_size, self.block_stride, self.kind = block_size, block_stride, kind
+        if kind == "mlp":
+            hidden = hidden or 2 * head_dim
+            self.position = nn.Parameter(torch.randn(block_size, head_dim) * 0.02)
+            self.mlp = nn.Sequential(
+                nn.Linear(block_size * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim)
+            )
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D] -> compressed [B, num_cmp(T), H, D]."""
+        blocks = block_windows(x, self.block_size, self.block_stride)
+        pooled = blocks.mean(dim=-2)
+        if self.kind == "mean":
+            return pooled
+        correction = self.mlp((blocks + self.position.to(x.dtype)).flatten(-2))
+        return pooled + correction

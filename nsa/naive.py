@@ -1,0 +1,135 @@
+"""Plain dense references with the same signatures as the fast ops.
+
+Each builds the full [T, T] (or [T, N_cmp]) mask and runs one masked softmax: O(T^2) memory, easy
+to read, used as the in-package baseline for tests and benchmarks on small T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nsa.attention_core import accumulation_dtype
+from nsa.block_index import compressed_visibility, num_selection_blocks, overlap_matrix
+from nsa.compressed_attention import check_compressed_inputs
+from nsa.functional import NSAOutput, check_nsa_inputs
+from nsa.selection_scorer import check_selection_sizes, group_reduce, topn_blocks
+from nsa.validation import (
+    check_attention_inputs,
+    check_block_indices,
+    check_positive_int,
+    check_same_length,
+    check_scale,
+)
+
+
+def _dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B,T,HQ,Dk], k/v [B,N,Hkv,D], mask bool [B|1,HQ|1,T,N] -> (o [B,T,HQ,Dv], probs [B,HQ,T,N], lse [B,T,HQ])."""
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    group = q.shape[2] // k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    k_full = k.to(acc).repeat_interleave(group, dim=2)
+    v_full = v.to(acc).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bnhd->bhtn", q.to(acc), k_full) * scale
+    # Rows with nothing visible give NaN in softmax; their output is defined as zero.
+    masked = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(masked, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhtn,bnhd->bthd", probs, v_full)
+    return out.to(q.dtype), probs, torch.logsumexp(masked, dim=-1).transpose(1, 2)
+
+
+def _naive_compressed(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int, block_stride: int,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    positions = torch.arange(q.shape[1], device=q.device)
+    mask = compressed_visibility(positions, k_cmp.shape[1], block_size, block_stride)
+    return _dense_attention(q, k_cmp, v_cmp, mask[None, None], scale)
+
+
+def naive_compressed_attention(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int, block_stride: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense reference of compressed_attention: returns (o, lse)."""
+    check_compressed_inputs(q, k_cmp, v_cmp, block_size, block_stride, scale)
+    out, _, lse = _naive_compressed(q, k_cmp, v_cmp, block_size, block_stride, scale)
+    return out, lse
+
+
+def naive_selected_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, block_size: int,
+    scale: float | None = None, *, check_indices: bool = True,
+) -> torch.Tensor:
+    """Dense reference of selected_attention: a [T, T] token mask built from the block indices."""
+    seq_len, num_heads, num_kv_heads = check_attention_inputs(q, k, v)
+    check_same_length("k", k, seq_len)
+    check_positive_int("block_size", block_size)
+    check_scale(scale)
+    check_block_indices(block_indices, q, num_kv_heads, block_size, validate_values=check_indices)
+    num_blocks = num_selection_blocks(seq_len, block_size)
+    used = block_indices >= 0
+    chosen = torch.zeros(*block_indices.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, torch.where(used, block_indices.long(), num_blocks), True)  # [B, T, Hkv, Nsel+1]
+    token_block = torch.arange(seq_len, device=q.device) // block_size
+    token_mask = chosen[..., token_block]  # [B, T, Hkv, T]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+    mask = (token_mask & causal[None, :, None]).permute(0, 2, 1, 3)
+    mask = mask.repeat_interleave(num_heads // num_kv_heads, dim=1)
+    return _dense_attention(q, k, v, mask, scale)[0]
+
+
+def naive_sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """Dense reference of sliding_window_attention."""
+    seq_len, _, _ = check_attention_inputs(q, k, v)
+    check_same_length("k", k, seq_len)
+    check_positive_int("window_size", window_size)
+    check_scale(scale)
+    positions = torch.arange(seq_len, device=q.device)
+    distance = positions[:, None] - positions[None, :]
+    mask = (distance >= 0) & (distance < window_size)
+    return _dense_attention(q, k, v, mask[None, None], scale)[0]
+
+
+def naive_select_blocks(
+    q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, block_size: int, block_stride: int,
+    sel_block_size: int, num_selected: int, scale: float | None = None,
+) -> torch.Tensor:
+    """Dense reference of select_blocks: full p_cmp, the dense Eq. 9 matrix, Eq. 10, top-n."""
+    seq_len = check_compressed_inputs(q, k_cmp, k_cmp, block_size, block_stride, scale)
+    check_selection_sizes(block_stride, sel_block_size, num_selected)
+    _, probs, _ = _naive_compressed(q, k_cmp, k_cmp, block_size, block_stride, scale)
+    return _select_from_probs(probs.permute(0, 2, 1, 3), k_cmp.shape[2], seq_len, block_size, block_stride,
+                              sel_block_size, num_selected)
+
+
+def _select_from_probs(
+    p_cmp: torch.Tensor, num_kv_heads: int, seq_len: int, block_size: int, block_stride: int,
+    sel_block_size: int, num_selected: int,
+) -> torch.Tensor:
+    num_sel = num_selection_blocks(seq_len, sel_block_size)
+    weights = overlap_matrix(p_cmp.shape[-1], num_sel, block_size, block_stride, sel_block_size)
+    p_sel = p_cmp @ weights.to(p_cmp)  # Eq. 9
+    return topn_blocks(group_reduce(p_sel, num_kv_heads), sel_block_size, num_selected)  # Eq. 10-12
+
+
+def naive_nsa_attention(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
+    k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, *, block_size: int, block_stride: int,
+    sel_block_size: int, num_selected: int, window_size: int, scale: float | None = None,
+    query_chunk_size: int | None = None,
+) -> NSAOutput:
+    """Dense reference of nsa_attention (query_chunk_size is accepted and ignored)."""
+    seq_len = check_nsa_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size, block_stride,
+                               sel_block_size, num_selected, window_size, scale)
+    o_cmp, probs, _ = _naive_compressed(q, k_cmp, v_cmp, block_size, block_stride, scale)
+    with torch.no_grad():
+        block_indices = _select_from_probs(probs.detach().permute(0, 2, 1, 3), k_cmp.shape[2], seq_len,
+                                           block_size, block_stride, sel_block_size, num_selected)
+    o_sel = naive_selected_attention(q, k_sel, v_sel, block_indices, sel_block_size, scale, check_indices=False)
+    o_win = naive_sliding_window_attention(q, k_win, v_win, window_size, scale)
+    g = gates.unsqueeze(-1)
+    return NSAOutput(g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_sel + g[:, :, :, 2] * o_win, block_indices)

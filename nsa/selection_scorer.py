@@ -1,0 +1,154 @@
+"""Block selection (paper Eq. 8-12): which selection blocks each query group reads.
+
+p_cmp (Eq. 8) is the compression branch's own softmax, reused (no second projection). Eq. 9 maps
+it to selection blocks by token overlap, Eq. 10 sums it over the G heads of a group, and top-n
+picks n blocks per (t, group): the forced blocks {0, t // l', t // l' - 1} plus the best remaining
+*complete* blocks (end <= t + 1), ties to the lower block index exactly. Selection carries no
+gradient. Eq. 9 and Eq. 10 are linear, so the chunked path sums over the group first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nsa.attention_core import accumulation_dtype, budget_chunk_size, query_chunks
+from nsa.block_index import (
+    compressed_visibility,
+    num_compressed_blocks,
+    num_selection_blocks,
+    overlap_kernel,
+)
+from nsa.compressed_attention import check_compressed_inputs
+from nsa.errors import NSAInputError
+from nsa.validation import check_divides, check_positive_int
+
+
+def check_selection_sizes(block_stride: int, sel_block_size: int, num_selected: int) -> None:
+    check_positive_int("sel_block_size", sel_block_size)
+    check_positive_int("num_selected", num_selected)
+    check_divides("block_stride", block_stride, "sel_block_size", sel_block_size)
+    if num_selected < 3:
+        raise NSAInputError(f"num_selected={num_selected} must be >= 3 (it includes the three forced blocks)")
+
+
+def map_cmp_to_sel(
+    p_cmp: torch.Tensor, block_size: int, block_stride: int, sel_block_size: int, num_sel_blocks: int
+) -> torch.Tensor:
+    """Eq. 9: p_sel[..., j] = sum_i p_cmp[..., i] * |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / l.
+
+    p_cmp [..., N_cmp] -> [..., num_sel_blocks]. Requires d | l and d | l'. Computed as a strided
+    correlation (see block_index.overlap_kernel), O(N_cmp * (l + l') / d) work and no N_cmp x N_sel matrix.
+    """
+    check_positive_int("block_size", block_size)
+    check_positive_int("block_stride", block_stride)
+    check_divides("block_stride", block_stride, "block_size", block_size)
+    check_positive_int("sel_block_size", sel_block_size)
+    check_divides("block_stride", block_stride, "sel_block_size", sel_block_size)
+    weights, pad = overlap_kernel(block_size, block_stride, sel_block_size)
+    ratio = sel_block_size // block_stride
+    num_cmp = p_cmp.shape[-1]
+    if num_cmp == 0:
+        return p_cmp.new_zeros(*p_cmp.shape[:-1], num_sel_blocks)
+    right = max(0, (num_sel_blocks - 1) * ratio + weights.numel() - pad - num_cmp)
+    flat = F.pad(p_cmp.reshape(-1, 1, num_cmp), (pad, right))
+    kernel = weights.to(device=p_cmp.device, dtype=p_cmp.dtype).view(1, 1, -1)
+    out = F.conv1d(flat, kernel, stride=ratio)[..., :num_sel_blocks]
+    return out.reshape(*p_cmp.shape[:-1], num_sel_blocks)
+
+
+def group_reduce(p: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Eq. 10: sum scores over the G query heads of each group. [B, T, HQ, N] -> [B, T, Hkv, N]."""
+    if p.dim() != 4 or p.shape[2] % num_kv_heads != 0:
+        raise NSAInputError(
+            f"p must be [B, T, HQ, N] with HQ a multiple of num_kv_heads={num_kv_heads}, got {tuple(p.shape)}"
+        )
+    return p.unflatten(2, (num_kv_heads, -1)).sum(dim=3)
+
+
+def topn_blocks(
+    scores: torch.Tensor, sel_block_size: int, num_selected: int, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Eq. 11-12: top-n selection blocks per row with the three forced blocks.
+
+    scores [B, T, Hkv, N] (group importance per selection block); positions [B|1, T] or [T]
+    (absolute query positions; None -> arange(T), which requires N >= ceil(T / l')).
+    Returns int64 [B, T, Hkv, num_selected]: chosen blocks ascending, then -1 for unused slots.
+    Never a future or incomplete block (except the forced current block), never a duplicate;
+    ties go to the lower block index (stable sort, no epsilon arithmetic).
+    """
+    check_positive_int("sel_block_size", sel_block_size)
+    check_positive_int("num_selected", num_selected)
+    if num_selected < 3:
+        raise NSAInputError(f"num_selected={num_selected} must be >= 3 (it includes the three forced blocks)")
+    if scores.dim() != 4:
+        raise NSAInputError(f"scores must be [B, T, Hkv, N], got shape {tuple(scores.shape)}")
+    num_blocks = scores.shape[-1]
+    if positions is None:
+        if num_blocks < num_selection_blocks(scores.shape[1], sel_block_size):
+            raise NSAInputError(
+                f"scores has N={num_blocks} blocks but T={scores.shape[1]} needs ceil(T / sel_block_size)"
+            )
+        positions = torch.arange(scores.shape[1], device=scores.device)
+    if positions.dim() == 1:
+        positions = positions[None]
+    t = positions[:, :, None, None]  # [B|1, T, 1, 1]
+    block = torch.arange(num_blocks, device=scores.device)
+    current = t // sel_block_size
+    forced = (block == 0) | (block == current) | (block == current - 1)
+    complete = (block + 1) * sel_block_size <= t + 1
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    key = torch.where(forced, inf, torch.where(complete, scores, -inf))
+    ranked_key, ranked = key.sort(dim=-1, descending=True, stable=True)
+    take = min(num_selected, num_blocks)
+    chosen = torch.where(ranked_key[..., :take] == -inf, num_blocks, ranked[..., :take])
+    chosen = chosen.sort(dim=-1).values
+    chosen = torch.where(chosen == num_blocks, -1, chosen)
+    if take < num_selected:
+        chosen = F.pad(chosen, (0, num_selected - take), value=-1)
+    return chosen
+
+
+def select_from_group_probs(
+    p_grp_cmp: torch.Tensor, start: int, block_size: int, block_stride: int, sel_block_size: int,
+    num_selected: int,
+) -> torch.Tensor:
+    """Chunk helper: group-summed compressed probabilities [B, C, Hkv, N_vis] -> block indices."""
+    end = start + p_grp_cmp.shape[1]
+    num_sel = num_selection_blocks(end, sel_block_size)
+    p_sel = map_cmp_to_sel(p_grp_cmp, block_size, block_stride, sel_block_size, num_sel)
+    positions = torch.arange(start, end, device=p_grp_cmp.device)
+    return topn_blocks(p_sel, sel_block_size, num_selected, positions)
+
+
+@torch.no_grad()
+def select_blocks(
+    q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, block_size: int, block_stride: int,
+    sel_block_size: int, num_selected: int, scale: float | None = None,
+) -> torch.Tensor:
+    """Block indices for the selection branch from the compression branch's scores.
+
+    Layout: q [B, T, HQ, Dk], k_cmp [B, N_cmp, Hkv, Dk], lse [B, T, HQ] from compressed_attention
+    (same q, k_cmp and scale). Recomputes p_cmp = exp(q . k_cmp * scale - lse) over visible blocks
+    (Eq. 8), then Eq. 9, Eq. 10 and top-n. Returns int64 [B, T, Hkv, num_selected] (-1 = unused).
+    """
+    seq_len = check_compressed_inputs(q, k_cmp, k_cmp, block_size, block_stride, scale)
+    check_selection_sizes(block_stride, sel_block_size, num_selected)
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise NSAInputError(f"lse must have shape [B, T, HQ] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    num_kv_heads = k_cmp.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2)
+    outs = []
+    for start, end in query_chunks(seq_len, chunk):
+        num_visible = num_compressed_blocks(end, block_size, block_stride)
+        positions = torch.arange(start, end, device=q.device)
+        visible = compressed_visibility(positions, num_visible, block_size, block_stride)
+        keys = k_cmp[:, :num_visible].to(acc).repeat_interleave(q.shape[2] // num_kv_heads, dim=2)
+        scores = torch.einsum("bthd,bnhd->bthn", q[:, start:end].to(acc), keys) * scale
+        p_cmp = torch.where(visible[None, :, None], torch.exp(scores - lse[:, start:end, :, None].to(acc)), 0)
+        outs.append(select_from_group_probs(
+            group_reduce(p_cmp, num_kv_heads), start, block_size, block_stride, sel_block_size, num_selected
+        ))
+    return torch.cat(outs, dim=1)

@@ -1,0 +1,43 @@
+"""Sliding-window branch: each query attends its last w keys."""
+
+from __future__ import annotations
+
+import torch
+
+from nsa.attention_core import attend_shared_keys, budget_chunk_size, query_chunks
+from nsa.validation import check_attention_inputs, check_positive_int, check_same_length, check_scale
+
+
+def sliding_window_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window_size: int, scale: float
+) -> torch.Tensor:
+    """Queries at [start, start + C) against keys [max(0, start - w + 1), start + C)."""
+    end = start + q.shape[1]
+    key_start = max(0, start - window_size + 1)
+    query_pos = torch.arange(start, end, device=q.device)[:, None]
+    key_pos = torch.arange(key_start, end, device=q.device)[None, :]
+    mask = (key_pos <= query_pos) & (key_pos > query_pos - window_size)
+    out, _, _ = attend_shared_keys(q, k[:, key_start:end], v[:, key_start:end], mask[None], scale)
+    return out
+
+
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """Causal sliding-window attention (NSA window branch).
+
+    Layout: q [B, T, HQ, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] -> o [B, T, HQ, Dv].
+    Query t attends keys max(0, t - w + 1) .. t (w = window_size, the query's own key included).
+    """
+    seq_len, num_heads, _ = check_attention_inputs(q, k, v)
+    check_same_length("k", k, seq_len)
+    check_positive_int("window_size", window_size)
+    check_scale(scale)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    # A chunk of C <= w queries reads at most 2w keys, so its scores stay O(C * w).
+    chunk = min(window_size, budget_chunk_size(num_heads * 4 * window_size))
+    outs = [
+        sliding_window_chunk(q[:, start:end], k, v, start, window_size, scale)
+        for start, end in query_chunks(seq_len, chunk)
+    ]
+    return torch.cat(outs, dim=1)
