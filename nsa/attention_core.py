@@ -43,8 +43,7 @@ def attend_shared_keys(
     q [B, C, HQ, Dk], k [B, K, Hkv, Dk], v [B, K, Hkv, Dv], mask bool [B|1, C, K] (True = attend).
     Returns o [B, C, HQ, Dv] (q's dtype), lse [B, C, HQ] and probs [B, Hkv, G, C, K] (accumulation dtype).
     """
-    batch, chunk, num_heads, _ = q.shape
-    num_kv_heads = k.shape[2]
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
     acc = accumulation_dtype(q.dtype)
     qg = q.to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
     scores = torch.einsum("bchgd,bkhd->bhgck", qg, k.to(acc)) * scale

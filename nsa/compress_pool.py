@@ -44,11 +44,10 @@ class CompressPool(nn.Module):
         if kind == "mlp":
             hidden = hidden or 2 * head_dim
             self.position = nn.Parameter(torch.randn(block_size, head_dim) * 0.02)
-            self.mlp = nn.Sequential(
-                nn.Linear(block_size * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim)
-            )
-            nn.init.zeros_(self.mlp[2].weight)
-            nn.init.zeros_(self.mlp[2].bias)
+            output_layer = nn.Linear(hidden, head_dim)
+            nn.init.zeros_(output_layer.weight)
+            nn.init.zeros_(output_layer.bias)
+            self.mlp = nn.Sequential(nn.Linear(block_size * head_dim, hidden), nn.GELU(), output_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D] -> compressed [B, num_cmp(T), H, D]."""

@@ -1,0 +1,81 @@
+"""Time and peak memory of the NSA reference path (forward, and optionally forward+backward).
+
+    python -m bench.bench_reference                     # CPU: T = 8k and 64k, forward, small config
+    python -m bench.bench_reference --seq-lens 8192 --backward
+    python -m bench.bench_reference --device cuda       # peak CUDA memory instead of RSS
+
+Each length runs in a fresh subprocess so the peak resident memory (ru_maxrss) belongs to that
+length alone. Results: bench/results/reference_<device>.jsonl and .md (appended / rewritten).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from bench.env_info import RESULTS_DIR, environment, markdown_table
+from nsa import NSAAttention, NSAConfig
+
+SMALL_CONFIG = dict(hidden_size=256, num_heads=4, num_kv_heads=1, head_dim=64, head_dim_v=64)
+
+
+def measure(seq_len: int, device: str, backward: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    config = NSAConfig(**SMALL_CONFIG)  # paper block sizes: l=32, d=16, l'=64, n=16, w=512
+    layer = NSAAttention(config).to(device)
+    x = torch.randn(1, seq_len, config.hidden_size, device=device, requires_grad=backward)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if backward:
+        layer(x).float().square().mean().backward()
+    else:
+        with torch.inference_mode():
+            layer(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    seconds = time.perf_counter() - start
+    return {"seq_len": seq_len, "pass": "fwd+bwd" if backward else "fwd", "seconds": round(seconds, 2),
+            "peak_mem_gib": round(peak_gb, 3), "config": config.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 65536])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(measure(args.child, args.device, args.backward)))
+        return 0
+    rows = []
+    for seq_len in args.seq_lens:
+        cmd = [sys.executable, "-m", "bench.bench_reference", "--child", str(seq_len), "--device", args.device]
+        cmd += ["--backward"] if args.backward else []
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = {**json.loads(result.stdout.strip().splitlines()[-1]), **environment(args.device)}
+        rows.append(row)
+        print(f"T={seq_len}: {row['seconds']} s, peak {row['peak_mem_gib']} GiB", flush=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"reference_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+    with open(stem.with_suffix(".jsonl"), "a") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    table = markdown_table(rows, ["seq_len", "pass", "seconds", "peak_mem_gib", "device", "torch", "commit"])
+    stem.with_suffix(".md").write_text(f"# NSA reference path, {rows[0]['device']}\n\n{table}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
