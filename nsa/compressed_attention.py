@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from nsa.attention_core import attend_shared_keys, budget_chunk_size, query_chunks
+from nsa.attention_core import accumulation_dtype, attend_shared_keys, budget_chunk_size, query_chunks
 from nsa.block_index import compressed_visibility, num_compressed_blocks
 from nsa.errors import NSAInputError
 from nsa.validation import check_attention_inputs, check_divides, check_positive_int, check_scale
 
 
-def compressed_attention_chunk(
-    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, start: int,
-    block_size: int, block_stride: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Queries at positions [start, start + C) over the compressed blocks visible to the last of them.
+class CompressedChunk(NamedTuple):
+    output: torch.Tensor  # [B, C, HQ, Dv]
+    lse: torch.Tensor  # [B, C, HQ], -inf where nothing is visible
+    probs: torch.Tensor | None  # [B, Hkv, G, C, num_visible]; None when num_visible = 0
+    visible: torch.Tensor  # bool [B|1, C, num_visible]: the blocks each query read
 
-    Returns (o [B, C, HQ, Dv], lse [B, C, HQ], probs [B, Hkv, G, C, N_vis] or None when N_vis = 0).
+
+def compressed_attention_chunk(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, positions: torch.Tensor, num_visible: int,
+    block_size: int, block_stride: int, scale: float,
+) -> CompressedChunk:
+    """Queries at absolute `positions` [B|1, C] over the first num_visible compressed blocks.
+
+    num_visible is a host-side bound (num_cmp of the largest position + 1): only those blocks are
+    read; the visibility mask handles smaller positions.
     """
     batch, chunk, num_heads, _ = q.shape
-    num_visible = num_compressed_blocks(start + chunk, block_size, block_stride)
+    visible = compressed_visibility(positions, num_visible, block_size, block_stride)
     if num_visible == 0:
         out = q.new_zeros(batch, chunk, num_heads, v_cmp.shape[-1])
-        lse = torch.full((batch, chunk, num_heads), float("-inf"), device=q.device)
-        return out, lse, None
-    positions = torch.arange(start, start + chunk, device=q.device)
-    mask = compressed_visibility(positions, num_visible, block_size, block_stride)
-    return attend_shared_keys(q, k_cmp[:, :num_visible], v_cmp[:, :num_visible], mask[None], scale)
+        lse = torch.full((batch, chunk, num_heads), float("-inf"), device=q.device,
+                         dtype=accumulation_dtype(q.dtype))
+        return CompressedChunk(out, lse, None, visible)
+    out, lse, probs = attend_shared_keys(q, k_cmp[:, :num_visible], v_cmp[:, :num_visible], visible, scale)
+    return CompressedChunk(out, lse, probs, visible)
 
 
 def check_compressed_inputs(
@@ -65,9 +75,11 @@ def compressed_attention(
     chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2)
     outs, lses = [], []
     for start, end in query_chunks(seq_len, chunk):
-        out, lse, _ = compressed_attention_chunk(
-            q[:, start:end], k_cmp, v_cmp, start, block_size, block_stride, scale
+        positions = torch.arange(start, end, device=q.device)[None]
+        num_visible = num_compressed_blocks(end, block_size, block_stride)
+        result = compressed_attention_chunk(
+            q[:, start:end], k_cmp, v_cmp, positions, num_visible, block_size, block_stride, scale
         )
-        outs.append(out)
-        lses.append(lse)
+        outs.append(result.output)
+        lses.append(result.lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)

@@ -25,13 +25,15 @@ def gather_tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def selected_attention_chunk(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, start: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, positions: torch.Tensor,
     block_size: int, scale: float,
-) -> torch.Tensor:
-    """Queries at [start, start + C) with their block_indices [B, C, Hkv, S] over the raw k, v."""
-    positions = torch.arange(start, start + q.shape[1], device=q.device)[None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries at positions [B|1, C] with block_indices [B, C, Hkv, S] over raw k, v [B, >=T, Hkv, D].
+
+    Returns (o [B, C, HQ, Dv], valid [B, C, Hkv, S*l']): valid marks the tokens actually read.
+    """
     tokens, valid = selection_token_index(block_indices, positions, block_size)
-    return attend_gathered_keys(q, gather_tokens(k, tokens), gather_tokens(v, tokens), valid, scale)
+    return attend_gathered_keys(q, gather_tokens(k, tokens), gather_tokens(v, tokens), valid, scale), valid
 
 
 def selected_attention(
@@ -56,7 +58,8 @@ def selected_attention(
     keys_per_query = block_indices.shape[-1] * block_size
     chunk = budget_chunk_size(keys_per_query * (num_heads + num_kv_heads * (k.shape[-1] + v.shape[-1])))
     outs = [
-        selected_attention_chunk(q[:, s:e], k, v, block_indices[:, s:e], s, block_size, scale)
+        selected_attention_chunk(q[:, s:e], k, v, block_indices[:, s:e], torch.arange(s, e, device=q.device)[None],
+                                 block_size, scale)[0]
         for s, e in query_chunks(seq_len, chunk)
     ]
     return torch.cat(outs, dim=1)

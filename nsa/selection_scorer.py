@@ -110,14 +110,12 @@ def topn_blocks(
 
 
 def select_from_group_probs(
-    p_grp_cmp: torch.Tensor, start: int, block_size: int, block_stride: int, sel_block_size: int,
-    num_selected: int,
+    p_grp_cmp: torch.Tensor, positions: torch.Tensor, num_sel: int, block_size: int, block_stride: int,
+    sel_block_size: int, num_selected: int,
 ) -> torch.Tensor:
-    """Chunk helper: group-summed compressed probabilities [B, C, Hkv, N_vis] -> block indices."""
-    end = start + p_grp_cmp.shape[1]
-    num_sel = num_selection_blocks(end, sel_block_size)
+    """Chunk helper: group-summed compressed probabilities [B, C, Hkv, N_vis] of queries at
+    positions [B|1, C] -> block indices over the first num_sel (host bound) selection blocks."""
     p_sel = map_cmp_to_sel(p_grp_cmp, block_size, block_stride, sel_block_size, num_sel)
-    positions = torch.arange(start, end, device=p_grp_cmp.device)
     return topn_blocks(p_sel, sel_block_size, num_selected, positions)
 
 
@@ -149,6 +147,7 @@ def select_blocks(
         scores = torch.einsum("bthd,bnhd->bthn", q[:, start:end].to(acc), keys) * scale
         p_cmp = torch.where(visible[None, :, None], torch.exp(scores - lse[:, start:end, :, None].to(acc)), 0)
         outs.append(select_from_group_probs(
-            group_reduce(p_cmp, num_kv_heads), start, block_size, block_stride, sel_block_size, num_selected
+            group_reduce(p_cmp, num_kv_heads), positions[None], num_selection_blocks(end, sel_block_size),
+            block_size, block_stride, sel_block_size, num_selected,
         ))
     return torch.cat(outs, dim=1)

@@ -1,0 +1,170 @@
+"""The inference demo CLI (cli/demo_infer.py): outputs, measured reads, flag errors.
+
+Expectations are computed here from the definitions in shared/spec/NSA.md (plain Python loops over
+positions), not with the library's or the CLI's helpers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import demo_infer
+from nsa.model import GPT, GPTConfig
+from scripts.checkpoint import save_checkpoint
+from scripts.config import RunConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_demo(*argv: str) -> demo_infer.DemoResult:
+    parser = demo_infer.build_parser()
+    return demo_infer.run(parser.parse_args(list(argv)), parser)
+
+
+def expected_cmp(t: int, l: int, d: int) -> int:
+    """Compressed blocks i with i*d + l - 1 <= t."""
+    return sum(1 for i in range(t + 1) if i * d + l - 1 <= t)
+
+
+def block_tokens(j: int, t: int, lp: int) -> int:
+    """Tokens of selection block j at positions <= t."""
+    return len(range(j * lp, min((j + 1) * lp, t + 1)))
+
+
+def forced_tokens(t: int, lp: int) -> int:
+    forced = {0, t // lp} | ({t // lp - 1} if t // lp >= 1 else set())
+    return sum(block_tokens(j, t, lp) for j in forced)
+
+
+def check_reads(result: demo_infer.DemoResult, nsa: dict, seq_len: int) -> None:
+    l, d, lp, n, w = (nsa[k] for k in ("cmp_block_size", "cmp_stride", "sel_block_size", "num_selected",
+                                        "window_size"))
+    cmp = [expected_cmp(t, l, d) for t in range(seq_len)]
+    win = [min(w, t + 1) for t in range(seq_len)]
+    assert result.cmp.tolist() == cmp
+    assert result.win.tolist() == win
+    assert result.dense.tolist() == list(range(1, seq_len + 1))
+    reads = result.summary["reads"]
+    assert reads["cmp"]["mean"] == pytest.approx(sum(cmp) / seq_len)
+    assert reads["cmp"]["last"] == cmp[-1]
+    assert reads["win"]["mean"] == pytest.approx(sum(win) / seq_len)
+    assert reads["win"]["last"] == win[-1]
+    assert reads["dense"]["mean"] == pytest.approx((seq_len + 1) / 2)
+
+    for layer, (bi, sel) in enumerate(zip(result.block_indices, result.sel, strict=True)):
+        batch, seq, groups, slots = bi.shape
+        assert (batch, seq, slots) == (1, seq_len, n)
+        recount = []
+        for t in range(seq_len):
+            for g in range(groups):
+                blocks = [j for j in bi[0, t, g].tolist() if j != -1]
+                tokens = sum(block_tokens(j, t, lp) for j in blocks)
+                assert int(sel[0, t, g]) == tokens, (layer, t, g)
+                assert forced_tokens(t, lp) <= tokens <= min(n * lp, t + 1), (layer, t, g)
+                recount.append(tokens)
+        layer_reads = reads["layers"][layer]
+        mean_sel = sum(recount) / len(recount)
+        assert layer_reads["sel"]["mean"] == pytest.approx(mean_sel)
+        total = sum(cmp) / seq_len + mean_sel + sum(win) / seq_len
+        assert layer_reads["ratio_dense_over_sparse"]["mean"] == pytest.approx((seq_len + 1) / 2 / total)
+
+
+def read_summary(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "summary.jsonl").read_text().splitlines()]
+
+
+def test_default_model_outputs_and_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo" / "sel.png"
+    result = run_demo("--seq-len", "1024", "--out", str(out), "--layer", "1", "--group", "1")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    (summary,) = read_summary(out.parent)
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["seq_len"] == 1024
+    assert summary["heatmap"] == {"path": str(out), "layer": 1, "group": 1, "row_bin": 2}
+    assert [set(g) for g in summary["gate_means"]] == [{"layer", "cmp", "sel", "win"}] * 2
+    assert all(0.0 < g[k] < 1.0 for g in summary["gate_means"] for k in ("cmp", "sel", "win"))
+    check_reads(result, summary["model"]["nsa"], 1024)
+    printed = capsys.readouterr().out
+    assert "NSA GPT: 2 layers" in printed
+    assert "gate means (cmp / sel / win)" in printed
+    assert "dense / sparse" in printed
+
+
+def _save_small_checkpoint(path: Path, attention: str = "nsa") -> GPTConfig:
+    model_dict: dict = {"n_layer": 1, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+                        "max_seq_len": 128, "attention": attention}
+    if attention == "nsa":
+        model_dict["nsa"] = {"cmp_block_size": 8, "cmp_stride": 4, "sel_block_size": 8, "num_selected": 4,
+                             "window_size": 16}
+    config = RunConfig.from_dict({"model": model_dict, "data": {"task": "text", "seq_len": 128}})
+    torch.manual_seed(123)
+    model = GPT(config.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(path, model=model, optimizer=optimizer, step=7, data_generator=torch.Generator(),
+                    config=config.to_dict())
+    return config.model
+
+
+def test_checkpoint_model_is_sparse(tmp_path: Path) -> None:
+    """A checkpoint with small blocks (l'=8, n=4): selection is a strict subset; run past max_seq_len."""
+    ckpt = tmp_path / "ckpt.pt"
+    config = _save_small_checkpoint(ckpt)
+    out = tmp_path / "out" / "sel.png"
+    result = run_demo("--checkpoint", str(ckpt), "--seq-len", "300", "--out", str(out), "--group", "1")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    (summary,) = read_summary(out.parent)
+    assert "step 7" in summary["weights"] and "max_seq_len=128" in summary["weights"]
+    assert summary["model"]["nsa"] == config.to_dict()["nsa"]
+    check_reads(result, summary["model"]["nsa"], 300)
+    # t=299: blocks 0 and 36 full, block 37 holds 296..299, plus one more complete block (n=4).
+    sel_last = 8 + 8 + 4 + 8
+    assert summary["reads"]["layers"][0]["sel"]["last"] == sel_last
+    sparse_last = expected_cmp(299, 8, 4) + sel_last + 16
+    assert summary["reads"]["layers"][0]["ratio_dense_over_sparse"]["last"] == pytest.approx(300 / sparse_last)
+
+
+def test_main_appends_summary(tmp_path: Path) -> None:
+    out = tmp_path / "sel.png"
+    for seq_len in ("1", "77"):
+        assert demo_infer.main(["--seq-len", seq_len, "--out", str(out)]) == 0
+    assert [s["seq_len"] for s in read_summary(tmp_path)] == [1, 77]
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--seq-len", "0"], "--seq-len"),
+        (["--seq-len", "-3"], "--seq-len"),
+        (["--seq-len", "10000000"], "--seq-len"),
+        (["--seq-len", "abc"], "--seq-len"),
+        (["--layer", "2"], "--layer"),
+        (["--layer", "-1"], "--layer"),
+        (["--group", "2"], "--group"),
+        (["--checkpoint", "no/such/ckpt.pt"], "--checkpoint"),
+        (["--device", "nonsense"], "--device"),
+    ],
+)
+def test_bad_flags(argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        demo_infer.main([*argv, "--out", str(tmp_path / "x.png")] + ([] if "--seq-len" in argv else
+                                                                        ["--seq-len", "8"]))
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = tmp_path / "dense.pt"
+    _save_small_checkpoint(dense, attention="dense")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, message in ((dense, "attention='dense'"), (garbage, "cannot read")):
+        with pytest.raises(SystemExit):
+            demo_infer.main(["--checkpoint", str(path), "--seq-len", "8", "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert "--checkpoint" in err and message in err
