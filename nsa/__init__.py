@@ -7,6 +7,7 @@ from nsa.config import NSAConfig, load_nsa_config
 from nsa.errors import NSAConfigError, NSAError, NSAInputError
 from nsa.functional import NSAOutput
 from nsa.functional import nsa_attention as _nsa_attention_fn
+from nsa.kv_cache import NSAKVCache
 from nsa.naive import (
     naive_compressed_attention,
     naive_nsa_attention,
@@ -32,6 +33,7 @@ __all__ = [
     "NSAConfigError",
     "NSAError",
     "NSAInputError",
+    "NSAKVCache",
     "NSAOutput",
     "apply_rope",
     "compress_mean_pool",

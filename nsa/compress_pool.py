@@ -51,9 +51,11 @@ class CompressPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D] -> compressed [B, num_cmp(T), H, D]."""
-        blocks = block_windows(x, self.block_size, self.block_stride)
+        return self.pool(block_windows(x, self.block_size, self.block_stride))
+
+    def pool(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Blocks [..., l, D] in token order -> one token each [..., D] (the decode cache calls this)."""
         pooled = blocks.mean(dim=-2)
         if self.kind == "mean":
             return pooled
-        correction = self.mlp((blocks + self.position.to(x.dtype)).flatten(-2))
-        return pooled + correction
+        return pooled + self.mlp((blocks + self.position.to(blocks.dtype)).flatten(-2))

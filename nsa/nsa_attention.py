@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from nsa.attention_core import query_chunks
+from nsa.block_index import num_compressed_blocks, num_selection_blocks
 from nsa.compress_pool import CompressPool
 from nsa.config import NSAConfig
 from nsa.errors import NSAInputError
-from nsa.functional import nsa_attention
+from nsa.functional import NSASizes, nsa_attention, nsa_attention_chunk, prefill_chunk_size
+from nsa.kv_cache import NSAKVCache
 from nsa.rope import apply_rope
 
 
 class NSAAux(NamedTuple):
     block_indices: torch.Tensor  # [B, T, Hkv, n] selected blocks, -1 = unused
     gates: torch.Tensor  # [B, T, HQ, 3] activated gates (cmp, sel, win)
+
+
+class Projected(NamedTuple):
+    q: torch.Tensor  # [B, T, HQ, Dk], rotated
+    k_cmp_raw: torch.Tensor  # [B, T, Hkv, Dk], not rotated (phi pools raw keys)
+    v_cmp_raw: torch.Tensor
+    k_sel: torch.Tensor  # rotated
+    v_sel: torch.Tensor
+    k_win: torch.Tensor  # rotated
+    v_win: torch.Tensor
+    gates: torch.Tensor  # [B, T, HQ, 3]
 
 
 class NSAAttention(nn.Module):
@@ -29,11 +44,16 @@ class NSAAttention(nn.Module):
     *un-rotated* keys (phi sees raw content plus its own intra-block position encoding) and then
     rotates each compressed key at its block's centre position i*d + (l-1)/2, so q . k_cmp depends
     on the query-to-block distance like every other branch.
+
+    forward(x) runs a whole sequence (prefill or training). forward(x, cache=...) appends x's
+    tokens to each sequence in the cache (a prompt, a chunk, or one decode token) and attends with
+    exactly the same rule, at the absolute positions the cache tracks.
     """
 
     def __init__(self, config: NSAConfig) -> None:
         super().__init__()
         self.config = c = config
+        self.sizes = NSASizes(c.cmp_block_size, c.cmp_stride, c.sel_block_size, c.num_selected, c.window_size)
         kv_sets = 1 if c.shared_kv else 3
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, kv_sets * c.num_kv_heads * c.head_dim, bias=False)
@@ -46,29 +66,131 @@ class NSAAttention(nn.Module):
                                        c.compression_hidden)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim_v, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, NSAAux]:
+    def new_cache(self, batch_size: int, capacity: int) -> NSAKVCache:
+        """An empty decode cache for this layer, on its device and in its dtype."""
+        weight = self.q_proj.weight
+        return NSAKVCache(self.config, batch_size, capacity, device=weight.device, dtype=weight.dtype)
+
+    def forward(
+        self, x: torch.Tensor, return_aux: bool = False, *, cache: NSAKVCache | None = None,
+        num_valid: Sequence[int] | None = None, start_positions: Sequence[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, NSAAux]:
+        """x [B, T, hidden] -> y [B, T, hidden] (and NSAAux when return_aux).
+
+        With a cache: x holds the next T tokens of every sequence; num_valid[b] <= T of them are real
+        (the rest is right padding, which reads and writes nothing and whose outputs are zero);
+        start_positions, when given, must equal the cache's current lengths.
+        """
         c = self.config
         if x.dim() != 3 or x.shape[-1] != c.hidden_size:
             raise NSAInputError(f"x must be [B, T, hidden_size={c.hidden_size}], got shape {tuple(x.shape)}")
+        if cache is not None:
+            out, block_indices, gates = self._append(x, cache, num_valid, start_positions)
+        else:
+            positions = torch.arange(x.shape[1], device=x.device)
+            p = self._project(x, positions)
+            k_cmp, v_cmp = self._compress(p.k_cmp_raw, p.v_cmp_raw)
+            out, block_indices = nsa_attention(
+                p.q, k_cmp, v_cmp, p.k_sel, p.v_sel, p.k_win, p.v_win, p.gates,
+                block_size=c.cmp_block_size, block_stride=c.cmp_stride, sel_block_size=c.sel_block_size,
+                num_selected=c.num_selected, window_size=c.window_size, scale=c.attention_scale,
+                query_chunk_size=c.query_chunk_size,
+            )
+            gates = p.gates
+        y = self.o_proj(out.flatten(2))
+        return (y, NSAAux(block_indices, gates)) if return_aux else y
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
+        """Projections at absolute positions ([T] or [B, T])."""
+        c = self.config
         batch, seq_len, _ = x.shape
-        positions = torch.arange(seq_len, device=x.device)
         q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions, c.rope_theta)
         k = self.k_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim_v)
         cmp_set, sel_set, win_set = (0, 0, 0) if c.shared_kv else (0, 1, 2)
-        k_cmp = self.compress_k(k[:, :, cmp_set])
-        cmp_positions = torch.arange(k_cmp.shape[1], device=x.device) * c.cmp_stride + (c.cmp_block_size - 1) / 2
-        k_cmp = apply_rope(k_cmp, cmp_positions, c.rope_theta)
-        v_cmp = self.compress_v(v[:, :, cmp_set])
         k_sel = apply_rope(k[:, :, sel_set], positions, c.rope_theta)
         k_win = k_sel if win_set == sel_set else apply_rope(k[:, :, win_set], positions, c.rope_theta)
         gate_logits = self.gate_proj(x).view(batch, seq_len, c.num_heads, 3)
         gates = gate_logits.sigmoid() if c.gate == "sigmoid" else gate_logits.softmax(dim=-1)
-        out, block_indices = nsa_attention(
-            q, k_cmp, v_cmp, k_sel, v[:, :, sel_set], k_win, v[:, :, win_set], gates,
-            block_size=c.cmp_block_size, block_stride=c.cmp_stride, sel_block_size=c.sel_block_size,
-            num_selected=c.num_selected, window_size=c.window_size, scale=c.attention_scale,
-            query_chunk_size=c.query_chunk_size,
-        )
-        y = self.o_proj(out.flatten(2))
-        return (y, NSAAux(block_indices, gates)) if return_aux else y
+        return Projected(q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win,
+                         v[:, :, win_set], gates)
+
+    def _compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-sequence phi: raw [B, T, Hkv, D] -> compressed keys (rotated at block centres), values."""
+        k_cmp = self.compress_k(k_raw)
+        return self._rotate_compressed(k_cmp, torch.arange(k_cmp.shape[1], device=k_raw.device)), \
+            self.compress_v(v_raw)
+
+    def _rotate_compressed(self, k_cmp: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return apply_rope(k_cmp, block_ids * c.cmp_stride + (c.cmp_block_size - 1) / 2, c.rope_theta)
+
+    def _append(
+        self, x: torch.Tensor, cache: NSAKVCache, num_valid: Sequence[int] | None,
+        start_positions: Sequence[int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write x's tokens into the cache (raw, ring and newly complete compressed blocks), then
+        attend chunk by chunk with the shared chunk step. Returns (out, block_indices, gates)."""
+        c = self.config
+        if cache.config != c:
+            raise NSAInputError("cache was built for a different NSAConfig than this layer's")
+        counts = cache.check_append(x, num_valid, start_positions)
+        positions = cache.query_positions(x.shape[1], counts)
+        p = self._project(x, positions.clamp_min(0))
+        raw_rows = torch.where(positions >= 0, positions, cache.capacity)
+        cache.write_tokens(cache.k_sel, p.k_sel, raw_rows)
+        cache.write_tokens(cache.v_sel, p.v_sel, raw_rows)
+        self._emit_compressed(cache, p, positions, counts)
+        win_k, win_v, win_positions = cache.ring_stream(cache.k_win, cache.v_win, p.k_win, p.v_win, positions)
+        win_rows = cache.ring_rows(positions, counts, c.window_size)
+        cache.write_tokens(cache.k_win, p.k_win, win_rows)
+        cache.write_tokens(cache.v_win, p.v_win, win_rows)
+
+        end = max(length + n for length, n in zip(cache.lengths, counts, strict=True))
+        num_cmp_visible = num_compressed_blocks(end, c.cmp_block_size, c.cmp_stride)
+        num_sel_blocks = num_selection_blocks(end, c.sel_block_size)
+        chunk = c.query_chunk_size or prefill_chunk_size(p.q, cache.k_cmp[:, :num_cmp_visible], p.v_sel, self.sizes)
+        outputs, indices, reads = [], [], []
+        for a, b in query_chunks(x.shape[1], chunk):
+            result = nsa_attention_chunk(
+                p.q[:, a:b], p.gates[:, a:b], positions[:, a:b],
+                k_cmp=cache.k_cmp, v_cmp=cache.v_cmp, num_cmp_visible=num_cmp_visible,
+                k_sel=cache.k_sel, v_sel=cache.v_sel, num_sel_blocks=num_sel_blocks,
+                k_win=win_k[:, a:c.window_size + b], v_win=win_v[:, a:c.window_size + b],
+                win_positions=win_positions[:, a:c.window_size + b], sizes=self.sizes, scale=c.attention_scale,
+            )
+            outputs.append(result.output)
+            indices.append(result.block_indices)
+            reads.append(result.reads)
+        cache.commit(counts, torch.cat(reads, dim=1), positions)
+        return torch.cat(outputs, dim=1), torch.cat(indices, dim=1), p.gates
+
+    def _emit_compressed(self, cache: NSAKVCache, p: Projected, positions: torch.Tensor,
+                         counts: Sequence[int]) -> None:
+        """Pool every compressed block whose last token arrives in this append and store it."""
+        c = self.config
+        l, d = c.cmp_block_size, c.cmp_stride
+        raw_k, raw_v, _ = cache.ring_stream(cache.k_cmp_raw, cache.v_cmp_raw, p.k_cmp_raw, p.v_cmp_raw, positions)
+        first = [num_compressed_blocks(n0, l, d) for n0 in cache.lengths]
+        last = [num_compressed_blocks(n0 + n, l, d) for n0, n in zip(cache.lengths, counts, strict=True)]
+        num_emit = max(b - a for a, b in zip(first, last, strict=True))
+        ring_rows = cache.ring_rows(positions, counts, l)
+        cache.write_tokens(cache.k_cmp_raw, p.k_cmp_raw, ring_rows)
+        cache.write_tokens(cache.v_cmp_raw, p.v_cmp_raw, ring_rows)
+        if num_emit == 0:
+            return
+        device = positions.device
+        block_ids = torch.tensor(first, device=device)[:, None] + torch.arange(num_emit, device=device)
+        emit = block_ids < torch.tensor(last, device=device)[:, None]
+        # Stream index j holds position length - l + j, so token i*d + u sits at i*d + u - length + l.
+        lengths = torch.tensor(cache.lengths, device=device)[:, None, None]
+        stream_index = block_ids[:, :, None] * d + torch.arange(l, device=device) - lengths + l
+        stream_index = torch.where(emit[:, :, None], stream_index, 0).flatten(1)  # [B, E*l]
+        batch_index = torch.arange(positions.shape[0], device=device)[:, None]
+        k_blocks = raw_k[batch_index, stream_index].unflatten(1, (num_emit, l)).transpose(2, 3)
+        v_blocks = raw_v[batch_index, stream_index].unflatten(1, (num_emit, l)).transpose(2, 3)
+        k_new = self._rotate_compressed(self.compress_k.pool(k_blocks), block_ids)  # [B, E, Hkv, D]
+        v_new = self.compress_v.pool(v_blocks)
+        rows = torch.where(emit, block_ids, cache.num_cmp_capacity)
+        cache.write_tokens(cache.k_cmp, k_new, rows)
+        cache.write_tokens(cache.v_cmp, v_new, rows)
