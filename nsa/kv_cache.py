@@ -54,6 +54,24 @@ class NSAKVCache:
         self.total_reads = torch.zeros(batch_size, c.num_kv_heads, 3, dtype=torch.long, device=self.device)
         self.last_reads: torch.Tensor | None = None
 
+    @torch.no_grad()
+    def fill_random_(self, length: int, generator: torch.Generator | None = None) -> None:
+        """Put every sequence in the state of `length` appended tokens with random content.
+
+        For benchmarks and read-count checks at lengths a CPU prefill would take minutes to reach:
+        decode cost and reads depend on lengths and shapes, not on what the keys hold.
+        """
+        if self.lengths != [0] * self.batch_size or not 0 < length <= self.capacity:
+            raise NSAInputError(f"fill_random_ needs an empty cache and 0 < length <= {self.capacity}, got {length}")
+        c = self.config
+        num_cmp = num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride)
+        for buffer, rows in ((self.k_sel, length), (self.v_sel, length), (self.k_cmp, num_cmp),
+                             (self.v_cmp, num_cmp), (self.k_win, c.window_size), (self.v_win, c.window_size),
+                             (self.k_cmp_raw, c.cmp_block_size), (self.v_cmp_raw, c.cmp_block_size)):
+            noise = torch.randn(buffer[:, :rows].shape, generator=generator, dtype=torch.float32)
+            buffer[:, :rows] = noise.to(device=self.device, dtype=self.dtype)
+        self.lengths = [length] * self.batch_size
+
     # ---- checks -------------------------------------------------------------------------------
 
     def check_append(self, x: torch.Tensor, num_valid: Sequence[int] | None,

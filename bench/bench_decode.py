@@ -1,0 +1,153 @@
+"""NSA decode economics: tokens read per step (formula and measured) and per-token latency vs dense.
+
+    python -m bench.bench_decode                 # CPU: reads table 1k..1M, latency at batch 1 and 32
+    python -m bench.bench_decode --device cuda   # GPU: public shape (HQ=64, H_kv=4, D=128, bf16)
+
+Reads are measured from a real decode step (the counters of NSAKVCache, taken from the masks the
+attention used) after the cache is put in the state of S-1 random tokens (NSAKVCache.fill_random_),
+and set beside the formula num_cmp(S) + sel(S) + min(w, S) of NSA.md. Latency: one decode step of
+the whole NSA layer (projections, cache writes, compression emission, selection, three branches)
+against dense SDPA over a KV cache of the same S (attention only, is_causal=False for the single
+row). Results: bench/results/decode_<device>.jsonl and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.env_info import RESULTS_DIR, environment, markdown_table
+from nsa import NSAAttention, NSAConfig, num_compressed_blocks
+
+PAPER_BLOCKS = dict(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16, window_size=512)
+READ_LENGTHS = [1024 * 2**i for i in range(11)]  # 1k .. 1M
+
+
+def formula_reads(seq_len: int, config: NSAConfig) -> tuple[int, int, int]:
+    """NSA.md: num_cmp(S), tokens of the n selected blocks (current block partial), min(w, S)."""
+    l_sel, n = config.sel_block_size, config.num_selected
+    num_blocks = -(-seq_len // l_sel)
+    sel = seq_len if num_blocks <= n else (n - 1) * l_sel + seq_len - (num_blocks - 1) * l_sel
+    cmp = num_compressed_blocks(seq_len, config.cmp_block_size, config.cmp_stride)
+    return cmp, sel, min(config.window_size, seq_len)
+
+
+@torch.no_grad()
+def measured_reads(seq_len: int) -> tuple[int, int, int]:
+    config = NSAConfig(hidden_size=16, num_heads=1, num_kv_heads=1, head_dim=8, head_dim_v=8,
+                       compression="mean", **PAPER_BLOCKS)
+    layer = NSAAttention(config)
+    cache = layer.new_cache(1, seq_len)
+    cache.fill_random_(seq_len - 1, torch.Generator().manual_seed(0))
+    layer(torch.randn(1, 1, config.hidden_size), cache=cache)
+    assert cache.last_reads is not None
+    cmp, sel, win = cache.last_reads[0, 0, 0].tolist()
+    return cmp, sel, win
+
+
+def reads_table() -> list[dict[str, Any]]:
+    config = NSAConfig(**PAPER_BLOCKS)
+    rows = []
+    for seq_len in READ_LENGTHS:
+        cmp, sel, win = formula_reads(seq_len, config)
+        m_cmp, m_sel, m_win = measured_reads(seq_len)
+        rows.append({"S": seq_len, "cmp": m_cmp, "sel": m_sel, "win": m_win, "measured": m_cmp + m_sel + m_win,
+                     "formula": cmp + sel + win, "dense": seq_len,
+                     "dense/nsa": round(seq_len / (m_cmp + m_sel + m_win), 2)})
+        print(f"reads S={seq_len}: measured {rows[-1]['measured']} formula {rows[-1]['formula']}", flush=True)
+    return rows
+
+
+def timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    """Median milliseconds of fn: triton.testing.do_bench on CUDA, a perf_counter loop on CPU."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+    def cpu_time(fn: Callable[[], Any]) -> float:
+        fn()
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return sorted(samples)[len(samples) // 2]
+
+    return cpu_time
+
+
+@torch.no_grad()
+def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype) -> dict[str, Any]:
+    heads, kv_heads, dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
+    config = NSAConfig(hidden_size=heads * dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
+                       head_dim_v=dim, **PAPER_BLOCKS)
+    layer = NSAAttention(config).to(device=device, dtype=dtype)
+    # Every timed step appends one token, so S grows by the number of steps the timer runs (a few
+    # percent at most); the row records where it ended.
+    cache = layer.new_cache(batch, seq_len + 4096)
+    cache.fill_random_(seq_len - 1, torch.Generator().manual_seed(0))
+    x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
+
+    def nsa_step() -> None:
+        layer(x, cache=cache)
+
+    q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype)
+    k = torch.randn(batch, kv_heads, seq_len, dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+
+    def dense_step() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)
+
+    measure = timer(device)
+    nsa_ms, dense_ms = measure(nsa_step), measure(dense_step)
+    return {"S": seq_len, "S_end": cache.lengths[0], "batch": batch, "nsa_layer_ms": round(nsa_ms, 4),
+            "dense_sdpa_ms": round(dense_ms, 4),
+            "dense/nsa": round(dense_ms / nsa_ms, 2), "dtype": str(dtype).removeprefix("torch."), **shape}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seq-lens", type=int, nargs="+",
+                        help="latency lengths (default: CPU 8k 32k, GPU 8k 64k 128k)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--skip-reads", action="store_true")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    shape = (dict(num_heads=64, num_kv_heads=4, head_dim=128) if cuda
+             else dict(num_heads=8, num_kv_heads=2, head_dim=64))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    seq_lens = args.seq_lens or ([8192, 65536, 131072] if cuda else [8192, 32768])
+    env = environment(args.device)
+    reads = [] if args.skip_reads else reads_table()
+    latency = []
+    for seq_len in seq_lens:
+        for batch in args.batches:
+            latency.append(latency_row(seq_len, batch, shape, args.device, dtype))
+            print(json.dumps(latency[-1]), flush=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"decode_{'cuda' if cuda else 'cpu'}"
+    with open(stem.with_suffix(".jsonl"), "a") as handle:
+        handle.writelines(json.dumps({"table": "reads", **row, **env}) + "\n" for row in reads)
+        handle.writelines(json.dumps({"table": "latency", **row, **env}) + "\n" for row in latency)
+    text = [f"# NSA decode, {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})", ""]
+    if reads:
+        text += ["## Tokens read per decode step (paper defaults l=32 d=16 l'=64 n=16 w=512)", "",
+                 markdown_table(reads, ["S", "cmp", "sel", "win", "measured", "formula", "dense", "dense/nsa"]), ""]
+    text += ["## Per-token latency (ms): NSA layer step vs dense SDPA over a KV cache", "",
+             markdown_table(latency, ["S", "S_end", "batch", "nsa_layer_ms", "dense_sdpa_ms", "dense/nsa", "dtype",
+                                      "num_heads", "num_kv_heads", "head_dim"]), ""]
+    stem.with_suffix(".md").write_text("\n".join(text))
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
