@@ -44,7 +44,7 @@ def measured_reads(seq_len: int) -> tuple[int, int, int]:
                        compression="mean", **PAPER_BLOCKS)
     layer = NSAAttention(config)
     cache = layer.new_cache(1, seq_len)
-    cache.fill_random_(seq_len - 1, torch.Generator().manual_seed(0))
+    cache.fill_random_(seq_len - 1)
     layer(torch.randn(1, 1, config.hidden_size), cache=cache)
     assert cache.last_reads is not None
     cmp, sel, win = cache.last_reads[0, 0, 0].tolist()
@@ -83,8 +83,22 @@ def timer(device: str) -> Callable[[Callable[[], Any]], float]:
     return cpu_time
 
 
+def profile_step(step: Callable[[], None], device: str) -> str:
+    """Operator table of one NSA decode step: where the time goes (launches vs kernels)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    sort_key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=sort_key, row_limit=25))
+
+
 @torch.no_grad()
-def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype) -> dict[str, Any]:
+def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype,
+                profile: bool = False) -> dict[str, Any]:
     heads, kv_heads, dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
     config = NSAConfig(hidden_size=heads * dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                        head_dim_v=dim, **PAPER_BLOCKS)
@@ -92,7 +106,7 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
     # Every timed step appends one token, so S grows by the number of steps the timer runs (a few
     # percent at most); the row records where it ended.
     cache = layer.new_cache(batch, seq_len + 4096)
-    cache.fill_random_(seq_len - 1, torch.Generator().manual_seed(0))
+    cache.fill_random_(seq_len - 1)
     x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
 
     def nsa_step() -> None:
@@ -107,6 +121,8 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
 
     measure = timer(device)
     nsa_ms, dense_ms = measure(nsa_step), measure(dense_step)
+    if profile:
+        print(profile_step(nsa_step, device), flush=True)
     return {"S": seq_len, "S_end": cache.lengths[0], "batch": batch, "nsa_layer_ms": round(nsa_ms, 4),
             "dense_sdpa_ms": round(dense_ms, 4),
             "dense/nsa": round(dense_ms / nsa_ms, 2), "dtype": str(dtype).removeprefix("torch."), **shape}
@@ -119,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency lengths (default: CPU 8k 32k, GPU 8k 64k 128k)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--skip-reads", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a profiler table of one step at batch 1")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     shape = (dict(num_heads=64, num_kv_heads=4, head_dim=128) if cuda
@@ -130,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     latency = []
     for seq_len in seq_lens:
         for batch in args.batches:
-            latency.append(latency_row(seq_len, batch, shape, args.device, dtype))
+            profile = args.profile and batch == 1 and seq_len == seq_lens[-1]
+            latency.append(latency_row(seq_len, batch, shape, args.device, dtype, profile))
             print(json.dumps(latency[-1]), flush=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = RESULTS_DIR / f"decode_{'cuda' if cuda else 'cpu'}"

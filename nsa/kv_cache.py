@@ -55,7 +55,7 @@ class NSAKVCache:
         self.last_reads: torch.Tensor | None = None
 
     @torch.no_grad()
-    def fill_random_(self, length: int, generator: torch.Generator | None = None) -> None:
+    def fill_random_(self, length: int, seed: int = 0) -> None:
         """Put every sequence in the state of `length` appended tokens with random content.
 
         For benchmarks and read-count checks at lengths a CPU prefill would take minutes to reach:
@@ -65,11 +65,12 @@ class NSAKVCache:
             raise NSAInputError(f"fill_random_ needs an empty cache and 0 < length <= {self.capacity}, got {length}")
         c = self.config
         num_cmp = num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         for buffer, rows in ((self.k_sel, length), (self.v_sel, length), (self.k_cmp, num_cmp),
                              (self.v_cmp, num_cmp), (self.k_win, c.window_size), (self.v_win, c.window_size),
                              (self.k_cmp_raw, c.cmp_block_size), (self.v_cmp_raw, c.cmp_block_size)):
-            noise = torch.randn(buffer[:, :rows].shape, generator=generator, dtype=torch.float32)
-            buffer[:, :rows] = noise.to(device=self.device, dtype=self.dtype)
+            buffer[:, :rows] = torch.randn(buffer[:, :rows].shape, generator=generator, device=self.device,
+                                           dtype=self.dtype)
         self.lengths = [length] * self.batch_size
 
     # ---- checks -------------------------------------------------------------------------------
