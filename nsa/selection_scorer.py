@@ -97,11 +97,15 @@ def topn_blocks(
     current = t // sel_block_size
     forced = (block == 0) | (block == current) | (block == current - 1)
     complete = (block + 1) * sel_block_size <= t + 1
-    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
-    key = torch.where(forced, inf, torch.where(complete, scores, -inf))
-    ranked_key, ranked = key.sort(dim=-1, descending=True, stable=True)
+    # Rank by (class, score): forced (2) before complete candidates (1) before the rest (0). Two
+    # stable sorts, secondary key first, keep equal scores in index order: ties go to the lower index.
+    rank_class = torch.where(forced, 2, complete.long()).expand(scores.shape)
+    by_score = scores.sort(dim=-1, descending=True, stable=True).indices
+    class_by_score = rank_class.gather(-1, by_score)
+    by_class = class_by_score.sort(dim=-1, descending=True, stable=True).indices
+    ranked = by_score.gather(-1, by_class)
     take = min(num_selected, num_blocks)
-    chosen = torch.where(ranked_key[..., :take] == -inf, num_blocks, ranked[..., :take])
+    chosen = torch.where(class_by_score.gather(-1, by_class)[..., :take] == 0, num_blocks, ranked[..., :take])
     chosen = chosen.sort(dim=-1).values
     chosen = torch.where(chosen == num_blocks, -1, chosen)
     if take < num_selected:

@@ -1,0 +1,374 @@
+"""NSA.md invariant 2: every branch (fast op and naive_* op) equals the dense float64 reference over
+random shapes; sel and win equal full causal attention when n covers every block and w >= T; GQA
+ratios G in {1, 2, 4, 8, 16}; d_k != d_v; compression pooling; RoPE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import F64, TOL64, Shape, make_raw_inputs, randn, shapes
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import (
+    check_selection,
+    ref_compress_mean,
+    ref_compressed_attention,
+    ref_full_causal,
+    ref_nsa,
+    ref_num_cmp,
+    ref_num_sel,
+    ref_rope,
+    ref_select,
+    ref_selected_attention,
+    ref_sliding_window,
+)
+
+from nsa import (
+    CompressPool,
+    apply_rope,
+    compress_mean_pool,
+    compressed_attention,
+    naive_compressed_attention,
+    naive_nsa_attention,
+    naive_selected_attention,
+    naive_sliding_window_attention,
+    nsa_attention,
+    num_compressed_blocks,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+)
+
+CMP_OPS = [compressed_attention, naive_compressed_attention]
+SEL_OPS = [selected_attention, naive_selected_attention]
+WIN_OPS = [sliding_window_attention, naive_sliding_window_attention]
+NSA_OPS = [nsa_attention, naive_nsa_attention]
+
+
+def _ids(ops):
+    return [op.__name__ for op in ops]
+
+
+def test_num_compressed_blocks_exhaustive():
+    for l in range(1, 9):
+        for d in range(1, l + 1):
+            if l % d:
+                continue
+            for s in range(0, 50):
+                assert num_compressed_blocks(s, l, d) == ref_num_cmp(s, l, d), (s, l, d)
+    # NSA.md figure: S = 65536 with l=32, d=16 gives 4095 compressed blocks.
+    assert num_compressed_blocks(65536, 32, 16) == 4095
+
+
+@given(shapes())
+def test_compress_mean_pool_matches_reference(s: Shape):
+    x = randn(s.B, s.T, s.Hkv, s.Dk, seed=s.seed)
+    got = compress_mean_pool(x, s.l, s.d)
+    assert got.shape == (s.B, ref_num_cmp(s.T, s.l, s.d), s.Hkv, s.Dk)
+    torch.testing.assert_close(got, ref_compress_mean(x, s.l, s.d), **TOL64)
+    # CompressPool in mean mode, and a freshly built mlp mode (documented to start as mean pooling)
+    torch.testing.assert_close(CompressPool(s.Dk, s.l, s.d, kind="mean")(x), ref_compress_mean(x, s.l, s.d), **TOL64)
+
+
+@pytest.mark.parametrize("op", CMP_OPS, ids=_ids(CMP_OPS))
+@given(s=shapes())
+def test_compressed_attention_matches_reference(op, s: Shape):
+    x = make_raw_inputs(s)
+    k_cmp = ref_compress_mean(x["k_c"], s.l, s.d)
+    v_cmp = ref_compress_mean(x["v_c"], s.l, s.d)
+    o, lse = op(x["q"], k_cmp, v_cmp, s.l, s.d)
+    o_ref, lse_ref, _ = ref_compressed_attention(x["q"], k_cmp, v_cmp, s.l, s.d)
+    assert o.shape == (s.B, s.T, s.HQ, s.Dv) and o.dtype == F64
+    assert lse.shape == (s.B, s.T, s.HQ) and lse.dtype == F64
+    torch.testing.assert_close(o, o_ref, **TOL64)
+    # lse equal where finite, -inf exactly where the row sees no block (never NaN).
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[fin], lse_ref[fin], **TOL64)
+    # Rows t < l - 1 see nothing: exactly zero output.
+    blind = min(s.T, s.l - 1)
+    assert torch.equal(o[:, :blind], torch.zeros_like(o[:, :blind]))
+
+
+@pytest.mark.parametrize("op", CMP_OPS, ids=_ids(CMP_OPS))
+def test_compressed_attention_scale_argument(op):
+    s = Shape(1, 13, 4, 2, 6, 4, 4, 2, 4, 3, 5, seed=9)
+    x = make_raw_inputs(s)
+    k_cmp, v_cmp = ref_compress_mean(x["k_c"], 4, 2), ref_compress_mean(x["v_c"], 4, 2)
+    o, _ = op(x["q"], k_cmp, v_cmp, 4, 2, scale=0.37)
+    torch.testing.assert_close(o, ref_compressed_attention(x["q"], k_cmp, v_cmp, 4, 2, scale=0.37)[0], **TOL64)
+    o_default, _ = op(x["q"], k_cmp, v_cmp, 4, 2)
+    assert not torch.allclose(o, o_default)
+
+
+def _random_valid_indices(s: Shape, slots: int, seed: int) -> torch.Tensor:
+    """Random causal block lists (unique, any slot order, -1 holes anywhere) of width `slots`."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.full((s.B, s.T, s.Hkv, slots), -1, dtype=torch.int64)
+    for b in range(s.B):
+        for t in range(s.T):
+            for g in range(s.Hkv):
+                count = int(torch.randint(0, slots + 1, (1,), generator=gen))
+                allowed = torch.randperm(t // s.lp + 1, generator=gen)[:count]
+                where = torch.randperm(slots, generator=gen)[: len(allowed)]
+                out[b, t, g, where] = allowed
+    return out
+
+
+@pytest.mark.parametrize("op", SEL_OPS, ids=_ids(SEL_OPS))
+@given(s=shapes())
+def test_selected_attention_matches_reference(op, s: Shape):
+    x = make_raw_inputs(s)
+    k_cmp = ref_compress_mean(x["k_c"], s.l, s.d)
+    # 1) indices from the reference selection
+    idx, _ = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
+    o = op(x["q"], x["k_sel"], x["v_sel"], idx, s.lp)
+    assert o.shape == (s.B, s.T, s.HQ, s.Dv)
+    torch.testing.assert_close(o, ref_selected_attention(x["q"], x["k_sel"], x["v_sel"], idx, s.lp), **TOL64)
+    # 2) arbitrary valid indices, int32, with -1 holes in any slot and empty rows (-> zero output)
+    idx2 = _random_valid_indices(s, 3, s.seed)
+    o2 = op(x["q"], x["k_sel"], x["v_sel"], idx2.to(torch.int32), s.lp)
+    ref2 = ref_selected_attention(x["q"], x["k_sel"], x["v_sel"], idx2, s.lp)
+    torch.testing.assert_close(o2, ref2, **TOL64)
+    empty = (idx2 < 0).all(-1)  # [B, T, Hkv]
+    for b, t, g in empty.nonzero().tolist():
+        assert torch.equal(o2[b, t, g * s.G : (g + 1) * s.G], torch.zeros(s.G, s.Dv, dtype=F64))
+
+
+@pytest.mark.parametrize("op", WIN_OPS, ids=_ids(WIN_OPS))
+@given(s=shapes())
+def test_sliding_window_matches_reference(op, s: Shape):
+    x = make_raw_inputs(s)
+    o = op(x["q"], x["k_win"], x["v_win"], s.w)
+    assert o.shape == (s.B, s.T, s.HQ, s.Dv)
+    torch.testing.assert_close(o, ref_sliding_window(x["q"], x["k_win"], x["v_win"], s.w), **TOL64)
+
+
+@pytest.mark.parametrize("op", NSA_OPS, ids=_ids(NSA_OPS))
+@given(s=shapes())
+def test_nsa_attention_matches_reference(op, s: Shape):
+    x = make_raw_inputs(s)
+    k_cmp = ref_compress_mean(x["k_c"], s.l, s.d)
+    v_cmp = ref_compress_mean(x["v_c"], s.l, s.d)
+    out = op(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
+    assert out.output.shape == (s.B, s.T, s.HQ, s.Dv)
+    assert out.block_indices.shape == (s.B, s.T, s.Hkv, s.n) and out.block_indices.dtype == torch.int64
+    _, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
+    check_selection(out.block_indices, scores, s.lp, s.n)
+    # Given a valid selection (checked just above), the output is the reference's with it.
+    o_ref, _ = ref_nsa(
+        x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"],
+        **s.kw(), block_indices=out.block_indices,
+    )
+    torch.testing.assert_close(out.output, o_ref, **TOL64)
+
+
+@pytest.mark.parametrize("op", NSA_OPS, ids=_ids(NSA_OPS))
+def test_nsa_attention_gates_select_branches(op):
+    """One-hot gates return exactly one branch (gate order cmp, sel, win)."""
+    s = Shape(2, 19, 4, 2, 6, 4, 4, 2, 4, 4, 5, seed=21)
+    x = make_raw_inputs(s)
+    k_cmp, v_cmp = ref_compress_mean(x["k_c"], s.l, s.d), ref_compress_mean(x["v_c"], s.l, s.d)
+    idx, _ = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
+    refs = [
+        ref_compressed_attention(x["q"], k_cmp, v_cmp, s.l, s.d)[0],
+        ref_selected_attention(x["q"], x["k_sel"], x["v_sel"], idx, s.lp),
+        ref_sliding_window(x["q"], x["k_win"], x["v_win"], s.w),
+    ]
+    for branch in range(3):
+        gates = torch.zeros(s.B, s.T, s.HQ, 3, dtype=F64)
+        gates[..., branch] = 1.0
+        out = op(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], gates, **s.kw())
+        torch.testing.assert_close(out.output, refs[branch], **TOL64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence with full causal attention
+
+
+@given(shapes(), st.integers(0, 3))
+def test_selection_with_all_blocks_equals_full_causal(s: Shape, extra: int):
+    x = make_raw_inputs(s)
+    n_all = max(3, ref_num_sel(s.T, s.lp)) + extra
+    k_cmp = ref_compress_mean(x["k_c"], s.l, s.d)
+    v_cmp = ref_compress_mean(x["v_c"], s.l, s.d)
+    full = ref_full_causal(x["q"], x["k_sel"], x["v_sel"])
+    kw = {**s.kw(), "num_selected": n_all, "window_size": s.T + extra}
+    for op in NSA_OPS:
+        gates = torch.zeros(s.B, s.T, s.HQ, 3, dtype=F64)
+        gates[..., 1] = 1.0
+        out = op(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], gates, **kw)
+        torch.testing.assert_close(out.output, full, **TOL64)
+        # every block 0 .. t // l' is selected
+        for t in range(s.T):
+            want = set(range(t // s.lp + 1))
+            for b in range(s.B):
+                for g in range(s.Hkv):
+                    assert {j for j in out.block_indices[b, t, g].tolist() if j >= 0} == want
+    idx = torch.arange(n_all).expand(s.B, s.T, s.Hkv, n_all).clone()
+    idx[idx * s.lp > torch.arange(s.T).view(1, -1, 1, 1)] = -1  # causal: drop future blocks
+    idx[idx >= ref_num_sel(s.T, s.lp)] = -1
+    for op in SEL_OPS:
+        torch.testing.assert_close(op(x["q"], x["k_sel"], x["v_sel"], idx, s.lp), full, **TOL64)
+
+
+@given(shapes(), st.integers(0, 5))
+def test_window_at_least_t_equals_full_causal(s: Shape, extra: int):
+    x = make_raw_inputs(s)
+    full = ref_full_causal(x["q"], x["k_win"], x["v_win"])
+    for op in WIN_OPS:
+        torch.testing.assert_close(op(x["q"], x["k_win"], x["v_win"], s.T + extra), full, **TOL64)
+
+
+def test_window_one_is_value_copy():
+    """w = 1: query t attends only key t, so the output is v_t (per group)."""
+    q, k, v = randn(2, 9, 4, 6, seed=1), randn(2, 9, 2, 6, seed=2), randn(2, 9, 2, 3, seed=3)
+    for op in WIN_OPS:
+        torch.testing.assert_close(op(q, k, v, 1), v.repeat_interleave(2, dim=2), **TOL64)
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA ratios and d_k != d_v
+
+
+@pytest.mark.parametrize("g", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("op", NSA_OPS, ids=_ids(NSA_OPS))
+def test_gqa_ratios(op, g):
+    hkv = 2 if g <= 4 else 1
+    s = Shape(1, 21, g * hkv, hkv, 8, 4, 4, 2, 4, 4, 6, seed=40 + g)
+    x = make_raw_inputs(s)
+    k_cmp, v_cmp = ref_compress_mean(x["k_c"], s.l, s.d), ref_compress_mean(x["v_c"], s.l, s.d)
+    out = op(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
+    o_ref, _ = ref_nsa(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
+    _, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
+    check_selection(out.block_indices, scores, s.lp, s.n)
+    o_ref, _ = ref_nsa(
+        x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw(),
+        block_indices=out.block_indices,
+    )
+    torch.testing.assert_close(out.output, o_ref, **TOL64)
+
+
+def test_gqa_head_to_group_mapping_is_contiguous():
+    """Query head h reads kv head h // G (contiguous groups), not h % H_kv: give each kv head a
+    constant value vector equal to its index and read it back through every branch."""
+    b_sz, t_len, hkv, g = 1, 12, 3, 2
+    q = randn(b_sz, t_len, hkv * g, 4, seed=1)
+    k = randn(b_sz, t_len, hkv, 4, seed=2)
+    v = torch.arange(hkv, dtype=F64).view(1, 1, hkv, 1).expand(b_sz, t_len, hkv, 2).contiguous()
+    expect = (torch.arange(hkv * g) // g).to(F64).view(1, 1, -1, 1).expand(b_sz, t_len, hkv * g, 2)
+    for op in WIN_OPS:
+        torch.testing.assert_close(op(q, k, v, 3), expect)
+    idx = torch.zeros(b_sz, t_len, hkv, 1, dtype=torch.int64)
+    for op in SEL_OPS:
+        torch.testing.assert_close(op(q, k, v, idx, 4), expect)
+    k_cmp, v_cmp = compress_mean_pool(k, 4, 2), compress_mean_pool(v, 4, 2)
+    for op in CMP_OPS:
+        o, _ = op(q, k_cmp, v_cmp, 4, 2)
+        torch.testing.assert_close(o[:, 3:], expect[:, 3:])
+
+
+@pytest.mark.parametrize("op", NSA_OPS, ids=_ids(NSA_OPS))
+def test_dk_differs_from_dv(op):
+    """The paper's d_k=192, d_v=128 scaled down to 24/16, G=4."""
+    s = Shape(2, 23, 8, 2, 24, 16, 8, 4, 8, 4, 7, seed=77)
+    x = make_raw_inputs(s)
+    k_cmp, v_cmp = ref_compress_mean(x["k_c"], s.l, s.d), ref_compress_mean(x["v_c"], s.l, s.d)
+    out = op(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
+    assert out.output.shape == (2, 23, 8, 16)
+    _, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
+    check_selection(out.block_indices, scores, s.lp, s.n)
+    o_ref, _ = ref_nsa(
+        x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw(),
+        block_indices=out.block_indices,
+    )
+    torch.testing.assert_close(out.output, o_ref, **TOL64)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+@pytest.mark.parametrize("d", [2, 4, 8])
+def test_apply_rope_matches_reference(d):
+    x = randn(2, 7, 3, d, seed=d)
+    pos = torch.tensor([0, 1, 2, 5, 9, 100, 4096])
+    torch.testing.assert_close(apply_rope(x, pos), ref_rope(x, pos), **TOL64)
+    pos2 = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [10, 11, 12, 13, 14, 15, 16]])
+    torch.testing.assert_close(apply_rope(x, pos2, theta=500.0), ref_rope(x, pos2, theta=500.0), **TOL64)
+    posf = torch.tensor([0.0, 0.5, 1.5, 2.25, 7.0, 33.5, 1e4 + 0.5], dtype=F64)  # float positions
+    torch.testing.assert_close(apply_rope(x, posf), ref_rope(x, posf), **TOL64)
+    # Per head: rotating one head at a time gives the same result (never over the flattened H*D).
+    per_head = torch.cat([apply_rope(x[:, :, h : h + 1], pos) for h in range(3)], dim=2)
+    torch.testing.assert_close(apply_rope(x, pos), per_head, **TOL64)
+
+
+def test_apply_rope_relative_position_property():
+    """<rope(q, m), rope(k, n)> depends only on m - n."""
+    q, k = randn(1, 1, 1, 8, seed=1), randn(1, 1, 1, 8, seed=2)
+
+    def dot(m, n):
+        return float((apply_rope(q, torch.tensor([m])) * apply_rope(k, torch.tensor([n]))).sum())
+
+    assert dot(5, 2) == pytest.approx(dot(105, 102), rel=1e-10, abs=1e-12)
+    assert dot(0, 0) == pytest.approx(float((q * k).sum()), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Query chunking inside the fast ops (only kicks in at long T): force tiny chunks through the
+# library's memory budget so chunk boundaries fall inside blocks and windows at small T.
+
+
+@pytest.mark.parametrize("budget", [1, 40, 150])
+def test_fast_ops_with_tiny_query_chunks(monkeypatch, budget):
+    import nsa.attention_core as core
+
+    if not hasattr(core, "CHUNK_ELEMENT_BUDGET"):
+        pytest.skip("nsa.attention_core.CHUNK_ELEMENT_BUDGET no longer exists; chunking untested here")
+    monkeypatch.setattr(core, "CHUNK_ELEMENT_BUDGET", budget)
+    s = Shape(2, 27, 4, 2, 6, 4, 4, 2, 8, 4, 5, seed=61)
+    x = make_raw_inputs(s)
+    k_cmp, v_cmp = ref_compress_mean(x["k_c"], s.l, s.d), ref_compress_mean(x["v_c"], s.l, s.d)
+    o, lse = compressed_attention(x["q"], k_cmp, v_cmp, s.l, s.d)
+    o_ref, lse_ref, _ = ref_compressed_attention(x["q"], k_cmp, v_cmp, s.l, s.d)
+    torch.testing.assert_close(o, o_ref, **TOL64)
+    torch.testing.assert_close(lse, lse_ref, **TOL64)
+    idx, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
+    torch.testing.assert_close(
+        selected_attention(x["q"], x["k_sel"], x["v_sel"], idx, s.lp),
+        ref_selected_attention(x["q"], x["k_sel"], x["v_sel"], idx, s.lp),
+        **TOL64,
+    )
+    torch.testing.assert_close(
+        sliding_window_attention(x["q"], x["k_win"], x["v_win"], s.w),
+        ref_sliding_window(x["q"], x["k_win"], x["v_win"], s.w),
+        **TOL64,
+    )
+    got = select_blocks(x["q"], k_cmp, lse, block_size=s.l, block_stride=s.d, sel_block_size=s.lp, num_selected=s.n)
+    check_selection(got, scores, s.lp, s.n)
+    out = nsa_attention(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
+    check_selection(out.block_indices, scores, s.lp, s.n)
+    o_ref, _ = ref_nsa(
+        x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw(),
+        block_indices=out.block_indices,
+    )
+    torch.testing.assert_close(out.output, o_ref, **TOL64)
+
+
+def test_paper_block_sizes_moderate_t():
+    """The paper's l=32, d=16, l'=64 (n=5, w=48) at T=300 (not a multiple of 16, 32 or 64), G=4."""
+    s = Shape(1, 300, 4, 1, 8, 4, 32, 16, 64, 5, 48, seed=2025)
+    x = make_raw_inputs(s)
+    k_cmp = compress_mean_pool(x["k_c"], s.l, s.d)
+    v_cmp = compress_mean_pool(x["v_c"], s.l, s.d)
+    assert k_cmp.shape[1] == ref_num_cmp(300, 32, 16) == 17
+    torch.testing.assert_close(k_cmp, ref_compress_mean(x["k_c"], s.l, s.d), **TOL64)
+    out = nsa_attention(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
+    _, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
+    check_selection(out.block_indices, scores, s.lp, s.n)
+    o_ref, _ = ref_nsa(
+        x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw(),
+        block_indices=out.block_indices,
+    )
+    torch.testing.assert_close(out.output, o_ref, **TOL64)

@@ -1,0 +1,359 @@
+"""Argument rules of docs/API_CONTRACT.md and NSA.md: each bad input raises the documented error
+class (NSAInputError for tensors/arguments, NSAConfigError for configuration), and the message names
+the offending argument (matched as a whole word)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import randn
+
+from nsa import (
+    CompressPool,
+    NSAAttention,
+    NSAConfig,
+    NSAConfigError,
+    NSAInputError,
+    apply_rope,
+    compress_mean_pool,
+    compressed_attention,
+    group_reduce,
+    map_cmp_to_sel,
+    naive_compressed_attention,
+    naive_nsa_attention,
+    naive_selected_attention,
+    naive_sliding_window_attention,
+    nsa_attention,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+    topn_blocks,
+)
+
+
+def names(*args: str) -> str:
+    """Regex: any of the argument names as a whole word (k does not match k_cmp)."""
+    return "|".join(rf"(?<![\w]){re.escape(a)}(?![\w])" for a in args)
+
+
+def test_error_classes():
+    assert issubclass(NSAInputError, ValueError)
+    assert issubclass(NSAConfigError, ValueError)
+
+
+# Valid base inputs: B=1, T=10, HQ=4, Hkv=2, Dk=4, Dv=3, l=4, d=2 (num_cmp(10) = 4), l'=4, n=3, w=3.
+B, T, HQ, HKV, DK, DV = 1, 10, 4, 2, 4, 3
+L, D, LP, N, W = 4, 2, 4, 3, 3
+NCMP = 4
+
+
+def base() -> dict:
+    return {
+        "q": randn(B, T, HQ, DK, seed=1),
+        "k": randn(B, T, HKV, DK, seed=2),
+        "v": randn(B, T, HKV, DV, seed=3),
+        "k_cmp": randn(B, NCMP, HKV, DK, seed=4),
+        "v_cmp": randn(B, NCMP, HKV, DV, seed=5),
+        "gates": torch.rand(B, T, HQ, 3, dtype=torch.float64),
+        "idx": torch.tensor([0, -1]).expand(B, T, HKV, 2).clone(),
+    }
+
+
+def call_cmp(x, op=compressed_attention, **kw):
+    args = {"block_size": L, "block_stride": D, **kw}
+    return op(x["q"], x["k_cmp"], x["v_cmp"], args["block_size"], args["block_stride"])
+
+
+def call_sel(x, op=selected_attention, block_size=LP):
+    return op(x["q"], x["k"], x["v"], x["idx"], block_size)
+
+
+def call_win(x, op=sliding_window_attention, window_size=W):
+    return op(x["q"], x["k"], x["v"], window_size)
+
+
+def call_nsa(x, op=nsa_attention, **kw):
+    args = {"block_size": L, "block_stride": D, "sel_block_size": LP, "num_selected": N, "window_size": W}
+    args.update(kw)
+    return op(x["q"], x["k_cmp"], x["v_cmp"], x["k"], x["v"], x.get("k_win", x["k"]), x.get("v_win", x["v"]),
+              x["gates"], **args)
+
+
+def call_select(x, **kw):
+    args = {"block_size": L, "block_stride": D, "sel_block_size": LP, "num_selected": N}
+    args.update(kw)
+    lse = x.get("lse", torch.zeros(B, T, HQ, dtype=torch.float64))
+    return select_blocks(x["q"], x["k_cmp"], lse, **args)
+
+
+def test_base_inputs_are_valid():
+    """The base inputs pass, so each error below is caused by its one change."""
+    x = base()
+    call_cmp(x)
+    call_sel(x)
+    call_win(x)
+    call_nsa(x)
+    call_select(x)
+
+
+def mod(**changes):
+    x = base()
+    x.update(changes)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# wrong ranks
+
+RANK_CASES = [
+    ("q", lambda: call_cmp(mod(q=randn(B, T, HQ * DK, seed=1))), names("q")),
+    ("k_cmp", lambda: call_cmp(mod(k_cmp=randn(B, NCMP, HKV * DK, seed=1))), names("k_cmp")),
+    ("v_cmp", lambda: call_cmp(mod(v_cmp=randn(1, B, NCMP, HKV, DV, seed=1))), names("v_cmp")),
+    ("k", lambda: call_sel(mod(k=randn(B, T, HKV * DK, seed=1))), names("k")),
+    ("v", lambda: call_win(mod(v=randn(B, T, HKV, DV, 1, seed=1))), names("v")),
+    ("gates", lambda: call_nsa(mod(gates=torch.rand(B, T, HQ * 3, dtype=torch.float64))), names("gates")),
+    ("block_indices", lambda: call_sel(mod(idx=torch.zeros(B, T, HKV, dtype=torch.int64))), names("block_indices")),
+    ("x_pool", lambda: compress_mean_pool(randn(T, HKV, DK, seed=1), L, D), names("x")),
+    ("x_rope", lambda: apply_rope(randn(T, HKV, DK, seed=1), torch.arange(T)), names("x")),
+    ("scores", lambda: topn_blocks(torch.rand(T, HKV, 3, dtype=torch.float64), LP, N), names("scores")),
+    ("p", lambda: group_reduce(torch.rand(T, HQ, 3, dtype=torch.float64), HKV), names("p")),
+]
+
+
+@pytest.mark.parametrize(("case", "fn", "pattern"), RANK_CASES, ids=[c[0] for c in RANK_CASES])
+def test_wrong_rank(case, fn, pattern):
+    with pytest.raises(NSAInputError, match=pattern):
+        fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA: HQ not divisible by H_kv; head dim and length mismatches
+
+SHAPE_CASES = [
+    ("hq_not_multiple_cmp", lambda: call_cmp(mod(q=randn(B, T, 3, DK, seed=1))), names("q", "k_cmp")),
+    ("hq_not_multiple_sel", lambda: call_sel(mod(q=randn(B, T, 3, DK, seed=1))), names("q", "k")),
+    ("hq_not_multiple_win", lambda: call_win(mod(q=randn(B, T, 5, DK, seed=1))), names("q", "k")),
+    ("hq_not_multiple_group_reduce", lambda: group_reduce(torch.rand(1, T, 3, 4, dtype=torch.float64), 2),
+     names("p", "num_kv_heads")),
+    ("head_dim_q_k", lambda: call_win(mod(k=randn(B, T, HKV, DK + 2, seed=1))), names("q", "k")),
+    ("head_dim_q_kcmp", lambda: call_cmp(mod(k_cmp=randn(B, NCMP, HKV, DK + 2, seed=1))), names("q", "k_cmp")),
+    ("k_v_heads", lambda: call_win(mod(v=randn(B, T, HKV + 1, DV, seed=1))), names("k", "v")),
+    ("k_length", lambda: call_sel(mod(k=randn(B, T + 1, HKV, DK, seed=1), v=randn(B, T + 1, HKV, DV, seed=2))),
+     names("q", "k")),
+    ("batch", lambda: call_win(mod(k=randn(B + 1, T, HKV, DK, seed=1), v=randn(B + 1, T, HKV, DV, seed=2))),
+     names("q", "k")),
+    ("nsa_k_sel_heads", lambda: call_nsa(mod(k=randn(B, T, 1, DK, seed=1), v=randn(B, T, 1, DV, seed=2))),
+     names("k_sel", "k_cmp")),
+    ("nsa_v_win_dim", lambda: call_nsa(mod(v_win=randn(B, T, HKV, DV + 1, seed=1))), names("v_win", "v_cmp")),
+    ("gates_last_dim", lambda: call_nsa(mod(gates=torch.rand(B, T, HQ, 2, dtype=torch.float64))), names("gates")),
+    ("block_indices_heads", lambda: call_sel(mod(idx=torch.zeros(B, T, HKV + 1, 2, dtype=torch.int64))),
+     names("block_indices")),
+    ("block_indices_float", lambda: call_sel(mod(idx=torch.zeros(B, T, HKV, 2))), names("block_indices")),
+    ("lse_shape", lambda: call_select(mod(lse=torch.zeros(B, T, HKV, dtype=torch.float64))), names("lse")),
+    ("rope_odd_dim", lambda: apply_rope(randn(B, T, HKV, 5, seed=1), torch.arange(T)), names("x", "D", "head dim")),
+]
+
+
+@pytest.mark.parametrize(("case", "fn", "pattern"), SHAPE_CASES, ids=[c[0] for c in SHAPE_CASES])
+def test_shape_rules(case, fn, pattern):
+    with pytest.raises(NSAInputError, match=pattern):
+        fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# block sizes: d must divide l and l'; sizes must be positive
+
+SIZE_CASES = [
+    ("d_not_dividing_l_select", lambda: call_select(base(), block_size=6, block_stride=4),
+     names("block_stride", "block_size")),
+    ("d_not_dividing_lp_select", lambda: call_select(base(), sel_block_size=5),
+     names("block_stride", "sel_block_size")),
+    ("d_not_dividing_lp_nsa", lambda: call_nsa(base(), sel_block_size=3), names("block_stride", "sel_block_size")),
+    ("d_not_dividing_l_map", lambda: map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 6, 4, 8, 2),
+     names("block_stride", "block_size")),
+    ("d_not_dividing_lp_map", lambda: map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 4, 2, 5, 2),
+     names("block_stride", "sel_block_size")),
+    ("block_size_zero_cmp", lambda: compressed_attention(
+        randn(B, T, HQ, DK, seed=1), randn(B, 0, HKV, DK, seed=2), randn(B, 0, HKV, DV, seed=3), 0, D),
+     names("block_size")),
+    ("block_stride_zero_cmp", lambda: call_cmp(base(), block_stride=0), names("block_stride")),
+    ("block_stride_negative_pool", lambda: compress_mean_pool(randn(B, T, HKV, DK, seed=1), L, -2),
+     names("block_stride")),
+    ("block_size_zero_pool", lambda: compress_mean_pool(randn(B, T, HKV, DK, seed=1), 0, D), names("block_size")),
+    ("sel_block_size_zero_sel", lambda: call_sel(base(), block_size=0), names("block_size")),
+    ("sel_block_size_zero_nsa", lambda: call_nsa(base(), sel_block_size=0), names("sel_block_size")),
+    ("num_selected_zero_nsa", lambda: call_nsa(base(), num_selected=0), names("num_selected")),
+    ("num_selected_negative_topn", lambda: topn_blocks(torch.rand(1, T, HKV, 3, dtype=torch.float64), LP, -1),
+     names("num_selected")),
+    ("sel_block_size_zero_topn", lambda: topn_blocks(torch.rand(1, T, HKV, 3, dtype=torch.float64), 0, N),
+     names("sel_block_size")),
+    ("window_size_zero", lambda: call_win(base(), window_size=0), names("window_size")),
+    ("window_size_negative_nsa", lambda: call_nsa(base(), window_size=-3), names("window_size")),
+    ("window_size_zero_naive", lambda: call_win(base(), op=naive_sliding_window_attention, window_size=0),
+     names("window_size")),
+    ("scale_negative", lambda: sliding_window_attention(base()["q"], base()["k"], base()["v"], W, scale=-1.0),
+     names("scale")),
+]
+
+
+@pytest.mark.parametrize(("case", "fn", "pattern"), SIZE_CASES, ids=[c[0] for c in SIZE_CASES])
+def test_size_rules(case, fn, pattern):
+    with pytest.raises(NSAInputError, match=pattern):
+        fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes and devices
+
+META = torch.device("meta")
+
+DTYPE_DEVICE_CASES = [
+    ("k_float32", lambda: call_win(mod(k=randn(B, T, HKV, DK, seed=1, dtype=torch.float32))), names("k", "q")),
+    ("v_cmp_float32", lambda: call_cmp(mod(v_cmp=randn(B, NCMP, HKV, DV, seed=1, dtype=torch.float32))),
+     names("v_cmp", "q")),
+    ("gates_float32", lambda: call_nsa(mod(gates=torch.rand(B, T, HQ, 3))), names("gates", "q")),
+    ("v_sel_bf16", lambda: call_sel(mod(v=randn(B, T, HKV, DV, seed=1, dtype=torch.bfloat16))), names("v", "q")),
+    ("q_int", lambda: call_win(mod(q=torch.zeros(B, T, HQ, DK, dtype=torch.int64))), names("q")),
+    ("k_meta", lambda: call_win(mod(k=torch.empty(B, T, HKV, DK, dtype=torch.float64, device=META))),
+     names("k", "q")),
+    ("k_cmp_meta", lambda: call_cmp(mod(k_cmp=torch.empty(B, NCMP, HKV, DK, dtype=torch.float64, device=META))),
+     names("k_cmp", "q")),
+    ("v_win_meta", lambda: call_nsa(mod(v_win=torch.empty(B, T, HKV, DV, dtype=torch.float64, device=META))),
+     names("v_win", "q")),
+    ("gates_meta", lambda: call_nsa(mod(gates=torch.empty(B, T, HQ, 3, dtype=torch.float64, device=META))),
+     names("gates", "q")),
+    ("block_indices_meta", lambda: call_sel(mod(idx=torch.empty(B, T, HKV, 2, dtype=torch.int64, device=META))),
+     names("block_indices", "q")),
+]
+
+
+@pytest.mark.parametrize(("case", "fn", "pattern"), DTYPE_DEVICE_CASES, ids=[c[0] for c in DTYPE_DEVICE_CASES])
+def test_dtype_device_rules(case, fn, pattern):
+    with pytest.raises(NSAInputError, match=pattern):
+        fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# block_indices values and the compressed block count
+
+
+def _idx_with(t: int, value: int) -> torch.Tensor:
+    idx = torch.full((B, T, HKV, 2), -1, dtype=torch.int64)
+    idx[0, t, 0, 0] = value
+    return idx
+
+
+INDEX_CASES = [
+    ("out_of_range", _idx_with(T - 1, -(-T // LP))),  # ceil(T / l') = 3 blocks: index 3 does not exist
+    ("far_out_of_range", _idx_with(T - 1, 1000)),
+    ("below_minus_one", _idx_with(5, -2)),
+    ("future_block", _idx_with(3, 1)),  # t=3: block 1 starts at 4 > 3
+    ("future_block_last_row", _idx_with(7, 2)),  # t=7: block 2 starts at 8 > 7
+]
+
+
+@pytest.mark.parametrize("op", [selected_attention, naive_selected_attention], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(("case", "idx"), INDEX_CASES, ids=[c[0] for c in INDEX_CASES])
+def test_block_indices_values(op, case, idx):
+    with pytest.raises(NSAInputError, match=names("block_indices")):
+        call_sel(mod(idx=idx), op=op)
+    with pytest.raises(NSAInputError, match=names("block_indices")):
+        call_sel(mod(idx=idx.to(torch.int32)), op=op)
+
+
+def test_block_indices_edge_values_are_valid():
+    """The boundary cases are accepted: the last block ceil(T/l') - 1 at its own start, -1 anywhere."""
+    idx = torch.full((B, T, HKV, 2), -1, dtype=torch.int64)
+    idx[0, 8, 1, 1] = 2  # t=8 is the start of block 2 (the last, partial block)
+    idx[0, 9, 0, 0] = 2
+    idx[0, 4, 0, 1] = 1
+    call_sel(mod(idx=idx))
+    call_sel(mod(idx=idx), op=naive_selected_attention)
+
+
+@pytest.mark.parametrize("wrong", [NCMP - 1, NCMP + 1, 0])
+@pytest.mark.parametrize("which", ["compressed_attention", "naive_compressed_attention", "select_blocks",
+                                   "nsa_attention", "naive_nsa_attention"])
+def test_k_cmp_block_count(which, wrong):
+    x = mod(k_cmp=randn(B, wrong, HKV, DK, seed=1), v_cmp=randn(B, wrong, HKV, DV, seed=2))
+    fn = {
+        "compressed_attention": lambda: call_cmp(x),
+        "naive_compressed_attention": lambda: call_cmp(x, op=naive_compressed_attention),
+        "select_blocks": lambda: call_select(x),
+        "nsa_attention": lambda: call_nsa(x),
+        "naive_nsa_attention": lambda: call_nsa(x, op=naive_nsa_attention),
+    }[which]
+    with pytest.raises(NSAInputError, match=names("k_cmp")):
+        fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# NSAConfig and the module
+
+TINY = {
+    "hidden_size": 12, "num_heads": 4, "num_kv_heads": 2, "head_dim": 6, "head_dim_v": 4,
+    "cmp_block_size": 4, "cmp_stride": 2, "sel_block_size": 4, "num_selected": 3, "window_size": 3,
+}
+
+
+def test_config_defaults_are_the_paper():
+    c = NSAConfig()
+    assert (c.cmp_block_size, c.cmp_stride, c.sel_block_size, c.num_selected, c.window_size) == (32, 16, 64, 16, 512)
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.head_dim_v) == (64, 4, 192, 128)
+    assert c.gate == "sigmoid"
+    assert NSAConfig.from_dict(c.to_dict()) == c
+    assert NSAConfig.from_dict(TINY).to_dict()["num_selected"] == 3
+
+
+def test_config_unknown_key():
+    with pytest.raises(NSAConfigError, match=names("bogus_key")):
+        NSAConfig.from_dict({**TINY, "bogus_key": 1})
+    with pytest.raises(NSAConfigError, match=names("window")):
+        NSAConfig.from_dict({"window": 512})  # a near-miss of window_size is still unknown
+
+
+CONFIG_CASES = [
+    ({"num_heads": 6, "num_kv_heads": 4}, names("num_heads", "num_kv_heads")),
+    ({"cmp_block_size": 6, "cmp_stride": 4}, names("cmp_stride", "cmp_block_size")),
+    ({"sel_block_size": 6, "cmp_stride": 4, "cmp_block_size": 8}, names("cmp_stride", "sel_block_size")),
+    ({"hidden_size": 0}, names("hidden_size")),
+    ({"num_heads": -4}, names("num_heads")),
+    ({"num_kv_heads": 0}, names("num_kv_heads")),
+    ({"head_dim": 0}, names("head_dim")),
+    ({"head_dim": 5}, names("head_dim")),  # RoPE rotates pairs per head: d_k must be even
+    ({"head_dim_v": 0}, names("head_dim_v")),
+    ({"cmp_block_size": 0}, names("cmp_block_size")),
+    ({"cmp_stride": -2}, names("cmp_stride")),
+    ({"sel_block_size": 0}, names("sel_block_size")),
+    ({"num_selected": 0}, names("num_selected")),
+    ({"window_size": 0}, names("window_size")),
+    ({"window_size": 2.5}, names("window_size")),
+    ({"num_heads": "4"}, names("num_heads")),
+    ({"compression": "max"}, names("compression")),
+    ({"gate": "relu"}, names("gate")),
+    ({"rope_theta": 0.0}, names("rope_theta")),
+    ({"scale": -1.0}, names("scale")),
+]
+
+
+@pytest.mark.parametrize(("change", "pattern"), CONFIG_CASES, ids=[str(c[0]) for c in CONFIG_CASES])
+def test_config_invalid_values(change, pattern):
+    with pytest.raises(NSAConfigError, match=pattern):
+        NSAConfig(**{**TINY, **change})
+    with pytest.raises(NSAConfigError, match=pattern):
+        NSAConfig.from_dict({**TINY, **change})
+
+
+def test_module_input_rank_and_width():
+    m = NSAAttention(NSAConfig(**TINY))
+    with pytest.raises(NSAInputError, match=names("x")):
+        m(torch.randn(5, 12))
+    with pytest.raises(NSAInputError, match=names("x", "hidden_size")):
+        m(torch.randn(1, 5, 13))
+
+
+def test_compress_pool_kind():
+    with pytest.raises((NSAInputError, NSAConfigError), match=names("kind")):
+        CompressPool(4, 4, 2, kind="max")
