@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nsa import NSAAttention, NSAAux, NSAConfig, NSAConfigError, apply_rope
+from nsa import NSAAttention, NSAAux, NSAConfig, NSAConfigError, NSAInputError, NSAKVCache, apply_rope
 
 ATTENTION_KINDS = ("nsa", "dense")
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -204,7 +205,7 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        inner = int(round(config.mlp_ratio * config.hidden_size))
+        inner = round(config.mlp_ratio * config.hidden_size)
         self.up = nn.Linear(config.hidden_size, inner, bias=False)
         self.down = nn.Linear(inner, config.hidden_size, bias=False)
 
@@ -237,14 +238,19 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, return_aux: bool = False) -> tuple[torch.Tensor, NSAAux | None]:
-        """Returns (x [B, T, hidden], aux): aux is the layer's NSAAux when return_aux and NSA, else None."""
+    def forward(
+        self, x: torch.Tensor, return_aux: bool = False, cache: NSAKVCache | None = None,
+        num_valid: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, NSAAux | None]:
+        """Returns (x [B, T, hidden], aux): aux is the layer's NSAAux when return_aux and NSA, else None.
+        With a cache, x holds the next tokens of each sequence (see NSAAttention.forward)."""
         aux = None
         h = self.attn_norm(x)
+        cached = {} if cache is None else {"cache": cache, "num_valid": num_valid}
         if return_aux:
-            a, aux = self.attn(h, return_aux=True)
+            a, aux = self.attn(h, return_aux=True, **cached)
         else:
-            a = self.attn(h)
+            a = self.attn(h, **cached)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, aux
@@ -283,17 +289,35 @@ class GPT(nn.Module):
         """Distinct trainable parameters (a tied weight counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_aux: bool = False) -> GPTOutput:
-        """idx: LongTensor [B, T] with T <= max_seq_len. targets: LongTensor [B, T] of next-token ids,
-        -100 where ignored. Returns GPTOutput(logits [B, T, vocab], loss or None, aux list or None)."""
+    def new_caches(self, batch_size: int, capacity: int) -> list[NSAKVCache]:
+        """One empty decode cache per layer (NSA attention only), for sequences of up to `capacity` tokens."""
+        if self.config.attention != "nsa":
+            raise NSAInputError(f"decode caches need attention='nsa', this model uses {self.config.attention!r}")
+        layers = [block.attn for block in self.blocks if isinstance(block, Block)]
+        return [layer.new_cache(batch_size, capacity) for layer in layers if isinstance(layer, NSAAttention)]
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_aux: bool = False, *,
+        caches: Sequence[NSAKVCache] | None = None, num_valid: Sequence[int] | None = None,
+    ) -> GPTOutput:
+        """idx: LongTensor [B, T]. targets: LongTensor [B, T] of next-token ids, -100 where ignored.
+        Returns GPTOutput(logits [B, T, vocab], loss or None, aux list or None).
+
+        Without caches T <= max_seq_len (a whole sequence). With caches (from new_caches) idx holds the
+        next T tokens of every sequence, of which num_valid[b] are real (right padding after them), and
+        each layer appends them to its cache; the total length is bounded by the caches' capacity.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must be [B, T], got shape {tuple(idx.shape)}")
-        if idx.shape[1] > self.config.max_seq_len:
+        if caches is None and idx.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
+        if caches is not None and len(caches) != len(self.blocks):
+            raise NSAInputError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.tok_emb(idx)
         auxes: list[NSAAux | None] = []
-        for block in self.blocks:
-            x, aux = block(x, return_aux=return_aux)
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, return_aux=return_aux, cache=None if caches is None else caches[i],
+                           num_valid=num_valid)
             auxes.append(aux)
         logits = self.lm_head(self.norm(x))
         loss = None

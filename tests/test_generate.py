@@ -1,0 +1,91 @@
+"""Generation through the decode caches equals generation by recomputing whole sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa import NSAConfig, NSAInputError
+from nsa.generate import generate, next_token
+from nsa.model import GPT, GPTConfig
+
+NSA_BLOCKS = dict(cmp_block_size=8, cmp_stride=4, sel_block_size=8, num_selected=3, window_size=8)
+
+
+def tiny_gpt(attention: str = "nsa") -> GPT:
+    torch.manual_seed(0)
+    nsa = NSAConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8, **NSA_BLOCKS)
+    config = GPTConfig(vocab_size=64, n_layer=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                       max_seq_len=256, attention=attention, nsa=nsa if attention == "nsa" else None)
+    model = GPT(config).double().eval()
+    for name, param in model.named_parameters():  # wake the zero-initialised phi MLP output layers
+        if "compress" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    return model
+
+
+def recompute_generate(model: GPT, prompt: torch.Tensor, steps: int, temperature: float = 0.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """The cache-free baseline: run the whole sequence again for every new token."""
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(sequence).logits[:, -1]
+            sequence = torch.cat((sequence, next_token(logits, temperature, None, generator)[:, None]), dim=1)
+    return sequence[:, prompt.shape[1]:]
+
+
+def test_greedy_generation_equals_recomputation():
+    """Prompt 21 tokens + 40 new crosses l, d, l', w and n*l' in every layer."""
+    model = tiny_gpt()
+    prompt = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    out = generate(model, prompt, 40)
+    assert torch.equal(out.tokens, recompute_generate(model, prompt, 40))
+    assert all(cache.lengths == [61, 61] for cache in out.caches)
+
+
+def test_sampling_with_a_seed_repeats_and_equals_recomputation():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    first = generate(model, prompt, 25, temperature=1.0, generator=torch.Generator().manual_seed(7)).tokens
+    again = generate(model, prompt, 25, temperature=1.0, generator=torch.Generator().manual_seed(7)).tokens
+    baseline = recompute_generate(model, prompt, 25, 1.0, torch.Generator().manual_seed(7))
+    assert torch.equal(first, again) and torch.equal(first, baseline)
+    other = generate(model, prompt, 25, temperature=1.0, generator=torch.Generator().manual_seed(8)).tokens
+    assert not torch.equal(first, other)
+
+
+def test_ragged_prompts_continue_each_sequence_from_its_own_end():
+    model = tiny_gpt()
+    prompts = [torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (17, 6)]
+    padded = torch.zeros(2, 17, dtype=torch.long)
+    padded[0], padded[1, :6] = prompts[0][0], prompts[1][0]
+    batched = generate(model, padded, 12, prompt_lengths=[17, 6]).tokens
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batched[row], generate(model, prompt, 12).tokens[0])
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    sampled = next_token(logits, 1.0, 1, torch.Generator().manual_seed(0))
+    assert sampled.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(prompt=torch.zeros(2, 0, dtype=torch.long), max_new_tokens=3), "prompt"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=0), "max_new_tokens"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, prompt_lengths=[4, 5]), "prompt_lengths"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, temperature=-1.0), "temperature"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, capacity=5), "capacity"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(NSAInputError, match=match):
+        generate(tiny_gpt(), **kwargs)
+
+
+def test_dense_models_have_no_nsa_caches():
+    with pytest.raises(NSAInputError, match="attention='nsa'"):
+        tiny_gpt("dense").new_caches(1, 16)
