@@ -3,7 +3,8 @@
     python -m bench.bench_decode                 # CPU: reads table 1k..1M, latency at batch 1 and 32
     python -m bench.bench_decode --device cuda   # GPU: public shape (HQ=64, H_kv=4, D=128, bf16)
 
-Reads are measured from a real decode step (the counters of NSAKVCache, taken from the masks the
+On CUDA each step is also captured in a CUDA graph (NSA with a static-shapes cache, dense SDPA
+likewise) and replayed, the way ANCHORS.md timed dense decode. Reads are measured from a real decode step (the counters of NSAKVCache, taken from the masks the
 attention used) after the cache is put in the state of S-1 random tokens (NSAKVCache.fill_random_),
 and set beside the formula num_cmp(S) + sel(S) + min(w, S) of NSA.md. Latency: one decode step of
 the whole NSA layer (projections, cache writes, compression emission, selection, three branches)
@@ -96,6 +97,31 @@ def profile_step(step: Callable[[], None], device: str) -> str:
     return str(prof.key_averages().table(sort_by=sort_key, row_limit=25))
 
 
+def cuda_graph_ms(step: Callable[[], Any], replays: int = 100) -> float:
+    """Capture one call of `step` in a CUDA graph and return the mean ms of `replays` replays.
+
+    A fixed replay count (not do_bench's adaptive one) because every replay appends a token to a
+    cache of fixed capacity. Warm-up runs on a side stream as graph capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 @torch.no_grad()
 def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype,
                 profile: bool = False) -> dict[str, Any]:
@@ -103,15 +129,7 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
     config = NSAConfig(hidden_size=heads * dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                        head_dim_v=dim, **PAPER_BLOCKS)
     layer = NSAAttention(config).to(device=device, dtype=dtype)
-    # Every timed step appends one token, so S grows by the number of steps the timer runs (a few
-    # percent at most); the row records where it ended.
-    cache = layer.new_cache(batch, seq_len + 4096)
-    cache.fill_random_(seq_len - 1)
     x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
-
-    def nsa_step() -> None:
-        layer(x, cache=cache)
-
     q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype)
     k = torch.randn(batch, kv_heads, seq_len, dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
@@ -119,13 +137,29 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
     def dense_step() -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)
 
+    # Every timed step appends one token, so S grows by the number of steps timed (a few percent at
+    # most); rows record where it ended.
+    cache = layer.new_cache(batch, seq_len + 4096)
+    cache.fill_random_(seq_len - 1)
+
+    def nsa_step() -> None:
+        layer(x, cache=cache)
+
     measure = timer(device)
-    nsa_ms, dense_ms = measure(nsa_step), measure(dense_step)
+    row: dict[str, Any] = {"S": seq_len, "batch": batch, "nsa_layer_ms": round(measure(nsa_step), 4)}
+    row["S_end"] = cache.lengths[0]
     if profile:
         print(profile_step(nsa_step, device), flush=True)
-    return {"S": seq_len, "S_end": cache.lengths[0], "batch": batch, "nsa_layer_ms": round(nsa_ms, 4),
-            "dense_sdpa_ms": round(dense_ms, 4),
-            "dense/nsa": round(dense_ms / nsa_ms, 2), "dtype": str(dtype).removeprefix("torch."), **shape}
+    if device.startswith("cuda"):
+        # Static shapes scan the buffers up to capacity, so keep capacity just above what is replayed.
+        static_cache = layer.new_cache(batch, seq_len + 256, static_shapes=True)
+        static_cache.fill_random_(seq_len - 1)
+        row["nsa_graph_ms"] = round(cuda_graph_ms(lambda: layer(x, cache=static_cache)), 4)
+        row["dense_graph_ms"] = round(cuda_graph_ms(dense_step), 4)
+        row["dense/nsa_graph"] = round(row["dense_graph_ms"] / row["nsa_graph_ms"], 2)
+    row["dense_sdpa_ms"] = round(measure(dense_step), 4)
+    row["dense/nsa"] = round(row["dense_sdpa_ms"] / row["nsa_layer_ms"], 2)
+    return {**row, "dtype": str(dtype).removeprefix("torch."), **shape}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         text += ["## Tokens read per decode step (paper defaults l=32 d=16 l'=64 n=16 w=512)", "",
                  markdown_table(reads, ["S", "cmp", "sel", "win", "measured", "formula", "dense", "dense/nsa"]), ""]
     text += ["## Per-token latency (ms): NSA layer step vs dense SDPA over a KV cache", "",
-             markdown_table(latency, ["S", "S_end", "batch", "nsa_layer_ms", "dense_sdpa_ms", "dense/nsa", "dtype",
-                                      "num_heads", "num_kv_heads", "head_dim"]), ""]
+             markdown_table(latency, ["S", "S_end", "batch", "nsa_layer_ms", "dense_sdpa_ms", "dense/nsa",
+                                      *(["nsa_graph_ms", "dense_graph_ms", "dense/nsa_graph"] if cuda else []),
+                                      "dtype", "num_heads", "num_kv_heads", "head_dim"]), ""]
     stem.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text))
     return 0

@@ -8,8 +8,12 @@ Buffers (preallocated once for `capacity` tokens per sequence, never re-concaten
   in the step that writes its last token i*d + l - 1: the first once l tokens exist, then every d.
 Every buffer has one extra "discard" row at the end: writes of padding tokens (a ragged batch) go
 there, so a masked write never touches a cached token and no host sync is needed to skip it.
-Lengths are kept on the host (they change by amounts the caller passes), so buffer slices are
-host-sized and nothing in a step waits on the device.
+Lengths are kept twice: on the host (they change by amounts the caller passes, so checks and
+buffer slices never wait on the device) and on the device (positions used inside a step, so a step
+creates no tensor from host data). With static_shapes=True the host-sized bounds of a step (blocks
+to emit, compressed and selection blocks to scan) come from the capacity instead of the current
+lengths: every decode step then has the same shapes and can be captured in a CUDA graph, at the
+cost of scanning the buffers up to capacity (masked; the counters still count what is attended).
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ class NSAKVCache:
     """
 
     def __init__(self, config: NSAConfig, batch_size: int, capacity: int, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 static_shapes: bool = False) -> None:
         for name, value in (("batch_size", batch_size), ("capacity", capacity)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise NSAInputError(f"{name} must be a positive int, got {value!r}")
         c = self.config = config
         self.batch_size, self.capacity = batch_size, capacity
         self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.static_shapes = static_shapes
         self.lengths: list[int] = [0] * batch_size
+        self.device_lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.num_cmp_capacity = num_compressed_blocks(capacity, c.cmp_block_size, c.cmp_stride)
 
         def buffer(rows: int, dim: int) -> torch.Tensor:
@@ -72,6 +79,7 @@ class NSAKVCache:
             buffer[:, :rows] = torch.randn(buffer[:, :rows].shape, generator=generator, device=self.device,
                                            dtype=self.dtype)
         self.lengths = [length] * self.batch_size
+        self.device_lengths.fill_(length)
 
     # ---- checks -------------------------------------------------------------------------------
 
@@ -108,12 +116,14 @@ class NSAKVCache:
 
     # ---- positions ----------------------------------------------------------------------------
 
-    def query_positions(self, chunk: int, counts: Sequence[int]) -> torch.Tensor:
-        """Absolute positions [B, C] of the appended tokens; -1 for padding (reads and writes nothing)."""
-        offsets = torch.arange(chunk, device=self.device)
-        base = torch.tensor(self.lengths, device=self.device)[:, None]
-        valid = offsets < torch.tensor(counts, device=self.device)[:, None]
-        return torch.where(valid, base + offsets, -1)
+    def query_positions(self, chunk: int, counts: Sequence[int] | None) -> torch.Tensor:
+        """Absolute positions [B, C] of the appended tokens; -1 for padding (reads and writes nothing).
+        counts None means every token is real."""
+        positions = self.device_lengths[:, None] + torch.arange(chunk, device=self.device)
+        if counts is None:
+            return positions
+        valid = torch.arange(chunk, device=self.device) < torch.tensor(counts, device=self.device)[:, None]
+        return torch.where(valid, positions, -1)
 
     def ring_stream(self, ring_k: torch.Tensor, ring_v: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,8 +134,7 @@ class NSAKVCache:
         length - R + j (-1 where negative), index R + c holds the c-th new token.
         """
         ring = ring_k.shape[1] - 1
-        lengths = torch.tensor(self.lengths, device=self.device)[:, None]
-        old_positions = lengths - ring + torch.arange(ring, device=self.device)
+        old_positions = self.device_lengths[:, None] - ring + torch.arange(ring, device=self.device)
         slots = old_positions.remainder(ring)
         old_k = _gather_rows(ring_k, slots)
         old_v = _gather_rows(ring_v, slots)
@@ -139,19 +148,22 @@ class NSAKVCache:
         batch_index = torch.arange(self.batch_size, device=self.device)[:, None].expand_as(rows)
         buffer.index_put_((batch_index, rows), values)
 
-    def ring_rows(self, positions: torch.Tensor, counts: Sequence[int], ring: int) -> torch.Tensor:
+    def ring_rows(self, positions: torch.Tensor, counts: Sequence[int] | None, ring: int) -> torch.Tensor:
         """Ring slot per new token, or the discard row for padding and for tokens that a later token
         of the same append evicts (only the last `ring` valid tokens land, so slots never collide)."""
-        offsets = torch.arange(positions.shape[1], device=self.device)
-        keep = (positions >= 0) & (offsets >= torch.tensor(counts, device=self.device)[:, None] - ring)
+        chunk = positions.shape[1]
+        offsets = torch.arange(chunk, device=self.device)
+        first_kept = chunk - ring if counts is None else torch.tensor(counts, device=self.device)[:, None] - ring
+        keep = (positions >= 0) & (offsets >= first_kept)
         return torch.where(keep, positions.remainder(ring), ring)
 
-    def commit(self, counts: Sequence[int], reads: torch.Tensor, positions: torch.Tensor) -> None:
-        """Advance the lengths and record the reads of the valid queries."""
+    def commit(self, counts: Sequence[int], all_valid: bool, reads: torch.Tensor, positions: torch.Tensor) -> None:
+        """Advance the lengths (host and device) and record the reads of the valid queries."""
         reads = reads * (positions >= 0)[:, :, None, None]
         self.last_reads = reads
         self.total_reads += reads.sum(dim=1)
         self.lengths = [length + n for length, n in zip(self.lengths, counts, strict=True)]
+        self.device_lengths += counts[0] if all_valid else torch.tensor(counts, device=self.device)
 
 
 def _gather_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -66,10 +66,12 @@ class NSAAttention(nn.Module):
                                        c.compression_hidden)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim_v, c.hidden_size, bias=False)
 
-    def new_cache(self, batch_size: int, capacity: int) -> NSAKVCache:
-        """An empty decode cache for this layer, on its device and in its dtype."""
+    def new_cache(self, batch_size: int, capacity: int, static_shapes: bool = False) -> NSAKVCache:
+        """An empty decode cache for this layer, on its device and in its dtype (see NSAKVCache for
+        static_shapes, which makes decode steps capturable in a CUDA graph)."""
         weight = self.q_proj.weight
-        return NSAKVCache(self.config, batch_size, capacity, device=weight.device, dtype=weight.dtype)
+        return NSAKVCache(self.config, batch_size, capacity, device=weight.device, dtype=weight.dtype,
+                          static_shapes=static_shapes)
 
     def forward(
         self, x: torch.Tensor, return_aux: bool = False, *, cache: NSAKVCache | None = None,
@@ -135,18 +137,20 @@ class NSAAttention(nn.Module):
         if cache.config != c:
             raise NSAInputError("cache was built for a different NSAConfig than this layer's")
         counts = cache.check_append(x, num_valid, start_positions)
-        positions = cache.query_positions(x.shape[1], counts)
+        all_valid = all(n == x.shape[1] for n in counts)
+        positions = cache.query_positions(x.shape[1], None if all_valid else counts)
         p = self._project(x, positions.clamp_min(0))
         raw_rows = torch.where(positions >= 0, positions, cache.capacity)
         cache.write_tokens(cache.k_sel, p.k_sel, raw_rows)
         cache.write_tokens(cache.v_sel, p.v_sel, raw_rows)
-        self._emit_compressed(cache, p, positions, counts)
+        self._emit_compressed(cache, p, positions, counts, all_valid)
         win_k, win_v, win_positions = cache.ring_stream(cache.k_win, cache.v_win, p.k_win, p.v_win, positions)
-        win_rows = cache.ring_rows(positions, counts, c.window_size)
+        win_rows = cache.ring_rows(positions, None if all_valid else counts, c.window_size)
         cache.write_tokens(cache.k_win, p.k_win, win_rows)
         cache.write_tokens(cache.v_win, p.v_win, win_rows)
 
-        end = max(length + n for length, n in zip(cache.lengths, counts, strict=True))
+        end = (cache.capacity if cache.static_shapes
+               else max(n0 + n for n0, n in zip(cache.lengths, counts, strict=True)))
         num_cmp_visible = num_compressed_blocks(end, c.cmp_block_size, c.cmp_stride)
         num_sel_blocks = num_selection_blocks(end, c.sel_block_size)
         chunk = c.query_chunk_size or prefill_chunk_size(p.q, cache.k_cmp[:, :num_cmp_visible], p.v_sel, self.sizes)
@@ -162,29 +166,38 @@ class NSAAttention(nn.Module):
             outputs.append(result.output)
             indices.append(result.block_indices)
             reads.append(result.reads)
-        cache.commit(counts, torch.cat(reads, dim=1), positions)
+        cache.commit(counts, all_valid, torch.cat(reads, dim=1), positions)
         return torch.cat(outputs, dim=1), torch.cat(indices, dim=1), p.gates
 
     def _emit_compressed(self, cache: NSAKVCache, p: Projected, positions: torch.Tensor,
-                         counts: Sequence[int]) -> None:
-        """Pool every compressed block whose last token arrives in this append and store it."""
+                         counts: Sequence[int], all_valid: bool) -> None:
+        """Pool every compressed block whose last token arrives in this append and store it.
+
+        Block i completes at position i*d + l - 1; an append of C tokens completes at most ceil(C/d)
+        blocks per sequence. Slots for blocks that do not complete go to the discard row.
+        """
         c = self.config
         l, d = c.cmp_block_size, c.cmp_stride
         raw_k, raw_v, _ = cache.ring_stream(cache.k_cmp_raw, cache.v_cmp_raw, p.k_cmp_raw, p.v_cmp_raw, positions)
-        first = [num_compressed_blocks(n0, l, d) for n0 in cache.lengths]
-        last = [num_compressed_blocks(n0 + n, l, d) for n0, n in zip(cache.lengths, counts, strict=True)]
-        num_emit = max(b - a for a, b in zip(first, last, strict=True))
-        ring_rows = cache.ring_rows(positions, counts, l)
+        ring_rows = cache.ring_rows(positions, None if all_valid else counts, l)
         cache.write_tokens(cache.k_cmp_raw, p.k_cmp_raw, ring_rows)
         cache.write_tokens(cache.v_cmp_raw, p.v_cmp_raw, ring_rows)
+        if cache.static_shapes:
+            num_emit = -(-positions.shape[1] // d)
+        else:
+            num_emit = max(num_compressed_blocks(n0 + n, l, d) - num_compressed_blocks(n0, l, d)
+                           for n0, n in zip(cache.lengths, counts, strict=True))
         if num_emit == 0:
             return
         device = positions.device
-        block_ids = torch.tensor(first, device=device)[:, None] + torch.arange(num_emit, device=device)
-        emit = block_ids < torch.tensor(last, device=device)[:, None]
+        lengths = cache.device_lengths[:, None]
+        end = lengths + (positions >= 0).sum(dim=1, keepdim=True)
+        first = torch.where(lengths >= l, (lengths - l) // d + 1, 0)
+        last = torch.where(end >= l, (end - l) // d + 1, 0)
+        block_ids = first + torch.arange(num_emit, device=device)  # [B, E]
+        emit = block_ids < last
         # Stream index j holds position length - l + j, so token i*d + u sits at i*d + u - length + l.
-        lengths = torch.tensor(cache.lengths, device=device)[:, None, None]
-        stream_index = block_ids[:, :, None] * d + torch.arange(l, device=device) - lengths + l
+        stream_index = block_ids[:, :, None] * d + torch.arange(l, device=device) - lengths[:, :, None] + l
         stream_index = torch.where(emit[:, :, None], stream_index, 0).flatten(1)  # [B, E*l]
         batch_index = torch.arange(positions.shape[0], device=device)[:, None]
         k_blocks = raw_k[batch_index, stream_index].unflatten(1, (num_emit, l)).transpose(2, 3)
