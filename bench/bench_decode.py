@@ -3,13 +3,14 @@
     python -m bench.bench_decode                 # CPU: reads table 1k..1M, latency at batch 1 and 32
     python -m bench.bench_decode --device cuda   # GPU: public shape (HQ=64, H_kv=4, D=128, bf16)
 
-On CUDA each step is also captured in a CUDA graph (NSA with a static-shapes cache, dense SDPA
-likewise) and replayed, the way ANCHORS.md timed dense decode. Reads are measured from a real decode step (the counters of NSAKVCache, taken from the masks the
+Reads are measured from a real decode step (the counters of NSAKVCache, taken from the masks the
 attention used) after the cache is put in the state of S-1 random tokens (NSAKVCache.fill_random_),
 and set beside the formula num_cmp(S) + sel(S) + min(w, S) of NSA.md. Latency: one decode step of
 the whole NSA layer (projections, cache writes, compression emission, selection, three branches)
 against dense SDPA over a KV cache of the same S (attention only, is_causal=False for the single
-row). Results: bench/results/decode_<device>.jsonl and .md.
+row). On CUDA each step is also captured in a CUDA graph (NSA with a static-shapes cache, dense
+SDPA likewise) and replayed, the way ANCHORS.md timed dense decode.
+Results: bench/results/decode_<device>.jsonl and .md.
 """
 
 from __future__ import annotations
