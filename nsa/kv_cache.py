@@ -95,10 +95,15 @@ class NSAKVCache:
         chunk = x.shape[1]
         if chunk == 0:
             raise NSAInputError("x must hold at least one new token per sequence (C >= 1), got C=0")
-        counts = [chunk] * self.batch_size if num_valid is None else [int(n) for n in num_valid]
-        if len(counts) != self.batch_size or any(n < 0 or n > chunk for n in counts):
-            raise NSAInputError(f"num_valid must give {self.batch_size} counts in [0, C={chunk}], got {counts}")
+        counts = [chunk] * self.batch_size if num_valid is None else list(num_valid)
+        if (len(counts) != self.batch_size or not all(_is_int(n) for n in counts)
+                or any(n < 0 or n > chunk for n in counts)):
+            raise NSAInputError(f"num_valid must give {self.batch_size} ints in [0, C={chunk}], got {counts}")
         if start_positions is not None:
+            if len(start_positions) != self.batch_size:
+                raise NSAInputError(
+                    f"start_positions must give {self.batch_size} positions, got {len(start_positions)}"
+                )
             for b, (start, length) in enumerate(zip(start_positions, self.lengths, strict=True)):
                 if start < length:
                     raise NSAInputError(
@@ -164,6 +169,10 @@ class NSAKVCache:
         self.total_reads += reads.sum(dim=1)
         self.lengths = [length + n for length, n in zip(self.lengths, counts, strict=True)]
         self.device_lengths += counts[0] if all_valid else torch.tensor(counts, device=self.device)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _gather_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

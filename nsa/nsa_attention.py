@@ -139,6 +139,8 @@ class NSAAttention(nn.Module):
         counts = cache.check_append(x, num_valid, start_positions)
         all_valid = all(n == x.shape[1] for n in counts)
         positions = cache.query_positions(x.shape[1], None if all_valid else counts)
+        if not all_valid:  # padding may hold anything (NaN included); masked keys must stay finite
+            x = x.masked_fill((positions < 0)[:, :, None], 0.0)
         p = self._project(x, positions.clamp_min(0))
         raw_rows = torch.where(positions >= 0, positions, cache.capacity)
         cache.write_tokens(cache.k_sel, p.k_sel, raw_rows)
