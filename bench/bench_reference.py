@@ -4,14 +4,19 @@
     python -m bench.bench_reference --seq-lens 8192 --backward
     python -m bench.bench_reference --device cuda       # peak CUDA memory instead of RSS
 
-Each length runs in a fresh subprocess so the peak resident memory (ru_maxrss) belongs to that
-length alone. Results: bench/results/reference_<device>.jsonl and .md (appended / rewritten).
+Each length runs in fresh subprocesses so the peak belongs to that length alone. On CPU the time
+comes from one run and the peak resident memory (ru_maxrss) from a second run with glibc's mmap
+threshold pinned at 1 MiB: otherwise freed chunk tensors stay cached in malloc arenas and the peak
+varies 1-6 GiB from run to run at 64k; pinned, every large tensor is returned to the OS on free
+and the peak tracks live memory (that run is slower, so it is not timed). On CUDA both come from
+one run (torch.cuda.max_memory_allocated). Results: bench/results/reference_<device>.jsonl and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -49,6 +54,11 @@ def measure(seq_len: int, device: str, backward: bool) -> dict[str, Any]:
             "peak_mem_gib": round(peak_gb, 3), "config": config.to_dict()}
 
 
+def run_child(cmd: list[str], extra_env: dict[str, str]) -> dict[str, Any]:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **extra_env})
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 65536])
@@ -63,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     for seq_len in args.seq_lens:
         cmd = [sys.executable, "-m", "bench.bench_reference", "--child", str(seq_len), "--device", args.device]
         cmd += ["--backward"] if args.backward else []
-        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        row = {**json.loads(result.stdout.strip().splitlines()[-1]), **environment(args.device)}
+        row = {**run_child(cmd, {}), **environment(args.device)}
+        if not args.device.startswith("cuda"):
+            row["peak_mem_gib"] = run_child(cmd, {"MALLOC_MMAP_THRESHOLD_": str(2**20)})["peak_mem_gib"]
         rows.append(row)
         print(f"T={seq_len}: {row['seconds']} s, peak {row['peak_mem_gib']} GiB", flush=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
