@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 import torch
 
 from nsa import NSAAux, NSAConfig, num_compressed_blocks
+from nsa.generate import generate
 from nsa.model import GPT, GPTConfig
 
 DEFAULT_OUT = Path("runs/demo/selected_blocks.png")
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"heatmap PNG (default {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="after the forward, prefill the text into decode caches and generate N bytes greedily")
     return parser
 
 
@@ -327,12 +330,27 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         "reads": reads_summary(cmp, sel, win, dense),
         "heatmap": {"path": str(args.out), "layer": args.layer, "group": args.group, "row_bin": bin_size},
     }
+    if args.generate:
+        summary["generation"] = generate_summary(model, idx, args.generate)
     summary_path = args.out.parent / SUMMARY_NAME
     with open(summary_path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(summary) + "\n")
     print(format_summary(summary, config_line(config, model.num_parameters())))
     print(f"wrote {args.out} and {summary_path}")
     return DemoResult(summary, block_indices, cmp, sel, win, dense)
+
+
+def generate_summary(model: GPT, idx: torch.Tensor, num_tokens: int) -> dict[str, Any]:
+    """Greedy decode through the per-layer caches; the reads are those of the last step (layer 0)."""
+    start = time.perf_counter()
+    generation = generate(model, idx, num_tokens)
+    seconds = time.perf_counter() - start
+    last_reads = generation.caches[0].last_reads
+    assert last_reads is not None
+    cmp, sel, win = last_reads[0, -1].double().mean(dim=0).tolist()  # mean over kv heads
+    return {"tokens": num_tokens, "text": bytes(generation.tokens[0].tolist()).decode("utf-8", "replace"),
+            "seconds": seconds, "context": generation.caches[0].lengths[0],
+            "last_step_reads": {"cmp": cmp, "sel": sel, "win": win, "dense": generation.caches[0].lengths[0]}}
 
 
 def format_summary(summary: dict[str, Any], model_line: str) -> str:
@@ -362,6 +380,13 @@ def format_summary(summary: dict[str, Any], model_line: str) -> str:
         ratio = layer["ratio_dense_over_sparse"]
         lines.append(f"  {'dense / sparse   layer ' + str(layer['layer']):<34}{ratio['mean']:>9.2f}x | "
                      f"{ratio['last']:>7.2f}x")
+    if "generation" in summary:
+        gen = summary["generation"]
+        reads = gen["last_step_reads"]
+        lines.append(f"generated {gen['tokens']} bytes in {gen['seconds']:.1f} s (decode caches, greedy): "
+                     f"{gen['text']!r}")
+        lines.append(f"  last decode step at context {gen['context']}: read cmp {reads['cmp']:.0f} + sel "
+                     f"{reads['sel']:.0f} + win {reads['win']:.0f} tokens vs dense {reads['dense']}")
     return "\n".join(lines)
 
 

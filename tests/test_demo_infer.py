@@ -135,6 +135,19 @@ def test_main_appends_summary(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_generate_decodes_through_the_caches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--generate N prefills the text into the decode caches and appends N greedy bytes; the reads of
+    the last step (context 700 + 5) follow NSA.md with the demo's paper block sizes."""
+    assert demo_infer.main(["--seq-len", "700", "--generate", "5", "--out", str(tmp_path / "g.png")]) == 0
+    generation = read_summary(tmp_path)[-1]["generation"]
+    context = 705
+    assert generation["tokens"] == 5 and generation["context"] == context
+    # l=32, d=16 -> (705-32)//16+1 compressed; 705 tokens fit in n*l' = 1024 -> all read; w=512.
+    assert generation["last_step_reads"] == {"cmp": (context - 32) // 16 + 1, "sel": context, "win": 512,
+                                             "dense": context}
+    assert "generated 5 bytes" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
