@@ -1,0 +1,423 @@
+"""SCOPE spectral attention bias (SCOPE.md section 1): pointer head, coefficients, two implementations.
+
+Layouts (FlexAttention's): q [B, H, T, D], k / v [B, H_kv, S, D]; per-row tensors are [B, H, T, ...]
+over the *query* heads (GQA: query head h reads kv head h // (H / H_kv)). Distances are
+Delta = i - j >= 0 for query i and key j (absolute token positions).
+
+For query i the logit of key j gains beta * b_i(Delta) with
+
+    b_i(D) = sum_m pi_m sum_k a_mk cos(w_k (D - D*_m)) - b_i^spec(0) + c D - ramp(D)
+           = sum_k A_k cos(w_k D) + B_k sin(w_k D) - sum_k A_k + c D - ramp(D)        (shift theorem)
+
+    A_k = sum_m pi_m a_mk cos(w_k D*_m),  B_k = sum_m pi_m a_mk sin(w_k D*_m)
+    a_mk = gain_h * softmax_k(-(log w_k - mu_m)^2 / (2 sigma_m^2))
+    ramp(D) = ramp_lambda * act((|D - D*_main| - W) / tau),  act in {softplus, relu}, D*_main = D* of argmax pi
+
+D* = delta_max * sigmoid(raw) is an absolute offset in tokens (delta_max from the config, optionally
+scheduled by training step), never a fraction of the sequence length. ``gain`` (one scalar per head)
+starts at 0 and the slope's output weights start at 0, so the bias is exactly zero at init and a
+fresh SCOPE model equals its base model (with a ramp configured the ramp itself is not zero: it is a
+fixed prior that the config opts into).
+
+Two implementations of the same logits: ``score_mod`` (FlexAttention, every term) and
+``qk_augment`` (features appended to q and k so that any dot-product kernel adds beta * b up to a
+per-row constant; no ramp). ``bias`` is the dense helper for tests and telemetry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scope.config import ScopeConfig
+from scope.errors import ScopeConfigError, ScopeInputError
+
+# qk_aug slope features: key position j split into base-256 digits d_p (exact in bf16 and fp16);
+# key feature d_p * 16^p, query feature -c * 16^p, so the product is -c * d_p * 256^p. Three digits
+# cover positions < 2^24 (also the range where fp32 holds integers exactly).
+_SLOPE_DIGITS = 3
+_MAX_POSITION = 256**_SLOPE_DIGITS
+# Edge barrier: softplus(r - r0) + softplus(-r - r0) on the D* logit r; it grows once sigmoid(r) is
+# within sigmoid(-r0) ~ 1.8% of 0 or 1 (D* within 1.8% of delta_max from either edge).
+EDGE_LOGIT = 4.0
+
+
+def frequencies(
+    num_freqs: int,
+    l_max: float,
+    min_period: float,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """K log-spaced angular frequencies w [K] (float64 by default), ascending from 2 pi / l_max
+    (longest period, l_max tokens) to 2 pi / min_period (shortest period). K = 1 gives [2 pi / l_max]."""
+    if isinstance(num_freqs, bool) or not isinstance(num_freqs, int) or num_freqs < 1:
+        raise ScopeInputError(f"num_freqs (K) must be an int >= 1, got {num_freqs!r}")
+    if not (math.isfinite(min_period) and min_period > 0):
+        raise ScopeInputError(f"min_period must be a finite number > 0, got {min_period!r}")
+    if not (math.isfinite(l_max) and l_max > min_period):
+        raise ScopeInputError(f"l_max={l_max!r} must be finite and > min_period={min_period!r}")
+    lo, hi = math.log(2 * math.pi / l_max), math.log(2 * math.pi / min_period)
+    logw = torch.linspace(lo, hi, num_freqs, dtype=torch.float64)
+    return logw.exp().to(dtype=dtype, device=device)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class PointerParams(NamedTuple):
+    """Per-query pointer parameters, all [B, H, T, M] except ``slope`` [B, H, T].
+
+    d_star: offset in tokens, delta_max * sigmoid(d_star_logit); mu, sigma: centre and width (in log w)
+    of each pointer's log-normal spectrum; pi: softmax over M; budget_logits: u_m for the pointer mask;
+    slope: c = c_scale * tanh(.); d_star_logit: the raw logit of D* (kept for the edge regulariser,
+    whose gradient must not vanish where the sigmoid saturates).
+    """
+
+    d_star: Tensor
+    mu: Tensor
+    sigma: Tensor
+    pi: Tensor
+    budget_logits: Tensor
+    slope: Tensor
+    d_star_logit: Tensor
+
+
+class BiasCoefficients(NamedTuple):
+    """Per-row coefficients of b_i: A, B [B, H, T, K]; c [B, H, T]; d_star_main [B, H, T] (tokens).
+
+    float32 (float64 for float64 q). ``params`` are the pointer parameters they came from.
+    """
+
+    A: Tensor
+    B: Tensor
+    c: Tensor
+    d_star_main: Tensor
+    params: PointerParams
+
+
+class PointerHead(nn.Module):
+    """Small MLP on q predicting M pointers per query (per head, or shared across heads).
+
+    forward(q [B, H, T, D], step=None) -> PointerParams (float32, float64 for float64 q).
+    The input is RMS-normalised (no affine), then Linear(D, mlp_hidden) -> SiLU -> Linear(mlp_hidden,
+    5M + 1). Output channels: [D* logit | mu | sigma | pi logits | budget logits] x M, then the slope.
+    Init: the pointer outputs start spread out (D* at (m + 1/2) / M of delta_max, mu across the
+    log-frequency range) with small random weights so the pointers are not symmetric; the slope's
+    output row and ``gain`` (the per-head amplitude scale, a = gain * lognormal weights) start at 0.
+    """
+
+    def __init__(self, config: ScopeConfig) -> None:
+        super().__init__()
+        self.config = config
+        heads, dim, hidden, m = config.num_heads, config.head_dim, config.mlp_hidden, config.num_pointers
+        n_mlp = heads if config.per_head_mlp else 1
+        out = 5 * m + 1
+        self.log_w_lo = math.log(2 * math.pi / config.l_max)
+        self.log_w_hi = math.log(2 * math.pi / config.min_period)
+        self.w1 = nn.Parameter(torch.randn(n_mlp, dim, hidden) / math.sqrt(dim))
+        self.b1 = nn.Parameter(torch.zeros(n_mlp, hidden))
+        w2 = torch.randn(n_mlp, hidden, out) * (0.1 / math.sqrt(hidden))
+        w2[..., 5 * m] = 0.0  # slope row: c = c_scale * tanh(0) = 0 at init
+        self.w2 = nn.Parameter(w2)
+        b2 = torch.zeros(n_mlp, out)
+        spread = torch.tensor([_logit((i + 0.5) / m) for i in range(m)])
+        b2[:, 0:m] = spread  # D* at (m + 1/2) / M of delta_max
+        b2[:, m : 2 * m] = spread  # mu across [log w_min, log w_max]
+        width = max((self.log_w_hi - self.log_w_lo) / (2 * m), 2 * config.sigma_min)
+        b2[:, 2 * m : 3 * m] = _inverse_softplus(width - config.sigma_min)
+        self.b2 = nn.Parameter(b2)
+        self.gain = nn.Parameter(torch.zeros(heads))
+
+    def forward(self, q: Tensor, step: int | None = None) -> PointerParams:
+        cfg = self.config
+        if q.dim() != 4 or q.shape[1] != cfg.num_heads or q.shape[-1] != cfg.head_dim:
+            raise ScopeInputError(
+                f"q must be [B, H={cfg.num_heads}, T, D={cfg.head_dim}], got shape {tuple(q.shape)}"
+            )
+        if not q.is_floating_point():
+            raise ScopeInputError(f"q must be a floating tensor, got dtype {q.dtype}")
+        cdt = _compute_dtype(q.dtype)
+        m = cfg.num_pointers
+        x = F.rms_norm(q.to(cdt), (q.shape[-1],))
+        h = F.silu(x @ self.w1.to(cdt) + self.b1.to(cdt)[:, None, :])  # [B, H, T, hidden]
+        out = h @ self.w2.to(cdt) + self.b2.to(cdt)[:, None, :]  # [B, H, T, 5M + 1]
+        d_logit = out[..., 0:m]
+        d_star = cfg.delta_max_at(step) * torch.sigmoid(d_logit)
+        mu = self.log_w_lo + (self.log_w_hi - self.log_w_lo) * torch.sigmoid(out[..., m : 2 * m])
+        sigma = cfg.sigma_min + F.softplus(out[..., 2 * m : 3 * m])
+        pi = torch.softmax(out[..., 3 * m : 4 * m], dim=-1)
+        budget_logits = out[..., 4 * m : 5 * m]
+        slope = cfg.c_scale * torch.tanh(out[..., 5 * m])
+        return PointerParams(d_star, mu, sigma, pi, budget_logits, slope, d_logit)
+
+
+class SpectralBias(nn.Module):
+    """The SCOPE spectral bias of one attention layer (see the module docstring for the math)."""
+
+    def __init__(self, config: ScopeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.pointer_head = PointerHead(config)
+        # python floats (float64), turned into tensors on use: a buffer would follow module.to(bf16)
+        self.freqs: tuple[float, ...] = tuple(
+            frequencies(config.num_freqs, config.l_max, config.min_period).tolist()
+        )
+
+    def _w(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.tensor(self.freqs, dtype=torch.float64, device=device).to(dtype)
+
+    def amplitudes(self, params: PointerParams) -> Tensor:
+        """a_mk [B, H, T, M, K] = gain_h * normalised_k exp(-(log w_k - mu_m)^2 / (2 sigma_m^2))."""
+        dtype = params.mu.dtype
+        logw = self._w(torch.float64, params.mu.device).log().to(dtype)
+        z = -((logw - params.mu[..., None]) ** 2) / (2 * params.sigma[..., None] ** 2)
+        gain = self.pointer_head.gain.to(dtype)[:, None, None, None]  # [H, 1, 1, 1]
+        return gain * torch.softmax(z, dim=-1)
+
+    def coefficients(self, q: Tensor, step: int | None = None) -> BiasCoefficients:
+        """Per-row coefficients from q [B, H, T, D] (float32; float64 for float64 q).
+
+        A_k = sum_m pi_m a_mk cos(w_k D*_m), B_k = sum_m pi_m a_mk sin(w_k D*_m); c the slope;
+        d_star_main = D* of argmax_m pi_m (ties to the lower m). ``step`` selects delta_max from the
+        config's schedule (None: the final value).
+        """
+        params = self.pointer_head(q, step)
+        a = self.amplitudes(params)  # [B, H, T, M, K]
+        w = self._w(a.dtype, a.device)
+        phase = params.d_star[..., None] * w  # [B, H, T, M, K]
+        weighted = params.pi[..., None] * a
+        coef_a = (weighted * torch.cos(phase)).sum(dim=-2)
+        coef_b = (weighted * torch.sin(phase)).sum(dim=-2)
+        main = params.pi.argmax(dim=-1, keepdim=True)
+        d_star_main = params.d_star.gather(-1, main).squeeze(-1)
+        return BiasCoefficients(coef_a, coef_b, params.slope, d_star_main, params)
+
+    def _ramp(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        act = F.softplus(x) if cfg.gate_kind == "softplus" else F.relu(x)
+        return cfg.ramp_lambda * act
+
+    def bias(self, coeffs: BiasCoefficients, delta: Tensor) -> Tensor:
+        """Dense b_i(delta) [B, H, T, N] (without beta), in the coefficients' dtype.
+
+        delta: distances i - j, either [N] (the same for every row) or a 4-d tensor broadcastable to
+        [B, H, T, N]. Every term is included (spectral, - sum_k A_k, slope, ramp). O(B H T N K) memory:
+        a helper for tests and telemetry, not for the attention path.
+        """
+        coef_a, coef_b, c = coeffs.A, coeffs.B, coeffs.c
+        if delta.dim() == 1:
+            delta = delta.view(1, 1, 1, -1)
+        elif delta.dim() != 4:
+            raise ScopeInputError(f"delta must be [N] or 4-d broadcastable to [B, H, T, N], got {tuple(delta.shape)}")
+        d = delta.to(coef_a.dtype)
+        w = self._w(coef_a.dtype, coef_a.device)
+        phase = d[..., None] * w  # [.., N, K]
+        spec = (coef_a[..., None, :] * torch.cos(phase) + coef_b[..., None, :] * torch.sin(phase)).sum(-1)
+        b = spec - coef_a.sum(-1)[..., None] + c[..., None] * d
+        if self.config.has_ramp:
+            cfg = self.config
+            b = b - self._ramp(((d - coeffs.d_star_main[..., None]).abs() - cfg.ramp_width) / cfg.ramp_tau)
+        return b
+
+    def score_mod(
+        self, coeffs: BiasCoefficients, *, q_offset: int = 0
+    ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
+        """FlexAttention score_mod: score + beta * b_{q_idx}(q_offset + q_idx - kv_idx).
+
+        q_idx indexes the rows of ``coeffs`` (the query tensor); ``q_offset`` is the absolute position
+        of the first query minus that of the first key (0 for prefill over the whole sequence; the
+        cache length for decode / chunked prefill). The K terms are unrolled (pointwise, compile-friendly).
+        Supports every term (spectral, slope, ramp). The bias is computed in the coefficients' dtype
+        (float32, float64 for float64) and added in the score's dtype.
+        """
+        cfg = self.config
+        coef_a, coef_b, c, d_main = coeffs.A, coeffs.B, coeffs.c, coeffs.d_star_main
+        a_sum = coef_a.sum(-1)
+        freqs, beta = self.freqs, cfg.beta
+        use_slope, use_ramp = cfg.c_scale > 0, cfg.has_ramp
+        width, tau = cfg.ramp_width, cfg.ramp_tau
+
+        def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            d = (q_idx + q_offset - kv_idx).to(coef_a.dtype)
+            acc = -a_sum[b, h, q_idx]
+            for k, w in enumerate(freqs):
+                phase = d * w
+                acc = acc + coef_a[b, h, q_idx, k] * torch.cos(phase) + coef_b[b, h, q_idx, k] * torch.sin(phase)
+            if use_slope:
+                acc = acc + c[b, h, q_idx] * d
+            if use_ramp:
+                acc = acc - self._ramp(((d - d_main[b, h, q_idx]).abs() - width) / tau)
+            return score + (beta * acc).to(score.dtype)
+
+        return mod
+
+    def qk_augment(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        coeffs: BiasCoefficients,
+        scale: float,
+        *,
+        q_start: int = 0,
+        kv_start: int = 0,
+        pad_v: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Append bias features so that q_aug . k_aug * scale = q . k * scale + beta * b + (per-row const).
+
+        q [B, H, T, D], k [B, H_kv, S, D], v [B, H_kv, S, Dv]; query t sits at absolute position
+        i = q_start + t, key s at j = kv_start + s. Features (F = 2K, plus 3 with a slope):
+          key   j: [cos(w_k j), sin(w_k j)]                    (and d_p(j) * 16^p, p = 0..2)
+          query i: beta/scale * [A_k cos(w_k i) + B_k sin(w_k i), A_k sin(w_k i) - B_k cos(w_k i)]
+                                                              (and -beta/scale * c * 16^p)
+        where j = sum_p d_p 256^p (base-256 digits, exact in bf16/fp16), so the slope term is
+        -c j = c (i - j) - c i. The logits differ from beta * b by the per-row constant
+        beta * (sum_k A_k - c i), which softmax ignores. The feature math runs in float32 (float64 for float64
+        q) at absolute positions and is cast to q's dtype at the end, so positions up to 2^24 keep
+        their phase precision. q_aug / k_aug are zero-padded to a multiple of ``qk_align``; v is
+        returned unchanged unless ``pad_v`` (kernels that need Dv == D), then q, k and v are all
+        zero-padded to the same aligned width. Returns (q_aug, k_aug, v_aug, scale) with the scale
+        the kernel must use. A configured ramp raises ScopeConfigError (it is not a dot product).
+        """
+        cfg = self.config
+        if cfg.has_ramp:
+            raise ScopeConfigError(
+                f"qk_augment cannot express the ramp (gate_kind={cfg.gate_kind!r}, ramp_lambda={cfg.ramp_lambda}); "
+                "use score_mod, or set gate_kind='none' / ramp_lambda=0"
+            )
+        _check_qkv(q, k, v)
+        bsz, heads, t_q, dim = q.shape
+        h_kv, s_k = k.shape[1], k.shape[2]
+        if coeffs.A.shape != (bsz, heads, t_q, cfg.num_freqs) or coeffs.B.shape != coeffs.A.shape:
+            raise ScopeInputError(
+                f"coeffs.A / coeffs.B must be [B, H, T, K]={(bsz, heads, t_q, cfg.num_freqs)}, "
+                f"got {tuple(coeffs.A.shape)} / {tuple(coeffs.B.shape)}"
+            )
+        if not (isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0):
+            raise ScopeInputError(f"scale must be a number > 0, got {scale!r}")
+        for name, start, length in (("q_start", q_start, t_q), ("kv_start", kv_start, s_k)):
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ScopeInputError(f"{name} must be a non-negative int, got {start!r}")
+            if start + length > _MAX_POSITION:
+                raise ScopeInputError(
+                    f"{name} + length = {start + length} must be <= 2^24 (qk_aug position range)"
+                )
+        cdt = _compute_dtype(q.dtype)
+        device = q.device
+        w = self._w(cdt, device)
+        mult = cfg.beta / scale
+        pos_q = torch.arange(q_start, q_start + t_q, device=device)
+        pos_k = torch.arange(kv_start, kv_start + s_k, device=device)
+        phase_q = pos_q.to(cdt)[:, None] * w  # [T, K], exact positions (< 2^24) in fp32
+        phase_k = pos_k.to(cdt)[:, None] * w  # [S, K]
+        cos_q, sin_q = torch.cos(phase_q), torch.sin(phase_q)
+        coef_a, coef_b = coeffs.A.to(cdt), coeffs.B.to(cdt)
+        q_feats = [coef_a * cos_q + coef_b * sin_q, coef_a * sin_q - coef_b * cos_q]
+        k_feats = [torch.cos(phase_k), torch.sin(phase_k)]
+        if cfg.c_scale > 0:
+            scales = torch.tensor([16.0**p for p in range(_SLOPE_DIGITS)], dtype=cdt, device=device)
+            digits = torch.stack([(pos_k // 256**p) % 256 for p in range(_SLOPE_DIGITS)], dim=-1)
+            k_feats.append(digits.to(cdt) * scales)
+            q_feats.append(-coeffs.c.to(cdt)[..., None] * scales)
+        qf = (torch.cat(q_feats, dim=-1) * mult).to(q.dtype)  # [B, H, T, F]
+        kf = torch.cat(k_feats, dim=-1).to(k.dtype).expand(bsz, h_kv, s_k, -1)  # [B, H_kv, S, F]
+        align = cfg.qk_align
+        width = _round_up(dim + qf.shape[-1], align)
+        if pad_v:
+            width = max(width, _round_up(v.shape[-1], align))
+        pad = width - dim - qf.shape[-1]
+        q_aug = torch.cat([q, qf, q.new_zeros(bsz, heads, t_q, pad)], dim=-1)
+        k_aug = torch.cat([k, kf, k.new_zeros(bsz, h_kv, s_k, pad)], dim=-1)
+        v_aug = F.pad(v, (0, width - v.shape[-1])) if pad_v else v
+        return q_aug, k_aug, v_aug, float(scale)
+
+    def regularisers(self, coeffs: BiasCoefficients, seq_len: int) -> dict[str, Tensor]:
+        """Regularisers, each raw (``<name>_raw``, for logging) and times its lambda (``<name>``); ``total``
+        is the sum of the weighted ones. Scalars in the coefficients' dtype.
+
+        Rows of ``coeffs`` are the last T queries of a sequence of ``seq_len`` tokens (row t at absolute
+        position i = seq_len - T + t; seq_len = T for a full prefill); row i's causal keys are Delta = 0..i.
+
+        - hf: mean over (B, H, T, M) of sum_k (w_k / w_K)^2 a_mk^2. Frequencies are divided by the
+          largest, w_K = 2 pi / min_period, so the value is in the scale of a^2 whatever min_period is.
+        - zero_mean: mean over (B, H, T) of (mean_{Delta=0..i} b_i(Delta))^2, in closed form (geometric
+          sums of cos / sin), O(B H T K). The ramp is left out: it is a non-negative penalty by
+          construction, so its row mean is never 0 and including it would only pull D*_main.
+        - entropy: mean over (B, H, T) of relu(entropy_floor_frac * log M - H(pi)), H in nats.
+        - edge: mean over (B, H, T, M) of softplus(r - r0) + softplus(-r - r0), r the D* logit and
+          r0 = EDGE_LOGIT = 4: a smooth barrier that grows linearly in r once D* is within ~1.8% of 0
+          or of delta_max (its gradient does not vanish where sigmoid(r) saturates).
+        """
+        cfg = self.config
+        params = coeffs.params
+        coef_a, coef_b, c = coeffs.A, coeffs.B, coeffs.c
+        dtype, device = coef_a.dtype, coef_a.device
+        t_q = coef_a.shape[-2]
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < t_q:
+            raise ScopeInputError(f"seq_len must be an int >= T={t_q} (rows are the last T queries), got {seq_len!r}")
+        w = self._w(dtype, device)
+        a = self.amplitudes(params)
+        hf = ((w / w[-1]) ** 2 * a**2).sum(-1).mean()
+
+        n = torch.arange(seq_len - t_q + 1, seq_len + 1, device=device).to(dtype)[:, None]  # keys per row [T, 1]
+        half = w / 2
+        denom = torch.sin(half)
+        safe = denom.abs() > 1e-6
+        ratio = torch.where(safe, torch.sin(n * half) / torch.where(safe, denom, 1.0), n)  # [T, K]
+        sum_cos = ratio * torch.cos((n - 1) * half)
+        sum_sin = torch.where(safe, ratio * torch.sin((n - 1) * half), 0.0)
+        row_mean = (coef_a * sum_cos + coef_b * sum_sin).sum(-1) / n[:, 0] - coef_a.sum(-1) + c * (n[:, 0] - 1) / 2
+        zero_mean = (row_mean**2).mean()
+
+        m = params.pi.shape[-1]
+        ent = -torch.special.xlogy(params.pi, params.pi).sum(-1)
+        entropy = F.relu(cfg.entropy_floor_frac * math.log(m) - ent).mean()
+
+        r = params.d_star_logit
+        edge = (F.softplus(r - EDGE_LOGIT) + F.softplus(-r - EDGE_LOGIT)).mean()
+
+        raw = {"hf": hf, "zero_mean": zero_mean, "entropy": entropy, "edge": edge}
+        lambdas = {"hf": cfg.lambda_hf, "zero_mean": cfg.lambda_zero_mean, "entropy": cfg.lambda_entropy,
+                   "edge": cfg.lambda_edge}
+        out: dict[str, Tensor] = {}
+        for name, value in raw.items():
+            out[f"{name}_raw"] = value
+            out[name] = lambdas[name] * value
+        out["total"] = out["hf"] + out["zero_mean"] + out["entropy"] + out["edge"]
+        return out
+
+
+def _round_up(x: int, align: int) -> int:
+    return -(-x // align) * align
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ScopeInputError(
+            "q, k, v must be 4-d [B, H, T, D] / [B, H_kv, S, D]; "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        raise ScopeInputError(f"k must be [B, H_kv, S, D] matching q {tuple(q.shape)} in B and D, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ScopeInputError(f"v must be [B, H_kv, S, Dv] matching k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ScopeInputError(f"query heads H={q.shape[1]} must be a multiple of kv heads H_kv={k.shape[1]}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ScopeInputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

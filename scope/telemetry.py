@@ -1,0 +1,67 @@
+"""SCOPE telemetry as JSON lines: one RUN_CFG record, then SCOPE_STATS every `every` steps.
+
+SCOPE_STATS fields (SCOPE.md section 4): the pointer fields of ``scope.pointer_mask.pointer_stats``
+(kv_unique_blocks, ptr_outside_local_frac, ptr_center_docstart_frac with genuine pointers and
+clamped overshoots apart, ptr_center_block0_frac, ptr_radius_hist, budget_configured and the
+truthful budget_used, pi entropy, D* histograms in tokens and blocks), each regulariser of
+``SpectralBias.regularisers`` (raw and weighted), and the teacher fields when a teacher loss is
+given (teacher_coverage, teacher_budget, teacher_target_inclusion). Stats read tensors on the host:
+they are computed only on logging steps, never inside the forward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from scope.config import ScopeConfig
+from scope.pointer_mask import pointer_stats
+from scope.scope_attention import ScopeAux, representative_rows
+from scope.teacher import TeacherLoss
+
+
+def scope_stats(aux: ScopeAux, config: ScopeConfig, regularisers: dict[str, Tensor] | None = None,
+                teacher: TeacherLoss | None = None) -> dict[str, Any]:
+    """The SCOPE_STATS fields of one forward (see the module docstring)."""
+    num_blocks = aux.block_d_star.shape[2]
+    pi_blocks = representative_rows(aux.coeffs.params.pi, num_blocks, config.block, config.representative)
+    stats: dict[str, Any] = pointer_stats(
+        aux.pointer_mask, aux.block_d_star, pi_blocks, config.block, budget=config.budget,
+        local_blocks=config.local_blocks, global_blocks=config.global_blocks, max_radius=config.max_radius,
+    ) if config.pointer_mask else {"budget_configured": 0}
+    for name, value in (regularisers or {}).items():
+        stats[f"reg_{name}"] = float(value.detach())
+    if teacher is not None:
+        stats["teacher_coverage"] = float(teacher.coverage.detach())
+        stats["teacher_budget"] = float(teacher.budget.detach())
+        stats["teacher_target_inclusion"] = float(teacher.target_inclusion)
+    return stats
+
+
+class ScopeTelemetry:
+    """Append-only JSON-lines writer: RUN_CFG on creation, SCOPE_STATS on every `every`-th step."""
+
+    def __init__(self, path: str | Path, config: ScopeConfig, every: int = 100) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.path, self.config, self.every = Path(path), config, every
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write({"event": "RUN_CFG", "config": config.to_dict()})
+
+    def should_log(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def log(self, step: int, aux: ScopeAux, regularisers: dict[str, Tensor] | None = None,
+            teacher: TeacherLoss | None = None) -> dict[str, Any] | None:
+        if not self.should_log(step):
+            return None
+        record = {"event": "SCOPE_STATS", "step": step, **scope_stats(aux, self.config, regularisers, teacher)}
+        self._write(record)
+        return record
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:  # one line per write: nothing lost on a crash
+            handle.write(json.dumps(record) + "\n")

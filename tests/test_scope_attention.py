@@ -1,0 +1,247 @@
+"""ScopeAttention end to end: wiring against a dense float64 reference, causality, decode = prefill,
+score_mod = qk_aug, the teacher signal moving pointers, telemetry, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from reference import ref_rope
+
+from scope import ScopeConfig, ScopeInputError
+from scope.scope_attention import ScopeAttention, representative_positions, representative_rows
+from scope.teacher import inclusion_probability, layer_teacher_loss, teacher_block_targets
+from scope.telemetry import ScopeTelemetry
+
+F64 = torch.float64
+
+
+def small_config(**overrides) -> ScopeConfig:
+    values = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_pointers=2, num_freqs=6,
+                  l_max=4096.0, min_period=16.0, delta_max=96.0, mlp_hidden=16, block=8, budget=3,
+                  local_blocks=2, global_blocks=1, max_radius=1)
+    values.update(overrides)
+    return ScopeConfig(**values)
+
+
+def make_layer(config: ScopeConfig, seed: int = 0, gain: float = 0.7) -> ScopeAttention:
+    """A float64 layer whose bias is switched on (gain starts at 0, which makes the bias vanish)."""
+    torch.manual_seed(seed)
+    layer = ScopeAttention(config).double().eval()
+    with torch.no_grad():
+        layer.spectral.pointer_head.gain.fill_(gain)
+    return layer
+
+
+def dense_reference(layer: ScopeAttention, x: torch.Tensor, allowed_blocks: torch.Tensor) -> torch.Tensor:
+    """Plain float64 attention from the layer's weights: RoPE (the test suite's own), GQA by h // G,
+    logits q.k/sqrt(D) + beta * b_i(i - j), keys restricted to causal tokens of the allowed key blocks
+    (allowed_blocks bool [B, H, QB, QB], taken from the mask under test)."""
+    c = layer.config
+    batch, seq_len, _ = x.shape
+    positions = torch.arange(seq_len)
+    q = ref_rope(layer.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions, c.rope_theta)
+    k = ref_rope(layer.k_proj(x).view(batch, seq_len, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+    v = layer.v_proj(x).view(batch, seq_len, c.num_kv_heads, c.head_dim)
+    group = c.num_heads // c.num_kv_heads
+    out = torch.zeros(batch, seq_len, c.num_heads, c.head_dim, dtype=F64)
+    coeffs = layer.spectral.coefficients(layer.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim)
+                                         .transpose(1, 2))
+    delta = (positions[:, None] - positions[None, :]).to(F64)  # [T, T]
+    bias = layer.spectral.bias(coeffs, delta[None, None].expand(batch, c.num_heads, -1, -1))
+    token_block = positions // c.block
+    for h in range(c.num_heads):
+        scores = torch.einsum("btd,bsd->bts", q[:, :, h], k[:, :, h // group]) / math.sqrt(c.head_dim)
+        scores = scores + c.beta * bias[:, h]
+        allowed = allowed_blocks[:, h][:, token_block][:, :, token_block] & (delta >= 0)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, :, h] = torch.softmax(scores, dim=-1) @ v[:, :, h // group]
+    return layer.o_proj(out.flatten(2))
+
+
+def allowed_from_lists(kv_indices: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    lists = kv_indices.long()
+    allowed = torch.zeros(*lists.shape[:3], num_blocks + 1, dtype=torch.bool)
+    allowed.scatter_(-1, torch.where(lists >= 0, lists, num_blocks), True)
+    return allowed[..., :num_blocks]
+
+
+@pytest.mark.parametrize("bias_impl", ["score_mod", "qk_aug"])
+@pytest.mark.parametrize("representative", ["last", "mean"])
+def test_prefill_matches_dense_reference(bias_impl: str, representative: str) -> None:
+    layer = make_layer(small_config(bias_impl=bias_impl, representative=representative, c_scale=0.2))
+    x = torch.randn(2, 64, 32, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, aux = layer(x, return_aux=True)
+        reference = dense_reference(layer, x, allowed_from_lists(aux.pointer_mask.kv_indices, 8))
+    torch.testing.assert_close(y, reference, rtol=1e-9, atol=1e-10)
+    assert aux.coeffs.A.abs().max() > 1e-3  # the bias really is on
+
+
+def test_ramp_and_sliding_fallback_match_dense_reference() -> None:
+    config = small_config(gate_kind="softplus", ramp_lambda=0.5, ramp_width=16.0, ramp_tau=4.0, pointer_mask=False)
+    layer = make_layer(config)
+    x = torch.randn(1, 48, 32, dtype=F64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y, aux = layer(x, return_aux=True)
+    qb = torch.arange(6)
+    band = (qb[None, :] <= qb[:, None]) & (qb[None, :] > qb[:, None] - config.local_blocks)
+    assert torch.equal(allowed_from_lists(aux.pointer_mask.kv_indices, 6)[0, 0], band)
+    torch.testing.assert_close(y, dense_reference(layer, x, band.expand(1, 4, 6, 6)), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("representative", ["last", "mean"])
+def test_causal_future_tokens_never_change_earlier_outputs(representative: str) -> None:
+    """Includes the pointer choice: the representative of a block is the previous block, so changing
+    tokens t' > t (even inside t's own block) changes neither t's keys nor its mask."""
+    layer = make_layer(small_config(representative=representative))
+    x = torch.randn(1, 64, 32, dtype=F64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = layer(x)
+        for t in (0, 5, 7, 8, 30, 45):
+            changed = x.clone()
+            changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:]) * 3
+            torch.testing.assert_close(layer(changed)[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pointer_mask", [True, False])
+def test_decode_token_by_token_equals_prefill(pointer_mask: bool) -> None:
+    layer = make_layer(small_config(pointer_mask=pointer_mask, c_scale=0.1))
+    x = torch.randn(2, 72, 32, dtype=F64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 80)
+        prompt = layer(x[:, :16], cache=cache)  # prefill two blocks
+        steps = layer(x[:, 16:], cache=cache)  # then one token at a time
+    torch.testing.assert_close(torch.cat((prompt, steps), dim=1), full, rtol=1e-9, atol=1e-10)
+    assert cache.length == 72
+
+
+def test_decode_from_empty_cache_and_capacity_error() -> None:
+    layer = make_layer(small_config())
+    x = torch.randn(1, 20, 32, dtype=F64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = layer.new_cache(1, 20)
+        steps = layer(x[:, :13], cache=cache)  # not a block multiple: decoded token by token
+        torch.testing.assert_close(steps[:, :8], layer(x[:, :8]), rtol=1e-9, atol=1e-10)
+        layer(x[:, 13:], cache=cache)
+        with pytest.raises(ScopeInputError, match="capacity"):
+            layer(x[:, :1], cache=cache)
+
+
+def test_score_mod_and_qk_aug_give_the_same_outputs() -> None:
+    x = torch.randn(1, 64, 32, dtype=F64, generator=torch.Generator().manual_seed(6))
+    outs = []
+    for bias_impl in ("score_mod", "qk_aug"):
+        layer = make_layer(small_config(bias_impl=bias_impl, c_scale=0.3), seed=7)
+        with torch.no_grad():
+            outs.append(layer(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-10)
+
+
+def test_fresh_layer_has_zero_bias() -> None:
+    layer = make_layer(small_config(), gain=0.0)
+    x = torch.randn(1, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        _, aux = layer(x, return_aux=True)
+    assert aux.coeffs.A.abs().max() == 0 and aux.coeffs.B.abs().max() == 0
+
+
+PERIOD = 160  # the planted retrieval distance in tokens (20 blocks of 8)
+
+
+def periodic_retrieval_layer_and_input(seq_len: int) -> tuple[ScopeAttention, torch.Tensor]:
+    """x_t = z_(t mod 160) with random unit z: query t's only strong match is key t - 160, which lies in
+    block qb - 20 for every query of block qb -- a far block at a fixed distance, the thing pointers are
+    for. q and k read the content through the slow RoPE pairs only (theta = 1e12: dims 2..7 and 10..15
+    turn by < 0.2 rad over 160 tokens), so the match survives rotation."""
+    config = small_config(num_heads=1, num_kv_heads=1, head_dim=16, hidden_size=16, budget=2, local_blocks=1,
+                          global_blocks=0, max_radius=1, delta_max=256.0, rope_theta=1e12)
+    layer = make_layer(config, gain=0.0)
+    z = torch.nn.functional.normalize(torch.randn(PERIOD, 16, dtype=F64, generator=torch.Generator().manual_seed(9)),
+                                      dim=-1)
+    slow = torch.zeros(16, 16, dtype=F64)
+    for i in range(2, 8):
+        slow[i, i] = slow[i + 8, i + 8] = 6.0
+    with torch.no_grad():
+        layer.q_proj.weight.copy_(slow)
+        layer.k_proj.weight.copy_(slow)
+    return layer, z[torch.arange(seq_len) % PERIOD][None]
+
+
+def test_teacher_steps_move_pointers_to_a_planted_far_block() -> None:
+    """A few teacher-distillation steps on the pointer head alone move D* toward the planted block and
+    raise that block's inclusion probability, for every query block that has one; the budget logits get
+    gradient (the research code's never did)."""
+    seq_len, block = 256, 8
+    layer, x = periodic_retrieval_layer_and_input(seq_len)
+    num_blocks = seq_len // block
+    rows = torch.arange(PERIOD // block + 1, num_blocks)  # query blocks whose planted block is outside the band
+    planted = rows - PERIOD // block
+    t_rep = representative_positions(num_blocks, block, "last", torch.device("cpu"))
+    wanted = t_rep[rows] - (planted + 0.5) * block  # D* pointing at the planted block's middle
+
+    q, k, _, q_content = layer._project(x, torch.arange(seq_len))
+    target = teacher_block_targets(q, k, block=block, local_blocks=1, scale=layer.scale)
+    assert (target[0, 0, rows, planted] > 0.25).all()  # the toy really plants the mass there
+
+    def measure() -> tuple[torch.Tensor, torch.Tensor]:
+        params = layer.spectral.pointer_head(q_content)
+        d_blk, u_blk = (representative_rows(v, num_blocks, block, "last")
+                        for v in (params.d_star, params.budget_logits))
+        p = inclusion_probability(d_blk, u_blk, t_rep, block=block, budget=2, budget_temp=1.0, tau=0.5,
+                                  local_blocks=1)
+        distance = (d_blk[0, 0, rows] - wanted[:, None]).abs().min(dim=-1).values
+        return distance.detach(), p[0, 0, rows, planted].detach()
+
+    distance_before, inclusion_before = measure()
+    optimiser = torch.optim.Adam(layer.spectral.pointer_head.parameters(), lr=0.05)
+    for _ in range(40):
+        optimiser.zero_grad()
+        loss = layer_teacher_loss(layer, x, tau=0.5)
+        loss.total.backward()
+        budget_rows = slice(4 * 2, 5 * 2)  # output channels of the budget logits (M = 2)
+        assert layer.spectral.pointer_head.b2.grad[:, budget_rows].abs().sum() > 0
+        optimiser.step()
+    distance_after, inclusion_after = measure()
+    assert distance_after.mean() < 0.5 * distance_before.mean()
+    assert inclusion_after.mean() > inclusion_before.mean() + 0.3
+
+
+def test_telemetry_writes_run_cfg_and_truthful_stats(tmp_path: Path) -> None:
+    config = small_config(budget=3, max_radius=1)
+    layer = make_layer(config)
+    x = torch.randn(1, 64, 32, dtype=F64, generator=torch.Generator().manual_seed(10))
+    telemetry = ScopeTelemetry(tmp_path / "scope.jsonl", config, every=2)
+    with torch.no_grad():
+        _, aux = layer(x, return_aux=True)
+    regs = layer.spectral.regularisers(aux.coeffs, 64)
+    assert telemetry.log(1, aux, regs) is None
+    record = telemetry.log(2, aux, regs, layer_teacher_loss(layer, x))
+    assert record is not None
+    lines = [json.loads(line) for line in (tmp_path / "scope.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["RUN_CFG", "SCOPE_STATS"]
+    assert lines[0]["config"]["budget"] == 3
+    stats = lines[1]
+    # M = 2 peaks of at most 3 blocks each can take the whole budget of 3: nothing is lost.
+    assert stats["budget_configured"] == 3 and stats["budget_used"]["alloc"] == 3
+    assert {"kv_unique_blocks", "ptr_outside_local_frac", "ptr_radius_hist", "teacher_coverage"} <= set(stats)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda layer: layer(torch.randn(1, 12, 32, dtype=F64)), "multiple of block"),
+        (lambda layer: layer(torch.randn(1, 16, 31, dtype=F64)), "hidden_size"),
+        (lambda layer: layer(torch.randn(1, 8, 32, dtype=F64), cache=layer.new_cache(2, 16)), "batch"),
+        (lambda layer: layer(torch.randn(1, 8, 32), cache=layer.new_cache(1, 16)), "float64"),
+        (lambda layer: layer(torch.randn(1, 8, 32, dtype=F64), cache=layer.new_cache(1, 16),
+                             doc_ids=torch.zeros(8, dtype=torch.long)), "doc_ids"),
+    ],
+)
+def test_bad_inputs_raise(call, match) -> None:
+    with pytest.raises(ScopeInputError, match=match):
+        call(make_layer(small_config()))
