@@ -146,3 +146,12 @@ def make_raw_inputs(s: Shape, dtype: torch.dtype = F64) -> dict:
         "v_win": randn(s.B, s.T, s.Hkv, s.Dv, seed=seed + 6, dtype=dtype),
         "gates": torch.sigmoid(randn(s.B, s.T, s.HQ, 3, seed=seed + 7)).to(dtype),
     }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo_per_module():
+    """FlexAttention compiles even when called eagerly. Graphs cached by one module (and the automatic
+    dynamic shapes that its recompiles switch on) must not leak into the next: torch 2.13 then fails
+    on score_mods whose captured tensors require grad (PendingUnbackedSymbolNotFound)."""
+    yield
+    torch._dynamo.reset()
