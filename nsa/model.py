@@ -72,9 +72,8 @@ class GPTConfig:
     nsa: NSAConfig | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+        for name in ("vocab_size", "n_layer", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
             _check_int(name, getattr(self, name), 1)
-        _check_int("max_seq_len", self.max_seq_len, 1)
         if self.head_dim_v is None:
             object.__setattr__(self, "head_dim_v", self.head_dim)
         _check_int("head_dim_v", self.head_dim_v, 1)
