@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,14 +89,21 @@ class NSAConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NSAConfig:
         """Build from plain data (e.g. a TOML table). Unknown keys raise NSAConfigError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise NSAConfigError(f"unknown NSAConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        reject_unknown_keys(cls, values, "NSAConfig")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def reject_unknown_keys(cls: Any, values: Mapping[str, Any], where: str,
+                        error: type[Exception] = NSAConfigError) -> None:
+    """Raise `error` naming every key of `values` that is not a field of the dataclass `cls` (configs are
+    data validated at load: a misspelt key must never be ignored)."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise error(f"unknown {where} key(s) {unknown}; valid keys: {known}")
 
 
 def load_nsa_config(path: str | Path) -> NSAConfig:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsa import NSAAttention, NSAAux, NSAConfig, NSAConfigError, NSAInputError, NSAKVCache, apply_rope
+from nsa.config import reject_unknown_keys
 
 ATTENTION_KINDS = ("nsa", "dense")
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -125,10 +126,7 @@ class GPTConfig:
         """
         if not isinstance(d, dict):
             raise NSAConfigError(f"GPTConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise NSAConfigError(f"unknown GPTConfig key(s): {', '.join(map(repr, unknown))}")
+        reject_unknown_keys(cls, d, "GPTConfig")
         kwargs = dict(d)
         nsa = kwargs.pop("nsa", None)
         if isinstance(nsa, dict):

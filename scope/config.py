@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsa.config import reject_unknown_keys
 from scope.errors import ScopeConfigError, ScopeInputError
 
 GATE_KINDS = ("none", "softplus", "relu")
@@ -163,10 +164,7 @@ class ScopeConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ScopeConfig:
         """Build from plain data (e.g. a TOML table). Unknown keys raise ScopeConfigError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ScopeConfigError(f"unknown ScopeConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        reject_unknown_keys(cls, values, "ScopeConfig", ScopeConfigError)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nsa import NSAConfigError
+from nsa.config import reject_unknown_keys
 from nsa.model import GPTConfig
 from scripts.data import VOCAB_SIZE, RetrievalTask
 
@@ -170,10 +171,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def _section_from_dict(cls: Any, values: dict[str, Any], section: str) -> Any:
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise NSAConfigError(f"[{section}] unknown key(s) {unknown}; valid keys: {known}")
+    reject_unknown_keys(cls, values, f"[{section}]")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
 

@@ -4,6 +4,7 @@
     python -m scripts.train --config configs/toy_retrieval_dense.toml
     python -m scripts.train --out-dir runs/x --max-steps 100  # stop early ...
     python -m scripts.train --out-dir runs/x --resume         # ... and continue exactly where it stopped
+    python -m scripts.train --threads 1                       # one torch thread: fastest for the toy on a busy CPU
 
 Outputs in the run directory: metrics.jsonl (one JSON object per line: {"kind": "train", "step",
 "loss", "lr", "tokens_per_s", "elapsed_s"} every log_interval steps and {"kind": "eval", "step",
