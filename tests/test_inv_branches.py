@@ -283,12 +283,7 @@ def test_dk_differs_from_dv(op):
     out = op(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
     assert out.output.shape == (2, 23, 8, 16)
     _, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
-    check_selection(out.block_indices, scores, s.lp, s.n)
-    o_ref, _ = ref_nsa(
-        x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw(),
-        block_indices=out.block_indices,
-    )
-    torch.testing.assert_close(out.output, o_ref, **TOL64)
+    assert_nsa_output_matches_reference(out, x, k_cmp, v_cmp, scores, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,9 +361,4 @@ def test_paper_block_sizes_moderate_t():
     torch.testing.assert_close(k_cmp, ref_compress_mean(x["k_c"], s.l, s.d), **TOL64)
     out = nsa_attention(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
     _, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
-    check_selection(out.block_indices, scores, s.lp, s.n)
-    o_ref, _ = ref_nsa(
-        x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw(),
-        block_indices=out.block_indices,
-    )
-    torch.testing.assert_close(out.output, o_ref, **TOL64)
+    assert_nsa_output_matches_reference(out, x, k_cmp, v_cmp, scores, s)
