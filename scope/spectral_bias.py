@@ -11,13 +11,14 @@ For query i the logit of key j gains beta * b_i(Delta) with
 
     A_k = sum_m pi_m a_mk cos(w_k D*_m),  B_k = sum_m pi_m a_mk sin(w_k D*_m)
     a_mk = gain_h * softmax_k(-(log w_k - mu_m)^2 / (2 sigma_m^2))
-    ramp(D) = ramp_lambda * act((|D - D*_main| - W) / tau),  act in {softplus, relu}, D*_main = D* of argmax pi
+    ramp(D) = ramp_gate_h * ramp_lambda * act((|D - D*_main| - W) / tau),  act in {softplus, relu},
+              D*_main = D* of argmax pi, ramp_gate_h a per-head scalar that starts at 0
 
 D* = delta_max * sigmoid(raw) is an absolute offset in tokens (delta_max from the config, optionally
 scheduled by training step), never a fraction of the sequence length. ``gain`` (one scalar per head)
 starts at 0 and the slope's output weights start at 0, so the bias is exactly zero at init and a
-fresh SCOPE model equals its base model (with a ramp configured the ramp itself is not zero: it is a
-fixed prior that the config opts into).
+fresh SCOPE model equals its base model. A configured ramp is scaled by ``ramp_gate`` (one scalar
+per head, starting at 0, learnt like ``gain``), so it is zero at init too and the model grows it.
 
 Two implementations of the same logits: ``score_mod`` (FlexAttention, every term) and
 ``qk_augment`` (features appended to q and k so that any dot-product kernel adds beta * b up to a
@@ -175,6 +176,8 @@ class SpectralBias(nn.Module):
         self.config = config
         self.pointer_head = PointerHead(config)
         # python floats (float64), turned into tensors on use: a buffer would follow module.to(bf16)
+        # Scales the ramp per head; 0 at init so a fresh model's bias is exactly zero with a ramp too.
+        self.ramp_gate = nn.Parameter(torch.zeros(config.num_heads)) if config.has_ramp else None
         self.freqs: tuple[float, ...] = tuple(
             frequencies(config.num_freqs, config.l_max, config.min_period).tolist()
         )
@@ -230,9 +233,10 @@ class SpectralBias(nn.Module):
         phase = d[..., None] * w  # [.., N, K]
         spec = (coef_a[..., None, :] * torch.cos(phase) + coef_b[..., None, :] * torch.sin(phase)).sum(-1)
         b = spec - coef_a.sum(-1)[..., None] + c[..., None] * d
-        if self.config.has_ramp:
+        if self.ramp_gate is not None:
             cfg = self.config
-            b = b - self._ramp(((d - coeffs.d_star_main[..., None]).abs() - cfg.ramp_width) / cfg.ramp_tau)
+            gate = self.ramp_gate.to(d.dtype).view(1, -1, 1, 1)
+            b = b - gate * self._ramp(((d - coeffs.d_star_main[..., None]).abs() - cfg.ramp_width) / cfg.ramp_tau)
         return b
 
     def score_mod(
@@ -250,7 +254,8 @@ class SpectralBias(nn.Module):
         coef_a, coef_b, c, d_main = coeffs.A, coeffs.B, coeffs.c, coeffs.d_star_main
         a_sum = coef_a.sum(-1)
         freqs, beta = self.freqs, cfg.beta
-        use_slope, use_ramp = cfg.c_scale > 0, cfg.has_ramp
+        use_slope = cfg.c_scale > 0
+        ramp_gate = self.ramp_gate.to(coef_a.dtype) if self.ramp_gate is not None else None
         width, tau = cfg.ramp_width, cfg.ramp_tau
 
         def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -261,8 +266,8 @@ class SpectralBias(nn.Module):
                 acc = acc + coef_a[b, h, q_idx, k] * torch.cos(phase) + coef_b[b, h, q_idx, k] * torch.sin(phase)
             if use_slope:
                 acc = acc + c[b, h, q_idx] * d
-            if use_ramp:
-                acc = acc - self._ramp(((d - d_main[b, h, q_idx]).abs() - width) / tau)
+            if ramp_gate is not None:
+                acc = acc - ramp_gate[h] * self._ramp(((d - d_main[b, h, q_idx]).abs() - width) / tau)
             return score + (beta * acc).to(score.dtype)
 
         return mod

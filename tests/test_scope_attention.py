@@ -29,11 +29,13 @@ def small_config(**overrides) -> ScopeConfig:
 
 
 def make_layer(config: ScopeConfig, seed: int = 0, gain: float = 0.7) -> ScopeAttention:
-    """A float64 layer whose bias is switched on (gain starts at 0, which makes the bias vanish)."""
+    """A float64 layer whose bias is switched on (gain and the ramp gate start at 0, which make it vanish)."""
     torch.manual_seed(seed)
     layer = ScopeAttention(config).double().eval()
     with torch.no_grad():
         layer.spectral.pointer_head.gain.fill_(gain)
+        if layer.spectral.ramp_gate is not None:
+            layer.spectral.ramp_gate.fill_(1.0 if gain else 0.0)
     return layer
 
 

@@ -116,6 +116,8 @@ def make_model(dtype=F64, seed=0, **overrides) -> SpectralBias:
     with torch.no_grad():
         head.gain.copy_(torch.randn(cfg.num_heads, generator=gen, dtype=F64).to(dtype))
         head.w2.add_(torch.randn(head.w2.shape, generator=gen, dtype=F64).to(dtype) * 0.7)
+        if model.ramp_gate is not None:
+            model.ramp_gate.fill_(1.0)  # the references apply the full ramp
     return model
 
 
@@ -454,6 +456,24 @@ def test_regularisers_on_a_hand_built_case():
     torch.testing.assert_close(model2.regularisers(coeffs2, seq_len=300)["zero_mean_raw"], explicit, **TOL)
     with pytest.raises(ScopeInputError, match="seq_len"):
         model2.regularisers(coeffs2, seq_len=5)
+
+
+@pytest.mark.parametrize("gate_kind", ["softplus", "relu"])
+def test_bias_is_zero_at_init_with_a_ramp_and_the_ramp_can_grow(gate_kind):
+    """SCOPE.md: a fresh model equals its base model; a configured ramp starts gated off (ramp_gate = 0)
+    and its gate receives gradient."""
+    cfg = ScopeConfig(**{**SMALL, "gate_kind": gate_kind, "ramp_lambda": 0.5, "ramp_width": 4.0, "ramp_tau": 2.0})
+    torch.manual_seed(0)
+    model = SpectralBias(cfg).double()
+    q = torch.randn(1, cfg.num_heads, 32, cfg.head_dim, dtype=F64)
+    coeffs = model.coefficients(q)
+    delta = torch.arange(0, 64, dtype=F64)
+    bias = model.bias(coeffs, delta)
+    assert torch.equal(bias, torch.zeros_like(bias))
+    # the gate learns: push the logits at distance 0 up against the far ones
+    (bias[..., 0].sum() - bias[..., -1].sum()).backward()
+    assert model.ramp_gate is not None and model.ramp_gate.grad is not None
+    assert model.ramp_gate.grad.abs().sum() > 0
 
 
 def test_regularisers_are_zero_at_init_except_edge_and_entropy_floor():
