@@ -20,7 +20,7 @@ import torch
 
 from bench.env_info import RESULTS_DIR, environment, markdown_table
 from scope import ScopeConfig
-from scope.scope_attention import ScopeAttention, representative_positions, representative_rows
+from scope.scope_attention import ScopeAttention, causal_representative_positions, representative_rows
 from scope.teacher import inclusion_probability, layer_teacher_loss
 
 PERIOD = 160  # planted retrieval distance in tokens
@@ -54,7 +54,7 @@ def pointer_progress(layer: ScopeAttention, x: torch.Tensor) -> dict[str, float]
     num_blocks = seq_len // BLOCK
     rows = torch.arange(PERIOD // BLOCK + 1, num_blocks)
     planted = rows - PERIOD // BLOCK
-    t_rep = representative_positions(num_blocks, BLOCK, "last", x.device)
+    t_rep = causal_representative_positions(num_blocks, BLOCK, "last", x.device)
     wanted = t_rep[rows] - (planted + 0.5) * BLOCK
     with torch.no_grad():
         _, _, _, q_content = layer._project(x, torch.arange(seq_len))

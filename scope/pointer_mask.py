@@ -217,8 +217,10 @@ def exact_mask_mod(pm: PointerMask, block: int, doc_ids: Tensor | None = None) -
 
 
 def representative_positions(seq_len: int, block: int, kind: str, device: torch.device | None = None) -> Tensor:
-    """float64 [QB]: each query block's representative position: ``"last"`` token (qb*block + block - 1)
-    or ``"mean"`` position (qb*block + (block - 1) / 2)."""
+    """float64 [QB]: each query block's representative position *inside the block*: ``"last"`` token
+    (qb*block + block - 1) or ``"mean"`` position (qb*block + (block - 1) / 2). Not causal: an early
+    query of the block would read keys chosen by a later token. ScopeAttention passes ``t_rep`` from
+    ``scope.scope_attention.causal_representative_positions`` (the previous block) instead."""
     num_blocks = _check_seq(seq_len, block)
     start = torch.arange(num_blocks, dtype=torch.float64, device=device) * block
     if kind == "last":

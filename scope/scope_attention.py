@@ -48,7 +48,7 @@ class ScopeAux(NamedTuple):
     block_budget_logits: Tensor  # [B, H, QB, M]
 
 
-def representative_positions(num_blocks: int, block: int, kind: str, device: torch.device) -> Tensor:
+def causal_representative_positions(num_blocks: int, block: int, kind: str, device: torch.device) -> Tensor:
     """float64 [QB]: the causal representative position of each query block (previous block's last
     token, or its mean position); negative for block 0, whose centres clamp to block 0."""
     start = torch.arange(num_blocks, dtype=torch.float64, device=device) * block
@@ -167,7 +167,7 @@ class ScopeAttention(nn.Module):
         c = self.config
         if not c.pointer_mask:
             return sliding_window_block_mask(seq_len, c.block, c.local_blocks, doc_ids, device=d_blk.device)
-        t_rep = representative_positions(seq_len // c.block, c.block, c.representative, d_blk.device)
+        t_rep = causal_representative_positions(seq_len // c.block, c.block, c.representative, d_blk.device)
         return build_pointer_block_mask(
             d_blk, u_blk, seq_len, block=c.block, budget=c.budget, local_blocks=c.local_blocks,
             global_blocks=c.global_blocks, max_radius=c.max_radius, budget_temp=c.budget_temp, t_rep=t_rep,

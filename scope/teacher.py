@@ -25,7 +25,7 @@ from torch import Tensor
 
 from scope.config import ScopeConfig
 from scope.errors import ScopeInputError
-from scope.scope_attention import ScopeAttention, representative_positions, representative_rows
+from scope.scope_attention import ScopeAttention, causal_representative_positions, representative_rows
 
 
 class TeacherLoss(NamedTuple):
@@ -104,7 +104,7 @@ def layer_teacher_loss(layer: torch.nn.Module, x: Tensor, *, tau: float = 0.5, b
     params = layer.spectral.pointer_head(q_content, step)
     d_blk, u_blk = (representative_rows(values, num_blocks, config.block, config.representative)
                     for values in (params.d_star, params.budget_logits))
-    t_rep = representative_positions(num_blocks, config.block, config.representative, x.device)
+    t_rep = causal_representative_positions(num_blocks, config.block, config.representative, x.device)
     inclusion = inclusion_probability(d_blk, u_blk, t_rep, block=config.block, budget=config.budget,
                                       budget_temp=config.budget_temp, tau=tau, local_blocks=config.local_blocks)
     return teacher_loss(target, inclusion, config.budget, budget_weight)
