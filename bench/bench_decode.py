@@ -5,11 +5,12 @@
 
 Reads are measured from a real decode step (the counters of NSAKVCache, taken from the masks the
 attention used) after the cache is put in the state of S-1 random tokens (NSAKVCache.fill_random_),
-and set beside the formula num_cmp(S) + sel(S) + min(w, S) of NSA.md. Latency: one decode step of
-the whole NSA layer (projections, cache writes, compression emission, selection, three branches)
-against dense SDPA over a KV cache of the same S (attention only, is_causal=False for the single
-row). On CUDA each step is also captured in a CUDA graph (NSA with a static-shapes cache, dense
-SDPA likewise) and replayed, the way ANCHORS.md timed dense decode.
+and set beside the formula num_cmp(S) + sel(S) + min(w, S) of NSA.md. Latency: the attention of one
+decode step (nsa.decode_attention: compressed scores, selection, the three branches and the gates,
+over a cache holding S tokens) against dense SDPA over a KV cache of the same S (is_causal=False for
+the single row), with the torch reference backend and, on CUDA, the Triton kernels. On CUDA every
+step is also captured in a CUDA graph and replayed, the way ANCHORS.md timed dense decode, and the
+whole layer step (projections, cache writes, emission, attention) is replayed for reference.
 Results: bench/results/decode_<device>.jsonl and .md.
 """
 
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.env_info import RESULTS_DIR, environment, markdown_table
-from nsa import NSAAttention, NSAConfig, num_compressed_blocks
+from nsa import NSAAttention, NSAConfig, NSAKVCache, num_compressed_blocks, num_selection_blocks
+from nsa.decode_attention import decode_attention
 
 PAPER_BLOCKS = dict(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16, window_size=512)
 READ_LENGTHS = [1024 * 2**i for i in range(11)]  # 1k .. 1M
@@ -123,6 +125,28 @@ def cuda_graph_ms(step: Callable[[], Any], replays: int = 100) -> float:
     return start.elapsed_time(end) / replays
 
 
+def attention_step(layer: NSAAttention, cache: NSAKVCache, q: torch.Tensor, gates: torch.Tensor,
+                   backend: str) -> Callable[[], Any]:
+    """The attention part of a decode step (what dense SDPA over a KV cache is compared with): the new
+    token's q [B, HQ, Dk] and gates [B, HQ, 3] against a cache already holding its K/V, at position S - 1."""
+    c = layer.config
+    positions = cache.device_lengths - 1
+    length = cache.lengths[0]
+    bounds = dict(num_cmp_bound=num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride),
+                  num_sel_blocks=num_selection_blocks(length, c.sel_block_size))
+    return lambda: decode_attention(q, gates, positions, k_cmp=cache.k_cmp, v_cmp=cache.v_cmp, k_sel=cache.k_sel,
+                                    v_sel=cache.v_sel, k_win=cache.k_win, v_win=cache.v_win, sizes=layer.sizes,
+                                    scale=c.attention_scale, backend=backend, **bounds)
+
+
+def parity(torch_step: Callable[[], Any], triton_step: Callable[[], Any]) -> dict[str, float]:
+    """Triton vs the torch reference on the benchmark's own inputs, checked before timing."""
+    ref, fast = torch_step(), triton_step()
+    return {"max_abs_diff": round((ref.output.float() - fast.output.float()).abs().max().item(), 5),
+            "blocks_equal": round((ref.block_indices == fast.block_indices).float().mean().item(), 4),
+            "reads_equal": bool((ref.reads == fast.reads).all().item())}
+
+
 @torch.no_grad()
 def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype,
                 profile: bool = False) -> dict[str, Any]:
@@ -130,7 +154,7 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
     config = NSAConfig(hidden_size=heads * dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                        head_dim_v=dim, **PAPER_BLOCKS)
     layer = NSAAttention(config).to(device=device, dtype=dtype)
-    x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
+    cuda = device.startswith("cuda")
     q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype)
     k = torch.randn(batch, kv_heads, seq_len, dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
@@ -138,28 +162,31 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
     def dense_step() -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)
 
-    # Every timed step appends one token, so S grows by the number of steps timed (a few percent at
-    # most); rows record where it ended.
-    cache = layer.new_cache(batch, seq_len + 4096)
-    cache.fill_random_(seq_len - 1)
-
-    def nsa_step() -> None:
-        layer(x, cache=cache)
-
+    cache = layer.new_cache(batch, seq_len)
+    cache.fill_random_(seq_len)
     measure = timer(device)
-    row: dict[str, Any] = {"S": seq_len, "batch": batch, "nsa_layer_ms": round(measure(nsa_step), 4)}
-    row["S_end"] = cache.lengths[0]
-    if profile:
-        print(profile_step(nsa_step, device), flush=True)
-    if device.startswith("cuda"):
-        # Static shapes scan the buffers up to capacity, so keep capacity just above what is replayed.
+    row: dict[str, Any] = {"S": seq_len, "batch": batch, "dense_ms": round(measure(dense_step), 4)}
+    backends = ["torch", "triton"] if cuda else ["torch"]
+    q_step = torch.randn(batch, heads, dim, device=device, dtype=dtype)
+    gates = torch.rand(batch, heads, 3, device=device, dtype=dtype)
+    steps = {backend: attention_step(layer, cache, q_step, gates, backend) for backend in backends}
+    if cuda:
+        row.update(parity(steps["torch"], steps["triton"]))
+    for backend, step in steps.items():
+        row[f"{backend}_ms"] = round(measure(step), 4)
+        row[f"dense/{backend}"] = round(row["dense_ms"] / row[f"{backend}_ms"], 2)
+    if cuda:
+        row["dense_graph_ms"] = round(cuda_graph_ms(dense_step), 4)
+        for backend, step in steps.items():
+            row[f"{backend}_graph_ms"] = round(cuda_graph_ms(step), 4)
+            row[f"dense/{backend}_graph"] = round(row["dense_graph_ms"] / row[f"{backend}_graph_ms"], 2)
+        if profile:
+            print(profile_step(steps["triton"], device), flush=True)
+        # The whole layer step (projections, cache writes, emission, attention) for reference.
         static_cache = layer.new_cache(batch, seq_len + 256, static_shapes=True)
         static_cache.fill_random_(seq_len - 1)
-        row["nsa_graph_ms"] = round(cuda_graph_ms(lambda: layer(x, cache=static_cache)), 4)
-        row["dense_graph_ms"] = round(cuda_graph_ms(dense_step), 4)
-        row["dense/nsa_graph"] = round(row["dense_graph_ms"] / row["nsa_graph_ms"], 2)
-    row["dense_sdpa_ms"] = round(measure(dense_step), 4)
-    row["dense/nsa"] = round(row["dense_sdpa_ms"] / row["nsa_layer_ms"], 2)
+        x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
+        row["layer_graph_ms"] = round(cuda_graph_ms(lambda: layer(x, cache=static_cache)), 4)
     return {**row, "dtype": str(dtype).removeprefix("torch."), **shape}
 
 
@@ -170,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency lengths (default: CPU 8k 32k, GPU 8k 64k 128k)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--skip-reads", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print a profiler table of one step at batch 1")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a profiler table of the Triton step at the largest batch and S")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     shape = (dict(num_heads=64, num_kv_heads=4, head_dim=128) if cuda
@@ -182,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     latency = []
     for seq_len in seq_lens:
         for batch in args.batches:
-            profile = args.profile and batch == 1 and seq_len == seq_lens[-1]
+            profile = args.profile and batch == max(args.batches) and seq_len == seq_lens[-1]
             latency.append(latency_row(seq_len, batch, shape, args.device, dtype, profile))
             print(json.dumps(latency[-1]), flush=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -194,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     if reads:
         text += ["## Tokens read per decode step (paper defaults l=32 d=16 l'=64 n=16 w=512)", "",
                  markdown_table(reads, ["S", "cmp", "sel", "win", "measured", "formula", "dense", "dense/nsa"]), ""]
-    text += ["## Per-token latency (ms): NSA layer step vs dense SDPA over a KV cache", "",
-             markdown_table(latency, ["S", "S_end", "batch", "nsa_layer_ms", "dense_sdpa_ms", "dense/nsa",
-                                      *(["nsa_graph_ms", "dense_graph_ms", "dense/nsa_graph"] if cuda else []),
-                                      "dtype", "num_heads", "num_kv_heads", "head_dim"]), ""]
+    columns = ["S", "batch", "dense_ms", "torch_ms", "dense/torch"]
+    if cuda:
+        columns += ["triton_ms", "dense/triton", "dense_graph_ms", "torch_graph_ms", "dense/torch_graph",
+                    "triton_graph_ms", "dense/triton_graph", "layer_graph_ms", "max_abs_diff", "blocks_equal",
+                    "reads_equal"]
+    text += ["## Per-token attention latency (ms): NSA decode step vs dense SDPA over a KV cache of S tokens", "",
+             f"dtype {latency[0]['dtype']}, {shape}; *_graph = CUDA-graph replay; layer_graph = the whole NSA layer "
+             "step (projections, cache writes, emission, attention) replayed; max_abs_diff / blocks_equal / "
+             "reads_equal: Triton vs the torch reference on the same inputs, checked before timing.", "",
+             markdown_table(latency, columns), ""] if latency else []
     stem.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text))
     return 0

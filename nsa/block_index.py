@@ -39,16 +39,20 @@ def overlap_matrix(
     return (hi - lo).clamp_min(0) / block_size
 
 
-def overlap_kernel(block_size: int, block_stride: int, sel_block_size: int) -> tuple[torch.Tensor, int]:
+def overlap_kernel(
+    block_size: int, block_stride: int, sel_block_size: int, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, int]:
     """Eq. 9 as a strided correlation: (weights [K], left padding P).
 
     With r = l'/d, compressed block i = j*r + u overlaps selection block j by a count that depends
     on u alone, nonzero for u in [-(l/d - 1), r - 1]. So p_sel[j] = sum_k p_cmp_padded[j*r + k] * w[k]
-    with P = l/d - 1 zeros on the left and w[k] = overlap(u = k - P) / l.
+    with P = l/d - 1 zeros on the left and w[k] = overlap(u = k - P) / l. Built on `device` from
+    integers (no host-to-device copy, so a decode step that uses it can be captured in a CUDA graph).
     """
     pad = block_size // block_stride - 1
-    offsets = torch.arange(-pad, sel_block_size // block_stride, dtype=torch.float64) * block_stride
-    overlap = torch.minimum(offsets + block_size, torch.tensor(float(sel_block_size))) - offsets.clamp_min(0)
+    offsets = torch.arange(-pad, sel_block_size // block_stride, device=device, dtype=dtype) * block_stride
+    overlap = (offsets + block_size).clamp_max(sel_block_size) - offsets.clamp_min(0)
     return overlap.clamp_min(0) / block_size, pad
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsa.dispatch import BACKENDS
 from nsa.errors import NSAConfigError
 
 COMPRESSION_KINDS = ("mlp", "mean")
@@ -41,6 +42,7 @@ class NSAConfig:
     rope_theta: float = 10000.0
     scale: float | None = None  # attention scale; None -> 1/sqrt(head_dim)
     query_chunk_size: int | None = None  # reference path chunking; None -> chosen from a memory budget
+    backend: str = "auto"  # decode step: "auto" | "torch" | "triton" (nsa.dispatch says which runs and why)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "head_dim_v",
@@ -71,6 +73,8 @@ class NSAConfig:
             raise NSAConfigError(f"compression={self.compression!r} must be one of {COMPRESSION_KINDS}")
         if self.gate not in GATE_KINDS:
             raise NSAConfigError(f"gate={self.gate!r} must be one of {GATE_KINDS}")
+        if self.backend not in BACKENDS:
+            raise NSAConfigError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if not isinstance(self.shared_kv, bool):
             raise NSAConfigError(f"shared_kv must be a bool, got {self.shared_kv!r}")
         if not self.rope_theta > 0:

@@ -12,6 +12,7 @@ from nsa.attention_core import query_chunks
 from nsa.block_index import num_compressed_blocks, num_selection_blocks
 from nsa.compress_pool import CompressPool
 from nsa.config import NSAConfig
+from nsa.decode_attention import decode_attention
 from nsa.errors import NSAInputError
 from nsa.functional import NSASizes, nsa_attention, nsa_attention_chunk, prefill_chunk_size
 from nsa.kv_cache import NSAKVCache
@@ -131,8 +132,9 @@ class NSAAttention(nn.Module):
         self, x: torch.Tensor, cache: NSAKVCache, num_valid: Sequence[int] | None,
         start_positions: Sequence[int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write x's tokens into the cache (raw, ring and newly complete compressed blocks), then
-        attend chunk by chunk with the shared chunk step. Returns (out, block_indices, gates)."""
+        """Write x's tokens into the cache (raw, ring and newly complete compressed blocks), then attend:
+        a single token per sequence with decode_attention (the backend dispatch point), anything else
+        chunk by chunk with the chunk step shared with prefill. Returns (out, block_indices, gates)."""
         c = self.config
         if cache.config != c:
             raise NSAInputError("cache was built for a different NSAConfig than this layer's")
@@ -146,7 +148,9 @@ class NSAAttention(nn.Module):
         cache.write_tokens(cache.k_sel, p.k_sel, raw_rows)
         cache.write_tokens(cache.v_sel, p.v_sel, raw_rows)
         self._emit_compressed(cache, p, positions, counts, all_valid)
-        win_k, win_v, win_positions = cache.ring_stream(cache.k_win, cache.v_win, p.k_win, p.v_win, positions)
+        decode_step = x.shape[1] == 1 and all_valid  # one new token per sequence: reads the ring after the write
+        if not decode_step:
+            win_k, win_v, win_positions = cache.ring_stream(cache.k_win, cache.v_win, p.k_win, p.v_win, positions)
         win_rows = cache.ring_rows(positions, None if all_valid else counts, c.window_size)
         cache.write_tokens(cache.k_win, p.k_win, win_rows)
         cache.write_tokens(cache.v_win, p.v_win, win_rows)
@@ -155,6 +159,14 @@ class NSAAttention(nn.Module):
                else max(n0 + n for n0, n in zip(cache.lengths, counts, strict=True)))
         num_cmp_visible = num_compressed_blocks(end, c.cmp_block_size, c.cmp_stride)
         num_sel_blocks = num_selection_blocks(end, c.sel_block_size)
+        if decode_step:
+            step = decode_attention(
+                p.q[:, 0], p.gates[:, 0], positions[:, 0], k_cmp=cache.k_cmp, v_cmp=cache.v_cmp,
+                num_cmp_bound=num_cmp_visible, k_sel=cache.k_sel, v_sel=cache.v_sel, num_sel_blocks=num_sel_blocks,
+                k_win=cache.k_win, v_win=cache.v_win, sizes=self.sizes, scale=c.attention_scale, backend=c.backend,
+            )
+            cache.commit(counts, all_valid, step.reads[:, None], positions)
+            return step.output[:, None], step.block_indices[:, None], p.gates
         chunk = c.query_chunk_size or prefill_chunk_size(p.q, cache.k_cmp[:, :num_cmp_visible], p.v_sel, self.sizes)
         outputs, indices, reads = [], [], []
         for a, b in query_chunks(x.shape[1], chunk):

@@ -45,14 +45,14 @@ def map_cmp_to_sel(
     check_divides("block_stride", block_stride, "block_size", block_size)
     check_positive_int("sel_block_size", sel_block_size)
     check_divides("block_stride", block_stride, "sel_block_size", sel_block_size)
-    weights, pad = overlap_kernel(block_size, block_stride, sel_block_size)
+    weights, pad = overlap_kernel(block_size, block_stride, sel_block_size, p_cmp.device, p_cmp.dtype)
     ratio = sel_block_size // block_stride
     num_cmp = p_cmp.shape[-1]
     if num_cmp == 0:
         return p_cmp.new_zeros(*p_cmp.shape[:-1], num_sel_blocks)
     right = max(0, (num_sel_blocks - 1) * ratio + weights.numel() - pad - num_cmp)
     flat = F.pad(p_cmp.reshape(-1, 1, num_cmp), (pad, right))
-    kernel = weights.to(device=p_cmp.device, dtype=p_cmp.dtype).view(1, 1, -1)
+    kernel = weights.view(1, 1, -1)
     out = F.conv1d(flat, kernel, stride=ratio)[..., :num_sel_blocks]
     return out.reshape(*p_cmp.shape[:-1], num_sel_blocks)
 

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_decode_triton.py). The
+# variable must be set before any kernel module is imported; the dispatch never picks the
+# interpreter on its own (only an explicit backend="triton" does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 

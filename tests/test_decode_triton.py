@@ -1,0 +1,173 @@
+"""The fused Triton decode step (nsa/kernels/decode.py) against the float64 references.
+
+On this CPU machine the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on
+tiny shapes; tests/test_gpu.py repeats the parity at the public shape on the GPU. Triton is a
+pinned CPU requirement, so nothing here is skipped in CI.
+
+Tolerance: the kernels compute in float32 from float32 inputs. The bound is a small multiple of the
+float32 error of the torch reference path on the same inputs (its own low-precision error against
+the float64 dense reference), plus 1e-6 for rows where that error happens to be ~0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from conftest import F64, randn
+from reference import ref_compress_mean, ref_nsa, ref_num_cmp, ref_num_sel
+
+from nsa import NSAAttention, NSAConfig, NSAConfigError, NSAInputError, dispatch
+from nsa.decode_attention import decode_attention
+from nsa.functional import NSASizes
+
+L, D, LP, N, W = 8, 4, 8, 4, 16  # l, d, l', n, w: small, with d | l and d | l'
+SIZES = NSASizes(L, D, LP, N, W)
+# One position per sequence of the batch, crossing l, l', w and n*l' boundaries.
+POSITIONS = [0, 6, 7, 8, 15, 16, 17, 31, 32, 47, 63, 79]
+GARBAGE = 50.0  # cache rows a query must not read hold large values: reading one moves the output
+
+
+def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int) -> tuple[dict, torch.Tensor]:
+    """Full-sequence inputs, their float64 reference outputs/indices, and cache-shaped buffers for the
+    query of sequence b at POSITIONS[b]: rows after it filled with garbage, the window as a ring."""
+    batch, hkv = len(POSITIONS), 2
+    hq = groups * hkv
+    q = randn(batch, seq_len, hq, dk, seed=seed)
+    k_raw = randn(batch, seq_len, hkv, dk, seed=seed + 1)
+    v_raw = randn(batch, seq_len, hkv, dv, seed=seed + 2)
+    k_cmp, v_cmp = ref_compress_mean(k_raw, L, D), ref_compress_mean(v_raw, L, D)
+    k_sel, v_sel = randn(batch, seq_len, hkv, dk, seed=seed + 3), randn(batch, seq_len, hkv, dv, seed=seed + 4)
+    k_win, v_win = randn(batch, seq_len, hkv, dk, seed=seed + 5), randn(batch, seq_len, hkv, dv, seed=seed + 6)
+    gates = torch.rand(batch, seq_len, hq, 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    out, indices = ref_nsa(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size=L, block_stride=D,
+                           sel_block_size=LP, num_selected=N, window_size=W)
+    rows = torch.arange(batch)
+    t = torch.tensor(POSITIONS)
+
+    def prefix(full: torch.Tensor, visible: list[int]) -> torch.Tensor:
+        buffer = full.clone()
+        for b, count in enumerate(visible):
+            buffer[b, count:] = GARBAGE * randn(*buffer[b, count:].shape, seed=seed + 10 + b)
+        return torch.cat((buffer, GARBAGE * torch.ones_like(buffer[:, :1])), dim=1)  # + discard row
+
+    def ring(full: torch.Tensor) -> torch.Tensor:
+        slots = torch.arange(W)
+        slot_pos = t[:, None] - (t[:, None] - slots).remainder(W)
+        buffer = full[rows[:, None], slot_pos.clamp_min(0)]
+        return torch.where((slot_pos >= 0)[:, :, None, None], buffer, GARBAGE)
+
+    visible_cmp = [ref_num_cmp(p + 1, L, D) for p in POSITIONS]
+    tokens = [p + 1 for p in POSITIONS]
+    inputs = dict(
+        q=q[rows, t], gates=gates[rows, t], positions=t,
+        k_cmp=prefix(k_cmp, visible_cmp), v_cmp=prefix(v_cmp, visible_cmp),
+        num_cmp_bound=ref_num_cmp(seq_len, L, D),
+        k_sel=prefix(k_sel, tokens), v_sel=prefix(v_sel, tokens), num_sel_blocks=ref_num_sel(seq_len, LP),
+        k_win=ring(k_win), v_win=ring(v_win),
+    )
+    return inputs, (out[rows, t], indices[rows, t])
+
+
+def _run(inputs: dict, dtype: torch.dtype, backend: str):
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items() if torch.is_tensor(v)}
+    bounds = {k: v for k, v in inputs.items() if not torch.is_tensor(v)}
+    return decode_attention(**cast, **bounds, sizes=SIZES, scale=inputs["q"].shape[-1] ** -0.5, backend=backend)
+
+
+@pytest.mark.parametrize(("groups", "dk", "dv"), [(1, 16, 16), (2, 24, 16), (4, 8, 32)])
+def test_triton_decode_matches_float64_reference(groups: int, dk: int, dv: int) -> None:
+    seq_len = POSITIONS[-1] + 1
+    inputs, (ref_out, ref_indices) = _cache_like(seq_len, groups, dk, dv, seed=groups * 100 + dk)
+    fast = _run(inputs, torch.float32, "triton")
+    torch_fp32 = _run(inputs, torch.float32, "torch")
+    own_error = (torch_fp32.output.double() - ref_out).abs().max().item()
+    assert (fast.output.double() - ref_out).abs().max().item() <= 4 * own_error + 1e-6
+    assert torch.equal(fast.block_indices, ref_indices)
+    # Counters: what the kernels' masks let through, against NSA.md's counts for each position.
+    t = torch.tensor(POSITIONS)[:, None]
+    assert torch.equal(fast.reads[..., 0], torch.tensor([ref_num_cmp(p + 1, L, D) for p in POSITIONS])[:, None]
+                       .expand(-1, 2))
+    sel = torch.where(ref_indices >= 0, (t[..., None] + 1 - ref_indices * LP).clamp(0, LP), 0).sum(-1)
+    assert torch.equal(fast.reads[..., 1], sel)
+    assert torch.equal(fast.reads[..., 2], (t + 1).clamp(max=W).expand(-1, 2))
+
+
+def test_triton_decode_bounds_past_the_batch_read_nothing_more() -> None:
+    """Host bounds larger than any sequence needs (a static-shape cache scans to capacity) change nothing."""
+    inputs, _ = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=7)
+    tight = _run(inputs, torch.float32, "triton")
+    padded = dict(inputs)
+    for name in ("k_cmp", "v_cmp", "k_sel", "v_sel"):
+        padded[name] = torch.cat((inputs[name], GARBAGE * torch.ones_like(inputs[name][:, :40])), dim=1)
+    padded["num_cmp_bound"] += 40
+    padded["num_sel_blocks"] += 5
+    loose = _run(padded, torch.float32, "triton")
+    torch.testing.assert_close(loose.output, tight.output, rtol=0, atol=1e-6)
+    assert torch.equal(loose.block_indices, tight.block_indices) and torch.equal(loose.reads, tight.reads)
+
+
+def _layer(backend: str, dtype: torch.dtype) -> NSAAttention:
+    config = NSAConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8, cmp_block_size=L,
+                       cmp_stride=D, sel_block_size=LP, num_selected=N, window_size=W, compression="mlp",
+                       backend=backend)
+    torch.manual_seed(0)
+    layer = NSAAttention(config)
+    with torch.no_grad():
+        for param in layer.parameters():
+            # ~N(0, 1/fan_in), the MLP phi's zero-initialised output layer included: O(1) activations.
+            param.normal_(0.0, param.shape[-1] ** -0.5)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_layer_decode_with_triton_matches_float64_prefill(static_shapes: bool) -> None:
+    """NSAAttention(backend="triton") decoding token by token after a chunked prompt equals the
+    float64 whole-sequence forward of the same weights (cache, ring, emission and kernels together)."""
+    reference = _layer("torch", F64)
+    fast = _layer("triton", torch.float32)
+    x = randn(2, 44, 32, seed=3)
+    with torch.no_grad():
+        expected = reference(x)
+        cache = fast.new_cache(2, 48, static_shapes=static_shapes)
+        outs = [fast(x[:, :12].float(), cache=cache)]
+        outs += [fast(x[:, t:t + 1].float(), cache=cache) for t in range(12, 44)]
+    got = torch.cat(outs, dim=1).double()
+    assert (got - expected).abs().max().item() < 1e-4  # float32 vs float64 over 3 branches of O(1) values
+
+
+def test_auto_backend_uses_torch_on_cpu_and_says_why(caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_logged", set())  # each reason is logged once per process
+    inputs, _ = _cache_like(POSITIONS[-1] + 1, 1, 16, 16, seed=1)
+    with caplog.at_level(logging.INFO, logger="nsa.dispatch"):
+        auto = _run(inputs, torch.float32, "auto")
+    reference = _run(inputs, torch.float32, "torch")
+    assert torch.equal(auto.output, reference.output)
+    assert any("torch" in r.getMessage() and "not CUDA" in r.getMessage() for r in caplog.records)
+
+
+def test_triton_backend_refuses_what_it_cannot_run() -> None:
+    inputs, _ = _cache_like(POSITIONS[-1] + 1, 1, 16, 16, seed=2)
+    with pytest.raises(NSAInputError, match=r"dtype torch\.float64"):
+        _run(inputs, F64, "triton")
+    grad_inputs = dict(inputs, q=inputs["q"].float().requires_grad_())
+    with pytest.raises(NSAInputError, match="gradients are required"):
+        _run(grad_inputs, torch.float32, "triton")
+    with pytest.raises(NSAInputError, match="backend='cuda' must be one of"):
+        _run(inputs, torch.float32, "cuda")
+    with pytest.raises(NSAConfigError, match="backend='fast' must be one of"):
+        dataclasses.replace(NSAConfig(), backend="fast")
+
+
+def test_custom_op_registration_passes_opcheck() -> None:
+    """nsa::decode_attention_triton has a correct schema and fake (meta) implementation, so
+    torch.compile can trace it."""
+    inputs, _ = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=4)
+    f32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items() if torch.is_tensor(v)}
+    args = (f32["q"], f32["gates"], f32["positions"], f32["k_cmp"], f32["v_cmp"], inputs["num_cmp_bound"],
+            f32["k_sel"], f32["v_sel"], inputs["num_sel_blocks"], f32["k_win"], f32["v_win"], *SIZES, 0.25)
+    torch.library.opcheck(torch.ops.nsa.decode_attention_triton.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
