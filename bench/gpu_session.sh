@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
 # What one device session runs: GPU tests, then the benchmarks; results land in $OUT (and bench/results).
 # Test failures do not stop the benchmarks (their numbers are still worth having); the script exits
-# non-zero at the end if any test failed.
+# non-zero at the end if any test failed. PARTS picks what runs (default: all of "tests nsa scope").
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
-TESTS=${TESTS:-tests/}
+PARTS=${PARTS:-tests nsa scope}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 tests_status=0
-python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS >"$OUT/gpu_tests.log" 2>&1 || tests_status=$?
-tail -n 30 "$OUT/gpu_tests.log"
-python3 -m bench.bench_decode --device cuda --skip-reads --profile 2>&1 | tee "$OUT/bench_decode.log"
-cp bench/results/*cuda* "$OUT/"
+if [[ " $PARTS " == *" tests "* ]]; then
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/ >"$OUT/gpu_tests.log" 2>&1 || tests_status=$?
+    tail -n 30 "$OUT/gpu_tests.log"
+fi
+if [[ " $PARTS " == *" nsa "* ]]; then
+    python3 -m bench.bench_decode --device cuda --skip-reads --profile 2>&1 | tee "$OUT/bench_decode.log"
+    cp bench/results/decode_cuda.* "$OUT/"
+fi
+if [[ " $PARTS " == *" scope "* ]]; then
+    # Target row (score_mod bias, 32k-128k), then what the bias and the pointers each cost at 128k.
+    python3 -m bench.bench_scope --device cuda 2>&1 | tee "$OUT/bench_scope.log"
+    python3 -m bench.bench_scope --device cuda --seq-lens 131072 --bias-impls qk_aug none --module-seq-lens \
+        --max-seconds 120 2>&1 | tee -a "$OUT/bench_scope.log"
+    cp bench/results/scope_cuda.* "$OUT/"
+fi
 exit "$tests_status"

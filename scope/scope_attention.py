@@ -172,6 +172,7 @@ class ScopeAttention(nn.Module):
             d_blk, u_blk, seq_len, block=c.block, budget=c.budget, local_blocks=c.local_blocks,
             global_blocks=c.global_blocks, max_radius=c.max_radius, budget_temp=c.budget_temp, t_rep=t_rep,
             doc_ids=doc_ids, gumbel_topk=c.gumbel_topk, generator=generator, training=self.training,
+            compute_q_blocks=self.training or torch.is_grad_enabled(),  # the backward needs the q side
         )
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, coeffs: BiasCoefficients, mask: PointerMask,
@@ -250,8 +251,18 @@ class ScopeAttention(nn.Module):
 
 
 def _eager_block_mask(mask: PointerMask, seq_len: int, block: int, doc_ids: Tensor | None) -> BlockMask:
-    """A BlockMask whose mask_mod carries the block lists at token level (eager flex ignores the lists)."""
+    """A BlockMask whose mask_mod carries the block lists at token level (eager flex ignores the lists).
+    Keeps the builder's q-side lists when it made them: the backward refuses a mask without them."""
+    exact = exact_mask_mod(mask, block, doc_ids)
+    built = mask.block_mask
+    if built.q_indices is not None:
+        return BlockMask(
+            seq_lengths=(seq_len, seq_len), kv_num_blocks=built.kv_num_blocks, kv_indices=built.kv_indices,
+            full_kv_num_blocks=built.full_kv_num_blocks, full_kv_indices=built.full_kv_indices,
+            q_num_blocks=built.q_num_blocks, q_indices=built.q_indices, full_q_num_blocks=built.full_q_num_blocks,
+            full_q_indices=built.full_q_indices, BLOCK_SIZE=(block, block), mask_mod=exact,
+        )
     return BlockMask.from_kv_blocks(
         mask.kv_num_blocks, mask.kv_indices.clamp_min(0), BLOCK_SIZE=block,
-        mask_mod=exact_mask_mod(mask, block, doc_ids), seq_lengths=(seq_len, seq_len), compute_q_blocks=False,
+        mask_mod=exact, seq_lengths=(seq_len, seq_len), compute_q_blocks=False,
     )

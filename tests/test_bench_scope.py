@@ -1,0 +1,150 @@
+"""bench/bench_scope.py on the CPU: the smoke run writes its tables, its correctness check can fail, its
+window mask and FLOP count are right; ScopeAttention is one dynamo graph with one flex_attention."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bench import bench_scope
+from bench.bench_scope import (
+    allowed_blocks,
+    check_scope,
+    scope_attention_step,
+    score_elements,
+    sliding_window_mask,
+    spectral_bias_float32,
+    spectral_bias_float64,
+)
+from scope import ScopeConfig
+from scope.scope_attention import ScopeAttention
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+SMOKE_ARGS = ["--seq-lens", "512", "--check-len", "512", "--block", "64", "--heads", "2", "--kv-heads", "1",
+              "--head-dim", "32"]
+
+
+def small_layer(**overrides) -> ScopeAttention:
+    values: dict[str, Any] = dict(hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32, block=64, budget=2,
+                                  local_blocks=2, global_blocks=0, num_pointers=4, num_freqs=8, delta_max=512.0,
+                                  min_period=32.0, c_scale=0.2)
+    values.update(overrides)
+    return bench_scope.make_layer(ScopeConfig(**values), "cpu", torch.float32)
+
+
+def test_cpu_smoke_run_writes_tables_to_the_results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default CPU run (eager, forward only) at a tiny size; the results dir comes from the environment."""
+    monkeypatch.setenv(bench_scope.RESULTS_ENV, str(tmp_path))
+    assert bench_scope.main(SMOKE_ARGS) == 0
+    records = [json.loads(line) for line in (tmp_path / "scope_cpu.jsonl").read_text().splitlines()]
+    assert [r["table"] for r in records] == ["check", "timing", "run"]
+    check, timing = records[0], records[1]
+    assert check["ok"] and check["out_rel_err"] <= bench_scope.CHECK_FACTOR * check["out_rel_own"]
+    assert check["list_rows_differing"] == 0
+    for key in ("dense_fwd_ms", "window_fwd_ms", "scope_fwd_ms", "mask_fwd_ms", "module_fwd_ms"):
+        assert isinstance(timing[key], float) and timing[key] > 0, key
+    assert timing["scope_fb_ms"] == bench_scope.NA  # FlexAttention has no CPU backward
+    assert "errors" not in timing
+    assert {"device", "torch", "commit"} <= set(timing)
+    table = (tmp_path / "scope_cpu.md").read_text()
+    assert "## Correctness" in table and "## Attention" in table and "| 512 | score_mod |" in table
+
+
+def test_results_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(bench_scope.RESULTS_ENV, raising=False)
+    assert bench_scope.results_dir(None) == bench_scope.RESULTS_DIR
+    monkeypatch.setenv(bench_scope.RESULTS_ENV, str(tmp_path / "env"))
+    assert bench_scope.results_dir(None) == tmp_path / "env"
+    assert bench_scope.results_dir(str(tmp_path / "arg")) == tmp_path / "arg"
+
+
+def test_check_fails_when_the_step_reads_other_blocks_than_it_reports() -> None:
+    """The correctness check must be able to fail: a step whose reported lists omit each row's first
+    listed block (it still reads it) is caught, while the true step passes."""
+    layer = small_layer()
+
+    def lying_step(layer: ScopeAttention, q, k, v, qc):
+        out, kv_idx, kv_num = scope_attention_step(layer, q, k, v, qc)
+        dropped = torch.cat([kv_idx[..., 1:], torch.full_like(kv_idx[..., :1], -1)], dim=-1)
+        keep = kv_num > 1  # rows with one block keep it (the diagonal)
+        return out, torch.where(keep[..., None], dropped, kv_idx), torch.where(keep, kv_num - 1, kv_num)
+
+    good = check_scope(layer, scope_attention_step, 512, "cpu", torch.float32, backward=False)
+    assert good["ok"], good
+    bad = check_scope(layer, lying_step, 512, "cpu", torch.float32, backward=False)
+    assert not bad["ok"] and "max" in bad["failed"]
+
+
+def test_reference_bias_matches_the_dense_helper() -> None:
+    """The benchmark's float64 (product form) and float32 (score_mod form) biases equal the layer's
+    dense helper ``SpectralBias.bias`` (spectral + slope terms)."""
+    layer = small_layer().double()
+    seq_len = 256
+    qc = torch.randn(1, 2, seq_len, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        coeffs = layer.spectral.coefficients(qc)
+        pos = torch.arange(seq_len)
+        dense = layer.spectral.bias(coeffs, (pos[:, None] - pos[None, :]).double()[None, None])[0]
+        b64 = spectral_bias_float64(coeffs.A[0], coeffs.B[0], coeffs.c[0], layer.spectral.freqs, seq_len)
+        b32 = spectral_bias_float32(coeffs.A[0], coeffs.B[0], coeffs.c[0], layer.spectral.freqs, seq_len)
+    assert coeffs.A.abs().max() > 1e-2  # the bias is on
+    torch.testing.assert_close(b64, dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b32.double(), dense, rtol=0, atol=1e-4)  # fp32 phases up to w_K * T = 50 rad
+
+
+def test_sliding_window_mask_lists_and_mask_mod() -> None:
+    seq_len, block, window = 1024, 64, 3
+    bm = sliding_window_mask(seq_len, block, window, "cpu")
+    assert bm.full_kv_num_blocks is not None and bm.full_kv_indices is not None
+    num_blocks = seq_len // block
+    lists = torch.cat([bm.kv_indices, bm.full_kv_indices], dim=-1)
+    counts = bm.kv_num_blocks + bm.full_kv_num_blocks
+    # both lists padded with slots past their counts: rebuild the allowed set from each
+    partial = allowed_blocks(bm.kv_indices, bm.kv_num_blocks, num_blocks)
+    full = allowed_blocks(bm.full_kv_indices, bm.full_kv_num_blocks, num_blocks)
+    qb, kb = torch.arange(num_blocks)[:, None], torch.arange(num_blocks)[None, :]
+    assert torch.equal(partial[0, 0], qb == kb)
+    assert torch.equal(full[0, 0], (kb < qb) & (kb > qb - window))
+    assert lists.shape[-1] == 2 * num_blocks and int(counts.max()) == window
+    pos = torch.arange(seq_len)
+    token = bm.mask_mod(torch.tensor(0), torch.tensor(0), pos[:, None], pos[None, :])
+    expect = (pos[:, None] >= pos[None, :]) & (pos[:, None] // block - pos[None, :] // block < window)
+    assert torch.equal(token, expect)
+
+
+def test_score_flop_ratio_of_the_target_window() -> None:
+    """The issue's target: 36 blocks of 128 at 128k, about 14x fewer scores than dense causal. By hand:
+    query block qb has min(qb + 1, 36) - 1 full tiles, sum over 1024 blocks = (0 + ... + 34) + 989 * 35
+    = 35210, plus 1024 half diagonal tiles of 128 * 129 / 2 scores."""
+    seq_len, block, window = 131072, 128, 36
+    counts = torch.arange(1, seq_len // block + 1).clamp(max=window)
+    scores = score_elements(counts, block)
+    assert scores == 35210 * 128 * 128 + 1024 * 128 * 129 / 2
+    assert 14 < seq_len * (seq_len + 1) / 2 / scores < 15
+    # full causal as a block list: exactly the dense causal count
+    assert score_elements(torch.arange(1, 9), 16) == 128 * 129 / 2
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_layer_traces_as_one_graph_with_one_flex_attention(training: bool) -> None:
+    """torch.compile(fullgraph=True) of the whole layer: one dynamo graph (a graph break would raise)
+    holding exactly one flex_attention; training builds the q side too. Dynamo only (a counting
+    backend that runs the graph eagerly), so no kernel is compiled; no_grad because FlexAttention has
+    no CPU backward."""
+    torch._dynamo.reset()
+    layer = small_layer(global_blocks=1).train(training)
+    graphs: list[int] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(sum(node.target is torch.ops.higher_order.flex_attention for node in gm.graph.nodes))
+        return gm.forward
+
+    x = torch.randn(1, 512, 64)
+    with torch.no_grad():
+        torch.compile(layer, backend=counting_backend, fullgraph=True, dynamic=False)(x)
+    assert graphs == [1]

@@ -1,0 +1,229 @@
+"""ScopeAttention under torch.compile on CUDA (marker `gpu`; run on the device with `pytest -m gpu`).
+
+- The whole layer compiles with fullgraph=True (no graph break) into one graph holding exactly one
+  flex_attention, and its backward holds exactly one flex_attention_backward.
+- The compiled layer, forward and backward (grads of x, the projections and the pointer head, which
+  learns only through the score_mod's captured coefficients), matches a float64 dense reference
+  written here from SCOPE.md: projections, rotate-half RoPE, logits q.k * scale + beta * b_i(i - j)
+  (spectral terms, slope, ramp), keys restricted to the causal tokens of the blocks the compiled
+  layer listed (the mask is discrete: centres computed by another kernel could cross a block edge, so
+  the reference takes the lists rather than re-deriving them; the lists' rule has its own tests).
+
+Tolerance, for every compared tensor: CHECK_FACTOR x the error of the same reference run at the
+layer's precision (float32 arithmetic with the layer's rounding points: q, k, v after projection and
+RoPE, probabilities before P @ V, the attention output and y rounded to the layer's dtype) against
+float64, plus a floor of 8 float32 epsilons. Both compute the same function with the same roundings,
+so only summation order and the online softmax separate them; a block read or skipped wrongly moves
+its rows by O(1) (a tenth of their mass or more), far beyond either.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scope import ScopeConfig
+from scope.scope_attention import ScopeAttention
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SEQ_LEN = 2048
+BATCH = 2
+CHECK_FACTOR = 4.0
+FLOOR = 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32() -> Iterator[None]:
+    """float32 matmuls (cuBLAS and FlexAttention's tl.dot) in full precision, not TF32."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    torch._dynamo.reset()
+    yield
+    torch.set_float32_matmul_precision(previous)
+    torch._dynamo.reset()
+
+
+def gpu_config(bias_impl: str = "score_mod") -> ScopeConfig:
+    """GQA (8 query heads over 2 kv heads), 16 blocks of 128 with lists of width 13 < 16, slope on, and the
+    ramp with score_mod (qk_aug cannot express it)."""
+    ramp: dict[str, Any] = (dict(gate_kind="softplus", ramp_lambda=0.5, ramp_width=256.0, ramp_tau=32.0)
+                            if bias_impl == "score_mod" else {})
+    return ScopeConfig(hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64, num_pointers=4, num_freqs=8,
+                       l_max=1e5, min_period=64.0, delta_max=1536.0, block=128, budget=6, local_blocks=2,
+                       global_blocks=1, max_radius=2, c_scale=0.2, bias_impl=bias_impl, **ramp)
+
+
+def make_layer(config: ScopeConfig, dtype: torch.dtype) -> ScopeAttention:
+    """A CUDA layer in training mode whose bias is on (gain and the ramp gate start at 0)."""
+    torch.manual_seed(0)
+    layer = ScopeAttention(config).to(device="cuda", dtype=dtype).train()
+    with torch.no_grad():
+        layer.spectral.pointer_head.gain.fill_(0.7)
+        if layer.spectral.ramp_gate is not None:
+            layer.spectral.ramp_gate.fill_(1.0)
+    return layer
+
+
+def compiled_layer_outputs(layer: ScopeAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """y and the block lists the layer used (kv_indices, kv_num_blocks)."""
+    y, aux = layer(x, return_aux=True)
+    return y, aux.pointer_mask.kv_indices, aux.pointer_mask.kv_num_blocks
+
+
+def token_mask(kv_indices: Tensor, kv_num_blocks: Tensor, block: int, seq_len: int) -> Tensor:
+    """bool [B, H, T, T]: key j allowed for query i when j <= i and j's block is in i's block list."""
+    num_blocks = seq_len // block
+    idx = kv_indices.long()
+    valid = (torch.arange(idx.shape[-1], device=idx.device) < kv_num_blocks.long()[..., None]) & (idx >= 0)
+    blocks = torch.zeros(*idx.shape[:3], num_blocks + 1, dtype=torch.bool, device=idx.device)
+    blocks.scatter_(-1, torch.where(valid, idx, num_blocks), True)
+    tok = torch.arange(seq_len, device=idx.device) // block
+    allowed = blocks[..., :num_blocks][:, :, tok][:, :, :, tok]
+    pos = torch.arange(seq_len, device=idx.device)
+    return allowed & (pos[:, None] >= pos[None, :])
+
+
+def rope(x: Tensor, theta: float) -> Tensor:
+    """Rotate-half RoPE of x [B, T, H, D] at positions 0..T-1: pairs (i, i + D/2) turn by t * theta^(-2i/D)."""
+    seq_len, dim = x.shape[1], x.shape[-1]
+    half = dim // 2
+    pos = torch.arange(seq_len, device=x.device, dtype=torch.float64)
+    angle = (pos[:, None] * theta ** (-2.0 * torch.arange(half, device=x.device, dtype=torch.float64) / dim))
+    cos, sin = angle.cos().to(x.dtype)[None, :, None], angle.sin().to(x.dtype)[None, :, None]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def reference_forward(layer: ScopeAttention, x: Tensor, allowed: Tensor, compute: torch.dtype,
+                      round_to: torch.dtype | None) -> Tensor:
+    """Dense SCOPE attention from the layer's weights in ``compute`` precision (see the module docstring);
+    ``round_to`` rounds where the compiled layer rounds. The per-row bias coefficients come from the
+    layer's pointer head (``spectral.coefficients``, given q before RoPE in the layer's dtype); the bias
+    is SCOPE.md's b_i(D) = sum_k A_k cos(w_k D) + B_k sin(w_k D) - sum_k A_k + c D - ramp, with
+    cos(w (i - j)) expanded into products of cos / sin of w i and w j."""
+    c = layer.config
+
+    def rnd(t: Tensor) -> Tensor:
+        return t.to(round_to).to(compute) if round_to is not None else t
+
+    bsz, seq_len, _ = x.shape
+    group = c.num_heads // c.num_kv_heads
+    xc = x.to(compute)
+    q = rnd(xc @ layer.q_proj.weight.to(compute).T).view(bsz, seq_len, c.num_heads, c.head_dim)
+    k = rnd(xc @ layer.k_proj.weight.to(compute).T).view(bsz, seq_len, c.num_kv_heads, c.head_dim)
+    v = rnd(xc @ layer.v_proj.weight.to(compute).T).view(bsz, seq_len, c.num_kv_heads, c.head_dim)
+    q_rot, k_rot = rnd(rope(q, c.rope_theta)), rnd(rope(k, c.rope_theta))
+    coeffs = layer.spectral.coefficients(q.to(layer.q_proj.weight.dtype).transpose(1, 2))
+    pos = torch.arange(seq_len, device=x.device, dtype=compute)
+    w = torch.tensor(layer.spectral.freqs, dtype=torch.float64, device=x.device).to(compute)
+    cos, sin = torch.cos(pos[:, None] * w), torch.sin(pos[:, None] * w)  # [T, K]
+    delta = pos[:, None] - pos[None, :]
+    outs = []
+    for b in range(bsz):
+        heads = []
+        for h in range(c.num_heads):
+            a_k, b_k = coeffs.A[b, h].to(compute), coeffs.B[b, h].to(compute)  # [T, K]
+            bias = (a_k * cos + b_k * sin) @ cos.T + (a_k * sin - b_k * cos) @ sin.T - a_k.sum(-1)[:, None]
+            bias = bias + coeffs.c[b, h].to(compute)[:, None] * delta
+            gate = layer.spectral.ramp_gate
+            if gate is not None:
+                main = coeffs.d_star_main[b, h].to(compute)[:, None]
+                bias = bias - gate[h].to(compute) * c.ramp_lambda * F.softplus(
+                    ((delta - main).abs() - c.ramp_width) / c.ramp_tau)
+            scores = q_rot[b, :, h] @ k_rot[b, :, h // group].T / math.sqrt(c.head_dim) + c.beta * bias
+            p = torch.softmax(scores.masked_fill(~allowed[b, h], float("-inf")), dim=-1)
+            heads.append(rnd(rnd(p) @ v[b, :, h // group]))
+        outs.append(torch.stack(heads, dim=1))  # [T, H, D]
+    out = torch.stack(outs).flatten(2)
+    return rnd(out @ layer.o_proj.weight.to(compute).T)
+
+
+def rel_err(x: Tensor, ref: Tensor) -> float:
+    return float((x.double() - ref.double()).norm() / ref.double().norm())
+
+
+def trainable(layer: ScopeAttention) -> dict[str, Tensor]:
+    names = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "spectral.pointer_head.w1",
+             "spectral.pointer_head.w2", "spectral.pointer_head.gain", "spectral.ramp_gate")
+    params = dict(layer.named_parameters())
+    return {name: params[name] for name in names if name in params}
+
+
+@pytest.mark.parametrize(("bias_impl", "dtype"), [("score_mod", torch.float32), ("score_mod", torch.bfloat16),
+                                                  ("qk_aug", torch.float32)])
+def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: str, dtype: torch.dtype) -> None:
+    layer = make_layer(gpu_config(bias_impl), dtype)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(BATCH, SEQ_LEN, layer.config.hidden_size, device="cuda", generator=gen).to(dtype)
+    dy = torch.randn(x.shape, device="cuda", generator=gen).to(dtype)
+    compiled = torch.compile(compiled_layer_outputs, fullgraph=True, dynamic=False)
+    x_leaf = x.clone().requires_grad_(True)
+    y, kv_indices, kv_num = compiled(layer, x_leaf)
+    params = trainable(layer)
+    grads = torch.autograd.grad(y, [x_leaf, *params.values()], dy)
+    allowed = token_mask(kv_indices, kv_num, layer.config.block, SEQ_LEN)
+    assert bool((kv_num < SEQ_LEN // layer.config.block).any())  # the mask really is sparse
+
+    def reference(model: ScopeAttention, compute: torch.dtype, round_to: torch.dtype | None
+                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        leaf = x.to(model.q_proj.weight.dtype).clone().requires_grad_(True)
+        out = reference_forward(model, leaf, allowed, compute, round_to)
+        model_params = trainable(model)
+        return out, torch.autograd.grad(out, [leaf, *model_params.values()], dy.to(out.dtype))
+
+    y64, grads64 = reference(copy.deepcopy(layer).double(), torch.float64, None)
+    y_low, grads_low = reference(copy.deepcopy(layer), torch.float32, None if dtype == torch.float32 else dtype)
+
+    own = rel_err(y_low, y64)
+    own_max = float((y_low.double() - y64).abs().max())
+    report = {"y": (rel_err(y, y64), own), "y_max": (float((y.double() - y64).abs().max()), own_max)}
+    for name, g, g64, g_low in zip(["x", *params], grads, grads64, grads_low, strict=True):
+        report[name] = (rel_err(g, g64), rel_err(g_low, g64))
+    print({name: tuple(f"{v:.3g}" for v in pair) for name, pair in report.items()})
+    failed = {name: pair for name, pair in report.items() if not pair[0] <= CHECK_FACTOR * pair[1] + FLOOR}
+    assert not failed, f"(error, own error of the same math at {dtype}): {failed}"
+    # the yardstick itself is sane (bf16: q before RoPE is rounded, and D* moves the high-frequency phases)
+    assert own < (1e-1 if dtype == torch.bfloat16 else 1e-5)
+
+
+def _count(gm: torch.fx.GraphModule, target: Any) -> int:
+    return sum(node.op == "call_function" and node.target is target for node in gm.graph.nodes)
+
+
+def test_layer_is_one_graph_with_one_flex_attention_forward_and_backward() -> None:
+    """Dynamo + AOTAutograd with counting compilers that run the graphs as traced: fullgraph=True (a
+    graph break would raise), one dynamo graph, exactly one flex_attention in the forward graph and one
+    flex_attention_backward in the backward graph (no second attention call, no fallback)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    counts: dict[str, list[int]] = {"graphs": [], "forward": [], "backward": []}
+
+    def forward_compiler(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        counts["forward"].append(_count(gm, torch.ops.higher_order.flex_attention))
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        counts["backward"].append(_count(gm, torch.ops.higher_order.flex_attention_backward))
+        return make_boxed_func(gm.forward)
+
+    aot = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        counts["graphs"].append(_count(gm, torch.ops.higher_order.flex_attention))
+        return aot(gm, example_inputs)
+
+    layer = make_layer(gpu_config(), torch.float32)
+    x = torch.randn(1, 1024, layer.config.hidden_size, device="cuda", requires_grad=True)
+    y = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)(x)
+    y.square().mean().backward()
+    assert counts == {"graphs": [1], "forward": [1], "backward": [1]}
+    assert x.grad is not None and layer.spectral.pointer_head.gain.grad is not None
