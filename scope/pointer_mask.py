@@ -475,7 +475,9 @@ def build_pointer_block_mask(
     # pointer windows through `budget` slots: slot s belongs to the peak m with cum[m-1] <= s < cum[m]
     cum = alloc.cumsum(-1).contiguous()
     slots = torch.arange(budget, device=d_star.device).expand(bsz, heads, num_blocks, budget).contiguous()
-    peak = torch.searchsorted(cum, slots, right=True)
+    # searchsorted(cum, slots, right=True) as a count over the M peaks: inductor's GPU lowering of
+    # searchsorted on these batched shapes fails to compile in torch 2.11 (bucketize loop-carried shape).
+    peak = (cum[..., None, :] <= slots[..., None]).sum(-1)
     ptr_valid = peak < num_peaks
     pk = peak.clamp_max(num_peaks - 1)
     n = alloc.gather(-1, pk)

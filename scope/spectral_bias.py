@@ -258,12 +258,17 @@ class SpectralBias(nn.Module):
         ramp_gate = self.ramp_gate.to(coef_a.dtype) if self.ramp_gate is not None else None
         width, tau = cfg.ramp_width, cfg.ramp_tau
 
+        # One captured tensor per term, each indexed once: FlexAttention's GPU backward lowering (torch
+        # 2.11) rejects a grad-requiring tensor indexed several times in one score_mod.
+        a_cols = [col.clone() for col in coef_a.unbind(-1)]
+        b_cols = [col.clone() for col in coef_b.unbind(-1)]
+
         def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             d = (q_idx + q_offset - kv_idx).to(coef_a.dtype)
             acc = -a_sum[b, h, q_idx]
-            for k, w in enumerate(freqs):
+            for w, a_k, b_k in zip(freqs, a_cols, b_cols, strict=True):
                 phase = d * w
-                acc = acc + coef_a[b, h, q_idx, k] * torch.cos(phase) + coef_b[b, h, q_idx, k] * torch.sin(phase)
+                acc = acc + a_k[b, h, q_idx] * torch.cos(phase) + b_k[b, h, q_idx] * torch.sin(phase)
             if use_slope:
                 acc = acc + c[b, h, q_idx] * d
             if ramp_gate is not None:
