@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bench.env_info import RESULTS_DIR, environment, markdown_table
+from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
 from nsa import NSAAttention, NSAConfig, NSAKVCache, num_compressed_blocks, num_selection_blocks
 from nsa.decode_attention import decode_attention
 
@@ -74,17 +73,7 @@ def timer(device: str) -> Callable[[Callable[[], Any]], float]:
         from triton.testing import do_bench
 
         return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
-
-    def cpu_time(fn: Callable[[], Any]) -> float:
-        fn()
-        samples = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return sorted(samples)[len(samples) // 2]
-
-    return cpu_time
+    return cpu_median_ms
 
 
 def profile_step(step: Callable[[], None], device: str) -> str:

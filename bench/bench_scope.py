@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from bench.env_info import RESULTS_DIR, environment, markdown_table
+from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
 from scope import ScopeConfig
 from scope.scope_attention import ScopeAttention, representative_rows
 
@@ -200,13 +200,7 @@ def median_ms(fn: Callable[[], Any], device: str) -> float:
         estimate = (time.perf_counter() - start) * 1e3
         rep = min(3000.0, max(100.0, 6 * estimate))
         return float(do_bench(fn, warmup=min(100.0, max(25.0, 2 * estimate)), rep=rep, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return sorted(samples)[len(samples) // 2]
+    return cpu_median_ms(fn)
 
 
 def compile_settings(limit: int, cpu_compile: bool) -> contextlib.ExitStack:
@@ -534,14 +528,21 @@ def time_scope(row: Row, layer: ScopeAttention, inp: dict[str, Tensor], compiled
     def scope_fb() -> tuple[Tensor | None, ...]:
         return grads_of(step(layer, q, k, v, qc)[0], (q, k, v, qc, *params), dout)
 
+    measure_fwd_fb(row, "scope", layer, scope_fwd, scope_fb if backward else None, step)
+
+
+def measure_fwd_fb(row: Row, name: str, layer: ScopeAttention, fwd: Callable[[], Any],
+                   fb: Callable[[], Any] | None, wrapped: Compiled) -> None:
+    """`name`_fwd in eval mode, `name`_fb (when given) in training mode, where the mask also builds the
+    q-side lists the backward needs; a graph break of `wrapped` goes into the row's errors."""
     layer.eval()
-    row.measure("scope_fwd", scope_fwd)
-    if backward:
+    row.measure(f"{name}_fwd", fwd)
+    if fb is not None:
         layer.train()
-        row.measure("scope_fb", scope_fb)
+        row.measure(f"{name}_fb", fb)
     layer.eval()
-    if step.graph_break:
-        row.errors["scope_graph_break"] = step.graph_break
+    if wrapped.graph_break:
+        row.errors[f"{name}_graph_break"] = wrapped.graph_break
 
 
 def block_pointer_rows(layer: ScopeAttention, q_content: Tensor) -> tuple[Tensor, Tensor]:
@@ -598,14 +599,7 @@ def time_module(row: Row, layer: ScopeAttention, seq_len: int, compiled: bool, b
     def module_fb() -> tuple[Tensor | None, ...]:
         return grads_of(module(x), (x, *params), dy)
 
-    layer.eval()
-    row.measure("module_fwd", module_fwd)
-    if backward:
-        layer.train()
-        row.measure("module_fb", module_fb)
-    layer.eval()
-    if module.graph_break:
-        row.errors["module_graph_break"] = module.graph_break
+    measure_fwd_fb(row, "module", layer, module_fwd, module_fb if backward else None, module)
 
 
 def run_length(args: argparse.Namespace, seq_len: int, device: str, dtype: torch.dtype, compiled: bool,

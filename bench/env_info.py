@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,17 @@ def environment(device: str) -> dict[str, Any]:
     except ImportError:
         info["triton"] = None
     return info
+
+
+def cpu_median_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """Median wall-clock milliseconds of `repeats` calls of fn after one warm-up call (CPU timing)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[len(samples) // 2]
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -10,6 +10,7 @@ once per distinct reason; "triton" raises when it cannot run (never a silent cha
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -32,7 +33,9 @@ class BackendChoice(NamedTuple):
     reason: str
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Looked up once: the dispatch runs on every decode step and the answer cannot change."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -118,13 +118,21 @@ def _cmp_partials_kernel(
 
 
 @triton.jit
-def _merged_lse(m_ptr, l_ptr, bh, first_slot, count: tl.constexpr, num_slots, BLOCK_G: tl.constexpr):
-    """Log-sum-exp per head over partial slots [first_slot, first_slot + count); -inf if all empty."""
+def _partials_max(m_ptr, bh, first_slot, count: tl.constexpr, num_slots, BLOCK_G: tl.constexpr):
+    """Row max per head over partial slots [first_slot, first_slot + count), 0 where all are empty
+    (a finite shift, so exp(m - max) of an empty slot is 0, never NaN)."""
     offs_g = tl.arange(0, BLOCK_G)
     m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
     for s in range(0, count):
         m_all = tl.maximum(m_all, tl.load(m_ptr + (bh * num_slots + first_slot + s) * BLOCK_G + offs_g))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    return tl.where(m_all == float("-inf"), 0.0, m_all)
+
+
+@triton.jit
+def _merged_lse(m_ptr, l_ptr, bh, first_slot, count: tl.constexpr, num_slots, BLOCK_G: tl.constexpr):
+    """Log-sum-exp per head over partial slots [first_slot, first_slot + count); -inf if all empty."""
+    offs_g = tl.arange(0, BLOCK_G)
+    m_safe = _partials_max(m_ptr, bh, first_slot, count, num_slots, BLOCK_G)
     total = tl.zeros([BLOCK_G], tl.float32)
     for s in range(0, count):
         base = (bh * num_slots + first_slot + s) * BLOCK_G + offs_g
@@ -240,10 +248,7 @@ def _merged_output(m_ptr, l_ptr, acc_ptr, bh, first_slot, count: tl.constexpr, n
     """Normalised attention output [BLOCK_G, BLOCK_DV] from partial slots; 0 for rows that read nothing."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in range(0, count):
-        m_all = tl.maximum(m_all, tl.load(m_ptr + (bh * num_slots + first_slot + s) * BLOCK_G + offs_g))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    m_safe = _partials_max(m_ptr, bh, first_slot, count, num_slots, BLOCK_G)
     total = tl.zeros([BLOCK_G], tl.float32)
     out = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     for s in range(0, count):
