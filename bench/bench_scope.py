@@ -1,7 +1,7 @@
 """SCOPE attention against dense SDPA and a static sliding window on FlexAttention, 32k-128k tokens.
 
     python -m bench.bench_scope --device cuda     # H100: T = 128k, 64k, 32k, compiled, bf16 (a few minutes)
-    python -m bench.bench_scope --device cuda --seq-lens 131072 --bias-impls score_mod qk_aug none
+    python -m bench.bench_scope --device cuda --seq-lens 131072 --bias-impls score_mod --backends flex
     python -m bench.bench_scope                   # CPU smoke run: T = 1024, eager, fp32, forward only
     python -m bench.bench_scope --compile         # the same, compiled (CPU inductor kernels; ~1 min)
 
@@ -16,8 +16,10 @@ frequencies (CPU default: 4 heads, D=64, fp32, budget 2, local 2). Per T, larges
   coefficients -> block representatives -> the project's pointer BlockMask builder -> one
   ``flex_attention`` with the spectral-bias score_mod), compiled as one graph (fullgraph); it starts
   from the projected q, k, v (and q before RoPE, the pointer head's input) so dense vs scope is
-  attention vs attention. ``--bias-impls`` also times ``qk_aug`` (bias as extra q/k features) and
-  ``none`` (pointer mask without bias: window vs none is the cost of pointers alone);
+  attention vs attention. ``--bias-impls``: ``qk_aug`` (bias as extra q/k features), ``none`` (pointer
+  mask without bias: window vs none is the cost of pointers alone), ``score_mod`` (flex only; its GPU
+  compile takes minutes on torch 2.11, so the GPU default is qk_aug and none). ``--backends``: the
+  attention kernel, ``triton`` (scope.block_sparse_attention) and/or ``flex``; one row per pair;
 - mask: the builder alone, from the block-level D* / budget logits to the BlockMask tensors, compiled
   (and eager); "fwd" builds the kv side (inference), "fb" also the q side the backward needs;
   mask_frac = mask time / scope time of the same pass;
@@ -57,6 +59,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
 from scope import ScopeConfig
+from scope.block_sparse_attention import transpose_block_lists
 from scope.scope_attention import ScopeAttention, representative_rows
 
 GPU_SEQ_LENS = [131072, 65536, 32768]  # largest first: the 128k target is measured even if time runs short
@@ -73,12 +76,18 @@ NA = "n/a"
 # configuration and inputs
 
 
-def bench_config(args: argparse.Namespace, bias_impl: str) -> ScopeConfig:
+def variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(bias_impl, backend) pairs to run, in the order given; score_mod runs in FlexAttention only."""
+    return [(bias, backend) for bias in args.bias_impls for backend in args.backends
+            if not (bias == "score_mod" and backend == "triton")]
+
+
+def bench_config(args: argparse.Namespace, bias_impl: str, backend: str = "flex") -> ScopeConfig:
     return ScopeConfig(
         hidden_size=args.heads * args.head_dim, num_heads=args.heads, num_kv_heads=args.kv_heads,
         head_dim=args.head_dim, block=args.block, budget=args.budget, local_blocks=args.local_blocks,
         global_blocks=args.global_blocks, num_pointers=args.num_pointers, num_freqs=args.num_freqs,
-        delta_max=args.delta_max, min_period=args.min_period, bias_impl=bias_impl,
+        delta_max=args.delta_max, min_period=args.min_period, bias_impl=bias_impl, backend=backend,
     )
 
 
@@ -126,15 +135,22 @@ def scope_attention_step(layer: ScopeAttention, q: Tensor, k: Tensor, v: Tensor,
     num_blocks = seq_len // c.block
     d_blk = representative_rows(coeffs.params.d_star, num_blocks, c.block, c.representative)
     u_blk = representative_rows(coeffs.params.budget_logits, num_blocks, c.block, c.representative)
-    mask = layer._pointer_mask(d_blk, u_blk, seq_len, None, None)
-    out = layer._attend(q, k, v, coeffs, mask, None)
+    backend = layer.attention_backend(q, None)
+    mask = layer._pointer_mask(d_blk, u_blk, seq_len, None, None, backend)
+    out = layer._attend(q, k, v, coeffs, mask, None, backend)
     return out, mask.kv_indices, mask.kv_num_blocks
 
 
 def pointer_mask_tensors(layer: ScopeAttention, d_blk: Tensor, u_blk: Tensor, seq_len: int) -> tuple[Tensor, ...]:
-    """The mask building alone: block-level D* / budget logits -> the BlockMask's index tensors (kv side;
-    q side too when the layer is in training mode, as the backward needs)."""
-    bm = layer._pointer_mask(d_blk, u_blk, seq_len, None, None).block_mask
+    """The mask building alone: block-level D* / budget logits -> the block lists the attention reads (kv
+    side; the q side too when the layer is in training mode, as the backward needs): for flex the
+    BlockMask's tensors, for the Triton kernels the kv lists and their transpose."""
+    backend = layer.config.backend
+    mask = layer._pointer_mask(d_blk, u_blk, seq_len, None, None, backend)
+    if backend == "triton":
+        lists = (mask.kv_num_blocks, mask.kv_indices)
+        return (*lists, *transpose_block_lists(*lists, seq_len // layer.config.block)) if layer.training else lists
+    bm = mask.block_mask
     parts = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
              bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
     return tuple(t for t in parts if t is not None)
@@ -423,7 +439,7 @@ def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor,
         ref = reference(*leaves64)
         low = low_precision(*leaves_low)
     result: dict[str, Any] = {
-        "T": seq_len, "bias_impl": c.bias_impl, "dtype": str(dtype).removeprefix("torch."),
+        "T": seq_len, "bias_impl": c.bias_impl, "backend": c.backend, "dtype": str(dtype).removeprefix("torch."),
         "list_rows_differing": int(differing),
         "out_rel_err": rel_err(out, ref), "out_rel_own": rel_err(low, ref),
         "out_max_err": max_err(out, ref), "out_max_own": max_err(low, ref),
@@ -604,8 +620,8 @@ def time_module(row: Row, layer: ScopeAttention, seq_len: int, compiled: bool, b
 
 def run_length(args: argparse.Namespace, seq_len: int, device: str, dtype: torch.dtype, compiled: bool,
                backward: bool, with_module: bool) -> list[dict[str, Any]]:
-    """Rows for one T: dense and window once, the mask builder once, then one row per bias implementation
-    (the module with the first one)."""
+    """Rows for one T: dense and window once, then one row per (bias_impl, backend); the mask builder once
+    per backend (its lists differ), the module with the first variant."""
     torch._dynamo.reset()
     base_cfg = bench_config(args, args.bias_impls[0])
     window_blocks = base_cfg.local_blocks + base_cfg.global_blocks + base_cfg.budget
@@ -617,20 +633,20 @@ def run_length(args: argparse.Namespace, seq_len: int, device: str, dtype: torch
     inp = attention_inputs(base_cfg, seq_len, device, dtype, seed=0, grad=backward)
     time_baselines(common, args, seq_len, inp, compiled, backward, window_blocks)
     rows = []
-    for index, bias_impl in enumerate(args.bias_impls):
-        print(f"T={seq_len} scope {bias_impl}", flush=True)
-        row = Row(device, **common.data, bias_impl=bias_impl)
+    mask_times: dict[str, dict[str, Any]] = {}  # backend -> its mask_* cells (same pointer head for every bias)
+    for index, (bias_impl, backend) in enumerate(variants(args)):
+        print(f"T={seq_len} scope {bias_impl} {backend}", flush=True)
+        row = Row(device, **common.data, bias_impl=bias_impl, backend=backend)
         row.errors.update(common.errors)
-        layer = make_layer(bench_config(args, bias_impl), device, dtype)
+        layer = make_layer(bench_config(args, bias_impl, backend), device, dtype)
         time_scope(row, layer, inp, compiled, backward)
-        if index == 0:  # one builder for every bias implementation (same pointer head): time it once per T
+        if backend not in mask_times:
             time_mask(row, layer, inp["q_content"], compiled, backward)
-            common.data.update({k: v for k, v in row.data.items() if k.startswith("mask_")})
-            if with_module:
-                time_module(row, layer, seq_len, compiled, backward)
-                row.ratio("mask_frac_module_fb", "mask_fb_ms", "module_fb_ms")
-        else:
-            row.data.update({k: v for k, v in common.data.items() if k.startswith("mask_")})
+            mask_times[backend] = {k: v for k, v in row.data.items() if k.startswith("mask_")}
+        row.data.update(mask_times[backend])
+        if index == 0 and with_module:
+            time_module(row, layer, seq_len, compiled, backward)
+            row.ratio("mask_frac_module_fb", "mask_fb_ms", "module_fb_ms")
         row.ratio("mask_frac_fwd", "mask_fwd_ms", "scope_fwd_ms")
         row.ratio("mask_frac_fb", "mask_fb_ms", "scope_fb_ms")
         for pass_ in ("fwd", "fb"):
@@ -651,17 +667,16 @@ def run_length(args: argparse.Namespace, seq_len: int, device: str, dtype: torch
 # main
 
 
-TABLE_COLUMNS = ["T", "bias_impl", "dense_fwd_ms", "dense_fb_ms", "window_fwd_ms", "window_fb_ms", "scope_fwd_ms",
-                 "scope_fb_ms", "mask_fwd_ms", "mask_fb_ms", "mask_frac_fwd", "mask_frac_fb", "dense/scope_fwd",
-                 "dense/scope_fb", "dense/window_fb", "window/scope_fb", "kv_blocks_scope", "kv_blocks_window",
-                 "flop_ratio_scope"]
-MODULE_COLUMNS = ["T", "bias_impl", "module_fwd_ms", "module_fb_ms", "scope_fb_ms", "mask_fb_ms",
+TABLE_COLUMNS = ["T", "bias_impl", "backend", "dense_fwd_ms", "dense_fb_ms", "window_fwd_ms", "window_fb_ms",
+                 "scope_fwd_ms", "scope_fb_ms", "mask_fwd_ms", "mask_fb_ms", "mask_frac_fwd", "mask_frac_fb",
+                 "dense/scope_fwd", "dense/scope_fb", "dense/window_fb", "window/scope_fb", "kv_blocks_scope",
+                 "kv_blocks_window", "flop_ratio_scope"]
+MODULE_COLUMNS = ["T", "bias_impl", "backend", "module_fwd_ms", "module_fb_ms", "scope_fb_ms", "mask_fb_ms",
                   "mask_frac_module_fb", "mask_eager_fwd_ms", "mask_eager_fb_ms"]
-SHORT_COLUMNS = {"fb": ["T", "bias_impl", "dense_fb_ms", "window_fb_ms", "scope_fb_ms", "dense/scope_fb",
-                        "window/scope_fb", "mask_frac_fb"],
-                 "fwd": ["T", "bias_impl", "dense_fwd_ms", "window_fwd_ms", "scope_fwd_ms", "dense/scope_fwd",
-                         "window/scope_fwd", "mask_frac_fwd"]}
-CHECK_COLUMNS = ["T", "bias_impl", "dtype", "ok", "out_rel_err", "out_rel_own", "out_max_err", "out_max_own",
+SHORT_COLUMNS = {pass_: ["T", "bias_impl", "backend", f"dense_{pass_}_ms", f"window_{pass_}_ms", f"scope_{pass_}_ms",
+                         f"dense/scope_{pass_}", f"window/scope_{pass_}", f"mask_frac_{pass_}"]
+                 for pass_ in ("fb", "fwd")}
+CHECK_COLUMNS = ["T", "bias_impl", "backend", "dtype", "ok", "out_rel_err", "out_rel_own", "out_max_err", "out_max_own",
                  "dq_rel_err", "dq_bound", "dk_rel_err", "dk_bound", "dv_rel_err", "dv_bound", "dq_content_rel_err",
                  "dq_content_rel_own", "dq_content_bound", "list_rows_differing"]
 
@@ -670,16 +685,21 @@ def results_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get(RESULTS_ENV) or RESULTS_DIR)
 
 
-def target_line(rows: list[dict[str, Any]]) -> str | None:
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One verdict per variant measured at 128k (the target: forward+backward >= 8x dense, mask < 20%)."""
+    lines = []
     for row in rows:
-        if row["T"] == TARGET_SEQ_LEN and row["bias_impl"] == "score_mod":
-            speedup, frac = row.get("dense/scope_fb"), row.get("mask_frac_fb")
-            if not isinstance(speedup, float) or not isinstance(frac, float):
-                return f"Target at 128k (score_mod): not measured ({speedup}, {frac})"
-            verdict = "met" if speedup >= TARGET_SPEEDUP and frac < TARGET_MASK_FRAC else "NOT met"
-            return (f"Target at 128k (score_mod, forward+backward): dense/scope = {speedup}x (>= {TARGET_SPEEDUP}), "
-                    f"mask building {frac:.1%} of the layer (< {TARGET_MASK_FRAC:.0%}): {verdict}")
-    return None
+        if row["T"] != TARGET_SEQ_LEN:
+            continue
+        name = f"{row['bias_impl']}, {row['backend']}"
+        speedup, frac = row.get("dense/scope_fb"), row.get("mask_frac_fb")
+        if not isinstance(speedup, float) or not isinstance(frac, float):
+            lines.append(f"Target at 128k ({name}): not measured ({speedup}, {frac})")
+            continue
+        verdict = "met" if speedup >= TARGET_SPEEDUP and frac < TARGET_MASK_FRAC else "NOT met"
+        lines.append(f"Target at 128k ({name}; forward+backward): dense/scope = {speedup}x (>= {TARGET_SPEEDUP}), "
+                     f"mask building {frac:.1%} of the layer (< {TARGET_MASK_FRAC:.0%}): {verdict}")
+    return lines
 
 
 def rounded(record: dict[str, Any]) -> dict[str, Any]:
@@ -695,6 +715,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="lengths at which the whole ScopeAttention module is timed (default: the largest)")
     parser.add_argument("--bias-impls", nargs="+", choices=["score_mod", "qk_aug", "none"],
                         help="SCOPE bias implementations to time (default: score_mod)")
+    parser.add_argument("--backends", nargs="+", choices=["flex", "triton"],
+                        help="attention kernels (default: GPU triton flex, CPU flex); score_mod runs in flex only")
     parser.add_argument("--heads", type=int, default=None, help="query heads (default: GPU 16, CPU 4)")
     parser.add_argument("--kv-heads", type=int, default=None, help="kv heads, < heads for GQA (default: heads)")
     parser.add_argument("--head-dim", type=int, default=None, help="default: GPU 128, CPU 64")
@@ -714,10 +736,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="skip the lengths not started after this many seconds (default: GPU 270, CPU none)")
     parser.add_argument("--results-dir", help=f"where results go (default: ${RESULTS_ENV}, else bench/results)")
+    parser.add_argument("--name", help="file stem of the results (default: scope_cuda / scope_cpu)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else CPU_SEQ_LENS)
-    args.bias_impls = args.bias_impls or ["score_mod"]
+    # score_mod's flex fwd+bwd takes minutes to compile on the GPU (torch 2.11): asked for explicitly only
+    args.bias_impls = args.bias_impls or (["qk_aug", "none"] if cuda else ["score_mod"])
+    args.backends = args.backends or (["triton", "flex"] if cuda else ["flex"])
     args.heads = args.heads or (16 if cuda else 4)
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or (128 if cuda else 64)
@@ -752,15 +777,15 @@ def run(args: argparse.Namespace) -> int:
 
     checks: list[dict[str, Any]] = []
     if not args.skip_check:
-        for bias_impl in args.bias_impls:
+        for bias_impl, backend in variants(args):
             torch._dynamo.reset()
-            layer = make_layer(bench_config(args, bias_impl), device, dtype)
+            layer = make_layer(bench_config(args, bias_impl, backend), device, dtype)
             step = Compiled(scope_attention_step, args.compile)
             t0 = time.perf_counter()
             result = check_scope(layer, step, args.check_len, device, dtype, backward)
             result["seconds"] = round(time.perf_counter() - t0, 1)
             checks.append(rounded(result))
-            print(f"check {bias_impl} T={args.check_len}: {json.dumps(checks[-1])}", flush=True)
+            print(f"check {bias_impl} {backend} T={args.check_len}: {json.dumps(checks[-1])}", flush=True)
             del layer, step
             if cuda:
                 torch.cuda.empty_cache()
@@ -771,17 +796,18 @@ def run(args: argparse.Namespace) -> int:
             elapsed = time.perf_counter() - start
             if elapsed > args.max_seconds:
                 print(f"T={seq_len}: skipped, {elapsed:.0f} s > --max-seconds {args.max_seconds}", flush=True)
-                rows += [{"T": seq_len, "bias_impl": b, "skipped": "time budget"} for b in args.bias_impls]
+                rows += [{"T": seq_len, "bias_impl": b, "backend": k, "skipped": "time budget"}
+                         for b, k in variants(args)]
                 continue
             rows += run_length(args, seq_len, device, dtype, args.compile, backward,
                                with_module=seq_len in args.module_seq_lens)
     total_s = round(time.perf_counter() - start, 1)
-    rows.sort(key=lambda r: (r["T"], args.bias_impls.index(r["bias_impl"])))
+    rows.sort(key=lambda r: (r["T"], variants(args).index((r["bias_impl"], r["backend"]))))
 
     out_dir = results_dir(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"scope_{'cuda' if cuda else 'cpu'}"
-    settings = {k: v for k, v in vars(args).items() if k not in ("results_dir",)}
+    stem = out_dir / (args.name or f"scope_{'cuda' if cuda else 'cpu'}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("results_dir", "name")}
     settings["max_seconds"] = None if math.isinf(args.max_seconds) else args.max_seconds
     with open(stem.with_suffix(".jsonl"), "a") as handle:
         handle.writelines(json.dumps({"table": "check", **c, **env}) + "\n" for c in checks)
@@ -807,20 +833,21 @@ def run(args: argparse.Namespace) -> int:
     if any("module_fwd_ms" in r for r in rows):
         text += ["## Whole ScopeAttention module (projections included) and mask building", "",
                  markdown_table([r for r in rows if "module_fwd_ms" in r], MODULE_COLUMNS), ""]
-    errors = [f"- T={r['T']} {r['bias_impl']}: {json.dumps(r['errors'])}" for r in rows if r.get("errors")]
+    errors = [f"- T={r['T']} {r['bias_impl']} {r['backend']}: {json.dumps(r['errors'])}"
+              for r in rows if r.get("errors")]
     if errors:
         text += ["## Errors and graph breaks", "", *errors, ""]
-    target = target_line(rows)
-    if target:
-        text += [target, ""]
+    targets = target_lines(rows)
+    if targets:
+        text += ["## Target", "", *(f"- {line}" for line in targets), ""]
     stem.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text[:4]))
     if checks:
-        print(markdown_table(checks, ["T", "bias_impl", "ok", "out_rel_err", "out_rel_own", "dq_rel_err", "dq_bound",
-                                      "dq_content_rel_err", "dq_content_bound"]))
+        print(markdown_table(checks, ["T", "bias_impl", "backend", "ok", "out_rel_err", "out_rel_own", "dq_rel_err",
+                                      "dq_bound", "dq_content_rel_err", "dq_content_bound"]))
     print(markdown_table(rows, SHORT_COLUMNS["fb" if backward else "fwd"]))
-    if target:
-        print(target)
+    for line in targets:
+        print(line)
     print(f"results: {stem}.jsonl / .md")
     if not all(check["ok"] for check in checks):
         print("correctness check FAILED: no timings taken")

@@ -18,6 +18,7 @@ from scope.errors import ScopeConfigError, ScopeInputError
 GATE_KINDS = ("none", "softplus", "relu")
 REPRESENTATIVES = ("last", "mean")
 BIAS_IMPLS = ("score_mod", "qk_aug", "none")
+BACKENDS = ("auto", "flex", "triton")
 QK_ALIGNS = (16, 32)
 
 
@@ -76,6 +77,9 @@ class ScopeConfig:
     # bias implementation
     bias_impl: str = "score_mod"
     qk_align: int = 16
+    # prefill attention kernel: "flex" (FlexAttention), "triton" (scope.block_sparse_attention: bias_impl
+    # qk_aug or none, no documents), "auto" (triton when the call allows it, else flex; logged)
+    backend: str = "flex"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden", "block"):
@@ -115,6 +119,13 @@ class ScopeConfig:
             raise ScopeConfigError(f"representative={self.representative!r} must be one of {REPRESENTATIVES}")
         if self.bias_impl not in BIAS_IMPLS:
             raise ScopeConfigError(f"bias_impl={self.bias_impl!r} must be one of {BIAS_IMPLS}")
+        if self.backend not in BACKENDS:
+            raise ScopeConfigError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        if self.backend == "triton" and self.bias_impl == "score_mod":
+            raise ScopeConfigError(
+                "backend='triton' runs the bias as qk_aug features (or no bias): set bias_impl='qk_aug' or "
+                "'none', or use backend='flex' / 'auto' for score_mod"
+            )
         if self.qk_align not in QK_ALIGNS or isinstance(self.qk_align, bool):
             raise ScopeConfigError(f"qk_align={self.qk_align!r} must be one of {QK_ALIGNS}")
         for name in ("per_head_mlp", "pointer_mask"):

@@ -18,6 +18,11 @@ Eager vs compiled. Eager ``flex_attention`` evaluates mask_mod on every score an
 lists, so outside torch.compile the mask is applied through ``exact_mask_mod`` (token-level block
 membership); under torch.compile the BlockMask's block lists drive the sparse kernel. Both compute
 the same function; the eager form is the CPU reference.
+
+Kernels. ``config.backend`` picks the prefill attention: FlexAttention ("flex"), or the block-sparse
+Triton kernels of scope.block_sparse_attention ("triton": bias_impl qk_aug or none, no documents;
+they split qk_aug's 128 + 2K head dim into two dots where Flex pays for 256), or "auto" (triton when
+the call allows it, flex otherwise; the reason is logged once).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nsa.attention_core import accumulation_dtype
+from nsa.dispatch import choose_backend
 from nsa.rope import apply_rope
+from scope.block_sparse_attention import block_sparse_attention
 from scope.config import ScopeConfig
 from scope.errors import ScopeInputError
 from scope.pointer_mask import (
@@ -146,8 +153,9 @@ class ScopeAttention(nn.Module):
         num_blocks = seq_len // c.block
         d_blk, u_blk = (representative_rows(values, num_blocks, c.block, c.representative)
                         for values in (coeffs.params.d_star, coeffs.params.budget_logits))
-        mask = self._pointer_mask(d_blk, u_blk, seq_len, doc_ids, generator)
-        out = self._attend(q, k, v, coeffs, mask, doc_ids)
+        backend = self.attention_backend(q, doc_ids)
+        mask = self._pointer_mask(d_blk, u_blk, seq_len, doc_ids, generator, backend)
+        out = self._attend(q, k, v, coeffs, mask, doc_ids, backend)
         y = self.o_proj(out.transpose(1, 2).flatten(2))
         return y, ScopeAux(coeffs, mask, d_blk, u_blk), k, v
 
@@ -162,8 +170,16 @@ class ScopeAttention(nn.Module):
         k_rot = apply_rope(k, positions, c.rope_theta).transpose(1, 2)
         return q_rot, k_rot, v.transpose(1, 2), q.transpose(1, 2)
 
+    def attention_backend(self, q: Tensor, doc_ids: Tensor | None) -> str:
+        """"flex" or "triton" for a prefill of rotated queries q (config.backend, through nsa.dispatch)."""
+        c = self.config
+        obstacles = (("bias_impl='score_mod' runs in FlexAttention",) if c.bias_impl == "score_mod" else ()) + (
+            ("document masks run in FlexAttention",) if doc_ids is not None else ())
+        return choose_backend("scope attention", c.backend, (q,), inference_only=False, error=ScopeInputError,
+                              extra_obstacles=obstacles, fallback="flex").name
+
     def _pointer_mask(self, d_blk: Tensor, u_blk: Tensor, seq_len: int, doc_ids: Tensor | None,
-                      generator: torch.Generator | None) -> PointerMask:
+                      generator: torch.Generator | None, backend: str = "flex") -> PointerMask:
         c = self.config
         if not c.pointer_mask:
             return sliding_window_block_mask(seq_len, c.block, c.local_blocks, doc_ids, device=d_blk.device)
@@ -172,11 +188,12 @@ class ScopeAttention(nn.Module):
             d_blk, u_blk, seq_len, block=c.block, budget=c.budget, local_blocks=c.local_blocks,
             global_blocks=c.global_blocks, max_radius=c.max_radius, budget_temp=c.budget_temp, t_rep=t_rep,
             doc_ids=doc_ids, gumbel_topk=c.gumbel_topk, generator=generator, training=self.training,
-            compute_q_blocks=self.training or torch.is_grad_enabled(),  # the backward needs the q side
+            # Flex's backward needs the q side (the Triton kernels transpose the lists themselves)
+            compute_q_blocks=backend == "flex" and (self.training or torch.is_grad_enabled()),
         )
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, coeffs: BiasCoefficients, mask: PointerMask,
-                doc_ids: Tensor | None) -> Tensor:
+                doc_ids: Tensor | None, backend: str = "flex") -> Tensor:
         c = self.config
         seq_len = q.shape[2]
         score_mod, scale = None, self.scale
@@ -184,6 +201,11 @@ class ScopeAttention(nn.Module):
             score_mod = self.spectral.score_mod(coeffs)
         elif c.bias_impl == "qk_aug":
             q, k, v, scale = self.spectral.qk_augment(q, k, v, coeffs, self.scale)
+        if backend == "triton":
+            lists_shape = (q.shape[0], q.shape[1], seq_len // c.block)  # the sliding window's lists have H = 1
+            return block_sparse_attention(
+                q, k, v, mask.kv_num_blocks.expand(lists_shape), mask.kv_indices.expand(*lists_shape, -1),
+                block=c.block, scale=scale, backend="triton")
         block_mask = mask.block_mask if torch.compiler.is_compiling() else _eager_block_mask(
             mask, seq_len, c.block, doc_ids)
         out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,

@@ -17,6 +17,7 @@ import torch
 # interpreter on its own (only an explicit backend="triton" does).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 

@@ -51,14 +51,15 @@ def _ieee_float32() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def gpu_config(bias_impl: str = "score_mod") -> ScopeConfig:
+def gpu_config(bias_impl: str = "score_mod", backend: str = "flex") -> ScopeConfig:
     """GQA (8 query heads over 2 kv heads), 16 blocks of 128 with lists of width 13 < 16, slope on, and the
     ramp with score_mod (qk_aug cannot express it)."""
     ramp: dict[str, Any] = (dict(gate_kind="softplus", ramp_lambda=0.5, ramp_width=256.0, ramp_tau=32.0)
                             if bias_impl == "score_mod" else {})
     return ScopeConfig(hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64, num_pointers=4, num_freqs=8,
                        l_max=1e5, min_period=64.0, delta_max=1536.0, block=128, budget=6, local_blocks=2,
-                       global_blocks=1, max_radius=2, c_scale=0.2, bias_impl=bias_impl, **ramp)
+                       global_blocks=1, max_radius=2, c_scale=0.2, bias_impl=bias_impl, backend=backend,
+                       **ramp)
 
 
 def make_layer(config: ScopeConfig, dtype: torch.dtype) -> ScopeAttention:
@@ -138,7 +139,9 @@ def reference_forward(layer: ScopeAttention, x: Tensor, allowed: Tensor, compute
                 main = coeffs.d_star_main[b, h].to(compute)[:, None]
                 bias = bias - gate[h].to(compute) * c.ramp_lambda * F.softplus(
                     ((delta - main).abs() - c.ramp_width) / c.ramp_tau)
-            scores = q_rot[b, :, h] @ k_rot[b, :, h // group].T / math.sqrt(c.head_dim) + c.beta * bias
+            scores = q_rot[b, :, h] @ k_rot[b, :, h // group].T / math.sqrt(c.head_dim)
+            if c.bias_impl != "none":
+                scores = scores + c.beta * bias
             p = torch.softmax(scores.masked_fill(~allowed[b, h], float("-inf")), dim=-1)
             heads.append(rnd(rnd(p) @ v[b, :, h // group]))
         outs.append(torch.stack(heads, dim=1))  # [T, H, D]
@@ -157,10 +160,13 @@ def trainable(layer: ScopeAttention) -> dict[str, Tensor]:
     return {name: params[name] for name in names if name in params}
 
 
-@pytest.mark.parametrize(("bias_impl", "dtype"), [("score_mod", torch.float32), ("score_mod", torch.bfloat16),
-                                                  ("qk_aug", torch.float32)])
-def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: str, dtype: torch.dtype) -> None:
-    layer = make_layer(gpu_config(bias_impl), dtype)
+@pytest.mark.parametrize(("bias_impl", "dtype", "backend"), [
+    ("score_mod", torch.float32, "flex"), ("score_mod", torch.bfloat16, "flex"), ("qk_aug", torch.float32, "flex"),
+    ("qk_aug", torch.bfloat16, "triton"), ("qk_aug", torch.float32, "triton"), ("none", torch.bfloat16, "triton"),
+])
+def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: str, dtype: torch.dtype,
+                                                                   backend: str) -> None:
+    layer = make_layer(gpu_config(bias_impl, backend), dtype)
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(BATCH, SEQ_LEN, layer.config.hidden_size, device="cuda", generator=gen).to(dtype)
     dy = torch.randn(x.shape, device="cuda", generator=gen).to(dtype)
@@ -168,6 +174,8 @@ def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: st
     x_leaf = x.clone().requires_grad_(True)
     y, kv_indices, kv_num = compiled(layer, x_leaf)
     params = trainable(layer)
+    if bias_impl == "none":  # the pointer head only chooses blocks: no gradient reaches it
+        params = {name: p for name, p in params.items() if not name.startswith("spectral.")}
     grads = torch.autograd.grad(y, [x_leaf, *params.values()], dy)
     allowed = token_mask(kv_indices, kv_num, layer.config.block, SEQ_LEN)
     assert bool((kv_num < SEQ_LEN // layer.config.block).any())  # the mask really is sparse
@@ -176,7 +184,7 @@ def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: st
                   ) -> tuple[Tensor, tuple[Tensor, ...]]:
         leaf = x.to(model.q_proj.weight.dtype).clone().requires_grad_(True)
         out = reference_forward(model, leaf, allowed, compute, round_to)
-        model_params = trainable(model)
+        model_params = {name: p for name, p in trainable(model).items() if name in params}
         return out, torch.autograd.grad(out, [leaf, *model_params.values()], dy.to(out.dtype))
 
     y64, grads64 = reference(copy.deepcopy(layer).double(), torch.float64, None)
@@ -227,3 +235,84 @@ def test_layer_is_one_graph_with_one_flex_attention_forward_and_backward() -> No
     y.square().mean().backward()
     assert counts == {"graphs": [1], "forward": [1], "backward": [1]}
     assert x.grad is not None and layer.spectral.pointer_head.gain.grad is not None
+
+
+def _custom_op_count(gm: torch.fx.GraphModule, name: str) -> int:
+    return sum(node.op == "call_function" and name in str(node.target) for node in gm.graph.nodes)
+
+
+def test_triton_layer_is_one_graph_with_one_block_sparse_op_forward_and_backward() -> None:
+    """backend="triton": fullgraph=True, one dynamo graph, the forward graph holds exactly one
+    scope::block_sparse_attention and no flex_attention, the backward one block_sparse_attention_backward."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    counts: dict[str, list[int]] = {"forward": [], "flex": [], "backward": []}
+
+    def forward_compiler(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        counts["forward"].append(_custom_op_count(gm, "scope.block_sparse_attention.default"))
+        counts["flex"].append(_count(gm, torch.ops.higher_order.flex_attention))
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        counts["backward"].append(_custom_op_count(gm, "scope.block_sparse_attention_backward"))
+        return make_boxed_func(gm.forward)
+
+    layer = make_layer(gpu_config("qk_aug", "triton"), torch.bfloat16)
+    x = torch.randn(1, 1024, layer.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler),
+                             fullgraph=True, dynamic=False)
+    compiled(x).float().square().mean().backward()
+    assert counts == {"forward": [1], "flex": [0], "backward": [1]}
+    assert layer.spectral.pointer_head.gain.grad is not None
+
+
+def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
+    """The Triton op alone at the benchmark's shape class (T=4096, 16 heads over 4 kv heads, q.k dim 160 =
+    128 + 32 qk_aug features, v dim 128, bf16, lists of up to 12 blocks incl. the diagonal): out and the
+    grads of q, k, v against float64, within CHECK_FACTOR x the larger of (the same math in float32 with
+    P rounded to bf16, as the kernel rounds) and SDPA's own bf16 gradient error on these inputs."""
+    from scope.block_sparse_attention import block_sparse_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    bsz, heads, kv_heads, seq_len, block, dqk, dv = 1, 16, 4, 4096, 128, 160, 128
+    qb = seq_len // block
+    q = torch.randn(bsz, heads, seq_len, dqk, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(bsz, kv_heads, seq_len, dqk, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(bsz, kv_heads, seq_len, dv, device="cuda", generator=gen).bfloat16()
+    dout = torch.randn(bsz, heads, seq_len, dv, device="cuda", generator=gen).bfloat16()
+    past = torch.rand(bsz, heads, qb, qb, device="cuda", generator=gen) < 0.3
+    rows = torch.arange(qb, device="cuda")
+    chosen = (past & (rows[None, :] < rows[:, None])) | (rows[None, :] == rows[:, None])  # diagonal always
+    chosen &= chosen.long().cumsum(-1).flip(-1) <= 12  # at most 12 per list, the latest kept
+    num = chosen.sum(-1, dtype=torch.int32)
+    order = torch.where(chosen, rows, qb).sort(-1).values
+    idx = torch.where(order < qb, order, -1).to(torch.int32)
+    allowed = token_mask(idx, num, block, seq_len)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, num, idx, block=block, backend="triton")
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    def dense(qq: Tensor, kk: Tensor, vv: Tensor, round_p: bool) -> Tensor:
+        kk, vv = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (kk, vv))
+        p = torch.softmax((qq @ kk.transpose(-1, -2) * dqk**-0.5).masked_fill(~allowed, float("-inf")), -1)
+        return (p.bfloat16().to(p.dtype) if round_p else p) @ vv
+
+    def run(dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, ...]]:
+        ls = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        o = dense(*ls, round_p=dtype != torch.float64)
+        return o, torch.autograd.grad(o, ls, dout.to(dtype))
+
+    out64, grads64 = run(torch.float64)
+    out32, grads32 = run(torch.float32)
+    sdpa_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    sdpa = F.scaled_dot_product_attention(*sdpa_leaves, is_causal=True, enable_gqa=True)
+    sdpa_grads = torch.autograd.grad(sdpa, sdpa_leaves, dout)
+    causal = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    sdpa64 = F.scaled_dot_product_attention(*causal, is_causal=True, enable_gqa=True)
+    sdpa_grads64 = torch.autograd.grad(sdpa64, causal, dout.double())
+    sdpa_own = max(rel_err(g, r) for g, r in zip(sdpa_grads, sdpa_grads64, strict=True))
+    assert rel_err(out, out64) <= CHECK_FACTOR * rel_err(out32, out64)
+    for name, g, g64, g32 in zip("qkv", grads, grads64, grads32, strict=True):
+        err, bound = rel_err(g, g64), CHECK_FACTOR * max(rel_err(g32, g64), sdpa_own)
+        assert err <= bound, f"d{name}: {err:.3g} > {bound:.3g}"

@@ -1,0 +1,179 @@
+"""Block-sparse causal attention over per-(batch, head, query block) key-block lists.
+
+SCOPE's pointer mask is a list of key blocks per query block; FlexAttention runs it, but its kernels
+round the q.k head dim up to a power of two, so SCOPE's qk_aug features (head dim 128 + 2K) cost a
+256-wide dot. ``block_sparse_attention`` runs the same lists with the dot split in two (see
+scope.kernels.block_sparse), forward and backward, registered with torch.library so torch.compile
+traces it; ``block_sparse_attention_reference`` is its dense PyTorch twin (same arguments; O(T^2)
+memory, for tests and small T). The backend is chosen by nsa.dispatch (logged once per reason).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nsa.dispatch import choose_backend
+from scope.errors import ScopeInputError
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, *, block: int,
+    scale: float | None = None, q_num_blocks: Tensor | None = None, q_indices: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """softmax(scale * q k^T) v over the listed key blocks, causal at token level.
+
+    Layout: q [B, H, T, Dqk], k [B, H_kv, T, Dqk], v [B, H_kv, T, Dv] (query head h reads kv head
+    h // (H / H_kv)); T a multiple of ``block``. kv_num_blocks int32 [B, H, QB] and kv_indices int32
+    [B, H, QB, L], QB = T / block: query block qb reads key blocks kv_indices[b, h, qb, :kv_num_blocks]
+    (distinct, each <= qb; entries past kv_num_blocks are ignored). Query i sees key j iff j's block is
+    listed for i's block and j <= i (queries and keys share positions: prefill). A row that sees no key
+    returns 0. scale defaults to Dqk ** -0.5. q_num_blocks / q_indices: the transposed lists (see
+    ``transpose_block_lists``), read by the backward only; made from the kv lists when omitted.
+    backend: "auto" (Triton kernels on CUDA, else the torch twin), "triton" (raises when it cannot
+    run), "torch". -> out [B, H, T, Dv] in q's dtype.
+    """
+    num_blocks = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    choice = choose_backend("scope block_sparse_attention", backend, (q, k, v), inference_only=False,
+                            error=ScopeInputError)
+    if choice.name == "torch":
+        return block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, block=block, scale=scale)
+    if q_num_blocks is None or q_indices is None:
+        q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, num_blocks)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    lists = (kv_num_blocks.int().contiguous(), kv_indices.int().contiguous(), q_num_blocks.int().contiguous(),
+             q_indices.int().contiguous())
+    return torch.ops.scope.block_sparse_attention(q, k, v, *lists, block, scale)[0]
+
+
+def block_sparse_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, *, block: int,
+    scale: float | None = None, q_num_blocks: Tensor | None = None, q_indices: Tensor | None = None,
+    backend: str = "torch",
+) -> Tensor:
+    """Dense PyTorch twin of block_sparse_attention (same arguments; the q-side lists and backend are
+    accepted and unused). Scores and softmax in float32 (float64 for float64 inputs)."""
+    _check_inputs(q, k, v, kv_num_blocks, kv_indices, block)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    seq_len, group = q.shape[2], q.shape[1] // k.shape[1]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    blocks = block_visibility(kv_num_blocks, kv_indices, seq_len // block)  # [B, H, QB, KB]
+    tokens = torch.arange(seq_len, device=q.device) // block
+    visible = blocks[:, :, tokens][:, :, :, tokens] & torch.ones(seq_len, seq_len, dtype=torch.bool,
+                                                                  device=q.device).tril()
+    k_heads, v_heads = (t.repeat_interleave(group, dim=1).to(work) for t in (k, v))
+    scores = (q.to(work) @ k_heads.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see nothing: 0, not NaN
+    return (probs @ v_heads).to(q.dtype)
+
+
+def block_visibility(kv_num_blocks: Tensor, kv_indices: Tensor, num_blocks: int) -> Tensor:
+    """bool [B, H, QB, KB]: key block kb is listed for query block qb (entries past kv_num_blocks ignored)."""
+    slots = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
+    listed = slots < kv_num_blocks[..., None]
+    target = torch.where(listed, kv_indices.long(), num_blocks)  # the unlisted go to a spare column
+    dense = torch.zeros(*kv_indices.shape[:-1], num_blocks + 1, dtype=torch.bool, device=kv_indices.device)
+    return dense.scatter_(-1, target, True)[..., :num_blocks]
+
+
+def transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
+    """The query blocks that list each key block -> q_num_blocks int32 [B, H, KB], q_indices int32
+    [B, H, KB, QB] (ascending, -1 after q_num_blocks). O(B H QB KB) memory, no sort, no host sync."""
+    listed_by = block_visibility(kv_num_blocks, kv_indices, num_blocks).transpose(-1, -2)  # [B, H, KB, QB]
+    slot = listed_by.long().cumsum(-1) - 1
+    q_indices = torch.full((*listed_by.shape[:-1], num_blocks + 1), -1, dtype=torch.int32, device=listed_by.device)
+    query_blocks = torch.arange(num_blocks, dtype=torch.int32, device=listed_by.device).expand_as(listed_by)
+    q_indices.scatter_(-1, torch.where(listed_by, slot, num_blocks), query_blocks)
+    return listed_by.sum(-1, dtype=torch.int32), q_indices[..., :num_blocks]
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int) -> int:
+    """-> the number of blocks QB; ScopeInputError naming the argument on a broken rule."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ScopeInputError(f"{name} must be [B, heads, T, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ScopeInputError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ScopeInputError(f"{name} must match q's device and dtype ({q.device}, {q.dtype}), "
+                                  f"got {t.device}, {t.dtype}")
+    bsz, heads, seq_len, dqk = q.shape
+    if k.shape[:3] != (bsz, k.shape[1], seq_len) or k.shape[-1] != dqk or v.shape[:3] != k.shape[:3]:
+        raise ScopeInputError(f"k must be [B={bsz}, H_kv, T={seq_len}, Dqk={dqk}] and v [B, H_kv, T, Dv] with "
+                              f"k's first three sizes, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if heads % k.shape[1] != 0:
+        raise ScopeInputError(f"q's heads ({heads}) must be a multiple of k's heads ({k.shape[1]})")
+    if seq_len == 0:
+        raise ScopeInputError("the sequence length T must be >= 1, got 0")
+    if block < 16 or block & (block - 1):
+        raise ScopeInputError(f"block={block} must be a power of two >= 16")
+    if seq_len % block != 0:
+        raise ScopeInputError(f"the sequence length T={seq_len} must be a multiple of block={block}")
+    num_blocks = seq_len // block
+    if kv_num_blocks.shape != (bsz, heads, num_blocks) or kv_indices.dim() != 4 \
+            or kv_indices.shape[:3] != kv_num_blocks.shape:
+        raise ScopeInputError(f"kv_num_blocks must be [B, H, QB]={(bsz, heads, num_blocks)} and kv_indices "
+                              f"[B, H, QB, L], got {tuple(kv_num_blocks.shape)} / {tuple(kv_indices.shape)}")
+    for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+        if t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
+            raise ScopeInputError(f"{name} must be an int32/int64 tensor on {q.device}, got {t.dtype} on {t.device}")
+    return num_blocks
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: forward and backward ops, autograd, fake (meta) implementations
+
+
+@torch.library.custom_op("scope::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
+    q_indices: Tensor, block: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    from scope.kernels import block_sparse  # triton is imported only when used
+
+    return block_sparse.forward(q, k, v, kv_num_blocks, kv_indices, block, scale, block_sparse.Tiles())
+
+
+@_block_sparse_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
+      q_indices: Tensor, block: int, scale: float) -> tuple[Tensor, Tensor]:
+    return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("scope::block_sparse_attention_backward", mutates_args=())
+def _block_sparse_attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
+    kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, block: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from scope.kernels import block_sparse
+
+    return block_sparse.backward(dout.contiguous(), q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
+                                 q_indices, block, scale, block_sparse.Tiles())
+
+
+@_block_sparse_attention_backward_op.register_fake
+def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
+      kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, block: int, scale: float
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices, q_num_blocks, q_indices)
+    ctx.block, ctx.scale = block, scale  # type: ignore[attr-defined]
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, dout: Tensor, _dlse: Tensor) -> tuple:
+    q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices = ctx.saved_tensors  # type: ignore[attr-defined]
+    dq, dk, dv = torch.ops.scope.block_sparse_attention_backward(
+        dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+        ctx.block, ctx.scale)  # type: ignore[attr-defined]
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("scope::block_sparse_attention", _backward, setup_context=_setup_context)
