@@ -11,7 +11,6 @@ once per distinct reason; "triton" raises when it cannot run (never a silent cha
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -34,10 +33,9 @@ class BackendChoice(NamedTuple):
     reason: str
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Looked up once: the dispatch runs on every decode step and the answer cannot change."""
-    return importlib.util.find_spec("triton") is not None
+# Looked up once at import: the dispatch runs on every decode step, and inside torch.compile'd code,
+# where dynamo would trace (and break the graph on) importlib's find_spec.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def interpreter_enabled() -> bool:
@@ -50,7 +48,7 @@ def triton_obstacles(tensors: tuple[torch.Tensor, ...], allow_interpreter: bool,
     the interpreter only when asked for (tests); "auto" never picks the interpreter."""
     first = tensors[0]
     obstacles = []
-    if not triton_available():
+    if not TRITON_AVAILABLE:
         obstacles.append("triton is not installed")
     if first.device.type != "cuda" and not (allow_interpreter and interpreter_enabled()):
         obstacles.append(f"tensors are on {first.device.type}, not CUDA")

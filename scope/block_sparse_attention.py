@@ -88,7 +88,7 @@ def transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_blocks:
     q_indices = torch.full((*listed_by.shape[:-1], num_blocks + 1), -1, dtype=torch.int32, device=listed_by.device)
     query_blocks = torch.arange(num_blocks, dtype=torch.int32, device=listed_by.device).expand_as(listed_by)
     q_indices.scatter_(-1, torch.where(listed_by, slot, num_blocks), query_blocks)
-    return listed_by.sum(-1, dtype=torch.int32), q_indices[..., :num_blocks]
+    return listed_by.sum(-1, dtype=torch.int32), q_indices[..., :num_blocks].contiguous()
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int) -> int:

@@ -543,3 +543,32 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(torch.ops.scope.block_sparse_attention_backward.default,
                           (dout, q, k, v, out, lse, *lists, block, 0.25),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+
+def test_kernel_launchers_accept_non_contiguous_lists() -> None:
+    """The launchers index the lists as dense rows: strided list tensors (here [..., :n] slices of wider
+    buffers) must give exactly what their contiguous copies give (regression: a slice returned by
+    transpose_block_lists was read with the wrong row stride and the dk/dv kernel walked garbage)."""
+    from scope.kernels import block_sparse
+
+    gen = torch.Generator().manual_seed(11)
+    heads, seq_len, block, dim = 2, 128, 32, 16
+    q, k, v, dout = (torch.randn(1, heads, seq_len, dim, generator=gen) for _ in range(4))
+    num_blocks = seq_len // block
+    rows = torch.arange(num_blocks)
+    kv_num = (rows + 1).to(torch.int32).expand(1, heads, num_blocks).contiguous()  # every past block
+    kv_idx = torch.where(rows[None, :] <= rows[:, None], rows[None, :], -1).to(torch.int32).expand(
+        1, heads, num_blocks, num_blocks).contiguous()
+    q_num, q_idx = transpose_block_lists(kv_num, kv_idx, num_blocks)
+    tiles = block_sparse.Tiles(32, 16, 32, 16, 16, 32, 4, 2)
+
+    def run(kv_indices: torch.Tensor, q_indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out, lse = block_sparse.forward(q, k, v, kv_num, kv_indices, block, dim**-0.5, tiles)
+        return out, *block_sparse.backward(dout, q, k, v, out, lse, kv_num, kv_indices, q_num, q_indices, block,
+                                           dim**-0.5, tiles)
+
+    strided = [torch.cat([t, torch.full_like(t, -1)], -1)[..., :num_blocks] for t in (kv_idx, q_idx)]
+    assert not any(t.is_contiguous() for t in strided)
+    for a, b in zip(run(kv_idx, q_idx), run(*strided), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -232,6 +232,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: 
             tiles: Tiles) -> tuple[Tensor, Tensor]:
     """-> out [B, H, T, Dv] (q's dtype), lse [B, H, T] float32 in base 2 (+inf where nothing is visible)."""
     bsz, heads, seq_len, dqk = q.shape
+    kv_num_blocks, kv_indices = kv_num_blocks.contiguous(), kv_indices.contiguous()  # indexed as dense rows
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(bsz, heads, seq_len, device=q.device, dtype=torch.float32)
     block_m, block_n = min(tiles.block_m, block), min(tiles.block_n, block)
@@ -251,6 +252,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     """-> dq, dk, dv (the inputs' shapes and dtypes). dout must have out's strides."""
     bsz, heads, seq_len, dqk = q.shape
     kv_heads = k.shape[1]
+    kv_num_blocks, kv_indices, q_num_blocks, q_indices = (
+        t.contiguous() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))  # indexed as dense rows
     delta = (out.float() * dout.float()).sum(-1).contiguous()  # rowsum(dO * O) = sum_j P_ij dP_ij
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dims = _split_dims(dqk, v.shape[-1])
