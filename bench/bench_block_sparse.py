@@ -1,12 +1,13 @@
 """The block-sparse Triton kernels alone (scope.kernels.block_sparse), per tile configuration, vs dense SDPA.
 
     python -m bench.bench_block_sparse                       # H100: T=128k, H=16, q.k dim 128 and 160, bf16
-    python -m bench.bench_block_sparse --seq-len 65536 --tiles 128,64,128,32,32,128,8,2 64,64,64,64,64,64,4,3
+    python -m bench.bench_block_sparse --seq-len 65536 --tiles 128,64,128,64,64,128,8,3,2 64,64,64,64,64,64,4,3,3
 
 Lists like SCOPE's benchmark mask: per (head, query block) the diagonal block, 3 local blocks before it
 and 32 distinct random earlier blocks (fewer near the start). q.k dim 160 = 128 + qk_aug's 32 features,
 split by the kernels into dots of 128 and 32. Each ``--tiles`` entry is block_m,block_n,dq_m,dq_n,dkv_m,
-dkv_n,num_warps,num_stages (scope.kernels.block_sparse.Tiles); the first is checked against the torch
+dkv_n,num_warps,num_stages[,bwd_num_stages] (scope.kernels.block_sparse.Tiles; the backward's stages
+default to the forward's when omitted); the first is checked against the torch
 twin at T=2048 before any timing. Dense SDPA's bwd_ms is its forward+backward minus its forward. Prints
 a table; with --out, appends JSON lines there.
 """
@@ -83,17 +84,26 @@ def dense_row(heads: int, seq_len: int) -> dict[str, Any]:
     return {"T": seq_len, "dqk": 128, "tiles": "dense SDPA", "fwd_ms": round(fwd, 3), "bwd_ms": round(fb - fwd, 3)}
 
 
+def parse_tiles(text: str) -> Any:
+    from scope.kernels import block_sparse
+
+    values = [int(part) for part in text.split(",")]
+    if len(values) == 8:  # no separate backward stages
+        values.append(values[-1])
+    return block_sparse.Tiles(*values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--qk-dims", type=int, nargs="+", default=[128, 160])
-    parser.add_argument("--tiles", nargs="+", default=["128,64,128,32,32,128,8,2"])
+    parser.add_argument("--tiles", nargs="+", help="default: the kernels' default Tiles")
     parser.add_argument("--out", help="JSON-lines file to append to")
     args = parser.parse_args()
     from scope.kernels import block_sparse
 
-    tile_sets = [block_sparse.Tiles(*map(int, text.split(","))) for text in args.tiles]
+    tile_sets = [parse_tiles(text) for text in args.tiles] if args.tiles else [block_sparse.Tiles()]
     env = environment("cuda")
     for dqk in args.qk_dims:
         check_tiles(args.heads, dqk, tile_sets[0])

@@ -78,8 +78,9 @@ class ScopeConfig:
     bias_impl: str = "score_mod"
     qk_align: int = 16
     # prefill attention kernel: "flex" (FlexAttention), "triton" (scope.block_sparse_attention: bias_impl
-    # qk_aug or none, no documents), "auto" (triton when the call allows it, else flex; logged)
-    backend: str = "flex"
+    # qk_aug or none, no documents), "auto" (triton where it is the faster one, see
+    # ScopeAttention.attention_backend; flex otherwise; the reason is logged)
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden", "block"):

@@ -347,15 +347,19 @@ class SpectralBias(nn.Module):
             q_feats.append(-coeffs.c.to(cdt)[..., None] * scales)
         qf = (torch.cat(q_feats, dim=-1) * mult).to(q.dtype)  # [B, H, T, F]
         kf = torch.cat(k_feats, dim=-1).to(k.dtype).expand(bsz, h_kv, s_k, -1)  # [B, H_kv, S, F]
-        align = cfg.qk_align
-        width = _round_up(dim + qf.shape[-1], align)
+        width = self.qk_width(dim)
         if pad_v:
-            width = max(width, _round_up(v.shape[-1], align))
+            width = max(width, _round_up(v.shape[-1], cfg.qk_align))
         pad = width - dim - qf.shape[-1]
         q_aug = torch.cat([q, qf, q.new_zeros(bsz, heads, t_q, pad)], dim=-1)
         k_aug = torch.cat([k, kf, k.new_zeros(bsz, h_kv, s_k, pad)], dim=-1)
         v_aug = F.pad(v, (0, width - v.shape[-1])) if pad_v else v
         return q_aug, k_aug, v_aug, float(scale)
+
+    def qk_width(self, dim: int) -> int:
+        """Width of qk_augment's q / k for head dim ``dim``: dim + 2K features (+ 3 slope digits), aligned."""
+        features = 2 * self.config.num_freqs + (_SLOPE_DIGITS if self.config.c_scale > 0 else 0)
+        return _round_up(dim + features, self.config.qk_align)
 
     def regularisers(self, coeffs: BiasCoefficients, seq_len: int) -> dict[str, Tensor]:
         """Regularisers, each raw (``<name>_raw``, for logging) and times its lambda (``<name>``); ``total``

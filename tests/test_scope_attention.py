@@ -41,8 +41,8 @@ def make_layer(config: ScopeConfig, seed: int = 0, gain: float = 0.7) -> ScopeAt
 
 def dense_reference(layer: ScopeAttention, x: torch.Tensor, allowed_blocks: torch.Tensor) -> torch.Tensor:
     """Plain float64 attention from the layer's weights: RoPE (the test suite's own), GQA by h // G,
-    logits q.k/sqrt(D) + beta * b_i(i - j), keys restricted to causal tokens of the allowed key blocks
-    (allowed_blocks bool [B, H, QB, QB], taken from the mask under test)."""
+    logits q.k/sqrt(D) + beta * b_i(i - j) (no bias for bias_impl none), keys restricted to causal tokens
+    of the allowed key blocks (allowed_blocks bool [B, H, QB, QB], taken from the mask under test)."""
     c = layer.config
     batch, seq_len, _ = x.shape
     positions = torch.arange(seq_len)
@@ -58,7 +58,8 @@ def dense_reference(layer: ScopeAttention, x: torch.Tensor, allowed_blocks: torc
     token_block = positions // c.block
     for h in range(c.num_heads):
         scores = torch.einsum("btd,bsd->bts", q[:, :, h], k[:, :, h // group]) / math.sqrt(c.head_dim)
-        scores = scores + c.beta * bias[:, h]
+        if c.bias_impl != "none":  # bias_impl none: the pointer mask without the bias
+            scores = scores + c.beta * bias[:, h]
         allowed = allowed_blocks[:, h][:, token_block][:, :, token_block] & (delta >= 0)
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[:, :, h] = torch.softmax(scores, dim=-1) @ v[:, :, h // group]

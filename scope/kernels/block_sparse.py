@@ -27,16 +27,19 @@ LOG2E = 1.4426950408889634
 
 class Tiles(NamedTuple):
     """Tile sizes (capped at the mask block) and launch settings. fwd: BLOCK_M queries x BLOCK_N keys;
-    dq: DQ_M x DQ_N; dk/dv: DKV_N keys x DKV_M queries."""
+    dq: DQ_M x DQ_N; dk/dv: DKV_N keys x DKV_M queries. Defaults: the fastest forward and backward of
+    bench/bench_block_sparse.py's sweep on an H100 at 128k, q.k width 160 and 128
+    (bench/results/block_sparse_cuda.md)."""
 
     block_m: int = 128
     block_n: int = 64
     dq_m: int = 128
-    dq_n: int = 32
-    dkv_m: int = 32
+    dq_n: int = 64
+    dkv_m: int = 64
     dkv_n: int = 128
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3  # forward
+    bwd_num_stages: int = 2
 
 
 @triton.jit
@@ -262,12 +265,12 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     _dq_kernel[(seq_len // dq_m, bsz * heads)](
         q, k, v, dout, lse, delta, dq, kv_num_blocks, kv_indices, *_strides(q, k, v, dout), heads, seq_len,
         seq_len // block, kv_indices.shape[-1], scale * LOG2E, scale,
-        BLOCK_M=dq_m, BLOCK_N=dq_n, **common, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_M=dq_m, BLOCK_N=dq_n, **common, num_warps=tiles.num_warps, num_stages=tiles.bwd_num_stages,
     )
     dkv_m, dkv_n = min(tiles.dkv_m, block), min(tiles.dkv_n, block)
     _dkdv_kernel[(seq_len // dkv_n, bsz * kv_heads)](
         q, k, v, dout, lse, delta, dk, dv, q_num_blocks, q_indices, *_strides(q, k, v, dout), heads, kv_heads,
         seq_len, seq_len // block, q_indices.shape[-1], scale * LOG2E, scale,
-        BLOCK_M=dkv_m, BLOCK_N=dkv_n, **common, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_M=dkv_m, BLOCK_N=dkv_n, **common, num_warps=tiles.num_warps, num_stages=tiles.bwd_num_stages,
     )
     return dq, dk, dv

@@ -1,0 +1,89 @@
+"""ScopeAttention's attention backend: the Triton block-sparse kernels inside the layer (CPU: Triton
+interpreter) against the float64 dense reference of tests/test_scope_attention.py, and the choice rules
+(config errors, refusals that name the reason, what "auto" picks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_scope_attention import allowed_from_lists, dense_reference, small_config
+
+import nsa.dispatch
+from scope import ScopeConfig, ScopeInputError
+from scope.errors import ScopeConfigError
+from scope.scope_attention import ScopeAttention
+
+F64 = torch.float64
+
+
+def layer_pair(bias_impl: str) -> tuple[ScopeAttention, ScopeAttention]:
+    """The same weights twice: float32 with backend="triton", float64 for the reference."""
+    config = small_config(head_dim=16, hidden_size=64, block=16, bias_impl=bias_impl, backend="triton", c_scale=0.2)
+    torch.manual_seed(0)
+    layer = ScopeAttention(config).eval()
+    with torch.no_grad():
+        layer.spectral.pointer_head.gain.fill_(0.7)
+    reference = ScopeAttention(config).double().eval()
+    reference.load_state_dict({name: t.double() for name, t in layer.state_dict().items()})
+    return layer, reference
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.detach().double() - ref.detach()).norm() / ref.detach().norm())
+
+
+@pytest.mark.parametrize("bias_impl", ["qk_aug", "none"])
+def test_triton_layer_forward_and_backward_match_float64_reference(bias_impl: str) -> None:
+    """float32 kernels vs float64: every op is a short sum of O(1) terms, so relative errors stay near
+    float32's epsilon (1.2e-7) times a few hundred; 2e-5 leaves margin and still catches a wrong block
+    (an O(1) change of its rows) or a wrong gradient term."""
+    layer, reference = layer_pair(bias_impl)
+    x = torch.randn(2, 64, 64, dtype=F64, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x32 = x.float().requires_grad_(True)
+    y, aux = layer(x32, return_aux=True)
+    allowed = allowed_from_lists(aux.pointer_mask.kv_indices, 4)
+    assert not bool(allowed.all())  # the lists really skip blocks
+    params = {n: p for n, p in layer.named_parameters() if bias_impl == "qk_aug" or not n.startswith("spectral.")}
+    grads = torch.autograd.grad(y, [x32, *params.values()], dy.float())
+    x64 = x.clone().requires_grad_(True)
+    ref_params = dict(reference.named_parameters())
+    y64 = dense_reference(reference, x64, allowed)
+    grads64 = torch.autograd.grad(y64, [x64, *(ref_params[n] for n in params)], dy)
+    assert rel(y, y64) < 2e-5
+    for name, g, g64 in zip(["x", *params], grads, grads64, strict=True):
+        assert rel(g, g64) < 2e-5, name
+
+
+def test_triton_backend_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(ScopeConfigError, match=r"backend='triton'.*bias_impl"):
+        ScopeConfig(backend="triton", bias_impl="score_mod")
+    with pytest.raises(ScopeConfigError, match="backend='cuda' must be one of"):
+        ScopeConfig(backend="cuda", bias_impl="qk_aug")
+    layer, _ = layer_pair("qk_aug")
+    x = torch.randn(1, 32, 64)
+    with pytest.raises(ScopeInputError, match="document masks run in FlexAttention"):
+        layer(x, doc_ids=torch.zeros(1, 32, dtype=torch.long))
+    small = ScopeAttention(small_config(block=8, bias_impl="none", backend="triton"))
+    with pytest.raises(ScopeInputError, match="block=8 is not a power of two >= 16"):
+        small(torch.randn(1, 32, 32))
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (dict(bias_impl="qk_aug", head_dim=16, num_freqs=12), "triton"),  # q.k width 16 + 24 -> 48
+    (dict(bias_impl="qk_aug", head_dim=16, num_freqs=8), "flex"),  # 16 + 16 = 32, a power of two
+    (dict(bias_impl="none", head_dim=16), "flex"),
+    (dict(bias_impl="none", head_dim=24), "triton"),
+    (dict(bias_impl="score_mod", head_dim=24), "flex"),
+    (dict(bias_impl="qk_aug", head_dim=16, num_freqs=12, block=8), "flex"),
+])
+def test_auto_takes_triton_only_where_it_is_faster(monkeypatch: pytest.MonkeyPatch, overrides: dict,
+                                                   expected: str) -> None:
+    """With the device obstacles out of the way (as on a GPU), "auto" picks the kernels for a q.k width
+    that is not a power of two and Flex otherwise; on this CPU (no interpreter request) it is always flex."""
+    config = small_config(**{"hidden_size": 64, "block": 16, "backend": "auto", **overrides})
+    layer = ScopeAttention(config)
+    q = torch.randn(1, config.num_heads, 32, config.head_dim)
+    assert layer.attention_backend(q, None) == "flex"  # CPU tensors: never the interpreter on its own
+    monkeypatch.setattr(nsa.dispatch, "triton_obstacles", lambda *args: [])
+    assert layer.attention_backend(q, None) == expected
