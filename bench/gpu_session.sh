@@ -20,10 +20,15 @@ if [[ " $PARTS " == *" nsa "* ]]; then
     cp bench/results/decode_cuda.* "$OUT/"
 fi
 if [[ " $PARTS " == *" scope "* ]]; then
-    # Target row (score_mod bias, 32k-128k), then what the bias and the pointers each cost at 128k.
-    # First compiles of flex fwd+bwd with the spectral score_mod take minutes: give this part its own call.
-    timeout 540 python3 -m bench.bench_scope --device cuda --results-dir "$OUT" 2>&1 | tee "$OUT/bench_scope.log"
-    timeout 300 python3 -m bench.bench_scope --device cuda --seq-lens 131072 --bias-impls qk_aug none \
-        --module-seq-lens --max-seconds 120 --results-dir "$OUT" 2>&1 | tee -a "$OUT/bench_scope.log"
+    # One backend per process (compiles take minutes; a run rewrites its .md): the Triton kernels (the
+    # default for qk_aug) first, then Flex; score_mod only on request (its flex compile takes minutes).
+    # BENCH_COMMIT: the device's .git can lag the working tree it runs.
+    for backend in triton flex; do
+        timeout "${SCOPE_TIMEOUT:-280}" python3 -m bench.bench_scope --device cuda --backends "$backend" \
+            --max-seconds 200 --results-dir "$OUT" --name "scope_cuda_$backend" 2>&1 \
+            | tee -a "$OUT/bench_scope.log" || echo "bench_scope --backends $backend exited with $?"
+    done
+    timeout 100 python3 -m bench.bench_block_sparse --out "$OUT/block_sparse_cuda.jsonl" 2>&1 \
+        | tee "$OUT/bench_block_sparse.log" || echo "bench_block_sparse exited with $?"
 fi
 exit "$tests_status"
