@@ -56,6 +56,26 @@ def _store_rows(ptr, rows, stride_t, value, COL0: tl.constexpr, WIDTH: tl.conste
 
 
 @triton.jit
+def _query_tile(q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, num_heads,
+                num_qblocks, GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M queries of head h: (rows, q / k / v bases of (b, h) and its kv head, the row
+    of its block's list, b, h)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // num_heads, bh % num_heads
+    first_row = pid_m * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    return (rows, q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + (h // GROUP) * stride_kh,
+            v_ptr + b * stride_vb + (h // GROUP) * stride_vh, bh * num_qblocks + first_row // BLOCK, b, h)
+
+
+@triton.jit
+def _listed_tile(idx_ptr, list_row, width, it, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """Token positions of step ``it`` of a walk over a block list in tiles of TILE (BLOCK // TILE per block)."""
+    listed = tl.load(idx_ptr + list_row * width + it // (BLOCK // TILE))
+    return listed * BLOCK + (it % (BLOCK // TILE)) * TILE + tl.arange(0, TILE)
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_num_ptr, kv_idx_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -64,24 +84,19 @@ def _fwd_kernel(
     DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // num_heads, bh % num_heads
-    first_row = pid_m * BLOCK_M
-    rows = first_row + tl.arange(0, BLOCK_M)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh
-    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
+    rows, q_base, k_base, v_base, list_row, b, h = _query_tile(
+        q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, num_heads,
+        num_qblocks, GROUP, BLOCK, BLOCK_M)
+    bh = tl.program_id(1)
     q1 = _load_rows(q_base, rows, stride_qt, 0, D1, DQK)
     if D2 > 0:
         q2 = _load_rows(q_base, rows, stride_qt, D1, D2, DQK)
-    list_row = bh * num_qblocks + first_row // BLOCK
     num_kv = tl.load(kv_num_ptr + list_row)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for it in range(0, num_kv * (BLOCK // BLOCK_N)):
-        kv_block = tl.load(kv_idx_ptr + list_row * max_kv + it // (BLOCK // BLOCK_N))
-        cols = kv_block * BLOCK + (it % (BLOCK // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = _listed_tile(kv_idx_ptr, list_row, max_kv, it, BLOCK, BLOCK_N)
         s = tl.dot(q1, tl.trans(_load_rows(k_base, cols, stride_kt, 0, D1, DQK)), input_precision=PRECISION)
         if D2 > 0:
             s += tl.dot(q2, tl.trans(_load_rows(k_base, cols, stride_kt, D1, D2, DQK)), input_precision=PRECISION)
@@ -113,13 +128,10 @@ def _dq_kernel(
     PRECISION: tl.constexpr,
 ):
     """dq = scale * sum_j dS_ij k_j with dS = P (dP - delta), dP = dO v^T (dq has q's strides)."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // num_heads, bh % num_heads
-    first_row = pid_m * BLOCK_M
-    rows = first_row + tl.arange(0, BLOCK_M)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh
-    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
+    rows, q_base, k_base, v_base, list_row, b, h = _query_tile(
+        q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, num_heads,
+        num_qblocks, GROUP, BLOCK, BLOCK_M)
+    bh = tl.program_id(1)
     q1 = _load_rows(q_base, rows, stride_qt, 0, D1, DQK)
     dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
     if D2 > 0:
@@ -128,11 +140,9 @@ def _dq_kernel(
     do = _load_rows(do_ptr + b * stride_ob + h * stride_oh, rows, stride_ot, 0, BLOCK_DV, DV)
     lse = tl.load(lse_ptr + bh * seq_len + rows)
     delta = tl.load(delta_ptr + bh * seq_len + rows)
-    list_row = bh * num_qblocks + first_row // BLOCK
     num_kv = tl.load(kv_num_ptr + list_row)
     for it in range(0, num_kv * (BLOCK // BLOCK_N)):
-        kv_block = tl.load(kv_idx_ptr + list_row * max_kv + it // (BLOCK // BLOCK_N))
-        cols = kv_block * BLOCK + (it % (BLOCK // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = _listed_tile(kv_idx_ptr, list_row, max_kv, it, BLOCK, BLOCK_N)
         k1 = _load_rows(k_base, cols, stride_kt, 0, D1, DQK)
         s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
         if D2 > 0:
@@ -183,8 +193,7 @@ def _dkdv_kernel(
         list_row = bh * num_kblocks + first_col // BLOCK
         num_q = tl.load(q_num_ptr + list_row)
         for it in range(0, num_q * (BLOCK // BLOCK_M)):
-            q_block = tl.load(q_idx_ptr + list_row * max_q + it // (BLOCK // BLOCK_M))
-            rows = q_block * BLOCK + (it % (BLOCK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows = _listed_tile(q_idx_ptr, list_row, max_q, it, BLOCK, BLOCK_M)
             q1 = _load_rows(q_base, rows, stride_qt, 0, D1, DQK)
             s_t = tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
             if D2 > 0:
