@@ -59,7 +59,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
 from scope import ScopeConfig
-from scope.block_sparse_attention import transpose_block_lists
+from scope.block_sparse_attention import block_visibility, transpose_block_lists
 from scope.scope_attention import ScopeAttention, representative_rows
 
 GPU_SEQ_LENS = [131072, 65536, 32768]  # largest first: the 128k target is measured even if time runs short
@@ -306,15 +306,6 @@ def grads_of(out: Tensor, inputs: Sequence[Tensor], dout: Tensor) -> tuple[Tenso
 # correctness: float64 dense reference
 
 
-def allowed_blocks(kv_indices: Tensor, kv_num_blocks: Tensor, num_blocks: int) -> Tensor:
-    """bool [B, H, QB, KB] from block lists (entries past kv_num_blocks ignored)."""
-    idx = kv_indices.long()
-    valid = torch.arange(idx.shape[-1], device=idx.device) < kv_num_blocks.long()[..., None]
-    out = torch.zeros(*idx.shape[:3], num_blocks + 1, dtype=torch.bool, device=idx.device)
-    out.scatter_(-1, torch.where(valid & (idx >= 0), idx, num_blocks), True)
-    return out[..., :num_blocks]
-
-
 def spectral_bias_float64(coef_a: Tensor, coef_b: Tensor, slope: Tensor | None, freqs: Sequence[float],
                           seq_len: int) -> Tensor:
     """beta-less bias b_i(i - j) [H, T, T] in float64 from per-row coefficients A, B [H, T, K] (slope c
@@ -407,10 +398,10 @@ def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor,
         d_blk, u_blk = (representative_rows(t, num_blocks, c.block, c.representative)
                         for t in (params.d_star, params.budget_logits))
         eager_lists = layer._pointer_mask(d_blk, u_blk, seq_len, None, None)
-        differing = (allowed_blocks(eager_lists.kv_indices, eager_lists.kv_num_blocks, num_blocks)
-                     != allowed_blocks(kv_idx, kv_num, num_blocks)).any(-1).sum()
+        differing = (block_visibility(eager_lists.kv_num_blocks, eager_lists.kv_indices, num_blocks)
+                     != block_visibility(kv_num, kv_idx, num_blocks)).any(-1).sum()
     pos = torch.arange(seq_len, device=device)
-    blocks = allowed_blocks(kv_idx, kv_num, num_blocks)[0]  # [H, QB, KB]
+    blocks = block_visibility(kv_num, kv_idx, num_blocks)[0]  # [H, QB, KB]
     allowed = blocks[:, pos // c.block][:, :, pos // c.block] & (pos[:, None] >= pos[None, :])
     scale = layer.scale
     use_bias = c.bias_impl != "none"

@@ -45,8 +45,7 @@ def block_sparse_attention(
     if q_num_blocks is None or q_indices is None:
         q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, num_blocks)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    lists = (kv_num_blocks.int().contiguous(), kv_indices.int().contiguous(), q_num_blocks.int().contiguous(),
-             q_indices.int().contiguous())
+    lists = (t.int() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))  # the launchers make them dense
     return torch.ops.scope.block_sparse_attention(q, k, v, *lists, block, scale)[0]
 
 

@@ -12,7 +12,6 @@ import torch
 
 from bench import bench_scope
 from bench.bench_scope import (
-    allowed_blocks,
     check_scope,
     scope_attention_step,
     score_elements,
@@ -21,6 +20,7 @@ from bench.bench_scope import (
     spectral_bias_float64,
 )
 from scope import ScopeConfig
+from scope.block_sparse_attention import block_visibility
 from scope.scope_attention import ScopeAttention
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -105,8 +105,8 @@ def test_sliding_window_mask_lists_and_mask_mod() -> None:
     lists = torch.cat([bm.kv_indices, bm.full_kv_indices], dim=-1)
     counts = bm.kv_num_blocks + bm.full_kv_num_blocks
     # both lists padded with slots past their counts: rebuild the allowed set from each
-    partial = allowed_blocks(bm.kv_indices, bm.kv_num_blocks, num_blocks)
-    full = allowed_blocks(bm.full_kv_indices, bm.full_kv_num_blocks, num_blocks)
+    partial = block_visibility(bm.kv_num_blocks, bm.kv_indices, num_blocks)
+    full = block_visibility(bm.full_kv_num_blocks, bm.full_kv_indices, num_blocks)
     qb, kb = torch.arange(num_blocks)[:, None], torch.arange(num_blocks)[None, :]
     assert torch.equal(partial[0, 0], qb == kb)
     assert torch.equal(full[0, 0], (kb < qb) & (kb > qb - window))

@@ -9,13 +9,14 @@ through the array's single element, which is what the compiled kernel means.
 from __future__ import annotations
 
 import functools
-import os
+
+from nsa.dispatch import interpreter_enabled
 
 
 @functools.cache
 def allow_loaded_loop_bounds() -> None:
     """Idempotent; a no-op unless TRITON_INTERPRET=1."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not interpreter_enabled():
         return
     from triton.runtime import interpreter
 

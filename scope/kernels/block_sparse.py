@@ -29,7 +29,7 @@ class Tiles(NamedTuple):
     """Tile sizes (capped at the mask block) and launch settings. fwd: BLOCK_M queries x BLOCK_N keys;
     dq: DQ_M x DQ_N; dk/dv: DKV_N keys x DKV_M queries. Defaults: the fastest forward and backward of
     bench/bench_block_sparse.py's sweep on an H100 at 128k, q.k width 160 and 128
-    (bench/results/block_sparse_cuda.md)."""
+    (bench/results/scope_cuda.md, block_sparse_cuda.jsonl)."""
 
     block_m: int = 128
     block_n: int = 64
@@ -261,7 +261,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
              kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, block: int, scale: float, tiles: Tiles
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv (the inputs' shapes and dtypes). dout must have out's strides."""
+    """-> dq, dk, dv (the inputs' shapes, strides and dtypes); dout [B, H, T, Dv] with a contiguous last dim."""
     bsz, heads, seq_len, dqk = q.shape
     kv_heads = k.shape[1]
     kv_num_blocks, kv_indices, q_num_blocks, q_indices = (
