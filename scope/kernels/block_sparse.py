@@ -58,21 +58,23 @@ def _store_rows(ptr, rows, stride_t, value, COL0: tl.constexpr, WIDTH: tl.conste
 @triton.jit
 def _query_tile(q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, num_heads,
                 num_qblocks, GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's BLOCK_M queries of head h: (rows, q / k / v bases of (b, h) and its kv head, the row
-    of its block's list, b, h)."""
+    """This program's BLOCK_M queries of head h: (rows, the first row, q / k / v bases of (b, h) and its kv
+    head, the row of its block's list, b, h)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
     first_row = pid_m * BLOCK_M
     rows = first_row + tl.arange(0, BLOCK_M)
-    return (rows, q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + (h // GROUP) * stride_kh,
+    return (rows, first_row, q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + (h // GROUP) * stride_kh,
             v_ptr + b * stride_vb + (h // GROUP) * stride_vh, bh * num_qblocks + first_row // BLOCK, b, h)
 
 
 @triton.jit
 def _listed_tile(idx_ptr, list_row, width, it, BLOCK: tl.constexpr, TILE: tl.constexpr):
-    """Token positions of step ``it`` of a walk over a block list in tiles of TILE (BLOCK // TILE per block)."""
+    """Token positions of step ``it`` of a walk over a block list in tiles of TILE (BLOCK // TILE per block),
+    and the first of them."""
     listed = tl.load(idx_ptr + list_row * width + it // (BLOCK // TILE))
-    return listed * BLOCK + (it % (BLOCK // TILE)) * TILE + tl.arange(0, TILE)
+    first = listed * BLOCK + (it % (BLOCK // TILE)) * TILE
+    return first + tl.arange(0, TILE), first
 
 
 @triton.jit
@@ -84,7 +86,7 @@ def _fwd_kernel(
     DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows, q_base, k_base, v_base, list_row, b, h = _query_tile(
+    rows, first_row, q_base, k_base, v_base, list_row, b, h = _query_tile(
         q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, num_heads,
         num_qblocks, GROUP, BLOCK, BLOCK_M)
     bh = tl.program_id(1)
@@ -96,11 +98,13 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for it in range(0, num_kv * (BLOCK // BLOCK_N)):
-        cols = _listed_tile(kv_idx_ptr, list_row, max_kv, it, BLOCK, BLOCK_N)
+        cols, first_col = _listed_tile(kv_idx_ptr, list_row, max_kv, it, BLOCK, BLOCK_N)
         s = tl.dot(q1, tl.trans(_load_rows(k_base, cols, stride_kt, 0, D1, DQK)), input_precision=PRECISION)
         if D2 > 0:
             s += tl.dot(q2, tl.trans(_load_rows(k_base, cols, stride_kt, D1, D2, DQK)), input_precision=PRECISION)
-        s = tl.where(cols[None, :] <= rows[:, None], s * scale_log2, float("-inf"))
+        s = s * scale_log2
+        if first_col + BLOCK_N > first_row + 1:  # some key after some query: the causal mask (else none)
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -120,15 +124,17 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_num_ptr, kv_idx_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_num_ptr, kv_idx_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot, num_heads, seq_len, num_qblocks, max_kv, scale_log2, scale,
+    stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot, num_heads, seq_len, num_qblocks, max_kv,
+    scale_log2, scale,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dq = scale * sum_j dS_ij k_j with dS = P (dP - delta), dP = dO v^T (dq has q's strides)."""
-    rows, q_base, k_base, v_base, list_row, b, h = _query_tile(
+    """dq = scale * sum_j dS_ij k_j with dS = P (dP - delta), dP = dO v^T (dq has q's strides); writes
+    delta = rowsum(dO * out) (= sum_j P_ij dP_ij), which the dk/dv kernel, launched after it, reads."""
+    rows, first_row, q_base, k_base, v_base, list_row, b, h = _query_tile(
         q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, num_heads,
         num_qblocks, GROUP, BLOCK, BLOCK_M)
     bh = tl.program_id(1)
@@ -137,18 +143,22 @@ def _dq_kernel(
     if D2 > 0:
         q2 = _load_rows(q_base, rows, stride_qt, D1, D2, DQK)
         dq2 = tl.zeros([BLOCK_M, D2], tl.float32)
-    do = _load_rows(do_ptr + b * stride_ob + h * stride_oh, rows, stride_ot, 0, BLOCK_DV, DV)
+    do = _load_rows(do_ptr + b * stride_dob + h * stride_doh, rows, stride_dot, 0, BLOCK_DV, DV)
+    out = _load_rows(out_ptr + b * stride_ob + h * stride_oh, rows, stride_ot, 0, BLOCK_DV, DV)
+    delta = tl.sum(out.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh * seq_len + rows, delta)
     lse = tl.load(lse_ptr + bh * seq_len + rows)
-    delta = tl.load(delta_ptr + bh * seq_len + rows)
     num_kv = tl.load(kv_num_ptr + list_row)
     for it in range(0, num_kv * (BLOCK // BLOCK_N)):
-        cols = _listed_tile(kv_idx_ptr, list_row, max_kv, it, BLOCK, BLOCK_N)
+        cols, first_col = _listed_tile(kv_idx_ptr, list_row, max_kv, it, BLOCK, BLOCK_N)
         k1 = _load_rows(k_base, cols, stride_kt, 0, D1, DQK)
         s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
         if D2 > 0:
             k2 = _load_rows(k_base, cols, stride_kt, D1, D2, DQK)
             s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-        s = tl.where(cols[None, :] <= rows[:, None], s * scale_log2, float("-inf"))
+        s = s * scale_log2
+        if first_col + BLOCK_N > first_row + 1:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(_load_rows(v_base, cols, stride_vt, 0, BLOCK_DV, DV)), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
@@ -165,7 +175,7 @@ def _dq_kernel(
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, q_num_ptr, q_idx_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot, num_heads, num_kv_heads, seq_len, num_kblocks, max_q, scale_log2, scale,
+    stride_dob, stride_doh, stride_dot, num_heads, num_kv_heads, seq_len, num_kblocks, max_q, scale_log2, scale,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -189,11 +199,11 @@ def _dkdv_kernel(
         h = hk * GROUP + g
         bh = b * num_heads + h
         q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = do_ptr + b * stride_ob + h * stride_oh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
         list_row = bh * num_kblocks + first_col // BLOCK
         num_q = tl.load(q_num_ptr + list_row)
         for it in range(0, num_q * (BLOCK // BLOCK_M)):
-            rows = _listed_tile(q_idx_ptr, list_row, max_q, it, BLOCK, BLOCK_M)
+            rows, first_row = _listed_tile(q_idx_ptr, list_row, max_q, it, BLOCK, BLOCK_M)
             q1 = _load_rows(q_base, rows, stride_qt, 0, D1, DQK)
             s_t = tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
             if D2 > 0:
@@ -201,9 +211,11 @@ def _dkdv_kernel(
                 s_t += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
             lse = tl.load(lse_ptr + bh * seq_len + rows)
             delta = tl.load(delta_ptr + bh * seq_len + rows)
-            s_t = tl.where(cols[:, None] <= rows[None, :], s_t * scale_log2, float("-inf"))
+            s_t = s_t * scale_log2
+            if first_col + BLOCK_N > first_row + 1:
+                s_t = tl.where(cols[:, None] <= rows[None, :], s_t, float("-inf"))
             p_t = tl.math.exp2(s_t - lse[None, :])
-            do = _load_rows(do_base, rows, stride_ot, 0, BLOCK_DV, DV)
+            do = _load_rows(do_base, rows, stride_dot, 0, BLOCK_DV, DV)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
@@ -266,13 +278,13 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     kv_heads = k.shape[1]
     kv_num_blocks, kv_indices, q_num_blocks, q_indices = (
         t.contiguous() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))  # indexed as dense rows
-    delta = (out.float() * dout.float()).sum(-1).contiguous()  # rowsum(dO * O) = sum_j P_ij dP_ij
+    delta = torch.empty(bsz, heads, seq_len, device=q.device, dtype=torch.float32)  # the dq kernel writes it
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dims = _split_dims(dqk, v.shape[-1])
     common = {"GROUP": heads // kv_heads, "BLOCK": block, "PRECISION": _precision(q.dtype), **dims}
     dq_m, dq_n = min(tiles.dq_m, block), min(tiles.dq_n, block)
     _dq_kernel[(seq_len // dq_m, bsz * heads)](
-        q, k, v, dout, lse, delta, dq, kv_num_blocks, kv_indices, *_strides(q, k, v, dout), heads, seq_len,
+        q, k, v, out, dout, lse, delta, dq, kv_num_blocks, kv_indices, *_strides(q, k, v, out, dout), heads, seq_len,
         seq_len // block, kv_indices.shape[-1], scale * LOG2E, scale,
         BLOCK_M=dq_m, BLOCK_N=dq_n, **common, num_warps=tiles.num_warps, num_stages=tiles.bwd_num_stages,
     )
