@@ -810,8 +810,9 @@ def run(args: argparse.Namespace) -> int:
             f"blocks of {args.block}, budget {args.budget}, local {args.local_blocks}, global {args.global_blocks}, "
             f"M={args.num_pointers}, K={args.num_freqs}; whole run {total_s} s.", "",
             "Milliseconds (medians). fwd = forward, fb = forward+backward. scope = the attention core of "
-            "ScopeAttention (pointer head, bias coefficients, mask building, flex_attention), from projected "
-            "q, k, v; mask = the mask builder alone (fwd: kv side; fb: with the q side the backward needs); "
+            "ScopeAttention (pointer head, bias coefficients, mask building, attention in the row's backend: "
+            "flex_attention or the block-sparse Triton kernels), from projected q, k, v; mask = the mask "
+            "builder alone (fwd: kv side; fb: with the q side the backward needs: the transposed lists); "
             "mask_frac = mask / scope of the same pass; window/scope = what the pointers cost over a static "
             "window of the same number of blocks (bias_impl none: the pointers alone); flop_ratio = dense "
             "causal scores / scores in the mask's blocks.", ""]

@@ -20,13 +20,21 @@ if [[ " $PARTS " == *" nsa "* ]]; then
     cp bench/results/decode_cuda.* "$OUT/"
 fi
 if [[ " $PARTS " == *" scope "* ]]; then
-    # One backend per process (compiles take minutes; a run rewrites its .md): the Triton kernels (the
-    # default for qk_aug) first, then Flex; score_mod only on request (its flex compile takes minutes).
-    # BENCH_COMMIT: the device's .git can lag the working tree it runs.
-    for backend in triton flex; do
-        timeout "${SCOPE_TIMEOUT:-280}" python3 -m bench.bench_scope --device cuda --backends "$backend" \
-            --max-seconds 200 --results-dir "$OUT" --name "scope_cuda_$backend" 2>&1 \
-            | tee -a "$OUT/bench_scope.log" || echo "bench_scope --backends $backend exited with $?"
+    # One process per backend and length group (compiles take minutes; a 128k run alone takes ~270 s, so
+    # a 600 s device call fits about two: pick with SCOPE_BACKENDS / SCOPE_SEQ_LEN_GROUPS). The Triton
+    # kernels (auto's choice for qk_aug) first, then Flex; score_mod only on request (its flex compile takes
+    # minutes). BENCH_COMMIT: the device's .git can lag the working tree it runs.
+    IFS=';' read -r -a groups <<< "${SCOPE_SEQ_LEN_GROUPS:-131072;65536 32768}"
+    for backend in ${SCOPE_BACKENDS:-triton flex}; do
+        for group in "${groups[@]}"; do
+            name="scope_cuda_${backend}_${group// /_}"
+            module_lens=()
+            [[ "$group" == *131072* ]] || module_lens=(--module-seq-lens)  # the module only at 128k
+            # shellcheck disable=SC2086  # the group is a list of lengths
+            timeout "${SCOPE_TIMEOUT:-290}" python3 -m bench.bench_scope --device cuda --backends "$backend" \
+                --seq-lens $group "${module_lens[@]}" --max-seconds 240 --results-dir "$OUT" --name "$name" \
+                2>&1 | tee -a "$OUT/bench_scope.log" || echo "bench_scope $backend $group exited with $?"
+        done
     done
     timeout 100 python3 -m bench.bench_block_sparse --out "$OUT/block_sparse_cuda.jsonl" 2>&1 \
         | tee "$OUT/bench_block_sparse.log" || echo "bench_block_sparse exited with $?"

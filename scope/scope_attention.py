@@ -172,10 +172,12 @@ class ScopeAttention(nn.Module):
 
     def attention_backend(self, q: Tensor, doc_ids: Tensor | None) -> str:
         """"flex" or "triton" for a prefill of rotated queries q (config.backend, through nsa.dispatch).
-        "auto" takes the Triton kernels only where they are faster: a q.k width that is not a power of two
-        (qk_aug's 128 + 2K), which Flex rounds up (H100, 128k, fwd+bwd: 77 ms vs Flex's 127 ms); at a
-        power-of-two width Flex's kernels are faster (bias_impl none, D=128: Flex 39.5 ms vs 58 ms); and for
-        bf16 / fp16 only (see the float32 note below). "triton" runs whenever the kernels can."""
+        "auto" takes the Triton kernels where the q.k width is not a power of two (qk_aug's 128 + 2K), which
+        Flex rounds up (H100, bf16, 128k, fwd+bwd: 54 ms vs Flex's 127 ms), and Flex elsewhere, the path
+        its score_mod and document masks need. (At D=128 without the bias the kernels measured 38.2 ms
+        against Flex's 39.5 ms, in runs of different commits: too close to switch the default.) float32
+        goes the same way: on the H100 the layer's float32 gradients through the kernels equal Flex's to
+        1%; its float32 speed was not measured. "triton" runs whenever the kernels can."""
         c = self.config
         obstacles = []
         if c.bias_impl == "score_mod":
@@ -186,11 +188,7 @@ class ScopeAttention(nn.Module):
             obstacles.append(f"block={c.block} is not a power of two >= 16 (the Triton kernels' tile rule)")
         width = self.spectral.qk_width(c.head_dim) if c.bias_impl == "qk_aug" else c.head_dim
         if c.backend == "auto" and width & (width - 1) == 0:
-            obstacles.append(f"q.k width {width} is a power of two, where FlexAttention's kernels are faster")
-        if c.backend == "auto" and q.dtype == torch.float32:
-            # H100: the layer's float32 gradients through the kernels were 6x the float32 reference's own
-            # error, outside tests/test_scope_gpu.py's 4x bound (bf16 is within it); explicit "triton" runs
-            obstacles.append("float32: the Triton path is chosen automatically for bf16 / fp16 only")
+            obstacles.append(f"q.k width {width} is a power of two, which FlexAttention runs unpadded")
         return choose_backend("scope attention", c.backend, (q,), inference_only=False, error=ScopeInputError,
                               extra_obstacles=tuple(obstacles), fallback="flex").name
 

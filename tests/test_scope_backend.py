@@ -77,14 +77,15 @@ def test_triton_backend_refuses_what_it_cannot_run() -> None:
     (dict(bias_impl="score_mod", head_dim=24), "flex"),
     (dict(bias_impl="qk_aug", head_dim=16, num_freqs=12, block=8), "flex"),
 ])
-def test_auto_takes_triton_only_where_it_is_faster(monkeypatch: pytest.MonkeyPatch, overrides: dict,
-                                                   expected: str) -> None:
-    """With the device obstacles out of the way (as on a GPU), "auto" picks the kernels for bf16 at a q.k
-    width that is not a power of two and Flex otherwise; on this CPU (no interpreter request) always flex."""
+def test_auto_takes_triton_only_where_flex_pads_the_width(monkeypatch: pytest.MonkeyPatch, overrides: dict,
+                                                          expected: str) -> None:
+    """With the device obstacles out of the way (as on a GPU), "auto" picks the kernels at a q.k width that
+    is not a power of two and Flex otherwise, in bf16 and float32 alike; on this CPU (no interpreter
+    request) always flex."""
     config = small_config(**{"hidden_size": 64, "block": 16, "backend": "auto", **overrides})
     layer = ScopeAttention(config)
     q = torch.randn(1, config.num_heads, 32, config.head_dim, dtype=torch.bfloat16)
     assert layer.attention_backend(q, None) == "flex"  # CPU tensors: never the interpreter on its own
     monkeypatch.setattr(nsa.dispatch, "triton_obstacles", lambda *args: [])
     assert layer.attention_backend(q, None) == expected
-    assert layer.attention_backend(q.float(), None) == "flex"  # float32: Flex unless "triton" is asked for
+    assert layer.attention_backend(q.float(), None) == expected

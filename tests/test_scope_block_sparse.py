@@ -154,6 +154,7 @@ FWD_CASES = [
     (1, 4, 1, 32, 16, 32, 32, "random", None, 4, False),
     (1, 2, 1, 128, 64, 48, 16, "random", None, 5, False),
     (1, 2, 1, 256, 128, 40, 16, "random", None, 6, True),
+    (1, 2, 1, 64, 16, 8, 8, "random", None, 7, False),  # head dims < 16: the kernels pad their dots to 16
 ]
 
 
@@ -278,6 +279,7 @@ BWD_CASES = [
     (2, 2, 1, 64, 32, 40, 32, "neg1", 0.2, 22, True, False),
     (1, 2, 1, 128, 64, 32, 16, "random", None, 23, False, False),
     (1, 2, 2, 256, 128, 24, 16, "neg1", None, 24, False, True),
+    (1, 2, 1, 64, 16, 12, 8, "random", None, 25, False, False),
 ]
 
 

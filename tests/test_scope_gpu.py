@@ -10,8 +10,8 @@
   the reference takes the lists rather than re-deriving them; the lists' rule has its own tests).
 
 Tolerance, for every compared tensor: CHECK_FACTOR x the error of the same reference run at the
-layer's precision (float32 arithmetic with the layer's rounding points: q, k, v after projection and
-RoPE, probabilities before P @ V, the attention output and y rounded to the layer's dtype) against
+layer's precision (float32 arithmetic with the layer's rounding points: RoPE angles in float32, q, k, v
+after projection and RoPE, probabilities before P @ V, the attention output and y rounded to the layer's dtype) against
 float64, plus a floor of 8 float32 epsilons. Both compute the same function with the same roundings,
 so only summation order and the online softmax separate them; a block read or skipped wrongly moves
 its rows by O(1) (a tenth of their mass or more), far beyond either.
@@ -93,12 +93,15 @@ def token_mask(kv_indices: Tensor, kv_num_blocks: Tensor, block: int, seq_len: i
 
 
 def rope(x: Tensor, theta: float) -> Tensor:
-    """Rotate-half RoPE of x [B, T, H, D] at positions 0..T-1: pairs (i, i + D/2) turn by t * theta^(-2i/D)."""
+    """Rotate-half RoPE of x [B, T, H, D] at positions 0..T-1: pairs (i, i + D/2) turn by t * theta^(-2i/D),
+    the angles computed in x's dtype (the float32 reference rounds them as the layer does: at t = 2047 an
+    angle's float32 ulp is 1.2e-4 rad, which moved the layer's float32 q / k gradients 6x past a
+    reference with float64 angles, on both attention backends alike)."""
     seq_len, dim = x.shape[1], x.shape[-1]
     half = dim // 2
-    pos = torch.arange(seq_len, device=x.device, dtype=torch.float64)
-    angle = (pos[:, None] * theta ** (-2.0 * torch.arange(half, device=x.device, dtype=torch.float64) / dim))
-    cos, sin = angle.cos().to(x.dtype)[None, :, None], angle.sin().to(x.dtype)[None, :, None]
+    pos = torch.arange(seq_len, device=x.device, dtype=x.dtype)
+    angle = (pos[:, None] * theta ** (-2.0 * torch.arange(half, device=x.device, dtype=x.dtype) / dim))
+    cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -196,7 +199,14 @@ def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: st
     for name, g, g64, g_low in zip(["x", *params], grads, grads64, grads_low, strict=True):
         report[name] = (rel_err(g, g64), rel_err(g_low, g64))
     print({name: tuple(f"{v:.3g}" for v in pair) for name, pair in report.items()})
-    failed = {name: pair for name, pair in report.items() if not pair[0] <= CHECK_FACTOR * pair[1] + FLOOR}
+    # Flex reduces the gradient of a captured per-head tensor (ramp_gate [H]) over every visible score of
+    # the head in no fixed order (atomics): float32 rounding then grows like sqrt(N) eps with N those
+    # scores, millions here (H100: 3.7e-5 against the pairwise-summing reference's 2.4e-6); a wrong block
+    # still moves it by O(1).
+    scores_per_head = float(allowed.sum(dim=(0, 2, 3)).max())
+    floors = {"spectral.ramp_gate": math.sqrt(scores_per_head) * torch.finfo(torch.float32).eps}
+    failed = {name: pair for name, pair in report.items()
+              if not pair[0] <= CHECK_FACTOR * pair[1] + max(FLOOR, floors.get(name, 0.0))}
     assert not failed, f"(error, own error of the same math at {dtype}): {failed}"
     # the yardstick itself is sane (bf16: q before RoPE is rounded, and D* moves the high-frequency phases)
     assert own < (1e-1 if dtype == torch.bfloat16 else 1e-5)

@@ -235,16 +235,18 @@ def _dkdv_kernel(
 
 
 def _split_dims(dqk: int, dv: int) -> dict[str, int]:
-    """D1 = the largest power of two <= dqk; D2 = the rest rounded up to a power of two >= 16 (0 if none)."""
-    d1 = 1 << (dqk.bit_length() - 1)
-    rest = dqk - d1
+    """D1 = the largest power of two <= dqk, at least 16 (tl.dot's smallest K on NVIDIA GPUs; the loads
+    zero the columns past dqk); D2 = the rest rounded up to a power of two >= 16 (0 if none)."""
+    d1 = max(16, 1 << (dqk.bit_length() - 1))
+    rest = max(0, dqk - d1)
     d2 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
     return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, triton.next_power_of_2(dv))}
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """float32 inputs get full-precision dots (Triton would otherwise use TF32 on NVIDIA GPUs)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """float32 dots follow torch.get_float32_matmul_precision() as cuBLAS and FlexAttention do: "highest"
+    (torch's default) is full precision, "high" / "medium" allow TF32. 16-bit inputs ignore it."""
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _strides(*tensors: Tensor) -> list[int]:
