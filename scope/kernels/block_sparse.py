@@ -5,8 +5,10 @@ module only launches. The q.k dot product is split into two tensor-core dots, a 
 (D1 columns) and the rest (D2 columns, masked): a head dim of 128 plus SCOPE's 2K bias features
 (qk_aug) costs 160 columns instead of the 256 a single power-of-two tile would take.
 
-Three kernels: forward (writes out and the base-2 log-sum-exp), dq, and dk/dv; the backward walks the
-transposed lists (which query blocks list a key block) so that no kernel needs atomics. Loops run to a
+Three kernels: forward (writes out and the base-2 log-sum-exp), dq (also writes delta = rowsum(dO * out)),
+and dk/dv; the backward walks the transposed lists (which query blocks list a key block) so that no kernel
+needs atomics (a one-kernel backward with atomic dq was slower on the H100: bench/results/scope_cuda.md).
+The causal mask is applied only to tiles that cross the diagonal. Loops run to a
 bound loaded from the lists (under the CPU interpreter: see nsa.kernels.interpreter).
 """
 
