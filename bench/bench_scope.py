@@ -517,25 +517,34 @@ def time_baselines(row: Row, args: argparse.Namespace, seq_len: int, inp: dict[s
 def time_scope(row: Row, layer: ScopeAttention, inp: dict[str, Tensor], compiled: bool, backward: bool) -> None:
     """The SCOPE attention step, fwd and fb, into ``row`` (and the mask's size and score FLOPs)."""
     c = layer.config
-    q, k, v, qc, dout = (inp[n] for n in ("q", "k", "v", "q_content", "dout"))
+    q, qc = inp["q"], inp["q_content"]
     seq_len = q.shape[2]
-    params = [p for p in layer.spectral.parameters() if p.requires_grad]
-    step = Compiled(scope_attention_step, compiled)
+    step, scope_fwd, scope_fb = scope_step_calls(layer, inp, compiled)
     with torch.no_grad():
         layer.eval()
         d_blk, u_blk = block_pointer_rows(layer, qc)
         kv_num = layer._pointer_mask(d_blk, u_blk, seq_len, None, None).kv_num_blocks
     row.data["kv_blocks_scope"] = round(float(kv_num.double().mean()), 2)
     row.data["flop_ratio_scope"] = round(q.shape[1] * seq_len * (seq_len + 1) / 2 / score_elements(kv_num, c.block), 2)
+    measure_fwd_fb(row, "scope", layer, scope_fwd, scope_fb if backward else None, step)
 
-    def scope_fwd() -> Tensor:
+
+def scope_step_calls(layer: ScopeAttention, inp: dict[str, Tensor], compiled: bool
+                     ) -> tuple[Compiled, Callable[[], Tensor], Callable[[], tuple[Tensor | None, ...]]]:
+    """The timed SCOPE step (``scope_attention_step``, compiled when asked) and two calls of it on ``inp``:
+    forward without grad, and forward+backward to q, k, v, q_content and the spectral parameters."""
+    q, k, v, qc, dout = (inp[n] for n in ("q", "k", "v", "q_content", "dout"))
+    params = [p for p in layer.spectral.parameters() if p.requires_grad]
+    step = Compiled(scope_attention_step, compiled)
+
+    def fwd() -> Tensor:
         with torch.no_grad():
             return step(layer, q, k, v, qc)[0]
 
-    def scope_fb() -> tuple[Tensor | None, ...]:
+    def fb() -> tuple[Tensor | None, ...]:
         return grads_of(step(layer, q, k, v, qc)[0], (q, k, v, qc, *params), dout)
 
-    measure_fwd_fb(row, "scope", layer, scope_fwd, scope_fb if backward else None, step)
+    return step, fwd, fb
 
 
 def measure_fwd_fb(row: Row, name: str, layer: ScopeAttention, fwd: Callable[[], Any],

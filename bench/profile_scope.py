@@ -40,16 +40,9 @@ def profile_variant(args: argparse.Namespace, bias_impl: str, backend: str
     layer = bench_scope.make_layer(bench_scope.bench_config(args, bias_impl, backend), args.device, dtype)
     inp = bench_scope.attention_inputs(layer.config, args.seq_lens[0], args.device, dtype, seed=0,
                                        grad=not args.forward_only)
-    q, k, v, qc, dout = (inp[n] for n in ("q", "k", "v", "q_content", "dout"))
-    params = [p for p in layer.spectral.parameters() if p.requires_grad]
-    step = bench_scope.Compiled(bench_scope.scope_attention_step, args.compile)
+    _, fwd, fb = bench_scope.scope_step_calls(layer, inp, args.compile)
+    run_step = fwd if args.forward_only else fb
     layer.train(not args.forward_only)
-
-    def run_step() -> Any:
-        if args.forward_only:
-            with torch.no_grad():
-                return step(layer, q, k, v, qc)[0]
-        return bench_scope.grads_of(step(layer, q, k, v, qc)[0], (q, k, v, qc, *params), dout)
 
     for _ in range(2):
         run_step()

@@ -80,6 +80,17 @@ def _listed_tile(idx_ptr, list_row, width, it, BLOCK: tl.constexpr, TILE: tl.con
 
 
 @triton.jit
+def _causal_scaled(s, q_pos, k_pos, first_q, first_k, K_TILE: tl.constexpr, scale_log2):
+    """Scores s times scale_log2, -inf where a key comes after its query (q_pos / k_pos: positions shaped
+    to broadcast against s). Only a tile whose K_TILE keys from first_k reach past its first query first_q
+    can hold such a pair: the others skip the mask."""
+    s = s * scale_log2
+    if first_k + K_TILE > first_q + 1:
+        s = tl.where(k_pos <= q_pos, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_num_ptr, kv_idx_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -104,9 +115,7 @@ def _fwd_kernel(
         s = tl.dot(q1, tl.trans(_load_rows(k_base, cols, stride_kt, 0, D1, DQK)), input_precision=PRECISION)
         if D2 > 0:
             s += tl.dot(q2, tl.trans(_load_rows(k_base, cols, stride_kt, D1, D2, DQK)), input_precision=PRECISION)
-        s = s * scale_log2
-        if first_col + BLOCK_N > first_row + 1:  # some key after some query: the causal mask (else none)
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        s = _causal_scaled(s, rows[:, None], cols[None, :], first_row, first_col, BLOCK_N, scale_log2)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -158,9 +167,7 @@ def _dq_kernel(
         if D2 > 0:
             k2 = _load_rows(k_base, cols, stride_kt, D1, D2, DQK)
             s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-        s = s * scale_log2
-        if first_col + BLOCK_N > first_row + 1:
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        s = _causal_scaled(s, rows[:, None], cols[None, :], first_row, first_col, BLOCK_N, scale_log2)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(_load_rows(v_base, cols, stride_vt, 0, BLOCK_DV, DV)), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
@@ -213,9 +220,7 @@ def _dkdv_kernel(
                 s_t += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
             lse = tl.load(lse_ptr + bh * seq_len + rows)
             delta = tl.load(delta_ptr + bh * seq_len + rows)
-            s_t = s_t * scale_log2
-            if first_col + BLOCK_N > first_row + 1:
-                s_t = tl.where(cols[:, None] <= rows[None, :], s_t, float("-inf"))
+            s_t = _causal_scaled(s_t, rows[None, :], cols[:, None], first_row, first_col, BLOCK_N, scale_log2)
             p_t = tl.math.exp2(s_t - lse[None, :])
             do = _load_rows(do_base, rows, stride_dot, 0, BLOCK_DV, DV)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
