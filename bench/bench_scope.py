@@ -12,9 +12,9 @@ frequencies (CPU default: 4 heads, D=64, fp32, budget 2, local 2). Per T, larges
 - dense: ``F.scaled_dot_product_attention(is_causal=True)``, forward (fwd) and forward+backward (fb);
 - window: stock FlexAttention with a static causal sliding window of the same number of key blocks as
   SCOPE's mask (local + global + budget = 36 blocks of 128), built once, compiled ``flex_attention``;
-- scope: the attention core of ``ScopeAttention`` (``scope_attention_step``: pointer head -> bias
-  coefficients -> block representatives -> the project's pointer BlockMask builder -> one
-  ``flex_attention`` with the spectral-bias score_mod), compiled as one graph (fullgraph); it starts
+- scope: the attention core of ``ScopeAttention`` (``scope_attention_step`` = ``ScopeAttention.attend``:
+  pointer head -> bias coefficients -> block representatives -> the project's pointer mask builder -> one
+  ``scope.functional.scope_attention``), compiled as one graph (fullgraph); it starts
   from the projected q, k, v (and q before RoPE, the pointer head's input) so dense vs scope is
   attention vs attention. ``--bias-impls``: ``qk_aug`` (bias as extra q/k features), ``none`` (pointer
   mask without bias: window vs none is the cost of pointers alone), ``score_mod`` (flex only; its GPU
@@ -125,20 +125,12 @@ def attention_inputs(config: ScopeConfig, seq_len: int, device: str, dtype: torc
 
 def scope_attention_step(layer: ScopeAttention, q: Tensor, k: Tensor, v: Tensor, q_content: Tensor
                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """ScopeAttention's prefill after the projections: bias coefficients from the pointer head, block
-    representatives, the pointer BlockMask, one flex_attention (what ``ScopeAttention._prefill`` does
-    between ``_project`` and ``o_proj``). -> (out [B, H, T, D], kv_indices, kv_num_blocks): the block
-    lists the attention used (for the check; returning them costs nothing, they exist anyway)."""
-    c = layer.config
-    seq_len = q.shape[2]
-    coeffs = layer.spectral.coefficients(q_content)
-    num_blocks = seq_len // c.block
-    d_blk = representative_rows(coeffs.params.d_star, num_blocks, c.block, c.representative)
-    u_blk = representative_rows(coeffs.params.budget_logits, num_blocks, c.block, c.representative)
-    backend = layer.attention_backend(q, None)
-    mask = layer._pointer_mask(d_blk, u_blk, seq_len, None, None, backend)
-    out = layer._attend(q, k, v, coeffs, mask, None, backend)
-    return out, mask.kv_indices, mask.kv_num_blocks
+    """ScopeAttention's prefill after the projections (``ScopeAttention.attend``): bias coefficients from the
+    pointer head, block representatives, the pointer mask, one ``scope.functional.scope_attention``.
+    -> (out [B, H, T, D], kv_indices, kv_num_blocks): the block lists the attention used (for the check;
+    returning them costs nothing, they exist anyway)."""
+    out, aux = layer.attend(q, k, v, q_content)
+    return out, aux.pointer_mask.kv_indices, aux.pointer_mask.kv_num_blocks
 
 
 def pointer_mask_tensors(layer: ScopeAttention, d_blk: Tensor, u_blk: Tensor, seq_len: int) -> tuple[Tensor, ...]:
@@ -146,7 +138,7 @@ def pointer_mask_tensors(layer: ScopeAttention, d_blk: Tensor, u_blk: Tensor, se
     side; the q side too when the layer is in training mode, as the backward needs): for flex the
     BlockMask's tensors, for the Triton kernels the kv lists and their transpose."""
     backend = layer.config.backend
-    mask = layer._pointer_mask(d_blk, u_blk, seq_len, None, None, backend)
+    mask = layer.pointer_mask(d_blk, u_blk, seq_len, q_side=backend == "flex" and layer.training)
     if backend == "triton":
         lists = (mask.kv_num_blocks, mask.kv_indices)
         return (*lists, *transpose_block_lists(*lists, seq_len // layer.config.block)) if layer.training else lists
@@ -397,7 +389,7 @@ def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor,
         params = layer.spectral.coefficients(qc).params
         d_blk, u_blk = (representative_rows(t, num_blocks, c.block, c.representative)
                         for t in (params.d_star, params.budget_logits))
-        eager_lists = layer._pointer_mask(d_blk, u_blk, seq_len, None, None)
+        eager_lists = layer.pointer_mask(d_blk, u_blk, seq_len)
         differing = (block_visibility(eager_lists.kv_num_blocks, eager_lists.kv_indices, num_blocks)
                      != block_visibility(kv_num, kv_idx, num_blocks)).any(-1).sum()
     pos = torch.arange(seq_len, device=device)
@@ -523,7 +515,7 @@ def time_scope(row: Row, layer: ScopeAttention, inp: dict[str, Tensor], compiled
     with torch.no_grad():
         layer.eval()
         d_blk, u_blk = block_pointer_rows(layer, qc)
-        kv_num = layer._pointer_mask(d_blk, u_blk, seq_len, None, None).kv_num_blocks
+        kv_num = layer.pointer_mask(d_blk, u_blk, seq_len).kv_num_blocks
     row.data["kv_blocks_scope"] = round(float(kv_num.double().mean()), 2)
     row.data["flop_ratio_scope"] = round(q.shape[1] * seq_len * (seq_len + 1) / 2 / score_elements(kv_num, c.block), 2)
     measure_fwd_fb(row, "scope", layer, scope_fwd, scope_fb if backward else None, step)

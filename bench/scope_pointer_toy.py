@@ -57,7 +57,7 @@ def pointer_progress(layer: ScopeAttention, x: torch.Tensor) -> dict[str, float]
     t_rep = causal_representative_positions(num_blocks, BLOCK, "last", x.device)
     wanted = t_rep[rows] - (planted + 0.5) * BLOCK
     with torch.no_grad():
-        _, _, _, q_content = layer._project(x, torch.arange(seq_len))
+        _, _, _, q_content = layer.project(x, torch.arange(seq_len))
         params = layer.spectral.pointer_head(q_content)
         d_blk, u_blk = (representative_rows(v, num_blocks, BLOCK, "last")
                         for v in (params.d_star, params.budget_logits))

@@ -25,6 +25,19 @@ from nsa.sliding_window import sliding_window_attention
 # package attribute to the module, so the public name is bound to the function after all imports.
 nsa_attention = _nsa_attention_fn
 
+# The modules other packages (scope) may import from, besides the names above: the shared pieces (backend
+# dispatch, RoPE, config and argument checks, errors, non-finite handling, the Triton interpreter shim).
+# Every other module of nsa is internal. tests/test_scope_imports.py holds scope to this list.
+PUBLIC_MODULES = (
+    "nsa.config",
+    "nsa.dispatch",
+    "nsa.errors",
+    "nsa.kernels.interpreter",
+    "nsa.nonfinite",
+    "nsa.rope",
+    "nsa.validation",
+)
+
 __all__ = [
     "CompressPool",
     "NSAAttention",

@@ -2,6 +2,12 @@
 
 Rows whose mask is empty produce a zero output and lse = -inf (never NaN, in value or gradient).
 Scores and softmax run in float32 for half inputs (float64 stays float64).
+
+Non-finite inputs (nsa.nonfinite): both attend functions read q, k and v with NaN / inf replaced by
+0 and return NaN (output and lse) in exactly the rows whose own q is non-finite or whose mask
+selects a non-finite key or value vector of their group. Every branch, in prefill, in chunked
+prefill through the cache and in the decode reference, attends through these two functions, so
+this is where the torch paths flag their rows, with the mask they attend with.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+from nsa.nonfinite import finite_or_zero, kv_nonfinite, nonfinite_rows, per_query_head, poison_rows, poison_values
 
 # Elements of the per-chunk score/gather tensors the reference path allows itself; bounds peak
 # memory at a few hundred MB whatever T is.
@@ -41,15 +49,19 @@ def attend_shared_keys(
     """Queries of a chunk against one key set.
 
     q [B, C, HQ, Dk], k [B, K, Hkv, Dk], v [B, K, Hkv, Dv], mask bool [B|1, C, K] (True = attend).
-    Returns o [B, C, HQ, Dv] (q's dtype), lse [B, C, HQ] and probs [B, Hkv, G, C, K] (accumulation dtype).
+    Returns o [B, C, HQ, Dv] (q's dtype), lse [B, C, HQ] and probs [B, Hkv, G, C, K] (accumulation dtype);
+    o and lse are NaN in the rows that see a non-finite input, probs are always finite.
     """
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    reads_nonfinite = (mask[..., None] & kv_nonfinite(k, v)[:, None]).any(dim=2)  # [B, C, Hkv]
+    poisoned = nonfinite_rows(q) | per_query_head(reads_nonfinite, num_heads)
     acc = accumulation_dtype(q.dtype)
-    qg = q.to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
-    scores = torch.einsum("bchgd,bkhd->bhgck", qg, k.to(acc)) * scale
+    qg = finite_or_zero(q).to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
+    scores = torch.einsum("bchgd,bkhd->bhgck", qg, finite_or_zero(k).to(acc)) * scale
     probs, lse = masked_softmax(scores, mask[:, None, None])
-    out = torch.einsum("bhgck,bkhd->bchgd", probs, v.to(acc))
-    return out.flatten(2, 3).to(q.dtype), lse.permute(0, 3, 1, 2).flatten(2), probs
+    out = torch.einsum("bhgck,bkhd->bchgd", probs, finite_or_zero(v).to(acc))
+    out = poison_rows(out.flatten(2, 3).to(q.dtype), poisoned)
+    return out, poison_values(lse.permute(0, 3, 1, 2).flatten(2), poisoned), probs
 
 
 def attend_gathered_keys(
@@ -58,15 +70,17 @@ def attend_gathered_keys(
     """Each query against its own gathered keys.
 
     q [B, C, HQ, Dk], k [B, C, Hkv, K, Dk], v [B, C, Hkv, K, Dv], mask bool [B, C, Hkv, K].
-    Returns o [B, C, HQ, Dv] in q's dtype; all G heads of a group share the group's keys.
+    Returns o [B, C, HQ, Dv] in q's dtype; all G heads of a group share the group's keys. o is NaN
+    in the rows that see a non-finite input.
     """
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    poisoned = nonfinite_rows(q) | per_query_head((mask & kv_nonfinite(k, v)).any(dim=-1), num_heads)
     acc = accumulation_dtype(q.dtype)
-    qg = q.to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
-    scores = torch.einsum("bchgd,bchkd->bchgk", qg, k.to(acc)) * scale
+    qg = finite_or_zero(q).to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
+    scores = torch.einsum("bchgd,bchkd->bchgk", qg, finite_or_zero(k).to(acc)) * scale
     probs, _ = masked_softmax(scores, mask[:, :, :, None])
-    out = torch.einsum("bchgk,bchkd->bchgd", probs, v.to(acc))
-    return out.flatten(2, 3).to(q.dtype)
+    out = torch.einsum("bchgk,bchkd->bchgd", probs, finite_or_zero(v).to(acc))
+    return poison_rows(out.flatten(2, 3).to(q.dtype), poisoned)
 
 
 def budget_chunk_size(elements_per_query: int) -> int:

@@ -9,6 +9,7 @@ import torch
 from nsa.attention_core import accumulation_dtype, attend_shared_keys, budget_chunk_size, query_chunks
 from nsa.block_index import compressed_visibility, num_compressed_blocks
 from nsa.errors import NSAInputError
+from nsa.nonfinite import nonfinite_rows, poison_rows, poison_values
 from nsa.validation import check_attention_inputs, check_divides, check_positive_int, check_scale
 
 
@@ -30,27 +31,29 @@ def compressed_attention_chunk(
     """
     batch, chunk, num_heads, _ = q.shape
     visible = compressed_visibility(positions, num_visible, block_size, block_stride)
-    if num_visible == 0:
-        out = q.new_zeros(batch, chunk, num_heads, v_cmp.shape[-1])
+    if num_visible == 0:  # zero output, lse = -inf; NaN only where q itself is non-finite (nsa.nonfinite)
+        poisoned = nonfinite_rows(q)
+        out = poison_rows(q.new_zeros(batch, chunk, num_heads, v_cmp.shape[-1]), poisoned)
         lse = torch.full((batch, chunk, num_heads), float("-inf"), device=q.device,
                          dtype=accumulation_dtype(q.dtype))
-        return CompressedChunk(out, lse, None, visible)
+        return CompressedChunk(out, poison_values(lse, poisoned), None, visible)
     out, lse, probs = attend_shared_keys(q, k_cmp[:, :num_visible], v_cmp[:, :num_visible], visible, scale)
     return CompressedChunk(out, lse, probs, visible)
 
 
 def check_compressed_inputs(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int, block_stride: int,
-    scale: float | None,
+    scale: float | None, *, packed: bool = False,
 ) -> int:
-    """Validate the compression-branch arguments; return T."""
+    """Validate the compression-branch arguments; return T. packed: k_cmp holds several sequences' blocks
+    (its count is checked against cu_seqlens instead, by nsa.functional.check_cu_seqlens)."""
     seq_len, _, _ = check_attention_inputs(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp")
     check_positive_int("block_size", block_size)
     check_positive_int("block_stride", block_stride)
     check_divides("block_stride", block_stride, "block_size", block_size)
     check_scale(scale)
     expected = num_compressed_blocks(seq_len, block_size, block_stride)
-    if k_cmp.shape[1] != expected:
+    if not packed and k_cmp.shape[1] != expected:
         raise NSAInputError(
             f"k_cmp has {k_cmp.shape[1]} blocks but T={seq_len}, block_size={block_size}, "
             f"block_stride={block_stride} give num_cmp(T) = {expected}"
@@ -69,6 +72,9 @@ def compressed_attention(
     Causality: query t sees block i iff i*d + l - 1 <= t; a query that sees none gets o = 0.
     Returns (o [B, T, HQ, Dv], lse [B, T, HQ]): lse is the log-sum-exp of the scaled scores that
     selection reuses (Eq. 8), float32 (float64 for float64 inputs), -inf where nothing is visible.
+    Non-finite inputs (nsa.nonfinite): o and lse are NaN in the rows whose q is non-finite or that
+    see a block with a non-finite k_cmp / v_cmp vector of their group; every other row is exactly
+    what it would be with those entries finite.
     """
     seq_len = check_compressed_inputs(q, k_cmp, v_cmp, block_size, block_stride, scale)
     scale = scale if scale is not None else q.shape[-1] ** -0.5

@@ -11,6 +11,7 @@ from typing import Any
 
 from nsa.dispatch import BACKENDS
 from nsa.errors import NSAConfigError
+from nsa.validation import check_positive_int, check_real
 
 COMPRESSION_KINDS = ("mlp", "mean")
 GATE_KINDS = ("sigmoid", "softmax")
@@ -22,7 +23,8 @@ class NSAConfig:
 
     Paper symbols: l = cmp_block_size, d = cmp_stride, l' = sel_block_size, n = num_selected
     (including the three forced blocks), w = window_size, HQ = num_heads, H_kv = num_kv_heads,
-    d_k = head_dim, d_v = head_dim_v. Requires d | l and d | l'.
+    d_k = head_dim, d_v = head_dim_v. Requires d | l and d | l'. Checked on construction (NSAConfigError
+    naming the field): ints positive, float settings (rope_theta, scale) finite and > 0.
     """
 
     hidden_size: int = 2560
@@ -42,15 +44,16 @@ class NSAConfig:
     rope_theta: float = 10000.0
     scale: float | None = None  # attention scale; None -> 1/sqrt(head_dim)
     query_chunk_size: int | None = None  # reference path chunking; None -> chosen from a memory budget
-    backend: str = "auto"  # decode step: "auto" | "torch" | "triton" (nsa.dispatch says which runs and why)
+    # prefill, training and decode: "auto" | "torch" | "triton" (nsa.dispatch; NSA_BACKEND overrides)
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "head_dim_v",
                      "cmp_block_size", "cmp_stride", "sel_block_size", "num_selected", "window_size"):
-            _require_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name), error=NSAConfigError)
         for name in ("compression_hidden", "query_chunk_size"):
             if getattr(self, name) is not None:
-                _require_positive_int(name, getattr(self, name))
+                check_positive_int(name, getattr(self, name), error=NSAConfigError)
         if self.num_heads % self.num_kv_heads != 0:
             raise NSAConfigError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -77,10 +80,9 @@ class NSAConfig:
             raise NSAConfigError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if not isinstance(self.shared_kv, bool):
             raise NSAConfigError(f"shared_kv must be a bool, got {self.shared_kv!r}")
-        if not self.rope_theta > 0:
-            raise NSAConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.scale is not None and not self.scale > 0:
-            raise NSAConfigError(f"scale must be > 0 or None, got {self.scale}")
+        check_real("rope_theta", self.rope_theta, error=NSAConfigError, above=0.0)
+        if self.scale is not None:
+            check_real("scale", self.scale, error=NSAConfigError, above=0.0)
 
     @property
     def group_size(self) -> int:
@@ -115,8 +117,3 @@ def load_nsa_config(path: str | Path) -> NSAConfig:
     with open(path, "rb") as handle:
         data = tomllib.load(handle)
     return NSAConfig.from_dict(data.get("nsa", data))
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise NSAConfigError(f"{name} must be a positive int, got {value!r}")

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from nsa.dispatch import choose_decode_backend
+from nsa.dispatch import BackendChoice, choose_decode_backend
 from nsa.functional import NSASizes, nsa_attention_chunk
 
 
@@ -25,7 +25,7 @@ class DecodeResult(NamedTuple):
 def decode_attention(
     q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, *, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
-    v_win: torch.Tensor, sizes: NSASizes, scale: float, backend: str = "auto",
+    v_win: torch.Tensor, sizes: NSASizes, scale: float, backend: str | BackendChoice = "auto",
 ) -> DecodeResult:
     """Gated NSA attention of one new token per sequence, after its K/V were written to the cache.
 
@@ -37,8 +37,12 @@ def decode_attention(
     and selection blocks any sequence of the batch can see (the cache's largest length, or its
     capacity for static shapes). Causal alignment as in nsa_attention: the query at t reads
     compressed blocks ending <= t, selected tokens <= t and window keys t-w+1..t.
+    backend: "auto" | "torch" | "triton" (chosen here by nsa.dispatch), or the BackendChoice a caller
+    already made (NSAAttention chooses before writing the step's keys into its cache, so that a refused
+    backend changes nothing).
     """
-    choice = choose_decode_backend(backend, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win)
+    choice = backend if isinstance(backend, BackendChoice) else choose_decode_backend(
+        backend, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win)
     args = (q, gates, positions, k_cmp, v_cmp, num_cmp_bound, k_sel, v_sel, num_sel_blocks, k_win, v_win)
     if choice.name == "torch":
         return decode_attention_reference(*args, sizes=sizes, scale=scale)

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+# Public here (nsa.attention_core is internal): the dtype the reference paths, and SCOPE's, accumulate in.
+from nsa.attention_core import accumulation_dtype as accumulation_dtype
 from nsa.errors import NSAInputError
 
 BACKENDS = ("auto", "torch", "triton")
@@ -80,9 +82,35 @@ def choose_backend(op: str, requested: str, tensors: tuple[torch.Tensor, ...], *
     return _logged_choice(op, BackendChoice("triton", f"backend={requested!r}, inputs supported"))
 
 
+BACKEND_ENV = "NSA_BACKEND"
+
+
+def requested_nsa_backend(requested: str) -> str:
+    """The backend an NSA op is asked for: $NSA_BACKEND (auto | torch | triton) when set, overriding the config
+    and the call (the design card's switch), else ``requested``."""
+    override = os.environ.get(BACKEND_ENV, "")
+    if not override:
+        return requested
+    if override not in BACKENDS:
+        raise NSAInputError(f"environment variable {BACKEND_ENV}={override!r} must be one of {BACKENDS}")
+    return override
+
+
 def choose_decode_backend(requested: str, *tensors: torch.Tensor) -> BackendChoice:
     """Backend for one NSA decode step over `tensors` (the Triton step is inference-only)."""
-    return choose_backend("nsa decode", requested, tensors, inference_only=True, error=NSAInputError)
+    return choose_backend("nsa decode", requested_nsa_backend(requested), tensors, inference_only=True,
+                          error=NSAInputError)
+
+
+def choose_prefill_backend(requested: str, q: torch.Tensor, tensors: tuple[torch.Tensor, ...],
+                           sizes: tuple[int, int, int, int, int]) -> BackendChoice:
+    """Backend for nsa_attention (prefill and training, differentiable): the fused kernels of nsa.prefill or
+    the PyTorch path. ``tensors``: everything else the op reads; ``sizes``: (l, d, l', n, w)."""
+    from nsa.prefill import prefill_obstacles  # no triton import: the size rules of the kernels
+
+    group = q.shape[2] // max(1, tensors[0].shape[2])
+    return choose_backend("nsa prefill", requested_nsa_backend(requested), (q, *tensors), inference_only=False,
+                          error=NSAInputError, extra_obstacles=tuple(prefill_obstacles(group, *sizes)))
 
 
 def _logged_choice(op: str, choice: BackendChoice) -> BackendChoice:
@@ -91,3 +119,58 @@ def _logged_choice(op: str, choice: BackendChoice) -> BackendChoice:
         _logged.add(key)
         logger.info("%s backend: %s (%s)", op, choice.name, choice.reason)
     return choice
+
+
+# ----------------------------------------------------------------------------------------------
+# SCOPE's prefill attention (scope.functional.scope_attention): three paths
+
+SCOPE_ATTENTION_BACKENDS = ("auto", "flex", "triton", "torch")
+# Scores (B * H * T^2) the dense "torch" path may hold: it is SCOPE's CPU training path, for short sequences.
+SCOPE_DENSE_SCORE_LIMIT = 1 << 26
+
+
+def choose_scope_attention_backend(requested: str, q: torch.Tensor, *, qk_width: int, block: int, score_mod: bool,
+                                   documents: bool, needs_grad: bool, error: type[Exception]) -> BackendChoice:
+    """SCOPE's attention over rotated queries q [B, H, T, D]: "triton" (scope.block_sparse_attention's kernels),
+    "flex" (FlexAttention) or "torch" (dense masked softmax, scope.functional.naive_scope_attention's math).
+
+    "auto" takes the kernels where the q.k width (``qk_width``: D, or qk_aug's D + 2K features aligned) is not
+    a power of two, which Flex rounds up (H100, bf16, 128k, fwd+bwd: 54 ms vs Flex's 127 ms; at D=128 without
+    the bias the kernels measured 38.2 ms against Flex's 39.5 ms, in runs of different commits: too close to
+    switch), any float dtype (on the H100 float32 gradients through the kernels equal Flex's to 1%); Flex
+    elsewhere, the path ``score_mod`` and ``documents`` need; and the dense path where Flex cannot run:
+    gradients on the CPU (FlexAttention has no CPU backward), up to SCOPE_DENSE_SCORE_LIMIT scores.
+    "flex", "triton" and "torch" force a path and raise ``error`` naming the reason when it cannot run.
+    """
+    if requested not in SCOPE_ATTENTION_BACKENDS:
+        raise error(f"backend={requested!r} must be one of {SCOPE_ATTENTION_BACKENDS}")
+    op = "scope attention"
+    batch, heads, seq_len = q.shape[:3]
+    dense_scores = batch * heads * seq_len**2
+    cpu_grad = needs_grad and q.device.type == "cpu"
+    obstacles: dict[str, list[str]] = {
+        "triton": triton_obstacles((q,), requested == "triton", inference_only=False),
+        "flex": ["FlexAttention has no backward on the CPU (the dense 'torch' path has one)"] if cpu_grad else [],
+        "torch": [f"the dense path would hold B*H*T^2 = {dense_scores} scores (limit {SCOPE_DENSE_SCORE_LIMIT})"]
+        if dense_scores > SCOPE_DENSE_SCORE_LIMIT else [],
+    }
+    if score_mod:
+        obstacles["triton"].append("bias_impl='score_mod' runs in FlexAttention")
+    if documents:
+        obstacles["triton"].append("document masks run in FlexAttention")
+    if block < 16 or block & (block - 1):
+        obstacles["triton"].append(f"block={block} is not a power of two >= 16 (the Triton kernels' tile rule)")
+    if requested != "auto":
+        if obstacles[requested]:
+            raise error(f"backend={requested!r} cannot run {op}: {'; '.join(obstacles[requested])}")
+        return _logged_choice(op, BackendChoice(requested, f"backend={requested!r} requested"))
+    if qk_width & (qk_width - 1) == 0:
+        obstacles["triton"].append(f"q.k width {qk_width} is a power of two, which FlexAttention runs unpadded")
+    tried: list[str] = []
+    for name in ("triton", "flex", "torch"):
+        if not obstacles[name]:
+            reason = "; ".join(tried) if tried else f"q.k width {qk_width} is not a power of two (Flex would pad it)"
+            return _logged_choice(op, BackendChoice(name, reason))
+        tried.append(f"not {name}: {'; '.join(obstacles[name])}")
+    raise error(f"no backend can run {op} ({'; '.join(tried)}): train on CUDA, shorten the sequence, or run "
+                "without gradients (torch.no_grad())")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -9,7 +11,9 @@ import torch
 from nsa.attention_core import budget_chunk_size, query_chunks
 from nsa.block_index import num_compressed_blocks, num_selection_blocks
 from nsa.compressed_attention import check_compressed_inputs, compressed_attention_chunk
+from nsa.dispatch import choose_prefill_backend
 from nsa.errors import NSAInputError
+from nsa.nonfinite import gated_sum, nsa_nonfinite_guard
 from nsa.selected_attention import selected_attention_chunk
 from nsa.selection_scorer import check_selection_sizes, select_from_group_probs
 from nsa.sliding_window import sliding_window_chunk
@@ -58,8 +62,7 @@ def nsa_attention_chunk(
         block_indices = select_from_group_probs(p_grp, positions, num_sel_blocks, l, d, l_sel, n)
     o_sel, sel_read = selected_attention_chunk(q, k_sel, v_sel, block_indices, positions, l_sel, scale)
     o_win, win_read = sliding_window_chunk(q, k_win, v_win, positions, win_positions, w, scale)
-    g = gates.unsqueeze(-1)
-    output = g[:, :, :, 0] * cmp.output + g[:, :, :, 1] * o_sel + g[:, :, :, 2] * o_win
+    output = gated_sum(gates, (cmp.output, o_sel, o_win))  # NaN rows: those a branch or a gate poisoned
     per_query = (batch, chunk, num_kv_heads)
     reads = torch.stack((cmp.visible.sum(-1)[..., None].expand(per_query), sel_read.sum(-1),
                          win_read.sum(-1)[..., None].expand(per_query)), dim=-1)
@@ -70,9 +73,10 @@ def check_nsa_inputs(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
     k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, block_size: int, block_stride: int,
     sel_block_size: int, num_selected: int, window_size: int, scale: float | None,
+    query_chunk_size: int | None = None, packed: bool = False,
 ) -> int:
-    """Validate every argument of nsa_attention; return T."""
-    seq_len = check_compressed_inputs(q, k_cmp, v_cmp, block_size, block_stride, scale)
+    """Validate every argument of nsa_attention; return T. packed: cu_seqlens is given (nsa_attention)."""
+    seq_len = check_compressed_inputs(q, k_cmp, v_cmp, block_size, block_stride, scale, packed=packed)
     for k_name, k, v_name, v in (("k_sel", k_sel, "v_sel", v_sel), ("k_win", k_win, "v_win", v_win)):
         check_attention_inputs(q, k, v, k_name=k_name, v_name=v_name)
         check_same_length(k_name, k, seq_len)
@@ -82,6 +86,8 @@ def check_nsa_inputs(
             raise NSAInputError(f"{v_name} head dim {v.shape[-1]} must equal v_cmp head dim {v_cmp.shape[-1]}")
     check_selection_sizes(block_stride, sel_block_size, num_selected)
     check_positive_int("window_size", window_size)
+    if query_chunk_size is not None:
+        check_positive_int("query_chunk_size", query_chunk_size)
     check_gates(gates, q)
     return seq_len
 
@@ -100,7 +106,7 @@ def nsa_attention(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
     k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, *, block_size: int, block_stride: int,
     sel_block_size: int, num_selected: int, window_size: int, scale: float | None = None,
-    query_chunk_size: int | None = None,
+    query_chunk_size: int | None = None, cu_seqlens: torch.Tensor | None = None, backend: str = "auto",
 ) -> NSAOutput:
     """Gated NSA attention: o = g_cmp * cmp + g_sel * sel + g_win * win.
 
@@ -109,17 +115,55 @@ def nsa_attention(
     the order (cmp, sel, win), already activated. Causal alignment: query t sees compressed block i
     iff i*d + l - 1 <= t, selected tokens <= t, window keys t-w+1 .. t.
     The selection branch reads the blocks chosen from the compression branch's probabilities
-    (Eq. 8-12); selection carries no gradient. Works chunk by chunk over queries, so memory is
-    O(T * (n*l' + w + T/d)) and no [T, T] tensor exists. Returns NSAOutput(output [B, T, HQ, Dv],
+    (Eq. 8-12); selection carries no gradient. Returns NSAOutput(output [B, T, HQ, Dv],
     block_indices [B, T, Hkv, n]).
+    Non-finite inputs (nsa.nonfinite): the output is NaN in exactly the rows that see a NaN / inf (in q,
+    a visible key or value of any branch, or the row's gates); every other row, its selection and the
+    gradients reaching it are as if those entries were finite; selections stay valid in every row.
+
+    Packed sequences: with ``cu_seqlens`` (int [S + 1], 0 = cu[0] <= ... <= cu[S] = T, B = 1) the T rows hold
+    S sequences, positions restart at 0 in each, and k_cmp/v_cmp hold each sequence's num_cmp(len) compressed
+    blocks one after the other; block indices are per sequence. (Validation reads cu_seqlens on the host once.)
+
+    backend (nsa.dispatch; the NSA_BACKEND environment variable overrides it): "triton", the fused kernels of
+    nsa.prefill (CUDA; forward and backward); "torch", this module's PyTorch path, which works chunk by chunk
+    over queries so memory is O(T * (n*l' + w + T/d)) and no [T, T] tensor exists; "auto" takes the kernels
+    where they can run and logs why not otherwise. Both compute the same function.
     """
-    seq_len = check_nsa_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size, block_stride,
-                               sel_block_size, num_selected, window_size, scale)
+    check_nsa_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size, block_stride,
+                     sel_block_size, num_selected, window_size, scale, query_chunk_size, packed=cu_seqlens is not None)
+    lengths = check_cu_seqlens(cu_seqlens, q, k_cmp, block_size, block_stride)
     sizes = NSASizes(block_size, block_stride, sel_block_size, num_selected, window_size)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    chunk = query_chunk_size or prefill_chunk_size(q, k_cmp, v_sel, sizes)
+    choice = choose_prefill_backend(backend, q, (k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates), sizes)
+    if choice.name == "triton":
+        from nsa.prefill import PrefillSizes, nsa_attention_triton
+
+        # The kernels read masked tiles (0 x NaN would leak): they run on sanitized inputs (nsa.nonfinite).
+        kernels = functools.partial(nsa_attention_triton, cu_seqlens=cu_seqlens, sizes=PrefillSizes(*sizes),
+                                    scale=scale)
+        return NSAOutput(*nsa_nonfinite_guard(kernels, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates,
+                                              block_size=block_size, block_stride=block_stride,
+                                              sel_block_size=sel_block_size, window_size=window_size,
+                                              cu_seqlens=cu_seqlens))
+    if lengths is None:
+        return _nsa_attention_torch(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, sizes=sizes, scale=scale,
+                                    chunk=query_chunk_size or prefill_chunk_size(q, k_cmp, v_sel, sizes))
+    pieces = []
+    for part in split_sequences(lengths, sizes, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates):
+        chunk = query_chunk_size or prefill_chunk_size(part.q, part.k_cmp, part.v_sel, sizes)
+        pieces.append(_nsa_attention_torch(*part, sizes=sizes, scale=scale, chunk=chunk))
+    return NSAOutput(torch.cat([p.output for p in pieces], dim=1), torch.cat([p.block_indices for p in pieces], dim=1))
+
+
+def _nsa_attention_torch(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
+    k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, *, sizes: NSASizes, scale: float, chunk: int,
+) -> NSAOutput:
+    """The PyTorch path over one batch of equal-length sequences, chunk by chunk over queries."""
+    block_size, block_stride, sel_block_size, _, window_size = sizes
     outputs, indices = [], []
-    for start, end in query_chunks(seq_len, chunk):
+    for start, end in query_chunks(q.shape[1], chunk):
         key_start = max(0, start - window_size + 1)
         result = nsa_attention_chunk(
             q[:, start:end], gates[:, start:end], torch.arange(start, end, device=q.device)[None],
@@ -131,3 +175,56 @@ def nsa_attention(
         outputs.append(result.output)
         indices.append(result.block_indices)
     return NSAOutput(torch.cat(outputs, dim=1), torch.cat(indices, dim=1))
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor, k_cmp: torch.Tensor, block_size: int,
+                     block_stride: int) -> list[int] | None:
+    """Validate packed-sequence boundaries (one host read); return the sequence lengths (None: no packing)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
+            torch.int32, torch.int64):
+        raise NSAInputError("cu_seqlens must be a 1-D int32/int64 tensor [S + 1]")
+    if cu_seqlens.device != q.device:
+        raise NSAInputError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if q.shape[0] != 1:
+        raise NSAInputError(f"packed sequences (cu_seqlens) need batch size 1, got B={q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1]:
+        raise NSAInputError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {bounds[:3]}...{bounds[-1:]}")
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    if min(lengths) < 0:
+        raise NSAInputError("cu_seqlens must be non-decreasing")
+    expected = sum(num_compressed_blocks(n, block_size, block_stride) for n in lengths)
+    if k_cmp.shape[1] != expected:
+        raise NSAInputError(f"k_cmp has {k_cmp.shape[1]} blocks but the packed sequences need "
+                            f"sum of num_cmp(len) = {expected}")
+    return lengths
+
+
+class SequenceInputs(NamedTuple):
+    """nsa_attention's tensors sliced to one packed sequence."""
+
+    q: torch.Tensor
+    k_cmp: torch.Tensor
+    v_cmp: torch.Tensor
+    k_sel: torch.Tensor
+    v_sel: torch.Tensor
+    k_win: torch.Tensor
+    v_win: torch.Tensor
+    gates: torch.Tensor
+
+
+def split_sequences(lengths: list[int], sizes: NSASizes, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+                    k_sel: torch.Tensor, v_sel: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
+                    gates: torch.Tensor) -> list[SequenceInputs]:
+    """nsa_attention's tensors per packed sequence (empty sequences dropped)."""
+    parts, token, block = [], 0, 0
+    for length in lengths:
+        blocks = num_compressed_blocks(length, sizes.block_size, sizes.block_stride)
+        if length:
+            rows, cmp_rows = slice(token, token + length), slice(block, block + blocks)
+            parts.append(SequenceInputs(q[:, rows], k_cmp[:, cmp_rows], v_cmp[:, cmp_rows], k_sel[:, rows],
+                                        v_sel[:, rows], k_win[:, rows], v_win[:, rows], gates[:, rows]))
+        token, block = token + length, block + blocks
+    return parts

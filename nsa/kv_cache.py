@@ -25,6 +25,7 @@ import torch
 from nsa.block_index import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.errors import NSAInputError
+from nsa.validation import check_device, check_positive_int
 
 
 class NSAKVCache:
@@ -33,17 +34,19 @@ class NSAKVCache:
     Counters: `last_reads` [B, C, Hkv, 3] holds the tokens each query of the last append read per
     branch (cmp, sel, win), taken from the masks the attention used; `total_reads` [B, Hkv, 3]
     accumulates them over all valid queries since the cache was created.
+    device: a torch.device or a string such as "cuda:0" (NSAInputError naming it when this build or
+    machine lacks it). An append that is refused (NSAInputError) changes nothing: NSAAttention runs
+    every check, the decode backend's included, before its first write.
     """
 
     def __init__(self, config: NSAConfig, batch_size: int, capacity: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  static_shapes: bool = False) -> None:
-        for name, value in (("batch_size", batch_size), ("capacity", capacity)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise NSAInputError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("capacity", capacity)
         c = self.config = config
         self.batch_size, self.capacity = batch_size, capacity
-        self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.device, self.dtype = check_device("device", device or "cpu"), dtype
         self.static_shapes = static_shapes
         self.lengths: list[int] = [0] * batch_size
         self.device_lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
@@ -85,7 +88,8 @@ class NSAKVCache:
 
     def check_append(self, x: torch.Tensor, num_valid: Sequence[int] | None,
                      start_positions: Sequence[int] | None) -> list[int]:
-        """Validate an append of x [B, C, ...]; return the valid token count per sequence."""
+        """Validate an append of x [B, C, ...] (C = 0 is valid: an empty append); return the valid token
+        count per sequence. Reads nothing from the device and changes nothing."""
         if x.shape[0] != self.batch_size:
             raise NSAInputError(f"x has batch {x.shape[0]} but the cache holds {self.batch_size} sequences")
         if x.dtype != self.dtype:
@@ -93,16 +97,14 @@ class NSAKVCache:
         if x.device != self.device:
             raise NSAInputError(f"x is on {x.device} but the cache is on {self.device}")
         chunk = x.shape[1]
-        if chunk == 0:
-            raise NSAInputError("x must hold at least one new token per sequence (C >= 1), got C=0")
         counts = [chunk] * self.batch_size if num_valid is None else list(num_valid)
         if (len(counts) != self.batch_size or not all(_is_int(n) for n in counts)
                 or any(n < 0 or n > chunk for n in counts)):
             raise NSAInputError(f"num_valid must give {self.batch_size} ints in [0, C={chunk}], got {counts}")
         if start_positions is not None:
-            if len(start_positions) != self.batch_size:
+            if len(start_positions) != self.batch_size or not all(_is_int(n) for n in start_positions):
                 raise NSAInputError(
-                    f"start_positions must give {self.batch_size} positions, got {len(start_positions)}"
+                    f"start_positions must give {self.batch_size} ints, got {list(start_positions)}"
                 )
             for b, (start, length) in enumerate(zip(start_positions, self.lengths, strict=True)):
                 if start < length:

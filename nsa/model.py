@@ -188,11 +188,10 @@ class DenseCausalAttention(nn.Module):
         positions = torch.arange(T, device=x.device)
         q = apply_rope(q, positions, theta=self.rope_theta)
         k = apply_rope(k, positions, theta=self.rope_theta)
-        group = self.num_heads // self.num_kv_heads  # query head h reads kv head h // group
-        k = k.repeat_interleave(group, dim=2)
-        v = v.repeat_interleave(group, dim=2)
-        # SDPA wants [B, H, T, D]; full square prefill, so is_causal=True is aligned correctly.
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        # SDPA wants [B, H, T, D]; full square prefill, so is_causal=True is aligned correctly. enable_gqa: query
+        # head h reads kv head h // G without materialising G copies of k and v.
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=True)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         return (y, None) if return_aux else y
 

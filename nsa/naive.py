@@ -2,6 +2,10 @@
 
 Each builds the full [T, T] (or [T, N_cmp]) mask and runs one masked softmax: O(T^2) memory, easy
 to read, used as the in-package baseline for tests and benchmarks on small T.
+
+Non-finite inputs follow the ops' rule (nsa.nonfinite): the twins attend over the sanitized inputs
+and poison the rows that the whole-sequence flags of nsa.nonfinite name, while the ops flag rows
+from the masks they attend with, so comparing the two also checks those flags.
 """
 
 from __future__ import annotations
@@ -12,6 +16,15 @@ from nsa.attention_core import accumulation_dtype
 from nsa.block_index import compressed_visibility, num_selection_blocks, overlap_matrix
 from nsa.compressed_attention import check_compressed_inputs
 from nsa.functional import NSAOutput, check_nsa_inputs
+from nsa.nonfinite import (
+    compressed_nonfinite_rows,
+    finite_or_zero,
+    nsa_nonfinite_rows,
+    poison_rows,
+    poison_values,
+    selected_nonfinite_rows,
+    window_nonfinite_rows,
+)
 from nsa.selection_scorer import check_selection_sizes, group_reduce, topn_blocks
 from nsa.validation import (
     check_attention_inputs,
@@ -54,8 +67,10 @@ def naive_compressed_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense reference of compressed_attention: returns (o, lse)."""
     check_compressed_inputs(q, k_cmp, v_cmp, block_size, block_stride, scale)
-    out, _, lse = _naive_compressed(q, k_cmp, v_cmp, block_size, block_stride, scale)
-    return out, lse
+    rows = compressed_nonfinite_rows(q, k_cmp, v_cmp, block_size, block_stride)
+    out, _, lse = _naive_compressed(finite_or_zero(q), finite_or_zero(k_cmp), finite_or_zero(v_cmp), block_size,
+                                    block_stride, scale)
+    return poison_rows(out, rows), poison_values(lse, rows)
 
 
 def naive_selected_attention(
@@ -63,11 +78,21 @@ def naive_selected_attention(
     scale: float | None = None, *, check_indices: bool = True,
 ) -> torch.Tensor:
     """Dense reference of selected_attention: a [T, T] token mask built from the block indices."""
-    seq_len, num_heads, num_kv_heads = check_attention_inputs(q, k, v)
+    seq_len, _, num_kv_heads = check_attention_inputs(q, k, v)
     check_same_length("k", k, seq_len)
     check_positive_int("block_size", block_size)
     check_scale(scale)
     check_block_indices(block_indices, q, num_kv_heads, block_size, validate_values=check_indices)
+    rows = selected_nonfinite_rows(q, k, v, block_indices, block_size)
+    out = _naive_selected(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), block_indices, block_size, scale)
+    return poison_rows(out, rows)
+
+
+def _naive_selected(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, block_size: int,
+    scale: float | None,
+) -> torch.Tensor:
+    seq_len, num_heads, num_kv_heads = q.shape[1], q.shape[2], k.shape[2]
     num_blocks = num_selection_blocks(seq_len, block_size)
     used = block_indices >= 0
     chosen = torch.zeros(*block_indices.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
@@ -88,7 +113,14 @@ def naive_sliding_window_attention(
     check_same_length("k", k, seq_len)
     check_positive_int("window_size", window_size)
     check_scale(scale)
-    positions = torch.arange(seq_len, device=q.device)
+    rows = window_nonfinite_rows(q, k, v, window_size)
+    return poison_rows(_naive_window(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), window_size, scale), rows)
+
+
+def _naive_window(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float | None
+) -> torch.Tensor:
+    positions = torch.arange(q.shape[1], device=q.device)
     distance = positions[:, None] - positions[None, :]
     mask = (distance >= 0) & (distance < window_size)
     return _dense_attention(q, k, v, mask[None, None], scale)[0]
@@ -101,6 +133,7 @@ def naive_select_blocks(
     """Dense reference of select_blocks: full p_cmp, the dense Eq. 9 matrix, Eq. 10, top-n."""
     seq_len = check_compressed_inputs(q, k_cmp, k_cmp, block_size, block_stride, scale)
     check_selection_sizes(block_stride, sel_block_size, num_selected)
+    q, k_cmp = finite_or_zero(q), finite_or_zero(k_cmp)
     _, probs, _ = _naive_compressed(q, k_cmp, k_cmp, block_size, block_stride, scale)
     return _select_from_probs(probs.permute(0, 2, 1, 3), k_cmp.shape[2], seq_len, block_size, block_stride,
                               sel_block_size, num_selected)
@@ -122,14 +155,19 @@ def naive_nsa_attention(
     sel_block_size: int, num_selected: int, window_size: int, scale: float | None = None,
     query_chunk_size: int | None = None,
 ) -> NSAOutput:
-    """Dense reference of nsa_attention (query_chunk_size is accepted and ignored)."""
+    """Dense reference of nsa_attention (query_chunk_size is checked like nsa_attention's, then ignored)."""
     seq_len = check_nsa_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size, block_stride,
-                               sel_block_size, num_selected, window_size, scale)
+                               sel_block_size, num_selected, window_size, scale, query_chunk_size)
+    raw = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
+    q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates = (finite_or_zero(x) for x in raw)
     o_cmp, probs, _ = _naive_compressed(q, k_cmp, v_cmp, block_size, block_stride, scale)
     with torch.no_grad():
         block_indices = _select_from_probs(probs.detach().permute(0, 2, 1, 3), k_cmp.shape[2], seq_len,
                                            block_size, block_stride, sel_block_size, num_selected)
-    o_sel = naive_selected_attention(q, k_sel, v_sel, block_indices, sel_block_size, scale, check_indices=False)
-    o_win = naive_sliding_window_attention(q, k_win, v_win, window_size, scale)
+    o_sel = _naive_selected(q, k_sel, v_sel, block_indices, sel_block_size, scale)
+    o_win = _naive_window(q, k_win, v_win, window_size, scale)
     g = gates.unsqueeze(-1)
-    return NSAOutput(g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_sel + g[:, :, :, 2] * o_win, block_indices)
+    out = g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_sel + g[:, :, :, 2] * o_win
+    rows = nsa_nonfinite_rows(*raw, block_indices, block_size=block_size, block_stride=block_stride,
+                              sel_block_size=sel_block_size, window_size=window_size)
+    return NSAOutput(poison_rows(out, rows), block_indices)

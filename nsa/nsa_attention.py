@@ -10,12 +10,14 @@ from torch import nn
 
 from nsa.attention_core import query_chunks
 from nsa.block_index import num_compressed_blocks, num_selection_blocks
-from nsa.compress_pool import CompressPool
+from nsa.compress_pool import CompressPool, block_windows
 from nsa.config import NSAConfig
 from nsa.decode_attention import decode_attention
+from nsa.dispatch import choose_decode_backend
 from nsa.errors import NSAInputError
 from nsa.functional import NSASizes, nsa_attention, nsa_attention_chunk, prefill_chunk_size
 from nsa.kv_cache import NSAKVCache
+from nsa.nonfinite import finite_or_zero, guarded_apply, nonfinite_rows, poison_rows
 from nsa.rope import apply_rope
 
 
@@ -49,6 +51,12 @@ class NSAAttention(nn.Module):
     forward(x) runs a whole sequence (prefill or training). forward(x, cache=...) appends x's
     tokens to each sequence in the cache (a prompt, a chunk, or one decode token) and attends with
     exactly the same rule, at the absolute positions the cache tracks.
+
+    Non-finite tokens (a NaN or inf anywhere in x_t; nsa.nonfinite): the layer computes on x with
+    them replaced by zero and sets every projection of such a token (q, k, v, gates) and every
+    compressed block holding one to NaN, so the ops return NaN in exactly the output rows that see
+    one and leave every other row bitwise as it would be without it, in prefill, training and
+    decode. Parameter gradients stay finite (no layer ever multiplies by a NaN).
     """
 
     def __init__(self, config: NSAConfig) -> None:
@@ -80,15 +88,24 @@ class NSAAttention(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, NSAAux]:
         """x [B, T, hidden] -> y [B, T, hidden] (and NSAAux when return_aux).
 
+        x must have the dtype and device of the layer's parameters (any dtype under torch.autocast).
+        An empty input (B = 0 or T = 0) returns an empty y [B, T, hidden] (aux: block_indices
+        [B, T, Hkv, n], gates [B, T, HQ, 3]) and leaves the cache unchanged.
         With a cache: x holds the next T tokens of every sequence; num_valid[b] <= T of them are real
         (the rest is right padding, which reads and writes nothing and whose outputs are zero);
-        start_positions, when given, must equal the cache's current lengths.
+        start_positions, when given, must equal the cache's current lengths. Every check runs before
+        anything is written: a call that raises leaves the cache as it was.
         """
-        c = self.config
-        if x.dim() != 3 or x.shape[-1] != c.hidden_size:
-            raise NSAInputError(f"x must be [B, T, hidden_size={c.hidden_size}], got shape {tuple(x.shape)}")
+        self._check_input(x)
         if cache is not None:
-            out, block_indices, gates = self._append(x, cache, num_valid, start_positions)
+            counts = self._check_append(x, cache, num_valid, start_positions)
+        elif num_valid is not None or start_positions is not None:
+            raise NSAInputError("num_valid and start_positions describe an append: they need cache=...")
+        if x.numel() == 0:
+            return self._empty_result(x, return_aux)
+        c = self.config
+        if cache is not None:
+            out, block_indices, gates = self._append(x, cache, counts)
         else:
             positions = torch.arange(x.shape[1], device=x.device)
             p = self._project(x, positions)
@@ -97,16 +114,52 @@ class NSAAttention(nn.Module):
                 p.q, k_cmp, v_cmp, p.k_sel, p.v_sel, p.k_win, p.v_win, p.gates,
                 block_size=c.cmp_block_size, block_stride=c.cmp_stride, sel_block_size=c.sel_block_size,
                 num_selected=c.num_selected, window_size=c.window_size, scale=c.attention_scale,
-                query_chunk_size=c.query_chunk_size,
+                query_chunk_size=c.query_chunk_size, backend=c.backend,
             )
             gates = p.gates
-        y = self.o_proj(out.flatten(2))
+        y = guarded_apply(self.o_proj, out.flatten(2))  # poisoned rows stay NaN; W's gradient stays finite
         return (y, NSAAux(block_indices, gates)) if return_aux else y
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
-        """Projections at absolute positions ([T] or [B, T])."""
+    def _check_input(self, x: torch.Tensor) -> None:
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != c.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise NSAInputError(f"x must be [B, T, hidden_size={c.hidden_size}], got {shape}")
+        weight = self.q_proj.weight
+        if x.device != weight.device:
+            raise NSAInputError(f"x is on {x.device} but the layer's parameters are on {weight.device}")
+        # Under autocast the projections cast x themselves (mixed dtypes are the point of autocast).
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise NSAInputError(
+                f"x has dtype {x.dtype} but the layer's parameters have dtype {weight.dtype}; "
+                "cast x or the layer (or run under torch.autocast)"
+            )
+
+    def _check_append(self, x: torch.Tensor, cache: NSAKVCache, num_valid: Sequence[int] | None,
+                      start_positions: Sequence[int] | None) -> list[int]:
+        if cache.config != self.config:
+            raise NSAInputError("cache was built for a different NSAConfig than this layer's")
+        return cache.check_append(x, num_valid, start_positions)
+
+    def _empty_result(self, x: torch.Tensor, return_aux: bool) -> torch.Tensor | tuple[torch.Tensor, NSAAux]:
+        """Result of an empty input (B = 0 or T = 0): empty tensors of the documented shapes. y comes from
+        o_proj like any output, so it reaches the parameters' autograd graph (with zero gradient)."""
         c = self.config
         batch, seq_len, _ = x.shape
+        y = self.o_proj(x.new_zeros(batch, seq_len, c.num_heads * c.head_dim_v))
+        if not return_aux:
+            return y
+        block_indices = torch.full((batch, seq_len, c.num_kv_heads, c.num_selected), -1, dtype=torch.long,
+                                   device=x.device)
+        return y, NSAAux(block_indices, x.new_zeros(batch, seq_len, c.num_heads, 3))
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
+        """Projections at absolute positions ([T] or [B, T]); NaN in every row of a non-finite token
+        (computed from zeros, so parameter gradients never meet the NaN)."""
+        c = self.config
+        batch, seq_len, _ = x.shape
+        bad_tokens = nonfinite_rows(x)[:, :, None]  # [B, T, 1]: broadcasts over the heads of each projection
+        x = finite_or_zero(x)
         q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions, c.rope_theta)
         k = self.k_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim_v)
@@ -115,42 +168,52 @@ class NSAAttention(nn.Module):
         k_win = k_sel if win_set == sel_set else apply_rope(k[:, :, win_set], positions, c.rope_theta)
         gate_logits = self.gate_proj(x).view(batch, seq_len, c.num_heads, 3)
         gates = gate_logits.sigmoid() if c.gate == "sigmoid" else gate_logits.softmax(dim=-1)
-        return Projected(q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win,
-                         v[:, :, win_set], gates)
+        projected = (q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win, v[:, :, win_set], gates)
+        return Projected(*(poison_rows(p, bad_tokens) for p in projected))
 
     def _compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-sequence phi: raw [B, T, Hkv, D] -> compressed keys (rotated at block centres), values."""
-        k_cmp = self.compress_k(k_raw)
+        k_cmp = self._pool(self.compress_k, k_raw)
         return self._rotate_compressed(k_cmp, torch.arange(k_cmp.shape[1], device=k_raw.device)), \
-            self.compress_v(v_raw)
+            self._pool(self.compress_v, v_raw)
+
+    def _pool(self, phi: CompressPool, raw: torch.Tensor) -> torch.Tensor:
+        """phi over the blocks of raw [B, T, Hkv, D] -> [B, num_cmp(T), Hkv, D], NaN for a block holding a
+        non-finite token (phi itself runs on zeros there, so its backward stays finite)."""
+        return guarded_apply(phi.pool, block_windows(raw, phi.block_size, phi.block_stride), item_dims=2)
 
     def _rotate_compressed(self, k_cmp: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         c = self.config
         return apply_rope(k_cmp, block_ids * c.cmp_stride + (c.cmp_block_size - 1) / 2, c.rope_theta)
 
     def _append(
-        self, x: torch.Tensor, cache: NSAKVCache, num_valid: Sequence[int] | None,
-        start_positions: Sequence[int] | None,
+        self, x: torch.Tensor, cache: NSAKVCache, counts: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write x's tokens into the cache (raw, ring and newly complete compressed blocks), then attend:
-        a single token per sequence with decode_attention (the backend dispatch point), anything else
-        chunk by chunk with the chunk step shared with prefill. Returns (out, block_indices, gates)."""
+        """Write x's tokens (counts[b] valid ones, from _check_append) into the cache (raw, ring and newly
+        complete compressed blocks), then attend: a single token per sequence with decode_attention (the
+        backend dispatch point), anything else chunk by chunk with the chunk step shared with prefill.
+        The backend is chosen before the first write, so a refused backend leaves the cache unchanged.
+        Returns (out, block_indices, gates)."""
         c = self.config
-        if cache.config != c:
-            raise NSAInputError("cache was built for a different NSAConfig than this layer's")
-        counts = cache.check_append(x, num_valid, start_positions)
         all_valid = all(n == x.shape[1] for n in counts)
         positions = cache.query_positions(x.shape[1], None if all_valid else counts)
         if not all_valid:  # padding may hold anything (NaN included); masked keys must stay finite
             x = x.masked_fill((positions < 0)[:, :, None], 0.0)
         p = self._project(x, positions.clamp_min(0))
+        emitted = self._compressed_emissions(cache, p, positions, counts)
+        decode_step = x.shape[1] == 1 and all_valid  # one new token per sequence: reads the ring after the write
+        if decode_step:
+            # The step reads the buffers after the writes: the new values stand in for what they add
+            # (their dtype, device and whether they need gradients).
+            new_values = (p.k_sel, p.v_sel, p.k_win, p.v_win, *(emitted[:2] if emitted else ()))
+            backend = choose_decode_backend(c.backend, p.q[:, 0], cache.k_cmp, cache.v_cmp, cache.k_sel,
+                                            cache.v_sel, cache.k_win, cache.v_win, *new_values)
+        else:
+            win_k, win_v, win_positions = cache.ring_stream(cache.k_win, cache.v_win, p.k_win, p.v_win, positions)
         raw_rows = torch.where(positions >= 0, positions, cache.capacity)
         cache.write_tokens(cache.k_sel, p.k_sel, raw_rows)
         cache.write_tokens(cache.v_sel, p.v_sel, raw_rows)
-        self._emit_compressed(cache, p, positions, counts, all_valid)
-        decode_step = x.shape[1] == 1 and all_valid  # one new token per sequence: reads the ring after the write
-        if not decode_step:
-            win_k, win_v, win_positions = cache.ring_stream(cache.k_win, cache.v_win, p.k_win, p.v_win, positions)
+        self._write_compressed(cache, p, positions, counts, all_valid, emitted)
         win_rows = cache.ring_rows(positions, None if all_valid else counts, c.window_size)
         cache.write_tokens(cache.k_win, p.k_win, win_rows)
         cache.write_tokens(cache.v_win, p.v_win, win_rows)
@@ -163,7 +226,7 @@ class NSAAttention(nn.Module):
             step = decode_attention(
                 p.q[:, 0], p.gates[:, 0], positions[:, 0], k_cmp=cache.k_cmp, v_cmp=cache.v_cmp,
                 num_cmp_bound=num_cmp_visible, k_sel=cache.k_sel, v_sel=cache.v_sel, num_sel_blocks=num_sel_blocks,
-                k_win=cache.k_win, v_win=cache.v_win, sizes=self.sizes, scale=c.attention_scale, backend=c.backend,
+                k_win=cache.k_win, v_win=cache.v_win, sizes=self.sizes, scale=c.attention_scale, backend=backend,
             )
             cache.commit(counts, all_valid, step.reads[:, None], positions)
             return step.output[:, None], step.block_indices[:, None], p.gates
@@ -183,26 +246,24 @@ class NSAAttention(nn.Module):
         cache.commit(counts, all_valid, torch.cat(reads, dim=1), positions)
         return torch.cat(outputs, dim=1), torch.cat(indices, dim=1), p.gates
 
-    def _emit_compressed(self, cache: NSAKVCache, p: Projected, positions: torch.Tensor,
-                         counts: Sequence[int], all_valid: bool) -> None:
-        """Pool every compressed block whose last token arrives in this append and store it.
+    def _compressed_emissions(self, cache: NSAKVCache, p: Projected, positions: torch.Tensor,
+                              counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Pool every compressed block whose last token arrives in this append (writes nothing).
 
         Block i completes at position i*d + l - 1; an append of C tokens completes at most ceil(C/d)
-        blocks per sequence. Slots for blocks that do not complete go to the discard row.
+        blocks per sequence. Returns (k_new [B, E, Hkv, Dk] rotated, v_new [B, E, Hkv, Dv], rows [B, E])
+        with rows = the discard row for slots whose block does not complete; None when no block can.
         """
         c = self.config
         l, d = c.cmp_block_size, c.cmp_stride
         raw_k, raw_v, _ = cache.ring_stream(cache.k_cmp_raw, cache.v_cmp_raw, p.k_cmp_raw, p.v_cmp_raw, positions)
-        ring_rows = cache.ring_rows(positions, None if all_valid else counts, l)
-        cache.write_tokens(cache.k_cmp_raw, p.k_cmp_raw, ring_rows)
-        cache.write_tokens(cache.v_cmp_raw, p.v_cmp_raw, ring_rows)
         if cache.static_shapes:
             num_emit = -(-positions.shape[1] // d)
         else:
             num_emit = max(num_compressed_blocks(n0 + n, l, d) - num_compressed_blocks(n0, l, d)
                            for n0, n in zip(cache.lengths, counts, strict=True))
         if num_emit == 0:
-            return
+            return None
         device = positions.device
         lengths = cache.device_lengths[:, None]
         end = lengths + (positions >= 0).sum(dim=1, keepdim=True)
@@ -216,8 +277,17 @@ class NSAAttention(nn.Module):
         batch_index = torch.arange(positions.shape[0], device=device)[:, None]
         k_blocks = raw_k[batch_index, stream_index].unflatten(1, (num_emit, l)).transpose(2, 3)
         v_blocks = raw_v[batch_index, stream_index].unflatten(1, (num_emit, l)).transpose(2, 3)
-        k_new = self._rotate_compressed(self.compress_k.pool(k_blocks), block_ids)  # [B, E, Hkv, D]
-        v_new = self.compress_v.pool(v_blocks)
-        rows = torch.where(emit, block_ids, cache.num_cmp_capacity)
-        cache.write_tokens(cache.k_cmp, k_new, rows)
-        cache.write_tokens(cache.v_cmp, v_new, rows)
+        k_new = self._rotate_compressed(guarded_apply(self.compress_k.pool, k_blocks, item_dims=2), block_ids)
+        v_new = guarded_apply(self.compress_v.pool, v_blocks, item_dims=2)
+        return k_new, v_new, torch.where(emit, block_ids, cache.num_cmp_capacity)
+
+    def _write_compressed(self, cache: NSAKVCache, p: Projected, positions: torch.Tensor, counts: Sequence[int],
+                          all_valid: bool, emitted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """Store the appended raw tokens in the compression ring and the emitted blocks (if any)."""
+        ring_rows = cache.ring_rows(positions, None if all_valid else counts, self.config.cmp_block_size)
+        cache.write_tokens(cache.k_cmp_raw, p.k_cmp_raw, ring_rows)
+        cache.write_tokens(cache.v_cmp_raw, p.v_cmp_raw, ring_rows)
+        if emitted is not None:
+            k_new, v_new, rows = emitted
+            cache.write_tokens(cache.k_cmp, k_new, rows)
+            cache.write_tokens(cache.v_cmp, v_new, rows)

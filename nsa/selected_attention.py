@@ -46,6 +46,8 @@ def selected_attention(
     block_indices [B, T, Hkv, S] (int, -1 = unused slot) -> o [B, T, HQ, Dv].
     Query t of head h attends the tokens of blocks block_indices[b, t, h // G] (block j covers
     [j*l', (j+1)*l')) that lie at positions <= t. A row with no valid token gives o = 0.
+    Non-finite inputs (nsa.nonfinite): o is NaN in the rows whose q is non-finite or whose group's
+    selected tokens (<= t) include a non-finite k / v vector; every other row is unaffected.
     check_indices validates range, causality and uniqueness of the indices (one host sync); pass
     False only for indices the library built itself.
     """

@@ -3,8 +3,16 @@
 p_cmp (Eq. 8) is the compression branch's own softmax, reused (no second projection). Eq. 9 maps
 it to selection blocks by token overlap, Eq. 10 sums it over the G heads of a group, and top-n
 picks n blocks per (t, group): the forced blocks {0, t // l', t // l' - 1} plus the best remaining
-*complete* blocks (end <= t + 1), ties to the lower block index exactly. Selection carries no
-gradient. Eq. 9 and Eq. 10 are linear, so the chunked path sums over the group first.
+*complete* blocks (end <= t + 1). Selection carries no gradient. Eq. 9 and Eq. 10 are linear, so the
+chunked path sums over the group first.
+
+Tie rule (every backend follows it, the Triton decode kernel included): blocks whose importance
+values are equal (==, i.e. bitwise equal for these non-negative sums) go to the lower block index,
+exactly, with no epsilon. Importance is a floating-point sum: computed in another order (another
+backend, chunking, or CPU vector width, whose exp and dot-product lanes round differently) values
+equal in exact arithmetic may differ in the last bits, and then they are not ties: the larger wins.
+So end-to-end selections equal a float64 reference's except where the reference's scores at the
+selection boundary are within rounding of each other (then either block may be chosen).
 """
 
 from __future__ import annotations
@@ -75,7 +83,8 @@ def topn_blocks(
     (absolute query positions; None -> arange(T), which requires N >= ceil(T / l')).
     Returns int64 [B, T, Hkv, num_selected]: chosen blocks ascending, then -1 for unused slots.
     Never a future or incomplete block (except the forced current block), never a duplicate;
-    ties go to the lower block index (stable sort, no epsilon arithmetic).
+    equal scores go to the lower block index, exactly (stable sort, no epsilon arithmetic; see the
+    module docstring for what counts as equal).
     """
     check_positive_int("sel_block_size", sel_block_size)
     check_positive_int("num_selected", num_selected)

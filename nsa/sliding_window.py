@@ -45,6 +45,8 @@ def sliding_window_attention(
 
     Layout: q [B, T, HQ, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] -> o [B, T, HQ, Dv].
     Query t attends keys max(0, t - w + 1) .. t (w = window_size, the query's own key included).
+    Non-finite inputs (nsa.nonfinite): o is NaN in the rows whose q is non-finite or whose window
+    holds a non-finite k / v vector of their group; every other row is unaffected.
     """
     seq_len, num_heads, _ = check_attention_inputs(q, k, v)
     check_same_length("k", k, seq_len)

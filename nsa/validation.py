@@ -1,10 +1,15 @@
 """Argument checks shared by the ops. Each check raises `NSAInputError` naming the argument.
 
 Shape checks cost no host sync; only `check_block_indices` reads tensor values (one sync), and
-the internal paths that build indices themselves skip it.
+the internal paths that build indices themselves skip it. The scalar checks (`check_positive_int`,
+`check_real`, `parse_device`, `check_device`) take the error class to raise, so configuration code
+(NSAConfig, the training config, ScopeConfig) shares them and raises its own config error.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -13,9 +18,54 @@ from nsa.errors import NSAInputError
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_positive_int(name: str, value: int) -> None:
+def check_positive_int(name: str, value: int, *, error: type[Exception] = NSAInputError) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise NSAInputError(f"{name} must be a positive int, got {value!r}")
+        raise error(f"{name} must be a positive int, got {value!r}")
+
+
+def check_real(name: str, value: object, *, error: type[Exception] = NSAInputError, above: float | None = None,
+               at_least: float | None = None, below: float | None = None) -> float:
+    """`value` as a float when it is a finite real number (not a bool) and, for each bound given,
+    > above, >= at_least and < below; otherwise raise `error` naming `name`. Every float setting goes
+    through here: an inf or NaN setting would otherwise turn outputs (or a training run) into NaN
+    without an error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise error(f"{name} must be a finite number, got {value!r}")
+    number = float(value)
+    for ok, rule in ((above is None or number > above, f"> {above}"),
+                     (at_least is None or number >= at_least, f">= {at_least}"),
+                     (below is None or number < below, f"< {below}")):
+        if not ok:
+            raise error(f"{name} must be {rule}, got {value!r}")
+    return number
+
+
+def parse_device(name: str, device: object, *, error: type[Exception] = NSAInputError) -> torch.device:
+    """`device` (a torch.device, or a string such as "cuda:0") as a torch.device; `error` naming
+    `name` when torch cannot parse it. Says nothing about whether this machine has the device."""
+    try:
+        return torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError) as err:
+        raise error(f"{name}={device!r} is not a torch device ({err})") from err
+
+
+def check_device(name: str, device: object, *, error: type[Exception] = NSAInputError) -> torch.device:
+    """parse_device, then require that this build and machine have the device: its backend module
+    (torch.cuda, torch.xpu, torch.mps, ...) reports it available, and the index is below its count.
+    An index left out becomes the backend's current device ("cuda" -> cuda:0), the device that
+    tensors created there report, so comparisons with their .device hold."""
+    parsed = parse_device(name, device, error=error)
+    if parsed.type in ("cpu", "meta"):
+        return parsed
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise error(f"{name}={device!r}: this torch build or machine has no {parsed.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if parsed.index is not None and count is not None and parsed.index >= count:
+        raise error(f"{name}={device!r}: this machine has {count} {parsed.type} device(s)")
+    if parsed.index is None and hasattr(backend, "current_device"):
+        return torch.device(parsed.type, backend.current_device())
+    return parsed
 
 
 def check_divides(divisor_name: str, divisor: int, name: str, value: int) -> None:
@@ -24,8 +74,9 @@ def check_divides(divisor_name: str, divisor: int, name: str, value: int) -> Non
 
 
 def check_scale(scale: float | None) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise NSAInputError(f"scale must be a positive number or None, got {scale!r}")
+    """The attention scale: None (1/sqrt(head dim)) or a finite number > 0."""
+    if scale is not None:
+        check_real("scale", scale, above=0.0)
 
 
 def check_float_tensor(name: str, x: torch.Tensor, ndim: int) -> None:
@@ -66,6 +117,10 @@ def check_attention_inputs(
         )
     if k.shape[3] != head_dim:
         raise NSAInputError(f"{k_name} head dim {k.shape[3]} must equal q head dim {head_dim}")
+    if head_dim == 0 or v.shape[3] == 0:
+        raise NSAInputError(
+            f"head dims must be >= 1: q and {k_name} have D_k={head_dim}, {v_name} has D_v={v.shape[3]}"
+        )
     num_kv_heads = k.shape[2]
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise NSAInputError(
@@ -99,6 +154,8 @@ def check_block_indices(
             f"block_indices must have shape [B, T, H_kv, S] = [{batch}, {seq_len}, {num_kv_heads}, S], "
             f"got {tuple(block_indices.shape)}"
         )
+    if block_indices.shape[3] == 0:
+        raise NSAInputError("block_indices must have at least one slot per row (S >= 1), got S=0")
     if block_indices.device != q.device:
         raise NSAInputError(f"block_indices is on {block_indices.device} but q is on {q.device}")
     if not validate_values or block_indices.numel() == 0:

@@ -1,16 +1,21 @@
 """SCOPE: a query-conditioned spectral attention bias plus a pointer-driven block-sparse mask.
 
-The math contract is ``../shared/spec/SCOPE.md``; the internal API is ``docs/SCOPE_CONTRACT.md``.
+The math contract is ``../shared/spec/SCOPE.md``; the internal API is ``docs/SCOPE_CONTRACT.md``. The op:
+``scope_attention`` (scope.functional), with its dense twin ``naive_scope_attention``; the layer:
+``ScopeAttention``.
 """
 
 from scope.config import ScopeConfig, load_scope_config
 from scope.errors import ScopeConfigError, ScopeError, ScopeInputError
+from scope.functional import naive_scope_attention, scope_attention, scope_attention_backend
 from scope.pointer_mask import PointerMask, build_pointer_block_mask, sliding_window_block_mask
-from scope.scope_attention import ScopeAttention, ScopeAux, ScopeKVCache
+from scope.scope_attention import ScopeAttention, ScopeAux, ScopeKVCache, ScopeProjection
 from scope.spectral_bias import (
     BiasCoefficients,
+    BiasTerms,
     PointerHead,
     PointerParams,
+    Ramp,
     SpectralBias,
     frequencies,
 )
@@ -19,9 +24,11 @@ from scope.telemetry import ScopeTelemetry, scope_stats
 
 __all__ = [
     "BiasCoefficients",
+    "BiasTerms",
     "PointerHead",
     "PointerMask",
     "PointerParams",
+    "Ramp",
     "ScopeAttention",
     "ScopeAux",
     "ScopeConfig",
@@ -29,6 +36,7 @@ __all__ = [
     "ScopeError",
     "ScopeInputError",
     "ScopeKVCache",
+    "ScopeProjection",
     "ScopeTelemetry",
     "SpectralBias",
     "TeacherLoss",
@@ -36,6 +44,9 @@ __all__ = [
     "frequencies",
     "layer_teacher_loss",
     "load_scope_config",
+    "naive_scope_attention",
+    "scope_attention",
+    "scope_attention_backend",
     "scope_stats",
     "sliding_window_block_mask",
 ]

@@ -5,7 +5,8 @@ round the q.k head dim up to a power of two, so SCOPE's qk_aug features (head di
 256-wide dot. ``block_sparse_attention`` runs the same lists with the dot split in two (see
 scope.kernels.block_sparse), forward and backward, registered with torch.library so torch.compile
 traces it; ``block_sparse_attention_reference`` is its dense PyTorch twin (same arguments; O(T^2)
-memory, for tests and small T). The backend is chosen by nsa.dispatch (logged once per reason).
+memory, for tests and small T). The backend is chosen by nsa.dispatch (logged once per reason). Both follow
+nsa.nonfinite: a non-finite input turns exactly the rows that read it NaN (``rows_that_read``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa.dispatch import choose_backend
+from nsa.dispatch import accumulation_dtype, choose_backend
+from nsa.nonfinite import finite_or_zero, nonfinite_rows, poison_rows
 from scope.errors import ScopeInputError
+from scope.pointer_mask import ScoreMod
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,22 +34,22 @@ def block_sparse_attention(
     [B, H, QB, L], QB = T / block: query block qb reads key blocks kv_indices[b, h, qb, :kv_num_blocks]
     (distinct, each <= qb; entries past kv_num_blocks are ignored). Query i sees key j iff j's block is
     listed for i's block and j <= i (queries and keys share positions: prefill). A row that sees no key
-    returns 0. scale defaults to Dqk ** -0.5. q_num_blocks / q_indices: the transposed lists (see
-    ``transpose_block_lists``), read by the backward only; made from the kv lists when omitted.
-    backend: "auto" (Triton kernels on CUDA, else the torch twin), "triton" (raises when it cannot
-    run), "torch". -> out [B, H, T, Dv] in q's dtype.
+    returns 0; a row that sees a non-finite q_i, k_j or v_j returns NaN, and every other row, and its
+    gradients, are what they would be without it (nsa.nonfinite). scale defaults to Dqk ** -0.5.
+    q_num_blocks / q_indices: the transposed lists (see ``transpose_block_lists``), read by the backward
+    only; made from the kv lists when omitted. backend: "auto" (Triton kernels on CUDA, else the torch
+    twin), "triton" (raises when it cannot run), "torch". -> out [B, H, T, Dv] in q's dtype.
     """
-    num_blocks = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block)
+    _check_inputs(q, k, v, kv_num_blocks, kv_indices, block)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     choice = choose_backend("scope block_sparse_attention", backend, (q, k, v), inference_only=False,
                             error=ScopeInputError)
+    q, k, v, poisoned = finite_inputs(q, k, v, kv_num_blocks, kv_indices, block)
     if choice.name == "torch":
-        return block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, block=block, scale=scale)
-    if q_num_blocks is None or q_indices is None:
-        q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, num_blocks)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    lists = (t.int() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))  # the launchers make them dense
-    return torch.ops.scope.block_sparse_attention(q, k, v, *lists, block, scale)[0]
+        out = dense_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, scale)
+    else:
+        out = kernel_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, scale, q_num_blocks, q_indices)
+    return poison_rows(out, poisoned)
 
 
 def block_sparse_attention_reference(
@@ -54,20 +57,91 @@ def block_sparse_attention_reference(
     scale: float | None = None, q_num_blocks: Tensor | None = None, q_indices: Tensor | None = None,
     backend: str = "torch",
 ) -> Tensor:
-    """Dense PyTorch twin of block_sparse_attention (same arguments; the q-side lists and backend are
-    accepted and unused). Scores and softmax in float32 (float64 for float64 inputs)."""
+    """Dense PyTorch twin of block_sparse_attention (same arguments and non-finite rule; the q-side lists and
+    backend are accepted and unused). Scores and softmax in float32 (float64 for float64 inputs)."""
     _check_inputs(q, k, v, kv_num_blocks, kv_indices, block)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    seq_len, group = q.shape[2], q.shape[1] // k.shape[1]
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    blocks = block_visibility(kv_num_blocks, kv_indices, seq_len // block)  # [B, H, QB, KB]
-    tokens = torch.arange(seq_len, device=q.device) // block
-    visible = blocks[:, :, tokens][:, :, :, tokens] & torch.ones(seq_len, seq_len, dtype=torch.bool,
-                                                                  device=q.device).tril()
+    q, k, v, poisoned = finite_inputs(q, k, v, kv_num_blocks, kv_indices, block)
+    return poison_rows(dense_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, scale), poisoned)
+
+
+def finite_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int,
+                  doc_start: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (q, k, v) with every non-finite entry replaced by 0, and bool [B, H, T]: the query rows that read a
+    non-finite input (their own q row, or a k / v row they see; see ``rows_that_read``), to be poisoned."""
+    bad_keys = nonfinite_rows(k) | nonfinite_rows(v)
+    reads = rows_that_read(bad_keys, kv_num_blocks, kv_indices, block=block, num_heads=q.shape[1], doc_start=doc_start)
+    return finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), nonfinite_rows(q) | reads
+
+
+def rows_that_read(flagged: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, *, block: int, num_heads: int,
+                   doc_start: Tensor | None = None) -> Tensor:
+    """bool [B, H, T]: the query rows that read a flagged key token.
+
+    flagged bool [B, H_kv, T] (query head h reads kv head h // (H / H_kv); H_kv = 1 stands for every head);
+    lists as block_sparse_attention's, [B|1, H|1, QB(, L)]. Query i reads key j iff j <= i, j's block is
+    listed for i's block and, with doc_start [B|1, T] (scope.pointer_mask.document_starts), j >= doc_start[i]
+    (j is in i's document). Per query block: the last flagged key of its listed earlier blocks, and on the
+    diagonal block the last flagged key so far; no [T, T] tensor (memory O(B H (T + QB L))), no host sync.
+    """
+    bsz, kv_heads, seq_len = flagged.shape
+    num_blocks, device = seq_len // block, flagged.device
+    pos = torch.arange(seq_len, device=device)
+    marked = torch.where(flagged, pos, -1)  # each flagged key's position, -1 elsewhere
+    kv_head = torch.arange(num_heads, device=device) // (num_heads // kv_heads)
+    last_in_block = marked.unflatten(-1, (num_blocks, block)).amax(-1)[:, kv_head]  # [B, H, KB]
+    last_so_far = marked.cummax(-1).values[:, kv_head]  # [B, H, T]
+    shape = (bsz, num_heads, num_blocks)
+    slots = kv_indices.long().expand(*shape, kv_indices.shape[-1])
+    listed = torch.arange(slots.shape[-1], device=device) < kv_num_blocks.expand(shape)[..., None]
+    query_block = torch.arange(num_blocks, device=device)[:, None]
+    earlier = listed & (slots >= 0) & (slots < query_block)
+    last_flagged = last_in_block.gather(-1, slots.clamp(0, num_blocks - 1).flatten(-2)).view_as(slots)  # unlisted: any
+    last_earlier = torch.where(earlier, last_flagged, -1).amax(-1).repeat_interleave(block, -1)  # [B, H, T]
+    diagonal = (listed & (slots == query_block)).any(-1).repeat_interleave(block, -1)  # [B, H, T]
+    diagonal_start = pos - pos % block
+    if doc_start is None:
+        return (last_earlier >= 0) | (diagonal & (last_so_far >= diagonal_start))
+    start = doc_start[:, None, :]
+    return (last_earlier >= start) | (diagonal & (last_so_far >= torch.maximum(diagonal_start, start)))
+
+
+def dense_block_sparse(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int,
+                       scale: float, *, score_mod: ScoreMod | None = None, doc_start: Tensor | None = None) -> Tensor:
+    """The torch path on checked, finite inputs: one dense [B, H, T, T] masked softmax (O(T^2) memory) in float32
+    (float64 for float64 inputs); lists broadcast over B or H of size 1. score_mod: FlexAttention's signature,
+    evaluated once on broadcast indices (b [B,1,1,1], h [1,H,1,1], q_idx [1,1,T,1], kv_idx [1,1,1,T]);
+    doc_start [B|1, T]: query i reads no key before doc_start[i]. Rows that read nothing are 0."""
+    bsz, heads, seq_len = q.shape[:3]
+    work = accumulation_dtype(q.dtype)
+    pos = torch.arange(seq_len, device=q.device)
+    token_block = pos // block
+    listed = block_visibility(kv_num_blocks, kv_indices, seq_len // block)  # [B|1, H|1, QB, KB]
+    visible = listed[:, :, token_block][:, :, :, token_block] & (pos[:, None] >= pos[None, :])
+    if doc_start is not None:
+        visible = visible & (pos >= doc_start[:, None, :, None])
+    group = heads // k.shape[1]
     k_heads, v_heads = (t.repeat_interleave(group, dim=1).to(work) for t in (k, v))
-    scores = (q.to(work) @ k_heads.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see nothing: 0, not NaN
+    scores = q.to(work) @ k_heads.transpose(-1, -2) * scale
+    if score_mod is not None:
+        batch_idx = torch.arange(bsz, device=q.device).view(-1, 1, 1, 1)
+        head_idx = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+        scores = score_mod(scores, batch_idx, head_idx, pos.view(1, 1, -1, 1), pos.view(1, 1, 1, -1))
+    reads = visible.any(-1, keepdim=True)
+    # rows that read nothing softmax a finite dummy row and are weighted 0 (no -inf-only row: no NaN anywhere)
+    scores = torch.where(reads, scores.masked_fill(~visible, float("-inf")), 0.0)
+    probs = torch.softmax(scores, dim=-1) * reads
     return (probs @ v_heads).to(q.dtype)
+
+
+def kernel_block_sparse(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int,
+                        scale: float, q_num_blocks: Tensor | None = None, q_indices: Tensor | None = None) -> Tensor:
+    """The Triton path on checked, finite inputs (the torch.library op: forward and backward kernels)."""
+    if q_num_blocks is None or q_indices is None:
+        q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, q.shape[2] // block)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    lists = (t.int() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))  # the launchers make them dense
+    return torch.ops.scope.block_sparse_attention(q, k, v, *lists, block, scale)[0]
 
 
 def block_visibility(kv_num_blocks: Tensor, kv_indices: Tensor, num_blocks: int) -> Tensor:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from nsa.config import reject_unknown_keys
+from nsa.dispatch import SCOPE_ATTENTION_BACKENDS
 from scope.errors import ScopeConfigError, ScopeInputError
 
 GATE_KINDS = ("none", "softplus", "relu")
 REPRESENTATIVES = ("last", "mean")
 BIAS_IMPLS = ("score_mod", "qk_aug", "none")
-BACKENDS = ("auto", "flex", "triton")
 QK_ALIGNS = (16, 32)
 
 
@@ -77,9 +77,10 @@ class ScopeConfig:
     # bias implementation
     bias_impl: str = "score_mod"
     qk_align: int = 16
-    # prefill attention kernel: "flex" (FlexAttention), "triton" (scope.block_sparse_attention: bias_impl
-    # qk_aug or none, no documents), "auto" (triton where it is the faster one, see
-    # ScopeAttention.attention_backend; flex otherwise; the reason is logged)
+    # prefill attention: "flex" (FlexAttention), "triton" (scope.block_sparse_attention: bias_impl qk_aug or
+    # none, no documents), "torch" (dense, the CPU training path, short sequences), "auto" (triton where it is
+    # the faster one, flex otherwise, torch for CPU gradients; nsa.dispatch.choose_scope_attention_backend
+    # logs the reason)
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -120,8 +121,8 @@ class ScopeConfig:
             raise ScopeConfigError(f"representative={self.representative!r} must be one of {REPRESENTATIVES}")
         if self.bias_impl not in BIAS_IMPLS:
             raise ScopeConfigError(f"bias_impl={self.bias_impl!r} must be one of {BIAS_IMPLS}")
-        if self.backend not in BACKENDS:
-            raise ScopeConfigError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        if self.backend not in SCOPE_ATTENTION_BACKENDS:
+            raise ScopeConfigError(f"backend={self.backend!r} must be one of {SCOPE_ATTENTION_BACKENDS}")
         if self.backend == "triton" and self.bias_impl == "score_mod":
             raise ScopeConfigError(
                 "backend='triton' runs the bias as qk_aug features (or no bias): set bias_impl='qk_aug' or "

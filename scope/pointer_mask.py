@@ -58,6 +58,7 @@ __all__ = [
     "build_pointer_block_mask",
     "doc_start_blocks",
     "document_causal_mask",
+    "document_starts",
     "exact_mask_mod",
     "gumbel_keep",
     "pointer_centres",
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]  # FlexAttention's score_mod
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,14 @@ def doc_start_blocks(doc_ids: Tensor | None, seq_len: int, block: int, device: t
         return torch.zeros(1, num_blocks, dtype=torch.long, device=device)
     _, start = _segments(ids)
     return start[:, ::block] // block
+
+
+def document_starts(doc_ids: Tensor | None, seq_len: int, batch: int | None = None) -> Tensor | None:
+    """int64 [B|1, T]: the position of the first token of each token's document (None without documents).
+    Query i and key j <= i share a document iff j >= document_starts[i]. ``batch``: the batch doc_ids must
+    match (1 or it), when given."""
+    ids = _check_doc_ids(doc_ids, seq_len, batch)
+    return None if ids is None else _segments(ids)[1]
 
 
 def document_causal_mask(doc_ids: Tensor | None) -> MaskMod:

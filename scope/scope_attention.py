@@ -1,4 +1,4 @@
-"""ScopeAttention: q/k/v/o projections, RoPE, spectral bias and pointer block mask on FlexAttention.
+"""ScopeAttention: q/k/v/o projections, RoPE, the pointer head and mask, and SCOPE attention (scope.functional).
 
 Layouts: x [B, T, hidden] at the module edge; q/k/v [B, H, T, D] inside (FlexAttention's layout),
 H query heads and H_kv key/value heads (GQA, query head h reads kv head h // G).
@@ -14,15 +14,16 @@ the same rule. Block 0 uses row 0 (its pointers can only reach block 0 anyway).
 The pointer head reads q before RoPE (content, not position); the bias is a function of the
 distance i - j alone.
 
-Eager vs compiled. Eager ``flex_attention`` evaluates mask_mod on every score and ignores block
-lists, so outside torch.compile the mask is applied through ``exact_mask_mod`` (token-level block
-membership); under torch.compile the BlockMask's block lists drive the sparse kernel. Both compute
-the same function; the eager form is the CPU reference.
+The attention itself is scope.functional.scope_attention (the op; its docstring states the layout, the
+causal alignment and the backends, chosen by nsa.dispatch with the reason logged once). The layer's public
+steps are ``project`` (projections and RoPE), ``attend`` (pointer head, representatives, mask, the op) and
+``pointer_mask``; forward is project -> attend -> o_proj.
 
-Kernels. ``config.backend`` picks the prefill attention: FlexAttention ("flex"), or the block-sparse
-Triton kernels of scope.block_sparse_attention ("triton": bias_impl qk_aug or none, no documents;
-they split qk_aug's 128 + 2K head dim into two dots where Flex pays for 256), or "auto" (triton when
-the call allows it, flex otherwise; the reason is logged once).
+Non-finite inputs (nsa.nonfinite). x is sanitized at entry (its NaN / inf entries replaced by 0, so no
+parameter gradient turns non-finite); the output rows that read a non-finite token are NaN: the token's own
+row and the rows whose listed key blocks hold it at a position <= the row (in their document). Every other
+row, and the gradients of the rows before a non-finite token, equal the run without it. The decode cache
+keeps a non-finite token's k / v as NaN, so later decode steps that read it are NaN too, as in prefill.
 """
 
 from __future__ import annotations
@@ -31,21 +32,30 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from nsa.attention_core import accumulation_dtype
-from nsa.dispatch import choose_backend
+from nsa.dispatch import accumulation_dtype
+from nsa.nonfinite import finite_or_zero, nonfinite_rows, poison_rows
 from nsa.rope import apply_rope
-from scope.block_sparse_attention import block_sparse_attention
+from scope.block_sparse_attention import rows_that_read
 from scope.config import ScopeConfig
 from scope.errors import ScopeInputError
+from scope.functional import scope_attention, scope_attention_backend
 from scope.pointer_mask import (
     PointerMask,
     build_pointer_block_mask,
-    exact_mask_mod,
+    document_starts,
     sliding_window_block_mask,
 )
 from scope.spectral_bias import BiasCoefficients, SpectralBias
+
+
+class ScopeProjection(NamedTuple):
+    """ScopeAttention.project's result."""
+
+    q: Tensor  # [B, H, T, D], rotated
+    k: Tensor  # [B, H_kv, T, D], rotated
+    v: Tensor  # [B, H_kv, T, D]
+    q_content: Tensor  # [B, H, T, D], q before RoPE (the pointer head's input)
 
 
 class ScopeAux(NamedTuple):
@@ -143,24 +153,25 @@ class ScopeAttention(nn.Module):
 
     def _prefill(self, x: Tensor, doc_ids: Tensor | None, step: int | None, generator: torch.Generator | None
                  ) -> tuple[Tensor, ScopeAux, Tensor, Tensor]:
-        """Whole sequences: -> (y, aux, rotated k, v) (k and v are what a decode cache stores)."""
+        """Whole sequences: -> (y, aux, rotated k, v) (k and v as a decode cache stores them: NaN at the
+        non-finite tokens of x)."""
         c = self.config
         seq_len = x.shape[1]
         if seq_len % c.block != 0:
             raise ScopeInputError(f"sequence length T={seq_len} must be a multiple of block={c.block}")
-        q, k, v, q_content = self._project(x, torch.arange(seq_len, device=x.device))
-        coeffs = self.spectral.coefficients(q_content, step)
-        num_blocks = seq_len // c.block
-        d_blk, u_blk = (representative_rows(values, num_blocks, c.block, c.representative)
-                        for values in (coeffs.params.d_star, coeffs.params.budget_logits))
-        backend = self.attention_backend(q, doc_ids)
-        mask = self._pointer_mask(d_blk, u_blk, seq_len, doc_ids, generator, backend)
-        out = self._attend(q, k, v, coeffs, mask, doc_ids, backend)
-        y = self.o_proj(out.transpose(1, 2).flatten(2))
-        return y, ScopeAux(coeffs, mask, d_blk, u_blk), k, v
+        bad = nonfinite_rows(x)  # [B, T]
+        proj = self.project(finite_or_zero(x), torch.arange(seq_len, device=x.device))
+        out, aux = self.attend(*proj, doc_ids=doc_ids, step=step, generator=generator)
+        mask = aux.pointer_mask
+        reads_bad = rows_that_read(bad[:, None], mask.kv_num_blocks, mask.kv_indices, block=c.block,
+                                   num_heads=c.num_heads, doc_start=document_starts(doc_ids, seq_len, x.shape[0]))
+        out = out.transpose(1, 2).flatten(2)  # [B, T, H * D]
+        poisoned = bad | reads_bad.any(1) | nonfinite_rows(out)  # the last: q / k / v that overflowed
+        y = poison_rows(self.o_proj(finite_or_zero(out)), poisoned)
+        return y, aux, poison_rows(proj.k, bad[:, None]), poison_rows(proj.v, bad[:, None])
 
-    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """-> q, k, v [B, H|H_kv, T, D] (q, k rotated at positions) and q before RoPE (pointer input)."""
+    def project(self, x: Tensor, positions: Tensor) -> ScopeProjection:
+        """x [B, T, hidden] at ``positions`` [T] -> q, k, v [B, H|H_kv, T, D] (q, k rotated) and q before RoPE."""
         c = self.config
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim)
@@ -168,64 +179,45 @@ class ScopeAttention(nn.Module):
         v = self.v_proj(x).view(batch, seq_len, c.num_kv_heads, c.head_dim)
         q_rot = apply_rope(q, positions, c.rope_theta).transpose(1, 2)
         k_rot = apply_rope(k, positions, c.rope_theta).transpose(1, 2)
-        return q_rot, k_rot, v.transpose(1, 2), q.transpose(1, 2)
+        return ScopeProjection(q_rot, k_rot, v.transpose(1, 2), q.transpose(1, 2))
 
-    def attention_backend(self, q: Tensor, doc_ids: Tensor | None) -> str:
-        """"flex" or "triton" for a prefill of rotated queries q (config.backend, through nsa.dispatch).
-        "auto" takes the Triton kernels where the q.k width is not a power of two (qk_aug's 128 + 2K), which
-        Flex rounds up (H100, bf16, 128k, fwd+bwd: 54 ms vs Flex's 127 ms), and Flex elsewhere, the path
-        its score_mod and document masks need. (At D=128 without the bias the kernels measured 38.2 ms
-        against Flex's 39.5 ms, in runs of different commits: too close to switch the default.) float32
-        goes the same way: on the H100 the layer's float32 gradients through the kernels equal Flex's to
-        1%; its float32 speed was not measured. "triton" runs whenever the kernels can."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_content: Tensor, *, doc_ids: Tensor | None = None,
+               step: int | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, ScopeAux]:
+        """The layer between ``project`` and o_proj (prefill, T a multiple of config.block): the pointer head's
+        bias coefficients, the block representatives, the pointer mask, then scope.functional.scope_attention.
+        q, k, v, q_content as ``project`` returns them -> (out [B, H, T, D], aux)."""
         c = self.config
-        obstacles = []
-        if c.bias_impl == "score_mod":
-            obstacles.append("bias_impl='score_mod' runs in FlexAttention")
-        if doc_ids is not None:
-            obstacles.append("document masks run in FlexAttention")
-        if c.block < 16 or c.block & (c.block - 1):
-            obstacles.append(f"block={c.block} is not a power of two >= 16 (the Triton kernels' tile rule)")
-        width = self.spectral.qk_width(c.head_dim) if c.bias_impl == "qk_aug" else c.head_dim
-        if c.backend == "auto" and width & (width - 1) == 0:
-            obstacles.append(f"q.k width {width} is a power of two, which FlexAttention runs unpadded")
-        return choose_backend("scope attention", c.backend, (q,), inference_only=False, error=ScopeInputError,
-                              extra_obstacles=tuple(obstacles), fallback="flex").name
+        seq_len = q.shape[2]
+        coeffs = self.spectral.coefficients(q_content, step)
+        num_blocks = seq_len // c.block
+        d_blk, u_blk = (representative_rows(values, num_blocks, c.block, c.representative)
+                        for values in (coeffs.params.d_star, coeffs.params.budget_logits))
+        bias = None if c.bias_impl == "none" else self.spectral.terms(coeffs)
+        bias_impl = "qk_aug" if c.bias_impl == "qk_aug" else "score_mod"  # none: bias is None
+        backend = scope_attention_backend(q, k, v, block=c.block, bias=bias, bias_impl=bias_impl,
+                                          qk_align=c.qk_align, doc_ids=doc_ids, backend=c.backend).name
+        mask = self.pointer_mask(d_blk, u_blk, seq_len, doc_ids=doc_ids, generator=generator,
+                                 q_side=backend == "flex" and (self.training or torch.is_grad_enabled()))
+        out = scope_attention(q, k, v, mask, block=c.block, bias=bias, bias_impl=bias_impl, scale=self.scale,
+                              qk_align=c.qk_align, doc_ids=doc_ids, backend=c.backend)  # the same choice
+        return out, ScopeAux(coeffs, mask, d_blk, u_blk)
 
-    def _pointer_mask(self, d_blk: Tensor, u_blk: Tensor, seq_len: int, doc_ids: Tensor | None,
-                      generator: torch.Generator | None, backend: str = "flex") -> PointerMask:
+    def pointer_mask(self, d_blk: Tensor, u_blk: Tensor, seq_len: int, *, doc_ids: Tensor | None = None,
+                     generator: torch.Generator | None = None, q_side: bool = False) -> PointerMask:
+        """The block lists of a prefill of ``seq_len`` tokens from block-level D* and budget logits
+        [B, H, QB, M] (``representative_rows`` of the pointer parameters): the pointer mask, or the sliding
+        window when config.pointer_mask is off. ``q_side``: also the q-side lists FlexAttention's backward reads."""
         c = self.config
         if not c.pointer_mask:
-            return sliding_window_block_mask(seq_len, c.block, c.local_blocks, doc_ids, device=d_blk.device)
+            return sliding_window_block_mask(seq_len, c.block, c.local_blocks, doc_ids, device=d_blk.device,
+                                             compute_q_blocks=q_side)
         t_rep = causal_representative_positions(seq_len // c.block, c.block, c.representative, d_blk.device)
         return build_pointer_block_mask(
             d_blk, u_blk, seq_len, block=c.block, budget=c.budget, local_blocks=c.local_blocks,
             global_blocks=c.global_blocks, max_radius=c.max_radius, budget_temp=c.budget_temp, t_rep=t_rep,
             doc_ids=doc_ids, gumbel_topk=c.gumbel_topk, generator=generator, training=self.training,
-            # Flex's backward needs the q side (the Triton kernels transpose the lists themselves)
-            compute_q_blocks=backend == "flex" and (self.training or torch.is_grad_enabled()),
+            compute_q_blocks=q_side,
         )
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, coeffs: BiasCoefficients, mask: PointerMask,
-                doc_ids: Tensor | None, backend: str = "flex") -> Tensor:
-        c = self.config
-        seq_len = q.shape[2]
-        score_mod, scale = None, self.scale
-        if c.bias_impl == "score_mod":
-            score_mod = self.spectral.score_mod(coeffs)
-        elif c.bias_impl == "qk_aug":
-            q, k, v, scale = self.spectral.qk_augment(q, k, v, coeffs, self.scale)
-        if backend == "triton":
-            lists_shape = (q.shape[0], q.shape[1], seq_len // c.block)  # the sliding window's lists have H = 1
-            return block_sparse_attention(
-                q, k, v, mask.kv_num_blocks.expand(lists_shape), mask.kv_indices.expand(*lists_shape, -1),
-                block=c.block, scale=scale, backend="triton")
-        block_mask = mask.block_mask if torch.compiler.is_compiling() else _eager_block_mask(
-            mask, seq_len, c.block, doc_ids)
-        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                             enable_gqa=c.num_heads != c.num_kv_heads)
-        assert isinstance(out, Tensor)
-        return out[..., : c.head_dim]
 
     # ---- decode ---------------------------------------------------------------------------------
 
@@ -250,8 +242,9 @@ class ScopeAttention(nn.Module):
         """One query at position t = cache.length: the same block rule as prefill, dense over its blocks."""
         c = self.config
         t = cache.length
-        q, k, v, q_content = self._project(x, torch.tensor([t], device=x.device))
-        cache.k[:, :, t : t + 1], cache.v[:, :, t : t + 1] = k, v
+        bad = nonfinite_rows(x)  # [B, 1]
+        q, k, v, q_content = self.project(finite_or_zero(x), torch.tensor([t], device=x.device))
+        cache.k[:, :, t : t + 1], cache.v[:, :, t : t + 1] = poison_rows(k, bad[:, None]), poison_rows(v, bad[:, None])
         coeffs = self.spectral.coefficients(q_content, step)
         cache.d_star[:, :, t : t + 1] = coeffs.params.d_star
         cache.budget_logits[:, :, t : t + 1] = coeffs.params.budget_logits
@@ -263,13 +256,16 @@ class ScopeAttention(nn.Module):
         kv_head = torch.arange(c.num_heads, device=x.device) // (c.num_heads // c.num_kv_heads)
         keys = cache.k[:, kv_head].gather(2, tokens[..., None].expand(-1, -1, -1, c.head_dim))
         values = cache.v[:, kv_head].gather(2, tokens[..., None].expand(-1, -1, -1, c.head_dim))
+        reads_bad = ((nonfinite_rows(keys) | nonfinite_rows(values)) & valid).any(-1)  # [B, H]
+        keys, values = finite_or_zero(keys), finite_or_zero(values)
         acc = cache.acc_dtype
         scores = (q.to(acc) @ keys.to(acc).transpose(-1, -2)) * self.scale  # [B, H, 1, N]
         if c.bias_impl != "none":
             scores = scores + c.beta * self.spectral.bias(coeffs, (t - tokens)[:, :, None, :]).to(acc)
         scores = scores.masked_fill(~valid.expand_as(tokens)[:, :, None, :], float("-inf"))
         out = scores.softmax(dim=-1).to(values.dtype) @ values
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        y = self.o_proj(out.transpose(1, 2).flatten(2))  # [B, 1, hidden]
+        return poison_rows(y, bad | reads_bad.any(-1, keepdim=True))
 
     def _decode_block_list(self, cache: ScopeKVCache, query_block: int) -> Tensor:
         """KV blocks of `query_block`, built once per block with the prefill rule over blocks 0..qb."""
@@ -280,25 +276,8 @@ class ScopeAttention(nn.Module):
         rows = num_blocks * c.block
         d_blk, u_blk = (representative_rows(values[:, :, :rows], num_blocks, c.block, c.representative)
                         for values in (cache.d_star, cache.budget_logits))
-        mask = self._pointer_mask(d_blk, u_blk, num_blocks * c.block, None, None)
+        mask = self.pointer_mask(d_blk, u_blk, num_blocks * c.block)
         lists = mask.kv_indices[:, :, query_block]
         cache._block_lists = (query_block, lists)
         return lists
 
-
-def _eager_block_mask(mask: PointerMask, seq_len: int, block: int, doc_ids: Tensor | None) -> BlockMask:
-    """A BlockMask whose mask_mod carries the block lists at token level (eager flex ignores the lists).
-    Keeps the builder's q-side lists when it made them: the backward refuses a mask without them."""
-    exact = exact_mask_mod(mask, block, doc_ids)
-    built = mask.block_mask
-    if built.q_indices is not None:
-        return BlockMask(
-            seq_lengths=(seq_len, seq_len), kv_num_blocks=built.kv_num_blocks, kv_indices=built.kv_indices,
-            full_kv_num_blocks=built.full_kv_num_blocks, full_kv_indices=built.full_kv_indices,
-            q_num_blocks=built.q_num_blocks, q_indices=built.q_indices, full_q_num_blocks=built.full_q_num_blocks,
-            full_q_indices=built.full_q_indices, BLOCK_SIZE=(block, block), mask_mod=exact,
-        )
-    return BlockMask.from_kv_blocks(
-        mask.kv_num_blocks, mask.kv_indices.clamp_min(0), BLOCK_SIZE=block,
-        mask_mod=exact, seq_lengths=(seq_len, seq_len), compute_q_blocks=False,
-    )

@@ -22,21 +22,23 @@ per head, starting at 0, learnt like ``gain``), so it is zero at init too and th
 
 Two implementations of the same logits: ``score_mod`` (FlexAttention, every term) and
 ``qk_augment`` (features appended to q and k so that any dot-product kernel adds beta * b up to a
-per-row constant; no ramp). ``bias`` is the dense helper for tests and telemetry.
+per-row constant; no ramp). ``bias`` is the dense helper for tests and telemetry. The three are functions
+of ``BiasTerms`` (coefficients plus settings), so scope.functional uses them without a layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nsa.dispatch import accumulation_dtype
 from scope.config import ScopeConfig
 from scope.errors import ScopeConfigError, ScopeInputError
+from scope.pointer_mask import ScoreMod
 
 # qk_aug slope features: key position j split into base-256 digits d_p (exact in bf16 and fp16);
 # key feature d_p * 16^p, query feature -c * 16^p, so the product is -c * d_p * 256^p. Three digits
@@ -67,10 +69,6 @@ def frequencies(
     lo, hi = math.log(2 * math.pi / l_max), math.log(2 * math.pi / min_period)
     logw = torch.linspace(lo, hi, num_freqs, dtype=torch.float64)
     return logw.exp().to(dtype=dtype, device=device)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _inverse_softplus(y: float) -> float:
@@ -156,7 +154,7 @@ class PointerHead(nn.Module):
             )
         if not q.is_floating_point():
             raise ScopeInputError(f"q must be a floating tensor, got dtype {q.dtype}")
-        cdt = _compute_dtype(q.dtype)
+        cdt = accumulation_dtype(q.dtype)
         mm_dtype = q.dtype if q.element_size() == 2 else cdt
         m = cfg.num_pointers
         x = F.rms_norm(q.to(cdt), (q.shape[-1],))
@@ -172,8 +170,187 @@ class PointerHead(nn.Module):
         return PointerParams(d_star, mu, sigma, pi, budget_logits, slope, d_logit)
 
 
+class Ramp(NamedTuple):
+    """The optional trough of b_i: - gate_h * strength * act((|D - D*_main| - width) / tau)."""
+
+    gate: Tensor  # [H] per-head scale (learnt; 0 at init)
+    kind: str  # act: "softplus" or "relu"
+    strength: float  # ramp_lambda
+    width: float  # W, tokens
+    tau: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """strength * act(x) (without the gate)."""
+        return self.strength * (F.softplus(x) if self.kind == "softplus" else F.relu(x))
+
+
+class BiasTerms(NamedTuple):
+    """The spectral bias of one attention call as data (scope.functional.scope_attention's ``bias``): the
+    logit of query i and key j gains beta * b_i(i - j) with, per row (see the module docstring),
+
+        b_i(D) = sum_k A_k cos(w_k D) + B_k sin(w_k D) - sum_k A_k + c D - ramp(D)
+
+    coeffs: A, B [B, H, T, K], c [B, H, T], d_star_main [B, H, T] (rows are the queries); freqs: w_k (K
+    floats); slope: whether c enters (False: c is ignored, and qk_aug adds no slope features); ramp: None, or
+    the trough (score_mod only). ``SpectralBias.terms`` makes them from a layer's coefficients.
+    """
+
+    coeffs: BiasCoefficients
+    freqs: tuple[float, ...]
+    beta: float
+    slope: bool
+    ramp: Ramp | None
+
+
+def _freqs(freqs: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(freqs, dtype=torch.float64, device=device).to(dtype)
+
+
+def dense_bias(terms: BiasTerms, delta: Tensor) -> Tensor:
+    """Dense b_i(delta) [B, H, T, N] (without beta), in the coefficients' dtype.
+
+    delta: distances i - j, either [N] (the same for every row) or a 4-d tensor broadcastable to [B, H, T, N].
+    Every term of ``terms`` is included. O(B H T N K) memory: a helper for tests, telemetry and decode.
+    """
+    coeffs = terms.coeffs
+    coef_a, coef_b, c = coeffs.A, coeffs.B, coeffs.c
+    if delta.dim() == 1:
+        delta = delta.view(1, 1, 1, -1)
+    elif delta.dim() != 4:
+        raise ScopeInputError(f"delta must be [N] or 4-d broadcastable to [B, H, T, N], got {tuple(delta.shape)}")
+    d = delta.to(coef_a.dtype)
+    phase = d[..., None] * _freqs(terms.freqs, coef_a.dtype, coef_a.device)  # [.., N, K]
+    spec = (coef_a[..., None, :] * torch.cos(phase) + coef_b[..., None, :] * torch.sin(phase)).sum(-1)
+    b = spec - coef_a.sum(-1)[..., None]
+    if terms.slope:
+        b = b + c[..., None] * d
+    ramp = terms.ramp
+    if ramp is not None:
+        gate = ramp.gate.to(d.dtype).view(1, -1, 1, 1)
+        b = b - gate * ramp(((d - coeffs.d_star_main[..., None]).abs() - ramp.width) / ramp.tau)
+    return b
+
+
+def bias_score_mod(terms: BiasTerms, *, q_offset: int = 0) -> ScoreMod:
+    """FlexAttention score_mod: score + beta * b_{q_idx}(q_offset + q_idx - kv_idx).
+
+    q_idx indexes the rows of ``terms.coeffs`` (the query tensor); ``q_offset`` is the absolute position of
+    the first query minus that of the first key (0 for prefill over the whole sequence; the cache length for
+    decode / chunked prefill). The K terms are unrolled (pointwise, compile-friendly). Supports every term
+    (spectral, slope, ramp). The bias is computed in the coefficients' dtype (float32, float64 for float64)
+    and added in the score's dtype. Pointwise, so it also evaluates densely on broadcast index tensors
+    (b [B, 1, 1, 1], h [1, H, 1, 1], q_idx [1, 1, T, 1], kv_idx [1, 1, 1, S]), as naive_scope_attention does.
+    """
+    coeffs, ramp, beta = terms.coeffs, terms.ramp, terms.beta
+    coef_a, c, d_main = coeffs.A, coeffs.c, coeffs.d_star_main
+    a_sum = coef_a.sum(-1)
+    ramp_gate = ramp.gate.to(coef_a.dtype) if ramp is not None else None
+
+    # One captured tensor per term, each indexed once: FlexAttention's GPU backward lowering (torch
+    # 2.11) rejects a grad-requiring tensor indexed several times in one score_mod.
+    a_cols = [col.clone() for col in coef_a.unbind(-1)]
+    b_cols = [col.clone() for col in coeffs.B.unbind(-1)]
+
+    def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        d = (q_idx + q_offset - kv_idx).to(coef_a.dtype)
+        acc = -a_sum[b, h, q_idx]
+        for w, a_k, b_k in zip(terms.freqs, a_cols, b_cols, strict=True):
+            phase = d * w
+            acc = acc + a_k[b, h, q_idx] * torch.cos(phase) + b_k[b, h, q_idx] * torch.sin(phase)
+        if terms.slope:
+            acc = acc + c[b, h, q_idx] * d
+        if ramp is not None and ramp_gate is not None:
+            acc = acc - ramp_gate[h] * ramp(((d - d_main[b, h, q_idx]).abs() - ramp.width) / ramp.tau)
+        return score + (beta * acc).to(score.dtype)
+
+    return mod
+
+
+def qk_width(dim: int, num_freqs: int, slope: bool, align: int) -> int:
+    """Width of qk_augment's q / k for head dim ``dim``: dim + 2K features (+ 3 slope digits), aligned."""
+    return _round_up(dim + 2 * num_freqs + (_SLOPE_DIGITS if slope else 0), align)
+
+
+def qk_augment(
+    q: Tensor, k: Tensor, v: Tensor, terms: BiasTerms, scale: float, *, align: int, q_start: int = 0,
+    kv_start: int = 0, pad_v: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Append bias features so that q_aug . k_aug * scale = q . k * scale + beta * b + (per-row const).
+
+    q [B, H, T, D], k [B, H_kv, S, D], v [B, H_kv, S, Dv]; query t sits at absolute position
+    i = q_start + t, key s at j = kv_start + s. Features (F = 2K, plus 3 with a slope):
+      key   j: [cos(w_k j), sin(w_k j)]                    (and d_p(j) * 16^p, p = 0..2)
+      query i: beta/scale * [A_k cos(w_k i) + B_k sin(w_k i), A_k sin(w_k i) - B_k cos(w_k i)]
+                                                          (and -beta/scale * c * 16^p)
+    where j = sum_p d_p 256^p (base-256 digits, exact in bf16/fp16), so the slope term is
+    -c j = c (i - j) - c i. The logits differ from beta * b by the per-row constant
+    beta * (sum_k A_k - c i), which softmax ignores. The feature math runs in float32 (float64 for float64
+    q) at absolute positions and is cast to q's dtype at the end, so positions up to 2^24 keep
+    their phase precision. q_aug / k_aug are zero-padded to a multiple of ``align``; v is
+    returned unchanged unless ``pad_v`` (kernels that need Dv == D), then q, k and v are all
+    zero-padded to the same aligned width. Returns (q_aug, k_aug, v_aug, scale) with the scale
+    the kernel must use. A ramp raises ScopeConfigError (it is not a dot product).
+    """
+    ramp, coeffs = terms.ramp, terms.coeffs
+    if ramp is not None:
+        raise ScopeConfigError(
+            f"qk_augment cannot express the ramp (gate_kind={ramp.kind!r}, ramp_lambda={ramp.strength}); "
+            "use score_mod, or set gate_kind='none' / ramp_lambda=0"
+        )
+    _check_qkv(q, k, v)
+    bsz, heads, t_q, dim = q.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    num_freqs = len(terms.freqs)
+    if coeffs.A.shape != (bsz, heads, t_q, num_freqs) or coeffs.B.shape != coeffs.A.shape:
+        raise ScopeInputError(
+            f"coeffs.A / coeffs.B must be [B, H, T, K]={(bsz, heads, t_q, num_freqs)}, "
+            f"got {tuple(coeffs.A.shape)} / {tuple(coeffs.B.shape)}"
+        )
+    if not (isinstance(scale, int | float) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+        raise ScopeInputError(f"scale must be a finite number > 0, got {scale!r}")
+    for name, start, length in (("q_start", q_start, t_q), ("kv_start", kv_start, s_k)):
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ScopeInputError(f"{name} must be a non-negative int, got {start!r}")
+        if start + length > _MAX_POSITION:
+            raise ScopeInputError(
+                f"{name} + length = {start + length} must be <= 2^24 (qk_aug position range)"
+            )
+    cdt = accumulation_dtype(q.dtype)
+    device = q.device
+    w = _freqs(terms.freqs, cdt, device)
+    mult = terms.beta / scale
+    pos_q = torch.arange(q_start, q_start + t_q, device=device)
+    pos_k = torch.arange(kv_start, kv_start + s_k, device=device)
+    phase_q = pos_q.to(cdt)[:, None] * w  # [T, K], exact positions (< 2^24) in fp32
+    phase_k = pos_k.to(cdt)[:, None] * w  # [S, K]
+    cos_q, sin_q = torch.cos(phase_q), torch.sin(phase_q)
+    coef_a, coef_b = coeffs.A.to(cdt), coeffs.B.to(cdt)
+    q_feats = [coef_a * cos_q + coef_b * sin_q, coef_a * sin_q - coef_b * cos_q]
+    k_feats = [torch.cos(phase_k), torch.sin(phase_k)]
+    if terms.slope:
+        scales = torch.tensor([16.0**p for p in range(_SLOPE_DIGITS)], dtype=cdt, device=device)
+        digits = torch.stack([(pos_k // 256**p) % 256 for p in range(_SLOPE_DIGITS)], dim=-1)
+        k_feats.append(digits.to(cdt) * scales)
+        q_feats.append(-coeffs.c.to(cdt)[..., None] * scales)
+    qf = (torch.cat(q_feats, dim=-1) * mult).to(q.dtype)  # [B, H, T, F]
+    kf = torch.cat(k_feats, dim=-1).to(k.dtype).expand(bsz, h_kv, s_k, -1)  # [B, H_kv, S, F]
+    width = qk_width(dim, num_freqs, terms.slope, align)
+    if pad_v:
+        width = max(width, _round_up(v.shape[-1], align))
+    pad = width - dim - qf.shape[-1]
+    q_aug = torch.cat([q, qf, q.new_zeros(bsz, heads, t_q, pad)], dim=-1)
+    k_aug = torch.cat([k, kf, k.new_zeros(bsz, h_kv, s_k, pad)], dim=-1)
+    v_aug = F.pad(v, (0, width - v.shape[-1])) if pad_v else v
+    return q_aug, k_aug, v_aug, float(scale)
+
+
 class SpectralBias(nn.Module):
-    """The SCOPE spectral bias of one attention layer (see the module docstring for the math)."""
+    """The SCOPE spectral bias of one attention layer (see the module docstring for the math).
+
+    ``coefficients`` runs the pointer head; ``terms`` packs coefficients with the layer's frequencies, beta,
+    slope switch and ramp for the functions above (``bias``, ``score_mod``, ``qk_augment`` and ``qk_width``
+    are those functions with this layer's settings).
+    """
 
     def __init__(self, config: ScopeConfig) -> None:
         super().__init__()
@@ -187,7 +364,7 @@ class SpectralBias(nn.Module):
         )
 
     def _w(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.tensor(self.freqs, dtype=torch.float64, device=device).to(dtype)
+        return _freqs(self.freqs, dtype, device)
 
     def amplitudes(self, params: PointerParams) -> Tensor:
         """a_mk [B, H, T, M, K] = gain_h * normalised_k exp(-(log w_k - mu_m)^2 / (2 sigma_m^2))."""
@@ -215,155 +392,33 @@ class SpectralBias(nn.Module):
         d_star_main = params.d_star.gather(-1, main).squeeze(-1)
         return BiasCoefficients(coef_a, coef_b, params.slope, d_star_main, params)
 
-    def _ramp(self, x: Tensor) -> Tensor:
+    def terms(self, coeffs: BiasCoefficients) -> BiasTerms:
+        """``coeffs`` with this layer's frequencies, beta, slope switch (c_scale > 0) and ramp (when configured)."""
         cfg = self.config
-        act = F.softplus(x) if cfg.gate_kind == "softplus" else F.relu(x)
-        return cfg.ramp_lambda * act
+        ramp = None if self.ramp_gate is None else Ramp(self.ramp_gate, cfg.gate_kind, cfg.ramp_lambda,
+                                                         cfg.ramp_width, cfg.ramp_tau)
+        return BiasTerms(coeffs, self.freqs, cfg.beta, cfg.c_scale > 0, ramp)
 
     def bias(self, coeffs: BiasCoefficients, delta: Tensor) -> Tensor:
-        """Dense b_i(delta) [B, H, T, N] (without beta), in the coefficients' dtype.
+        """``dense_bias`` of this layer's terms: b_i(delta) [B, H, T, N] without beta."""
+        return dense_bias(self.terms(coeffs), delta)
 
-        delta: distances i - j, either [N] (the same for every row) or a 4-d tensor broadcastable to
-        [B, H, T, N]. Every term is included (spectral, - sum_k A_k, slope, ramp). O(B H T N K) memory:
-        a helper for tests and telemetry, not for the attention path.
-        """
-        coef_a, coef_b, c = coeffs.A, coeffs.B, coeffs.c
-        if delta.dim() == 1:
-            delta = delta.view(1, 1, 1, -1)
-        elif delta.dim() != 4:
-            raise ScopeInputError(f"delta must be [N] or 4-d broadcastable to [B, H, T, N], got {tuple(delta.shape)}")
-        d = delta.to(coef_a.dtype)
-        w = self._w(coef_a.dtype, coef_a.device)
-        phase = d[..., None] * w  # [.., N, K]
-        spec = (coef_a[..., None, :] * torch.cos(phase) + coef_b[..., None, :] * torch.sin(phase)).sum(-1)
-        b = spec - coef_a.sum(-1)[..., None] + c[..., None] * d
-        if self.ramp_gate is not None:
-            cfg = self.config
-            gate = self.ramp_gate.to(d.dtype).view(1, -1, 1, 1)
-            b = b - gate * self._ramp(((d - coeffs.d_star_main[..., None]).abs() - cfg.ramp_width) / cfg.ramp_tau)
-        return b
-
-    def score_mod(
-        self, coeffs: BiasCoefficients, *, q_offset: int = 0
-    ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
-        """FlexAttention score_mod: score + beta * b_{q_idx}(q_offset + q_idx - kv_idx).
-
-        q_idx indexes the rows of ``coeffs`` (the query tensor); ``q_offset`` is the absolute position
-        of the first query minus that of the first key (0 for prefill over the whole sequence; the
-        cache length for decode / chunked prefill). The K terms are unrolled (pointwise, compile-friendly).
-        Supports every term (spectral, slope, ramp). The bias is computed in the coefficients' dtype
-        (float32, float64 for float64) and added in the score's dtype.
-        """
-        cfg = self.config
-        coef_a, coef_b, c, d_main = coeffs.A, coeffs.B, coeffs.c, coeffs.d_star_main
-        a_sum = coef_a.sum(-1)
-        freqs, beta = self.freqs, cfg.beta
-        use_slope = cfg.c_scale > 0
-        ramp_gate = self.ramp_gate.to(coef_a.dtype) if self.ramp_gate is not None else None
-        width, tau = cfg.ramp_width, cfg.ramp_tau
-
-        # One captured tensor per term, each indexed once: FlexAttention's GPU backward lowering (torch
-        # 2.11) rejects a grad-requiring tensor indexed several times in one score_mod.
-        a_cols = [col.clone() for col in coef_a.unbind(-1)]
-        b_cols = [col.clone() for col in coef_b.unbind(-1)]
-
-        def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            d = (q_idx + q_offset - kv_idx).to(coef_a.dtype)
-            acc = -a_sum[b, h, q_idx]
-            for w, a_k, b_k in zip(freqs, a_cols, b_cols, strict=True):
-                phase = d * w
-                acc = acc + a_k[b, h, q_idx] * torch.cos(phase) + b_k[b, h, q_idx] * torch.sin(phase)
-            if use_slope:
-                acc = acc + c[b, h, q_idx] * d
-            if ramp_gate is not None:
-                acc = acc - ramp_gate[h] * self._ramp(((d - d_main[b, h, q_idx]).abs() - width) / tau)
-            return score + (beta * acc).to(score.dtype)
-
-        return mod
+    def score_mod(self, coeffs: BiasCoefficients, *, q_offset: int = 0) -> ScoreMod:
+        """``bias_score_mod`` of this layer's terms."""
+        return bias_score_mod(self.terms(coeffs), q_offset=q_offset)
 
     def qk_augment(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        coeffs: BiasCoefficients,
-        scale: float,
-        *,
-        q_start: int = 0,
-        kv_start: int = 0,
-        pad_v: bool = False,
+        self, q: Tensor, k: Tensor, v: Tensor, coeffs: BiasCoefficients, scale: float, *, q_start: int = 0,
+        kv_start: int = 0, pad_v: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, float]:
-        """Append bias features so that q_aug . k_aug * scale = q . k * scale + beta * b + (per-row const).
-
-        q [B, H, T, D], k [B, H_kv, S, D], v [B, H_kv, S, Dv]; query t sits at absolute position
-        i = q_start + t, key s at j = kv_start + s. Features (F = 2K, plus 3 with a slope):
-          key   j: [cos(w_k j), sin(w_k j)]                    (and d_p(j) * 16^p, p = 0..2)
-          query i: beta/scale * [A_k cos(w_k i) + B_k sin(w_k i), A_k sin(w_k i) - B_k cos(w_k i)]
-                                                              (and -beta/scale * c * 16^p)
-        where j = sum_p d_p 256^p (base-256 digits, exact in bf16/fp16), so the slope term is
-        -c j = c (i - j) - c i. The logits differ from beta * b by the per-row constant
-        beta * (sum_k A_k - c i), which softmax ignores. The feature math runs in float32 (float64 for float64
-        q) at absolute positions and is cast to q's dtype at the end, so positions up to 2^24 keep
-        their phase precision. q_aug / k_aug are zero-padded to a multiple of ``qk_align``; v is
-        returned unchanged unless ``pad_v`` (kernels that need Dv == D), then q, k and v are all
-        zero-padded to the same aligned width. Returns (q_aug, k_aug, v_aug, scale) with the scale
-        the kernel must use. A configured ramp raises ScopeConfigError (it is not a dot product).
-        """
-        cfg = self.config
-        if cfg.has_ramp:
-            raise ScopeConfigError(
-                f"qk_augment cannot express the ramp (gate_kind={cfg.gate_kind!r}, ramp_lambda={cfg.ramp_lambda}); "
-                "use score_mod, or set gate_kind='none' / ramp_lambda=0"
-            )
-        _check_qkv(q, k, v)
-        bsz, heads, t_q, dim = q.shape
-        h_kv, s_k = k.shape[1], k.shape[2]
-        if coeffs.A.shape != (bsz, heads, t_q, cfg.num_freqs) or coeffs.B.shape != coeffs.A.shape:
-            raise ScopeInputError(
-                f"coeffs.A / coeffs.B must be [B, H, T, K]={(bsz, heads, t_q, cfg.num_freqs)}, "
-                f"got {tuple(coeffs.A.shape)} / {tuple(coeffs.B.shape)}"
-            )
-        if not (isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0):
-            raise ScopeInputError(f"scale must be a number > 0, got {scale!r}")
-        for name, start, length in (("q_start", q_start, t_q), ("kv_start", kv_start, s_k)):
-            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-                raise ScopeInputError(f"{name} must be a non-negative int, got {start!r}")
-            if start + length > _MAX_POSITION:
-                raise ScopeInputError(
-                    f"{name} + length = {start + length} must be <= 2^24 (qk_aug position range)"
-                )
-        cdt = _compute_dtype(q.dtype)
-        device = q.device
-        w = self._w(cdt, device)
-        mult = cfg.beta / scale
-        pos_q = torch.arange(q_start, q_start + t_q, device=device)
-        pos_k = torch.arange(kv_start, kv_start + s_k, device=device)
-        phase_q = pos_q.to(cdt)[:, None] * w  # [T, K], exact positions (< 2^24) in fp32
-        phase_k = pos_k.to(cdt)[:, None] * w  # [S, K]
-        cos_q, sin_q = torch.cos(phase_q), torch.sin(phase_q)
-        coef_a, coef_b = coeffs.A.to(cdt), coeffs.B.to(cdt)
-        q_feats = [coef_a * cos_q + coef_b * sin_q, coef_a * sin_q - coef_b * cos_q]
-        k_feats = [torch.cos(phase_k), torch.sin(phase_k)]
-        if cfg.c_scale > 0:
-            scales = torch.tensor([16.0**p for p in range(_SLOPE_DIGITS)], dtype=cdt, device=device)
-            digits = torch.stack([(pos_k // 256**p) % 256 for p in range(_SLOPE_DIGITS)], dim=-1)
-            k_feats.append(digits.to(cdt) * scales)
-            q_feats.append(-coeffs.c.to(cdt)[..., None] * scales)
-        qf = (torch.cat(q_feats, dim=-1) * mult).to(q.dtype)  # [B, H, T, F]
-        kf = torch.cat(k_feats, dim=-1).to(k.dtype).expand(bsz, h_kv, s_k, -1)  # [B, H_kv, S, F]
-        width = self.qk_width(dim)
-        if pad_v:
-            width = max(width, _round_up(v.shape[-1], cfg.qk_align))
-        pad = width - dim - qf.shape[-1]
-        q_aug = torch.cat([q, qf, q.new_zeros(bsz, heads, t_q, pad)], dim=-1)
-        k_aug = torch.cat([k, kf, k.new_zeros(bsz, h_kv, s_k, pad)], dim=-1)
-        v_aug = F.pad(v, (0, width - v.shape[-1])) if pad_v else v
-        return q_aug, k_aug, v_aug, float(scale)
+        """``qk_augment`` of this layer's terms, aligned to config.qk_align."""
+        return qk_augment(q, k, v, self.terms(coeffs), scale, align=self.config.qk_align, q_start=q_start,
+                          kv_start=kv_start, pad_v=pad_v)
 
     def qk_width(self, dim: int) -> int:
-        """Width of qk_augment's q / k for head dim ``dim``: dim + 2K features (+ 3 slope digits), aligned."""
-        features = 2 * self.config.num_freqs + (_SLOPE_DIGITS if self.config.c_scale > 0 else 0)
-        return _round_up(dim + features, self.config.qk_align)
+        """``qk_width`` with this layer's K, slope switch and alignment."""
+        cfg = self.config
+        return qk_width(dim, cfg.num_freqs, cfg.c_scale > 0, cfg.qk_align)
 
     def regularisers(self, coeffs: BiasCoefficients, seq_len: int) -> dict[str, Tensor]:
         """Regularisers, each raw (``<name>_raw``, for logging) and times its lambda (``<name>``); ``total``

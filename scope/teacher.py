@@ -99,7 +99,7 @@ def layer_teacher_loss(layer: torch.nn.Module, x: Tensor, *, tau: float = 0.5, b
     if seq_len % config.block != 0:
         raise ScopeInputError(f"teacher segment length T={seq_len} must be a multiple of block={config.block}")
     num_blocks = seq_len // config.block
-    q, k, _, q_content = layer._project(x, torch.arange(seq_len, device=x.device))
+    q, k, _, q_content = layer.project(x, torch.arange(seq_len, device=x.device))
     target = teacher_block_targets(q, k, block=config.block, local_blocks=config.local_blocks, scale=layer.scale)
     params = layer.spectral.pointer_head(q_content, step)
     d_blk, u_blk = (representative_rows(values, num_blocks, config.block, config.representative)

@@ -17,6 +17,7 @@ from typing import Any
 from nsa import NSAConfigError
 from nsa.config import reject_unknown_keys
 from nsa.model import GPTConfig
+from nsa.validation import check_real, parse_device
 from scripts.data import VOCAB_SIZE, RetrievalTask
 
 TASKS = ("retrieval", "text")
@@ -57,8 +58,7 @@ class DataConfig:
             raise NSAConfigError(f"[data] task must be one of {TASKS}, got {self.task!r}")
         for name in ("seq_len", "key_len", "value_len", "value_vocab", "eval_samples", "eval_batch_size"):
             _check_min(self, "data", name, 1)
-        if not 0.0 < self.val_fraction < 1.0:
-            raise NSAConfigError(f"[data] val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        check_real("[data] val_fraction", self.val_fraction, error=NSAConfigError, above=0.0, below=1.0)
         if self.task == "retrieval":
             try:
                 task = self.retrieval_task()
@@ -83,7 +83,9 @@ class TrainConfig:
     over warmup_steps then follows a cosine to min_lr at max_steps (the config's value: the CLI
     ``--max-steps`` only moves the stopping point, so an interrupted run resumes on the same schedule).
     grad_clip: max global grad norm (0 disables). Intervals are in optimizer steps (0 disables
-    periodic eval / checkpoint; the final step always evaluates and checkpoints).
+    periodic eval / checkpoint; the final step always evaluates and checkpoints). Every float must be
+    finite. device: a torch device string, parsed here; whether this machine has it is checked where the
+    run starts (a checkpoint's config stays loadable on a machine without its training device).
     """
 
     batch_size: int = 16
@@ -108,10 +110,10 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_interval", "ckpt_interval"):
             _check_min(self, "train", name, 0)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            _check_min(self, "train", name, 0.0)
+            check_real(f"[train] {name}", getattr(self, name), error=NSAConfigError, at_least=0.0)
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise NSAConfigError(f"[train] {name} must be in [0, 1), got {getattr(self, name)!r}")
+            check_real(f"[train] {name}", getattr(self, name), error=NSAConfigError, at_least=0.0, below=1.0)
+        parse_device("[train] device", self.device, error=NSAConfigError)
         if self.min_lr > self.lr:
             raise NSAConfigError(f"[train] min_lr={self.min_lr} must be <= lr={self.lr}")
 
@@ -210,7 +212,7 @@ def _describe(hint: Any) -> str:
     return "none" if hint is type(None) else f"a {hint.__name__}"
 
 
-def _check_min(obj: Any, section: str, name: str, minimum: float) -> None:
+def _check_min(obj: Any, section: str, name: str, minimum: int) -> None:
     value = getattr(obj, name)
     if value < minimum:
         raise NSAConfigError(f"[{section}] {name} must be >= {minimum}, got {value!r}")

@@ -155,6 +155,17 @@ def make_raw_inputs(s: Shape, dtype: torch.dtype = F64) -> dict:
     }
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`pytest -m gpu` on a machine without CUDA: every gpu-marked test is skipped with the reason,
+    instead of failing inside torch."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_gpu)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_dynamo_per_module():
     """FlexAttention compiles even when called eagerly. Graphs cached by one module (and the automatic

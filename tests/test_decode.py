@@ -11,7 +11,8 @@ to every sequence and returns the outputs at absolute positions cache.lengths[b]
   are exactly zero and padding writes nothing;
 - read counters: per step cmp = num_cmp(S), win = min(w, S), sel = tokens <= t of the selected
   blocks <= n*l', totals = sum of the steps, and the paper's 65536-token figure 4095 + 1024 + 512;
-- errors: NSAInputError naming the problem, and the cache left untouched;
+- errors: NSAInputError naming the problem, and the cache left untouched (every refused call,
+  the decode backend refused by the dispatch included); an empty append changes nothing;
 - causality in decode: later tokens never change earlier outputs.
 
 Tolerance (float64, conftest.TOL64 = 1e-10): prefill and decode compute the same math on the same
@@ -494,24 +495,36 @@ def _bad_calls():
         "past capacity, one sequence": (
             lambda layer, cache: layer(rand_x(2, 6, 8, 5), cache=cache, num_valid=[5, 6]), r"sequence 1 .*capacity"),
         "batch mismatch": (lambda layer, cache: layer(rand_x(3, 1, 8, 5), cache=cache), r"batch 3 .*2 sequences"),
-        "dtype mismatch": (lambda layer, cache: layer(x1(layer, torch.float32), cache=cache),
-                           r"dtype torch.float32 .*torch.float64"),
+        "batch 0": (lambda layer, cache: layer(rand_x(0, 1, 8, 5), cache=cache), r"batch 0 .*2 sequences"),
+        "x dtype != layer dtype": (lambda layer, cache: layer(x1(layer, torch.float32), cache=cache),
+                                   r"x has dtype torch.float32 .*parameters have dtype torch.float64"),
+        "x dtype != cache dtype": (
+            lambda layer, cache: make_layer(ERR_CONFIG, 0, torch.float32)(x1(layer, torch.float32), cache=cache),
+            r"dtype torch.float32 but the cache stores torch.float64"),
         "device mismatch": (lambda layer, cache: layer(torch.empty(2, 1, 8, dtype=F64, device="meta"), cache=cache),
-                            r"is on meta but the cache is on cpu"),
+                            r"x is on meta but the layer's parameters are on cpu"),
         "start_positions backwards": (lambda layer, cache: layer(x1(layer), cache=cache,
                                                                  start_positions=[PRIMED, PRIMED - 1]),
                                       r"start_positions\[1\].*backwards"),
         "start_positions skips ahead": (lambda layer, cache: layer(x1(layer), cache=cache,
                                                                    start_positions=[PRIMED + 1, PRIMED]),
                                         r"start_positions\[0\].*skips"),
+        "start_positions wrong length": (lambda layer, cache: layer(x1(layer), cache=cache, start_positions=[PRIMED]),
+                                         r"start_positions must give 2"),
+        "start_positions not ints": (lambda layer, cache: layer(x1(layer), cache=cache,
+                                                                start_positions=[float(PRIMED), PRIMED]),
+                                     r"start_positions must give 2 ints"),
         "num_valid negative": (lambda layer, cache: layer(x1(layer), cache=cache, num_valid=[-1, 1]), r"num_valid"),
         "num_valid > C": (lambda layer, cache: layer(x1(layer), cache=cache, num_valid=[1, 2]), r"num_valid.*C=1"),
         "num_valid wrong length": (lambda layer, cache: layer(x1(layer), cache=cache, num_valid=[1]),
                                    r"num_valid must give 2"),
-        "C = 0": (lambda layer, cache: layer(rand_x(2, 0, 8, 5), cache=cache), r"C=0"),
+        "num_valid not ints": (lambda layer, cache: layer(rand_x(2, 2, 8, 5), cache=cache, num_valid=[1.5, 1]),
+                               r"num_valid must give 2 ints"),
         "wrong hidden size": (lambda layer, cache: layer(rand_x(2, 1, 6, 5), cache=cache), r"hidden_size=8"),
+        "x not 3-D": (lambda layer, cache: layer(rand_x(2, 1, 8, 5)[:, 0], cache=cache), r"x must be \[B, T"),
         "cache of another config": (lambda layer, cache: make_layer(other, 0)(x1(layer), cache=cache),
                                     r"different NSAConfig"),
+        "fill_random_ on a primed cache": (lambda layer, cache: cache.fill_random_(3), r"needs an empty cache"),
     }
 
 
@@ -553,18 +566,45 @@ def test_capacity_is_counted_in_valid_tokens():
     assert_same_state(cache, state)
 
 
-def test_start_positions_wrong_length_is_input_error():
-    layer = make_layer(ERR_CONFIG, 0)
+@pytest.mark.parametrize(
+    ("dtype", "grad", "reason"),
+    [(torch.float32, False, r"tensors are on cpu, not CUDA"),
+     (F64, False, r"dtype torch.float64 is not one of"),
+     (torch.float32, True, r"gradients are required")],
+    ids=["cpu without interpreter", "float64", "gradients"],
+)
+def test_refused_triton_decode_step_leaves_cache_untouched(monkeypatch, dtype, grad, reason):
+    """backend="triton" that cannot run a decode step raises NSAInputError with the reason before
+    anything is written (it used to write six buffers first). TRITON_INTERPRET is switched off so that
+    CPU tensors are refused as they are for a user without a GPU; a multi-token append takes the
+    chunk path (no backend choice), so the cache can be primed with the same layer."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = make_layer(NSAConfig(**{**ERR_CONFIG.to_dict(), "backend": "triton"}), 0, dtype)
+    x = rand_x(2, PRIMED + 1, 8, 1, dtype)
     cache = layer.new_cache(2, CAPACITY)
-    with pytest.raises(NSAInputError, match=r"start_positions"), torch.no_grad():
-        layer(rand_x(2, 1, 8, 1), cache=cache, start_positions=[0])
+    with torch.no_grad():
+        layer(x[:, :PRIMED], cache=cache)
+    state = cache_state(cache)
+    with torch.set_grad_enabled(grad), pytest.raises(NSAInputError, match=r"backend='triton' cannot run .*" + reason):
+        layer(x[:, PRIMED:], cache=cache)
+    assert_same_state(cache, state)
 
 
-def test_num_valid_must_be_integers():
+@pytest.mark.parametrize("num_valid", [None, [0, 0]])
+def test_empty_append_returns_empty_and_changes_nothing(num_valid):
+    """An append of C = 0 tokens (documented: empty in, empty out) returns y [B, 0, hidden] and aux of
+    the documented shapes, and leaves the cache exactly as it was; decoding then matches prefill."""
     layer = make_layer(ERR_CONFIG, 0)
+    x = rand_x(2, PRIMED + 2, 8, 1)
     cache = layer.new_cache(2, CAPACITY)
-    with pytest.raises(NSAInputError, match=r"num_valid"), torch.no_grad():
-        layer(rand_x(2, 2, 8, 1), cache=cache, num_valid=[1.5, 1])
+    with torch.no_grad():
+        y_head = layer(x[:, :PRIMED], cache=cache)
+        state = cache_state(cache)
+        y, aux = layer(x[:, :0], return_aux=True, cache=cache, num_valid=num_valid, start_positions=[PRIMED] * 2)
+        assert y.shape == (2, 0, 8) and aux.block_indices.shape == (2, 0, 1, 3) and aux.gates.shape == (2, 0, 2, 3)
+        assert_same_state(cache, state)
+        y_tail = layer(x[:, PRIMED:], cache=cache)
+    torch.testing.assert_close(torch.cat((y_head, y_tail), 1), prefill(layer, x)[0], **TOL64)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa import NSAAttention, NSAConfig, naive_nsa_attention, nsa_attention, num_compressed_blocks
+from nsa import (
+    NSAAttention,
+    NSAConfig,
+    NSAInputError,
+    NSAKVCache,
+    naive_nsa_attention,
+    nsa_attention,
+    num_compressed_blocks,
+)
 from nsa.decode_attention import decode_attention
 
 pytestmark = pytest.mark.gpu
@@ -50,6 +58,19 @@ def test_cuda_decode_matches_prefill() -> None:
         prefix = layer(x[:, :1200], cache=cache)
         steps = torch.cat([layer(x[:, t:t + 1], cache=cache) for t in range(1200, 1500)], dim=1)
     torch.testing.assert_close(torch.cat((prefix, steps), dim=1), full, rtol=2e-4, atol=2e-4)
+
+
+def test_cache_from_a_device_string_takes_cuda_tensors() -> None:
+    """NSAKVCache(device="cuda") stores the current device's index (cuda:0), the device tensors created
+    with "cuda" report, so appends of such tensors pass its device check; a missing index is refused."""
+    config = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, head_dim_v=16)
+    layer = NSAAttention(config).cuda()
+    cache = NSAKVCache(config, 1, 64, device="cuda")
+    assert cache.device == torch.empty(0, device="cuda").device
+    with torch.no_grad():
+        assert layer(torch.randn(1, 3, 64, device="cuda"), cache=cache).shape == (1, 3, 64)
+    with pytest.raises(NSAInputError, match=r"device='cuda:\d+'"):
+        NSAKVCache(config, 1, 64, device=f"cuda:{torch.cuda.device_count()}")
 
 
 def _decode_case(batch: int, seq_lens: list[int], dtype: torch.dtype, static: bool = False):

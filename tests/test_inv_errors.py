@@ -4,6 +4,7 @@ the offending argument (matched as a whole word)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -16,6 +17,7 @@ from nsa import (
     NSAConfig,
     NSAConfigError,
     NSAInputError,
+    NSAKVCache,
     apply_rope,
     compress_mean_pool,
     compressed_attention,
@@ -31,6 +33,8 @@ from nsa import (
     sliding_window_attention,
     topn_blocks,
 )
+from nsa.validation import check_real, check_scale
+from scripts.config import DataConfig, TrainConfig
 
 
 def names(*args: str) -> str:
@@ -334,7 +338,17 @@ CONFIG_CASES = [
     ({"compression": "max"}, names("compression")),
     ({"gate": "relu"}, names("gate")),
     ({"rope_theta": 0.0}, names("rope_theta")),
+    ({"rope_theta": math.inf}, names("rope_theta")),
+    ({"rope_theta": math.nan}, names("rope_theta")),
+    ({"rope_theta": "10000"}, names("rope_theta")),
     ({"scale": -1.0}, names("scale")),
+    ({"scale": math.inf}, names("scale")),
+    ({"scale": -math.inf}, names("scale")),
+    ({"scale": math.nan}, names("scale")),
+    ({"scale": True}, names("scale")),
+    ({"query_chunk_size": 0}, names("query_chunk_size")),
+    ({"query_chunk_size": -8}, names("query_chunk_size")),
+    ({"compression_hidden": 0}, names("compression_hidden")),
 ]
 
 
@@ -357,3 +371,167 @@ def test_module_input_rank_and_width():
 def test_compress_pool_kind():
     with pytest.raises((NSAInputError, NSAConfigError), match=names("kind")):
         CompressPool(4, 4, 2, kind="max")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite settings: every float setting is finite and in range (an inf scale used to pass and
+# give NaN outputs).
+
+NON_FINITE = [math.inf, -math.inf, math.nan]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+def test_check_scale_rejects_non_finite(value):
+    with pytest.raises(NSAInputError, match=names("scale") + ".*finite"):
+        check_scale(value)
+
+
+def test_check_real_ranges_and_error_class():
+    assert check_real("x", 3) == 3.0 and isinstance(check_real("x", 3), float)
+    assert check_real("x", 0.0, at_least=0.0, below=1.0) == 0.0
+    for value, rule in ((0.0, {"above": 0.0}), (1.0, {"below": 1.0}), (-1e-300, {"at_least": 0.0})):
+        with pytest.raises(NSAConfigError, match=names("x")):
+            check_real("x", value, error=NSAConfigError, **rule)
+    for value in (*NON_FINITE, None, "1.0", False, torch.tensor(1.0)):
+        with pytest.raises(NSAInputError, match=names("x") + ".*finite"):
+            check_real("x", value)
+
+
+FUNCTIONAL_OPS = {
+    "compressed_attention": lambda x, **kw: compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], L, D, **kw),
+    "naive_compressed_attention": lambda x, **kw: naive_compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], L, D,
+                                                                             **kw),
+    "selected_attention": lambda x, **kw: selected_attention(x["q"], x["k"], x["v"], x["idx"], LP, **kw),
+    "naive_selected_attention": lambda x, **kw: naive_selected_attention(x["q"], x["k"], x["v"], x["idx"], LP, **kw),
+    "sliding_window_attention": lambda x, **kw: sliding_window_attention(x["q"], x["k"], x["v"], W, **kw),
+    "naive_sliding_window_attention": lambda x, **kw: naive_sliding_window_attention(x["q"], x["k"], x["v"], W,
+                                                                                     **kw),
+    "nsa_attention": lambda x, **kw: call_nsa(x, **kw),
+    "naive_nsa_attention": lambda x, **kw: call_nsa(x, op=naive_nsa_attention, **kw),
+    "select_blocks": lambda x, **kw: call_select(x, **kw),
+}
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+@pytest.mark.parametrize("op", list(FUNCTIONAL_OPS))
+def test_functional_scale_must_be_finite(op, value):
+    with pytest.raises(NSAInputError, match=names("scale")):
+        FUNCTIONAL_OPS[op](base(), scale=value)
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        *[(TrainConfig, name, value) for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2")
+          for value in NON_FINITE],
+        (TrainConfig, "beta1", 1.0),
+        (TrainConfig, "grad_clip", -1.0),
+        *[(DataConfig, "val_fraction", value) for value in (*NON_FINITE, 0.0, 1.0)],
+        (TrainConfig, "device", "cuad"),
+    ],
+)
+def test_training_config_floats_finite_and_in_range(cls, field, value):
+    """scripts/config.py: [train] / [data] floats are finite and in range, the device parses; the
+    error is NSAConfigError naming the field. min_lr is set alongside lr so that only the field is bad."""
+    extra = {"min_lr": 0.0} if field == "lr" else {}
+    with pytest.raises(NSAConfigError, match=names(field)):
+        cls(**{field: value, **extra})
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate sizes: head dim 0, zero index slots, query_chunk_size <= 0
+
+
+def _zero_dim(which: str) -> dict:
+    """base() with the key head dim (q, k, k_cmp) or the value head dim (v, v_cmp) set to 0."""
+    x = base()
+    keys = ("q", "k", "k_cmp") if which == "Dk" else ("v", "v_cmp")
+    return {**x, **{key: x[key][..., :0] for key in keys}}
+
+
+@pytest.mark.parametrize(("op", "which"), [(op, which) for op in FUNCTIONAL_OPS for which in ("Dk", "Dv")
+                                           if (op, which) != ("select_blocks", "Dv")])  # it reads no values
+def test_head_dim_zero(op, which):
+    with pytest.raises(NSAInputError, match=r"head dims must be >= 1"):
+        FUNCTIONAL_OPS[op](_zero_dim(which))
+
+
+@pytest.mark.parametrize("op", [selected_attention, naive_selected_attention], ids=lambda f: f.__name__)
+def test_zero_index_slots(op):
+    with pytest.raises(NSAInputError, match=names("block_indices") + r".*S=0"):
+        call_sel(mod(idx=torch.zeros(B, T, HKV, 0, dtype=torch.int64)), op=op)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.0])
+@pytest.mark.parametrize("op", [nsa_attention, naive_nsa_attention], ids=lambda f: f.__name__)
+def test_query_chunk_size_must_be_positive(op, chunk):
+    with pytest.raises(NSAInputError, match=names("query_chunk_size")):
+        call_nsa(base(), op=op, query_chunk_size=chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module: empty inputs, dtype / device of x, append-only arguments, device strings
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5), (0, 0)], ids=["T=0", "B=0", "both"])
+def test_module_empty_input_returns_empty_output(shape):
+    """Documented rule: an empty input gives an empty output of shape [B, T, hidden] (and aux of the
+    documented shapes), in the layer's dtype, with gradients reaching the parameters."""
+    c = NSAConfig(**TINY)
+    m = NSAAttention(c)
+    y, aux = m(torch.randn(*shape, c.hidden_size), return_aux=True)
+    assert y.shape == (*shape, c.hidden_size) and y.dtype == torch.float32
+    assert aux.block_indices.shape == (*shape, c.num_kv_heads, c.num_selected)
+    assert aux.block_indices.dtype == torch.int64
+    assert aux.gates.shape == (*shape, c.num_heads, 3)
+    y.sum().backward()
+    assert m.o_proj.weight.grad is not None and not m.o_proj.weight.grad.any()
+
+
+def test_module_dtype_must_match_parameters():
+    m = NSAAttention(NSAConfig(**TINY))
+    with pytest.raises(NSAInputError, match=r"x has dtype torch.float64 .*parameters have dtype torch.float32"):
+        m(torch.randn(1, 5, 12, dtype=torch.float64))
+    with pytest.raises(NSAInputError, match=r"x has dtype torch.int64"):
+        m(torch.zeros(1, 5, 12, dtype=torch.int64))
+
+
+def test_module_dtype_rule_leaves_autocast_alone():
+    """Under torch.autocast the projections cast x: a bfloat16 x reaches a float32 layer as before."""
+    m = NSAAttention(NSAConfig(**TINY))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(torch.randn(1, 9, 12, dtype=torch.bfloat16))
+    assert y.shape == (1, 9, 12) and y.dtype == torch.bfloat16
+
+
+def test_module_device_must_match_parameters():
+    m = NSAAttention(NSAConfig(**TINY))
+    with pytest.raises(NSAInputError, match=r"x is on meta but the layer's parameters are on cpu"):
+        m(torch.empty(1, 5, 12, device="meta"))
+
+
+def test_module_append_arguments_need_a_cache():
+    m = NSAAttention(NSAConfig(**TINY))
+    with pytest.raises(NSAInputError, match=names("num_valid", "start_positions") + ".*cache"):
+        m(torch.randn(1, 5, 12), num_valid=[3])
+    with pytest.raises(NSAInputError, match=names("start_positions") + ".*cache"):
+        m(torch.randn(1, 5, 12), start_positions=[0])
+
+
+def _missing_device() -> str:
+    """A device this build or machine lacks: CUDA without CUDA, else one index past the last GPU."""
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize("device", [_missing_device(), "xpu", "gpu0"])
+def test_cache_device_string_must_exist(device):
+    if device == "xpu" and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    with pytest.raises(NSAInputError, match=names("device") + f".*{re.escape(device)}"):
+        NSAKVCache(NSAConfig(**TINY), 1, 8, device=device)
+
+
+def test_cache_sizes_are_positive_ints():
+    for kw in ({"batch_size": 0, "capacity": 8}, {"batch_size": 1, "capacity": -1}, {"batch_size": 1, "capacity": 2.0}):
+        with pytest.raises(NSAInputError, match=names(*kw)):
+            NSAKVCache(NSAConfig(**TINY), **kw)

@@ -159,7 +159,7 @@ def test_teacher_steps_move_pointers_to_a_planted_far_block() -> None:
     (160 tokens back for every query, bench/scope_pointer_toy.py) and raise that block's inclusion
     probability; the budget logits get gradient (the research code's never did)."""
     layer, x = periodic_retrieval_layer_and_input(256)
-    q, k, _, _ = layer._project(x, torch.arange(256))
+    q, k, _, _ = layer.project(x, torch.arange(256))
     target = teacher_block_targets(q, k, block=8, local_blocks=1, scale=layer.scale)
     rows = torch.arange(PERIOD // 8 + 1, 32)
     assert (target[0, 0, rows, rows - PERIOD // 8] > 0.25).all()  # the toy really plants the mass there

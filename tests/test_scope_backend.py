@@ -1,15 +1,18 @@
 """ScopeAttention's attention backend: the Triton block-sparse kernels inside the layer (CPU: Triton
-interpreter) against the float64 dense reference of tests/test_scope_attention.py, and the choice rules
-(config errors, refusals that name the reason, what "auto" picks)."""
+interpreter) against the float64 dense reference of tests/test_scope_attention.py, the choice rules
+(config errors, refusals that name the reason, what "auto" picks), and the CPU training path (the dense
+torch path, chosen where FlexAttention has no backward) with its refusals."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from test_scope_attention import allowed_from_lists, dense_reference, small_config
+from test_scope_attention import allowed_from_lists, dense_reference, make_layer, small_config
 
 import nsa.dispatch
-from scope import ScopeConfig, ScopeInputError
+from scope import ScopeConfig, ScopeInputError, scope_attention_backend
 from scope.errors import ScopeConfigError
 from scope.scope_attention import ScopeAttention
 
@@ -69,6 +72,18 @@ def test_triton_backend_refuses_what_it_cannot_run() -> None:
         small(torch.randn(1, 32, 32))
 
 
+def auto_choice(config: ScopeConfig, dtype: torch.dtype) -> str:
+    """What "auto" picks for a prefill of this config (no gradients: the CPU's Flex needs none)."""
+    layer = ScopeAttention(config)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, config.num_heads, 32, config.head_dim, generator=gen).to(dtype)
+    k = v = torch.randn(1, config.num_kv_heads, 32, config.head_dim, generator=gen).to(dtype)
+    with torch.no_grad():
+        bias = None if config.bias_impl == "none" else layer.spectral.terms(layer.spectral.coefficients(q))
+        return scope_attention_backend(q, k, v, block=config.block, bias=bias, qk_align=config.qk_align,
+                                       bias_impl="qk_aug" if config.bias_impl == "qk_aug" else "score_mod").name
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (dict(bias_impl="qk_aug", head_dim=16, num_freqs=12), "triton"),  # q.k width 16 + 24 -> 48
     (dict(bias_impl="qk_aug", head_dim=16, num_freqs=8), "flex"),  # 16 + 16 = 32, a power of two
@@ -83,9 +98,51 @@ def test_auto_takes_triton_only_where_flex_pads_the_width(monkeypatch: pytest.Mo
     is not a power of two and Flex otherwise, in bf16 and float32 alike; on this CPU (no interpreter
     request) always flex."""
     config = small_config(**{"hidden_size": 64, "block": 16, "backend": "auto", **overrides})
-    layer = ScopeAttention(config)
-    q = torch.randn(1, config.num_heads, 32, config.head_dim, dtype=torch.bfloat16)
-    assert layer.attention_backend(q, None) == "flex"  # CPU tensors: never the interpreter on its own
-    monkeypatch.setattr(nsa.dispatch, "triton_obstacles", lambda *args: [])
-    assert layer.attention_backend(q, None) == expected
-    assert layer.attention_backend(q.float(), None) == expected
+    assert auto_choice(config, torch.bfloat16) == "flex"  # CPU tensors: never the interpreter on its own
+    monkeypatch.setattr(nsa.dispatch, "triton_obstacles", lambda *args, **kwargs: [])
+    assert auto_choice(config, torch.bfloat16) == expected
+    assert auto_choice(config, torch.float32) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training on the CPU: FlexAttention has no CPU backward, so "auto" takes the dense torch path
+
+
+@pytest.mark.parametrize("bias_impl", ["score_mod", "qk_aug"])
+def test_cpu_training_takes_the_dense_path_and_says_why(bias_impl: str, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A backward through the layer on the CPU works and equals the float64 dense reference's gradients
+    (x and every parameter); the dispatch logs the reason."""
+    monkeypatch.setattr(nsa.dispatch, "_logged", set())  # log this choice afresh
+    layer = make_layer(small_config(bias_impl=bias_impl, c_scale=0.2)).train()
+    x = torch.randn(1, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    dy = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    with caplog.at_level(logging.INFO, logger="nsa.dispatch"):
+        y, aux = layer(x, return_aux=True)
+    assert "scope attention backend: torch (" in caplog.text and "no backward on the CPU" in caplog.text
+    params = dict(layer.named_parameters())
+    grads = torch.autograd.grad(y, [x, *params.values()], dy, allow_unused=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = dense_reference(layer, x_ref, allowed_from_lists(aux.pointer_mask.kv_indices, 4))
+    ref_grads = torch.autograd.grad(y_ref, [x_ref, *params.values()], dy, allow_unused=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    for name, g, ref in zip(["x", *params], grads, ref_grads, strict=True):
+        if ref is None:  # nothing reaches it in the reference either (e.g. through the discrete mask only)
+            assert g is None or not bool(g.any()), name
+        else:
+            torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_cpu_training_refusals_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(1, 32, 32, dtype=F64, requires_grad=True)
+    flex = make_layer(small_config(backend="flex"))
+    with pytest.raises(ScopeInputError, match="backend='flex' cannot run scope attention: FlexAttention has no "
+                                              "backward on the CPU"):
+        flex(x)
+    with torch.no_grad():
+        flex(x)  # without gradients Flex runs
+    monkeypatch.setattr(nsa.dispatch, "SCOPE_DENSE_SCORE_LIMIT", 4 * 32 * 32 - 1)  # B * H * T^2 is one over
+    with pytest.raises(ScopeInputError, match=r"no backend can run scope attention .*train on CUDA"):
+        make_layer(small_config())(x)
+    with pytest.raises(ScopeInputError, match=r"backend='torch' cannot run .*dense path would hold"):
+        make_layer(small_config(backend="torch"))(x)

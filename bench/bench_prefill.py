@@ -1,0 +1,480 @@
+"""NSA prefill and training on the GPU beside dense attention and the public kernels (ANCHORS.md).
+
+    python -m bench.bench_prefill --device cuda                     # every part, every shape, 8k-512k
+    python -m bench.bench_prefill --device cuda --parts check layer kernels --shapes public --seq-lens 65536
+    python -m bench.bench_prefill                                    # CPU smoke run (tiny, torch path)
+
+Shapes (NSA paper blocks l=32, d=16, l'=64, n=16, w=512; bf16; B=1): public (HQ=64, H_kv=4, D=128, the
+shape of the public NSA kernels), paper (d_k=192, d_v=128), g4 (HQ=16, H_kv=4) and g12 (HQ=48, H_kv=4).
+Parts, in one process:
+
+- check: before any timing, per shape at ``--check-len``, the kernels' output, selection and all eight
+  gradients against the PyTorch path (float32 math on the same bf16 inputs; the selection compared as sets,
+  the attention with the kernels' own selection). A failed check stops the run.
+- layer: per T, largest first: ``nsa`` (nsa.nsa_attention, the fused Triton op), ``dense`` (SDPA, causal,
+  enable_gqa), ``flex_window`` (compiled FlexAttention, sliding window 512) and ``fla`` (fla-core's
+  parallel_nsa, compression + top-16 selection of 64-token blocks, window 0, where installed and the shape
+  allows); forward, forward+backward and the peak memory of one forward+backward.
+- kernels: at ``--kernel-len``, each kernel of the fused op timed alone, with its FLOPs and bytes against the
+  ceilings measured in the same run (bf16 matmul, device copy).
+- module: the whole NSAAttention (projections, MLP phi, gates, o_proj) against a dense attention module with
+  the same projections (nsa.model.DenseCausalAttention), hidden size 4096.
+- gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
+  with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens).
+
+Timing: medians of triton.testing.do_bench after warm-up; random inputs. Results: ``prefill_<device>.jsonl``
+(one JSON object per measurement: impl, shape, T, fwd_ms, fwdbwd_ms, peak_gib, tokens_per_s, gpu, torch,
+triton, commit) and ``prefill_<device>.md`` under ``--results-dir``; an OOM or error is recorded in its row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
+from nsa import (
+    NSAAttention,
+    NSAConfig,
+    compressed_attention,
+    nsa_attention,
+    num_compressed_blocks,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+)
+from nsa.model import GPT, DenseCausalAttention, GPTConfig
+from nsa.nonfinite import finite_or_zero, nsa_nonfinite_rows
+
+
+class Shape(NamedTuple):
+    heads: int
+    kv_heads: int
+    dk: int
+    dv: int
+
+
+SHAPES = {"public": Shape(64, 4, 128, 128), "paper": Shape(64, 4, 192, 128), "g4": Shape(16, 4, 128, 128),
+          "g12": Shape(48, 4, 128, 128)}
+BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
+GPU_SEQ_LENS = [524288, 262144, 131072, 65536, 32768, 16384, 8192]
+GPT_SEQ_LENS = [4096, 16384, 65536]
+GPT_TOKENS_PER_STEP = 65536
+CHECK_RTOL = 2e-2  # bf16 outputs against float32 math: a few bf16 roundings (2^-8 each) of O(1) values
+SELECTION_MISMATCH = 0.01  # rows whose selected set may differ (near ties scored in another order)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and the implementations
+
+
+def nsa_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool) -> list[Tensor]:
+    """q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates: random (never zero), the layout of nsa_attention."""
+    num_cmp = num_compressed_blocks(seq_len, BLOCKS["block_size"], BLOCKS["block_stride"])
+    sizes = [(seq_len, shape.heads, shape.dk), (num_cmp, shape.kv_heads, shape.dk), (num_cmp, shape.kv_heads, shape.dv),
+             (seq_len, shape.kv_heads, shape.dk), (seq_len, shape.kv_heads, shape.dv),
+             (seq_len, shape.kv_heads, shape.dk), (seq_len, shape.kv_heads, shape.dv)]
+    tensors = [torch.randn(1, *size, device=device, dtype=dtype) for size in sizes]
+    tensors.append(torch.sigmoid(torch.randn(1, seq_len, shape.heads, 3, device=device)).to(dtype))
+    return [t.requires_grad_(grad) for t in tensors]
+
+
+def run_nsa(inputs: list[Tensor], backend: str = "triton") -> Tensor:
+    return nsa_attention(*inputs, **BLOCKS, backend=backend).output
+
+
+def dense_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool) -> list[Tensor]:
+    dims = [(shape.heads, shape.dk), (shape.kv_heads, shape.dk), (shape.kv_heads, shape.dv)]
+    return [torch.randn(1, heads, seq_len, dim, device=device, dtype=dtype, requires_grad=grad) for heads, dim in dims]
+
+
+def run_dense(inputs: list[Tensor]) -> Tensor:
+    return F.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=True)
+
+
+def flex_window(seq_len: int, device: str) -> Callable[[list[Tensor]], Tensor]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    window = BLOCKS["window_size"]
+
+    def sliding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    mask = create_block_mask(sliding, None, None, seq_len, seq_len, device=device)
+    compiled = torch.compile(flex_attention)
+    return lambda inputs: compiled(*inputs, block_mask=mask, enable_gqa=True)
+
+
+def fla_nsa() -> tuple[Callable | None, str]:
+    """fla-core's parallel_nsa, or None and why not."""
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except ImportError as error:
+        return None, f"fla not installed ({error})"
+    return parallel_nsa, ""
+
+
+def fla_obstacle(shape: Shape) -> str:
+    group = shape.heads // shape.kv_heads
+    if group < 16 or group & (group - 1):
+        return f"fla-core 0.6.0 needs G a power of two >= 16 (G={group})"
+    return ""
+
+
+def fla_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool) -> list[Tensor]:
+    sizes = [(shape.heads, shape.dk), (shape.kv_heads, shape.dk), (shape.kv_heads, shape.dv)]
+    tensors = [torch.randn(1, seq_len, heads, dim, device=device, dtype=dtype) for heads, dim in sizes]
+    tensors += [torch.sigmoid(torch.randn(1, seq_len, shape.heads, device=device)).to(dtype) for _ in range(2)]
+    return [t.requires_grad_(grad) for t in tensors]
+
+
+def run_fla(fn: Callable, inputs: list[Tensor]) -> Tensor:
+    q, k, v, g_cmp, g_slc = inputs
+    return fn(q, k, v, g_cmp, g_slc, None, block_counts=BLOCKS["num_selected"], block_size=BLOCKS["sel_block_size"],
+              window_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    if device == "cpu":
+        return cpu_median_ms(fn, repeats=3)
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def forward_backward(fn: Callable[[list[Tensor]], Tensor], inputs: list[Tensor]) -> Callable[[], Any]:
+    leaves = [t for t in inputs if t.requires_grad]
+    out = fn(inputs)
+    dout = torch.randn_like(out)
+
+    def step() -> Any:
+        return torch.autograd.grad(fn(inputs), leaves, dout)
+
+    return step
+
+
+def measure(fn: Callable[[list[Tensor]], Tensor], make: Callable[[bool], list[Tensor]], device: str,
+            backward: bool = True) -> dict[str, Any]:
+    """fwd_ms, fwdbwd_ms and the peak memory (GiB, inputs included) of one forward+backward."""
+    row: dict[str, Any] = {}
+    with torch.no_grad():
+        inputs = make(False)
+        row["fwd_ms"] = round(timed(lambda: fn(inputs), device), 3)
+    del inputs
+    if not backward:
+        return row
+    inputs = make(True)
+    step = forward_backward(fn, inputs)
+    row["fwdbwd_ms"] = round(timed(step, device), 3)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return row
+
+
+def guarded(row: dict[str, Any], work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one measurement; an OOM or error is recorded in the row and the run goes on."""
+    try:
+        row.update(work())
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# parts
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def check(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Kernels vs the PyTorch path on the same inputs (float32 math): outputs, selection, gradients."""
+    shape = SHAPES[shape_name]
+    inputs = nsa_inputs(shape, seq_len, dtype, device, True)
+    out, indices = nsa_attention(*inputs, **BLOCKS, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    wide = [t.detach().float().requires_grad_() for t in inputs]
+    q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates = wide
+    l, d, lp, n, w = BLOCKS.values()
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, l, d)
+    with torch.no_grad():
+        reference_indices = select_blocks(q, k_cmp, lse, block_size=l, block_stride=d, sel_block_size=lp,
+                                          num_selected=n)
+    o_sel = selected_attention(q, k_sel, v_sel, indices, lp, check_indices=False)
+    o_win = sliding_window_attention(q, k_win, v_win, w)
+    reference = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_sel + gates[..., 2:3] * o_win
+    reference_grads = torch.autograd.grad(reference, wide, dout.float())
+    same = (indices.sort(-1).values == reference_indices.sort(-1).values).all(-1)
+    row: dict[str, Any] = {"out_rel_err": relative_error(out, reference),
+                           "selection_mismatch": round(1.0 - float(same.float().mean()), 6)}
+    names = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+    for name, got, want in zip(names, grads, reference_grads, strict=True):
+        row[f"d{name}_rel_err"] = relative_error(got, want)
+    worst = max(value for key, value in row.items() if key.endswith("rel_err"))
+    row["passed"] = worst < CHECK_RTOL and row["selection_mismatch"] < SELECTION_MISMATCH
+    row["determinism"] = all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(
+        nsa_attention(*inputs, **BLOCKS, backend="triton").output, inputs, dout), strict=True))
+    return row
+
+
+def layer_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, impls: list[str]) -> list[dict]:
+    shape = SHAPES[shape_name]
+    backend = "triton" if device.startswith("cuda") else "torch"  # the CPU smoke run times the torch path
+    rows = []
+    for impl in impls:
+        row: dict[str, Any] = {"impl": impl, "shape": shape_name, "T": seq_len}
+        if impl == "nsa":
+            rows.append(guarded(row, lambda: measure(lambda inputs: run_nsa(inputs, backend),
+                                                      lambda g: nsa_inputs(shape, seq_len, dtype, device, g), device)))
+        elif impl == "dense":
+            rows.append(guarded(row, lambda: measure(run_dense, lambda g: dense_inputs(shape, seq_len, dtype, device,
+                                                                                          g), device)))
+        elif impl == "flex_window":
+            rows.append(guarded(row, lambda: measure(flex_window(seq_len, device),
+                                                      lambda g: dense_inputs(shape, seq_len, dtype, device, g),
+                                                      device)))
+        elif impl == "fla":
+            fn, why = fla_nsa()
+            why = why or fla_obstacle(shape)
+            if fn is None or why:
+                row["skipped"] = why
+                rows.append(row)
+                continue
+            rows.append(guarded(row, lambda fn=fn: measure(lambda inputs: run_fla(fn, inputs),
+                                                            lambda g: fla_inputs(shape, seq_len, dtype, device, g),
+                                                            device)))
+    return rows
+
+
+def ceilings(device: str) -> dict[str, float]:
+    """Measured in this run: bf16 8192^3 matmul TFLOP/s and device copy TB/s (bytes read + written)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    matmul_ms = timed(lambda: a @ a, device)
+    src = torch.randn(2**28, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = timed(lambda: dst.copy_(src), device)
+    return {"matmul_tflops": round(2 * 8192**3 / matmul_ms / 1e9, 1),
+            "copy_tbps": round(2 * src.numel() * 4 / copy_ms / 1e9, 2)}
+
+
+def attention_pairs(seq_len: int) -> dict[str, int]:
+    """(query, key) pairs one query head reads per branch: compressed blocks visible, selected tokens (the
+    n * l' bound, less the early queries' fewer blocks), window keys."""
+    t = torch.arange(seq_len, dtype=torch.float64)
+    l, d, lp, n, w = BLOCKS.values()
+    cmp = torch.where(t >= l - 1, torch.div(t - l + 1, d, rounding_mode="floor") + 1, 0).sum()
+    selected, window = torch.clamp(t + 1, max=n * lp).sum(), torch.clamp(t + 1, max=w).sum()
+    return {"cmp": int(cmp), "sel": int(selected), "win": int(window)}
+
+
+def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> list[dict]:
+    """Each kernel of the fused op (nsa.prefill.PrefillRun's steps) timed alone, with its matmul FLOPs."""
+    from nsa.prefill import PrefillRun, PrefillSizes
+
+    shape = SHAPES[shape_name]
+    run = PrefillRun(*nsa_inputs(shape, seq_len, dtype, device, False), None, PrefillSizes(**BLOCKS),
+                     shape.dk**-0.5)
+    run.forward()
+    dout = torch.randn_like(run.out)
+    dq, delta, grads = torch.empty_like(run.q), [torch.empty_like(run.lse[0]) for _ in range(3)], {}
+    pairs = {name: count * shape.heads for name, count in attention_pairs(seq_len).items()}
+    fwd, qk = 2 * (shape.dk + shape.dv), 2 * shape.dk
+    dq_flops, dkdv_flops = 2 * (3 * shape.dk + shape.dv), 4 * (shape.dk + shape.dv)
+    steps = [("fwd_cmp", run.compressed, pairs["cmp"] * fwd), ("topn", run.select, pairs["cmp"] * qk),
+             ("fwd_sel", run.selected, pairs["sel"] * fwd), ("fwd_win", run.window, pairs["win"] * fwd)]
+    for name, fn in (*run.dq_steps(dout, dq, delta), *run.dkdv_steps(dout, delta, grads)):
+        branch = name.rsplit("_", 1)[1]
+        steps.append((name, fn, pairs[branch] * (dq_flops if name.startswith("dq") else dkdv_flops)))
+    # The non-finite guard around the fused op (nsa.nonfinite): sanitised inputs, then the rows to poison.
+    raw = nsa_inputs(shape, seq_len, dtype, device, False)
+    rule = {key: BLOCKS[key] for key in ("block_size", "block_stride", "sel_block_size", "window_size")}
+    steps.append(("guard_sanitize", lambda: [finite_or_zero(x) for x in raw], 0))
+    steps.append(("guard_rows", lambda: nsa_nonfinite_rows(*raw, run.indices.view(1, seq_len, shape.kv_heads, -1),
+                                                           **rule), 0))
+    rows = []
+    for name, fn, flops in steps:
+        ms = timed(fn, device)
+        rows.append({"impl": "kernel", "kernel": name, "shape": shape_name, "T": seq_len, "ms": round(ms, 3),
+                     "tflops": round(flops / ms / 1e9, 1)})
+    return rows
+
+
+def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> list[dict]:
+    shape = SHAPES[shape_name]
+    hidden = 4096
+    nsa_config = NSAConfig(hidden_size=hidden, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+                           head_dim=shape.dk, head_dim_v=shape.dv, backend="auto")
+    dense_config = GPTConfig(hidden_size=hidden, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+                             head_dim=shape.dk, attention="dense", max_seq_len=seq_len)
+    rows = []
+    modules = (("nsa_module", NSAAttention(nsa_config)), ("dense_module", DenseCausalAttention(dense_config)))
+    for impl, module in modules:
+        module = module.to(device=device, dtype=dtype)
+
+        def make(grad: bool) -> list[Tensor]:
+            return [torch.randn(1, seq_len, hidden, device=device, dtype=dtype, requires_grad=grad)]
+
+        row: dict[str, Any] = {"impl": impl, "shape": shape_name, "T": seq_len}
+        rows.append(guarded(row, lambda module=module, make=make: measure(lambda inputs: module(inputs[0]), make,
+                                                                            device)))
+        del module
+    return rows
+
+
+def gpt_rows(seq_len: int, device: str) -> list[dict]:
+    rows = []
+    batch = max(1, GPT_TOKENS_PER_STEP // seq_len)
+    for attention in ("nsa", "dense"):
+        nsa = NSAConfig(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, head_dim_v=64) \
+            if attention == "nsa" else None
+        config = GPTConfig(vocab_size=256, n_layer=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                           max_seq_len=seq_len, attention=attention, nsa=nsa)
+        row: dict[str, Any] = {"impl": f"gpt_{attention}", "shape": "gpt", "T": seq_len, "batch": batch}
+
+        def work(config: GPTConfig = config) -> dict[str, Any]:
+            model = GPT(config).to(device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+            tokens = torch.randint(0, 256, (batch, seq_len + 1), device=device)
+
+            def step() -> None:
+                with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                                    dtype=torch.bfloat16):
+                    loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            ms = timed(step, device)
+            return {"step_ms": round(ms, 2), "tokens_per_s": round(batch * seq_len / ms * 1e3)}
+
+        rows.append(guarded(row, work))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--parts", nargs="+", default=["check", "layer", "kernels", "module", "gpt"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--seq-lens", nargs="+", type=int)
+    parser.add_argument("--other-shape-lens", nargs="+", type=int, default=None,
+                        help="lengths for the shapes other than public (default: --seq-lens)")
+    parser.add_argument("--impls", nargs="+", default=["nsa", "dense", "flex_window", "fla"])
+    parser.add_argument("--check-len", type=int, default=2048)
+    parser.add_argument("--kernel-len", type=int, default=65536)
+    parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
+    parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
+    parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else [1024])
+    env = environment(args.device)
+    env = {"gpu": env["device"], "torch": env["torch"], "triton": env["triton"], "commit": env["commit"]}
+    name = args.name or f"prefill_{'cuda' if cuda else 'cpu'}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = args.results_dir / f"{name}.jsonl"
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+
+    def record(new: list[dict[str, Any]]) -> None:
+        with jsonl.open("a") as handle:
+            for row in new:
+                row.update(env)
+                handle.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+        rows.extend(new)
+
+    if cuda:
+        record([{"impl": "ceilings", **ceilings(args.device)}])
+    if "check" in args.parts and cuda:
+        for shape in args.shapes:
+            result = {"impl": "check", "shape": shape, "T": args.check_len, **check(shape, args.check_len,
+                                                                                      args.device, dtype)}
+            record([result])
+            if not result["passed"]:
+                raise SystemExit(f"parity check failed for {shape}: {result}")
+    if "kernels" in args.parts and cuda:
+        record(kernel_rows("public", args.kernel_len, args.device, dtype))
+    if "layer" in args.parts:
+        impls = args.impls if cuda else ["nsa", "dense"]
+        for seq_len in seq_lens:
+            for shape in args.shapes:
+                if shape != "public" and args.other_shape_lens is not None and seq_len not in args.other_shape_lens:
+                    continue
+                if time.perf_counter() - started > args.max_seconds:
+                    record([{"impl": "skipped", "shape": shape, "T": seq_len, "reason": "--max-seconds"}])
+                    continue
+                record(layer_rows(shape, seq_len, args.device, dtype,
+                                  impls if shape == "public" else [i for i in impls if i != "flex_window"]))
+    if "module" in args.parts:
+        for seq_len in args.module_lens if cuda else [1024]:
+            record(module_rows("public", seq_len, args.device, dtype))
+    if "gpt" in args.parts:
+        for seq_len in args.gpt_lens if cuda else [1024]:
+            record(gpt_rows(seq_len, args.device))
+    write_markdown(args.results_dir / f"{name}.md", jsonl)
+
+
+def write_markdown(path: Path, jsonl: Path) -> None:
+    """The table of every row in the jsonl (latest commit's rows per (impl, shape, T)), with ratios to dense."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    latest: dict[tuple, dict] = {}
+    for row in rows:
+        latest[(row.get("impl"), row.get("shape"), row.get("T"), row.get("kernel"))] = row
+    table = []
+    order = sorted(latest.items(), key=lambda item: (str(item[0][1]), -(item[0][2] or 0), str(item[0][0])))
+    for (impl, shape, seq_len, _), row in order:
+        if impl not in ("nsa", "dense", "fla", "flex_window", "nsa_module", "dense_module"):
+            continue
+        dense = latest.get(("dense" if impl != "nsa_module" else "dense_module", shape, seq_len, None), {})
+        entry = dict(row)
+        for key in ("fwd_ms", "fwdbwd_ms"):
+            if isinstance(row.get(key), float) and isinstance(dense.get(key), float):
+                entry[key.replace("_ms", "_vs_dense")] = round(row[key] / dense[key], 3)
+        table.append(entry)
+    gpt = [row for row in latest.values() if str(row.get("impl", "")).startswith("gpt_")]
+    kernels = [row for row in latest.values() if row.get("impl") == "kernel"]
+    text = ["# NSA prefill / training vs dense attention", "",
+            markdown_table(table, ["impl", "shape", "T", "fwd_ms", "fwd_vs_dense", "fwdbwd_ms", "fwdbwd_vs_dense",
+                                   "peak_gib", "error", "skipped", "commit"]), "",
+            "## GPT training tokens/s", "", markdown_table(gpt, ["impl", "T", "batch", "step_ms", "tokens_per_s",
+                                                                 "error", "commit"]), "",
+            "## Kernels", "", markdown_table(kernels, ["kernel", "shape", "T", "ms", "tflops", "commit"]), ""]
+    path.write_text("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Compile the NSA prefill kernels for an NVIDIA target on any machine (no GPU needed) and report their
+registers, spills and shared memory, as ptxas sees them.
+
+    python -m bench.compile_kernels                 # sm_90 (H100 / H200), the paper's and the public head dims
+    python -m bench.compile_kernels --arch 80 --head-dims 128
+
+Triton's CPU interpreter runs a kernel's math but not its compiler: a construct the compiler rejects (a
+global that is not a tl.constexpr, a layout the passes cannot handle) passes every interpreter test and only
+fails on the GPU. tests/test_nsa_kernels_compile.py compiles every kernel here, in CI, for sm_90. Argument
+types follow the kernels' naming: ``*_ptr`` is a bf16 tensor unless listed as float32 or int32 below, a name
+with "scale" is a float, any other runtime argument an int32; strides get Triton's divisibility-by-16 hint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+from nsa.kernels import range_attention, selected, topn
+from nsa.kernels.range_attention import tiles_for
+from nsa.kernels.selected import SelectedTiles
+from nsa.kernels.tiles import split_dims
+from nsa.prefill import topn_tile_shape
+
+FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
+INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
+                  "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "list_end_ptr", "block_seq_ptr",
+                  "cu_blocks_ptr", "list_chunks_ptr")
+BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
+
+
+class KernelCase(NamedTuple):
+    name: str
+    fn: Any
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    float32_outputs: tuple[str, ...] = ()
+
+
+def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, ...]) -> dict[str, str]:
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = ("*fp32" if name in FLOAT32_POINTERS or name in float32_outputs
+                               else "*i32" if name in INT32_POINTERS else "*bf16")
+        else:
+            signature[name] = "fp32" if "scale" in name else "i32"
+    return signature
+
+
+def cases(head_dim: int, head_dim_v: int, group: int = 16) -> Iterator[KernelCase]:
+    """Every prefill kernel with the constexprs and launch settings the launchers use at this shape."""
+    dims = split_dims(head_dim, head_dim_v)
+    tiles = tiles_for(max(head_dim, head_dim_v))
+    common = {"GROUP": group, "PRECISION": "tf32", "ROW_T": tl.int32, **dims}
+    rules = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
+             "win": {"STRIDE": 1, "SPAN": 1, "WINDOW": BLOCKS["window_size"]}}
+    for branch, rule in rules.items():
+        yield KernelCase(f"fwd_{branch}", range_attention._range_fwd_kernel,
+                         {**common, **rule, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n, "HAS_GATE": True,
+                          "ACCUMULATE": branch == "win"}, tiles.num_warps, tiles.num_stages)
+        yield KernelCase(f"dq_{branch}", range_attention._range_dq_kernel,
+                         {**common, **rule, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "HAS_GATE": True,
+                          "ACCUMULATE": True}, tiles.num_warps, tiles.bwd_num_stages)
+        yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel,
+                         {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True},
+                         tiles.num_warps, tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
+    shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"], 128)
+    yield KernelCase("topn", topn._topn_kernel,
+                     {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],
+                      "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
+                      "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
+                      **shape}, 8, 2)
+    sel_tiles = SelectedTiles()
+    gp = max(16, triton.next_power_of_2(group))
+    sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}
+    yield KernelCase("fwd_sel", selected._sel_fwd_kernel, {**sel, "NUM_SELECTED": 16, "HAS_GATE": True,
+                                                           "ACCUMULATE": True}, sel_tiles.num_warps,
+                     sel_tiles.num_stages)
+    yield KernelCase("dq_sel", selected._sel_dq_kernel, {**sel, "NUM_SELECTED": 16, "HAS_GATE": True,
+                                                         "ACCUMULATE": True}, sel_tiles.num_warps,
+                     sel_tiles.num_stages)
+    yield KernelCase("dkdv_sel", selected._sel_dkdv_kernel,
+                     {**sel, "BQ": max(1, sel_tiles.dkv_rows // gp), "CHUNK": sel_tiles.chunk,
+                      "BLOCK_DK": max(16, triton.next_power_of_2(head_dim)), "HAS_GATE": True},
+                     sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages)
+    yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
+                     {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": triton.next_power_of_2(head_dim),
+                      "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
+
+
+def compile_case(case: KernelCase, arch: int = 90) -> Any:
+    divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(case.fn.arg_names)
+                 if name.startswith("stride") or name.endswith("_ptr")}
+    source = triton.compiler.ASTSource(case.fn, _signature(case.fn, case.constexprs, case.float32_outputs),
+                                       case.constexprs, divisible)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+
+
+def resource_usage(kernel: Any) -> str:
+    """ptxas' registers / stack / shared memory line for a compiled kernel (cuobjdump ships with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    return next((line.strip() for line in report.splitlines() if "REG:" in line), "?")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 192])
+    args = parser.parse_args()
+    for head_dim in args.head_dims:
+        for case in cases(head_dim, 128 if head_dim == 192 else head_dim, group=12 if head_dim == 192 else 16):
+            usage = resource_usage(compile_case(case, args.arch))
+            print(f"d={head_dim:3d} {case.name:10s} warps={case.num_warps} stages={case.num_stages} {usage}")
+
+
+if __name__ == "__main__":
+    main()

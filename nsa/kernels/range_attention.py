@@ -1,0 +1,417 @@
+"""Triton kernels of range attention: NSA's compression and sliding-window branches.
+
+Query t (a position inside its sequence) sees the keys i whose last raw token has arrived and, with a
+window, is less than WINDOW tokens old:
+
+    e(i) = i * STRIDE + SPAN - 1 <= t      and      t - e(i) < WINDOW      (WINDOW == 0: no window)
+
+Compression branch: key i is compressed block i (STRIDE = d, SPAN = l, no window). Window branch: key i is
+token i (STRIDE = SPAN = 1, WINDOW = w). The visible keys of a query are one contiguous range, so a tile of
+queries scans one contiguous range of key tiles and masks only the tiles crossing its edges.
+
+Three kernels, all on packed sequences (nsa.kernels.tiles): the forward (out, base-2 log-sum-exp; an
+optional per-(token, head) gate scales the output, and the result can be added to ``out``), dq, and dk/dv.
+The backward never needs the branch output: the dq kernel accumulates A = sum_j p_j dp_j k_j, B = sum_j p_j k_j
+and delta = sum_j p_j dp_j (dp = dO . v, dO un-gated) in one pass and writes dq = g * scale * (A - delta * B);
+delta is also the gate's gradient (dO . o) and the dk/dv kernel's row term. The dk/dv kernel walks the G query
+heads of its kv head itself (no atomics, no G-fold copies); a long query range (the first compressed keys are
+seen by every later query) is split over programs that write fp32 partials, summed in a fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from nsa.kernels.interpreter import allow_loaded_loop_bounds
+from nsa.kernels.tiles import (
+    LOG2E,
+    Packed,
+    TileTable,
+    dot_precision,
+    load_tile,
+    output_buffer,
+    scaled_scores,
+    split_dims,
+    store_tile,
+    tile_origin,
+    tile_table,
+    visible_key_count,
+)
+
+allow_loaded_loop_bounds()
+
+
+class RangeTiles(NamedTuple):
+    """Tile sizes and launch settings: forward fwd_m queries x fwd_n keys, dq dq_m x dq_n, dk/dv dkv_n keys x
+    dkv_m queries; the dk/dv query range is split over at most ``max_splits`` programs per key tile."""
+
+    fwd_m: int = 128
+    fwd_n: int = 64
+    dq_m: int = 64
+    dq_n: int = 64
+    dkv_m: int = 32
+    dkv_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    bwd_num_stages: int = 2
+    max_splits: int = 8
+
+
+class RangeRule(NamedTuple):
+    """Which keys a query sees (module docstring): key i ends at i * stride + span - 1; window 0 = none."""
+
+    stride: int
+    span: int
+    window: int
+
+
+@triton.jit
+def _key_end(i, STRIDE: tl.constexpr, SPAN: tl.constexpr):
+    return i * STRIDE + SPAN - 1
+
+
+@triton.jit
+def _visible(t, i, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr):
+    end = _key_end(i, STRIDE, SPAN)
+    ok = end <= t
+    if WINDOW > 0:
+        ok = ok & (t - end < WINDOW)
+    return ok
+
+
+@triton.jit
+def _key_bounds(first, last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key range [lo, hi) the queries first .. last (last < first: none) can see; lo rounded down to BLOCK_N."""
+    hi = visible_key_count(last, num_keys, STRIDE, SPAN)
+    lo = 0
+    if WINDOW > 0:
+        oldest = first - (SPAN - 1) - WINDOW  # key i is in the window of `first` iff i * STRIDE > oldest
+        lo = tl.where(oldest >= 0, oldest // STRIDE + 1, 0)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _range_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_ot, stride_oh,
+    num_heads, num_seqs, qk_scale,
+    GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr,
+):
+    h = tl.program_id(1)
+    tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+                                                   BLOCK_M)
+    local = tl.arange(0, BLOCK_M)
+    t = first + local
+    row_ok = t < seq_len
+    row0 = tok0 + first  # int64 scalar: the tile's first token row
+    q_base = q_ptr + row0 * stride_qt + h * stride_qh
+    q1 = load_tile(q_base, local, row_ok, stride_qt, 0, D1, DQK)
+    q2 = q1
+    if D2 > 0:
+        q2 = load_tile(q_base, local, row_ok, stride_qt, D1, D2, DQK)
+    last = tl.minimum(first + BLOCK_M, seq_len) - 1
+    lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    k_base = k_ptr + key0 * stride_kt + (h // GROUP) * stride_kh
+    v_base = v_ptr + key0 * stride_vt + (h // GROUP) * stride_vh
+    for start in range(lo, hi, BLOCK_N):
+        cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
+        col_ok = cols < hi
+        k1 = load_tile(k_base, cols, col_ok, stride_kt, 0, D1, DQK)
+        k2 = k1
+        if D2 > 0:
+            k2 = load_tile(k_base, cols, col_ok, stride_kt, D1, D2, DQK)
+        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
+        # Only tiles crossing the causal edge of the first query, the window edge of the last or the end of
+        # the visible range need the mask.
+        edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
+        if WINDOW > 0:
+            edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
+        if edge:
+            s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = load_tile(v_base, cols, col_ok, stride_vt, 0, BLOCK_DV, DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # +inf where nothing is visible: the backward's exp2(s - lse) is then 0, never NaN
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(lse_ptr + (row0 + local) * num_heads + h, lse, mask=row_ok)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + (row0 + local) * stride_gt + h * stride_gh, mask=row_ok, other=0.0)
+        out = out * gate.to(tl.float32)[:, None]
+    out_base = out_ptr + row0 * stride_ot + h * stride_oh
+    if ACCUMULATE:
+        out += load_tile(out_base, local, row_ok, stride_ot, 0, BLOCK_DV, DV).to(tl.float32)
+    store_tile(out_base, local, row_ok, stride_ot, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+
+
+@triton.jit
+def _range_dq_kernel(
+    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr,
+    tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh, num_heads, num_seqs, qk_scale, scale,
+    GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr,
+):
+    """dq = g * scale * sum_j p_j (dp_j - delta) k_j as g * scale * (A - delta * B) (module docstring); writes
+    delta = sum_j p_j dp_j = dO . o (the gate's gradient)."""
+    h = tl.program_id(1)
+    tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+                                                   BLOCK_M)
+    local = tl.arange(0, BLOCK_M)
+    t = first + local
+    row_ok = t < seq_len
+    row0 = tok0 + first
+    q_base = q_ptr + row0 * stride_qt + h * stride_qh
+    q1 = load_tile(q_base, local, row_ok, stride_qt, 0, D1, DQK)
+    q2 = q1
+    a1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    b1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    a2 = a1
+    b2 = b1
+    if D2 > 0:
+        q2 = load_tile(q_base, local, row_ok, stride_qt, D1, D2, DQK)
+        a2 = tl.zeros([BLOCK_M, D2], tl.float32)
+        b2 = tl.zeros([BLOCK_M, D2], tl.float32)
+    do = load_tile(do_ptr + row0 * stride_dot + h * stride_doh, local, row_ok, stride_dot, 0, BLOCK_DV, DV)
+    lse = tl.load(lse_ptr + (row0 + local) * num_heads + h, mask=row_ok, other=float("inf"))
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    last = tl.minimum(first + BLOCK_M, seq_len) - 1
+    lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
+    k_base = k_ptr + key0 * stride_kt + (h // GROUP) * stride_kh
+    v_base = v_ptr + key0 * stride_vt + (h // GROUP) * stride_vh
+    for start in range(lo, hi, BLOCK_N):
+        cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
+        col_ok = cols < hi
+        k1 = load_tile(k_base, cols, col_ok, stride_kt, 0, D1, DQK)
+        k2 = k1
+        if D2 > 0:
+            k2 = load_tile(k_base, cols, col_ok, stride_kt, D1, D2, DQK)
+        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
+        edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
+        if WINDOW > 0:
+            edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
+        if edge:
+            s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        v = load_tile(v_base, cols, col_ok, stride_vt, 0, BLOCK_DV, DV)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        pdp = p * dp
+        delta += tl.sum(pdp, 1)
+        a1 += tl.dot(pdp.to(k1.dtype), k1, input_precision=PRECISION)
+        b1 += tl.dot(p.to(k1.dtype), k1, input_precision=PRECISION)
+        if D2 > 0:
+            a2 += tl.dot(pdp.to(k2.dtype), k2, input_precision=PRECISION)
+            b2 += tl.dot(p.to(k2.dtype), k2, input_precision=PRECISION)
+    tl.store(delta_ptr + (row0 + local) * num_heads + h, delta, mask=row_ok)
+    factor = tl.zeros([BLOCK_M], tl.float32) + scale
+    if HAS_GATE:
+        factor *= tl.load(gate_ptr + (row0 + local) * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+    dq_base = dq_ptr + row0 * stride_dqt + h * stride_dqh
+    dq1 = (a1 - delta[:, None] * b1) * factor[:, None]
+    if ACCUMULATE:
+        dq1 += load_tile(dq_base, local, row_ok, stride_dqt, 0, D1, DQK).to(tl.float32)
+    store_tile(dq_base, local, row_ok, stride_dqt, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
+    if D2 > 0:
+        dq2 = (a2 - delta[:, None] * b2) * factor[:, None]
+        if ACCUMULATE:
+            dq2 += load_tile(dq_base, local, row_ok, stride_dqt, D1, D2, DQK).to(tl.float32)
+        store_tile(dq_base, local, row_ok, stride_dqt, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+
+
+@triton.jit
+def _range_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_k_ptr, cu_q_ptr, tile_seq_ptr,
+    tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dk_split, stride_dv_split,
+    num_heads, num_seqs, split_len, qk_scale, scale,
+    GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ROW_T: tl.constexpr,
+):
+    """dv = sum over the GROUP query heads and the queries of this program's split of (g p)^T dO, and
+    dk = scale * sum (g p (dp - delta))^T q, for BLOCK_N keys of one kv head."""
+    hk, split = tl.program_id(1), tl.program_id(2)
+    key0, num_keys, tok0, seq_len, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_k_ptr, cu_q_ptr, num_seqs,
+                                                   BLOCK_N)
+    key_tile = tl.arange(0, BLOCK_N)
+    cols = first + key_tile
+    col_ok = cols < num_keys
+    k_row0 = key0 + first
+    k_base = k_ptr + k_row0 * stride_kt + hk * stride_kh
+    k1 = load_tile(k_base, key_tile, col_ok, stride_kt, 0, D1, DQK)
+    k2 = k1
+    dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    dk2 = dk1
+    if D2 > 0:
+        k2 = load_tile(k_base, key_tile, col_ok, stride_kt, D1, D2, DQK)
+        dk2 = tl.zeros([BLOCK_N, D2], tl.float32)
+    v = load_tile(v_ptr + k_row0 * stride_vt + hk * stride_vh, key_tile, col_ok, stride_vt, 0, BLOCK_DV, DV)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    # Queries that see a key of this tile: from the first key's end to the last key's window end.
+    last_key = tl.minimum(first + BLOCK_N, num_keys) - 1
+    q_lo = tl.maximum(_key_end(first, STRIDE, SPAN), split * split_len)
+    q_hi = tl.minimum(seq_len, (split + 1) * split_len)
+    if WINDOW > 0:
+        q_hi = tl.minimum(q_hi, _key_end(last_key, STRIDE, SPAN) + WINDOW)
+    q_hi = tl.where(num_keys > first, q_hi, 0)
+    q_lo = (q_lo // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = q_ptr + tok0 * stride_qt + h * stride_qh
+        do_base = do_ptr + tok0 * stride_dot + h * stride_doh
+        for m0 in range(q_lo, q_hi, BLOCK_M):
+            rows = (m0 + tl.arange(0, BLOCK_M)).to(ROW_T)
+            row_ok = rows < q_hi
+            q1 = load_tile(q_base, rows, row_ok, stride_qt, 0, D1, DQK)
+            s_t = tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
+            q2 = q1
+            if D2 > 0:
+                q2 = load_tile(q_base, rows, row_ok, stride_qt, D1, D2, DQK)
+                s_t += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
+            s_t = s_t * qk_scale
+            edge = (_key_end(last_key, STRIDE, SPAN) > m0) | (m0 + BLOCK_M > q_hi)
+            if WINDOW > 0:
+                edge = edge | (m0 + BLOCK_M - 1 - _key_end(first, STRIDE, SPAN) >= WINDOW)
+            if edge:
+                s_t = tl.where(_visible(rows[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & row_ok[None, :],
+                               s_t, float("-inf"))
+            lse = tl.load(lse_ptr + (tok0 + rows) * num_heads + h, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + (tok0 + rows) * num_heads + h, mask=row_ok, other=0.0)
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            if HAS_GATE:
+                gate = tl.load(gate_ptr + (tok0 + rows) * stride_gt + h * stride_gh, mask=row_ok, other=0.0)
+                p_t = p_t * gate.to(tl.float32)[None, :]
+            do = load_tile(do_base, rows, row_ok, stride_dot, 0, BLOCK_DV, DV)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
+            dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
+            if D2 > 0:
+                dk2 += tl.dot(ds_t, q2, input_precision=PRECISION)
+    split64 = split.to(tl.int64)
+    dk_base = dk_ptr + split64 * stride_dk_split + k_row0 * stride_dkt + hk * stride_dkh
+    store_tile(dk_base, key_tile, col_ok, stride_dkt, (dk1 * scale).to(dk_ptr.dtype.element_ty), 0, D1, DQK)
+    if D2 > 0:
+        store_tile(dk_base, key_tile, col_ok, stride_dkt, (dk2 * scale).to(dk_ptr.dtype.element_ty), D1, D2, DQK)
+    dv_base = dv_ptr + split64 * stride_dv_split + k_row0 * stride_dvt + hk * stride_dvh
+    store_tile(dv_base, key_tile, col_ok, stride_dvt, dv.to(dv_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers. Tensors are token rows [N, H, D] with a contiguous last dim (nsa.kernels.tiles.rows_view);
+# gate is None or [N, HQ] (any strides); lse and delta are float32 [N, HQ] contiguous, base 2.
+
+
+def _common(q: Tensor, k: Tensor, v: Tensor, rule: RangeRule, max_len: int, *others: Tensor) -> dict:
+    """The constexprs every range kernel takes. ROW_T: int64 row offsets when a sequence's rows times a row
+    stride can pass 2^31 (the kernels index rows inside a sequence; int32 addresses are cheaper)."""
+    wide = max_len * max(t.stride(0) for t in (q, k, v, *others)) >= 2**31
+    return {"GROUP": q.shape[1] // k.shape[1], "STRIDE": rule.stride, "SPAN": rule.span, "WINDOW": rule.window,
+            "PRECISION": dot_precision(q.dtype), "ROW_T": tl.int64 if wide else tl.int32,
+            **split_dims(q.shape[-1], v.shape[-1])}
+
+
+def _gate_args(gate: Tensor | None, q: Tensor) -> tuple[Tensor, int, int]:
+    return (q, 0, 0) if gate is None else (gate, gate.stride(0), gate.stride(1))
+
+
+def _nonempty(x: Tensor) -> Tensor:
+    """A zero-row key tensor gets one zero row, so its pointer is valid (no program reads it)."""
+    return x if x.shape[0] else x.new_zeros(1, *x.shape[1:])
+
+
+def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Tensor, lse: Tensor, packed: Packed,
+                  cu_keys: Tensor, rule: RangeRule, scale: float, accumulate: bool, tiles: RangeTiles) -> None:
+    """out[rows] (+)= gate * attention over the visible key range; lse[rows] = base-2 log-sum-exp (+inf where
+    nothing is visible). cu_keys: cumulative key counts [S + 1] of the packed key tensor k / v."""
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.fwd_m)
+    gate_t, stride_gt, stride_gh = _gate_args(gate, q)
+    k, v = _nonempty(k), _nonempty(v)
+    _range_fwd_kernel[(table.grid, q.shape[1])](
+        q, k, v, gate_t, out, lse, packed.cu, cu_keys, table.seq, table.first,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
+        out.stride(0), out.stride(1), q.shape[1], packed.num_seqs, scale * LOG2E,
+        BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate,
+        **_common(q, k, v, rule, packed.max_len, out), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
+             dq: Tensor, packed: Packed, cu_keys: Tensor, rule: RangeRule, scale: float, accumulate: bool,
+             tiles: RangeTiles) -> None:
+    """dq[rows] (+)= this branch's query gradient; delta[rows] = dO . o (float32)."""
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.dq_m)
+    gate_t, stride_gt, stride_gh = _gate_args(gate, q)
+    k, v = _nonempty(k), _nonempty(v)
+    _range_dq_kernel[(table.grid, q.shape[1])](
+        q, k, v, gate_t, dout, lse, delta, dq, packed.cu, cu_keys, table.seq, table.first,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), q.shape[1], packed.num_seqs,
+        scale * LOG2E, scale,
+        BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate,
+        **_common(q, k, v, rule, packed.max_len, dout, dq), num_warps=tiles.num_warps,
+        num_stages=tiles.bwd_num_stages,
+    )
+
+
+def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
+               packed: Packed, cu_keys: Tensor, rule: RangeRule, scale: float, tiles: RangeTiles
+               ) -> tuple[Tensor, Tensor]:
+    """-> dk, dv (k's and v's shapes and dtypes). The query range of a key tile is split over up to
+    tiles.max_splits programs; their float32 partials are summed in split order (deterministic)."""
+    dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each key row: one key tile
+    if k.shape[0] == 0:
+        return dk, dv
+    num_keys = k.shape[0]
+    table: TileTable = tile_table(cu_keys, packed.num_seqs, num_keys, tiles.dkv_n)
+    per_split = -(-packed.max_len // tiles.max_splits)
+    split_len = -(-per_split // tiles.dkv_m) * tiles.dkv_m
+    num_splits = -(-packed.max_len // split_len)
+    if num_splits > 1:
+        dk_out = output_buffer(num_splits, *k.shape, like=k, dtype=torch.float32)
+        dv_out = output_buffer(num_splits, *v.shape, like=v, dtype=torch.float32)
+    else:
+        dk_out, dv_out = dk[None], dv[None]
+    gate_t, stride_gt, stride_gh = _gate_args(gate, q)
+    _range_dkdv_kernel[(table.grid, k.shape[1], num_splits)](
+        q, k, v, gate_t, dout, lse, delta, dk_out, dv_out, cu_keys, packed.cu, table.seq, table.first,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
+        dout.stride(0), dout.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1), dv_out.stride(2),
+        dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale,
+        BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None,
+        **_common(q, k, v, rule, packed.max_len, dout), num_warps=tiles.num_warps, num_stages=tiles.bwd_num_stages,
+    )
+    if num_splits > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
+    return dk, dv
+
+
+def tiles_for(head_dim: int) -> RangeTiles:
+    """Tiles that compile without register spills for sm_90 at the widest head dim (checked with ptxas:
+    bench/compile_kernels.py); narrower query tiles for wider heads."""
+    if head_dim <= 128:
+        return RangeTiles()
+    if head_dim <= 192:
+        return RangeTiles(fwd_m=64, dq_m=32, dkv_m=64, dkv_n=32)
+    return RangeTiles(fwd_m=32, dq_m=32, dkv_m=32, dkv_n=32)

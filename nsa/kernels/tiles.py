@@ -1,0 +1,175 @@
+"""Pieces shared by the prefill kernels: tile loads, head-dim splits, and packed-sequence tables.
+
+Every prefill kernel works on *packed* sequences: tokens of all sequences are rows of one
+[N_tokens, H, D] tensor (a batch [B, T, H, D] is B sequences of T tokens), described by cumulative
+lengths ``cu`` [S + 1] (int32). A program handles a tile of one sequence; the tables below map a
+program id to its sequence without any host sync (the grid is an upper bound and the programs past
+the real tiles exit at once).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+# Tests set this: every buffer a kernel must fill starts as NaN (float) or INT_MIN (int), so an element a kernel
+# failed to write shows in the result instead of passing as leftover memory.
+POISON_OUTPUTS = False
+
+
+def output_buffer(*shape: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised buffer for a kernel to fill (poisoned when POISON_OUTPUTS), on like's device."""
+    dtype = like.dtype if dtype is None else dtype
+    if not POISON_OUTPUTS:
+        return torch.empty(*shape, device=like.device, dtype=dtype)
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, device=like.device, dtype=dtype)
+
+
+@triton.jit
+def load_at(ptr, row_offsets, row_ok, COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
+    """[len(row_offsets), WIDTH] tile of columns COL0 .. COL0 + WIDTH of the rows starting at ``ptr +
+    row_offsets`` (element offsets) where row_ok; zeros elsewhere and past NCOLS."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    return tl.load(ptr + row_offsets[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < NCOLS)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def store_at(ptr, row_offsets, row_ok, value, COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    tl.store(ptr + row_offsets[:, None] + cols[None, :], value, mask=row_ok[:, None] & (cols < NCOLS)[None, :])
+
+
+@triton.jit
+def load_tile(ptr, rows, row_ok, stride_row, COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
+    """load_at for rows ``stride_row`` apart. ``rows`` count from ``ptr`` in int32: callers advance ``ptr`` to the
+    tile's first row with int64 scalar arithmetic (T * H * D passes 2^31 at 512k tokens) and keep the
+    per-element offsets small, which keeps the address tensors 32-bit."""
+    return load_at(ptr, rows * stride_row, row_ok, COL0, WIDTH, NCOLS)
+
+
+@triton.jit
+def store_tile(ptr, rows, row_ok, stride_row, value, COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
+    store_at(ptr, rows * stride_row, row_ok, value, COL0, WIDTH, NCOLS)
+
+
+@triton.jit
+def tile_origin(table_seq_ptr, table_first_ptr, cu_rows_ptr, cu_other_ptr, num_seqs, TILE: tl.constexpr):
+    """This program's tile: (row offset of its sequence in the tiled tensor, its row count, the sequence's
+    offset and count in the other tensor, the tile's first local row). Programs past the last tile get
+    zero counts, so they load and store nothing."""
+    pid = tl.program_id(0)
+    seq = tl.load(table_seq_ptr + pid)
+    live = seq < num_seqs
+    seq = tl.minimum(seq, num_seqs - 1)
+    row0 = tl.load(cu_rows_ptr + seq)
+    rows = tl.where(live, tl.load(cu_rows_ptr + seq + 1) - row0, 0)
+    other0 = tl.load(cu_other_ptr + seq)
+    others = tl.where(live, tl.load(cu_other_ptr + seq + 1) - other0, 0)
+    first = (pid - tl.load(table_first_ptr + seq)) * TILE
+    return row0.to(tl.int64), rows, other0.to(tl.int64), others, first
+
+
+@triton.jit
+def scaled_scores(q1, q2, k1, k2, qk_scale, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """[M, N] base-2 scores (q . k) * scale * log2(e) of the q tiles against the k tiles (D2 = 0: one part)."""
+    s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+    if D2 > 0:
+        s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+    return s * qk_scale
+
+
+@triton.jit
+def visible_key_count(last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr):
+    """Keys i with i * STRIDE + SPAN - 1 <= last (causally visible to the query at ``last``), at most num_keys."""
+    return tl.minimum(tl.where(last >= SPAN - 1, (last - (SPAN - 1)) // STRIDE + 1, 0), num_keys)
+
+
+def split_dims(dqk: int, dv: int) -> dict[str, int]:
+    """The q.k dot as two power-of-two dots: D1 = the largest power of two <= dqk (at least 16, tl.dot's
+    smallest K; loads zero the columns past dqk), D2 = the rest rounded up to a power of two >= 16, or 0.
+    So d_k = 192 costs 128 + 64 columns, not 256. BLOCK_DV: d_v rounded up to a power of two >= 16."""
+    d1 = max(16, 1 << (dqk.bit_length() - 1))
+    rest = max(0, dqk - d1)
+    d2 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, triton.next_power_of_2(dv))}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 dots follow torch.get_float32_matmul_precision() as cuBLAS does: "highest" (torch's default) is
+    full precision, "high" / "medium" allow TF32. 16-bit inputs ignore it."""
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+class Packed(NamedTuple):
+    """Sequences packed as rows of one tensor: ``cu`` [S + 1] int32 cumulative token counts on the device,
+    ``num_seqs`` S, ``total`` the number of token rows, ``max_len`` a host upper bound on one sequence's length."""
+
+    cu: Tensor
+    num_seqs: int
+    total: int
+    max_len: int
+
+
+def packed_batch(batch: int, seq_len: int, device: torch.device) -> Packed:
+    """B sequences of T tokens each (a [B, T, ...] tensor viewed as [B * T, ...])."""
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
+    return Packed(cu, batch, batch * seq_len, seq_len)
+
+
+def packed_varlen(cu_seqlens: Tensor, total: int) -> Packed:
+    """Sequences given by cu_seqlens [S + 1] (B = 1 packing); the longest length is bounded by the total."""
+    return Packed(cu_seqlens.to(torch.int32).contiguous(), cu_seqlens.numel() - 1, total, total)
+
+
+def derived_counts(packed: Packed, count_of_length) -> Tensor:
+    """Cumulative per-sequence counts [S + 1] int32 of ``count_of_length(lengths)`` (e.g. compressed keys or
+    selection blocks per sequence), computed on the device."""
+    lengths = (packed.cu[1:] - packed.cu[:-1]).long()
+    counts = count_of_length(lengths)
+    return torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(torch.int32)
+
+
+def num_compressed(lengths: Tensor, block_size: int, block_stride: int) -> Tensor:
+    """num_cmp per sequence on the device: 0 if len < l else (len - l) // d + 1."""
+    return torch.where(lengths >= block_size, (lengths - block_size).clamp_min(0) // block_stride + 1, 0)
+
+
+class TileTable(NamedTuple):
+    """Program id -> sequence for tiles of ``tile`` rows: ``seq`` [grid] int32 (num_seqs past the real tiles),
+    ``first`` [S + 1] int32 cumulative tile counts. ``grid`` is a host upper bound on the tile count."""
+
+    seq: Tensor
+    first: Tensor
+    grid: int
+
+
+def tile_table(cu: Tensor, num_seqs: int, total: int, tile: int) -> TileTable:
+    """Tiles of ``tile`` rows over sequences with cumulative row counts ``cu`` (``total`` rows in all)."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    per_seq = (lengths + tile - 1) // tile
+    first = torch.cat((per_seq.new_zeros(1), per_seq.cumsum(0)))
+    grid = max(1, -(-total // tile) + num_seqs)  # each sequence adds at most one partial tile
+    programs = torch.arange(grid, device=cu.device)
+    seq = torch.searchsorted(first[1:], programs, right=True)
+    return TileTable(seq.to(torch.int32), first.to(torch.int32), grid)
+
+
+def token_sequences(packed: Packed) -> Tensor:
+    """Sequence index of every token row: int32 [total]."""
+    rows = torch.arange(packed.total, device=packed.cu.device)
+    return torch.searchsorted(packed.cu[1:].long(), rows, right=True).to(torch.int32)
+
+
+def rows_view(x: Tensor) -> Tensor:
+    """[B, T, H, D] -> [B * T, H, D] token rows with a contiguous last dim (copies only when the batch and
+    time strides cannot be merged, e.g. a transposed view)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])

@@ -1,0 +1,188 @@
+"""Triton kernel of NSA's block selection (Eq. 8-12) from the compression branch's scores.
+
+One program takes BQ consecutive queries of one sequence and one kv head, i.e. BQ x G query rows (the G
+heads of the group, padded to a power of two GP). It recomputes the compressed scores tile by tile, turns
+them into probabilities with the compression branch's log-sum-exp (Eq. 8), sums them over the group's heads
+(Eq. 10; Eq. 9 and 10 are linear, so the sum comes first), maps each tile of NS * r compressed blocks onto
+its NS selection blocks by token overlap (Eq. 9, r = l'/d; what a block's last compressed blocks spill into
+the next selection block is carried to the next tile) and merges the tile's candidates into a running top
+list. Nothing of size [T, T/d] ever exists: the output is the [tokens, H_kv, n] index tensor.
+
+The rule is nsa.selection_scorer.topn_blocks's: forced blocks {0, t // l' - 1, t // l'}, then the best
+complete candidates 1 <= j <= t // l' - 2 by score, ties to the lower index. Scores and indices are packed
+into one int64 key (float bits of the non-negative score above 0x7FFFFFFF - j), so sorting keys ranks by
+score and breaks bitwise ties by the lower index exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from nsa.kernels.interpreter import allow_loaded_loop_bounds
+from nsa.kernels.tiles import (
+    LOG2E,
+    Packed,
+    dot_precision,
+    load_at,
+    load_tile,
+    output_buffer,
+    scaled_scores,
+    split_dims,
+    tile_origin,
+    tile_table,
+    visible_key_count,
+)
+from nsa.prefill import topn_tile_shape
+
+allow_loaded_loop_bounds()
+MAX_INDEX = tl.constexpr(0x7FFFFFFF)
+UNUSED = tl.constexpr(1 << 30)  # sorts after every block index, written out as -1
+NO_KEY = tl.constexpr(-(1 << 62))  # a non-candidate's key: below every real key and every empty slot
+KEEP = tl.constexpr((1 << 63) - 64)  # slots past n - 3 hold KEEP + i: above every key (< 0x7F800000 << 32)
+
+
+class TopnTiles(NamedTuple):
+    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings."""
+
+    rows: int = 128
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+@triton.jit
+def _overlap(u, e, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
+    """Eq. 9 weight of the compressed block starting u * d after a selection block's start, for the selection
+    block e blocks later: |[u d, u d + l) intersect [e l', (e + 1) l')| / l."""
+    lo = tl.maximum(u * CMP_STRIDE, e * SEL_BLOCK)
+    hi = tl.minimum(u * CMP_STRIDE + CMP_BLOCK, (e + 1) * SEL_BLOCK)
+    return tl.maximum(hi - lo, 0).to(tl.float32) / CMP_BLOCK
+
+
+@triton.jit
+def _shift(x, offset, NS: tl.constexpr):
+    """y[:, c] = x[:, c - offset] (0 where c - offset is outside [0, NS)), for x [BQ, NS]."""
+    src = tl.arange(0, NS)
+    moves = (src[:, None] + offset) == tl.arange(0, NS)[None, :]
+    return tl.sum(x[:, :, None] * moves[None, :, :].to(tl.float32), axis=1)
+
+
+@triton.jit
+def _topn_kernel(
+    q_ptr, k_ptr, lse_ptr, idx_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_it, stride_ih, num_heads, num_seqs, qk_scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    SEL_BLOCK: tl.constexpr, RATIO: tl.constexpr, SPILL: tl.constexpr, NS: tl.constexpr, KP: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, OUT_WIDTH: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    hk = tl.program_id(1)
+    tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BQ)
+    rows = tl.arange(0, BQ * GP)
+    t_row = first + rows // GP
+    g_row = rows % GP
+    row_ok = (t_row < seq_len) & (g_row < GROUP)
+    head = hk * GROUP + g_row
+    q_tile = q_ptr + (tok0 + first) * stride_qt
+    q_offsets = (rows // GP) * stride_qt + head * stride_qh
+    q1 = load_at(q_tile, q_offsets, row_ok, 0, D1, DQK)
+    q2 = q1
+    if D2 > 0:
+        q2 = load_at(q_tile, q_offsets, row_ok, D1, D2, DQK)
+    lse = tl.load(lse_ptr + (tok0 + t_row) * num_heads + head, mask=row_ok, other=float("inf"))
+    t_query = first + tl.arange(0, BQ)
+    query_ok = t_query < seq_len
+    current = t_query // SEL_BLOCK
+    last = tl.minimum(first + BQ, seq_len) - 1
+    hi = visible_key_count(last, num_keys, CMP_STRIDE, CMP_BLOCK)
+    within = tl.arange(0, RATIO)
+    # The running top list: an unordered set of the n - 3 largest candidate keys seen. Empty slots hold distinct
+    # negative keys (-1 - i), slots past n - 3 distinct huge ones, so every slot's key is unique.
+    slot_id = tl.arange(0, KP)[None, :].to(tl.int64) + tl.zeros([BQ, KP], tl.int64)
+    best = tl.where(slot_id < NUM_SELECTED - 3, -1 - slot_id, slot_id + KEEP)
+    key_tile = tl.arange(0, NS * RATIO)
+    carry = tl.zeros([BQ, NS], tl.float32)
+    for start in range(0, hi, NS * RATIO):
+        cols = start + key_tile
+        col_ok = cols < hi
+        k_tile = k_ptr + (key0 + start) * stride_kt + hk * stride_kh
+        k1 = load_tile(k_tile, key_tile, col_ok, stride_kt, 0, D1, DQK)
+        k2 = k1
+        if D2 > 0:
+            k2 = load_tile(k_tile, key_tile, col_ok, stride_kt, D1, D2, DQK)
+        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
+        seen = (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t_row[:, None]) & row_ok[:, None]
+        p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)  # Eq. 8
+        group = tl.reshape(tl.sum(tl.reshape(p, [BQ, GP, NS * RATIO]), axis=1), [BQ, NS, RATIO])  # Eq. 10
+        score = tl.sum(group * _overlap(within, 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2) + carry
+        carry = tl.zeros([BQ, NS], tl.float32)
+        for e in tl.static_range(1, SPILL + 1):  # Eq. 9: the part of each block that lands e blocks later
+            spill = tl.sum(group * _overlap(within, e, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2)
+            score += _shift(spill, e, NS)
+            carry += _shift(spill, e - NS, NS)
+        block = start // RATIO + tl.arange(0, NS)
+        candidate = (block[None, :] >= 1) & (block[None, :] <= current[:, None] - 2) & query_ok[:, None]
+        keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (-block[None, :] + MAX_INDEX)
+        best = _merge_top(best, tl.where(candidate, keys, NO_KEY))
+    # Forced blocks, then the chosen candidates; written ascending, then -1.
+    chosen = tl.where((best >= 0) & (best < KEEP), -(best & 0xFFFFFFFF) + MAX_INDEX, UNUSED)
+    current = current.to(tl.int64)[:, None]
+    column = tl.arange(0, 4)[None, :]
+    forced = tl.where(column == 0, 0, UNUSED).to(tl.int64) + tl.zeros([BQ, 4], tl.int64)
+    forced = tl.where((column == 1) & (current >= 2), current - 1, forced)
+    forced = tl.where((column == 2) & (current >= 1), current, forced)
+    slot = tl.arange(0, OUT_WIDTH)[None, :]
+    ordered = tl.full([BQ, OUT_WIDTH], -1, tl.int64)
+    for r in tl.static_range(NUM_SELECTED):  # ascending: the smallest remaining block, n times
+        low = tl.minimum(tl.min(chosen, axis=1), tl.min(forced, axis=1))[:, None]
+        ordered = tl.where(slot == r, tl.where(low == UNUSED, -1, low), ordered)
+        chosen = tl.where(chosen == low, UNUSED, chosen)
+        forced = tl.where(forced == low, UNUSED, forced)
+    out_ptrs = idx_ptr + (tok0 + t_query)[:, None] * stride_it + hk * stride_ih + slot
+    tl.store(out_ptrs, ordered.to(idx_ptr.dtype.element_ty), mask=query_ok[:, None] & (slot < NUM_SELECTED))
+
+
+@triton.jit
+def _merge_top(best, keys):
+    """Insert into the top set best [BQ, KP] the keys [BQ, NS] that beat its smallest entry, the largest first,
+    until no row has one left (all keys distinct). On long sequences most tiles add nothing, so the loop
+    usually ends at once; a fixed sorting network would pay its whole cost on every tile."""
+    top = tl.max(keys, axis=1)
+    low = tl.min(best, axis=1)
+    while tl.max((top > low).to(tl.int32), axis=0) > 0:
+        enters = top > low
+        best = tl.where((best == low[:, None]) & enters[:, None], top[:, None], best)
+        keys = tl.where(keys == top[:, None], NO_KEY, keys)
+        top = tl.max(keys, axis=1)
+        low = tl.min(best, axis=1)
+    return best
+
+
+def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: Tensor, *, block_size: int,
+                block_stride: int, sel_block_size: int, num_selected: int, scale: float,
+                tiles: TopnTiles) -> Tensor:
+    """Block indices int32 [N, H_kv, num_selected] (ascending, then -1) for query rows q [N, HQ, Dk] against the
+    packed compressed keys k_cmp [N_cmp, H_kv, Dk]; lse [N, HQ] is the compression branch's base-2 log-sum-exp
+    (+inf where nothing is visible)."""
+    num_heads, num_kv_heads = q.shape[1], k_cmp.shape[1]
+    group = num_heads // num_kv_heads
+    shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows)
+    out = output_buffer(q.shape[0], num_kv_heads, num_selected, like=q, dtype=torch.int32)
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, shape["BQ"])
+    k_cmp = k_cmp if k_cmp.shape[0] else k_cmp.new_zeros(1, *k_cmp.shape[1:])
+    spill = (sel_block_size - block_stride + block_size - 1) // sel_block_size
+    _topn_kernel[(table.grid, num_kv_heads)](
+        q, k_cmp, lse, out, packed.cu, cu_cmp, table.seq, table.first,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
+        num_heads, packed.num_seqs, scale * LOG2E,
+        GROUP=group, CMP_BLOCK=block_size, CMP_STRIDE=block_stride, SEL_BLOCK=sel_block_size, SPILL=spill,
+        NUM_SELECTED=num_selected, OUT_WIDTH=triton.next_power_of_2(num_selected), PRECISION=dot_precision(q.dtype),
+        **shape,
+        **{key: value for key, value in split_dims(q.shape[-1], 16).items() if key in ("DQK", "D1", "D2")},
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out

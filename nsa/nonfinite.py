@@ -1,0 +1,243 @@
+"""Non-finite inputs: a masked position never contributes, whatever it holds.
+
+Attention multiplies masked probabilities (exactly 0) with the values they mask, and 0 * NaN = NaN:
+one NaN or inf in a later token (garbage in right padding is the everyday case) would turn every
+earlier output row NaN, and in the backward every gradient. Every op of the library therefore
+
+1. replaces non-finite entries of its inputs by zero (``finite_or_zero``) before any arithmetic, so
+   nothing non-finite enters a softmax, a matmul or a gradient, and
+2. returns NaN in exactly the output rows that can see a non-finite input under the op's own
+   visibility rule (``poison_rows``): garbage is never silently turned into a finite output.
+
+Rows that cannot see a non-finite input are bitwise equal to the rows computed without it (the
+replaced entries only ever meet probabilities that are exactly 0). ``torch.where`` passes zero
+gradient to the replaced entries and to the poisoned rows, so gradients stay finite as well.
+
+Where the rows are flagged:
+- the torch paths flag inside ``nsa.attention_core`` from the very mask each chunk attends with
+  (prefill, chunked prefill through the cache and the decode reference alike);
+- the whole-sequence flags below (``compressed_nonfinite_rows``, ``selected_nonfinite_rows``,
+  ``window_nonfinite_rows``, ``nsa_nonfinite_rows``) serve paths that do not expose their masks
+  (fused kernels, the dense naive twins). They take O(T * (n + H * D)) memory and time and
+  no host sync: running minima / maxima of the non-finite positions (the first non-finite block
+  or token at or after each index, the last non-finite key at or before each query), gathered at
+  each query's compressed prefix, window start and n selected blocks. All four take cu_seqlens
+  (packed sequences, as nsa_attention does); ``nsa_nonfinite_guard`` wraps a fused path with the rule.
+
+Rows are (batch, query position, query head): a key or value vector of KV head h reaches the G
+query heads of its group; a query vector only its own head.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def finite_or_zero(x: Tensor) -> Tensor:
+    """x with every NaN / +-inf entry replaced by 0 (differentiable; zero gradient at those entries)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # one pass (where(isfinite) takes three)
+
+
+def nonfinite_rows(x: Tensor) -> Tensor:
+    """bool x.shape[:-1]: the vectors (last dim) holding any NaN or +-inf."""
+    # On the CPU x * 0 is 3x faster (exactly 0 at finite entries, NaN at NaN / inf ones, so the row sum is
+    # NaN iff one is non-finite, and no overflow can occur); on the GPU memory traffic decides: one bool pass.
+    if x.device.type == "cpu":
+        return (x.detach() * 0).sum(dim=-1).isnan()
+    return ~torch.isfinite(x.detach()).all(dim=-1)
+
+
+def poison_rows(out: Tensor, rows: Tensor) -> Tensor:
+    """out [..., D] with NaN in the rows where ``rows`` (bool, out.shape[:-1] or broadcastable) is True."""
+    nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+    return torch.where(rows[..., None], nan, out)
+
+
+def poison_values(x: Tensor, rows: Tensor) -> Tensor:
+    """x with NaN where ``rows`` is True, elementwise (per-row scalars such as lse [B, T, HQ])."""
+    return poison_rows(x[..., None], rows)[..., 0]
+
+
+def guarded_apply(fn: Callable[[Tensor], Tensor], x: Tensor, item_dims: int = 1) -> Tensor:
+    """fn(finite_or_zero(x)) with NaN in each output row whose input item held a NaN or inf.
+
+    fn maps x [..., *item] item by item to [..., D'], the item being the last item_dims dims of x
+    (a linear layer: item_dims=1; phi over blocks [..., l, D]: item_dims=2). fn never sees a
+    non-finite value, so its parameter gradients never form 0 * NaN.
+    """
+    return poison_rows(fn(finite_or_zero(x)), nonfinite_rows(x.flatten(-item_dims)))
+
+
+def gated_sum(gates: Tensor, branches: Sequence[Tensor]) -> Tensor:
+    """sum_i gates[..., i] * branches[i]; gates [B, T, HQ, nb], branches nb x [B, T, HQ, Dv].
+
+    NaN in every row where the gates or any branch output is non-finite (the branches arrive
+    poisoned). The sum is taken over sanitized operands: poisoning the sum rather than each term
+    keeps the backward from forming 0 * NaN in the gate gradient of a poisoned row.
+    """
+    rows = functools.reduce(operator.or_, [nonfinite_rows(b) for b in branches], nonfinite_rows(gates))
+    g = finite_or_zero(gates).unsqueeze(-1)
+    terms = [g[..., i, :] * finite_or_zero(branch) for i, branch in enumerate(branches)]
+    return poison_rows(functools.reduce(operator.add, terms), rows)
+
+
+def kv_nonfinite(k: Tensor, v: Tensor) -> Tensor:
+    """bool [..., N, Hkv]: the key or the value vector is non-finite; k [..., N, Hkv, Dk], v [..., N, Hkv, Dv]."""
+    return nonfinite_rows(k) | nonfinite_rows(v)
+
+
+def per_query_head(kv_rows: Tensor, num_heads: int) -> Tensor:
+    """[..., Hkv] -> [..., HQ]: query head h reads KV head h // G (G = HQ / Hkv)."""
+    return kv_rows.repeat_interleave(num_heads // kv_rows.shape[-1], dim=-1)
+
+
+class _Packing(NamedTuple):
+    """Where each query row's sequence starts: token start [T] and first compressed block [T] (zeros
+    without packing), and each row's position inside its sequence [T]."""
+
+    token_start: Tensor
+    block_start: Tensor
+    position: Tensor
+
+
+def _num_cmp(seq_len: Tensor, block_size: int, block_stride: int) -> Tensor:
+    """num_cmp(S) elementwise: 0 if S < l else (S - l) // d + 1."""
+    return torch.where(seq_len >= block_size, (seq_len - block_size) // block_stride + 1, 0)
+
+
+def _packing(seq_len: int, cu_seqlens: Tensor | None, device: torch.device, block_size: int = 1,
+             block_stride: int = 1) -> _Packing:
+    t = torch.arange(seq_len, device=device)
+    if cu_seqlens is None:
+        zeros = torch.zeros_like(t)
+        return _Packing(zeros, zeros, t)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    sequence = torch.searchsorted(cu[1:], t, right=True)  # the sequence holding row t
+    blocks_before = F.pad(_num_cmp(cu[1:] - cu[:-1], block_size, block_stride).cumsum(0), (1, 0))
+    return _Packing(cu[sequence], blocks_before[sequence], t - cu[sequence])
+
+
+def _next_true(flags: Tensor) -> Tensor:
+    """flags [B, N, H] -> int [B, N + 1, H]: the first index >= i holding True (N where none; row N is
+    a sentinel, so index N is safe to gather)."""
+    size = flags.shape[1]
+    index = torch.arange(size, device=flags.device)[None, :, None]
+    ahead = F.pad(torch.where(flags, index, size), (0, 0, 0, 1), value=size)
+    return ahead.flip(1).cummin(dim=1).values.flip(1)
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, H], index [B|1, T, H, ...] (rows of x) -> x[b, index[b, t, h, ...], h]."""
+    batch, heads = x.shape[0], x.shape[2]
+    b = torch.arange(batch, device=x.device).view(batch, *([1] * (index.dim() - 1)))
+    h = torch.arange(heads, device=x.device).view(1, 1, heads, *([1] * (index.dim() - 3)))
+    return x[b, index, h]
+
+
+def compressed_nonfinite_rows(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, block_stride: int,
+                              cu_seqlens: Tensor | None = None) -> Tensor:
+    """bool [B, T, HQ]: rows of compressed_attention that see a non-finite input.
+
+    q [B, T, HQ, Dk], k_cmp [B, N, Hkv, Dk], v_cmp [B, N, Hkv, Dv]. Query t sees block i iff
+    i*d + l - 1 <= t, the first num_cmp(t + 1) blocks: it is poisoned iff its group's first
+    non-finite block comes before that count. Packed (cu_seqlens [S + 1], B = 1): positions restart
+    in each sequence and k_cmp holds each sequence's blocks one after the other.
+    """
+    sees = _compressed_group_rows(q.shape[1], k_cmp, v_cmp, block_size, block_stride, cu_seqlens)
+    return nonfinite_rows(q) | per_query_head(sees, q.shape[2])
+
+
+def _compressed_group_rows(seq_len: int, k_cmp: Tensor, v_cmp: Tensor, block_size: int, block_stride: int,
+                           cu_seqlens: Tensor | None) -> Tensor:
+    """bool [B, T, Hkv]: the (query, group) pairs whose visible compressed blocks hold a non-finite k / v."""
+    pack = _packing(seq_len, cu_seqlens, k_cmp.device, block_size, block_stride)
+    next_bad = _next_true(kv_nonfinite(k_cmp, v_cmp))  # [B, N + 1, Hkv]
+    first = pack.block_start[None, :, None].expand(-1, -1, next_bad.shape[2])  # the row's sequence's block 0
+    num_visible = _num_cmp(pack.position + 1, block_size, block_stride)[None, :, None]
+    return _gather_rows(next_bad, first) < first + num_visible
+
+
+def window_nonfinite_rows(q: Tensor, k: Tensor, v: Tensor, window_size: int, cu_seqlens: Tensor | None = None
+                          ) -> Tensor:
+    """bool [B, T, HQ]: rows of sliding_window_attention that see a non-finite input.
+
+    q [B, T, HQ, Dk], k/v [B, T, Hkv, D]. Query t reads keys max(start, t - w + 1) .. t (start = 0, or
+    its sequence's first row when packed by cu_seqlens): it is poisoned iff the last non-finite key at
+    or before t (a running maximum) lies inside that range.
+    """
+    return nonfinite_rows(q) | per_query_head(_window_group_rows(k, v, window_size, cu_seqlens), q.shape[2])
+
+
+def _window_group_rows(k: Tensor, v: Tensor, window_size: int, cu_seqlens: Tensor | None) -> Tensor:
+    """bool [B, T, Hkv]: the (query, group) pairs whose window holds a non-finite k / v."""
+    bad = kv_nonfinite(k, v)  # [B, T, Hkv]
+    pack = _packing(bad.shape[1], cu_seqlens, bad.device)
+    t = torch.arange(bad.shape[1], device=bad.device)[None, :, None]
+    last_bad = torch.where(bad, t, -1).cummax(dim=1).values
+    return (last_bad >= pack.token_start[None, :, None]) & (last_bad > t - window_size)
+
+
+def selected_nonfinite_rows(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, sel_block_size: int,
+                            cu_seqlens: Tensor | None = None) -> Tensor:
+    """bool [B, T, HQ]: rows of selected_attention that see a non-finite input.
+
+    q [B, T, HQ, Dk], k/v [B, T, Hkv, D], block_indices [B, T, Hkv, n] (-1 = unused; per sequence
+    when packed by cu_seqlens). Query t of group g reads the tokens of its selected block j from
+    start + j*l' to min(start + (j+1)*l', t + 1) (exclusive): it is poisoned iff the first non-finite
+    token at or after the block's start lies before that end. Memory O(T * n) (no per-token gather).
+    """
+    sees = _selected_group_rows(k, v, block_indices, sel_block_size, cu_seqlens)
+    return nonfinite_rows(q) | per_query_head(sees, q.shape[2])
+
+
+def _selected_group_rows(k: Tensor, v: Tensor, block_indices: Tensor, sel_block_size: int,
+                         cu_seqlens: Tensor | None) -> Tensor:
+    """bool [B, T, Hkv]: the (query, group) pairs whose selected blocks hold a non-finite k / v they read."""
+    bad = kv_nonfinite(k, v)  # [B, T, Hkv]
+    pack = _packing(bad.shape[1], cu_seqlens, bad.device)
+    used = block_indices >= 0
+    block_start = pack.token_start[None, :, None, None] + block_indices.long().clamp_min(0) * sel_block_size
+    t = pack.token_start + pack.position
+    end = torch.minimum(block_start + sel_block_size, t[None, :, None, None] + 1)
+    next_bad = _gather_rows(_next_true(bad), block_start.clamp_max(bad.shape[1]))  # [B, T, Hkv, n]
+    return (used & (next_bad < end)).any(dim=-1)
+
+
+def nsa_nonfinite_rows(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
+    gates: Tensor, block_indices: Tensor, *, block_size: int, block_stride: int, sel_block_size: int,
+    window_size: int, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """bool [B, T, HQ]: rows of nsa_attention that see a non-finite input (its arguments, in its layout,
+    cu_seqlens included, plus the block_indices it selected): the union of the three branches' rows and
+    of the rows whose gates [B, T, HQ, 3] are non-finite (a gate reaches its own row only). q is scanned
+    once (it is the largest input: one pass over it is most of this function's time)."""
+    groups = (_compressed_group_rows(q.shape[1], k_cmp, v_cmp, block_size, block_stride, cu_seqlens)
+              | _selected_group_rows(k_sel, v_sel, block_indices, sel_block_size, cu_seqlens)
+              | _window_group_rows(k_win, v_win, window_size, cu_seqlens))
+    return nonfinite_rows(q) | per_query_head(groups, q.shape[2]) | nonfinite_rows(gates)
+
+
+def nsa_nonfinite_guard(
+    attend: Callable[..., tuple[Tensor, Tensor]], q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor,
+    v_sel: Tensor, k_win: Tensor, v_win: Tensor, gates: Tensor, *, block_size: int, block_stride: int,
+    sel_block_size: int, window_size: int, cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The rule around a fused nsa_attention path that exposes neither its masks nor its branch outputs.
+
+    attend(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates) -> (output [B, T, HQ, Dv], block_indices
+    [B, T, Hkv, n]) runs on the inputs with NaN / inf replaced by 0; the output comes back with NaN in the
+    rows nsa_nonfinite_rows names for the original inputs (layouts and cu_seqlens as in nsa_attention).
+    """
+    raw = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
+    output, block_indices = attend(*(finite_or_zero(x) for x in raw))
+    rows = nsa_nonfinite_rows(*raw, block_indices, block_size=block_size, block_stride=block_stride,
+                              sel_block_size=sel_block_size, window_size=window_size, cu_seqlens=cu_seqlens)
+    return poison_rows(output, rows), block_indices

@@ -1,0 +1,282 @@
+"""The whole gated NSA layer on Triton, forward and backward, as torch.library ops.
+
+``nsa_attention_triton`` computes exactly what nsa.functional.nsa_attention computes (same arguments, same
+layouts) with the kernels of nsa/kernels/: the compression branch (range attention, l / d), the block
+selection from its scores (top-n, no [T, T/d] matrix), the selection branch and the sliding window, each
+adding its gated output into one output buffer, so no branch output is ever stored. It is registered as
+``nsa::prefill`` with ``nsa::prefill_backward`` and fake implementations, so torch.compile traces a layer
+as one graph. The backward is deterministic: no atomics, fixed-order sums of fixed partials.
+
+Sequences are packed (nsa.kernels.tiles): a batch [B, T, ...] is B sequences of T tokens, and with
+``cu_seqlens`` the B = 1 rows hold sequences of any lengths (k_cmp / v_cmp then hold each sequence's
+compressed blocks one after the other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from nsa.dispatch import interpreter_enabled
+
+
+class PrefillSizes(NamedTuple):
+    block_size: int  # l
+    block_stride: int  # d
+    sel_block_size: int  # l'
+    num_selected: int  # n
+    window_size: int  # w
+
+
+MAX_GROUP = 64  # the selection kernels hold a group's G query heads (padded) as the rows of one tile
+MAX_KEY_TILE = 256  # the top-n kernel's compressed-key tile: NS selection blocks x l'/d
+
+
+def _power_of_two_at_least(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def topn_tile_shape(num_selected: int, group: int, sel_block_size: int, block_stride: int, rows: int
+                    ) -> dict[str, int]:
+    """The top-n kernel's constexprs: KP (running top list width, >= 4 for the three forced blocks), NS
+    selection blocks per tile (NS * r compressed keys per tile, at least 16 for tl.dot; r = l'/d), GP (the
+    group padded to a power of two) and BQ (queries per program, BQ * GP = rows)."""
+    ratio = sel_block_size // block_stride
+    kp = max(4, _power_of_two_at_least(num_selected - 3))
+    ns = max(kp, _power_of_two_at_least(-(-16 // ratio)))
+    gp = _power_of_two_at_least(group)
+    return {"KP": kp, "NS": ns, "GP": gp, "BQ": max(1, rows // gp), "RATIO": ratio}
+
+
+def prefill_obstacles(group: int, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
+                      window_size: int) -> list[str]:
+    """Why the kernels cannot take these sizes (empty when they can); nsa.dispatch logs the reasons."""
+    reasons = []
+    if group > MAX_GROUP:
+        reasons.append(f"GQA groups of G={group} > {MAX_GROUP} query heads")
+    ratio = sel_block_size // block_stride
+    if ratio & (ratio - 1):
+        reasons.append(f"sel_block_size / block_stride = {ratio} is not a power of two")
+    elif topn_tile_shape(num_selected, 1, sel_block_size, block_stride, 128)["NS"] * ratio > MAX_KEY_TILE:
+        reasons.append(f"num_selected={num_selected} with l'/d={ratio} needs top-n key tiles wider than {MAX_KEY_TILE}")
+    return reasons
+
+
+def nsa_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
+                         v_win: Tensor, gates: Tensor, cu_seqlens: Tensor | None, sizes: PrefillSizes,
+                         scale: float) -> tuple[Tensor, Tensor]:
+    """-> (output [B, T, HQ, Dv] in q's dtype, block_indices int64 [B, T, H_kv, n]); differentiable in every
+    tensor but cu_seqlens (the selection carries no gradient). Inputs as nsa.functional.nsa_attention's."""
+    out, indices, _, _, _ = torch.ops.nsa.prefill(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens,
+                                                  *sizes, scale)
+    return out, indices.long()
+
+
+def _tiles(device: torch.device, head_dim: int):
+    """Tile settings: the GPU defaults (tuned on the H200), or 16-wide tiles for the CPU interpreter's tiny tests."""
+    from nsa.kernels.range_attention import RangeTiles, tiles_for
+    from nsa.kernels.selected import SelectedTiles
+    from nsa.kernels.topn import TopnTiles
+
+    if device.type != "cuda" and interpreter_enabled():
+        return (RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2), TopnTiles(16, 4, 1),
+                SelectedTiles(4, 1, 16, 8, 4, 1))
+    return tiles_for(head_dim), TopnTiles(), SelectedTiles()
+
+
+class PrefillRun:
+    """The kernels of one fused NSA prefill over packed token rows, one method per step. nsa::prefill runs
+    forward(); nsa::prefill_backward runs backward(); bench/bench_prefill.py times the steps one by one.
+
+    Forward: compressed() writes out = g_cmp * o_cmp and the compression branch's base-2 lse; select() the
+    block indices; selected() and window() add g_sel * o_sel and g_win * o_win into out. Backward: the three
+    dq kernels add into one dq buffer (each writes its branch's delta = dO . o, the gate's gradient), then
+    each branch's dk / dv.
+    """
+
+    def __init__(self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
+                 v_win: Tensor, gates: Tensor, cu_seqlens: Tensor | None, sizes: PrefillSizes, scale: float) -> None:
+        from nsa.kernels.range_attention import RangeRule
+        from nsa.kernels.tiles import (
+            derived_counts,
+            num_compressed,
+            output_buffer,
+            packed_batch,
+            packed_varlen,
+            rows_view,
+        )
+
+        batch, seq_len = q.shape[:2]
+        if cu_seqlens is None:
+            self.packed = packed_batch(batch, seq_len, q.device)
+            self.cu_cmp = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * k_cmp.shape[1]
+        else:
+            self.packed = packed_varlen(cu_seqlens, seq_len)
+            self.cu_cmp = derived_counts(self.packed,
+                                         lambda n: num_compressed(n, sizes.block_size, sizes.block_stride))
+        self.shapes = (q.shape, k_cmp.shape, v_cmp.shape, k_sel.shape, v_sel.shape, k_win.shape, v_win.shape)
+        self.q, self.k_cmp, self.v_cmp, self.k_sel, self.v_sel, self.k_win, self.v_win = (
+            rows_view(t) for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win))
+        self.gates = gates.reshape(self.q.shape[0], self.q.shape[1], 3)
+        self.sizes, self.scale = sizes, scale
+        self.range_tiles, self.topn_tiles, self.sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))
+        self.cmp_rule = RangeRule(sizes.block_stride, sizes.block_size, 0)
+        self.win_rule = RangeRule(1, 1, sizes.window_size)
+        rows, heads = self.q.shape[:2]
+        self.out = output_buffer(rows, heads, v_sel.shape[-1], like=q)
+        self.lse = [output_buffer(rows, heads, like=q, dtype=torch.float32) for _ in range(3)]
+        self.indices = output_buffer(rows, k_sel.shape[2], sizes.num_selected, like=q, dtype=torch.int32)
+
+    def compressed(self) -> None:
+        from nsa.kernels.range_attention import range_forward
+
+        range_forward(self.q, self.k_cmp, self.v_cmp, self.gates[..., 0], self.out, self.lse[0], self.packed,
+                      self.cu_cmp, self.cmp_rule, self.scale, False, self.range_tiles)
+
+    def select(self) -> None:
+        from nsa.kernels.topn import select_topn
+
+        self.indices = select_topn(
+            self.q, self.k_cmp, self.lse[0], self.packed, self.cu_cmp, block_size=self.sizes.block_size,
+            block_stride=self.sizes.block_stride, sel_block_size=self.sizes.sel_block_size,
+            num_selected=self.sizes.num_selected, scale=self.scale, tiles=self.topn_tiles)
+
+    def selected(self) -> None:
+        from nsa.kernels.selected import selected_forward
+
+        selected_forward(self.q, self.k_sel, self.v_sel, self.gates[..., 1], self.indices, self.out, self.lse[1],
+                         self.packed, self.sizes.sel_block_size, self.scale, True, self.sel_tiles)
+
+    def window(self) -> None:
+        from nsa.kernels.range_attention import range_forward
+
+        range_forward(self.q, self.k_win, self.v_win, self.gates[..., 2], self.out, self.lse[2], self.packed,
+                      self.packed.cu, self.win_rule, self.scale, True, self.range_tiles)
+
+    def forward(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """-> (out [B, T, HQ, Dv], block indices int32 [B, T, H_kv, n], lse_cmp, lse_sel, lse_win [rows, HQ])."""
+        self.compressed()
+        self.select()
+        self.selected()
+        self.window()
+        q_shape, k_sel_shape = self.shapes[0], self.shapes[3]
+        lse_cmp, lse_sel, lse_win = self.lse
+        return (self.out.view(*q_shape[:3], self.out.shape[-1]),
+                self.indices.view(*k_sel_shape[:3], self.sizes.num_selected), lse_cmp, lse_sel, lse_win)
+
+    def dq_steps(self, dout: Tensor, dq: Tensor, delta: list[Tensor]) -> list[tuple[str, Callable[[], None]]]:
+        """The three dq kernels, in this order (they add into dq); dout and dq are token rows [rows, HQ, D]."""
+        from nsa.kernels.range_attention import range_dq
+        from nsa.kernels.selected import selected_dq
+
+        g, packed, scale = self.gates, self.packed, self.scale
+        return [
+            ("dq_cmp", lambda: range_dq(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, self.lse[0], delta[0], dq,
+                                        packed, self.cu_cmp, self.cmp_rule, scale, False, self.range_tiles)),
+            ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout,
+                                           self.lse[1], delta[1], dq, packed, self.sizes.sel_block_size, scale, True,
+                                           self.sel_tiles)),
+            ("dq_win", lambda: range_dq(self.q, self.k_win, self.v_win, g[..., 2], dout, self.lse[2], delta[2], dq,
+                                        packed, packed.cu, self.win_rule, scale, True, self.range_tiles)),
+        ]
+
+    def dkdv_steps(self, dout: Tensor, delta: list[Tensor], grads: dict[str, tuple[Tensor, Tensor]]
+                   ) -> list[tuple[str, Callable[[], None]]]:
+        """The three dk / dv computations; each stores its (dk, dv) in ``grads`` under its branch name."""
+        from nsa.kernels.range_attention import range_dkdv
+        from nsa.kernels.selected import selected_dkdv
+
+        g, packed, scale = self.gates, self.packed, self.scale
+
+        def cmp() -> None:
+            grads["cmp"] = range_dkdv(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, self.lse[0], delta[0],
+                                      packed, self.cu_cmp, self.cmp_rule, scale, self.range_tiles)
+
+        def sel() -> None:
+            grads["sel"] = selected_dkdv(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, self.lse[1],
+                                         delta[1], packed, self.sizes.sel_block_size, scale, self.sel_tiles)
+
+        def win() -> None:
+            grads["win"] = range_dkdv(self.q, self.k_win, self.v_win, g[..., 2], dout, self.lse[2], delta[2],
+                                      packed, packed.cu, self.win_rule, scale, self.range_tiles)
+
+        return [("dkdv_cmp", cmp), ("dkdv_sel", sel), ("dkdv_win", win)]
+
+    def backward(self, dout: Tensor, indices: Tensor, lse: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """-> (dq, dk_cmp, dv_cmp, dk_sel, dv_sel, dk_win, dv_win, dgates) in the inputs' shapes."""
+        from nsa.kernels.tiles import output_buffer, rows_view
+
+        self.indices = indices.reshape(self.q.shape[0], self.shapes[3][2], self.sizes.num_selected)
+        self.lse = list(lse)
+        do = rows_view(dout)
+        dq = output_buffer(*self.q.shape, like=self.q)
+        delta = [output_buffer(*self.lse[0].shape, like=self.lse[0]) for _ in range(3)]
+        grads: dict[str, tuple[Tensor, Tensor]] = {}
+        for _, step in (*self.dq_steps(do, dq, delta), *self.dkdv_steps(do, delta, grads)):
+            step()
+        dgates = torch.stack(delta, dim=-1).to(self.gates.dtype)
+        flat = (dq, *grads["cmp"], *grads["sel"], *grads["win"])
+        return (*(grad.view(shape) for grad, shape in zip(flat, self.shapes, strict=True)),
+                dgates.view(*self.shapes[0][:3], 3))
+
+
+@torch.library.custom_op("nsa::prefill", mutates_args=())
+def _prefill(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
+             gates: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int,
+             num_selected: int, window_size: int, scale: float
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    sizes = PrefillSizes(block_size, block_stride, sel_block_size, num_selected, window_size)
+    return PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale).forward()
+
+
+@_prefill.register_fake
+def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
+      gates: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int,
+      num_selected: int, window_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows = q.shape[0] * q.shape[1]
+    out = q.new_empty(*q.shape[:3], v_sel.shape[-1])
+    indices = q.new_empty(*k_sel.shape[:3], num_selected, dtype=torch.int32)
+    lse_cmp, lse_sel, lse_win = (q.new_empty(rows, q.shape[2], dtype=torch.float32) for _ in range(3))
+    return out, indices, lse_cmp, lse_sel, lse_win
+
+
+@torch.library.custom_op("nsa::prefill_backward", mutates_args=())
+def _prefill_backward(
+    dout: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
+    v_win: Tensor, gates: Tensor, indices: Tensor, lse_cmp: Tensor, lse_sel: Tensor, lse_win: Tensor,
+    cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
+    window_size: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    sizes = PrefillSizes(block_size, block_stride, sel_block_size, num_selected, window_size)
+    run = PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale)
+    return run.backward(dout, indices, (lse_cmp, lse_sel, lse_win))  # type: ignore[return-value]
+
+
+@_prefill_backward.register_fake
+def _(dout: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
+      v_win: Tensor, gates: Tensor, indices: Tensor, lse_cmp: Tensor, lse_sel: Tensor, lse_win: Tensor,
+      cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
+      window_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))  # type: ignore[return-value]
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, *sizes_and_scale = inputs
+    _, indices, lse_cmp, lse_sel, lse_win = output
+    ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, indices, lse_cmp, lse_sel, lse_win,
+                          cu_seqlens)
+    ctx.sizes_and_scale = sizes_and_scale  # type: ignore[attr-defined]
+    ctx.mark_non_differentiable(indices, lse_cmp, lse_sel, lse_win)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, dout: Tensor, *_unused: Tensor) -> tuple:
+    saved = ctx.saved_tensors  # type: ignore[attr-defined]
+    grads = torch.ops.nsa.prefill_backward(dout, *saved, *ctx.sizes_and_scale)  # type: ignore[attr-defined]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("nsa::prefill", _backward, setup_context=_setup_context)

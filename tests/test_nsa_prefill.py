@@ -1,0 +1,102 @@
+"""The fused NSA prefill kernels (nsa.prefill, nsa/kernels/) in Triton's CPU interpreter, against the float64
+dense references of tests/reference.py (written from NSA.md; they never import nsa).
+
+Every kernel runs in each case: the compression branch (forward, dq, dk/dv with split query ranges), the
+top-n selection, the selection branch (forward, dq, dk/dv over the inverted lists and their reduction) and
+the window. The shapes cover what CI must: GQA groups of 1, 3 and 12 (not powers of two), d_k != d_v
+(24 / 16: the q.k dot split into a power of two and a rest), T not a multiple of any block, T < l, batch > 1
+and packed sequences (cu_seqlens) of lengths 1, < l and longer. Outputs start as NaN or INT_MIN
+(tiles.POISON_OUTPUTS), so an element a kernel failed to write shows.
+
+Tolerance: float32 kernels against float64 math on the same inputs: a few float32 roundings of O(1) values
+per element, 1e-5 (the torch path's own float32 error here is ~1e-6). The selection is compared with the
+float64 scores by check_selection: equal sets except where two boundary scores are within 1e-5 (relative).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import F64, randn
+from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
+
+from nsa import nsa_attention
+from nsa.kernels import tiles
+
+NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+SMALL = {"block_size": 8, "block_stride": 4, "sel_block_size": 16, "num_selected": 5, "window_size": 20}
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(tiles, "POISON_OUTPUTS", True)
+
+
+def make_inputs(batch: int, lengths: list[int], heads: int, kv_heads: int, dk: int, dv: int, blocks: dict,
+                seed: int) -> list[torch.Tensor]:
+    """nsa_attention's eight inputs (float32, requiring grad) for sequences of ``lengths`` packed in one row
+    dimension (one length: a plain batch); scale 1.5 so that scores > 2 occur (their float bits must rank right)."""
+    total = sum(lengths)
+    n_cmp = sum(ref_num_cmp(n, blocks["block_size"], blocks["block_stride"]) for n in lengths)
+    sizes = [(total, heads, dk), (n_cmp, kv_heads, dk), (n_cmp, kv_heads, dv), (total, kv_heads, dk),
+             (total, kv_heads, dv), (total, kv_heads, dk), (total, kv_heads, dv)]
+    tensors = [randn(batch, *size, seed=seed + i, scale=1.5) for i, size in enumerate(sizes)]
+    gates = torch.rand(batch, total, heads, 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return [t.float().requires_grad_() for t in (*tensors, gates)]
+
+
+def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: list[int] | None = None) -> None:
+    """Run the kernels (packed when ``lengths`` is given) and compare output, selection and the eight gradients
+    with the float64 reference, sequence by sequence."""
+    cu = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out, indices = nsa_attention(*inputs, **blocks, cu_seqlens=cu, backend="triton")
+    assert not out.isnan().any()
+    dout = randn(*out.shape, seed=99).float()
+    grads = torch.autograd.grad(out, inputs, dout)
+    assert not any(g.isnan().any() for g in grads)
+    token = block = 0
+    for length in lengths or [inputs[0].shape[1]]:
+        n_cmp = ref_num_cmp(length, blocks["block_size"], blocks["block_stride"])
+        rows, cmp_rows = slice(token, token + length), slice(block, block + n_cmp)
+
+        def part(x: torch.Tensor, i: int, rows: slice = rows, cmp_rows: slice = cmp_rows) -> torch.Tensor:
+            return x[:, cmp_rows] if i in (1, 2) else x[:, rows]
+
+        wide = [part(t, i).detach().double().requires_grad_() for i, t in enumerate(inputs)]
+        scores = dense_selection_scores(wide[0].detach(), wide[1].detach(), blocks["block_size"],
+                                        blocks["block_stride"], blocks["sel_block_size"])
+        check_selection(indices[:, rows], scores, blocks["sel_block_size"], blocks["num_selected"],
+                        tol=1e-5 * max(1.0, float(scores.max())))
+        kwargs = {key: blocks[key] for key in ("block_size", "block_stride", "sel_block_size", "window_size")}
+        expected = dense_nsa(*wide, indices[:, rows], **kwargs)
+        torch.testing.assert_close(out[:, rows].double(), expected, **TOL)
+        expected_grads = torch.autograd.grad(expected, wide, dout[:, rows].double())
+        for i, (name, got, want) in enumerate(zip(NAMES, grads, expected_grads, strict=True)):
+            torch.testing.assert_close(part(got, i).double(), want, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
+        token, block = token + length, block + n_cmp
+
+
+@pytest.mark.parametrize(("batch", "seq_len", "heads", "kv_heads", "dk", "dv", "blocks"), [
+    (1, 45, 6, 2, 24, 16, SMALL),  # G = 3, d_k != d_v, T not a multiple of l, l' or w
+    (2, 37, 2, 2, 16, 16, {**SMALL, "sel_block_size": 8, "num_selected": 4, "window_size": 16}),  # G = 1, B = 2
+    (1, 33, 12, 1, 16, 16, {**SMALL, "block_size": 16, "block_stride": 8, "num_selected": 6}),  # G = 12, l = l'
+    (1, 6, 4, 2, 16, 16, SMALL),  # T < l: no compressed block at all
+])
+def test_kernels_match_float64_reference(batch, seq_len, heads, kv_heads, dk, dv, blocks):
+    check_against_reference(make_inputs(batch, [seq_len], heads, kv_heads, dk, dv, blocks, seed=seq_len), blocks)
+
+
+def test_packed_sequences_match_float64_reference():
+    lengths = [5, 35, 1, 29]  # shorter than l, longer than w, a single token
+    inputs = make_inputs(1, lengths, 8, 2, 16, 16, SMALL, seed=7)
+    check_against_reference(inputs, SMALL, lengths)
+
+
+def test_backward_is_deterministic():
+    inputs = make_inputs(1, [40], 4, 2, 16, 16, SMALL, seed=3)
+    runs = []
+    for _ in range(2):
+        out = nsa_attention(*inputs, **SMALL, backend="triton").output
+        runs.append(torch.autograd.grad(out, inputs, torch.ones_like(out)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

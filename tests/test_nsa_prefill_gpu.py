@@ -1,0 +1,110 @@
+"""The fused NSA prefill kernels (nsa.prefill) on the GPU at real shapes, against float64 dense references.
+
+The references (tests/reference.py, dense masks written from NSA.md) run in float64 on the GPU on the same
+bf16 inputs. Tolerance: the kernels read bf16 and accumulate in float32, then round outputs and gradients
+to bf16 (2^-8 relative) and add three branches: 1e-2 on the norm of the error is a few bf16 roundings.
+The selection is compared with the float64 scores: equal sets except where the reference's scores at the
+boundary are within the kernels' float32 summation error of a tie (check_selection).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
+
+from nsa import NSAAttention, NSAConfig, nsa_attention
+
+pytestmark = pytest.mark.gpu
+BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
+BF16_RTOL = 1e-2
+
+
+def _inputs(seq_len: int, heads: int, kv_heads: int, dk: int, dv: int, dtype=torch.bfloat16, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n_cmp = ref_num_cmp(seq_len, BLOCKS["block_size"], BLOCKS["block_stride"])
+    sizes = [(seq_len, heads, dk), (n_cmp, kv_heads, dk), (n_cmp, kv_heads, dv), (seq_len, kv_heads, dk),
+             (seq_len, kv_heads, dv), (seq_len, kv_heads, dk), (seq_len, kv_heads, dv)]
+    tensors = [torch.randn(1, *size, device="cuda", generator=gen).to(dtype) for size in sizes]
+    tensors.append(torch.rand(1, seq_len, heads, 3, device="cuda", generator=gen).to(dtype))
+    return [t.requires_grad_() for t in tensors]
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [
+    (64, 4, 128, 128, 2048),  # the public shape
+    (64, 4, 192, 128, 2048),  # the paper's d_k != d_v
+    (48, 4, 128, 128, 2048),  # G = 12
+    (16, 4, 64, 64, 3000),  # G = 4, T not a multiple of any block
+    (4, 4, 256, 256, 1024),  # G = 1, the widest head
+    (64, 1, 64, 64, 1024),  # G = 64
+])
+def test_prefill_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
+    inputs = _inputs(seq_len, heads, kv_heads, dk, dv)
+    out, indices = nsa_attention(*inputs, **BLOCKS, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    scores = dense_selection_scores(wide[0].detach(), wide[1].detach(), BLOCKS["block_size"],
+                                    BLOCKS["block_stride"], BLOCKS["sel_block_size"])
+    check_selection(indices.cpu(), scores.cpu(), BLOCKS["sel_block_size"], BLOCKS["num_selected"],
+                    tol=1e-5 * float(scores.max()))
+    reference = dense_nsa(*wide, indices, **{k: v for k, v in BLOCKS.items() if k != "num_selected"})
+    assert _rel(out, reference) < BF16_RTOL
+    reference_grads = torch.autograd.grad(reference, wide, dout.double())
+    names = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+    errors = {name: _rel(got, want) for name, got, want in zip(names, grads, reference_grads, strict=True)}
+    assert max(errors.values()) < BF16_RTOL, errors
+
+
+def test_prefill_backward_is_deterministic():
+    inputs = _inputs(8192, 64, 4, 128, 128, seed=1)
+    out = nsa_attention(*inputs, **BLOCKS, backend="triton").output
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, inputs, dout)
+    second = torch.autograd.grad(nsa_attention(*inputs, **BLOCKS, backend="triton").output, inputs, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_prefill_packed_sequences_equal_separate_runs():
+    lengths = [1000, 77, 2500, 31]
+    pieces = [_inputs(n, 16, 4, 64, 64, dtype=torch.float32, seed=10 + i) for i, n in enumerate(lengths)]
+    packed = [torch.cat([p[i].detach() for p in pieces], dim=1).requires_grad_() for i in range(8)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    out, indices = nsa_attention(*packed, **BLOCKS, cu_seqlens=cu, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, packed, dout)
+    token, block = 0, 0
+    for piece, n in zip(pieces, lengths, strict=True):
+        alone, alone_idx = nsa_attention(*piece, **BLOCKS, backend="triton")
+        rows = slice(token, token + n)
+        assert torch.equal(indices[:, rows], alone_idx)
+        torch.testing.assert_close(out[:, rows], alone, rtol=1e-5, atol=1e-6)
+        alone_grads = torch.autograd.grad(alone, piece, dout[:, rows])
+        blocks = piece[1].shape[1]
+        for i, (got, want) in enumerate(zip(grads, alone_grads, strict=True)):
+            part = got[:, block:block + blocks] if i in (1, 2) else got[:, rows]
+            torch.testing.assert_close(part, want, rtol=1e-4, atol=1e-5)
+        token, block = token + n, block + blocks
+
+
+def test_layer_compiles_to_one_graph_with_the_kernels():
+    config = NSAConfig(hidden_size=512, num_heads=16, num_kv_heads=4, head_dim=64, head_dim_v=64)
+    layer = NSAAttention(config).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 4096, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    y = compiled(x)
+    assert len(graphs) == 1
+    assert any("nsa.prefill" in str(node.target) for node in graphs[0].graph.nodes)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    y.float().square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
