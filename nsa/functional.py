@@ -153,6 +153,11 @@ def nsa_attention(
     for part in split_sequences(lengths, sizes, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates):
         chunk = query_chunk_size or prefill_chunk_size(part.q, part.k_cmp, part.v_sel, sizes)
         pieces.append(_nsa_attention_torch(*part, sizes=sizes, scale=scale, chunk=chunk))
+    return concat_outputs(pieces)
+
+
+def concat_outputs(pieces: list[NSAOutput] | list[ChunkResult]) -> NSAOutput:
+    """Outputs of consecutive query ranges (chunks, or packed sequences) joined along T."""
     return NSAOutput(torch.cat([p.output for p in pieces], dim=1), torch.cat([p.block_indices for p in pieces], dim=1))
 
 
@@ -160,21 +165,35 @@ def _nsa_attention_torch(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
     k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, *, sizes: NSASizes, scale: float, chunk: int,
 ) -> NSAOutput:
-    """The PyTorch path over one batch of equal-length sequences, chunk by chunk over queries."""
+    """The PyTorch path over one batch of equal-length sequences, chunk by chunk over queries.
+
+    With gradients each chunk is recomputed in the backward (activation checkpointing) instead of keeping
+    its gathered keys and score tensors, so training memory stays O(T * (n*l' + w + T/d)) too (saving them
+    took 47 GB at 8k tokens and ran out of the H200's memory at 32k). The recomputation repeats the same
+    deterministic selection, so the backward sees the blocks the forward used."""
     block_size, block_stride, sel_block_size, _, window_size = sizes
-    outputs, indices = [], []
+    checkpoint = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))
+    results = []
     for start, end in query_chunks(q.shape[1], chunk):
         key_start = max(0, start - window_size + 1)
-        result = nsa_attention_chunk(
-            q[:, start:end], gates[:, start:end], torch.arange(start, end, device=q.device)[None],
-            k_cmp=k_cmp, v_cmp=v_cmp, num_cmp_visible=num_compressed_blocks(end, block_size, block_stride),
-            k_sel=k_sel, v_sel=v_sel, num_sel_blocks=num_selection_blocks(end, sel_block_size),
-            k_win=k_win[:, key_start:end], v_win=v_win[:, key_start:end],
-            win_positions=torch.arange(key_start, end, device=q.device)[None], sizes=sizes, scale=scale,
-        )
-        outputs.append(result.output)
-        indices.append(result.block_indices)
-    return NSAOutput(torch.cat(outputs, dim=1), torch.cat(indices, dim=1))
+        step = functools.partial(
+            nsa_attention_chunk, num_cmp_visible=num_compressed_blocks(end, block_size, block_stride),
+            num_sel_blocks=num_selection_blocks(end, sel_block_size), sizes=sizes, scale=scale,
+            positions=torch.arange(start, end, device=q.device)[None],
+            win_positions=torch.arange(key_start, end, device=q.device)[None])
+        args = (q[:, start:end], gates[:, start:end], k_cmp, v_cmp, k_sel, v_sel, k_win[:, key_start:end],
+                v_win[:, key_start:end])
+        results.append(torch.utils.checkpoint.checkpoint(_chunk_by_position, step, *args, use_reentrant=False)
+                       if checkpoint else _chunk_by_position(step, *args))
+    return concat_outputs(results)
+
+
+def _chunk_by_position(step: functools.partial, q: torch.Tensor, gates: torch.Tensor, k_cmp: torch.Tensor,
+                       v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor, k_win: torch.Tensor,
+                       v_win: torch.Tensor) -> ChunkResult:
+    """nsa_attention_chunk with its tensors as positional arguments (what checkpoint() tracks)."""
+    return step(q, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_sel=k_sel, v_sel=v_sel, k_win=k_win, v_win=v_win)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor, k_cmp: torch.Tensor, block_size: int,

@@ -15,7 +15,17 @@ import torch
 from nsa.attention_core import accumulation_dtype
 from nsa.block_index import compressed_visibility, num_selection_blocks, overlap_matrix
 from nsa.compressed_attention import check_compressed_inputs
-from nsa.functional import NSAOutput, check_nsa_inputs
+from nsa.dispatch import BACKENDS
+from nsa.errors import NSAInputError
+from nsa.functional import (
+    NSAOutput,
+    NSASizes,
+    SequenceInputs,
+    check_cu_seqlens,
+    check_nsa_inputs,
+    concat_outputs,
+    split_sequences,
+)
 from nsa.nonfinite import (
     compressed_nonfinite_rows,
     finite_or_zero,
@@ -153,16 +163,33 @@ def naive_nsa_attention(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
     k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, *, block_size: int, block_stride: int,
     sel_block_size: int, num_selected: int, window_size: int, scale: float | None = None,
-    query_chunk_size: int | None = None,
+    query_chunk_size: int | None = None, cu_seqlens: torch.Tensor | None = None, backend: str = "auto",
 ) -> NSAOutput:
-    """Dense reference of nsa_attention (query_chunk_size is checked like nsa_attention's, then ignored)."""
-    seq_len = check_nsa_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size, block_stride,
-                               sel_block_size, num_selected, window_size, scale, query_chunk_size)
+    """Dense reference of nsa_attention: one [T, T]-masked softmax per branch (per sequence when packed by
+    cu_seqlens). query_chunk_size and backend are checked like nsa_attention's, then ignored."""
+    check_nsa_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size, block_stride, sel_block_size,
+                     num_selected, window_size, scale, query_chunk_size, packed=cu_seqlens is not None)
+    if backend not in BACKENDS:
+        raise NSAInputError(f"backend={backend!r} must be one of {BACKENDS}")
+    lengths = check_cu_seqlens(cu_seqlens, q, k_cmp, block_size, block_stride)
+    sizes = NSASizes(block_size, block_stride, sel_block_size, num_selected, window_size)
+    parts = ([SequenceInputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)] if lengths is None
+             else split_sequences(lengths, sizes, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))
+    results = [_naive_nsa_sequence(*part, sizes=sizes, scale=scale) for part in parts]
+    return concat_outputs(results)
+
+
+def _naive_nsa_sequence(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
+    k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, *, sizes: NSASizes, scale: float | None,
+) -> NSAOutput:
+    """naive_nsa_attention over one batch of equal-length sequences."""
+    block_size, block_stride, sel_block_size, num_selected, window_size = sizes
     raw = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates = (finite_or_zero(x) for x in raw)
     o_cmp, probs, _ = _naive_compressed(q, k_cmp, v_cmp, block_size, block_stride, scale)
     with torch.no_grad():
-        block_indices = _select_from_probs(probs.detach().permute(0, 2, 1, 3), k_cmp.shape[2], seq_len,
+        block_indices = _select_from_probs(probs.detach().permute(0, 2, 1, 3), k_cmp.shape[2], q.shape[1],
                                            block_size, block_stride, sel_block_size, num_selected)
     o_sel = _naive_selected(q, k_sel, v_sel, block_indices, sel_block_size, scale)
     o_win = _naive_window(q, k_win, v_win, window_size, scale)

@@ -126,11 +126,12 @@ def _packing(seq_len: int, cu_seqlens: Tensor | None, device: torch.device, bloc
 
 def _next_true(flags: Tensor) -> Tensor:
     """flags [B, N, H] -> int [B, N + 1, H]: the first index >= i holding True (N where none; row N is
-    a sentinel, so index N is safe to gather)."""
+    a sentinel, so index N is safe to gather). The scan runs along the last, contiguous dim: a scan along
+    a middle dim of H = 4 columns is sequential per column on the GPU."""
     size = flags.shape[1]
-    index = torch.arange(size, device=flags.device)[None, :, None]
-    ahead = F.pad(torch.where(flags, index, size), (0, 0, 0, 1), value=size)
-    return ahead.flip(1).cummin(dim=1).values.flip(1)
+    index = torch.arange(size, device=flags.device)[None, None, :]
+    ahead = F.pad(torch.where(flags.transpose(1, 2), index, size), (0, 1), value=size).flip(-1).contiguous()
+    return ahead.cummin(dim=-1).values.flip(-1).transpose(1, 2)
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -179,8 +180,10 @@ def _window_group_rows(k: Tensor, v: Tensor, window_size: int, cu_seqlens: Tenso
     """bool [B, T, Hkv]: the (query, group) pairs whose window holds a non-finite k / v."""
     bad = kv_nonfinite(k, v)  # [B, T, Hkv]
     pack = _packing(bad.shape[1], cu_seqlens, bad.device)
-    t = torch.arange(bad.shape[1], device=bad.device)[None, :, None]
-    last_bad = torch.where(bad, t, -1).cummax(dim=1).values
+    t = torch.arange(bad.shape[1], device=bad.device)
+    # the scan along the last, contiguous dim (see _next_true)
+    last_bad = torch.where(bad.transpose(1, 2), t, -1).contiguous().cummax(dim=-1).values.transpose(1, 2)
+    t = t[None, :, None]
     return (last_bad >= pack.token_start[None, :, None]) & (last_bad > t - window_size)
 
 

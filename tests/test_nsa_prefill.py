@@ -15,12 +15,14 @@ float64 scores by check_selection: equal sets except where two boundary scores a
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import F64, randn
 from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
 
-from nsa import nsa_attention
+from nsa import NSAAttention, NSAConfig, NSAInputError, naive_nsa_attention, nsa_attention, prefill
 from nsa.kernels import tiles
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
@@ -100,3 +102,70 @@ def test_backward_is_deterministic():
         out = nsa_attention(*inputs, **SMALL, backend="triton").output
         runs.append(torch.autograd.grad(out, inputs, torch.ones_like(out)))
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_packed_sequences_on_the_pytorch_paths_equal_separate_runs(backend):
+    """cu_seqlens on the torch path and on the dense twin: each packed sequence equals its own run (float64)."""
+    lengths = [9, 1, 30, 0, 17]
+    inputs = [t.detach().double() for t in make_inputs(1, lengths, 4, 2, 8, 8, SMALL, seed=11)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    fn = naive_nsa_attention if backend == "naive" else functools.partial(nsa_attention, backend="torch")
+    packed = fn(*inputs, **SMALL, cu_seqlens=cu)
+    token = block = 0
+    for length in lengths:
+        n_cmp = ref_num_cmp(length, SMALL["block_size"], SMALL["block_stride"])
+        if length:
+            rows, cmp_rows = slice(token, token + length), slice(block, block + n_cmp)
+            alone = fn(*[t[:, cmp_rows] if i in (1, 2) else t[:, rows] for i, t in enumerate(inputs)], **SMALL)
+            torch.testing.assert_close(packed.output[:, rows], alone.output, rtol=0, atol=1e-12)
+            assert torch.equal(packed.block_indices[:, rows], alone.block_indices)
+        token, block = token + length, block + n_cmp
+
+
+@pytest.mark.parametrize(("cu", "rule"), [
+    ([0, 10, 20], "end at T"), ([1, 50], "start at 0"), ([0, 30, 20, 50], "non-decreasing"),
+])
+def test_packed_sequences_bad_boundaries_raise(cu, rule):
+    inputs = [t.detach() for t in make_inputs(1, [50], 4, 2, 8, 8, SMALL, seed=1)]
+    with pytest.raises(NSAInputError, match=rule):
+        nsa_attention(*inputs, **SMALL, cu_seqlens=torch.tensor(cu), backend="torch")
+
+
+def test_packed_sequences_need_batch_one_and_matching_compressed_blocks():
+    inputs = [t.detach() for t in make_inputs(2, [40], 4, 2, 8, 8, SMALL, seed=1)]
+    with pytest.raises(NSAInputError, match="batch size 1"):
+        nsa_attention(*inputs, **SMALL, cu_seqlens=torch.tensor([0, 40]), backend="torch")
+    inputs = [t[:1] for t in inputs]
+    with pytest.raises(NSAInputError, match="num_cmp"):  # 40 tokens in two sequences have fewer blocks than one
+        nsa_attention(*inputs, **SMALL, cu_seqlens=torch.tensor([0, 20, 40]), backend="torch")
+
+
+def test_op_registration_passes_opcheck():
+    """nsa::prefill's schema, fake implementation and autograd registration (torch.library.opcheck)."""
+    inputs = make_inputs(1, [24], 4, 2, 16, 16, SMALL, seed=5)
+    args = (*inputs, None, *SMALL.values(), 0.25)
+    torch.library.opcheck(prefill._prefill, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_layer_traces_as_one_graph_with_the_fused_op():
+    """torch.compile(fullgraph=True) of NSAAttention with the kernels: one graph holding the nsa::prefill op (the
+    interpreter runs it here; tests/test_nsa_prefill_gpu.py repeats this on the GPU), same output as eager."""
+    config = NSAConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8, cmp_block_size=8,
+                       cmp_stride=4, sel_block_size=16, num_selected=4, window_size=16, backend="triton")
+    torch.manual_seed(0)
+    layer = NSAAttention(config)
+    x = torch.randn(1, 40, 32, requires_grad=True)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    y = torch.compile(layer, fullgraph=True, backend=backend)(x)
+    assert len(graphs) == 1
+    assert sum("nsa.prefill" in str(node.target) for node in graphs[0].graph.nodes) == 1
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

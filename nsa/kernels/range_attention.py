@@ -27,6 +27,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nsa.kernels.attention_steps import (
+    dkdv_step,
+    dq_step,
+    load_split,
+    scaled_scores,
+    softmax_result,
+    softmax_step,
+    zeros_split,
+)
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
     LOG2E,
@@ -35,7 +44,6 @@ from nsa.kernels.tiles import (
     dot_precision,
     load_tile,
     output_buffer,
-    scaled_scores,
     split_dims,
     store_tile,
     tile_origin,
@@ -97,6 +105,38 @@ def _key_bounds(first, last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr,
 
 
 @triton.jit
+def _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M: tl.constexpr, DQK: tl.constexpr,
+                D1: tl.constexpr, D2: tl.constexpr):
+    """This program's queries: (q1, q2, local rows, validity, the tile's first token row as int64)."""
+    local = tl.arange(0, BLOCK_M)
+    row_ok = first + local < seq_len
+    row0 = tok0 + first
+    q1, q2 = load_split(q_ptr + row0 * stride_qt + h * stride_qh, local, row_ok, stride_qt, DQK, D1, D2)
+    return q1, q2, local, row_ok, row0
+
+
+@triton.jit
+def _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale, STRIDE: tl.constexpr,
+                     SPAN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+                     ROW_T: tl.constexpr):
+    """Masked base-2 scores of the queries first .. last against the key tile at ``start``: (s, the key rows, their
+    validity, k1, k2). Only tiles crossing the causal edge of the first query, the window edge of the last or
+    the end of the visible range are masked."""
+    cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
+    col_ok = cols < hi
+    k1, k2 = load_split(k_base, cols, col_ok, stride_kt, DQK, D1, D2)
+    s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
+    edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
+    if WINDOW > 0:
+        edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
+    if edge:
+        t = first + tl.arange(0, BLOCK_M)
+        s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
+    return s, cols, col_ok, k1, k2
+
+
+@triton.jit
 def _range_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_ot, stride_oh,
@@ -108,16 +148,9 @@ def _range_fwd_kernel(
 ):
     h = tl.program_id(1)
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-                                                   BLOCK_M)
-    local = tl.arange(0, BLOCK_M)
-    t = first + local
-    row_ok = t < seq_len
-    row0 = tok0 + first  # int64 scalar: the tile's first token row
-    q_base = q_ptr + row0 * stride_qt + h * stride_qh
-    q1 = load_tile(q_base, local, row_ok, stride_qt, 0, D1, DQK)
-    q2 = q1
-    if D2 > 0:
-        q2 = load_tile(q_base, local, row_ok, stride_qt, D1, D2, DQK)
+                                                       BLOCK_M)
+    q1, q2, local, row_ok, row0 = _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M, DQK,
+                                              D1, D2)
     last = tl.minimum(first + BLOCK_M, seq_len) - 1
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -126,32 +159,11 @@ def _range_fwd_kernel(
     k_base = k_ptr + key0 * stride_kt + (h // GROUP) * stride_kh
     v_base = v_ptr + key0 * stride_vt + (h // GROUP) * stride_vh
     for start in range(lo, hi, BLOCK_N):
-        cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
-        col_ok = cols < hi
-        k1 = load_tile(k_base, cols, col_ok, stride_kt, 0, D1, DQK)
-        k2 = k1
-        if D2 > 0:
-            k2 = load_tile(k_base, cols, col_ok, stride_kt, D1, D2, DQK)
-        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
-        # Only tiles crossing the causal edge of the first query, the window edge of the last or the end of
-        # the visible range need the mask.
-        edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
-        if WINDOW > 0:
-            edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
-        if edge:
-            s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        s, cols, col_ok, _, _ = _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale, STRIDE,
+                                                 SPAN, WINDOW, BLOCK_M, BLOCK_N, DQK, D1, D2, PRECISION, ROW_T)
         v = load_tile(v_base, cols, col_ok, stride_vt, 0, BLOCK_DV, DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    # +inf where nothing is visible: the backward's exp2(s - lse) is then 0, never NaN
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
+    out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + (row0 + local) * num_heads + h, lse, mask=row_ok)
     if HAS_GATE:
         gate = tl.load(gate_ptr + (row0 + local) * stride_gt + h * stride_gh, mask=row_ok, other=0.0)
@@ -176,22 +188,11 @@ def _range_dq_kernel(
     delta = sum_j p_j dp_j = dO . o (the gate's gradient)."""
     h = tl.program_id(1)
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-                                                   BLOCK_M)
-    local = tl.arange(0, BLOCK_M)
-    t = first + local
-    row_ok = t < seq_len
-    row0 = tok0 + first
-    q_base = q_ptr + row0 * stride_qt + h * stride_qh
-    q1 = load_tile(q_base, local, row_ok, stride_qt, 0, D1, DQK)
-    q2 = q1
-    a1 = tl.zeros([BLOCK_M, D1], tl.float32)
-    b1 = tl.zeros([BLOCK_M, D1], tl.float32)
-    a2 = a1
-    b2 = b1
-    if D2 > 0:
-        q2 = load_tile(q_base, local, row_ok, stride_qt, D1, D2, DQK)
-        a2 = tl.zeros([BLOCK_M, D2], tl.float32)
-        b2 = tl.zeros([BLOCK_M, D2], tl.float32)
+                                                       BLOCK_M)
+    q1, q2, local, row_ok, row0 = _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M, DQK,
+                                              D1, D2)
+    a1, a2 = zeros_split(BLOCK_M, D1, D2)
+    b1, b2 = zeros_split(BLOCK_M, D1, D2)
     do = load_tile(do_ptr + row0 * stride_dot + h * stride_doh, local, row_ok, stride_dot, 0, BLOCK_DV, DV)
     lse = tl.load(lse_ptr + (row0 + local) * num_heads + h, mask=row_ok, other=float("inf"))
     delta = tl.zeros([BLOCK_M], tl.float32)
@@ -200,28 +201,12 @@ def _range_dq_kernel(
     k_base = k_ptr + key0 * stride_kt + (h // GROUP) * stride_kh
     v_base = v_ptr + key0 * stride_vt + (h // GROUP) * stride_vh
     for start in range(lo, hi, BLOCK_N):
-        cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
-        col_ok = cols < hi
-        k1 = load_tile(k_base, cols, col_ok, stride_kt, 0, D1, DQK)
-        k2 = k1
-        if D2 > 0:
-            k2 = load_tile(k_base, cols, col_ok, stride_kt, D1, D2, DQK)
-        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
-        edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
-        if WINDOW > 0:
-            edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
-        if edge:
-            s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
+        s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale,
+                                                   STRIDE, SPAN, WINDOW, BLOCK_M, BLOCK_N, DQK, D1, D2, PRECISION,
+                                                   ROW_T)
         v = load_tile(v_base, cols, col_ok, stride_vt, 0, BLOCK_DV, DV)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        pdp = p * dp
-        delta += tl.sum(pdp, 1)
-        a1 += tl.dot(pdp.to(k1.dtype), k1, input_precision=PRECISION)
-        b1 += tl.dot(p.to(k1.dtype), k1, input_precision=PRECISION)
-        if D2 > 0:
-            a2 += tl.dot(pdp.to(k2.dtype), k2, input_precision=PRECISION)
-            b2 += tl.dot(p.to(k2.dtype), k2, input_precision=PRECISION)
+        delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2, D2,
+                                        PRECISION)
     tl.store(delta_ptr + (row0 + local) * num_heads + h, delta, mask=row_ok)
     factor = tl.zeros([BLOCK_M], tl.float32) + scale
     if HAS_GATE:
@@ -252,20 +237,14 @@ def _range_dkdv_kernel(
     dk = scale * sum (g p (dp - delta))^T q, for BLOCK_N keys of one kv head."""
     hk, split = tl.program_id(1), tl.program_id(2)
     key0, num_keys, tok0, seq_len, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_k_ptr, cu_q_ptr, num_seqs,
-                                                   BLOCK_N)
+                                                       BLOCK_N)
     key_tile = tl.arange(0, BLOCK_N)
     cols = first + key_tile
     col_ok = cols < num_keys
     k_row0 = key0 + first
-    k_base = k_ptr + k_row0 * stride_kt + hk * stride_kh
-    k1 = load_tile(k_base, key_tile, col_ok, stride_kt, 0, D1, DQK)
-    k2 = k1
-    dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
-    dk2 = dk1
-    if D2 > 0:
-        k2 = load_tile(k_base, key_tile, col_ok, stride_kt, D1, D2, DQK)
-        dk2 = tl.zeros([BLOCK_N, D2], tl.float32)
+    k1, k2 = load_split(k_ptr + k_row0 * stride_kt + hk * stride_kh, key_tile, col_ok, stride_kt, DQK, D1, D2)
     v = load_tile(v_ptr + k_row0 * stride_vt + hk * stride_vh, key_tile, col_ok, stride_vt, 0, BLOCK_DV, DV)
+    dk1, dk2 = zeros_split(BLOCK_N, D1, D2)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # Queries that see a key of this tile: from the first key's end to the last key's window end.
     last_key = tl.minimum(first + BLOCK_N, num_keys) - 1
@@ -282,13 +261,8 @@ def _range_dkdv_kernel(
         for m0 in range(q_lo, q_hi, BLOCK_M):
             rows = (m0 + tl.arange(0, BLOCK_M)).to(ROW_T)
             row_ok = rows < q_hi
-            q1 = load_tile(q_base, rows, row_ok, stride_qt, 0, D1, DQK)
-            s_t = tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
-            q2 = q1
-            if D2 > 0:
-                q2 = load_tile(q_base, rows, row_ok, stride_qt, D1, D2, DQK)
-                s_t += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
-            s_t = s_t * qk_scale
+            q1, q2 = load_split(q_base, rows, row_ok, stride_qt, DQK, D1, D2)
+            s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
             edge = (_key_end(last_key, STRIDE, SPAN) > m0) | (m0 + BLOCK_M > q_hi)
             if WINDOW > 0:
                 edge = edge | (m0 + BLOCK_M - 1 - _key_end(first, STRIDE, SPAN) >= WINDOW)
@@ -302,12 +276,7 @@ def _range_dkdv_kernel(
                 gate = tl.load(gate_ptr + (tok0 + rows) * stride_gt + h * stride_gh, mask=row_ok, other=0.0)
                 p_t = p_t * gate.to(tl.float32)[None, :]
             do = load_tile(do_base, rows, row_ok, stride_dot, 0, BLOCK_DV, DV)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
-            dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
-            if D2 > 0:
-                dk2 += tl.dot(ds_t, q2, input_precision=PRECISION)
+            dk1, dk2, dv = dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2, PRECISION)
     split64 = split.to(tl.int64)
     dk_base = dk_ptr + split64 * stride_dk_split + k_row0 * stride_dkt + hk * stride_dkh
     store_tile(dk_base, key_tile, col_ok, stride_dkt, (dk1 * scale).to(dk_ptr.dtype.element_ty), 0, D1, DQK)

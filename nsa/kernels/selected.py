@@ -21,6 +21,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nsa.kernels.attention_steps import (
+    dkdv_step,
+    dq_step,
+    load_split,
+    load_split_at,
+    scaled_scores,
+    softmax_result,
+    softmax_step,
+    zeros_split,
+)
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
     LOG2E,
@@ -29,7 +39,6 @@ from nsa.kernels.tiles import (
     load_at,
     load_tile,
     output_buffer,
-    scaled_scores,
     split_dims,
     store_at,
     store_tile,
@@ -68,6 +77,32 @@ def _block_keys(idx_ptr, slot, t, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr
 
 
 @triton.jit
+def _token_group(q_ptr, idx_ptr, cu_ptr, token_seq_ptr, stride_qt, stride_qh, stride_it, stride_ih,
+                 GROUP: tl.constexpr, GP: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """This program's (token, kv head): (token row, kv head, its sequence's first row, its position t, the G
+    query rows (q1, q2) and their validity, the query heads, the pointer to its selected block indices)."""
+    tok = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    tok0 = tl.load(cu_ptr + tl.load(token_seq_ptr + tok)).to(tl.int64)
+    q_row, q_heads, head_ok = _group_rows(q_ptr, tok, hk, stride_qt, stride_qh, GROUP, GP)
+    q1, q2 = load_split_at(q_row, q_heads, head_ok, DQK, D1, D2)
+    heads = hk * GROUP + tl.arange(0, GP)
+    return tok, hk, tok0, tok - tok0, q1, q2, head_ok, heads, idx_ptr + tok * stride_it + hk * stride_ih
+
+
+@triton.jit
+def _block_scores(q1, q2, k_base, slots, slot, t, stride_kt, qk_scale, SEL_BLOCK: tl.constexpr,
+                  BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Scores of the group's queries against the selected block in ``slot``: (s, -inf where not read; the block's
+    first row; which of its rows are read; k1; k2)."""
+    start, key_ok = _block_keys(slots, slot, t, SEL_BLOCK, BLOCK_S)
+    k1, k2 = load_split(k_base + start * stride_kt, tl.arange(0, BLOCK_S), key_ok, stride_kt, DQK, D1, D2)
+    s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
+    return tl.where(key_ok[None, :], s, float("-inf")), start, key_ok, k1, k2
+
+
+@triton.jit
 def _sel_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, out_ptr, lse_ptr, cu_ptr, token_seq_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_it, stride_ih,
@@ -76,42 +111,19 @@ def _sel_fwd_kernel(
     NUM_SELECTED: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)
-    hk = tl.program_id(1)
-    tok0 = tl.load(cu_ptr + tl.load(token_seq_ptr + tok)).to(tl.int64)
-    t = tok - tok0
-    q_row, q_heads, head_ok = _group_rows(q_ptr, tok, hk, stride_qt, stride_qh, GROUP, GP)
-    q1 = load_at(q_row, q_heads, head_ok, 0, D1, DQK)
-    q2 = q1
-    if D2 > 0:
-        q2 = load_at(q_row, q_heads, head_ok, D1, D2, DQK)
+    tok, hk, tok0, t, q1, q2, head_ok, heads, slots = _token_group(
+        q_ptr, idx_ptr, cu_ptr, token_seq_ptr, stride_qt, stride_qh, stride_it, stride_ih, GROUP, GP, DQK, D1, D2)
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
-    block_rows = tl.arange(0, BLOCK_S)
-    slots = idx_ptr + tok * stride_it + hk * stride_ih
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_DV], tl.float32)
     for slot in range(0, NUM_SELECTED):
-        start, key_ok = _block_keys(slots, slot, t, SEL_BLOCK, BLOCK_S)
-        k1 = load_tile(k_base + start * stride_kt, block_rows, key_ok, stride_kt, 0, D1, DQK)
-        k2 = k1
-        if D2 > 0:
-            k2 = load_tile(k_base + start * stride_kt, block_rows, key_ok, stride_kt, D1, D2, DQK)
-        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = load_tile(v_base + start * stride_vt, block_rows, key_ok, stride_vt, 0, BLOCK_DV, DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    heads = hk * GROUP + tl.arange(0, GP)
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+        s, start, key_ok, _, _ = _block_scores(q1, q2, k_base, slots, slot, t, stride_kt, qk_scale, SEL_BLOCK,
+                                               BLOCK_S, DQK, D1, D2, PRECISION)
+        v = load_tile(v_base + start * stride_vt, tl.arange(0, BLOCK_S), key_ok, stride_vt, 0, BLOCK_DV, DV)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
+    out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + tok * num_heads + heads, lse, mask=head_ok)
     if HAS_GATE:
         gate = tl.load(gate_ptr + tok * stride_gt + heads * stride_gh, mask=head_ok, other=0.0)
@@ -131,47 +143,22 @@ def _sel_dq_kernel(
     NUM_SELECTED: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)
-    hk = tl.program_id(1)
-    tok0 = tl.load(cu_ptr + tl.load(token_seq_ptr + tok)).to(tl.int64)
-    t = tok - tok0
-    q_row, q_heads, head_ok = _group_rows(q_ptr, tok, hk, stride_qt, stride_qh, GROUP, GP)
-    q1 = load_at(q_row, q_heads, head_ok, 0, D1, DQK)
-    q2 = q1
-    a1 = tl.zeros([GP, D1], tl.float32)
-    b1 = tl.zeros([GP, D1], tl.float32)
-    a2 = a1
-    b2 = b1
-    if D2 > 0:
-        q2 = load_at(q_row, q_heads, head_ok, D1, D2, DQK)
-        a2 = tl.zeros([GP, D2], tl.float32)
-        b2 = tl.zeros([GP, D2], tl.float32)
+    tok, hk, tok0, t, q1, q2, head_ok, heads, slots = _token_group(
+        q_ptr, idx_ptr, cu_ptr, token_seq_ptr, stride_qt, stride_qh, stride_it, stride_ih, GROUP, GP, DQK, D1, D2)
+    a1, a2 = zeros_split(GP, D1, D2)
+    b1, b2 = zeros_split(GP, D1, D2)
     do_row, do_heads, _ = _group_rows(do_ptr, tok, hk, stride_dot, stride_doh, GROUP, GP)
     do = load_at(do_row, do_heads, head_ok, 0, BLOCK_DV, DV)
-    heads = hk * GROUP + tl.arange(0, GP)
     lse = tl.load(lse_ptr + tok * num_heads + heads, mask=head_ok, other=float("inf"))
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
-    block_rows = tl.arange(0, BLOCK_S)
-    slots = idx_ptr + tok * stride_it + hk * stride_ih
     delta = tl.zeros([GP], tl.float32)
     for slot in range(0, NUM_SELECTED):
-        start, key_ok = _block_keys(slots, slot, t, SEL_BLOCK, BLOCK_S)
-        k1 = load_tile(k_base + start * stride_kt, block_rows, key_ok, stride_kt, 0, D1, DQK)
-        k2 = k1
-        if D2 > 0:
-            k2 = load_tile(k_base + start * stride_kt, block_rows, key_ok, stride_kt, D1, D2, DQK)
-        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
-        p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        v = load_tile(v_base + start * stride_vt, block_rows, key_ok, stride_vt, 0, BLOCK_DV, DV)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        pdp = p * dp
-        delta += tl.sum(pdp, 1)
-        a1 += tl.dot(pdp.to(k1.dtype), k1, input_precision=PRECISION)
-        b1 += tl.dot(p.to(k1.dtype), k1, input_precision=PRECISION)
-        if D2 > 0:
-            a2 += tl.dot(pdp.to(k2.dtype), k2, input_precision=PRECISION)
-            b2 += tl.dot(p.to(k2.dtype), k2, input_precision=PRECISION)
+        s, start, key_ok, k1, k2 = _block_scores(q1, q2, k_base, slots, slot, t, stride_kt, qk_scale, SEL_BLOCK,
+                                                 BLOCK_S, DQK, D1, D2, PRECISION)
+        v = load_tile(v_base + start * stride_vt, tl.arange(0, BLOCK_S), key_ok, stride_vt, 0, BLOCK_DV, DV)
+        delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2, D2,
+                                        PRECISION)
     tl.store(delta_ptr + tok * num_heads + heads, delta, mask=head_ok)
     factor = tl.zeros([GP], tl.float32) + scale
     if HAS_GATE:
@@ -213,15 +200,9 @@ def _sel_dkdv_kernel(
     pos = j * SEL_BLOCK + offs
     key_ok = (offs < SEL_BLOCK) & (pos < seq_len)
     block_row = tok0 + j * SEL_BLOCK
-    k_base = k_ptr + block_row * stride_kt + hk * stride_kh
-    k1 = load_tile(k_base, offs, key_ok, stride_kt, 0, D1, DQK)
-    k2 = k1
-    dk1 = tl.zeros([BLOCK_S, D1], tl.float32)
-    dk2 = dk1
-    if D2 > 0:
-        k2 = load_tile(k_base, offs, key_ok, stride_kt, D1, D2, DQK)
-        dk2 = tl.zeros([BLOCK_S, D2], tl.float32)
+    k1, k2 = load_split(k_ptr + block_row * stride_kt + hk * stride_kh, offs, key_ok, stride_kt, DQK, D1, D2)
     v = load_tile(v_ptr + block_row * stride_vt + hk * stride_vh, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
+    dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     first = tl.load(chunk_start_ptr + chunk)
     end = tl.where(live, tl.minimum(first + CHUNK, tl.load(list_end_ptr + listed)), first)
@@ -232,27 +213,17 @@ def _sel_dkdv_kernel(
         ok = (entry < end) & (g < GROUP)
         tok = tl.load(entries_ptr + entry, mask=ok, other=0).to(tl.int64)
         head = hk * GROUP + g
-        q_rows = tok * stride_qt + head * stride_qh
-        q1 = load_at(q_ptr, q_rows, ok, 0, D1, DQK)
-        s_t = tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
-        q2 = q1
-        if D2 > 0:
-            q2 = load_at(q_ptr, q_rows, ok, D1, D2, DQK)
-            s_t += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
+        q1, q2 = load_split_at(q_ptr, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
+        s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
         seen = key_ok[:, None] & ok[None, :] & (pos[:, None] <= (tok - tok0)[None, :])
         lse = tl.load(lse_ptr + tok * num_heads + head, mask=ok, other=float("inf"))
         delta = tl.load(delta_ptr + tok * num_heads + head, mask=ok, other=0.0)
-        p_t = tl.where(seen, tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        p_t = tl.where(seen, tl.math.exp2(s_t - lse[None, :]), 0.0)
         if HAS_GATE:
             gate = tl.load(gate_ptr + tok * stride_gt + head * stride_gh, mask=ok, other=0.0)
             p_t = p_t * gate.to(tl.float32)[None, :]
         do = load_at(do_ptr, tok * stride_dot + head * stride_doh, ok, 0, BLOCK_DV, DV)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
-        dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
-        if D2 > 0:
-            dk2 += tl.dot(ds_t, q2, input_precision=PRECISION)
+        dk1, dk2, dv = dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2, PRECISION)
     part = chunk.to(tl.int64) * BLOCK_S
     all_rows = offs >= 0
     store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)

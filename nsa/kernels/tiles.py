@@ -77,15 +77,6 @@ def tile_origin(table_seq_ptr, table_first_ptr, cu_rows_ptr, cu_other_ptr, num_s
 
 
 @triton.jit
-def scaled_scores(q1, q2, k1, k2, qk_scale, D2: tl.constexpr, PRECISION: tl.constexpr):
-    """[M, N] base-2 scores (q . k) * scale * log2(e) of the q tiles against the k tiles (D2 = 0: one part)."""
-    s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-    if D2 > 0:
-        s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-    return s * qk_scale
-
-
-@triton.jit
 def visible_key_count(last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr):
     """Keys i with i * STRIDE + SPAN - 1 <= last (causally visible to the query at ``last``), at most num_keys."""
     return tl.minimum(tl.where(last >= SPAN - 1, (last - (SPAN - 1)) // STRIDE + 1, 0), num_keys)

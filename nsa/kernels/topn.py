@@ -23,15 +23,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nsa.kernels.attention_steps import load_split, load_split_at, scaled_scores
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
     LOG2E,
     Packed,
     dot_precision,
-    load_at,
-    load_tile,
     output_buffer,
-    scaled_scores,
     split_dims,
     tile_origin,
     tile_table,
@@ -89,10 +87,7 @@ def _topn_kernel(
     head = hk * GROUP + g_row
     q_tile = q_ptr + (tok0 + first) * stride_qt
     q_offsets = (rows // GP) * stride_qt + head * stride_qh
-    q1 = load_at(q_tile, q_offsets, row_ok, 0, D1, DQK)
-    q2 = q1
-    if D2 > 0:
-        q2 = load_at(q_tile, q_offsets, row_ok, D1, D2, DQK)
+    q1, q2 = load_split_at(q_tile, q_offsets, row_ok, DQK, D1, D2)
     lse = tl.load(lse_ptr + (tok0 + t_row) * num_heads + head, mask=row_ok, other=float("inf"))
     t_query = first + tl.arange(0, BQ)
     query_ok = t_query < seq_len
@@ -110,10 +105,7 @@ def _topn_kernel(
         cols = start + key_tile
         col_ok = cols < hi
         k_tile = k_ptr + (key0 + start) * stride_kt + hk * stride_kh
-        k1 = load_tile(k_tile, key_tile, col_ok, stride_kt, 0, D1, DQK)
-        k2 = k1
-        if D2 > 0:
-            k2 = load_tile(k_tile, key_tile, col_ok, stride_kt, D1, D2, DQK)
+        k1, k2 = load_split(k_tile, key_tile, col_ok, stride_kt, DQK, D1, D2)
         s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
         seen = (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t_row[:, None]) & row_ok[:, None]
         p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)  # Eq. 8

@@ -1,0 +1,102 @@
+"""The attention arithmetic every NSA prefill kernel repeats, as Triton jit helpers (base-2 online softmax).
+
+A q.k dot is split into two power-of-two parts (D1 columns, then D2; D2 = 0: one part) so that d_k = 192 costs
+128 + 64 columns (nsa.kernels.tiles.split_dims); helpers that take (x1, x2) pairs pass the first part again
+as the unused second one when D2 == 0. Scores are in base 2: s * qk_scale with qk_scale = scale * log2(e).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from nsa.kernels.tiles import load_at, load_tile
+
+
+@triton.jit
+def load_split(ptr, rows, ok, stride, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """The two column parts of rows ``stride`` apart from ptr (nsa.kernels.tiles.load_tile)."""
+    x1 = load_tile(ptr, rows, ok, stride, 0, D1, DQK)
+    x2 = x1
+    if D2 > 0:
+        x2 = load_tile(ptr, rows, ok, stride, D1, D2, DQK)
+    return x1, x2
+
+
+@triton.jit
+def load_split_at(ptr, offsets, ok, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """The two column parts of the rows at element offsets (gathered rows; nsa.kernels.tiles.load_at)."""
+    x1 = load_at(ptr, offsets, ok, 0, D1, DQK)
+    x2 = x1
+    if D2 > 0:
+        x2 = load_at(ptr, offsets, ok, D1, D2, DQK)
+    return x1, x2
+
+
+@triton.jit
+def zeros_split(ROWS: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """float32 accumulators for the two column parts."""
+    x1 = tl.zeros([ROWS, D1], tl.float32)
+    x2 = x1
+    if D2 > 0:
+        x2 = tl.zeros([ROWS, D2], tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def scaled_scores(q1, q2, k1, k2, qk_scale, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """[M, N] base-2 scores (q . k) * scale * log2(e) of the q tiles against the k tiles."""
+    s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+    if D2 > 0:
+        s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+    return s * qk_scale
+
+
+@triton.jit
+def softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One online-softmax update of (row max m_i, row sum l_i, acc) with masked scores s [M, N] (-inf = masked)
+    and values v [N, DV]. A row that has seen nothing yet keeps m_i = -inf and adds nothing (never NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def softmax_result(m_i, l_i, acc):
+    """(normalised output, base-2 log-sum-exp); a row that saw nothing gets 0 and lse = +inf, so the backward's
+    exp2(s - lse) is 0 there, never NaN."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    return out, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+
+
+@triton.jit
+def dq_step(p, do, v, k1, k2, delta, a1, b1, a2, b2, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate delta += sum_j p dp, A += (p dp) k, B += p k for one key tile (dp = dO . v, dO un-gated); the
+    query gradient is then g * scale * (A - delta * B), with no branch output needed."""
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    pdp = p * dp
+    delta += tl.sum(pdp, 1)
+    a1 += tl.dot(pdp.to(k1.dtype), k1, input_precision=PRECISION)
+    b1 += tl.dot(p.to(k1.dtype), k1, input_precision=PRECISION)
+    if D2 > 0:
+        a2 += tl.dot(pdp.to(k2.dtype), k2, input_precision=PRECISION)
+        b2 += tl.dot(p.to(k2.dtype), k2, input_precision=PRECISION)
+    return delta, a1, b1, a2, b2
+
+
+@triton.jit
+def dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dv += p^T dO and dk += (p (dp - delta))^T q for one tile of queries; p_t [N, M] is the transposed
+    probability tile with the gate already applied, delta [M] the rows' dO . o."""
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
+    dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
+    if D2 > 0:
+        dk2 += tl.dot(ds_t, q2, input_precision=PRECISION)
+    return dk1, dk2, dv
+
