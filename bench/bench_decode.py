@@ -1,11 +1,15 @@
 """NSA decode economics: tokens read per step (formula and measured) and per-token latency vs dense.
 
     python -m bench.bench_decode                 # CPU: reads table 1k..1M, latency at batch 1 and 32
+    python bench/bench_decode.py                 # the same, run as a file from a plain checkout
     python -m bench.bench_decode --device cuda   # GPU: public shape (HQ=64, H_kv=4, D=128, bf16)
+    python -m bench.bench_decode --skip-latency  # the design card's token-read check alone (a few seconds)
 
 Reads are measured from a real decode step (the counters of NSAKVCache, taken from the masks the
 attention used) after the cache is put in the state of S-1 random tokens (NSAKVCache.fill_random_),
-and set beside the formula num_cmp(S) + sel(S) + min(w, S) of NSA.md. Latency: the attention of one
+and set beside the formula num_cmp(S) + sel(S) + min(w, S) of NSA.md; the exit status is 1 when a measured
+branch count differs from the formula at any length (the table is still written, the mismatches go to stderr).
+Latency: the attention of one
 decode step (nsa.decode_attention: compressed scores, selection, the three branches and the gates,
 over a cache holding S tokens) against dense SDPA over a KV cache of the same S (is_causal=False for
 the single row), with the torch reference backend and, on CUDA, the Triton kernels. On CUDA every
@@ -18,8 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file (python bench/bench_decode.py): make the checkout's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +37,8 @@ from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_tab
 from nsa import NSAAttention, NSAConfig, NSAKVCache, num_compressed_blocks, num_selection_blocks
 from nsa.decode_attention import decode_attention
 
-PAPER_BLOCKS = dict(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16, window_size=512)
+PAPER_BLOCKS: dict[str, Any] = dict(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16,
+                                    window_size=512)
 READ_LENGTHS = [1024 * 2**i for i in range(11)]  # 1k .. 1M
 
 
@@ -54,17 +64,25 @@ def measured_reads(seq_len: int) -> tuple[int, int, int]:
     return cmp, sel, win
 
 
-def reads_table() -> list[dict[str, Any]]:
+def reads_table(lengths: list[int]) -> list[dict[str, Any]]:
+    """One row per length S: the reads measured per branch, their sum, the formula's sum and its branches."""
     config = NSAConfig(**PAPER_BLOCKS)
     rows = []
-    for seq_len in READ_LENGTHS:
+    for seq_len in lengths:
         cmp, sel, win = formula_reads(seq_len, config)
         m_cmp, m_sel, m_win = measured_reads(seq_len)
         rows.append({"S": seq_len, "cmp": m_cmp, "sel": m_sel, "win": m_win, "measured": m_cmp + m_sel + m_win,
-                     "formula": cmp + sel + win, "dense": seq_len,
+                     "formula": cmp + sel + win, "formula_branches": [cmp, sel, win], "dense": seq_len,
                      "dense/nsa": round(seq_len / (m_cmp + m_sel + m_win), 2)})
         print(f"reads S={seq_len}: measured {rows[-1]['measured']} formula {rows[-1]['formula']}", flush=True)
     return rows
+
+
+def read_mismatches(rows: list[dict[str, Any]]) -> list[str]:
+    """The lengths whose measured reads differ from the formula in any branch (cmp, sel, win), one line each."""
+    return [f"S={row['S']}: measured (cmp, sel, win) = {[row['cmp'], row['sel'], row['win']]}, "
+            f"formula {row['formula_branches']}"
+            for row in rows if [row["cmp"], row["sel"], row["win"]] != row["formula_branches"]]
 
 
 def timer(device: str) -> Callable[[Callable[[], Any]], float]:
@@ -186,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency lengths (default: CPU 8k 32k, GPU 8k 64k 128k)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--skip-reads", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true", help="the token-read check alone")
+    parser.add_argument("--read-lengths", type=int, nargs="+", default=READ_LENGTHS,
+                        help="lengths S of the reads table (default 1k .. 1M)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="where results go (default bench/results)")
     parser.add_argument("--profile", action="store_true",
                         help="print a profiler table of the Triton step at the largest batch and S")
     args = parser.parse_args(argv)
@@ -193,17 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     shape = (dict(num_heads=64, num_kv_heads=4, head_dim=128) if cuda
              else dict(num_heads=8, num_kv_heads=2, head_dim=64))
     dtype = torch.bfloat16 if cuda else torch.float32
-    seq_lens = args.seq_lens or ([8192, 65536, 131072] if cuda else [8192, 32768])
+    seq_lens = [] if args.skip_latency else args.seq_lens or ([8192, 65536, 131072] if cuda else [8192, 32768])
     env = environment(args.device)
-    reads = [] if args.skip_reads else reads_table()
+    reads = [] if args.skip_reads else reads_table(args.read_lengths)
     latency = []
     for seq_len in seq_lens:
         for batch in args.batches:
             profile = args.profile and batch == max(args.batches) and seq_len == seq_lens[-1]
             latency.append(latency_row(seq_len, batch, shape, args.device, dtype, profile))
             print(json.dumps(latency[-1]), flush=True)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"decode_{'cuda' if cuda else 'cpu'}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / f"decode_{'cuda' if cuda else 'cpu'}"
     with open(stem.with_suffix(".jsonl"), "a") as handle:
         handle.writelines(json.dumps({"table": "reads", **row, **env}) + "\n" for row in reads)
         handle.writelines(json.dumps({"table": "latency", **row, **env}) + "\n" for row in latency)
@@ -223,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
              markdown_table(latency, columns), ""] if latency else []
     stem.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text))
-    return 0
+    mismatches = read_mismatches(reads)
+    for line in mismatches:
+        print(f"token-read check FAILED: {line}", file=sys.stderr)
+    return 1 if mismatches else 0
 
 
 if __name__ == "__main__":

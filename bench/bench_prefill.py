@@ -18,7 +18,7 @@ Parts, in one process:
 - kernels: at ``--kernel-len``, each kernel of the fused op timed alone, with its FLOPs and bytes against the
   ceilings measured in the same run (bf16 matmul, device copy).
 - module: the whole NSAAttention (projections, MLP phi, gates, o_proj) against a dense attention module with
-  the same projections (nsa.model.DenseCausalAttention), hidden size 4096.
+  the same projections (sal_harness.model.SDPAAttention), hidden size 4096.
 - gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
   with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens).
 
@@ -52,8 +52,8 @@ from nsa import (
     selected_attention,
     sliding_window_attention,
 )
-from nsa.model import GPT, DenseCausalAttention, GPTConfig
 from nsa.nonfinite import finite_or_zero, nsa_nonfinite_rows
+from sal_harness.model import GPT, DenseAttentionConfig, GPTConfig, ModelConfig, NSAAttentionConfig, SDPAAttention
 
 
 class Shape(NamedTuple):
@@ -109,7 +109,7 @@ def flex_window(seq_len: int, device: str) -> Callable[[list[Tensor]], Tensor]:
     def sliding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    mask = create_block_mask(sliding, None, None, seq_len, seq_len, device=device)
+    mask = create_block_mask(sliding, None, None, seq_len, seq_len, device=device, _compile=True)  # no [T, T]
     compiled = torch.compile(flex_attention)
     return lambda inputs: compiled(*inputs, block_mask=mask, enable_gqa=True)
 
@@ -329,10 +329,10 @@ def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
     hidden = 4096
     nsa_config = NSAConfig(hidden_size=hidden, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
                            head_dim=shape.dk, head_dim_v=shape.dv, backend="auto")
-    dense_config = GPTConfig(hidden_size=hidden, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
-                             head_dim=shape.dk, attention="dense", max_seq_len=seq_len)
+    dense_config = ModelConfig(hidden_size=hidden, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+                               head_dim=shape.dk, max_seq_len=seq_len)
     rows = []
-    modules = (("nsa_module", NSAAttention(nsa_config)), ("dense_module", DenseCausalAttention(dense_config)))
+    modules = (("nsa_module", NSAAttention(nsa_config)), ("dense_module", SDPAAttention(dense_config)))
     for impl, module in modules:
         module = module.to(device=device, dtype=dtype)
 
@@ -350,10 +350,11 @@ def gpt_rows(seq_len: int, device: str) -> list[dict]:
     rows = []
     batch = max(1, GPT_TOKENS_PER_STEP // seq_len)
     for attention in ("nsa", "dense"):
-        nsa = NSAConfig(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, head_dim_v=64) \
-            if attention == "nsa" else None
-        config = GPTConfig(vocab_size=256, n_layer=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
-                           max_seq_len=seq_len, attention=attention, nsa=nsa)
+        model = ModelConfig(vocab_size=256, n_layer=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                            max_seq_len=seq_len)
+        layer = NSAAttentionConfig(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16,
+                                   window_size=512) if attention == "nsa" else DenseAttentionConfig()
+        config = GPTConfig(model=model, attention=layer)
         row: dict[str, Any] = {"impl": f"gpt_{attention}", "shape": "gpt", "T": seq_len, "batch": batch}
 
         def work(config: GPTConfig = config) -> dict[str, Any]:
@@ -447,8 +448,42 @@ def main() -> None:
     write_markdown(args.results_dir / f"{name}.md", jsonl)
 
 
+TARGETS = [  # (what, impl, shape, T, key, against, bound): impl's key / against's key <= bound (ISSUE 11)
+    ("64k forward vs dense", "nsa", "public", 65536, "fwd_ms", "dense", 0.20),
+    ("64k forward vs fla", "nsa", "public", 65536, "fwd_ms", "fla", 0.40),
+    ("64k forward+backward vs dense", "nsa", "public", 65536, "fwdbwd_ms", "dense", 0.20),
+    ("64k forward+backward vs fla", "nsa", "public", 65536, "fwdbwd_ms", "fla", 0.40),
+    ("128k forward+backward vs dense", "nsa", "public", 131072, "fwdbwd_ms", "dense", 0.15),
+    ("8k forward+backward vs dense", "nsa", "public", 8192, "fwdbwd_ms", "dense", 1.0),
+    ("64k module forward+backward vs the dense module", "nsa_module", "public", 65536, "fwdbwd_ms", "dense_module",
+     0.30),
+]
+
+
+def target_rows(latest: dict[tuple, dict]) -> list[dict[str, Any]]:
+    """Each target of issue 11 with the measured ratio (both sides from rows of this file) and met / missed."""
+    rows = []
+    for what, impl, shape, seq_len, key, against, bound in TARGETS:
+        mine, theirs = latest.get((impl, shape, seq_len, None), {}), latest.get((against, shape, seq_len, None), {})
+        if not (isinstance(mine.get(key), float) and isinstance(theirs.get(key), float)):
+            rows.append({"target": what, "bound": bound, "status": "not measured"})
+            continue
+        ratio = mine[key] / theirs[key]
+        rows.append({"target": what, "bound": bound, "ratio": round(ratio, 3),
+                     "status": "met" if ratio <= bound else f"missed ({ratio / bound:.1f}x the bound)",
+                     "commits": f"{mine.get('commit')} / {theirs.get('commit')}"})
+    for seq_len in sorted({k[2] for k in latest if k[0] == "nsa" and k[1] == "public"}):
+        mine, dense = latest[("nsa", "public", seq_len, None)], latest.get(("dense", "public", seq_len, None), {})
+        if isinstance(mine.get("peak_gib"), float) and isinstance(dense.get("peak_gib"), float):
+            ratio = mine["peak_gib"] / dense["peak_gib"]
+            rows.append({"target": f"{seq_len // 1024}k peak memory vs dense", "bound": 1.5, "ratio": round(ratio, 3),
+                         "status": "met" if ratio <= 1.5 else "missed", "commits": mine.get("commit")})
+    return rows
+
+
 def write_markdown(path: Path, jsonl: Path) -> None:
-    """The table of every row in the jsonl (latest commit's rows per (impl, shape, T)), with ratios to dense."""
+    """The tables of every row in the jsonl (the latest row per (impl, shape, T, kernel)), ratios to dense
+    measured in the same run, and the targets of issue 11 with their status."""
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     latest: dict[tuple, dict] = {}
     for row in rows:
@@ -466,12 +501,20 @@ def write_markdown(path: Path, jsonl: Path) -> None:
         table.append(entry)
     gpt = [row for row in latest.values() if str(row.get("impl", "")).startswith("gpt_")]
     kernels = [row for row in latest.values() if row.get("impl") == "kernel"]
-    text = ["# NSA prefill / training vs dense attention", "",
+    ceilings = [row for row in latest.values() if row.get("impl") == "ceilings"]
+    text = ["# NSA prefill / training vs dense attention", "", "Written by `python -m bench.bench_prefill`"
+            " (GPU, versions and commit in every row of the .jsonl beside this file).", "",
             markdown_table(table, ["impl", "shape", "T", "fwd_ms", "fwd_vs_dense", "fwdbwd_ms", "fwdbwd_vs_dense",
                                    "peak_gib", "error", "skipped", "commit"]), "",
+            "## Targets (issue 11)", "", markdown_table(target_rows(latest), ["target", "bound", "ratio", "status",
+                                                                            "commits"]), "",
             "## GPT training tokens/s", "", markdown_table(gpt, ["impl", "T", "batch", "step_ms", "tokens_per_s",
                                                                  "error", "commit"]), "",
-            "## Kernels", "", markdown_table(kernels, ["kernel", "shape", "T", "ms", "tflops", "commit"]), ""]
+            "## Kernels (each alone; tflops counts the matmul FLOPs of the visible pairs)", "",
+            markdown_table(kernels, ["kernel", "shape", "T", "ms", "tflops", "commit"]), "",
+            "Ceilings measured in the same runs: " + ", ".join(
+                f"{row.get('matmul_tflops')} TFLOP/s bf16 matmul and {row.get('copy_tbps')} TB/s copy "
+                f"({row.get('commit')})" for row in ceilings), ""]
     path.write_text("\n".join(text))
     print("\n".join(text))
 

@@ -1,5 +1,13 @@
 """Native Sparse Attention (Yuan et al., 2025): reference PyTorch path, layout [B, T, H, D]."""
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("sparse-attention-lab")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+
 from nsa.block_index import num_compressed_blocks, num_selection_blocks
 from nsa.compress_pool import CompressPool, compress_mean_pool
 from nsa.compressed_attention import compressed_attention
@@ -26,10 +34,12 @@ from nsa.sliding_window import sliding_window_attention
 nsa_attention = _nsa_attention_fn
 
 # The modules other packages (scope) may import from, besides the names above: the shared pieces (backend
-# dispatch, RoPE, config and argument checks, errors, non-finite handling, the Triton interpreter shim).
-# Every other module of nsa is internal. tests/test_scope_imports.py holds scope to this list.
+# dispatch, RoPE, config and argument checks, errors, non-finite handling, the Triton interpreter shim, the
+# context-parallel layouts and row transport). Every other module of nsa is internal.
+# tests/test_scope_imports.py holds scope to this list.
 PUBLIC_MODULES = (
     "nsa.config",
+    "nsa.context_layout",
     "nsa.dispatch",
     "nsa.errors",
     "nsa.kernels.interpreter",
@@ -48,6 +58,7 @@ __all__ = [
     "NSAInputError",
     "NSAKVCache",
     "NSAOutput",
+    "__version__",
     "apply_rope",
     "compress_mean_pool",
     "compressed_attention",

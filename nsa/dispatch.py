@@ -174,3 +174,26 @@ def choose_scope_attention_backend(requested: str, q: torch.Tensor, *, qk_width:
         tried.append(f"not {name}: {'; '.join(obstacles[name])}")
     raise error(f"no backend can run {op} ({'; '.join(tried)}): train on CUDA, shorten the sequence, or run "
                 "without gradients (torch.no_grad())")
+
+
+# ----------------------------------------------------------------------------------------------
+# NSA's opt-in FlashAttention-2 path for the PyTorch path's window and compression branches (nsa.fa2)
+
+FA2_ENV = "NSA_USE_FA2"
+
+
+def choose_fa2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether nsa_attention's PyTorch path runs its window and compression branches through flash-attn (nsa.fa2):
+    when $NSA_USE_FA2 is "1" and flash-attn can run queries q over keys k / values v (nsa.fa2.fa2_obstacles).
+    Asked for but impossible, the default path runs and the reason is logged once; unset or "0", nothing is logged."""
+    requested = os.environ.get(FA2_ENV, "")
+    if requested not in ("", "0", "1"):
+        raise NSAInputError(f"environment variable {FA2_ENV}={requested!r} must be '1' (use flash-attn) or '0' / unset")
+    if requested != "1":
+        return False
+    from nsa.fa2 import fa2_obstacles  # which imports flash-attn: only when NSA_USE_FA2=1 asks for it
+
+    obstacles = fa2_obstacles(q, k, v)
+    reason = "; ".join(obstacles) or f"{FA2_ENV}=1, flash-attn runs the window and compression branches"
+    choice = _logged_choice("nsa prefill torch path", BackendChoice("torch" if obstacles else "fa2", reason))
+    return choice.name == "fa2"

@@ -11,13 +11,17 @@ import torch
 from nsa.attention_core import budget_chunk_size, query_chunks
 from nsa.block_index import num_compressed_blocks, num_selection_blocks
 from nsa.compressed_attention import check_compressed_inputs, compressed_attention_chunk
-from nsa.dispatch import choose_prefill_backend
+from nsa.dispatch import choose_fa2, choose_prefill_backend
 from nsa.errors import NSAInputError
 from nsa.nonfinite import gated_sum, nsa_nonfinite_guard
 from nsa.selected_attention import selected_attention_chunk
 from nsa.selection_scorer import check_selection_sizes, select_from_group_probs
 from nsa.sliding_window import sliding_window_chunk
 from nsa.validation import check_attention_inputs, check_gates, check_positive_int, check_same_length
+
+# Elements of the PyTorch path's per-chunk tensors that a training forward may keep for its backward (about 1 GB in
+# float32) before it recomputes chunks in the backward instead.
+CHECKPOINT_ELEMENTS = 1 << 28
 
 
 class NSAOutput(NamedTuple):
@@ -92,14 +96,18 @@ def check_nsa_inputs(
     return seq_len
 
 
+def per_query_elements(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, sizes: NSASizes) -> int:
+    """Elements of score / gather tensors the PyTorch path holds per query (all branches, all heads)."""
+    num_heads, num_kv_heads = q.shape[2], k_cmp.shape[2]
+    dims = q.shape[-1] + v_sel.shape[-1]
+    return (2 * num_heads * max(1, k_cmp.shape[1]) + 4 * num_heads * sizes.window_size
+            + sizes.num_selected * sizes.sel_block_size * (num_heads + num_kv_heads * dims))
+
+
 def prefill_chunk_size(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, sizes: NSASizes) -> int:
     """Queries per chunk: within the memory budget, and at most max(w, 64) so the window's candidate
     keys (chunk + w) stay O(w) per query."""
-    num_heads, num_kv_heads = q.shape[2], k_cmp.shape[2]
-    dims = q.shape[-1] + v_sel.shape[-1]
-    per_query = (2 * num_heads * max(1, k_cmp.shape[1]) + 4 * num_heads * sizes.window_size
-                 + sizes.num_selected * sizes.sel_block_size * (num_heads + num_kv_heads * dims))
-    return min(budget_chunk_size(per_query), max(sizes.window_size, 64))
+    return min(budget_chunk_size(per_query_elements(q, k_cmp, v_sel, sizes)), max(sizes.window_size, 64))
 
 
 def nsa_attention(
@@ -146,6 +154,12 @@ def nsa_attention(
                                               block_size=block_size, block_stride=block_stride,
                                               sel_block_size=sel_block_size, window_size=window_size,
                                               cu_seqlens=cu_seqlens))
+    if choose_fa2(q, k_cmp, v_cmp):  # NSA_USE_FA2=1: the window and compression branches in flash-attn (nsa.fa2)
+        from nsa.fa2 import nsa_attention_fa2
+
+        parts = ([SequenceInputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)] if lengths is None
+                 else split_sequences(lengths, sizes, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))
+        return concat_outputs([nsa_attention_fa2(*part, sizes=sizes, scale=scale) for part in parts])
     if lengths is None:
         return _nsa_attention_torch(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, sizes=sizes, scale=scale,
                                     chunk=query_chunk_size or prefill_chunk_size(q, k_cmp, v_sel, sizes))
@@ -167,13 +181,15 @@ def _nsa_attention_torch(
 ) -> NSAOutput:
     """The PyTorch path over one batch of equal-length sequences, chunk by chunk over queries.
 
-    With gradients each chunk is recomputed in the backward (activation checkpointing) instead of keeping
-    its gathered keys and score tensors, so training memory stays O(T * (n*l' + w + T/d)) too (saving them
-    took 47 GB at 8k tokens and ran out of the H200's memory at 32k). The recomputation repeats the same
-    deterministic selection, so the backward sees the blocks the forward used."""
+    With gradients, once the chunks' gathered keys and score tensors would pass CHECKPOINT_ELEMENTS in all,
+    each chunk is recomputed in the backward (activation checkpointing) instead of kept, so training memory
+    stays O(T * (n*l' + w + T/d)) too (keeping them took 47 GB at 8k tokens and ran out of the H200's memory
+    at 32k); short sequences keep them (the recomputation would cost a third of a step for nothing). The
+    recomputation repeats the same deterministic selection, so the backward sees the blocks the forward used."""
     block_size, block_stride, sel_block_size, _, window_size = sizes
     checkpoint = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))
+        t.requires_grad for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
+    ) and q.shape[0] * q.shape[1] * per_query_elements(q, k_cmp, v_sel, sizes) > CHECKPOINT_ELEMENTS
     results = []
     for start, end in query_chunks(q.shape[1], chunk):
         key_start = max(0, start - window_size + 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -85,6 +86,7 @@ class NSAAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, return_aux: bool = False, *, cache: NSAKVCache | None = None,
         num_valid: Sequence[int] | None = None, start_positions: Sequence[int] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, NSAAux]:
         """x [B, T, hidden] -> y [B, T, hidden] (and NSAAux when return_aux).
 
@@ -95,32 +97,40 @@ class NSAAttention(nn.Module):
         (the rest is right padding, which reads and writes nothing and whose outputs are zero);
         start_positions, when given, must equal the cache's current lengths. Every check runs before
         anything is written: a call that raises leaves the cache as it was.
+        cu_seqlens (int [S + 1], B = 1, no cache): x holds S packed sequences (positions restart at 0 in each,
+        and no token attends across a boundary), as nsa.nsa_attention; read on the host once.
         """
-        self._check_input(x)
+        self.check_input(x)
         if cache is not None:
             counts = self._check_append(x, cache, num_valid, start_positions)
         elif num_valid is not None or start_positions is not None:
             raise NSAInputError("num_valid and start_positions describe an append: they need cache=...")
+        if cache is not None and cu_seqlens is not None:
+            raise NSAInputError("cu_seqlens packs whole sequences for prefill or training; a cache appends to "
+                                "its own sequences (use num_valid for ragged batches)")
         if x.numel() == 0:
             return self._empty_result(x, return_aux)
         c = self.config
         if cache is not None:
             out, block_indices, gates = self._append(x, cache, counts)
         else:
-            positions = torch.arange(x.shape[1], device=x.device)
-            p = self._project(x, positions)
-            k_cmp, v_cmp = self._compress(p.k_cmp_raw, p.v_cmp_raw)
+            lengths = None if cu_seqlens is None else self._packed_lengths(x, cu_seqlens)
+            positions = torch.arange(x.shape[1], device=x.device) if lengths is None else packed_positions(lengths,
+                                                                                                          x.device)
+            p = self.project(x, positions)
+            k_cmp, v_cmp = self._compress(p.k_cmp_raw, p.v_cmp_raw, lengths)
             out, block_indices = nsa_attention(
                 p.q, k_cmp, v_cmp, p.k_sel, p.v_sel, p.k_win, p.v_win, p.gates,
                 block_size=c.cmp_block_size, block_stride=c.cmp_stride, sel_block_size=c.sel_block_size,
                 num_selected=c.num_selected, window_size=c.window_size, scale=c.attention_scale,
-                query_chunk_size=c.query_chunk_size, backend=c.backend,
+                query_chunk_size=c.query_chunk_size, cu_seqlens=cu_seqlens, backend=c.backend,
             )
             gates = p.gates
         y = guarded_apply(self.o_proj, out.flatten(2))  # poisoned rows stay NaN; W's gradient stays finite
         return (y, NSAAux(block_indices, gates)) if return_aux else y
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
+        """NSAInputError unless x is [B, T, hidden_size] with the parameters' device and dtype (autocast: any)."""
         c = self.config
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != c.hidden_size:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -153,7 +163,7 @@ class NSAAttention(nn.Module):
                                    device=x.device)
         return y, NSAAux(block_indices, x.new_zeros(batch, seq_len, c.num_heads, 3))
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
         """Projections at absolute positions ([T] or [B, T]); NaN in every row of a non-finite token
         (computed from zeros, so parameter gradients never meet the NaN)."""
         c = self.config
@@ -171,16 +181,43 @@ class NSAAttention(nn.Module):
         projected = (q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win, v[:, :, win_set], gates)
         return Projected(*(poison_rows(p, bad_tokens) for p in projected))
 
-    def _compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole-sequence phi: raw [B, T, Hkv, D] -> compressed keys (rotated at block centres), values."""
-        k_cmp = self._pool(self.compress_k, k_raw)
-        return self._rotate_compressed(k_cmp, torch.arange(k_cmp.shape[1], device=k_raw.device)), \
-            self._pool(self.compress_v, v_raw)
+    def _packed_lengths(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
+        """Sequence lengths of packed x (validated like nsa_attention's cu_seqlens)."""
+        if x.shape[0] != 1:
+            raise NSAInputError(f"packed sequences (cu_seqlens) need batch size 1, got B={x.shape[0]}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
+                torch.int32, torch.int64):
+            raise NSAInputError("cu_seqlens must be a 1-D int32/int64 tensor [S + 1]")
+        bounds = cu_seqlens.tolist()
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != x.shape[1] or any(
+                b < a for a, b in itertools.pairwise(bounds)):
+            raise NSAInputError(f"cu_seqlens must rise from 0 to T={x.shape[1]}, got {bounds}")
+        return [b - a for a, b in itertools.pairwise(bounds)]
 
-    def _pool(self, phi: CompressPool, raw: torch.Tensor) -> torch.Tensor:
-        """phi over the blocks of raw [B, T, Hkv, D] -> [B, num_cmp(T), Hkv, D], NaN for a block holding a
-        non-finite token (phi itself runs on zeros there, so its backward stays finite)."""
-        return guarded_apply(phi.pool, block_windows(raw, phi.block_size, phi.block_stride), item_dims=2)
+    def _compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, lengths: list[int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-sequence phi: raw [B, T, Hkv, D] -> compressed keys (rotated at block centres), values. With the
+        lengths of packed sequences, each sequence's blocks in turn (no block crosses a boundary)."""
+        c = self.config
+        if lengths is None:
+            k_blocks = block_windows(k_raw, c.cmp_block_size, c.cmp_stride)
+            block_ids = torch.arange(k_blocks.shape[1], device=k_raw.device)
+            return self.compress_blocks(k_blocks, block_windows(v_raw, c.cmp_block_size, c.cmp_stride), block_ids)
+        rows, block_ids = packed_block_rows(lengths, c.cmp_block_size, c.cmp_stride, k_raw.device)
+        return self.compress_blocks(k_raw[:, rows].transpose(2, 3), v_raw[:, rows].transpose(2, 3), block_ids)
+
+    def compress_blocks(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi over blocks of raw keys and values [B, N, Hkv, l, D] (tokens in order) whose indices inside their
+        sequence are block_ids ([N] or [B, N]): (compressed keys rotated at the block centres i*d + (l-1)/2,
+        compressed values), each [B, N, Hkv, D]; NaN for a block holding a non-finite token."""
+        k_cmp = self._rotate_compressed(self._pool(self.compress_k, k_blocks), block_ids)
+        return k_cmp, self._pool(self.compress_v, v_blocks)
+
+    def _pool(self, phi: CompressPool, blocks: torch.Tensor) -> torch.Tensor:
+        """phi over blocks [B, N, Hkv, l, D] -> [B, N, Hkv, D], NaN for a block holding a non-finite token (phi
+        itself runs on zeros there, so its backward stays finite)."""
+        return guarded_apply(phi.pool, blocks, item_dims=2)
 
     def _rotate_compressed(self, k_cmp: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -199,7 +236,7 @@ class NSAAttention(nn.Module):
         positions = cache.query_positions(x.shape[1], None if all_valid else counts)
         if not all_valid:  # padding may hold anything (NaN included); masked keys must stay finite
             x = x.masked_fill((positions < 0)[:, :, None], 0.0)
-        p = self._project(x, positions.clamp_min(0))
+        p = self.project(x, positions.clamp_min(0))
         emitted = self._compressed_emissions(cache, p, positions, counts)
         decode_step = x.shape[1] == 1 and all_valid  # one new token per sequence: reads the ring after the write
         if decode_step:
@@ -277,8 +314,7 @@ class NSAAttention(nn.Module):
         batch_index = torch.arange(positions.shape[0], device=device)[:, None]
         k_blocks = raw_k[batch_index, stream_index].unflatten(1, (num_emit, l)).transpose(2, 3)
         v_blocks = raw_v[batch_index, stream_index].unflatten(1, (num_emit, l)).transpose(2, 3)
-        k_new = self._rotate_compressed(guarded_apply(self.compress_k.pool, k_blocks, item_dims=2), block_ids)
-        v_new = guarded_apply(self.compress_v.pool, v_blocks, item_dims=2)
+        k_new, v_new = self.compress_blocks(k_blocks, v_blocks, block_ids)
         return k_new, v_new, torch.where(emit, block_ids, cache.num_cmp_capacity)
 
     def _write_compressed(self, cache: NSAKVCache, p: Projected, positions: torch.Tensor, counts: Sequence[int],
@@ -291,3 +327,22 @@ class NSAAttention(nn.Module):
             k_new, v_new, rows = emitted
             cache.write_tokens(cache.k_cmp, k_new, rows)
             cache.write_tokens(cache.v_cmp, v_new, rows)
+
+
+def packed_positions(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """Positions of packed sequences' tokens, restarting at 0 in each: [sum(lengths)]."""
+    return torch.cat([torch.arange(n, device=device) for n in lengths]) if lengths else torch.zeros(0, device=device)
+
+
+def packed_block_rows(lengths: list[int], block_size: int, block_stride: int, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of every compressed block of packed sequences, each sequence's blocks in turn: (rows [N, l],
+    block ids inside their sequence [N]); block i of a sequence covers its tokens [i*d, i*d + l)."""
+    starts, ids, offset = [], [], 0
+    for n in lengths:
+        count = num_compressed_blocks(n, block_size, block_stride)
+        ids.append(torch.arange(count, device=device))
+        starts.append(offset + ids[-1] * block_stride)
+        offset += n
+    first = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long, device=device)
+    return first[:, None] + torch.arange(block_size, device=device), torch.cat(ids) if ids else first

@@ -5,6 +5,14 @@ The math contract is ``../shared/spec/SCOPE.md``; the internal API is ``docs/SCO
 ``ScopeAttention``.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("sparse-attention-lab")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+
 from scope.config import ScopeConfig, load_scope_config
 from scope.errors import ScopeConfigError, ScopeError, ScopeInputError
 from scope.functional import naive_scope_attention, scope_attention, scope_attention_backend
@@ -40,6 +48,7 @@ __all__ = [
     "ScopeTelemetry",
     "SpectralBias",
     "TeacherLoss",
+    "__version__",
     "build_pointer_block_mask",
     "frequencies",
     "layer_teacher_loss",

@@ -6,7 +6,6 @@ The math is ``../shared/spec/SCOPE.md``; the internal API is ``docs/SCOPE_CONTRA
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from nsa.config import reject_unknown_keys
 from nsa.dispatch import SCOPE_ATTENTION_BACKENDS
+from nsa.validation import check_real
 from scope.errors import ScopeConfigError, ScopeInputError
 
 GATE_KINDS = ("none", "softplus", "relu")
@@ -200,13 +200,9 @@ def _require_int(name: str, value: Any, *, minimum: int, symbol: str | None = No
 
 
 def _require_real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ScopeConfigError(f"{name} must be a finite number, got {value!r}")
-    if positive and not value > 0:
-        raise ScopeConfigError(f"{name} must be > 0, got {value}")
-    if nonnegative and not value >= 0:
-        raise ScopeConfigError(f"{name} must be >= 0, got {value}")
-    return float(value)
+    """check_real (nsa.validation) with ScopeConfigError: finite, and > 0 / >= 0 when asked."""
+    return check_real(name, value, error=ScopeConfigError, above=0.0 if positive else None,
+                      at_least=0.0 if nonnegative else None)
 
 
 def _check_schedule(schedule: Any) -> tuple[float, float, int]:

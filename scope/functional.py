@@ -111,7 +111,7 @@ def scope_attention_backend(
     nsa.dispatch's SCOPE policy, given the q.k width the kernel would see, whether gradients are needed,
     score_mod and documents. A layer asks before building its mask (FlexAttention's backward needs the
     q-side lists)."""
-    _check_arguments(q, k, v, block, bias, bias_impl, None, qk_align)
+    check_arguments(q, k, v, block, bias, bias_impl, None, qk_align)
     width = q.shape[-1]
     tensors = [q, k, v]
     if bias is not None:
@@ -132,15 +132,22 @@ def _finite_call(q: Tensor, k: Tensor, v: Tensor, mask: PointerMask, block: int,
     q, k, v, poisoned = finite_inputs(q, k, v, mask.kv_num_blocks, mask.kv_indices, block, doc_start)
     if bias is None:
         return q, k, v, None, poisoned
+    bias, bias_rows = finite_bias(bias)
+    return q, k, v, bias, poisoned | bias_rows
+
+
+def finite_bias(bias: BiasTerms) -> tuple[BiasTerms, Tensor]:
+    """bias with every non-finite coefficient replaced by 0, and bool [B, H, T]: the rows whose coefficients (those
+    the bias uses: A and B, c with a slope, d_star_main with a ramp) held one."""
     coeffs = bias.coeffs
-    poisoned = poisoned | nonfinite_rows(coeffs.A) | nonfinite_rows(coeffs.B)
+    rows = nonfinite_rows(coeffs.A) | nonfinite_rows(coeffs.B)
     if bias.slope:
-        poisoned = poisoned | ~torch.isfinite(coeffs.c)
+        rows = rows | ~torch.isfinite(coeffs.c)
     if bias.ramp is not None:
-        poisoned = poisoned | ~torch.isfinite(coeffs.d_star_main)
+        rows = rows | ~torch.isfinite(coeffs.d_star_main)
     finite = coeffs._replace(A=finite_or_zero(coeffs.A), B=finite_or_zero(coeffs.B), c=finite_or_zero(coeffs.c),
                              d_star_main=finite_or_zero(coeffs.d_star_main))
-    return q, k, v, bias._replace(coeffs=finite), poisoned
+    return bias._replace(coeffs=finite), rows
 
 
 def _eager_block_mask(mask: PointerMask, block: int, seq_len: int, doc_ids: Tensor | None) -> BlockMask:
@@ -165,11 +172,11 @@ def _eager_block_mask(mask: PointerMask, block: int, seq_len: int, doc_ids: Tens
 def _check_call(q: Tensor, k: Tensor, v: Tensor, mask: PointerMask, block: int, bias: BiasTerms | None,
                 bias_impl: str, scale: float | None, qk_align: int) -> None:
     """ScopeInputError (ScopeConfigError for a ramp under qk_aug) naming the argument; no tensor data read."""
-    _check_arguments(q, k, v, block, bias, bias_impl, scale, qk_align)
-    _check_mask(mask, q.shape[0], q.shape[1], q.shape[2] // block, q.device)
+    check_arguments(q, k, v, block, bias, bias_impl, scale, qk_align)
+    check_mask(mask, q.shape[0], q.shape[1], q.shape[2] // block, q.device)
 
 
-def _check_arguments(q: Tensor, k: Tensor, v: Tensor, block: int, bias: BiasTerms | None, bias_impl: str,
+def check_arguments(q: Tensor, k: Tensor, v: Tensor, block: int, bias: BiasTerms | None, bias_impl: str,
                      scale: float | None, qk_align: int) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4 or t.dtype not in _FLOAT_DTYPES:
@@ -202,7 +209,7 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, block: int, bias: BiasTerm
         raise ScopeInputError(f"qk_align must be an int >= 1, got {qk_align!r}")
 
 
-def _check_mask(mask: PointerMask, bsz: int, heads: int, num_blocks: int, device: torch.device) -> None:
+def check_mask(mask: PointerMask, bsz: int, heads: int, num_blocks: int, device: torch.device) -> None:
     if not isinstance(mask, PointerMask):
         raise ScopeInputError(f"mask must be a PointerMask, got {type(mask).__name__}")
     num, idx = mask.kv_num_blocks, mask.kv_indices

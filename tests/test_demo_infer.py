@@ -1,4 +1,5 @@
-"""The inference demo CLI (cli/demo_infer.py): outputs, measured reads, flag errors.
+"""The inference demo CLI (sal_harness.demo, `python -m cli.demo_infer` / `sal-demo`): outputs, measured reads,
+flag errors.
 
 Expectations are computed here from the definitions in shared/spec/NSA.md (plain Python loops over
 positions), not with the library's or the CLI's helpers.
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness_tiny import tiny_overrides
 
-from cli import demo_infer
-from nsa.model import GPT, GPTConfig
-from scripts.checkpoint import save_checkpoint
-from scripts.config import RunConfig
+from sal_harness import demo as demo_infer
+from sal_harness.checkpoint import rng_state, save_checkpoint
+from sal_harness.config import load_run_config
+from sal_harness.model import GPT, GPTConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -87,39 +89,41 @@ def test_default_model_outputs_and_reads(tmp_path: Path, capsys: pytest.CaptureF
     assert summary["heatmap"] == {"path": str(out), "layer": 1, "group": 1, "row_bin": 2}
     assert [set(g) for g in summary["gate_means"]] == [{"layer", "cmp", "sel", "win"}] * 2
     assert all(0.0 < g[k] < 1.0 for g in summary["gate_means"] for k in ("cmp", "sel", "win"))
-    check_reads(result, summary["model"]["nsa"], 1024)
+    check_reads(result, summary["model"]["attention"], 1024)
     printed = capsys.readouterr().out
     assert "NSA GPT: 2 layers" in printed
     assert "gate means (cmp / sel / win)" in printed
     assert "dense / sparse" in printed
 
 
-def _save_small_checkpoint(path: Path, attention: str = "nsa") -> GPTConfig:
-    model_dict: dict = {"n_layer": 1, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
-                        "max_seq_len": 128, "attention": attention}
+def _save_small_checkpoint(run_dir: Path, attention: str = "nsa") -> tuple[Path, GPTConfig]:
+    """A step-7 checkpoint of a 1-layer model (NSA: l=8, d=4, l'=8, n=4, w=16) trained on nothing."""
+    overrides = [*tiny_overrides(run_dir, attention=attention), "model.n_layer=1", "model.hidden_size=32",
+                 "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8", "model.max_seq_len=128",
+                 "task=text", "task.seq_len=128"]
     if attention == "nsa":
-        model_dict["nsa"] = {"cmp_block_size": 8, "cmp_stride": 4, "sel_block_size": 8, "num_selected": 4,
-                             "window_size": 16}
-    config = RunConfig.from_dict({"model": model_dict, "data": {"task": "text", "seq_len": 128}})
+        overrides += ["attention.cmp_block_size=8", "attention.cmp_stride=4", "attention.sel_block_size=8",
+                      "attention.num_selected=4", "attention.window_size=16"]
+    config = load_run_config(overrides)
     torch.manual_seed(123)
-    model = GPT(config.model)
+    model = GPT(config.gpt)
     optimizer = torch.optim.AdamW(model.parameters())
-    save_checkpoint(path, model=model, optimizer=optimizer, step=7, data_generator=torch.Generator(),
-                    config=config.to_dict())
-    return config.model
+    path = save_checkpoint(run_dir, {"step": 7, "config": config.model_dump(mode="json"), "model": model.state_dict(),
+                                     "optimizer": optimizer.state_dict(), "rng": rng_state(torch.Generator()),
+                                     "trainer": {"skipped": 0, "consecutive_skips": 0}}, keep=1)
+    return path, config.gpt
 
 
 def test_checkpoint_model_is_sparse(tmp_path: Path) -> None:
     """A checkpoint with small blocks (l'=8, n=4): selection is a strict subset; run past max_seq_len."""
-    ckpt = tmp_path / "ckpt.pt"
-    config = _save_small_checkpoint(ckpt)
+    ckpt, config = _save_small_checkpoint(tmp_path / "run")
     out = tmp_path / "out" / "sel.png"
     result = run_demo("--checkpoint", str(ckpt), "--seq-len", "300", "--out", str(out), "--group", "1")
     assert out.read_bytes()[:8] == PNG_MAGIC
     (summary,) = read_summary(out.parent)
     assert "step 7" in summary["weights"] and "max_seq_len=128" in summary["weights"]
-    assert summary["model"]["nsa"] == config.to_dict()["nsa"]
-    check_reads(result, summary["model"]["nsa"], 300)
+    assert summary["model"]["attention"] == config.attention.model_dump()
+    check_reads(result, summary["model"]["attention"], 300)
     # t=299: blocks 0 and 36 full, block 37 holds 296..299, plus one more complete block (n=4).
     sel_last = 8 + 8 + 4 + 8
     assert summary["reads"]["layers"][0]["sel"]["last"] == sel_last
@@ -172,8 +176,7 @@ def test_bad_flags(argv: list[str], flag: str, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_bad_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dense = tmp_path / "dense.pt"
-    _save_small_checkpoint(dense, attention="dense")
+    dense, _ = _save_small_checkpoint(tmp_path / "dense", attention="dense")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     for path, message in ((dense, "attention='dense'"), (garbage, "cannot read")):

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa import NSAConfig, NSAInputError
-from nsa.generate import generate, next_token
-from nsa.model import GPT, GPTConfig
+from nsa import NSAInputError
+from sal_harness.generate import generate, next_token
+from sal_harness.model import GPT, DenseAttentionConfig, GPTConfig, ModelConfig, NSAAttentionConfig
 
-NSA_BLOCKS = dict(cmp_block_size=8, cmp_stride=4, sel_block_size=8, num_selected=3, window_size=8)
+NSA_BLOCKS = NSAAttentionConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=8, num_selected=3, window_size=8)
 
 
 def tiny_gpt(attention: str = "nsa") -> GPT:
     torch.manual_seed(0)
-    nsa = NSAConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8, **NSA_BLOCKS)
-    config = GPTConfig(vocab_size=64, n_layer=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                       max_seq_len=256, attention=attention, nsa=nsa if attention == "nsa" else None)
+    model_config = ModelConfig(vocab_size=64, n_layer=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                               max_seq_len=256)
+    config = GPTConfig(model=model_config, attention=NSA_BLOCKS if attention == "nsa" else DenseAttentionConfig())
     model = GPT(config).double().eval()
     for name, param in model.named_parameters():  # wake the zero-initialised phi MLP output layers
         if "compress" in name:
@@ -87,5 +87,5 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_dense_models_have_no_nsa_caches():
-    with pytest.raises(NSAInputError, match="attention='nsa'"):
+    with pytest.raises(NSAInputError, match="attention 'nsa'"):
         tiny_gpt("dense").new_caches(1, 16)

@@ -34,7 +34,6 @@ from nsa import (
     topn_blocks,
 )
 from nsa.validation import check_real, check_scale
-from scripts.config import DataConfig, TrainConfig
 
 
 def names(*args: str) -> str:
@@ -417,25 +416,6 @@ FUNCTIONAL_OPS = {
 def test_functional_scale_must_be_finite(op, value):
     with pytest.raises(NSAInputError, match=names("scale")):
         FUNCTIONAL_OPS[op](base(), scale=value)
-
-
-@pytest.mark.parametrize(
-    ("cls", "field", "value"),
-    [
-        *[(TrainConfig, name, value) for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2")
-          for value in NON_FINITE],
-        (TrainConfig, "beta1", 1.0),
-        (TrainConfig, "grad_clip", -1.0),
-        *[(DataConfig, "val_fraction", value) for value in (*NON_FINITE, 0.0, 1.0)],
-        (TrainConfig, "device", "cuad"),
-    ],
-)
-def test_training_config_floats_finite_and_in_range(cls, field, value):
-    """scripts/config.py: [train] / [data] floats are finite and in range, the device parses; the
-    error is NSAConfigError naming the field. min_lr is set alongside lr so that only the field is bad."""
-    extra = {"min_lr": 0.0} if field == "lr" else {}
-    with pytest.raises(NSAConfigError, match=names(field)):
-        cls(**{field: value, **extra})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from conftest import F64, randn
 from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
 
-from nsa import NSAAttention, NSAConfig, NSAInputError, naive_nsa_attention, nsa_attention, prefill
+from nsa import NSAAttention, NSAConfig, NSAInputError, functional, naive_nsa_attention, nsa_attention, prefill
 from nsa.kernels import tiles
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
@@ -169,3 +169,62 @@ def test_layer_traces_as_one_graph_with_the_fused_op():
     torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_with_packed_sequences_equals_each_sequence_alone(backend):
+    """NSAAttention(x, cu_seqlens=...) = the layer on each sequence alone: positions restart, compressed blocks,
+    selections and windows never cross a boundary (torch path in float64; the kernels in float32)."""
+    config = NSAConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8, cmp_block_size=8,
+                       cmp_stride=4, sel_block_size=16, num_selected=4, window_size=16, backend=backend)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    torch.manual_seed(0)
+    layer = NSAAttention(config).to(dtype)
+    lengths = [21, 3, 40]
+    x = randn(1, sum(lengths), 32, seed=4).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    packed = layer(x, cu_seqlens=cu)
+    start = 0
+    for n in lengths:
+        alone = layer(x[:, start:start + n])
+        torch.testing.assert_close(packed[:, start:start + n], alone, rtol=1e-6, atol=1e-6)
+        start += n
+
+
+def test_pytorch_path_recomputed_chunks_give_the_same_gradients(monkeypatch):
+    """Past CHECKPOINT_ELEMENTS the PyTorch path recomputes each chunk in the backward: same output and gradients
+    (bitwise: the recomputation repeats the same operations and the same selection)."""
+    inputs = [t.detach().double().requires_grad_() for t in make_inputs(1, [70], 4, 2, 8, 8, SMALL, seed=21)]
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out = nsa_attention(*inputs, **SMALL, backend="torch", query_chunk_size=16).output
+        return (out, *torch.autograd.grad(out, inputs, torch.ones_like(out)))
+
+    kept = run()
+    monkeypatch.setattr(functional, "CHECKPOINT_ELEMENTS", 0)
+    recomputed = run()
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed, strict=True))
+
+
+def test_gpt_traces_as_one_graph_with_one_fused_op_per_layer():
+    """The harness GPT with NSA attention on the kernels: torch.compile(fullgraph=True) gives one graph holding one
+    nsa::prefill per layer (the interpreter runs them here)."""
+    from sal_harness.model import GPT, GPTConfig, ModelConfig, NSAAttentionConfig
+
+    config = GPTConfig(model=ModelConfig(vocab_size=32, n_layer=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                                         head_dim=8, max_seq_len=64),
+                       attention=NSAAttentionConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, num_selected=4,
+                                                    window_size=16, backend="triton"))
+    torch.manual_seed(0)
+    model = GPT(config)
+    tokens = torch.randint(0, 32, (1, 40))
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    logits = torch.compile(model, fullgraph=True, backend=backend)(tokens).logits
+    assert len(graphs) == 1
+    assert sum("nsa.prefill" in str(node.target) for node in graphs[0].graph.nodes) == 2
+    torch.testing.assert_close(logits, model(tokens).logits, rtol=0, atol=0)

@@ -14,6 +14,7 @@ import torch
 from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
 
 from nsa import NSAAttention, NSAConfig, nsa_attention
+from nsa.compress_pool import compress_mean_pool
 
 pytestmark = pytest.mark.gpu
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
@@ -108,3 +109,52 @@ def test_layer_compiles_to_one_graph_with_the_kernels():
     torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
     y.float().square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _plant(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
+    """x with NaN / +inf / -inf at 1% of the entries of positions >= first (dim 1)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    where = torch.rand(x.shape, device="cuda", generator=gen) < 0.01
+    where[:, :first] = False
+    values = torch.tensor([float("nan"), float("inf"), float("-inf")], device="cuda", dtype=x.dtype)
+    return torch.where(where, values[torch.randint(3, x.shape, device="cuda", generator=gen)], x.detach())
+
+
+@pytest.mark.parametrize(("batch", "seq_len", "first_bad", "lengths"), [
+    (2, 2048, 1000, None),
+    (1, 2048, 1800, (700, 0, 1348)),  # packed, an empty sequence, the garbage in the last one
+])
+def test_nonfinite_later_positions_change_nothing(batch, seq_len, first_bad, lengths):
+    """NaN / inf planted in every input at positions >= first_bad (the Triton kernels, bf16, real block
+    sizes): the output rows before it, their selections and every gradient of a loss over those rows are
+    bitwise those of the clean run, and the kernels poison exactly the rows the torch path poisons."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k_sel, v_sel, k_win, v_win = (torch.randn(batch, seq_len, h, 64, device="cuda", generator=gen).bfloat16()
+                                     for h in (16, 2, 2, 2, 2))
+    gates = torch.rand(batch, seq_len, 16, 3, device="cuda", generator=gen).bfloat16()
+    cu = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    bounds = [(0, seq_len)] if cu is None else list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+    k_cmp, v_cmp = (torch.cat([compress_mean_pool(x[:, a:b], BLOCKS["block_size"], BLOCKS["block_stride"])
+                               for a, b in bounds], dim=1) for x in (k_win, v_win))
+    clean = [q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates]
+    first_cmp = ref_num_cmp(first_bad, BLOCKS["block_size"], BLOCKS["block_stride"]) if cu is None else k_cmp.shape[1]
+    bad = [_plant(x, first_cmp if i in (1, 2) else first_bad, seed=i) for i, x in enumerate(clean)]
+    dout = torch.randn(batch, first_bad, 16, 64, device="cuda", generator=gen).bfloat16()
+    runs = []
+    for inputs in (bad, clean):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        out, indices = nsa_attention(*leaves, **BLOCKS, cu_seqlens=cu, backend="triton")
+        grads = torch.autograd.grad(out[:, :first_bad], leaves, dout)
+        runs.append((out.detach(), indices, grads))
+    (out_bad, idx_bad, grads_bad), (out_clean, idx_clean, grads_clean) = runs
+    assert torch.equal(out_bad[:, :first_bad], out_clean[:, :first_bad])
+    assert torch.equal(idx_bad[:, :first_bad], idx_clean[:, :first_bad])
+    names = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+    differ = {name: int((a != b).sum()) for name, a, b in zip(names, grads_bad, grads_clean, strict=True)
+              if not torch.equal(a, b)}
+    assert not differ, f"gradients not bitwise equal (elements that differ): {differ}"
+    with torch.no_grad():
+        torch_out = nsa_attention(*(x.float() for x in bad), **BLOCKS, cu_seqlens=cu, backend="torch").output
+    poisoned = out_bad.isnan().all(-1)
+    assert torch.equal(poisoned, torch_out.isnan().all(-1)) and poisoned.any()
+    assert torch.isfinite(out_bad[~poisoned]).all()

@@ -164,7 +164,10 @@ def trainable(layer: ScopeAttention) -> dict[str, Tensor]:
 
 
 @pytest.mark.parametrize(("bias_impl", "dtype", "backend"), [
-    ("score_mod", torch.float32, "flex"), ("score_mod", torch.bfloat16, "flex"), ("qk_aug", torch.float32, "flex"),
+    ("score_mod", torch.float32, "flex"),
+    # inductor takes over 4 minutes to compile this one's flex kernels (H200, torch 2.11: killed at 235 s, still
+    # compiling), more than the one-call GPU suite can hold: `pytest -m "gpu and long"` runs it on its own.
+    pytest.param("score_mod", torch.bfloat16, "flex", marks=pytest.mark.long), ("qk_aug", torch.float32, "flex"),
     ("qk_aug", torch.bfloat16, "triton"), ("qk_aug", torch.float32, "triton"), ("none", torch.bfloat16, "triton"),
 ])
 def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: str, dtype: torch.dtype,
@@ -247,7 +250,9 @@ def test_layer_is_one_graph_with_one_flex_attention_forward_and_backward() -> No
     with inductor_config.patch(post_grad_custom_post_pass=CountAttention(), fx_graph_cache=False):
         y = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)(x)
         y.square().mean().backward()
-    assert counts == {"graphs": [1], "forward": [1], "backward": [1]}
+    # inductor runs the post-grad pass on flex's score_mod / mask_mod subgraphs as well (H200, torch 2.11:
+    # forward-side counts [0, 0, 1, 0, 0, 0]): one flex_attention over all of them is the claim.
+    assert counts["graphs"] == [1] and sum(counts["forward"]) == 1 and counts["backward"] == [1], counts
     assert x.grad is not None and layer.spectral.pointer_head.gain.grad is not None
 
 

@@ -1,4 +1,4 @@
-"""Autoregressive generation for a GPT of NSA layers, through the per-layer decode caches."""
+"""Autoregressive generation for a GPT of NSA layers (sal_harness.model), through the per-layer decode caches."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from typing import NamedTuple
 
 import torch
 
-from nsa.errors import NSAInputError
-from nsa.kv_cache import NSAKVCache
-from nsa.model import GPT
+from nsa import NSAInputError, NSAKVCache
+from sal_harness.model import GPT
 
 
 class Generation(NamedTuple):

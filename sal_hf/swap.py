@@ -1,0 +1,233 @@
+"""Putting NSA / SCOPE into a transformers model: the module swap, the dense-checkpoint conversion, reloading.
+
+``swap_attention(model, "nsa" | "scope", **overrides)`` replaces the ``self_attn`` of every decoder layer by a
+``NSASelfAttention`` / ``ScopeSelfAttention`` (sal_hf.attention) built from the model's config (hidden size, heads,
+kv heads, head dim, RoPE theta) and ``overrides`` (any other NSAConfig / ScopeConfig field: block sizes, n, w,
+compression, backend, ...), records the layer config in ``model.config.sparse_attention`` (saved in config.json by
+``save_pretrained``) and sets ``attn_implementation`` to the kind. With ``copy_dense_weights=True`` (the default) the
+new layers start from the dense ones (the conversion):
+
+- NSA: q_proj and o_proj are copied (weights and biases); the dense k_proj / v_proj are copied into each branch's
+  K/V (k_proj / v_proj of NSAAttention hold the compression, selection and window sets one after the other, or one
+  set with shared_kv=True); gate_proj's weight and bias are zero, so every gate starts at sigmoid(0) = 0.5 (1/3 with
+  gate="softmax"); phi (compress_k / compress_v) starts as mean pooling (its MLP's output layer is zero at init;
+  the rest of the MLP and the intra-block position encodings are freshly drawn so it can learn). With sigmoid gates
+  a converted layer outputs 0.5 * (cmp + sel + win); where a query sees no compressed block and its selected blocks
+  and window cover its whole prefix (short prompts), that is exactly the dense layer's output.
+- SCOPE: q_proj, k_proj, v_proj and o_proj are copied; the spectral bias starts at exactly zero (its pointer head's gain
+  is zero at init), so a converted layer is the dense layer restricted to the pointer block mask.
+
+``load_swapped(path)`` re-loads a saved swapped model: the model class is rebuilt with the swap in its __init__, so
+transformers' ``from_pretrained`` reads every parameter (sharding, dtype and device_map included).
+``convert_checkpoint(dense_path, out_path, kind, **overrides)`` does load -> swap -> save_pretrained.
+Plain ``from_pretrained(path, attn_implementation="nsa")`` without the swap would build dense layers: their
+attention calls the function registered for "nsa", which raises a typed error naming what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from nsa import NSAConfig, NSAConfigError, NSAInputError
+from sal_hf.attention import NSASelfAttention, ScopeSelfAttention, SparseSelfAttention
+from scope import ScopeConfig, ScopeConfigError, ScopeInputError
+
+SPEC_KEY = "sparse_attention"  # the config attribute (and config.json key) describing the swap
+PROJECTIONS = ("q", "k", "v", "o")
+# kind -> the swapped module's constructor (layer config, layer index, projection biases)
+LAYERS: dict[str, Callable[[Any, int, dict[str, bool]], SparseSelfAttention]] = {
+    "nsa": NSASelfAttention, "scope": ScopeSelfAttention}
+CONFIGS: dict[str, type[NSAConfig] | type[ScopeConfig]] = {"nsa": NSAConfig, "scope": ScopeConfig}
+CONFIG_ERRORS: dict[str, type[Exception]] = {"nsa": NSAConfigError, "scope": ScopeConfigError}
+
+
+def swap_attention(model: PreTrainedModel, kind: str, *, copy_dense_weights: bool = True,
+                   **overrides: Any) -> PreTrainedModel:
+    """Replace every decoder layer's dense self-attention of `model` (Llama family, Qwen2, ...) by NSA or SCOPE
+    in place (module docstring); returns the model. `overrides`: NSAConfig / ScopeConfig fields."""
+    check_kind(kind)
+    layers = decoder_layers(model)
+    dense = [layer.self_attn for layer in layers]
+    if any(isinstance(module, SparseSelfAttention) for module in dense):
+        raise CONFIG_ERRORS[kind]("the model's attention is already swapped")
+    missing = [f"{p}_proj" for p in PROJECTIONS if not isinstance(getattr(dense[0], f"{p}_proj", None), nn.Linear)]
+    if missing or not hasattr(dense[0], "layer_idx"):
+        raise CONFIG_ERRORS[kind](f"{type(dense[0]).__name__} is not a q/k/v/o-projection attention with a layer_idx "
+                                  f"(missing {missing or ['layer_idx']}): the swap supports Llama-family layers")
+    config = layer_config(kind, model.config, overrides)
+    biases = {p: getattr(dense[0], f"{p}_proj").bias is not None for p in PROJECTIONS}
+    weight = dense[0].q_proj.weight
+    for layer, old in zip(layers, dense, strict=True):
+        new = LAYERS[kind](config, old.layer_idx, biases).to(device=weight.device, dtype=weight.dtype)
+        if copy_dense_weights:
+            copy_dense_weights_into(old, new)
+        layer.self_attn = new
+    setattr(model.config, SPEC_KEY, {"kind": kind, "config": config.to_dict(), "biases": biases})
+    model.set_attn_implementation(kind)
+    return model
+
+
+def load_swapped(path: str, model_class: type[PreTrainedModel] | None = None, **kwargs: Any) -> PreTrainedModel:
+    """A model saved after swap_attention, re-loaded with its swapped layers and all their parameters.
+
+    model_class: the transformers class to build (default: the AutoModelForCausalLM class of the saved config);
+    kwargs go to from_pretrained (dtype, device_map, ...)."""
+    config = AutoConfig.from_pretrained(path)
+    kind = read_spec(config)[0]
+    base = model_class or causal_lm_class(config)
+    return swapped_class(base).from_pretrained(path, attn_implementation=kind, **kwargs)
+
+
+def convert_checkpoint(dense_path: str, out_path: str, kind: str, *, from_pretrained: dict[str, Any] | None = None,
+                       **overrides: Any) -> PreTrainedModel:
+    """Convert a saved dense causal LM into an NSA / SCOPE one at out_path (module docstring for what is copied and
+    how the new parameters start); returns the converted model. Tokenizer files are not copied."""
+    base = causal_lm_class(AutoConfig.from_pretrained(dense_path))
+    model = base.from_pretrained(dense_path, **(from_pretrained or {}))
+    swap_attention(model, kind, **overrides)
+    model.save_pretrained(out_path)
+    return model
+
+
+# ---- pieces --------------------------------------------------------------------------------------------------
+
+
+def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The AutoModelForCausalLM class of a config (LlamaForCausalLM, Qwen2ForCausalLM, ...)."""
+    return cast(type[PreTrainedModel], MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+
+
+def check_kind(kind: str) -> None:
+    if kind not in LAYERS:
+        raise NSAConfigError(f"kind={kind!r} must be one of {tuple(LAYERS)}")
+
+
+def decoder_layers(model: nn.Module) -> list[Any]:
+    """The modules holding a self_attn submodule (transformers' decoder layers), in order."""
+    layers = [module for module in model.modules() if isinstance(getattr(module, "self_attn", None), nn.Module)]
+    if not layers:
+        raise NSAConfigError(f"{type(model).__name__} has no decoder layer with a self_attn module")
+    return layers
+
+
+def swapped_layers(model: nn.Module) -> list[SparseSelfAttention]:
+    """The swapped attention modules of `model`, in layer order."""
+    return [module for module in model.modules() if isinstance(module, SparseSelfAttention)]
+
+
+def layer_config(kind: str, hf_config: PretrainedConfig, overrides: dict[str, Any]) -> NSAConfig | ScopeConfig:
+    """The NSAConfig / ScopeConfig of a swapped layer: sizes and RoPE theta from the model's config, the rest from
+    overrides (unknown or conflicting keys raise the kind's config error)."""
+    error = CONFIG_ERRORS[kind]
+    text = hf_config.get_text_config(decoder=True)
+    num_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise error(f"RoPE {rope} is not supported: the swapped layers rotate with rope_type 'default' over the whole "
+                    "head dim (rope scaling would change their compressed-key and selection positions)")
+    if getattr(text, "attention_dropout", 0.0):
+        raise error(f"attention_dropout={text.attention_dropout}: the swapped layers have no attention dropout")
+    sizes: dict[str, Any] = {"hidden_size": text.hidden_size, "num_heads": num_heads,
+                             "num_kv_heads": getattr(text, "num_key_value_heads", None) or num_heads,
+                             "head_dim": head_dim, "rope_theta": float(rope.get("rope_theta", 10000.0))}
+    if kind == "nsa":
+        sizes["head_dim_v"] = head_dim
+    clash = sorted(set(overrides) & set(sizes))
+    if clash:
+        raise error(f"{clash} come from the model's config and cannot be overridden")
+    return CONFIGS[kind].from_dict({**sizes, **overrides})
+
+
+@torch.no_grad()
+def copy_dense_weights_into(dense: nn.Module, module: SparseSelfAttention) -> None:
+    """The conversion of one layer (module docstring): dense q/k/v/o projections into the swapped layer."""
+    if isinstance(module, NSASelfAttention):
+        layer: nn.Module = module.nsa
+        kv_sets = 1 if module.nsa.config.shared_kv else 3
+        nn.init.zeros_(module.nsa.gate_proj.weight)
+        nn.init.zeros_(module.nsa.gate_proj.bias)
+    else:
+        assert isinstance(module, ScopeSelfAttention)
+        layer, kv_sets = module.scope, 1
+    for name in PROJECTIONS:
+        source, target = getattr(dense, f"{name}_proj"), getattr(layer, f"{name}_proj")
+        repeat = kv_sets if name in ("k", "v") else 1
+        if tuple(target.weight.shape) != (source.weight.shape[0] * repeat, source.weight.shape[1]):
+            raise module.error(f"{name}_proj: dense weight {tuple(source.weight.shape)} does not fit the swapped "
+                               f"layer's {tuple(target.weight.shape)}")
+        target.weight.copy_(source.weight.repeat(repeat, 1))
+        if source.bias is not None:
+            target.bias.copy_(source.bias.repeat(repeat))
+
+
+def read_spec(config: PretrainedConfig) -> tuple[str, NSAConfig | ScopeConfig, dict[str, bool]]:
+    """(kind, layer config, biases) recorded by swap_attention in config.sparse_attention."""
+    spec = getattr(config, SPEC_KEY, None)
+    if not isinstance(spec, dict) or set(spec) != {"kind", "config", "biases"}:
+        raise NSAConfigError(f"config has no valid {SPEC_KEY!r} entry (written by sal_hf.swap_attention), got {spec!r}")
+    kind = spec["kind"]
+    check_kind(kind)
+    return kind, CONFIGS[kind].from_dict(dict(spec["config"])), {p: bool(spec["biases"][p]) for p in PROJECTIONS}
+
+
+_SWAPPED_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}
+
+
+def swapped_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """`base` whose __init__ swaps the attention as config.sparse_attention says (new layers, no copy): what
+    from_pretrained needs to find every saved parameter a home. Keeps base's name (save_pretrained records it); one
+    class per base."""
+    if base in _SWAPPED_CLASSES:
+        return _SWAPPED_CLASSES[base]
+
+    def __init__(self: PreTrainedModel, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        kind, layer_config_, biases = read_spec(config)
+        for layer in decoder_layers(self):
+            weight = layer.self_attn.q_proj.weight
+            layer.self_attn = LAYERS[kind](layer_config_, layer.self_attn.layer_idx, biases).to(
+                device=weight.device, dtype=weight.dtype)
+
+    swapped = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                            "__doc__": f"{base.__name__} with sal_hf's swapped attention."})
+    return _SWAPPED_CLASSES.setdefault(base, swapped)
+
+
+# ---- transformers' interfaces --------------------------------------------------------------------------------
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function: Any = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor | None:
+    """transformers' mask interface for "nsa" / "scope": the swapped layers are causal by construction and need
+    only which of the current columns are real tokens: the last q_length columns of the 2D padding mask (bool
+    [B, q_length]), or None."""
+    return None if attention_mask is None else attention_mask[:, -q_length:]
+
+
+def attention_needs_swap(kind: str) -> Any:
+    """The attention function registered for `kind`: a dense module reached it, which cannot run NSA / SCOPE."""
+    error = NSAInputError if kind == "nsa" else ScopeInputError
+
+    def attention(module: nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise error(f"attn_implementation={kind!r} needs the {kind} layers' own parameters (per-branch K/V and gates "
+                    f"for NSA, the pointer head for SCOPE): {type(module).__name__} is still dense. Call "
+                    f"sal_hf.swap_attention(model, {kind!r}) or load with sal_hf.load_swapped(path)")
+
+    return attention
+
+
+def register() -> None:
+    """Register "nsa" and "scope" with transformers' attention and mask interfaces."""
+    for kind in LAYERS:
+        AttentionInterface.register(kind, attention_needs_swap(kind))
+        AttentionMaskInterface.register(kind, padding_mask)

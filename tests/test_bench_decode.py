@@ -1,0 +1,49 @@
+"""bench/bench_decode.py, the design card's token-read check: it runs as a file from a plain checkout, and its exit
+status is 1 when the reads measured from a real decode step differ from NSA.md's formula at any length."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import bench_decode
+
+SCRIPT = Path(bench_decode.__file__).resolve()
+CHECK_ARGS = ["--skip-latency", "--read-lengths", "1024", "2048"]
+
+
+def test_runs_as_a_file_from_any_directory(tmp_path: Path) -> None:
+    """`python bench/bench_decode.py` (no -m, cwd outside the checkout) imports bench and passes the check."""
+    result = subprocess.run([sys.executable, str(SCRIPT), *CHECK_ARGS, "--results-dir", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "decode_cpu.jsonl").read_text().splitlines()]
+    assert [(row["S"], row["measured"], row["formula"]) for row in rows] == [(1024, 1599, 1599), (2048, 1663, 1663)]
+
+
+def test_clean_check_exits_zero(tmp_path: Path) -> None:
+    assert bench_decode.main([*CHECK_ARGS, "--results-dir", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("planted", [(0, 1, 0), (1, -1, 0)], ids=["sel_off_by_one", "same_sum_other_branches"])
+def test_planted_mismatch_exits_nonzero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str], planted: tuple[int, int, int]) -> None:
+    """A formula that disagrees with the measured reads at one length (in the total, or only in how the total
+    splits over the branches) fails the run, and stderr names that length; the table is still written."""
+    true_formula = bench_decode.formula_reads
+
+    def planted_formula(seq_len: int, config: bench_decode.NSAConfig) -> tuple[int, int, int]:
+        reads = true_formula(seq_len, config)
+        if seq_len != 2048:
+            return reads
+        return reads[0] + planted[0], reads[1] + planted[1], reads[2] + planted[2]
+
+    monkeypatch.setattr(bench_decode, "formula_reads", planted_formula)
+    assert bench_decode.main([*CHECK_ARGS, "--results-dir", str(tmp_path)]) == 1
+    errors = capsys.readouterr().err
+    assert "S=2048" in errors and "S=1024" not in errors
+    assert (tmp_path / "decode_cpu.md").exists()

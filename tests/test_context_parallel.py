@@ -1,0 +1,385 @@
+"""Context parallelism (nsa.context_parallel, scope.context_parallel): a sequence split over P = 2, 3, 4 ranks
+(gloo, CPU, float64) gives each rank its rows of the single-process result, forward and gradients.
+
+One spawn of 4 worker processes runs every case: the groups of P = 2 and 3 are subgroups of the 4 ranks, so
+the collectives also run on groups other than the default one. Each worker computes the single-process
+result itself (the inputs come from fixed seeds) and compares its rows; the NSA op is also checked against
+the dense float64 reference of tests/reference.py (selection and output). Lengths are prime (37) or 11 blocks,
+so no split, block size or stride divides them, and the split chunks are shorter than the window and the
+compressed block: the window's edge and the blocks' raw keys come from several ranks. Also: a sequence shorter
+than one compressed block, planted NaN / inf (the rows poisoned and every other row and gradient as in one
+process), training with Gumbel draws, and arguments rejected on one rank only. The rendezvous store listens on a
+port the OS picks (bound to 0 in this process: no race); a hang fails after TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TOL64, rand, randn
+from reference import dense_nsa, dense_selection_scores, ref_topn
+
+from nsa import NSAAttention, NSAConfig, NSAInputError, nsa_attention
+from nsa.block_index import num_compressed_blocks
+from nsa.context_layout import ContextLayout
+from nsa.context_parallel import nsa_attention_context_parallel, nsa_layer_context_parallel
+from scope import ScopeConfig, ScopeInputError
+from scope.context_parallel import scope_attention_context_parallel, scope_layer_context_parallel
+from scope.functional import scope_attention
+from scope.pointer_mask import build_pointer_block_mask
+from scope.scope_attention import ScopeAttention, causal_representative_positions
+from scope.spectral_bias import BiasCoefficients, BiasTerms, Ramp
+
+WORLD = 4
+SIZES = (2, 3, 4)
+LAYOUTS = ("contiguous", "zigzag")
+TIMEOUT_S = 180  # the whole run takes ~30 s on 2 shared cores
+
+B, T = 2, 37
+NSA_SIZES = dict(block_size=8, block_stride=4, sel_block_size=8, num_selected=4, window_size=6)
+SHORT_SIZES = dict(block_size=16, block_stride=8, sel_block_size=8, num_selected=3, window_size=4)
+SCOPE_BLOCK, SCOPE_BLOCKS = 4, 11
+
+
+def _layout(kind: str, length: int, world_size: int, unit: int = 1) -> ContextLayout:
+    return getattr(ContextLayout, kind)(length, world_size, unit=unit)
+
+
+def _compare(failures: list[str], name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal within float64 rounding, NaN where the expected value is NaN (non-finite cases)."""
+    if got.shape != expected.shape or not torch.allclose(got, expected, **TOL64, equal_nan=True):
+        error = (got - expected).nan_to_num(1.0).abs().max().item() if got.shape == expected.shape else "shape"
+        failures.append(f"{name}: max error {error}")
+
+
+def _loss(out: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """sum(out * dy) over the finite rows (NaN rows of the non-finite cases carry no gradient)."""
+    return (out.nan_to_num(0.0, 0.0, 0.0) * dy).sum()
+
+
+def _check_planted(failures: list[str], nonfinite: bool, whole_output: torch.Tensor) -> None:
+    """A non-finite case must poison some rows and leave most finite (else it tests nothing)."""
+    poisoned = whole_output.isnan().any(-1).float().mean()
+    if nonfinite and not 0 < poisoned < 0.5:
+        failures.append(f"the planted values poison {poisoned:.0%} of the rows")
+
+
+def _grad(x: torch.Tensor) -> torch.Tensor:
+    """x's gradient; zeros where none reached it (k_cmp without compressed blocks)."""
+    return x.grad if x.grad is not None else torch.zeros_like(x)
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _nsa_inputs(length: int = T, sizes: dict[str, int] = NSA_SIZES, nonfinite: bool = False) -> list[torch.Tensor]:
+    """nsa_attention's 8 inputs; with ``nonfinite`` (length T), a NaN in q, a selection key, a compressed value and an
+    inf in a window value (rows on several ranks read them)."""
+    num_cmp = num_compressed_blocks(length, sizes["block_size"], sizes["block_stride"])
+    inputs = [randn(B, length, 4, 8, seed=1), randn(B, num_cmp, 2, 8, seed=2), randn(B, num_cmp, 2, 6, seed=3),
+              randn(B, length, 2, 8, seed=4), randn(B, length, 2, 6, seed=5), randn(B, length, 2, 8, seed=6),
+              randn(B, length, 2, 6, seed=7), rand(B, length, 4, 3, seed=8)]
+    if nonfinite:
+        inputs[0][0, 30, 2, 0] = inputs[3][0, 9, 1, 2] = inputs[2][1, 3, 0, 1] = float("nan")
+        inputs[6][1, 20, 0, 1] = float("inf")
+    return inputs
+
+
+def _nsa_row_layouts(layout: ContextLayout, sizes: dict[str, int] = NSA_SIZES) -> list[ContextLayout]:
+    """The layouts of nsa_attention's 8 inputs: the compressed blocks' for k_cmp / v_cmp, the tokens' otherwise."""
+    cmp_layout = layout.compressed(sizes["block_size"], sizes["block_stride"])
+    return [layout, cmp_layout, cmp_layout] + [layout] * 5
+
+
+def case_nsa_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None, nonfinite: bool = False,
+                sizes: dict[str, int] = NSA_SIZES) -> list[str]:
+    """The op: every tensor input's gradient, the block indices, and (finite inputs) the dense reference."""
+    failures: list[str] = []
+    inputs, dy = _nsa_inputs(layout.length, sizes, nonfinite), randn(B, layout.length, 4, 6, seed=9)
+    whole = _leaves(*inputs)
+    out, indices = nsa_attention(*whole, **sizes, query_chunk_size=5, backend="torch")
+    _loss(out, dy).backward()
+    _check_planted(failures, nonfinite, out)
+    row_layouts = _nsa_row_layouts(layout, sizes)
+    local = _leaves(*(lay.shard(x, rank) for lay, x in zip(row_layouts, inputs, strict=True)))
+    out_r, indices_r = nsa_attention_context_parallel(*local, **sizes, layout=layout, group=group,
+                                                      query_chunk_size=3)
+    _loss(out_r, layout.shard(dy, rank)).backward()
+    _compare(failures, "output", out_r, layout.shard(out, rank))
+    if not torch.equal(indices_r, layout.shard(indices, rank)):
+        failures.append("block indices differ from nsa_attention's")
+    names = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+    for name, lay, x, x_r in zip(names, row_layouts, whole, local, strict=True):
+        _compare(failures, f"grad {name}", _grad(x_r), lay.shard(_grad(x), rank))
+    if nonfinite:
+        return failures
+    scores = dense_selection_scores(inputs[0], inputs[1], sizes["block_size"], sizes["block_stride"],
+                                    sizes["sel_block_size"])
+    ref_indices = ref_topn(scores, sizes["sel_block_size"], sizes["num_selected"])
+    if not torch.equal(indices_r, layout.shard(ref_indices, rank)):
+        failures.append("block indices differ from the reference selection")
+    dense = dense_nsa(*inputs, ref_indices, **{k: v for k, v in sizes.items() if k != "num_selected"})
+    _compare(failures, "output vs dense reference", out_r, layout.shard(dense, rank))
+    return failures
+
+
+def _nsa_layer() -> NSAAttention:
+    config = NSAConfig(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=6, cmp_block_size=8,
+                       cmp_stride=4, sel_block_size=8, num_selected=4, window_size=6, compression="mlp",
+                       compression_hidden=8, query_chunk_size=4, backend="torch")
+    layer = NSAAttention(config).double()
+    with torch.no_grad():  # every parameter random (the MLP phi's output layer starts at zero otherwise)
+        for seed, p in enumerate(layer.parameters()):
+            p.copy_(randn(*p.shape, seed=100 + seed, scale=0.4))
+    return layer
+
+
+def _layer_case(layer: torch.nn.Module, x: torch.Tensor, layout: ContextLayout, rank: int,
+                group: dist.ProcessGroup | None, run_local: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+                run_whole: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], nonfinite: bool) -> list[str]:
+    """A layer on the whole x against its context-parallel run on this rank's rows: y, x's gradient and every
+    parameter's gradient (summed over the ranks). ``nonfinite``: x holds a NaN and an inf token."""
+    failures: list[str] = []
+    local_layer = copy.deepcopy(layer)
+    if nonfinite:
+        x = x.clone()
+        x[0, 13, 3], x[1, 26, 0] = float("nan"), float("-inf")
+    dy = randn(*x.shape, seed=11)
+    x_whole, x_local = _leaves(x, layout.shard(x, rank))
+    y = run_whole(layer, x_whole)
+    _loss(y, dy).backward()
+    _check_planted(failures, nonfinite, y)
+    y_r = run_local(local_layer, x_local)
+    _loss(y_r, layout.shard(dy, rank)).backward()
+    _compare(failures, "y", y_r, layout.shard(y, rank))
+    _compare(failures, "grad x", x_local.grad, layout.shard(x_whole.grad, rank))
+    for (name, p), p_r in zip(layer.named_parameters(), local_layer.parameters(), strict=True):
+        grad = _grad(p_r)
+        dist.all_reduce(grad, group=group)
+        _compare(failures, f"grad {name}", grad, _grad(p))
+    return failures
+
+
+def case_nsa_layer(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None,
+                   nonfinite: bool = False) -> list[str]:
+    return _layer_case(_nsa_layer(), randn(B, T, 16, seed=10), layout, rank, group,
+                       lambda layer, x: nsa_layer_context_parallel(layer, x, layout=layout, group=group),
+                       lambda layer, x: layer(x), nonfinite)
+
+
+SCOPE_T = SCOPE_BLOCK * SCOPE_BLOCKS
+SCOPE_DOCS = torch.tensor([0] * 14 + [1] * 19 + [2] * (SCOPE_T - 33))  # boundaries inside blocks
+
+
+def case_scope_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None,
+                  nonfinite: bool = False) -> list[str]:
+    """The op with every bias term (spectral, slope, ramp) and documents; gradients of q, k, v and the bias.
+    ``nonfinite``: a NaN in q, k and a bias coefficient, an inf in v."""
+    failures: list[str] = []
+    heads, kv_heads, dim, num_freqs = 4, 2, 8, 3
+    rows = (B, heads, SCOPE_T)
+    d_blk = rand(B, heads, SCOPE_BLOCKS, 2, seed=20) * 30
+    mask = build_pointer_block_mask(d_blk, randn(*d_blk.shape, seed=21), SCOPE_T, block=SCOPE_BLOCK, budget=2,
+                                    local_blocks=2, global_blocks=1, max_radius=1, doc_ids=SCOPE_DOCS,
+                                    t_rep=causal_representative_positions(SCOPE_BLOCKS, SCOPE_BLOCK, "last", None))
+    inputs = [randn(B, heads, SCOPE_T, dim, seed=22), randn(B, kv_heads, SCOPE_T, dim, seed=23),
+              randn(B, kv_heads, SCOPE_T, 6, seed=24), randn(*rows, num_freqs, seed=25, scale=0.5),
+              randn(*rows, num_freqs, seed=26, scale=0.5), randn(*rows, seed=27, scale=0.1),
+              rand(*rows, seed=28) * 20, rand(heads, seed=29)]
+    if nonfinite:
+        inputs[0][0, 1, 30, 2] = inputs[1][1, 0, 9, 4] = inputs[3][1, 3, 21, 0] = float("nan")
+        inputs[2][0, 1, 17, 5] = float("inf")
+    dy = randn(B, heads, SCOPE_T, 6, seed=30)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+            d_main: torch.Tensor, gate: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        bias = BiasTerms(BiasCoefficients(a, b, c, d_main, None), (0.05, 0.3, 1.1), 0.8, True,  # type: ignore[arg-type]
+                         Ramp(gate, "softplus", 0.5, 6.0, 2.0))
+        return attend(q, k, v, mask, block=SCOPE_BLOCK, bias=bias, doc_ids=SCOPE_DOCS)
+
+    whole = _leaves(*inputs)
+    out = run(*whole, attend=lambda *a, **kw: scope_attention(*a, **kw, backend="torch"))
+    _loss(out, dy).backward()
+    _check_planted(failures, nonfinite, out)
+    local = _leaves(*(layout.shard(x, rank, dim=2) for x in inputs[:-1]), inputs[-1])
+    out_r = run(*local, attend=lambda *a, **kw: scope_attention_context_parallel(*a, **kw, layout=layout,
+                                                                                  group=group))
+    _loss(out_r, layout.shard(dy, rank, dim=2)).backward()
+    _compare(failures, "output", out_r, layout.shard(out.detach(), rank, dim=2))
+    for name, x, x_r in zip(("q", "k", "v", "A", "B", "c", "d_star_main"), whole, local, strict=False):
+        _compare(failures, f"grad {name}", x_r.grad, layout.shard(x.grad, rank, dim=2))
+    gate_grad = local[-1].grad.clone()
+    dist.all_reduce(gate_grad, group=group)
+    _compare(failures, "grad ramp gate", gate_grad, whole[-1].grad)
+    return failures
+
+
+def _scope_layer(**overrides: object) -> ScopeAttention:
+    values: dict[str, object] = dict(
+        hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, num_pointers=2, num_freqs=3, l_max=4096.0,
+        min_period=8.0, delta_max=30.0, mlp_hidden=8, block=SCOPE_BLOCK, budget=2, local_blocks=2, global_blocks=1,
+        max_radius=1, c_scale=0.2, gate_kind="softplus", ramp_lambda=0.5, ramp_width=6.0, ramp_tau=2.0,
+        backend="torch")
+    values.update(overrides)
+    layer = ScopeAttention(ScopeConfig(**values)).double()  # type: ignore[arg-type]
+    with torch.no_grad():  # every parameter random: the bias (gain, ramp gate) starts at zero otherwise
+        for seed, p in enumerate(layer.parameters()):
+            p.copy_(randn(*p.shape, seed=200 + seed, scale=0.5))
+    return layer
+
+
+def case_scope_layer(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None,
+                     nonfinite: bool = False) -> list[str]:
+    """Eval with documents and the last-token representative."""
+    return _layer_case(_scope_layer().eval(), randn(B, SCOPE_T, 16, seed=31), layout, rank, group,
+                       lambda layer, x: scope_layer_context_parallel(layer, x, layout=layout, group=group,
+                                                                     doc_ids=SCOPE_DOCS),
+                       lambda layer, x: layer(x, doc_ids=SCOPE_DOCS), nonfinite)
+
+
+def case_scope_layer_gumbel(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
+    """Training with Gumbel top-k (the same seeded draws on every rank) and the mean representative."""
+
+    def generator() -> torch.Generator:
+        return torch.Generator().manual_seed(5)
+
+    return _layer_case(_scope_layer(gumbel_topk=1, representative="mean").train(), randn(B, SCOPE_T, 16, seed=32),
+                       layout, rank, group,
+                       lambda layer, x: scope_layer_context_parallel(layer, x, layout=layout, group=group,
+                                                                     generator=generator()),
+                       lambda layer, x: layer(x, generator=generator()), False)
+
+
+def case_errors(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
+    """A bad argument on one rank raises a typed error on every rank (none is left in a collective)."""
+    failures: list[str] = []
+    inputs = [lay.shard(x, rank) for lay, x in zip(_nsa_row_layouts(layout), _nsa_inputs(), strict=True)]
+    if rank == 1:
+        inputs[7] = inputs[7][..., :2]  # gates with 2 branches
+    try:
+        nsa_attention_context_parallel(*inputs, **NSA_SIZES, layout=layout, group=group)
+        failures.append("bad gates on rank 1 were accepted")
+    except NSAInputError as err:
+        expected = "gates" if rank == 1 else "rank(s) [1] rejected"
+        if expected not in str(err):
+            failures.append(f"unexpected message: {err}")
+    try:
+        nsa_attention_context_parallel(*inputs, **NSA_SIZES, layout=ContextLayout.contiguous(T, layout.world_size + 1),
+                                       group=group)
+        failures.append("a layout for another number of ranks was accepted")
+    except NSAInputError as err:
+        if "but the group has" not in str(err):
+            failures.append(f"unexpected message: {err}")
+    x = randn(B, layout.local_length(rank), 16, seed=33)
+    try:
+        scope_layer_context_parallel(_scope_layer(), x, layout=layout, group=group)
+        failures.append("a layout in rows that are not whole blocks was accepted")
+    except ScopeInputError as err:
+        if "whole query blocks" not in str(err) and "rejected" not in str(err):
+            failures.append(f"unexpected message: {err}")
+    return failures
+
+
+CASES: dict[str, tuple[Callable[[ContextLayout, int, dist.ProcessGroup | None], list[str]], int, int]] = {
+    "nsa_op": (case_nsa_op, T, 1),
+    "nsa_op_nonfinite": (functools.partial(case_nsa_op, nonfinite=True), T, 1),
+    # T < l: no compressed block at all (zero cmp output, selection of the forced blocks only)
+    "nsa_op_short": (functools.partial(case_nsa_op, sizes=SHORT_SIZES), 9, 1),
+    "nsa_layer": (case_nsa_layer, T, 1),
+    "nsa_layer_nonfinite": (functools.partial(case_nsa_layer, nonfinite=True), T, 1),
+    "scope_op": (case_scope_op, SCOPE_T, SCOPE_BLOCK),
+    "scope_op_nonfinite": (functools.partial(case_scope_op, nonfinite=True), SCOPE_T, SCOPE_BLOCK),
+    "scope_layer": (case_scope_layer, SCOPE_T, SCOPE_BLOCK),
+    "scope_layer_nonfinite": (functools.partial(case_scope_layer, nonfinite=True), SCOPE_T, SCOPE_BLOCK),
+    "scope_layer_gumbel": (case_scope_layer_gumbel, SCOPE_T, SCOPE_BLOCK),
+    "errors": (case_errors, T, 1),
+}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """Rank ``rank`` of WORLD: every case for every P it belongs to; the failures as JSON (an exception ends the
+    worker, and the fixture's join raises it)."""
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
+    groups = {size: dist.new_group(list(range(size))) for size in SIZES[:-1]}
+    results: dict[str, list[str]] = {}
+    for size in SIZES:
+        if rank >= size:
+            continue
+        for kind in LAYOUTS:
+            for name, (case, length, unit) in CASES.items():  # an exception ends the worker and the test
+                results[f"{name}-{size}-{kind}"] = case(_layout(kind, length, size, unit), rank, groups.get(size))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, list[str]]]:
+    out_dir = tmp_path_factory.mktemp("context_parallel")
+    store = dist.TCPStore("127.0.0.1", 0, WORLD + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    context = mp.spawn(_worker, args=(store.port, str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.terminate()
+                process.join()
+            pytest.fail(f"context-parallel workers did not finish in {TIMEOUT_S} s (a collective hung)")
+    return {rank: json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(WORLD)}
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_context_parallel_equals_single_process(worker_results: dict[int, dict[str, list[str]]], case: str,
+                                                size: int, kind: str) -> None:
+    failures = {rank: worker_results[rank][f"{case}-{size}-{kind}"] for rank in range(size)}
+    assert failures == {rank: [] for rank in range(size)}
+
+
+@pytest.mark.parametrize(("kind", "length", "world_size", "unit", "expected"), [
+    ("contiguous", 10, 3, 1, (((0, 4),), ((4, 7),), ((7, 10),))),
+    ("zigzag", 10, 2, 1, (((0, 3), (8, 10)), ((3, 6), (6, 8)))),
+    ("zigzag", 44, 2, 4, (((0, 12), (36, 44)), ((12, 24), (24, 36)))),
+])
+def test_layouts(kind: str, length: int, world_size: int, unit: int, expected: tuple) -> None:
+    layout = _layout(kind, length, world_size, unit)
+    assert layout.segments == expected
+    rows = torch.cat([layout.positions(r) for r in range(world_size)])
+    assert torch.equal(rows.sort().values, torch.arange(length))
+    owner, local = layout.owners(torch.arange(length))
+    for r in range(world_size):
+        assert torch.equal(local[owner == r].sort().values, torch.arange(layout.local_length(r)))
+        assert torch.equal(layout.positions(r)[local[owner == r]], torch.arange(length)[owner == r])
+
+
+def test_compressed_layout_gives_each_block_to_the_owner_of_its_last_token() -> None:
+    layout = ContextLayout.zigzag(37, 3)
+    blocks = layout.compressed(8, 4)
+    last_tokens = torch.arange(blocks.length) * 4 + 7
+    assert torch.equal(blocks.owners(torch.arange(blocks.length))[0], layout.owners(last_tokens)[0])
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: ContextLayout.zigzag(7, 4), "fewer than the 8 chunks"),
+    (lambda: ContextLayout.contiguous(10, 2, unit=4), "multiple of unit"),
+    (lambda: ContextLayout(5, (((0, 2),), ((3, 5),))), "exactly once"),
+    (lambda: ContextLayout(5, (((2, 5), (0, 2)),)), "ascending"),
+])
+def test_bad_layouts_raise(call: Callable[[], ContextLayout], message: str) -> None:
+    with pytest.raises(NSAInputError, match=message):
+        call()

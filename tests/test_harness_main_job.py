@@ -1,0 +1,34 @@
+"""The README's main job (issue 12 item 6), with the shipped CPU recipe: dense, NSA and SCOPE retrieve needles
+beyond the window baseline's reach, the window baseline does not (chance there), and it retrieves inside it.
+
+Slow (minutes on 2 cores): `python -m pytest -m long tests/test_harness_main_job.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from sal_harness import compare
+
+
+@pytest.mark.long
+def test_main_job(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    assert compare.main(["--out-dir", str(tmp_path)]) == 0
+    print(f"main job: {time.perf_counter() - start:.0f} s")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    reach, chance = report["reach"]["window"], report["chance"]["needle"]
+
+    def accuracies(kind: str, beyond: bool) -> list[float]:
+        return [a for d, a in report[kind]["needle"].items() if (int(d) > reach) == beyond]
+
+    # 64 samples per distance: chance (1/32) is ~0.03 +- 0.02, so 0.25 is far outside it and 0.15 well above it.
+    for kind in ("dense", "nsa", "scope"):
+        far = accuracies(kind, beyond=True)
+        assert len(far) >= 3 and min(far) > 0.25, (kind, far)
+    assert max(accuracies("window", beyond=True)) < chance + 0.12
+    assert min(accuracies("window", beyond=False)) > 0.25

@@ -1,0 +1,105 @@
+"""sal_harness.model: every attention kind runs forward and backward on the CPU, is causal, and reaches what
+it should (the window exactly its band, stacked windows n_layer x (w - 1) tokens, SCOPE's padding invisible)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa import NSAAux
+from sal_harness.config import HarnessConfigError, load_run_config
+from sal_harness.model import (
+    GPT,
+    DenseAttentionConfig,
+    GPTConfig,
+    ModelConfig,
+    NSAAttentionConfig,
+    ScopeAttentionConfig,
+    WindowAttentionConfig,
+    receptive_field,
+)
+from scope import ScopeAux
+
+MODEL = ModelConfig(vocab_size=64, n_layer=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=96)
+ATTENTIONS = {
+    "dense": DenseAttentionConfig(),
+    "window": WindowAttentionConfig(window_size=6),
+    "nsa": NSAAttentionConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=8, num_selected=4, window_size=8),
+    "scope": ScopeAttentionConfig(block=16, budget=2, local_blocks=1, max_radius=1, delta_max=64.0),
+}
+AUX = {"dense": type(None), "window": type(None), "nsa": NSAAux, "scope": ScopeAux}
+
+
+def gpt(kind: str, model: ModelConfig = MODEL, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(model=model, attention=ATTENTIONS[kind])).double()
+
+
+@pytest.mark.parametrize("kind", list(ATTENTIONS))
+def test_forward_backward_and_causality(kind: str) -> None:
+    """T=40 is not a multiple of SCOPE's block (16): the padding must not show."""
+    model = gpt(kind)
+    idx = torch.randint(64, (2, 40), generator=torch.Generator().manual_seed(1))
+    out = model(idx, targets=idx, return_aux=True)
+    assert out.logits.shape == (2, 40, 64) and out.loss is not None and torch.isfinite(out.loss)
+    assert out.aux is not None and all(isinstance(a, AUX[kind]) for a in out.aux)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    changed = idx.clone()
+    changed[:, 25:] = (changed[:, 25:] + 7) % 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed).logits[:, :25], out.logits[:, :25].detach(), rtol=0, atol=1e-12)
+        assert not torch.allclose(model(changed).logits[:, 25:], out.logits[:, 25:].detach())
+
+
+def test_window_wider_than_the_sequence_is_dense() -> None:
+    dense = gpt("dense")
+    window = GPT(GPTConfig(model=MODEL, attention=WindowAttentionConfig(window_size=96))).double()
+    window.load_state_dict(dense.state_dict())
+    idx = torch.randint(64, (2, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(window(idx).logits, dense(idx).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_layer", [1, 2, 3])
+def test_stacked_windows_reach_exactly_their_receptive_field(n_layer: int) -> None:
+    """The last position depends on the token n_layer x (w - 1) back, never on the one just before it."""
+    model_config = MODEL.model_copy(update={"n_layer": n_layer})
+    model = GPT(GPTConfig(model=model_config, attention=WindowAttentionConfig(window_size=6))).double()
+    reach = receptive_field(model.config)
+    assert reach == n_layer * 5
+    idx = torch.randint(64, (1, 40), generator=torch.Generator().manual_seed(3))
+    last = 39
+
+    def last_logits_with(position: int) -> torch.Tensor:
+        changed = idx.clone()
+        changed[0, position] = (changed[0, position] + 1) % 64
+        with torch.no_grad():
+            return model(changed).logits[0, last]
+
+    with torch.no_grad():
+        base = model(idx).logits[0, last]
+    assert torch.equal(last_logits_with(last - reach - 1), base)
+    assert not torch.allclose(last_logits_with(last - reach), base)
+
+
+def test_projection_init_is_the_same_for_every_attention() -> None:
+    """q/k/v/o get N(0, init_std) (o scaled for the residual) whatever the attention: runs differ in attention only."""
+    big = ModelConfig(vocab_size=64, n_layer=2, hidden_size=256, num_heads=8, num_kv_heads=4, head_dim=32)
+    stds = {}
+    for kind in ATTENTIONS:
+        model = GPT(GPTConfig(model=big, attention=ATTENTIONS[kind]))
+        attn = model.blocks[0].attn
+        stds[kind] = [float(getattr(attn, n).weight.std()) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    for kind, values in stds.items():
+        assert values[:3] == pytest.approx([0.02] * 3, rel=0.05), kind
+        assert values[3] == pytest.approx(0.02 / 2, rel=0.05), kind
+
+
+def test_attention_rules_are_checked_with_the_model_geometry(tmp_path) -> None:
+    with pytest.raises(HarnessConfigError, match=r"attention.*cmp_stride=3 must divide"):
+        load_run_config([f"out_dir={tmp_path}", "attention.cmp_stride=3"])
+    with pytest.raises(ValueError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
+        ModelConfig(num_heads=3, num_kv_heads=2)
