@@ -12,11 +12,11 @@ tests_status=0
 if [[ " $PARTS " == *" tests "* ]]; then
     # Compiles dominate (serially the suite ran past 9 minutes on the H200): 8 xdist workers share the GPU, each
     # compiling with one inductor thread (inductor's own compile pools under 8 workers stalled past 470 s). The
-    # one slow-compiling case is marked long (tests/test_scope_gpu.py). A timeout: a hung compile must not eat
+    # one slow-compiling case is marked slow (tests/test_scope_gpu.py). A timeout: a hung compile must not eat
     # the whole device call.
     workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8 --dist load)
-    TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${TEST_TIMEOUT:-470}" python3 -m pytest -q -m "gpu and not long" \
+    TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${TEST_TIMEOUT:-470}" python3 -m pytest -q -m "gpu and not slow" \
         -p no:cacheprovider "${workers[@]}" --timeout 400 --durations=30 tests/ >"$OUT/gpu_tests.log" 2>&1 \
         || tests_status=$?
     tail -n 30 "$OUT/gpu_tests.log"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "nsa"))
 F64 = torch.float64
 # float64 comparisons: every op here is O(T * D) sums of O(1) terms, so the rounding error of either
 # side is ~1e-15; 1e-10 leaves five orders of magnitude of slack and still catches any real bug.
-TOL64 = {"rtol": 1e-10, "atol": 1e-10}
+TOL64: dict[str, Any] = {"rtol": 1e-10, "atol": 1e-10}
 
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = F64, scale: float = 1.0) -> torch.Tensor:
@@ -173,3 +174,16 @@ def _fresh_dynamo_per_module():
     on score_mods whose captured tensors require grad (PendingUnbackedSymbolNotFound)."""
     yield
     torch._dynamo.reset()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """`pytest -m long`: the milestone smokes (tests/test_milestones.py), one line each with its outcome, so the
+    run reads as the milestones' state."""
+    smokes = sorted((report.nodeid.rpartition("::")[2], report.outcome)
+                    for reports in terminalreporter.stats.values() for report in reports
+                    if isinstance(report, pytest.TestReport) and "test_milestones.py::test_M" in report.nodeid
+                    and (report.when == "call" or report.outcome != "passed"))
+    if smokes:
+        terminalreporter.section("milestones")
+        for name, outcome in smokes:
+            terminalreporter.write_line(f"{outcome.upper():8} {name}")

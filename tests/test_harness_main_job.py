@@ -15,7 +15,7 @@ import pytest
 from sal_harness import compare
 
 
-@pytest.mark.long
+@pytest.mark.slow
 def test_main_job(tmp_path: Path) -> None:
     start = time.perf_counter()
     assert compare.main(["--out-dir", str(tmp_path)]) == 0

@@ -8,7 +8,7 @@ import torch
 from nsa import NSAAttention, NSAConfig
 
 
-@pytest.mark.long
+@pytest.mark.slow
 def test_64k_forward_runs_on_cpu_and_is_prefix_consistent() -> None:
     """A 64k-token forward of a small paper-block-size layer runs on CPU with finite output, and
     its first 4096 outputs equal a separate 4096-token forward (causality across 60k later tokens,

@@ -166,8 +166,8 @@ def trainable(layer: ScopeAttention) -> dict[str, Tensor]:
 @pytest.mark.parametrize(("bias_impl", "dtype", "backend"), [
     ("score_mod", torch.float32, "flex"),
     # inductor takes over 4 minutes to compile this one's flex kernels (H200, torch 2.11: killed at 235 s, still
-    # compiling), more than the one-call GPU suite can hold: `pytest -m "gpu and long"` runs it on its own.
-    pytest.param("score_mod", torch.bfloat16, "flex", marks=pytest.mark.long), ("qk_aug", torch.float32, "flex"),
+    # compiling), more than the one-call GPU suite can hold: `pytest -m "gpu and slow"` runs it on its own.
+    pytest.param("score_mod", torch.bfloat16, "flex", marks=pytest.mark.slow), ("qk_aug", torch.float32, "flex"),
     ("qk_aug", torch.bfloat16, "triton"), ("qk_aug", torch.float32, "triton"), ("none", torch.bfloat16, "triton"),
 ])
 def test_compiled_layer_forward_backward_matches_float64_reference(bias_impl: str, dtype: torch.dtype,
