@@ -17,6 +17,8 @@ Parts, in one process:
   allows); forward, forward+backward and the peak memory of one forward+backward.
 - kernels: at ``--kernel-len``, each kernel of the fused op timed alone, with its FLOPs and bytes against the
   ceilings measured in the same run (bf16 matmul, device copy).
+- tiles (on request, GPU): the range and selection kernels under candidate tile settings (``tile_variants``) at
+  ``--kernel-len``, each checked against the default tiles' forward and backward before it is timed.
 - module: the whole NSAAttention (projections, MLP phi, gates, o_proj) against a dense attention module with
   the same projections (sal_harness.model.SDPAAttention), hidden size 4096.
 - gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
@@ -292,14 +294,9 @@ def attention_pairs(seq_len: int) -> dict[str, int]:
     return {"cmp": int(cmp), "sel": int(selected), "win": int(window)}
 
 
-def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> list[dict]:
-    """Each kernel of the fused op (nsa.prefill.PrefillRun's steps) timed alone, with its matmul FLOPs."""
-    from nsa.prefill import PrefillRun, PrefillSizes
-
-    shape = SHAPES[shape_name]
-    run = PrefillRun(*nsa_inputs(shape, seq_len, dtype, device, False), None, PrefillSizes(**BLOCKS),
-                     shape.dk**-0.5)
-    run.forward()
+def kernel_steps(run: Any, shape: Shape, seq_len: int) -> list[tuple[str, Callable[[], Any], int]]:
+    """(name, the kernel launch, its matmul FLOPs) for each kernel of a prefill run (nsa.prefill.PrefillRun)
+    whose forward has run."""
     dout = torch.randn_like(run.out)
     dq, delta, grads = torch.empty_like(run.q), [torch.empty_like(run.lse[0]) for _ in range(3)], {}
     pairs = {name: count * shape.heads for name, count in attention_pairs(seq_len).items()}
@@ -310,6 +307,25 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
     for name, fn in (*run.dq_steps(dout, dq, delta), *run.dkdv_steps(dout, delta, grads)):
         branch = name.rsplit("_", 1)[1]
         steps.append((name, fn, pairs[branch] * (dq_flops if name.startswith("dq") else dkdv_flops)))
+    return steps
+
+
+def shape_name(shape: Shape) -> str:
+    return next((name for name, known in SHAPES.items() if known == shape), repr(tuple(shape)))
+
+
+def prefill_run(inputs: list[Tensor], shape: Shape) -> Any:
+    from nsa.prefill import PrefillRun, PrefillSizes
+
+    return PrefillRun(*inputs, None, PrefillSizes(**BLOCKS), shape.dk**-0.5)
+
+
+def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> list[dict]:
+    """Each kernel of the fused op (nsa.prefill.PrefillRun's steps) timed alone, with its matmul FLOPs."""
+    shape = SHAPES[shape_name]
+    run = prefill_run(nsa_inputs(shape, seq_len, dtype, device, False), shape)
+    run.forward()
+    steps = kernel_steps(run, shape, seq_len)
     # The non-finite guard around the fused op (nsa.nonfinite): sanitised inputs, then the rows to poison.
     raw = nsa_inputs(shape, seq_len, dtype, device, False)
     rule = {key: BLOCKS[key] for key in ("block_size", "block_stride", "sel_block_size", "window_size")}
@@ -321,6 +337,64 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
         ms = timed(fn, device)
         rows.append({"impl": "kernel", "kernel": name, "shape": shape_name, "T": seq_len, "ms": round(ms, 3),
                      "tflops": round(flops / ms / 1e9, 1)})
+    return rows
+
+
+KERNEL_NAMES = ("fwd_cmp", "topn", "fwd_sel", "fwd_win", "dq_cmp", "dq_sel", "dq_win", "dkdv_cmp", "dkdv_sel",
+                "dkdv_win")
+TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_cmp", "dkdv_win"),
+                "sel_tiles": ("fwd_sel", "dq_sel", "dkdv_sel")}  # the kernels each PrefillRun tile field governs
+
+
+def tile_variants() -> dict[str, list[Any]]:
+    """Candidate launch settings for the next tuning run, each one or two fields off the defaults. ptxas for sm_90
+    at d = 128 (bench/compile_kernels.py, `cases(..., tiles=...)`, 2026-12-01): no spills except dkv_n = 128
+    (48 bytes of stack in dkdv_cmp, 32 in dkdv_win; kept: fewer q / dO reloads may still win). Left out for
+    spilling: 4 warps in the range kernels (96-200 bytes) and 64 x 128 dk/dv tiles (472 bytes)."""
+    from nsa.kernels.range_attention import RangeTiles
+    from nsa.kernels.selected import SelectedTiles
+
+    return {"range_tiles": [RangeTiles(dkv_n=128), RangeTiles(dq_m=128, dq_n=32), RangeTiles(fwd_n=128),
+                            RangeTiles(max_splits=16)],
+            "sel_tiles": [SelectedTiles(dkv_rows=64), SelectedTiles(chunk=512), SelectedTiles(num_warps=4),
+                          SelectedTiles(dkv_num_warps=4)]}
+
+
+def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
+    """A whole forward and backward of a prefill run: out, the indices, the eight gradients."""
+    out, indices, *lse = run.forward()
+    out, indices = out.clone(), indices.clone()
+    return [out, indices, *run.backward(dout, indices, tuple(lse))]
+
+
+def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]]
+              ) -> list[dict]:
+    """The kernels a tile setting touches, timed under each candidate of ``variants``, after checking that the
+    candidate's forward and backward equal the default tiles' (within bf16 rounding; the selection exactly).
+    Picks the next defaults of nsa/kernels in one device call."""
+    inputs = nsa_inputs(shape, seq_len, dtype, device, False)
+    dout = torch.randn(1, seq_len, shape.heads, shape.dv, device=device, dtype=dtype)
+    reference = run_outputs(prefill_run(inputs, shape), dout)
+    rows = []
+    for field, candidates in variants.items():
+        for tiles in candidates:
+            row: dict[str, Any] = {"impl": "tiles", "shape": shape_name(shape), "T": seq_len, "field": field,
+                                   "tiles": repr(tiles)}
+
+            def work(field: str = field, tiles: Any = tiles, row: dict[str, Any] = row) -> dict[str, Any]:
+                run = prefill_run(inputs, shape)
+                setattr(run, field, tiles)
+                got = run_outputs(run, dout)
+                row["indices_equal"] = torch.equal(got[1], reference[1])
+                pairs = zip(got, reference, strict=True)
+                row["max_rel_err"] = max(relative_error(a, b) for i, (a, b) in enumerate(pairs) if i != 1)
+                if not (row["indices_equal"] and row["max_rel_err"] < CHECK_RTOL):
+                    return {"error": "differs from the default tiles' result"}
+                run.forward()
+                return {name: round(timed(fn, device), 3) for name, fn, _ in kernel_steps(run, shape, seq_len)
+                        if name in TILE_KERNELS[field]}
+
+            rows.append(guarded(row, work))
     return rows
 
 
@@ -428,6 +502,8 @@ def main() -> None:
                 raise SystemExit(f"parity check failed for {shape}: {result}")
     if "kernels" in args.parts and cuda:
         record(kernel_rows("public", args.kernel_len, args.device, dtype))
+    if "tiles" in args.parts and cuda:
+        record(tile_rows(SHAPES["public"], args.kernel_len, args.device, dtype, tile_variants()))
     if "layer" in args.parts:
         impls = args.impls if cuda else ["nsa", "dense"]
         for seq_len in seq_lens:

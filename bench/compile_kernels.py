@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from nsa.kernels import range_attention, selected, topn
-from nsa.kernels.range_attention import tiles_for
+from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.tiles import split_dims
 from nsa.prefill import topn_tile_shape
@@ -59,10 +59,12 @@ def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, 
     return signature
 
 
-def cases(head_dim: int, head_dim_v: int, group: int = 16) -> Iterator[KernelCase]:
-    """Every prefill kernel with the constexprs and launch settings the launchers use at this shape."""
+def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | None = None,
+          sel_tiles: SelectedTiles | None = None) -> Iterator[KernelCase]:
+    """Every prefill kernel with the constexprs and launch settings the launchers use at this shape (or under the
+    given tiles: bench_prefill's tile candidates are checked here before a device run)."""
     dims = split_dims(head_dim, head_dim_v)
-    tiles = tiles_for(max(head_dim, head_dim_v))
+    tiles = tiles or tiles_for(max(head_dim, head_dim_v))
     common = {"GROUP": group, "PRECISION": "tf32", "ROW_T": tl.int32, **dims}
     rules = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
              "win": {"STRIDE": 1, "SPAN": 1, "WINDOW": BLOCKS["window_size"]}}
@@ -82,7 +84,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16) -> Iterator[KernelCas
                       "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                       "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
                       **shape}, 8, 2)
-    sel_tiles = SelectedTiles()
+    sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}
     yield KernelCase("fwd_sel", selected._sel_fwd_kernel, {**sel, "NUM_SELECTED": 16, "HAS_GATE": True,

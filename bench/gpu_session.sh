@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one device session runs: GPU tests, then the benchmarks; results land in $OUT (and bench/results).
 # Test failures do not stop the benchmarks (their numbers are still worth having); the script exits
-# non-zero at the end if any test failed. PARTS picks what runs (default: all of "tests nsa scope").
+# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles" on request).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -27,6 +27,12 @@ if [[ " $PARTS " == *" prefill "* ]]; then
     timeout "${PREFILL_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts check kernels layer module gpt \
         --seq-lens 131072 65536 32768 16384 8192 262144 524288 --other-shape-lens 65536 --results-dir "$OUT" \
         --max-seconds 300 2>&1 | tee "$OUT/bench_prefill.log" || echo "bench_prefill exited with $?"
+fi
+if [[ " $PARTS " == *" tiles "* ]]; then
+    # Tile candidates of the range and selection kernels at 64k (bench_prefill.tile_variants), each checked against the
+    # default tiles' result before it is timed: the next defaults of nsa/kernels (only on request: PARTS=tiles).
+    timeout "${TILES_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts tiles --results-dir "$OUT" \
+        --name prefill_tiles_cuda 2>&1 | tee "$OUT/bench_prefill_tiles.log" || echo "bench_prefill tiles exited with $?"
 fi
 if [[ " $PARTS " == *" nsa "* ]]; then
     timeout 150 python3 -m bench.bench_decode --device cuda --skip-reads --profile 2>&1 | tee "$OUT/bench_decode.log"

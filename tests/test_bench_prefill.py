@@ -1,0 +1,56 @@
+"""bench/bench_prefill.py's tile sweep (the ``tiles`` part), on the CPU through Triton's interpreter at a tiny
+shape and small blocks: each candidate is checked against the default tiles' forward and backward before it
+is timed, only the kernels its field governs are timed, and a candidate that changes the result is refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from bench import bench_prefill
+from nsa.kernels.range_attention import RangeTiles
+from nsa.kernels.selected import SelectedTiles
+
+TINY = bench_prefill.Shape(heads=4, kv_heads=2, dk=16, dv=16)
+SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_selected": 3, "window_size": 8}
+INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2)  # nsa.prefill's CPU tiles
+INTERPRETER_SELECTED = SelectedTiles(4, 1, 16, 8, 4, 1)
+
+
+@pytest.fixture(autouse=True)
+def small_and_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small blocks, and each timing a single call (the interpreter is slow; the times are not under test)."""
+    monkeypatch.setattr(bench_prefill, "BLOCKS", SMALL_BLOCKS)
+    monkeypatch.setattr(bench_prefill, "timed", lambda fn, device: (fn(), 1.0)[1])
+
+
+def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:
+    variants = {"range_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
+                "sel_tiles": [INTERPRETER_SELECTED._replace(dkv_rows=32, chunk=4)]}
+    rows = bench_prefill.tile_rows(TINY, 28, "cpu", torch.float32, variants)
+    assert [row["field"] for row in rows] == ["range_tiles", "sel_tiles"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["indices_equal"] and row["max_rel_err"] < 1e-5
+        timed = {key for key in row if key in bench_prefill.KERNEL_NAMES}
+        assert timed == set(bench_prefill.TILE_KERNELS[row["field"]])
+
+
+def test_tile_sweep_refuses_a_candidate_whose_result_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate that changes the math (here: a run whose softmax scale is off) is reported, never timed."""
+    make = bench_prefill.prefill_run
+    runs: list[Any] = []
+
+    def scale_off_after_the_reference(*args: Any) -> Any:
+        run = make(*args)
+        runs.append(run)
+        if len(runs) > 1:
+            run.scale *= 1.5
+        return run
+
+    monkeypatch.setattr(bench_prefill, "prefill_run", scale_off_after_the_reference)
+    (row,) = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, {"range_tiles": [INTERPRETER_RANGE]})
+    assert row["error"] == "differs from the default tiles' result"
+    assert not set(row) & set(bench_prefill.KERNEL_NAMES)
