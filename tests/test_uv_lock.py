@@ -18,6 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TORCH_WHEEL = "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 TEST_TOOLS = {"pytest", "hypothesis", "ruff", "mypy", "triton"}
+# The wheel test's installers (uv's venvs hold no pip): any recent version, as requirements.txt leaves them to the
+# interpreter's own.
+INSTALLERS = {"pip", "setuptools"}
 PIN = re.compile(r"^([A-Za-z0-9_.-]+)==(\S+)$")
 
 
@@ -77,14 +80,18 @@ def test_torch_is_the_cpu_build_from_the_local_wheel(locked: dict[str, dict[str,
 
 def test_dev_group_holds_the_test_tools(lock: dict[str, Any], locked: dict[str, dict[str, Any]]) -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    group = pins(pyproject["dependency-groups"]["dev"])
+    dev = pyproject["dependency-groups"]["dev"]
+    installers = {normalized(re.split(r"[<>=~! ]", spec)[0]) for spec in dev} & INSTALLERS
+    assert installers == INSTALLERS
+    group = pins([spec for spec in dev if normalized(re.split(r"[<>=~! ]", spec)[0]) not in INSTALLERS])
     assert set(group) >= TEST_TOOLS
     required = requirement_pins()
     assert {name: required.get(name) for name in group} == group, "the dev group pins what requirements.txt pins"
     project = locked["sparse-attention-lab"]
-    assert {normalized(dep["name"]) for dep in project["dev-dependencies"]["dev"]} == set(group)
+    assert {normalized(dep["name"]) for dep in project["dev-dependencies"]["dev"]} == set(group) | INSTALLERS
     # The lock was made from this dev group and these constraints (else: `uv lock`).
-    assert {normalized(dep["name"]): dep["specifier"] for dep in project["metadata"]["requires-dev"]["dev"]} == \
+    locked_group = {normalized(dep["name"]): dep["specifier"] for dep in project["metadata"]["requires-dev"]["dev"]}
+    assert {name: spec for name, spec in locked_group.items() if name not in INSTALLERS} == \
         {name: f"=={version}" for name, version in group.items()}
     constraints = pins(pyproject["tool"]["uv"]["constraint-dependencies"])
     assert {normalized(dep["name"]): dep["specifier"] for dep in lock["manifest"]["constraints"]} == \
