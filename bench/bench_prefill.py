@@ -17,8 +17,9 @@ Parts, in one process:
   allows); forward, forward+backward and the peak memory of one forward+backward.
 - kernels: at ``--kernel-len``, each kernel of the fused op timed alone, with its FLOPs and bytes against the
   ceilings measured in the same run (bf16 matmul, device copy).
-- tiles (on request, GPU): the range and selection kernels under candidate tile settings (``tile_variants``) at
-  ``--kernel-len``, each checked against the default tiles' forward and backward before it is timed.
+- tiles (on request, GPU): the range, top-n and selection kernels under candidate tile settings (``tile_variants``,
+  the defaults first) at ``--kernel-len`` for each of ``--tile-shapes``, each checked against the default tiles'
+  forward and backward before it is timed.
 - module: the whole NSAAttention (projections, MLP phi, gates, o_proj) against a dense attention module with
   the same projections (sal_harness.model.SDPAAttention), hidden size 4096.
 - gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
@@ -343,21 +344,35 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
 KERNEL_NAMES = ("fwd_cmp", "topn", "fwd_sel", "fwd_win", "dq_cmp", "dq_sel", "dq_win", "dkdv_cmp", "dkdv_sel",
                 "dkdv_win")
 TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_cmp", "dkdv_win"),
+                "topn_tiles": ("topn",),
                 "sel_tiles": ("fwd_sel", "dq_sel", "dkdv_sel")}  # the kernels each PrefillRun tile field governs
 
 
-def tile_variants() -> dict[str, list[Any]]:
-    """Candidate launch settings for the next tuning run, each one or two fields off the defaults. ptxas for sm_90
-    at d = 128 (bench/compile_kernels.py, `cases(..., tiles=...)`, 2026-12-01): no spills except dkv_n = 128
-    (48 bytes of stack in dkdv_cmp, 32 in dkdv_win; kept: fewer q / dO reloads may still win). Left out for
-    spilling: 4 warps in the range kernels (96-200 bytes) and 64 x 128 dk/dv tiles (472 bytes)."""
-    from nsa.kernels.range_attention import RangeTiles
+def tile_variants(shape_name: str) -> dict[str, list[Any]]:
+    """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
+    same run), then candidates one or two fields off them. Each compiles without spilling more than 64 bytes
+    for sm_90 (ptxas through bench/compile_kernels.py, `cases(..., tiles=...)`, 2026-12-01); at d = 128 the
+    default dk/dv tiles (128 keys x 32 queries) spill 48 bytes and still ran 1.9x faster than 64 x 32 tiles
+    without spills on the H200."""
+    from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
+    from nsa.kernels.topn import TopnTiles
 
-    return {"range_tiles": [RangeTiles(dkv_n=128), RangeTiles(dq_m=128, dq_n=32), RangeTiles(fwd_n=128),
-                            RangeTiles(max_splits=16)],
-            "sel_tiles": [SelectedTiles(dkv_rows=64), SelectedTiles(chunk=512), SelectedTiles(num_warps=4),
-                          SelectedTiles(dkv_num_warps=4)]}
+    shape = SHAPES[shape_name]
+    ranges, sel, topn = tiles_for(max(shape.dk, shape.dv)), SelectedTiles(), TopnTiles()
+    if shape.dk <= 128:
+        return {"range_tiles": [ranges, ranges._replace(dkv_m=16), ranges._replace(bwd_num_stages=1),
+                                ranges._replace(dq_n=16), ranges._replace(fwd_m=64), ranges._replace(num_stages=4),
+                                ranges._replace(max_splits=16), ranges._replace(dkv_m=64, bwd_num_stages=1)],
+                "topn_tiles": [topn, topn._replace(rows=64), topn._replace(num_warps=4),
+                               topn._replace(rows=64, num_warps=4), topn._replace(rows=256),
+                               topn._replace(num_stages=3)],
+                "sel_tiles": [sel, sel._replace(num_warps=2), sel._replace(dkv_rows=16),
+                              sel._replace(dkv_num_stages=3), sel._replace(num_stages=4), sel._replace(chunk=2048)]}
+    return {"range_tiles": [ranges, ranges._replace(dq_m=64, dq_n=32), ranges._replace(dkv_m=32, dkv_n=64),
+                            ranges._replace(dkv_m=16, dkv_n=128), ranges._replace(dkv_m=32, dkv_n=64, bwd_num_stages=1),
+                            ranges._replace(dq_m=128, dq_n=32)],
+            "sel_tiles": [sel, sel._replace(num_warps=8, dkv_num_warps=8)]}
 
 
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
@@ -465,6 +480,7 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["nsa", "dense", "flex_window", "fla"])
     parser.add_argument("--check-len", type=int, default=2048)
     parser.add_argument("--kernel-len", type=int, default=65536)
+    parser.add_argument("--tile-shapes", nargs="+", default=["public"], help="shapes of the tiles part")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
@@ -502,7 +518,10 @@ def main() -> None:
     if "kernels" in args.parts and cuda:
         record(kernel_rows("public", args.kernel_len, args.device, dtype))
     if "tiles" in args.parts and cuda:
-        record(tile_rows(SHAPES["public"], args.kernel_len, args.device, dtype, tile_variants()))
+        for shape in args.tile_shapes:
+            for field, candidates in tile_variants(shape).items():  # a record per candidate: a timeout keeps the rest
+                for tiles in candidates:
+                    record(tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, {field: [tiles]}))
     if "layer" in args.parts:
         impls = args.impls if cuda else ["nsa", "dense"]
         for seq_len in seq_lens:
@@ -512,8 +531,8 @@ def main() -> None:
                 if time.perf_counter() - started > args.max_seconds:
                     record([{"impl": "skipped", "shape": shape, "T": seq_len, "reason": "--max-seconds"}])
                     continue
-                record(layer_rows(shape, seq_len, args.device, dtype,
-                                  impls if shape == "public" else [i for i in impls if i != "flex_window"]))
+                for impl in impls if shape == "public" else [i for i in impls if i != "flex_window"]:
+                    record(layer_rows(shape, seq_len, args.device, dtype, [impl]))  # a timeout keeps the rows so far
     if "module" in args.parts:
         for seq_len in args.module_lens if cuda else [1024]:
             record(module_rows("public", seq_len, args.device, dtype))
@@ -547,6 +566,13 @@ def target_rows(latest: dict[tuple, dict]) -> list[dict[str, Any]]:
         rows.append({"target": what, "bound": bound, "ratio": round(ratio, 3),
                      "status": "met" if ratio <= bound else f"missed ({ratio / bound:.1f}x the bound)",
                      "commits": f"{mine.get('commit')} / {theirs.get('commit')}"})
+    rows += per_head_rows(latest) + gpt_target_rows(latest)
+    biggest = latest.get(("nsa", "public", 524288, None), {})
+    if biggest:
+        fits = isinstance(biggest.get("fwdbwd_ms"), float)
+        rows.append({"target": "512k forward+backward fits", "bound": "fits",
+                     "ratio": f"{biggest.get('peak_gib')} GiB" if fits else biggest.get("error", "not run"),
+                     "status": "met" if fits else "missed", "commits": biggest.get("commit")})
     for seq_len in sorted({k[2] for k in latest if k[0] == "nsa" and k[1] == "public"}):
         mine, dense = latest[("nsa", "public", seq_len, None)], latest.get(("dense", "public", seq_len, None), {})
         if isinstance(mine.get("peak_gib"), float) and isinstance(dense.get("peak_gib"), float):
@@ -554,6 +580,49 @@ def target_rows(latest: dict[tuple, dict]) -> list[dict[str, Any]]:
             rows.append({"target": f"{seq_len // 1024}k peak memory vs dense", "bound": 1.5, "ratio": round(ratio, 3),
                          "status": "met" if ratio <= 1.5 else "missed", "commits": mine.get("commit")})
     return rows
+
+
+def per_head_rows(latest: dict[tuple, dict]) -> list[dict[str, Any]]:
+    """G=4 and G=12: forward+backward time per query head within 1.3x of G=16's (the public shape) at 64k."""
+    rows = []
+    public = latest.get(("nsa", "public", 65536, None), {})
+    for shape in ("g4", "g12"):
+        mine = latest.get(("nsa", shape, 65536, None), {})
+        if not (isinstance(mine.get("fwdbwd_ms"), float) and isinstance(public.get("fwdbwd_ms"), float)):
+            rows.append({"target": f"{shape} time per head vs G=16 at 64k", "bound": 1.3, "status": "not measured"})
+            continue
+        ratio = (mine["fwdbwd_ms"] / SHAPES[shape].heads) / (public["fwdbwd_ms"] / SHAPES["public"].heads)
+        rows.append({"target": f"{shape} time per head vs G=16 at 64k", "bound": 1.3, "ratio": round(ratio, 3),
+                     "status": "met" if ratio <= 1.3 else f"missed ({ratio / 1.3:.1f}x the bound)",
+                     "commits": f"{mine.get('commit')} / {public.get('commit')}"})
+    return rows
+
+
+GPT_TARGETS = [(16384, 0.5), (65536, 1.0)]  # (T, least NSA / dense tokens/s): 0.5x at 16k, above dense at 64k
+
+
+def gpt_target_rows(latest: dict[tuple, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for seq_len, least in GPT_TARGETS:
+        what = f"GPT tokens/s at {seq_len // 1024}k vs dense (at least)"
+        mine = latest.get(("gpt_nsa", "gpt", seq_len, None), {})
+        dense = latest.get(("gpt_dense", "gpt", seq_len, None), {})
+        if not (mine.get("tokens_per_s") and dense.get("tokens_per_s")):
+            rows.append({"target": what, "bound": least, "status": "not measured"})
+            continue
+        ratio = mine["tokens_per_s"] / dense["tokens_per_s"]
+        rows.append({"target": what, "bound": least, "ratio": round(ratio, 3),
+                     "status": "met" if ratio > least or (least < 1 and ratio == least)
+                     else f"missed ({least / ratio:.1f}x short)",
+                     "commits": f"{mine.get('commit')} / {dense.get('commit')}"})
+    return rows
+
+
+def tile_table(rows: list[dict]) -> str:
+    """Every tile-sweep row (bench_prefill --parts tiles) in run order: the candidate and its kernel times."""
+    tiles = [row for row in rows if row.get("impl") == "tiles"]
+    names = [name for name in KERNEL_NAMES if any(name in row for row in tiles)]
+    return markdown_table(tiles, ["shape", "T", "tiles", *names, "error", "commit"])
 
 
 def write_markdown(path: Path, jsonl: Path) -> None:
@@ -587,6 +656,8 @@ def write_markdown(path: Path, jsonl: Path) -> None:
                                                                  "error", "commit"]), "",
             "## Kernels (each alone; tflops counts the matmul FLOPs of the visible pairs)", "",
             markdown_table(kernels, ["kernel", "shape", "T", "ms", "tflops", "commit"]), "",
+            *(["## Tile candidates (each checked against the default tiles' result, then timed; ms)", "",
+               tile_table(rows), ""] if any(row.get("impl") == "tiles" for row in rows) else []),
             "Ceilings measured in the same runs: " + ", ".join(
                 f"{row.get('matmul_tflops')} TFLOP/s bf16 matmul and {row.get('copy_tbps')} TB/s copy "
                 f"({row.get('commit')})" for row in ceilings), ""]

@@ -28,6 +28,7 @@ from nsa.kernels import range_attention, selected, topn
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.tiles import split_dims
+from nsa.kernels.topn import TopnTiles
 from nsa.prefill import topn_tile_shape
 
 FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
@@ -78,12 +79,14 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel,
                          {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True},
                          tiles.num_warps, tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
-    shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"], 128)
+    topn_tiles = TopnTiles()
+    shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
+                            topn_tiles.rows)
     yield KernelCase("topn", topn._topn_kernel,
                      {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],
                       "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                       "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
-                      **shape}, 8, 2)
+                      **shape}, topn_tiles.num_warps, topn_tiles.num_stages)
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}

@@ -4,6 +4,7 @@ is timed, only the kernels its field governs are timed, and a candidate that cha
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -54,3 +55,40 @@ def test_tile_sweep_refuses_a_candidate_whose_result_differs(monkeypatch: pytest
     (row,) = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, {"range_tiles": [INTERPRETER_RANGE]})
     assert row["error"] == "differs from the default tiles' result"
     assert not set(row) & set(bench_prefill.KERNEL_NAMES)
+
+
+def test_markdown_states_each_target_from_the_rows(tmp_path: Any) -> None:
+    """The targets table of prefill_cuda.md: ratios from the rows, met / missed / not measured, the GPT and per-head
+    targets and the 512k fit; every tile-sweep row is listed in run order."""
+    rows = [
+        {"impl": "nsa", "shape": "public", "T": 65536, "fwd_ms": 20.0, "fwdbwd_ms": 64.0, "peak_gib": 10.0},
+        {"impl": "dense", "shape": "public", "T": 65536, "fwd_ms": 100.0, "fwdbwd_ms": 400.0, "peak_gib": 8.0},
+        {"impl": "nsa", "shape": "g4", "T": 65536, "fwdbwd_ms": 32.0},  # 2 ms per head against 1 ms: missed
+        {"impl": "nsa", "shape": "g12", "T": 65536, "fwdbwd_ms": 60.0},  # 1.25 ms per head: met
+        {"impl": "gpt_nsa", "shape": "gpt", "T": 16384, "tokens_per_s": 600},
+        {"impl": "gpt_dense", "shape": "gpt", "T": 16384, "tokens_per_s": 1000},
+        {"impl": "nsa", "shape": "public", "T": 524288, "error": "out of memory"},
+        {"impl": "tiles", "shape": "public", "T": 65536, "tiles": "A", "dq_cmp": 2.0},
+        {"impl": "tiles", "shape": "public", "T": 65536, "tiles": "B", "dq_cmp": 1.0},
+    ]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows))
+    markdown = tmp_path / "rows.md"
+    bench_prefill.write_markdown(markdown, jsonl)
+    lines = markdown.read_text().splitlines()
+
+    def status(target: str) -> list[str]:
+        (line,) = [line for line in lines if line.startswith(f"| {target} |")]
+        return [cell.strip() for cell in line.split("|")[2:5]]
+
+    assert status("64k forward+backward vs dense") == ["0.2", "0.16", "met"]
+    assert status("64k forward vs dense") == ["0.2", "0.2", "met"]
+    assert status("64k forward vs fla") == ["0.4", "", "not measured"]
+    assert status("g4 time per head vs G=16 at 64k") == ["1.3", "2.0", "missed (1.5x the bound)"]
+    assert status("g12 time per head vs G=16 at 64k") == ["1.3", "1.25", "met"]
+    assert status("GPT tokens/s at 16k vs dense (at least)") == ["0.5", "0.6", "met"]
+    assert status("GPT tokens/s at 64k vs dense (at least)") == ["1.0", "", "not measured"]
+    assert status("512k forward+backward fits") == ["fits", "out of memory", "missed"]
+    assert status("64k peak memory vs dense") == ["1.5", "1.25", "met"]
+    tile_lines = [line for line in lines if line.startswith("| public | 65536 |")]
+    assert [line.split("|")[3].strip() for line in tile_lines] == ["A", "B"]

@@ -60,10 +60,10 @@ class RangeTiles(NamedTuple):
 
     fwd_m: int = 128
     fwd_n: int = 64
-    dq_m: int = 64
-    dq_n: int = 64
+    dq_m: int = 128
+    dq_n: int = 32
     dkv_m: int = 32
-    dkv_n: int = 64
+    dkv_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
     bwd_num_stages: int = 2
@@ -377,10 +377,12 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
 
 
 def tiles_for(head_dim: int) -> RangeTiles:
-    """Tiles that compile without register spills for sm_90 at the widest head dim (checked with ptxas:
-    bench/compile_kernels.py); narrower query tiles for wider heads."""
+    """Tiles for the widest head dim, picked by the H200 tile sweep (bench_prefill --parts tiles, 2026-12-01, the
+    public and paper shapes at 64k): long, narrow dq (128 queries x 32 keys) and dk/dv tiles (128 keys x 16-32
+    queries) ran 1.4-2.8x faster than square ones although ptxas (bench/compile_kernels.py) reports 24-48 bytes
+    of spills for them; narrower forward tiles for wider heads. 256: untuned, spill-free."""
     if head_dim <= 128:
         return RangeTiles()
     if head_dim <= 192:
-        return RangeTiles(fwd_m=64, dq_m=32, dkv_m=64, dkv_n=32)
-    return RangeTiles(fwd_m=32, dq_m=32, dkv_m=32, dkv_n=32)
+        return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=16, dkv_n=128)
+    return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32)

@@ -52,11 +52,11 @@ class SelectedTiles(NamedTuple):
     """fwd/dq: launch settings of the per-(token, kv head) programs; dkv_rows: gathered rows per dk/dv step
     (BQ tokens x GP heads); chunk: tokens per dk/dv program."""
 
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
     dkv_rows: int = 32
     chunk: int = 1024
-    dkv_num_warps: int = 8
+    dkv_num_warps: int = 4
     dkv_num_stages: int = 2
 
 

@@ -47,8 +47,8 @@ KEEP = tl.constexpr((1 << 63) - 64)  # slots past n - 3 hold KEEP + i: above eve
 class TopnTiles(NamedTuple):
     """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings."""
 
-    rows: int = 128
-    num_warps: int = 8
+    rows: int = 64
+    num_warps: int = 4
     num_stages: int = 2
 
 
