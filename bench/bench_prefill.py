@@ -360,6 +360,8 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
 
     shape = SHAPES[shape_name]
     ranges, sel, topn = tiles_for(max(shape.dk, shape.dv)), SelectedTiles(), TopnTiles()
+    if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
+        return {"sel_tiles": [sel, sel._replace(rows=16), sel._replace(rows=32), sel._replace(rows=64)]}
     if shape.dk <= 128:
         return {"range_tiles": [ranges, ranges._replace(dkv_m=16), ranges._replace(bwd_num_stages=1),
                                 ranges._replace(dq_n=16), ranges._replace(fwd_m=64), ranges._replace(num_stages=4),

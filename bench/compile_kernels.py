@@ -34,7 +34,7 @@ from nsa.prefill import topn_tile_shape
 FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
 INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
                   "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "list_end_ptr", "block_seq_ptr",
-                  "cu_blocks_ptr", "list_chunks_ptr")
+                  "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr")
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 
 
@@ -90,12 +90,15 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}
-    yield KernelCase("fwd_sel", selected._sel_fwd_kernel, {**sel, "NUM_SELECTED": 16, "HAS_GATE": True,
-                                                           "ACCUMULATE": True}, sel_tiles.num_warps,
-                     sel_tiles.num_stages)
-    yield KernelCase("dq_sel", selected._sel_dq_kernel, {**sel, "NUM_SELECTED": 16, "HAS_GATE": True,
-                                                         "ACCUMULATE": True}, sel_tiles.num_warps,
-                     sel_tiles.num_stages)
+    # fwd / dq as launched, and with 4 tokens x G = 4 per program, walking the union of their blocks
+    for suffix, sel_group, rows in (("", group, sel_tiles.rows), ("_g4", 4, 16)):
+        query = selected.query_tile_shape(sel_group, rows)
+        query = {**sel, "GROUP": sel_group, **query, "NUM_SELECTED": 16, "NP": 16, "UNION": query["BQ"] * 16,
+                 "HAS_GATE": True, "ACCUMULATE": True}
+        yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, query, sel_tiles.num_warps,
+                         sel_tiles.num_stages)
+        yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, query, sel_tiles.num_warps,
+                         sel_tiles.num_stages)
     yield KernelCase("dkdv_sel", selected._sel_dkdv_kernel,
                      {**sel, "BQ": max(1, sel_tiles.dkv_rows // gp), "CHUNK": sel_tiles.chunk,
                       "BLOCK_DK": max(16, triton.next_power_of_2(head_dim)), "HAS_GATE": True},

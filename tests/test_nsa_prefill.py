@@ -28,6 +28,9 @@ from nsa.kernels import tiles
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 SMALL = {"block_size": 8, "block_stride": 4, "sel_block_size": 16, "num_selected": 5, "window_size": 20}
+# Many small selection blocks and few picks: neighbouring queries choose different blocks (with SMALL every
+# query of a short sequence selects all its blocks).
+CHOOSY = {"block_size": 8, "block_stride": 4, "sel_block_size": 4, "num_selected": 5, "window_size": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -228,3 +231,48 @@ def test_gpt_traces_as_one_graph_with_one_fused_op_per_layer():
     assert len(graphs) == 1
     assert sum("nsa.prefill" in str(node.target) for node in graphs[0].graph.nodes) == 2
     torch.testing.assert_close(logits, model(tokens).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(64, 6, 2), (32, 2, 2), (16, 16, 2)])
+def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads, kv_heads):
+    """The selection forward / dq with several neighbouring tokens per program (SelectedTiles.rows = BQ tokens x
+    the group: BQ = 16 for G = 3, 32 for G = 1, 2 for G = 8) walk the union of their tokens' blocks; a packed
+    batch puts tile edges inside sequences and sequence ends inside tiles; CHOOSY blocks make neighbours pick
+    different blocks (a row that read a block it did not select fails this test)."""
+    make_tiles = prefill._tiles
+
+    def wider_query_tiles(device, head_dim):
+        ranges, topn, selected = make_tiles(device, head_dim)
+        return ranges, topn, selected._replace(rows=rows)
+
+    monkeypatch.setattr(prefill, "_tiles", wider_query_tiles)
+    lengths = [21, 3, 40]
+    check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=rows), CHOOSY, lengths)
+
+
+def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
+    """query_tiles' lists against a plain Python union per (tile, kv head): every distinct block a tile's tokens
+    selected, ascending, nothing else; tiles restart at each sequence; programs past the last tile get none."""
+    from nsa.kernels.selected import SelectedTiles, query_tiles
+    from nsa.kernels.tiles import packed_varlen
+
+    lengths, num_kv_heads, num_selected, block = [5, 1, 11], 2, 3, 4
+    cu = torch.tensor([0, 5, 6, 17], dtype=torch.int32)
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    indices = torch.randint(0, 3, (17, num_kv_heads, num_selected), generator=generator, dtype=torch.int32)
+    indices = torch.where(indices <= (positions // block)[:, None, None], indices, -1)  # -1: an unused slot
+    tiles = query_tiles(indices, packed_varlen(cu, 17), group=4, tiles=SelectedTiles(rows=16))  # GP 4, BQ 4
+    assert tiles.constexprs["BQ"] == 4
+    expected = []
+    for start, length in zip(cu[:-1].tolist(), lengths, strict=True):
+        for first in range(0, length, 4):
+            tokens = range(start + first, start + min(first + 4, length))
+            expected.append([sorted({j for t in tokens for j in indices[t, h].tolist() if j >= 0})
+                             for h in range(num_kv_heads)])
+    blocks = tiles.blocks.view(tiles.table.grid, num_kv_heads, -1)
+    counts = tiles.counts.view(tiles.table.grid, num_kv_heads)
+    for program in range(tiles.table.grid):
+        for h in range(num_kv_heads):
+            got = blocks[program, h, :counts[program, h]].tolist()
+            assert got == (expected[program][h] if program < len(expected) else []), (program, h)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
 
-from nsa import NSAAttention, NSAConfig, nsa_attention
+from nsa import NSAAttention, NSAConfig, nsa_attention, prefill
 from nsa.compress_pool import compress_mean_pool
 
 pytestmark = pytest.mark.gpu
@@ -44,6 +44,24 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     (64, 1, 64, 64, 1024),  # G = 64
 ])
 def test_prefill_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
+@pytest.mark.parametrize(("rows", "heads", "kv_heads", "dk", "dv", "seq_len"), [
+    (16, 16, 4, 64, 64, 3000),  # G = 4: 4 tokens per program
+    (64, 16, 4, 128, 128, 2048),  # 16 tokens per program
+    (32, 4, 4, 256, 256, 1024),  # G = 1, the widest head: 32 tokens per program
+])
+def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads, kv_heads, dk, dv, seq_len):
+    """The selection forward / dq with several neighbouring tokens per program, over the union of their blocks
+    (SelectedTiles.rows; tests/test_nsa_prefill.py checks it in the interpreter)."""
+    make_tiles = prefill._tiles
+    monkeypatch.setattr(prefill, "_tiles", lambda device, head_dim: (
+        *make_tiles(device, head_dim)[:2], make_tiles(device, head_dim)[2]._replace(rows=rows)))
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
+def _check_against_reference(heads: int, kv_heads: int, dk: int, dv: int, seq_len: int) -> None:
     inputs = _inputs(seq_len, heads, kv_heads, dk, dv)
     out, indices = nsa_attention(*inputs, **BLOCKS, backend="triton")
     dout = torch.randn_like(out)

@@ -1,9 +1,14 @@
 """Triton kernels of NSA's selection branch: attention over the blocks each query group selected.
 
-Forward and dq: one program per (token, kv head) takes the G query heads of the group as the rows of every
-tl.dot (padded to GP >= 16), so each selected K/V block is loaded once for the whole group; programs of one
-kv head run together (token-major grid), so the blocks they share stay in L2. The dq kernel uses the same
-one-pass A / B / delta form as nsa.kernels.range_attention (no branch output is kept for the backward).
+Forward and dq: one program per (tile of BQ neighbouring tokens, kv head) takes the G query heads of the group
+for each of its tokens as the rows of every tl.dot (BQ x GP rows, GP = G padded to a power of two), so each
+selected K/V block is loaded once for the whole group. With BQ = 1 (G > 8 at the default 16 rows) the program
+walks its token's n blocks; with BQ > 1 (small groups fill the tile with neighbouring tokens instead of padding
+rows) it walks the union of its tokens' blocks, ascending (``query_tiles`` builds the lists on the device), once
+each, masking the rows that did not select a block: a block chosen by several neighbours is loaded once for
+all of them. Every row still meets its own blocks in ascending order, so its online softmax runs as with BQ = 1.
+Programs of one kv head run together (token-major grid), so the blocks they share stay in L2. The dq kernel uses
+the same one-pass A / B / delta form as nsa.kernels.range_attention (no branch output is kept for the backward).
 
 dk/dv: the selections are inverted into per-(kv head, block) lists of the tokens that selected the block
 (``selection_lists``: a stable sort, so each list is in token order), cut into chunks of at most CHUNK tokens.
@@ -35,6 +40,7 @@ from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
     LOG2E,
     Packed,
+    TileTable,
     dot_precision,
     load_at,
     load_tile,
@@ -42,6 +48,8 @@ from nsa.kernels.tiles import (
     split_dims,
     store_at,
     store_tile,
+    tile_origin,
+    tile_table,
     token_sequences,
 )
 
@@ -49,8 +57,10 @@ allow_loaded_loop_bounds()
 
 
 class SelectedTiles(NamedTuple):
-    """fwd/dq: launch settings of the per-(token, kv head) programs; dkv_rows: gathered rows per dk/dv step
-    (BQ tokens x GP heads); chunk: tokens per dk/dv program."""
+    """fwd/dq: launch settings, and ``rows``: query rows per program (``query_tiles``: rows // GP neighbouring
+    tokens x the group's heads padded to a power of two GP, over the union of their blocks; 0, the default until
+    the H200 times it: one token per program); dkv_rows: gathered rows per dk/dv step (BQ tokens x GP heads,
+    GP >= 16); chunk: tokens per dk/dv program."""
 
     num_warps: int = 4
     num_stages: int = 3
@@ -58,121 +68,160 @@ class SelectedTiles(NamedTuple):
     chunk: int = 1024
     dkv_num_warps: int = 4
     dkv_num_stages: int = 2
+    rows: int = 0
 
 
 @triton.jit
-def _group_rows(ptr, tok, hk, stride_t, stride_h, GROUP: tl.constexpr, GP: tl.constexpr):
-    """(pointer to token row tok, offsets and validity of its GP (padded) query-head rows of kv head hk)."""
-    g = tl.arange(0, GP)
-    return ptr + tok * stride_t, (hk * GROUP + g) * stride_h, g < GROUP
-
-
-@triton.jit
-def _block_keys(idx_ptr, slot, t, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(first position of the block in ``slot`` as int64, which of its BLOCK_S rows the query at t reads; an
-    unused slot reads none)."""
-    j = tl.load(idx_ptr + slot)
-    offs = tl.arange(0, BLOCK_S)
-    return j.to(tl.int64) * SEL_BLOCK, (j >= 0) & (offs < SEL_BLOCK) & (j * SEL_BLOCK + offs <= t)
-
-
-@triton.jit
-def _token_group(q_ptr, idx_ptr, cu_ptr, token_seq_ptr, stride_qt, stride_qh, stride_it, stride_ih,
-                 GROUP: tl.constexpr, GP: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
-    """This program's (token, kv head): (token row, kv head, its sequence's first row, its position t, the G
-    query rows (q1, q2) and their validity, the query heads, the pointer to its selected block indices)."""
-    tok = tl.program_id(0).to(tl.int64)
+def _query_rows(q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP: tl.constexpr,
+                GP: tl.constexpr, BQ: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """This program's rows: BQ neighbouring tokens of one sequence x the GP (padded) query heads of kv head hk,
+    token-major. -> (kv head, sequence's first row, tile's first row (int64), each row's token within the tile,
+    position, validity and query head, the last position of the tile, q1, q2)."""
     hk = tl.program_id(1)
-    tok0 = tl.load(cu_ptr + tl.load(token_seq_ptr + tok)).to(tl.int64)
-    q_row, q_heads, head_ok = _group_rows(q_ptr, tok, hk, stride_qt, stride_qh, GROUP, GP)
-    q1, q2 = load_split_at(q_row, q_heads, head_ok, DQK, D1, D2)
-    heads = hk * GROUP + tl.arange(0, GP)
-    return tok, hk, tok0, tok - tok0, q1, q2, head_ok, heads, idx_ptr + tok * stride_it + hk * stride_ih
+    tok0, seq_len, _, _, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_ptr, cu_ptr, num_seqs, BQ)
+    r = tl.arange(0, BQ * GP)
+    local = r // GP
+    t = first + local
+    g = r % GP
+    ok = (t < seq_len) & (g < GROUP)
+    heads = hk * GROUP + g
+    row0 = tok0 + first
+    q1, q2 = load_split_at(q_ptr + row0 * stride_qt, local * stride_qt + heads * stride_qh, ok, DQK, D1, D2)
+    last = tl.minimum(first + BQ, seq_len) - 1
+    return hk, tok0, row0, local, t, ok, heads, last, q1, q2
 
 
 @triton.jit
-def _block_scores(q1, q2, k_base, slots, slot, t, stride_kt, qk_scale, SEL_BLOCK: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Scores of the group's queries against the selected block in ``slot``: (s, -inf where not read; the block's
-    first row; which of its rows are read; k1; k2)."""
-    start, key_ok = _block_keys(slots, slot, t, SEL_BLOCK, BLOCK_S)
-    k1, k2 = load_split(k_base + start * stride_kt, tl.arange(0, BLOCK_S), key_ok, stride_kt, DQK, D1, D2)
+def _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale, SEL_BLOCK: tl.constexpr,
+                BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Scores of the rows against selection block ``block`` (-1: none), -inf where a row does not read a key (not
+    its selection: ``reads`` False; or after its position). -> (s, the block's first row, which of its rows are
+    loaded, k1, k2)."""
+    offs = tl.arange(0, BLOCK_S)
+    pos = block * SEL_BLOCK + offs
+    key_ok = (block >= 0) & (offs < SEL_BLOCK) & (pos <= last)
+    start = tl.maximum(block, 0).to(tl.int64) * SEL_BLOCK
+    k1, k2 = load_split(k_base + start * stride_kt, offs, key_ok, stride_kt, DQK, D1, D2)
     s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
-    return tl.where(key_ok[None, :], s, float("-inf")), start, key_ok, k1, k2
+    seen = reads[:, None] & key_ok[None, :] & (pos[None, :] <= t[:, None])
+    return tl.where(seen, s, float("-inf")), start, key_ok, k1, k2
+
+
+@triton.jit
+def _union_reads(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it, stride_ih,
+                 NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr):
+    """For a tile of several tokens: its rows' selected blocks [rows, NP] (-1 unused), where its union list (the
+    distinct blocks its tokens selected, ascending) starts, and its length."""
+    slots = tl.arange(0, NP)
+    chosen = tl.load(idx_ptr + (row0 + local)[:, None] * stride_it + hk * stride_ih + slots[None, :],
+                     mask=ok[:, None] & (slots < NUM_SELECTED)[None, :], other=-1)
+    list_id = tl.program_id(0).to(tl.int64) * num_kv_heads + hk
+    return chosen, union_ptr + list_id * UNION, tl.load(count_ptr + list_id)
 
 
 @triton.jit
 def _sel_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, out_ptr, lse_ptr, cu_ptr, token_seq_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_it, stride_ih,
-    stride_ot, stride_oh, num_heads, qk_scale,
-    GROUP: tl.constexpr, GP: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, out_ptr, lse_ptr, cu_ptr, tile_seq_ptr,
+    tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
+    stride_it, stride_ih, stride_ot, stride_oh, num_heads, num_kv_heads, num_seqs, qk_scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    tok, hk, tok0, t, q1, q2, head_ok, heads, slots = _token_group(
-        q_ptr, idx_ptr, cu_ptr, token_seq_ptr, stride_qt, stride_qh, stride_it, stride_ih, GROUP, GP, DQK, D1, D2)
+    hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
+        q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
-    for slot in range(0, NUM_SELECTED):
-        s, start, key_ok, _, _ = _block_scores(q1, q2, k_base, slots, slot, t, stride_kt, qk_scale, SEL_BLOCK,
-                                               BLOCK_S, DQK, D1, D2, PRECISION)
-        v = load_tile(v_base + start * stride_vt, tl.arange(0, BLOCK_S), key_ok, stride_vt, 0, BLOCK_DV, DV)
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
+    offs = tl.arange(0, BLOCK_S)
+    m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BQ * GP], tl.float32)
+    acc = tl.zeros([BQ * GP, BLOCK_DV], tl.float32)
+    if BQ == 1:  # one token: its own selection, slot by slot
+        for slot in range(0, NUM_SELECTED):
+            block = tl.load(idx_ptr + row0 * stride_it + hk * stride_ih + slot, mask=last >= 0, other=-1)
+            s, start, key_ok, _, _ = _block_tile(q1, q2, k_base, block, ok, t, last, stride_kt, qk_scale, SEL_BLOCK,
+                                                 BLOCK_S, DQK, D1, D2, PRECISION)
+            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
+    else:  # several tokens: each block of their union once, for the rows that selected it
+        chosen, union, count = _union_reads(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads,
+                                            stride_it, stride_ih, NUM_SELECTED, NP, UNION)
+        for u in range(0, count):
+            block = tl.load(union + u)
+            reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
+            s, start, key_ok, _, _ = _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale,
+                                                 SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION)
+            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
-    tl.store(lse_ptr + tok * num_heads + heads, lse, mask=head_ok)
+    tl.store(lse_ptr + (row0 + local) * num_heads + heads, lse, mask=ok)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + tok * stride_gt + heads * stride_gh, mask=head_ok, other=0.0)
+        gate = tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok, other=0.0)
         out = out * gate.to(tl.float32)[:, None]
-    out_row, out_heads, _ = _group_rows(out_ptr, tok, hk, stride_ot, stride_oh, GROUP, GP)
+    out_offsets = local * stride_ot + heads * stride_oh
     if ACCUMULATE:
-        out += load_at(out_row, out_heads, head_ok, 0, BLOCK_DV, DV).to(tl.float32)
-    store_at(out_row, out_heads, head_ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+        out += load_at(out_ptr + row0 * stride_ot, out_offsets, ok, 0, BLOCK_DV, DV).to(tl.float32)
+    store_at(out_ptr + row0 * stride_ot, out_offsets, ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
 
 
 @triton.jit
 def _sel_dq_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, token_seq_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_it, stride_ih,
-    stride_dot, stride_doh, stride_dqt, stride_dqh, num_heads, qk_scale, scale,
-    GROUP: tl.constexpr, GP: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr,
+    tile_seq_ptr, tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt,
+    stride_gh, stride_it, stride_ih, stride_dot, stride_doh, stride_dqt, stride_dqh, num_heads, num_kv_heads,
+    num_seqs, qk_scale, scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    tok, hk, tok0, t, q1, q2, head_ok, heads, slots = _token_group(
-        q_ptr, idx_ptr, cu_ptr, token_seq_ptr, stride_qt, stride_qh, stride_it, stride_ih, GROUP, GP, DQK, D1, D2)
-    a1, a2 = zeros_split(GP, D1, D2)
-    b1, b2 = zeros_split(GP, D1, D2)
-    do_row, do_heads, _ = _group_rows(do_ptr, tok, hk, stride_dot, stride_doh, GROUP, GP)
-    do = load_at(do_row, do_heads, head_ok, 0, BLOCK_DV, DV)
-    lse = tl.load(lse_ptr + tok * num_heads + heads, mask=head_ok, other=float("inf"))
+    hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
+        q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
+    a1, a2 = zeros_split(BQ * GP, D1, D2)
+    b1, b2 = zeros_split(BQ * GP, D1, D2)
+    do = load_at(do_ptr + row0 * stride_dot, local * stride_dot + heads * stride_doh, ok, 0, BLOCK_DV, DV)
+    lse = tl.load(lse_ptr + (row0 + local) * num_heads + heads, mask=ok, other=float("inf"))
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
-    delta = tl.zeros([GP], tl.float32)
-    for slot in range(0, NUM_SELECTED):
-        s, start, key_ok, k1, k2 = _block_scores(q1, q2, k_base, slots, slot, t, stride_kt, qk_scale, SEL_BLOCK,
-                                                 BLOCK_S, DQK, D1, D2, PRECISION)
-        v = load_tile(v_base + start * stride_vt, tl.arange(0, BLOCK_S), key_ok, stride_vt, 0, BLOCK_DV, DV)
-        delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2, D2,
-                                        PRECISION)
-    tl.store(delta_ptr + tok * num_heads + heads, delta, mask=head_ok)
-    factor = tl.zeros([GP], tl.float32) + scale
+    offs = tl.arange(0, BLOCK_S)
+    delta = tl.zeros([BQ * GP], tl.float32)
+    if BQ == 1:
+        for slot in range(0, NUM_SELECTED):
+            block = tl.load(idx_ptr + row0 * stride_it + hk * stride_ih + slot, mask=last >= 0, other=-1)
+            s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, block, ok, t, last, stride_kt, qk_scale,
+                                                   SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION)
+            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
+            delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2,
+                                            D2, PRECISION)
+    else:
+        chosen, union, count = _union_reads(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads,
+                                            stride_it, stride_ih, NUM_SELECTED, NP, UNION)
+        for u in range(0, count):
+            block = tl.load(union + u)
+            reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
+            s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale,
+                                                   SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION)
+            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
+            delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2,
+                                            D2, PRECISION)
+    tl.store(delta_ptr + (row0 + local) * num_heads + heads, delta, mask=ok)
+    factor = tl.zeros([BQ * GP], tl.float32) + scale
     if HAS_GATE:
-        factor *= tl.load(gate_ptr + tok * stride_gt + heads * stride_gh, mask=head_ok, other=0.0).to(tl.float32)
-    dq_row, dq_heads, _ = _group_rows(dq_ptr, tok, hk, stride_dqt, stride_dqh, GROUP, GP)
+        factor *= tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok,
+                          other=0.0).to(tl.float32)
+    dq_row = dq_ptr + row0 * stride_dqt
+    dq_offsets = local * stride_dqt + heads * stride_dqh
     dq1 = (a1 - delta[:, None] * b1) * factor[:, None]
     if ACCUMULATE:
-        dq1 += load_at(dq_row, dq_heads, head_ok, 0, D1, DQK).to(tl.float32)
-    store_at(dq_row, dq_heads, head_ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
+        dq1 += load_at(dq_row, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
+    store_at(dq_row, dq_offsets, ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
     if D2 > 0:
         dq2 = (a2 - delta[:, None] * b2) * factor[:, None]
         if ACCUMULATE:
-            dq2 += load_at(dq_row, dq_heads, head_ok, D1, D2, DQK).to(tl.float32)
-        store_at(dq_row, dq_heads, head_ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+            dq2 += load_at(dq_row, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
+        store_at(dq_row, dq_offsets, ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
 
 
 @triton.jit
@@ -325,17 +374,79 @@ def _gate_args(gate: Tensor | None, q: Tensor) -> tuple[Tensor, int, int]:
     return (q, 0, 0) if gate is None else (gate, gate.stride(0), gate.stride(1))
 
 
+class QueryTiles(NamedTuple):
+    """The forward / dq programs' tiles: BQ neighbouring tokens of one sequence per program (tile table), and for
+    BQ > 1 the union of each (tile, kv head)'s selected blocks, ascending: ``blocks`` int32 [grid * H_kv, BQ * n]
+    (only the first ``counts`` [grid * H_kv] entries are read)."""
+
+    table: TileTable
+    blocks: Tensor
+    counts: Tensor
+    constexprs: dict[str, int]
+
+
+def query_tile_shape(group: int, rows: int) -> dict[str, int]:
+    """BQ = rows // GP tokens per program, GP = G rounded up to a power of two, at least 16 rows (tl.dot's smallest
+    M): a small group fills its tile with neighbouring tokens instead of padding rows. BQ = 1 (rows < 2 GP, e.g.
+    0): one token per program, its group padded to 16 rows."""
+    gp = triton.next_power_of_2(group)
+    bq = max(1, rows // gp)
+    if bq == 1:
+        gp = max(16, gp)
+    return {"GP": gp, "BQ": max(bq, 16 // gp)}
+
+
+def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: SelectedTiles) -> QueryTiles:
+    """The tiles of ``query_tile_shape`` over the packed sequences, with their union lists. No host sync."""
+    shape = query_tile_shape(group, tiles.rows)
+    gp, bq = shape["GP"], shape["BQ"]
+    num_kv_heads, num_selected = block_indices.shape[1:]
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, bq)
+    constexprs = {"GP": gp, "BQ": bq, "NP": triton.next_power_of_2(num_selected), "UNION": bq * num_selected}
+    if bq == 1:  # each program reads its token's own indices
+        return QueryTiles(table, block_indices, block_indices, constexprs)
+    device = block_indices.device
+    seq = table.seq.long().clamp_max(packed.num_seqs - 1)
+    lengths = (packed.cu[1:] - packed.cu[:-1]).long()
+    first = (torch.arange(table.grid, device=device) - table.first[seq].long()) * bq
+    position = first[:, None] + torch.arange(bq, device=device)  # [grid, BQ]
+    live = (table.seq.long() < packed.num_seqs)[:, None] & (position < lengths[seq][:, None])
+    rows = (packed.cu[seq].long()[:, None] + position).clamp(0, max(packed.total - 1, 0))
+    chosen = block_indices[rows].long() if packed.total else block_indices.new_zeros(table.grid, bq, num_kv_heads,
+                                                                                       num_selected).long()
+    never = 1 << 40  # sorts after every block
+    chosen = torch.where(live[:, :, None, None] & (chosen >= 0), chosen, never)
+    ordered = chosen.permute(0, 2, 1, 3).reshape(table.grid * num_kv_heads, bq * num_selected).sort(-1).values
+    repeated = torch.zeros_like(ordered, dtype=torch.bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    ordered = torch.where(repeated, never, ordered).sort(-1).values
+    counts = (ordered < never).sum(-1).to(torch.int32)
+    return QueryTiles(table, torch.where(ordered < never, ordered, -1).to(torch.int32), counts, constexprs)
+
+
+def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: Packed, sel_block_size: int,
+               tiles: SelectedTiles) -> tuple[QueryTiles, dict]:
+    group = q.shape[1] // k.shape[1]
+    query = query_tiles(block_indices, packed, group, tiles)
+    args = {"GROUP": group, "SEL_BLOCK": sel_block_size, "BLOCK_S": max(16, triton.next_power_of_2(sel_block_size)),
+            "PRECISION": dot_precision(q.dtype), "NUM_SELECTED": block_indices.shape[-1], **query.constexprs,
+            **split_dims(q.shape[-1], v.shape[-1])}
+    return query, args
+
+
 def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, out: Tensor,
                      lse: Tensor, packed: Packed, sel_block_size: int, scale: float, accumulate: bool,
                      tiles: SelectedTiles) -> None:
     """out[rows] (+)= gate * attention over the selected blocks; lse[rows] base 2 (+inf: nothing selected)."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
-    _sel_fwd_kernel[(q.shape[0], k.shape[1])](
-        q, k, v, gate_t, block_indices, out, lse, packed.cu, token_sequences(packed),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
-        block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1), q.shape[1], scale * LOG2E,
-        NUM_SELECTED=block_indices.shape[-1], HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **_launch_args(q, k, v, sel_block_size), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles)
+    _sel_fwd_kernel[(query.table.grid, k.shape[1])](
+        q, k, v, gate_t, block_indices, query.blocks, query.counts, out, lse, packed.cu, query.table.seq,
+        query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt,
+        stride_gh, block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1), q.shape[1],
+        k.shape[1], packed.num_seqs, scale * LOG2E,
+        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 
@@ -344,13 +455,14 @@ def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
                 accumulate: bool, tiles: SelectedTiles) -> None:
     """dq[rows] (+)= the selection branch's query gradient; delta[rows] = dO . o_sel."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
-    _sel_dq_kernel[(q.shape[0], k.shape[1])](
-        q, k, v, gate_t, block_indices, dout, lse, delta, dq, packed.cu, token_sequences(packed),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
-        block_indices.stride(0), block_indices.stride(1), dout.stride(0), dout.stride(1), dq.stride(0),
-        dq.stride(1), q.shape[1], scale * LOG2E, scale,
-        NUM_SELECTED=block_indices.shape[-1], HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **_launch_args(q, k, v, sel_block_size), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles)
+    _sel_dq_kernel[(query.table.grid, k.shape[1])](
+        q, k, v, gate_t, block_indices, query.blocks, query.counts, dout, lse, delta, dq, packed.cu,
+        query.table.seq, query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), stride_gt, stride_gh, block_indices.stride(0), block_indices.stride(1), dout.stride(0),
+        dout.stride(1), dq.stride(0), dq.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E, scale,
+        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 
