@@ -80,13 +80,24 @@ SELECTION_MISMATCH = 0.01  # rows whose selected set may differ (near ties score
 # inputs and the implementations
 
 
-def nsa_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool) -> list[Tensor]:
-    """q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates: random (never zero), the layout of nsa_attention."""
+LOCAL_SPAN = 64  # tokens that share a query component under query locality
+
+
+def nsa_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool, locality: float = 0.0
+               ) -> list[Tensor]:
+    """q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates: random (never zero), the layout of nsa_attention.
+    ``locality`` in [0, 1): the share of each query's variance common to its span of LOCAL_SPAN tokens, so that
+    neighbouring queries select overlapping blocks (0: independent queries)."""
     num_cmp = num_compressed_blocks(seq_len, BLOCKS["block_size"], BLOCKS["block_stride"])
     sizes = [(seq_len, shape.heads, shape.dk), (num_cmp, shape.kv_heads, shape.dk), (num_cmp, shape.kv_heads, shape.dv),
              (seq_len, shape.kv_heads, shape.dk), (seq_len, shape.kv_heads, shape.dv),
              (seq_len, shape.kv_heads, shape.dk), (seq_len, shape.kv_heads, shape.dv)]
     tensors = [torch.randn(1, *size, device=device, dtype=dtype) for size in sizes]
+    if locality:
+        spans = -(-seq_len // LOCAL_SPAN)
+        shared = torch.randn(1, spans, shape.heads, shape.dk, device=device).repeat_interleave(LOCAL_SPAN, 1)
+        own = tensors[0].float() * (1 - locality) ** 0.5
+        tensors[0] = (own + shared[:, :seq_len] * locality**0.5).to(dtype)
     tensors.append(torch.sigmoid(torch.randn(1, seq_len, shape.heads, 3, device=device)).to(dtype))
     return [t.requires_grad_(grad) for t in tensors]
 
@@ -384,19 +395,19 @@ def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
     return [out, indices, *run.backward(dout, indices, tuple(lse))]
 
 
-def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]]
-              ) -> list[dict]:
+def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]],
+              locality: float = 0.0) -> list[dict]:
     """The kernels a tile setting touches, timed under each candidate of ``variants``, after checking that the
     candidate's forward and backward equal the default tiles' (within bf16 rounding; the selection exactly).
     Picks the next defaults of nsa/kernels in one device call."""
-    inputs = nsa_inputs(shape, seq_len, dtype, device, False)
+    inputs = nsa_inputs(shape, seq_len, dtype, device, False, locality)
     dout = torch.randn(1, seq_len, shape.heads, shape.dv, device=device, dtype=dtype)
     reference = run_outputs(prefill_run(inputs, shape), dout)
     rows = []
     for field, candidates in variants.items():
         for tiles in candidates:
             row: dict[str, Any] = {"impl": "tiles", "shape": shape_name(shape), "T": seq_len, "field": field,
-                                   "tiles": repr(tiles)}
+                                   "tiles": repr(tiles), "query_locality": locality}
 
             def work(field: str = field, tiles: Any = tiles, row: dict[str, Any] = row) -> dict[str, Any]:
                 run = prefill_run(inputs, shape)
@@ -483,12 +494,16 @@ def main() -> None:
     parser.add_argument("--check-len", type=int, default=2048)
     parser.add_argument("--kernel-len", type=int, default=65536)
     parser.add_argument("--tile-shapes", nargs="+", default=["public"], help="shapes of the tiles part")
+    parser.add_argument("--tile-localities", nargs="+", type=float, default=[0.0],
+                        help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    if not all(0.0 <= locality < 1.0 for locality in args.tile_localities):
+        parser.error(f"--tile-localities must each be in [0, 1), got {args.tile_localities}")
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else [1024])
@@ -520,10 +535,12 @@ def main() -> None:
     if "kernels" in args.parts and cuda:
         record(kernel_rows("public", args.kernel_len, args.device, dtype))
     if "tiles" in args.parts and cuda:
-        for shape in args.tile_shapes:
-            for field, candidates in tile_variants(shape).items():  # a record per candidate: a timeout keeps the rest
-                for tiles in candidates:
-                    record(tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, {field: [tiles]}))
+        for locality in args.tile_localities:
+            for shape in args.tile_shapes:
+                for field, candidates in tile_variants(shape).items():  # a record per candidate: a timeout keeps
+                    for tiles in candidates:                              # the rows so far
+                        record(tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, {field: [tiles]},
+                                         locality))
     if "layer" in args.parts:
         impls = args.impls if cuda else ["nsa", "dense"]
         for seq_len in seq_lens:
@@ -624,7 +641,7 @@ def tile_table(rows: list[dict]) -> str:
     """Every tile-sweep row (bench_prefill --parts tiles) in run order: the candidate and its kernel times."""
     tiles = [row for row in rows if row.get("impl") == "tiles"]
     names = [name for name in KERNEL_NAMES if any(name in row for row in tiles)]
-    return markdown_table(tiles, ["shape", "T", "tiles", *names, "error", "commit"])
+    return markdown_table(tiles, ["shape", "T", "query_locality", "tiles", *names, "error", "commit"])
 
 
 def write_markdown(path: Path, jsonl: Path) -> None:

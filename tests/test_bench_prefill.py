@@ -91,4 +91,17 @@ def test_markdown_states_each_target_from_the_rows(tmp_path: Any) -> None:
     assert status("512k forward+backward fits") == ["fits", "out of memory", "missed"]
     assert status("64k peak memory vs dense") == ["1.5", "1.25", "met"]
     tile_lines = [line for line in lines if line.startswith("| public | 65536 |")]
-    assert [line.split("|")[3].strip() for line in tile_lines] == ["A", "B"]
+    assert [line.split("|")[4].strip() for line in tile_lines] == ["A", "B"]
+
+
+def test_query_locality_correlates_neighbouring_queries_only() -> None:
+    """nsa_inputs(locality=0.9): queries of one 64-token span share 90% of their variance, other queries none."""
+    shape = bench_prefill.Shape(heads=2, kv_heads=1, dk=64, dv=16)
+    q = bench_prefill.nsa_inputs(shape, 256, torch.float32, "cpu", False, locality=0.9)[0][0]
+
+    def correlation(a: int, b: int) -> float:
+        return float(torch.corrcoef(torch.stack((q[a].flatten(), q[b].flatten())))[0, 1])
+
+    assert correlation(0, 63) > 0.75 and correlation(64, 100) > 0.75
+    assert abs(correlation(0, 64)) < 0.3 and abs(correlation(10, 200)) < 0.3
+    assert 0.7 < float(q.var()) < 1.3
