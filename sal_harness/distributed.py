@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,9 +52,28 @@ def init_world(device: str, kind: str) -> World:
     return World(dist.get_rank(), size, place, kind)
 
 
+DRAIN_TIMEOUT_S = 10.0
+
+
 def close_world(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            _drain_gloo()
         dist.destroy_process_group()
+
+
+def _drain_gloo() -> None:
+    """Let gloo's worker threads finish with every finished collective before the group can be destroyed.
+
+    A worker thread releases a collective's tensors a moment after the caller sees the result, and freeing a
+    tensor whose Python object the caller dropped takes the GIL; the group's destructor holds the GIL and joins
+    those threads. When the last reference to the group goes right then (e.g. a DDP Reducer freed with an
+    exception's traceback), the process hangs: seen on 2 loaded cores (tests/test_harness_distributed.py, a DDP
+    run whose save refused a non-finite weight). A barrier (no rank left mid-collective; bounded, so a rank that
+    failed alone still exits) and a pause that releases the GIL leave the threads idle."""
+    with contextlib.suppress(RuntimeError):
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=DRAIN_TIMEOUT_S))
+    time.sleep(0.05)
 
 
 def wrap(model: nn.Module, world: World) -> nn.Module:
