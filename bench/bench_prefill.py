@@ -361,10 +361,10 @@ TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
-    same run), then candidates one or two fields off them. Each compiles without spilling more than 64 bytes
-    for sm_90 (ptxas through bench/compile_kernels.py, `cases(..., tiles=...)`, 2026-12-01); at d = 128 the
-    default dk/dv tiles (128 keys x 32 queries) spill 48 bytes and still ran 1.9x faster than 64 x 32 tiles
-    without spills on the H200."""
+    same run), then candidates one or two fields off them. ptxas for sm_90 (bench/compile_kernels.py,
+    `cases(..., tiles=...)`, 2026-12-01): each spills at most 64 bytes but the 64-row union tiles (dq: 176 bytes
+    at G = 4, kept to see the trend); at d = 128 the default dk/dv tiles (128 keys x 32 queries) spill 48 bytes
+    and still ran 1.9x faster than 64 x 32 tiles without spills on the H200."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles
