@@ -109,15 +109,41 @@ def _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale, SEL_
 
 
 @triton.jit
-def _union_reads(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it, stride_ih,
-                 NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr):
-    """For a tile of several tokens: its rows' selected blocks [rows, NP] (-1 unused), where its union list (the
-    distinct blocks its tokens selected, ascending) starts, and its length."""
-    slots = tl.arange(0, NP)
-    chosen = tl.load(idx_ptr + (row0 + local)[:, None] * stride_it + hk * stride_ih + slots[None, :],
-                     mask=ok[:, None] & (slots < NUM_SELECTED)[None, :], other=-1)
-    list_id = tl.program_id(0).to(tl.int64) * num_kv_heads + hk
-    return chosen, union_ptr + list_id * UNION, tl.load(count_ptr + list_id)
+def _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it, stride_ih,
+                NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, BQ: tl.constexpr):
+    """The blocks this program attends to: (where its list starts, its rows' own selections, the list's length).
+    One token (BQ = 1): its own n slots (ascending, then -1), which every row reads; the length is NUM_SELECTED,
+    taken as a constexpr by the caller, and the selections are unused. Several tokens: the union of their blocks
+    (ascending, ``query_tiles``) and each row's selected blocks [rows, NP] (-1 unused)."""
+    if BQ == 1:
+        blocks = idx_ptr + row0 * stride_it + hk * stride_ih
+        chosen = ok
+        count = 0
+    else:
+        slots = tl.arange(0, NP)
+        chosen = tl.load(idx_ptr + (row0 + local)[:, None] * stride_it + hk * stride_ih + slots[None, :],
+                         mask=ok[:, None] & (slots < NUM_SELECTED)[None, :], other=-1)
+        list_id = tl.program_id(0).to(tl.int64) * num_kv_heads + hk
+        blocks = union_ptr + list_id * UNION
+        count = tl.load(count_ptr + list_id)
+    return blocks, chosen, count
+
+
+@triton.jit
+def _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride_kt, stride_vt, qk_scale,
+                  SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+                  D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                  BQ: tl.constexpr):
+    """The i-th block of the program's list (``_block_list``): (masked scores s, k1, k2, v); with several tokens
+    only the rows whose token selected the block read it."""
+    block = tl.load(blocks + i, mask=last >= 0, other=-1)
+    reads = ok
+    if BQ > 1:
+        reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
+    s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale, SEL_BLOCK,
+                                           BLOCK_S, DQK, D1, D2, PRECISION)
+    v = load_tile(v_base + start * stride_vt, tl.arange(0, BLOCK_S), key_ok, stride_vt, 0, BLOCK_DV, DV)
+    return s, k1, k2, v
 
 
 @triton.jit
@@ -134,27 +160,15 @@ def _sel_fwd_kernel(
         q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
-    offs = tl.arange(0, BLOCK_S)
     m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ * GP], tl.float32)
     acc = tl.zeros([BQ * GP, BLOCK_DV], tl.float32)
-    if BQ == 1:  # one token: its own selection, slot by slot
-        for slot in range(0, NUM_SELECTED):
-            block = tl.load(idx_ptr + row0 * stride_it + hk * stride_ih + slot, mask=last >= 0, other=-1)
-            s, start, key_ok, _, _ = _block_tile(q1, q2, k_base, block, ok, t, last, stride_kt, qk_scale, SEL_BLOCK,
-                                                 BLOCK_S, DQK, D1, D2, PRECISION)
-            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
-            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
-    else:  # several tokens: each block of their union once, for the rows that selected it
-        chosen, union, count = _union_reads(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads,
-                                            stride_it, stride_ih, NUM_SELECTED, NP, UNION)
-        for u in range(0, count):
-            block = tl.load(union + u)
-            reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
-            s, start, key_ok, _, _ = _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale,
-                                                 SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION)
-            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
-            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
+    blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
+                                        stride_ih, NUM_SELECTED, NP, UNION, BQ)
+    for i in range(0, NUM_SELECTED if BQ == 1 else count):  # one token: a static loop over its n slots
+        s, _, _, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride_kt, stride_vt,
+                                   qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV, BLOCK_DV, PRECISION, BQ)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + (row0 + local) * num_heads + heads, lse, mask=ok)
     if HAS_GATE:
@@ -185,27 +199,14 @@ def _sel_dq_kernel(
     lse = tl.load(lse_ptr + (row0 + local) * num_heads + heads, mask=ok, other=float("inf"))
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
-    offs = tl.arange(0, BLOCK_S)
     delta = tl.zeros([BQ * GP], tl.float32)
-    if BQ == 1:
-        for slot in range(0, NUM_SELECTED):
-            block = tl.load(idx_ptr + row0 * stride_it + hk * stride_ih + slot, mask=last >= 0, other=-1)
-            s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, block, ok, t, last, stride_kt, qk_scale,
-                                                   SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION)
-            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
-            delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2,
-                                            D2, PRECISION)
-    else:
-        chosen, union, count = _union_reads(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads,
-                                            stride_it, stride_ih, NUM_SELECTED, NP, UNION)
-        for u in range(0, count):
-            block = tl.load(union + u)
-            reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
-            s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale,
-                                                   SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION)
-            v = load_tile(v_base + start * stride_vt, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
-            delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2,
-                                            D2, PRECISION)
+    blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
+                                        stride_ih, NUM_SELECTED, NP, UNION, BQ)
+    for i in range(0, NUM_SELECTED if BQ == 1 else count):
+        s, k1, k2, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride_kt, stride_vt,
+                                     qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV, BLOCK_DV, PRECISION, BQ)
+        delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2, D2,
+                                        PRECISION)
     tl.store(delta_ptr + (row0 + local) * num_heads + heads, delta, mask=ok)
     factor = tl.zeros([BQ * GP], tl.float32) + scale
     if HAS_GATE:
