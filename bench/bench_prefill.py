@@ -396,10 +396,11 @@ def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
 
 
 def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]],
-              locality: float = 0.0) -> list[dict]:
+              locality: float = 0.0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """The kernels a tile setting touches, timed under each candidate of ``variants``, after checking that the
     candidate's forward and backward equal the default tiles' (within bf16 rounding; the selection exactly).
-    Picks the next defaults of nsa/kernels in one device call."""
+    Picks the next defaults of nsa/kernels in one device call. ``on_row`` gets each row as soon as it is
+    measured (a timeout keeps the rows so far)."""
     inputs = nsa_inputs(shape, seq_len, dtype, device, False, locality)
     dout = torch.randn(1, seq_len, shape.heads, shape.dv, device=device, dtype=dtype)
     reference = run_outputs(prefill_run(inputs, shape), dout)
@@ -422,6 +423,8 @@ def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, varia
                         if name in TILE_KERNELS[field]}
 
             rows.append(guarded(row, work))
+            if on_row is not None:
+                on_row(row)
     return rows
 
 
@@ -537,10 +540,8 @@ def main() -> None:
     if "tiles" in args.parts and cuda:
         for locality in args.tile_localities:
             for shape in args.tile_shapes:
-                for field, candidates in tile_variants(shape).items():  # a record per candidate: a timeout keeps
-                    for tiles in candidates:                              # the rows so far
-                        record(tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, {field: [tiles]},
-                                         locality))
+                tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, tile_variants(shape), locality,
+                          on_row=lambda row: record([row]))
     if "layer" in args.parts:
         impls = args.impls if cuda else ["nsa", "dense"]
         for seq_len in seq_lens:
