@@ -367,21 +367,13 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     and still ran 1.9x faster than 64 x 32 tiles without spills on the H200."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
-    from nsa.kernels.topn import TopnTiles
 
     shape = SHAPES[shape_name]
-    ranges, sel, topn = tiles_for(max(shape.dk, shape.dv)), SelectedTiles(), TopnTiles()
+    ranges, sel = tiles_for(max(shape.dk, shape.dv)), SelectedTiles()
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
-        return {"sel_tiles": [sel, sel._replace(rows=16), sel._replace(rows=32), sel._replace(rows=64)]}
+        return {"sel_tiles": [sel, sel._replace(rows=0), sel._replace(rows=32), sel._replace(rows=64)]}
     if shape.dk <= 128:
-        return {"range_tiles": [ranges, ranges._replace(dkv_m=16), ranges._replace(bwd_num_stages=1),
-                                ranges._replace(dq_n=16), ranges._replace(fwd_m=64), ranges._replace(num_stages=4),
-                                ranges._replace(max_splits=16), ranges._replace(dkv_m=64, bwd_num_stages=1)],
-                "topn_tiles": [topn, topn._replace(rows=64), topn._replace(num_warps=4),
-                               topn._replace(rows=64, num_warps=4), topn._replace(rows=256),
-                               topn._replace(num_stages=3)],
-                "sel_tiles": [sel, sel._replace(num_warps=2), sel._replace(dkv_rows=16),
-                              sel._replace(dkv_num_stages=3), sel._replace(num_stages=4), sel._replace(chunk=2048)]}
+        return {"range_tiles": [ranges, ranges._replace(max_splits=16), ranges._replace(max_splits=64)]}
     return {"range_tiles": [ranges, ranges._replace(dq_m=64, dq_n=32), ranges._replace(dkv_m=32, dkv_n=64),
                             ranges._replace(dkv_m=16, dkv_n=128), ranges._replace(dkv_m=32, dkv_n=64, bwd_num_stages=1),
                             ranges._replace(dq_m=128, dq_n=32)],

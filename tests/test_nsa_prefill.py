@@ -233,12 +233,12 @@ def test_gpt_traces_as_one_graph_with_one_fused_op_per_layer():
     torch.testing.assert_close(logits, model(tokens).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(64, 6, 2), (32, 2, 2), (16, 16, 2)])
+@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(64, 6, 2), (32, 2, 2), (16, 16, 2), (0, 6, 2)])
 def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads, kv_heads):
     """The selection forward / dq with several neighbouring tokens per program (SelectedTiles.rows = BQ tokens x
-    the group: BQ = 16 for G = 3, 32 for G = 1, 2 for G = 8) walk the union of their tokens' blocks; a packed
-    batch puts tile edges inside sequences and sequence ends inside tiles; CHOOSY blocks make neighbours pick
-    different blocks (a row that read a block it did not select fails this test)."""
+    the group: BQ = 16 for G = 3, 32 for G = 1, 2 for G = 8; rows = 0: one token per program) walk the union of
+    their tokens' blocks; a packed batch puts tile edges inside sequences and sequence ends inside tiles; CHOOSY
+    blocks make neighbours pick different blocks (a row that read a block it did not select fails this test)."""
     make_tiles = prefill._tiles
 
     def wider_query_tiles(device, head_dim):

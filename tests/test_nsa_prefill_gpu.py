@@ -51,6 +51,7 @@ def test_prefill_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
     (16, 16, 4, 64, 64, 3000),  # G = 4: 4 tokens per program
     (64, 16, 4, 128, 128, 2048),  # 16 tokens per program
     (32, 4, 4, 256, 256, 1024),  # G = 1, the widest head: 32 tokens per program
+    (0, 16, 4, 64, 64, 3000),  # one token per program
 ])
 def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads, kv_heads, dk, dv, seq_len):
     """The selection forward / dq with several neighbouring tokens per program, over the union of their blocks

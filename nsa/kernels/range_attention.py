@@ -56,7 +56,8 @@ allow_loaded_loop_bounds()
 
 class RangeTiles(NamedTuple):
     """Tile sizes and launch settings: forward fwd_m queries x fwd_n keys, dq dq_m x dq_n, dk/dv dkv_n keys x
-    dkv_m queries; the dk/dv query range is split over at most ``max_splits`` programs per key tile."""
+    dkv_m queries; the dk/dv query range is split over at most ``max_splits`` programs per key tile. num_warps:
+    the forward and dq launches; dkv_num_warps: the dk/dv launch."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -67,7 +68,8 @@ class RangeTiles(NamedTuple):
     num_warps: int = 8
     num_stages: int = 3
     bwd_num_stages: int = 2
-    max_splits: int = 8
+    max_splits: int = 32
+    dkv_num_warps: int = 8
 
 
 class RangeRule(NamedTuple):
@@ -346,14 +348,15 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
 def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
                packed: Packed, cu_keys: Tensor, rule: RangeRule, scale: float, tiles: RangeTiles
                ) -> tuple[Tensor, Tensor]:
-    """-> dk, dv (k's and v's shapes and dtypes). The query range of a key tile is split over up to
-    tiles.max_splits programs; their float32 partials are summed in split order (deterministic)."""
+    """-> dk, dv (k's and v's shapes and dtypes). Without a window, the query range of a key tile is split over up
+    to tiles.max_splits programs; their float32 partials are summed in split order (deterministic)."""
     dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each key row: one key tile
     if k.shape[0] == 0:
         return dk, dv
     num_keys = k.shape[0]
     table: TileTable = tile_table(cu_keys, packed.num_seqs, num_keys, tiles.dkv_n)
-    per_split = -(-packed.max_len // tiles.max_splits)
+    # A window bounds a key tile's queries (dkv_n * stride + window): splitting them only adds empty programs.
+    per_split = -(-packed.max_len // (1 if rule.window else tiles.max_splits))
     split_len = -(-per_split // tiles.dkv_m) * tiles.dkv_m
     num_splits = -(-packed.max_len // split_len)
     if num_splits > 1:
@@ -368,7 +371,8 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
         dout.stride(0), dout.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1), dv_out.stride(2),
         dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale,
         BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None,
-        **_common(q, k, v, rule, packed.max_len, dout), num_warps=tiles.num_warps, num_stages=tiles.bwd_num_stages,
+        **_common(q, k, v, rule, packed.max_len, dout), num_warps=tiles.dkv_num_warps,
+        num_stages=tiles.bwd_num_stages,
     )
     if num_splits > 1:
         dk.copy_(dk_out.sum(0))

@@ -58,9 +58,11 @@ allow_loaded_loop_bounds()
 
 class SelectedTiles(NamedTuple):
     """fwd/dq: launch settings, and ``rows``: query rows per program (``query_tiles``: rows // GP neighbouring
-    tokens x the group's heads padded to a power of two GP, over the union of their blocks; 0, the default until
-    the H200 times it: one token per program); dkv_rows: gathered rows per dk/dv step (BQ tokens x GP heads,
-    GP >= 16); chunk: tokens per dk/dv program."""
+    tokens x the group's heads padded to a power of two GP, over the union of their blocks; one token per program
+    where rows < 2 GP, e.g. G = 16 or rows = 0); dkv_rows: gathered rows per dk/dv step (BQ tokens x GP heads,
+    GP >= 16); chunk: tokens per dk/dv program. rows = 16, from the H200 sweep at G = 4, 64k (bench/results/
+    prefill_tiles_cuda.md): 4 tokens per program ran the forward / dq in 16.5 / 21.1 ms against 17.4 / 21.6 for one
+    token on independent queries and in 10.5 / 13.3 ms against 17.4 / 21.6 when neighbours share their blocks."""
 
     num_warps: int = 4
     num_stages: int = 3
@@ -68,7 +70,7 @@ class SelectedTiles(NamedTuple):
     chunk: int = 1024
     dkv_num_warps: int = 4
     dkv_num_stages: int = 2
-    rows: int = 0
+    rows: int = 16
 
 
 @triton.jit
