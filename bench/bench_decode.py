@@ -154,13 +154,61 @@ def parity(torch_step: Callable[[], Any], triton_step: Callable[[], Any]) -> dic
             "reads_equal": bool((ref.reads == fast.reads).all().item())}
 
 
-@torch.no_grad()
-def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype,
-                profile: bool = False) -> dict[str, Any]:
+def decode_inputs(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype
+                  ) -> tuple[NSAAttention, NSAKVCache, torch.Tensor, torch.Tensor]:
+    """A layer of the benchmark shape, its cache holding S random tokens, and the new token's q and gates."""
     heads, kv_heads, dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
     config = NSAConfig(hidden_size=heads * dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                        head_dim_v=dim, **PAPER_BLOCKS)
     layer = NSAAttention(config).to(device=device, dtype=dtype)
+    cache = layer.new_cache(batch, seq_len)
+    cache.fill_random_(seq_len)
+    q_step = torch.randn(batch, heads, dim, device=device, dtype=dtype)
+    gates = torch.rand(batch, heads, 3, device=device, dtype=dtype)
+    return layer, cache, q_step, gates
+
+
+@torch.no_grad()
+def tile_rows(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype) -> list[dict]:
+    """The Triton decode step under each candidate of tile_candidates(), CUDA-graph replayed, after checking
+    it against the torch reference on the same inputs (the next nsa.kernels.decode.DecodeTiles default)."""
+    from nsa.kernels.decode import decode_attention_triton
+
+    layer, cache, q_step, gates = decode_inputs(seq_len, batch, shape, device, dtype)
+    reference = attention_step(layer, cache, q_step, gates, "torch")()
+    c, length = layer.config, cache.lengths[0]
+    args = (q_step, gates, cache.device_lengths - 1, cache.k_cmp, cache.v_cmp,
+            num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride), cache.k_sel, cache.v_sel,
+            num_selection_blocks(length, c.sel_block_size), cache.k_win, cache.v_win, layer.sizes,
+            c.attention_scale)
+    rows = []
+    for tiles in tile_candidates():
+        out, indices, _ = decode_attention_triton(*args, tiles=tiles)
+        row: dict[str, Any] = {"S": seq_len, "batch": batch, "tiles": repr(tiles),
+                               "max_abs_diff": round((out.float() - reference.output.float()).abs().max().item(), 5),
+                               "blocks_equal": bool(torch.equal(indices, reference.block_indices))}
+        if row["blocks_equal"] and row["max_abs_diff"] < 0.02:
+            row["graph_ms"] = round(cuda_graph_ms(lambda t=tiles: decode_attention_triton(*args, tiles=t)), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def tile_candidates() -> list[Any]:
+    """The current defaults first, then candidates one field off them."""
+    from nsa.kernels.decode import DecodeTiles
+
+    base = DecodeTiles()
+    return [base, *(base._replace(programs_per_sm=n) for n in (2, 4)), base._replace(cmp_block=64),
+            base._replace(cmp_warps=8), *(base._replace(merge_chunk=n) for n in (8, 32))]
+
+
+@torch.no_grad()
+def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype,
+                profile: bool = False) -> dict[str, Any]:
+    heads, kv_heads, dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
+    layer, cache, q_step, gates = decode_inputs(seq_len, batch, shape, device, dtype)
+    config = layer.config
     cuda = device.startswith("cuda")
     q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype)
     k = torch.randn(batch, kv_heads, seq_len, dim, device=device, dtype=dtype)
@@ -169,13 +217,9 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
     def dense_step() -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)
 
-    cache = layer.new_cache(batch, seq_len)
-    cache.fill_random_(seq_len)
     measure = timer(device)
     row: dict[str, Any] = {"S": seq_len, "batch": batch, "dense_ms": round(measure(dense_step), 4)}
     backends = ["torch", "triton"] if cuda else ["torch"]
-    q_step = torch.randn(batch, heads, dim, device=device, dtype=dtype)
-    gates = torch.rand(batch, heads, 3, device=device, dtype=dtype)
     steps = {backend: attention_step(layer, cache, q_step, gates, backend) for backend in backends}
     if cuda:
         row.update(parity(steps["torch"], steps["triton"]))
@@ -211,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where results go (default bench/results)")
     parser.add_argument("--profile", action="store_true",
                         help="print a profiler table of the Triton step at the largest batch and S")
+    parser.add_argument("--tiles", action="store_true",
+                        help="CUDA only, instead of the tables: the Triton step under each DecodeTiles candidate at "
+                             "every S and batch (results decode_tiles_cuda.jsonl)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     shape = (dict(num_heads=64, num_kv_heads=4, head_dim=128) if cuda
@@ -218,6 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     seq_lens = [] if args.skip_latency else args.seq_lens or ([8192, 65536, 131072] if cuda else [8192, 32768])
     env = environment(args.device)
+    if args.tiles:
+        if not cuda:
+            parser.error("--tiles needs --device cuda (the candidates are timed as CUDA graphs)")
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        with open(args.results_dir / "decode_tiles_cuda.jsonl", "a") as handle:
+            for seq_len in seq_lens:
+                for batch in args.batches:
+                    handle.writelines(json.dumps({"table": "tiles", **row, **env}) + "\n"
+                                      for row in tile_rows(seq_len, batch, shape, args.device, dtype))
+        return 0
     reads = [] if args.skip_reads else reads_table(args.read_lengths)
     latency = []
     for seq_len in seq_lens:

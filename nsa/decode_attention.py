@@ -13,7 +13,9 @@ from typing import NamedTuple
 import torch
 
 from nsa.dispatch import BackendChoice, choose_decode_backend
+from nsa.errors import NSAInputError
 from nsa.functional import NSASizes, nsa_attention_chunk
+from nsa.kv_cache import gather_pages
 
 
 class DecodeResult(NamedTuple):
@@ -26,6 +28,7 @@ def decode_attention(
     q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, *, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
     v_win: torch.Tensor, sizes: NSASizes, scale: float, backend: str | BackendChoice = "auto",
+    page_table: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Gated NSA attention of one new token per sequence, after its K/V were written to the cache.
 
@@ -40,22 +43,34 @@ def decode_attention(
     backend: "auto" | "torch" | "triton" (chosen here by nsa.dispatch), or the BackendChoice a caller
     already made (NSAAttention chooses before writing the step's keys into its cache, so that a refused
     backend changes nothing).
+    page_table (paged KV, NSAKVCache's paged layout): k_sel/v_sel are then pools [num_pages + 1, P, Hkv, D]
+    of P-token pages (P a multiple of l') and page_table [B, pages] (int32) maps logical page position // P
+    of sequence b to its physical page.
     """
+    if page_table is not None and k_sel.shape[1] % sizes.sel_block_size:
+        raise NSAInputError(f"page_table given: k_sel must be a pool of pages whose size is a multiple of "
+                            f"sel_block_size={sizes.sel_block_size}, got pages of {k_sel.shape[1]} tokens")
     choice = backend if isinstance(backend, BackendChoice) else choose_decode_backend(
         backend, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win)
     args = (q, gates, positions, k_cmp, v_cmp, num_cmp_bound, k_sel, v_sel, num_sel_blocks, k_win, v_win)
     if choice.name == "torch":
-        return decode_attention_reference(*args, sizes=sizes, scale=scale)
+        return decode_attention_reference(*args, sizes=sizes, scale=scale, page_table=page_table)
+    page_size = 0 if page_table is None else k_sel.shape[1]
     return DecodeResult(*torch.ops.nsa.decode_attention_triton(
-        q, gates.contiguous(), positions.contiguous(), *args[3:], *sizes, scale))
+        q, gates.contiguous(), positions.contiguous(), *args[3:], *sizes, scale, page_table, page_size))
 
 
 def decode_attention_reference(
     q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
-    v_win: torch.Tensor, *, sizes: NSASizes, scale: float,
+    v_win: torch.Tensor, *, sizes: NSASizes, scale: float, page_table: torch.Tensor | None = None,
 ) -> DecodeResult:
-    """Plain PyTorch twin of the Triton decode step (same arguments and meaning, see decode_attention)."""
+    """Plain PyTorch twin of the Triton decode step (same arguments and meaning, see decode_attention). A paged
+    k_sel/v_sel is gathered into a transient [B, rows, Hkv, D] copy of the rows the bounds allow (this path's
+    cost; the Triton step reads the pool in place)."""
+    if page_table is not None:
+        rows = num_sel_blocks * sizes.sel_block_size
+        k_sel, v_sel = gather_pages(k_sel, page_table, rows), gather_pages(v_sel, page_table, rows)
     window = sizes.window_size
     lag = (positions[:, None] - torch.arange(window, device=q.device)).remainder(window)
     slot_positions = positions[:, None] - lag
@@ -72,20 +87,21 @@ def _decode_attention_triton(
     q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
     v_win: torch.Tensor, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
-    window_size: int, scale: float,
+    window_size: int, scale: float, page_table: torch.Tensor | None, page_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from nsa.kernels.decode import decode_attention_triton  # triton is imported only when used
 
     sizes = NSASizes(block_size, block_stride, sel_block_size, num_selected, window_size)
     return decode_attention_triton(q, gates, positions, k_cmp, v_cmp, num_cmp_bound, k_sel, v_sel,
-                                   num_sel_blocks, k_win, v_win, sizes, scale)
+                                   num_sel_blocks, k_win, v_win, sizes, scale, page_table, page_size)
 
 
 @_decode_attention_triton.register_fake
 def _(q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
       num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
       v_win: torch.Tensor, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
-      window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+      window_size: int, scale: float, page_table: torch.Tensor | None,
+      page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, num_heads, num_kv_heads = q.shape[0], q.shape[1], k_cmp.shape[2]
     out = q.new_empty(batch, num_heads, v_cmp.shape[-1])
     indices = q.new_empty(batch, num_kv_heads, num_selected, dtype=torch.long)

@@ -2,6 +2,13 @@
 
 Buffers (preallocated once for `capacity` tokens per sequence, never re-concatenated):
 - selection branch: raw rotated keys and values indexed by absolute position [B, capacity, Hkv, D];
+  or, with page_size set (paged KV, for batches of sequences of different lengths), pools of
+  fixed-size pages k_sel / v_sel [num_pages + 1, page_size, Hkv, D] shared by all sequences and a
+  page table [B, ceil(capacity / page_size)] int32 on the device mapping (sequence, logical page
+  position // page_size) to a physical page. Pages are taken from a host free list when an append
+  reaches a new page and returned by release(); the last page is the discard page (padding writes
+  land there, unmapped table entries point at it). This branch holds ~94% of the cache's memory
+  (the compressed buffers are 1/d of it, the rings a fixed w + l rows), so it is the one paged;
 - window branch: a ring of the last w rotated keys/values, slot = position % w;
 - compression branch: a ring of the last l un-rotated keys/values (the tokens of the next block to
   emit) and the emitted compressed keys/values [B, num_cmp(capacity), Hkv, D]. Block i is emitted
@@ -14,6 +21,9 @@ creates no tensor from host data). With static_shapes=True the host-sized bounds
 to emit, compressed and selection blocks to scan) come from the capacity instead of the current
 lengths: every decode step then has the same shapes and can be captured in a CUDA graph, at the
 cost of scanning the buffers up to capacity (masked; the counters still count what is attended).
+A paged step has the same shapes and kernel arguments whichever pages are mapped (the page table is
+read on the device), so it captures too; a replay runs no host code, so the pages its steps reach
+must be mapped before it (map_pages), else their tokens go to the discard page.
 """
 
 from __future__ import annotations
@@ -37,11 +47,15 @@ class NSAKVCache:
     device: a torch.device or a string such as "cuda:0" (NSAInputError naming it when this build or
     machine lacks it). An append that is refused (NSAInputError) changes nothing: NSAAttention runs
     every check, the decode backend's included, before its first write.
+    page_size (None: contiguous buffers per sequence): a positive multiple of config.sel_block_size (a
+    selection block never straddles two pages, so a selected block is one page lookup); num_pages: the
+    pool's pages (default: enough for batch_size sequences of `capacity` tokens). An append the free
+    pages cannot serve raises NSAInputError naming num_pages and changes nothing.
     """
 
     def __init__(self, config: NSAConfig, batch_size: int, capacity: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 static_shapes: bool = False) -> None:
+                 static_shapes: bool = False, page_size: int | None = None, num_pages: int | None = None) -> None:
         check_positive_int("batch_size", batch_size)
         check_positive_int("capacity", capacity)
         c = self.config = config
@@ -55,7 +69,24 @@ class NSAKVCache:
         def buffer(rows: int, dim: int) -> torch.Tensor:
             return torch.zeros(batch_size, rows + 1, c.num_kv_heads, dim, device=self.device, dtype=dtype)
 
-        self.k_sel, self.v_sel = buffer(capacity, c.head_dim), buffer(capacity, c.head_dim_v)
+        self.page_size: int | None = None
+        self.num_pages: int | None = None
+        self.page_table: torch.Tensor | None = None  # [B, ceil(capacity / page_size)] int32, paged layout only
+        self.pages: list[list[int]] = [[] for _ in range(batch_size)]  # host: each sequence's pages, logical order
+        self.free_pages: list[int] = []  # host; pop() takes the last
+        paging = _check_pages(c, batch_size, capacity, page_size, num_pages)
+        if paging is None:
+            self.k_sel, self.v_sel = buffer(capacity, c.head_dim), buffer(capacity, c.head_dim_v)
+        else:
+            self.page_size, self.num_pages = page_size, num_pages = paging
+
+            def pool(dim: int) -> torch.Tensor:  # + the discard page
+                return torch.zeros(num_pages + 1, page_size, c.num_kv_heads, dim, device=self.device, dtype=dtype)
+
+            self.k_sel, self.v_sel = pool(c.head_dim), pool(c.head_dim_v)
+            self.page_table = torch.full((batch_size, -(-capacity // page_size)), num_pages, dtype=torch.int32,
+                                         device=self.device)
+            self.free_pages = list(range(num_pages - 1, -1, -1))  # the lowest pages are handed out first
         self.k_win, self.v_win = buffer(c.window_size, c.head_dim), buffer(c.window_size, c.head_dim_v)
         self.k_cmp_raw = buffer(c.cmp_block_size, c.head_dim)
         self.v_cmp_raw = buffer(c.cmp_block_size, c.head_dim_v)
@@ -65,24 +96,31 @@ class NSAKVCache:
         self.last_reads: torch.Tensor | None = None
 
     @torch.no_grad()
-    def fill_random_(self, length: int, seed: int = 0) -> None:
-        """Put every sequence in the state of `length` appended tokens with random content.
+    def fill_random_(self, length: int | Sequence[int], seed: int = 0) -> None:
+        """Put sequence b in the state of length[b] appended tokens (one int: every sequence) with random content.
 
         For benchmarks and read-count checks at lengths a CPU prefill would take minutes to reach:
-        decode cost and reads depend on lengths and shapes, not on what the keys hold.
+        decode cost and reads depend on lengths and shapes, not on what the keys hold. A paged cache maps
+        the pages the lengths reach (NSAInputError naming num_pages, nothing changed, when they do not fit).
         """
-        if self.lengths != [0] * self.batch_size or not 0 < length <= self.capacity:
-            raise NSAInputError(f"fill_random_ needs an empty cache and 0 < length <= {self.capacity}, got {length}")
+        lengths = [length] * self.batch_size if isinstance(length, int) else list(length)
+        if (self.lengths != [0] * self.batch_size or len(lengths) != self.batch_size
+                or not all(_is_int(n) and 0 < n <= self.capacity for n in lengths)):
+            raise NSAInputError(f"fill_random_ needs an empty cache and one length, or {self.batch_size}, in "
+                                f"(0, capacity={self.capacity}], got {length}")
+        self.map_pages(lengths)
         c = self.config
-        num_cmp = num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride)
+        longest = max(lengths)
+        num_cmp = num_compressed_blocks(longest, c.cmp_block_size, c.cmp_stride)
+        sel_rows = longest if self.page_size is None else self.page_size  # a pool: every page, whoever holds it
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        for buffer, rows in ((self.k_sel, length), (self.v_sel, length), (self.k_cmp, num_cmp),
+        for buffer, rows in ((self.k_sel, sel_rows), (self.v_sel, sel_rows), (self.k_cmp, num_cmp),
                              (self.v_cmp, num_cmp), (self.k_win, c.window_size), (self.v_win, c.window_size),
                              (self.k_cmp_raw, c.cmp_block_size), (self.v_cmp_raw, c.cmp_block_size)):
             buffer[:, :rows] = torch.randn(buffer[:, :rows].shape, generator=generator, device=self.device,
                                            dtype=self.dtype)
-        self.lengths = [length] * self.batch_size
-        self.device_lengths.fill_(length)
+        self.lengths = lengths
+        self.device_lengths.copy_(torch.tensor(lengths))
 
     # ---- checks -------------------------------------------------------------------------------
 
@@ -119,7 +157,69 @@ class NSAKVCache:
                 raise NSAInputError(
                     f"sequence {b} would reach {length + n} tokens, past the cache capacity {self.capacity}"
                 )
+        self._pages_to_map([length + n for length, n in zip(self.lengths, counts, strict=True)])
         return counts
+
+    # ---- pages (paged layout) -----------------------------------------------------------------
+
+    def map_pages(self, ends: Sequence[int]) -> None:
+        """Map the pages sequence b needs to hold ends[b] tokens (nothing to do for contiguous buffers).
+
+        Appends call it before their first write. Call it before replaying a captured CUDA graph whose
+        steps reach a new page: a replay runs no host code, and a token on an unmapped page would be
+        written to (and read from) the discard page. NSAInputError naming ends, or num_pages when the
+        free pages do not suffice, and nothing changed.
+        """
+        ends = list(ends)
+        if len(ends) != self.batch_size or not all(_is_int(n) and 0 <= n <= self.capacity for n in ends):
+            raise NSAInputError(f"ends must give {self.batch_size} ints in [0, capacity={self.capacity}], got {ends}")
+        needed = self._pages_to_map(ends)
+        if not needed or self.page_table is None:
+            return
+        physical = [self.free_pages.pop() for _ in needed]
+        for (b, _), page in zip(needed, physical, strict=True):
+            self.pages[b].append(page)
+        rows, cols = (list(axis) for axis in zip(*needed, strict=True))
+        self.page_table[rows, cols] = torch.tensor(physical, dtype=torch.int32).to(self.device)
+
+    def _pages_to_map(self, ends: Sequence[int]) -> list[tuple[int, int]]:
+        """(sequence, logical page) of each page that ends[b] tokens reach and that is not mapped yet, in logical
+        order; NSAInputError naming num_pages when the free list is shorter. Changes nothing."""
+        if self.page_size is None:
+            return []
+        needed = [(b, page) for b, end in enumerate(ends)
+                  for page in range(len(self.pages[b]), -(-end // self.page_size))]
+        if len(needed) > len(self.free_pages):
+            raise NSAInputError(
+                f"the sequences need {len(needed)} more page(s) of {self.page_size} tokens but only "
+                f"{len(self.free_pages)} of num_pages={self.num_pages} are free: release finished sequences "
+                "(release) or build the cache with more num_pages"
+            )
+        return needed
+
+    def release(self, sequences: Sequence[int]) -> None:
+        """End the given sequences (continuous batching): each slot restarts empty (length 0 on the host and the
+        device, total_reads 0) and its pages go back to the free list.
+
+        Nothing else is cleared, because no read reaches what an old sequence left behind: every read is masked
+        by the positions of the slot's own tokens, all written before they are read (selected rows <= t, window
+        slots holding positions t - lag >= 0, compressed blocks ending <= t, compression ring entries at
+        positions >= 0). The Triton kernels load no masked row and the PyTorch path zeroes masked keys and
+        values before its masked softmax, so not even a stale NaN reaches an output.
+        """
+        indices = list(sequences)
+        if (not all(_is_int(b) and 0 <= b < self.batch_size for b in indices)
+                or len(set(indices)) != len(indices)):
+            raise NSAInputError(f"sequences must be distinct ints in [0, batch_size={self.batch_size}), got {indices}")
+        for b in indices:
+            self.free_pages.extend(reversed(self.pages[b]))
+            self.pages[b] = []
+            self.lengths[b] = 0
+        index = torch.tensor(indices, dtype=torch.long).to(self.device)
+        self.device_lengths[index] = 0
+        self.total_reads[index] = 0
+        if self.page_table is not None:
+            self.page_table[index] = self.k_sel.shape[0] - 1  # the discard page
 
     # ---- positions ----------------------------------------------------------------------------
 
@@ -148,6 +248,35 @@ class NSAKVCache:
         stream_positions = torch.cat((torch.where(old_positions >= 0, old_positions, -1), positions), dim=1)
         return torch.cat((old_k, new_k), dim=1), torch.cat((old_v, new_v), dim=1), stream_positions
 
+    # ---- selection branch: writes and reads by absolute position --------------------------------
+
+    def write_selection(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, counts: Sequence[int]
+                        ) -> None:
+        """Store the appended tokens' selection keys / values k, v [B, C, Hkv, D] at their positions [B, C]
+        (-1: padding, dropped into the discard row or page), after mapping the pages the append reaches
+        (counts[b]: the valid tokens, from check_append)."""
+        self.map_pages([length + n for length, n in zip(self.lengths, counts, strict=True)])
+        if self.page_table is None:
+            rows = torch.where(positions >= 0, positions, self.capacity)
+            self.write_tokens(self.k_sel, k, rows)
+            self.write_tokens(self.v_sel, v, rows)
+            return
+        num_pages, page_size = self.k_sel.shape[0] - 1, self.k_sel.shape[1]  # page num_pages: the discard page
+        at = positions.clamp_min(0)
+        pages = torch.where(positions >= 0, self.page_table.gather(1, at // page_size), num_pages)
+        pool_rows = pages.long() * page_size + at % page_size  # rows of the pool seen as [pages * page_size, ...]
+        self.k_sel.flatten(0, 1).index_put_((pool_rows,), k)
+        self.v_sel.flatten(0, 1).index_put_((pool_rows,), v)
+
+    def selection_view(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selection keys and values by absolute position, [B, >= rows, Hkv, D]: the buffers themselves
+        (contiguous layout), or a copy of each sequence's first `rows` rounded up to whole pages gathered
+        through the page table (paged: the PyTorch path's cost, a transient copy per call; the Triton decode
+        step reads the pool in place)."""
+        if self.page_table is None:
+            return self.k_sel, self.v_sel
+        return gather_pages(self.k_sel, self.page_table, rows), gather_pages(self.v_sel, self.page_table, rows)
+
     # ---- writes -------------------------------------------------------------------------------
 
     def write_tokens(self, buffer: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
@@ -171,6 +300,31 @@ class NSAKVCache:
         self.total_reads += reads.sum(dim=1)
         self.lengths = [length + n for length, n in zip(self.lengths, counts, strict=True)]
         self.device_lengths += counts[0] if all_valid else torch.tensor(counts, device=self.device)
+
+
+def gather_pages(pool: torch.Tensor, page_table: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows [0, rows) of each sequence of a paged pool [num_pages + 1, P, Hkv, D] through its page table
+    [B, pages] (int): [B, ceil(rows / P) * P, Hkv, D], a copy (an unmapped page reads the discard page)."""
+    pages = page_table[:, :-(-rows // pool.shape[1])]
+    return pool[pages.long()].flatten(1, 2)
+
+
+def _check_pages(config: NSAConfig, batch_size: int, capacity: int, page_size: int | None,
+                 num_pages: int | None) -> tuple[int, int] | None:
+    """(page_size, num_pages) of a paged cache (num_pages defaulting to batch_size full sequences), None for
+    contiguous buffers; NSAInputError naming the argument and its rule."""
+    if page_size is None:
+        if num_pages is not None:
+            raise NSAInputError(f"num_pages={num_pages!r} needs page_size (a paged cache); leave it None otherwise")
+        return None
+    block = config.sel_block_size
+    if not _is_int(page_size) or page_size <= 0 or page_size % block:
+        raise NSAInputError(f"page_size must be a positive int multiple of sel_block_size={block} (a selection "
+                            f"block must not straddle two pages), got {page_size!r}")
+    if num_pages is None:
+        return page_size, batch_size * -(-capacity // page_size)
+    check_positive_int("num_pages", num_pages)
+    return page_size, num_pages
 
 
 def _is_int(value: object) -> bool:

@@ -76,12 +76,14 @@ class NSAAttention(nn.Module):
                                        c.compression_hidden)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim_v, c.hidden_size, bias=False)
 
-    def new_cache(self, batch_size: int, capacity: int, static_shapes: bool = False) -> NSAKVCache:
+    def new_cache(self, batch_size: int, capacity: int, static_shapes: bool = False, *, page_size: int | None = None,
+                  num_pages: int | None = None) -> NSAKVCache:
         """An empty decode cache for this layer, on its device and in its dtype (see NSAKVCache for
-        static_shapes, which makes decode steps capturable in a CUDA graph)."""
+        static_shapes, which makes decode steps capturable in a CUDA graph, and for page_size / num_pages,
+        the paged layout of the selection branch)."""
         weight = self.q_proj.weight
         return NSAKVCache(self.config, batch_size, capacity, device=weight.device, dtype=weight.dtype,
-                          static_shapes=static_shapes)
+                          static_shapes=static_shapes, page_size=page_size, num_pages=num_pages)
 
     def forward(
         self, x: torch.Tensor, return_aux: bool = False, *, cache: NSAKVCache | None = None,
@@ -247,9 +249,7 @@ class NSAAttention(nn.Module):
                                             cache.v_sel, cache.k_win, cache.v_win, *new_values)
         else:
             win_k, win_v, win_positions = cache.ring_stream(cache.k_win, cache.v_win, p.k_win, p.v_win, positions)
-        raw_rows = torch.where(positions >= 0, positions, cache.capacity)
-        cache.write_tokens(cache.k_sel, p.k_sel, raw_rows)
-        cache.write_tokens(cache.v_sel, p.v_sel, raw_rows)
+        cache.write_selection(p.k_sel, p.v_sel, positions, counts)
         self._write_compressed(cache, p, positions, counts, all_valid, emitted)
         win_rows = cache.ring_rows(positions, None if all_valid else counts, c.window_size)
         cache.write_tokens(cache.k_win, p.k_win, win_rows)
@@ -264,16 +264,18 @@ class NSAAttention(nn.Module):
                 p.q[:, 0], p.gates[:, 0], positions[:, 0], k_cmp=cache.k_cmp, v_cmp=cache.v_cmp,
                 num_cmp_bound=num_cmp_visible, k_sel=cache.k_sel, v_sel=cache.v_sel, num_sel_blocks=num_sel_blocks,
                 k_win=cache.k_win, v_win=cache.v_win, sizes=self.sizes, scale=c.attention_scale, backend=backend,
+                page_table=cache.page_table,
             )
             cache.commit(counts, all_valid, step.reads[:, None], positions)
             return step.output[:, None], step.block_indices[:, None], p.gates
         chunk = c.query_chunk_size or prefill_chunk_size(p.q, cache.k_cmp[:, :num_cmp_visible], p.v_sel, self.sizes)
+        k_sel, v_sel = cache.selection_view(num_sel_blocks * c.sel_block_size)
         outputs, indices, reads = [], [], []
         for a, b in query_chunks(x.shape[1], chunk):
             result = nsa_attention_chunk(
                 p.q[:, a:b], p.gates[:, a:b], positions[:, a:b],
                 k_cmp=cache.k_cmp, v_cmp=cache.v_cmp, num_cmp_visible=num_cmp_visible,
-                k_sel=cache.k_sel, v_sel=cache.v_sel, num_sel_blocks=num_sel_blocks,
+                k_sel=k_sel, v_sel=v_sel, num_sel_blocks=num_sel_blocks,
                 k_win=win_k[:, a:c.window_size + b], v_win=win_v[:, a:c.window_size + b],
                 win_positions=win_positions[:, a:c.window_size + b], sizes=self.sizes, scale=c.attention_scale,
             )

@@ -47,3 +47,15 @@ def test_planted_mismatch_exits_nonzero(tmp_path: Path, monkeypatch: pytest.Monk
     errors = capsys.readouterr().err
     assert "S=2048" in errors and "S=1024" not in errors
     assert (tmp_path / "decode_cpu.md").exists()
+
+
+def test_tile_sweep_needs_a_gpu_and_starts_from_the_defaults(tmp_path: Path) -> None:
+    """--tiles times CUDA graphs: on the CPU it is refused with a usage error naming the flag, before any work;
+    its candidates are distinct and start with the current defaults (timed in the same run)."""
+    from nsa.kernels.decode import DecodeTiles
+
+    with pytest.raises(SystemExit) as refused:
+        bench_decode.main(["--tiles", "--results-dir", str(tmp_path)])
+    assert refused.value.code == 2 and not any(tmp_path.iterdir())
+    candidates = bench_decode.tile_candidates()
+    assert candidates[0] == DecodeTiles() and len(set(candidates)) == len(candidates)

@@ -22,6 +22,7 @@ from reference import ref_compress_mean, ref_nsa, ref_num_cmp, ref_num_sel
 from nsa import NSAAttention, NSAConfig, NSAConfigError, NSAInputError, dispatch
 from nsa.decode_attention import decode_attention
 from nsa.functional import NSASizes
+from nsa.kernels.decode import DecodeTiles, decode_attention_triton, num_cmp_splits
 
 L, D, LP, N, W = 8, 4, 8, 4, 16  # l, d, l', n, w: small, with d | l and d | l'
 SIZES = NSASizes(L, D, LP, N, W)
@@ -109,6 +110,27 @@ def test_triton_decode_bounds_past_the_batch_read_nothing_more() -> None:
     assert torch.equal(loose.block_indices, tight.block_indices) and torch.equal(loose.reads, tight.reads)
 
 
+@pytest.mark.parametrize("tiles", [DecodeTiles(cmp_block=16, programs_per_sm=1),
+                                   DecodeTiles(cmp_block=16, programs_per_sm=64, merge_chunk=1),
+                                   DecodeTiles(cmp_block=32, programs_per_sm=64, merge_chunk=4)])
+def test_triton_decode_splits_and_merges_match_float64_reference(tiles: DecodeTiles) -> None:
+    """Any split of the compressed branch over programs (the merges load merge_chunk partial slots at a
+    time, the last chunk partly past the slots) gives the float64 reference's output and blocks."""
+    inputs, (ref_out, ref_indices) = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=11)
+    padded = dict(inputs, num_cmp_bound=inputs["num_cmp_bound"] + 40)  # more tiles: up to 4 splits
+    for name in ("k_cmp", "v_cmp"):
+        padded[name] = torch.cat((inputs[name], GARBAGE * torch.ones_like(inputs[name][:, :40])), dim=1)
+    pairs = len(POSITIONS) * 2
+    num_tiles = -(-padded["num_cmp_bound"] // tiles.cmp_block)
+    splits = num_cmp_splits(num_tiles, pairs, tiles, torch.device("cpu"))
+    assert (splits == 1) if tiles.programs_per_sm == 1 else (2 <= splits <= num_tiles)
+    f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in padded.items()}
+    out, indices, _ = decode_attention_triton(**f32, sizes=SIZES, scale=16 ** -0.5, tiles=tiles)
+    own_error = (_run(inputs, torch.float32, "torch").output.double() - ref_out).abs().max().item()
+    assert (out.double() - ref_out).abs().max().item() <= 4 * own_error + 1e-6
+    assert torch.equal(indices, ref_indices)
+
+
 def _layer(backend: str, dtype: torch.dtype) -> NSAAttention:
     config = NSAConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8, cmp_block_size=L,
                        cmp_stride=D, sel_block_size=LP, num_selected=N, window_size=W, compression="mlp",
@@ -168,6 +190,6 @@ def test_custom_op_registration_passes_opcheck() -> None:
     inputs, _ = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=4)
     f32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items() if torch.is_tensor(v)}
     args = (f32["q"], f32["gates"], f32["positions"], f32["k_cmp"], f32["v_cmp"], inputs["num_cmp_bound"],
-            f32["k_sel"], f32["v_sel"], inputs["num_sel_blocks"], f32["k_win"], f32["v_win"], *SIZES, 0.25)
+            f32["k_sel"], f32["v_sel"], inputs["num_sel_blocks"], f32["k_win"], f32["v_win"], *SIZES, 0.25, None, 0)
     torch.library.opcheck(torch.ops.nsa.decode_attention_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))

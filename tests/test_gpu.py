@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -73,14 +75,14 @@ def test_cache_from_a_device_string_takes_cuda_tensors() -> None:
         NSAKVCache(config, 1, 64, device=f"cuda:{torch.cuda.device_count()}")
 
 
-def _decode_case(batch: int, seq_lens: list[int], dtype: torch.dtype, static: bool = False):
-    """A public-shape layer (HQ=64, H_kv=4, D=128) and a cache whose sequences hold seq_lens tokens."""
+def _decode_case(batch: int, seq_lens: list[int], dtype: torch.dtype, static: bool = False,
+                 page_size: int | None = None):
+    """A public-shape layer (HQ=64, H_kv=4, D=128) and a cache (paged with page_size) whose sequences hold
+    seq_lens tokens of random content."""
     config = NSAConfig(hidden_size=1024, num_heads=64, num_kv_heads=4, head_dim=128, head_dim_v=128, **PAPER)
     layer = NSAAttention(config).to("cuda", dtype)
-    cache = layer.new_cache(batch, max(seq_lens) + 64, static_shapes=static)
-    cache.fill_random_(max(seq_lens))
-    cache.lengths = list(seq_lens)  # ragged: each sequence sees only its own prefix
-    cache.device_lengths.copy_(torch.tensor(seq_lens))
+    cache = layer.new_cache(batch, max(seq_lens) + 64, static_shapes=static, page_size=page_size)
+    cache.fill_random_(seq_lens)  # ragged: each sequence sees only its own prefix
     return layer, cache
 
 
@@ -91,7 +93,7 @@ def _decode(layer: NSAAttention, cache, q: torch.Tensor, gates: torch.Tensor, ba
         q, gates, cache.device_lengths - 1, k_cmp=cache.k_cmp, v_cmp=cache.v_cmp,
         num_cmp_bound=num_compressed_blocks(end, c.cmp_block_size, c.cmp_stride), k_sel=cache.k_sel,
         v_sel=cache.v_sel, num_sel_blocks=-(-end // c.sel_block_size), k_win=cache.k_win, v_win=cache.v_win,
-        sizes=layer.sizes, scale=c.attention_scale, backend=backend,
+        sizes=layer.sizes, scale=c.attention_scale, backend=backend, page_table=cache.page_table,
     )
 
 
@@ -133,19 +135,61 @@ def test_triton_layer_step_in_cuda_graph_matches_eager() -> None:
     x = torch.randn(4, 1, layer.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         eager = [layer(x, cache=cache) for _ in range(3)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(x, cache=graph_cache)  # warm-up compiles the kernels outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph_cache.lengths = [5000] * 4
-        graph_cache.device_lengths.fill_(5000)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(x, cache=graph_cache)
-        replays = []
-        for _ in range(3):
-            graph.replay()
-            replays.append(out.clone())
+    for a, b in zip(eager, _graph_replays(layer, graph_cache, x, 3), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def _graph_replays(layer: NSAAttention, cache: NSAKVCache, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The layer's step on x captured in a CUDA graph (after a warm-up step that compiles the kernels outside the
+    capture and whose token the replays overwrite), replayed `steps` times: each replay's output."""
+    lengths = list(cache.lengths)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x, cache=cache)
+    torch.cuda.current_stream().wait_stream(side)
+    cache.lengths = lengths
+    cache.device_lengths.copy_(torch.tensor(lengths))
+    cache.map_pages([n + steps for n in lengths])  # a replay runs no host code: map the pages the replays reach
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, cache=cache)
+    replays = []
+    for _ in range(steps):
+        graph.replay()
+        replays.append(out.clone())
+    return replays
+
+
+def test_paged_triton_step_in_cuda_graph_matches_eager_and_float64() -> None:
+    """Paged KV at the public shape (bf16): 4 sequences of different lengths in a pool of 256-token pages.
+    The Triton step on the paged cache matches the torch path in float64 on the same cache within the torch
+    path's own bf16 error (selection equal but for bf16 near-ties, as above); the static-shape layer step
+    captured in a CUDA graph replays exactly what eager computes, across a step that reaches a new page
+    (sequence 1 at 5120 = 20 pages: mapped before the capture, since a replay runs no host code)."""
+    torch.manual_seed(0)
+    seq_lens = [1000, 5119, 9000, 17000]
+    layer, cache = _decode_case(4, seq_lens, torch.bfloat16, static=True, page_size=256)
+    assert cache.page_table is not None and cache.k_sel.shape[1:3] == (256, 4)
+    q = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
+    gates = torch.rand(4, 64, 3, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = _decode(layer, cache, q, gates, "triton")
+        torch_bf16 = _decode(layer, cache, q, gates, "torch")
+        f64 = {name: getattr(cache, name).double() for name in ("k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win")}
+        ref = _decode(layer, SimpleNamespace(**{**vars(cache), **f64}), q.double(), gates.double(), "torch")
+    own_error = (torch_bf16.output.double() - ref.output).abs().max().item()
+    assert (fast.output.double() - ref.output).abs().max().item() <= 2 * own_error + 1e-3
+    assert (fast.block_indices == ref.block_indices).float().mean().item() >= 0.98
+    assert torch.equal(fast.reads[..., 0], ref.reads[..., 0]) and torch.equal(fast.reads[..., 2], ref.reads[..., 2])
+
+    graph_cache = layer.new_cache(4, cache.capacity, static_shapes=True, page_size=256)
+    graph_cache.fill_random_(seq_lens)  # the same seed: the same content and pages as cache
+    x = torch.randn(4, 1, layer.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = [layer(x, cache=cache) for _ in range(3)]
+    replays = _graph_replays(layer, graph_cache, x, 3)
+    assert len(cache.pages[1]) == len(graph_cache.pages[1]) == 21  # the eager steps mapped the new page too
     for a, b in zip(eager, replays, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
