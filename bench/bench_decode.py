@@ -40,6 +40,7 @@ from nsa.decode_attention import decode_attention
 PAPER_BLOCKS: dict[str, Any] = dict(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16,
                                     window_size=512)
 READ_LENGTHS = [1024 * 2**i for i in range(11)]  # 1k .. 1M
+PAGE_SIZE = 256  # tokens per page of the paged rows (4 selection blocks)
 
 
 def formula_reads(seq_len: int, config: NSAConfig) -> tuple[int, int, int]:
@@ -135,15 +136,16 @@ def cuda_graph_ms(step: Callable[[], Any], replays: int = 100) -> float:
 def attention_step(layer: NSAAttention, cache: NSAKVCache, q: torch.Tensor, gates: torch.Tensor,
                    backend: str) -> Callable[[], Any]:
     """The attention part of a decode step (what dense SDPA over a KV cache is compared with): the new
-    token's q [B, HQ, Dk] and gates [B, HQ, 3] against a cache already holding its K/V, at position S - 1."""
+    token's q [B, HQ, Dk] and gates [B, HQ, 3] against a cache already holding its K/V, sequence b at position
+    lengths[b] - 1 (contiguous or paged)."""
     c = layer.config
     positions = cache.device_lengths - 1
-    length = cache.lengths[0]
+    length = max(cache.lengths)
     bounds = dict(num_cmp_bound=num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride),
                   num_sel_blocks=num_selection_blocks(length, c.sel_block_size))
     return lambda: decode_attention(q, gates, positions, k_cmp=cache.k_cmp, v_cmp=cache.v_cmp, k_sel=cache.k_sel,
                                     v_sel=cache.v_sel, k_win=cache.k_win, v_win=cache.v_win, sizes=layer.sizes,
-                                    scale=c.attention_scale, backend=backend, **bounds)
+                                    scale=c.attention_scale, backend=backend, page_table=cache.page_table, **bounds)
 
 
 def parity(torch_step: Callable[[], Any], triton_step: Callable[[], Any]) -> dict[str, float]:
@@ -154,15 +156,16 @@ def parity(torch_step: Callable[[], Any], triton_step: Callable[[], Any]) -> dic
             "reads_equal": bool((ref.reads == fast.reads).all().item())}
 
 
-def decode_inputs(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype
-                  ) -> tuple[NSAAttention, NSAKVCache, torch.Tensor, torch.Tensor]:
-    """A layer of the benchmark shape, its cache holding S random tokens, and the new token's q and gates."""
+def decode_inputs(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype,
+                  lengths: list[int] | None = None) -> tuple[NSAAttention, NSAKVCache, torch.Tensor, torch.Tensor]:
+    """A layer of the benchmark shape, its cache of capacity S holding S random tokens per sequence (or
+    lengths[b]), and the new token's q and gates."""
     heads, kv_heads, dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
     config = NSAConfig(hidden_size=heads * dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                        head_dim_v=dim, **PAPER_BLOCKS)
     layer = NSAAttention(config).to(device=device, dtype=dtype)
     cache = layer.new_cache(batch, seq_len)
-    cache.fill_random_(seq_len)
+    cache.fill_random_(seq_len if lengths is None else lengths)
     q_step = torch.randn(batch, heads, dim, device=device, dtype=dtype)
     gates = torch.rand(batch, heads, 3, device=device, dtype=dtype)
     return layer, cache, q_step, gates
@@ -192,6 +195,40 @@ def tile_rows(seq_len: int, batch: int, shape: dict[str, int], device: str, dtyp
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def mixed_lengths(seq_len: int, batch: int) -> list[int]:
+    """S/B, 2S/B, .., S: a batch of sequences of different lengths up to S."""
+    return [max(1, seq_len * (b + 1) // batch) for b in range(batch)]
+
+
+def selection_gib(cache: NSAKVCache) -> float:
+    """Memory of the selection branch's raw-token buffers (per-sequence rows or the page pool)."""
+    return round(sum(t.numel() * t.element_size() for t in (cache.k_sel, cache.v_sel)) / 2**30, 3)
+
+
+@torch.no_grad()
+def paged_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """A batch of sequences of mixed_lengths: one decode step's attention on per-sequence buffers of capacity S and
+    on a paged cache (PAGE_SIZE-token pages, the pool sized to the pages the lengths reach), each checked against
+    the torch reference on its own cache before timing (CUDA: the Triton step, CUDA-graph replayed; CPU: the
+    torch step, eager), with the selection buffers' memory."""
+    cuda = device.startswith("cuda")
+    lengths = mixed_lengths(seq_len, batch)
+    layer, contiguous, q_step, gates = decode_inputs(seq_len, batch, shape, device, dtype, lengths)
+    paged = layer.new_cache(batch, seq_len, page_size=PAGE_SIZE, num_pages=sum(-(-n // PAGE_SIZE) for n in lengths))
+    paged.fill_random_(lengths)
+    measure = cuda_graph_ms if cuda else timer(device)
+    row: dict[str, Any] = {"S": seq_len, "batch": batch, "page_size": PAGE_SIZE, "lengths": f"{lengths[0]}..{seq_len}"}
+    for name, cache in (("contiguous", contiguous), ("paged", paged)):
+        step = attention_step(layer, cache, q_step, gates, "triton" if cuda else "torch")
+        if cuda:
+            checks = parity(attention_step(layer, cache, q_step, gates, "torch"), step)
+            row.update({f"{name}_{key}": value for key, value in checks.items()})
+        row[f"{name}_ms"] = round(measure(step), 4)
+        row[f"{name}_sel_gib"] = selection_gib(cache)
+    row["paged/contiguous"] = round(row["paged_ms"] / row["contiguous_ms"], 2)
+    return row
 
 
 def tile_candidates() -> list[Any]:
@@ -255,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where results go (default bench/results)")
     parser.add_argument("--profile", action="store_true",
                         help="print a profiler table of the Triton step at the largest batch and S")
+    parser.add_argument("--paged", action="store_true",
+                        help="also a batch of sequences of different lengths (S/B .. S) on a paged cache beside "
+                             "per-sequence buffers, at every S and the largest batch")
     parser.add_argument("--tiles", action="store_true",
                         help="CUDA only, instead of the tables: the Triton step under each DecodeTiles candidate at "
                              "every S and batch (results decode_tiles_cuda.jsonl)")
@@ -282,11 +322,14 @@ def main(argv: list[str] | None = None) -> int:
             profile = args.profile and batch == max(args.batches) and seq_len == seq_lens[-1]
             latency.append(latency_row(seq_len, batch, shape, args.device, dtype, profile))
             print(json.dumps(latency[-1]), flush=True)
+    paged = [paged_row(seq_len, max(args.batches), shape, args.device, dtype) for seq_len in seq_lens
+             if args.paged]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.results_dir / f"decode_{'cuda' if cuda else 'cpu'}"
     with open(stem.with_suffix(".jsonl"), "a") as handle:
         handle.writelines(json.dumps({"table": "reads", **row, **env}) + "\n" for row in reads)
         handle.writelines(json.dumps({"table": "latency", **row, **env}) + "\n" for row in latency)
+        handle.writelines(json.dumps({"table": "paged", **row, **env}) + "\n" for row in paged)
     text = [f"# NSA decode, {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})", ""]
     if reads:
         text += ["## Tokens read per decode step (paper defaults l=32 d=16 l'=64 n=16 w=512)", "",
@@ -301,6 +344,15 @@ def main(argv: list[str] | None = None) -> int:
              "step (projections, cache writes, emission, attention) replayed; max_abs_diff / blocks_equal / "
              "reads_equal: Triton vs the torch reference on the same inputs, checked before timing.", "",
              markdown_table(latency, columns), ""] if latency else []
+    if paged:
+        checks = ["contiguous_max_abs_diff", "contiguous_blocks_equal", "paged_max_abs_diff", "paged_blocks_equal"]
+        how = ("Triton step, CUDA-graph replay, each checked against the torch reference on its own cache before "
+               "timing" if cuda else "torch step (the reference), eager")
+        text += ["## Paged KV: a batch of sequences of lengths S/B .. S (ms per step; selection buffers in GiB)", "",
+                 f"{how}; contiguous = per-sequence buffers of capacity S, paged = {PAGE_SIZE}-token pages, the pool "
+                 "sized to the pages the lengths reach.", "",
+                 markdown_table(paged, ["S", "batch", "lengths", "contiguous_ms", "paged_ms", "paged/contiguous",
+                                        "contiguous_sel_gib", "paged_sel_gib", *(checks if cuda else [])]), ""]
     stem.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text))
     mismatches = read_mismatches(reads)

@@ -38,7 +38,7 @@ if [[ " $PARTS " == *" tiles "* ]]; then
         --results-dir "$OUT" --name prefill_tiles_cuda 2>&1 | tee "$OUT/bench_prefill_tiles.log" || echo "bench_prefill tiles exited with $?"
 fi
 if [[ " $PARTS " == *" nsa "* ]]; then
-    timeout 150 python3 -m bench.bench_decode --device cuda --skip-reads --profile 2>&1 | tee "$OUT/bench_decode.log"
+    timeout 240 python3 -m bench.bench_decode --device cuda --skip-reads --profile --paged 2>&1 | tee "$OUT/bench_decode.log"
     cp bench/results/decode_cuda.* "$OUT/"
 fi
 if [[ " $PARTS " == *" scope "* ]]; then

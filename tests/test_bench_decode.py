@@ -59,3 +59,16 @@ def test_tile_sweep_needs_a_gpu_and_starts_from_the_defaults(tmp_path: Path) -> 
     assert refused.value.code == 2 and not any(tmp_path.iterdir())
     candidates = bench_decode.tile_candidates()
     assert candidates[0] == DecodeTiles() and len(set(candidates)) == len(candidates)
+
+
+def test_paged_rows_hold_less_memory_for_mixed_lengths(tmp_path: Path) -> None:
+    """--paged: a batch of sequences of lengths S/B .. S on a paged cache holds only the pages it reaches (less
+    selection memory than per-sequence buffers of capacity S), and both layouts' rows are recorded."""
+    code = bench_decode.main(["--skip-reads", "--seq-lens", "1024", "--batches", "4", "--paged",
+                              "--results-dir", str(tmp_path)])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "decode_cpu.jsonl").read_text().splitlines()]
+    (paged,) = [row for row in rows if row["table"] == "paged"]
+    assert paged["lengths"] == "256..1024" and paged["paged_ms"] > 0 and paged["contiguous_ms"] > 0
+    assert paged["paged_sel_gib"] < paged["contiguous_sel_gib"]
+    assert "## Paged KV" in (tmp_path / "decode_cpu.md").read_text()
