@@ -36,17 +36,22 @@ import triton
 import triton.language as tl
 
 from nsa.functional import NSASizes
+from nsa.kernels.interpreter import allow_loaded_loop_bounds
 
+allow_loaded_loop_bounds()  # the fused top-n loops up to a runtime bound
 BLOCK_W = 64  # window ring slots per tile
 MAX_INDEX = tl.constexpr(0x7FFFFFFF)
 NO_KEY = tl.constexpr(-(1 << 62))  # a non-candidate's top-n key: below every candidate's
+UNUSED = tl.constexpr(1 << 30)  # an empty selection slot while sorting: after every block index, stored as -1
 
 
 class DecodeTiles(NamedTuple):
     """Launch settings of a decode step. cmp_block: compressed blocks per tile; programs_per_sm: the
     compressed-branch splits aim at about this many programs per SM, never more splits than tiles (rounded
     up to a power of two, so a growing cache recompiles only when its length doubles); cmp_warps /
-    cmp_stages: the compressed-partials launch; merge_chunk: partial slots per load in the merges. Defaults from
+    cmp_stages: the compressed-partials launch; merge_chunk: partial slots per load in the merges; fused_topn: one
+    kernel per (sequence, KV head) sums the group probabilities from the logits and selects, topn_chunk selection
+    blocks per step (launches 2 and 3 of the module docstring in one; not yet timed on the GPU, so off). Defaults from
     the H200 sweep (bench_decode --tiles, bench/results/decode_tiles_cuda.jsonl, public shape, CUDA graphs):
     128-block tiles ran batch 1 in 25.3 / 37.4 us at 64k / 128k against 27.3 / 42.6 with 64, and batch 32 within
     3% of the best candidate."""
@@ -56,6 +61,8 @@ class DecodeTiles(NamedTuple):
     cmp_warps: int = 4
     cmp_stages: int = 3
     merge_chunk: int = 16
+    fused_topn: bool = False
+    topn_chunk: int = 256
 
 
 @triton.jit
@@ -200,44 +207,94 @@ def _cmp_group_probs_kernel(
 
 
 @triton.jit
+def _eq9_term(k, blocks, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
+    """Eq. 9 as the strided correlation of nsa.block_index.overlap_kernel, term k: compressed block
+    j * (l'/d) + u (u = k - (l/d - 1)) overlaps selection block j by min(u*d + l, l') - max(u*d, 0) tokens.
+    -> (that compressed block's index for each of ``blocks``, its weight overlap / l)."""
+    start = (k - (CMP_BLOCK // CMP_STRIDE - 1)) * CMP_STRIDE
+    overlap = tl.minimum(start + CMP_BLOCK, SEL_BLOCK) - tl.maximum(start, 0)
+    src = blocks * (SEL_BLOCK // CMP_STRIDE) + k - (CMP_BLOCK // CMP_STRIDE - 1)
+    return src, tl.maximum(overlap, 0).to(tl.float32) / CMP_BLOCK
+
+
+@triton.jit
+def _candidate_top(score, blocks, in_range, t, SEL_BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    """The BLOCK_OUT best candidates among ``blocks`` (complete, not forced), as descending int64 keys: the
+    score's float bits (non-negative, so they order as integers) above the negated index, so one tl.topk ranks
+    by score and breaks bitwise ties by the lower index; NO_KEY fills the rest."""
+    current = t // SEL_BLOCK
+    forced = (blocks == 0) | (blocks == current) | (blocks == current - 1)
+    candidate = in_range & ~forced & ((blocks + 1) * SEL_BLOCK <= t + 1)
+    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (MAX_INDEX - blocks)
+    return tl.topk(tl.where(candidate, keys, NO_KEY), BLOCK_OUT)
+
+
+@triton.jit
+def _store_selection(idx_ptr, bh, top, t, SEL_BLOCK: tl.constexpr, NUM_SELECTED: tl.constexpr,
+                     BLOCK_OUT: tl.constexpr):
+    """The rule of nsa.selection_scorer.topn_blocks from the candidates' top keys: the forced blocks {0,
+    t // l' - 1, t // l'} and the best n - |forced| candidates, written ascending and padded with -1."""
+    current = t // SEL_BLOCK
+    remaining = NUM_SELECTED - 1 - (current >= 1).to(tl.int32) - (current >= 2).to(tl.int32)
+    rank = tl.arange(0, BLOCK_OUT)
+    picked = tl.where((rank < remaining) & (top > NO_KEY), MAX_INDEX - (top & 0xFFFFFFFF), UNUSED)
+    forced = tl.where(rank == 0, 0, UNUSED)
+    forced = tl.where((rank == 1) & (current >= 2), current - 1, forced)
+    forced = tl.where((rank == 2) & (current >= 1), current, forced).to(tl.int64)
+    ordered = -tl.topk(-tl.reshape(tl.join(picked, forced), [2 * BLOCK_OUT]), BLOCK_OUT)  # the smallest, ascending
+    tl.store(idx_ptr + bh * NUM_SELECTED + rank, tl.where(ordered == UNUSED, -1, ordered), mask=rank < NUM_SELECTED)
+
+
+@triton.jit
 def _select_topn_kernel(
     probs_ptr, pos_ptr, idx_ptr, probs_cols, num_sel_blocks,
     HKV: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     NUM_SELECTED: tl.constexpr, BLOCK_NSEL: tl.constexpr, BLOCK_OUT: tl.constexpr,
 ):
-    """Eq. 9 and top-n for one (sequence, KV head), the rule of nsa.selection_scorer.topn_blocks:
-    forced blocks {0, t // l', t // l' - 1} first, then the best complete blocks, ties to the lower
-    index, result ascending and padded with -1. The candidates' scores (non-negative, so their float
-    bits order as integers) are packed above their negated index into int64 keys: one tl.topk ranks by
-    score and breaks bitwise ties by the lower index."""
+    """Eq. 9 and top-n for one (sequence, KV head) from the group probabilities of cmp_group_probs."""
     bh = tl.program_id(0)
     t = tl.load(pos_ptr + bh // HKV)
     blocks = tl.arange(0, BLOCK_NSEL)
     in_range = blocks < num_sel_blocks
-    # Eq. 9 as the strided correlation of nsa.block_index.overlap_kernel: compressed block
-    # j * (l'/d) + u overlaps selection block j by min(u*d + l, l') - max(u*d, 0) tokens.
     score = tl.zeros([BLOCK_NSEL], tl.float32)
     for k in tl.static_range(CMP_BLOCK // CMP_STRIDE - 1 + SEL_BLOCK // CMP_STRIDE):
-        start = (k - (CMP_BLOCK // CMP_STRIDE - 1)) * CMP_STRIDE
-        overlap = tl.minimum(start + CMP_BLOCK, SEL_BLOCK) - tl.maximum(start, 0)
-        weight = tl.maximum(overlap, 0).to(tl.float32) / CMP_BLOCK
-        src = blocks * (SEL_BLOCK // CMP_STRIDE) + k - (CMP_BLOCK // CMP_STRIDE - 1)
+        src, weight = _eq9_term(k, blocks, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
         probs = tl.load(probs_ptr + bh * probs_cols + src, mask=in_range & (src >= 0) & (src < probs_cols), other=0.0)
         score += weight * probs
-    current = t // SEL_BLOCK
-    forced = in_range & ((blocks == 0) | (blocks == current) | (blocks == current - 1))
-    candidate = in_range & ~forced & ((blocks + 1) * SEL_BLOCK <= t + 1)
-    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (MAX_INDEX - blocks)
-    top = tl.topk(tl.where(candidate, keys, NO_KEY), BLOCK_OUT)  # descending
-    remaining = NUM_SELECTED - tl.sum(forced.to(tl.int32))
-    rank = tl.arange(0, BLOCK_OUT)
-    picked = tl.where((rank < remaining) & (top > NO_KEY), MAX_INDEX - (top & 0xFFFFFFFF), -1)
-    chosen = forced | (tl.sum((blocks[:, None] == picked[None, :]).to(tl.int32), axis=1) > 0)
-    rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(idx_ptr + bh * NUM_SELECTED + rank, blocks.to(tl.int64), mask=chosen)
-    slots = tl.arange(0, BLOCK_OUT)
-    tl.store(idx_ptr + bh * NUM_SELECTED + slots, tl.full([BLOCK_OUT], -1, tl.int64),
-             mask=(slots >= tl.sum(chosen.to(tl.int32))) & (slots < NUM_SELECTED))
+    top = _candidate_top(score, blocks, in_range, t, SEL_BLOCK, BLOCK_OUT)
+    _store_selection(idx_ptr, bh, top, t, SEL_BLOCK, NUM_SELECTED, BLOCK_OUT)
+
+
+@triton.jit
+def _probs_topn_kernel(
+    pos_ptr, logits_ptr, m_ptr, l_ptr, idx_ptr, logits_cols, num_slots, num_sel_blocks,
+    HKV: tl.constexpr, G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    SEL_BLOCK: tl.constexpr, NUM_SELECTED: tl.constexpr, BLOCK_G: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_OUT: tl.constexpr,
+):
+    """cmp_group_probs and select_topn in one program per (sequence, KV head) (DecodeTiles.fused_topn): each
+    chunk of BLOCK_C selection blocks sums its group probabilities straight from the logits (Eq. 8 + 10, no
+    p_grp round trip), scores them (Eq. 9) and merges its best candidates into a running top list."""
+    bh = tl.program_id(0)
+    t = tl.load(pos_ptr + bh // HKV)
+    num_visible = _num_visible_cmp(t, CMP_BLOCK, CMP_STRIDE)
+    lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: every logit below is masked anyway
+    offs_g = tl.arange(0, BLOCK_G)
+    rows = logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols
+    top = tl.full([BLOCK_OUT], NO_KEY, tl.int64)
+    for c0 in range(0, num_sel_blocks, BLOCK_C):
+        blocks = c0 + tl.arange(0, BLOCK_C)
+        in_range = blocks < num_sel_blocks
+        score = tl.zeros([BLOCK_C], tl.float32)
+        for k in tl.static_range(CMP_BLOCK // CMP_STRIDE - 1 + SEL_BLOCK // CMP_STRIDE):
+            src, weight = _eq9_term(k, blocks, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
+            seen = in_range & (src >= 0) & (src < num_visible)
+            logits = tl.load(rows + src[None, :], mask=(offs_g < G)[:, None] & seen[None, :], other=float("-inf"))
+            score += weight * tl.sum(tl.exp(logits - lse[:, None]), axis=0)
+        chunk_top = _candidate_top(score, blocks, in_range, t, SEL_BLOCK, BLOCK_OUT)
+        top = tl.topk(tl.reshape(tl.join(top, chunk_top), [2 * BLOCK_OUT]), BLOCK_OUT)
+    _store_selection(idx_ptr, bh, top, t, SEL_BLOCK, NUM_SELECTED, BLOCK_OUT)
 
 
 @triton.jit
@@ -412,20 +469,27 @@ def decode_attention_triton(
         DK=dk, DV=dv, CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_N=tiles.cmp_block,
         TILES_PER_SPLIT=tiles_per_split, **heads, **blocks, num_warps=tiles.cmp_warps, num_stages=tiles.cmp_stages,
     )
-    p_grp = q.new_empty(batch, num_kv_heads, num_cmp_bound, dtype=torch.float32)
-    _cmp_group_probs_kernel[(pairs, num_splits)](
-        positions, logits, m_part, l_part, p_grp, logits_cols, num_cmp_bound, num_slots,
-        CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_G=block_g, BLOCK_N=tiles.cmp_block,
-        NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), **heads,
-    )
     block_indices = q.new_empty(batch, num_kv_heads, sizes.num_selected, dtype=torch.long)
     block_out = triton.next_power_of_2(sizes.num_selected)
-    _select_topn_kernel[(pairs,)](
-        p_grp, positions, block_indices, num_cmp_bound, num_sel_blocks, HKV=num_kv_heads,
-        CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, SEL_BLOCK=sizes.sel_block_size,
-        NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out,
-        BLOCK_NSEL=triton.next_power_of_2(max(num_sel_blocks, block_out, 16)), num_warps=8,
-    )
+    select = dict(CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, SEL_BLOCK=sizes.sel_block_size,
+                  NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out, HKV=num_kv_heads)
+    if tiles.fused_topn:
+        _probs_topn_kernel[(pairs,)](
+            positions, logits, m_part, l_part, block_indices, logits_cols, num_slots, num_sel_blocks, G=group,
+            BLOCK_G=block_g, NUM_SPLITS=num_splits, CHUNK=_lse_chunk(num_splits),
+            BLOCK_C=max(tiles.topn_chunk, block_out), **select, num_warps=8,
+        )
+    else:
+        p_grp = q.new_empty(batch, num_kv_heads, num_cmp_bound, dtype=torch.float32)
+        _cmp_group_probs_kernel[(pairs, num_splits)](
+            positions, logits, m_part, l_part, p_grp, logits_cols, num_cmp_bound, num_slots,
+            CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_G=block_g, BLOCK_N=tiles.cmp_block,
+            NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), **heads,
+        )
+        _select_topn_kernel[(pairs,)](
+            p_grp, positions, block_indices, num_cmp_bound, num_sel_blocks, **select,
+            BLOCK_NSEL=triton.next_power_of_2(max(num_sel_blocks, block_out, 16)), num_warps=8,
+        )
     _sel_win_partials_kernel[(pairs, sizes.num_selected + num_win_tiles)](
         q, k_sel, v_sel, k_win, v_win, positions, block_indices,
         positions if page_table is None else page_table,  # a placeholder pointer without pages (never read)
