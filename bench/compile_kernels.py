@@ -1,5 +1,5 @@
-"""Compile the NSA prefill kernels for an NVIDIA target on any machine (no GPU needed) and report their
-registers, spills and shared memory, as ptxas sees them.
+"""Compile the NSA prefill and decode kernels for an NVIDIA target on any machine (no GPU needed) and report
+their registers, spills and shared memory, as ptxas sees them.
 
     python -m bench.compile_kernels                 # sm_90 (H100 / H200), the paper's and the public head dims
     python -m bench.compile_kernels --arch 80 --head-dims 128
@@ -8,7 +8,8 @@ Triton's CPU interpreter runs a kernel's math but not its compiler: a construct 
 global that is not a tl.constexpr, a layout the passes cannot handle) passes every interpreter test and only
 fails on the GPU. tests/test_nsa_kernels_compile.py compiles every kernel here, in CI, for sm_90. Argument
 types follow the kernels' naming: ``*_ptr`` is a bf16 tensor unless listed as float32 or int32 below, a name
-with "scale" is a float, any other runtime argument an int32; strides get Triton's divisibility-by-16 hint.
+with "scale" is a float, any other runtime argument an int32; strides get Triton's divisibility-by-16 hint. The
+decode kernels (public shape, batch 32's launch constants) name their pointer types in their cases.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from nsa.kernels import range_attention, selected, topn
+from nsa.kernels import decode, range_attention, selected, topn
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.tiles import split_dims
@@ -45,13 +46,18 @@ class KernelCase(NamedTuple):
     num_warps: int
     num_stages: int
     float32_outputs: tuple[str, ...] = ()
+    pointer_types: tuple[tuple[str, str], ...] = ()  # (name, Triton type) overriding the naming rule
 
 
-def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, ...]) -> dict[str, str]:
+def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, ...],
+               pointer_types: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     signature = {}
+    types = dict(pointer_types)
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
         elif name.endswith("_ptr"):
             signature[name] = ("*fp32" if name in FLOAT32_POINTERS or name in float32_outputs
                                else "*i32" if name in INT32_POINTERS else "*bf16")
@@ -108,11 +114,46 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
 
 
+DECODE_POINTERS = (("logits_ptr", "*fp32"), ("m_ptr", "*fp32"), ("l_ptr", "*fp32"), ("acc_ptr", "*fp32"),
+                   ("probs_ptr", "*fp32"), ("pos_ptr", "*i64"), ("idx_ptr", "*i64"), ("reads_ptr", "*i64"),
+                   ("count_ptr", "*i32"), ("page_table_ptr", "*i32"))
+
+
+def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
+    """The decode step's kernels at the public shape (HQ = 64, H_kv = 4, D = 128, paper blocks) with the constants
+    a batch of 32 sequences at 128k launches them with (9 compressed splits of 8 tiles), paged and not."""
+    tiles = tiles or decode.DecodeTiles()
+    splits, block_out, window_tiles = 9, 16, BLOCKS["window_size"] // decode.BLOCK_W
+    heads = {"HKV": 4, "G": 16, "BLOCK_G": 16}
+    blocks = {"CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"]}
+    select = {**blocks, "HKV": 4, "SEL_BLOCK": BLOCKS["sel_block_size"], "NUM_SELECTED": BLOCKS["num_selected"],
+              "BLOCK_OUT": block_out}
+    dims = {"DK": 128, "DV": 128, "BLOCK_DK": 128, "BLOCK_DV": 128}
+
+    def case(name: str, fn: Any, constexprs: dict[str, Any], num_warps: int = 4, num_stages: int = 3) -> KernelCase:
+        return KernelCase(name, fn, constexprs, num_warps, num_stages, pointer_types=DECODE_POINTERS)
+
+    yield case("dec_cmp", decode._cmp_partials_kernel, {**heads, **blocks, **dims, "BLOCK_N": tiles.cmp_block,
+                                                        "TILES_PER_SPLIT": 8}, tiles.cmp_warps, tiles.cmp_stages)
+    yield case("dec_probs", decode._cmp_group_probs_kernel, {**heads, **blocks, "BLOCK_N": tiles.cmp_block,
+                                                             "NUM_SPLITS": splits, "TILES_PER_SPLIT": 8, "CHUNK": 16})
+    yield case("dec_topn", decode._select_topn_kernel, {**select, "BLOCK_NSEL": 2048}, 8)
+    yield case("dec_fused", decode._probs_topn_kernel, {**select, **heads, "NUM_SPLITS": splits, "CHUNK": 16,
+                                                        "BLOCK_C": tiles.topn_chunk}, 8)
+    for page in (0, 256):
+        yield case(f"dec_selwin{page}", decode._sel_win_partials_kernel,
+                   {**heads, **dims, "NUM_SELECTED": BLOCKS["num_selected"], "SEL_BLOCK": BLOCKS["sel_block_size"],
+                    "WINDOW": BLOCKS["window_size"], "BLOCK_SEL": 64, "BLOCK_W": decode.BLOCK_W, "PAGE": page})
+    yield case("dec_combine", decode._combine_kernel,
+               {**heads, "DV": 128, "NUM_SPLITS": splits, "NUM_SELECTED": BLOCKS["num_selected"],
+                "NUM_WIN_TILES": window_tiles, "BLOCK_DV": 128, "BLOCK_SLOTS": 64, "CHUNK": tiles.merge_chunk})
+
+
 def compile_case(case: KernelCase, arch: int = 90) -> Any:
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(case.fn.arg_names)
                  if name.startswith("stride") or name.endswith("_ptr")}
-    source = triton.compiler.ASTSource(case.fn, _signature(case.fn, case.constexprs, case.float32_outputs),
-                                       case.constexprs, divisible)
+    signature = _signature(case.fn, case.constexprs, case.float32_outputs, case.pointer_types)
+    source = triton.compiler.ASTSource(case.fn, signature, case.constexprs, divisible)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": case.num_warps, "num_stages": case.num_stages})
 
@@ -136,6 +177,9 @@ def main() -> None:
         for case in cases(head_dim, 128 if head_dim == 192 else head_dim, group=12 if head_dim == 192 else 16):
             usage = resource_usage(compile_case(case, args.arch))
             print(f"d={head_dim:3d} {case.name:10s} warps={case.num_warps} stages={case.num_stages} {usage}")
+    for case in decode_cases():
+        usage = resource_usage(compile_case(case, args.arch))
+        print(f"decode {case.name:12s} warps={case.num_warps} stages={case.num_stages} {usage}")
 
 
 if __name__ == "__main__":
