@@ -373,8 +373,10 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
         return {"sel_tiles": [sel, sel._replace(rows=0), sel._replace(rows=32), sel._replace(rows=64)]}
     if shape.dk <= 128:
-        return {"range_tiles": [ranges, ranges._replace(max_splits=16), ranges._replace(max_splits=64)]}
-    return {"range_tiles": [ranges, ranges._replace(dq_m=64, dq_n=32), ranges._replace(dkv_m=32, dkv_n=64),
+        return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=True),
+                                ranges._replace(dkv_head_rows=True, dkv_m=64)]}
+    return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=True), ranges._replace(dq_m=64, dq_n=32),
+                            ranges._replace(dkv_m=32, dkv_n=64),
                             ranges._replace(dkv_m=16, dkv_n=128), ranges._replace(dkv_m=32, dkv_n=64, bwd_num_stages=1),
                             ranges._replace(dq_m=128, dq_n=32)],
             "sel_tiles": [sel, sel._replace(num_warps=8, dkv_num_warps=8)]}

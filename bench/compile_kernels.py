@@ -82,9 +82,14 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
         yield KernelCase(f"dq_{branch}", range_attention._range_dq_kernel,
                          {**common, **rule, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "HAS_GATE": True,
                           "ACCUMULATE": True}, tiles.num_warps, tiles.bwd_num_stages)
-        yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel,
-                         {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True},
-                         tiles.num_warps, tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
+        dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
+                "GP": range_attention.dkv_head_rows(group, tiles)}
+        yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
+                         tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
+    # the opt-in dk/dv steps over tokens x the group's heads (RangeTiles.dkv_head_rows)
+    yield KernelCase("dkdv_cmp_hr", range_attention._range_dkdv_kernel,
+                     {**dkdv, **rules["cmp"], "GP": range_attention.dkv_head_rows(group, tiles._replace(
+                         dkv_head_rows=True))}, tiles.dkv_num_warps, tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
     topn_tiles = TopnTiles()
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
                             topn_tiles.rows)

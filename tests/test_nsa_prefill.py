@@ -250,6 +250,22 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=rows), CHOOSY, lengths)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (16, 1, 24, 16), (8, 8, 16, 32)])
+def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv):
+    """The range dk/dv taking dkv_m // GP tokens x the group's heads per step (RangeTiles.dkv_head_rows; G = 3 pads
+    to 4 heads, G = 16 fills the 16-row step with one token, G = 1 takes 16 tokens): gradients of the compression
+    and window branches equal the float64 reference, on packed sequences whose ends fall inside steps."""
+    make_tiles = prefill._tiles
+
+    def heads_in_rows(device, head_dim):
+        ranges, topn, selected = make_tiles(device, head_dim)
+        return ranges._replace(dkv_head_rows=True), topn, selected
+
+    monkeypatch.setattr(prefill, "_tiles", heads_in_rows)
+    lengths = [21, 3, 40]
+    check_against_reference(make_inputs(1, lengths, heads, kv_heads, dk, dv, CHOOSY, seed=heads), CHOOSY, lengths)
+
+
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
     """query_tiles' lists against a plain Python union per (tile, kv head): every distinct block a tile's tokens
     selected, ascending, nothing else; tiles restart at each sequence; programs past the last tile get none."""

@@ -62,6 +62,17 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"),
+                         [(64, 4, 128, 128, 2048), (48, 4, 192, 128, 3000)])
+def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
+    """The range dk/dv over tokens x the group's heads per step (RangeTiles.dkv_head_rows; tests/test_nsa_prefill.py
+    checks it in the interpreter)."""
+    make_tiles = prefill._tiles
+    monkeypatch.setattr(prefill, "_tiles", lambda device, head_dim: (
+        make_tiles(device, head_dim)[0]._replace(dkv_head_rows=True), *make_tiles(device, head_dim)[1:]))
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
 def _check_against_reference(heads: int, kv_heads: int, dk: int, dv: int, seq_len: int) -> None:
     inputs = _inputs(seq_len, heads, kv_heads, dk, dv)
     out, indices = nsa_attention(*inputs, **BLOCKS, backend="triton")

@@ -31,6 +31,7 @@ from nsa.kernels.attention_steps import (
     dkdv_step,
     dq_step,
     load_split,
+    load_split_at,
     scaled_scores,
     softmax_result,
     softmax_step,
@@ -42,6 +43,7 @@ from nsa.kernels.tiles import (
     Packed,
     TileTable,
     dot_precision,
+    load_at,
     load_tile,
     output_buffer,
     split_dims,
@@ -57,7 +59,9 @@ allow_loaded_loop_bounds()
 class RangeTiles(NamedTuple):
     """Tile sizes and launch settings: forward fwd_m queries x fwd_n keys, dq dq_m x dq_n, dk/dv dkv_n keys x
     dkv_m queries; the dk/dv query range is split over at most ``max_splits`` programs per key tile. num_warps:
-    the forward and dq launches; dkv_num_warps: the dk/dv launch."""
+    the forward and dq launches; dkv_num_warps: the dk/dv launch. dkv_head_rows: each dk/dv step takes dkv_m // GP
+    tokens x the group's GP heads (padded to a power of two, at most dkv_m) instead of dkv_m tokens of one head,
+    one pass over the queries instead of one per head (opt-in until the GPU times it)."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -70,6 +74,7 @@ class RangeTiles(NamedTuple):
     bwd_num_stages: int = 2
     max_splits: int = 32
     dkv_num_warps: int = 8
+    dkv_head_rows: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -226,6 +231,32 @@ def _range_dq_kernel(
 
 
 @triton.jit
+def _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, heads, row_ok, m0, q_hi, first, last_key, cols,
+               k1, k2, v, dk1, dk2, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh, num_heads,
+               qk_scale, STEP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+               DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+               PRECISION: tl.constexpr, HAS_GATE: tl.constexpr):
+    """One dk/dv step: the query rows (token toks, head heads; STEP tokens from m0) against this program's keys."""
+    q1, q2 = load_split_at(q_ptr + tok0 * stride_qt, toks * stride_qt + heads * stride_qh, row_ok, DQK, D1, D2)
+    s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
+    edge = (_key_end(last_key, STRIDE, SPAN) > m0) | (m0 + STEP > q_hi)
+    if WINDOW > 0:
+        edge = edge | (m0 + STEP - 1 - _key_end(first, STRIDE, SPAN) >= WINDOW)
+    if edge:
+        s_t = tl.where(_visible(toks[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & row_ok[None, :], s_t,
+                       float("-inf"))
+    stats = (tok0 + toks) * num_heads + heads
+    lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + (tok0 + toks) * stride_gt + heads * stride_gh, mask=row_ok, other=0.0)
+        p_t = p_t * gate.to(tl.float32)[None, :]
+    do = load_at(do_ptr + tok0 * stride_dot, toks * stride_dot + heads * stride_doh, row_ok, 0, BLOCK_DV, DV)
+    return dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2, PRECISION)
+
+
+@triton.jit
 def _range_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_k_ptr, cu_q_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
@@ -234,9 +265,12 @@ def _range_dkdv_kernel(
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ROW_T: tl.constexpr,
+    GP: tl.constexpr,
 ):
     """dv = sum over the GROUP query heads and the queries of this program's split of (g p)^T dO, and
-    dk = scale * sum (g p (dp - delta))^T q, for BLOCK_N keys of one kv head."""
+    dk = scale * sum (g p (dp - delta))^T q, for BLOCK_N keys of one kv head. GP = 0: each step takes BLOCK_M
+    tokens of one head, head after head; GP = the group padded to a power of two: each step takes BLOCK_M // GP
+    tokens x the GP heads (a token's heads are neighbours in memory), one pass over the queries."""
     hk, split = tl.program_id(1), tl.program_id(2)
     key0, num_keys, tok0, seq_len, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_k_ptr, cu_q_ptr, num_seqs,
                                                        BLOCK_N)
@@ -255,30 +289,25 @@ def _range_dkdv_kernel(
     if WINDOW > 0:
         q_hi = tl.minimum(q_hi, _key_end(last_key, STRIDE, SPAN) + WINDOW)
     q_hi = tl.where(num_keys > first, q_hi, 0)
-    q_lo = (q_lo // BLOCK_M) * BLOCK_M
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = q_ptr + tok0 * stride_qt + h * stride_qh
-        do_base = do_ptr + tok0 * stride_dot + h * stride_doh
-        for m0 in range(q_lo, q_hi, BLOCK_M):
-            rows = (m0 + tl.arange(0, BLOCK_M)).to(ROW_T)
-            row_ok = rows < q_hi
-            q1, q2 = load_split(q_base, rows, row_ok, stride_qt, DQK, D1, D2)
-            s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
-            edge = (_key_end(last_key, STRIDE, SPAN) > m0) | (m0 + BLOCK_M > q_hi)
-            if WINDOW > 0:
-                edge = edge | (m0 + BLOCK_M - 1 - _key_end(first, STRIDE, SPAN) >= WINDOW)
-            if edge:
-                s_t = tl.where(_visible(rows[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & row_ok[None, :],
-                               s_t, float("-inf"))
-            lse = tl.load(lse_ptr + (tok0 + rows) * num_heads + h, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + (tok0 + rows) * num_heads + h, mask=row_ok, other=0.0)
-            p_t = tl.math.exp2(s_t - lse[None, :])
-            if HAS_GATE:
-                gate = tl.load(gate_ptr + (tok0 + rows) * stride_gt + h * stride_gh, mask=row_ok, other=0.0)
-                p_t = p_t * gate.to(tl.float32)[None, :]
-            do = load_tile(do_base, rows, row_ok, stride_dot, 0, BLOCK_DV, DV)
-            dk1, dk2, dv = dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2, PRECISION)
+    if GP > 0:
+        r = tl.arange(0, BLOCK_M)
+        g = r % GP
+        for m0 in range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP):
+            toks = (m0 + r // GP).to(ROW_T)
+            dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
+                                      (toks < q_hi) & (g < GROUP), m0, q_hi, first, last_key, cols, k1, k2, v, dk1,
+                                      dk2, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh,
+                                      num_heads, qk_scale, BLOCK_M // GP, STRIDE, SPAN, WINDOW, DQK, D1, D2, DV,
+                                      BLOCK_DV, PRECISION, HAS_GATE)
+    else:
+        for g in range(0, GROUP):
+            for m0 in range(q_lo // BLOCK_M * BLOCK_M, q_hi, BLOCK_M):
+                toks = (m0 + tl.arange(0, BLOCK_M)).to(ROW_T)
+                dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
+                                          toks < q_hi, m0, q_hi, first, last_key, cols, k1, k2, v, dk1, dk2, dv,
+                                          stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh,
+                                          num_heads, qk_scale, BLOCK_M, STRIDE, SPAN, WINDOW, DQK, D1, D2, DV,
+                                          BLOCK_DV, PRECISION, HAS_GATE)
     split64 = split.to(tl.int64)
     dk_base = dk_ptr + split64 * stride_dk_split + k_row0 * stride_dkt + hk * stride_dkh
     store_tile(dk_base, key_tile, col_ok, stride_dkt, (dk1 * scale).to(dk_ptr.dtype.element_ty), 0, D1, DQK)
@@ -371,13 +400,20 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
         dout.stride(0), dout.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1), dv_out.stride(2),
         dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale,
         BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None,
-        **_common(q, k, v, rule, packed.max_len, dout), num_warps=tiles.dkv_num_warps,
-        num_stages=tiles.bwd_num_stages,
+        **_common(q, k, v, rule, packed.max_len, dout), GP=dkv_head_rows(q.shape[1] // k.shape[1], tiles),
+        num_warps=tiles.dkv_num_warps, num_stages=tiles.bwd_num_stages,
     )
     if num_splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
     return dk, dv
+
+
+def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
+    """The dk/dv kernel's GP: the group padded to a power of two when tiles.dkv_head_rows and it fits a step's
+    dkv_m rows, else 0 (one head per step)."""
+    padded = triton.next_power_of_2(group)
+    return padded if tiles.dkv_head_rows and padded <= tiles.dkv_m else 0
 
 
 def tiles_for(head_dim: int) -> RangeTiles:
