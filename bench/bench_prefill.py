@@ -371,7 +371,8 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     shape = SHAPES[shape_name]
     ranges, sel = tiles_for(max(shape.dk, shape.dv)), SelectedTiles()
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
-        return {"sel_tiles": [sel, sel._replace(rows=0), sel._replace(rows=32), sel._replace(rows=64)]}
+        return {"sel_tiles": [sel, sel._replace(rows=0), sel._replace(rows=32), sel._replace(rows=64),
+                              sel._replace(dkv_fill_tokens=True)]}
     if shape.dk <= 128:
         return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=True),
                                 ranges._replace(dkv_head_rows=True, dkv_m=64)]}

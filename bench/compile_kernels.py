@@ -110,10 +110,12 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                          sel_tiles.num_stages)
         yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, query, sel_tiles.num_warps,
                          sel_tiles.num_stages)
-    yield KernelCase("dkdv_sel", selected._sel_dkdv_kernel,
-                     {**sel, "BQ": max(1, sel_tiles.dkv_rows // gp), "CHUNK": sel_tiles.chunk,
-                      "BLOCK_DK": max(16, triton.next_power_of_2(head_dim)), "HAS_GATE": True},
-                     sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages)
+    # dk/dv as launched, and over 8 entries x G = 4 per step (SelectedTiles.dkv_fill_tokens)
+    for suffix, sel_group, dkv_tiles in (("", group, sel_tiles), ("_g4", 4, sel_tiles._replace(dkv_fill_tokens=True))):
+        yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
+                         {**sel, "GROUP": sel_group, **selected.dkv_rows(sel_group, dkv_tiles),
+                          "CHUNK": sel_tiles.chunk, "BLOCK_DK": max(16, triton.next_power_of_2(head_dim)),
+                          "HAS_GATE": True}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages)
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
                      {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": triton.next_power_of_2(head_dim),
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)

@@ -266,6 +266,23 @@ def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, he
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, dk, dv, CHOOSY, seed=heads), CHOOSY, lengths)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (2, 2), (4, 2)])
+def test_selection_dkdv_filling_rows_with_entries_matches_float64_reference(monkeypatch, heads, kv_heads):
+    """The selection dk/dv taking dkv_rows // GP list entries x the group padded only to a power of two per step
+    (SelectedTiles.dkv_fill_tokens; G = 3: 4 entries x 4 heads, G = 1: 16 entries, G = 2: 8 x 2) equals the
+    float64 reference; CHOOSY blocks spread each block's list over many tokens and chunks."""
+    make_tiles = prefill._tiles
+
+    def filled_rows(device, head_dim):
+        ranges, topn, selected = make_tiles(device, head_dim)
+        return ranges, topn, selected._replace(dkv_fill_tokens=True)
+
+    monkeypatch.setattr(prefill, "_tiles", filled_rows)
+    lengths = [21, 3, 40]
+    check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=heads + 7), CHOOSY,
+                            lengths)
+
+
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
     """query_tiles' lists against a plain Python union per (tile, kv head): every distinct block a tile's tokens
     selected, ascending, nothing else; tiles restart at each sequence; programs past the last tile get none."""

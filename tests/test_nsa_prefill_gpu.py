@@ -73,6 +73,16 @@ def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, he
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [(16, 4, 128, 128, 2048), (4, 4, 64, 64, 3000)])
+def test_selection_dkdv_filling_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
+    """The selection dk/dv over list entries x the group padded only to a power of two (SelectedTiles.dkv_fill_tokens;
+    tests/test_nsa_prefill.py checks it in the interpreter)."""
+    make_tiles = prefill._tiles
+    monkeypatch.setattr(prefill, "_tiles", lambda device, head_dim: (
+        *make_tiles(device, head_dim)[:2], make_tiles(device, head_dim)[2]._replace(dkv_fill_tokens=True)))
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
 def _check_against_reference(heads: int, kv_heads: int, dk: int, dv: int, seq_len: int) -> None:
     inputs = _inputs(seq_len, heads, kv_heads, dk, dv)
     out, indices = nsa_attention(*inputs, **BLOCKS, backend="triton")

@@ -62,7 +62,10 @@ class SelectedTiles(NamedTuple):
     where rows < 2 GP, e.g. G = 16 or rows = 0); dkv_rows: gathered rows per dk/dv step (BQ tokens x GP heads,
     GP >= 16); chunk: tokens per dk/dv program. rows = 16, from the H200 sweep at G = 4, 64k (bench/results/
     prefill_tiles_cuda.md): 4 tokens per program ran the forward / dq in 16.5 / 21.1 ms against 17.4 / 21.6 for one
-    token on independent queries and in 10.5 / 13.3 ms against 17.4 / 21.6 when neighbours share their blocks."""
+    token on independent queries and in 10.5 / 13.3 ms against 17.4 / 21.6 when neighbours share their blocks.
+    dkv_fill_tokens: a dk/dv step takes dkv_rows // GP entries x the group padded only to a power of two (G = 2: 16
+    tokens x 2 heads) instead of padding the group to 16 rows (G = 2: 2 tokens x 16 rows, 4 of the 32 real); opt-in
+    until the GPU times it."""
 
     num_warps: int = 4
     num_stages: int = 3
@@ -71,6 +74,7 @@ class SelectedTiles(NamedTuple):
     dkv_num_warps: int = 4
     dkv_num_stages: int = 2
     rows: int = 16
+    dkv_fill_tokens: bool = False
 
 
 @triton.jit
@@ -469,6 +473,13 @@ def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
     )
 
 
+def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
+    """The dk/dv kernel's rows per step: BQ entries x GP heads, GP the group padded to a power of two (at least 16
+    unless tiles.dkv_fill_tokens), BQ filling tiles.dkv_rows and at least tl.dot's 16 rows."""
+    gp = triton.next_power_of_2(group) if tiles.dkv_fill_tokens else max(16, triton.next_power_of_2(group))
+    return {"GP": gp, "BQ": max(1, tiles.dkv_rows // gp, 16 // gp)}
+
+
 def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
@@ -488,8 +499,8 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
         scale * LOG2E, scale,
-        BQ=max(1, tiles.dkv_rows // args["GP"]), CHUNK=tiles.chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
-        **args, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
+        CHUNK=tiles.chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
+        **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
     _sel_reduce_kernel[(num_lists,)](
