@@ -138,14 +138,18 @@ def attention_step(layer: NSAAttention, cache: NSAKVCache, q: torch.Tensor, gate
     """The attention part of a decode step (what dense SDPA over a KV cache is compared with): the new
     token's q [B, HQ, Dk] and gates [B, HQ, 3] against a cache already holding its K/V, sequence b at position
     lengths[b] - 1 (contiguous or paged)."""
-    c = layer.config
     positions = cache.device_lengths - 1
-    length = max(cache.lengths)
-    bounds = dict(num_cmp_bound=num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride),
-                  num_sel_blocks=num_selection_blocks(length, c.sel_block_size))
     return lambda: decode_attention(q, gates, positions, k_cmp=cache.k_cmp, v_cmp=cache.v_cmp, k_sel=cache.k_sel,
                                     v_sel=cache.v_sel, k_win=cache.k_win, v_win=cache.v_win, sizes=layer.sizes,
-                                    scale=c.attention_scale, backend=backend, page_table=cache.page_table, **bounds)
+                                    scale=layer.config.attention_scale, backend=backend, page_table=cache.page_table,
+                                    **step_bounds(layer.config, cache))
+
+
+def step_bounds(config: NSAConfig, cache: NSAKVCache) -> dict[str, int]:
+    """The host bounds of a decode step over the cache: compressed and selection blocks of its longest sequence."""
+    length = max(cache.lengths)
+    return dict(num_cmp_bound=num_compressed_blocks(length, config.cmp_block_size, config.cmp_stride),
+                num_sel_blocks=num_selection_blocks(length, config.sel_block_size))
 
 
 def parity(torch_step: Callable[[], Any], triton_step: Callable[[], Any]) -> dict[str, float]:
@@ -179,11 +183,9 @@ def tile_rows(seq_len: int, batch: int, shape: dict[str, int], device: str, dtyp
 
     layer, cache, q_step, gates = decode_inputs(seq_len, batch, shape, device, dtype)
     reference = attention_step(layer, cache, q_step, gates, "torch")()
-    c, length = layer.config, cache.lengths[0]
-    args = (q_step, gates, cache.device_lengths - 1, cache.k_cmp, cache.v_cmp,
-            num_compressed_blocks(length, c.cmp_block_size, c.cmp_stride), cache.k_sel, cache.v_sel,
-            num_selection_blocks(length, c.sel_block_size), cache.k_win, cache.v_win, layer.sizes,
-            c.attention_scale)
+    bounds = step_bounds(layer.config, cache)
+    args = (q_step, gates, cache.device_lengths - 1, cache.k_cmp, cache.v_cmp, bounds["num_cmp_bound"], cache.k_sel,
+            cache.v_sel, bounds["num_sel_blocks"], cache.k_win, cache.v_win, layer.sizes, layer.config.attention_scale)
     rows = []
     for tiles in tile_candidates():
         out, indices, _ = decode_attention_triton(*args, tiles=tiles)

@@ -55,9 +55,8 @@ def decode_attention(
     args = (q, gates, positions, k_cmp, v_cmp, num_cmp_bound, k_sel, v_sel, num_sel_blocks, k_win, v_win)
     if choice.name == "torch":
         return decode_attention_reference(*args, sizes=sizes, scale=scale, page_table=page_table)
-    page_size = 0 if page_table is None else k_sel.shape[1]
     return DecodeResult(*torch.ops.nsa.decode_attention_triton(
-        q, gates.contiguous(), positions.contiguous(), *args[3:], *sizes, scale, page_table, page_size))
+        q, gates.contiguous(), positions.contiguous(), *args[3:], *sizes, scale, page_table))
 
 
 def decode_attention_reference(
@@ -87,21 +86,21 @@ def _decode_attention_triton(
     q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
     v_win: torch.Tensor, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
-    window_size: int, scale: float, page_table: torch.Tensor | None, page_size: int,
+    window_size: int, scale: float, page_table: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from nsa.kernels.decode import decode_attention_triton  # triton is imported only when used
 
     sizes = NSASizes(block_size, block_stride, sel_block_size, num_selected, window_size)
     return decode_attention_triton(q, gates, positions, k_cmp, v_cmp, num_cmp_bound, k_sel, v_sel,
-                                   num_sel_blocks, k_win, v_win, sizes, scale, page_table, page_size)
+                                   num_sel_blocks, k_win, v_win, sizes, scale, page_table)
 
 
 @_decode_attention_triton.register_fake
 def _(q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
       num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
       v_win: torch.Tensor, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
-      window_size: int, scale: float, page_table: torch.Tensor | None,
-      page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+      window_size: int, scale: float,
+      page_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, num_heads, num_kv_heads = q.shape[0], q.shape[1], k_cmp.shape[2]
     out = q.new_empty(batch, num_heads, v_cmp.shape[-1])
     indices = q.new_empty(batch, num_kv_heads, num_selected, dtype=torch.long)

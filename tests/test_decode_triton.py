@@ -192,6 +192,6 @@ def test_custom_op_registration_passes_opcheck() -> None:
     inputs, _ = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=4)
     f32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items() if torch.is_tensor(v)}
     args = (f32["q"], f32["gates"], f32["positions"], f32["k_cmp"], f32["v_cmp"], inputs["num_cmp_bound"],
-            f32["k_sel"], f32["v_sel"], inputs["num_sel_blocks"], f32["k_win"], f32["v_win"], *SIZES, 0.25, None, 0)
+            f32["k_sel"], f32["v_sel"], inputs["num_sel_blocks"], f32["k_win"], f32["v_win"], *SIZES, 0.25, None)
     torch.library.opcheck(torch.ops.nsa.decode_attention_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))

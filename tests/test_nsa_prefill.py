@@ -19,7 +19,7 @@ import functools
 
 import pytest
 import torch
-from conftest import F64, randn
+from conftest import F64, randn, use_prefill_tiles
 from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
 
 from nsa import NSAAttention, NSAConfig, NSAInputError, functional, naive_nsa_attention, nsa_attention, prefill
@@ -239,13 +239,7 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     the group: BQ = 16 for G = 3, 32 for G = 1, 2 for G = 8; rows = 0: one token per program) walk the union of
     their tokens' blocks; a packed batch puts tile edges inside sequences and sequence ends inside tiles; CHOOSY
     blocks make neighbours pick different blocks (a row that read a block it did not select fails this test)."""
-    make_tiles = prefill._tiles
-
-    def wider_query_tiles(device, head_dim):
-        ranges, topn, selected = make_tiles(device, head_dim)
-        return ranges, topn, selected._replace(rows=rows)
-
-    monkeypatch.setattr(prefill, "_tiles", wider_query_tiles)
+    use_prefill_tiles(monkeypatch, selected={"rows": rows})
     lengths = [21, 3, 40]
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=rows), CHOOSY, lengths)
 
@@ -255,13 +249,7 @@ def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, he
     """The range dk/dv taking dkv_m // GP tokens x the group's heads per step (RangeTiles.dkv_head_rows; G = 3 pads
     to 4 heads, G = 16 fills the 16-row step with one token, G = 1 takes 16 tokens): gradients of the compression
     and window branches equal the float64 reference, on packed sequences whose ends fall inside steps."""
-    make_tiles = prefill._tiles
-
-    def heads_in_rows(device, head_dim):
-        ranges, topn, selected = make_tiles(device, head_dim)
-        return ranges._replace(dkv_head_rows=True), topn, selected
-
-    monkeypatch.setattr(prefill, "_tiles", heads_in_rows)
+    use_prefill_tiles(monkeypatch, ranges={"dkv_head_rows": True})
     lengths = [21, 3, 40]
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, dk, dv, CHOOSY, seed=heads), CHOOSY, lengths)
 
@@ -271,13 +259,7 @@ def test_selection_dkdv_filling_rows_with_entries_matches_float64_reference(monk
     """The selection dk/dv taking dkv_rows // GP list entries x the group padded only to a power of two per step
     (SelectedTiles.dkv_fill_tokens; G = 3: 4 entries x 4 heads, G = 1: 16 entries, G = 2: 8 x 2) equals the
     float64 reference; CHOOSY blocks spread each block's list over many tokens and chunks."""
-    make_tiles = prefill._tiles
-
-    def filled_rows(device, head_dim):
-        ranges, topn, selected = make_tiles(device, head_dim)
-        return ranges, topn, selected._replace(dkv_fill_tokens=True)
-
-    monkeypatch.setattr(prefill, "_tiles", filled_rows)
+    use_prefill_tiles(monkeypatch, selected={"dkv_fill_tokens": True})
     lengths = [21, 3, 40]
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=heads + 7), CHOOSY,
                             lengths)

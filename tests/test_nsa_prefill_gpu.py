@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import use_prefill_tiles
 from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
 
-from nsa import NSAAttention, NSAConfig, nsa_attention, prefill
+from nsa import NSAAttention, NSAConfig, nsa_attention
 from nsa.compress_pool import compress_mean_pool
 
 pytestmark = pytest.mark.gpu
@@ -56,9 +57,7 @@ def test_prefill_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
 def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads, kv_heads, dk, dv, seq_len):
     """The selection forward / dq with several neighbouring tokens per program, over the union of their blocks
     (SelectedTiles.rows; tests/test_nsa_prefill.py checks it in the interpreter)."""
-    make_tiles = prefill._tiles
-    monkeypatch.setattr(prefill, "_tiles", lambda device, head_dim: (
-        *make_tiles(device, head_dim)[:2], make_tiles(device, head_dim)[2]._replace(rows=rows)))
+    use_prefill_tiles(monkeypatch, selected={"rows": rows})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
@@ -67,9 +66,7 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
 def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
     """The range dk/dv over tokens x the group's heads per step (RangeTiles.dkv_head_rows; tests/test_nsa_prefill.py
     checks it in the interpreter)."""
-    make_tiles = prefill._tiles
-    monkeypatch.setattr(prefill, "_tiles", lambda device, head_dim: (
-        make_tiles(device, head_dim)[0]._replace(dkv_head_rows=True), *make_tiles(device, head_dim)[1:]))
+    use_prefill_tiles(monkeypatch, ranges={"dkv_head_rows": True})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
@@ -77,9 +74,7 @@ def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, he
 def test_selection_dkdv_filling_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
     """The selection dk/dv over list entries x the group padded only to a power of two (SelectedTiles.dkv_fill_tokens;
     tests/test_nsa_prefill.py checks it in the interpreter)."""
-    make_tiles = prefill._tiles
-    monkeypatch.setattr(prefill, "_tiles", lambda device, head_dim: (
-        *make_tiles(device, head_dim)[:2], make_tiles(device, head_dim)[2]._replace(dkv_fill_tokens=True)))
+    use_prefill_tiles(monkeypatch, selected={"dkv_fill_tokens": True})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 

@@ -265,6 +265,6 @@ def test_paged_custom_op_passes_opcheck() -> None:
     cache.fill_random_([20, 9])
     q, gates = randn(2, 4, 8, seed=9, dtype=torch.float32), torch.rand(2, 4, 3)
     args = (q, gates, cache.device_lengths - 1, cache.k_cmp, cache.v_cmp, 4, cache.k_sel, cache.v_sel, 3,
-            cache.k_win, cache.v_win, *layer.sizes, 0.25, cache.page_table, PAGE)
+            cache.k_win, cache.v_win, *layer.sizes, 0.25, cache.page_table)
     torch.library.opcheck(torch.ops.nsa.decode_attention_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -185,6 +185,24 @@ def _merged_lse(m_ptr, l_ptr, bh, first_slot, count: tl.constexpr, num_slots, BL
 
 
 @triton.jit
+def _group_lse(m_ptr, l_ptr, bh, NUM_SPLITS: tl.constexpr, num_slots, BLOCK_G: tl.constexpr, CHUNK: tl.constexpr):
+    """Each head's compressed-branch log-sum-exp from the split partials, 0 where nothing is visible (every
+    logit is masked there anyway)."""
+    lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
+    return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+@triton.jit
+def _group_probs(logits_ptr, bh, logits_cols, cols, seen, lse, G: tl.constexpr, BLOCK_G: tl.constexpr):
+    """p_grp at compressed blocks ``cols`` (Eq. 8 + Eq. 10): sum over the group's heads of exp(logit - lse),
+    0 where not ``seen``."""
+    offs_g = tl.arange(0, BLOCK_G)
+    logits = tl.load(logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols + cols[None, :],
+                     mask=(offs_g < G)[:, None] & seen[None, :], other=float("-inf"))
+    return tl.sum(tl.exp(logits - lse[:, None]), axis=0)
+
+
+@triton.jit
 def _cmp_group_probs_kernel(
     pos_ptr, logits_ptr, m_ptr, l_ptr, probs_ptr, logits_cols, probs_cols, num_slots,
     HKV: tl.constexpr, G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
@@ -194,15 +212,10 @@ def _cmp_group_probs_kernel(
     bh = tl.program_id(0)
     split = tl.program_id(1)
     num_visible = _num_visible_cmp(tl.load(pos_ptr + bh // HKV), CMP_BLOCK, CMP_STRIDE)
-    lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: every logit below is masked anyway
-    offs_g = tl.arange(0, BLOCK_G)
+    lse = _group_lse(m_ptr, l_ptr, bh, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
     for i in range(0, TILES_PER_SPLIT):
         cols = (split * TILES_PER_SPLIT + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = cols < num_visible
-        logits = tl.load(logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols + cols[None, :],
-                         mask=(offs_g < G)[:, None] & valid[None, :], other=float("-inf"))
-        probs = tl.sum(tl.exp(logits - lse[:, None]), axis=0)
+        probs = _group_probs(logits_ptr, bh, logits_cols, cols, cols < num_visible, lse, G, BLOCK_G)
         tl.store(probs_ptr + bh * probs_cols + cols, probs, mask=cols < probs_cols)
 
 
@@ -278,10 +291,7 @@ def _probs_topn_kernel(
     bh = tl.program_id(0)
     t = tl.load(pos_ptr + bh // HKV)
     num_visible = _num_visible_cmp(t, CMP_BLOCK, CMP_STRIDE)
-    lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: every logit below is masked anyway
-    offs_g = tl.arange(0, BLOCK_G)
-    rows = logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols
+    lse = _group_lse(m_ptr, l_ptr, bh, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
     top = tl.full([BLOCK_OUT], NO_KEY, tl.int64)
     for c0 in range(0, num_sel_blocks, BLOCK_C):
         blocks = c0 + tl.arange(0, BLOCK_C)
@@ -290,8 +300,7 @@ def _probs_topn_kernel(
         for k in tl.static_range(CMP_BLOCK // CMP_STRIDE - 1 + SEL_BLOCK // CMP_STRIDE):
             src, weight = _eq9_term(k, blocks, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
             seen = in_range & (src >= 0) & (src < num_visible)
-            logits = tl.load(rows + src[None, :], mask=(offs_g < G)[:, None] & seen[None, :], other=float("-inf"))
-            score += weight * tl.sum(tl.exp(logits - lse[:, None]), axis=0)
+            score += weight * _group_probs(logits_ptr, bh, logits_cols, src, seen, lse, G, BLOCK_G)
         chunk_top = _candidate_top(score, blocks, in_range, t, SEL_BLOCK, BLOCK_OUT)
         top = tl.topk(tl.reshape(tl.join(top, chunk_top), [2 * BLOCK_OUT]), BLOCK_OUT)
     _store_selection(idx_ptr, bh, top, t, SEL_BLOCK, NUM_SELECTED, BLOCK_OUT)
@@ -430,16 +439,16 @@ def num_cmp_splits(num_tiles: int, pairs: int, tiles: DecodeTiles, device: torch
 def decode_attention_triton(
     q: torch.Tensor, gates: torch.Tensor, positions: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     num_cmp_bound: int, k_sel: torch.Tensor, v_sel: torch.Tensor, num_sel_blocks: int, k_win: torch.Tensor,
-    v_win: torch.Tensor, sizes: NSASizes, scale: float, page_table: torch.Tensor | None = None, page_size: int = 0,
+    v_win: torch.Tensor, sizes: NSASizes, scale: float, page_table: torch.Tensor | None = None,
     tiles: DecodeTiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One NSA decode step (layouts in the module docstring). Returns (o [B, HQ, Dv] in q's dtype,
     block_indices [B, Hkv, n] int64, reads [B, Hkv, 3] int64: the keys the kernels' masks let through per
     branch (cmp, sel, win), counted inside the kernels). num_cmp_bound / num_sel_blocks are host bounds (the largest
     sequence's counts, or the capacity's for a static-shape step); each sequence reads only what
-    its own position makes visible. page_table [B, pages] int32 (paged layout: k_sel/v_sel are pools of page_size-token
-    pages, page_size a multiple of l'); None, 0: per-sequence buffers. tiles: launch settings (default_tiles(q.device)
-    when None)."""
+    its own position makes visible. page_table [B, pages] int32 (paged layout: k_sel/v_sel are pools
+    [pages + 1, P, Hkv, D] of P-token pages, P a multiple of l'); None: per-sequence buffers. tiles: launch settings
+    (default_tiles(q.device) when None)."""
     tiles = default_tiles(q.device) if tiles is None else tiles
     batch, num_heads, dk = q.shape
     num_kv_heads, dv = k_cmp.shape[2], v_cmp.shape[-1]
@@ -499,7 +508,7 @@ def decode_attention_triton(
         0 if page_table is None else page_table.stride(0), scale, num_splits, num_slots,
         DK=dk, DV=dv, NUM_SELECTED=sizes.num_selected, SEL_BLOCK=sizes.sel_block_size,
         WINDOW=sizes.window_size, BLOCK_SEL=_block(sizes.sel_block_size), BLOCK_W=BLOCK_W,
-        PAGE=0 if page_table is None else page_size, **heads, **blocks,
+        PAGE=0 if page_table is None else k_sel.shape[1], **heads, **blocks,
     )
     out = torch.empty(batch, num_heads, dv, device=q.device, dtype=q.dtype)
     reads = q.new_empty(batch, num_kv_heads, 3, dtype=torch.long)

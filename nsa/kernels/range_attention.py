@@ -28,8 +28,8 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.attention_steps import (
-    dkdv_step,
     dq_step,
+    gathered_dkdv_step,
     load_split,
     load_split_at,
     scaled_scores,
@@ -43,7 +43,6 @@ from nsa.kernels.tiles import (
     Packed,
     TileTable,
     dot_precision,
-    load_at,
     load_tile,
     output_buffer,
     split_dims,
@@ -245,15 +244,10 @@ def _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, heads, r
     if edge:
         s_t = tl.where(_visible(toks[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & row_ok[None, :], s_t,
                        float("-inf"))
-    stats = (tok0 + toks) * num_heads + heads
-    lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
-    p_t = tl.math.exp2(s_t - lse[None, :])
-    if HAS_GATE:
-        gate = tl.load(gate_ptr + (tok0 + toks) * stride_gt + heads * stride_gh, mask=row_ok, other=0.0)
-        p_t = p_t * gate.to(tl.float32)[None, :]
-    do = load_at(do_ptr + tok0 * stride_dot, toks * stride_dot + heads * stride_doh, row_ok, 0, BLOCK_DV, DV)
-    return dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2, PRECISION)
+    return gathered_dkdv_step(s_t, q1, q2, v, do_ptr + tok0 * stride_dot, lse_ptr, delta_ptr, gate_ptr,
+                              toks * stride_dot + heads * stride_doh, (tok0 + toks) * num_heads + heads,
+                              (tok0 + toks) * stride_gt + heads * stride_gh, row_ok, dk1, dk2, dv, D2, DV, BLOCK_DV,
+                              PRECISION, HAS_GATE)
 
 
 @triton.jit
