@@ -363,24 +363,20 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
     same run), then candidates one or two fields off them. ptxas for sm_90 (bench/compile_kernels.py,
     `cases(..., tiles=...)`, 2026-12-01): each spills at most 64 bytes but the 64-row union tiles (dq: 176 bytes
-    at G = 4, kept to see the trend); at d = 128 the default dk/dv tiles (128 keys x 32 queries) spill 48 bytes
-    and still ran 1.9x faster than 64 x 32 tiles without spills on the H200."""
+    at G = 4, kept to see the trend)."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
 
     shape = SHAPES[shape_name]
     ranges, sel = tiles_for(max(shape.dk, shape.dv)), SelectedTiles()
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
-        return {"sel_tiles": [sel, sel._replace(rows=0), sel._replace(rows=32), sel._replace(rows=64),
-                              sel._replace(dkv_fill_tokens=True)]}
+        return {"sel_tiles": [sel, sel._replace(dkv_rows=64)],
+                "range_tiles": [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]}
     if shape.dk <= 128:
-        return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=True),
-                                ranges._replace(dkv_head_rows=True, dkv_m=64)]}
-    return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=True), ranges._replace(dq_m=64, dq_n=32),
-                            ranges._replace(dkv_m=32, dkv_n=64),
-                            ranges._replace(dkv_m=16, dkv_n=128), ranges._replace(dkv_m=32, dkv_n=64, bwd_num_stages=1),
-                            ranges._replace(dq_m=128, dq_n=32)],
-            "sel_tiles": [sel, sel._replace(num_warps=8, dkv_num_warps=8)]}
+        return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
+                                ranges._replace(dkv_n=64)]}
+    return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=True), ranges._replace(dkv_head_rows=True, dkv_m=32),
+                            ranges._replace(dkv_head_rows=True, dkv_m=64, dkv_n=64)]}
 
 
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:

@@ -86,10 +86,10 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                 "GP": range_attention.dkv_head_rows(group, tiles)}
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
                          tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
-    # the opt-in dk/dv steps over tokens x the group's heads (RangeTiles.dkv_head_rows)
-    yield KernelCase("dkdv_cmp_hr", range_attention._range_dkdv_kernel,
-                     {**dkdv, **rules["cmp"], "GP": range_attention.dkv_head_rows(group, tiles._replace(
-                         dkv_head_rows=True))}, tiles.dkv_num_warps, tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
+    # the dk/dv steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
+    yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
+                     {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.bwd_num_stages,
+                     ("dk_ptr", "dv_ptr"))
     topn_tiles = TopnTiles()
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
                             topn_tiles.rows)
@@ -110,10 +110,10 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                          sel_tiles.num_stages)
         yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, query, sel_tiles.num_warps,
                          sel_tiles.num_stages)
-    # dk/dv as launched, and over 8 entries x G = 4 per step (SelectedTiles.dkv_fill_tokens)
-    for suffix, sel_group, dkv_tiles in (("", group, sel_tiles), ("_g4", 4, sel_tiles._replace(dkv_fill_tokens=True))):
+    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
+    for suffix, sel_group in (("", group), ("_g4", 4)):
         yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
-                         {**sel, "GROUP": sel_group, **selected.dkv_rows(sel_group, dkv_tiles),
+                         {**sel, "GROUP": sel_group, **selected.dkv_rows(sel_group, sel_tiles),
                           "CHUNK": sel_tiles.chunk, "BLOCK_DK": max(16, triton.next_power_of_2(head_dim)),
                           "HAS_GATE": True}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages)
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,

@@ -34,6 +34,7 @@ from sal_harness.checkpoint import atomic_json, latest_checkpoint, load_checkpoi
 from sal_harness.config import RunConfig, validate_run_config
 from sal_harness.data import Batch, RetrievalTask, TaskConfig, TextTask, build_task, chance_accuracy
 from sal_harness.model import GPT, NSAAttentionConfig, ScopeAttentionConfig, receptive_field, window_of
+from sal_harness.precision import autocast
 from scope import ScopeAttention, ScopeAux, scope_stats
 
 EVAL_NAME = "eval.json"
@@ -185,15 +186,17 @@ def eval_distances(config: RunConfig) -> list[int]:
 
 
 def periodic_evaluation(model: GPT, config: RunConfig, device: torch.device | str) -> dict[str, Any]:
-    """What training logs every eval_interval steps: accuracy by distance (retrieval) and / or bits per byte."""
+    """What training logs every eval_interval steps: accuracy by distance (retrieval) and / or bits per byte, in
+    the precision the run trains in (train.precision)."""
     ev = config.eval
     record: dict[str, Any] = {}
     distances = eval_distances(config)
-    if distances:
-        record["by_distance"] = evaluate_retrieval(model, config.task, distances, samples=ev.samples,
-                                                   batch_size=ev.batch_size, seed=ev.seed, device=device)
-    if ev.text_samples:
-        record.update(evaluate_text(model, config.task, ev.text_samples, ev.batch_size, ev.seed, device))
+    with autocast(device, config.train.precision):
+        if distances:
+            record["by_distance"] = evaluate_retrieval(model, config.task, distances, samples=ev.samples,
+                                                       batch_size=ev.batch_size, seed=ev.seed, device=device)
+        if ev.text_samples:
+            record.update(evaluate_text(model, config.task, ev.text_samples, ev.batch_size, ev.seed, device))
     return record
 
 
@@ -211,10 +214,13 @@ def final_evaluation(model: GPT, config: RunConfig, step: int, device: torch.dev
     if distances:
         exact, token = chance_accuracy(config.task)
         result["chance"] = {"accuracy": exact, "token_accuracy": token}
-        result["grid"] = evaluate_retrieval(model, config.task, distances, samples=ev.samples,
-                                            batch_size=ev.batch_size, seed=ev.seed, device=device, depths=ev.depths)
-        # Not the farthest distance: its needle sits in block 0, which NSA always selects and SCOPE lists as global.
-        result["example"] = example_maps(model, config, distances[len(distances) * 2 // 3], device)
+        with autocast(device, config.train.precision):
+            result["grid"] = evaluate_retrieval(model, config.task, distances, samples=ev.samples,
+                                                batch_size=ev.batch_size, seed=ev.seed, device=device,
+                                                depths=ev.depths)
+            # Not the farthest distance: its needle sits in block 0, which NSA always selects and SCOPE lists as
+            # global.
+            result["example"] = example_maps(model, config, distances[len(distances) * 2 // 3], device)
     return result
 
 

@@ -71,6 +71,7 @@ from sal_harness.distributed import (
 from sal_harness.errors import HarnessError, NonFiniteTrainingError, RunFolderError
 from sal_harness.evaluate import EVAL_NAME, final_evaluation, format_table, periodic_evaluation
 from sal_harness.model import GPT
+from sal_harness.precision import autocast
 from scope import ScopeAttention, layer_teacher_loss
 
 EXIT_NONFINITE = 3
@@ -132,12 +133,6 @@ def scored_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     """Sum of the cross-entropy over the scored targets (float32)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA (precision auto or bf16), or on the CPU when asked for; else nothing."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 class StopSignals:

@@ -245,21 +245,21 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (16, 1, 24, 16), (8, 8, 16, 32)])
-def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv):
-    """The range dk/dv taking dkv_m // GP tokens x the group's heads per step (RangeTiles.dkv_head_rows; G = 3 pads
-    to 4 heads, G = 16 fills the 16-row step with one token, G = 1 takes 16 tokens): gradients of the compression
-    and window branches equal the float64 reference, on packed sequences whose ends fall inside steps."""
-    use_prefill_tiles(monkeypatch, ranges={"dkv_head_rows": True})
+def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv):
+    """The range dk/dv taking dkv_m tokens of one head per step (RangeTiles(dkv_head_rows=False): wide heads, and
+    groups wider than dkv_m; the default steps over tokens x the group's heads run in every other test): gradients
+    of the compression and window branches equal the float64 reference, on packed sequences whose ends fall inside
+    steps."""
+    use_prefill_tiles(monkeypatch, ranges={"dkv_head_rows": False})
     lengths = [21, 3, 40]
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, dk, dv, CHOOSY, seed=heads), CHOOSY, lengths)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (2, 2), (4, 2)])
-def test_selection_dkdv_filling_rows_with_entries_matches_float64_reference(monkeypatch, heads, kv_heads):
-    """The selection dk/dv taking dkv_rows // GP list entries x the group padded only to a power of two per step
-    (SelectedTiles.dkv_fill_tokens; G = 3: 4 entries x 4 heads, G = 1: 16 entries, G = 2: 8 x 2) equals the
-    float64 reference; CHOOSY blocks spread each block's list over many tokens and chunks."""
-    use_prefill_tiles(monkeypatch, selected={"dkv_fill_tokens": True})
+def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_heads):
+    """The selection dk/dv of groups narrower than a 16-row step, filled with list entries (G = 3: 4 entries x 4
+    heads, G = 1: 16 entries, G = 2: 8 x 2) equals the float64 reference; CHOOSY blocks spread each block's list
+    over many tokens and chunks."""
     lengths = [21, 3, 40]
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=heads + 7), CHOOSY,
                             lengths)

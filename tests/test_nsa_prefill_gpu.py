@@ -61,20 +61,20 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"),
-                         [(64, 4, 128, 128, 2048), (48, 4, 192, 128, 3000)])
-def test_range_dkdv_with_heads_in_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
-    """The range dk/dv over tokens x the group's heads per step (RangeTiles.dkv_head_rows; tests/test_nsa_prefill.py
-    checks it in the interpreter)."""
-    use_prefill_tiles(monkeypatch, ranges={"dkv_head_rows": True})
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "dkv_m"),
+                         [(64, 4, 128, 128, 2048, 32), (48, 4, 192, 128, 3000, 16)])
+def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,
+                                                                 dkv_m):
+    """The range dk/dv over one head's tokens per step (RangeTiles(dkv_head_rows=False), as 256-wide heads run it;
+    the former defaults at 128 and 192; tests/test_nsa_prefill.py checks it in the interpreter)."""
+    use_prefill_tiles(monkeypatch, ranges={"dkv_head_rows": False, "dkv_m": dkv_m})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [(16, 4, 128, 128, 2048), (4, 4, 64, 64, 3000)])
-def test_selection_dkdv_filling_rows_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
-    """The selection dk/dv over list entries x the group padded only to a power of two (SelectedTiles.dkv_fill_tokens;
-    tests/test_nsa_prefill.py checks it in the interpreter)."""
-    use_prefill_tiles(monkeypatch, selected={"dkv_fill_tokens": True})
+def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
+    """The selection dk/dv of groups narrower than a 16-row step, filled with list entries (tests/test_nsa_prefill.py
+    checks it in the interpreter)."""
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 

@@ -249,3 +249,24 @@ def test_cli_overrides_errors_and_multirun(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert all((tmp_path / kind / "eval.json").exists() for kind in ("dense", "window"))
     assert list((tmp_path / "runs" / "multirun").glob("*/multirun.yaml"))
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_evaluation_runs_in_the_training_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   precision: str, expected: torch.dtype) -> None:
+    """The final evaluation's attention sees the dtype training used (an fp32 evaluation of a bf16-trained model
+    measured other numbers and, on the GPU, fell back to SDPA's math kernel: 48 GiB of scores at 16k)."""
+    from sal_harness.evaluate import final_evaluation
+    from sal_harness.model import GPT
+
+    config = tiny_config(tmp_path, f"train.precision={precision}", attention="dense")
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    final_evaluation(GPT(config.gpt), config, 0, "cpu")
+    assert seen and set(seen) == {expected}

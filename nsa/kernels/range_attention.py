@@ -60,20 +60,22 @@ class RangeTiles(NamedTuple):
     dkv_m queries; the dk/dv query range is split over at most ``max_splits`` programs per key tile. num_warps:
     the forward and dq launches; dkv_num_warps: the dk/dv launch. dkv_head_rows: each dk/dv step takes dkv_m // GP
     tokens x the group's GP heads (padded to a power of two, at most dkv_m) instead of dkv_m tokens of one head,
-    one pass over the queries instead of one per head (opt-in until the GPU times it)."""
+    one pass over the queries instead of one per head. On the H200 at the public shape, 64k (bench/results/
+    prefill_tiles_cuda.md, 2026-12-02), 4 tokens x 16 heads per step ran the compression dk/dv in 21.1 ms and the
+    window's in 8.3 against 31.4 and 9.6 for 32 tokens of one head."""
 
     fwd_m: int = 128
     fwd_n: int = 64
     dq_m: int = 128
     dq_n: int = 32
-    dkv_m: int = 32
+    dkv_m: int = 64
     dkv_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
     bwd_num_stages: int = 2
     max_splits: int = 32
     dkv_num_warps: int = 8
-    dkv_head_rows: bool = False
+    dkv_head_rows: bool = True
 
 
 class RangeRule(NamedTuple):
@@ -414,9 +416,11 @@ def tiles_for(head_dim: int) -> RangeTiles:
     """Tiles for the widest head dim, picked by the H200 tile sweep (bench_prefill --parts tiles, 2026-12-01, the
     public and paper shapes at 64k): long, narrow dq (128 queries x 32 keys) and dk/dv tiles (128 keys x 16-32
     queries) ran 1.4-2.8x faster than square ones although ptxas (bench/compile_kernels.py) reports 24-48 bytes
-    of spills for them; narrower forward tiles for wider heads. 256: untuned, spill-free."""
+    of spills for them; narrower forward tiles for wider heads. dk/dv over tokens x heads (dkv_head_rows) at 192
+    (2026-12-02): 2 tokens x 16 heads per step ran the compression / window dk/dv in 34.4 / 11.4 ms against 52.7 /
+    15.2 for 16 tokens of one head. 256: untuned, spill-free, one head per step."""
     if head_dim <= 128:
         return RangeTiles()
     if head_dim <= 192:
-        return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=16, dkv_n=128)
-    return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32)
+        return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=32, dkv_n=128)
+    return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)

@@ -63,9 +63,9 @@ class SelectedTiles(NamedTuple):
     GP >= 16); chunk: tokens per dk/dv program. rows = 16, from the H200 sweep at G = 4, 64k (bench/results/
     prefill_tiles_cuda.md): 4 tokens per program ran the forward / dq in 16.5 / 21.1 ms against 17.4 / 21.6 for one
     token on independent queries and in 10.5 / 13.3 ms against 17.4 / 21.6 when neighbours share their blocks.
-    dkv_fill_tokens: a dk/dv step takes dkv_rows // GP entries x the group padded only to a power of two (G = 2: 16
-    tokens x 2 heads) instead of padding the group to 16 rows (G = 2: 2 tokens x 16 rows, 4 of the 32 real); opt-in
-    until the GPU times it."""
+    A dk/dv step fills its dkv_rows with list entries x the group padded only to a power of two (G = 2: 16 entries x
+    2 heads); padding the group to 16 rows instead (2 entries x 16 rows, 4 of the 32 real) ran the dk/dv at G = 4,
+    64k on the H200 in 13.3 ms against 5.5 (bench/results/prefill_tiles_cuda.md, 2026-12-02)."""
 
     num_warps: int = 4
     num_stages: int = 3
@@ -74,7 +74,6 @@ class SelectedTiles(NamedTuple):
     dkv_num_warps: int = 4
     dkv_num_stages: int = 2
     rows: int = 16
-    dkv_fill_tokens: bool = False
 
 
 @triton.jit
@@ -470,9 +469,9 @@ def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
 
 
 def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
-    """The dk/dv kernel's rows per step: BQ entries x GP heads, GP the group padded to a power of two (at least 16
-    unless tiles.dkv_fill_tokens), BQ filling tiles.dkv_rows and at least tl.dot's 16 rows."""
-    gp = triton.next_power_of_2(group) if tiles.dkv_fill_tokens else max(16, triton.next_power_of_2(group))
+    """The dk/dv kernel's rows per step: BQ entries x GP heads, GP the group padded to a power of two, BQ filling
+    tiles.dkv_rows and at least tl.dot's 16 rows."""
+    gp = triton.next_power_of_2(group)
     return {"GP": gp, "BQ": max(1, tiles.dkv_rows // gp, 16 // gp)}
 
 
