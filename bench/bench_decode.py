@@ -239,8 +239,7 @@ def tile_candidates() -> list[Any]:
 
     base = DecodeTiles()
     return [base, *(base._replace(programs_per_sm=n) for n in (2, 4)), base._replace(cmp_block=64),
-            base._replace(cmp_warps=8), *(base._replace(merge_chunk=n) for n in (8, 32)),
-            base._replace(fused_topn=True), base._replace(fused_topn=True, topn_chunk=128)]
+            base._replace(cmp_warps=8), *(base._replace(merge_chunk=n) for n in (8, 32))]
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ Parts, in one process:
 - module: the whole NSAAttention (projections, MLP phi, gates, o_proj) against a dense attention module with
   the same projections (sal_harness.model.SDPAAttention), hidden size 4096.
 - gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
-  with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens).
+  with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens);
+  ``--gpt-compile``: both models under torch.compile (rows of shape ``gpt_compiled``).
 
 Timing: medians of triton.testing.do_bench after warm-up; random inputs. Results: ``prefill_<device>.jsonl``
 (one JSON object per measurement: impl, shape, T, fwd_ms, fwdbwd_ms, peak_gib, tokens_per_s, gpu, torch,
@@ -33,6 +34,7 @@ triton, commit) and ``prefill_<device>.md`` under ``--results-dir``; an OOM or e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 import traceback
@@ -441,7 +443,9 @@ def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
     return rows
 
 
-def gpt_rows(seq_len: int, device: str) -> list[dict]:
+def gpt_rows(seq_len: int, device: str, compiled: bool = False) -> list[dict]:
+    """Training tokens/s of the 4-layer GPT with NSA and with dense attention; compiled: both models through
+    torch.compile (rows of shape "gpt_compiled"), which fuses the layers' elementwise work around the kernels."""
     rows = []
     batch = max(1, GPT_TOKENS_PER_STEP // seq_len)
     for attention in ("nsa", "dense"):
@@ -450,17 +454,19 @@ def gpt_rows(seq_len: int, device: str) -> list[dict]:
         layer = NSAAttentionConfig(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16,
                                    window_size=512) if attention == "nsa" else DenseAttentionConfig()
         config = GPTConfig(model=model, attention=layer)
-        row: dict[str, Any] = {"impl": f"gpt_{attention}", "shape": "gpt", "T": seq_len, "batch": batch}
+        row: dict[str, Any] = {"impl": f"gpt_{attention}", "shape": "gpt_compiled" if compiled else "gpt",
+                               "T": seq_len, "batch": batch}
 
         def work(config: GPTConfig = config) -> dict[str, Any]:
             model = GPT(config).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
             tokens = torch.randint(0, 256, (batch, seq_len + 1), device=device)
+            forward = torch.compile(model) if compiled else model
 
             def step() -> None:
                 with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                                     dtype=torch.bfloat16):
-                    loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+                    loss = forward(tokens[:, :-1], targets=tokens[:, 1:]).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -492,6 +498,8 @@ def main() -> None:
                         help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
+    parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
+                        "torch.compile (rows of shape gpt_compiled, beside the eager ones)")
     parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None)
@@ -549,7 +557,7 @@ def main() -> None:
             record(module_rows("public", seq_len, args.device, dtype))
     if "gpt" in args.parts:
         for seq_len in args.gpt_lens if cuda else [1024]:
-            record(gpt_rows(seq_len, args.device))
+            record(gpt_rows(seq_len, args.device, compiled=args.gpt_compile))
     write_markdown(args.results_dir / f"{name}.md", jsonl)
 
 
@@ -613,11 +621,14 @@ GPT_TARGETS = [(16384, 0.5), (65536, 1.0)]  # (T, least NSA / dense tokens/s): 0
 
 
 def gpt_target_rows(latest: dict[tuple, dict]) -> list[dict[str, Any]]:
+    """The GPT targets, eager (both models), and under torch.compile (both) where measured."""
     rows = []
-    for seq_len, least in GPT_TARGETS:
-        what = f"GPT tokens/s at {seq_len // 1024}k vs dense (at least)"
-        mine = latest.get(("gpt_nsa", "gpt", seq_len, None), {})
-        dense = latest.get(("gpt_dense", "gpt", seq_len, None), {})
+    for (seq_len, least), shape in itertools.product(GPT_TARGETS, ("gpt", "gpt_compiled")):
+        what = f"GPT tokens/s at {seq_len // 1024}k vs dense (at least)" + (", both compiled" if shape != "gpt" else "")
+        mine = latest.get(("gpt_nsa", shape, seq_len, None), {})
+        dense = latest.get(("gpt_dense", shape, seq_len, None), {})
+        if shape != "gpt" and not (mine or dense):
+            continue
         if not (mine.get("tokens_per_s") and dense.get("tokens_per_s")):
             rows.append({"target": what, "bound": least, "status": "not measured"})
             continue
@@ -663,8 +674,8 @@ def write_markdown(path: Path, jsonl: Path) -> None:
                                    "peak_gib", "error", "skipped", "commit"]), "",
             "## Targets (issue 11)", "", markdown_table(target_rows(latest), ["target", "bound", "ratio", "status",
                                                                             "commits"]), "",
-            "## GPT training tokens/s", "", markdown_table(gpt, ["impl", "T", "batch", "step_ms", "tokens_per_s",
-                                                                 "error", "commit"]), "",
+            "## GPT training tokens/s", "",
+            markdown_table(gpt, ["impl", "shape", "T", "batch", "step_ms", "tokens_per_s", "error", "commit"]), "",
             "## Kernels (each alone; tflops counts the matmul FLOPs of the visible pairs)", "",
             markdown_table(kernels, ["kernel", "shape", "T", "ms", "tflops", "commit"]), "",
             *(["## Tile candidates (each checked against the default tiles' result, then timed; ms)", "",

@@ -145,8 +145,6 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
     yield case("dec_probs", decode._cmp_group_probs_kernel, {**heads, **blocks, "BLOCK_N": tiles.cmp_block,
                                                              "NUM_SPLITS": splits, "TILES_PER_SPLIT": 8, "CHUNK": 16})
     yield case("dec_topn", decode._select_topn_kernel, {**select, "BLOCK_NSEL": 2048}, 8)
-    yield case("dec_fused", decode._probs_topn_kernel, {**select, **heads, "NUM_SPLITS": splits, "CHUNK": 16,
-                                                        "BLOCK_C": tiles.topn_chunk}, 8)
     for page in (0, 256):
         yield case(f"dec_selwin{page}", decode._sel_win_partials_kernel,
                    {**heads, **dims, "NUM_SELECTED": BLOCKS["num_selected"], "SEL_BLOCK": BLOCKS["sel_block_size"],

@@ -112,12 +112,10 @@ def test_triton_decode_bounds_past_the_batch_read_nothing_more() -> None:
 
 @pytest.mark.parametrize("tiles", [DecodeTiles(cmp_block=16, programs_per_sm=1),
                                    DecodeTiles(cmp_block=16, programs_per_sm=64, merge_chunk=1),
-                                   DecodeTiles(cmp_block=32, programs_per_sm=64, merge_chunk=4),
-                                   DecodeTiles(cmp_block=16, programs_per_sm=64, fused_topn=True, topn_chunk=4)])
+                                   DecodeTiles(cmp_block=32, programs_per_sm=64, merge_chunk=4)])
 def test_triton_decode_splits_and_merges_match_float64_reference(tiles: DecodeTiles) -> None:
     """Any split of the compressed branch over programs (the merges load merge_chunk partial slots at a
-    time, the last chunk partly past the slots), and the fused probabilities + top-n kernel (4 selection blocks
-    per step: up to 4 steps merged into the running top list), give the float64 reference's output and blocks."""
+    time, the last chunk partly past the slots) gives the float64 reference's output and blocks."""
     inputs, (ref_out, ref_indices) = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=11)
     padded = dict(inputs, num_cmp_bound=inputs["num_cmp_bound"] + 40)  # more tiles: up to 4 splits
     for name in ("k_cmp", "v_cmp"):

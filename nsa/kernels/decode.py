@@ -36,9 +36,7 @@ import triton
 import triton.language as tl
 
 from nsa.functional import NSASizes
-from nsa.kernels.interpreter import allow_loaded_loop_bounds
 
-allow_loaded_loop_bounds()  # the fused top-n loops up to a runtime bound
 BLOCK_W = 64  # window ring slots per tile
 MAX_INDEX = tl.constexpr(0x7FFFFFFF)
 NO_KEY = tl.constexpr(-(1 << 62))  # a non-candidate's top-n key: below every candidate's
@@ -49,20 +47,18 @@ class DecodeTiles(NamedTuple):
     """Launch settings of a decode step. cmp_block: compressed blocks per tile; programs_per_sm: the
     compressed-branch splits aim at about this many programs per SM, never more splits than tiles (rounded
     up to a power of two, so a growing cache recompiles only when its length doubles); cmp_warps /
-    cmp_stages: the compressed-partials launch; merge_chunk: partial slots per load in the merges; fused_topn: one
-    kernel per (sequence, KV head) sums the group probabilities from the logits and selects, topn_chunk selection
-    blocks per step (launches 2 and 3 of the module docstring in one; not yet timed on the GPU, so off). Defaults from
+    cmp_stages: the compressed-partials launch; merge_chunk: partial slots per load in the merges. Defaults from
     the H200 sweep (bench_decode --tiles, bench/results/decode_tiles_cuda.jsonl, public shape, CUDA graphs):
     128-block tiles ran batch 1 in 25.3 / 37.4 us at 64k / 128k against 27.3 / 42.6 with 64, and batch 32 within
-    3% of the best candidate."""
+    3% of the best candidate. Fusing launches 2 and 3 (one program per (sequence, KV head) summing the group
+    probabilities from the logits and selecting) ran 1.3-5x slower in the sweep of 2026-12-02: one program per
+    pair cannot spread the logits' read over the GPU."""
 
     cmp_block: int = 128
     programs_per_sm: int = 8
     cmp_warps: int = 4
     cmp_stages: int = 3
     merge_chunk: int = 16
-    fused_topn: bool = False
-    topn_chunk: int = 256
 
 
 @triton.jit
@@ -279,34 +275,6 @@ def _select_topn_kernel(
 
 
 @triton.jit
-def _probs_topn_kernel(
-    pos_ptr, logits_ptr, m_ptr, l_ptr, idx_ptr, logits_cols, num_slots, num_sel_blocks,
-    HKV: tl.constexpr, G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-    SEL_BLOCK: tl.constexpr, NUM_SELECTED: tl.constexpr, BLOCK_G: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_OUT: tl.constexpr,
-):
-    """cmp_group_probs and select_topn in one program per (sequence, KV head) (DecodeTiles.fused_topn): each
-    chunk of BLOCK_C selection blocks sums its group probabilities straight from the logits (Eq. 8 + 10, no
-    p_grp round trip), scores them (Eq. 9) and merges its best candidates into a running top list."""
-    bh = tl.program_id(0)
-    t = tl.load(pos_ptr + bh // HKV)
-    num_visible = _num_visible_cmp(t, CMP_BLOCK, CMP_STRIDE)
-    lse = _group_lse(m_ptr, l_ptr, bh, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
-    top = tl.full([BLOCK_OUT], NO_KEY, tl.int64)
-    for c0 in range(0, num_sel_blocks, BLOCK_C):
-        blocks = c0 + tl.arange(0, BLOCK_C)
-        in_range = blocks < num_sel_blocks
-        score = tl.zeros([BLOCK_C], tl.float32)
-        for k in tl.static_range(CMP_BLOCK // CMP_STRIDE - 1 + SEL_BLOCK // CMP_STRIDE):
-            src, weight = _eq9_term(k, blocks, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
-            seen = in_range & (src >= 0) & (src < num_visible)
-            score += weight * _group_probs(logits_ptr, bh, logits_cols, src, seen, lse, G, BLOCK_G)
-        chunk_top = _candidate_top(score, blocks, in_range, t, SEL_BLOCK, BLOCK_OUT)
-        top = tl.topk(tl.reshape(tl.join(top, chunk_top), [2 * BLOCK_OUT]), BLOCK_OUT)
-    _store_selection(idx_ptr, bh, top, t, SEL_BLOCK, NUM_SELECTED, BLOCK_OUT)
-
-
-@triton.jit
 def _sel_win_partials_kernel(
     q_ptr, k_sel_ptr, v_sel_ptr, k_win_ptr, v_win_ptr, pos_ptr, idx_ptr, page_table_ptr, m_ptr, l_ptr, acc_ptr,
     count_ptr, stride_qb, stride_qh, stride_ksb, stride_ksn, stride_ksh, stride_vsb, stride_vsn, stride_vsh,
@@ -482,23 +450,16 @@ def decode_attention_triton(
     block_out = triton.next_power_of_2(sizes.num_selected)
     select = dict(CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, SEL_BLOCK=sizes.sel_block_size,
                   NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out, HKV=num_kv_heads)
-    if tiles.fused_topn:
-        _probs_topn_kernel[(pairs,)](
-            positions, logits, m_part, l_part, block_indices, logits_cols, num_slots, num_sel_blocks, G=group,
-            BLOCK_G=block_g, NUM_SPLITS=num_splits, CHUNK=_lse_chunk(num_splits),
-            BLOCK_C=max(tiles.topn_chunk, block_out), **select, num_warps=8,
-        )
-    else:
-        p_grp = q.new_empty(batch, num_kv_heads, num_cmp_bound, dtype=torch.float32)
-        _cmp_group_probs_kernel[(pairs, num_splits)](
-            positions, logits, m_part, l_part, p_grp, logits_cols, num_cmp_bound, num_slots,
-            CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_G=block_g, BLOCK_N=tiles.cmp_block,
-            NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), **heads,
-        )
-        _select_topn_kernel[(pairs,)](
-            p_grp, positions, block_indices, num_cmp_bound, num_sel_blocks, **select,
-            BLOCK_NSEL=triton.next_power_of_2(max(num_sel_blocks, block_out, 16)), num_warps=8,
-        )
+    p_grp = q.new_empty(batch, num_kv_heads, num_cmp_bound, dtype=torch.float32)
+    _cmp_group_probs_kernel[(pairs, num_splits)](
+        positions, logits, m_part, l_part, p_grp, logits_cols, num_cmp_bound, num_slots,
+        CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_G=block_g, BLOCK_N=tiles.cmp_block,
+        NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), **heads,
+    )
+    _select_topn_kernel[(pairs,)](
+        p_grp, positions, block_indices, num_cmp_bound, num_sel_blocks, **select,
+        BLOCK_NSEL=triton.next_power_of_2(max(num_sel_blocks, block_out, 16)), num_warps=8,
+    )
     _sel_win_partials_kernel[(pairs, sizes.num_selected + num_win_tiles)](
         q, k_sel, v_sel, k_win, v_win, positions, block_indices,
         positions if page_table is None else page_table,  # a placeholder pointer without pages (never read)
