@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a file (python bench/bench_decode.py): m
 import torch
 import torch.nn.functional as F
 
-from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
+from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table, profile_step
 from nsa import NSAAttention, NSAConfig, NSAKVCache, num_compressed_blocks, num_selection_blocks
 from nsa.decode_attention import decode_attention
 
@@ -93,19 +93,6 @@ def timer(device: str) -> Callable[[Callable[[], Any]], float]:
 
         return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
     return cpu_median_ms
-
-
-def profile_step(step: Callable[[], None], device: str) -> str:
-    """Operator table of one NSA decode step: where the time goes (launches vs kernels)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    sort_key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    return str(prof.key_averages().table(sort_by=sort_key, row_limit=25))
 
 
 def cuda_graph_ms(step: Callable[[], Any], replays: int = 100) -> float:

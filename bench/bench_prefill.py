@@ -24,7 +24,8 @@ Parts, in one process:
   the same projections (sal_harness.model.SDPAAttention), hidden size 4096.
 - gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
   with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens);
-  ``--gpt-compile``: both models under torch.compile (rows of shape ``gpt_compiled``).
+  ``--gpt-compile``: both models under torch.compile (rows of shape ``gpt_compiled``); ``--gpt-profile``: one
+  step's operator table per model under ``--results-dir``.
 
 Timing: medians of triton.testing.do_bench after warm-up; random inputs. Results: ``prefill_<device>.jsonl``
 (one JSON object per measurement: impl, shape, T, fwd_ms, fwdbwd_ms, peak_gib, tokens_per_s, gpu, torch,
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
+from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table, profile_step
 from nsa import (
     NSAAttention,
     NSAConfig,
@@ -443,9 +444,10 @@ def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
     return rows
 
 
-def gpt_rows(seq_len: int, device: str, compiled: bool = False) -> list[dict]:
+def gpt_rows(seq_len: int, device: str, compiled: bool = False, profile_dir: Path | None = None) -> list[dict]:
     """Training tokens/s of the 4-layer GPT with NSA and with dense attention; compiled: both models through
-    torch.compile (rows of shape "gpt_compiled"), which fuses the layers' elementwise work around the kernels."""
+    torch.compile (rows of shape "gpt_compiled"), which fuses the layers' elementwise work around the kernels.
+    profile_dir: after timing, one step's operator table goes to profile_<impl>_<shape>_<T>.txt there."""
     rows = []
     batch = max(1, GPT_TOKENS_PER_STEP // seq_len)
     for attention in ("nsa", "dense"):
@@ -457,7 +459,7 @@ def gpt_rows(seq_len: int, device: str, compiled: bool = False) -> list[dict]:
         row: dict[str, Any] = {"impl": f"gpt_{attention}", "shape": "gpt_compiled" if compiled else "gpt",
                                "T": seq_len, "batch": batch}
 
-        def work(config: GPTConfig = config) -> dict[str, Any]:
+        def work(config: GPTConfig = config, name: str = f"{row['impl']}_{row['shape']}") -> dict[str, Any]:
             model = GPT(config).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
             tokens = torch.randint(0, 256, (batch, seq_len + 1), device=device)
@@ -472,6 +474,9 @@ def gpt_rows(seq_len: int, device: str, compiled: bool = False) -> list[dict]:
                 optimizer.zero_grad(set_to_none=True)
 
             ms = timed(step, device)
+            if profile_dir is not None:
+                path = profile_dir / f"profile_{name}_{seq_len}.txt"
+                path.write_text(profile_step(step, device) + "\n")
             return {"step_ms": round(ms, 2), "tokens_per_s": round(batch * seq_len / ms * 1e3)}
 
         rows.append(guarded(row, work))
@@ -500,6 +505,8 @@ def main() -> None:
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
                         "torch.compile (rows of shape gpt_compiled, beside the eager ones)")
+    parser.add_argument("--gpt-profile", action="store_true", help="also write one step's operator table per GPT "
+                        "to --results-dir (profile_gpt_<attention>_<shape>_<T>.txt)")
     parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None)
@@ -557,7 +564,8 @@ def main() -> None:
             record(module_rows("public", seq_len, args.device, dtype))
     if "gpt" in args.parts:
         for seq_len in args.gpt_lens if cuda else [1024]:
-            record(gpt_rows(seq_len, args.device, compiled=args.gpt_compile))
+            record(gpt_rows(seq_len, args.device, compiled=args.gpt_compile,
+                            profile_dir=args.results_dir if args.gpt_profile else None))
     write_markdown(args.results_dir / f"{name}.md", jsonl)
 
 

@@ -68,6 +68,20 @@ def cpu_median_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def profile_step(step: Callable[[], None], device: str) -> str:
+    """Operator table of one call of ``step`` (the 25 largest by self time): where the time goes (launches vs
+    kernels, kernels vs elementwise work)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    sort_key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=sort_key, row_limit=25))
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]

@@ -111,9 +111,10 @@ def test_query_locality_correlates_neighbouring_queries_only() -> None:
     assert 0.7 < float(q.var()) < 1.3
 
 
-def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """--gpt-compile: the NSA and the dense GPT both go through torch.compile and their rows say so (shape
-    gpt_compiled); without it neither does. (torch.compile itself is replaced: the plumbing is what is tested.)"""
+    gpt_compiled); without it neither does. (torch.compile itself is replaced: the plumbing is what is tested.)
+    --gpt-profile: one operator table per model."""
     compiled: list[str] = []
 
     def record_compile(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,8 +123,11 @@ def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(bench_prefill, "GPT_TOKENS_PER_STEP", 64)
     monkeypatch.setattr(torch, "compile", record_compile)
-    eager = bench_prefill.gpt_rows(64, "cpu")
+    eager = bench_prefill.gpt_rows(64, "cpu", profile_dir=tmp_path)
     assert compiled == [] and [row["shape"] for row in eager] == ["gpt", "gpt"]
+    tables = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert sorted(tables) == ["profile_gpt_dense_gpt_64.txt", "profile_gpt_nsa_gpt_64.txt"]
+    assert all("aten::" in table and "Self CPU time total" in table for table in tables.values())
     rows = bench_prefill.gpt_rows(64, "cpu", compiled=True)
     assert [(row["impl"], row["shape"]) for row in rows] == [("gpt_nsa", "gpt_compiled"), ("gpt_dense", "gpt_compiled")]
     assert all(row["tokens_per_s"] > 0 and "error" not in row for row in rows)
