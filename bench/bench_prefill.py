@@ -364,9 +364,9 @@ TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
-    same run), then candidates one or two fields off them. ptxas for sm_90 (bench/compile_kernels.py,
-    `cases(..., tiles=...)`, 2026-12-01): each spills at most 64 bytes but the 64-row union tiles (dq: 176 bytes
-    at G = 4, kept to see the trend)."""
+    same run), then candidates one or two fields off them: the schedules the defaults replaced on 2026-12-02
+    (one head per dk/dv step, at the widths they had) and their nearest neighbours, so each sweep re-checks the
+    margins. `python -m bench.compile_kernels` reports their registers and spills for sm_90 without a GPU."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
 
