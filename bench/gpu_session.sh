@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What one device session runs: GPU tests, then the benchmarks; results land in $OUT (and bench/results).
 # Test failures do not stop the benchmarks (their numbers are still worth having); the script exits
-# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles" on request).
+# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles" and
+# "gpt" on request).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -36,6 +37,15 @@ if [[ " $PARTS " == *" tiles "* ]]; then
     timeout "${TILES_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts tiles --tile-shapes public paper g4 \
         --tile-localities 0 0.9 \
         --results-dir "$OUT" --name prefill_tiles_cuda 2>&1 | tee "$OUT/bench_prefill_tiles.log" || echo "bench_prefill tiles exited with $?"
+fi
+if [[ " $PARTS " == *" gpt "* ]]; then
+    # The 4-layer GPT's training tokens/s, NSA and dense, eager (with one step's operator table per model) and both
+    # under torch.compile (only on request: PARTS=gpt).
+    timeout "${GPT_TIMEOUT:-150}" python3 -m bench.bench_prefill --device cuda --parts gpt --gpt-lens 16384 65536 \
+        --gpt-profile --results-dir "$OUT" 2>&1 | tee "$OUT/bench_gpt.log" || echo "bench_prefill gpt exited with $?"
+    timeout "${GPT_COMPILE_TIMEOUT:-300}" python3 -m bench.bench_prefill --device cuda --parts gpt --gpt-lens 16384 \
+        65536 --gpt-compile --results-dir "$OUT" 2>&1 | tee -a "$OUT/bench_gpt.log" \
+        || echo "bench_prefill gpt --gpt-compile exited with $?"
 fi
 if [[ " $PARTS " == *" nsa "* ]]; then
     timeout 240 python3 -m bench.bench_decode --device cuda --skip-reads --profile --paged 2>&1 | tee "$OUT/bench_decode.log"
