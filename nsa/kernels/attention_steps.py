@@ -101,7 +101,6 @@ def dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2: tl.constexpr, PRECISI
     return dk1, dk2, dv
 
 
-
 @triton.jit
 def gathered_dkdv_step(s_t, q1, q2, v, do_ptr, lse_ptr, delta_ptr, gate_ptr, do_rows, stats, gate_rows, row_ok, dk1,
                        dk2, dv, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,

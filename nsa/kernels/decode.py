@@ -181,24 +181,6 @@ def _merged_lse(m_ptr, l_ptr, bh, first_slot, count: tl.constexpr, num_slots, BL
 
 
 @triton.jit
-def _group_lse(m_ptr, l_ptr, bh, NUM_SPLITS: tl.constexpr, num_slots, BLOCK_G: tl.constexpr, CHUNK: tl.constexpr):
-    """Each head's compressed-branch log-sum-exp from the split partials, 0 where nothing is visible (every
-    logit is masked there anyway)."""
-    lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
-    return tl.where(lse == float("-inf"), 0.0, lse)
-
-
-@triton.jit
-def _group_probs(logits_ptr, bh, logits_cols, cols, seen, lse, G: tl.constexpr, BLOCK_G: tl.constexpr):
-    """p_grp at compressed blocks ``cols`` (Eq. 8 + Eq. 10): sum over the group's heads of exp(logit - lse),
-    0 where not ``seen``."""
-    offs_g = tl.arange(0, BLOCK_G)
-    logits = tl.load(logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols + cols[None, :],
-                     mask=(offs_g < G)[:, None] & seen[None, :], other=float("-inf"))
-    return tl.sum(tl.exp(logits - lse[:, None]), axis=0)
-
-
-@triton.jit
 def _cmp_group_probs_kernel(
     pos_ptr, logits_ptr, m_ptr, l_ptr, probs_ptr, logits_cols, probs_cols, num_slots,
     HKV: tl.constexpr, G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
@@ -208,10 +190,15 @@ def _cmp_group_probs_kernel(
     bh = tl.program_id(0)
     split = tl.program_id(1)
     num_visible = _num_visible_cmp(tl.load(pos_ptr + bh // HKV), CMP_BLOCK, CMP_STRIDE)
-    lse = _group_lse(m_ptr, l_ptr, bh, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
+    lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: every logit below is masked anyway
+    offs_g = tl.arange(0, BLOCK_G)
     for i in range(0, TILES_PER_SPLIT):
         cols = (split * TILES_PER_SPLIT + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        probs = _group_probs(logits_ptr, bh, logits_cols, cols, cols < num_visible, lse, G, BLOCK_G)
+        valid = cols < num_visible
+        logits = tl.load(logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols + cols[None, :],
+                         mask=(offs_g < G)[:, None] & valid[None, :], other=float("-inf"))
+        probs = tl.sum(tl.exp(logits - lse[:, None]), axis=0)
         tl.store(probs_ptr + bh * probs_cols + cols, probs, mask=cols < probs_cols)
 
 
@@ -446,18 +433,18 @@ def decode_attention_triton(
         DK=dk, DV=dv, CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_N=tiles.cmp_block,
         TILES_PER_SPLIT=tiles_per_split, **heads, **blocks, num_warps=tiles.cmp_warps, num_stages=tiles.cmp_stages,
     )
-    block_indices = q.new_empty(batch, num_kv_heads, sizes.num_selected, dtype=torch.long)
-    block_out = triton.next_power_of_2(sizes.num_selected)
-    select = dict(CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, SEL_BLOCK=sizes.sel_block_size,
-                  NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out, HKV=num_kv_heads)
     p_grp = q.new_empty(batch, num_kv_heads, num_cmp_bound, dtype=torch.float32)
     _cmp_group_probs_kernel[(pairs, num_splits)](
         positions, logits, m_part, l_part, p_grp, logits_cols, num_cmp_bound, num_slots,
         CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_G=block_g, BLOCK_N=tiles.cmp_block,
         NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), **heads,
     )
+    block_indices = q.new_empty(batch, num_kv_heads, sizes.num_selected, dtype=torch.long)
+    block_out = triton.next_power_of_2(sizes.num_selected)
     _select_topn_kernel[(pairs,)](
-        p_grp, positions, block_indices, num_cmp_bound, num_sel_blocks, **select,
+        p_grp, positions, block_indices, num_cmp_bound, num_sel_blocks, HKV=num_kv_heads,
+        CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, SEL_BLOCK=sizes.sel_block_size,
+        NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out,
         BLOCK_NSEL=triton.next_power_of_2(max(num_sel_blocks, block_out, 16)), num_warps=8,
     )
     _sel_win_partials_kernel[(pairs, sizes.num_selected + num_win_tiles)](
