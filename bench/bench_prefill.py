@@ -5,8 +5,8 @@
     python -m bench.bench_prefill                                    # CPU smoke run (tiny, torch path)
 
 Shapes (NSA paper blocks l=32, d=16, l'=64, n=16, w=512; bf16; B=1): public (HQ=64, H_kv=4, D=128, the
-shape of the public NSA kernels), paper (d_k=192, d_v=128), g4 (HQ=16, H_kv=4) and g12 (HQ=48, H_kv=4).
-Parts, in one process:
+shape of the public NSA kernels), paper (d_k=192, d_v=128), g4 (HQ=16, H_kv=4) and g12 (HQ=48, H_kv=4); for tile
+sweeps also gpt (HQ=4, H_kv=2, D=64: the 4-layer GPT's attention). Parts, in one process:
 
 - check: before any timing, per shape at ``--check-len``, the kernels' output, selection and all eight
   gradients against the PyTorch path (float32 math on the same bf16 inputs; the selection compared as sets,
@@ -69,8 +69,9 @@ class Shape(NamedTuple):
     dv: int
 
 
-SHAPES = {"public": Shape(64, 4, 128, 128), "paper": Shape(64, 4, 192, 128), "g4": Shape(16, 4, 128, 128),
-          "g12": Shape(48, 4, 128, 128)}
+LAYER_SHAPES = {"public": Shape(64, 4, 128, 128), "paper": Shape(64, 4, 192, 128), "g4": Shape(16, 4, 128, 128),
+                "g12": Shape(48, 4, 128, 128)}  # issue 11's layer shapes
+SHAPES = {**LAYER_SHAPES, "gpt": Shape(4, 2, 64, 64)}  # "gpt": the 4-layer GPT's attention (G = 2), for tile sweeps
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 GPU_SEQ_LENS = [524288, 262144, 131072, 65536, 32768, 16384, 8192]
 GPT_SEQ_LENS = [4096, 16384, 65536]
@@ -364,21 +365,28 @@ TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
-    same run), then candidates one or two fields off them: the schedules the defaults replaced on 2026-12-02
-    (one head per dk/dv step, at the widths they had) and their nearest neighbours, so each sweep re-checks the
-    margins. `python -m bench.compile_kernels` reports their registers and spills for sm_90 without a GPU."""
+    same run), then candidates one or two fields off them: the top-n's sorted merge, the schedules the defaults
+    replaced on 2026-12-02 (one head per dk/dv step, at the widths they had) and their nearest neighbours, so each
+    sweep re-checks the margins. `python -m bench.compile_kernels` reports their registers and spills for sm_90
+    without a GPU."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
+    from nsa.kernels.topn import TopnTiles
 
     shape = SHAPES[shape_name]
-    ranges, sel = tiles_for(max(shape.dk, shape.dv)), SelectedTiles()
+    ranges, sel, topn = tiles_for(max(shape.dk, shape.dv)), SelectedTiles(), TopnTiles()
+    # the top-n merging by bitonic sorts, whose cost no longer grows with the queries per program
+    topn_tiles = [topn, topn._replace(sorted_merge=True), topn._replace(sorted_merge=True, rows=2 * topn.rows)]
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
-        return {"sel_tiles": [sel, sel._replace(dkv_rows=64)],
+        return {"topn_tiles": topn_tiles,
+                "sel_tiles": [sel, sel._replace(dkv_rows=64), sel._replace(rows=32), sel._replace(rows=0)],
                 "range_tiles": [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]}
     if shape.dk <= 128:
-        return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
+        return {"topn_tiles": topn_tiles,
+                "range_tiles": [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
                                 ranges._replace(dkv_n=64)]}
-    return {"range_tiles": [ranges, ranges._replace(dkv_head_rows=True), ranges._replace(dkv_head_rows=True, dkv_m=32),
+    return {"topn_tiles": topn_tiles,
+            "range_tiles": [ranges, ranges._replace(dkv_head_rows=True), ranges._replace(dkv_head_rows=True, dkv_m=32),
                             ranges._replace(dkv_head_rows=True, dkv_m=64, dkv_n=64)]}
 
 
@@ -491,14 +499,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parts", nargs="+", default=["check", "layer", "kernels", "module", "gpt"])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(SHAPES))
     parser.add_argument("--seq-lens", nargs="+", type=int)
     parser.add_argument("--other-shape-lens", nargs="+", type=int, default=None,
                         help="lengths for the shapes other than public (default: --seq-lens)")
     parser.add_argument("--impls", nargs="+", default=["nsa", "dense", "flex_window", "fla"])
     parser.add_argument("--check-len", type=int, default=2048)
     parser.add_argument("--kernel-len", type=int, default=65536)
-    parser.add_argument("--tile-shapes", nargs="+", default=["public"], help="shapes of the tiles part")
+    parser.add_argument("--tile-shapes", nargs="+", default=["public"], choices=list(SHAPES),
+                        help="shapes of the tiles part (gpt: the 4-layer GPT's G = 2 attention)")
     parser.add_argument("--tile-localities", nargs="+", type=float, default=[0.0],
                         help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])

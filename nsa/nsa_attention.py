@@ -176,8 +176,10 @@ class NSAAttention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim_v)
         cmp_set, sel_set, win_set = (0, 0, 0) if c.shared_kv else (0, 1, 2)
-        k_sel = apply_rope(k[:, :, sel_set], positions, c.rope_theta)
-        k_win = k_sel if win_set == sel_set else apply_rope(k[:, :, win_set], positions, c.rope_theta)
+        # The selection and window keys rotate in one call (RoPE acts per head: the same values as two calls).
+        sets = k[:, :, sel_set:win_set + 1]  # [B, T, 1 or 2, Hkv, D]
+        rotated = apply_rope(sets.flatten(2, 3), positions, c.rope_theta).view_as(sets)
+        k_sel, k_win = rotated[:, :, 0], rotated[:, :, -1]
         gate_logits = self.gate_proj(x).view(batch, seq_len, c.num_heads, 3)
         gates = gate_logits.sigmoid() if c.gate == "sigmoid" else gate_logits.softmax(dim=-1)
         projected = (q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win, v[:, :, win_set], gates)

@@ -43,12 +43,15 @@ class TrainConfig(StrictModel):
     launched by torchrun with more than one process. Intervals are in optimizer steps (0: only at the end).
     keep_checkpoints: how many checkpoints stay in the run folder. nonfinite: on a NaN / inf loss or gradient
     "skip" the update (and stop after max_consecutive_skips in a row) or "stop" at once. Length curriculum:
-    the training length grows linearly from curriculum_start tokens to task.seq_len over curriculum_steps steps
-    (rounded up to a multiple of curriculum_multiple; None: off). threads: torch CPU threads (None: torch's
-    choice). heartbeat_s: seconds between heartbeat.json updates. scope_teacher_weight: weight of SCOPE's teacher
-    loss (scope.teacher.layer_teacher_loss, the signal that moves the pointers: the mask itself has no gradient),
-    averaged over the SCOPE layers, on the last scope_teacher_len tokens of each layer's input (its dense
-    teacher is O(len^2)); 0: off.
+    the training length grows from curriculum_start tokens to task.seq_len over curriculum_steps steps, linearly or
+    geometrically (curriculum_shape; geometric spends as many steps on each doubling, so most of them at the short,
+    cheap lengths where retrieval is learnt first), rounded up to a multiple of curriculum_multiple (None: off);
+    curriculum_batch "tokens" keeps the tokens per step: batch_size x (task.seq_len // length) sequences at a
+    shorter length (more scored answers per step for the same work), "fixed" batch_size sequences at every length.
+    threads: torch CPU threads (None: torch's choice). heartbeat_s: seconds between heartbeat.json updates.
+    scope_teacher_weight: weight of SCOPE's teacher loss (scope.teacher.layer_teacher_loss, the signal that moves
+    the pointers: the mask itself has no gradient), averaged over the SCOPE layers, on the last scope_teacher_len
+    tokens of each layer's input (its dense teacher is O(len^2)); 0: off.
     """
 
     batch_size: int = Field(16, ge=1)
@@ -77,6 +80,8 @@ class TrainConfig(StrictModel):
     curriculum_start: int | None = Field(None, ge=1)
     curriculum_steps: int = Field(0, ge=0)
     curriculum_multiple: int = Field(16, ge=1)
+    curriculum_shape: Literal["linear", "geometric"] = "linear"
+    curriculum_batch: Literal["fixed", "tokens"] = "fixed"
     threads: int | None = Field(None, ge=1)
     heartbeat_s: float = Field(30.0, gt=0.0)
     scope_teacher_weight: float = Field(1.0, ge=0.0)

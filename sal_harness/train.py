@@ -95,12 +95,24 @@ def lr_at(step: int, train: TrainConfig) -> float:
 
 
 def seq_len_at(step: int, train: TrainConfig, seq_len: int) -> int:
-    """The length curriculum: curriculum_start -> seq_len linearly over curriculum_steps, rounded up to a
-    multiple of curriculum_multiple (never past seq_len)."""
-    if train.curriculum_start is None or step >= train.curriculum_steps:
+    """The length curriculum: curriculum_start -> seq_len over curriculum_steps (linearly, or geometrically: the
+    same number of steps per doubling), rounded up to a multiple of curriculum_multiple (never past seq_len)."""
+    start = train.curriculum_start
+    if start is None or step >= train.curriculum_steps:
         return seq_len
-    length = train.curriculum_start + (seq_len - train.curriculum_start) * step / train.curriculum_steps
+    fraction = step / train.curriculum_steps
+    if train.curriculum_shape == "geometric":
+        length = start * (seq_len / start) ** fraction
+    else:
+        length = start + (seq_len - start) * fraction
     return min(seq_len, train.curriculum_multiple * math.ceil(length / train.curriculum_multiple))
+
+
+def batch_at_length(train: TrainConfig, length: int, seq_len: int) -> int:
+    """Sequences per step at a curriculum length: batch_size, or with curriculum_batch "tokens" batch_size x
+    (seq_len // length), the tokens of a full-length step (a multiple of batch_size, so grad_accum and the
+    processes still divide it)."""
+    return train.batch_size * (seq_len // length if train.curriculum_batch == "tokens" else 1)
 
 
 def task_at_length(config: TaskConfig, seq_len: int) -> TaskConfig:
@@ -293,7 +305,8 @@ class Trainer:
         """One optimizer step on one global batch; returns its loss, grad norm and whether it was applied."""
         tc = self.config.train
         seq_len = seq_len_at(self.step, tc, self.config.task.seq_len)
-        batch = self.task(seq_len).sample(tc.batch_size, self.data_generator)
+        batch_size = batch_at_length(tc, seq_len, self.config.task.seq_len)
+        batch = self.task(seq_len).sample(batch_size, self.data_generator)
         scored = int((batch.targets != IGNORE_INDEX).sum())  # the global count: every rank drew the same batch
         lr = lr_at(self.step, tc)
         for group in self.optimizer.param_groups:
@@ -328,7 +341,7 @@ class Trainer:
             self.consecutive_skips += 1
         self.step += 1
         result = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "seq_len": seq_len, "applied": applied,
-                  "tokens": tc.batch_size * seq_len}
+                  "tokens": batch_size * seq_len}
         if self.config.attention.kind == "scope" and tc.scope_teacher_weight > 0:
             result["teacher_loss"] = float(sum_over_ranks(teacher_sum, self.world)) / self.world.size
         return result

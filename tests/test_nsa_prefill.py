@@ -244,6 +244,18 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=rows), CHOOSY, lengths)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "blocks"), [(4, 2, CHOOSY), (3, 1, {**CHOOSY, "num_selected": 9})])
+def test_topn_sorted_merge_matches_float64_reference(monkeypatch, heads, kv_heads, blocks):
+    """The top-n kernel merging each tile's candidates by one bitonic top-k (TopnTiles(sorted_merge=True)) selects
+    what the float64 scores rank first: CHOOSY's many small blocks give a 150-token sequence three tiles of
+    candidates whose later ones replace part of the running list; n = 9 keeps a running list of 8 (KP < NS = 16
+    keys per tile: the tile's own top-k first)."""
+    use_prefill_tiles(monkeypatch, topn={"sorted_merge": True})
+    lengths = [3, 150]  # 36 compressed keys in the long one: three tiles of 16
+    check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, blocks, seed=heads + 3), blocks,
+                            lengths)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (16, 1, 24, 16), (8, 8, 16, 32)])
 def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv):
     """The range dk/dv taking dkv_m tokens of one head per step (RangeTiles(dkv_head_rows=False): wide heads, and

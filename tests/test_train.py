@@ -224,8 +224,38 @@ def test_schedule_and_curriculum() -> None:
     assert all(a >= b - 1e-15 for a, b in itertools.pairwise(lrs[3:]))  # warm-up end == cosine start
     tc = tiny_config(Path("x"), "train.curriculum_start=16", "train.curriculum_steps=4").train
     assert [seq_len_at(s, tc, 64) for s in range(6)] == [16, 32, 48, 64, 64, 64]
+    # geometric: 16 * 4^(s/4) = 16, 22.6, 32, 45.3, 64 before rounding up to multiples of 8
+    tc = tiny_config(Path("x"), "train.curriculum_start=16", "train.curriculum_steps=4",
+                     "train.curriculum_multiple=8", "train.curriculum_shape=geometric").train
+    assert [seq_len_at(s, tc, 64) for s in range(6)] == [16, 24, 32, 48, 64, 64]
     task = tiny_config(Path("x"), "task.max_distance=50").task
     assert task_at_length(task, 32).max_distance is None and task_at_length(task, 64).max_distance == 50
+
+
+def test_token_batches_keep_the_tokens_of_a_full_length_step(tmp_path: Path, monkeypatch) -> None:
+    """curriculum_batch=tokens: batch_size x (seq_len // length) sequences at each curriculum length (lengths 16,
+    32, 48, 64 of a 64-token task with batch 4: 16, 8, 4, 4 sequences), and the run trains on them."""
+    drawn = []
+    build = train_module.build_task
+
+    def spying_build(config):
+        task = build(config)
+        sample = task.sample
+
+        def spy(batch_size, generator, **kwargs):
+            batch = sample(batch_size, generator, **kwargs)
+            drawn.append(tuple(batch.inputs.shape))
+            return batch
+
+        task.sample = spy
+        return task
+
+    monkeypatch.setattr(train_module, "build_task", spying_build)
+    summary = train(tiny_config(tmp_path, "task=text", "task.seq_len=64", "train.curriculum_start=16",
+                                "train.curriculum_steps=4", "train.curriculum_batch=tokens", "train.max_steps=5",
+                                attention="dense"))
+    assert drawn[:5] == [(16, 16), (8, 32), (4, 48), (4, 64), (4, 64)]
+    assert math.isfinite(summary["eval"]["bpb"])
 
 
 def test_text_task_run_and_curriculum(tmp_path: Path) -> None:

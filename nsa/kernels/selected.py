@@ -414,16 +414,19 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
     position = first[:, None] + torch.arange(bq, device=device)  # [grid, BQ]
     live = (table.seq.long() < packed.num_seqs)[:, None] & (position < lengths[seq][:, None])
     rows = (packed.cu[seq].long()[:, None] + position).clamp(0, max(packed.total - 1, 0))
-    chosen = block_indices[rows].long() if packed.total else block_indices.new_zeros(table.grid, bq, num_kv_heads,
-                                                                                       num_selected).long()
-    never = 1 << 40  # sorts after every block
-    chosen = torch.where(live[:, :, None, None] & (chosen >= 0), chosen, never)
-    ordered = chosen.permute(0, 2, 1, 3).reshape(table.grid * num_kv_heads, bq * num_selected).sort(-1).values
-    repeated = torch.zeros_like(ordered, dtype=torch.bool)
-    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    ordered = torch.where(repeated, never, ordered).sort(-1).values
-    counts = (ordered < never).sum(-1).to(torch.int32)
-    return QueryTiles(table, torch.where(ordered < never, ordered, -1).to(torch.int32), counts, constexprs)
+    chosen = block_indices[rows] if packed.total else block_indices.new_zeros(table.grid, bq, num_kv_heads,
+                                                                              num_selected)
+    never = torch.iinfo(torch.int32).max  # sorts after every block
+    chosen = torch.where(live[:, :, None, None] & (chosen >= 0), chosen.int(), never)
+    width = bq * num_selected
+    ordered = chosen.permute(0, 2, 1, 3).reshape(table.grid * num_kv_heads, width).sort(-1).values
+    # One sort, then each distinct block moves to its rank among the distinct ones (a scatter, not a second sort);
+    # repeats and unused slots go to a spare last column, cut off.
+    fresh = ordered < never
+    fresh[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    rank = torch.where(fresh, fresh.cumsum(-1) - 1, width)
+    blocks = ordered.new_full((ordered.shape[0], width + 1), -1).scatter_(1, rank, torch.where(fresh, ordered, -1))
+    return QueryTiles(table, blocks[:, :width].contiguous(), fresh.sum(-1, dtype=torch.int32), constexprs)
 
 
 def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: Packed, sel_block_size: int,
