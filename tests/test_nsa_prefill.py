@@ -244,12 +244,12 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=rows), CHOOSY, lengths)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "blocks"), [(4, 2, CHOOSY), (3, 1, {**CHOOSY, "num_selected": 9})])
+@pytest.mark.parametrize(("heads", "kv_heads", "blocks"), [(4, 2, CHOOSY), (3, 1, {**CHOOSY, "num_selected": 16})])
 def test_topn_sorted_merge_matches_float64_reference(monkeypatch, heads, kv_heads, blocks):
     """The top-n kernel merging each tile's candidates by one bitonic top-k (TopnTiles(sorted_merge=True)) selects
     what the float64 scores rank first: CHOOSY's many small blocks give a 150-token sequence three tiles of
-    candidates whose later ones replace part of the running list; n = 9 keeps a running list of 8 (KP < NS = 16
-    keys per tile: the tile's own top-k first)."""
+    candidates whose later ones replace part of the running list. n = 5 keeps a running list of KP = 4 against
+    NS = 16 keys per tile (the tile's own top-k first), n = 16 one of 16 (the tile's keys sorted whole)."""
     use_prefill_tiles(monkeypatch, topn={"sorted_merge": True})
     lengths = [3, 150]  # 36 compressed keys in the long one: three tiles of 16
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, blocks, seed=heads + 3), blocks,
