@@ -376,18 +376,19 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     shape = SHAPES[shape_name]
     ranges, sel, topn = tiles_for(max(shape.dk, shape.dv)), SelectedTiles(), TopnTiles()
     # the top-n merging by bitonic sorts, whose cost no longer grows with the queries per program
-    topn_tiles = [topn, topn._replace(sorted_merge=True), topn._replace(sorted_merge=True, rows=2 * topn.rows)]
+    variants: dict[str, list[Any]] = {
+        "topn_tiles": [topn, topn._replace(sorted_merge=True), topn._replace(sorted_merge=True, rows=2 * topn.rows)]}
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
-        return {"topn_tiles": topn_tiles,
-                "sel_tiles": [sel, sel._replace(dkv_rows=64), sel._replace(rows=32), sel._replace(rows=0)],
-                "range_tiles": [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]}
-    if shape.dk <= 128:
-        return {"topn_tiles": topn_tiles,
-                "range_tiles": [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
-                                ranges._replace(dkv_n=64)]}
-    return {"topn_tiles": topn_tiles,
-            "range_tiles": [ranges, ranges._replace(dkv_head_rows=True), ranges._replace(dkv_head_rows=True, dkv_m=32),
-                            ranges._replace(dkv_head_rows=True, dkv_m=64, dkv_n=64)]}
+        variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64), sel._replace(rows=32), sel._replace(rows=0)]
+        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]
+    elif shape.dk <= 128:
+        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
+                                   ranges._replace(dkv_n=64)]
+    else:
+        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=True),
+                                   ranges._replace(dkv_head_rows=True, dkv_m=32),
+                                   ranges._replace(dkv_head_rows=True, dkv_m=64, dkv_n=64)]
+    return variants
 
 
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
