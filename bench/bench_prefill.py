@@ -165,12 +165,14 @@ def run_fla(fn: Callable, inputs: list[Tensor]) -> Tensor:
 # measuring
 
 
-def timed(fn: Callable[[], Any], device: str) -> float:
+def timed(fn: Callable[[], Any], device: str, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median ms of fn, after warming up for warmup_ms and timing for rep_ms (do_bench's budgets: a 50 ms training
+    step needs budgets of seconds to be timed more than once)."""
     if device == "cpu":
         return cpu_median_ms(fn, repeats=3)
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 def forward_backward(fn: Callable[[list[Tensor]], Tensor], inputs: list[Tensor]) -> Callable[[], Any]:
@@ -365,23 +367,22 @@ TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
-    same run), then candidates one or two fields off them: the top-n's sorted merge, the schedules the defaults
-    replaced on 2026-12-02 (one head per dk/dv step, at the widths they had) and their nearest neighbours, so each
-    sweep re-checks the margins. `python -m bench.compile_kernels` reports their registers and spills for sm_90
-    without a GPU."""
+    same run), then candidates one or two fields off them: the selection dk/dv in 64-row steps, the schedules
+    the range defaults replaced on 2026-12-02 (one head per dk/dv step, at the widths they had) and their nearest
+    neighbours, so each sweep re-checks the margins. `python -m bench.compile_kernels` reports their registers and
+    spills for sm_90 without a GPU."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles
 
     shape = SHAPES[shape_name]
-    ranges, sel, topn = tiles_for(max(shape.dk, shape.dv)), SelectedTiles(), TopnTiles()
-    # the top-n merging by bitonic sorts, whose cost no longer grows with the queries per program
-    variants: dict[str, list[Any]] = {
-        "topn_tiles": [topn, topn._replace(sorted_merge=True), topn._replace(sorted_merge=True, rows=2 * topn.rows)]}
+    ranges, sel = tiles_for(max(shape.dk, shape.dv)), SelectedTiles()
+    variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()]}
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64), sel._replace(rows=32), sel._replace(rows=0)]
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]
     elif shape.dk <= 128:
+        variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64)]
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
                                    ranges._replace(dkv_n=64)]
     else:
@@ -422,8 +423,10 @@ def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, varia
                 row["max_rel_err"] = max(relative_error(a, b) for i, (a, b) in enumerate(pairs) if i != 1)
                 if not (row["indices_equal"] and row["max_rel_err"] < CHECK_RTOL):
                     return {"error": "differs from the default tiles' result"}
-                return {name: round(timed(fn, device), 3) for name, fn, _ in kernel_steps(run, shape, seq_len)
-                        if name in TILE_KERNELS[field]}
+                # 200 ms of warm-up: with do_bench's 25 ms, the first candidate timed after the checks ran its
+                # dk/dv 0.3 ms slower (of 1.3-1.7) than the same tiles timed later in the sweep
+                return {name: round(timed(fn, device, warmup_ms=200), 3)
+                        for name, fn, _ in kernel_steps(run, shape, seq_len) if name in TILE_KERNELS[field]}
 
             rows.append(guarded(row, work))
             if on_row is not None:
@@ -482,14 +485,24 @@ def gpt_rows(seq_len: int, device: str, compiled: bool = False, profile_dir: Pat
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            ms = timed(step, device)
+            ms = timed(step, device, warmup_ms=500, rep_ms=1500)
             if profile_dir is not None:
                 path = profile_dir / f"profile_{name}_{seq_len}.txt"
                 path.write_text(profile_step(step, device) + "\n")
-            return {"step_ms": round(ms, 2), "tokens_per_s": round(batch * seq_len / ms * 1e3)}
+            result = {"step_ms": round(ms, 2), "tokens_per_s": round(batch * seq_len / ms * 1e3)}
+            return {**result, **compile_counts()} if compiled else result
 
         rows.append(guarded(row, work))
     return rows
+
+
+def compile_counts() -> dict[str, int]:
+    """Dynamo's frames compiled, graphs and graph breaks so far in this process: a compiled model that fell back to
+    eager (a graph break, recompilations) shows here, not only in its time."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": sum(counters["graph_break"].values())}
 
 
 # ----------------------------------------------------------------------------------------------

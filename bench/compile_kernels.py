@@ -97,10 +97,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                        "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                        "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
                        **shape}
-    # as launched, and merging by bitonic sorts (TopnTiles.sorted_merge, a tile sweep candidate)
-    for suffix, sorted_merge in (("", topn_tiles.sorted_merge), ("_sorted", True)):
-        yield KernelCase(f"topn{suffix}", topn._topn_kernel, {**topn_constexprs, "SORTED_MERGE": sorted_merge},
-                         topn_tiles.num_warps, topn_tiles.num_stages)
+    yield KernelCase("topn", topn._topn_kernel, topn_constexprs, topn_tiles.num_warps, topn_tiles.num_stages)
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}

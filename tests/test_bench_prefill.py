@@ -24,7 +24,7 @@ INTERPRETER_SELECTED = SelectedTiles(4, 1, 16, 8, 4, 1)
 def small_and_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small blocks, and each timing a single call (the interpreter is slow; the times are not under test)."""
     monkeypatch.setattr(bench_prefill, "BLOCKS", SMALL_BLOCKS)
-    monkeypatch.setattr(bench_prefill, "timed", lambda fn, device: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench_prefill, "timed", lambda fn, device, **budgets: (fn(), 1.0)[1])
 
 
 def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:

@@ -244,30 +244,6 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=rows), CHOOSY, lengths)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "blocks"), [(4, 2, CHOOSY), (3, 1, {**CHOOSY, "num_selected": 16})])
-def test_topn_sorted_merge_selects_what_the_float64_scores_rank_first(heads, kv_heads, blocks):
-    """The top-n kernel merging each tile's candidates by bitonic sorts (TopnTiles(sorted_merge=True)), run after
-    the compression forward it takes its lse from, against the float64 scores. CHOOSY's many small blocks give a
-    150-token sequence three tiles of candidates whose later ones replace part of the running list. n = 5 keeps a
-    running list of KP = 4 against NS = 16 keys per tile (the tile's own top-k first), n = 16 one of 16 (the
-    tile's keys sorted whole)."""
-    lengths = [3, 150]
-    inputs = [t.detach() for t in make_inputs(1, lengths, heads, kv_heads, 16, 16, blocks, seed=heads + 3)]
-    cu = torch.tensor([0, 3, 153], dtype=torch.int32)
-    run = prefill.PrefillRun(*inputs, cu, prefill.PrefillSizes(**blocks), 16**-0.5)
-    run.topn_tiles = run.topn_tiles._replace(sorted_merge=True)
-    run.compressed()
-    run.select()
-    indices = run.indices.view(1, sum(lengths), kv_heads, blocks["num_selected"])
-    q, k_cmp = inputs[0].double(), inputs[1].double()
-    n_cmp = ref_num_cmp(3, blocks["block_size"], blocks["block_stride"])  # the short sequence's blocks come first
-    for rows, cmp_rows in ((slice(0, 3), slice(0, n_cmp)), (slice(3, 153), slice(n_cmp, None))):
-        scores = dense_selection_scores(q[:, rows], k_cmp[:, cmp_rows], blocks["block_size"], blocks["block_stride"],
-                                        blocks["sel_block_size"])
-        check_selection(indices[:, rows].long(), scores, blocks["sel_block_size"], blocks["num_selected"],
-                        tol=1e-5 * max(1.0, float(scores.max())))
-
-
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (16, 1, 24, 16), (8, 8, 16, 32)])
 def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv):
     """The range dk/dv taking dkv_m tokens of one head per step (RangeTiles(dkv_head_rows=False): wide heads, and

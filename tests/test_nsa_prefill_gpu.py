@@ -61,17 +61,6 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
-@pytest.mark.parametrize(("rows", "heads", "kv_heads", "dk", "dv", "seq_len"), [
-    (64, 64, 4, 128, 128, 4096),  # the public shape, the default rows
-    (128, 16, 4, 64, 64, 3000),  # G = 4: 32 queries per program
-])
-def test_topn_sorted_merge_matches_float64_reference(monkeypatch, rows, heads, kv_heads, dk, dv, seq_len):
-    """The top-n kernel merging candidates by one bitonic top-k per tile (TopnTiles(sorted_merge=True), a tile
-    sweep candidate; tests/test_nsa_prefill.py checks it in the interpreter)."""
-    use_prefill_tiles(monkeypatch, topn={"sorted_merge": True, "rows": rows})
-    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
-
-
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "dkv_m"),
                          [(64, 4, 128, 128, 2048, 32), (48, 4, 192, 128, 3000, 16)])
 def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,

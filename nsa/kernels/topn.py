@@ -45,15 +45,14 @@ KEEP = tl.constexpr((1 << 63) - 64)  # slots past n - 3 hold KEEP + i: above eve
 
 
 class TopnTiles(NamedTuple):
-    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings; sorted_merge:
-    a tile whose candidates beat some row's running top list merges them by fixed-cost bitonic sorts
-    (``_merge_top_sorted``) instead of inserting them one at a time (``_merge_top``, whose loop runs as often as
-    the row with the most entering candidates needs). Both keep the same set."""
+    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings. A merge of each
+    tile's entering candidates by fixed-cost bitonic sorts (a sorted tile against the running list) was slower on
+    the H200 at 64k than ``_merge_top``'s insertion loop: 22.9 against 17.6 ms public, 13.5 against 10.3 G = 4
+    (bench/results/prefill_tiles_cuda.md, 2026-12-02, commit 74a2c63), so the loop stays."""
 
     rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    sorted_merge: bool = False
 
 
 @triton.jit
@@ -80,7 +79,7 @@ def _topn_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     SEL_BLOCK: tl.constexpr, RATIO: tl.constexpr, SPILL: tl.constexpr, NS: tl.constexpr, KP: tl.constexpr,
     NUM_SELECTED: tl.constexpr, OUT_WIDTH: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    PRECISION: tl.constexpr, SORTED_MERGE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     hk = tl.program_id(1)
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BQ)
@@ -124,7 +123,7 @@ def _topn_kernel(
         candidate = (block[None, :] >= 1) & (block[None, :] <= current[:, None] - 2) & query_ok[:, None]
         keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (-block[None, :] + MAX_INDEX)
         keys = tl.where(candidate, keys, NO_KEY)
-        best = _merge_top_sorted(best, keys, KP, NS) if SORTED_MERGE else _merge_top(best, keys)
+        best = _merge_top(best, keys)
     # Forced blocks, then the chosen candidates; written ascending, then -1.
     chosen = tl.where((best >= 0) & (best < KEEP), -(best & 0xFFFFFFFF) + MAX_INDEX, UNUSED)
     current = current.to(tl.int64)[:, None]
@@ -159,18 +158,6 @@ def _merge_top(best, keys):
     return best
 
 
-@triton.jit
-def _merge_top_sorted(best, keys, KP: tl.constexpr, NS: tl.constexpr):
-    """_merge_top's result by bitonic sorts, taken only when some row has a key above its smallest entry (the usual
-    case on long sequences is none): the running set ascending against the tile's best KP keys descending, then
-    the larger of each pair, which is the top KP of both (the first step of a bitonic merge). The fixed cost does
-    not grow with the number of entering keys or with BQ."""
-    if tl.max((tl.max(keys, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0) > 0:
-        incoming = tl.topk(keys, KP) if NS > KP else tl.sort(keys, descending=True)
-        best = tl.maximum(tl.sort(best), incoming)
-    return best
-
-
 def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: Tensor, *, block_size: int,
                 block_stride: int, sel_block_size: int, num_selected: int, scale: float,
                 tiles: TopnTiles) -> Tensor:
@@ -190,7 +177,7 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
         num_heads, packed.num_seqs, scale * LOG2E,
         GROUP=group, CMP_BLOCK=block_size, CMP_STRIDE=block_stride, SEL_BLOCK=sel_block_size, SPILL=spill,
         NUM_SELECTED=num_selected, OUT_WIDTH=triton.next_power_of_2(num_selected), PRECISION=dot_precision(q.dtype),
-        SORTED_MERGE=tiles.sorted_merge, **shape,
+        **shape,
         **{key: value for key, value in split_dims(q.shape[-1], 16).items() if key in ("DQK", "D1", "D2")},
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
