@@ -132,3 +132,18 @@ def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch
     assert [(row["impl"], row["shape"]) for row in rows] == [("gpt_nsa", "gpt_compiled"), ("gpt_dense", "gpt_compiled")]
     assert all(row["tokens_per_s"] > 0 and "error" not in row for row in rows)
     assert compiled == ["NSAAttention", "SDPAAttention"]
+    assert all("graph_breaks" in row for row in rows) and not any("graph_breaks" in row for row in eager)
+
+
+def test_compile_counts_show_frames_and_graph_breaks() -> None:
+    """The dynamo counters a compiled GPT row records: a function with a graph break adds a frame and a break."""
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    before = bench_prefill.compile_counts()
+    torch.compile(broken, backend="eager")(torch.ones(3))
+    after = bench_prefill.compile_counts()
+    assert after["frames"] > before["frames"] and after["graphs"] > before["graphs"]
+    assert after["graph_breaks"] == before["graph_breaks"] + 1
