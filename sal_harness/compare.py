@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = write_report([Path(c.out_dir) for c in configs], report_dir)
     print(side_by_side(report))
     if args.results is not None:
-        write_results([read_run(Path(c.out_dir)) for c in configs], args.results)
+        write_results([read_run(Path(c.out_dir)) for c in configs], args.results, plots_from=report_dir)
         print(f"results: {args.results}.jsonl, {args.results}.md")
     print(f"report: {report_dir} ({time.perf_counter() - start:.0f} s in all)")
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,7 @@ def save(plt: Any, fig: Any, out_dir: Path, name: str, tight: bool = True) -> st
 def result_rows(run: dict[str, Any], gpu: str, commit: str) -> list[dict[str, Any]]:
     """One row per (attention, task, distance) of a retrieval run, one row (distance None) for a text run."""
     common = {"attention": run["attention"], "task": run["task"], "train_seq_len": run["train_seq_len"],
-              "train_minutes": run.get("train_minutes"), "gpu": gpu, "commit": commit}
+              "train_minutes": run.get("train_minutes"), "train_steps": run.get("step"), "gpu": gpu, "commit": commit}
     if "by_distance" not in run:
         return [{**common, "distance": None, "accuracy": None, "chance": None, "bpb": run.get("bpb")}]
     return [{**common, "distance": c["distance"], "accuracy": c["accuracy"], "chance": run["chance"]["accuracy"],
@@ -252,9 +253,16 @@ def environment_names() -> tuple[str, str]:
     return gpu, commit
 
 
-def write_results(runs: Sequence[dict[str, Any]], prefix: Path) -> None:
-    """Replace the rows of these runs' (attention, task) in PREFIX.jsonl, then rewrite PREFIX.md from all rows."""
+def write_results(runs: Sequence[dict[str, Any]], prefix: Path, plots_from: Path | None = None) -> None:
+    """Replace the rows of these runs' (attention, task) in PREFIX.jsonl, keep the report's plots (plots_from) as
+    PREFIX_plots/ATTENTIONS_TASKS_NAME.png, then rewrite PREFIX.md from all rows and all kept plots."""
     gpu, commit = environment_names()
+    plots = prefix.parent / f"{prefix.name}_plots"
+    if plots_from is not None:
+        label = "_".join("-".join(sorted({str(r[k]) for r in runs})) for k in ("attention", "task"))
+        plots.mkdir(parents=True, exist_ok=True)
+        for plot in sorted(plots_from.glob("*.png")):
+            shutil.copyfile(plot, plots / f"{label}_{plot.name}")
     path = prefix.with_suffix(".jsonl")
     done = {(r["attention"], r["task"]) for r in runs}
     old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -262,11 +270,14 @@ def write_results(runs: Sequence[dict[str, Any]], prefix: Path) -> None:
     rows += [row for run in runs for row in result_rows(run, gpu, commit)]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write(path, lambda handle: handle.write(text.encode()))
-    atomic_write(prefix.with_suffix(".md"), lambda handle: handle.write(results_markdown(rows).encode()))
+    kept = sorted(plots.glob("*.png")) if plots.is_dir() else []
+    markdown = results_markdown(rows, [f"{plots.name}/{p.name}" for p in kept])
+    atomic_write(prefix.with_suffix(".md"), lambda handle: handle.write(markdown.encode()))
 
 
-def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """A table per task: accuracy (recall) per distance and attention, then bpb and training minutes."""
+def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) -> str:
+    """A table per task: accuracy (recall) per distance and attention, then bpb and training minutes, then links
+    to the plots (paths relative to the markdown file)."""
     lines = ["# Retrieval comparison", ""]
     kinds = [k for k in ATTENTION_KINDS if any(r["attention"] == k for r in rows)]
     for task in sorted({r["task"] for r in rows if r["distance"] is not None}):
@@ -281,8 +292,8 @@ def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
                 cells.append("" if row is None else f"{row['accuracy']:.3f}{shown}")
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## runs", "", "| attention | task | train_seq_len | train_minutes | bpb | gpu | commit |",
-              "|---" * 7 + "|"]
+    lines += ["## runs", "", "| attention | task | train_seq_len | train_minutes | train_steps | bpb | gpu | commit |",
+              "|---" * 8 + "|"]
     seen = set()
     for r in rows:
         key = (r["attention"], r["task"])
@@ -290,8 +301,11 @@ def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
             seen.add(key)
             bpb = "" if r.get("bpb") is None else f"{r['bpb']:.3f}"
             minutes = "" if r.get("train_minutes") is None else f"{r['train_minutes']:.1f}"
-            lines.append(f"| {r['attention']} | {r['task']} | {r['train_seq_len']} | {minutes} | {bpb} | {r['gpu']} | "
-                         f"{r['commit'][:10]} |")
+            steps = r.get("train_steps") or ""
+            lines.append(f"| {r['attention']} | {r['task']} | {r['train_seq_len']} | {minutes} | {steps} | {bpb} | "
+                         f"{r['gpu']} | {r['commit'][:10]} |")
+    if plots:
+        lines += ["", "## plots", ""] + [f"- [{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,8 @@
 #   ATTENTION=nsa TASK=needle bash scripts/retrieval_cuda.sh
 # after installing the wheels of scripts/cuda_wheels.sh (see README "Training and evaluation"). At most
 # train.max_minutes (7.5) of training, then the evaluation; appends its rows to bench/results/retrieval_cuda.jsonl,
-# rewrites bench/results/retrieval_cuda.md and copies both, the log and the plots to $OUT.
+# keeps the report's plots in bench/results/retrieval_cuda_plots/, rewrites bench/results/retrieval_cuda.md and
+# copies all three and the log to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${ATTENTION:?set ATTENTION to dense, window, nsa or scope}"
@@ -13,8 +14,4 @@ out="${OUT:-/tmp}"
 timeout 580 python3 -m scripts.compare experiment=cuda_16k --attention-variant 16k --attentions "$ATTENTION" \
     --tasks "$TASK" --jobs 1 --threads 8 --out-dir runs/cuda16k --results bench/results/retrieval_cuda "$@" \
     2>&1 | tee "$out/retrieval_${ATTENTION}_${TASK}.log"
-cp bench/results/retrieval_cuda.jsonl bench/results/retrieval_cuda.md "$out"/
-for plot in accuracy_heatmap selection_map pointer_map loss_curves; do
-    [ -f "runs/cuda16k/report/$plot.png" ] && cp "runs/cuda16k/report/$plot.png" "$out/${ATTENTION}_${TASK}_$plot.png"
-done
-exit 0
+cp -r bench/results/retrieval_cuda.jsonl bench/results/retrieval_cuda.md bench/results/retrieval_cuda_plots "$out"/

@@ -44,9 +44,12 @@ def test_compare_reports_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixt
 
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 2
-    assert {"attention", "task", "train_seq_len", "distance", "accuracy", "chance", "selection_recall",
+    assert {"attention", "task", "train_seq_len", "distance", "accuracy", "chance", "selection_recall", "train_steps",
             "pointer_recall", "bpb", "train_minutes", "gpu", "commit"} <= set(rows[0])
-    assert "| distance |" in (tmp_path / "rows.md").read_text()
+    markdown = (tmp_path / "rows.md").read_text()
+    assert "| distance |" in markdown
+    kept = tmp_path / "rows_plots" / "dense-nsa-scope-window_needle_selection_map.png"
+    assert kept.read_bytes()[:4] == b"\x89PNG" and f"(rows_plots/{kept.name})" in markdown
 
     before = {kind: list_checkpoints(out / f"{kind}-needle") for kind in KINDS}
     assert compare.main(["--out-dir", str(out), "--jobs", "1", *COMMON]) == 0
