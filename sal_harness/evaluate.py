@@ -9,12 +9,16 @@ cell's score depends neither on the others nor on training.
 What the sparse layers read, at the positions that predict an answer, about the token the answer copies
 (its ``source``):
 - NSA ``selection_recall``: the source's selection block is among the blocks the layer selected
-  (``NSAAux.block_indices``), averaged over samples, answers and kv heads; reported per layer and as the
-  best layer's (the one that does the retrieval). ``gate_means``: the (cmp, sel, win) gates per layer.
+  (``NSAAux.block_indices``) for one of its kv heads, averaged over samples and answers; reported per layer
+  and as the best layer's (the one that does the retrieval). One group holding the needle suffices: its query
+  heads copy the answer while the other groups attend elsewhere. Per kv head too (``_by_layer_head``), and
+  ``selection_recall_head_mean``: the best layer's rate averaged over its kv heads instead.
+  ``gate_means``: the (cmp, sel, win) gates per layer.
 - SCOPE ``pointer_recall``: a pointer window (centre +- its allocation, ``PointerMask.centres`` / ``alloc``)
-  covers the source's block; ``listed_recall``: the block is among the keys read at all (local band,
-  pointers, globals). Per layer and best layer, averaged over samples, answers and heads; plus
-  ``scope.telemetry.scope_stats`` (SCOPE_STATS) per layer on one batch.
+  of one of the layer's heads covers the source's block; ``listed_recall``: the block is among the keys one
+  head reads at all (local band, pointers, globals). Per layer and best layer, averaged over samples and
+  answers, per head and head-averaged as for NSA; plus ``scope.telemetry.scope_stats`` (SCOPE_STATS) per
+  layer on one batch.
 
 Bits per byte: the mean next-byte loss on held-out corpus windows over ln 2 (tokens are bytes).
 """
@@ -51,13 +55,19 @@ def answer_hits(logits: torch.Tensor, batch: Batch, answer_len: int) -> torch.Te
     return (predicted == batch.targets[:, positions]).unflatten(1, (-1, answer_len))
 
 
+def head_hits(hits: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    """Sums of hits [B, A, heads] over (sample, answer): name (any head hit), name_by_head [heads], and count."""
+    return {name: hits.any(-1).double().sum(), f"{name}_by_head": hits.double().sum(dim=(0, 1)),
+            "count": torch.tensor(hits.shape[0] * hits.shape[1], dtype=torch.float64)}
+
+
 def nsa_probe(aux: NSAAux, batch: Batch, sel_block_size: int) -> dict[str, torch.Tensor]:
-    """Per layer sums over (sample, answer token, kv head) of the selection hits, and the gate sums."""
+    """Per layer sums over (sample, answer token) of the selection hits (any kv head, each kv head), and the
+    gate sums."""
     selected = aux.block_indices[:, batch.answer_positions].cpu().long()  # [B, A, Hkv, n]
     source_block = (batch.sources // sel_block_size)[:, :, None, None]
-    hits = (selected == source_block).any(-1)  # [B, A, Hkv]
     gates = aux.gates[:, batch.answer_positions].double().cpu()  # [B, A, HQ, 3]
-    return {"hits": hits.double().sum(), "count": torch.tensor(hits.numel(), dtype=torch.float64),
+    return {**head_hits((selected == source_block).any(-1), "hits"),
             "gates": gates.sum(dim=(0, 1, 2)), "gate_count": torch.tensor(gates[..., 0].numel(), dtype=torch.float64)}
 
 
@@ -72,9 +82,8 @@ def scope_probe(aux: ScopeAux, batch: Batch, block: int) -> dict[str, torch.Tens
     pointed = ((alloc > 0) & (centres >= 0) & (source_block >= low) & (source_block <= high)).any(-1)  # [B, H, A]
     listed = (mask.kv_indices[:, :, query_block].long() == source_block).any(-1)
     shape = torch.broadcast_shapes(pointed.shape, listed.shape)
-    return {"pointer_hits": pointed.expand(shape).double().sum().cpu(),
-            "listed_hits": listed.expand(shape).double().sum().cpu(),
-            "count": torch.tensor(math.prod(shape), dtype=torch.float64)}
+    return {**head_hits(pointed.expand(shape).transpose(1, 2).cpu(), "pointer_hits"),
+            **head_hits(listed.expand(shape).transpose(1, 2).cpu(), "listed_hits")}
 
 
 def add_into(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
@@ -114,19 +123,24 @@ def evaluate_cell(model: GPT, task: RetrievalTask, distance: int, depth: float |
     return cell
 
 
+def rates(layers: list[dict[str, torch.Tensor]], hits: str, name: str) -> dict[str, Any]:
+    """name (the best layer's any-head rate), name_by_layer, name_by_layer_head and name_head_mean (the best
+    layer's rate averaged over heads) from the probe sums under key ``hits``."""
+    by_layer = [float(t[hits] / t["count"]) for t in layers]
+    by_head = [(t[f"{hits}_by_head"] / t["count"]).tolist() for t in layers]
+    return {name: max(by_layer), f"{name}_by_layer": by_layer, f"{name}_by_layer_head": by_head,
+            f"{name}_head_mean": max(sum(h) / len(h) for h in by_head)}
+
+
 def recall_fields(layers: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Per-layer rates and the best layer's, from the probe sums."""
+    """Per-layer (and per-head) rates and the best layer's, from the probe sums."""
     if not layers or not layers[0]:
         return {}
     if "hits" in layers[0]:
-        by_layer = [float(t["hits"] / t["count"]) for t in layers]
         gates = [(t["gates"] / t["gate_count"]).tolist() for t in layers]
-        return {"selection_recall": max(by_layer), "selection_recall_by_layer": by_layer,
+        return {**rates(layers, "hits", "selection_recall"),
                 "gate_means_by_layer": [dict(zip(("cmp", "sel", "win"), g, strict=True)) for g in gates]}
-    pointer = [float(t["pointer_hits"] / t["count"]) for t in layers]
-    listed = [float(t["listed_hits"] / t["count"]) for t in layers]
-    return {"pointer_recall": max(pointer), "pointer_recall_by_layer": pointer,
-            "listed_recall": max(listed), "listed_recall_by_layer": listed}
+    return {**rates(layers, "pointer_hits", "pointer_recall"), **rates(layers, "listed_hits", "listed_recall")}
 
 
 def evaluate_retrieval(model: GPT, task_config: TaskConfig, distances: Sequence[int], *, samples: int,

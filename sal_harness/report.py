@@ -232,6 +232,8 @@ def result_rows(run: dict[str, Any], gpu: str, commit: str) -> list[dict[str, An
         return [{**common, "distance": None, "accuracy": None, "chance": None, "bpb": run.get("bpb")}]
     return [{**common, "distance": c["distance"], "accuracy": c["accuracy"], "chance": run["chance"]["accuracy"],
              "selection_recall": c.get("selection_recall"), "pointer_recall": c.get("pointer_recall"),
+             "selection_recall_head_mean": c.get("selection_recall_head_mean"),
+             "pointer_recall_head_mean": c.get("pointer_recall_head_mean"),
              "bpb": run.get("bpb")} for c in run["by_distance"]]
 
 
@@ -275,9 +277,17 @@ def write_results(runs: Sequence[dict[str, Any]], prefix: Path, plots_from: Path
     atomic_write(prefix.with_suffix(".md"), lambda handle: handle.write(markdown.encode()))
 
 
+def recall_note(row: dict[str, Any]) -> str:
+    """" (any-head recall; head mean)" of a result row, or what of it the row holds."""
+    kind = "selection" if row.get("selection_recall_head_mean", row.get("selection_recall")) is not None else "pointer"
+    recall, mean = row.get(f"{kind}_recall"), row.get(f"{kind}_recall_head_mean")
+    parts = ([] if recall is None else [f"{recall:.2f}"]) + ([] if mean is None else [f"head mean {mean:.2f}"])
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) -> str:
-    """A table per task: accuracy (recall) per distance and attention, then bpb and training minutes, then links
-    to the plots (paths relative to the markdown file)."""
+    """A table per task: accuracy (recall: NSA's selection, SCOPE's pointers, any head and head mean) per distance
+    and attention, then bpb and training minutes, then links to the plots (paths relative to the markdown file)."""
     lines = ["# Retrieval comparison", ""]
     kinds = [k for k in ATTENTION_KINDS if any(r["attention"] == k for r in rows)]
     for task in sorted({r["task"] for r in rows if r["distance"] is not None}):
@@ -286,10 +296,7 @@ def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) 
             cells = []
             for k in kinds:
                 row = next((r for r in rows if (r["attention"], r["task"], r["distance"]) == (k, task, d)), None)
-                selection = None if row is None else row.get("selection_recall")
-                recall = selection if selection is not None else (row or {}).get("pointer_recall")
-                shown = "" if recall is None else f" ({recall:.2f})"
-                cells.append("" if row is None else f"{row['accuracy']:.3f}{shown}")
+                cells.append("" if row is None else f"{row['accuracy']:.3f}{recall_note(row)}")
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## runs", "", "| attention | task | train_seq_len | train_minutes | train_steps | bpb | gpu | commit |",

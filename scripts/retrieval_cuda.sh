@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One (attention, task) of the GPU retrieval comparison (issue 12 item 7), run on the H200 device:
-#   ATTENTION=nsa TASK=needle bash scripts/retrieval_cuda.sh
+#   BENCH_COMMIT=<sha of the tree sent> ATTENTION=nsa TASK=needle bash scripts/retrieval_cuda.sh
+# (BENCH_COMMIT labels the rows: the device's copy of the tree may hold an older git HEAD than its files.)
 # after installing the wheels of scripts/cuda_wheels.sh (see README "Training and evaluation"). At most
 # train.max_minutes (7.5) of training, then the evaluation; appends its rows to bench/results/retrieval_cuda.jsonl,
 # keeps the report's plots in bench/results/retrieval_cuda_plots/, rewrites bench/results/retrieval_cuda.md and

@@ -1,0 +1,87 @@
+"""What the sparse layers read about the needle: the evaluation's recall probes on hand-built selections and
+pointer masks (the expected rates counted by hand in each test's comment)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import torch
+
+from nsa import NSAAux
+from sal_harness.data import Batch
+from sal_harness.evaluate import add_into, nsa_probe, recall_fields, scope_probe
+
+EMPTY = torch.empty(0)
+
+
+def batch(answer_position: int, sources: list[int]) -> Batch:
+    """Samples of 16 tokens with one answer at answer_position copying the token at sources[b]."""
+    size = len(sources)
+    tokens = torch.zeros(size, 16, dtype=torch.long)
+    return Batch(tokens, tokens, EMPTY, EMPTY, torch.tensor([answer_position]), torch.tensor(sources)[:, None])
+
+
+def nsa_layer(chosen: list[list[list[int]]], answer_position: int) -> NSAAux:
+    """block_indices with chosen[b][h] (n = 2, -1 padded) at the answer position, -1 elsewhere; HQ = 2 Hkv."""
+    size, kv_heads = len(chosen), len(chosen[0])
+    indices = torch.full((size, 16, kv_heads, 2), -1, dtype=torch.int32)
+    indices[:, answer_position] = torch.tensor(chosen, dtype=torch.int32)
+    return NSAAux(indices, torch.full((size, 16, 2 * kv_heads, 3), 0.5))
+
+
+def test_selection_recall_counts_a_hit_of_any_kv_head_and_reports_each_head() -> None:
+    # Blocks of 4 tokens; the answer at 12 copies token 2 (block 0) in sample 0 and token 9 (block 2) in sample 1.
+    data = batch(12, [2, 9])
+    layers = [
+        # layer 0: kv head 0 holds sample 0's block, kv head 1 sample 1's: any head 2/2, heads 1/2 and 1/2
+        [[[0, 3], [1, -1]], [[0, 1], [2, -1]]],
+        # layer 1: only kv head 1, in sample 0 (block 0; block 2 is sample 1's, not sample 0's): 1/2, heads 0 and 1/2
+        [[[1, 3], [0, 2]], [[3, -1], [1, 0]]],
+        # layer 2: nothing (block 2 in sample 0, blocks 0 and 1 in sample 1): 0
+        [[[2, -1], [2, 3]], [[0, 1], [1, 3]]],
+    ]
+    totals: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    for total, chosen in zip(totals, layers, strict=True):
+        for _ in range(2):  # two evaluation batches add up to the same rates
+            add_into(total, nsa_probe(nsa_layer(chosen, 12), data, sel_block_size=4))
+    fields = recall_fields(totals)
+    assert fields["selection_recall_by_layer"] == [1.0, 0.5, 0.0]
+    assert fields["selection_recall_by_layer_head"] == [[0.5, 0.5], [0.0, 0.5], [0.0, 0.0]]
+    assert fields["selection_recall"] == 1.0
+    assert fields["selection_recall_head_mean"] == 0.5
+    assert fields["gate_means_by_layer"][0] == {"cmp": 0.5, "sel": 0.5, "win": 0.5}
+
+
+def pointer_layer(centres: list[list[list[int]]], alloc: int, listed: list[list[list[int]]]) -> Any:
+    """A stand-in for ScopeAux: centres [B, H, 1 query block, M] of windows of ``alloc`` blocks, kv_indices
+    [B, H, 1, K]; the probe reads only these fields."""
+    centre = torch.tensor(centres)[:, :, None, :]
+    mask = SimpleNamespace(centres=centre, alloc=torch.full_like(centre, alloc),
+                           kv_indices=torch.tensor(listed)[:, :, None, :])
+    return SimpleNamespace(pointer_mask=mask)
+
+
+def test_pointer_recall_counts_a_window_of_any_head_and_reports_each_head() -> None:
+    # Key blocks of 4 tokens, one query block (the answer at 3 is in block 0); sources in blocks 5 and 1.
+    data = batch(3, [21, 6])
+    # Windows of 3 blocks (centre - 1 .. centre + 1). Head 0 points at 4 (covers 5) in sample 0 and at 7 in sample
+    # 1 (misses 1); head 1 at 0 (misses 5) and at 2 (covers 1): any head 2/2, heads 1/2 and 1/2. Listed keys:
+    # head 0 reads block 5 in sample 0 only, head 1 nothing of the sources: any 1/2, heads 1/2 and 0.
+    aux = pointer_layer(centres=[[[4], [0]], [[7], [2]]], alloc=3, listed=[[[5, 0], [0, 2]], [[3, 0], [0, 2]]])
+    total: dict[str, torch.Tensor] = {}
+    add_into(total, scope_probe(cast(Any, aux), data, block=4))
+    fields = recall_fields([total])
+    assert fields["pointer_recall"] == 1.0 and fields["pointer_recall_by_layer_head"] == [[0.5, 0.5]]
+    assert fields["pointer_recall_head_mean"] == 0.5
+    assert fields["listed_recall"] == 0.5 and fields["listed_recall_by_layer_head"] == [[0.5, 0.0]]
+
+
+@pytest.mark.parametrize("alloc", [0, 1])
+def test_a_pointer_without_blocks_covers_nothing(alloc: int) -> None:
+    # alloc 0: no window at all; alloc 1: the centre block alone (5), not the source's block 4.
+    aux = pointer_layer(centres=[[[5]]], alloc=alloc, listed=[[[0]]])
+    total: dict[str, torch.Tensor] = {}
+    add_into(total, scope_probe(cast(Any, aux), batch(3, [17]), block=4))
+    assert recall_fields([total])["pointer_recall"] == 0.0
