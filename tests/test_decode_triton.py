@@ -147,15 +147,17 @@ def _layer(backend: str, dtype: torch.dtype) -> NSAAttention:
 @pytest.mark.parametrize("static_shapes", [False, True])
 def test_layer_decode_with_triton_matches_float64_prefill(static_shapes: bool) -> None:
     """NSAAttention(backend="triton") decoding token by token after a chunked prompt equals the
-    float64 whole-sequence forward of the same weights (cache, ring, emission and kernels together)."""
+    float64 whole-sequence forward of the same weights (cache, ring, emission and kernels together). The prompt
+    (24 tokens) overfills the 16-slot window ring; the 20 decoded tokens wrap it again, emit 5 compressed blocks
+    and open 2 selection blocks."""
     reference = _layer("torch", F64)
     fast = _layer("triton", torch.float32)
     x = randn(2, 44, 32, seed=3)
     with torch.no_grad():
         expected = reference(x)
         cache = fast.new_cache(2, 48, static_shapes=static_shapes)
-        outs = [fast(x[:, :12].float(), cache=cache)]
-        outs += [fast(x[:, t:t + 1].float(), cache=cache) for t in range(12, 44)]
+        outs = [fast(x[:, :24].float(), cache=cache)]
+        outs += [fast(x[:, t:t + 1].float(), cache=cache) for t in range(24, 44)]
     got = torch.cat(outs, dim=1).double()
     assert (got - expected).abs().max().item() < 1e-4  # float32 vs float64 over 3 branches of O(1) values
 

@@ -16,14 +16,27 @@ float64 scores by check_selection: equal sets except where two boundary scores a
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import F64, randn, use_prefill_tiles
-from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
+from conftest import F64, randn
+from reference import (
+    check_selection,
+    dense_cmp_mask,
+    dense_masked_attention,
+    dense_nsa,
+    dense_selected_mask,
+    dense_selection_scores,
+    dense_window_mask,
+    ref_num_cmp,
+)
 
 from nsa import NSAAttention, NSAConfig, NSAInputError, functional, naive_nsa_attention, nsa_attention, prefill
 from nsa.kernels import tiles
+from nsa.kernels.selected import selected_dkdv, selected_dq, selected_forward
+from nsa.kernels.tiles import Packed, output_buffer, packed_varlen
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -233,43 +246,153 @@ def test_gpt_traces_as_one_graph_with_one_fused_op_per_layer():
     torch.testing.assert_close(logits, model(tokens).logits, rtol=0, atol=0)
 
 
+def random_selections(lengths: list[int], kv_heads: int, num_selected: int, sel_block_size: int, seed: int
+                      ) -> torch.Tensor:
+    """int32 [sum(lengths), Hkv, n]: for each token and kv head 1..n distinct blocks among those it can see,
+    ascending, padded with -1 (as the top-n writes them); neighbours mostly choose differently."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in lengths:
+        for t in range(length):
+            visible = t // sel_block_size + 1
+            for _ in range(kv_heads):
+                count = int(torch.randint(1, min(num_selected, visible) + 1, (), generator=generator))
+                chosen = torch.randperm(visible, generator=generator)[:count].sort().values.tolist()
+                rows.append(chosen + [-1] * (num_selected - count))
+    return torch.tensor(rows, dtype=torch.int32).view(sum(lengths), kv_heads, num_selected)
+
+
+class SelectionCase(NamedTuple):
+    """The selection branch's kernel inputs on packed sequences (token rows) and its float64 results."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    gate: torch.Tensor
+    indices: torch.Tensor
+    dout: torch.Tensor
+    packed: Packed
+    expected: dict[str, torch.Tensor]  # out (gated), lse (base 2), delta = dO . o, dq, dk, dv
+
+
+def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40)) -> SelectionCase:
+    """Random selections (``random_selections``) of blocks of 4 tokens, n = 5, on packed sequences of ``lengths``
+    tokens; the expected values from the dense masked attention of each sequence in float64."""
+    dk = 16
+    q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dk, CHOOSY, seed=seed)
+    q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
+    indices = random_selections(list(lengths), kv_heads, 5, 4, seed=seed)
+    dout = randn(sum(lengths), heads, dk, seed=99).float()
+    packed = packed_varlen(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), sum(lengths))
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("out", "lse", "delta")}
+    grads = [torch.zeros_like(w) for w in wide]
+    for i, length in enumerate(lengths):
+        span = slice(*packed.cu[i:i + 2].tolist())
+        mask = dense_selected_mask(indices[None, span], length, 4)
+        o, lse = dense_branch(*(w[None, span] for w in wide), mask, dk**-0.5)
+        gated = gate[None, span, :, None].double() * o
+        for total, grad in zip(grads, torch.autograd.grad((dout[None, span].double() * gated).sum(), wide),
+                               strict=True):
+            total += grad
+        parts["out"].append(gated[0].detach())
+        parts["lse"].append(lse)
+        parts["delta"].append((dout[span].double() * o[0].detach()).sum(-1))
+    expected = {name: torch.cat(rows) for name, rows in parts.items()} | dict(zip(("dq", "dk", "dv"), grads,
+                                                                                  strict=True))
+    return SelectionCase(q, k, v, gate, indices, dout, packed, expected)
+
+
 @pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(64, 6, 2), (32, 2, 2), (16, 8, 1), (0, 6, 2)])
-def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads, kv_heads):
+def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     """The selection forward / dq with several neighbouring tokens per program (SelectedTiles.rows = BQ tokens x
     the group: BQ = 16 for G = 3, 32 for G = 1, 2 for G = 8; rows = 0: one token per program) walk the union of
-    their tokens' blocks; a packed batch puts tile edges inside sequences and sequence ends inside tiles; CHOOSY
-    blocks make neighbours pick different blocks (a row that read a block it did not select fails this test)."""
-    use_prefill_tiles(monkeypatch, selected={"rows": rows})
-    lengths = [21, 3, 40]
-    check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=rows), CHOOSY, lengths)
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (12, 1, 24, 16), (4, 4, 16, 32)])
-def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv):
-    """The range dk/dv taking dkv_m tokens of one head per step (RangeTiles(dkv_head_rows=False): wide heads, and
-    groups wider than dkv_m; the default steps over tokens x the group's heads run in every other test): gradients
-    of the compression and window branches equal the float64 reference, on packed sequences whose ends fall inside
-    steps."""
-    use_prefill_tiles(monkeypatch, ranges={"dkv_head_rows": False})
-    lengths = [21, 3, 40]
-    check_against_reference(make_inputs(1, lengths, heads, kv_heads, dk, dv, CHOOSY, seed=heads), CHOOSY, lengths)
+    their tokens' blocks, the kernels alone on random selections: a packed batch puts tile edges inside sequences
+    and sequence ends inside tiles, and neighbours choose different blocks (a row that read a block it did not
+    select fails). Output, lse, dq and delta = dO . o against float64 given the same blocks. One token per
+    program has no tile edges to place: shorter sequences."""
+    case = selection_case(heads, kv_heads, seed=rows, lengths=(21, 3, 40) if rows else (13, 3, 20))
+    q, want = case.q, case.expected
+    tiles = prefill._tiles(q.device, q.shape[-1])[2]._replace(rows=rows)
+    scale = q.shape[-1] ** -0.5
+    out, lse = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q)
+    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, case.packed, 4, scale, False, tiles)
+    torch.testing.assert_close(out.double(), want["out"], **TOL)
+    torch.testing.assert_close(lse.double(), want["lse"], **TOL)
+    dq, delta = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q)
+    selected_dq(q, case.k, case.v, case.gate, case.indices, case.dout, lse, delta, dq, case.packed, 4, scale, False,
+                tiles)
+    torch.testing.assert_close(dq.double(), want["dq"], **TOL)
+    torch.testing.assert_close(delta.double(), want["delta"], **TOL)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (2, 2), (4, 2)])
 def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_heads):
     """The selection dk/dv of groups narrower than a 16-row step, filled with list entries (G = 3: 4 entries x 4
-    heads, G = 1: 16 entries, G = 2: 8 x 2) equals the float64 reference; CHOOSY blocks spread each block's list
-    over many tokens and chunks."""
-    lengths = [21, 3, 40]
-    check_against_reference(make_inputs(1, lengths, heads, kv_heads, 16, 16, CHOOSY, seed=heads + 7), CHOOSY,
-                            lengths)
+    heads, G = 1: 16 entries, G = 2: 8 x 2), the kernel alone given the float64 lse and delta: random selections
+    spread each block's list over many tokens and chunks."""
+    case = selection_case(heads, kv_heads, seed=heads + 7)
+    q, want = case.q, case.expected
+    tiles = prefill._tiles(q.device, q.shape[-1])[2]
+    dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, want["lse"].float(),
+                           want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
+    torch.testing.assert_close(dk.double(), want["dk"], **TOL)
+    torch.testing.assert_close(dv.double(), want["dv"], **TOL)
+
+
+def dense_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One branch in float64: (o [1, T, HQ, Dv], base-2 log-sum-exp [T, HQ], +inf where nothing is visible)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    logits = torch.einsum("bthd,bnhd->bthn", q, k.repeat_interleave(heads // kv_heads, dim=2)) * scale
+    visible = mask.repeat_interleave(heads // kv_heads, dim=2) if mask.shape[2] > 1 else mask
+    lse = torch.logsumexp(logits.masked_fill(~visible, -torch.inf), dim=-1)[0] / math.log(2)
+    return dense_masked_attention(q, k, v, mask, scale), torch.where(lse == -torch.inf, torch.inf, lse)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (12, 1, 24, 16), (4, 4, 16, 32)])
+@pytest.mark.parametrize("branch", ["cmp", "win"])
+def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads, dk, dv, branch):
+    """The range dk/dv taking dkv_m tokens of one head per step (RangeTiles(dkv_head_rows=False): wide heads, and
+    groups wider than dkv_m; the default steps over tokens x the group's heads run in every other test), the
+    kernel alone: given the float64 lse and delta = dO . o of its branch, dk and dv of the compression and window
+    branches equal the float64 gradients of sum(dO * g * o), on packed sequences whose ends fall inside steps."""
+    from nsa.kernels.range_attention import RangeRule, range_dkdv
+    from nsa.kernels.tiles import derived_counts, num_compressed
+
+    lengths, blocks, scale = [21, 3, 40], CHOOSY, dk**-0.5
+    q, k_cmp, v_cmp, _, _, k_win, v_win, gates = make_inputs(1, lengths, heads, kv_heads, dk, dv, blocks, seed=heads)
+    cmp = branch == "cmp"
+    k, v, gate = (k_cmp, v_cmp, gates[..., 0]) if cmp else (k_win, v_win, gates[..., 2])
+    dout = randn(1, sum(lengths), heads, dv, seed=99).float()
+    packed = packed_varlen(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), sum(lengths))
+    cu_keys = (derived_counts(packed, lambda n: num_compressed(n, blocks["block_size"], blocks["block_stride"]))
+               if cmp else packed.cu)
+    wide = [t.detach().double().requires_grad_() for t in (k, v)]
+    lse, delta, expected = [], [], [torch.zeros_like(w) for w in wide]
+    for i, length in enumerate(lengths):
+        rows, keys = slice(*packed.cu[i:i + 2].tolist()), slice(*cu_keys[i:i + 2].tolist())
+        mask = (dense_cmp_mask(length, keys.stop - keys.start, blocks["block_size"], blocks["block_stride"]) if cmp
+                else dense_window_mask(length, blocks["window_size"]))
+        o, lse_rows = dense_branch(q[:, rows].detach().double(), wide[0][:, keys], wide[1][:, keys], mask, scale)
+        do = dout[:, rows].double()
+        grads = torch.autograd.grad((do * gate[:, rows, :, None].detach().double() * o).sum(), wide)
+        for total, grad in zip(expected, grads, strict=True):
+            total += grad
+        lse.append(lse_rows)
+        delta.append((do * o.detach()).sum(-1)[0])
+    tiles = prefill._tiles(q.device, max(dk, dv))[0]._replace(dkv_head_rows=False)
+    rule = RangeRule(blocks["block_stride"], blocks["block_size"], 0) if cmp else RangeRule(1, 1, blocks["window_size"])
+    dk_got, dv_got = range_dkdv(q.detach()[0], k.detach()[0], v.detach()[0], gate.detach()[0], dout[0],
+                                torch.cat(lse).float(), torch.cat(delta).float(), packed, cu_keys, rule, scale, tiles)
+    torch.testing.assert_close(dk_got.double(), expected[0][0], **TOL)
+    torch.testing.assert_close(dv_got.double(), expected[1][0], **TOL)
 
 
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
     """query_tiles' lists against a plain Python union per (tile, kv head): every distinct block a tile's tokens
     selected, ascending, nothing else; tiles restart at each sequence; programs past the last tile get none."""
     from nsa.kernels.selected import SelectedTiles, query_tiles
-    from nsa.kernels.tiles import packed_varlen
 
     lengths, num_kv_heads, num_selected, block = [5, 1, 11], 2, 3, 4
     cu = torch.tensor([0, 5, 6, 17], dtype=torch.int32)
