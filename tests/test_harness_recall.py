@@ -12,6 +12,7 @@ import torch
 from nsa import NSAAux
 from sal_harness.data import Batch
 from sal_harness.evaluate import add_into, nsa_probe, recall_fields, scope_probe
+from sal_harness.report import results_markdown
 
 EMPTY = torch.empty(0)
 
@@ -85,3 +86,14 @@ def test_a_pointer_without_blocks_covers_nothing(alloc: int) -> None:
     total: dict[str, torch.Tensor] = {}
     add_into(total, scope_probe(cast(Any, aux), batch(3, [17]), block=4))
     assert recall_fields([total])["pointer_recall"] == 0.0
+
+
+def test_results_table_shows_the_recall_each_row_holds() -> None:
+    common = {"task": "needle", "train_seq_len": 64, "distance": 40, "accuracy": 1.0, "chance": 0.03,
+              "train_minutes": 1.0, "train_steps": 6, "gpu": "cpu", "commit": "0" * 40}
+    rows = [{**common, "attention": "dense"},
+            {**common, "attention": "nsa", "selection_recall": 0.98, "selection_recall_head_mean": 0.52},
+            {**common, "attention": "scope", "pointer_recall": None, "pointer_recall_head_mean": 0.5}]
+    table = results_markdown(rows, ["rows_plots/nsa_needle_selection_map.png"])
+    assert "| 40 | 1.000 | 1.000 (0.98; head mean 0.52) | 1.000 (head mean 0.50) |" in table
+    assert "- [nsa_needle_selection_map](rows_plots/nsa_needle_selection_map.png)" in table
