@@ -280,7 +280,8 @@ def write_results(runs: Sequence[dict[str, Any]], prefix: Path, plots_from: Path
 def recall_note(row: dict[str, Any]) -> str:
     """A table cell's recall suffix, ' (0.98; head mean 0.52)': the row's any-head recall and its head mean (NSA's
     selection or SCOPE's pointers), whichever of them the row holds; '' for none."""
-    kind = "selection" if row.get("selection_recall_head_mean", row.get("selection_recall")) is not None else "pointer"
+    selection = any(row.get(f"selection_recall{suffix}") is not None for suffix in ("", "_head_mean"))
+    kind = "selection" if selection else "pointer"
     recall, mean = row.get(f"{kind}_recall"), row.get(f"{kind}_recall_head_mean")
     parts = ([] if recall is None else [f"{recall:.2f}"]) + ([] if mean is None else [f"head mean {mean:.2f}"])
     return f" ({'; '.join(parts)})" if parts else ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import pytest
@@ -67,7 +68,7 @@ def make_inputs(batch: int, lengths: list[int], heads: int, kv_heads: int, dk: i
 def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: list[int] | None = None) -> None:
     """Run the kernels (packed when ``lengths`` is given) and compare output, selection and the eight gradients
     with the float64 reference, sequence by sequence."""
-    cu = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = None if lengths is None else packed_lengths(lengths).cu
     out, indices = nsa_attention(*inputs, **blocks, cu_seqlens=cu, backend="triton")
     assert not out.isnan().any()
     dout = randn(*out.shape, seed=99).float()
@@ -262,6 +263,45 @@ def random_selections(lengths: list[int], kv_heads: int, num_selected: int, sel_
     return torch.tensor(rows, dtype=torch.int32).view(sum(lengths), kv_heads, num_selected)
 
 
+def packed_lengths(lengths: Sequence[int]) -> Packed:
+    """Sequences of ``lengths`` tokens packed in one row dimension."""
+    return packed_varlen(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), sum(lengths))
+
+
+def dense_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One branch in float64: (o [1, T, HQ, Dv], base-2 log-sum-exp [T, HQ], +inf where nothing is visible)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    logits = torch.einsum("bthd,bnhd->bthn", q, k.repeat_interleave(heads // kv_heads, dim=2)) * scale
+    visible = mask.repeat_interleave(heads // kv_heads, dim=2) if mask.shape[2] > 1 else mask
+    lse = torch.logsumexp(logits.masked_fill(~visible, -torch.inf), dim=-1)[0] / math.log(2)
+    return dense_masked_attention(q, k, v, mask, scale), torch.where(lse == -torch.inf, torch.inf, lse)
+
+
+def branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, dout: torch.Tensor,
+                     cu: torch.Tensor, cu_keys: torch.Tensor, scale: float,
+                     mask_of: Callable[[slice, int, int], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One branch over packed sequences in float64, sequence by sequence: out (gated), lse (base 2), delta =
+    dO . o, and dq, dk, dv, the gradients of sum(dO * g * o). q, gate, dout: token rows [rows, HQ, ...]; k, v: the
+    sequences' keys one after the other (cu_keys); mask_of(rows, length, num_keys): a sequence's mask."""
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("out", "lse", "delta")}
+    grads = [torch.zeros_like(w) for w in wide]
+    for i in range(cu.numel() - 1):
+        rows, keys = slice(*cu[i:i + 2].tolist()), slice(*cu_keys[i:i + 2].tolist())
+        mask = mask_of(rows, rows.stop - rows.start, keys.stop - keys.start)
+        o, lse = dense_branch(wide[0][None, rows], wide[1][None, keys], wide[2][None, keys], mask, scale)
+        do = dout[None, rows].double()
+        gated = gate[None, rows, :, None].detach().double() * o
+        for total, grad in zip(grads, torch.autograd.grad((do * gated).sum(), wide), strict=True):
+            total += grad
+        parts["out"].append(gated[0].detach())
+        parts["lse"].append(lse)
+        parts["delta"].append((do * o.detach()).sum(-1)[0])
+    return {name: torch.cat(rows) for name, rows in parts.items()} | dict(zip(("dq", "dk", "dv"), grads,
+                                                                              strict=True))
+
+
 class SelectionCase(NamedTuple):
     """The selection branch's kernel inputs on packed sequences (token rows) and its float64 results."""
 
@@ -283,23 +323,9 @@ def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...
     q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
     indices = random_selections(list(lengths), kv_heads, 5, 4, seed=seed)
     dout = randn(sum(lengths), heads, dk, seed=99).float()
-    packed = packed_varlen(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), sum(lengths))
-    wide = [t.double().requires_grad_() for t in (q, k, v)]
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("out", "lse", "delta")}
-    grads = [torch.zeros_like(w) for w in wide]
-    for i, length in enumerate(lengths):
-        span = slice(*packed.cu[i:i + 2].tolist())
-        mask = dense_selected_mask(indices[None, span], length, 4)
-        o, lse = dense_branch(*(w[None, span] for w in wide), mask, dk**-0.5)
-        gated = gate[None, span, :, None].double() * o
-        for total, grad in zip(grads, torch.autograd.grad((dout[None, span].double() * gated).sum(), wide),
-                               strict=True):
-            total += grad
-        parts["out"].append(gated[0].detach())
-        parts["lse"].append(lse)
-        parts["delta"].append((dout[span].double() * o[0].detach()).sum(-1))
-    expected = {name: torch.cat(rows) for name, rows in parts.items()} | dict(zip(("dq", "dk", "dv"), grads,
-                                                                                  strict=True))
+    packed = packed_lengths(lengths)
+    expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
+                                lambda rows, length, _: dense_selected_mask(indices[None, rows], length, 4))
     return SelectionCase(q, k, v, gate, indices, dout, packed, expected)
 
 
@@ -340,16 +366,6 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
 
 
-def dense_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One branch in float64: (o [1, T, HQ, Dv], base-2 log-sum-exp [T, HQ], +inf where nothing is visible)."""
-    heads, kv_heads = q.shape[2], k.shape[2]
-    logits = torch.einsum("bthd,bnhd->bthn", q, k.repeat_interleave(heads // kv_heads, dim=2)) * scale
-    visible = mask.repeat_interleave(heads // kv_heads, dim=2) if mask.shape[2] > 1 else mask
-    lse = torch.logsumexp(logits.masked_fill(~visible, -torch.inf), dim=-1)[0] / math.log(2)
-    return dense_masked_attention(q, k, v, mask, scale), torch.where(lse == -torch.inf, torch.inf, lse)
-
-
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (12, 1, 24, 16), (4, 4, 16, 32)])
 @pytest.mark.parametrize("branch", ["cmp", "win"])
 def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads, dk, dv, branch):
@@ -364,29 +380,26 @@ def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads,
     q, k_cmp, v_cmp, _, _, k_win, v_win, gates = make_inputs(1, lengths, heads, kv_heads, dk, dv, blocks, seed=heads)
     cmp = branch == "cmp"
     k, v, gate = (k_cmp, v_cmp, gates[..., 0]) if cmp else (k_win, v_win, gates[..., 2])
-    dout = randn(1, sum(lengths), heads, dv, seed=99).float()
-    packed = packed_varlen(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), sum(lengths))
-    cu_keys = (derived_counts(packed, lambda n: num_compressed(n, blocks["block_size"], blocks["block_stride"]))
-               if cmp else packed.cu)
-    wide = [t.detach().double().requires_grad_() for t in (k, v)]
-    lse, delta, expected = [], [], [torch.zeros_like(w) for w in wide]
-    for i, length in enumerate(lengths):
-        rows, keys = slice(*packed.cu[i:i + 2].tolist()), slice(*cu_keys[i:i + 2].tolist())
-        mask = (dense_cmp_mask(length, keys.stop - keys.start, blocks["block_size"], blocks["block_stride"]) if cmp
-                else dense_window_mask(length, blocks["window_size"]))
-        o, lse_rows = dense_branch(q[:, rows].detach().double(), wide[0][:, keys], wide[1][:, keys], mask, scale)
-        do = dout[:, rows].double()
-        grads = torch.autograd.grad((do * gate[:, rows, :, None].detach().double() * o).sum(), wide)
-        for total, grad in zip(expected, grads, strict=True):
-            total += grad
-        lse.append(lse_rows)
-        delta.append((do * o.detach()).sum(-1)[0])
+    q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gate.detach()[0]
+    dout = randn(sum(lengths), heads, dv, seed=99).float()
+    packed = packed_lengths(lengths)
+    if cmp:
+        cu_keys = derived_counts(packed, lambda n: num_compressed(n, blocks["block_size"], blocks["block_stride"]))
+        rule = RangeRule(blocks["block_stride"], blocks["block_size"], 0)
+    else:
+        cu_keys, rule = packed.cu, RangeRule(1, 1, blocks["window_size"])
+
+    def mask_of(_rows: slice, length: int, num_keys: int) -> torch.Tensor:
+        if cmp:
+            return dense_cmp_mask(length, num_keys, blocks["block_size"], blocks["block_stride"])
+        return dense_window_mask(length, blocks["window_size"])
+
+    want = branch_reference(q, k, v, gate, dout, packed.cu, cu_keys, scale, mask_of)
     tiles = prefill._tiles(q.device, max(dk, dv))[0]._replace(dkv_head_rows=False)
-    rule = RangeRule(blocks["block_stride"], blocks["block_size"], 0) if cmp else RangeRule(1, 1, blocks["window_size"])
-    dk_got, dv_got = range_dkdv(q.detach()[0], k.detach()[0], v.detach()[0], gate.detach()[0], dout[0],
-                                torch.cat(lse).float(), torch.cat(delta).float(), packed, cu_keys, rule, scale, tiles)
-    torch.testing.assert_close(dk_got.double(), expected[0][0], **TOL)
-    torch.testing.assert_close(dv_got.double(), expected[1][0], **TOL)
+    dk_got, dv_got = range_dkdv(q, k, v, gate, dout, want["lse"].float(), want["delta"].float(), packed, cu_keys,
+                                rule, scale, tiles)
+    torch.testing.assert_close(dk_got.double(), want["dk"], **TOL)
+    torch.testing.assert_close(dv_got.double(), want["dv"], **TOL)
 
 
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
