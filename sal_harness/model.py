@@ -3,9 +3,11 @@
 Attention kinds (the ``attention`` config group):
 - ``dense``: causal SDPA over every earlier token (GQA, RoPE).
 - ``window``: the same projections, each query reads the last ``window_size`` keys (its own included):
-  SDPA with a banded boolean mask (``impl="sdpa"``, any device, with gradients on the CPU) or
-  FlexAttention with a sliding-window block mask (``impl="flex"``, compiled; CUDA). ``auto``: flex on
-  CUDA, sdpa elsewhere. Stacked layers reach ``n_layer * (window_size - 1)`` tokens back (``receptive_field``).
+  SDPA with a [T, T] band mask (``impl="sdpa"``, O(T^2) scores), SDPA over pairs of window-long chunks
+  (``impl="banded"``, O(T * 2w) scores, any shape without compilation) or compiled FlexAttention with a
+  sliding-window block mask (``impl="flex"``, CUDA, fixed shapes: each new batch or length compiles anew).
+  ``auto``: banded on CUDA (a length curriculum changes the shape every few steps), sdpa elsewhere. Stacked
+  layers reach ``n_layer * (window_size - 1)`` tokens back (``receptive_field``).
 - ``nsa``: ``nsa.NSAAttention`` (its backend -- Triton kernels on CUDA, the PyTorch path on the CPU -- is
   chosen by ``nsa.dispatch``).
 - ``scope``: ``scope.ScopeAttention`` (backend ``auto``: the dense torch path for CPU gradients). Its
@@ -70,7 +72,7 @@ class DenseAttentionConfig(StrictModel):
 class WindowAttentionConfig(StrictModel):
     kind: Literal["window"] = "window"
     window_size: int = Field(32, ge=1)
-    impl: Literal["auto", "sdpa", "flex"] = "auto"
+    impl: Literal["auto", "sdpa", "banded", "flex"] = "auto"
 
 
 class NSAAttentionConfig(StrictModel):
@@ -195,16 +197,47 @@ class SDPAAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA / Flex layout [B, H, T, D]
         if self.window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif self._use_flex(x):
+        elif self.impl == "flex":
             o = flex_window_attention(q, k, v, self.window)
+        elif self.impl == "banded" or (self.impl == "auto" and x.device.type == "cuda"):
+            o = banded_window_attention(q, k, v, self.window)
         else:
             i = positions[:, None]
             band = (positions[None, :] <= i) & (positions[None, :] > i - self.window)  # [T, T]: a dense baseline
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
 
-    def _use_flex(self, x: torch.Tensor) -> bool:
-        return self.impl == "flex" or (self.impl == "auto" and x.device.type == "cuda")
+
+def banded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window causal attention: query t reads keys max(0, t - window + 1) .. t.
+
+    Layout: q [B, H, T, D], k / v [B, H_kv, T, D] (H a multiple of H_kv) -> o [B, H, T, D]. The sequence is cut
+    into chunks of C = min(window, T) queries; chunk c > 0 reads key chunks c - 1 and c under one [C, 2C] band
+    mask, chunk 0 its own keys causally. Scores are O(T * 2C) and plain SDPA runs every shape, so a length
+    curriculum never waits on a compiler.
+    """
+    seq_len = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    # Each chunk reads its own keys: GQA is expanded here (O(T) extra) so SDPA's masked kernels take it.
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    chunk = min(window, seq_len)
+    num_chunks = math.ceil(seq_len / chunk)
+    # Zero rows after the end: the attention is causal, so no kept row reads them.
+    q, k, v = (F.pad(t, (0, 0, 0, num_chunks * chunk - seq_len)) for t in (q, k, v))
+    first = F.scaled_dot_product_attention(q[:, :, :chunk], k[:, :, :chunk], v[:, :, :chunk], is_causal=True)
+    if num_chunks == 1:
+        return first[:, :, :seq_len]
+
+    def chunks(t: torch.Tensor, start: int) -> torch.Tensor:  # chunks start .. start + num_chunks - 2: [B, H, m, C, D]
+        return t[:, :, start * chunk:(start + num_chunks - 1) * chunk].unflatten(2, (num_chunks - 1, chunk))
+
+    pair_k, pair_v = (torch.cat([chunks(t, 0), chunks(t, 1)], dim=3).flatten(1, 2) for t in (k, v))
+    i = torch.arange(chunk, device=q.device)[:, None]
+    j = torch.arange(2 * chunk, device=q.device)[None, :]
+    band = (j <= i + chunk) & (j > i + chunk - window)  # key j of the pair sits at j - C relative to the chunk
+    rest = F.scaled_dot_product_attention(chunks(q, 1).flatten(1, 2), pair_k, pair_v, attn_mask=band)
+    rest = rest.unflatten(1, (q.shape[1], num_chunks - 1)).flatten(2, 3)
+    return torch.cat([first, rest], dim=2)[:, :, :seq_len]
 
 
 _COMPILED_FLEX: dict[str, Any] = {}

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import ref_sliding_window
 
 from nsa import NSAAux
 from sal_harness.config import HarnessConfigError, load_run_config
@@ -16,6 +19,7 @@ from sal_harness.model import (
     NSAAttentionConfig,
     ScopeAttentionConfig,
     WindowAttentionConfig,
+    banded_window_attention,
     receptive_field,
 )
 from scope import ScopeAux
@@ -63,11 +67,12 @@ def test_window_wider_than_the_sequence_is_dense() -> None:
         torch.testing.assert_close(window(idx).logits, dense(idx).logits, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "banded"])
 @pytest.mark.parametrize("n_layer", [1, 2, 3])
-def test_stacked_windows_reach_exactly_their_receptive_field(n_layer: int) -> None:
+def test_stacked_windows_reach_exactly_their_receptive_field(n_layer: int, impl: str) -> None:
     """The last position depends on the token n_layer x (w - 1) back, never on the one just before it."""
     model_config = MODEL.model_copy(update={"n_layer": n_layer})
-    model = GPT(GPTConfig(model=model_config, attention=WindowAttentionConfig(window_size=6))).double()
+    model = GPT(GPTConfig(model=model_config, attention=WindowAttentionConfig(window_size=6, impl=impl))).double()
     reach = receptive_field(model.config)
     assert reach == n_layer * 5
     idx = torch.randint(64, (1, 40), generator=torch.Generator().manual_seed(3))
@@ -103,3 +108,30 @@ def test_attention_rules_are_checked_with_the_model_geometry(tmp_path) -> None:
         load_run_config([f"out_dir={tmp_path}", "attention.cmp_stride=3"])
     with pytest.raises(ValueError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
         ModelConfig(num_heads=3, num_kv_heads=2)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seq_len=st.integers(1, 70), window=st.integers(1, 40), group=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 2**16))
+def test_banded_window_equals_the_float64_reference(seq_len: int, window: int, group: int, seed: int) -> None:
+    """Any T against any window (T < w, T a multiple of w or not, w = 1), GQA: outputs and gradients equal the
+    row-by-row reference; later rows hold garbage (huge values) in a second run and the rows before them do not
+    change. (Not NaN: SDPA adds its mask to the scores, and NaN + -inf is NaN; the harness feeds embeddings.)"""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2 * group, seq_len, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, seq_len, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    out = banded_window_attention(q, k, v, window)
+    expected = ref_sliding_window(*(t.transpose(1, 2) for t in (q, k, v)), window).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    cut = seq_len // 2
+    poisoned = [t.detach().clone() for t in (q, k, v)]
+    for t in poisoned:
+        t[:, :, cut:] = 1e6 * torch.randn(t[:, :, cut:].shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(banded_window_attention(*poisoned, window)[:, :, :cut], out[:, :, :cut].detach(),
+                                   rtol=0, atol=0)
