@@ -5,10 +5,13 @@ Vocabulary (``VOCAB_SIZE`` ids at most): raw bytes 0..255, then markers ``PAD_ID
 ``value_len`` value alphabets of ``value_vocab`` symbols each (value slot i has its own alphabet).
 Text never contains a marker or a symbol, so a planted key or value is never part of the haystack.
 
-Corpus (``corpus_documents``): Python's pydoc topic pages (``pydoc_data.topics``, one document per
-topic) and a fixed list of long standard-library sources (``STDLIB_SOURCES``, those present in this
-installation), split into train and held-out *by document* (``document_split``: a stable CRC32 of the
-document name, so the split does not depend on what else is present).
+Corpus (``corpus_documents``, the task's ``corpus``): Python's pydoc topic pages (``pydoc_data.topics``,
+one document per topic) with either a fixed list of long standard-library sources (``"core"``,
+``STDLIB_SOURCES``, those present in this installation: ~2.7 MB, the CPU default) or every Python source
+of the standard library (``"stdlib"``, ~30 MB: a GPU run reads the core corpus dozens of times over and
+its held-out loss then measures memorisation); split into train and held-out *by document*
+(``document_split``: a stable CRC32 of the document name, so the split does not depend on what else is
+present).
 
 Retrieval sample (``seq_len + 1`` tokens; the model reads ``sample[:-1]`` and predicts ``sample[1:]``)::
 
@@ -76,16 +79,30 @@ class Document:
     data: bytes
 
 
+CORPORA = ("core", "stdlib")
+SMALLEST_SOURCE = 1024  # bytes: "stdlib" skips smaller files (empty __init__.py, stubs)
+
+
 @functools.cache
-def corpus_documents() -> tuple[Document, ...]:
-    """Every corpus document, sorted by name (pydoc topics, then the stdlib sources present)."""
+def corpus_documents(corpus: str = "core") -> tuple[Document, ...]:
+    """Every document of ``corpus`` (``CORPORA``), sorted by name (pydoc topics, then stdlib sources)."""
     from pydoc_data.topics import topics
 
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     docs = [Document(f"pydoc:{name}", text.encode("utf-8")) for name, text in topics.items()]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    present = [rel for rel in STDLIB_SOURCES if (stdlib / rel).is_file()]
-    docs += [Document(f"stdlib:{rel}", (stdlib / rel).read_bytes()) for rel in present]
-    return tuple(sorted(docs, key=lambda d: d.name))
+    if corpus == "core":
+        present = [rel for rel in STDLIB_SOURCES if (stdlib / rel).is_file()]
+        docs += [Document(f"stdlib:{rel}", (stdlib / rel).read_bytes()) for rel in present]
+        return tuple(sorted(docs, key=lambda d: d.name))
+    sources = sorted(path.relative_to(stdlib).as_posix() for path in stdlib.rglob("*.py")
+                     if not {"site-packages", "dist-packages"} & set(path.parts)
+                     and path.stat().st_size >= SMALLEST_SOURCE)
+    docs += [Document(f"stdlib:{rel}", (stdlib / rel).read_bytes()) for rel in sources]
+    # One document per distinct text: a copy in both splits would leak train text into the held-out loss.
+    distinct = {d.data: d for d in sorted(docs, key=lambda d: d.name, reverse=True)}  # the first name wins
+    return tuple(sorted(distinct.values(), key=lambda d: d.name))
 
 
 def document_split(name: str, val_fraction: float) -> str:
@@ -94,18 +111,19 @@ def document_split(name: str, val_fraction: float) -> str:
 
 
 @functools.cache
-def corpus_bytes(split: str, val_fraction: float) -> bytes:
+def corpus_bytes(split: str, val_fraction: float, corpus: str = "core") -> bytes:
     """The split's documents ("train", "val" or "all"), in name order, joined by a blank line."""
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
-    docs = [d.data for d in corpus_documents() if split == "all" or document_split(d.name, val_fraction) == split]
+    docs = [d.data for d in corpus_documents(corpus)
+            if split == "all" or document_split(d.name, val_fraction) == split]
     return b"\n\n".join(docs)
 
 
 @functools.cache
-def corpus_stream(split: str, val_fraction: float) -> torch.Tensor:
+def corpus_stream(split: str, val_fraction: float, corpus: str = "core") -> torch.Tensor:
     """LongTensor [N]: corpus_bytes as token ids."""
-    return torch.frombuffer(bytearray(corpus_bytes(split, val_fraction)), dtype=torch.uint8).long()
+    return torch.frombuffer(bytearray(corpus_bytes(split, val_fraction, corpus)), dtype=torch.uint8).long()
 
 
 def embedded_text() -> str:
@@ -125,7 +143,7 @@ class TaskConfig(StrictModel):
     num_pairs / num_queries: mqar's dictionary size and queries. passkey_digits: digits of a passkey.
     min_distance / max_distance: training range of distances (None: all that fit), sampled
     log-uniformly (every octave equally often) or uniformly. val_fraction: share of corpus documents
-    held out.
+    held out. corpus: the text of the text task and of "text" haystacks (``CORPORA``).
     """
 
     name: Literal["needle", "mqar", "passkey", "text"] = "needle"
@@ -142,6 +160,7 @@ class TaskConfig(StrictModel):
     max_distance: int | None = Field(None, ge=1)
     distance_sampling: Literal["log_uniform", "uniform"] = "log_uniform"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    corpus: Literal["core", "stdlib"] = "core"
 
     @model_validator(mode="after")
     def _check_task(self) -> TaskConfig:
@@ -264,7 +283,8 @@ class RetrievalTask(abc.ABC):
         """LongTensor [B, sample_len] of filler: random bytes or windows of the split's text."""
         if self.config.haystack == "random":
             return torch.randint(BYTE_VOCAB, (batch_size, self.sample_len), generator=generator)
-        return text_windows(corpus_stream(split, self.config.val_fraction), batch_size, self.sample_len, generator)
+        stream = corpus_stream(split, self.config.val_fraction, self.config.corpus)
+        return text_windows(stream, batch_size, self.sample_len, generator)
 
     def sample(self, batch_size: int, generator: torch.Generator, *, split: str = "train",
                distance: int | Sequence[int] | None = None, depth: float | None = None) -> Batch:
@@ -403,8 +423,8 @@ class TextTask:
         self.config = config
 
     def sample(self, batch_size: int, generator: torch.Generator, *, split: str = "train") -> Batch:
-        seq = text_windows(corpus_stream(split, self.config.val_fraction), batch_size, self.config.seq_len + 1,
-                           generator)
+        stream = corpus_stream(split, self.config.val_fraction, self.config.corpus)
+        seq = text_windows(stream, batch_size, self.config.seq_len + 1, generator)
         empty = torch.empty(0, dtype=torch.long)
         return Batch(seq[:, :-1], seq[:, 1:], empty, empty.double(), empty, empty.view(batch_size, 0))
 

@@ -166,3 +166,21 @@ def test_text_task_windows() -> None:
     batch = task.sample(4, torch.Generator().manual_seed(0), split="val")
     assert batch.inputs.shape == batch.targets.shape == (4, 32)
     assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1]) and batch.inputs.max() < 256
+
+
+def test_stdlib_corpus_is_every_distinct_source_split_by_document() -> None:
+    """The large corpus holds the core one's documents and more; no text is in both splits, however many copies
+    of a file the standard library ships."""
+    core = {d.data for d in corpus_documents("core")}
+    docs = corpus_documents("stdlib")
+    assert core <= {d.data for d in docs} and len(docs) > 3 * len(core)
+    assert len({d.data for d in docs}) == len(docs)
+    val = bytes(corpus_stream("val", 0.1, "stdlib").tolist())
+    train = bytes(corpus_stream("train", 0.1, "stdlib").tolist())
+    assert len(train) > 10 * len(bytes(corpus_stream("train", 0.1).tolist()))
+    held_out = [d for d in docs if document_split(d.name, 0.1) == "val" and len(d.data) > 2000]
+    assert held_out and all(d.data in val and d.data not in train for d in held_out[:20])
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        corpus_documents("web")
+    with pytest.raises(ValueError, match="corpus"):
+        TaskConfig(name="text", corpus="web")  # type: ignore[arg-type]
