@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from scope.config import ScopeConfig
@@ -38,18 +39,24 @@ class TeacherLoss(NamedTuple):
 def teacher_block_targets(q: Tensor, k: Tensor, *, block: int, local_blocks: int, scale: float) -> Tensor:
     """Dense-attention mass per key block, local band removed: [B, H, QB, KB], rows sum to 1 or 0.
 
-    q [B, H, T, D], k [B, H_kv, T, D] (rotated); T a multiple of block. Computed without gradient.
+    q [B, H, T, D], k [B, H_kv, T, D] (rotated); T a multiple of block. Computed without gradient, in float32
+    (float64 inputs: float64).
     """
     heads, seq_len = q.shape[1], q.shape[2]
     if seq_len % block != 0:
         raise ScopeInputError(f"teacher segment length T={seq_len} must be a multiple of block={block}")
     num_blocks = seq_len // block
+    dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad():
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        mass = probs.unflatten(3, (num_blocks, block)).sum(-1).unflatten(2, (num_blocks, block)).mean(3)
+        # A query's mass on key block kb is its attention output over values that are the one-hot indicator of
+        # the key's block: a fused SDPA kernel never holds the [T, T] probabilities (at 4k tokens and 32
+        # sequences those were 11 GB per layer). Indicator columns padded to a multiple of 8 for its alignment.
+        width = -(-num_blocks // 8) * 8
+        indicator = torch.eye(num_blocks, width, device=q.device, dtype=dtype).repeat_interleave(block, dim=0)
+        values = indicator.expand(q.shape[0], heads, seq_len, width).contiguous()
+        k = k.to(dtype).repeat_interleave(heads // k.shape[1], dim=1)
+        per_query = F.scaled_dot_product_attention(q.to(dtype), k, values, is_causal=True, scale=scale)
+        mass = per_query[..., :num_blocks].unflatten(2, (num_blocks, block)).mean(3)
         mass = mass * outside_local_band(num_blocks, local_blocks, q.device)
         total = mass.sum(-1, keepdim=True)
         return torch.where(total > 0, mass / total.clamp_min(1e-30), 0.0)

@@ -213,3 +213,33 @@ def test_telemetry_writes_run_cfg_and_truthful_stats(tmp_path: Path) -> None:
 def test_bad_inputs_raise(call, match) -> None:
     with pytest.raises(ScopeInputError, match=match):
         call(make_layer(small_config()))
+
+
+@pytest.mark.parametrize(("seq_len", "block", "local_blocks", "heads", "kv_heads"),
+                         [(40, 8, 1, 4, 2), (24, 4, 2, 3, 3), (16, 16, 1, 2, 1), (72, 8, 0, 2, 2)])
+def test_teacher_targets_equal_a_row_by_row_float64_reference(seq_len: int, block: int, local_blocks: int,
+                                                               heads: int, kv_heads: int) -> None:
+    """SCOPE.md 3: each query row's causal softmax mass summed per key block, averaged over the query block's rows,
+    the local band (and the causal future) zeroed, rows renormalised (0 where nothing is left). Written as loops
+    over rows here; the op computes it through one SDPA call over block-indicator values."""
+    gen = torch.Generator().manual_seed(seq_len + block)
+    q = torch.randn(2, heads, seq_len, 6, generator=gen, dtype=F64) * 2
+    k = torch.randn(2, kv_heads, seq_len, 6, generator=gen, dtype=F64) * 2
+    scale, blocks = 0.7, seq_len // block
+    expected = torch.zeros(2, heads, blocks, blocks, dtype=F64)
+    for b in range(2):
+        for h in range(heads):
+            keys = k[b, h // (heads // kv_heads)]
+            for t in range(seq_len):
+                probs = torch.softmax(keys[: t + 1] @ q[b, h, t] * scale, dim=0)
+                for j in range(t + 1):
+                    expected[b, h, t // block, j // block] += probs[j] / block
+            for qb in range(blocks):
+                expected[b, h, qb, max(0, qb - local_blocks + 1):] = 0
+                total = expected[b, h, qb].sum()
+                expected[b, h, qb] = expected[b, h, qb] / total if total > 0 else 0
+    got = teacher_block_targets(q, k, block=block, local_blocks=local_blocks, scale=scale)
+    assert got.dtype == F64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    single = teacher_block_targets(q.float(), k.float(), block=block, local_blocks=local_blocks, scale=scale)
+    torch.testing.assert_close(single.double(), expected, rtol=1e-5, atol=1e-6)
