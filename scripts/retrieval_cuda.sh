@@ -13,8 +13,9 @@ cd "$(dirname "$0")/.."
 TASK="${TASK:-needle}"
 export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
-# JOBS > 1 trains that many of the comma-separated attentions side by side on the one GPU (small models leave it
-# mostly idle; each still stops at train.max_minutes), splitting the host's 16 cores between them.
+# JOBS > 1 trains that many of the comma-separated attentions side by side on the one GPU, splitting the host's 16
+# cores between them. They share the GPU by time slices (each runs slower than alone and still stops at
+# train.max_minutes): plan their steps for the sum of their step times.
 jobs="${JOBS:-1}"
 started="$(mktemp)"
 timeout 580 python3 -m scripts.compare experiment=cuda_16k --attention-variant 16k --attentions "$ATTENTION" \
