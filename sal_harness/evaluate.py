@@ -11,14 +11,16 @@ What the sparse layers read, at the positions that predict an answer, about the 
 - NSA ``selection_recall``: the source's selection block is among the blocks the layer selected
   (``NSAAux.block_indices``) for one of its kv heads, averaged over samples and answers; reported per layer
   and as the best layer's (the one that does the retrieval). One group holding the needle suffices: its query
-  heads copy the answer while the other groups attend elsewhere. Per kv head too (``_by_layer_head``), and
-  ``selection_recall_head_mean``: the best layer's rate averaged over its kv heads instead.
+  heads copy the answer while the other groups attend elsewhere. Per kv head too (``_by_layer_head``),
+  ``selection_recall_head_mean``: the best layer's rate averaged over its kv heads instead, and
+  ``selection_recall_any_layer``: the rate at which some head of some layer selects it (layers may share the
+  retrieval between them, one answer each).
   ``gate_means``: the (cmp, sel, win) gates per layer.
 - SCOPE ``pointer_recall``: a pointer window (centre +- its allocation, ``PointerMask.centres`` / ``alloc``)
   of one of the layer's heads covers the source's block; ``listed_recall``: the block is among the keys one
   head reads at all (local band, pointers, globals). Per layer and best layer, averaged over samples and
-  answers, per head and head-averaged as for NSA; plus ``scope.telemetry.scope_stats`` (SCOPE_STATS) per
-  layer on one batch.
+  answers, per head and head-averaged and over all layers (``_any_layer``) as for NSA; plus
+  ``scope.telemetry.scope_stats`` (SCOPE_STATS) per layer on one batch.
 
 Bits per byte: the mean next-byte loss on held-out corpus windows over ln 2 (tokens are bytes).
 """
@@ -55,10 +57,14 @@ def answer_hits(logits: torch.Tensor, batch: Batch, answer_len: int) -> torch.Te
     return (predicted == batch.targets[:, positions]).unflatten(1, (-1, answer_len))
 
 
+ROWS = "_rows"  # suffix of a probe's per-(sample, answer) any-head hits, ORed over layers instead of summed
+
+
 def head_hits(hits: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """Sums of hits [B, A, heads] over (sample, answer): name (any head hit), name_by_head [heads], and count."""
+    """Sums of hits [B, A, heads] over (sample, answer): name (any head hit), name_by_head [heads], and count;
+    name + ROWS: the any-head hits themselves, bool [B, A]."""
     return {name: hits.any(-1).double().sum(), f"{name}_by_head": hits.double().sum(dim=(0, 1)),
-            "count": torch.tensor(hits.shape[0] * hits.shape[1], dtype=torch.float64)}
+            "count": torch.tensor(hits.shape[0] * hits.shape[1], dtype=torch.float64), f"{name}{ROWS}": hits.any(-1)}
 
 
 def nsa_probe(aux: NSAAux, batch: Batch, sel_block_size: int) -> dict[str, torch.Tensor]:
@@ -91,6 +97,28 @@ def add_into(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> N
         total[key] = total[key] + value if key in total else value
 
 
+class RecallSums:
+    """The probes' sums over evaluation batches: per layer, and over layers (a hit of some head of some layer)."""
+
+    def __init__(self) -> None:
+        self.layers: list[dict[str, torch.Tensor]] = []
+        self.any_layer: dict[str, torch.Tensor] = {}
+
+    def add(self, parts: Sequence[dict[str, torch.Tensor]]) -> None:
+        """One batch: a probe's output per layer, in layer order."""
+        self.layers += [{} for _ in range(len(parts) - len(self.layers))]
+        rows: dict[str, torch.Tensor] = {}
+        for total, part in zip(self.layers, parts, strict=True):
+            sums = {key: value for key, value in part.items() if not key.endswith(ROWS)}
+            for key in part.keys() - sums.keys():
+                rows[key] = rows[key] | part[key] if key in rows else part[key]
+            add_into(total, sums)
+        add_into(self.any_layer, {key: hit.double().sum() for key, hit in rows.items()})
+
+    def fields(self) -> dict[str, Any]:
+        return recall_fields(self.layers, self.any_layer)
+
+
 @torch.no_grad()
 def evaluate_cell(model: GPT, task: RetrievalTask, distance: int, depth: float | None, samples: int,
                   batch_size: int, generator: torch.Generator, device: torch.device | str) -> dict[str, Any]:
@@ -100,7 +128,7 @@ def evaluate_cell(model: GPT, task: RetrievalTask, distance: int, depth: float |
     probe = isinstance(attention, NSAAttentionConfig | ScopeAttentionConfig)
     answer_len = task.config.answer_len
     exact = tokens = answers = 0
-    layers: list[dict[str, torch.Tensor]] = [{} for _ in model.blocks]
+    recall = RecallSums()
     done = 0
     while done < samples:
         batch = task.sample(min(batch_size, samples - done), generator, split="val", distance=distance, depth=depth)
@@ -109,17 +137,20 @@ def evaluate_cell(model: GPT, task: RetrievalTask, distance: int, depth: float |
         exact += int(hits.all(-1).sum())
         tokens += int(hits.sum())
         answers += hits.shape[0] * hits.shape[1]
-        for total, aux in zip(layers, out.aux or (), strict=False):
+        parts = []
+        for aux in out.aux or ():
             if isinstance(aux, ScopeAux) and isinstance(attention, ScopeAttentionConfig):
-                add_into(total, scope_probe(aux, batch, attention.block))
+                parts.append(scope_probe(aux, batch, attention.block))
             elif isinstance(aux, NSAAux) and isinstance(attention, NSAAttentionConfig):
-                add_into(total, nsa_probe(aux, batch, attention.sel_block_size))
+                parts.append(nsa_probe(aux, batch, attention.sel_block_size))
+        if parts:
+            recall.add(parts)
         done += len(batch)
     cell: dict[str, Any] = {"distance": distance, "accuracy": exact / answers,
                             "token_accuracy": tokens / (answers * answer_len), "n": answers}
     if depth is not None:
         cell["depth"] = depth
-    cell.update(recall_fields(layers))
+    cell.update(recall.fields())
     return cell
 
 
@@ -132,15 +163,20 @@ def rates(layers: list[dict[str, torch.Tensor]], hits: str, name: str) -> dict[s
             f"{name}_head_mean": max(sum(h) / len(h) for h in by_head)}
 
 
-def recall_fields(layers: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Per-layer (and per-head) rates and the best layer's, from the probe sums."""
+def recall_fields(layers: list[dict[str, torch.Tensor]], any_layer: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-layer (and per-head) rates, the best layer's and the any-layer rate, from the probe sums."""
     if not layers or not layers[0]:
         return {}
+    names = {"hits": "selection_recall"} if "hits" in layers[0] else {"pointer_hits": "pointer_recall",
+                                                                       "listed_hits": "listed_recall"}
+    fields: dict[str, Any] = {}
+    for hits, name in names.items():
+        fields.update(rates(layers, hits, name))
+        fields[f"{name}_any_layer"] = float(any_layer[hits + ROWS] / layers[0]["count"])
     if "hits" in layers[0]:
         gates = [(t["gates"] / t["gate_count"]).tolist() for t in layers]
-        return {**rates(layers, "hits", "selection_recall"),
-                "gate_means_by_layer": [dict(zip(("cmp", "sel", "win"), g, strict=True)) for g in gates]}
-    return {**rates(layers, "pointer_hits", "pointer_recall"), **rates(layers, "listed_hits", "listed_recall")}
+        fields["gate_means_by_layer"] = [dict(zip(("cmp", "sel", "win"), g, strict=True)) for g in gates]
+    return fields
 
 
 def evaluate_retrieval(model: GPT, task_config: TaskConfig, distances: Sequence[int], *, samples: int,

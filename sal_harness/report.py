@@ -232,8 +232,8 @@ def result_rows(run: dict[str, Any], gpu: str, commit: str) -> list[dict[str, An
         return [{**common, "distance": None, "accuracy": None, "chance": None, "bpb": run.get("bpb")}]
     return [{**common, "distance": c["distance"], "accuracy": c["accuracy"], "chance": run["chance"]["accuracy"],
              "selection_recall": c.get("selection_recall"), "pointer_recall": c.get("pointer_recall"),
-             "selection_recall_head_mean": c.get("selection_recall_head_mean"),
-             "pointer_recall_head_mean": c.get("pointer_recall_head_mean"),
+             **{f"{kind}_recall_{suffix}": c.get(f"{kind}_recall_{suffix}")
+                for suffix in ("head_mean", "any_layer") for kind in ("selection", "pointer")},
              "bpb": run.get("bpb")} for c in run["by_distance"]]
 
 
@@ -278,12 +278,15 @@ def write_results(runs: Sequence[dict[str, Any]], prefix: Path, plots_from: Path
 
 
 def recall_note(row: dict[str, Any]) -> str:
-    """A table cell's recall suffix, ' (0.98; head mean 0.52)': the row's any-head recall and its head mean (NSA's
-    selection or SCOPE's pointers), whichever of them the row holds; '' for none."""
-    selection = any(row.get(f"selection_recall{suffix}") is not None for suffix in ("", "_head_mean"))
+    """A table cell's recall suffix, ' (0.98; head mean 0.52; any layer 1.00)': the row's best-layer any-head
+    recall, its head mean and its rate over all layers (NSA's selection or SCOPE's pointers), those it holds;
+    '' for none."""
+    suffixes = ("", "_head_mean", "_any_layer")
+    selection = any(row.get(f"selection_recall{suffix}") is not None for suffix in suffixes)
     kind = "selection" if selection else "pointer"
-    recall, mean = row.get(f"{kind}_recall"), row.get(f"{kind}_recall_head_mean")
-    parts = ([] if recall is None else [f"{recall:.2f}"]) + ([] if mean is None else [f"head mean {mean:.2f}"])
+    labels = ("", "head mean ", "any layer ")
+    parts = [f"{label}{row[f'{kind}_recall{suffix}']:.2f}" for suffix, label in zip(suffixes, labels, strict=True)
+             if row.get(f"{kind}_recall{suffix}") is not None]
     return f" ({'; '.join(parts)})" if parts else ""
 
 

@@ -11,7 +11,7 @@ import torch
 
 from nsa import NSAAux
 from sal_harness.data import Batch
-from sal_harness.evaluate import add_into, nsa_probe, recall_fields, scope_probe
+from sal_harness.evaluate import RecallSums, nsa_probe, scope_probe
 from sal_harness.report import results_markdown
 
 EMPTY = torch.empty(0)
@@ -43,16 +43,31 @@ def test_selection_recall_counts_a_hit_of_any_kv_head_and_reports_each_head() ->
         # layer 2: nothing (block 2 in sample 0, blocks 0 and 1 in sample 1): 0
         [[[2, -1], [2, 3]], [[0, 1], [1, 3]]],
     ]
-    totals: list[dict[str, torch.Tensor]] = [{} for _ in layers]
-    for total, chosen in zip(totals, layers, strict=True):
-        for _ in range(2):  # two evaluation batches add up to the same rates
-            add_into(total, nsa_probe(nsa_layer(chosen, 12), data, sel_block_size=4))
-    fields = recall_fields(totals)
+    sums = RecallSums()
+    for _ in range(2):  # two evaluation batches add up to the same rates
+        sums.add([nsa_probe(nsa_layer(chosen, 12), data, sel_block_size=4) for chosen in layers])
+    fields = sums.fields()
     assert fields["selection_recall_by_layer"] == [1.0, 0.5, 0.0]
     assert fields["selection_recall_by_layer_head"] == [[0.5, 0.5], [0.0, 0.5], [0.0, 0.0]]
     assert fields["selection_recall"] == 1.0
     assert fields["selection_recall_head_mean"] == 0.5
     assert fields["gate_means_by_layer"][0] == {"cmp": 0.5, "sel": 0.5, "win": 0.5}
+    assert fields["selection_recall_any_layer"] == 1.0
+
+
+def test_selection_recall_over_layers_counts_an_answer_once_whichever_layer_selects_it() -> None:
+    # Blocks of 4; sources in blocks 0, 2, 1 of samples 0-2. Layer 0 selects sample 0's block, layer 1 samples 0's
+    # and 1's: the best layer 2/3. Layer 2 selecting none of them leaves the any-layer rate at 2/3; selecting
+    # sample 2's block raises it to 3/3 while the best layer stays at 2/3.
+    data = batch(12, [2, 9, 5])
+    layer0 = [[[0, -1]], [[1, -1]], [[3, -1]]]
+    layer1 = [[[0, 1]], [[2, -1]], [[0, 2]]]
+    for layer2, any_layer in (([[[2, -1]], [[3, -1]], [[2, 3]]], 2 / 3), ([[[2, -1]], [[3, -1]], [[1, 3]]], 1.0)):
+        sums = RecallSums()
+        sums.add([nsa_probe(nsa_layer(chosen, 12), data, sel_block_size=4) for chosen in (layer0, layer1, layer2)])
+        fields = sums.fields()
+        assert fields["selection_recall"] == pytest.approx(2 / 3)
+        assert fields["selection_recall_any_layer"] == pytest.approx(any_layer)
 
 
 def pointer_layer(centres: list[list[list[int]]], alloc: int, listed: list[list[list[int]]]) -> Any:
@@ -71,10 +86,11 @@ def test_pointer_recall_counts_a_window_of_any_head_and_reports_each_head() -> N
     # 1 (misses 1); head 1 at 0 (misses 5) and at 2 (covers 1): any head 2/2, heads 1/2 and 1/2. Listed keys:
     # head 0 reads block 5 in sample 0 only, head 1 nothing of the sources: any 1/2, heads 1/2 and 0.
     aux = pointer_layer(centres=[[[4], [0]], [[7], [2]]], alloc=3, listed=[[[5, 0], [0, 2]], [[3, 0], [0, 2]]])
-    total: dict[str, torch.Tensor] = {}
-    add_into(total, scope_probe(cast(Any, aux), data, block=4))
-    fields = recall_fields([total])
-    assert fields["pointer_recall"] == 1.0 and fields["pointer_recall_by_layer_head"] == [[0.5, 0.5]]
+    sums = RecallSums()
+    sums.add([scope_probe(cast(Any, aux), data, block=4)])
+    fields = sums.fields()
+    assert fields["pointer_recall_any_layer"] == fields["pointer_recall"] == 1.0
+    assert fields["pointer_recall_by_layer_head"] == [[0.5, 0.5]]
     assert fields["pointer_recall_head_mean"] == 0.5
     assert fields["listed_recall"] == 0.5 and fields["listed_recall_by_layer_head"] == [[0.5, 0.0]]
 
@@ -83,17 +99,18 @@ def test_pointer_recall_counts_a_window_of_any_head_and_reports_each_head() -> N
 def test_a_pointer_without_blocks_covers_nothing(alloc: int) -> None:
     # alloc 0: no window at all; alloc 1: the centre block alone (5), not the source's block 4.
     aux = pointer_layer(centres=[[[5]]], alloc=alloc, listed=[[[0]]])
-    total: dict[str, torch.Tensor] = {}
-    add_into(total, scope_probe(cast(Any, aux), batch(3, [17]), block=4))
-    assert recall_fields([total])["pointer_recall"] == 0.0
+    sums = RecallSums()
+    sums.add([scope_probe(cast(Any, aux), batch(3, [17]), block=4)])
+    assert sums.fields()["pointer_recall"] == 0.0
 
 
 def test_results_table_shows_the_recall_each_row_holds() -> None:
     common = {"task": "needle", "train_seq_len": 64, "distance": 40, "accuracy": 1.0, "chance": 0.03,
               "train_minutes": 1.0, "train_steps": 6, "gpu": "cpu", "commit": "0" * 40}
     rows = [{**common, "attention": "dense"},
-            {**common, "attention": "nsa", "selection_recall": 0.98, "selection_recall_head_mean": 0.52},
+            {**common, "attention": "nsa", "selection_recall": 0.98, "selection_recall_head_mean": 0.52,
+             "selection_recall_any_layer": 1.0},
             {**common, "attention": "scope", "pointer_recall": None, "pointer_recall_head_mean": 0.5}]
     table = results_markdown(rows, ["rows_plots/nsa_needle_selection_map.png"])
-    assert "| 40 | 1.000 | 1.000 (0.98; head mean 0.52) | 1.000 (head mean 0.50) |" in table
+    assert "| 40 | 1.000 | 1.000 (0.98; head mean 0.52; any layer 1.00) | 1.000 (head mean 0.50) |" in table
     assert "- [nsa_needle_selection_map](rows_plots/nsa_needle_selection_map.png)" in table
