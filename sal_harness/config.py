@@ -51,7 +51,7 @@ class TrainConfig(StrictModel):
     threads: torch CPU threads (None: torch's choice). heartbeat_s: seconds between heartbeat.json updates.
     scope_teacher_weight: weight of SCOPE's teacher loss (scope.teacher.layer_teacher_loss, the signal that moves
     the pointers: the mask itself has no gradient), averaged over the SCOPE layers, on the last scope_teacher_len
-    tokens of each layer's input (its dense teacher is O(len^2)); 0: off.
+    query rows of each layer's input against their whole prefix (its dense teacher is O(len x T)); 0: off.
     """
 
     batch_size: int = Field(16, ge=1)

@@ -289,16 +289,17 @@ class Trainer:
         return capture_scope_inputs(self.model, self.config.train.scope_teacher_weight > 0)
 
     def teacher_loss(self, captured: list[tuple[ScopeAttention, torch.Tensor]], seq_len: int) -> torch.Tensor | None:
-        """Mean over SCOPE layers of the teacher loss on the last scope_teacher_len tokens of the batch (a block
-        multiple; the layer's input is cut back to seq_len first, dropping sal_harness.model.scope_padded's zeros)."""
+        """Mean over SCOPE layers of the teacher loss of the last scope_teacher_len query rows of the batch (a block
+        multiple) against their whole prefix. The layer's input is cut back to seq_len (dropping
+        sal_harness.model.scope_padded's zeros) and its first seq_len % block rows (a block multiple remains)."""
         if not captured:
             return None
         losses = []
         for layer, x in captured:
             block = layer.config.block
-            length = max(block, min(seq_len, self.config.train.scope_teacher_len) // block * block)
-            segment = x[:, :seq_len][:, -length:].detach()
-            losses.append(layer_teacher_loss(layer, segment, step=self.step).total)
+            queries = max(block, min(seq_len, self.config.train.scope_teacher_len) // block * block)
+            whole_blocks = x[:, seq_len % block:seq_len].detach()
+            losses.append(layer_teacher_loss(layer, whole_blocks, queries=queries, step=self.step).total)
         return torch.stack(losses).mean()
 
     def train_step(self) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Teacher distillation: the training signal that moves SCOPE's pointers (SCOPE.md section 3).
 
 The pointer mask is discrete and masked keys give no gradient, so D* and the budget logits learn
-from a teacher instead. On a short segment, dense causal attention gives the attention mass of each
-query block over the key blocks (averaged over the block's queries, local band removed and
-renormalised): that is the target. The student is a differentiable inclusion probability of each
-key block given the block's pointers:
+from a teacher instead. For a short segment of queries (a sequence's last rows, each against its
+whole prefix, so the targets reach as far back as the sequence does), dense causal attention gives
+the attention mass of each query block over the key blocks (averaged over the block's queries, local
+band removed and renormalised): that is the target. The student is a differentiable inclusion
+probability of each key block given the block's pointers:
 
     centre_m = (t_rep - D*_m) / block          (continuous block coordinate)
     radius_m = budget * softmax(u / temp)_m / 2 (soft half-width, in blocks)
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from scope.config import ScopeConfig
 from scope.errors import ScopeInputError
@@ -39,50 +41,64 @@ class TeacherLoss(NamedTuple):
 def teacher_block_targets(q: Tensor, k: Tensor, *, block: int, local_blocks: int, scale: float) -> Tensor:
     """Dense-attention mass per key block, local band removed: [B, H, QB, KB], rows sum to 1 or 0.
 
-    q [B, H, T, D], k [B, H_kv, T, D] (rotated); T a multiple of block. Computed without gradient, in float32
-    (float64 inputs: float64).
+    q [B, H, Tq, D]: the last Tq query rows of a sequence whose keys are k [B, H_kv, T, D] (rotated; Tq <= T,
+    both multiples of block): query block i is the sequence's block KB - QB + i, and each row sees the keys at
+    or before its own position. Computed without gradient, in float32 (float64 inputs: float64).
     """
-    heads, seq_len = q.shape[1], q.shape[2]
-    if seq_len % block != 0:
-        raise ScopeInputError(f"teacher segment length T={seq_len} must be a multiple of block={block}")
+    heads, queries, seq_len = q.shape[1], q.shape[2], k.shape[2]
+    for name, length in (("query rows Tq", queries), ("sequence length T", seq_len)):
+        if length % block != 0:
+            raise ScopeInputError(f"teacher {name}={length} must be a multiple of block={block}")
+    if queries > seq_len:
+        raise ScopeInputError(f"teacher query rows Tq={queries} must be <= the sequence length T={seq_len}")
     num_blocks = seq_len // block
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad():
         # A query's mass on key block kb is its attention output over values that are the one-hot indicator of
-        # the key's block: a fused SDPA kernel never holds the [T, T] probabilities (at 4k tokens and 32
+        # the key's block: a fused SDPA kernel never holds the [Tq, T] probabilities (at 4k tokens and 32
         # sequences those were 11 GB per layer). Indicator columns padded to a multiple of 8 for its alignment.
         width = -(-num_blocks // 8) * 8
         indicator = torch.eye(num_blocks, width, device=q.device, dtype=dtype).repeat_interleave(block, dim=0)
         values = indicator.expand(q.shape[0], heads, seq_len, width).contiguous()
         k = k.to(dtype).repeat_interleave(heads // k.shape[1], dim=1)
-        per_query = F.scaled_dot_product_attention(q.to(dtype), k, values, is_causal=True, scale=scale)
-        mass = per_query[..., :num_blocks].unflatten(2, (num_blocks, block)).mean(3)
-        mass = mass * outside_local_band(num_blocks, local_blocks, q.device)
+        causal = {"is_causal": True} if queries == seq_len else {"attn_mask": causal_lower_right(queries, seq_len)}
+        per_query = F.scaled_dot_product_attention(q.to(dtype), k, values, scale=scale, **causal)
+        mass = per_query[..., :num_blocks].unflatten(2, (queries // block, block)).mean(3)
+        mass = mass * outside_local_band(last_query_blocks(queries // block, num_blocks, q.device), num_blocks,
+                                         local_blocks)
         total = mass.sum(-1, keepdim=True)
         return torch.where(total > 0, mass / total.clamp_min(1e-30), 0.0)
 
 
-def outside_local_band(num_blocks: int, local_blocks: int, device: torch.device) -> Tensor:
-    """Bool [QB, KB]: key block kb is causal for query block qb and outside its local band."""
-    qb = torch.arange(num_blocks, device=device)[:, None]
-    kb = torch.arange(num_blocks, device=device)[None, :]
-    return kb <= qb - local_blocks
+def last_query_blocks(count: int, num_blocks: int, device: torch.device) -> Tensor:
+    """int64 [count]: the indices of a sequence's last ``count`` of ``num_blocks`` blocks."""
+    return torch.arange(num_blocks - count, num_blocks, device=device)
+
+
+def outside_local_band(query_blocks: Tensor, num_blocks: int, local_blocks: int) -> Tensor:
+    """Bool [QB, KB]: key block kb (of num_blocks) is causal for query block query_blocks[i] and outside its local
+    band."""
+    kb = torch.arange(num_blocks, device=query_blocks.device)[None, :]
+    return kb <= query_blocks[:, None] - local_blocks
 
 
 def inclusion_probability(d_star: Tensor, budget_logits: Tensor, t_rep: Tensor, *, block: int, budget: int,
-                          budget_temp: float, tau: float, local_blocks: int) -> Tensor:
+                          budget_temp: float, tau: float, local_blocks: int, num_blocks: int | None = None
+                          ) -> Tensor:
     """Differentiable p(kb) [B, H, QB, KB] of each key block being covered by the block's pointers.
 
-    d_star, budget_logits [B, H, QB, M] (representative rows); t_rep [QB] representative positions.
+    d_star, budget_logits [B, H, QB, M] (representative rows) of a sequence's last QB query blocks (all of them
+    when num_blocks, the sequence's KB, is None); t_rep [QB] their representative positions.
     """
-    num_blocks = d_star.shape[2]
+    num_blocks = d_star.shape[2] if num_blocks is None else num_blocks
     centre = (t_rep.to(d_star.dtype)[:, None] - d_star) / block  # [B, H, QB, M]
     radius = budget * torch.softmax(budget_logits / budget_temp, dim=-1) / 2
     kb_mid = torch.arange(num_blocks, device=d_star.device, dtype=d_star.dtype) + 0.5
     distance = (kb_mid - centre[..., None]).abs()  # [B, H, QB, M, KB]
     p_peak = torch.sigmoid((radius[..., None] - distance) / tau)
     p = 1 - torch.prod(1 - p_peak, dim=3)
-    return p * outside_local_band(num_blocks, local_blocks, d_star.device)
+    query_blocks = last_query_blocks(d_star.shape[2], num_blocks, d_star.device)
+    return p * outside_local_band(query_blocks, num_blocks, local_blocks)
 
 
 def teacher_loss(target: Tensor, inclusion: Tensor, budget: int, budget_weight: float = 0.1) -> TeacherLoss:
@@ -96,22 +112,29 @@ def teacher_loss(target: Tensor, inclusion: Tensor, budget: int, budget_weight: 
     return TeacherLoss(coverage + budget_weight * budget_term, coverage, budget_term, covered.detach())
 
 
-def layer_teacher_loss(layer: torch.nn.Module, x: Tensor, *, tau: float = 0.5, budget_weight: float = 0.1,
-                       step: int | None = None) -> TeacherLoss:
-    """The teacher loss of a ScopeAttention layer on a short segment x [B, T, hidden] (T % block == 0)."""
+def layer_teacher_loss(layer: torch.nn.Module, x: Tensor, *, queries: int | None = None, tau: float = 0.5,
+                       budget_weight: float = 0.1, step: int | None = None) -> TeacherLoss:
+    """The teacher loss of a ScopeAttention layer on x [B, T, hidden] (T % block == 0): the last ``queries`` rows
+    (a multiple of block; None: all T) against their whole causal prefix, so a short segment of queries still
+    teaches pointers as far back as the sequence reaches."""
     if not isinstance(layer, ScopeAttention):
         raise ScopeInputError(f"layer must be a ScopeAttention, got {type(layer).__name__}")
     config: ScopeConfig = layer.config
     seq_len = x.shape[1]
+    queries = seq_len if queries is None else queries
     if seq_len % config.block != 0:
         raise ScopeInputError(f"teacher segment length T={seq_len} must be a multiple of block={config.block}")
-    num_blocks = seq_len // config.block
+    if not 0 < queries <= seq_len:
+        raise ScopeInputError(f"teacher queries={queries} must be in 1..T={seq_len}")
+    num_blocks, query_blocks = seq_len // config.block, queries // config.block
     q, k, _, q_content = layer.project(x, torch.arange(seq_len, device=x.device))
-    target = teacher_block_targets(q, k, block=config.block, local_blocks=config.local_blocks, scale=layer.scale)
+    target = teacher_block_targets(q[:, :, seq_len - queries:], k, block=config.block,
+                                   local_blocks=config.local_blocks, scale=layer.scale)
     params = layer.spectral.pointer_head(q_content, step)
-    d_blk, u_blk = (representative_rows(values, num_blocks, config.block, config.representative)
+    d_blk, u_blk = (representative_rows(values, num_blocks, config.block, config.representative)[:, :, -query_blocks:]
                     for values in (params.d_star, params.budget_logits))
     t_rep = causal_representative_positions(num_blocks, config.block, config.representative, x.device)
-    inclusion = inclusion_probability(d_blk, u_blk, t_rep, block=config.block, budget=config.budget,
-                                      budget_temp=config.budget_temp, tau=tau, local_blocks=config.local_blocks)
+    inclusion = inclusion_probability(d_blk, u_blk, t_rep[-query_blocks:], block=config.block, budget=config.budget,
+                                      budget_temp=config.budget_temp, tau=tau, local_blocks=config.local_blocks,
+                                      num_blocks=num_blocks)
     return teacher_loss(target, inclusion, config.budget, budget_weight)

@@ -215,31 +215,53 @@ def test_bad_inputs_raise(call, match) -> None:
         call(make_layer(small_config()))
 
 
-@pytest.mark.parametrize(("seq_len", "block", "local_blocks", "heads", "kv_heads"),
-                         [(40, 8, 1, 4, 2), (24, 4, 2, 3, 3), (16, 16, 1, 2, 1), (72, 8, 0, 2, 2)])
-def test_teacher_targets_equal_a_row_by_row_float64_reference(seq_len: int, block: int, local_blocks: int,
-                                                               heads: int, kv_heads: int) -> None:
+@pytest.mark.parametrize(("seq_len", "queries", "block", "local_blocks", "heads", "kv_heads"),
+                         [(40, 40, 8, 1, 4, 2), (24, 24, 4, 2, 3, 3), (16, 16, 16, 1, 2, 1), (72, 72, 8, 0, 2, 2),
+                          (40, 16, 8, 1, 4, 2), (48, 4, 4, 2, 3, 1)])
+def test_teacher_targets_equal_a_row_by_row_float64_reference(seq_len: int, queries: int, block: int,
+                                                               local_blocks: int, heads: int, kv_heads: int) -> None:
     """SCOPE.md 3: each query row's causal softmax mass summed per key block, averaged over the query block's rows,
-    the local band (and the causal future) zeroed, rows renormalised (0 where nothing is left). Written as loops
-    over rows here; the op computes it through one SDPA call over block-indicator values."""
-    gen = torch.Generator().manual_seed(seq_len + block)
+    the local band (and the causal future) zeroed, rows renormalised (0 where nothing is left); for the last
+    ``queries`` rows of the sequence, each against its whole prefix. Written as loops over rows here; the op
+    computes it through one SDPA call over block-indicator values."""
+    gen = torch.Generator().manual_seed(seq_len + block + queries)
     q = torch.randn(2, heads, seq_len, 6, generator=gen, dtype=F64) * 2
     k = torch.randn(2, kv_heads, seq_len, 6, generator=gen, dtype=F64) * 2
-    scale, blocks = 0.7, seq_len // block
-    expected = torch.zeros(2, heads, blocks, blocks, dtype=F64)
+    scale, blocks, first = 0.7, seq_len // block, seq_len - queries
+    expected = torch.zeros(2, heads, queries // block, blocks, dtype=F64)
     for b in range(2):
         for h in range(heads):
             keys = k[b, h // (heads // kv_heads)]
-            for t in range(seq_len):
+            for t in range(first, seq_len):
                 probs = torch.softmax(keys[: t + 1] @ q[b, h, t] * scale, dim=0)
                 for j in range(t + 1):
-                    expected[b, h, t // block, j // block] += probs[j] / block
-            for qb in range(blocks):
-                expected[b, h, qb, max(0, qb - local_blocks + 1):] = 0
-                total = expected[b, h, qb].sum()
-                expected[b, h, qb] = expected[b, h, qb] / total if total > 0 else 0
-    got = teacher_block_targets(q, k, block=block, local_blocks=local_blocks, scale=scale)
+                    expected[b, h, (t - first) // block, j // block] += probs[j] / block
+            for row in range(queries // block):
+                query_block = first // block + row
+                expected[b, h, row, max(0, query_block - local_blocks + 1):] = 0
+                total = expected[b, h, row].sum()
+                expected[b, h, row] = expected[b, h, row] / total if total > 0 else 0
+    got = teacher_block_targets(q[:, :, first:], k, block=block, local_blocks=local_blocks, scale=scale)
     assert got.dtype == F64
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    single = teacher_block_targets(q.float(), k.float(), block=block, local_blocks=local_blocks, scale=scale)
+    single = teacher_block_targets(q[:, :, first:].float(), k.float(), block=block, local_blocks=local_blocks,
+                                   scale=scale)
     torch.testing.assert_close(single.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_loss_of_the_last_rows_reaches_blocks_beyond_them() -> None:
+    """The loss of the last query block against the whole prefix has a target on key blocks further back than the
+    supervised rows span, and equals the loss computed on the whole sequence restricted to that block's row."""
+    layer, x = periodic_retrieval_layer_and_input(256)
+    tail = layer_teacher_loss(layer, x, queries=8)
+    whole = layer_teacher_loss(layer, x)
+    assert torch.isfinite(tail.total) and tail.total.requires_grad
+    q, k, _, _ = layer.project(x, torch.arange(256))
+    last_row = teacher_block_targets(q[:, :, -8:], k, block=8, local_blocks=1, scale=layer.scale)
+    all_rows = teacher_block_targets(q, k, block=8, local_blocks=1, scale=layer.scale)
+    torch.testing.assert_close(last_row, all_rows[:, :, -1:], rtol=1e-12, atol=1e-12)
+    assert (last_row[0, 0, 0, : 256 // 8 - 2] > 0).any()  # mass before the row's own 8 tokens and local band
+    assert not torch.equal(tail.total, whole.total)
+    for bad in (12, 0, 264):  # not a block multiple, none, more than T
+        with pytest.raises(ScopeInputError, match="teacher"):
+            layer_teacher_loss(layer, x, queries=bad)
