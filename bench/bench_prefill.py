@@ -394,9 +394,9 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
 
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
     """A whole forward and backward of a prefill run: out, the indices, the eight gradients."""
-    out, indices, *lse = run.forward()
+    out, indices, *lse, blocks, counts = run.forward()
     out, indices = out.clone(), indices.clone()
-    return [out, indices, *run.backward(dout, indices, tuple(lse))]
+    return [out, indices, *run.backward(dout, indices, tuple(lse), (blocks, counts))]
 
 
 def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]],

@@ -70,8 +70,8 @@ def nsa_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor,
                          scale: float) -> tuple[Tensor, Tensor]:
     """-> (output [B, T, HQ, Dv] in q's dtype, block_indices int64 [B, T, H_kv, n]); differentiable in every
     tensor but cu_seqlens (the selection carries no gradient). Inputs as nsa.functional.nsa_attention's."""
-    out, indices, _, _, _ = torch.ops.nsa.prefill(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens,
-                                                  *sizes, scale)
+    out, indices, *_ = torch.ops.nsa.prefill(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens,
+                                             *sizes, scale)
     return out, indices.long()
 
 
@@ -129,6 +129,7 @@ class PrefillRun:
         self.out = output_buffer(rows, heads, v_sel.shape[-1], like=q)
         self.lse = [output_buffer(rows, heads, like=q, dtype=torch.float32) for _ in range(3)]
         self.indices = output_buffer(rows, k_sel.shape[2], sizes.num_selected, like=q, dtype=torch.int32)
+        self.unions: tuple[Tensor, Tensor] | None = None  # the selection's query-tile lists, from selected()
 
     def compressed(self) -> None:
         from nsa.kernels.range_attention import range_forward
@@ -147,8 +148,9 @@ class PrefillRun:
     def selected(self) -> None:
         from nsa.kernels.selected import selected_forward
 
-        selected_forward(self.q, self.k_sel, self.v_sel, self.gates[..., 1], self.indices, self.out, self.lse[1],
-                         self.packed, self.sizes.sel_block_size, self.scale, True, self.sel_tiles)
+        self.unions = selected_forward(self.q, self.k_sel, self.v_sel, self.gates[..., 1], self.indices, self.out,
+                                       self.lse[1], self.packed, self.sizes.sel_block_size, self.scale, True,
+                                       self.sel_tiles)
 
     def window(self) -> None:
         from nsa.kernels.range_attention import range_forward
@@ -156,16 +158,19 @@ class PrefillRun:
         range_forward(self.q, self.k_win, self.v_win, self.gates[..., 2], self.out, self.lse[2], self.packed,
                       self.packed.cu, self.win_rule, self.scale, True, self.range_tiles)
 
-    def forward(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """-> (out [B, T, HQ, Dv], block indices int32 [B, T, H_kv, n], lse_cmp, lse_sel, lse_win [rows, HQ])."""
+    def forward(self) -> tuple[Tensor, ...]:
+        """-> (out [B, T, HQ, Dv], block indices int32 [B, T, H_kv, n], lse_cmp, lse_sel, lse_win [rows, HQ],
+        the selection's query-tile union lists: blocks, counts (nsa.kernels.selected.union_lists), for dq)."""
         self.compressed()
         self.select()
         self.selected()
         self.window()
+        assert self.unions is not None
         q_shape, k_sel_shape = self.shapes[0], self.shapes[3]
         lse_cmp, lse_sel, lse_win = self.lse
         return (self.out.view(*q_shape[:3], self.out.shape[-1]),
-                self.indices.view(*k_sel_shape[:3], self.sizes.num_selected), lse_cmp, lse_sel, lse_win)
+                self.indices.view(*k_sel_shape[:3], self.sizes.num_selected), lse_cmp, lse_sel, lse_win,
+                *self.unions)
 
     def dq_steps(self, dout: Tensor, dq: Tensor, delta: list[Tensor]) -> list[tuple[str, Callable[[], None]]]:
         """The three dq kernels, in this order (they add into dq); dout and dq are token rows [rows, HQ, D]."""
@@ -178,7 +183,7 @@ class PrefillRun:
                                         packed, self.cu_cmp, self.cmp_rule, scale, False, self.range_tiles)),
             ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout,
                                            self.lse[1], delta[1], dq, packed, self.sizes.sel_block_size, scale, True,
-                                           self.sel_tiles)),
+                                           self.sel_tiles, self.unions)),
             ("dq_win", lambda: range_dq(self.q, self.k_win, self.v_win, g[..., 2], dout, self.lse[2], delta[2], dq,
                                         packed, packed.cu, self.win_rule, scale, True, self.range_tiles)),
         ]
@@ -205,12 +210,15 @@ class PrefillRun:
 
         return [("dkdv_cmp", cmp), ("dkdv_sel", sel), ("dkdv_win", win)]
 
-    def backward(self, dout: Tensor, indices: Tensor, lse: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
-        """-> (dq, dk_cmp, dv_cmp, dk_sel, dv_sel, dk_win, dv_win, dgates) in the inputs' shapes."""
+    def backward(self, dout: Tensor, indices: Tensor, lse: tuple[Tensor, Tensor, Tensor],
+                 unions: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
+        """-> (dq, dk_cmp, dv_cmp, dk_sel, dv_sel, dk_win, dv_win, dgates) in the inputs' shapes. ``unions``: the
+        forward's query-tile lists of this selection (None: built again)."""
         from nsa.kernels.tiles import output_buffer, rows_view
 
         self.indices = indices.reshape(self.q.shape[0], self.shapes[3][2], self.sizes.num_selected)
         self.lse = list(lse)
+        self.unions = unions
         do = rows_view(dout)
         dq = output_buffer(*self.q.shape, like=self.q)
         delta = [output_buffer(*self.lse[0].shape, like=self.lse[0]) for _ in range(3)]
@@ -227,50 +235,62 @@ class PrefillRun:
 def _prefill(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
              gates: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int,
              num_selected: int, window_size: int, scale: float
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     sizes = PrefillSizes(block_size, block_stride, sel_block_size, num_selected, window_size)
-    return PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale).forward()
+    run = PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale)
+    return run.forward()  # type: ignore[return-value]
 
 
 @_prefill.register_fake
 def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
       gates: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int,
-      num_selected: int, window_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+      num_selected: int, window_size: int, scale: float
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from nsa.kernels.selected import union_list_shape
+
     rows = q.shape[0] * q.shape[1]
     out = q.new_empty(*q.shape[:3], v_sel.shape[-1])
     indices = q.new_empty(*k_sel.shape[:3], num_selected, dtype=torch.int32)
     lse_cmp, lse_sel, lse_win = (q.new_empty(rows, q.shape[2], dtype=torch.float32) for _ in range(3))
-    return out, indices, lse_cmp, lse_sel, lse_win
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))[2]
+    lists, width = union_list_shape(rows, num_seqs, q.shape[2] // k_sel.shape[2], k_sel.shape[2], num_selected,
+                                    sel_tiles)
+    blocks = q.new_empty(lists, width, dtype=torch.int32)
+    counts = q.new_empty(lists if width else 0, dtype=torch.int32)
+    return out, indices, lse_cmp, lse_sel, lse_win, blocks, counts
 
 
 @torch.library.custom_op("nsa::prefill_backward", mutates_args=())
 def _prefill_backward(
     dout: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
     v_win: Tensor, gates: Tensor, indices: Tensor, lse_cmp: Tensor, lse_sel: Tensor, lse_win: Tensor,
-    cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
-    window_size: int, scale: float,
+    union_blocks: Tensor, union_counts: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int,
+    sel_block_size: int, num_selected: int, window_size: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     sizes = PrefillSizes(block_size, block_stride, sel_block_size, num_selected, window_size)
     run = PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale)
-    return run.backward(dout, indices, (lse_cmp, lse_sel, lse_win))  # type: ignore[return-value]
+    grads = run.backward(dout, indices, (lse_cmp, lse_sel, lse_win), (union_blocks, union_counts))
+    return grads  # type: ignore[return-value]
 
 
 @_prefill_backward.register_fake
 def _(dout: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
       v_win: Tensor, gates: Tensor, indices: Tensor, lse_cmp: Tensor, lse_sel: Tensor, lse_win: Tensor,
-      cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int, num_selected: int,
-      window_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+      union_blocks: Tensor, union_counts: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int,
+      sel_block_size: int, num_selected: int, window_size: int, scale: float
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))  # type: ignore[return-value]
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, *sizes_and_scale = inputs
-    _, indices, lse_cmp, lse_sel, lse_win = output
+    _, indices, lse_cmp, lse_sel, lse_win, union_blocks, union_counts = output
     ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, indices, lse_cmp, lse_sel, lse_win,
-                          cu_seqlens)
+                          union_blocks, union_counts, cu_seqlens)
     ctx.sizes_and_scale = sizes_and_scale  # type: ignore[attr-defined]
-    ctx.mark_non_differentiable(indices, lse_cmp, lse_sel, lse_win)
+    ctx.mark_non_differentiable(indices, lse_cmp, lse_sel, lse_win, union_blocks, union_counts)
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, dout: Tensor, *_unused: Tensor) -> tuple:

@@ -427,3 +427,20 @@ def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
         for h in range(num_kv_heads):
             got = blocks[program, h, :counts[program, h]].tolist()
             assert got == (expected[program][h] if program < len(expected) else []), (program, h)
+
+
+@pytest.mark.parametrize(("lengths", "group", "rows"), [([5, 1, 11], 4, 16), ([24], 2, 16), ([3, 9], 1, 32),
+                                                         ([7, 7], 12, 16), ([6], 4, 0)])
+def test_union_list_shape_is_what_query_tiles_builds(lengths, group, rows):
+    """nsa::prefill's fake implementation sizes the union lists it returns for dq from sizes alone
+    (union_list_shape): the same shape as the lists query_tiles builds, and as union_lists hands on ((0, 0) where
+    each program reads its token's own indices)."""
+    from nsa.kernels.selected import SelectedTiles, query_tiles, union_list_shape, union_lists
+
+    total, num_kv_heads, num_selected = sum(lengths), 2, 3
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    indices = torch.zeros(total, num_kv_heads, num_selected, dtype=torch.int32)
+    tiles = SelectedTiles(rows=rows)
+    blocks, counts = union_lists(query_tiles(indices, packed_varlen(cu, total), group, tiles))
+    expected = union_list_shape(total, len(lengths), group, num_kv_heads, num_selected, tiles)
+    assert tuple(blocks.shape) == expected and tuple(counts.shape) == (expected[0] if expected[1] else 0,)

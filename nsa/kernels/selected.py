@@ -398,15 +398,37 @@ def query_tile_shape(group: int, rows: int) -> dict[str, int]:
     return {"GP": gp, "BQ": max(bq, 16 // gp)}
 
 
-def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: SelectedTiles) -> QueryTiles:
-    """The tiles of ``query_tile_shape`` over the packed sequences, with their union lists. No host sync."""
+def union_list_shape(total: int, num_seqs: int, group: int, num_kv_heads: int, num_selected: int,
+                     tiles: SelectedTiles) -> tuple[int, int]:
+    """Shape of ``query_tiles``' union lists for ``total`` token rows in ``num_seqs`` sequences: [grid * H_kv,
+    BQ * n], or (0, 0) where BQ = 1 (each program reads its token's own indices). From sizes alone, so the
+    fake implementation of nsa::prefill, which returns the lists for the backward, knows it."""
+    bq = query_tile_shape(group, tiles.rows)["BQ"]
+    if bq == 1:
+        return 0, 0
+    grid = max(1, -(-total // bq) + num_seqs)  # nsa.kernels.tiles.tile_table's bound
+    return grid * num_kv_heads, bq * num_selected
+
+
+def _tile_layout(packed: Packed, group: int, num_selected: int, tiles: SelectedTiles
+                 ) -> tuple[TileTable, dict[str, int]]:
     shape = query_tile_shape(group, tiles.rows)
-    gp, bq = shape["GP"], shape["BQ"]
-    num_kv_heads, num_selected = block_indices.shape[1:]
+    bq = shape["BQ"]
     table = tile_table(packed.cu, packed.num_seqs, packed.total, bq)
-    constexprs = {"GP": gp, "BQ": bq, "NP": triton.next_power_of_2(num_selected), "UNION": bq * num_selected}
+    return table, {**shape, "NP": triton.next_power_of_2(num_selected), "UNION": bq * num_selected}
+
+
+def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: SelectedTiles,
+                unions: tuple[Tensor, Tensor] | None = None) -> QueryTiles:
+    """The tiles of ``query_tile_shape`` over the packed sequences, with their union lists. No host sync.
+    ``unions``: (blocks, counts) of an earlier call on the same selection (the forward's, kept for dq)."""
+    num_kv_heads, num_selected = block_indices.shape[1:]
+    table, constexprs = _tile_layout(packed, group, num_selected, tiles)
+    bq = constexprs["BQ"]
     if bq == 1:  # each program reads its token's own indices
         return QueryTiles(table, block_indices, block_indices, constexprs)
+    if unions is not None:
+        return QueryTiles(table, *unions, constexprs)
     device = block_indices.device
     seq = table.seq.long().clamp_max(packed.num_seqs - 1)
     lengths = (packed.cu[1:] - packed.cu[:-1]).long()
@@ -429,10 +451,18 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
     return QueryTiles(table, blocks[:, :width].contiguous(), fresh.sum(-1, dtype=torch.int32), constexprs)
 
 
+def union_lists(query: QueryTiles) -> tuple[Tensor, Tensor]:
+    """(blocks, counts) of ``query`` to keep for a later ``query_tiles(unions=...)``; empty where BQ = 1 (the lists
+    are the block indices themselves)."""
+    if query.constexprs["BQ"] == 1:  # two tensors: a custom op's outputs may not alias each other
+        return query.blocks.new_empty(0, 0), query.blocks.new_empty(0)
+    return query.blocks, query.counts
+
+
 def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: Packed, sel_block_size: int,
-               tiles: SelectedTiles) -> tuple[QueryTiles, dict]:
+               tiles: SelectedTiles, unions: tuple[Tensor, Tensor] | None) -> tuple[QueryTiles, dict]:
     group = q.shape[1] // k.shape[1]
-    query = query_tiles(block_indices, packed, group, tiles)
+    query = query_tiles(block_indices, packed, group, tiles, unions)
     args = {"GROUP": group, "SEL_BLOCK": sel_block_size, "BLOCK_S": max(16, triton.next_power_of_2(sel_block_size)),
             "PRECISION": dot_precision(q.dtype), "NUM_SELECTED": block_indices.shape[-1], **query.constexprs,
             **split_dims(q.shape[-1], v.shape[-1])}
@@ -441,10 +471,11 @@ def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: P
 
 def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, out: Tensor,
                      lse: Tensor, packed: Packed, sel_block_size: int, scale: float, accumulate: bool,
-                     tiles: SelectedTiles) -> None:
-    """out[rows] (+)= gate * attention over the selected blocks; lse[rows] base 2 (+inf: nothing selected)."""
+                     tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
+    """out[rows] (+)= gate * attention over the selected blocks; lse[rows] base 2 (+inf: nothing selected).
+    Returns the query tiles' union lists (``union_lists``) for ``selected_dq`` on the same selection."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
-    query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles)
+    query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, None)
     _sel_fwd_kernel[(query.table.grid, k.shape[1])](
         q, k, v, gate_t, block_indices, query.blocks, query.counts, out, lse, packed.cu, query.table.seq,
         query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt,
@@ -453,14 +484,16 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
         HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
+    return union_lists(query)
 
 
 def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
                 lse: Tensor, delta: Tensor, dq: Tensor, packed: Packed, sel_block_size: int, scale: float,
-                accumulate: bool, tiles: SelectedTiles) -> None:
-    """dq[rows] (+)= the selection branch's query gradient; delta[rows] = dO . o_sel."""
+                accumulate: bool, tiles: SelectedTiles, unions: tuple[Tensor, Tensor] | None = None) -> None:
+    """dq[rows] (+)= the selection branch's query gradient; delta[rows] = dO . o_sel. ``unions``: what
+    ``selected_forward`` returned for this selection and these tiles (else the lists are built again)."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
-    query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles)
+    query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, unions)
     _sel_dq_kernel[(query.table.grid, k.shape[1])](
         q, k, v, gate_t, block_indices, query.blocks, query.counts, dout, lse, delta, dq, packed.cu,
         query.table.seq, query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
