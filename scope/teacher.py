@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from scope.config import ScopeConfig
 from scope.errors import ScopeInputError
@@ -61,7 +60,12 @@ def teacher_block_targets(q: Tensor, k: Tensor, *, block: int, local_blocks: int
         indicator = torch.eye(num_blocks, width, device=q.device, dtype=dtype).repeat_interleave(block, dim=0)
         values = indicator.expand(q.shape[0], heads, seq_len, width).contiguous()
         k = k.to(dtype).repeat_interleave(heads // k.shape[1], dim=1)
-        causal = {"is_causal": True} if queries == seq_len else {"attn_mask": causal_lower_right(queries, seq_len)}
+        if queries == seq_len:
+            causal: dict = {"is_causal": True}
+        else:  # imported here: torch.nn.attention.bias imports torch._dynamo, too heavy for `import scope`
+            from torch.nn.attention.bias import causal_lower_right
+
+            causal = {"attn_mask": causal_lower_right(queries, seq_len)}
         per_query = F.scaled_dot_product_attention(q.to(dtype), k, values, scale=scale, **causal)
         mass = per_query[..., :num_blocks].unflatten(2, (queries // block, block)).mean(3)
         mass = mass * outside_local_band(last_query_blocks(queries // block, num_blocks, q.device), num_blocks,
