@@ -48,6 +48,7 @@ from nsa.kernels.tiles import (
     split_dims,
     store_at,
     store_tile,
+    tile_grid,
     tile_origin,
     tile_table,
     token_sequences,
@@ -406,25 +407,18 @@ def union_list_shape(total: int, num_seqs: int, group: int, num_kv_heads: int, n
     bq = query_tile_shape(group, tiles.rows)["BQ"]
     if bq == 1:
         return 0, 0
-    grid = max(1, -(-total // bq) + num_seqs)  # nsa.kernels.tiles.tile_table's bound
-    return grid * num_kv_heads, bq * num_selected
-
-
-def _tile_layout(packed: Packed, group: int, num_selected: int, tiles: SelectedTiles
-                 ) -> tuple[TileTable, dict[str, int]]:
-    shape = query_tile_shape(group, tiles.rows)
-    bq = shape["BQ"]
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, bq)
-    return table, {**shape, "NP": triton.next_power_of_2(num_selected), "UNION": bq * num_selected}
+    return tile_grid(total, num_seqs, bq) * num_kv_heads, bq * num_selected
 
 
 def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: SelectedTiles,
                 unions: tuple[Tensor, Tensor] | None = None) -> QueryTiles:
     """The tiles of ``query_tile_shape`` over the packed sequences, with their union lists. No host sync.
     ``unions``: (blocks, counts) of an earlier call on the same selection (the forward's, kept for dq)."""
+    shape = query_tile_shape(group, tiles.rows)
+    gp, bq = shape["GP"], shape["BQ"]
     num_kv_heads, num_selected = block_indices.shape[1:]
-    table, constexprs = _tile_layout(packed, group, num_selected, tiles)
-    bq = constexprs["BQ"]
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, bq)
+    constexprs = {"GP": gp, "BQ": bq, "NP": triton.next_power_of_2(num_selected), "UNION": bq * num_selected}
     if bq == 1:  # each program reads its token's own indices
         return QueryTiles(table, block_indices, block_indices, constexprs)
     if unions is not None:

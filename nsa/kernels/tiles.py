@@ -141,12 +141,18 @@ class TileTable(NamedTuple):
     grid: int
 
 
+def tile_grid(total: int, num_seqs: int, tile: int) -> int:
+    """Host bound on the tiles of ``tile`` rows over ``total`` rows in ``num_seqs`` sequences: each sequence adds at
+    most one partial tile."""
+    return max(1, -(-total // tile) + num_seqs)
+
+
 def tile_table(cu: Tensor, num_seqs: int, total: int, tile: int) -> TileTable:
     """Tiles of ``tile`` rows over sequences with cumulative row counts ``cu`` (``total`` rows in all)."""
     lengths = (cu[1:] - cu[:-1]).long()
     per_seq = (lengths + tile - 1) // tile
     first = torch.cat((per_seq.new_zeros(1), per_seq.cumsum(0)))
-    grid = max(1, -(-total // tile) + num_seqs)  # each sequence adds at most one partial tile
+    grid = tile_grid(total, num_seqs, tile)
     programs = torch.arange(grid, device=cu.device)
     seq = torch.searchsorted(first[1:], programs, right=True)
     return TileTable(seq.to(torch.int32), first.to(torch.int32), grid)
