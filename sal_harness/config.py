@@ -131,6 +131,15 @@ class EvalConfig(StrictModel):
         return self
 
 
+# What decides what a run learns, beyond its attention and task. A SCOPE text rerun that differed from the
+# recorded one in train.curriculum_batch alone read 1.787 bits per byte against 1.316
+# (bench/results/retrieval_calibration_cuda.md, entry 16): results rows carry these (RunConfig.recipe).
+RECIPE_KEYS = ("model.n_layer", "model.hidden_size", "task.corpus", "task.seq_len", "train.batch_size",
+               "train.grad_accum", "train.max_steps", "train.max_minutes", "train.lr", "train.min_lr",
+               "train.warmup_steps", "train.curriculum_start", "train.curriculum_steps", "train.curriculum_shape",
+               "train.curriculum_batch", "train.scope_teacher_len")
+
+
 class RunConfig(StrictModel):
     """One training run: the groups plus where it writes (out_dir), whether it continues the run folder's last
     checkpoint (resume) and where this invocation stops (stop_step; the schedule follows train.max_steps)."""
@@ -173,6 +182,13 @@ class RunConfig(StrictModel):
     @property
     def gpt(self) -> GPTConfig:
         return GPTConfig(model=self.model, attention=self.attention)
+
+    def recipe(self) -> str:
+        """RECIPE_KEYS as space-separated 'key=value' overrides: with its experiment, attention and task they rerun
+        this run like for like, and two runs' results compare only where their recipes agree."""
+        values = self.model_dump(mode="json")
+        settings = {key: values[group][name] for key in RECIPE_KEYS for group, name in [key.split(".")]}
+        return " ".join(f"{key}={'null' if value is None else value}" for key, value in settings.items())
 
 
 def describe_validation_error(err: ValidationError) -> str:

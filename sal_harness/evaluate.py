@@ -257,6 +257,7 @@ def final_evaluation(model: GPT, config: RunConfig, step: int, device: torch.dev
         "attention": config.attention.kind, "task": config.task.name, "step": step,
         "train_seq_len": config.task.seq_len, "window": window_of(config.gpt),
         "receptive_field": receptive_field(config.gpt), "num_parameters": model.num_parameters(),
+        "recipe": config.recipe(),
         **periodic_evaluation(model, config, device),
     }
     ev = config.eval

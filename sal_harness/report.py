@@ -227,7 +227,8 @@ def save(plt: Any, fig: Any, out_dir: Path, name: str, tight: bool = True) -> st
 def result_rows(run: dict[str, Any], gpu: str, commit: str) -> list[dict[str, Any]]:
     """One row per (attention, task, distance) of a retrieval run, one row (distance None) for a text run."""
     common = {"attention": run["attention"], "task": run["task"], "train_seq_len": run["train_seq_len"],
-              "train_minutes": run.get("train_minutes"), "train_steps": run.get("step"), "gpu": gpu, "commit": commit}
+              "train_minutes": run.get("train_minutes"), "train_steps": run.get("step"), "recipe": run.get("recipe"),
+              "gpu": gpu, "commit": commit}
     if "by_distance" not in run:
         return [{**common, "distance": None, "accuracy": None, "chance": None, "bpb": run.get("bpb")}]
     return [{**common, "distance": c["distance"], "accuracy": c["accuracy"], "chance": run["chance"]["accuracy"],
@@ -316,6 +317,10 @@ def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) 
             steps = r.get("train_steps") or ""
             lines.append(f"| {r['attention']} | {r['task']} | {r['train_seq_len']} | {minutes} | {steps} | {bpb} | "
                          f"{r['gpu']} | {r['commit'][:10]} |")
+    recipes = {(r["attention"], r["task"]): r["recipe"] for r in rows if r.get("recipe")}
+    if recipes:
+        lines += ["", "## recipes", "", "Each run's learning settings, as overrides that rerun it like for like:", ""]
+        lines += [f"- {kind} / {task}: `{text}`" for (kind, task), text in recipes.items()]
     if plots:
         lines += ["", "## plots", ""] + [f"- [{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -45,9 +45,12 @@ def test_compare_reports_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixt
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 2
     assert {"attention", "task", "train_seq_len", "distance", "accuracy", "chance", "selection_recall", "train_steps",
-            "pointer_recall", "bpb", "train_minutes", "gpu", "commit"} <= set(rows[0])
+            "pointer_recall", "bpb", "train_minutes", "recipe", "gpu", "commit"} <= set(rows[0])
+    configs = compare.run_configs(compare.parse_args(["--out-dir", str(out), *COMMON]))
+    assert {r["attention"]: r["recipe"] for r in rows} == {c.attention.kind: c.recipe() for c in configs}
+    assert "train.max_steps=6" in rows[0]["recipe"]
     markdown = (tmp_path / "rows.md").read_text()
-    assert "| distance |" in markdown
+    assert "| distance |" in markdown and "## recipes" in markdown
     kept = tmp_path / "rows_plots" / "dense-nsa-scope-window_needle_selection_map.png"
     assert kept.read_bytes()[:4] == b"\x89PNG" and f"(rows_plots/{kept.name})" in markdown
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sal_harness.config import CONF_DIR, compose, load_run_config
+from sal_harness.config import CONF_DIR, RECIPE_KEYS, compose, load_run_config, validate_run_config
 from sal_harness.errors import HarnessConfigError
 
 GROUPS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -95,3 +95,19 @@ def test_torch_only_import_of_the_attention_packages() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_recipe_reruns_a_run_like_for_like() -> None:
+    """A results row's recipe, given back as overrides with the run's experiment, attention and task, recomposes
+    every setting it names, whatever the run changed (float, null, string and integer values among them)."""
+    changed = ["experiment=cuda_16k", "attention=scope_16k", "task=text", "out_dir=/tmp/a", "train.batch_size=2",
+               "train.lr=0.00123", "train.curriculum_batch=fixed", "train.max_minutes=null", "model.n_layer=3"]
+    original = validate_run_config(compose(changed))
+    recipe = original.recipe()
+    assert "train.curriculum_batch=fixed" in recipe and "train.max_minutes=null" in recipe
+    again = validate_run_config(compose(["experiment=cuda_16k", "attention=scope_16k", "task=text", "out_dir=/tmp/b",
+                                         *recipe.split()]))
+    assert again.recipe() == recipe
+    for key in RECIPE_KEYS:
+        group, name = key.split(".")
+        assert getattr(getattr(again, group), name) == getattr(getattr(original, group), name), key
