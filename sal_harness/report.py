@@ -291,6 +291,20 @@ def recall_note(row: dict[str, Any]) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def bpb_against_dense(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """A text run's bits per byte relative to dense attention's on the same task, '+4.6%', with ', recipe differs'
+    when both rows hold recipes that disagree (issue 12's bar compares models trained the same way); '' for
+    retrieval rows, dense itself, or no dense row."""
+    dense = next((r for r in rows if (r["attention"], r["task"]) == ("dense", row["task"])), None)
+    if row["task"] != "text" or row["attention"] == "dense" or dense is None:
+        return ""
+    if row.get("bpb") is None or dense.get("bpb") is None:
+        return ""
+    recipes = (row.get("recipe"), dense.get("recipe"))
+    differs = ", recipe differs" if None not in recipes and recipes[0] != recipes[1] else ""
+    return f"{100 * (row['bpb'] / dense['bpb'] - 1):+.1f}%{differs}"
+
+
 def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) -> str:
     """A table per task: accuracy (recall: NSA's selection, SCOPE's pointers, any head and head mean) per distance
     and attention, then bpb and training minutes, then links to the plots (paths relative to the markdown file)."""
@@ -305,8 +319,8 @@ def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) 
                 cells.append("" if row is None else f"{row['accuracy']:.3f}{recall_note(row)}")
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## runs", "", "| attention | task | train_seq_len | train_minutes | train_steps | bpb | gpu | commit |",
-              "|---" * 8 + "|"]
+    header = "| attention | task | train_seq_len | train_minutes | train_steps | bpb | bpb vs dense | gpu | commit |"
+    lines += ["## runs", "", header, "|---" * 9 + "|"]
     seen = set()
     for r in rows:
         key = (r["attention"], r["task"])
@@ -316,7 +330,7 @@ def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) 
             minutes = "" if r.get("train_minutes") is None else f"{r['train_minutes']:.1f}"
             steps = r.get("train_steps") or ""
             lines.append(f"| {r['attention']} | {r['task']} | {r['train_seq_len']} | {minutes} | {steps} | {bpb} | "
-                         f"{r['gpu']} | {r['commit'][:10]} |")
+                         f"{bpb_against_dense(r, rows)} | {r['gpu']} | {r['commit'][:10]} |")
     recipes = {(r["attention"], r["task"]): r["recipe"] for r in rows if r.get("recipe")}
     if recipes:
         lines += ["", "## recipes", "", "Each run's learning settings, as overrides that rerun it like for like:", ""]

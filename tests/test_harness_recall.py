@@ -114,3 +114,19 @@ def test_results_table_shows_the_recall_each_row_holds() -> None:
     table = results_markdown(rows, ["rows_plots/nsa_needle_selection_map.png"])
     assert "| 40 | 1.000 | 1.000 (0.98; head mean 0.52; any layer 1.00) | 1.000 (head mean 0.50) |" in table
     assert "- [nsa_needle_selection_map](rows_plots/nsa_needle_selection_map.png)" in table
+
+
+def test_results_table_shows_text_bpb_against_dense_and_unlike_recipes() -> None:
+    recipe = "train.batch_size=2 train.curriculum_batch=tokens"
+    common = {"task": "text", "train_seq_len": 64, "distance": None, "accuracy": None, "chance": None,
+              "train_minutes": 1.0, "train_steps": 6, "gpu": "cpu", "commit": "0" * 40}
+    rows = [{**common, "attention": "dense", "bpb": 1.25, "recipe": recipe},
+            {**common, "attention": "nsa", "bpb": 1.275, "recipe": recipe},
+            {**common, "attention": "scope", "bpb": 1.5, "recipe": recipe.replace("tokens", "fixed")},
+            {**common, "attention": "window", "bpb": 1.2}]
+    table = results_markdown(rows)
+    assert "| nsa | text | 64 | 1.0 | 6 | 1.275 | +2.0% | cpu |" in table
+    assert "| scope | text | 64 | 1.0 | 6 | 1.500 | +20.0%, recipe differs | cpu |" in table
+    assert "| window | text | 64 | 1.0 | 6 | 1.200 | -4.0% | cpu |" in table  # a row without a recipe: no check
+    assert "| dense | text | 64 | 1.0 | 6 | 1.250 |  | cpu |" in table
+    assert "- scope / text: `train.batch_size=2 train.curriculum_batch=fixed`" in table
