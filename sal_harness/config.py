@@ -137,7 +137,10 @@ class EvalConfig(StrictModel):
 RECIPE_KEYS = ("model.n_layer", "model.hidden_size", "task.corpus", "task.seq_len", "train.batch_size",
                "train.grad_accum", "train.max_steps", "train.max_minutes", "train.lr", "train.min_lr",
                "train.warmup_steps", "train.curriculum_start", "train.curriculum_steps", "train.curriculum_shape",
-               "train.curriculum_batch", "train.scope_teacher_len")
+               "train.curriculum_batch")
+# Settings that only change SCOPE's training: in a SCOPE run's recipe, not in the others' (a dense row would
+# otherwise carry a teacher weight it never used, and the two would read as trained differently).
+SCOPE_RECIPE_KEYS = ("train.scope_teacher_weight", "train.scope_teacher_len")
 
 
 class RunConfig(StrictModel):
@@ -184,10 +187,12 @@ class RunConfig(StrictModel):
         return GPTConfig(model=self.model, attention=self.attention)
 
     def recipe(self) -> str:
-        """RECIPE_KEYS as space-separated 'key=value' overrides: with its experiment, attention and task they rerun
-        this run like for like, and two runs' results compare only where their recipes agree."""
+        """RECIPE_KEYS (and SCOPE_RECIPE_KEYS for a SCOPE run) as space-separated 'key=value' overrides: with its
+        experiment, attention and task they rerun this run like for like, and two runs' results compare only where
+        the settings both recipes name agree."""
         values = self.model_dump(mode="json")
-        settings = {key: values[group][name] for key in RECIPE_KEYS for group, name in [key.split(".")]}
+        keys = RECIPE_KEYS + (SCOPE_RECIPE_KEYS if self.attention.kind == "scope" else ())
+        settings = {key: values[group][name] for key in keys for group, name in [key.split(".")]}
         return " ".join(f"{key}={'null' if value is None else value}" for key, value in settings.items())
 
 

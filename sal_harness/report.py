@@ -293,16 +293,25 @@ def recall_note(row: dict[str, Any]) -> str:
 
 def bpb_against_dense(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     """A text run's bits per byte relative to dense attention's on the same task, '+4.6%', with ', recipe differs'
-    when both rows hold recipes that disagree (issue 12's bar compares models trained the same way); '' for
+    when both rows hold recipes that disagree on a setting both name (issue 12's bar compares models trained the
+    same way; a SCOPE recipe also names SCOPE's own teacher settings, which dense has none of); '' for
     retrieval rows, dense itself, or no dense row."""
     dense = next((r for r in rows if (r["attention"], r["task"]) == ("dense", row["task"])), None)
     if row["task"] != "text" or row["attention"] == "dense" or dense is None:
         return ""
     if row.get("bpb") is None or dense.get("bpb") is None:
         return ""
-    recipes = (row.get("recipe"), dense.get("recipe"))
-    differs = ", recipe differs" if None not in recipes and recipes[0] != recipes[1] else ""
+    differs = ", recipe differs" if recipes_disagree(row.get("recipe"), dense.get("recipe")) else ""
     return f"{100 * (row['bpb'] / dense['bpb'] - 1):+.1f}%{differs}"
+
+
+def recipes_disagree(first: str | None, second: str | None) -> bool:
+    """Whether two recipes ('key=value ...') give a setting they both name different values; False when either
+    row has no recipe (rows written before recipes were recorded)."""
+    if first is None or second is None:
+        return False
+    settings = [dict(item.split("=", 1) for item in recipe.split()) for recipe in (first, second)]
+    return any(settings[1][key] != value for key, value in settings[0].items() if key in settings[1])
 
 
 def results_markdown(rows: Sequence[dict[str, Any]], plots: Sequence[str] = ()) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sal_harness.config import CONF_DIR, RECIPE_KEYS, compose, load_run_config, validate_run_config
+from sal_harness.config import CONF_DIR, RECIPE_KEYS, SCOPE_RECIPE_KEYS, compose, load_run_config, validate_run_config
 from sal_harness.errors import HarnessConfigError
 
 GROUPS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -108,6 +108,18 @@ def test_recipe_reruns_a_run_like_for_like() -> None:
     again = validate_run_config(compose(["experiment=cuda_16k", "attention=scope_16k", "task=text", "out_dir=/tmp/b",
                                          *recipe.split()]))
     assert again.recipe() == recipe
-    for key in RECIPE_KEYS:
+    for key in RECIPE_KEYS + SCOPE_RECIPE_KEYS:
         group, name = key.split(".")
         assert getattr(getattr(again, group), name) == getattr(getattr(original, group), name), key
+
+
+def test_only_a_scope_recipe_names_scope_settings() -> None:
+    """The teacher's weight trains SCOPE only: a SCOPE run's recipe names it (rerunning it needs it), a dense
+    run's does not (it would read as a difference from SCOPE's where the two trained the same way)."""
+    def recipe(attention: str) -> str:
+        return validate_run_config(compose(["experiment=cuda_16k", f"attention={attention}", "task=text",
+                                            "out_dir=/tmp/a", "train.scope_teacher_weight=0.25"])).recipe()
+    scope = recipe("scope_16k")
+    assert "train.scope_teacher_weight=0.25" in scope and "train.scope_teacher_len=" in scope
+    assert "scope_teacher" not in recipe("dense_16k")
+    assert recipe("dense_16k") in scope
