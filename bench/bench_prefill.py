@@ -367,7 +367,8 @@ TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
-    same run), then candidates one or two fields off them: the selection dk/dv in 64-row steps, the schedules
+    same run), then candidates one or two fields off them: the selection dk/dv in 64-row steps, for groups under 16
+    the selection's and top-n's warps and pipeline stages, the schedules
     the range defaults replaced on 2026-12-02 (one head per dk/dv step, at the widths they had) and their nearest
     neighbours, so each sweep re-checks the margins. `python -m bench.compile_kernels` reports their registers and
     spills for sm_90 without a GPU."""
@@ -380,6 +381,12 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()]}
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64), sel._replace(rows=32), sel._replace(rows=0)]
+        # 16-row programs split each score row over 4 warps (a cross-warp reduction per block for the softmax):
+        # fewer warps per program, more programs per SM
+        variants["sel_tiles"] += [sel._replace(num_warps=w, num_stages=st) for w, st in [(2, 3), (1, 3), (2, 2),
+                                                                                          (2, 4), (4, 2), (4, 4)]]
+        variants["topn_tiles"] += [TopnTiles(num_warps=2), TopnTiles(num_warps=8), TopnTiles(rows=32),
+                                   TopnTiles(num_stages=3)]
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]
     elif shape.dk <= 128:
         variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64)]
