@@ -48,17 +48,19 @@ def attend_shared_keys(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries of a chunk against one key set.
 
-    q [B, C, HQ, Dk], k [B, K, Hkv, Dk], v [B, K, Hkv, Dv], mask bool [B|1, C, K] (True = attend).
+    q [B, C, HQ, Dk], k [B, K, Hkv, Dk], v [B, K, Hkv, Dv], mask bool [B|1, C, K] (True = attend; every
+    group alike) or [B|1, C, Hkv, K] (a mask per KV head, as the selection's).
     Returns o [B, C, HQ, Dv] (q's dtype), lse [B, C, HQ] and probs [B, Hkv, G, C, K] (accumulation dtype);
     o and lse are NaN in the rows that see a non-finite input, probs are always finite.
     """
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
-    reads_nonfinite = (mask[..., None] & kv_nonfinite(k, v)[:, None]).any(dim=2)  # [B, C, Hkv]
+    by_head = mask[:, :, None] if mask.dim() == 3 else mask  # [B|1, C, Hkv|1, K]
+    reads_nonfinite = (by_head & kv_nonfinite(k, v).transpose(1, 2)[:, None]).any(dim=-1)  # [B, C, Hkv]
     poisoned = nonfinite_rows(q) | per_query_head(reads_nonfinite, num_heads)
     acc = accumulation_dtype(q.dtype)
     qg = finite_or_zero(q).to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
     scores = torch.einsum("bchgd,bkhd->bhgck", qg, finite_or_zero(k).to(acc)) * scale
-    probs, lse = masked_softmax(scores, mask[:, None, None])
+    probs, lse = masked_softmax(scores, by_head.permute(0, 2, 1, 3)[:, :, None])
     out = torch.einsum("bhgck,bkhd->bchgd", probs, finite_or_zero(v).to(acc))
     out = poison_rows(out.flatten(2, 3).to(q.dtype), poisoned)
     return out, poison_values(lse.permute(0, 3, 1, 2).flatten(2), poisoned), probs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa.attention_core import attend_gathered_keys, budget_chunk_size, query_chunks
+from nsa.attention_core import attend_gathered_keys, attend_shared_keys, budget_chunk_size, query_chunks
 from nsa.block_index import selection_token_index
 from nsa.validation import (
     check_attention_inputs,
@@ -24,15 +24,47 @@ def gather_tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return by_head[b, h, tokens]
 
 
+def selected_token_mask(block_indices: torch.Tensor, positions: torch.Tensor, block_size: int,
+                        num_keys: int) -> torch.Tensor:
+    """bool [B, C, Hkv, num_keys]: key j is read by the query at positions [B|1, C] of KV head h (its block
+    j // l' is among block_indices [B, C, Hkv, S], -1 = unused, and j <= the position)."""
+    num_blocks = -(-num_keys // block_size)
+    used = (block_indices >= 0) & (block_indices < num_blocks)  # a block past the keys has no token <= position
+    slots = torch.where(used, block_indices.long(), num_blocks)  # unused slots: a spare column
+    chosen = torch.zeros(*block_indices.shape[:-1], num_blocks + 1, dtype=torch.bool, device=block_indices.device)
+    chosen.scatter_(-1, slots, True)
+    keys = torch.arange(num_keys, device=block_indices.device)
+    return chosen[..., keys // block_size] & (keys <= positions[:, :, None, None])
+
+
+def masks_whole_prefix(num_keys: int, tokens_per_query: int, group: int, dims: int) -> bool:
+    """Whether the selection branch is cheaper as attention over all num_keys keys under the selection's mask
+    than over gathered copies of each query's tokens_per_query (S * l') keys: when the keys are few (at most 4x
+    the selected tokens: the dense scores' extra work) and the dense scores (num_keys x G per query and KV head)
+    hold no more elements than the gathered keys and values (S * l' x (Dk + Dv)), so the memory budget holds."""
+    return num_keys <= 4 * tokens_per_query and num_keys * group <= tokens_per_query * dims
+
+
 def selected_attention_chunk(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, positions: torch.Tensor,
     block_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries at positions [B|1, C] with block_indices [B, C, Hkv, S] over raw k, v [B, >=T, Hkv, D].
 
-    Returns (o [B, C, HQ, Dv], valid [B, C, Hkv, S*l']): valid marks the tokens actually read.
+    Returns (o [B, C, HQ, Dv], valid [B, C, Hkv, S*l']): valid marks the tokens actually read. On the CPU,
+    short prefixes attend keys 0 .. max(positions) under the selection's mask (``masks_whole_prefix``; the
+    gather's backward, an accumulating index_put, was a third of a training step at 128 tokens): the same
+    keys and softmax, and a key count set by the positions alone, so a cache's layout (rows, pages) does
+    not change a bit of the result. Elsewhere each query's selected keys are gathered.
     """
     tokens, valid = selection_token_index(block_indices, positions, block_size)
+    if q.device.type == "cpu":
+        # the CPU reads the positions without a device sync; a chunk of padding rows may hold none >= 0
+        num_keys = min(k.shape[1], max(1, int(positions.max()) + 1))
+        group, dims = q.shape[2] // k.shape[2], k.shape[-1] + v.shape[-1]
+        if num_keys > 0 and masks_whole_prefix(num_keys, tokens.shape[-1], group, dims):
+            mask = selected_token_mask(block_indices, positions, block_size, num_keys)
+            return attend_shared_keys(q, k[:, :num_keys], v[:, :num_keys], mask, scale)[0], valid
     return attend_gathered_keys(q, gather_tokens(k, tokens), gather_tokens(v, tokens), valid, scale), valid
 
 

@@ -38,6 +38,9 @@ from nsa import (
     selected_attention,
     sliding_window_attention,
 )
+from nsa.attention_core import attend_gathered_keys, attend_shared_keys
+from nsa.block_index import selection_token_index
+from nsa.selected_attention import gather_tokens, masks_whole_prefix, selected_token_mask
 
 CMP_OPS = [compressed_attention, naive_compressed_attention]
 SEL_OPS = [selected_attention, naive_selected_attention]
@@ -145,6 +148,38 @@ def test_selected_attention_matches_reference(op, s: Shape):
     empty = (idx2 < 0).all(-1)  # [B, T, Hkv]
     for b, t, g in empty.nonzero().tolist():
         assert torch.equal(o2[b, t, g * s.G : (g + 1) * s.G], torch.zeros(s.G, s.Dv, dtype=F64))
+
+
+@pytest.mark.parametrize(("seq_len", "over_prefix"), [(12, True), (64, False)])
+def test_selection_over_the_prefix_equals_the_gathered_keys(seq_len: int, over_prefix: bool):
+    """selected_attention attends every key under the selection's mask where that is cheaper
+    (masks_whole_prefix: short sequences), else gathered copies of the selected keys. Both forms give the
+    float64 reference's output, the same NaN rows for a planted NaN key and NaN query, and the same gradients."""
+    s = Shape(B=2, T=seq_len, HQ=4, Hkv=2, Dk=6, Dv=4, l=4, d=2, lp=4, n=3, w=5, seed=31)
+    assert masks_whole_prefix(s.T, s.n * s.lp, s.HQ // s.Hkv, s.Dk + s.Dv) is over_prefix
+    x = make_raw_inputs(s)
+    idx = _random_valid_indices(s, s.n, s.seed)
+    out = selected_attention(x["q"], x["k_sel"], x["v_sel"], idx, s.lp)
+    torch.testing.assert_close(out, ref_selected_attention(x["q"], x["k_sel"], x["v_sel"], idx, s.lp), **TOL64)
+
+    q, k, v = (x[name].clone().requires_grad_() for name in ("q", "k_sel", "v_sel"))
+    with torch.no_grad():
+        k[1, 5, 0, 2] = float("nan")  # read by the rows of kv head 0 whose selection holds token 5
+        q[0, 7, 3, 1] = float("nan")
+    positions = torch.arange(s.T)[None]
+    tokens, valid = selection_token_index(idx, positions, s.lp)
+    gathered = attend_gathered_keys(q, gather_tokens(k, tokens), gather_tokens(v, tokens), valid, 0.5)
+    prefix = attend_shared_keys(q, k, v, selected_token_mask(idx, positions, s.lp, s.T), 0.5)[0]
+    assert torch.equal(gathered.isnan(), prefix.isnan())
+    reads_nan = valid & (tokens == 5)
+    assert reads_nan[1, :, 0].any() and not reads_nan[1, :, 0].any(-1).all()  # some rows read it, some do not
+    assert bool(prefix[1, :, : s.G].isnan().any(-1).eq(reads_nan[1, :, 0].any(-1)[:, None]).all())
+    torch.testing.assert_close(gathered, prefix, equal_nan=True, **TOL64)
+    weight = randn(*prefix.shape, seed=5, dtype=F64)
+    grads = [torch.autograd.grad(torch.nan_to_num(o * weight).sum(), (q, k, v)) for o in (gathered, prefix)]
+    for a, b in zip(*grads, strict=True):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, **TOL64)
 
 
 @pytest.mark.parametrize("op", WIN_OPS, ids=_ids(WIN_OPS))
