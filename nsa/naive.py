@@ -35,6 +35,7 @@ from nsa.nonfinite import (
     selected_nonfinite_rows,
     window_nonfinite_rows,
 )
+from nsa.selected_attention import selected_token_mask
 from nsa.selection_scorer import check_selection_sizes, group_reduce, topn_blocks
 from nsa.validation import (
     check_attention_inputs,
@@ -103,14 +104,8 @@ def _naive_selected(
     scale: float | None,
 ) -> torch.Tensor:
     seq_len, num_heads, num_kv_heads = q.shape[1], q.shape[2], k.shape[2]
-    num_blocks = num_selection_blocks(seq_len, block_size)
-    used = block_indices >= 0
-    chosen = torch.zeros(*block_indices.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
-    chosen.scatter_(-1, torch.where(used, block_indices.long(), num_blocks), True)  # [B, T, Hkv, Nsel+1]
-    token_block = torch.arange(seq_len, device=q.device) // block_size
-    token_mask = chosen[..., token_block]  # [B, T, Hkv, T]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-    mask = (token_mask & causal[None, :, None]).permute(0, 2, 1, 3)
+    positions = torch.arange(seq_len, device=q.device)[None]
+    mask = selected_token_mask(block_indices, positions, block_size, seq_len).permute(0, 2, 1, 3)  # [B, Hkv, T, T]
     mask = mask.repeat_interleave(num_heads // num_kv_heads, dim=1)
     return _dense_attention(q, k, v, mask, scale)[0]
 
