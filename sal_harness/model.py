@@ -86,6 +86,7 @@ class NSAAttentionConfig(StrictModel):
     window_size: int = Field(32, ge=1)
     compression: Literal["mlp", "mean"] = "mlp"
     gate: Literal["sigmoid", "softmax"] = "sigmoid"
+    shared_kv: bool = False
     backend: Literal["auto", "torch", "triton"] = "auto"
     query_chunk_size: int | None = Field(None, ge=1)
 

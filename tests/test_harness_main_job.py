@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from sal_harness import compare
-from sal_harness.config import load_run_config
 
 
 @pytest.mark.slow
@@ -27,16 +26,15 @@ def test_main_job(tmp_path: Path) -> None:
     def accuracies(kind: str, beyond: bool) -> list[float]:
         return [a for d, a in report[kind]["needle"].items() if (int(d) > reach) == beyond]
 
-    # 64 samples per distance: chance (1/32) is ~0.03 +- 0.02, so chance + 0.12 is ~6 standard deviations above it.
-    # The recipe's outcomes vary with the seed and the rounding (README "Training and evaluation": NSA 0.19-0.31
-    # beyond the reach at the shipped seed, 0.84-0.91 before a change of rounding): the bar is retrieval, one
-    # line for all four models, not how much.
+    # 64 samples per distance: chance (1/32) is ~0.03 +- 0.02. The recipe was calibrated over seeds 1-3 (README
+    # "Training and evaluation": dense and SCOPE 0.68-1.00 beyond the reach after 200 steps, NSA 0.68-0.98 at seeds
+    # 2-3 and at chance at seed 1, which the shipped 250 steps take to 0.99), so 0.5 (16x chance) is retrieval with
+    # room for another seed's draw.
     for kind in ("dense", "nsa", "scope"):
         far = accuracies(kind, beyond=True)
-        assert len(far) >= 3 and min(far) > chance + 0.12, (kind, far)
+        assert len(far) >= 3 and min(far) > 0.5, (kind, far)
     assert max(accuracies("window", beyond=True)) < chance + 0.12
-    # Inside one window (16 tokens) the window model reads the needle directly; between one window and the two
-    # layers' reach (30) it needs two hops, which 200 steps do not teach (0.08 at distance 24).
-    window = load_run_config(["attention=window"]).attention.window_size
-    inside = [a for d, a in report["window"]["needle"].items() if int(d) < window]
-    assert len(inside) >= 2 and min(inside) > 0.25, inside
+    # Within its two layers' reach (30 tokens: one hop inside a 16-token window, two beyond it) the window model
+    # retrieves: it is the reach, not the training, that stops it.
+    inside = accuracies("window", beyond=False)
+    assert len(inside) >= 2 and min(inside) > 0.5, inside

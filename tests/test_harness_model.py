@@ -135,3 +135,17 @@ def test_banded_window_equals_the_float64_reference(seq_len: int, window: int, g
     with torch.no_grad():
         torch.testing.assert_close(banded_window_attention(*poisoned, window)[:, :, :cut], out[:, :, :cut].detach(),
                                    rtol=0, atol=0)
+
+
+def test_nsa_shared_kv_reaches_the_layer() -> None:
+    """attention.shared_kv: one K/V projection for the three branches (NSAConfig.shared_kv), instead of three."""
+    sizes = {}
+    for shared in (False, True):
+        attention = ATTENTIONS["nsa"].model_copy(update={"shared_kv": shared})
+        model = GPT(GPTConfig(model=MODEL, attention=attention))
+        layer = model.blocks[0].attn
+        sizes[shared] = layer.k_proj.out_features, layer.v_proj.out_features
+        assert layer.config.shared_kv is shared
+    kv_width = MODEL.num_kv_heads * MODEL.head_dim
+    assert sizes == {False: (3 * kv_width, 3 * kv_width), True: (kv_width, kv_width)}
+    assert load_run_config(["attention=nsa", "attention.shared_kv=true"]).attention.shared_kv is True
