@@ -133,11 +133,12 @@ class EvalConfig(StrictModel):
 
 # What decides what a run learns, beyond its attention and task. A SCOPE text rerun that differed from the
 # recorded one in train.curriculum_batch alone read 1.787 bits per byte against 1.316
-# (bench/results/retrieval_calibration_cuda.md, entry 16): results rows carry these (RunConfig.recipe).
-RECIPE_KEYS = ("model.n_layer", "model.hidden_size", "task.corpus", "task.seq_len", "train.batch_size",
-               "train.grad_accum", "train.max_steps", "train.max_minutes", "train.lr", "train.min_lr",
-               "train.warmup_steps", "train.curriculum_start", "train.curriculum_steps", "train.curriculum_shape",
-               "train.curriculum_batch")
+# (bench/results/retrieval_calibration_cuda.md, entry 16); the CPU main job's models stayed at chance or learnt
+# by init std alone (README "Training and evaluation"): results rows carry these (RunConfig.recipe).
+RECIPE_KEYS = ("model.n_layer", "model.hidden_size", "model.init_std", "task.corpus", "task.seq_len",
+               "train.batch_size", "train.grad_accum", "train.max_steps", "train.max_minutes", "train.lr",
+               "train.min_lr", "train.warmup_steps", "train.curriculum_start", "train.curriculum_steps",
+               "train.curriculum_shape", "train.curriculum_batch")
 # Settings that only change SCOPE's training: in a SCOPE run's recipe, not in the others' (a dense row would
 # otherwise carry a teacher weight it never used, and the two would read as trained differently).
 SCOPE_RECIPE_KEYS = ("train.scope_teacher_weight", "train.scope_teacher_len")

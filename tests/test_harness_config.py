@@ -101,7 +101,8 @@ def test_recipe_reruns_a_run_like_for_like() -> None:
     """A results row's recipe, given back as overrides with the run's experiment, attention and task, recomposes
     every setting it names, whatever the run changed (float, null, string and integer values among them)."""
     changed = ["experiment=cuda_16k", "attention=scope_16k", "task=text", "out_dir=/tmp/a", "train.batch_size=2",
-               "train.lr=0.00123", "train.curriculum_batch=fixed", "train.max_minutes=null", "model.n_layer=3"]
+               "train.lr=0.00123", "train.curriculum_batch=fixed", "train.max_minutes=null", "model.n_layer=3",
+               "model.init_std=0.05"]
     original = validate_run_config(compose(changed))
     recipe = original.recipe()
     assert "train.curriculum_batch=fixed" in recipe and "train.max_minutes=null" in recipe
