@@ -225,7 +225,9 @@ def tile_candidates() -> list[Any]:
     from nsa.kernels.decode import DecodeTiles
 
     base = DecodeTiles()
-    return [base, *(base._replace(programs_per_sm=n) for n in (2, 4)), base._replace(cmp_block=64),
+    return [base, *(base._replace(programs_per_sm=n) for n in (2, 4, 16)),
+            *(base._replace(cmp_block=n) for n in (32, 128)), base._replace(single_tile_block=64),
+            *(base._replace(sel_blocks=n) for n in (1, 4)),
             base._replace(cmp_warps=8), *(base._replace(merge_chunk=n) for n in (8, 32))]
 
 

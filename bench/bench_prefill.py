@@ -386,10 +386,13 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         variants["sel_tiles"] += [sel._replace(num_warps=w, num_stages=st) for w, st in [(2, 3), (1, 3), (2, 2),
                                                                                           (2, 4), (4, 2), (4, 4)]]
         variants["topn_tiles"] += [TopnTiles(num_warps=2), TopnTiles(num_warps=8), TopnTiles(rows=32),
-                                   TopnTiles(num_stages=3)]
+                                   TopnTiles(num_stages=3), TopnTiles(key_blocks=32), TopnTiles(key_blocks=64)]
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]
     elif shape.dk <= 128:
         variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64)]
+        # wider compressed-key tiles: fewer loop turns (each a dot, the Eq. 9 sums and the merge's check) per row
+        variants["topn_tiles"] += [TopnTiles(key_blocks=32), TopnTiles(key_blocks=64),
+                                   TopnTiles(rows=32, key_blocks=32), TopnTiles(key_blocks=32, num_stages=3)]
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
                                    ranges._replace(dkv_n=64)]
     else:

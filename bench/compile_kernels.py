@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
+from nsa.functional import NSASizes
 from nsa.kernels import decode, range_attention, selected, topn
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
@@ -121,37 +122,43 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
 
 
-DECODE_POINTERS = (("logits_ptr", "*fp32"), ("m_ptr", "*fp32"), ("l_ptr", "*fp32"), ("acc_ptr", "*fp32"),
-                   ("probs_ptr", "*fp32"), ("pos_ptr", "*i64"), ("idx_ptr", "*i64"), ("reads_ptr", "*i64"),
-                   ("count_ptr", "*i32"), ("page_table_ptr", "*i32"))
+DECODE_POINTERS = (("scores_ptr", "*fp32"), ("ref_ptr", "*fp32"), ("terms_ptr", "*fp32"), ("m_ptr", "*fp32"),
+                   ("l_ptr", "*fp32"), ("acc_ptr", "*fp32"), ("group_ptr", "*fp32"), ("pos_ptr", "*i64"),
+                   ("idx_ptr", "*i64"), ("reads_ptr", "*i64"), ("count_ptr", "*i32"), ("page_table_ptr", "*i32"))
 
 
 def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
     """The decode step's kernels at the public shape (HQ = 64, H_kv = 4, D = 128, paper blocks) with the constants
     a batch of 32 sequences at 128k launches them with (9 compressed splits of 8 tiles), paged and not."""
     tiles = tiles or decode.DecodeTiles()
-    splits, block_out, window_tiles = 9, 16, BLOCKS["window_size"] // decode.BLOCK_W
+    splits, block_out = 9, 16
+    sel_programs = -(-BLOCKS["num_selected"] // tiles.sel_blocks)
+    window_tiles = -(-BLOCKS["window_size"] // (decode.BLOCK_W * tiles.sel_blocks))
     heads = {"HKV": 4, "G": 16, "BLOCK_G": 16}
     blocks = {"CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"]}
-    select = {**blocks, "HKV": 4, "SEL_BLOCK": BLOCKS["sel_block_size"], "NUM_SELECTED": BLOCKS["num_selected"],
+    select = {"HKV": 4, "SEL_BLOCK": BLOCKS["sel_block_size"], "NUM_SELECTED": BLOCKS["num_selected"],
               "BLOCK_OUT": block_out}
+    shape = decode.cmp_tile_shape(NSASizes(**BLOCKS), tiles.cmp_block)
+    eq9 = {"BLOCK_Q": shape.block_q, "SPILL": shape.spill}
     dims = {"DK": 128, "DV": 128, "BLOCK_DK": 128, "BLOCK_DV": 128}
 
     def case(name: str, fn: Any, constexprs: dict[str, Any], num_warps: int = 4, num_stages: int = 3) -> KernelCase:
         return KernelCase(name, fn, constexprs, num_warps, num_stages, pointer_types=DECODE_POINTERS)
 
-    yield case("dec_cmp", decode._cmp_partials_kernel, {**heads, **blocks, **dims, "BLOCK_N": tiles.cmp_block,
-                                                        "TILES_PER_SPLIT": 8}, tiles.cmp_warps, tiles.cmp_stages)
-    yield case("dec_probs", decode._cmp_group_probs_kernel, {**heads, **blocks, "BLOCK_N": tiles.cmp_block,
-                                                             "NUM_SPLITS": splits, "TILES_PER_SPLIT": 8, "CHUNK": 16})
+    yield case("dec_cmp", decode._cmp_partials_kernel,
+               {**heads, **blocks, **dims, **eq9, "SEL_BLOCK": BLOCKS["sel_block_size"], "BLOCK_R": shape.block_r,
+                "TILES_PER_SPLIT": 8}, tiles.cmp_warps, tiles.cmp_stages)
+    yield case("dec_scores", decode._group_block_scores_kernel,
+               {"G": 16, "BLOCK_G": 16, **eq9, "NUM_SPLITS": splits, "TILES_PER_SPLIT": 8, "CHUNK": 16})
     yield case("dec_topn", decode._select_topn_kernel, {**select, "BLOCK_NSEL": 2048}, 8)
     for page in (0, 256):
         yield case(f"dec_selwin{page}", decode._sel_win_partials_kernel,
                    {**heads, **dims, "NUM_SELECTED": BLOCKS["num_selected"], "SEL_BLOCK": BLOCKS["sel_block_size"],
-                    "WINDOW": BLOCKS["window_size"], "BLOCK_SEL": 64, "BLOCK_W": decode.BLOCK_W, "PAGE": page})
+                    "WINDOW": BLOCKS["window_size"], "BLOCK_SEL": 64, "BLOCK_W": decode.BLOCK_W, "PAGE": page,
+                    "PER_PROGRAM": tiles.sel_blocks, "NUM_SEL_PROGRAMS": sel_programs})
     yield case("dec_combine", decode._combine_kernel,
-               {**heads, "DV": 128, "NUM_SPLITS": splits, "NUM_SELECTED": BLOCKS["num_selected"],
-                "NUM_WIN_TILES": window_tiles, "BLOCK_DV": 128, "BLOCK_SLOTS": 64, "CHUNK": tiles.merge_chunk})
+               {**heads, "DV": 128, "NUM_SPLITS": splits, "NUM_SEL_SLOTS": sel_programs, "NUM_WIN_TILES": window_tiles,
+                "BLOCK_DV": 128, "BLOCK_SLOTS": 64, "CHUNK": tiles.merge_chunk})
 
 
 def compile_case(case: KernelCase, arch: int = 90) -> Any:

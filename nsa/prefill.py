@@ -39,14 +39,14 @@ def _power_of_two_at_least(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
-def topn_tile_shape(num_selected: int, group: int, sel_block_size: int, block_stride: int, rows: int
-                    ) -> dict[str, int]:
+def topn_tile_shape(num_selected: int, group: int, sel_block_size: int, block_stride: int, rows: int,
+                    key_blocks: int = 16) -> dict[str, int]:
     """The top-n kernel's constexprs: KP (running top list width, >= 4 for the three forced blocks), NS
-    selection blocks per tile (NS * r compressed keys per tile, at least 16 for tl.dot; r = l'/d), GP (the
-    group padded to a power of two) and BQ (queries per program, BQ * GP = rows)."""
+    selection blocks per tile (at least key_blocks and KP; NS * r compressed keys per tile, at least 16 for tl.dot;
+    r = l'/d), GP (the group padded to a power of two) and BQ (queries per program, BQ * GP = rows)."""
     ratio = sel_block_size // block_stride
     kp = max(4, _power_of_two_at_least(num_selected - 3))
-    ns = max(kp, _power_of_two_at_least(-(-16 // ratio)))
+    ns = max(kp, _power_of_two_at_least(key_blocks), _power_of_two_at_least(-(-16 // ratio)))
     gp = _power_of_two_at_least(group)
     return {"KP": kp, "NS": ns, "GP": gp, "BQ": max(1, rows // gp), "RATIO": ratio}
 

@@ -22,7 +22,7 @@ from reference import ref_compress_mean, ref_nsa, ref_num_cmp, ref_num_sel
 from nsa import NSAAttention, NSAConfig, NSAConfigError, NSAInputError, dispatch
 from nsa.decode_attention import decode_attention
 from nsa.functional import NSASizes
-from nsa.kernels.decode import DecodeTiles, decode_attention_triton, num_cmp_splits
+from nsa.kernels.decode import DecodeTiles, cmp_tiling, decode_attention_triton
 
 L, D, LP, N, W = 8, 4, 8, 4, 16  # l, d, l', n, w: small, with d | l and d | l'
 SIZES = NSASizes(L, D, LP, N, W)
@@ -31,9 +31,11 @@ POSITIONS = [0, 6, 7, 8, 15, 16, 17, 31, 32, 47, 63, 79]
 GARBAGE = 50.0  # cache rows a query must not read hold large values: reading one moves the output
 
 
-def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int) -> tuple[dict, torch.Tensor]:
+def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int,
+                sizes: NSASizes = SIZES) -> tuple[dict, torch.Tensor]:
     """Full-sequence inputs, their float64 reference outputs/indices, and cache-shaped buffers for the
     query of sequence b at POSITIONS[b]: rows after it filled with garbage, the window as a ring."""
+    L, D, LP, N, W = sizes
     batch, hkv = len(POSITIONS), 2
     hq = groups * hkv
     q = randn(batch, seq_len, hq, dk, seed=seed)
@@ -72,10 +74,10 @@ def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int) -> tuple
     return inputs, (out[rows, t], indices[rows, t])
 
 
-def _run(inputs: dict, dtype: torch.dtype, backend: str):
+def _run(inputs: dict, dtype: torch.dtype, backend: str, sizes: NSASizes = SIZES):
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items() if torch.is_tensor(v)}
     bounds = {k: v for k, v in inputs.items() if not torch.is_tensor(v)}
-    return decode_attention(**cast, **bounds, sizes=SIZES, scale=inputs["q"].shape[-1] ** -0.5, backend=backend)
+    return decode_attention(**cast, **bounds, sizes=sizes, scale=inputs["q"].shape[-1] ** -0.5, backend=backend)
 
 
 @pytest.mark.parametrize(("groups", "dk", "dv"), [(1, 16, 16), (2, 24, 16), (4, 8, 32)])
@@ -96,6 +98,23 @@ def test_triton_decode_matches_float64_reference(groups: int, dk: int, dv: int) 
     assert torch.equal(fast.reads[..., 2], (t + 1).clamp(max=W).expand(-1, 2))
 
 
+@pytest.mark.parametrize("sizes", [NSASizes(16, 4, 8, 4, 16), NSASizes(4, 4, 8, 4, 16), NSASizes(8, 4, 12, 4, 16)],
+                         ids=["l>=l'+d", "l=d", "l'/d=3"])
+def test_triton_decode_selection_matches_float64_reference_for_other_blocks(sizes: NSASizes) -> None:
+    """Eq. 9 inside the compressed tiles for other block sizes: a compressed block whose weights reach two
+    selection blocks ahead (l = 4d, l' = 2d), none ahead (l = d), and l'/d = 3 (lanes padded to 4 per selection
+    block). With l >= l' + d a complete block's own compressed blocks may all be invisible. Tiles of 4 lanes (1-2
+    selection blocks) put a tile end inside every candidate's Eq. 9 terms."""
+    inputs, (ref_out, ref_indices) = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=23, sizes=sizes)
+    f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    out, indices, _ = decode_attention_triton(**f32, sizes=sizes, scale=16 ** -0.5,
+                                              tiles=DecodeTiles(cmp_block=4, single_tile_block=4, programs_per_sm=64,
+                                                                merge_chunk=2))
+    own_error = (_run(inputs, torch.float32, "torch", sizes).output.double() - ref_out).abs().max().item()
+    assert (out.double() - ref_out).abs().max().item() <= 4 * own_error + 1e-6
+    assert torch.equal(indices, ref_indices)
+
+
 def test_triton_decode_bounds_past_the_batch_read_nothing_more() -> None:
     """Host bounds larger than any sequence needs (a static-shape cache scans to capacity) change nothing."""
     inputs, _ = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=7)
@@ -110,20 +129,28 @@ def test_triton_decode_bounds_past_the_batch_read_nothing_more() -> None:
     assert torch.equal(loose.block_indices, tight.block_indices) and torch.equal(loose.reads, tight.reads)
 
 
-@pytest.mark.parametrize("tiles", [DecodeTiles(cmp_block=16, programs_per_sm=1),
-                                   DecodeTiles(cmp_block=16, programs_per_sm=64, merge_chunk=1),
-                                   DecodeTiles(cmp_block=32, programs_per_sm=64, merge_chunk=4)])
-def test_triton_decode_splits_and_merges_match_float64_reference(tiles: DecodeTiles) -> None:
+@pytest.mark.parametrize(("tiles", "lanes"), [
+    (DecodeTiles(cmp_block=16, single_tile_block=16, programs_per_sm=1), 16),
+    (DecodeTiles(cmp_block=16, single_tile_block=16, programs_per_sm=64, merge_chunk=1), 16),
+    (DecodeTiles(cmp_block=32, single_tile_block=32, programs_per_sm=64, merge_chunk=4), 32),
+    (DecodeTiles(cmp_block=4, single_tile_block=4, programs_per_sm=64, merge_chunk=2, sel_blocks=1), 4),
+    (DecodeTiles(cmp_block=16, single_tile_block=16, programs_per_sm=64, merge_chunk=2, sel_blocks=8), 16),
+    (DecodeTiles(cmp_block=4, single_tile_block=16, programs_per_sm=64, merge_chunk=2), 4),  # 3 splits of 16: 4s
+    (DecodeTiles(cmp_block=4, single_tile_block=16, programs_per_sm=256, merge_chunk=2), 16),  # one 16 per split
+])
+def test_triton_decode_splits_and_merges_match_float64_reference(tiles: DecodeTiles, lanes: int) -> None:
     """Any split of the compressed branch over programs (the merges load merge_chunk partial slots at a
-    time, the last chunk partly past the slots) gives the float64 reference's output and blocks."""
+    time, the last chunk partly past the slots), any tile width (single_tile_block where every split then holds
+    one tile, else cmp_block) and selected blocks per program give the float64 reference's output and blocks."""
     inputs, (ref_out, ref_indices) = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=11)
     padded = dict(inputs, num_cmp_bound=inputs["num_cmp_bound"] + 40)  # more tiles: up to 4 splits
     for name in ("k_cmp", "v_cmp"):
         padded[name] = torch.cat((inputs[name], GARBAGE * torch.ones_like(inputs[name][:, :40])), dim=1)
     pairs = len(POSITIONS) * 2
-    num_tiles = -(-padded["num_cmp_bound"] // tiles.cmp_block)
-    splits = num_cmp_splits(num_tiles, pairs, tiles, torch.device("cpu"))
-    assert (splits == 1) if tiles.programs_per_sm == 1 else (2 <= splits <= num_tiles)
+    shape, splits, _ = cmp_tiling(SIZES, padded["num_cmp_bound"], padded["num_sel_blocks"], pairs, tiles,
+                                  torch.device("cpu"))
+    assert shape.block_q * shape.block_r == lanes
+    assert (splits == 1) if tiles.programs_per_sm == 1 else (splits >= 2)
     f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in padded.items()}
     out, indices, _ = decode_attention_triton(**f32, sizes=SIZES, scale=16 ** -0.5, tiles=tiles)
     own_error = (_run(inputs, torch.float32, "torch").output.double() - ref_out).abs().max().item()

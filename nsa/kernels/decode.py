@@ -5,15 +5,19 @@ selected blocks and the w-token window ring, once for all G query heads of the g
 rows form the M side of every tl.dot, so a group's keys are loaded once, not G times).
 
 Launches (all grids from host-known bounds, so a step is CUDA-graph capturable):
-1. cmp_partials: grid (B*Hkv, num_splits). Each split scans a range of compressed blocks, writes
-   the raw scaled logits (selection needs the normalised probabilities, which need the global
-   log-sum-exp) and a flash-decoding partial (row max m, row sum l, unnormalised acc).
-2. cmp_group_probs: grid (B*Hkv, num_splits). Merges the m/l partials into each head's lse and
-   writes p_grp[n] = sum_g exp(logit[g, n] - lse[g]) (Eq. 8 + Eq. 10) for every visible block.
-3. select_topn: grid (B*Hkv,). Eq. 9 and top-n with the rule of nsa.selection_scorer.topn_blocks
+1. cmp_partials: grid (B*Hkv, num_splits). Each split scans a range of compressed blocks and writes a
+   flash-decoding partial (row max m, row sum l, unnormalised acc) and, per head and tile, Eq. 9 applied to the
+   tile's probabilities relative to the running row max (selection needs the normalised probabilities, which
+   need the global log-sum-exp): ceil((l/d - 1) / (l'/d)) + 1 planes of terms per selection block, half the
+   logits' bytes at the paper's blocks, and the row max (ref) per tile.
+2. group_block_scores: grid (B*Hkv, num_splits). Merges the m/l partials into each head's lse and writes
+   the group's score of every selection block, sum over heads g and planes s of
+   exp(ref[g] - lse[g]) * term[s, g, j - s] (Eq. 8 + 10).
+3. select_topn: grid (B*Hkv,). Top-n with the rule of nsa.selection_scorer.topn_blocks
    (forced blocks, complete candidates, ties to the lower index) through one tl.topk of packed keys.
-4. sel_win_partials: grid (B*Hkv, n + window tiles). One program per selected block (tokens <= t)
-   and per tile of the window ring (slots holding positions t-w+1..t).
+4. sel_win_partials: grid (B*Hkv, n / sel_blocks + window tiles). One program per sel_blocks selected blocks
+   (tokens <= t; their rows side by side in one tile) and per tile of the window ring (slots holding positions
+   t-w+1..t).
 5. combine: grid (B*Hkv, G). Merges one head's partials of each branch and applies its gates.
 The merges (2 and 5) load CHUNK partial slots per step and 5 spreads a group's heads over programs: at
 batch 1 a step has up to ~128 splits per (sequence, KV head), and one program per pair loading one slot
@@ -44,21 +48,27 @@ UNUSED = tl.constexpr(1 << 30)  # an empty selection slot while sorting: after e
 
 
 class DecodeTiles(NamedTuple):
-    """Launch settings of a decode step. cmp_block: compressed blocks per tile; programs_per_sm: the
-    compressed-branch splits aim at about this many programs per SM, never more splits than tiles (rounded
-    up to a power of two, so a growing cache recompiles only when its length doubles); cmp_warps /
-    cmp_stages: the compressed-partials launch; merge_chunk: partial slots per load in the merges. Defaults from
-    the H200 sweep (bench_decode --tiles, bench/results/decode_tiles_cuda.jsonl, public shape, CUDA graphs):
-    128-block tiles ran batch 1 in 25.3 / 37.4 us at 64k / 128k against 27.3 / 42.6 with 64, and batch 32 within
-    3% of the best candidate. Fusing launches 2 and 3 (one program per (sequence, KV head) summing the group
-    probabilities from the logits and selecting) ran 1.3-5x slower in the sweep of 2026-12-02: one program per
-    pair cannot spread the logits' read over the GPU."""
+    """Launch settings of a decode step (H200 measurements: bench/results/decode_cuda.md, public shape, CUDA graphs).
 
-    cmp_block: int = 128
+    cmp_block: compressed-block lanes per tile (whole selection blocks of l'/d lanes, padded to a power of two);
+    single_tile_block: the lanes instead where that many leave every split one tile (small batches: fewer splits
+    to merge). With several tiles per split, 64 lanes let two programs' pipeline buffers share an SM: batch 32 ran
+    11% / 8% faster at 64k / 128k than with 128, batch 1 11-21% slower (2026-12-03). programs_per_sm: the
+    compressed-branch splits aim at about this many programs per SM, never more splits than tiles (rounded up to a
+    power of two, so a growing cache recompiles only when its length doubles). cmp_warps / cmp_stages: the
+    compressed-partials launch. merge_chunk: partial slots per load in the merges. sel_blocks: selected blocks per
+    program of the selected / window partials, a power of two (their rows in one tile; window tiles of sel_blocks x
+    64 ring slots): 2 ran 0.1568 / 0.2487 ms at batch 32, 64k / 128k, against 0.1602 / 0.2522 for 1 and 0.1618 /
+    0.2543 for 4. Fusing launches 2 and 3 (one program per (sequence, KV head)) ran 1.3-5x slower on 2026-12-02:
+    one program per pair cannot spread the read over the GPU."""
+
+    cmp_block: int = 64
+    single_tile_block: int = 128
     programs_per_sm: int = 8
     cmp_warps: int = 4
     cmp_stages: int = 3
     merge_chunk: int = 16
+    sel_blocks: int = 2
 
 
 @triton.jit
@@ -71,24 +81,23 @@ def _load_group_queries(q_ptr, stride_qb, stride_qh, b, h, G: tl.constexpr, DK: 
 
 
 @triton.jit
-def _attend_tile(q, k_ptr, v_ptr, rows, valid, stride_kr, stride_vr, scale, m, l, acc,
+def _attend_tile(q, k_ptr, v_ptr, k_rows, v_rows, valid, scale, m, l, acc,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Online-softmax update of (m, l, acc) [BLOCK_G], [BLOCK_G], [BLOCK_G, BLOCK_DV] with the keys at
-    `rows` (k_ptr/v_ptr already point at this sequence and head). Returns (m, l, acc, scores)."""
+    """Online-softmax update of (m, l, acc) [BLOCK_G], [BLOCK_G], [BLOCK_G, BLOCK_DV] with the keys whose rows
+    start k_rows / v_rows elements after k_ptr / v_ptr (already at this sequence and head). Returns (m, l, acc,
+    p): p [BLOCK_G, rows] the tile's probabilities relative to m (0 where m is -inf or the key is masked)."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(k_ptr + rows[:, None] * stride_kr + offs_dk[None, :],
-                mask=valid[:, None] & (offs_dk < DK)[None, :], other=0.0)
+    k = tl.load(k_ptr + k_rows[:, None] + offs_dk[None, :], mask=valid[:, None] & (offs_dk < DK)[None, :], other=0.0)
     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row must not give NaN
     alpha = tl.exp(m - m_safe)
     p = tl.exp(scores - m_safe[:, None])
-    v = tl.load(v_ptr + rows[:, None] * stride_vr + offs_dv[None, :],
-                mask=valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :], mask=valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return m_new, l * alpha + tl.sum(p, axis=1), acc, scores
+    return m_new, l * alpha + tl.sum(p, axis=1), acc, p
 
 
 @triton.jit
@@ -110,37 +119,76 @@ def _num_visible_cmp(t, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _eq9_weight(k, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
+    """Eq. 9 as the strided correlation of nsa.block_index.overlap_kernel: compressed block j * (l'/d) + k - (l/d - 1)
+    overlaps selection block j by min(u*d + l, l') - max(u*d, 0) tokens (u = k - (l/d - 1)); its weight is that
+    overlap / l, 0 outside the K = l/d - 1 + l'/d terms."""
+    start = (k - (CMP_BLOCK // CMP_STRIDE - 1)) * CMP_STRIDE
+    overlap = tl.minimum(start + CMP_BLOCK, SEL_BLOCK) - tl.maximum(start, 0)
+    in_kernel = (k >= 0) & (k < CMP_BLOCK // CMP_STRIDE - 1 + SEL_BLOCK // CMP_STRIDE)
+    return tl.where(in_kernel, tl.maximum(overlap, 0).to(tl.float32) / CMP_BLOCK, 0.0)
+
+
+@triton.jit
+def _tile_eq9_terms(p, s: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                    SEL_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr):
+    """What each of a tile's BLOCK_Q selection blocks' own compressed blocks give selection block j + s by Eq. 9,
+    per head: p [BLOCK_G, BLOCK_Q * BLOCK_R], lane (j, r) holding compressed block (tile's first selection block
+    + j) * R + r, R = l'/d (r >= R: padding, p = 0), whose weight for block j + s is term r + P - s*R's (P = l/d - 1
+    earlier compressed blocks per term; s runs to ceil(P / R)). -> [BLOCK_G, BLOCK_Q]."""
+    R: tl.constexpr = SEL_BLOCK // CMP_STRIDE
+    r = tl.arange(0, BLOCK_R)
+    weight = tl.where(r < R, _eq9_weight(r + CMP_BLOCK // CMP_STRIDE - 1 - s * R, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK),
+                      0.0)
+    return tl.sum(tl.reshape(p, [BLOCK_G, BLOCK_Q, BLOCK_R]) * weight[None, None, :], axis=2)
+
+
+@triton.jit
 def _cmp_partials_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, logits_ptr, m_ptr, l_ptr, acc_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, terms_ptr, ref_ptr, m_ptr, l_ptr, acc_ptr, count_ptr,
     stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    scale, logits_cols, num_slots,
+    scale, num_pairs, num_tiles, num_slots,
     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CMP_BLOCK: tl.constexpr,
-    CMP_STRIDE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+    CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, SPILL: tl.constexpr,
+    TILES_PER_SPLIT: tl.constexpr,
 ):
+    """One split: a flash-decoding partial (m, l, acc) over its tiles and, per tile and head, the Eq. 9 terms of
+    its compressed blocks (planes s = 0 .. SPILL: what they give the selection block s after their own) relative
+    to the running row max (stored beside them as ref): (SPILL + 1) / (l'/d) of the logits' bytes (half at the
+    paper's blocks); the log-sum-exp is applied once it is known."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
+    R: tl.constexpr = SEL_BLOCK // CMP_STRIDE
     num_visible = _num_visible_cmp(tl.load(pos_ptr + b), CMP_BLOCK, CMP_STRIDE)
     q = _load_group_queries(q_ptr, stride_qb, stride_qh, b, h, G, DK, BLOCK_G, BLOCK_DK)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    first = split * TILES_PER_SPLIT * BLOCK_N
     offs_g = tl.arange(0, BLOCK_G)
+    lane = tl.arange(0, BLOCK_Q * BLOCK_R)
+    offs_q = tl.arange(0, BLOCK_Q)
+    head_rows = (bh * BLOCK_G + offs_g)[:, None]
+    real_heads = (offs_g < G)[:, None]
     count = tl.zeros([], tl.int32)
     # No branch on the visible count inside the loop (a conditional body is not software-pipelined):
     # tiles past it are fully masked, which loads no memory and leaves (m, l, acc) unchanged.
     for i in range(0, TILES_PER_SPLIT):
-        rows = first + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = rows < num_visible
+        tile = split * TILES_PER_SPLIT + i
+        rows = (tile * BLOCK_Q + lane // BLOCK_R) * R + lane % BLOCK_R
+        valid = (lane % BLOCK_R < R) & (rows < num_visible)
         count += tl.sum(valid.to(tl.int32))
-        m, l, acc, scores = _attend_tile(q, k_ptr + b * stride_kb + h * stride_kh,
-                                         v_ptr + b * stride_vb + h * stride_vh, rows, valid,
-                                         stride_kn, stride_vn, scale, m, l, acc, DK, DV, BLOCK_DK, BLOCK_DV)
-        tl.store(logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols + rows[None, :], scores,
-                 mask=(offs_g < G)[:, None] & valid[None, :])
+        m, l, acc, p = _attend_tile(q, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
+                                    rows * stride_kn, rows * stride_vn, valid, scale, m, l, acc,
+                                    DK, DV, BLOCK_DK, BLOCK_DV)
+        for s in tl.static_range(SPILL + 1):
+            terms = _tile_eq9_terms(p, s, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, BLOCK_G, BLOCK_Q, BLOCK_R)
+            tl.store(terms_ptr + (s * num_pairs * BLOCK_G + head_rows) * (num_tiles * BLOCK_Q) + tile * BLOCK_Q
+                     + offs_q[None, :], terms, mask=real_heads)
+        tl.store(ref_ptr + (bh * BLOCK_G + offs_g) * num_tiles + tile, tl.where(m == float("-inf"), 0.0, m),
+                 mask=offs_g < G)
     _store_partial(m_ptr, l_ptr, acc_ptr, count_ptr, bh, split, num_slots, m, l, acc, count, BLOCK_G, BLOCK_DV)
 
 
@@ -152,65 +200,52 @@ def _slot_rows(bh, first_slot, s0, count, num_slots, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _partials_max(m_ptr, bh, first_slot, count: tl.constexpr, num_slots, BLOCK_G: tl.constexpr,
-                  CHUNK: tl.constexpr):
-    """Row max per head over partial slots [first_slot, first_slot + count), 0 where all are empty
-    (a finite shift, so exp(m - max) of an empty slot is 0, never NaN)."""
-    offs_g = tl.arange(0, BLOCK_G)
-    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s0 in range(0, count, CHUNK):
-        rows, ok = _slot_rows(bh, first_slot, s0, count, num_slots, CHUNK)
-        m = tl.load(m_ptr + rows[:, None] * BLOCK_G + offs_g[None, :], mask=ok[:, None], other=float("-inf"))
-        m_all = tl.maximum(m_all, tl.max(m, axis=0))
-    return tl.where(m_all == float("-inf"), 0.0, m_all)
-
-
-@triton.jit
 def _merged_lse(m_ptr, l_ptr, bh, first_slot, count: tl.constexpr, num_slots, BLOCK_G: tl.constexpr,
                 CHUNK: tl.constexpr):
-    """Log-sum-exp per head over partial slots [first_slot, first_slot + count); -inf if all empty."""
+    """Log-sum-exp per head over partial slots [first_slot, first_slot + count); -inf if all empty. One online
+    pass, unrolled: every chunk's loads are independent of the arithmetic, so they issue together."""
     offs_g = tl.arange(0, BLOCK_G)
-    m_safe = _partials_max(m_ptr, bh, first_slot, count, num_slots, BLOCK_G, CHUNK)
+    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
-    for s0 in range(0, count, CHUNK):
+    for s0 in tl.static_range(0, count, CHUNK):
         rows, ok = _slot_rows(bh, first_slot, s0, count, num_slots, CHUNK)
         at = rows[:, None] * BLOCK_G + offs_g[None, :]
         m = tl.load(m_ptr + at, mask=ok[:, None], other=float("-inf"))
-        total += tl.sum(tl.load(l_ptr + at, mask=ok[:, None], other=0.0) * tl.exp(m - m_safe[None, :]), axis=0)
-    return tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+        l = tl.load(l_ptr + at, mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a finite shift: empty slots weigh exp(-inf) = 0
+        total = total * tl.exp(m_run - m_safe) + tl.sum(l * tl.exp(m - m_safe[None, :]), axis=0)
+        m_run = m_new
+    return tl.where(total > 0, m_run + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
 
 
 @triton.jit
-def _cmp_group_probs_kernel(
-    pos_ptr, logits_ptr, m_ptr, l_ptr, probs_ptr, logits_cols, probs_cols, num_slots,
-    HKV: tl.constexpr, G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-    CHUNK: tl.constexpr,
+def _group_block_scores_kernel(
+    terms_ptr, ref_ptr, m_ptr, l_ptr, group_ptr, num_pairs, num_tiles, num_slots,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, SPILL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """Eq. 8 + 10 on the per-head Eq. 9 terms of cmp_partials: selection block j's score is the sum over the
+    group's heads and s = 0 .. SPILL of plane s at block j - s times exp(ref - lse), ref being the row max that
+    block's terms are relative to. Writes the group's scores [BLOCK_Q] per tile."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    num_visible = _num_visible_cmp(tl.load(pos_ptr + bh // HKV), CMP_BLOCK, CMP_STRIDE)
     lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: every logit below is masked anyway
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: every term below is 0 anyway
     offs_g = tl.arange(0, BLOCK_G)
-    for i in range(0, TILES_PER_SPLIT):
-        cols = (split * TILES_PER_SPLIT + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = cols < num_visible
-        logits = tl.load(logits_ptr + (bh * BLOCK_G + offs_g)[:, None] * logits_cols + cols[None, :],
-                         mask=(offs_g < G)[:, None] & valid[None, :], other=float("-inf"))
-        probs = tl.sum(tl.exp(logits - lse[:, None]), axis=0)
-        tl.store(probs_ptr + bh * probs_cols + cols, probs, mask=cols < probs_cols)
-
-
-@triton.jit
-def _eq9_term(k, blocks, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
-    """Eq. 9 as the strided correlation of nsa.block_index.overlap_kernel, term k: compressed block
-    j * (l'/d) + u (u = k - (l/d - 1)) overlaps selection block j by min(u*d + l, l') - max(u*d, 0) tokens.
-    -> (that compressed block's index for each of ``blocks``, its weight overlap / l)."""
-    start = (k - (CMP_BLOCK // CMP_STRIDE - 1)) * CMP_STRIDE
-    overlap = tl.minimum(start + CMP_BLOCK, SEL_BLOCK) - tl.maximum(start, 0)
-    src = blocks * (SEL_BLOCK // CMP_STRIDE) + k - (CMP_BLOCK // CMP_STRIDE - 1)
-    return src, tl.maximum(overlap, 0).to(tl.float32) / CMP_BLOCK
+    real = (offs_g < G)[:, None]
+    head_rows = (bh * BLOCK_G + offs_g)[:, None]
+    for i in tl.static_range(TILES_PER_SPLIT):  # unrolled: no load waits on the previous tile's arithmetic
+        blocks = (split * TILES_PER_SPLIT + i) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        total = tl.zeros([BLOCK_Q], tl.float32)
+        for s in tl.static_range(SPILL + 1):
+            src = blocks[None, :] - s
+            ok = real & (src >= 0)
+            terms = tl.load(terms_ptr + (s * num_pairs * BLOCK_G + head_rows) * (num_tiles * BLOCK_Q) + src,
+                            mask=ok, other=0.0)
+            ref = tl.load(ref_ptr + head_rows * num_tiles + src // BLOCK_Q, mask=ok, other=0.0)
+            total += tl.sum(terms * tl.exp(ref - lse[:, None]), axis=0)
+        tl.store(group_ptr + bh * num_tiles * BLOCK_Q + blocks, total)
 
 
 @triton.jit
@@ -243,20 +278,16 @@ def _store_selection(idx_ptr, bh, top, t, SEL_BLOCK: tl.constexpr, NUM_SELECTED:
 
 @triton.jit
 def _select_topn_kernel(
-    probs_ptr, pos_ptr, idx_ptr, probs_cols, num_sel_blocks,
-    HKV: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, BLOCK_NSEL: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    scores_ptr, pos_ptr, idx_ptr, scores_cols, num_sel_blocks,
+    HKV: tl.constexpr, SEL_BLOCK: tl.constexpr, NUM_SELECTED: tl.constexpr, BLOCK_NSEL: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
 ):
-    """Eq. 9 and top-n for one (sequence, KV head) from the group probabilities of cmp_group_probs."""
+    """Top-n for one (sequence, KV head) from the group's selection scores of group_block_scores."""
     bh = tl.program_id(0)
     t = tl.load(pos_ptr + bh // HKV)
     blocks = tl.arange(0, BLOCK_NSEL)
     in_range = blocks < num_sel_blocks
-    score = tl.zeros([BLOCK_NSEL], tl.float32)
-    for k in tl.static_range(CMP_BLOCK // CMP_STRIDE - 1 + SEL_BLOCK // CMP_STRIDE):
-        src, weight = _eq9_term(k, blocks, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
-        probs = tl.load(probs_ptr + bh * probs_cols + src, mask=in_range & (src >= 0) & (src < probs_cols), other=0.0)
-        score += weight * probs
+    score = tl.load(scores_ptr + bh * scores_cols + blocks, mask=in_range, other=0.0)
     top = _candidate_top(score, blocks, in_range, t, SEL_BLOCK, BLOCK_OUT)
     _store_selection(idx_ptr, bh, top, t, SEL_BLOCK, NUM_SELECTED, BLOCK_OUT)
 
@@ -270,6 +301,7 @@ def _sel_win_partials_kernel(
     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, NUM_SELECTED: tl.constexpr,
     SEL_BLOCK: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_W: tl.constexpr, PAGE: tl.constexpr,
+    PER_PROGRAM: tl.constexpr, NUM_SEL_PROGRAMS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     tile = tl.program_id(1)
@@ -281,32 +313,33 @@ def _sel_win_partials_kernel(
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     count = tl.zeros([], tl.int32)
-    if tile < NUM_SELECTED:
-        block = tl.load(idx_ptr + b * stride_ib + h * stride_ih + tile)
+    if tile < NUM_SEL_PROGRAMS:
+        # Selected blocks tile * PER_PROGRAM .. + PER_PROGRAM - 1 (past n: -1), their rows side by side in one tile.
+        offs = tl.arange(0, PER_PROGRAM * BLOCK_SEL)
+        slot = tile * PER_PROGRAM + offs // BLOCK_SEL
+        within = offs % BLOCK_SEL
+        block = tl.load(idx_ptr + b * stride_ib + h * stride_ih + slot, mask=slot < NUM_SELECTED, other=-1)
         first = tl.maximum(block, 0) * SEL_BLOCK  # an unused slot (-1) reads nothing
-        offs = tl.arange(0, BLOCK_SEL)
-        valid = (block >= 0) & (offs < SEL_BLOCK) & (first + offs <= t)
+        valid = (block >= 0) & (within < SEL_BLOCK) & (first + within <= t)
         count = tl.sum(valid.to(tl.int32))
-        if PAGE > 0:  # paged pool [pages + 1, PAGE, Hkv, D]: the block lies in one page (PAGE % SEL_BLOCK == 0)
+        if PAGE > 0:  # paged pool [pages + 1, PAGE, Hkv, D]: a block lies in one page (PAGE % SEL_BLOCK == 0)
             page = tl.load(page_table_ptr + b * stride_pt + first // PAGE).to(tl.int64)
-            k_seq = k_sel_ptr + page * stride_ksb
-            v_seq = v_sel_ptr + page * stride_vsb
-            rows = first % PAGE + offs
+            rows = first % PAGE + within
+            k_rows, v_rows = page * stride_ksb + rows * stride_ksn, page * stride_vsb + rows * stride_vsn
         else:
-            k_seq = k_sel_ptr + b * stride_ksb
-            v_seq = v_sel_ptr + b * stride_vsb
-            rows = first + offs
-        m, l, acc, _ = _attend_tile(q, k_seq + h * stride_ksh, v_seq + h * stride_vsh, rows, valid,
-                                    stride_ksn, stride_vsn, scale, m, l, acc, DK, DV, BLOCK_DK, BLOCK_DV)
+            rows = (first + within).to(tl.int64)
+            k_rows, v_rows = b * stride_ksb + rows * stride_ksn, b * stride_vsb + rows * stride_vsn
+        m, l, acc, _ = _attend_tile(q, k_sel_ptr + h * stride_ksh, v_sel_ptr + h * stride_vsh, k_rows, v_rows, valid,
+                                    scale, m, l, acc, DK, DV, BLOCK_DK, BLOCK_DV)
     else:
         # Ring slot s holds the latest position p <= t with p % w == s: p = t - ((t - s) mod w).
-        slots = (tile - NUM_SELECTED) * BLOCK_W + tl.arange(0, BLOCK_W)
+        slots = (tile - NUM_SEL_PROGRAMS) * PER_PROGRAM * BLOCK_W + tl.arange(0, PER_PROGRAM * BLOCK_W)
         lag = ((t - slots) % WINDOW + WINDOW) % WINDOW
         valid = (slots < WINDOW) & (t - lag >= 0)
         count = tl.sum(valid.to(tl.int32))
         m, l, acc, _ = _attend_tile(q, k_win_ptr + b * stride_kwb + h * stride_kwh,
-                                    v_win_ptr + b * stride_vwb + h * stride_vwh, slots, valid,
-                                    stride_kwn, stride_vwn, scale, m, l, acc, DK, DV, BLOCK_DK, BLOCK_DV)
+                                    v_win_ptr + b * stride_vwb + h * stride_vwh, slots * stride_kwn,
+                                    slots * stride_vwn, valid, scale, m, l, acc, DK, DV, BLOCK_DK, BLOCK_DV)
     _store_partial(m_ptr, l_ptr, acc_ptr, count_ptr, bh, first_slot + tile, num_slots, m, l, acc, count,
                    BLOCK_G, BLOCK_DV)
 
@@ -314,32 +347,33 @@ def _sel_win_partials_kernel(
 @triton.jit
 def _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, first_slot, count: tl.constexpr, num_slots,
                         BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr):
-    """Head g's normalised attention output [BLOCK_DV] from partial slots; 0 if it read nothing."""
+    """Head g's normalised attention output [BLOCK_DV] from partial slots; 0 if it read nothing. One online pass,
+    unrolled, like _merged_lse: a step's merge is a few chunks, and their loads should not wait on each other."""
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_all = tl.full([CHUNK], float("-inf"), tl.float32)
-    for s0 in range(0, count, CHUNK):
-        rows, ok = _slot_rows(bh, first_slot, s0, count, num_slots, CHUNK)
-        m_all = tl.maximum(m_all, tl.load(m_ptr + rows * BLOCK_G + g, mask=ok, other=float("-inf")))
-    m_max = tl.max(m_all, axis=0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # a finite shift: an empty slot weighs exp(-inf) = 0
-    total = tl.zeros([CHUNK], tl.float32)
+    m_run = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
     out = tl.zeros([BLOCK_DV], tl.float32)
-    for s0 in range(0, count, CHUNK):
+    for s0 in tl.static_range(0, count, CHUNK):
         rows, ok = _slot_rows(bh, first_slot, s0, count, num_slots, CHUNK)
         at = rows * BLOCK_G + g
-        weight = tl.exp(tl.load(m_ptr + at, mask=ok, other=float("-inf")) - m_safe)
-        total += tl.load(l_ptr + at, mask=ok, other=0.0) * weight
+        m = tl.load(m_ptr + at, mask=ok, other=float("-inf"))
+        l = tl.load(l_ptr + at, mask=ok, other=0.0)
         acc = tl.load(acc_ptr + at[:, None] * BLOCK_DV + offs_dv[None, :], mask=ok[:, None], other=0.0)
-        out += tl.sum(acc * weight[:, None], axis=0)
-    denominator = tl.sum(total, axis=0)
-    return out / tl.where(denominator > 0, denominator, 1.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a finite shift: an empty slot weighs exp(-inf) = 0
+        rescale = tl.exp(m_run - m_safe)
+        weight = tl.exp(m - m_safe)
+        total = total * rescale + tl.sum(l * weight, axis=0)
+        out = out * rescale + tl.sum(acc * weight[:, None], axis=0)
+        m_run = m_new
+    return out / tl.where(total > 0, total, 1.0)
 
 
 @triton.jit
 def _combine_kernel(
     gates_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, reads_ptr, stride_gb, stride_gh, stride_ob, stride_oh,
     num_slots,
-    HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_SELECTED: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_SEL_SLOTS: tl.constexpr,
     NUM_WIN_TILES: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -349,9 +383,9 @@ def _combine_kernel(
     b = bh // HKV
     h = bh % HKV
     o_cmp = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, 0, NUM_SPLITS, num_slots, BLOCK_G, BLOCK_DV, CHUNK)
-    o_sel = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, NUM_SPLITS, NUM_SELECTED, num_slots, BLOCK_G,
+    o_sel = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, NUM_SPLITS, NUM_SEL_SLOTS, num_slots, BLOCK_G,
                                 BLOCK_DV, CHUNK)
-    o_win = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, NUM_SPLITS + NUM_SELECTED, NUM_WIN_TILES, num_slots,
+    o_win = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, NUM_SPLITS + NUM_SEL_SLOTS, NUM_WIN_TILES, num_slots,
                                 BLOCK_G, BLOCK_DV, CHUNK)
     offs_dv = tl.arange(0, BLOCK_DV)
     gate_ptr = gates_ptr + b * stride_gb + (h * G + g) * stride_gh
@@ -365,8 +399,8 @@ def _combine_kernel(
         counts = tl.load(count_ptr + bh * num_slots + slots, mask=slots < num_slots, other=0).to(tl.int64)
         tl.store(reads_ptr + bh * 3, tl.sum(tl.where(slots < NUM_SPLITS, counts, 0), axis=0))
         tl.store(reads_ptr + bh * 3 + 1,
-                 tl.sum(tl.where((slots >= NUM_SPLITS) & (slots < NUM_SPLITS + NUM_SELECTED), counts, 0), axis=0))
-        tl.store(reads_ptr + bh * 3 + 2, tl.sum(tl.where(slots >= NUM_SPLITS + NUM_SELECTED, counts, 0), axis=0))
+                 tl.sum(tl.where((slots >= NUM_SPLITS) & (slots < NUM_SPLITS + NUM_SEL_SLOTS), counts, 0), axis=0))
+        tl.store(reads_ptr + bh * 3 + 2, tl.sum(tl.where(slots >= NUM_SPLITS + NUM_SEL_SLOTS, counts, 0), axis=0))
 
 
 def _block(n: int) -> int:
@@ -379,9 +413,45 @@ def _lse_chunk(num_splits: int) -> int:
 
 
 def default_tiles(device: torch.device) -> DecodeTiles:
-    """The GPU's settings; in the interpreter (tests, one "SM") 16-block tiles and many programs, so tiny caches
+    """The GPU's settings; in the interpreter (tests, one "SM") 16-lane tiles and many programs, so tiny caches
     still split and merge."""
-    return DecodeTiles() if device.type == "cuda" else DecodeTiles(cmp_block=16, programs_per_sm=64, merge_chunk=2)
+    return (DecodeTiles() if device.type == "cuda"
+            else DecodeTiles(cmp_block=16, single_tile_block=16, programs_per_sm=64, merge_chunk=2))
+
+
+class CmpTileShape(NamedTuple):
+    """How a compressed-branch tile maps onto selection blocks: block_q selection blocks per tile, each the
+    per_block = l'/d compressed blocks it starts (lanes padded to block_r, a power of two); spill: how many
+    following selection blocks a compressed block's Eq. 9 weights reach (ceil((l/d - 1) / (l'/d)))."""
+
+    block_q: int
+    per_block: int
+    block_r: int
+    spill: int
+
+
+def cmp_tile_shape(sizes: NSASizes, lanes: int) -> CmpTileShape:
+    per_block = sizes.sel_block_size // sizes.block_stride
+    block_r = triton.next_power_of_2(per_block)
+    spill = triton.cdiv(sizes.block_size // sizes.block_stride - 1, per_block)
+    return CmpTileShape(max(lanes // block_r, 1), per_block, block_r, spill)
+
+
+def cmp_tiling(sizes: NSASizes, num_cmp_bound: int, num_sel_blocks: int, pairs: int, tiles: DecodeTiles,
+               device: torch.device) -> tuple[CmpTileShape, int, int]:
+    """(tile shape, splits, tiles per split) of the compressed branch. The tiles cover every selection block below
+    num_sel_blocks too (with l >= l' + d a complete block's own compressed blocks can all lie past the visible ones:
+    its score comes from those before it). Single-tile splits take tiles.single_tile_block lanes."""
+    def count(shape: CmpTileShape) -> int:
+        return max(1, triton.cdiv(num_cmp_bound, shape.block_q * shape.per_block),
+                   triton.cdiv(num_sel_blocks, shape.block_q))
+
+    shape = cmp_tile_shape(sizes, tiles.single_tile_block)
+    if num_cmp_splits(count(shape), pairs, tiles, device) < count(shape):
+        shape = cmp_tile_shape(sizes, tiles.cmp_block)
+    num_tiles = count(shape)
+    num_splits = num_cmp_splits(num_tiles, pairs, tiles, device)
+    return shape, num_splits, triton.next_power_of_2(triton.cdiv(num_tiles, num_splits))
 
 
 def num_cmp_splits(num_tiles: int, pairs: int, tiles: DecodeTiles, device: torch.device) -> int:
@@ -405,6 +475,8 @@ def decode_attention_triton(
     [pages + 1, P, Hkv, D] of P-token pages, P a multiple of l'); None: per-sequence buffers. tiles: launch settings
     (default_tiles(q.device) when None)."""
     tiles = default_tiles(q.device) if tiles is None else tiles
+    if tiles.sel_blocks < 1 or tiles.sel_blocks & (tiles.sel_blocks - 1):
+        raise ValueError(f"tiles.sel_blocks={tiles.sel_blocks} must be a power of two (one tile of its blocks' rows)")
     batch, num_heads, dk = q.shape
     num_kv_heads, dv = k_cmp.shape[2], v_cmp.shape[-1]
     group = num_heads // num_kv_heads
@@ -412,42 +484,43 @@ def decode_attention_triton(
     pairs = batch * num_kv_heads
     # The split count and tiles per split (a power of two) are compile-time constants (unrolled merges,
     # pipelined loops). Splits or tiles past a sequence's visible blocks read nothing.
-    num_tiles = max(1, triton.cdiv(num_cmp_bound, tiles.cmp_block))
-    num_splits = num_cmp_splits(num_tiles, pairs, tiles, q.device)
-    tiles_per_split = triton.next_power_of_2(triton.cdiv(num_tiles, num_splits))
-    logits_cols = num_splits * tiles_per_split * tiles.cmp_block
-    num_win_tiles = triton.cdiv(sizes.window_size, BLOCK_W)
-    num_slots = num_splits + sizes.num_selected + num_win_tiles
-    logits = q.new_empty(pairs, block_g, logits_cols, dtype=torch.float32)
+    shape, num_splits, tiles_per_split = cmp_tiling(sizes, num_cmp_bound, num_sel_blocks, pairs, tiles, q.device)
+    total_tiles = num_splits * tiles_per_split
+    num_sel_programs = triton.cdiv(sizes.num_selected, tiles.sel_blocks)
+    num_win_tiles = triton.cdiv(sizes.window_size, BLOCK_W * tiles.sel_blocks)
+    num_slots = num_splits + num_sel_programs + num_win_tiles
+    head_terms = q.new_empty(shape.spill + 1, pairs, block_g, total_tiles * shape.block_q, dtype=torch.float32)
+    head_refs = q.new_empty(pairs, block_g, total_tiles, dtype=torch.float32)
     m_part = q.new_empty(pairs, num_slots, block_g, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     acc_part = q.new_empty(pairs, num_slots, block_g, block_dv, dtype=torch.float32)
     counts = torch.empty(pairs, num_slots, device=q.device, dtype=torch.int32)
     heads = dict(HKV=num_kv_heads, G=group)
     blocks = dict(BLOCK_G=block_g, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    eq9 = dict(BLOCK_Q=shape.block_q, SPILL=shape.spill)
 
     _cmp_partials_kernel[(pairs, num_splits)](
-        q, k_cmp, v_cmp, positions, logits, m_part, l_part, acc_part, counts,
+        q, k_cmp, v_cmp, positions, head_terms, head_refs, m_part, l_part, acc_part, counts,
         q.stride(0), q.stride(1), *k_cmp.stride()[:3], *v_cmp.stride()[:3],
-        scale, logits_cols, num_slots,
-        DK=dk, DV=dv, CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_N=tiles.cmp_block,
-        TILES_PER_SPLIT=tiles_per_split, **heads, **blocks, num_warps=tiles.cmp_warps, num_stages=tiles.cmp_stages,
+        scale, pairs, total_tiles, num_slots,
+        DK=dk, DV=dv, CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, SEL_BLOCK=sizes.sel_block_size,
+        BLOCK_R=shape.block_r, TILES_PER_SPLIT=tiles_per_split, **eq9, **heads, **blocks,
+        num_warps=tiles.cmp_warps, num_stages=tiles.cmp_stages,
     )
-    p_grp = q.new_empty(batch, num_kv_heads, num_cmp_bound, dtype=torch.float32)
-    _cmp_group_probs_kernel[(pairs, num_splits)](
-        positions, logits, m_part, l_part, p_grp, logits_cols, num_cmp_bound, num_slots,
-        CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, BLOCK_G=block_g, BLOCK_N=tiles.cmp_block,
-        NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), **heads,
+    group_scores = q.new_empty(pairs, total_tiles * shape.block_q, dtype=torch.float32)
+    _group_block_scores_kernel[(pairs, num_splits)](
+        head_terms, head_refs, m_part, l_part, group_scores, pairs, total_tiles, num_slots,
+        G=group, BLOCK_G=block_g, NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split,
+        CHUNK=_lse_chunk(num_splits), **eq9,
     )
     block_indices = q.new_empty(batch, num_kv_heads, sizes.num_selected, dtype=torch.long)
     block_out = triton.next_power_of_2(sizes.num_selected)
     _select_topn_kernel[(pairs,)](
-        p_grp, positions, block_indices, num_cmp_bound, num_sel_blocks, HKV=num_kv_heads,
-        CMP_BLOCK=sizes.block_size, CMP_STRIDE=sizes.block_stride, SEL_BLOCK=sizes.sel_block_size,
-        NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out,
+        group_scores, positions, block_indices, group_scores.shape[1], num_sel_blocks, HKV=num_kv_heads,
+        SEL_BLOCK=sizes.sel_block_size, NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out,
         BLOCK_NSEL=triton.next_power_of_2(max(num_sel_blocks, block_out, 16)), num_warps=8,
     )
-    _sel_win_partials_kernel[(pairs, sizes.num_selected + num_win_tiles)](
+    _sel_win_partials_kernel[(pairs, num_sel_programs + num_win_tiles)](
         q, k_sel, v_sel, k_win, v_win, positions, block_indices,
         positions if page_table is None else page_table,  # a placeholder pointer without pages (never read)
         m_part, l_part, acc_part, counts,
@@ -456,6 +529,7 @@ def decode_attention_triton(
         0 if page_table is None else page_table.stride(0), scale, num_splits, num_slots,
         DK=dk, DV=dv, NUM_SELECTED=sizes.num_selected, SEL_BLOCK=sizes.sel_block_size,
         WINDOW=sizes.window_size, BLOCK_SEL=_block(sizes.sel_block_size), BLOCK_W=BLOCK_W,
+        PER_PROGRAM=tiles.sel_blocks, NUM_SEL_PROGRAMS=num_sel_programs,
         PAGE=0 if page_table is None else k_sel.shape[1], **heads, **blocks,
     )
     out = torch.empty(batch, num_heads, dv, device=q.device, dtype=q.dtype)
@@ -463,7 +537,7 @@ def decode_attention_triton(
     _combine_kernel[(pairs, group)](
         gates, out, m_part, l_part, acc_part, counts, reads, gates.stride(0), gates.stride(1), out.stride(0),
         out.stride(1), num_slots, NUM_SPLITS=num_splits, BLOCK_SLOTS=triton.next_power_of_2(num_slots), G=group,
-        HKV=num_kv_heads, DV=dv, NUM_SELECTED=sizes.num_selected,
+        HKV=num_kv_heads, DV=dv, NUM_SEL_SLOTS=num_sel_programs,
         NUM_WIN_TILES=num_win_tiles, BLOCK_G=block_g, BLOCK_DV=block_dv, CHUNK=tiles.merge_chunk, num_warps=4,
     )
     return out, block_indices, reads

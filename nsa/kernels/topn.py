@@ -53,6 +53,7 @@ class TopnTiles(NamedTuple):
     rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    key_blocks: int = 16  # selection blocks per compressed-key tile (raised to the top list's width if below)
 
 
 @triton.jit
@@ -67,9 +68,10 @@ def _overlap(u, e, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK:
 @triton.jit
 def _shift(x, offset, NS: tl.constexpr):
     """y[:, c] = x[:, c - offset] (0 where c - offset is outside [0, NS)), for x [BQ, NS]."""
-    src = tl.arange(0, NS)
-    moves = (src[:, None] + offset) == tl.arange(0, NS)[None, :]
-    return tl.sum(x[:, :, None] * moves[None, :, :].to(tl.float32), axis=1)
+    src = tl.arange(0, NS) - offset
+    inside = (src >= 0) & (src < NS)
+    moved = tl.gather(x, tl.broadcast_to(tl.where(inside, src, 0)[None, :], x.shape), axis=1)
+    return tl.where(inside[None, :], moved, 0.0)
 
 
 @triton.jit
@@ -166,7 +168,7 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
     (+inf where nothing is visible)."""
     num_heads, num_kv_heads = q.shape[1], k_cmp.shape[1]
     group = num_heads // num_kv_heads
-    shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows)
+    shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows, tiles.key_blocks)
     out = output_buffer(q.shape[0], num_kv_heads, num_selected, like=q, dtype=torch.int32)
     table = tile_table(packed.cu, packed.num_seqs, packed.total, shape["BQ"])
     k_cmp = k_cmp if k_cmp.shape[0] else k_cmp.new_zeros(1, *k_cmp.shape[1:])
