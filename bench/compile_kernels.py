@@ -132,8 +132,8 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
     a batch of 32 sequences at 128k launches them with (9 compressed splits of 8 tiles), paged and not."""
     tiles = tiles or decode.DecodeTiles()
     splits, block_out = 9, 16
-    sel_programs = -(-BLOCKS["num_selected"] // tiles.sel_blocks)
-    window_tiles = -(-BLOCKS["window_size"] // (decode.BLOCK_W * tiles.sel_blocks))
+    sel_programs = triton.cdiv(BLOCKS["num_selected"], tiles.sel_blocks)
+    window_tiles = triton.cdiv(BLOCKS["window_size"], decode.BLOCK_W * tiles.sel_blocks)
     heads = {"HKV": 4, "G": 16, "BLOCK_G": 16}
     blocks = {"CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"]}
     select = {"HKV": 4, "SEL_BLOCK": BLOCKS["sel_block_size"], "NUM_SELECTED": BLOCKS["num_selected"],

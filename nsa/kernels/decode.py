@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from nsa.functional import NSASizes
+from nsa.kernels.tiles import eq9_overlap
 
 BLOCK_W = 64  # window ring slots per tile
 MAX_INDEX = tl.constexpr(0x7FFFFFFF)
@@ -119,27 +120,15 @@ def _num_visible_cmp(t, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _eq9_weight(k, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
-    """Eq. 9 as the strided correlation of nsa.block_index.overlap_kernel: compressed block j * (l'/d) + k - (l/d - 1)
-    overlaps selection block j by min(u*d + l, l') - max(u*d, 0) tokens (u = k - (l/d - 1)); its weight is that
-    overlap / l, 0 outside the K = l/d - 1 + l'/d terms."""
-    start = (k - (CMP_BLOCK // CMP_STRIDE - 1)) * CMP_STRIDE
-    overlap = tl.minimum(start + CMP_BLOCK, SEL_BLOCK) - tl.maximum(start, 0)
-    in_kernel = (k >= 0) & (k < CMP_BLOCK // CMP_STRIDE - 1 + SEL_BLOCK // CMP_STRIDE)
-    return tl.where(in_kernel, tl.maximum(overlap, 0).to(tl.float32) / CMP_BLOCK, 0.0)
-
-
-@triton.jit
 def _tile_eq9_terms(p, s: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
                     SEL_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr):
     """What each of a tile's BLOCK_Q selection blocks' own compressed blocks give selection block j + s by Eq. 9,
     per head: p [BLOCK_G, BLOCK_Q * BLOCK_R], lane (j, r) holding compressed block (tile's first selection block
-    + j) * R + r, R = l'/d (r >= R: padding, p = 0), whose weight for block j + s is term r + P - s*R's (P = l/d - 1
-    earlier compressed blocks per term; s runs to ceil(P / R)). -> [BLOCK_G, BLOCK_Q]."""
+    + j) * R + r, R = l'/d (r >= R: padding, p = 0), which starts r * d into block j and so overlaps block j + s
+    as eq9_overlap(r, s) weighs (s runs to ceil((l/d - 1) / R)). -> [BLOCK_G, BLOCK_Q]."""
     R: tl.constexpr = SEL_BLOCK // CMP_STRIDE
     r = tl.arange(0, BLOCK_R)
-    weight = tl.where(r < R, _eq9_weight(r + CMP_BLOCK // CMP_STRIDE - 1 - s * R, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK),
-                      0.0)
+    weight = tl.where(r < R, eq9_overlap(r, s, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK), 0.0)
     return tl.sum(tl.reshape(p, [BLOCK_G, BLOCK_Q, BLOCK_R]) * weight[None, None, :], axis=2)
 
 
@@ -447,10 +436,12 @@ def cmp_tiling(sizes: NSASizes, num_cmp_bound: int, num_sel_blocks: int, pairs: 
                    triton.cdiv(num_sel_blocks, shape.block_q))
 
     shape = cmp_tile_shape(sizes, tiles.single_tile_block)
-    if num_cmp_splits(count(shape), pairs, tiles, device) < count(shape):
-        shape = cmp_tile_shape(sizes, tiles.cmp_block)
     num_tiles = count(shape)
     num_splits = num_cmp_splits(num_tiles, pairs, tiles, device)
+    if num_splits < num_tiles:
+        shape = cmp_tile_shape(sizes, tiles.cmp_block)
+        num_tiles = count(shape)
+        num_splits = num_cmp_splits(num_tiles, pairs, tiles, device)
     return shape, num_splits, triton.next_power_of_2(triton.cdiv(num_tiles, num_splits))
 
 

@@ -1,4 +1,5 @@
-"""Pieces shared by the prefill kernels: tile loads, head-dim splits, and packed-sequence tables.
+"""Pieces shared by the prefill kernels (Eq. 9's overlap weights also by the decode step): tile loads, head-dim
+splits, and packed-sequence tables.
 
 Every prefill kernel works on *packed* sequences: tokens of all sequences are rows of one
 [N_tokens, H, D] tensor (a batch [B, T, H, D] is B sequences of T tokens), described by cumulative
@@ -29,6 +30,15 @@ def output_buffer(*shape: int, like: Tensor, dtype: torch.dtype | None = None) -
         return torch.empty(*shape, device=like.device, dtype=dtype)
     fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
     return torch.full(shape, fill, device=like.device, dtype=dtype)
+
+
+@triton.jit
+def eq9_overlap(u, e, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
+    """Eq. 9 weight of the compressed block starting u * d after a selection block's start, for the selection
+    block e blocks later: |[u d, u d + l) intersect [e l', (e + 1) l')| / l."""
+    lo = tl.maximum(u * CMP_STRIDE, e * SEL_BLOCK)
+    hi = tl.minimum(u * CMP_STRIDE + CMP_BLOCK, (e + 1) * SEL_BLOCK)
+    return tl.maximum(hi - lo, 0).to(tl.float32) / CMP_BLOCK
 
 
 @triton.jit

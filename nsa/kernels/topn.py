@@ -29,6 +29,7 @@ from nsa.kernels.tiles import (
     LOG2E,
     Packed,
     dot_precision,
+    eq9_overlap,
     output_buffer,
     split_dims,
     tile_origin,
@@ -54,15 +55,6 @@ class TopnTiles(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
     key_blocks: int = 16  # selection blocks per compressed-key tile (raised to the top list's width if below)
-
-
-@triton.jit
-def _overlap(u, e, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
-    """Eq. 9 weight of the compressed block starting u * d after a selection block's start, for the selection
-    block e blocks later: |[u d, u d + l) intersect [e l', (e + 1) l')| / l."""
-    lo = tl.maximum(u * CMP_STRIDE, e * SEL_BLOCK)
-    hi = tl.minimum(u * CMP_STRIDE + CMP_BLOCK, (e + 1) * SEL_BLOCK)
-    return tl.maximum(hi - lo, 0).to(tl.float32) / CMP_BLOCK
 
 
 @triton.jit
@@ -115,10 +107,10 @@ def _topn_kernel(
         seen = (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t_row[:, None]) & row_ok[:, None]
         p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)  # Eq. 8
         group = tl.reshape(tl.sum(tl.reshape(p, [BQ, GP, NS * RATIO]), axis=1), [BQ, NS, RATIO])  # Eq. 10
-        score = tl.sum(group * _overlap(within, 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2) + carry
+        score = tl.sum(group * eq9_overlap(within, 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2) + carry
         carry = tl.zeros([BQ, NS], tl.float32)
         for e in tl.static_range(1, SPILL + 1):  # Eq. 9: the part of each block that lands e blocks later
-            spill = tl.sum(group * _overlap(within, e, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2)
+            spill = tl.sum(group * eq9_overlap(within, e, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2)
             score += _shift(spill, e, NS)
             carry += _shift(spill, e - NS, NS)
         block = start // RATIO + tl.arange(0, NS)
