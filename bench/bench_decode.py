@@ -228,7 +228,8 @@ def tile_candidates() -> list[Any]:
     return [base, *(base._replace(programs_per_sm=n) for n in (2, 4, 16)),
             *(base._replace(cmp_block=n) for n in (32, 128)), base._replace(single_tile_block=64),
             *(base._replace(sel_blocks=n) for n in (1, 4)),
-            base._replace(cmp_warps=8), *(base._replace(merge_chunk=n) for n in (8, 32))]
+            base._replace(cmp_warps=8), *(base._replace(merge_chunk=n) for n in (8, 32)),
+            *(base._replace(scores_warps=n) for n in (2, 4)), *(base._replace(combine_warps=n) for n in (2, 4))]
 
 
 @torch.no_grad()

@@ -122,8 +122,8 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
 
 
-DECODE_POINTERS = (("scores_ptr", "*fp32"), ("ref_ptr", "*fp32"), ("terms_ptr", "*fp32"), ("m_ptr", "*fp32"),
-                   ("l_ptr", "*fp32"), ("acc_ptr", "*fp32"), ("group_ptr", "*fp32"), ("pos_ptr", "*i64"),
+DECODE_POINTERS = (("scores_ptr", "*fp32"), ("keys_ptr", "*i64"), ("ref_ptr", "*fp32"), ("terms_ptr", "*fp32"),
+                   ("m_ptr", "*fp32"), ("l_ptr", "*fp32"), ("acc_ptr", "*fp32"), ("pos_ptr", "*i64"),
                    ("idx_ptr", "*i64"), ("reads_ptr", "*i64"), ("count_ptr", "*i32"), ("page_table_ptr", "*i32"))
 
 
@@ -148,9 +148,11 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
     yield case("dec_cmp", decode._cmp_partials_kernel,
                {**heads, **blocks, **dims, **eq9, "SEL_BLOCK": BLOCKS["sel_block_size"], "BLOCK_R": shape.block_r,
                 "TILES_PER_SPLIT": 8}, tiles.cmp_warps, tiles.cmp_stages)
-    yield case("dec_scores", decode._group_block_scores_kernel,
-               {"G": 16, "BLOCK_G": 16, **eq9, "NUM_SPLITS": splits, "TILES_PER_SPLIT": 8, "CHUNK": 16})
-    yield case("dec_topn", decode._select_topn_kernel, {**select, "BLOCK_NSEL": 2048}, 8)
+    yield case("dec_scores", decode._split_top_blocks_kernel,
+               {"HKV": 4, "G": 16, "BLOCK_G": 16, **eq9, "NUM_SPLITS": splits, "TILES_PER_SPLIT": 8, "CHUNK": 16,
+                "SEL_BLOCK": BLOCKS["sel_block_size"], "LOCAL_TOP": block_out}, tiles.scores_warps)
+    yield case("dec_topn", decode._select_topn_kernel,
+               {**select, "NUM_KEYS": splits * block_out, "BLOCK_KEYS": 256})
     for page in (0, 256):
         yield case(f"dec_selwin{page}", decode._sel_win_partials_kernel,
                    {**heads, **dims, "NUM_SELECTED": BLOCKS["num_selected"], "SEL_BLOCK": BLOCKS["sel_block_size"],
@@ -158,7 +160,8 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
                     "PER_PROGRAM": tiles.sel_blocks, "NUM_SEL_PROGRAMS": sel_programs})
     yield case("dec_combine", decode._combine_kernel,
                {**heads, "DV": 128, "NUM_SPLITS": splits, "NUM_SEL_SLOTS": sel_programs, "NUM_WIN_TILES": window_tiles,
-                "BLOCK_DV": 128, "BLOCK_SLOTS": 64, "CHUNK": tiles.merge_chunk})
+                "BLOCK_DV": 128, "BLOCK_SLOTS": 64, "CMP_CHUNK": 16, "SEL_CHUNK": 8, "WIN_CHUNK": 4},
+               tiles.combine_warps)
 
 
 def compile_case(case: KernelCase, arch: int = 90) -> Any:

@@ -115,6 +115,26 @@ def test_triton_decode_selection_matches_float64_reference_for_other_blocks(size
     assert torch.equal(indices, ref_indices)
 
 
+@pytest.mark.parametrize("position", [7, 15])
+def test_triton_decode_with_fewer_split_candidates_than_the_top_n_width(position: int) -> None:
+    """One split of 2-block tiles over a cache of one or two selection blocks: each split offers fewer candidate
+    keys than the top-n's width (n = 4), so the select pads with non-candidates; the blocks and output still
+    equal the float64 reference's (forced blocks, -1 for the rest)."""
+    inputs, (ref_out, ref_indices) = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=31)
+    b = POSITIONS.index(position)
+    one = {k: v[b:b + 1] if torch.is_tensor(v) else v for k, v in inputs.items()}
+    one.update(num_cmp_bound=ref_num_cmp(position + 1, L, D), num_sel_blocks=ref_num_sel(position + 1, LP))
+    tiles = DecodeTiles(cmp_block=4, single_tile_block=4, programs_per_sm=1, merge_chunk=2)
+    shape, splits, tiles_per_split = cmp_tiling(SIZES, one["num_cmp_bound"], one["num_sel_blocks"], 2, tiles,
+                                                torch.device("cpu"))
+    assert splits == 1 and shape.block_q * tiles_per_split < N
+    f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in one.items()}
+    out, indices, _ = decode_attention_triton(**f32, sizes=SIZES, scale=16 ** -0.5, tiles=tiles)
+    own_error = (_run(one, torch.float32, "torch").output.double() - ref_out[b:b + 1]).abs().max().item()
+    assert (out.double() - ref_out[b:b + 1]).abs().max().item() <= 4 * own_error + 1e-6
+    assert torch.equal(indices, ref_indices[b:b + 1])
+
+
 def test_triton_decode_bounds_past_the_batch_read_nothing_more() -> None:
     """Host bounds larger than any sequence needs (a static-shape cache scans to capacity) change nothing."""
     inputs, _ = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=7)

@@ -10,18 +10,21 @@ Launches (all grids from host-known bounds, so a step is CUDA-graph capturable):
    tile's probabilities relative to the running row max (selection needs the normalised probabilities, which
    need the global log-sum-exp): ceil((l/d - 1) / (l'/d)) + 1 planes of terms per selection block, half the
    logits' bytes at the paper's blocks, and the row max (ref) per tile.
-2. group_block_scores: grid (B*Hkv, num_splits). Merges the m/l partials into each head's lse and writes
-   the group's score of every selection block, sum over heads g and planes s of
-   exp(ref[g] - lse[g]) * term[s, g, j - s] (Eq. 8 + 10).
-3. select_topn: grid (B*Hkv,). Top-n with the rule of nsa.selection_scorer.topn_blocks
-   (forced blocks, complete candidates, ties to the lower index) through one tl.topk of packed keys.
+2. split_top_blocks: grid (B*Hkv, num_splits). Merges the m/l partials into each head's lse, scores the split's
+   selection blocks (sum over heads g and planes s of exp(ref[g] - lse[g]) * term[s, g, j - s]: Eq. 8 + 10) and
+   writes its best n candidates as packed (score, index) keys.
+3. select_topn: grid (B*Hkv,). Top-n with the rule of nsa.selection_scorer.topn_blocks (forced blocks, complete
+   candidates, ties to the lower index) through one tl.topk over the splits' keys: every block of the overall top
+   is in its split's top, and the keys order blocks exactly (score bits, then the lower index).
 4. sel_win_partials: grid (B*Hkv, n / sel_blocks + window tiles). One program per sel_blocks selected blocks
    (tokens <= t; their rows side by side in one tile) and per tile of the window ring (slots holding positions
    t-w+1..t).
 5. combine: grid (B*Hkv, G). Merges one head's partials of each branch and applies its gates.
 The merges (2 and 5) load CHUNK partial slots per step and 5 spreads a group's heads over programs: at
 batch 1 a step has up to ~128 splits per (sequence, KV head), and one program per pair loading one slot
-at a time made the merge most of the step (73 of 134 us on the H200 at 128k).
+at a time made the merge most of the step (73 of 134 us on the H200 at 128k). 2 and 5 run one warp per
+program: their reductions are small, and with four warps each crossed warps through shared memory (the H200's
+L1 / shared-memory pipe, not DRAM, bounded them: 89% against 22% in Nsight Compute).
 
 Layouts (strides passed; only the last dimension of each tensor must be contiguous): q [B, HQ, Dk]; gates [B, HQ, 3];
 positions [B] (absolute position t of the new token, already written to the cache); k/v buffers
@@ -60,8 +63,10 @@ class DecodeTiles(NamedTuple):
     compressed-partials launch. merge_chunk: partial slots per load in the merges. sel_blocks: selected blocks per
     program of the selected / window partials, a power of two (their rows in one tile; window tiles of sel_blocks x
     64 ring slots): 2 ran 0.1568 / 0.2487 ms at batch 32, 64k / 128k, against 0.1602 / 0.2522 for 1 and 0.1618 /
-    0.2543 for 4. Fusing launches 2 and 3 (one program per (sequence, KV head)) ran 1.3-5x slower on 2026-12-02:
-    one program per pair cannot spread the read over the GPU."""
+    0.2543 for 4. scores_warps / combine_warps: warps of launches 2 and 5; one ran 0.1368 / 0.2211 ms at batch 32
+    against 0.1377 / 0.2346 for four (2026-12-03, fourteenth session). Fusing launches 2 and 3 into one program per
+    (sequence, KV head) ran 1.3-5x slower on 2026-12-02: one program per pair cannot spread the read over the GPU;
+    the splits' own top-n candidates (launch 2) leave launch 3 a few keys per split."""
 
     cmp_block: int = 64
     single_tile_block: int = 128
@@ -70,6 +75,8 @@ class DecodeTiles(NamedTuple):
     cmp_stages: int = 3
     merge_chunk: int = 16
     sel_blocks: int = 2
+    scores_warps: int = 1
+    combine_warps: int = 1
 
 
 @triton.jit
@@ -209,32 +216,47 @@ def _merged_lse(m_ptr, l_ptr, bh, first_slot, count: tl.constexpr, num_slots, BL
 
 
 @triton.jit
-def _group_block_scores_kernel(
-    terms_ptr, ref_ptr, m_ptr, l_ptr, group_ptr, num_pairs, num_tiles, num_slots,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, SPILL: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, CHUNK: tl.constexpr,
+def _split_top_blocks_kernel(
+    terms_ptr, ref_ptr, m_ptr, l_ptr, pos_ptr, scores_ptr, keys_ptr, num_pairs, num_tiles, num_slots, num_sel_blocks,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, SPILL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, CHUNK: tl.constexpr, SEL_BLOCK: tl.constexpr,
+    LOCAL_TOP: tl.constexpr,
 ):
-    """Eq. 8 + 10 on the per-head Eq. 9 terms of cmp_partials: selection block j's score is the sum over the
-    group's heads and s = 0 .. SPILL of plane s at block j - s times exp(ref - lse), ref being the row max that
-    block's terms are relative to. Writes the group's scores [BLOCK_Q] per tile."""
+    """The best LOCAL_TOP candidates among one split's selection blocks, as packed keys (_candidate_top). Scores by
+    Eq. 8 + 10 on the per-head Eq. 9 terms of cmp_partials: block j's is the sum over the group's heads and s = 0 ..
+    SPILL of plane s at block j - s times exp(ref - lse), ref being the row max of the tile j - s lies in (this
+    tile for lanes q >= s, the one before otherwise: SPILL <= BLOCK_Q), so the scales are per (head, tile), not per
+    element. The tiles' scores go through scores_ptr (scratch) to meet in one vector for the top-k."""
+    tl.static_assert(SPILL <= BLOCK_Q)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     lse = _merged_lse(m_ptr, l_ptr, bh, 0, NUM_SPLITS, num_slots, BLOCK_G, CHUNK)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: every term below is 0 anyway
     offs_g = tl.arange(0, BLOCK_G)
-    real = (offs_g < G)[:, None]
-    head_rows = (bh * BLOCK_G + offs_g)[:, None]
+    offs_q = tl.arange(0, BLOCK_Q)
+    heads = bh * BLOCK_G + offs_g
+    real = offs_g < G
+    first = split * TILES_PER_SPLIT
+    # A padded head's ref loads as -inf (scale 0); the tile before the first has no terms (src < 0 below).
+    scale_before = tl.exp(tl.load(ref_ptr + heads * num_tiles + first - 1, mask=real & (first >= 1),
+                                  other=float("-inf")) - lse)
     for i in tl.static_range(TILES_PER_SPLIT):  # unrolled: no load waits on the previous tile's arithmetic
-        blocks = (split * TILES_PER_SPLIT + i) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        total = tl.zeros([BLOCK_Q], tl.float32)
+        tile = first + i
+        scale = tl.exp(tl.load(ref_ptr + heads * num_tiles + tile, mask=real, other=float("-inf")) - lse)
+        blocks = tile * BLOCK_Q + offs_q
+        weighted = tl.zeros([BLOCK_G, BLOCK_Q], tl.float32)
         for s in tl.static_range(SPILL + 1):
-            src = blocks[None, :] - s
-            ok = real & (src >= 0)
-            terms = tl.load(terms_ptr + (s * num_pairs * BLOCK_G + head_rows) * (num_tiles * BLOCK_Q) + src,
-                            mask=ok, other=0.0)
-            ref = tl.load(ref_ptr + head_rows * num_tiles + src // BLOCK_Q, mask=ok, other=0.0)
-            total += tl.sum(terms * tl.exp(ref - lse[:, None]), axis=0)
-        tl.store(group_ptr + bh * num_tiles * BLOCK_Q + blocks, total)
+            src = blocks - s
+            terms = tl.load(terms_ptr + (s * num_pairs * BLOCK_G + heads)[:, None] * (num_tiles * BLOCK_Q)
+                            + src[None, :], mask=real[:, None] & (src >= 0)[None, :], other=0.0)
+            weighted += terms * tl.where((offs_q >= s)[None, :], scale[:, None], scale_before[:, None])
+        tl.store(scores_ptr + bh * num_tiles * BLOCK_Q + blocks, tl.sum(weighted, axis=0))
+        scale_before = scale
+    tl.debug_barrier()  # the scores this program's threads wrote, read back by others
+    blocks = first * BLOCK_Q + tl.arange(0, TILES_PER_SPLIT * BLOCK_Q)
+    score = tl.load(scores_ptr + bh * num_tiles * BLOCK_Q + blocks)
+    top = _candidate_top(score, blocks, blocks < num_sel_blocks, tl.load(pos_ptr + bh // HKV), SEL_BLOCK, LOCAL_TOP)
+    tl.store(keys_ptr + (bh * NUM_SPLITS + split) * LOCAL_TOP + tl.arange(0, LOCAL_TOP), top)
 
 
 @triton.jit
@@ -267,18 +289,17 @@ def _store_selection(idx_ptr, bh, top, t, SEL_BLOCK: tl.constexpr, NUM_SELECTED:
 
 @triton.jit
 def _select_topn_kernel(
-    scores_ptr, pos_ptr, idx_ptr, scores_cols, num_sel_blocks,
-    HKV: tl.constexpr, SEL_BLOCK: tl.constexpr, NUM_SELECTED: tl.constexpr, BLOCK_NSEL: tl.constexpr,
-    BLOCK_OUT: tl.constexpr,
+    keys_ptr, pos_ptr, idx_ptr,
+    HKV: tl.constexpr, SEL_BLOCK: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_KEYS: tl.constexpr,
+    BLOCK_KEYS: tl.constexpr, BLOCK_OUT: tl.constexpr,
 ):
-    """Top-n for one (sequence, KV head) from the group's selection scores of group_block_scores."""
+    """Top-n for one (sequence, KV head) from the splits' best candidates (split_top_blocks): the best of every
+    split's best holds the best overall, and the packed keys order them exactly (score, then the lower index)."""
     bh = tl.program_id(0)
     t = tl.load(pos_ptr + bh // HKV)
-    blocks = tl.arange(0, BLOCK_NSEL)
-    in_range = blocks < num_sel_blocks
-    score = tl.load(scores_ptr + bh * scores_cols + blocks, mask=in_range, other=0.0)
-    top = _candidate_top(score, blocks, in_range, t, SEL_BLOCK, BLOCK_OUT)
-    _store_selection(idx_ptr, bh, top, t, SEL_BLOCK, NUM_SELECTED, BLOCK_OUT)
+    offs = tl.arange(0, BLOCK_KEYS)
+    keys = tl.load(keys_ptr + bh * NUM_KEYS + offs, mask=offs < NUM_KEYS, other=NO_KEY)
+    _store_selection(idx_ptr, bh, tl.topk(keys, BLOCK_OUT), t, SEL_BLOCK, NUM_SELECTED, BLOCK_OUT)
 
 
 @triton.jit
@@ -364,18 +385,19 @@ def _combine_kernel(
     num_slots,
     HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_SEL_SLOTS: tl.constexpr,
     NUM_WIN_TILES: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CMP_CHUNK: tl.constexpr, SEL_CHUNK: tl.constexpr, WIN_CHUNK: tl.constexpr,
 ):
     """One program per (sequence, KV head, query head of the group): G programs share the merge's reads."""
     bh = tl.program_id(0)
     g = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    o_cmp = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, 0, NUM_SPLITS, num_slots, BLOCK_G, BLOCK_DV, CHUNK)
+    o_cmp = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, 0, NUM_SPLITS, num_slots, BLOCK_G, BLOCK_DV,
+                                CMP_CHUNK)
     o_sel = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, NUM_SPLITS, NUM_SEL_SLOTS, num_slots, BLOCK_G,
-                                BLOCK_DV, CHUNK)
+                                BLOCK_DV, SEL_CHUNK)
     o_win = _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, NUM_SPLITS + NUM_SEL_SLOTS, NUM_WIN_TILES, num_slots,
-                                BLOCK_G, BLOCK_DV, CHUNK)
+                                BLOCK_G, BLOCK_DV, WIN_CHUNK)
     offs_dv = tl.arange(0, BLOCK_DV)
     gate_ptr = gates_ptr + b * stride_gb + (h * G + g) * stride_gh
     out = (tl.load(gate_ptr).to(tl.float32) * o_cmp + tl.load(gate_ptr + 1).to(tl.float32) * o_sel
@@ -394,6 +416,11 @@ def _combine_kernel(
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _merge_chunk(num_slots: int, tiles: DecodeTiles) -> int:
+    """Partial slots per load when merging a branch's outputs: tiles.merge_chunk, or fewer for fewer slots."""
+    return min(tiles.merge_chunk, triton.next_power_of_2(num_slots))
 
 
 def _lse_chunk(num_splits: int) -> int:
@@ -423,7 +450,8 @@ def cmp_tile_shape(sizes: NSASizes, lanes: int) -> CmpTileShape:
     per_block = sizes.sel_block_size // sizes.block_stride
     block_r = triton.next_power_of_2(per_block)
     spill = triton.cdiv(sizes.block_size // sizes.block_stride - 1, per_block)
-    return CmpTileShape(max(lanes // block_r, 1), per_block, block_r, spill)
+    # at least spill selection blocks per tile: a block's Eq. 9 terms then come from its own tile or the one before
+    return CmpTileShape(max(lanes // block_r, triton.next_power_of_2(spill), 1), per_block, block_r, spill)
 
 
 def cmp_tiling(sizes: NSASizes, num_cmp_bound: int, num_sel_blocks: int, pairs: int, tiles: DecodeTiles,
@@ -498,18 +526,21 @@ def decode_attention_triton(
         BLOCK_R=shape.block_r, TILES_PER_SPLIT=tiles_per_split, **eq9, **heads, **blocks,
         num_warps=tiles.cmp_warps, num_stages=tiles.cmp_stages,
     )
+    block_out = triton.next_power_of_2(sizes.num_selected)
+    local_top = min(block_out, tiles_per_split * shape.block_q)
+    split_keys = q.new_empty(pairs, num_splits * local_top, dtype=torch.long)
     group_scores = q.new_empty(pairs, total_tiles * shape.block_q, dtype=torch.float32)
-    _group_block_scores_kernel[(pairs, num_splits)](
-        head_terms, head_refs, m_part, l_part, group_scores, pairs, total_tiles, num_slots,
-        G=group, BLOCK_G=block_g, NUM_SPLITS=num_splits, TILES_PER_SPLIT=tiles_per_split,
-        CHUNK=_lse_chunk(num_splits), **eq9,
+    _split_top_blocks_kernel[(pairs, num_splits)](
+        head_terms, head_refs, m_part, l_part, positions, group_scores, split_keys, pairs, total_tiles, num_slots,
+        num_sel_blocks, HKV=num_kv_heads, G=group, BLOCK_G=block_g, NUM_SPLITS=num_splits,
+        TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), SEL_BLOCK=sizes.sel_block_size,
+        LOCAL_TOP=local_top, **eq9, num_warps=tiles.scores_warps,
     )
     block_indices = q.new_empty(batch, num_kv_heads, sizes.num_selected, dtype=torch.long)
-    block_out = triton.next_power_of_2(sizes.num_selected)
     _select_topn_kernel[(pairs,)](
-        group_scores, positions, block_indices, group_scores.shape[1], num_sel_blocks, HKV=num_kv_heads,
-        SEL_BLOCK=sizes.sel_block_size, NUM_SELECTED=sizes.num_selected, BLOCK_OUT=block_out,
-        BLOCK_NSEL=triton.next_power_of_2(max(num_sel_blocks, block_out, 16)), num_warps=8,
+        split_keys, positions, block_indices, HKV=num_kv_heads, SEL_BLOCK=sizes.sel_block_size,
+        NUM_SELECTED=sizes.num_selected, NUM_KEYS=split_keys.shape[1],
+        BLOCK_KEYS=max(block_out, triton.next_power_of_2(split_keys.shape[1])), BLOCK_OUT=block_out, num_warps=4,
     )
     _sel_win_partials_kernel[(pairs, num_sel_programs + num_win_tiles)](
         q, k_sel, v_sel, k_win, v_win, positions, block_indices,
@@ -529,6 +560,8 @@ def decode_attention_triton(
         gates, out, m_part, l_part, acc_part, counts, reads, gates.stride(0), gates.stride(1), out.stride(0),
         out.stride(1), num_slots, NUM_SPLITS=num_splits, BLOCK_SLOTS=triton.next_power_of_2(num_slots), G=group,
         HKV=num_kv_heads, DV=dv, NUM_SEL_SLOTS=num_sel_programs,
-        NUM_WIN_TILES=num_win_tiles, BLOCK_G=block_g, BLOCK_DV=block_dv, CHUNK=tiles.merge_chunk, num_warps=4,
+        NUM_WIN_TILES=num_win_tiles, BLOCK_G=block_g, BLOCK_DV=block_dv, CMP_CHUNK=_merge_chunk(num_splits, tiles),
+        SEL_CHUNK=_merge_chunk(num_sel_programs, tiles), WIN_CHUNK=_merge_chunk(num_win_tiles, tiles),
+        num_warps=tiles.combine_warps,
     )
     return out, block_indices, reads
