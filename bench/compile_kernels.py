@@ -93,7 +93,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                      ("dk_ptr", "dv_ptr"))
     topn_tiles = TopnTiles()
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
-                            topn_tiles.rows)
+                            topn_tiles.rows, topn_tiles.key_blocks)
     topn_constexprs = {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],
                        "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                        "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],

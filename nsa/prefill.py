@@ -33,6 +33,7 @@ class PrefillSizes(NamedTuple):
 
 MAX_GROUP = 64  # the selection kernels hold a group's G query heads (padded) as the rows of one tile
 MAX_KEY_TILE = 256  # the top-n kernel's compressed-key tile: NS selection blocks x l'/d
+TOPN_KEY_BLOCKS = 16  # TopnTiles.key_blocks' default: selection blocks per top-n key tile (before NS's floors)
 
 
 def _power_of_two_at_least(value: int) -> int:
@@ -40,7 +41,7 @@ def _power_of_two_at_least(value: int) -> int:
 
 
 def topn_tile_shape(num_selected: int, group: int, sel_block_size: int, block_stride: int, rows: int,
-                    key_blocks: int = 16) -> dict[str, int]:
+                    key_blocks: int) -> dict[str, int]:
     """The top-n kernel's constexprs: KP (running top list width, >= 4 for the three forced blocks), NS
     selection blocks per tile (at least key_blocks and KP; NS * r compressed keys per tile, at least 16 for tl.dot;
     r = l'/d), GP (the group padded to a power of two) and BQ (queries per program, BQ * GP = rows)."""
@@ -60,7 +61,8 @@ def prefill_obstacles(group: int, block_size: int, block_stride: int, sel_block_
     ratio = sel_block_size // block_stride
     if ratio & (ratio - 1):
         reasons.append(f"sel_block_size / block_stride = {ratio} is not a power of two")
-    elif topn_tile_shape(num_selected, 1, sel_block_size, block_stride, 128)["NS"] * ratio > MAX_KEY_TILE:
+    elif topn_tile_shape(num_selected, 1, sel_block_size, block_stride, 128, TOPN_KEY_BLOCKS)["NS"] * ratio \
+            > MAX_KEY_TILE:
         reasons.append(f"num_selected={num_selected} with l'/d={ratio} needs top-n key tiles wider than {MAX_KEY_TILE}")
     return reasons
 

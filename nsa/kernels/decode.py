@@ -46,6 +46,7 @@ from nsa.functional import NSASizes
 from nsa.kernels.tiles import eq9_overlap
 
 BLOCK_W = 64  # window ring slots per tile
+LSE_SLOTS_PER_LOAD = 64  # the lse merges load at most [64, G] m / l floats per step
 MAX_INDEX = tl.constexpr(0x7FFFFFFF)
 NO_KEY = tl.constexpr(-(1 << 62))  # a non-candidate's top-n key: below every candidate's
 UNUSED = tl.constexpr(1 << 30)  # an empty selection slot while sorting: after every block index, stored as -1
@@ -418,14 +419,9 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _merge_chunk(num_slots: int, tiles: DecodeTiles) -> int:
-    """Partial slots per load when merging a branch's outputs: tiles.merge_chunk, or fewer for fewer slots."""
-    return min(tiles.merge_chunk, triton.next_power_of_2(num_slots))
-
-
-def _lse_chunk(num_splits: int) -> int:
-    """m/l slots per load when merging log-sum-exps: all splits at once up to 64 ([64, G] floats)."""
-    return min(64, triton.next_power_of_2(num_splits))
+def _slots_per_load(num_slots: int, limit: int) -> int:
+    """Partial slots a merge loads per step: all of them (a power of two) up to ``limit``."""
+    return min(limit, triton.next_power_of_2(num_slots))
 
 
 def default_tiles(device: torch.device) -> DecodeTiles:
@@ -533,8 +529,8 @@ def decode_attention_triton(
     _split_top_blocks_kernel[(pairs, num_splits)](
         head_terms, head_refs, m_part, l_part, positions, group_scores, split_keys, pairs, total_tiles, num_slots,
         num_sel_blocks, HKV=num_kv_heads, G=group, BLOCK_G=block_g, NUM_SPLITS=num_splits,
-        TILES_PER_SPLIT=tiles_per_split, CHUNK=_lse_chunk(num_splits), SEL_BLOCK=sizes.sel_block_size,
-        LOCAL_TOP=local_top, **eq9, num_warps=tiles.scores_warps,
+        TILES_PER_SPLIT=tiles_per_split, CHUNK=_slots_per_load(num_splits, LSE_SLOTS_PER_LOAD),
+        SEL_BLOCK=sizes.sel_block_size, LOCAL_TOP=local_top, **eq9, num_warps=tiles.scores_warps,
     )
     block_indices = q.new_empty(batch, num_kv_heads, sizes.num_selected, dtype=torch.long)
     _select_topn_kernel[(pairs,)](
@@ -560,8 +556,9 @@ def decode_attention_triton(
         gates, out, m_part, l_part, acc_part, counts, reads, gates.stride(0), gates.stride(1), out.stride(0),
         out.stride(1), num_slots, NUM_SPLITS=num_splits, BLOCK_SLOTS=triton.next_power_of_2(num_slots), G=group,
         HKV=num_kv_heads, DV=dv, NUM_SEL_SLOTS=num_sel_programs,
-        NUM_WIN_TILES=num_win_tiles, BLOCK_G=block_g, BLOCK_DV=block_dv, CMP_CHUNK=_merge_chunk(num_splits, tiles),
-        SEL_CHUNK=_merge_chunk(num_sel_programs, tiles), WIN_CHUNK=_merge_chunk(num_win_tiles, tiles),
-        num_warps=tiles.combine_warps,
+        NUM_WIN_TILES=num_win_tiles, BLOCK_G=block_g, BLOCK_DV=block_dv,
+        CMP_CHUNK=_slots_per_load(num_splits, tiles.merge_chunk),
+        SEL_CHUNK=_slots_per_load(num_sel_programs, tiles.merge_chunk),
+        WIN_CHUNK=_slots_per_load(num_win_tiles, tiles.merge_chunk), num_warps=tiles.combine_warps,
     )
     return out, block_indices, reads

@@ -36,7 +36,7 @@ from nsa.kernels.tiles import (
     tile_table,
     visible_key_count,
 )
-from nsa.prefill import topn_tile_shape
+from nsa.prefill import TOPN_KEY_BLOCKS, topn_tile_shape
 
 allow_loaded_loop_bounds()
 MAX_INDEX = tl.constexpr(0x7FFFFFFF)
@@ -54,7 +54,7 @@ class TopnTiles(NamedTuple):
     rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    key_blocks: int = 16  # selection blocks per compressed-key tile (raised to the top list's width if below)
+    key_blocks: int = TOPN_KEY_BLOCKS  # selection blocks per key tile (raised to the top list's width if below)
 
 
 @triton.jit
