@@ -71,7 +71,8 @@ class Shape(NamedTuple):
 
 LAYER_SHAPES = {"public": Shape(64, 4, 128, 128), "paper": Shape(64, 4, 192, 128), "g4": Shape(16, 4, 128, 128),
                 "g12": Shape(48, 4, 128, 128)}  # issue 11's layer shapes
-SHAPES = {**LAYER_SHAPES, "gpt": Shape(4, 2, 64, 64)}  # "gpt": the 4-layer GPT's attention (G = 2), for tile sweeps
+# for tile sweeps: "gpt", the 4-layer GPT's attention (G = 2); "g4_paper", G = 4 with the paper's head dims
+SHAPES = {**LAYER_SHAPES, "gpt": Shape(4, 2, 64, 64), "g4_paper": Shape(16, 4, 192, 128)}
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 GPU_SEQ_LENS = [524288, 262144, 131072, 65536, 32768, 16384, 8192]
 GPT_SEQ_LENS = [4096, 16384, 65536]
@@ -381,18 +382,15 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()]}
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64), sel._replace(rows=32), sel._replace(rows=0)]
-        # 16-row programs split each score row over 4 warps (a cross-warp reduction per block for the softmax):
-        # fewer warps per program, more programs per SM
-        variants["sel_tiles"] += [sel._replace(num_warps=w, num_stages=st) for w, st in [(2, 3), (1, 3), (2, 2),
-                                                                                          (2, 4), (4, 2), (4, 4)]]
-        variants["topn_tiles"] += [TopnTiles(num_warps=2), TopnTiles(num_warps=8), TopnTiles(rows=32),
-                                   TopnTiles(num_stages=3), TopnTiles(key_blocks=32), TopnTiles(key_blocks=64)]
+        # the programs of several tokens: the warps and stages around the defaults (2 and 2; 4 and 3 before)
+        variants["sel_tiles"] += [sel._replace(tile_num_warps=w, tile_num_stages=st) for w, st in [(4, 3), (2, 3),
+                                                                                                    (1, 2), (4, 2)]]
+        variants["topn_tiles"] += [TopnTiles(num_warps=2), TopnTiles(num_warps=8), TopnTiles(key_blocks=32)]
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]
     elif shape.dk <= 128:
         variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64)]
         # wider compressed-key tiles: fewer loop turns (each a dot, the Eq. 9 sums and the merge's check) per row
-        variants["topn_tiles"] += [TopnTiles(key_blocks=32), TopnTiles(key_blocks=64),
-                                   TopnTiles(rows=32, key_blocks=32), TopnTiles(key_blocks=32, num_stages=3)]
+        variants["topn_tiles"] += [TopnTiles(key_blocks=32), TopnTiles(key_blocks=32, num_stages=3)]
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
                                    ranges._replace(dkv_n=64)]
     else:

@@ -107,10 +107,10 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
         query = selected.query_tile_shape(sel_group, rows)
         query = {**sel, "GROUP": sel_group, **query, "NUM_SELECTED": 16, "NP": 16, "UNION": query["BQ"] * 16,
                  "HAS_GATE": True, "ACCUMULATE": True}
-        yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, query, sel_tiles.num_warps,
-                         sel_tiles.num_stages)
-        yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, query, sel_tiles.num_warps,
-                         sel_tiles.num_stages)
+        yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, query,
+                         **selected.query_launch(sel_tiles, query, dq=False))
+        yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, query,
+                         **selected.query_launch(sel_tiles, query, dq=True))
     # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
     for suffix, sel_group in (("", group), ("_g4", 4)):
         yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,

@@ -43,11 +43,13 @@ def _power_of_two_at_least(value: int) -> int:
 def topn_tile_shape(num_selected: int, group: int, sel_block_size: int, block_stride: int, rows: int,
                     key_blocks: int) -> dict[str, int]:
     """The top-n kernel's constexprs: KP (running top list width, >= 4 for the three forced blocks), NS
-    selection blocks per tile (at least key_blocks and KP; NS * r compressed keys per tile, at least 16 for tl.dot;
-    r = l'/d), GP (the group padded to a power of two) and BQ (queries per program, BQ * GP = rows)."""
+    selection blocks per tile (key_blocks, lowered to fit MAX_KEY_TILE compressed keys, raised to KP; NS * r
+    compressed keys per tile, at least 16 for tl.dot; r = l'/d), GP (the group padded to a power of two) and BQ
+    (queries per program, BQ * GP = rows)."""
     ratio = sel_block_size // block_stride
     kp = max(4, _power_of_two_at_least(num_selected - 3))
-    ns = max(kp, _power_of_two_at_least(key_blocks), _power_of_two_at_least(-(-16 // ratio)))
+    fitting = max(1, MAX_KEY_TILE // ratio)
+    ns = max(kp, min(_power_of_two_at_least(key_blocks), fitting), _power_of_two_at_least(-(-16 // ratio)))
     gp = _power_of_two_at_least(group)
     return {"KP": kp, "NS": ns, "GP": gp, "BQ": max(1, rows // gp), "RATIO": ratio}
 

@@ -36,8 +36,15 @@ from reference import (
 
 from nsa import NSAAttention, NSAConfig, NSAInputError, functional, naive_nsa_attention, nsa_attention, prefill
 from nsa.kernels import tiles
-from nsa.kernels.selected import selected_dkdv, selected_dq, selected_forward
-from nsa.kernels.tiles import Packed, output_buffer, packed_varlen
+from nsa.kernels.selected import (
+    SelectedTiles,
+    query_launch,
+    query_tile_shape,
+    selected_dkdv,
+    selected_dq,
+    selected_forward,
+)
+from nsa.kernels.tiles import Packed, output_buffer, packed_varlen, split_dims
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -101,9 +108,21 @@ def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: l
     (2, 37, 2, 2, 16, 16, {**SMALL, "sel_block_size": 8, "num_selected": 4, "window_size": 16}),  # G = 1, B = 2
     (1, 33, 12, 1, 16, 16, {**SMALL, "block_size": 16, "block_stride": 8, "num_selected": 6}),  # G = 12, l = l'
     (1, 6, 4, 2, 16, 16, SMALL),  # T < l: no compressed block at all
+    # l'/d = 32: top-n key tiles of 8 selection blocks (256 compressed keys, MAX_KEY_TILE), not the default 16
+    (1, 200, 2, 1, 16, 16, {"block_size": 4, "block_stride": 1, "sel_block_size": 32, "num_selected": 4,
+                            "window_size": 8}),
 ])
 def test_kernels_match_float64_reference(batch, seq_len, heads, kv_heads, dk, dv, blocks):
     check_against_reference(make_inputs(batch, [seq_len], heads, kv_heads, dk, dv, blocks, seed=seq_len), blocks)
+
+
+@pytest.mark.parametrize(("ratio", "num_selected", "refused"), [(32, 4, False), (32, 16, True), (16, 16, False)])
+def test_prefill_refuses_only_key_tiles_wider_than_the_kernel_holds(ratio, num_selected, refused):
+    """The top-n key tile narrows to fit MAX_KEY_TILE compressed keys; only a top list of more than
+    MAX_KEY_TILE / ratio blocks (n - 3 rounded up to a power of two) cannot fit."""
+    reasons = prefill.prefill_obstacles(1, 32, 2, 2 * ratio, num_selected, 64)
+    assert bool(reasons) == refused
+    assert not reasons or "wider than 256" in reasons[0]
 
 
 def test_packed_sequences_match_float64_reference():
@@ -444,3 +463,16 @@ def test_union_list_shape_is_what_query_tiles_builds(lengths, group, rows):
     blocks, counts = union_lists(query_tiles(indices, packed_varlen(cu, total), group, tiles))
     expected = union_list_shape(total, len(lengths), group, num_kv_heads, num_selected, tiles)
     assert tuple(blocks.shape) == expected and tuple(counts.shape) == (expected[0] if expected[1] else 0,)
+
+
+@pytest.mark.parametrize(("group", "dk", "dv", "fwd", "dq"), [
+    (4, 128, 128, "tile", "tile"), (2, 64, 64, "tile", "tile"),  # several tokens per program
+    (4, 192, 128, "tile", "one"),  # the dq of wide heads spills on the tiles' 2 warps: it keeps the 4 of one token
+    (16, 128, 128, "one", "one"), (12, 128, 128, "one", "one"),  # one token per program
+])
+def test_selection_launch_settings_follow_the_programs_tokens_and_head_dims(group, dk, dv, fwd, dq):
+    tiles = SelectedTiles(num_warps=4, num_stages=3, tile_num_warps=2, tile_num_stages=1, tile_dq_max_dim=128)
+    settings = {"tile": {"num_warps": 2, "num_stages": 1}, "one": {"num_warps": 4, "num_stages": 3}}
+    constexprs = {**query_tile_shape(group, tiles.rows), **split_dims(dk, dv)}
+    assert query_launch(tiles, constexprs, dq=False) == settings[fwd]
+    assert query_launch(tiles, constexprs, dq=True) == settings[dq]

@@ -50,6 +50,8 @@ def test_prefill_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
 
 @pytest.mark.parametrize(("rows", "heads", "kv_heads", "dk", "dv", "seq_len"), [
     (16, 16, 4, 64, 64, 3000),  # G = 4: 4 tokens per program
+    (16, 16, 4, 128, 128, 2048),  # the forward and dq on SelectedTiles.tile_num_warps
+    (16, 16, 4, 192, 128, 2048),  # the forward on tile_num_warps, the dq (past tile_dq_max_dim) on num_warps
     (64, 16, 4, 128, 128, 2048),  # 16 tokens per program
     (32, 4, 4, 256, 256, 1024),  # G = 1, the widest head: 32 tokens per program
     (0, 16, 4, 64, 64, 3000),  # one token per program

@@ -66,7 +66,13 @@ class SelectedTiles(NamedTuple):
     token on independent queries and in 10.5 / 13.3 ms against 17.4 / 21.6 when neighbours share their blocks.
     A dk/dv step fills its dkv_rows with list entries x the group padded only to a power of two (G = 2: 16 entries x
     2 heads); padding the group to 16 rows instead (2 entries x 16 rows, 4 of the 32 real) ran the dk/dv at G = 4,
-    64k on the H200 in 13.3 ms against 5.5 (bench/results/prefill_tiles_cuda.md, 2026-12-02)."""
+    64k on the H200 in 13.3 ms against 5.5 (bench/results/prefill_tiles_cuda.md, 2026-12-02).
+    tile_num_warps / tile_num_stages launch the programs of several tokens (BQ > 1), num_warps / num_stages those
+    of one token (G >= 16, where 2 warps ran the forward in 22.5 against 17.8 ms at the public shape). H200 sweep
+    at 64k, 2026-12-03 (bench/results/prefill_tiles_cuda.md), forward / dq ms on 2 warps and 2 stages against 4 and
+    3: G = 4, d = 128: 14.3 / 18.3 against 15.6 / 19.1; the GPT's G = 2, d = 64: 3.8 / 4.3 against 4.2 / 4.9; G = 4
+    with d_k = 192: forward 16.9 against 21.7, but the dq, which spills on 2 warps there (536 bytes of stack), 58.7
+    against 24.3: so the dq takes the tile settings only up to tile_dq_max_dim (max(d_k, d_v))."""
 
     num_warps: int = 4
     num_stages: int = 3
@@ -75,6 +81,9 @@ class SelectedTiles(NamedTuple):
     dkv_num_warps: int = 4
     dkv_num_stages: int = 2
     rows: int = 16
+    tile_num_warps: int = 2
+    tile_num_stages: int = 2
+    tile_dq_max_dim: int = 128
 
 
 @triton.jit
@@ -453,6 +462,15 @@ def union_lists(query: QueryTiles) -> tuple[Tensor, Tensor]:
     return query.blocks, query.counts
 
 
+def query_launch(tiles: SelectedTiles, constexprs: dict[str, int], dq: bool) -> dict[str, int]:
+    """The fwd (dq: the dq) launch settings for programs of ``query_tile_shape``'s BQ tokens, at the head dims
+    DQK / DV of ``constexprs``."""
+    head_dim = max(constexprs["DQK"], constexprs["DV"])
+    if constexprs["BQ"] > 1 and not (dq and head_dim > tiles.tile_dq_max_dim):
+        return {"num_warps": tiles.tile_num_warps, "num_stages": tiles.tile_num_stages}
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+
+
 def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: Packed, sel_block_size: int,
                tiles: SelectedTiles, unions: tuple[Tensor, Tensor] | None) -> tuple[QueryTiles, dict]:
     group = q.shape[1] // k.shape[1]
@@ -475,8 +493,7 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
         query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt,
         stride_gh, block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1), q.shape[1],
         k.shape[1], packed.num_seqs, scale * LOG2E,
-        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, **query_launch(tiles, args, dq=False),
     )
     return union_lists(query)
 
@@ -493,8 +510,7 @@ def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
         query.table.seq, query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), stride_gt, stride_gh, block_indices.stride(0), block_indices.stride(1), dout.stride(0),
         dout.stride(1), dq.stride(0), dq.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E, scale,
-        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, **query_launch(tiles, args, dq=True),
     )
 
 
