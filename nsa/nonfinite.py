@@ -47,11 +47,17 @@ def finite_or_zero(x: Tensor) -> Tensor:
 
 def nonfinite_rows(x: Tensor) -> Tensor:
     """bool x.shape[:-1]: the vectors (last dim) holding any NaN or +-inf."""
-    # On the CPU x * 0 is 3x faster (exactly 0 at finite entries, NaN at NaN / inf ones, so the row sum is
-    # NaN iff one is non-finite, and no overflow can occur); on the GPU memory traffic decides: one bool pass.
+    # On the CPU x * 0 is fastest (exactly 0 at finite entries, NaN at NaN / inf ones, so the row sum is NaN iff
+    # one is non-finite, and no overflow can occur). On the GPU memory traffic decides: one read of x by a min /
+    # max reduction, which propagates NaN and keeps +-inf (isfinite(x).all() took five passes over x: abs,
+    # two compares, their product and the reduction; 4.7 ms of nsa_nonfinite_rows at 64k on the H200).
+    x = x.detach()
     if x.device.type == "cpu":
-        return (x.detach() * 0).sum(dim=-1).isnan()
-    return ~torch.isfinite(x.detach()).all(dim=-1)
+        return (x * 0).sum(dim=-1).isnan()
+    if x.shape[-1] == 0:  # aminmax rejects an empty reduction; an empty vector holds nothing non-finite
+        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    low, high = torch.aminmax(x, dim=-1)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def poison_rows(out: Tensor, rows: Tensor) -> Tensor:

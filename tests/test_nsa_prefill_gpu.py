@@ -16,6 +16,7 @@ from reference import check_selection, dense_nsa, dense_selection_scores, ref_nu
 
 from nsa import NSAAttention, NSAConfig, nsa_attention
 from nsa.compress_pool import compress_mean_pool
+from nsa.nonfinite import nonfinite_rows
 
 pytestmark = pytest.mark.gpu
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
@@ -155,6 +156,20 @@ def _plant(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
     where[:, :first] = False
     values = torch.tensor([float("nan"), float("inf"), float("-inf")], device="cuda", dtype=x.dtype)
     return torch.where(where, values[torch.randint(3, x.shape, device="cuda", generator=gen)], x.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nonfinite_rows_flag_exactly_the_vectors_holding_nan_or_inf(dtype):
+    """The GPU's one-pass rule (a min / max reduction) against an elementwise check in float64 on the CPU, with
+    NaN, +inf and -inf planted alone and together, and rows of the dtype's largest finite values (not flagged)."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = _plant(torch.randn(2, 3000, 4, 96, device="cuda", generator=gen).to(dtype), 0, seed=5)
+    largest = torch.finfo(dtype).max
+    x[0, :8] = largest
+    x[1, :8] = -largest
+    want = (~torch.isfinite(x.cpu().double())).any(-1)
+    assert torch.equal(nonfinite_rows(x).cpu(), want) and want.any() and not want.all()
+    assert not nonfinite_rows(torch.empty(3, 0, device="cuda", dtype=dtype)).any()
 
 
 @pytest.mark.parametrize(("batch", "seq_len", "first_bad", "lengths"), [
