@@ -529,7 +529,8 @@ def main() -> None:
     parser.add_argument("--check-len", type=int, default=2048)
     parser.add_argument("--kernel-len", type=int, default=65536)
     parser.add_argument("--tile-shapes", nargs="+", default=["public"], choices=list(SHAPES),
-                        help="shapes of the tiles part (gpt: the 4-layer GPT's G = 2 attention; g4_paper: G = 4, d_k = 192)")
+                        help="shapes of the tiles part (gpt: the 4-layer GPT's G = 2 attention; g4_paper: G = 4, "
+                        "d_k = 192)")
     parser.add_argument("--tile-localities", nargs="+", type=float, default=[0.0],
                         help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
