@@ -26,10 +26,14 @@ sweeps also gpt (HQ=4, H_kv=2, D=64: the 4-layer GPT's attention). Parts, in one
   with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens);
   ``--gpt-compile``: both models under torch.compile (rows of shape ``gpt_compiled``); ``--gpt-profile``: one
   step's operator table per model under ``--results-dir``.
+- report: no measurement; rewrites ``<name>.md`` and ``<name>.png`` from the rows already in ``<name>.jsonl``
+  (every run ends by writing them).
 
 Timing: medians of triton.testing.do_bench after warm-up; random inputs. Results: ``prefill_<device>.jsonl``
 (one JSON object per measurement: impl, shape, T, fwd_ms, fwdbwd_ms, peak_gib, tokens_per_s, gpu, torch,
-triton, commit) and ``prefill_<device>.md`` under ``--results-dir``; an OOM or error is recorded in its row.
+triton, commit), ``prefill_<device>.md`` (tables and issue 11's targets) and ``prefill_<device>.png`` (the
+public shape's forward+backward time and NSA / dense ratio by T) under ``--results-dir``; an OOM or error is
+recorded in its row.
 """
 
 from __future__ import annotations
@@ -520,7 +524,8 @@ def compile_counts() -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--parts", nargs="+", default=["check", "layer", "kernels", "module", "gpt"])
+    parser.add_argument("--parts", nargs="+", default=["check", "layer", "kernels", "module", "gpt"],
+                        choices=["check", "layer", "kernels", "tiles", "module", "gpt", "report"])
     parser.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(SHAPES))
     parser.add_argument("--seq-lens", nargs="+", type=int)
     parser.add_argument("--other-shape-lens", nargs="+", type=int, default=None,
@@ -599,6 +604,7 @@ def main() -> None:
             record(gpt_rows(seq_len, args.device, compiled=args.gpt_compile,
                             profile_dir=args.results_dir if args.gpt_profile else None))
     write_markdown(args.results_dir / f"{name}.md", jsonl)
+    write_plot(args.results_dir / f"{name}.png", jsonl)
 
 
 TARGETS = [  # (what, impl, shape, T, key, against, bound): impl's key / against's key <= bound (ISSUE 11)
@@ -687,13 +693,73 @@ def tile_table(rows: list[dict]) -> str:
     return markdown_table(tiles, ["shape", "T", "query_locality", "tiles", *names, "error", "commit"])
 
 
+def read_rows(jsonl: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict]:
+    """The last row per (impl, shape, T, kernel): a later run's measurement replaces an earlier one."""
+    return {(row.get("impl"), row.get("shape"), row.get("T"), row.get("kernel")): row for row in rows}
+
+
+PLOT_IMPLS = {"nsa": "NSA (this library)", "dense": "dense SDPA", "fla": "fla parallel_nsa (cmp + sel)",
+              "flex_window": "FlexAttention window 512"}
+PLOT_BOUNDS = {8192: 1.0, 65536: 0.20, 131072: 0.15}  # issue 11's forward+backward bounds, NSA / dense
+
+
+def write_plot(path: Path, jsonl: Path) -> None:
+    """The public shape's forward+backward time by T for each implementation measured (the latest rows), and NSA's
+    time as a fraction of dense SDPA's with issue 11's bounds marked. Nothing is written without an nsa row."""
+    latest = latest_rows(read_rows(jsonl))
+
+    def series(impl: str) -> dict[int, float]:
+        return {key[2]: row["fwdbwd_ms"] for key, row in latest.items()
+                if key[:2] == (impl, "public") and key[3] is None and isinstance(row.get("fwdbwd_ms"), float)}
+
+    measured = {impl: series(impl) for impl in PLOT_IMPLS}
+    if not measured["nsa"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, (times, ratios) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl, label in PLOT_IMPLS.items():
+        if measured[impl]:
+            lengths = sorted(measured[impl])
+            times.plot(lengths, [measured[impl][t] for t in lengths], marker="o", label=label)
+    shared = sorted(set(measured["nsa"]) & set(measured["dense"]))
+    ratios.plot(shared, [measured["nsa"][t] / measured["dense"][t] for t in shared], marker="o", label="NSA / dense")
+    ratios.scatter(list(PLOT_BOUNDS), list(PLOT_BOUNDS.values()), marker="_", s=400, color="red",
+                   label="issue 11 bound")
+    ratios.axhline(1.0, color="grey", linewidth=0.8)
+    lengths = sorted(set().union(*measured.values()))
+    for axis, ylabel in ((times, "forward + backward (ms)"), (ratios, "NSA time / dense SDPA time")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xticks(lengths, [f"{t // 1024}k" for t in lengths])
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.set_xlabel("tokens T (B = 1)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    ratios.set_yticks([0.1, 0.15, 0.2, 0.3, 0.5, 1, 2])
+    commits = sorted({str(latest[("nsa", "public", t, None)].get("commit")) for t in measured["nsa"]})
+    fig.suptitle("One NSA layer, public shape (HQ = 64, H_kv = 4, D = 128, bf16), latest rows; NSA commits: "
+                 + ", ".join(commits), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_markdown(path: Path, jsonl: Path) -> None:
     """The tables of every row in the jsonl (the latest row per (impl, shape, T, kernel)), ratios to dense
     measured in the same run, and the targets of issue 11 with their status."""
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    latest: dict[tuple, dict] = {}
-    for row in rows:
-        latest[(row.get("impl"), row.get("shape"), row.get("T"), row.get("kernel"))] = row
+    rows = read_rows(jsonl)
+    latest = latest_rows(rows)
     table = []
     order = sorted(latest.items(), key=lambda item: (str(item[0][1]), -(item[0][2] or 0), str(item[0][0])))
     for (impl, shape, seq_len, _), row in order:

@@ -147,3 +147,16 @@ def test_compile_counts_show_frames_and_graph_breaks() -> None:
     after = bench_prefill.compile_counts()
     assert after["frames"] > before["frames"] and after["graphs"] > before["graphs"]
     assert after["graph_breaks"] == before["graph_breaks"] + 1
+
+
+def test_plot_is_written_from_the_public_rows_only_when_nsa_was_measured(tmp_path: Any) -> None:
+    rows = [{"impl": impl, "shape": "public", "T": t, "fwdbwd_ms": ms * t / 8192, "commit": "abc"}
+            for impl, ms in (("nsa", 14.0), ("dense", 7.5), ("fla", 21.0)) for t in (8192, 65536)]
+    rows.append({"impl": "nsa", "shape": "public", "T": 524288, "error": "out of memory"})  # no time: not drawn
+    jsonl, png = tmp_path / "rows.jsonl", tmp_path / "rows.png"
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows[2:]))  # dense and fla only
+    bench_prefill.write_plot(png, jsonl)
+    assert not png.exists()
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows))
+    bench_prefill.write_plot(png, jsonl)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
