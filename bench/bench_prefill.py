@@ -728,8 +728,8 @@ def write_plot(path: Path, jsonl: Path) -> None:
     fig, (times, ratios) = plt.subplots(1, 2, figsize=(11, 4.2))
     for impl, label in PLOT_IMPLS.items():
         if measured[impl]:
-            lengths = sorted(measured[impl])
-            times.plot(lengths, [measured[impl][t] for t in lengths], marker="o", label=label)
+            points = sorted(measured[impl].items())
+            times.plot([t for t, _ in points], [ms for _, ms in points], marker="o", label=label)
     shared = sorted(set(measured["nsa"]) & set(measured["dense"]))
     ratios.plot(shared, [measured["nsa"][t] / measured["dense"][t] for t in shared], marker="o", label="NSA / dense")
     ratios.scatter(list(PLOT_BOUNDS), list(PLOT_BOUNDS.values()), marker="_", s=400, color="red",

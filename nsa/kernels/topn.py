@@ -54,7 +54,7 @@ class TopnTiles(NamedTuple):
     rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    key_blocks: int = TOPN_KEY_BLOCKS  # selection blocks per key tile (raised to the top list's width if below)
+    key_blocks: int = TOPN_KEY_BLOCKS  # selection blocks per key tile (topn_tile_shape fits it to MAX_KEY_TILE, KP)
 
 
 @triton.jit
