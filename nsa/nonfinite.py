@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,25 +45,72 @@ def finite_or_zero(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # one pass (where(isfinite) takes three)
 
 
+def finite_or_zero_under_poison(x: Tensor) -> Tensor:
+    """finite_or_zero for the input of a computation that poisons every output row reading a replaced entry
+    (``nsa_nonfinite_guard``, ``guarded_apply``, NSAAttention's projections); its backward passes the gradient
+    through unchanged. A poisoned row receives exactly zero gradient and no other row reads the entry (its
+    probability or weight is exactly 0), so the gradient reaching a replaced entry is exactly 0 already:
+    finite_or_zero's backward mask (isfinite and a product, four passes over q: 4.5 ms of a 151 ms layer at 64k
+    on the H200) would change nothing."""
+    return _FiniteOrZeroUnderPoison.apply(x)
+
+
+class _FiniteOrZeroUnderPoison(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return finite_or_zero(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
 def nonfinite_rows(x: Tensor) -> Tensor:
     """bool x.shape[:-1]: the vectors (last dim) holding any NaN or +-inf."""
-    # On the CPU x * 0 is fastest (exactly 0 at finite entries, NaN at NaN / inf ones, so the row sum is NaN iff
-    # one is non-finite, and no overflow can occur). On the GPU memory traffic decides: one read of x by a min /
-    # max reduction, which propagates NaN and keeps +-inf (isfinite(x).all() took five passes over x: abs,
-    # two compares, their product and the reduction; 4.7 ms of nsa_nonfinite_rows at 64k on the H200).
     x = x.detach()
-    if x.device.type == "cpu":
-        return (x * 0).sum(dim=-1).isnan()
-    if x.shape[-1] == 0:  # aminmax rejects an empty reduction; an empty vector holds nothing non-finite
-        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    low, high = torch.aminmax(x, dim=-1)
-    return ~(torch.isfinite(low) & torch.isfinite(high))
+    if _row_kernels_apply(x) and x.shape[-1]:
+        from nsa.kernels.rows import nonfinite_rows_triton
+
+        return nonfinite_rows_triton(x)
+    # x * 0 is exactly 0 at finite entries and NaN at NaN / inf ones, so the row sum is NaN iff one is non-finite
+    # (no overflow can occur); torch.compile fuses it into one read (isfinite(x).all() takes five passes).
+    return (x * 0).sum(dim=-1).isnan()
 
 
 def poison_rows(out: Tensor, rows: Tensor) -> Tensor:
-    """out [..., D] with NaN in the rows where ``rows`` (bool, out.shape[:-1] or broadcastable) is True."""
+    """out [..., D] with NaN in the rows where ``rows`` (bool, out.shape[:-1] or broadcastable) is True; the
+    gradient of those rows is zero."""
+    if _row_kernels_apply(out) and out.shape[-1]:
+        return _PoisonRows.apply(out, torch.broadcast_to(rows, out.shape[:-1]).contiguous())
     nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
     return torch.where(rows[..., None], nan, out)
+
+
+def _row_kernels_apply(x: Tensor) -> bool:
+    """Whether the row passes take nsa.kernels.rows' single Triton pass: eager CUDA tensors of 16/32-bit floats,
+    contiguous. Under torch.compile the torch forms stay (inductor fuses them into the ops around)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous()
+            and x.numel() > 0 and not torch.compiler.is_compiling())
+
+
+class _PoisonRows(torch.autograd.Function):
+    """poison_rows on nsa.kernels.rows: NaN rows forward, zero rows backward (torch.where's gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, rows: Tensor) -> Tensor:
+        from nsa.kernels.rows import fill_rows_triton
+
+        ctx.save_for_backward(rows)
+        return fill_rows_triton(out, rows, fill_nan=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        if not _row_kernels_apply(grad):
+            return torch.where(rows[..., None], torch.zeros((), dtype=grad.dtype, device=grad.device), grad), None
+        from nsa.kernels.rows import fill_rows_triton
+
+        return fill_rows_triton(grad, rows, fill_nan=False), None
 
 
 def poison_values(x: Tensor, rows: Tensor) -> Tensor:
@@ -78,7 +125,7 @@ def guarded_apply(fn: Callable[[Tensor], Tensor], x: Tensor, item_dims: int = 1)
     (a linear layer: item_dims=1; phi over blocks [..., l, D]: item_dims=2). fn never sees a
     non-finite value, so its parameter gradients never form 0 * NaN.
     """
-    return poison_rows(fn(finite_or_zero(x)), nonfinite_rows(x.flatten(-item_dims)))
+    return poison_rows(fn(finite_or_zero_under_poison(x)), nonfinite_rows(x.flatten(-item_dims)))
 
 
 def gated_sum(gates: Tensor, branches: Sequence[Tensor]) -> Tensor:
@@ -246,7 +293,7 @@ def nsa_nonfinite_guard(
     rows nsa_nonfinite_rows names for the original inputs (layouts and cu_seqlens as in nsa_attention).
     """
     raw = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
-    output, block_indices = attend(*(finite_or_zero(x) for x in raw))
+    output, block_indices = attend(*(finite_or_zero_under_poison(x) for x in raw))
     rows = nsa_nonfinite_rows(*raw, block_indices, block_size=block_size, block_stride=block_stride,
                               sel_block_size=sel_block_size, window_size=window_size, cu_seqlens=cu_seqlens)
     return poison_rows(output, rows), block_indices

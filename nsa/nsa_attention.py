@@ -18,7 +18,7 @@ from nsa.dispatch import choose_decode_backend
 from nsa.errors import NSAInputError
 from nsa.functional import NSASizes, nsa_attention, nsa_attention_chunk, prefill_chunk_size
 from nsa.kv_cache import NSAKVCache
-from nsa.nonfinite import finite_or_zero, guarded_apply, nonfinite_rows, poison_rows
+from nsa.nonfinite import finite_or_zero_under_poison, guarded_apply, nonfinite_rows, poison_rows
 from nsa.rope import apply_rope
 
 
@@ -171,7 +171,7 @@ class NSAAttention(nn.Module):
         c = self.config
         batch, seq_len, _ = x.shape
         bad_tokens = nonfinite_rows(x)[:, :, None]  # [B, T, 1]: broadcasts over the heads of each projection
-        x = finite_or_zero(x)
+        x = finite_or_zero_under_poison(x)  # every projection of a non-finite token is poisoned below
         q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions, c.rope_theta)
         k = self.k_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim_v)

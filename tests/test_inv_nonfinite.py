@@ -618,3 +618,75 @@ def test_triton_decode_poisons_the_rows_the_torch_step_poisons():
     assert poisoned[1, 8:].all() and not poisoned[1, :8].any()
     assert torch.equal(y_triton.isnan().all(-1), poisoned) and torch.isfinite(y_triton[~poisoned]).all()
     torch.testing.assert_close(y_triton[~poisoned], y_torch[~poisoned], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the row passes on the GPU (nsa.kernels.rows, in Triton's interpreter here) and the guard's gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, F32])
+@pytest.mark.parametrize("row_len", [1, 20, 130, 4100])  # 4100: two column steps of 4096
+def test_row_kernels_match_an_elementwise_reference(dtype, row_len):
+    """nonfinite_rows_triton flags exactly the vectors holding a NaN or +-inf (an elementwise check in float64):
+    planted alone and together, beside rows of the dtype's largest finite values, -0 and the smallest subnormal
+    (not flagged); fill_rows_triton replaces exactly those vectors by NaN or zeros and copies every other one."""
+    from nsa.kernels.rows import fill_rows_triton, nonfinite_rows_triton
+
+    gen = torch.Generator().manual_seed(row_len)
+    x = plant(torch.randn(2, 9, 3, row_len, generator=gen, dtype=F64), 0, seed=row_len, density=0.01).to(dtype)
+    info = torch.finfo(dtype)
+    x[0, 0], x[0, 1], x[1, 0] = info.max, -info.max, -0.0
+    x[1, 1, :, -1] = info.smallest_normal / 2
+    want = (~torch.isfinite(x.double())).any(-1)
+    got = nonfinite_rows_triton(x)
+    assert got.dtype == torch.bool and torch.equal(got, want) and want.any() and not want.all()
+    for fill_nan, value in ((True, float("nan")), (False, 0.0)):
+        filled = fill_rows_triton(x, want, fill_nan)
+        expected = x.double().masked_fill(want[..., None], value)
+        torch.testing.assert_close(filled.double(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
+    """poison_rows through nsa.kernels.rows (the eager GPU path, forced onto the interpreter here) against
+    torch.where: NaN rows forward, flags broadcast from [B, T, 1], and zero gradient in exactly those rows."""
+    import nsa.nonfinite as nonfinite
+
+    monkeypatch.setattr(nonfinite, "_row_kernels_apply", lambda x: x.is_contiguous() and x.numel() > 0)
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 7, 3, 5, generator=gen, requires_grad=True)
+    rows = torch.rand(2, 7, 1, generator=gen) < 0.3
+    got = nonfinite.poison_rows(out, rows)
+    want = torch.where(rows[..., None], torch.tensor(float("nan")), out)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    weights = torch.randn(out.shape, generator=gen)
+    (grad,) = torch.autograd.grad(torch.where(got.isnan(), 0, got * weights).sum(), out)
+    assert torch.equal(grad, torch.where(rows[..., None], 0.0, weights)) and rows.any()
+
+
+def test_guard_gradient_at_replaced_entries_is_exactly_zero(monkeypatch):
+    """The fused path (backend="triton", the interpreter) with NaN / inf anywhere, early positions included, and
+    a loss over every finite output row: the gradients are finite, exactly zero at every replaced entry, and
+    bitwise those of the guard whose sanitising masks the gradient (finite_or_zero's own backward), so passing
+    the gradient through (finite_or_zero_under_poison) changes nothing."""
+    import nsa.nonfinite as nonfinite
+
+    s = Shape(B=1, T=24, HQ=4, Hkv=2, Dk=16, Dv=16, l=8, d=4, lp=8, n=3, w=8, seed=12)
+    first = {"k_cmp": 3, "v_cmp": 3}  # of 5 blocks: an early bad compressed block poisons every later row
+    bad = {name: plant(value, first.get(name, 0), seed=i, density=0.002)
+           for i, (name, value) in enumerate(case_inputs(s, F32).items())}
+    weights = torch.randn(1, 24, 4, 16, generator=torch.Generator().manual_seed(1))
+
+    def grads() -> dict:
+        leaves = {name: value.clone().requires_grad_() for name, value in bad.items()}
+        out = nsa_attention(*(leaves[n] for n in NSA_INPUTS), **s.kw(), backend="triton").output
+        assert out.isnan().any() and not out.isnan().all()
+        loss = torch.where(out.isnan(), 0, out * weights).sum()
+        return dict(zip(NSA_INPUTS, torch.autograd.grad(loss, [leaves[n] for n in NSA_INPUTS]), strict=True))
+
+    passed = grads()
+    monkeypatch.setattr(nonfinite, "finite_or_zero_under_poison", nonfinite.finite_or_zero)
+    masked = grads()
+    for name in NSA_INPUTS:
+        assert torch.isfinite(passed[name]).all(), name
+        assert not passed[name][~torch.isfinite(bad[name])].any(), name
+        assert torch.equal(passed[name], masked[name]), name

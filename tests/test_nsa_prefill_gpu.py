@@ -16,7 +16,7 @@ from reference import check_selection, dense_nsa, dense_selection_scores, ref_nu
 
 from nsa import NSAAttention, NSAConfig, nsa_attention
 from nsa.compress_pool import compress_mean_pool
-from nsa.nonfinite import nonfinite_rows
+from nsa.nonfinite import nonfinite_rows, poison_rows
 
 pytestmark = pytest.mark.gpu
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
@@ -160,8 +160,8 @@ def _plant(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nonfinite_rows_flag_exactly_the_vectors_holding_nan_or_inf(dtype):
-    """The GPU's one-pass rule (a min / max reduction) against an elementwise check in float64 on the CPU, with
-    NaN, +inf and -inf planted alone and together, and rows of the dtype's largest finite values (not flagged)."""
+    """The GPU's one-pass rule (nsa.kernels.rows) against an elementwise check in float64 on the CPU, with NaN, +inf
+    and -inf planted alone and together, and rows of the dtype's largest finite values (not flagged)."""
     gen = torch.Generator(device="cuda").manual_seed(4)
     x = _plant(torch.randn(2, 3000, 4, 96, device="cuda", generator=gen).to(dtype), 0, seed=5)
     largest = torch.finfo(dtype).max
@@ -170,6 +170,22 @@ def test_nonfinite_rows_flag_exactly_the_vectors_holding_nan_or_inf(dtype):
     want = (~torch.isfinite(x.cpu().double())).any(-1)
     assert torch.equal(nonfinite_rows(x).cpu(), want) and want.any() and not want.all()
     assert not nonfinite_rows(torch.empty(3, 0, device="cuda", dtype=dtype)).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_poison_rows_fill_nan_forward_and_zero_gradient(dtype):
+    """poison_rows on the GPU's row kernel (nsa.kernels.rows) against torch.where on the CPU: NaN in the flagged
+    rows (flags broadcast over the heads), every other element copied, zero gradient in exactly those rows."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    out = torch.randn(2, 3000, 8, 96, device="cuda", generator=gen).to(dtype).requires_grad_()
+    rows = torch.rand(2, 3000, 1, device="cuda", generator=gen) < 0.1
+    weights = torch.randn(out.shape, device="cuda", generator=gen).to(dtype)
+    got = poison_rows(out, rows)
+    (grad,) = torch.autograd.grad(got, out, weights)
+    flags = rows.cpu()[..., None]
+    want = torch.where(flags, float("nan"), out.detach().cpu().double())
+    torch.testing.assert_close(got.detach().cpu().double(), want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(grad.cpu(), torch.where(flags, 0, weights.cpu()))
 
 
 @pytest.mark.parametrize(("batch", "seq_len", "first_bad", "lengths"), [
