@@ -372,10 +372,10 @@ TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
-    same run), then candidates one or two fields off them: the selection dk/dv in 64-row steps, for groups under 16
-    the selection's and top-n's warps and pipeline stages, the schedules
-    the range defaults replaced on 2026-12-02 (one head per dk/dv step, at the widths they had) and their nearest
-    neighbours, so each sweep re-checks the margins. `python -m bench.compile_kernels` reports their registers and
+    same run), then candidates one or two fields off them: the selection dk/dv in 64-row steps, the selection's and
+    top-n's warps and pipeline stages, the top-n key tiles, the schedules the range defaults replaced (one head per
+    dk/dv step, at the widths they had; dq tiles of 32 keys) and their nearest neighbours, so each sweep re-checks
+    the margins. `python -m bench.compile_kernels` reports their registers and
     spills for sm_90 without a GPU."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
@@ -390,13 +390,15 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         variants["sel_tiles"] += [sel._replace(tile_num_warps=w, tile_num_stages=st) for w, st in [(4, 3), (2, 3),
                                                                                                     (1, 2), (4, 2)]]
         variants["topn_tiles"] += [TopnTiles(num_warps=2), TopnTiles(num_warps=8), TopnTiles(key_blocks=32)]
-        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32)]
+        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32),
+                                   ranges._replace(dq_n=32)]
     elif shape.dk <= 128:
-        variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64)]
-        # wider compressed-key tiles: fewer loop turns (each a dot, the Eq. 9 sums and the merge's check) per row
-        variants["topn_tiles"] += [TopnTiles(key_blocks=32), TopnTiles(key_blocks=32, num_stages=3)]
-        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=128),
-                                   ranges._replace(dkv_n=64)]
+        # one token per program: its launch settings, and the dk/dv's stages and chunk of tokens
+        variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64), sel._replace(num_stages=2), sel._replace(num_stages=4),
+                                 sel._replace(num_warps=8), sel._replace(dkv_num_stages=3), sel._replace(chunk=2048)]
+        variants["topn_tiles"] += [TopnTiles(wide_key_blocks=16), TopnTiles(num_stages=3)]
+        variants["range_tiles"] = [ranges, ranges._replace(dq_n=32), ranges._replace(bwd_num_stages=3),
+                                   ranges._replace(dkv_m=128), ranges._replace(dkv_n=64)]
     else:
         variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=True),
                                    ranges._replace(dkv_head_rows=True, dkv_m=32),

@@ -1,5 +1,5 @@
 """Compile the NSA prefill and decode kernels for an NVIDIA target on any machine (no GPU needed) and report
-their registers, spills and shared memory, as ptxas sees them.
+their registers, spills and shared memory, as ptxas sees them (and the non-finite rule's row passes).
 
     python -m bench.compile_kernels                 # sm_90 (H100 / H200), the paper's and the public head dims
     python -m bench.compile_kernels --arch 80 --head-dims 128
@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 
 from nsa.functional import NSASizes
 from nsa.kernels import decode, range_attention, selected, topn
+from nsa.kernels import rows as row_passes
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.tiles import split_dims
@@ -93,7 +94,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                      ("dk_ptr", "dv_ptr"))
     topn_tiles = TopnTiles()
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
-                            topn_tiles.rows, topn_tiles.key_blocks)
+                            topn_tiles.rows, topn_tiles.key_blocks_for(group))
     topn_constexprs = {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],
                        "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                        "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
@@ -164,6 +165,15 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
                tiles.combine_warps)
 
 
+def row_cases() -> Iterator[KernelCase]:
+    """The non-finite rule's row passes (nsa.kernels.rows) over 128-wide bf16 vectors."""
+    blocks = row_passes._blocks(128)
+    types = (("flags_ptr", "*i8"),)
+    yield KernelCase("nonfinite_rows", row_passes._nonfinite_rows_kernel, blocks, 4, 3, pointer_types=types)
+    yield KernelCase("fill_rows", row_passes._fill_rows_kernel, {**blocks, "FILL_NAN": True}, 4, 3,
+                     pointer_types=types)
+
+
 def compile_case(case: KernelCase, arch: int = 90) -> Any:
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(case.fn.arg_names)
                  if name.startswith("stride") or name.endswith("_ptr")}
@@ -195,6 +205,9 @@ def main() -> None:
     for case in decode_cases():
         usage = resource_usage(compile_case(case, args.arch))
         print(f"decode {case.name:12s} warps={case.num_warps} stages={case.num_stages} {usage}")
+    for case in row_cases():
+        usage = resource_usage(compile_case(case, args.arch))
+        print(f"rows   {case.name:14s} warps={case.num_warps} stages={case.num_stages} {usage}")
 
 
 if __name__ == "__main__":

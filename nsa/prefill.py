@@ -33,7 +33,7 @@ class PrefillSizes(NamedTuple):
 
 MAX_GROUP = 64  # the selection kernels hold a group's G query heads (padded) as the rows of one tile
 MAX_KEY_TILE = 256  # the top-n kernel's compressed-key tile: NS selection blocks x l'/d
-TOPN_KEY_BLOCKS = 16  # TopnTiles.key_blocks' default: selection blocks per top-n key tile (before NS's floors)
+TOPN_KEY_BLOCKS = 16  # TopnTiles.key_blocks' default (groups under 16 heads): selection blocks per top-n key tile
 
 
 def _power_of_two_at_least(value: int) -> int:

@@ -62,12 +62,13 @@ class RangeTiles(NamedTuple):
     tokens x the group's GP heads (padded to a power of two, at most dkv_m) instead of dkv_m tokens of one head,
     one pass over the queries instead of one per head. On the H200 at the public shape, 64k (bench/results/
     prefill_tiles_cuda.md, 2026-12-02), 4 tokens x 16 heads per step ran the compression dk/dv in 21.1 ms and the
-    window's in 8.3 against 31.4 and 9.6 for 32 tokens of one head."""
+    window's in 8.3 against 31.4 and 9.6 for 32 tokens of one head. dq tiles of 128 queries x 64 keys ran the
+    compression / window dq in 14.9 / 6.6 ms against 17.3 / 7.4 for 128 x 32 (2026-12-03, sixteenth session)."""
 
     fwd_m: int = 128
     fwd_n: int = 64
     dq_m: int = 128
-    dq_n: int = 32
+    dq_n: int = 64
     dkv_m: int = 64
     dkv_n: int = 128
     num_warps: int = 8
@@ -414,11 +415,11 @@ def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
 
 def tiles_for(head_dim: int) -> RangeTiles:
     """Tiles for the widest head dim, picked by the H200 tile sweep (bench_prefill --parts tiles, 2026-12-01, the
-    public and paper shapes at 64k): long, narrow dq (128 queries x 32 keys) and dk/dv tiles (128 keys x 16-32
-    queries) ran 1.4-2.8x faster than square ones although ptxas (bench/compile_kernels.py) reports 24-48 bytes
-    of spills for them; narrower forward tiles for wider heads. dk/dv over tokens x heads (dkv_head_rows) at 192
-    (2026-12-02): 2 tokens x 16 heads per step ran the compression / window dk/dv in 34.4 / 11.4 ms against 52.7 /
-    15.2 for 16 tokens of one head. 256: untuned, spill-free, one head per step."""
+    public and paper shapes at 64k): long, narrow dq (128 queries x 32 keys; 64 keys up to head dim 128 since
+    2026-12-03) and dk/dv tiles (128 keys x 16-32 queries) ran 1.4-2.8x faster than square ones although ptxas
+    (bench/compile_kernels.py) reports 24-48 bytes of spills for them; narrower forward tiles for wider heads.
+    dk/dv over tokens x heads (dkv_head_rows) at 192 (2026-12-02): 2 tokens x 16 heads per step ran the compression
+    / window dk/dv in 34.4 / 11.4 ms against 52.7 / 15.2 for 16 tokens of one head. 256: untuned, spill-free, one head per step."""
     if head_dim <= 128:
         return RangeTiles()
     if head_dim <= 192:

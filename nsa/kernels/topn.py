@@ -46,15 +46,22 @@ KEEP = tl.constexpr((1 << 63) - 64)  # slots past n - 3 hold KEEP + i: above eve
 
 
 class TopnTiles(NamedTuple):
-    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings. A merge of each
-    tile's entering candidates by fixed-cost bitonic sorts (a sorted tile against the running list) was slower on
-    the H200 at 64k than ``_merge_top``'s insertion loop: 22.9 against 17.6 ms public, 13.5 against 10.3 G = 4
-    (bench/results/prefill_tiles_cuda.md, 2026-12-02, commit 74a2c63), so the loop stays."""
+    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings; key_blocks /
+    wide_key_blocks: selection blocks per compressed-key tile for groups under 16 heads / of 16 or more
+    (``key_blocks_for``; topn_tile_shape fits them to MAX_KEY_TILE and KP). H200, 64k (bench/results/
+    prefill_tiles_cuda.md, 2026-12-03): 32 blocks per tile ran the public shape's top-n in 12.9 ms against 13.7 for 16,
+    but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65 against 1.96. A merge of each tile's entering candidates
+    by fixed-cost bitonic sorts (a sorted tile against the running list) was slower than ``_merge_top``'s insertion
+    loop: 22.9 against 17.6 ms public, 13.5 against 10.3 G = 4 (2026-12-02, commit 74a2c63), so the loop stays."""
 
     rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    key_blocks: int = TOPN_KEY_BLOCKS  # selection blocks per key tile (topn_tile_shape fits it to MAX_KEY_TILE, KP)
+    key_blocks: int = TOPN_KEY_BLOCKS
+    wide_key_blocks: int = 32
+
+    def key_blocks_for(self, group: int) -> int:
+        return self.wide_key_blocks if group >= 16 else self.key_blocks
 
 
 @triton.jit
@@ -160,7 +167,8 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
     (+inf where nothing is visible)."""
     num_heads, num_kv_heads = q.shape[1], k_cmp.shape[1]
     group = num_heads // num_kv_heads
-    shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows, tiles.key_blocks)
+    shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows,
+                            tiles.key_blocks_for(group))
     out = output_buffer(q.shape[0], num_kv_heads, num_selected, like=q, dtype=torch.int32)
     table = tile_table(packed.cu, packed.num_seqs, packed.total, shape["BQ"])
     k_cmp = k_cmp if k_cmp.shape[0] else k_cmp.new_zeros(1, *k_cmp.shape[1:])
