@@ -419,7 +419,8 @@ def tiles_for(head_dim: int) -> RangeTiles:
     2026-12-03) and dk/dv tiles (128 keys x 16-32 queries) ran 1.4-2.8x faster than square ones although ptxas
     (bench/compile_kernels.py) reports 24-48 bytes of spills for them; narrower forward tiles for wider heads.
     dk/dv over tokens x heads (dkv_head_rows) at 192 (2026-12-02): 2 tokens x 16 heads per step ran the compression
-    / window dk/dv in 34.4 / 11.4 ms against 52.7 / 15.2 for 16 tokens of one head. 256: untuned, spill-free, one head per step."""
+    / window dk/dv in 34.4 / 11.4 ms against 52.7 / 15.2 for 16 tokens of one head. 256: untuned, spill-free, one
+    head per step."""
     if head_dim <= 128:
         return RangeTiles()
     if head_dim <= 192:
