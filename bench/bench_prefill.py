@@ -560,6 +560,8 @@ def main() -> None:
     name = args.name or f"prefill_{'cuda' if cuda else 'cpu'}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     jsonl = args.results_dir / f"{name}.jsonl"
+    if args.parts == ["report"] and not jsonl.exists():
+        parser.error(f"--parts report rewrites the tables from measured rows, and {jsonl} does not exist")
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
 

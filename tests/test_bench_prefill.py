@@ -5,6 +5,7 @@ is timed, only the kernels its field governs are timed, and a candidate that cha
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -160,3 +161,14 @@ def test_plot_is_written_from_the_public_rows_only_when_nsa_was_measured(tmp_pat
     jsonl.write_text("\n".join(json.dumps(row) for row in rows))
     bench_prefill.write_plot(png, jsonl)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_measured_rows_is_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--parts report on a results directory without the rows' .jsonl fails naming the file, and writes nothing
+    (it used to write empty tables)."""
+    monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "report", "--results-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as raised:
+        bench_prefill.main()
+    assert raised.value.code == 2 and "prefill_cpu.jsonl does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
