@@ -1,7 +1,10 @@
-"""Masked-softmax attention over a small key set, with GQA, shared by the reference branches.
+"""Masked-softmax attention over a small key set, with GQA, shared by the torch paths' branches.
 
 Rows whose mask is empty produce a zero output and lse = -inf (never NaN, in value or gradient).
-Scores and softmax run in float32 for half inputs (float64 stays float64).
+Scores and softmax run in float32 for half inputs (float64 stays float64). Where only the output is needed
+(the window and selection branches), ``attend`` runs torch's scaled_dot_product_attention under the mask: one
+fused kernel that keeps no score tensor for the backward; the compression branch needs its probabilities for
+the selection (Eq. 8) and keeps the explicit einsum and masked softmax of ``attend_shared_keys``.
 
 Non-finite inputs (nsa.nonfinite): both attend functions read q, k and v with NaN / inf replaced by
 0 and return NaN (output and lse) in exactly the rows whose own q is non-finite or whose mask
@@ -15,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from nsa.nonfinite import finite_or_zero, kv_nonfinite, nonfinite_rows, per_query_head, poison_rows, poison_values
 
@@ -66,6 +70,20 @@ def attend_shared_keys(
     return out, poison_values(lse.permute(0, 3, 1, 2).flatten(2), poisoned), probs
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """attend_shared_keys' output alone (the same arguments, the same non-finite rows), on
+    scaled_dot_product_attention."""
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    by_head = mask[:, :, None] if mask.dim() == 3 else mask  # [B|1, C, Hkv|1, K]
+    reads_nonfinite = (by_head & kv_nonfinite(k, v).transpose(1, 2)[:, None]).any(dim=-1)  # [B, C, Hkv]
+    poisoned = nonfinite_rows(q) | per_query_head(reads_nonfinite, num_heads)
+    head_mask = by_head.repeat_interleave(num_heads // num_kv_heads, dim=2) if by_head.shape[2] > 1 else by_head
+    acc = accumulation_dtype(q.dtype)
+    q_t, k_t, v_t = (finite_or_zero(x).to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, C|K, D]
+    out = masked_sdpa(q_t, k_t, v_t, head_mask.transpose(1, 2), scale, enable_gqa=num_heads != num_kv_heads)
+    return poison_rows(out.transpose(1, 2).to(q.dtype), poisoned)
+
+
 def attend_gathered_keys(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -78,11 +96,21 @@ def attend_gathered_keys(
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
     poisoned = nonfinite_rows(q) | per_query_head((mask & kv_nonfinite(k, v)).any(dim=-1), num_heads)
     acc = accumulation_dtype(q.dtype)
-    qg = finite_or_zero(q).to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
-    scores = torch.einsum("bchgd,bchkd->bchgk", qg, finite_or_zero(k).to(acc)) * scale
-    probs, _ = masked_softmax(scores, mask[:, :, :, None])
-    out = torch.einsum("bchgk,bchkd->bchgd", probs, finite_or_zero(v).to(acc))
+    qg = finite_or_zero(q).to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))  # [B, C, Hkv, G, Dk]
+    out = masked_sdpa(qg, finite_or_zero(k).to(acc), finite_or_zero(v).to(acc), mask[:, :, :, None], scale)
     return poison_rows(out.flatten(2, 3).to(q.dtype), poisoned)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                enable_gqa: bool = False) -> torch.Tensor:
+    """scaled_dot_product_attention of q [..., L, Dk] over k [..., K, Dk], v [..., K, Dv] where mask (bool,
+    broadcastable to [..., L, K]) is True; rows whose mask is empty get o = 0 and zero gradient (SDPA alone would
+    return NaN there)."""
+    if k.shape[-2] == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    has_keys = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_keys, scale=scale, enable_gqa=enable_gqa)
+    return torch.where(has_keys, out, 0.0)
 
 
 def budget_chunk_size(elements_per_query: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa.attention_core import attend_gathered_keys, attend_shared_keys, budget_chunk_size, query_chunks
+from nsa.attention_core import attend, attend_gathered_keys, budget_chunk_size, query_chunks
 from nsa.block_index import selection_token_index
 from nsa.validation import (
     check_attention_inputs,
@@ -64,7 +64,7 @@ def selected_attention_chunk(
         group, dims = q.shape[2] // k.shape[2], k.shape[-1] + v.shape[-1]
         if num_keys > 0 and masks_whole_prefix(num_keys, tokens.shape[-1], group, dims):
             mask = selected_token_mask(block_indices, positions, block_size, num_keys)
-            return attend_shared_keys(q, k[:, :num_keys], v[:, :num_keys], mask, scale)[0], valid
+            return attend(q, k[:, :num_keys], v[:, :num_keys], mask, scale), valid
     return attend_gathered_keys(q, gather_tokens(k, tokens), gather_tokens(v, tokens), valid, scale), valid
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa.attention_core import attend_shared_keys, budget_chunk_size, query_chunks
+from nsa.attention_core import attend, budget_chunk_size, query_chunks
 from nsa.validation import check_attention_inputs, check_positive_int, check_same_length, check_scale
 
 
@@ -23,7 +23,7 @@ def sliding_window_chunk(
     Returns (o [B, C, HQ, Dv], mask [B|1, C, K]): the mask marks the keys actually read.
     """
     mask = window_mask(positions, key_positions, window_size)
-    return attend_shared_keys(q, k, v, mask, scale)[0], mask
+    return attend(q, k, v, mask, scale), mask
 
 
 def window_chunk_from_sequence(

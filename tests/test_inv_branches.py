@@ -38,7 +38,7 @@ from nsa import (
     selected_attention,
     sliding_window_attention,
 )
-from nsa.attention_core import attend_gathered_keys, attend_shared_keys
+from nsa.attention_core import attend_gathered_keys, attend_shared_keys, masked_sdpa
 from nsa.block_index import selection_token_index
 from nsa.selected_attention import gather_tokens, masks_whole_prefix, selected_token_mask
 
@@ -397,3 +397,34 @@ def test_paper_block_sizes_moderate_t():
     out = nsa_attention(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
     _, scores = ref_select(x["q"], k_cmp, s.l, s.d, s.lp, s.n)
     assert_nsa_output_matches_reference(out, x, k_cmp, v_cmp, scores, s)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_masked_sdpa_is_the_masked_softmax_and_zero_on_empty_rows(dtype):
+    """masked_sdpa (the window and selection branches' attention, on scaled_dot_product_attention) against a
+    float64 masked softmax written here, GQA included: rows with no key read give o = 0 (SDPA alone returns NaN)
+    and pass no gradient to q, k or v; every gradient is finite and matches the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, 8, generator=gen, dtype=F64) for h, n in ((4, 6), (2, 9), (2, 9)))
+    mask = torch.rand(2, 1, 6, 9, generator=gen) < 0.4
+    mask[:, :, 2] = False  # an empty row in every head
+    mask[:, :, 0, 0] = True
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out = masked_sdpa(*leaves, mask, 0.7, enable_gqa=True)
+    k_rep, v_rep = (x.repeat_interleave(2, dim=1) for x in (k, v))
+    probs = torch.where(mask, (q @ k_rep.transpose(-1, -2)) * 0.7, float("-inf")).softmax(-1).nan_to_num()
+    want = probs @ v_rep
+    tol = TOL64 if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(out.double(), want, **tol)
+    assert not out[:, :, 2].any()
+    weight = torch.randn(out.shape, generator=gen, dtype=F64)
+    grads = torch.autograd.grad((out * weight.to(dtype)).sum(), leaves)
+    refs = [x.clone().requires_grad_() for x in (q, k, v)]
+    k_rep, v_rep = (x.repeat_interleave(2, dim=1) for x in refs[1:])
+    scores = torch.where(mask, (refs[0] @ k_rep.transpose(-1, -2)) * 0.7, float("-inf"))
+    ref_out = torch.where(mask.any(-1, keepdim=True), scores.softmax(-1), 0.0) @ v_rep
+    want_grads = torch.autograd.grad((ref_out * weight).sum(), refs)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got.double(), expected, **tol)
+    assert not grads[0][:, :, 2].any()
