@@ -1,10 +1,11 @@
 """Masked-softmax attention over a small key set, with GQA, shared by the torch paths' branches.
 
 Rows whose mask is empty produce a zero output and lse = -inf (never NaN, in value or gradient).
-Scores and softmax run in float32 for half inputs (float64 stays float64). Where only the output is needed
-(the window and selection branches), ``attend`` runs torch's scaled_dot_product_attention under the mask: one
-fused kernel that keeps no score tensor for the backward; the compression branch needs its probabilities for
-the selection (Eq. 8) and keeps the explicit einsum and masked softmax of ``attend_shared_keys``.
+Scores and softmax run in float32 for half inputs (float64 stays float64). The layer's branches attend through
+torch's scaled_dot_product_attention under their masks (``attend``, ``attend_gathered_keys``): one fused kernel
+that keeps no score tensor for the backward. The compression branch's probabilities, which the selection reads
+(Eq. 8), come from ``shared_key_probs`` without autograd; ``attend_shared_keys`` (explicit einsum and masked
+softmax, with a differentiable lse) serves the public compressed_attention.
 
 Non-finite inputs (nsa.nonfinite): both attend functions read q, k and v with NaN / inf replaced by
 0 and return NaN (output and lse) in exactly the rows whose own q is non-finite or whose mask
@@ -57,31 +58,45 @@ def attend_shared_keys(
     Returns o [B, C, HQ, Dv] (q's dtype), lse [B, C, HQ] and probs [B, Hkv, G, C, K] (accumulation dtype);
     o and lse are NaN in the rows that see a non-finite input, probs are always finite.
     """
+    poisoned = shared_key_poison(q, k, v, mask)
+    probs, lse = shared_key_probs(q, k, mask, scale)
+    out = torch.einsum("bhgck,bkhd->bchgd", probs, finite_or_zero(v).to(probs.dtype))
+    return poison_rows(out.flatten(2, 3).to(q.dtype), poisoned), poison_values(lse, poisoned), probs
+
+
+def shared_key_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_shared_keys' probabilities [B, Hkv, G, C, K] and lse [B, C, HQ] (not poisoned), in the
+    accumulation dtype."""
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
-    by_head = mask[:, :, None] if mask.dim() == 3 else mask  # [B|1, C, Hkv|1, K]
-    reads_nonfinite = (by_head & kv_nonfinite(k, v).transpose(1, 2)[:, None]).any(dim=-1)  # [B, C, Hkv]
-    poisoned = nonfinite_rows(q) | per_query_head(reads_nonfinite, num_heads)
     acc = accumulation_dtype(q.dtype)
     qg = finite_or_zero(q).to(acc).unflatten(2, (num_kv_heads, num_heads // num_kv_heads))
     scores = torch.einsum("bchgd,bkhd->bhgck", qg, finite_or_zero(k).to(acc)) * scale
-    probs, lse = masked_softmax(scores, by_head.permute(0, 2, 1, 3)[:, :, None])
-    out = torch.einsum("bhgck,bkhd->bchgd", probs, finite_or_zero(v).to(acc))
-    out = poison_rows(out.flatten(2, 3).to(q.dtype), poisoned)
-    return out, poison_values(lse.permute(0, 3, 1, 2).flatten(2), poisoned), probs
+    probs, lse = masked_softmax(scores, _by_head(mask).permute(0, 2, 1, 3)[:, :, None])
+    return probs, lse.permute(0, 3, 1, 2).flatten(2)
+
+
+def shared_key_poison(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, C, HQ]: the rows of attend_shared_keys / attend that see a non-finite input."""
+    reads_nonfinite = (_by_head(mask) & kv_nonfinite(k, v).transpose(1, 2)[:, None]).any(dim=-1)  # [B, C, Hkv]
+    return nonfinite_rows(q) | per_query_head(reads_nonfinite, q.shape[2])
+
+
+def _by_head(mask: torch.Tensor) -> torch.Tensor:
+    """A shared-keys mask as [B|1, C, Hkv|1, K]."""
+    return mask[:, :, None] if mask.dim() == 3 else mask
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """attend_shared_keys' output alone (the same arguments, the same non-finite rows), on
     scaled_dot_product_attention."""
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
-    by_head = mask[:, :, None] if mask.dim() == 3 else mask  # [B|1, C, Hkv|1, K]
-    reads_nonfinite = (by_head & kv_nonfinite(k, v).transpose(1, 2)[:, None]).any(dim=-1)  # [B, C, Hkv]
-    poisoned = nonfinite_rows(q) | per_query_head(reads_nonfinite, num_heads)
+    by_head = _by_head(mask)
     head_mask = by_head.repeat_interleave(num_heads // num_kv_heads, dim=2) if by_head.shape[2] > 1 else by_head
     acc = accumulation_dtype(q.dtype)
     q_t, k_t, v_t = (finite_or_zero(x).to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, C|K, D]
     out = masked_sdpa(q_t, k_t, v_t, head_mask.transpose(1, 2), scale, enable_gqa=num_heads != num_kv_heads)
-    return poison_rows(out.transpose(1, 2).to(q.dtype), poisoned)
+    return poison_rows(out.transpose(1, 2).to(q.dtype), shared_key_poison(q, k, v, mask))
 
 
 def attend_gathered_keys(

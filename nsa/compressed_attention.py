@@ -6,7 +6,15 @@ from typing import NamedTuple
 
 import torch
 
-from nsa.attention_core import accumulation_dtype, attend_shared_keys, budget_chunk_size, query_chunks
+from nsa.attention_core import (
+    accumulation_dtype,
+    attend,
+    attend_shared_keys,
+    budget_chunk_size,
+    query_chunks,
+    shared_key_poison,
+    shared_key_probs,
+)
 from nsa.block_index import compressed_visibility, num_compressed_blocks
 from nsa.errors import NSAInputError
 from nsa.nonfinite import nonfinite_rows, poison_rows, poison_values
@@ -22,12 +30,14 @@ class CompressedChunk(NamedTuple):
 
 def compressed_attention_chunk(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, positions: torch.Tensor, num_visible: int,
-    block_size: int, block_stride: int, scale: float,
+    block_size: int, block_stride: int, scale: float, *, differentiable_lse: bool = True,
 ) -> CompressedChunk:
     """Queries at absolute `positions` [B|1, C] over the first num_visible compressed blocks.
 
     num_visible is a host-side bound (num_cmp of the largest position + 1): only those blocks are
-    read; the visibility mask handles smaller positions.
+    read; the visibility mask handles smaller positions. differentiable_lse=False (the layer, whose selection
+    reads lse and probs without gradient): the output comes from scaled_dot_product_attention and lse / probs
+    from a pass without autograd, so no score tensor is kept for the backward.
     """
     batch, chunk, num_heads, _ = q.shape
     visible = compressed_visibility(positions, num_visible, block_size, block_stride)
@@ -37,7 +47,13 @@ def compressed_attention_chunk(
         lse = torch.full((batch, chunk, num_heads), float("-inf"), device=q.device,
                          dtype=accumulation_dtype(q.dtype))
         return CompressedChunk(out, poison_values(lse, poisoned), None, visible)
-    out, lse, probs = attend_shared_keys(q, k_cmp[:, :num_visible], v_cmp[:, :num_visible], visible, scale)
+    k_cmp, v_cmp = k_cmp[:, :num_visible], v_cmp[:, :num_visible]
+    if differentiable_lse:
+        return CompressedChunk(*attend_shared_keys(q, k_cmp, v_cmp, visible, scale), visible)
+    out = attend(q, k_cmp, v_cmp, visible, scale)
+    with torch.no_grad():
+        probs, lse = shared_key_probs(q, k_cmp, visible, scale)
+        lse = poison_values(lse, shared_key_poison(q, k_cmp, v_cmp, visible))
     return CompressedChunk(out, lse, probs, visible)
 
 

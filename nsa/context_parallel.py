@@ -258,7 +258,8 @@ def _chunk_output(q: Tensor, gates: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_sel
     nsa_attention_chunk with the selection read from the compact store kv_sel [B, M, Hkv, Dk + Dv] and the
     window from kv_win [B, K, Hkv, Dk + Dv] at win_positions [1, K]."""
     l, d, l_sel, _, w = sizes
-    cmp = compressed_attention_chunk(q, k_cmp, v_cmp, positions, num_cmp_visible, l, d, scale)
+    cmp = compressed_attention_chunk(q, k_cmp, v_cmp, positions, num_cmp_visible, l, d, scale,
+                                     differentiable_lse=False)
     tokens, valid = selection_token_index(block_indices, positions, l_sel)
     rows = torch.where(valid, block_slot[tokens // l_sel] * l_sel + tokens % l_sel, 0)
     keys, values = gather_tokens(kv_sel[..., :k_dim], rows), gather_tokens(kv_sel[..., k_dim:], rows)

@@ -58,10 +58,11 @@ def nsa_attention_chunk(
     attention used, not from a formula.
     """
     l, d, l_sel, n, w = sizes
-    cmp = compressed_attention_chunk(q, k_cmp, v_cmp, positions, num_cmp_visible, l, d, scale)
+    cmp = compressed_attention_chunk(q, k_cmp, v_cmp, positions, num_cmp_visible, l, d, scale,
+                                     differentiable_lse=False)
     with torch.no_grad():
         batch, chunk, num_kv_heads = q.shape[0], q.shape[1], k_sel.shape[2]
-        p_grp = (cmp.probs.detach().sum(dim=2).permute(0, 2, 1, 3) if cmp.probs is not None
+        p_grp = (cmp.probs.sum(dim=2).permute(0, 2, 1, 3) if cmp.probs is not None
                  else q.new_zeros(batch, chunk, num_kv_heads, 0, dtype=cmp.lse.dtype))
         block_indices = select_from_group_probs(p_grp, positions, num_sel_blocks, l, d, l_sel, n)
     o_sel, sel_read = selected_attention_chunk(q, k_sel, v_sel, block_indices, positions, l_sel, scale)

@@ -428,3 +428,37 @@ def test_masked_sdpa_is_the_masked_softmax_and_zero_on_empty_rows(dtype):
         assert got.isfinite().all()
         torch.testing.assert_close(got.double(), expected, **tol)
     assert not grads[0][:, :, 2].any()
+
+
+@given(s=shapes())
+def test_compressed_chunk_for_the_layer_matches_the_reference(s: Shape):
+    """compressed_attention_chunk(differentiable_lse=False), the layer's form (the output from
+    scaled_dot_product_attention, lse and probabilities without autograd): the float64 reference's output, lse
+    and Eq. 8 probabilities, zero rows where nothing is visible, and the output's gradients."""
+    from nsa.compressed_attention import compressed_attention_chunk
+
+    x = make_raw_inputs(s)
+    k_cmp = ref_compress_mean(x["k_c"], s.l, s.d).requires_grad_()
+    v_cmp = ref_compress_mean(x["v_c"], s.l, s.d).requires_grad_()
+    q = x["q"].clone().requires_grad_()
+    o_ref, lse_ref, p_ref = ref_compressed_attention(q, k_cmp, v_cmp, s.l, s.d)
+    chunk = compressed_attention_chunk(q, k_cmp, v_cmp, torch.arange(s.T)[None], k_cmp.shape[1], s.l, s.d,
+                                       s.Dk**-0.5, differentiable_lse=False)
+    torch.testing.assert_close(chunk.output, o_ref, **TOL64)
+    assert torch.equal(torch.isneginf(chunk.lse), torch.isneginf(lse_ref)) and not chunk.lse.requires_grad
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(chunk.lse[fin], lse_ref[fin], **TOL64)
+    if chunk.probs is not None:  # [B, Hkv, G, T, N] against the reference's [B, T, HQ, N]
+        probs = chunk.probs.flatten(1, 2).permute(0, 2, 1, 3)
+        torch.testing.assert_close(probs, p_ref.detach(), **TOL64)
+    if k_cmp.shape[1] == 0:  # T < l: no block at all, a constant zero output
+        assert not chunk.output.any()
+        return
+    weight = randn(*o_ref.shape, seed=s.seed, dtype=F64)
+    got = torch.autograd.grad((chunk.output * weight).sum(), (q, k_cmp, v_cmp), allow_unused=True)
+    want = torch.autograd.grad((o_ref * weight).sum(), (q, k_cmp, v_cmp), allow_unused=True)
+    for a, b in zip(got, want, strict=True):
+        if a is None or b is None:
+            assert (a is None or not a.any()) and (b is None or not b.any())
+        else:
+            torch.testing.assert_close(a, b, **TOL64)
