@@ -375,8 +375,7 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     same run), then candidates one or two fields off them: the selection dk/dv in 64-row steps, the selection's and
     top-n's warps and pipeline stages, the top-n key tiles, the schedules the range defaults replaced (one head per
     dk/dv step, at the widths they had; dq tiles of 32 keys) and their nearest neighbours, so each sweep re-checks
-    the margins. `python -m bench.compile_kernels` reports their registers and
-    spills for sm_90 without a GPU."""
+    the margins. `python -m bench.compile_kernels` reports their registers and spills for sm_90 without a GPU."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles

@@ -90,13 +90,19 @@ def _by_head(mask: torch.Tensor) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """attend_shared_keys' output alone (the same arguments, the same non-finite rows), on
     scaled_dot_product_attention."""
+    return poison_rows(shared_key_sdpa(q, k, v, mask, scale), shared_key_poison(q, k, v, mask))
+
+
+def shared_key_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+                    ) -> torch.Tensor:
+    """attend's output before its non-finite rows are poisoned: [B, C, HQ, Dv] in q's dtype."""
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
     by_head = _by_head(mask)
     head_mask = by_head.repeat_interleave(num_heads // num_kv_heads, dim=2) if by_head.shape[2] > 1 else by_head
     acc = accumulation_dtype(q.dtype)
     q_t, k_t, v_t = (finite_or_zero(x).to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, C|K, D]
     out = masked_sdpa(q_t, k_t, v_t, head_mask.transpose(1, 2), scale, enable_gqa=num_heads != num_kv_heads)
-    return poison_rows(out.transpose(1, 2).to(q.dtype), shared_key_poison(q, k, v, mask))
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def attend_gathered_keys(

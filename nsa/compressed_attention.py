@@ -8,12 +8,12 @@ import torch
 
 from nsa.attention_core import (
     accumulation_dtype,
-    attend,
     attend_shared_keys,
     budget_chunk_size,
     query_chunks,
     shared_key_poison,
     shared_key_probs,
+    shared_key_sdpa,
 )
 from nsa.block_index import compressed_visibility, num_compressed_blocks
 from nsa.errors import NSAInputError
@@ -50,11 +50,11 @@ def compressed_attention_chunk(
     k_cmp, v_cmp = k_cmp[:, :num_visible], v_cmp[:, :num_visible]
     if differentiable_lse:
         return CompressedChunk(*attend_shared_keys(q, k_cmp, v_cmp, visible, scale), visible)
-    out = attend(q, k_cmp, v_cmp, visible, scale)
+    poisoned = shared_key_poison(q, k_cmp, v_cmp, visible)
+    out = poison_rows(shared_key_sdpa(q, k_cmp, v_cmp, visible, scale), poisoned)
     with torch.no_grad():
         probs, lse = shared_key_probs(q, k_cmp, visible, scale)
-        lse = poison_values(lse, shared_key_poison(q, k_cmp, v_cmp, visible))
-    return CompressedChunk(out, lse, probs, visible)
+    return CompressedChunk(out, poison_values(lse, poisoned), probs, visible)
 
 
 def check_compressed_inputs(

@@ -68,7 +68,7 @@ class _FiniteOrZeroUnderPoison(torch.autograd.Function):
 def nonfinite_rows(x: Tensor) -> Tensor:
     """bool x.shape[:-1]: the vectors (last dim) holding any NaN or +-inf."""
     x = x.detach()
-    if _row_kernels_apply(x) and x.shape[-1]:
+    if _row_kernels_apply(x):
         from nsa.kernels.rows import nonfinite_rows_triton
 
         return nonfinite_rows_triton(x)
@@ -80,15 +80,15 @@ def nonfinite_rows(x: Tensor) -> Tensor:
 def poison_rows(out: Tensor, rows: Tensor) -> Tensor:
     """out [..., D] with NaN in the rows where ``rows`` (bool, out.shape[:-1] or broadcastable) is True; the
     gradient of those rows is zero."""
-    if _row_kernels_apply(out) and out.shape[-1]:
+    if _row_kernels_apply(out):
         return _PoisonRows.apply(out, torch.broadcast_to(rows, out.shape[:-1]).contiguous())
     nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
     return torch.where(rows[..., None], nan, out)
 
 
 def _row_kernels_apply(x: Tensor) -> bool:
-    """Whether the row passes take nsa.kernels.rows' single Triton pass: eager CUDA tensors of 16/32-bit floats,
-    contiguous. Under torch.compile the torch forms stay (inductor fuses them into the ops around)."""
+    """Whether the row passes take nsa.kernels.rows' single Triton pass: eager, non-empty CUDA tensors of 16/32-bit
+    floats, contiguous. Under torch.compile the torch forms stay (inductor fuses them into the ops around)."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous()
             and x.numel() > 0 and not torch.compiler.is_compiling())
 

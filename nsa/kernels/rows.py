@@ -55,24 +55,26 @@ def _blocks(row_len: int) -> dict[str, int]:
     return {"BLOCK_D": block_d, "BLOCK_R": max(1, ELEMENTS_PER_STEP // block_d)}
 
 
-def nonfinite_rows_triton(x: Tensor) -> Tensor:
-    """bool x.shape[:-1]: the vectors (last dim) of contiguous x [..., D] (D >= 1) holding any NaN or +-inf."""
+def _launch(x: Tensor) -> tuple[tuple[int], dict[str, int]]:
+    """(grid, the runtime row count and length with the block constexprs) for x taken as rows of its last dim."""
     row_len = x.shape[-1]
     num_rows = x.numel() // row_len
-    flags = torch.empty(x.shape[:-1], dtype=torch.int8, device=x.device)
     blocks = _blocks(row_len)
-    _nonfinite_rows_kernel[(triton.cdiv(num_rows, blocks["BLOCK_R"]),)](x, flags, num_rows, row_len, **blocks,
-                                                                        num_warps=4)
+    return (triton.cdiv(num_rows, blocks["BLOCK_R"]),), {"num_rows": num_rows, "row_len": row_len, **blocks}
+
+
+def nonfinite_rows_triton(x: Tensor) -> Tensor:
+    """bool x.shape[:-1]: the vectors (last dim) of contiguous x [..., D] (D >= 1) holding any NaN or +-inf."""
+    flags = torch.empty(x.shape[:-1], dtype=torch.int8, device=x.device)
+    grid, args = _launch(x)
+    _nonfinite_rows_kernel[grid](x, flags, **args, num_warps=4)
     return flags.view(torch.bool)
 
 
 def fill_rows_triton(x: Tensor, rows: Tensor, fill_nan: bool) -> Tensor:
     """A copy of contiguous x [..., D] with the vectors where ``rows`` (bool x.shape[:-1], contiguous) is True
     replaced by NaN (fill_nan) or zeros."""
-    row_len = x.shape[-1]
-    num_rows = x.numel() // row_len
     out = torch.empty_like(x)
-    blocks = _blocks(row_len)
-    _fill_rows_kernel[(triton.cdiv(num_rows, blocks["BLOCK_R"]),)](x, rows.view(torch.int8), out, num_rows, row_len,
-                                                                   FILL_NAN=fill_nan, **blocks, num_warps=4)
+    grid, args = _launch(x)
+    _fill_rows_kernel[grid](x, rows.view(torch.int8), out, **args, FILL_NAN=fill_nan, num_warps=4)
     return out
