@@ -98,8 +98,11 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
     topn_constexprs = {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],
                        "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                        "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
-                       **shape}
+                       "DEPTH": topn_tiles.depth_for(BLOCKS["num_selected"]), **shape}
     yield KernelCase("topn", topn._topn_kernel, topn_constexprs, topn_tiles.num_warps, topn_tiles.num_stages)
+    # lists shallower than n - 3: the kernel also holds the exact merge it falls back on
+    yield KernelCase("topn_shallow", topn._topn_kernel, {**topn_constexprs, "DEPTH": 4}, topn_tiles.num_warps,
+                     topn_tiles.num_stages)
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}

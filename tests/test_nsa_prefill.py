@@ -116,6 +116,26 @@ def test_kernels_match_float64_reference(batch, seq_len, heads, kv_heads, dk, dv
     check_against_reference(make_inputs(batch, [seq_len], heads, kv_heads, dk, dv, blocks, seed=seq_len), blocks)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 13])
+def test_topn_column_lists_rank_exactly_at_any_depth(depth):
+    """The top-n keeps, per block column of its key tiles, a list of the ``depth`` best keys seen; with depth <
+    n - 3 a column can drop a block that ranks, and the kernel must then rank that program's rows again with the
+    exact merge. 150 tokens of 4-token blocks (up to 36 candidates over 16 columns), n = 16: at depth 1 or 2 most
+    rows' 13 best share a column, so lists alone would choose wrongly; at 13 the lists hold everything."""
+    from nsa.kernels.topn import TopnTiles
+
+    blocks = {**CHOOSY, "num_selected": 16}
+    inputs = [x.detach() for x in make_inputs(1, [150], 8, 2, 16, 16, blocks, seed=5)]
+    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5)
+    run.topn_tiles = TopnTiles(16, 4, 1, column_depth=depth)
+    run.compressed()
+    run.select()
+    scores = dense_selection_scores(inputs[0].double(), inputs[1].double(), blocks["block_size"],
+                                    blocks["block_stride"], blocks["sel_block_size"])
+    check_selection(run.indices.view(1, 150, 2, -1).long(), scores, blocks["sel_block_size"], 16,
+                    tol=1e-5 * max(1.0, float(scores.max())))
+
+
 @pytest.mark.parametrize(("ratio", "num_selected", "refused"), [(32, 4, False), (32, 16, True), (16, 16, False)])
 def test_prefill_refuses_only_key_tiles_wider_than_the_kernel_holds(ratio, num_selected, refused):
     """The top-n key tile narrows to fit MAX_KEY_TILE compressed keys; only a top list of more than

@@ -5,8 +5,11 @@ heads of the group, padded to a power of two GP). It recomputes the compressed s
 them into probabilities with the compression branch's log-sum-exp (Eq. 8), sums them over the group's heads
 (Eq. 10; Eq. 9 and 10 are linear, so the sum comes first), maps each tile of NS * r compressed blocks onto
 its NS selection blocks by token overlap (Eq. 9, r = l'/d; what a block's last compressed blocks spill into
-the next selection block is carried to the next tile) and merges the tile's candidates into a running top
-list. Nothing of size [T, T/d] ever exists: the output is the [tokens, H_kv, n] index tensor.
+the next selection block is carried to the next tile) and inserts the tile's candidates into per-column lists
+(column c of every tile: blocks c, c + NS, c + 2 NS, ...), an element-wise step with no reduction across
+threads. The n - 3 best of those lists are the top candidates; where a list was shallower than n - 3 and
+dropped a block that would have ranked, the program ranks its rows again with an exact running merge. Nothing
+of size [T, T/d] ever exists: the output is the [tokens, H_kv, n] index tensor.
 
 The rule is nsa.selection_scorer.topn_blocks's: forced blocks {0, t // l' - 1, t // l'}, then the best
 complete candidates 1 <= j <= t // l' - 2 by score, ties to the lower index. Scores and indices are packed
@@ -50,18 +53,25 @@ class TopnTiles(NamedTuple):
     wide_key_blocks: selection blocks per compressed-key tile for groups under 16 heads / of 16 or more
     (``key_blocks_for``; topn_tile_shape fits them to MAX_KEY_TILE and KP). H200, 64k (bench/results/
     prefill_tiles_cuda.md, 2026-12-03): 32 blocks per tile ran the public shape's top-n in 12.9 ms against 13.7 for 16,
-    but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65 against 1.96. A merge of each tile's entering candidates
-    by fixed-cost bitonic sorts (a sorted tile against the running list) was slower than ``_merge_top``'s insertion
-    loop: 22.9 against 17.6 ms public, 13.5 against 10.3 G = 4 (2026-12-02, commit 74a2c63), so the loop stays."""
+    but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65 against 1.96. column_depth: the per-column list depth
+    (``depth_for``); 16 holds the paper's n - 3 = 13 whole, so the exact merge is never needed. Column lists against
+    the former per-tile insertion loop (``_merge_top``, now the fallback), 64k, indices equal (2026-12-03, seventeenth
+    session): public 9.39 against 12.92 ms, G = 12 9.18 against 13.92, G = 4 3.41 against 5.45, the GPT's G = 2 1.19
+    against 1.96; depths 8 and 4 ran within 0.3 ms of 16 except G = 4 and G = 2 at depth 4 (4.35, 1.66)."""
 
     rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
     key_blocks: int = TOPN_KEY_BLOCKS
     wide_key_blocks: int = 32
+    column_depth: int = 16
 
     def key_blocks_for(self, group: int) -> int:
         return self.wide_key_blocks if group >= 16 else self.key_blocks
+
+    def depth_for(self, num_selected: int) -> int:
+        """The per-column list depth the kernel keeps: column_depth, or fewer where n - 3 candidates need fewer."""
+        return max(1, min(num_selected - 3, self.column_depth))
 
 
 @triton.jit
@@ -74,13 +84,52 @@ def _shift(x, offset, NS: tl.constexpr):
 
 
 @triton.jit
+def _tile_keys(q1, q2, lse, carry, k_ptr, start, hi, hk, stride_kt, stride_kh, qk_scale, t_row, row_ok, current,
+               query_ok, BQ: tl.constexpr, GP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+               SEL_BLOCK: tl.constexpr, RATIO: tl.constexpr, SPILL: tl.constexpr, NS: tl.constexpr,
+               DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """The candidate keys [BQ, NS] of the selection blocks start / RATIO .. + NS (NO_KEY where a block is not a
+    candidate), from the compressed keys start .. start + NS * RATIO (k_ptr at the sequence's first key), and the
+    carry of Eq. 9's spill into the next tile."""
+    key_tile = tl.arange(0, NS * RATIO)
+    cols = start + key_tile
+    k1, k2 = load_split(k_ptr + start * stride_kt + hk * stride_kh, key_tile, cols < hi, stride_kt, DQK, D1, D2)
+    s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
+    seen = (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t_row[:, None]) & row_ok[:, None]
+    p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)  # Eq. 8
+    group = tl.reshape(tl.sum(tl.reshape(p, [BQ, GP, NS * RATIO]), axis=1), [BQ, NS, RATIO])  # Eq. 10
+    within = tl.arange(0, RATIO)
+    score = tl.sum(group * eq9_overlap(within, 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2) + carry
+    carry = tl.zeros([BQ, NS], tl.float32)
+    for e in tl.static_range(1, SPILL + 1):  # Eq. 9: the part of each block that lands e blocks later
+        spill = tl.sum(group * eq9_overlap(within, e, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2)
+        score += _shift(spill, e, NS)
+        carry += _shift(spill, e - NS, NS)
+    block = start // RATIO + tl.arange(0, NS)
+    candidate = (block[None, :] >= 1) & (block[None, :] <= current[:, None] - 2) & query_ok[:, None]
+    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (-block[None, :] + MAX_INDEX)
+    return tl.where(candidate, keys, NO_KEY), carry
+
+
+@triton.jit
+def _column_insert(columns, lost, keys, DEPTH: tl.constexpr):
+    """Insert keys [BQ, NS] into the columns' descending lists (a tuple of DEPTH [BQ, NS] tensors, entry i of
+    every column's list) and fold what falls off the end into lost, the largest key each column dropped."""
+    kept: tl.tuple = ()
+    for i in tl.static_range(DEPTH):
+        kept = kept + (tl.maximum(columns[i], keys),)
+        keys = tl.minimum(columns[i], keys)
+    return kept, tl.maximum(lost, keys)
+
+
+@triton.jit
 def _topn_kernel(
     q_ptr, k_ptr, lse_ptr, idx_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_it, stride_ih, num_heads, num_seqs, qk_scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     SEL_BLOCK: tl.constexpr, RATIO: tl.constexpr, SPILL: tl.constexpr, NS: tl.constexpr, KP: tl.constexpr,
     NUM_SELECTED: tl.constexpr, OUT_WIDTH: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DEPTH: tl.constexpr,
 ):
     hk = tl.program_id(1)
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BQ)
@@ -98,33 +147,43 @@ def _topn_kernel(
     current = t_query // SEL_BLOCK
     last = tl.minimum(first + BQ, seq_len) - 1
     hi = visible_key_count(last, num_keys, CMP_STRIDE, CMP_BLOCK)
-    within = tl.arange(0, RATIO)
-    # The running top list: an unordered set of the n - 3 largest candidate keys seen. Empty slots hold distinct
-    # negative keys (-1 - i), slots past n - 3 distinct huge ones, so every slot's key is unique.
-    slot_id = tl.arange(0, KP)[None, :].to(tl.int64) + tl.zeros([BQ, KP], tl.int64)
-    best = tl.where(slot_id < NUM_SELECTED - 3, -1 - slot_id, slot_id + KEEP)
-    key_tile = tl.arange(0, NS * RATIO)
+    k_seq = k_ptr + key0 * stride_kt
+    # Each of the NS block columns of a tile keeps a descending list of the DEPTH largest keys it has seen (no
+    # reduction across threads per tile); the n - 3 best of a row are the best of its columns' lists unless some
+    # column dropped a key that would rank among them (lost), which only DEPTH < n - 3 allows.
+    columns: tl.tuple = ()
+    for _ in tl.static_range(DEPTH):
+        columns = columns + (tl.full([BQ, NS], NO_KEY, tl.int64),)
+    lost = tl.full([BQ, NS], NO_KEY, tl.int64)
     carry = tl.zeros([BQ, NS], tl.float32)
     for start in range(0, hi, NS * RATIO):
-        cols = start + key_tile
-        col_ok = cols < hi
-        k_tile = k_ptr + (key0 + start) * stride_kt + hk * stride_kh
-        k1, k2 = load_split(k_tile, key_tile, col_ok, stride_kt, DQK, D1, D2)
-        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
-        seen = (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t_row[:, None]) & row_ok[:, None]
-        p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)  # Eq. 8
-        group = tl.reshape(tl.sum(tl.reshape(p, [BQ, GP, NS * RATIO]), axis=1), [BQ, NS, RATIO])  # Eq. 10
-        score = tl.sum(group * eq9_overlap(within, 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2) + carry
-        carry = tl.zeros([BQ, NS], tl.float32)
-        for e in tl.static_range(1, SPILL + 1):  # Eq. 9: the part of each block that lands e blocks later
-            spill = tl.sum(group * eq9_overlap(within, e, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)[None, None, :], axis=2)
-            score += _shift(spill, e, NS)
-            carry += _shift(spill, e - NS, NS)
-        block = start // RATIO + tl.arange(0, NS)
-        candidate = (block[None, :] >= 1) & (block[None, :] <= current[:, None] - 2) & query_ok[:, None]
-        keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (-block[None, :] + MAX_INDEX)
-        keys = tl.where(candidate, keys, NO_KEY)
-        best = _merge_top(best, keys)
+        keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, start, hi, hk, stride_kt, stride_kh, qk_scale, t_row,
+                                 row_ok, current, query_ok, BQ, GP, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, RATIO, SPILL,
+                                 NS, DQK, D1, D2, PRECISION)
+        columns, lost = _column_insert(columns, lost, keys, DEPTH)
+    # The best n - 3 of the lists: each column's head is its largest, so n - 3 rounds of (take the largest head,
+    # advance that column).
+    slot = tl.arange(0, KP)[None, :]
+    best = tl.full([BQ, KP], NO_KEY, tl.int64)
+    top = tl.full([BQ], NO_KEY, tl.int64)
+    for r in tl.static_range(NUM_SELECTED - 3):
+        top = tl.max(columns[0], axis=1)
+        best = tl.where(slot == r, top[:, None], best)
+        taken = columns[0] == top[:, None]
+        advanced: tl.tuple = ()
+        for i in tl.static_range(DEPTH - 1):
+            advanced = advanced + (tl.where(taken, columns[i + 1], columns[i]),)
+        columns = advanced + (tl.where(taken, NO_KEY, columns[DEPTH - 1]),)
+    if DEPTH < NUM_SELECTED - 3:  # noqa: SIM102 (a constexpr test: the merge below is compiled only then)
+        if tl.max((tl.max(lost, axis=1) > top).to(tl.int32), axis=0) > 0:  # a dropped key ranks: redo exactly
+            slot_id = slot.to(tl.int64) + tl.zeros([BQ, KP], tl.int64)
+            best = tl.where(slot_id < NUM_SELECTED - 3, -1 - slot_id, slot_id + KEEP)
+            carry = tl.zeros([BQ, NS], tl.float32)
+            for start in range(0, hi, NS * RATIO):
+                keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, start, hi, hk, stride_kt, stride_kh, qk_scale,
+                                         t_row, row_ok, current, query_ok, BQ, GP, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK,
+                                         RATIO, SPILL, NS, DQK, D1, D2, PRECISION)
+                best = _merge_top(best, keys)
     # Forced blocks, then the chosen candidates; written ascending, then -1.
     chosen = tl.where((best >= 0) & (best < KEEP), -(best & 0xFFFFFFFF) + MAX_INDEX, UNUSED)
     current = current.to(tl.int64)[:, None]
@@ -132,22 +191,22 @@ def _topn_kernel(
     forced = tl.where(column == 0, 0, UNUSED).to(tl.int64) + tl.zeros([BQ, 4], tl.int64)
     forced = tl.where((column == 1) & (current >= 2), current - 1, forced)
     forced = tl.where((column == 2) & (current >= 1), current, forced)
-    slot = tl.arange(0, OUT_WIDTH)[None, :]
+    out_slot = tl.arange(0, OUT_WIDTH)[None, :]
     ordered = tl.full([BQ, OUT_WIDTH], -1, tl.int64)
     for r in tl.static_range(NUM_SELECTED):  # ascending: the smallest remaining block, n times
         low = tl.minimum(tl.min(chosen, axis=1), tl.min(forced, axis=1))[:, None]
-        ordered = tl.where(slot == r, tl.where(low == UNUSED, -1, low), ordered)
+        ordered = tl.where(out_slot == r, tl.where(low == UNUSED, -1, low), ordered)
         chosen = tl.where(chosen == low, UNUSED, chosen)
         forced = tl.where(forced == low, UNUSED, forced)
-    out_ptrs = idx_ptr + (tok0 + t_query)[:, None] * stride_it + hk * stride_ih + slot
-    tl.store(out_ptrs, ordered.to(idx_ptr.dtype.element_ty), mask=query_ok[:, None] & (slot < NUM_SELECTED))
+    out_ptrs = idx_ptr + (tok0 + t_query)[:, None] * stride_it + hk * stride_ih + out_slot
+    tl.store(out_ptrs, ordered.to(idx_ptr.dtype.element_ty), mask=query_ok[:, None] & (out_slot < NUM_SELECTED))
 
 
 @triton.jit
 def _merge_top(best, keys):
     """Insert into the top set best [BQ, KP] the keys [BQ, NS] that beat its smallest entry, the largest first,
-    until no row has one left (all keys distinct). On long sequences most tiles add nothing, so the loop
-    usually ends at once; a fixed sorting network would pay its whole cost on every tile."""
+    until no row has one left (all keys distinct): exact at any n, but each turn reduces across threads, and a
+    tile takes as many turns as its row with the most entering keys (the column lists' fallback)."""
     top = tl.max(keys, axis=1)
     low = tl.min(best, axis=1)
     while tl.max((top > low).to(tl.int32), axis=0) > 0:
@@ -179,6 +238,7 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
         num_heads, packed.num_seqs, scale * LOG2E,
         GROUP=group, CMP_BLOCK=block_size, CMP_STRIDE=block_stride, SEL_BLOCK=sel_block_size, SPILL=spill,
         NUM_SELECTED=num_selected, OUT_WIDTH=triton.next_power_of_2(num_selected), PRECISION=dot_precision(q.dtype),
+        DEPTH=tiles.depth_for(num_selected),
         **shape,
         **{key: value for key, value in split_dims(q.shape[-1], 16).items() if key in ("DQK", "D1", "D2")},
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
