@@ -52,12 +52,14 @@ class TopnTiles(NamedTuple):
     """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings; key_blocks /
     wide_key_blocks: selection blocks per compressed-key tile for groups under 16 heads / of 16 or more
     (``key_blocks_for``; topn_tile_shape fits them to MAX_KEY_TILE and KP). H200, 64k (bench/results/
-    prefill_tiles_cuda.md, 2026-12-03): 32 blocks per tile ran the public shape's top-n in 12.9 ms against 13.7 for 16,
-    but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65 against 1.96. column_depth: the per-column list depth
-    (``depth_for``); 16 holds the paper's n - 3 = 13 whole, so the exact merge is never needed. Column lists against
-    the former per-tile insertion loop (``_merge_top``, now the fallback), 64k, indices equal (2026-12-03, seventeenth
-    session): public 9.39 against 12.92 ms, G = 12 9.18 against 13.92, G = 4 3.41 against 5.45, the GPT's G = 2 1.19
-    against 1.96; depths 8 and 4 ran within 0.3 ms of 16 except G = 4 and G = 2 at depth 4 (4.35, 1.66)."""
+    prefill_tiles_cuda.md, 2026-12-03): 32 blocks per tile ran the public shape's top-n in 12.9 ms against 13.7 for
+    16, but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65 against 1.96 (with the former insertion loop; with
+    the column lists 16 blocks ran the public shape in 9.12 against 9.41 ms, not adopted yet). column_depth: the
+    per-column list depth (``depth_for``); 16 holds the paper's n - 3 = 13 whole, so the exact merge is never
+    needed. Column lists against the former per-tile insertion loop (``_merge_top``, now the fallback), 64k, indices
+    equal (2026-12-03, seventeenth session): public 9.39 against 12.92 ms, G = 12 9.18 against 13.92, G = 4 3.41
+    against 5.45, the GPT's G = 2 1.19 against 1.96; depths 8 and 4 ran within 0.3 ms of 16 except G = 4 and G = 2
+    at depth 4 (4.35, 1.66)."""
 
     rows: int = 64
     num_warps: int = 4
