@@ -92,6 +92,7 @@ def _reference_by_kv_head(inputs: list[torch.Tensor], indices: torch.Tensor, dou
     outs, grads = [], []
     for h in range(kv_heads):
         heads = slice(h * group, (h + 1) * group)
+        # inputs 0 and 7 (q, gates) have one entry per query head, the six K/V tensors one per kv head
         wide = [x.detach()[:, :, heads if i in (0, 7) else slice(h, h + 1)].double().requires_grad_()
                 for i, x in enumerate(inputs)]
         reference = dense_nsa(*wide, indices[:, :, h:h + 1], **sizes)
