@@ -324,7 +324,7 @@ def kernel_steps(run: Any, shape: Shape, seq_len: int) -> list[tuple[str, Callab
     dq, delta, grads = torch.empty_like(run.q), [torch.empty_like(run.lse[0]) for _ in range(3)], {}
     pairs = {name: count * shape.heads for name, count in attention_pairs(seq_len).items()}
     fwd, qk = 2 * (shape.dk + shape.dv), 2 * shape.dk
-    dq_flops, dkdv_flops = 2 * (3 * shape.dk + shape.dv), 4 * (shape.dk + shape.dv)
+    dq_flops, dkdv_flops = 2 * (2 * shape.dk + shape.dv), 4 * (shape.dk + shape.dv)  # dq: q.k, dO.v, dS.k
     steps = [("fwd_cmp", run.compressed, pairs["cmp"] * fwd), ("topn", run.select, pairs["cmp"] * qk),
              ("fwd_sel", run.selected, pairs["sel"] * fwd), ("fwd_win", run.window, pairs["win"] * fwd)]
     for name, fn in (*run.dq_steps(dout, dq, delta), *run.dkdv_steps(dout, delta, grads)):
@@ -407,9 +407,9 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
 
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
     """A whole forward and backward of a prefill run: out, the indices, the eight gradients."""
-    out, indices, *lse, blocks, counts = run.forward()
+    out, indices, *lse, branch_outs, blocks, counts = run.forward()
     out, indices = out.clone(), indices.clone()
-    return [out, indices, *run.backward(dout, indices, tuple(lse), (blocks, counts))]
+    return [out, indices, *run.backward(dout, indices, tuple(lse), branch_outs, (blocks, counts))]
 
 
 def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]],

@@ -3,7 +3,8 @@
 ``nsa_attention_triton`` computes exactly what nsa.functional.nsa_attention computes (same arguments, same
 layouts) with the kernels of nsa/kernels/: the compression branch (range attention, l / d), the block
 selection from its scores (top-n, no [T, T/d] matrix), the selection branch and the sliding window, each
-adding its gated output into one output buffer, so no branch output is ever stored. It is registered as
+adding its gated output into one output buffer and storing its un-gated output for the backward (the dq kernels
+take delta = dO . o from it: one matmul per key tile fewer than without it). It is registered as
 ``nsa::prefill`` with ``nsa::prefill_backward`` and fake implementations, so torch.compile traces a layer
 as one graph. The backward is deterministic: no atomics, fixed-order sums of fixed partials.
 
@@ -96,13 +97,16 @@ class PrefillRun:
     forward(); nsa::prefill_backward runs backward(); bench/bench_prefill.py times the steps one by one.
 
     Forward: compressed() writes out = g_cmp * o_cmp and the compression branch's base-2 lse; select() the
-    block indices; selected() and window() add g_sel * o_sel and g_win * o_win into out. Backward: the three
-    dq kernels add into one dq buffer (each writes its branch's delta = dO . o, the gate's gradient), then
-    each branch's dk / dv.
+    block indices; selected() and window() add g_sel * o_sel and g_win * o_win into out; each branch also stores
+    its o in branch_outs [3, rows, HQ, Dv] (cmp, sel, win). Backward: the three dq kernels add into one dq buffer
+    (each writes its branch's delta = dO . o, the gate's gradient), then each branch's dk / dv.
     """
 
     def __init__(self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
-                 v_win: Tensor, gates: Tensor, cu_seqlens: Tensor | None, sizes: PrefillSizes, scale: float) -> None:
+                 v_win: Tensor, gates: Tensor, cu_seqlens: Tensor | None, sizes: PrefillSizes, scale: float, *,
+                 forward_outputs: bool = True) -> None:
+        """forward_outputs False: a run for backward() only, which takes the forward's outputs as arguments (no
+        buffers of its own: they would add to the backward's peak memory)."""
         from nsa.kernels.range_attention import RangeRule
         from nsa.kernels.tiles import (
             derived_counts,
@@ -129,17 +133,19 @@ class PrefillRun:
         self.range_tiles, self.topn_tiles, self.sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))
         self.cmp_rule = RangeRule(sizes.block_stride, sizes.block_size, 0)
         self.win_rule = RangeRule(1, 1, sizes.window_size)
-        rows, heads = self.q.shape[:2]
-        self.out = output_buffer(rows, heads, v_sel.shape[-1], like=q)
-        self.lse = [output_buffer(rows, heads, like=q, dtype=torch.float32) for _ in range(3)]
-        self.indices = output_buffer(rows, k_sel.shape[2], sizes.num_selected, like=q, dtype=torch.int32)
+        if forward_outputs:
+            rows, heads = self.q.shape[:2]
+            self.out = output_buffer(rows, heads, v_sel.shape[-1], like=q)
+            self.lse = [output_buffer(rows, heads, like=q, dtype=torch.float32) for _ in range(3)]
+            self.branch_outs = output_buffer(3, rows, heads, v_sel.shape[-1], like=q)
+            self.indices = output_buffer(rows, k_sel.shape[2], sizes.num_selected, like=q, dtype=torch.int32)
         self.unions: tuple[Tensor, Tensor] | None = None  # the selection's query-tile lists, from selected()
 
     def compressed(self) -> None:
         from nsa.kernels.range_attention import range_forward
 
-        range_forward(self.q, self.k_cmp, self.v_cmp, self.gates[..., 0], self.out, self.lse[0], self.packed,
-                      self.cu_cmp, self.cmp_rule, self.scale, False, self.range_tiles)
+        range_forward(self.q, self.k_cmp, self.v_cmp, self.gates[..., 0], self.out, self.lse[0], self.branch_outs[0],
+                      self.packed, self.cu_cmp, self.cmp_rule, self.scale, False, self.range_tiles)
 
     def select(self) -> None:
         from nsa.kernels.topn import select_topn
@@ -153,18 +159,19 @@ class PrefillRun:
         from nsa.kernels.selected import selected_forward
 
         self.unions = selected_forward(self.q, self.k_sel, self.v_sel, self.gates[..., 1], self.indices, self.out,
-                                       self.lse[1], self.packed, self.sizes.sel_block_size, self.scale, True,
-                                       self.sel_tiles)
+                                       self.lse[1], self.branch_outs[1], self.packed, self.sizes.sel_block_size,
+                                       self.scale, True, self.sel_tiles)
 
     def window(self) -> None:
         from nsa.kernels.range_attention import range_forward
 
-        range_forward(self.q, self.k_win, self.v_win, self.gates[..., 2], self.out, self.lse[2], self.packed,
-                      self.packed.cu, self.win_rule, self.scale, True, self.range_tiles)
+        range_forward(self.q, self.k_win, self.v_win, self.gates[..., 2], self.out, self.lse[2], self.branch_outs[2],
+                      self.packed, self.packed.cu, self.win_rule, self.scale, True, self.range_tiles)
 
     def forward(self) -> tuple[Tensor, ...]:
         """-> (out [B, T, HQ, Dv], block indices int32 [B, T, H_kv, n], lse_cmp, lse_sel, lse_win [rows, HQ],
-        the selection's query-tile union lists: blocks, counts (nsa.kernels.selected.union_lists), for dq)."""
+        branch_outs [3, rows, HQ, Dv], the selection's query-tile union lists: blocks, counts
+        (nsa.kernels.selected.union_lists), for dq)."""
         self.compressed()
         self.select()
         self.selected()
@@ -174,22 +181,22 @@ class PrefillRun:
         lse_cmp, lse_sel, lse_win = self.lse
         return (self.out.view(*q_shape[:3], self.out.shape[-1]),
                 self.indices.view(*k_sel_shape[:3], self.sizes.num_selected), lse_cmp, lse_sel, lse_win,
-                *self.unions)
+                self.branch_outs, *self.unions)
 
     def dq_steps(self, dout: Tensor, dq: Tensor, delta: list[Tensor]) -> list[tuple[str, Callable[[], None]]]:
         """The three dq kernels, in this order (they add into dq); dout and dq are token rows [rows, HQ, D]."""
         from nsa.kernels.range_attention import range_dq
         from nsa.kernels.selected import selected_dq
 
-        g, packed, scale = self.gates, self.packed, self.scale
+        g, o, packed, scale = self.gates, self.branch_outs, self.packed, self.scale
         return [
-            ("dq_cmp", lambda: range_dq(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, self.lse[0], delta[0], dq,
-                                        packed, self.cu_cmp, self.cmp_rule, scale, False, self.range_tiles)),
-            ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout,
+            ("dq_cmp", lambda: range_dq(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, o[0], self.lse[0], delta[0],
+                                        dq, packed, self.cu_cmp, self.cmp_rule, scale, False, self.range_tiles)),
+            ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, o[1],
                                            self.lse[1], delta[1], dq, packed, self.sizes.sel_block_size, scale, True,
                                            self.sel_tiles, self.unions)),
-            ("dq_win", lambda: range_dq(self.q, self.k_win, self.v_win, g[..., 2], dout, self.lse[2], delta[2], dq,
-                                        packed, packed.cu, self.win_rule, scale, True, self.range_tiles)),
+            ("dq_win", lambda: range_dq(self.q, self.k_win, self.v_win, g[..., 2], dout, o[2], self.lse[2], delta[2],
+                                        dq, packed, packed.cu, self.win_rule, scale, True, self.range_tiles)),
         ]
 
     def dkdv_steps(self, dout: Tensor, delta: list[Tensor], grads: dict[str, tuple[Tensor, Tensor]]
@@ -214,14 +221,16 @@ class PrefillRun:
 
         return [("dkdv_cmp", cmp), ("dkdv_sel", sel), ("dkdv_win", win)]
 
-    def backward(self, dout: Tensor, indices: Tensor, lse: tuple[Tensor, Tensor, Tensor],
+    def backward(self, dout: Tensor, indices: Tensor, lse: tuple[Tensor, Tensor, Tensor], branch_outs: Tensor,
                  unions: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
-        """-> (dq, dk_cmp, dv_cmp, dk_sel, dv_sel, dk_win, dv_win, dgates) in the inputs' shapes. ``unions``: the
-        forward's query-tile lists of this selection (None: built again)."""
+        """-> (dq, dk_cmp, dv_cmp, dk_sel, dv_sel, dk_win, dv_win, dgates) in the inputs' shapes; the other
+        arguments as forward() returned them. ``unions``: the forward's query-tile lists of this selection (None:
+        built again)."""
         from nsa.kernels.tiles import output_buffer, rows_view
 
         self.indices = indices.reshape(self.q.shape[0], self.shapes[3][2], self.sizes.num_selected)
         self.lse = list(lse)
+        self.branch_outs = branch_outs
         self.unions = unions
         do = rows_view(dout)
         dq = output_buffer(*self.q.shape, like=self.q)
@@ -239,7 +248,7 @@ class PrefillRun:
 def _prefill(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
              gates: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int,
              num_selected: int, window_size: int, scale: float
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     sizes = PrefillSizes(block_size, block_stride, sel_block_size, num_selected, window_size)
     run = PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale)
     return run.forward()  # type: ignore[return-value]
@@ -249,40 +258,42 @@ def _prefill(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tens
 def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
       gates: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int,
       num_selected: int, window_size: int, scale: float
-      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from nsa.kernels.selected import union_list_shape
 
     rows = q.shape[0] * q.shape[1]
     out = q.new_empty(*q.shape[:3], v_sel.shape[-1])
     indices = q.new_empty(*k_sel.shape[:3], num_selected, dtype=torch.int32)
     lse_cmp, lse_sel, lse_win = (q.new_empty(rows, q.shape[2], dtype=torch.float32) for _ in range(3))
+    branch_outs = q.new_empty(3, rows, q.shape[2], v_sel.shape[-1])
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))[2]
     lists, width = union_list_shape(rows, num_seqs, q.shape[2] // k_sel.shape[2], k_sel.shape[2], num_selected,
                                     sel_tiles)
     blocks = q.new_empty(lists, width, dtype=torch.int32)
     counts = q.new_empty(lists if width else 0, dtype=torch.int32)
-    return out, indices, lse_cmp, lse_sel, lse_win, blocks, counts
+    return out, indices, lse_cmp, lse_sel, lse_win, branch_outs, blocks, counts
 
 
 @torch.library.custom_op("nsa::prefill_backward", mutates_args=())
 def _prefill_backward(
     dout: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
     v_win: Tensor, gates: Tensor, indices: Tensor, lse_cmp: Tensor, lse_sel: Tensor, lse_win: Tensor,
-    union_blocks: Tensor, union_counts: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int,
-    sel_block_size: int, num_selected: int, window_size: int, scale: float,
+    branch_outs: Tensor, union_blocks: Tensor, union_counts: Tensor, cu_seqlens: Tensor | None, block_size: int,
+    block_stride: int, sel_block_size: int, num_selected: int, window_size: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     sizes = PrefillSizes(block_size, block_stride, sel_block_size, num_selected, window_size)
-    run = PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale)
-    grads = run.backward(dout, indices, (lse_cmp, lse_sel, lse_win), (union_blocks, union_counts))
+    run = PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, sizes, scale,
+                     forward_outputs=False)
+    grads = run.backward(dout, indices, (lse_cmp, lse_sel, lse_win), branch_outs, (union_blocks, union_counts))
     return grads  # type: ignore[return-value]
 
 
 @_prefill_backward.register_fake
 def _(dout: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
       v_win: Tensor, gates: Tensor, indices: Tensor, lse_cmp: Tensor, lse_sel: Tensor, lse_win: Tensor,
-      union_blocks: Tensor, union_counts: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int,
-      sel_block_size: int, num_selected: int, window_size: int, scale: float
+      branch_outs: Tensor, union_blocks: Tensor, union_counts: Tensor, cu_seqlens: Tensor | None, block_size: int,
+      block_stride: int, sel_block_size: int, num_selected: int, window_size: int, scale: float
       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))  # type: ignore[return-value]
@@ -290,11 +301,11 @@ def _(dout: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_se
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cu_seqlens, *sizes_and_scale = inputs
-    _, indices, lse_cmp, lse_sel, lse_win, union_blocks, union_counts = output
+    _, indices, lse_cmp, lse_sel, lse_win, branch_outs, union_blocks, union_counts = output
     ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, indices, lse_cmp, lse_sel, lse_win,
-                          union_blocks, union_counts, cu_seqlens)
+                          branch_outs, union_blocks, union_counts, cu_seqlens)
     ctx.sizes_and_scale = sizes_and_scale  # type: ignore[attr-defined]
-    ctx.mark_non_differentiable(indices, lse_cmp, lse_sel, lse_win, union_blocks, union_counts)
+    ctx.mark_non_differentiable(indices, lse_cmp, lse_sel, lse_win, branch_outs, union_blocks, union_counts)
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, dout: Tensor, *_unused: Tensor) -> tuple:

@@ -158,8 +158,15 @@ def make_raw_inputs(s: Shape, dtype: torch.dtype = F64) -> dict:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`pytest -m gpu` on a machine without CUDA: every gpu-marked test is skipped with the reason,
-    instead of failing inside torch."""
+    instead of failing inside torch. With CUDA, the long_compile tests start the run, one per xdist worker: their
+    minutes of compiling overlap the rest of the suite instead of ending it (xdist's load scheduling hands each
+    worker two consecutive tests to start with, so they alternate with short ones; the order is the same on every
+    worker, as xdist requires)."""
     if torch.cuda.is_available():
+        long = [item for item in items if item.get_closest_marker("long_compile") is not None]
+        short = [item for item in items if item.get_closest_marker("long_compile") is None]
+        pairs = [item for pair in zip(long, short, strict=False) for item in pair]
+        items[:] = pairs + long[len(pairs) // 2:] + short[len(pairs) // 2:]
         return
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

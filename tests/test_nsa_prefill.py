@@ -320,11 +320,11 @@ def dense_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 def branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, dout: torch.Tensor,
                      cu: torch.Tensor, cu_keys: torch.Tensor, scale: float,
                      mask_of: Callable[[slice, int, int], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One branch over packed sequences in float64, sequence by sequence: out (gated), lse (base 2), delta =
-    dO . o, and dq, dk, dv, the gradients of sum(dO * g * o). q, gate, dout: token rows [rows, HQ, ...]; k, v: the
-    sequences' keys one after the other (cu_keys); mask_of(rows, length, num_keys): a sequence's mask."""
+    """One branch over packed sequences in float64, sequence by sequence: out (gated), o (un-gated), lse (base 2),
+    delta = dO . o, and dq, dk, dv, the gradients of sum(dO * g * o). q, gate, dout: token rows [rows, HQ, ...]; k, v:
+    the sequences' keys one after the other (cu_keys); mask_of(rows, length, num_keys): a sequence's mask."""
     wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("out", "lse", "delta")}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("out", "o", "lse", "delta")}
     grads = [torch.zeros_like(w) for w in wide]
     for i in range(cu.numel() - 1):
         rows, keys = slice(*cu[i:i + 2].tolist()), slice(*cu_keys[i:i + 2].tolist())
@@ -335,6 +335,7 @@ def branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
         for total, grad in zip(grads, torch.autograd.grad((do * gated).sum(), wide), strict=True):
             total += grad
         parts["out"].append(gated[0].detach())
+        parts["o"].append(o[0].detach())
         parts["lse"].append(lse)
         parts["delta"].append((do * o.detach()).sum(-1)[0])
     return {name: torch.cat(rows) for name, rows in parts.items()} | dict(zip(("dq", "dk", "dv"), grads,
@@ -380,13 +381,16 @@ def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     q, want = case.q, case.expected
     tiles = prefill._tiles(q.device, q.shape[-1])[2]._replace(rows=rows)
     scale = q.shape[-1] ** -0.5
-    out, lse = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q)
-    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, case.packed, 4, scale, False, tiles)
+    out, lse, branch_out = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q), output_buffer(
+        *q.shape, like=q)
+    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4, scale, False,
+                     tiles)
     torch.testing.assert_close(out.double(), want["out"], **TOL)
+    torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
     torch.testing.assert_close(lse.double(), want["lse"], **TOL)
     dq, delta = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q)
-    selected_dq(q, case.k, case.v, case.gate, case.indices, case.dout, lse, delta, dq, case.packed, 4, scale, False,
-                tiles)
+    selected_dq(q, case.k, case.v, case.gate, case.indices, case.dout, branch_out, lse, delta, dq, case.packed, 4,
+                scale, False, tiles)
     torch.testing.assert_close(dq.double(), want["dq"], **TOL)
     torch.testing.assert_close(delta.double(), want["delta"], **TOL)
 

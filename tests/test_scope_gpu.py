@@ -163,6 +163,7 @@ def trainable(layer: ScopeAttention) -> dict[str, Tensor]:
     return {name: params[name] for name in names if name in params}
 
 
+@pytest.mark.long_compile
 @pytest.mark.parametrize(("bias_impl", "dtype", "backend"), [
     ("score_mod", torch.float32, "flex"),
     # inductor takes over 4 minutes to compile this one's flex kernels (H200, torch 2.11: killed at 235 s, still
@@ -219,6 +220,7 @@ def _count(gm: torch.fx.GraphModule, target: Any) -> int:
     return sum(node.op == "call_function" and node.target is target for node in gm.graph.nodes)
 
 
+@pytest.mark.long_compile
 def test_layer_is_one_graph_with_one_flex_attention_forward_and_backward() -> None:
     """fullgraph=True (a graph break would raise), one dynamo graph, and after AOTAutograd's partition exactly
     one flex_attention in the forward graph and one flex_attention_backward in the backward graph (no second

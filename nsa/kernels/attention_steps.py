@@ -74,18 +74,22 @@ def softmax_result(m_i, l_i, acc):
 
 
 @triton.jit
-def dq_step(p, do, v, k1, k2, delta, a1, b1, a2, b2, D2: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate delta += sum_j p dp, A += (p dp) k, B += p k for one key tile (dp = dO . v, dO un-gated); the
-    query gradient is then g * scale * (A - delta * B), with no branch output needed."""
+def row_delta(do, o):
+    """delta [M] = dO . o per row: the softmax backward's row term and the gate's gradient (o: the branch's own,
+    un-gated output, as the forward stored it)."""
+    return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+
+
+@triton.jit
+def dq_step(p, do, v, k1, k2, delta, dq1, dq2, D2: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dq += (p (dp - delta)) k for one key tile (dp = dO . v, dO un-gated, delta from ``row_delta``);
+    the caller scales the sum by g * scale."""
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    pdp = p * dp
-    delta += tl.sum(pdp, 1)
-    a1 += tl.dot(pdp.to(k1.dtype), k1, input_precision=PRECISION)
-    b1 += tl.dot(p.to(k1.dtype), k1, input_precision=PRECISION)
+    ds = (p * (dp - delta[:, None])).to(k1.dtype)
+    dq1 += tl.dot(ds, k1, input_precision=PRECISION)
     if D2 > 0:
-        a2 += tl.dot(pdp.to(k2.dtype), k2, input_precision=PRECISION)
-        b2 += tl.dot(p.to(k2.dtype), k2, input_precision=PRECISION)
-    return delta, a1, b1, a2, b2
+        dq2 += tl.dot(ds, k2, input_precision=PRECISION)
+    return dq1, dq2
 
 
 @triton.jit

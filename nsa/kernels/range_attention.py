@@ -10,12 +10,13 @@ token i (STRIDE = SPAN = 1, WINDOW = w). The visible keys of a query are one con
 queries scans one contiguous range of key tiles and masks only the tiles crossing its edges.
 
 Three kernels, all on packed sequences (nsa.kernels.tiles): the forward (out, base-2 log-sum-exp; an
-optional per-(token, head) gate scales the output, and the result can be added to ``out``), dq, and dk/dv.
-The backward never needs the branch output: the dq kernel accumulates A = sum_j p_j dp_j k_j, B = sum_j p_j k_j
-and delta = sum_j p_j dp_j (dp = dO . v, dO un-gated) in one pass and writes dq = g * scale * (A - delta * B);
-delta is also the gate's gradient (dO . o) and the dk/dv kernel's row term. The dk/dv kernel walks the G query
-heads of its kv head itself (no atomics, no G-fold copies); a long query range (the first compressed keys are
-seen by every later query) is split over programs that write fp32 partials, summed in a fixed order.
+optional per-(token, head) gate scales the output, and the result can be added to ``out``; the un-gated branch
+output is stored as well), dq, and dk/dv. The dq kernel takes delta = dO . o (dO un-gated) from that stored output
+and accumulates dq = g * scale * sum_j p_j (dp_j - delta) k_j: three matmuls per key tile, where the one-pass form
+without a stored output (sum_j p_j dp_j k_j and sum_j p_j k_j kept apart) took four. delta is also the gate's
+gradient and the dk/dv kernel's row term. The dk/dv kernel walks the G query heads of its kv head itself (no
+atomics, no G-fold copies); a long query range (the first compressed keys are seen by every later query) is split
+over programs that write fp32 partials, summed in a fixed order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from nsa.kernels.attention_steps import (
     gathered_dkdv_step,
     load_split,
     load_split_at,
+    row_delta,
     scaled_scores,
     softmax_result,
     softmax_step,
@@ -147,9 +149,9 @@ def _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale
 
 @triton.jit
 def _range_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
+    q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr, branch_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_ot, stride_oh,
-    num_heads, num_seqs, qk_scale,
+    stride_bt, stride_bh, num_heads, num_seqs, qk_scale,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -174,6 +176,8 @@ def _range_fwd_kernel(
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + (row0 + local) * num_heads + h, lse, mask=row_ok)
+    store_tile(branch_ptr + row0 * stride_bt + h * stride_bh, local, row_ok, stride_bt,
+               out.to(branch_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
     if HAS_GATE:
         gate = tl.load(gate_ptr + (row0 + local) * stride_gt + h * stride_gh, mask=row_ok, other=0.0)
         out = out * gate.to(tl.float32)[:, None]
@@ -185,26 +189,27 @@ def _range_fwd_kernel(
 
 @triton.jit
 def _range_dq_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr,
+    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, branch_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
-    stride_dot, stride_doh, stride_dqt, stride_dqh, num_heads, num_seqs, qk_scale, scale,
+    stride_dot, stride_doh, stride_bt, stride_bh, stride_dqt, stride_dqh, num_heads, num_seqs, qk_scale, scale,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr,
 ):
-    """dq = g * scale * sum_j p_j (dp_j - delta) k_j as g * scale * (A - delta * B) (module docstring); writes
-    delta = sum_j p_j dp_j = dO . o (the gate's gradient)."""
+    """dq = g * scale * sum_j p_j (dp_j - delta) k_j with delta = dO . o from the forward's branch output, which
+    it also writes (the gate's gradient and the dk/dv kernel's row term)."""
     h = tl.program_id(1)
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
                                                        BLOCK_M)
     q1, q2, local, row_ok, row0 = _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M, DQK,
                                               D1, D2)
-    a1, a2 = zeros_split(BLOCK_M, D1, D2)
-    b1, b2 = zeros_split(BLOCK_M, D1, D2)
+    dq1, dq2 = zeros_split(BLOCK_M, D1, D2)
     do = load_tile(do_ptr + row0 * stride_dot + h * stride_doh, local, row_ok, stride_dot, 0, BLOCK_DV, DV)
     lse = tl.load(lse_ptr + (row0 + local) * num_heads + h, mask=row_ok, other=float("inf"))
-    delta = tl.zeros([BLOCK_M], tl.float32)
+    delta = row_delta(do, load_tile(branch_ptr + row0 * stride_bt + h * stride_bh, local, row_ok, stride_bt, 0,
+                                    BLOCK_DV, DV))
+    tl.store(delta_ptr + (row0 + local) * num_heads + h, delta, mask=row_ok)
     last = tl.minimum(first + BLOCK_M, seq_len) - 1
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     k_base = k_ptr + key0 * stride_kt + (h // GROUP) * stride_kh
@@ -214,19 +219,17 @@ def _range_dq_kernel(
                                                    STRIDE, SPAN, WINDOW, BLOCK_M, BLOCK_N, DQK, D1, D2, PRECISION,
                                                    ROW_T)
         v = load_tile(v_base, cols, col_ok, stride_vt, 0, BLOCK_DV, DV)
-        delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2, D2,
-                                        PRECISION)
-    tl.store(delta_ptr + (row0 + local) * num_heads + h, delta, mask=row_ok)
+        dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
     factor = tl.zeros([BLOCK_M], tl.float32) + scale
     if HAS_GATE:
         factor *= tl.load(gate_ptr + (row0 + local) * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
     dq_base = dq_ptr + row0 * stride_dqt + h * stride_dqh
-    dq1 = (a1 - delta[:, None] * b1) * factor[:, None]
+    dq1 = dq1 * factor[:, None]
     if ACCUMULATE:
         dq1 += load_tile(dq_base, local, row_ok, stride_dqt, 0, D1, DQK).to(tl.float32)
     store_tile(dq_base, local, row_ok, stride_dqt, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
     if D2 > 0:
-        dq2 = (a2 - delta[:, None] * b2) * factor[:, None]
+        dq2 = dq2 * factor[:, None]
         if ACCUMULATE:
             dq2 += load_tile(dq_base, local, row_ok, stride_dqt, D1, D2, DQK).to(tl.float32)
         store_tile(dq_base, local, row_ok, stride_dqt, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
@@ -337,36 +340,40 @@ def _nonempty(x: Tensor) -> Tensor:
     return x if x.shape[0] else x.new_zeros(1, *x.shape[1:])
 
 
-def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Tensor, lse: Tensor, packed: Packed,
-                  cu_keys: Tensor, rule: RangeRule, scale: float, accumulate: bool, tiles: RangeTiles) -> None:
+def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Tensor, lse: Tensor, branch_out: Tensor,
+                  packed: Packed, cu_keys: Tensor, rule: RangeRule, scale: float, accumulate: bool,
+                  tiles: RangeTiles) -> None:
     """out[rows] (+)= gate * attention over the visible key range; lse[rows] = base-2 log-sum-exp (+inf where
-    nothing is visible). cu_keys: cumulative key counts [S + 1] of the packed key tensor k / v."""
+    nothing is visible); branch_out[rows] = the attention itself, un-gated (out's shape; for range_dq). cu_keys:
+    cumulative key counts [S + 1] of the packed key tensor k / v."""
     table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.fwd_m)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     _range_fwd_kernel[(table.grid, q.shape[1])](
-        q, k, v, gate_t, out, lse, packed.cu, cu_keys, table.seq, table.first,
+        q, k, v, gate_t, out, lse, branch_out, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
-        out.stride(0), out.stride(1), q.shape[1], packed.num_seqs, scale * LOG2E,
+        out.stride(0), out.stride(1), branch_out.stride(0), branch_out.stride(1), q.shape[1], packed.num_seqs,
+        scale * LOG2E,
         BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **_common(q, k, v, rule, packed.max_len, out), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **_common(q, k, v, rule, packed.max_len, out, branch_out), num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 
-def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
-             dq: Tensor, packed: Packed, cu_keys: Tensor, rule: RangeRule, scale: float, accumulate: bool,
-             tiles: RangeTiles) -> None:
-    """dq[rows] (+)= this branch's query gradient; delta[rows] = dO . o (float32)."""
+def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, branch_out: Tensor, lse: Tensor,
+             delta: Tensor, dq: Tensor, packed: Packed, cu_keys: Tensor, rule: RangeRule, scale: float,
+             accumulate: bool, tiles: RangeTiles) -> None:
+    """dq[rows] (+)= this branch's query gradient; delta[rows] = dO . o (float32), o = range_forward's branch_out."""
     table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.dq_m)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     _range_dq_kernel[(table.grid, q.shape[1])](
-        q, k, v, gate_t, dout, lse, delta, dq, packed.cu, cu_keys, table.seq, table.first,
+        q, k, v, gate_t, dout, branch_out, lse, delta, dq, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), q.shape[1], packed.num_seqs,
-        scale * LOG2E, scale,
+        dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1),
+        q.shape[1], packed.num_seqs, scale * LOG2E, scale,
         BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **_common(q, k, v, rule, packed.max_len, dout, dq), num_warps=tiles.num_warps,
+        **_common(q, k, v, rule, packed.max_len, dout, branch_out, dq), num_warps=tiles.num_warps,
         num_stages=tiles.bwd_num_stages,
     )
 

@@ -7,8 +7,8 @@ walks its token's n blocks; with BQ > 1 (small groups fill the tile with neighbo
 rows) it walks the union of its tokens' blocks, ascending (``query_tiles`` builds the lists on the device), once
 each, masking the rows that did not select a block: a block chosen by several neighbours is loaded once for
 all of them. Every row still meets its own blocks in ascending order, so its online softmax runs as with BQ = 1.
-Programs of one kv head run together (token-major grid), so the blocks they share stay in L2. The dq kernel uses
-the same one-pass A / B / delta form as nsa.kernels.range_attention (no branch output is kept for the backward).
+Programs of one kv head run together (token-major grid), so the blocks they share stay in L2. The forward also
+stores the un-gated branch output, from which the dq kernel takes delta = dO . o, as nsa.kernels.range_attention.
 
 dk/dv: the selections are inverted into per-(kv head, block) lists of the tokens that selected the block
 (``selection_lists``: a stable sort, so each list is in token order), cut into chunks of at most CHUNK tokens.
@@ -31,6 +31,7 @@ from nsa.kernels.attention_steps import (
     gathered_dkdv_step,
     load_split,
     load_split_at,
+    row_delta,
     scaled_scores,
     softmax_result,
     softmax_step,
@@ -163,9 +164,9 @@ def _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride
 
 @triton.jit
 def _sel_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, out_ptr, lse_ptr, cu_ptr, tile_seq_ptr,
+    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, out_ptr, lse_ptr, branch_ptr, cu_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
-    stride_it, stride_ih, stride_ot, stride_oh, num_heads, num_kv_heads, num_seqs, qk_scale,
+    stride_it, stride_ih, stride_ot, stride_oh, stride_bt, stride_bh, num_heads, num_kv_heads, num_seqs, qk_scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -186,6 +187,8 @@ def _sel_fwd_kernel(
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + (row0 + local) * num_heads + heads, lse, mask=ok)
+    store_at(branch_ptr + row0 * stride_bt, local * stride_bt + heads * stride_bh, ok,
+             out.to(branch_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
     if HAS_GATE:
         gate = tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok, other=0.0)
         out = out * gate.to(tl.float32)[:, None]
@@ -197,10 +200,10 @@ def _sel_fwd_kernel(
 
 @triton.jit
 def _sel_dq_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr,
-    tile_seq_ptr, tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt,
-    stride_gh, stride_it, stride_ih, stride_dot, stride_doh, stride_dqt, stride_dqh, num_heads, num_kv_heads,
-    num_seqs, qk_scale, scale,
+    q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, do_ptr, branch_ptr, lse_ptr, delta_ptr, dq_ptr,
+    cu_ptr, tile_seq_ptr, tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_gt, stride_gh, stride_it, stride_ih, stride_dot, stride_doh, stride_bt, stride_bh, stride_dqt, stride_dqh,
+    num_heads, num_kv_heads, num_seqs, qk_scale, scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -208,33 +211,32 @@ def _sel_dq_kernel(
 ):
     hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
         q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
-    a1, a2 = zeros_split(BQ * GP, D1, D2)
-    b1, b2 = zeros_split(BQ * GP, D1, D2)
+    dq1, dq2 = zeros_split(BQ * GP, D1, D2)
     do = load_at(do_ptr + row0 * stride_dot, local * stride_dot + heads * stride_doh, ok, 0, BLOCK_DV, DV)
     lse = tl.load(lse_ptr + (row0 + local) * num_heads + heads, mask=ok, other=float("inf"))
+    delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, local * stride_bt + heads * stride_bh, ok, 0,
+                                  BLOCK_DV, DV))
+    tl.store(delta_ptr + (row0 + local) * num_heads + heads, delta, mask=ok)
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
-    delta = tl.zeros([BQ * GP], tl.float32)
     blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
                                         stride_ih, NUM_SELECTED, NP, UNION, BQ)
     for i in range(0, NUM_SELECTED if BQ == 1 else count):
         s, k1, k2, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride_kt, stride_vt,
                                      qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV, BLOCK_DV, PRECISION, BQ)
-        delta, a1, b1, a2, b2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, a1, b1, a2, b2, D2,
-                                        PRECISION)
-    tl.store(delta_ptr + (row0 + local) * num_heads + heads, delta, mask=ok)
+        dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
     factor = tl.zeros([BQ * GP], tl.float32) + scale
     if HAS_GATE:
         factor *= tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok,
                           other=0.0).to(tl.float32)
     dq_row = dq_ptr + row0 * stride_dqt
     dq_offsets = local * stride_dqt + heads * stride_dqh
-    dq1 = (a1 - delta[:, None] * b1) * factor[:, None]
+    dq1 = dq1 * factor[:, None]
     if ACCUMULATE:
         dq1 += load_at(dq_row, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
     store_at(dq_row, dq_offsets, ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
     if D2 > 0:
-        dq2 = (a2 - delta[:, None] * b2) * factor[:, None]
+        dq2 = dq2 * factor[:, None]
         if ACCUMULATE:
             dq2 += load_at(dq_row, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
         store_at(dq_row, dq_offsets, ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
@@ -482,34 +484,38 @@ def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: P
 
 
 def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, out: Tensor,
-                     lse: Tensor, packed: Packed, sel_block_size: int, scale: float, accumulate: bool,
-                     tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
-    """out[rows] (+)= gate * attention over the selected blocks; lse[rows] base 2 (+inf: nothing selected).
-    Returns the query tiles' union lists (``union_lists``) for ``selected_dq`` on the same selection."""
+                     lse: Tensor, branch_out: Tensor, packed: Packed, sel_block_size: int, scale: float,
+                     accumulate: bool, tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
+    """out[rows] (+)= gate * attention over the selected blocks; lse[rows] base 2 (+inf: nothing selected);
+    branch_out[rows] = the attention itself, un-gated (out's shape; for selected_dq). Returns the query tiles' union
+    lists (``union_lists``) for ``selected_dq`` on the same selection."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, None)
     _sel_fwd_kernel[(query.table.grid, k.shape[1])](
-        q, k, v, gate_t, block_indices, query.blocks, query.counts, out, lse, packed.cu, query.table.seq,
+        q, k, v, gate_t, block_indices, query.blocks, query.counts, out, lse, branch_out, packed.cu, query.table.seq,
         query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt,
-        stride_gh, block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1), q.shape[1],
-        k.shape[1], packed.num_seqs, scale * LOG2E,
+        stride_gh, block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1),
+        branch_out.stride(0), branch_out.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E,
         HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, **query_launch(tiles, args, dq=False),
     )
     return union_lists(query)
 
 
 def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
-                lse: Tensor, delta: Tensor, dq: Tensor, packed: Packed, sel_block_size: int, scale: float,
-                accumulate: bool, tiles: SelectedTiles, unions: tuple[Tensor, Tensor] | None = None) -> None:
-    """dq[rows] (+)= the selection branch's query gradient; delta[rows] = dO . o_sel. ``unions``: what
+                branch_out: Tensor, lse: Tensor, delta: Tensor, dq: Tensor, packed: Packed, sel_block_size: int,
+                scale: float, accumulate: bool, tiles: SelectedTiles, unions: tuple[Tensor, Tensor] | None = None
+                ) -> None:
+    """dq[rows] (+)= the selection branch's query gradient; delta[rows] = dO . o_sel, o_sel = selected_forward's
+    branch_out. ``unions``: what
     ``selected_forward`` returned for this selection and these tiles (else the lists are built again)."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, unions)
     _sel_dq_kernel[(query.table.grid, k.shape[1])](
-        q, k, v, gate_t, block_indices, query.blocks, query.counts, dout, lse, delta, dq, packed.cu,
+        q, k, v, gate_t, block_indices, query.blocks, query.counts, dout, branch_out, lse, delta, dq, packed.cu,
         query.table.seq, query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), stride_gt, stride_gh, block_indices.stride(0), block_indices.stride(1), dout.stride(0),
-        dout.stride(1), dq.stride(0), dq.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E, scale,
+        dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1), q.shape[1],
+        k.shape[1], packed.num_seqs, scale * LOG2E, scale,
         HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, **query_launch(tiles, args, dq=True),
     )
 
