@@ -365,43 +365,32 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
 
 KERNEL_NAMES = ("fwd_cmp", "topn", "fwd_sel", "fwd_win", "dq_cmp", "dq_sel", "dq_win", "dkdv_cmp", "dkdv_sel",
                 "dkdv_win")
-TILE_KERNELS = {"range_tiles": ("fwd_cmp", "fwd_win", "dq_cmp", "dq_win", "dkdv_cmp", "dkdv_win"),
+TILE_KERNELS = {"cmp_tiles": ("fwd_cmp", "dq_cmp", "dkdv_cmp"), "win_tiles": ("fwd_win", "dq_win", "dkdv_win"),
                 "topn_tiles": ("topn",),
                 "sel_tiles": ("fwd_sel", "dq_sel", "dkdv_sel")}  # the kernels each PrefillRun tile field governs
 
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
-    same run), then candidates one or two fields off them: the selection dk/dv in 64-row steps, the selection's and
-    top-n's warps and pipeline stages, the top-n key tiles, the schedules the range defaults replaced (one head per
-    dk/dv step, at the widths they had; dq tiles of 32 keys) and their nearest neighbours, so each sweep re-checks
-    the margins. `python -m bench.compile_kernels` reports their registers and spills for sm_90 without a GPU."""
+    same run), then candidates one or two fields off them: the loads through tensor descriptors (TMA) against
+    pointer loads, the selection's and the window's tiles and pipeline stages, the schedules the defaults replaced
+    and their nearest neighbours, so each sweep re-checks the margins. `python -m bench.compile_kernels` reports
+    their registers and spills for sm_90 without a GPU."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles
 
     shape = SHAPES[shape_name]
-    ranges, sel = tiles_for(max(shape.dk, shape.dv)), SelectedTiles()
-    variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()]}
+    head_dim = max(shape.dk, shape.dv)
+    cmp, win, sel = tiles_for(head_dim, "cmp"), tiles_for(head_dim, "win"), SelectedTiles()
+    variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()], "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
+                                      "win_tiles": [win, win._replace(tma=not win.tma)],
+                                      "sel_tiles": [sel, sel._replace(tma=False)]}
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
-        variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64), sel._replace(rows=32), sel._replace(rows=0)]
-        # the programs of several tokens: the warps and stages around the defaults (2 and 2; 4 and 3 before)
-        variants["sel_tiles"] += [sel._replace(tile_num_warps=w, tile_num_stages=st) for w, st in [(4, 3), (2, 3),
-                                                                                                    (1, 2), (4, 2)]]
-        variants["topn_tiles"] += [TopnTiles(num_warps=2), TopnTiles(num_warps=8), TopnTiles(key_blocks=32)]
-        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=False, dkv_m=32), ranges._replace(dkv_m=32),
-                                   ranges._replace(dq_n=32)]
-    elif shape.dk <= 128:
-        # one token per program: its launch settings, and the dk/dv's stages and chunk of tokens
-        variants["sel_tiles"] = [sel, sel._replace(dkv_rows=64), sel._replace(num_stages=2), sel._replace(num_stages=4),
-                                 sel._replace(num_warps=8), sel._replace(dkv_num_stages=3), sel._replace(chunk=2048)]
-        variants["topn_tiles"] += [TopnTiles(wide_key_blocks=16), TopnTiles(num_stages=3)]
-        variants["range_tiles"] = [ranges, ranges._replace(dq_n=32), ranges._replace(bwd_num_stages=3),
-                                   ranges._replace(dkv_m=128), ranges._replace(dkv_n=64)]
-    else:
-        variants["range_tiles"] = [ranges, ranges._replace(dkv_head_rows=True),
-                                   ranges._replace(dkv_head_rows=True, dkv_m=32),
-                                   ranges._replace(dkv_head_rows=True, dkv_m=64, dkv_n=64)]
+        variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(dkv_rows=64)]
+    elif head_dim <= 128:  # one token per program
+        variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3)]
+        variants["cmp_tiles"] += [cmp._replace(bwd_num_stages=2)]
     return variants
 
 

@@ -68,22 +68,37 @@ def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, 
     return signature
 
 
-def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | None = None,
+def descriptor_args(tma: bool, rows: int, dims: dict[str, int]) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+    """(constexprs, argument types) of a kernel's k_desc1 / k_desc2 / v_desc: bf16 descriptors of ``rows`` K / V
+    rows of one head (nsa.kernels.tiles.kv_descriptors) where tma, else None (pointer loads)."""
+    if not tma:
+        return {"TMA": False, "k_desc1": None, "k_desc2": None, "v_desc": None}, ()
+    types = [("k_desc1", f"tensordesc<bf16[{rows},1,{dims['D1']}]>"),
+             ("v_desc", f"tensordesc<bf16[{rows},1,{dims['BLOCK_DV']}]>")]
+    if not dims["D2"]:
+        return {"TMA": True, "k_desc2": None}, tuple(types)
+    return {"TMA": True}, (*types, ("k_desc2", f"tensordesc<bf16[{rows},1,{dims['D2']}]>"))
+
+
+def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str, RangeTiles] | None = None,
           sel_tiles: SelectedTiles | None = None) -> Iterator[KernelCase]:
     """Every prefill kernel with the constexprs and launch settings the launchers use at this shape (or under the
-    given tiles: bench_prefill's tile candidates are checked here before a device run)."""
+    given tiles, per range branch "cmp" / "win": bench_prefill's tile candidates are checked here before a device
+    run)."""
     dims = split_dims(head_dim, head_dim_v)
-    tiles = tiles or tiles_for(max(head_dim, head_dim_v))
     common = {"GROUP": group, "PRECISION": "tf32", "ROW_T": tl.int32, **dims}
     rules = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
              "win": {"STRIDE": 1, "SPAN": 1, "WINDOW": BLOCKS["window_size"]}}
     for branch, rule in rules.items():
+        tiles = (range_tiles or {}).get(branch) or tiles_for(max(head_dim, head_dim_v), branch)
+        tma, tma_types = descriptor_args(tiles.tma, tiles.fwd_n, dims)
         yield KernelCase(f"fwd_{branch}", range_attention._range_fwd_kernel,
-                         {**common, **rule, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n, "HAS_GATE": True,
-                          "ACCUMULATE": branch == "win"}, tiles.num_warps, tiles.num_stages)
+                         {**common, **rule, **tma, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n, "HAS_GATE": True,
+                          "ACCUMULATE": branch == "win"}, tiles.num_warps, tiles.num_stages, pointer_types=tma_types)
+        tma, tma_types = descriptor_args(tiles.tma, tiles.dq_n, dims)
         yield KernelCase(f"dq_{branch}", range_attention._range_dq_kernel,
-                         {**common, **rule, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "HAS_GATE": True,
-                          "ACCUMULATE": True}, tiles.num_warps, tiles.bwd_num_stages)
+                         {**common, **rule, **tma, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "HAS_GATE": True,
+                          "ACCUMULATE": True}, tiles.num_warps, tiles.bwd_num_stages, pointer_types=tma_types)
         dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
                 "GP": range_attention.dkv_head_rows(group, tiles)}
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
@@ -94,7 +109,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
                      ("dk_ptr", "dv_ptr"))
     topn_tiles = TopnTiles()
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
-                            topn_tiles.rows, topn_tiles.key_blocks_for(group))
+                            topn_tiles.rows, topn_tiles.key_blocks)
     topn_constexprs = {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],
                        "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                        "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
@@ -106,15 +121,16 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, tiles: RangeTiles | N
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}
+    tma, tma_types = descriptor_args(sel_tiles.tma, 64, dims)
     # fwd / dq as launched, and with 4 tokens x G = 4 per program, walking the union of their blocks
     for suffix, sel_group, rows in (("", group, sel_tiles.rows), ("_g4", 4, 16)):
         query = selected.query_tile_shape(sel_group, rows)
         query = {**sel, "GROUP": sel_group, **query, "NUM_SELECTED": 16, "NP": 16, "UNION": query["BQ"] * 16,
                  "HAS_GATE": True, "ACCUMULATE": True}
-        yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, query,
-                         **selected.query_launch(sel_tiles, query, dq=False))
-        yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, query,
-                         **selected.query_launch(sel_tiles, query, dq=True))
+        yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, {**query, **tma},
+                         **selected.query_launch(sel_tiles, query, dq=False), pointer_types=tma_types)
+        yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, {**query, **tma},
+                         **selected.query_launch(sel_tiles, query, dq=True), pointer_types=tma_types)
     # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
     for suffix, sel_group in (("", group), ("_g4", 4)):
         yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,

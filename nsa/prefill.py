@@ -34,7 +34,7 @@ class PrefillSizes(NamedTuple):
 
 MAX_GROUP = 64  # the selection kernels hold a group's G query heads (padded) as the rows of one tile
 MAX_KEY_TILE = 256  # the top-n kernel's compressed-key tile: NS selection blocks x l'/d
-TOPN_KEY_BLOCKS = 16  # TopnTiles.key_blocks' default (groups under 16 heads): selection blocks per top-n key tile
+TOPN_KEY_BLOCKS = 16  # TopnTiles.key_blocks' default: selection blocks per top-n key tile
 
 
 def _power_of_two_at_least(value: int) -> int:
@@ -81,15 +81,19 @@ def nsa_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor,
 
 
 def _tiles(device: torch.device, head_dim: int):
-    """Tile settings: the GPU defaults (tuned on the H200), or 16-wide tiles for the CPU interpreter's tiny tests."""
+    """Tile settings (compression, window, top-n, selection): the GPU defaults (tuned on the H200), or 16-wide tiles
+    for the CPU interpreter's tiny tests (the compression's through TMA, the window's through pointer loads, as
+    on the GPU)."""
     from nsa.kernels.range_attention import RangeTiles, tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles
 
     if device.type != "cuda" and interpreter_enabled():
-        return (RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2), TopnTiles(16, 4, 1),
-                SelectedTiles(4, 1, 16, 8, 4, 1))
-    return tiles_for(head_dim), TopnTiles(), SelectedTiles()
+        ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2)
+        selected = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8, dkv_num_warps=4,
+                                 dkv_num_stages=1)
+        return ranges._replace(tma=True), ranges, TopnTiles(16, 4, 1), selected
+    return tiles_for(head_dim, "cmp"), tiles_for(head_dim, "win"), TopnTiles(), SelectedTiles()
 
 
 class PrefillRun:
@@ -130,7 +134,8 @@ class PrefillRun:
             rows_view(t) for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win))
         self.gates = gates.reshape(self.q.shape[0], self.q.shape[1], 3)
         self.sizes, self.scale = sizes, scale
-        self.range_tiles, self.topn_tiles, self.sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))
+        self.cmp_tiles, self.win_tiles, self.topn_tiles, self.sel_tiles = _tiles(q.device, max(q.shape[-1],
+                                                                                        v_sel.shape[-1]))
         self.cmp_rule = RangeRule(sizes.block_stride, sizes.block_size, 0)
         self.win_rule = RangeRule(1, 1, sizes.window_size)
         if forward_outputs:
@@ -145,7 +150,7 @@ class PrefillRun:
         from nsa.kernels.range_attention import range_forward
 
         range_forward(self.q, self.k_cmp, self.v_cmp, self.gates[..., 0], self.out, self.lse[0], self.branch_outs[0],
-                      self.packed, self.cu_cmp, self.cmp_rule, self.scale, False, self.range_tiles)
+                      self.packed, self.cu_cmp, self.cmp_rule, self.scale, False, self.cmp_tiles)
 
     def select(self) -> None:
         from nsa.kernels.topn import select_topn
@@ -166,7 +171,7 @@ class PrefillRun:
         from nsa.kernels.range_attention import range_forward
 
         range_forward(self.q, self.k_win, self.v_win, self.gates[..., 2], self.out, self.lse[2], self.branch_outs[2],
-                      self.packed, self.packed.cu, self.win_rule, self.scale, True, self.range_tiles)
+                      self.packed, self.packed.cu, self.win_rule, self.scale, True, self.win_tiles)
 
     def forward(self) -> tuple[Tensor, ...]:
         """-> (out [B, T, HQ, Dv], block indices int32 [B, T, H_kv, n], lse_cmp, lse_sel, lse_win [rows, HQ],
@@ -191,12 +196,12 @@ class PrefillRun:
         g, o, packed, scale = self.gates, self.branch_outs, self.packed, self.scale
         return [
             ("dq_cmp", lambda: range_dq(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, o[0], self.lse[0], delta[0],
-                                        dq, packed, self.cu_cmp, self.cmp_rule, scale, False, self.range_tiles)),
+                                        dq, packed, self.cu_cmp, self.cmp_rule, scale, False, self.cmp_tiles)),
             ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, o[1],
                                            self.lse[1], delta[1], dq, packed, self.sizes.sel_block_size, scale, True,
                                            self.sel_tiles, self.unions)),
             ("dq_win", lambda: range_dq(self.q, self.k_win, self.v_win, g[..., 2], dout, o[2], self.lse[2], delta[2],
-                                        dq, packed, packed.cu, self.win_rule, scale, True, self.range_tiles)),
+                                        dq, packed, packed.cu, self.win_rule, scale, True, self.win_tiles)),
         ]
 
     def dkdv_steps(self, dout: Tensor, delta: list[Tensor], grads: dict[str, tuple[Tensor, Tensor]]
@@ -209,7 +214,7 @@ class PrefillRun:
 
         def cmp() -> None:
             grads["cmp"] = range_dkdv(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, self.lse[0], delta[0],
-                                      packed, self.cu_cmp, self.cmp_rule, scale, self.range_tiles)
+                                      packed, self.cu_cmp, self.cmp_rule, scale, self.cmp_tiles)
 
         def sel() -> None:
             grads["sel"] = selected_dkdv(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, self.lse[1],
@@ -217,7 +222,7 @@ class PrefillRun:
 
         def win() -> None:
             grads["win"] = range_dkdv(self.q, self.k_win, self.v_win, g[..., 2], dout, self.lse[2], delta[2],
-                                      packed, packed.cu, self.win_rule, scale, self.range_tiles)
+                                      packed, packed.cu, self.win_rule, scale, self.win_tiles)
 
         return [("dkdv_cmp", cmp), ("dkdv_sel", sel), ("dkdv_win", win)]
 

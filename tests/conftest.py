@@ -198,13 +198,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 def use_prefill_tiles(monkeypatch: pytest.MonkeyPatch, *, ranges: dict[str, Any] | None = None,
                       selected: dict[str, Any] | None = None) -> None:
-    """Run nsa.prefill's kernels under its default tiles with these RangeTiles / SelectedTiles fields replaced."""
+    """Run nsa.prefill's kernels under its default tiles with these RangeTiles (both range branches) /
+    SelectedTiles fields replaced."""
     from nsa import prefill
 
     make_tiles = prefill._tiles
 
     def tiles(device: torch.device, head_dim: int) -> tuple:
-        range_tiles, topn_tiles, sel_tiles = make_tiles(device, head_dim)
-        return range_tiles._replace(**(ranges or {})), topn_tiles, sel_tiles._replace(**(selected or {}))
+        cmp_tiles, win_tiles, topn_tiles, sel_tiles = make_tiles(device, head_dim)
+        return (cmp_tiles._replace(**(ranges or {})), win_tiles._replace(**(ranges or {})), topn_tiles,
+                sel_tiles._replace(**(selected or {})))
 
     monkeypatch.setattr(prefill, "_tiles", tiles)

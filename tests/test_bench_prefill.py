@@ -18,7 +18,8 @@ from nsa.kernels.selected import SelectedTiles
 TINY = bench_prefill.Shape(heads=4, kv_heads=2, dk=16, dv=16)
 SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_selected": 3, "window_size": 8}
 INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2)  # nsa.prefill's CPU tiles
-INTERPRETER_SELECTED = SelectedTiles(4, 1, 16, 8, 4, 1)
+INTERPRETER_SELECTED = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8,
+                                     dkv_num_warps=4, dkv_num_stages=1)
 
 
 @pytest.fixture(autouse=True)
@@ -29,10 +30,11 @@ def small_and_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:
-    variants = {"range_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
-                "sel_tiles": [INTERPRETER_SELECTED._replace(dkv_rows=32, chunk=4)]}
+    variants = {"cmp_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
+                "win_tiles": [INTERPRETER_RANGE._replace(tma=True)],
+                "sel_tiles": [INTERPRETER_SELECTED._replace(dkv_rows=32, chunk=4, tma=False)]}
     rows = bench_prefill.tile_rows(TINY, 28, "cpu", torch.float32, variants)
-    assert [row["field"] for row in rows] == ["range_tiles", "sel_tiles"]
+    assert [row["field"] for row in rows] == ["cmp_tiles", "win_tiles", "sel_tiles"]
     for row in rows:
         assert "error" not in row, row
         assert row["indices_equal"] and row["max_rel_err"] < 1e-5
@@ -53,7 +55,7 @@ def test_tile_sweep_refuses_a_candidate_whose_result_differs(monkeypatch: pytest
         return run
 
     monkeypatch.setattr(bench_prefill, "prefill_run", scale_off_after_the_reference)
-    (row,) = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, {"range_tiles": [INTERPRETER_RANGE]})
+    (row,) = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, {"cmp_tiles": [INTERPRETER_RANGE]})
     assert row["error"] == "differs from the default tiles' result"
     assert not set(row) & set(bench_prefill.KERNEL_NAMES)
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import F64, randn
+from conftest import F64, randn, use_prefill_tiles
 from reference import (
     check_selection,
     dense_cmp_mask,
@@ -143,6 +143,28 @@ def test_prefill_refuses_only_key_tiles_wider_than_the_kernel_holds(ratio, num_s
     reasons = prefill.prefill_obstacles(1, 32, 2, 2 * ratio, num_selected, 64)
     assert bool(reasons) == refused
     assert not reasons or "wider than 256" in reasons[0]
+
+
+@pytest.mark.parametrize(("lengths", "heads", "kv_heads"), [([45], 6, 2), ([5, 35, 1, 29], 12, 1)])
+def test_kernels_with_pointer_loads_only_match_float64_reference(monkeypatch, lengths, heads, kv_heads):
+    """The defaults load the compression's and the selection's K / V through tensor descriptors (TMA) and the
+    window's through pointers; here every branch takes pointer loads (the path of devices without TMA and of
+    misaligned tensors), for a group of 3 (several tokens per selection program) and of 12 (one token)."""
+    use_prefill_tiles(monkeypatch, ranges={"tma": False}, selected={"tma": False})
+    inputs = make_inputs(1, lengths, heads, kv_heads, 24, 16, SMALL, seed=11)
+    check_against_reference(inputs, SMALL, lengths if len(lengths) > 1 else None)
+
+
+def test_descriptors_only_for_16_byte_aligned_rows():
+    """TMA needs a 16-byte aligned base and row strides; anything else keeps pointer loads."""
+    dims = split_dims(24, 16)
+    k, v = torch.randn(40, 2, 24), torch.randn(40, 2, 16)
+    assert tiles.kv_descriptors(k, v, 16, dims, True)["TMA"]
+    assert not tiles.kv_descriptors(k, v, 16, dims, False)["TMA"]
+    odd = torch.randn(40, 2, 18)[..., :16]  # rows 72 bytes apart
+    assert not tiles.kv_descriptors(odd, v, 16, split_dims(16, 16), True)["TMA"]
+    offset = torch.randn(40 * 2 * 16 + 1)[1:].view(40, 2, 16)  # base 4 bytes past an aligned address
+    assert not tiles.kv_descriptors(offset, v, 16, split_dims(16, 16), True)["TMA"]
 
 
 def test_packed_sequences_match_float64_reference():
@@ -379,7 +401,7 @@ def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     program has no tile edges to place: shorter sequences."""
     case = selection_case(heads, kv_heads, seed=rows, lengths=(21, 3, 40) if rows else (13, 3, 20))
     q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1])[2]._replace(rows=rows)
+    tiles = prefill._tiles(q.device, q.shape[-1])[3]._replace(rows=rows)
     scale = q.shape[-1] ** -0.5
     out, lse, branch_out = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q), output_buffer(
         *q.shape, like=q)
@@ -402,7 +424,7 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     spread each block's list over many tokens and chunks."""
     case = selection_case(heads, kv_heads, seed=heads + 7)
     q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1])[2]
+    tiles = prefill._tiles(q.device, q.shape[-1])[3]
     dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, want["lse"].float(),
                            want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
     torch.testing.assert_close(dk.double(), want["dk"], **TOL)
@@ -495,8 +517,10 @@ def test_union_list_shape_is_what_query_tiles_builds(lengths, group, rows):
     (16, 128, 128, "one", "one"), (12, 128, 128, "one", "one"),  # one token per program
 ])
 def test_selection_launch_settings_follow_the_programs_tokens_and_head_dims(group, dk, dv, fwd, dq):
-    tiles = SelectedTiles(num_warps=4, num_stages=3, tile_num_warps=2, tile_num_stages=1, tile_dq_max_dim=128)
+    tiles = SelectedTiles(num_warps=4, num_stages=3, dq_num_stages=5, tile_num_warps=2, tile_num_stages=1,
+                          tile_dq_max_dim=128)
     settings = {"tile": {"num_warps": 2, "num_stages": 1}, "one": {"num_warps": 4, "num_stages": 3}}
     constexprs = {**query_tile_shape(group, tiles.rows), **split_dims(dk, dv)}
     assert query_launch(tiles, constexprs, dq=False) == settings[fwd]
-    assert query_launch(tiles, constexprs, dq=True) == settings[dq]
+    one_dq = {"num_warps": 4, "num_stages": 5}  # one token's dq: its own pipeline depth
+    assert query_launch(tiles, constexprs, dq=True) == (settings["tile"] if dq == "tile" else one_dq)

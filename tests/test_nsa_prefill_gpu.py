@@ -74,6 +74,17 @@ def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, hea
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "tma"),
+                         [(64, 4, 128, 128, 2048, False), (48, 4, 192, 128, 3000, True)])
+def test_loads_through_pointers_or_descriptors_match_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,
+                                                                       tma):
+    """Every range and selection kernel loading K / V the other way than the defaults pick (all by pointers, the
+    path without TMA; or all through tensor descriptors, the window included; tests/test_nsa_prefill.py checks
+    both in the interpreter)."""
+    use_prefill_tiles(monkeypatch, ranges={"tma": tma}, selected={"tma": tma})
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [(16, 4, 128, 128, 2048), (4, 4, 64, 64, 3000)])
 def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
     """The selection dk/dv of groups narrower than a 16-row step, filled with list entries (tests/test_nsa_prefill.py

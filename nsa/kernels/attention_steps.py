@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.kernels.tiles import load_at, load_tile
+from nsa.kernels.tiles import desc_rows, load_at, load_tile
 
 
 @triton.jit
@@ -20,6 +20,22 @@ def load_split(ptr, rows, ok, stride, DQK: tl.constexpr, D1: tl.constexpr, D2: t
     x2 = x1
     if D2 > 0:
         x2 = load_tile(ptr, rows, ok, stride, D1, D2, DQK)
+    return x1, x2
+
+
+@triton.jit
+def load_split_rows(ptr, desc1, desc2, row, head, rows, ok, stride, ROWS: tl.constexpr, TMA: tl.constexpr,
+                    DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """load_split of ROWS consecutive rows: through the descriptors (nsa.kernels.tiles.row_descriptors) at token row
+    ``row`` of head ``head`` where TMA, which reads rows past ``ok`` too (the caller masks what they score);
+    else from ptr (the first row of the tile, ``rows`` = 0 .. ROWS - 1), zeros where not ok."""
+    if TMA:
+        x1 = desc_rows(desc1, row, head, 0, ROWS, D1)
+        x2 = x1
+        if D2 > 0:
+            x2 = desc_rows(desc2, row, head, D1, ROWS, D2)
+    else:
+        x1, x2 = load_split(ptr, rows, ok, stride, DQK, D1, D2)
     return x1, x2
 
 

@@ -33,6 +33,7 @@ from nsa.kernels.attention_steps import (
     gathered_dkdv_step,
     load_split,
     load_split_at,
+    load_split_rows,
     row_delta,
     scaled_scores,
     softmax_result,
@@ -45,6 +46,7 @@ from nsa.kernels.tiles import (
     Packed,
     TileTable,
     dot_precision,
+    kv_descriptors,
     load_tile,
     output_buffer,
     split_dims,
@@ -65,7 +67,9 @@ class RangeTiles(NamedTuple):
     one pass over the queries instead of one per head. On the H200 at the public shape, 64k (bench/results/
     prefill_tiles_cuda.md, 2026-12-02), 4 tokens x 16 heads per step ran the compression dk/dv in 21.1 ms and the
     window's in 8.3 against 31.4 and 9.6 for 32 tokens of one head. dq tiles of 128 queries x 64 keys ran the
-    compression / window dq in 14.9 / 6.6 ms against 17.3 / 7.4 for 128 x 32 (2026-12-03, sixteenth session)."""
+    compression / window dq in 14.9 / 6.6 ms against 17.3 / 7.4 for 128 x 32 (2026-12-03, sixteenth session).
+    tma: the forward and dq load their K / V tiles through tensor descriptors (nsa.kernels.tiles.kv_descriptors;
+    pointer loads where the device or the tensors cannot). Per branch: ``tiles_for``."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -79,6 +83,7 @@ class RangeTiles(NamedTuple):
     max_splits: int = 32
     dkv_num_warps: int = 8
     dkv_head_rows: bool = True
+    tma: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -127,16 +132,17 @@ def _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M: t
 
 
 @triton.jit
-def _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale, STRIDE: tl.constexpr,
-                     SPAN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
-                     ROW_T: tl.constexpr):
+def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first, last, stride_kt, qk_scale,
+                     STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                     PRECISION: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr):
     """Masked base-2 scores of the queries first .. last against the key tile at ``start``: (s, the key rows, their
     validity, k1, k2). Only tiles crossing the causal edge of the first query, the window edge of the last or
-    the end of the visible range are masked."""
+    the end of the visible range are masked (so a TMA load's rows past ``hi`` score -inf)."""
     cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
     col_ok = cols < hi
-    k1, k2 = load_split(k_base, cols, col_ok, stride_kt, DQK, D1, D2)
+    k1, k2 = load_split_rows(k_base, k_desc1, k_desc2, key0 + start, hk, cols, col_ok, stride_kt, BLOCK_N, TMA, DQK,
+                             D1, D2)
     s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
     edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
     if WINDOW > 0:
@@ -151,11 +157,11 @@ def _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale
 def _range_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr, branch_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_ot, stride_oh,
-    stride_bt, stride_bh, num_heads, num_seqs, qk_scale,
+    stride_bt, stride_bh, num_heads, num_seqs, qk_scale, k_desc1, k_desc2, v_desc,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr,
 ):
     h = tl.program_id(1)
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
@@ -167,12 +173,15 @@ def _range_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    k_base = k_ptr + key0 * stride_kt + (h // GROUP) * stride_kh
-    v_base = v_ptr + key0 * stride_vt + (h // GROUP) * stride_vh
+    hk = h // GROUP
+    k_base = k_ptr + key0 * stride_kt + hk * stride_kh
+    v_base = v_ptr + key0 * stride_vt + hk * stride_vh
     for start in range(lo, hi, BLOCK_N):
-        s, cols, col_ok, _, _ = _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale, STRIDE,
-                                                 SPAN, WINDOW, BLOCK_M, BLOCK_N, DQK, D1, D2, PRECISION, ROW_T)
-        v = load_tile(v_base, cols, col_ok, stride_vt, 0, BLOCK_DV, DV)
+        s, cols, col_ok, _, _ = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first, last,
+                                                 stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_M, BLOCK_N, DQK, D1,
+                                                 D2, PRECISION, ROW_T, TMA)
+        v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
+                               BLOCK_DV, 0)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + (row0 + local) * num_heads + h, lse, mask=row_ok)
@@ -192,10 +201,10 @@ def _range_dq_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, branch_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
     stride_dot, stride_doh, stride_bt, stride_bh, stride_dqt, stride_dqh, num_heads, num_seqs, qk_scale, scale,
-    GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+    k_desc1, k_desc2, v_desc, GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr,
 ):
     """dq = g * scale * sum_j p_j (dp_j - delta) k_j with delta = dO . o from the forward's branch output, which
     it also writes (the gate's gradient and the dk/dv kernel's row term)."""
@@ -212,13 +221,15 @@ def _range_dq_kernel(
     tl.store(delta_ptr + (row0 + local) * num_heads + h, delta, mask=row_ok)
     last = tl.minimum(first + BLOCK_M, seq_len) - 1
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
-    k_base = k_ptr + key0 * stride_kt + (h // GROUP) * stride_kh
-    v_base = v_ptr + key0 * stride_vt + (h // GROUP) * stride_vh
+    hk = h // GROUP
+    k_base = k_ptr + key0 * stride_kt + hk * stride_kh
+    v_base = v_ptr + key0 * stride_vt + hk * stride_vh
     for start in range(lo, hi, BLOCK_N):
-        s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, start, hi, first, last, stride_kt, qk_scale,
-                                                   STRIDE, SPAN, WINDOW, BLOCK_M, BLOCK_N, DQK, D1, D2, PRECISION,
-                                                   ROW_T)
-        v = load_tile(v_base, cols, col_ok, stride_vt, 0, BLOCK_DV, DV)
+        s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first,
+                                                   last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_M, BLOCK_N,
+                                                   DQK, D1, D2, PRECISION, ROW_T, TMA)
+        v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
+                               BLOCK_DV, 0)
         dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
     factor = tl.zeros([BLOCK_M], tl.float32) + scale
     if HAS_GATE:
@@ -349,14 +360,14 @@ def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Ten
     table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.fwd_m)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
+    consts = _common(q, k, v, rule, packed.max_len, out, branch_out)
     _range_fwd_kernel[(table.grid, q.shape[1])](
         q, k, v, gate_t, out, lse, branch_out, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         out.stride(0), out.stride(1), branch_out.stride(0), branch_out.stride(1), q.shape[1], packed.num_seqs,
-        scale * LOG2E,
-        BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **_common(q, k, v, rule, packed.max_len, out, branch_out), num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        scale * LOG2E, **kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma),
+        BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
@@ -367,14 +378,14 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
     table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.dq_m)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
+    consts = _common(q, k, v, rule, packed.max_len, dout, branch_out, dq)
     _range_dq_kernel[(table.grid, q.shape[1])](
         q, k, v, gate_t, dout, branch_out, lse, delta, dq, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1),
-        q.shape[1], packed.num_seqs, scale * LOG2E, scale,
-        BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **_common(q, k, v, rule, packed.max_len, dout, branch_out, dq), num_warps=tiles.num_warps,
-        num_stages=tiles.bwd_num_stages,
+        q.shape[1], packed.num_seqs, scale * LOG2E, scale, **kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma),
+        BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
+        num_warps=tiles.num_warps, num_stages=tiles.bwd_num_stages,
     )
 
 
@@ -420,16 +431,24 @@ def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
     return padded if tiles.dkv_head_rows and padded <= tiles.dkv_m else 0
 
 
-def tiles_for(head_dim: int) -> RangeTiles:
-    """Tiles for the widest head dim, picked by the H200 tile sweep (bench_prefill --parts tiles, 2026-12-01, the
-    public and paper shapes at 64k): long, narrow dq (128 queries x 32 keys; 64 keys up to head dim 128 since
-    2026-12-03) and dk/dv tiles (128 keys x 16-32 queries) ran 1.4-2.8x faster than square ones although ptxas
-    (bench/compile_kernels.py) reports 24-48 bytes of spills for them; narrower forward tiles for wider heads.
+def tiles_for(head_dim: int, branch: str) -> RangeTiles:
+    """Tiles of ``branch`` ("cmp": the compression, "win": the window) for the widest head dim, picked by the H200
+    tile sweep (bench_prefill --parts tiles, 2026-12-01, the public and paper shapes at 64k): long, narrow dq (128
+    queries x 32 keys; 64 keys up to head dim 128 since 2026-12-03) and dk/dv tiles (128 keys x 16-32 queries) ran
+    1.4-2.8x faster than square ones although ptxas (bench/compile_kernels.py) reports 24-48 bytes of spills for
+    them; narrower forward tiles for wider heads.
     dk/dv over tokens x heads (dkv_head_rows) at 192 (2026-12-02): 2 tokens x 16 heads per step ran the compression
     / window dk/dv in 34.4 / 11.4 ms against 52.7 / 15.2 for 16 tokens of one head. 256: untuned, spill-free, one
-    head per step."""
-    if head_dim <= 128:
+    head per step. Up to head dim 128 the compression loads K / V through TMA with 3 backward stages (2026-12-04,
+    public shape: forward / dq / dk/dv 10.58 / 12.75 / 20.56 ms against 10.98 / 13.11 / 21.01); the window gains
+    nothing from TMA (4.99 against 4.94 ms forward) and loses with 3 backward stages (dk/dv 12.7 against 8.2). At
+    head dim 64 (the GPT's G = 2) TMA slowed the compression: forward / dq 0.67 / 0.67 against 0.42 / 0.45 ms."""
+    if branch not in ("cmp", "win"):
+        raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
+    if head_dim <= 64:
         return RangeTiles()
+    if head_dim <= 128:
+        return RangeTiles(tma=True, bwd_num_stages=3) if branch == "cmp" else RangeTiles()
     if head_dim <= 192:
         return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=32, dkv_n=128)
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)

@@ -31,6 +31,7 @@ from nsa.kernels.attention_steps import (
     gathered_dkdv_step,
     load_split,
     load_split_at,
+    load_split_rows,
     row_delta,
     scaled_scores,
     softmax_result,
@@ -43,6 +44,7 @@ from nsa.kernels.tiles import (
     Packed,
     TileTable,
     dot_precision,
+    kv_descriptors,
     load_at,
     load_tile,
     output_buffer,
@@ -73,18 +75,27 @@ class SelectedTiles(NamedTuple):
     at 64k, 2026-12-03 (bench/results/prefill_tiles_cuda.md), forward / dq ms on 2 warps and 2 stages against 4 and
     3: G = 4, d = 128: 14.3 / 18.3 against 15.6 / 19.1; the GPT's G = 2, d = 64: 3.8 / 4.3 against 4.2 / 4.9; G = 4
     with d_k = 192: forward 16.9 against 21.7, but the dq, which spills on 2 warps there (536 bytes of stack), 58.7
-    against 24.3: so the dq takes the tile settings only up to tile_dq_max_dim (max(d_k, d_v))."""
+    against 24.3: so the dq takes the tile settings only up to tile_dq_max_dim (max(d_k, d_v)).
+    tma: the forward and dq load each K / V block through tensor descriptors (TMA, Hopper; pointer loads where the
+    device or the tensors' alignment cannot, nsa.kernels.tiles.kv_descriptors). H200, 64k, independent queries
+    (2026-12-04, two runs), forward / dq ms: public 15.04-15.07 / 16.74-17.22 with TMA on 2 stages, 15.74-15.79 /
+    16.51-16.58 on 3, against 17.88 / 18.73 with pointer loads on 3 (so one-token forwards take num_stages, their
+    dq dq_num_stages); programs of several tokens with TMA on 3 stages / 2: G = 4 12.74 / 11.64 and 13.09 / 11.97
+    against 14.31 / 13.73 with pointer loads on 2; the GPT's G = 2 3.01 / 2.72 and 3.07 / 2.82 against 3.81 /
+    3.43."""
 
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
+    dq_num_stages: int = 3
     dkv_rows: int = 32
     chunk: int = 1024
     dkv_num_warps: int = 4
     dkv_num_stages: int = 2
     rows: int = 16
     tile_num_warps: int = 2
-    tile_num_stages: int = 2
+    tile_num_stages: int = 3
     tile_dq_max_dim: int = 128
+    tma: bool = True
 
 
 @triton.jit
@@ -108,17 +119,18 @@ def _query_rows(q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt
 
 
 @triton.jit
-def _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale, SEL_BLOCK: tl.constexpr,
-                BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _block_tile(q1, q2, k_base, k_desc1, k_desc2, tok0, hk, block, reads, t, last, stride_kt, qk_scale,
+                SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Scores of the rows against selection block ``block`` (-1: none), -inf where a row does not read a key (not
     its selection: ``reads`` False; or after its position). -> (s, the block's first row, which of its rows are
-    loaded, k1, k2)."""
+    loaded, k1, k2); with TMA every row of the tile is read and those not ``key_ok`` only score -inf."""
     offs = tl.arange(0, BLOCK_S)
     pos = block * SEL_BLOCK + offs
     key_ok = (block >= 0) & (offs < SEL_BLOCK) & (pos <= last)
     start = tl.maximum(block, 0).to(tl.int64) * SEL_BLOCK
-    k1, k2 = load_split(k_base + start * stride_kt, offs, key_ok, stride_kt, DQK, D1, D2)
+    k1, k2 = load_split_rows(k_base + start * stride_kt, k_desc1, k_desc2, tok0 + start, hk, offs, key_ok, stride_kt,
+                             BLOCK_S, TMA, DQK, D1, D2)
     s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
     seen = reads[:, None] & key_ok[None, :] & (pos[None, :] <= t[:, None])
     return tl.where(seen, s, float("-inf")), start, key_ok, k1, k2
@@ -146,19 +158,20 @@ def _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads
 
 
 @triton.jit
-def _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride_kt, stride_vt, qk_scale,
-                  SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
-                  D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                  BQ: tl.constexpr):
+def _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, k_desc1, k_desc2, v_desc, tok0, hk, ok, t, last,
+                  stride_kt, stride_vt, qk_scale, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr,
+                  D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  PRECISION: tl.constexpr, BQ: tl.constexpr, TMA: tl.constexpr):
     """The i-th block of the program's list (``_block_list``): (masked scores s, k1, k2, v); with several tokens
     only the rows whose token selected the block read it."""
     block = tl.load(blocks + i, mask=last >= 0, other=-1)
     reads = ok
     if BQ > 1:
         reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
-    s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, block, reads, t, last, stride_kt, qk_scale, SEL_BLOCK,
-                                           BLOCK_S, DQK, D1, D2, PRECISION)
-    v = load_tile(v_base + start * stride_vt, tl.arange(0, BLOCK_S), key_ok, stride_vt, 0, BLOCK_DV, DV)
+    s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, k_desc1, k_desc2, tok0, hk, block, reads, t, last,
+                                           stride_kt, qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION, TMA)
+    v, _ = load_split_rows(v_base + start * stride_vt, v_desc, v_desc, tok0 + start, hk, tl.arange(0, BLOCK_S), key_ok,
+                           stride_vt, BLOCK_S, TMA, DV, BLOCK_DV, 0)
     return s, k1, k2, v
 
 
@@ -167,10 +180,11 @@ def _sel_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, out_ptr, lse_ptr, branch_ptr, cu_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
     stride_it, stride_ih, stride_ot, stride_oh, stride_bt, stride_bh, num_heads, num_kv_heads, num_seqs, qk_scale,
+    k_desc1, k_desc2, v_desc,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
 ):
     hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
         q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
@@ -182,8 +196,9 @@ def _sel_fwd_kernel(
     blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
                                         stride_ih, NUM_SELECTED, NP, UNION, BQ)
     for i in range(0, NUM_SELECTED if BQ == 1 else count):  # one token: a static loop over its n slots
-        s, _, _, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride_kt, stride_vt,
-                                   qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV, BLOCK_DV, PRECISION, BQ)
+        s, _, _, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, k_desc1, k_desc2, v_desc, tok0, hk, ok,
+                                   t, last, stride_kt, stride_vt, qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV,
+                                   BLOCK_DV, PRECISION, BQ, TMA)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + (row0 + local) * num_heads + heads, lse, mask=ok)
@@ -203,11 +218,11 @@ def _sel_dq_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, idx_ptr, union_ptr, count_ptr, do_ptr, branch_ptr, lse_ptr, delta_ptr, dq_ptr,
     cu_ptr, tile_seq_ptr, tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_gt, stride_gh, stride_it, stride_ih, stride_dot, stride_doh, stride_bt, stride_bh, stride_dqt, stride_dqh,
-    num_heads, num_kv_heads, num_seqs, qk_scale, scale,
+    num_heads, num_kv_heads, num_seqs, qk_scale, scale, k_desc1, k_desc2, v_desc,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
 ):
     hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
         q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
@@ -222,8 +237,9 @@ def _sel_dq_kernel(
     blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
                                         stride_ih, NUM_SELECTED, NP, UNION, BQ)
     for i in range(0, NUM_SELECTED if BQ == 1 else count):
-        s, k1, k2, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, ok, t, last, stride_kt, stride_vt,
-                                     qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV, BLOCK_DV, PRECISION, BQ)
+        s, k1, k2, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, k_desc1, k_desc2, v_desc, tok0, hk,
+                                     ok, t, last, stride_kt, stride_vt, qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV,
+                                     BLOCK_DV, PRECISION, BQ, TMA)
         dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
     factor = tl.zeros([BQ * GP], tl.float32) + scale
     if HAS_GATE:
@@ -470,7 +486,7 @@ def query_launch(tiles: SelectedTiles, constexprs: dict[str, int], dq: bool) -> 
     head_dim = max(constexprs["DQK"], constexprs["DV"])
     if constexprs["BQ"] > 1 and not (dq and head_dim > tiles.tile_dq_max_dim):
         return {"num_warps": tiles.tile_num_warps, "num_stages": tiles.tile_num_stages}
-    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.dq_num_stages if dq else tiles.num_stages}
 
 
 def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: Packed, sel_block_size: int,
@@ -496,7 +512,8 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
         query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt,
         stride_gh, block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1),
         branch_out.stride(0), branch_out.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E,
-        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, **query_launch(tiles, args, dq=False),
+        **kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma), HAS_GATE=gate is not None, ACCUMULATE=accumulate,
+        **args, **query_launch(tiles, args, dq=False),
     )
     return union_lists(query)
 
@@ -516,7 +533,8 @@ def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
         v.stride(1), stride_gt, stride_gh, block_indices.stride(0), block_indices.stride(1), dout.stride(0),
         dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1), q.shape[1],
         k.shape[1], packed.num_seqs, scale * LOG2E, scale,
-        HAS_GATE=gate is not None, ACCUMULATE=accumulate, **args, **query_launch(tiles, args, dq=True),
+        **kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma), HAS_GATE=gate is not None, ACCUMULATE=accumulate,
+        **args, **query_launch(tiles, args, dq=True),
     )
 
 

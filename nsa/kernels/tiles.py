@@ -10,7 +10,7 @@ the real tiles exit at once).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -65,6 +65,13 @@ def load_tile(ptr, rows, row_ok, stride_row, COL0: tl.constexpr, WIDTH: tl.const
 
 
 @triton.jit
+def desc_rows(desc, row, head, COL0: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """[ROWS, WIDTH] tile of head ``head``'s rows row .. row + ROWS - 1, columns from COL0, through a descriptor of
+    ``row_descriptors`` (zeros past the tensor's rows and columns)."""
+    return desc.load([row.to(tl.int32), head, COL0]).reshape(ROWS, WIDTH)
+
+
+@triton.jit
 def store_tile(ptr, rows, row_ok, stride_row, value, COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
     store_at(ptr, rows * stride_row, row_ok, value, COL0, WIDTH, NCOLS)
 
@@ -90,6 +97,42 @@ def tile_origin(table_seq_ptr, table_first_ptr, cu_rows_ptr, cu_other_ptr, num_s
 def visible_key_count(last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr):
     """Keys i with i * STRIDE + SPAN - 1 <= last (causally visible to the query at ``last``), at most num_keys."""
     return tl.minimum(tl.where(last >= SPAN - 1, (last - (SPAN - 1)) // STRIDE + 1, 0), num_keys)
+
+
+def tma_capable(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can load through tensor descriptors (TMA): Hopper or newer, or the CPU
+    interpreter (which emulates them, so the tests cover the same code)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    from nsa.dispatch import interpreter_enabled
+
+    return interpreter_enabled()
+
+
+def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """Tensor descriptors over token rows x [N, H, D] that load ``rows`` consecutive rows of one head, one per
+    column part: widths (D1, D2) give boxes of D1 columns from column 0 and D2 from column D1 (a width 0: None).
+    TMA zero-fills past the tensor's rows and past column D. None where TMA cannot read x: strides or base not
+    16-byte aligned, or a box side over 256 elements."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    size = x.element_size()
+    aligned = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
+    if not aligned or max(rows, *widths) > 256 or min(w for w in widths if w) * size < 16:
+        return None
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, 1, w]) if w else None for w in widths)
+
+
+def kv_descriptors(k: Tensor, v: Tensor, rows: int, consts: dict, wanted: bool) -> dict[str, Any]:
+    """A kernel's keyword arguments k_desc1 / k_desc2 (the D1 and D2 column parts of k) and v_desc (v's BLOCK_DV
+    columns), descriptors of ``rows`` rows (``row_descriptors``), and TMA: loads through them where ``wanted`` and
+    the device and the tensors allow it, else pointer loads."""
+    if wanted and tma_capable(k.device):
+        k_desc = row_descriptors(k, rows, (consts["D1"], consts["D2"]))
+        v_desc = row_descriptors(v, rows, (consts["BLOCK_DV"],))
+        if k_desc is not None and v_desc is not None:
+            return {"k_desc1": k_desc[0], "k_desc2": k_desc[1], "v_desc": v_desc[0], "TMA": True}
+    return {"k_desc1": None, "k_desc2": None, "v_desc": None, "TMA": False}
 
 
 def split_dims(dqk: int, dv: int) -> dict[str, int]:

@@ -49,12 +49,12 @@ KEEP = tl.constexpr((1 << 63) - 64)  # slots past n - 3 hold KEEP + i: above eve
 
 
 class TopnTiles(NamedTuple):
-    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings; key_blocks /
-    wide_key_blocks: selection blocks per compressed-key tile for groups under 16 heads / of 16 or more
-    (``key_blocks_for``; topn_tile_shape fits them to MAX_KEY_TILE and KP). H200, 64k (bench/results/
-    prefill_tiles_cuda.md, 2026-12-03): 32 blocks per tile ran the public shape's top-n in 12.9 ms against 13.7 for
-    16, but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65 against 1.96 (with the former insertion loop; with
-    the column lists 16 blocks ran the public shape in 9.12 against 9.41 ms, not adopted yet). column_depth: the
+    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings; key_blocks:
+    selection blocks per compressed-key tile (topn_tile_shape fits them to MAX_KEY_TILE and KP). H200, 64k
+    (bench/results/prefill_tiles_cuda.md): with the former insertion loop 32 blocks per tile ran the public shape's
+    top-n in 12.9 ms against 13.7 for 16 (2026-12-03), but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65
+    against 1.96; with the column lists 16 blocks run the public shape in 9.04 against 9.32 ms (2026-12-04), so
+    every group takes 16 (groups of 16 or more took 32 until then). column_depth: the
     per-column list depth (``depth_for``); 16 holds the paper's n - 3 = 13 whole, so the exact merge is never
     needed. Column lists against the former per-tile insertion loop (``_merge_top``, now the fallback), 64k, indices
     equal (2026-12-03, seventeenth session): public 9.39 against 12.92 ms, G = 12 9.18 against 13.92, G = 4 3.41
@@ -65,11 +65,7 @@ class TopnTiles(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
     key_blocks: int = TOPN_KEY_BLOCKS
-    wide_key_blocks: int = 32
     column_depth: int = 16
-
-    def key_blocks_for(self, group: int) -> int:
-        return self.wide_key_blocks if group >= 16 else self.key_blocks
 
     def depth_for(self, num_selected: int) -> int:
         """The per-column list depth the kernel keeps: column_depth, or fewer where n - 3 candidates need fewer."""
@@ -228,8 +224,7 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
     (+inf where nothing is visible)."""
     num_heads, num_kv_heads = q.shape[1], k_cmp.shape[1]
     group = num_heads // num_kv_heads
-    shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows,
-                            tiles.key_blocks_for(group))
+    shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows, tiles.key_blocks)
     out = output_buffer(q.shape[0], num_kv_heads, num_selected, like=q, dtype=torch.int32)
     table = tile_table(packed.cu, packed.num_seqs, packed.total, shape["BQ"])
     k_cmp = k_cmp if k_cmp.shape[0] else k_cmp.new_zeros(1, *k_cmp.shape[1:])
