@@ -16,7 +16,7 @@ compressed blocks one after the other).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -80,10 +80,19 @@ def nsa_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor,
     return out, indices.long()
 
 
-def _tiles(device: torch.device, head_dim: int):
-    """Tile settings (compression, window, top-n, selection): the GPU defaults (tuned on the H200), or 16-wide tiles
-    for the CPU interpreter's tiny tests (the compression's through TMA, the window's through pointer loads, as
-    on the GPU)."""
+class PrefillTiles(NamedTuple):
+    """The kernels' tile settings: the compression's and the window's RangeTiles, TopnTiles, SelectedTiles."""
+
+    cmp: Any
+    win: Any
+    topn: Any
+    sel: Any
+
+
+def _tiles(device: torch.device, head_dim: int) -> PrefillTiles:
+    """Tile settings: the GPU defaults (tuned on the H200), or 16-wide tiles for the CPU interpreter's tiny tests
+    (the compression's K / V through TMA, the window's through pointer loads, as on the GPU; top-n programs of 32
+    rows, so that a top-n setting read where the selection's belongs changes shapes in the tests too)."""
     from nsa.kernels.range_attention import RangeTiles, tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles
@@ -92,8 +101,8 @@ def _tiles(device: torch.device, head_dim: int):
         ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2)
         selected = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8, dkv_num_warps=4,
                                  dkv_num_stages=1)
-        return ranges._replace(tma=True), ranges, TopnTiles(16, 4, 1), selected
-    return tiles_for(head_dim, "cmp"), tiles_for(head_dim, "win"), TopnTiles(), SelectedTiles()
+        return PrefillTiles(ranges._replace(tma=True), ranges, TopnTiles(32, 4, 1), selected)
+    return PrefillTiles(tiles_for(head_dim, "cmp"), tiles_for(head_dim, "win"), TopnTiles(), SelectedTiles())
 
 
 class PrefillRun:
@@ -272,7 +281,7 @@ def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_w
     lse_cmp, lse_sel, lse_win = (q.new_empty(rows, q.shape[2], dtype=torch.float32) for _ in range(3))
     branch_outs = q.new_empty(3, rows, q.shape[2], v_sel.shape[-1])
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))[2]
+    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1])).sel
     lists, width = union_list_shape(rows, num_seqs, q.shape[2] // k_sel.shape[2], k_sel.shape[2], num_selected,
                                     sel_tiles)
     blocks = q.new_empty(lists, width, dtype=torch.int32)

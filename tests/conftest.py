@@ -204,9 +204,9 @@ def use_prefill_tiles(monkeypatch: pytest.MonkeyPatch, *, ranges: dict[str, Any]
 
     make_tiles = prefill._tiles
 
-    def tiles(device: torch.device, head_dim: int) -> tuple:
-        cmp_tiles, win_tiles, topn_tiles, sel_tiles = make_tiles(device, head_dim)
-        return (cmp_tiles._replace(**(ranges or {})), win_tiles._replace(**(ranges or {})), topn_tiles,
-                sel_tiles._replace(**(selected or {})))
+    def tiles(device: torch.device, head_dim: int) -> prefill.PrefillTiles:
+        made = make_tiles(device, head_dim)
+        return made._replace(cmp=made.cmp._replace(**(ranges or {})), win=made.win._replace(**(ranges or {})),
+                             sel=made.sel._replace(**(selected or {})))
 
     monkeypatch.setattr(prefill, "_tiles", tiles)
