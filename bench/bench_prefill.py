@@ -387,7 +387,8 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                       "win_tiles": [win, win._replace(tma=not win.tma)],
                                       "sel_tiles": [sel, sel._replace(tma=False)]}
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
-        variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(dkv_rows=64)]
+        variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
+                                  sel._replace(dkv_rows=64)]
     elif head_dim <= 128:  # one token per program
         variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3)]
         variants["cmp_tiles"] += [cmp._replace(bwd_num_stages=2)]
