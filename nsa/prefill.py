@@ -16,12 +16,17 @@ compressed blocks one after the other).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from nsa.dispatch import interpreter_enabled
+
+if TYPE_CHECKING:  # the kernel modules import triton: only the launchers load them
+    from nsa.kernels.range_attention import RangeTiles
+    from nsa.kernels.selected import SelectedTiles
+    from nsa.kernels.topn import TopnTiles
 
 
 class PrefillSizes(NamedTuple):
@@ -83,10 +88,10 @@ def nsa_attention_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor,
 class PrefillTiles(NamedTuple):
     """The kernels' tile settings: the compression's and the window's RangeTiles, TopnTiles, SelectedTiles."""
 
-    cmp: Any
-    win: Any
-    topn: Any
-    sel: Any
+    cmp: RangeTiles
+    win: RangeTiles
+    topn: TopnTiles
+    sel: SelectedTiles
 
 
 def _tiles(device: torch.device, head_dim: int) -> PrefillTiles:
@@ -143,8 +148,8 @@ class PrefillRun:
             rows_view(t) for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win))
         self.gates = gates.reshape(self.q.shape[0], self.q.shape[1], 3)
         self.sizes, self.scale = sizes, scale
-        self.cmp_tiles, self.win_tiles, self.topn_tiles, self.sel_tiles = _tiles(q.device, max(q.shape[-1],
-                                                                                        v_sel.shape[-1]))
+        tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))
+        self.cmp_tiles, self.win_tiles, self.topn_tiles, self.sel_tiles = tiles.cmp, tiles.win, tiles.topn, tiles.sel
         self.cmp_rule = RangeRule(sizes.block_stride, sizes.block_size, 0)
         self.win_rule = RangeRule(1, 1, sizes.window_size)
         if forward_outputs:
