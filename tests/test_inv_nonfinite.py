@@ -224,6 +224,19 @@ DTYPES = st.sampled_from([F64, F32])
 # the whole-sequence row flags of nsa.nonfinite (used by the naive twins and by fused kernels)
 
 
+def nsa_rows_on_kernels(*inputs, cu_seqlens=None, **rule):
+    """nsa_nonfinite_rows' eager-GPU form (nsa.kernels.rows, in Triton's interpreter here): the same arguments."""
+    from nsa.kernels.rows import nsa_nonfinite_rows_triton
+    from nsa.nonfinite import _packing
+
+    packing = None if cu_seqlens is None else _packing(inputs[0].shape[1], cu_seqlens, inputs[0].device,
+                                                          rule["block_size"], rule["block_stride"])
+    return nsa_nonfinite_rows_triton(*inputs, **rule, packing=packing)
+
+
+NSA_ROWS = {"torch": nsa_nonfinite_rows, "kernels": nsa_rows_on_kernels}
+
+
 @settings(max_examples=80)  # cheap (no attention): explore sparse and dense plantings widely
 @given(shapes(), plants())
 def test_whole_sequence_row_flags(s: Shape, p: dict):
@@ -241,6 +254,26 @@ def test_whole_sequence_row_flags(s: Shape, p: dict):
     assert torch.equal(flags, expected_nsa(bad, indices, s))
 
 
+@settings(max_examples=40)
+@given(shapes(groups=(1, 3, 4)), plants(), st.sets(st.sampled_from(NSA_INPUTS), min_size=1), st.booleans(),
+       st.sampled_from([torch.int32, torch.long]))
+def test_whole_sequence_row_flags_on_the_kernels(s: Shape, p: dict, names: set, shared_window: bool, index_dtype):
+    """The layer's flags on nsa.kernels.rows (prefix sums of the non-finite (key, value) pairs, counted over each
+    row's compressed prefix, window and selected blocks) against the dense-mask rule, in bf16 and float32, with
+    garbage in some of the inputs (one branch's edges decide), the window reading the selection's tensors (one set
+    of flags for both) or its own."""
+    t0, x = draw_t0(s, p), case_inputs(s, torch.bfloat16 if p["seed"] % 2 else F32)
+    if shared_window:
+        x["k_win"], x["v_win"] = x["k_sel"], x["v_sel"]
+    bad = planted(x, names, t0, s, p)
+    if shared_window:
+        bad["k_win"], bad["v_win"] = bad["k_sel"], bad["v_sel"]
+    indices = random_block_indices(s, p["seed"])
+    flags = nsa_rows_on_kernels(*(bad[n] for n in NSA_INPUTS), indices.to(index_dtype), block_size=s.l,
+                                block_stride=s.d, sel_block_size=s.lp, window_size=s.w)
+    assert flags.dtype == torch.bool and torch.equal(flags, expected_nsa(bad, indices, s))
+
+
 @st.composite
 def packed_lengths(draw) -> list[int]:
     """Lengths of 1-4 packed sequences (empty ones included), at least one token in all."""
@@ -249,8 +282,8 @@ def packed_lengths(draw) -> list[int]:
 
 
 @settings(max_examples=40)
-@given(shapes(batch=(1,)), plants(), packed_lengths())
-def test_whole_sequence_row_flags_of_packed_sequences(s: Shape, p: dict, lengths: list[int]):
+@given(shapes(batch=(1,)), plants(), packed_lengths(), st.sampled_from(sorted(NSA_ROWS)))
+def test_whole_sequence_row_flags_of_packed_sequences(s: Shape, p: dict, lengths: list[int], impl: str):
     """With cu_seqlens (B = 1 rows holding sequences one after the other, positions restarting at 0,
     k_cmp holding each sequence's compressed blocks in turn, block indices per sequence), the flags
     equal each sequence's own flags: nothing crosses a sequence boundary."""
@@ -264,8 +297,8 @@ def test_whole_sequence_row_flags_of_packed_sequences(s: Shape, p: dict, lengths
     packed = {n: torch.cat([bad[n] for bad, _, _ in pieces], dim=1) for n in NSA_INPUTS}
     indices = torch.cat([idx for _, idx, _ in pieces], dim=1)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
-    flags = nsa_nonfinite_rows(*(packed[n] for n in NSA_INPUTS), indices, block_size=s.l, block_stride=s.d,
-                               sel_block_size=s.lp, window_size=s.w, cu_seqlens=cu_seqlens)
+    flags = NSA_ROWS[impl](*(packed[n] for n in NSA_INPUTS), indices, block_size=s.l, block_stride=s.d,
+                           sel_block_size=s.lp, window_size=s.w, cu_seqlens=cu_seqlens)
     assert torch.equal(flags, torch.cat([expected for _, _, expected in pieces], dim=1))
 
 
@@ -661,6 +694,32 @@ def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
     weights = torch.randn(out.shape, generator=gen)
     (grad,) = torch.autograd.grad(torch.where(got.isnan(), 0, got * weights).sum(), out)
     assert torch.equal(grad, torch.where(rows[..., None], 0.0, weights)) and rows.any()
+
+
+def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
+    """nsa_nonfinite_rows goes to nsa.kernels.rows when every input qualifies (eager CUDA; forced onto the interpreter
+    here), packed sequences included, and keeps the PyTorch form where one does not (an empty k_cmp: T < l)."""
+    import nsa.kernels.rows as rows
+    import nsa.nonfinite as nonfinite
+
+    cases = []
+    for seq_len, lengths in ((30, None), (30, (11, 19)), (5, None)):
+        s = Shape(B=1, T=seq_len, HQ=4, Hkv=2, Dk=8, Dv=4, l=8, d=4, lp=8, n=3, w=6, seed=seq_len)
+        p = {"frac": 0.4, "density": 0.3, "seed": 7}
+        bad = planted(case_inputs(s, F32), NSA_INPUTS, draw_t0(s, p), s, p)
+        indices = random_block_indices(s, 7) if lengths is None else torch.cat(
+            [random_block_indices(dataclasses.replace(s, T=n), 7) for n in lengths], dim=1)
+        kwargs = {"block_size": s.l, "block_stride": s.d, "sel_block_size": s.lp, "window_size": s.w,
+                  "cu_seqlens": None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)])}
+        args = (*(bad[n] for n in NSA_INPUTS), indices)
+        cases.append((args, kwargs, nsa_nonfinite_rows(*args, **kwargs)))
+    calls, kernels = [], rows.nsa_nonfinite_rows_triton
+    monkeypatch.setattr(nonfinite, "_row_kernels_apply", lambda x: x.is_contiguous() and x.numel() > 0)
+    monkeypatch.setattr(rows, "nsa_nonfinite_rows_triton",
+                        lambda *a, **kw: calls.append(kw["packing"]) or kernels(*a, **kw))
+    for args, kwargs, want in cases:
+        assert torch.equal(nonfinite.nsa_nonfinite_rows(*args, **kwargs), want) and want.any()
+    assert len(calls) == 2 and calls[0] is None and calls[1] is not None
 
 
 def test_guard_gradient_at_replaced_entries_is_exactly_zero(monkeypatch):

@@ -16,7 +16,7 @@ from reference import check_selection, dense_nsa, dense_selection_scores, ref_nu
 
 from nsa import NSAAttention, NSAConfig, nsa_attention
 from nsa.compress_pool import compress_mean_pool
-from nsa.nonfinite import nonfinite_rows, poison_rows
+from nsa.nonfinite import nonfinite_rows, nsa_nonfinite_rows, poison_rows
 
 pytestmark = pytest.mark.gpu
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
@@ -186,6 +186,43 @@ def _plant(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
     where[:, :first] = False
     values = torch.tensor([float("nan"), float("inf"), float("-inf")], device="cuda", dtype=x.dtype)
     return torch.where(where, values[torch.randint(3, x.shape, device="cuda", generator=gen)], x.detach())
+
+
+@pytest.mark.parametrize(("batch", "lengths", "shared_window"), [(2, None, False), (1, (3000, 0, 5192), True)])
+def test_layer_rows_on_the_kernels_equal_the_torch_rule(batch, lengths, shared_window):
+    """nsa_nonfinite_rows on the GPU (nsa.kernels.rows, seven launches) against its PyTorch form on the CPU (itself
+    checked against the dense-mask rule in tests/test_inv_nonfinite.py): the public shape at 8k, real block sizes,
+    a few non-finite vectors planted in one input at a time so each branch's edges decide, batched or packed."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    seq_len, heads, kv_heads, dim = 8192, 64, 4, 128
+    seqs = lengths or (seq_len,)
+    n_cmp = [ref_num_cmp(n, BLOCKS["block_size"], BLOCKS["block_stride"]) for n in seqs]
+    sizes = {"q": (seq_len, heads, dim), "k_cmp": (sum(n_cmp), kv_heads, dim), "v_cmp": (sum(n_cmp), kv_heads, dim),
+             "k_sel": (seq_len, kv_heads, dim), "v_sel": (seq_len, kv_heads, dim), "k_win": (seq_len, kv_heads, dim),
+             "v_win": (seq_len, kv_heads, dim), "gates": (seq_len, heads, 3)}
+    clean = {name: torch.randn(batch, *size, device="cuda", generator=gen).bfloat16() for name, size in sizes.items()}
+    position = torch.cat([torch.arange(n, device="cuda") for n in seqs])
+    choice = torch.rand(batch, seq_len, kv_heads, BLOCKS["num_selected"], device="cuda", generator=gen)
+    indices = (choice * (position // BLOCKS["sel_block_size"] + 1)[None, :, None, None]).int()
+    indices[choice < 0.1] = -1
+    cu_seqlens = None if lengths is None else torch.tensor([0, *lengths], device="cuda").cumsum(0)
+    rule = {key: BLOCKS[key] for key in ("block_size", "block_stride", "sel_block_size", "window_size")}
+    garbage = torch.tensor([float("nan"), float("inf"), float("-inf")], device="cuda").repeat(4).bfloat16()
+    for name in sizes:
+        if shared_window and name in ("k_win", "v_win"):
+            continue
+        x = dict(clean)
+        vectors = x[name].view(-1, x[name].shape[-1]).clone()
+        vectors[torch.randint(vectors.shape[0], (12,), device="cuda", generator=gen), 0] = garbage
+        x[name] = vectors.view(x[name].shape)
+        if shared_window:
+            x["k_win"], x["v_win"] = x["k_sel"], x["v_sel"]
+        args = [x[n] for n in sizes]
+        got = nsa_nonfinite_rows(*args, indices, **rule, cu_seqlens=cu_seqlens)
+        want = nsa_nonfinite_rows(*(a.cpu() for a in args), indices.cpu(), **rule,
+                                  cu_seqlens=None if cu_seqlens is None else cu_seqlens.cpu())
+        assert got.is_cuda and torch.equal(got.cpu(), want), name
+        assert want.any(), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

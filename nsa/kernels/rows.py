@@ -1,5 +1,6 @@
 """Triton kernels of the non-finite rule's row passes (nsa.nonfinite): one read of a tensor to flag its non-finite
-vectors, one read and one write to fill whole vectors with NaN (poisoning output rows) or zero (their gradient).
+vectors, one read and one write to fill whole vectors with NaN (poisoning output rows) or zero (their gradient), and
+the whole NSA layer's rows to poison (``nsa_nonfinite_rows_triton``) in seven launches.
 
 A tensor [..., D] is taken as N = numel / D rows of D contiguous elements (callers pass contiguous tensors). In
 PyTorch the same passes take several kernels each: ``(x * 0).sum(-1).isnan()`` writes and reads a product the
@@ -22,17 +23,23 @@ ELEMENTS_PER_STEP = 4096  # rows x columns of one program's step: 16-32 elements
 
 
 @triton.jit
-def _nonfinite_rows_kernel(x_ptr, flags_ptr, num_rows, row_len, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < num_rows
+def _row_flags(x_ptr, rows, row_ok, row_len, BLOCK_D: tl.constexpr):
+    """int32 [BLOCK_R]: 1 where the row (of row_len contiguous elements) holds a NaN or +-inf."""
     base = x_ptr + rows.to(tl.int64)[:, None] * row_len
-    bad = tl.zeros([BLOCK_R], tl.int32)
+    bad = tl.zeros(rows.shape, tl.int32)
     for start in range(0, row_len, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         x = tl.load(base + cols[None, :], mask=row_ok[:, None] & (cols < row_len)[None, :], other=0.0)
         # x * 0 is exactly 0 for every finite x and NaN for NaN and +-inf (float32 holds every 16-bit value)
         bad = bad | tl.max(((x.to(tl.float32) * 0.0) != 0.0).to(tl.int32), axis=1)
-    tl.store(flags_ptr + rows, bad.to(tl.int8), mask=row_ok)
+    return bad
+
+
+@triton.jit
+def _nonfinite_rows_kernel(x_ptr, flags_ptr, num_rows, row_len, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    tl.store(flags_ptr + rows, _row_flags(x_ptr, rows, row_ok, row_len, BLOCK_D).to(tl.int8), mask=row_ok)
 
 
 @triton.jit
@@ -48,6 +55,116 @@ def _fill_rows_kernel(x_ptr, flags_ptr, out_ptr, num_rows, row_len, FILL_NAN: tl
         mask = row_ok[:, None] & (cols < row_len)[None, :]
         x = tl.load(x_ptr + offsets + cols[None, :], mask=mask & ~fill[:, None], other=value)
         tl.store(out_ptr + offsets + cols[None, :], x, mask=mask)
+
+
+@triton.jit
+def _pair_flags_kernel(k_ptr, v_ptr, counts_ptr, num_rows, length, heads, k_len, v_len, seg_len, seg0,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flags of the (key, value) vector pairs of k [B, N, H, Dk], v [B, N, H, Dv] (1: either is non-finite), stored
+    transposed as counts[b * H + h, seg0 + n] (int32) for the prefix sums along n."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    bad = _row_flags(k_ptr, rows, row_ok, k_len, BLOCK_D) | _row_flags(v_ptr, rows, row_ok, v_len, BLOCK_D)
+    head = rows % heads
+    batch_pos = rows // heads
+    column = seg0 + batch_pos % length
+    line = (batch_pos // length) * heads + head
+    tl.store(counts_ptr + line.to(tl.int64) * seg_len + column, bad, mask=row_ok)
+
+
+@triton.jit
+def _prefix(line_ptr, seg, x, seg_rows, ok):
+    """Non-finite pairs among the segment's positions 0 .. x - 1 (x clamped to the segment), plus everything before
+    the segment (cancelling in a difference): the inclusive prefix sum at seg + x - 1, 0 before the line's start."""
+    at = seg + tl.minimum(tl.maximum(x, 0), seg_rows) - 1
+    return tl.load(line_ptr + at, mask=ok & (at >= 0), other=0)
+
+
+@triton.jit
+def _guard_rows_kernel(counts_ptr, seg_len, seg_cmp, seg_sel, seg_win, rows_cmp, rows_sel, rows_win, indices_ptr,
+                       stride_ib, stride_it, stride_ih, stride_ij, q_rows_ptr, gate_rows_ptr, out_ptr,
+                       token_start_ptr, block_start_ptr, position_ptr, seq_len, kv_heads, group, num_selected,
+                       block_size, block_stride, sel_block_size, window_size, PACKED: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Rows [B, T, HQ] (int8) of one tile of BLOCK_T tokens and one kv head's G query heads: a visible compressed
+    block, a window token or a token of a selected block holds a non-finite pair (counted from the prefix sums),
+    or the query or the gate vector is non-finite."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    batch = tl.program_id(1) // kv_heads
+    head = tl.program_id(1) % kv_heads
+    ok = t < seq_len
+    if PACKED:  # positions restart in each sequence (nsa.nonfinite._packing)
+        token_start = tl.load(token_start_ptr + t, mask=ok, other=0)
+        block_start = tl.load(block_start_ptr + t, mask=ok, other=0)
+        position = tl.load(position_ptr + t, mask=ok, other=0)
+    else:
+        token_start = tl.zeros([BLOCK_T], tl.int64)
+        block_start = tl.zeros([BLOCK_T], tl.int64)
+        position = t.to(tl.int64)
+    line = counts_ptr + (batch * kv_heads + head).to(tl.int64) * seg_len
+    seen = position + 1
+    num_cmp = tl.where(seen >= block_size, (seen - block_size) // block_stride + 1, 0)
+    bad = (_prefix(line, seg_cmp, block_start + num_cmp, rows_cmp, ok)
+           - _prefix(line, seg_cmp, block_start, rows_cmp, ok)) > 0
+    oldest = tl.maximum(token_start, t - window_size + 1)
+    bad |= (_prefix(line, seg_win, t + 1, rows_win, ok) - _prefix(line, seg_win, oldest, rows_win, ok)) > 0
+    j = tl.arange(0, BLOCK_N)
+    picked = ok[:, None] & (j < num_selected)[None, :]
+    index_rows = indices_ptr + batch.to(tl.int64) * stride_ib + t.to(tl.int64)[:, None] * stride_it + head * stride_ih
+    chosen = tl.load(index_rows + j[None, :] * stride_ij, mask=picked, other=-1).to(tl.int64)
+    first = token_start[:, None] + tl.maximum(chosen, 0) * sel_block_size
+    end = tl.minimum(first + sel_block_size, t[:, None] + 1)
+    read = (_prefix(line, seg_sel, end, rows_sel, picked) - _prefix(line, seg_sel, first, rows_sel, picked)) > 0
+    bad |= tl.max((read & (chosen >= 0)).to(tl.int32), axis=1) > 0
+    g = tl.arange(0, BLOCK_G)
+    at = (batch * seq_len + t).to(tl.int64)[:, None] * (kv_heads * group) + head * group + g[None, :]
+    mask = ok[:, None] & (g < group)[None, :]
+    own = (tl.load(q_rows_ptr + at, mask=mask, other=0) | tl.load(gate_rows_ptr + at, mask=mask, other=0)) != 0
+    tl.store(out_ptr + at, (own | bad[:, None]).to(tl.int8), mask=mask)
+
+
+def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
+                              v_win: Tensor, gates: Tensor, block_indices: Tensor, *, block_size: int,
+                              block_stride: int, sel_block_size: int, window_size: int,
+                              packing: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """bool [B, T, HQ]: nsa.nonfinite.nsa_nonfinite_rows (the same arguments and rule) on contiguous tensors, in
+    seven launches: q's and the gates' vectors, each branch's (key, value) pairs into one int32 buffer, one prefix
+    sum along the positions, and one pass over the rows that counts the non-finite pairs each (query, kv head) can
+    see: the compressed prefix, the window and the n selected blocks. ``packing``: (token_start, block_start,
+    position), int64 [T], of sequences packed by cu_seqlens (nsa.nonfinite._packing); None: one per batch row.
+    The window branch shares the selection's flags when it reads the same tensors."""
+    batch, seq_len, heads = q.shape[:3]
+    kv_heads = k_sel.shape[2]
+    pairs = [(k_cmp, v_cmp), (k_sel, v_sel)]
+    shared = k_win is k_sel and v_win is v_sel
+    if not shared:
+        pairs.append((k_win, v_win))
+    starts = [0]
+    for k, _ in pairs:
+        starts.append(starts[-1] + k.shape[1])
+    counts = torch.empty(batch * kv_heads, starts[-1], dtype=torch.int32, device=q.device)
+    for (k, v), seg0 in zip(pairs, starts, strict=False):
+        if k.numel():
+            row_len = max(k.shape[-1], v.shape[-1])
+            num_rows = k.numel() // k.shape[-1]
+            blocks = _blocks(row_len)
+            _pair_flags_kernel[(triton.cdiv(num_rows, blocks["BLOCK_R"]),)](
+                k, v, counts, num_rows, k.shape[1], kv_heads, k.shape[-1], v.shape[-1], starts[-1], seg0, **blocks,
+                num_warps=4)
+    counts.cumsum_(dim=-1)
+    q_rows, gate_rows = nonfinite_rows_triton(q), nonfinite_rows_triton(gates)
+    out = torch.empty(batch, seq_len, heads, dtype=torch.int8, device=q.device)
+    token_start, block_start, position = packing if packing is not None else (q_rows, q_rows, q_rows)  # unread
+    seg_win = starts[1] if shared else starts[2]
+    block_t = 128
+    _guard_rows_kernel[(triton.cdiv(seq_len, block_t), batch * kv_heads)](
+        counts, starts[-1], starts[0], starts[1], seg_win, k_cmp.shape[1], k_sel.shape[1], k_win.shape[1],
+        block_indices, *block_indices.stride(), q_rows.view(torch.int8), gate_rows.view(torch.int8), out,
+        token_start, block_start, position, seq_len, kv_heads, heads // kv_heads, block_indices.shape[-1],
+        block_size, block_stride, sel_block_size, window_size, PACKED=packing is not None, BLOCK_T=block_t,
+        BLOCK_N=triton.next_power_of_2(block_indices.shape[-1]), BLOCK_G=triton.next_power_of_2(heads // kv_heads),
+        num_warps=4)
+    return out.view(torch.bool)
 
 
 def _blocks(row_len: int) -> dict[str, int]:
