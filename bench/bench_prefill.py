@@ -357,7 +357,7 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
                                                            **rule), 0))
     rows = []
     for name, fn, flops in steps:
-        ms = timed(fn, device)
+        ms = timed(fn, device, warmup_ms=200)  # do_bench's 25 ms left the first kernels timed at 8k up to 2x slow
         rows.append({"impl": "kernel", "kernel": name, "shape": shape_name, "T": seq_len, "ms": round(ms, 3),
                      "tflops": round(flops / ms / 1e9, 1)})
     return rows
@@ -386,9 +386,13 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()], "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
                                       "win_tiles": [win, win._replace(tma=not win.tma)],
                                       "sel_tiles": [sel, sel._replace(tma=False)]}
+    if head_dim <= 128:  # dk/dv tiles without ptxas' spills (bench.compile_kernels: 24-184 bytes at dkv_n = 128)
+        variants["cmp_tiles"] += [cmp._replace(dkv_n=64), cmp._replace(dkv_m=32)]
+        variants["win_tiles"] += [win._replace(dkv_n=64)]
     if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64)]
+        variants["cmp_tiles"] += [cmp._replace(bwd_num_stages=2)]
     elif head_dim <= 128:  # one token per program
         variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3)]
         variants["cmp_tiles"] += [cmp._replace(bwd_num_stages=2)]
@@ -529,6 +533,8 @@ def main() -> None:
                         "d_k = 192)")
     parser.add_argument("--tile-localities", nargs="+", type=float, default=[0.0],
                         help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
+    parser.add_argument("--tile-fields", nargs="+", default=list(TILE_KERNELS), choices=list(TILE_KERNELS),
+                        help="which tiles the tiles part sweeps (each field's candidates: tile_variants)")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
@@ -576,7 +582,8 @@ def main() -> None:
     if "tiles" in args.parts and cuda:
         for locality in args.tile_localities:
             for shape in args.tile_shapes:
-                tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, tile_variants(shape), locality,
+                variants = {field: tiles for field, tiles in tile_variants(shape).items() if field in args.tile_fields}
+                tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, variants, locality,
                           on_row=lambda row: record([row]))
     if "layer" in args.parts:
         impls = args.impls if cuda else ["nsa", "dense"]

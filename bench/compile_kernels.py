@@ -185,12 +185,19 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
 
 
 def row_cases() -> Iterator[KernelCase]:
-    """The non-finite rule's row passes (nsa.kernels.rows) over 128-wide bf16 vectors."""
+    """The non-finite rule's row passes (nsa.kernels.rows) over 128-wide bf16 vectors, and the layer's guard."""
     blocks = row_passes._blocks(128)
     types = (("flags_ptr", "*i8"),)
     yield KernelCase("nonfinite_rows", row_passes._nonfinite_rows_kernel, blocks, 4, 3, pointer_types=types)
     yield KernelCase("fill_rows", row_passes._fill_rows_kernel, {**blocks, "FILL_NAN": True}, 4, 3,
                      pointer_types=types)
+    yield KernelCase("pair_flags", row_passes._pair_flags_kernel, blocks, 4, 3, pointer_types=(("counts_ptr", "*i32"),))
+    # the public shape's guard: 16 selected blocks, G = 16, packed sequences (int64 positions)
+    yield KernelCase("guard_rows", row_passes._guard_rows_kernel,
+                     {"PACKED": True, "BLOCK_T": 128, "BLOCK_N": 16, "BLOCK_G": 16}, 4, 3,
+                     pointer_types=(("counts_ptr", "*i32"), ("indices_ptr", "*i32"), ("q_rows_ptr", "*i8"),
+                                    ("gate_rows_ptr", "*i8"), ("out_ptr", "*i8"), ("token_start_ptr", "*i64"),
+                                    ("block_start_ptr", "*i64"), ("position_ptr", "*i64")))
 
 
 def compile_case(case: KernelCase, arch: int = 90) -> Any:
