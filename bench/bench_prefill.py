@@ -381,21 +381,20 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     from nsa.kernels.topn import TopnTiles
 
     shape = SHAPES[shape_name]
-    head_dim = max(shape.dk, shape.dv)
-    cmp, win, sel = tiles_for(head_dim, "cmp"), tiles_for(head_dim, "win"), SelectedTiles()
+    head_dim, group = max(shape.dk, shape.dv), shape.heads // shape.kv_heads
+    cmp, win, sel = tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group), SelectedTiles()
     variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()], "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
                                       "win_tiles": [win, win._replace(tma=not win.tma)],
                                       "sel_tiles": [sel, sel._replace(tma=False)]}
-    if head_dim <= 128:  # dk/dv tiles without ptxas' spills (bench.compile_kernels: 24-184 bytes at dkv_n = 128)
-        variants["cmp_tiles"] += [cmp._replace(dkv_n=64), cmp._replace(dkv_m=32)]
+    if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills
+        variants["cmp_tiles"] += [cmp._replace(dkv_num_stages=5 - cmp.dkv_num_stages),
+                                  cmp._replace(dq_num_stages=5 - cmp.dq_num_stages), cmp._replace(dkv_m=32)]
         variants["win_tiles"] += [win._replace(dkv_n=64)]
-    if shape.heads // shape.kv_heads < 16:  # selection programs of several tokens over the union of their blocks
+    if group < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64)]
-        variants["cmp_tiles"] += [cmp._replace(bwd_num_stages=2)]
     elif head_dim <= 128:  # one token per program
         variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3)]
-        variants["cmp_tiles"] += [cmp._replace(bwd_num_stages=2)]
     return variants
 
 

@@ -90,7 +90,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     rules = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
              "win": {"STRIDE": 1, "SPAN": 1, "WINDOW": BLOCKS["window_size"]}}
     for branch, rule in rules.items():
-        tiles = (range_tiles or {}).get(branch) or tiles_for(max(head_dim, head_dim_v), branch)
+        tiles = (range_tiles or {}).get(branch) or tiles_for(max(head_dim, head_dim_v), branch, group)
         tma, tma_types = descriptor_args(tiles.tma, tiles.fwd_n, dims)
         yield KernelCase(f"fwd_{branch}", range_attention._range_fwd_kernel,
                          {**common, **rule, **tma, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n, "HAS_GATE": True,
@@ -98,14 +98,14 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
         tma, tma_types = descriptor_args(tiles.tma, tiles.dq_n, dims)
         yield KernelCase(f"dq_{branch}", range_attention._range_dq_kernel,
                          {**common, **rule, **tma, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "HAS_GATE": True,
-                          "ACCUMULATE": True}, tiles.num_warps, tiles.bwd_num_stages, pointer_types=tma_types)
+                          "ACCUMULATE": True}, tiles.num_warps, tiles.dq_num_stages, pointer_types=tma_types)
         dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
                 "GP": range_attention.dkv_head_rows(group, tiles)}
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
-                         tiles.bwd_num_stages, ("dk_ptr", "dv_ptr"))
+                         tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"))
     # the dk/dv steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
     yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
-                     {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.bwd_num_stages,
+                     {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,
                      ("dk_ptr", "dv_ptr"))
     topn_tiles = TopnTiles()
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],

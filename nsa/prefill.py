@@ -94,7 +94,7 @@ class PrefillTiles(NamedTuple):
     sel: SelectedTiles
 
 
-def _tiles(device: torch.device, head_dim: int) -> PrefillTiles:
+def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
     """Tile settings: the GPU defaults (tuned on the H200), or 16-wide tiles for the CPU interpreter's tiny tests
     (the compression's K / V through TMA, the window's through pointer loads, as on the GPU; top-n programs of 32
     rows, so that a top-n setting read where the selection's belongs changes shapes in the tests too)."""
@@ -103,11 +103,12 @@ def _tiles(device: torch.device, head_dim: int) -> PrefillTiles:
     from nsa.kernels.topn import TopnTiles
 
     if device.type != "cuda" and interpreter_enabled():
-        ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2)
+        ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1)
         selected = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8, dkv_num_warps=4,
                                  dkv_num_stages=1)
         return PrefillTiles(ranges._replace(tma=True), ranges, TopnTiles(32, 4, 1), selected)
-    return PrefillTiles(tiles_for(head_dim, "cmp"), tiles_for(head_dim, "win"), TopnTiles(), SelectedTiles())
+    return PrefillTiles(tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group), TopnTiles(),
+                        SelectedTiles())
 
 
 class PrefillRun:
@@ -148,7 +149,7 @@ class PrefillRun:
             rows_view(t) for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win))
         self.gates = gates.reshape(self.q.shape[0], self.q.shape[1], 3)
         self.sizes, self.scale = sizes, scale
-        tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]))
+        tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]), q.shape[2] // k_sel.shape[2])
         self.cmp_tiles, self.win_tiles, self.topn_tiles, self.sel_tiles = tiles.cmp, tiles.win, tiles.topn, tiles.sel
         self.cmp_rule = RangeRule(sizes.block_stride, sizes.block_size, 0)
         self.win_rule = RangeRule(1, 1, sizes.window_size)
@@ -286,7 +287,7 @@ def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_w
     lse_cmp, lse_sel, lse_win = (q.new_empty(rows, q.shape[2], dtype=torch.float32) for _ in range(3))
     branch_outs = q.new_empty(3, rows, q.shape[2], v_sel.shape[-1])
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1])).sel
+    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]), q.shape[2] // k_sel.shape[2]).sel
     lists, width = union_list_shape(rows, num_seqs, q.shape[2] // k_sel.shape[2], k_sel.shape[2], num_selected,
                                     sel_tiles)
     blocks = q.new_empty(lists, width, dtype=torch.int32)

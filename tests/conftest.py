@@ -204,8 +204,8 @@ def use_prefill_tiles(monkeypatch: pytest.MonkeyPatch, *, ranges: dict[str, Any]
 
     make_tiles = prefill._tiles
 
-    def tiles(device: torch.device, head_dim: int) -> prefill.PrefillTiles:
-        made = make_tiles(device, head_dim)
+    def tiles(device: torch.device, head_dim: int, group: int) -> prefill.PrefillTiles:
+        made = make_tiles(device, head_dim, group)
         return made._replace(cmp=made.cmp._replace(**(ranges or {})), win=made.win._replace(**(ranges or {})),
                              sel=made.sel._replace(**(selected or {})))
 

@@ -17,7 +17,7 @@ from nsa.kernels.selected import SelectedTiles
 
 TINY = bench_prefill.Shape(heads=4, kv_heads=2, dk=16, dv=16)
 SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_selected": 3, "window_size": 8}
-INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2)  # nsa.prefill's CPU tiles
+INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1)  # nsa.prefill's CPU tiles
 INTERPRETER_SELECTED = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8,
                                      dkv_num_warps=4, dkv_num_stages=1)
 

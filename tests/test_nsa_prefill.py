@@ -401,7 +401,7 @@ def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     program has no tile edges to place: shorter sequences."""
     case = selection_case(heads, kv_heads, seed=rows, lengths=(21, 3, 40) if rows else (13, 3, 20))
     q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1]).sel._replace(rows=rows)
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(rows=rows)
     scale = q.shape[-1] ** -0.5
     out, lse, branch_out = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q), output_buffer(
         *q.shape, like=q)
@@ -424,7 +424,7 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     spread each block's list over many tokens and chunks."""
     case = selection_case(heads, kv_heads, seed=heads + 7)
     q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1]).sel
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel
     dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, want["lse"].float(),
                            want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
     torch.testing.assert_close(dk.double(), want["dk"], **TOL)
@@ -460,7 +460,7 @@ def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads,
         return dense_window_mask(length, blocks["window_size"])
 
     want = branch_reference(q, k, v, gate, dout, packed.cu, cu_keys, scale, mask_of)
-    tiles = prefill._tiles(q.device, max(dk, dv)).cmp._replace(dkv_head_rows=False)
+    tiles = prefill._tiles(q.device, max(dk, dv), heads // kv_heads).cmp._replace(dkv_head_rows=False)
     dk_got, dv_got = range_dkdv(q, k, v, gate, dout, want["lse"].float(), want["delta"].float(), packed, cu_keys,
                                 rule, scale, tiles)
     torch.testing.assert_close(dk_got.double(), want["dk"], **TOL)

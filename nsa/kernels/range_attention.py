@@ -62,7 +62,8 @@ allow_loaded_loop_bounds()
 class RangeTiles(NamedTuple):
     """Tile sizes and launch settings: forward fwd_m queries x fwd_n keys, dq dq_m x dq_n, dk/dv dkv_n keys x
     dkv_m queries; the dk/dv query range is split over at most ``max_splits`` programs per key tile. num_warps:
-    the forward and dq launches; dkv_num_warps: the dk/dv launch. dkv_head_rows: each dk/dv step takes dkv_m // GP
+    the forward and dq launches; dkv_num_warps: the dk/dv launch; num_stages / dq_num_stages / dkv_num_stages: the
+    forward's, the dq's and the dk/dv's pipeline depths. dkv_head_rows: each dk/dv step takes dkv_m // GP
     tokens x the group's GP heads (padded to a power of two, at most dkv_m) instead of dkv_m tokens of one head,
     one pass over the queries instead of one per head. On the H200 at the public shape, 64k (bench/results/
     prefill_tiles_cuda.md, 2026-12-02), 4 tokens x 16 heads per step ran the compression dk/dv in 21.1 ms and the
@@ -79,11 +80,12 @@ class RangeTiles(NamedTuple):
     dkv_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
-    bwd_num_stages: int = 2
+    dq_num_stages: int = 2
     max_splits: int = 32
     dkv_num_warps: int = 8
     dkv_head_rows: bool = True
     tma: bool = False
+    dkv_num_stages: int = 2
 
 
 class RangeRule(NamedTuple):
@@ -385,7 +387,7 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
         dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1),
         q.shape[1], packed.num_seqs, scale * LOG2E, scale, **kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma),
         BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
-        num_warps=tiles.num_warps, num_stages=tiles.bwd_num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.dq_num_stages,
     )
 
 
@@ -416,7 +418,7 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
         dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale,
         BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None,
         **_common(q, k, v, rule, packed.max_len, dout), GP=dkv_head_rows(q.shape[1] // k.shape[1], tiles),
-        num_warps=tiles.dkv_num_warps, num_stages=tiles.bwd_num_stages,
+        num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     if num_splits > 1:
         dk.copy_(dk_out.sum(0))
@@ -431,7 +433,7 @@ def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
     return padded if tiles.dkv_head_rows and padded <= tiles.dkv_m else 0
 
 
-def tiles_for(head_dim: int, branch: str) -> RangeTiles:
+def tiles_for(head_dim: int, branch: str, group: int = 16) -> RangeTiles:
     """Tiles of ``branch`` ("cmp": the compression, "win": the window) for the widest head dim, picked by the H200
     tile sweep (bench_prefill --parts tiles, 2026-12-01, the public and paper shapes at 64k): long, narrow dq (128
     queries x 32 keys; 64 keys up to head dim 128 since 2026-12-03) and dk/dv tiles (128 keys x 16-32 queries) ran
@@ -442,13 +444,18 @@ def tiles_for(head_dim: int, branch: str) -> RangeTiles:
     head per step. Up to head dim 128 the compression loads K / V through TMA with 3 backward stages (2026-12-04,
     public shape: forward / dq / dk/dv 10.58 / 12.75 / 20.56 ms against 10.98 / 13.11 / 21.01); the window gains
     nothing from TMA (4.99 against 4.94 ms forward) and loses with 3 backward stages (dk/dv 12.7 against 8.2). At
-    head dim 64 (the GPT's G = 2) TMA slowed the compression: forward / dq 0.67 / 0.67 against 0.42 / 0.45 ms."""
+    head dim 64 (the GPT's G = 2) TMA slowed the compression: forward / dq 0.67 / 0.67 against 0.42 / 0.45 ms.
+    The compression dk/dv pipelines 3 deep only for groups of 16 heads per step (``group``: the query heads per kv
+    head, padded to a power of two): at G = 4 ptxas spills 184 bytes with 3 stages and 32 with 2, and 2 stages ran
+    the dk/dv in 5.92 ms against 8.26 (H200, 64k, 2026-12-04), where G = 16 ran 21.39 against 20.85."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
         return RangeTiles()
     if head_dim <= 128:
-        return RangeTiles(tma=True, bwd_num_stages=3) if branch == "cmp" else RangeTiles()
+        if branch == "win":
+            return RangeTiles()
+        return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if triton.next_power_of_2(group) == 16 else 2)
     if head_dim <= 192:
         return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=32, dkv_n=128)
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)
