@@ -445,9 +445,9 @@ def tiles_for(head_dim: int, branch: str, group: int = 16) -> RangeTiles:
     public shape: forward / dq / dk/dv 10.58 / 12.75 / 20.56 ms against 10.98 / 13.11 / 21.01); the window gains
     nothing from TMA (4.99 against 4.94 ms forward) and loses with 3 backward stages (dk/dv 12.7 against 8.2). At
     head dim 64 (the GPT's G = 2) TMA slowed the compression: forward / dq 0.67 / 0.67 against 0.42 / 0.45 ms.
-    The compression dk/dv pipelines 3 deep only for groups of 16 heads per step (``group``: the query heads per kv
-    head, padded to a power of two): at G = 4 ptxas spills 184 bytes with 3 stages and 32 with 2, and 2 stages ran
-    the dk/dv in 5.92 ms against 8.26 (H200, 64k, 2026-12-04), where G = 16 ran 21.39 against 20.85."""
+    The compression dk/dv pipelines 3 deep only at G = 16 (``group``: query heads per kv head), where it ran in
+    20.85 ms against 21.39 with 2 stages (H200, 64k, 2026-12-04); 2 stages ran G = 12 in 20.83 against 25.27 and
+    G = 4 in 5.92 against 8.26 (ptxas spills 80 / 184 bytes with 3 stages, 32 with 2)."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
@@ -455,7 +455,7 @@ def tiles_for(head_dim: int, branch: str, group: int = 16) -> RangeTiles:
     if head_dim <= 128:
         if branch == "win":
             return RangeTiles()
-        return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if triton.next_power_of_2(group) == 16 else 2)
+        return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if group == 16 else 2)
     if head_dim <= 192:
         return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=32, dkv_n=128)
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)
