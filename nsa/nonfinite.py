@@ -165,7 +165,7 @@ def _num_cmp(seq_len: Tensor, block_size: int, block_stride: int) -> Tensor:
     return torch.where(seq_len >= block_size, (seq_len - block_size) // block_stride + 1, 0)
 
 
-def _packing(seq_len: int, cu_seqlens: Tensor | None, device: torch.device, block_size: int = 1,
+def sequence_packing(seq_len: int, cu_seqlens: Tensor | None, device: torch.device, block_size: int = 1,
              block_stride: int = 1) -> _Packing:
     t = torch.arange(seq_len, device=device)
     if cu_seqlens is None:
@@ -211,7 +211,7 @@ def compressed_nonfinite_rows(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_siz
 def _compressed_group_rows(seq_len: int, k_cmp: Tensor, v_cmp: Tensor, block_size: int, block_stride: int,
                            cu_seqlens: Tensor | None) -> Tensor:
     """bool [B, T, Hkv]: the (query, group) pairs whose visible compressed blocks hold a non-finite k / v."""
-    pack = _packing(seq_len, cu_seqlens, k_cmp.device, block_size, block_stride)
+    pack = sequence_packing(seq_len, cu_seqlens, k_cmp.device, block_size, block_stride)
     next_bad = _next_true(kv_nonfinite(k_cmp, v_cmp))  # [B, N + 1, Hkv]
     first = pack.block_start[None, :, None].expand(-1, -1, next_bad.shape[2])  # the row's sequence's block 0
     num_visible = _num_cmp(pack.position + 1, block_size, block_stride)[None, :, None]
@@ -232,7 +232,7 @@ def window_nonfinite_rows(q: Tensor, k: Tensor, v: Tensor, window_size: int, cu_
 def _window_group_rows(k: Tensor, v: Tensor, window_size: int, cu_seqlens: Tensor | None) -> Tensor:
     """bool [B, T, Hkv]: the (query, group) pairs whose window holds a non-finite k / v."""
     bad = kv_nonfinite(k, v)  # [B, T, Hkv]
-    pack = _packing(bad.shape[1], cu_seqlens, bad.device)
+    pack = sequence_packing(bad.shape[1], cu_seqlens, bad.device)
     t = torch.arange(bad.shape[1], device=bad.device)
     # the scan along the last, contiguous dim (see _next_true)
     last_bad = torch.where(bad.transpose(1, 2), t, -1).contiguous().cummax(dim=-1).values.transpose(1, 2)
@@ -257,7 +257,7 @@ def _selected_group_rows(k: Tensor, v: Tensor, block_indices: Tensor, sel_block_
                          cu_seqlens: Tensor | None) -> Tensor:
     """bool [B, T, Hkv]: the (query, group) pairs whose selected blocks hold a non-finite k / v they read."""
     bad = kv_nonfinite(k, v)  # [B, T, Hkv]
-    pack = _packing(bad.shape[1], cu_seqlens, bad.device)
+    pack = sequence_packing(bad.shape[1], cu_seqlens, bad.device)
     used = block_indices >= 0
     block_start = pack.token_start[None, :, None, None] + block_indices.long().clamp_min(0) * sel_block_size
     t = pack.token_start + pack.position
@@ -280,9 +280,8 @@ def nsa_nonfinite_rows(
     if all(map(_row_kernels_apply, raw)) and block_indices.device == q.device and block_indices.is_contiguous():
         from nsa.kernels.rows import nsa_nonfinite_rows_triton
 
-        packing = None if cu_seqlens is None else _packing(q.shape[1], cu_seqlens, q.device, block_size, block_stride)
         return nsa_nonfinite_rows_triton(*raw, block_indices, block_size=block_size, block_stride=block_stride,
-                                         sel_block_size=sel_block_size, window_size=window_size, packing=packing)
+                                         sel_block_size=sel_block_size, window_size=window_size, cu_seqlens=cu_seqlens)
     groups = (_compressed_group_rows(q.shape[1], k_cmp, v_cmp, block_size, block_stride, cu_seqlens)
               | _selected_group_rows(k_sel, v_sel, block_indices, sel_block_size, cu_seqlens)
               | _window_group_rows(k_win, v_win, window_size, cu_seqlens))

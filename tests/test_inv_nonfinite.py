@@ -47,6 +47,7 @@ from nsa import (
     selected_attention,
     sliding_window_attention,
 )
+from nsa.kernels.rows import nsa_nonfinite_rows_triton
 from nsa.nonfinite import (
     compressed_nonfinite_rows,
     nsa_nonfinite_rows,
@@ -224,17 +225,7 @@ DTYPES = st.sampled_from([F64, F32])
 # the whole-sequence row flags of nsa.nonfinite (used by the naive twins and by fused kernels)
 
 
-def nsa_rows_on_kernels(*inputs, cu_seqlens=None, **rule):
-    """nsa_nonfinite_rows' eager-GPU form (nsa.kernels.rows, in Triton's interpreter here): the same arguments."""
-    from nsa.kernels.rows import nsa_nonfinite_rows_triton
-    from nsa.nonfinite import _packing
-
-    packing = None if cu_seqlens is None else _packing(inputs[0].shape[1], cu_seqlens, inputs[0].device,
-                                                          rule["block_size"], rule["block_stride"])
-    return nsa_nonfinite_rows_triton(*inputs, **rule, packing=packing)
-
-
-NSA_ROWS = {"torch": nsa_nonfinite_rows, "kernels": nsa_rows_on_kernels}
+NSA_ROWS = {"torch": nsa_nonfinite_rows, "kernels": nsa_nonfinite_rows_triton}  # kernels: interpreted
 
 
 @settings(max_examples=80)  # cheap (no attention): explore sparse and dense plantings widely
@@ -269,8 +260,8 @@ def test_whole_sequence_row_flags_on_the_kernels(s: Shape, p: dict, names: set, 
     if shared_window:
         bad["k_win"], bad["v_win"] = bad["k_sel"], bad["v_sel"]
     indices = random_block_indices(s, p["seed"])
-    flags = nsa_rows_on_kernels(*(bad[n] for n in NSA_INPUTS), indices.to(index_dtype), block_size=s.l,
-                                block_stride=s.d, sel_block_size=s.lp, window_size=s.w)
+    flags = nsa_nonfinite_rows_triton(*(bad[n] for n in NSA_INPUTS), indices.to(index_dtype), block_size=s.l,
+                                      block_stride=s.d, sel_block_size=s.lp, window_size=s.w)
     assert flags.dtype == torch.bool and torch.equal(flags, expected_nsa(bad, indices, s))
 
 
@@ -716,7 +707,7 @@ def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
     calls, kernels = [], rows.nsa_nonfinite_rows_triton
     monkeypatch.setattr(nonfinite, "_row_kernels_apply", lambda x: x.is_contiguous() and x.numel() > 0)
     monkeypatch.setattr(rows, "nsa_nonfinite_rows_triton",
-                        lambda *a, **kw: calls.append(kw["packing"]) or kernels(*a, **kw))
+                        lambda *a, **kw: calls.append(kw["cu_seqlens"]) or kernels(*a, **kw))
     for args, kwargs, want in cases:
         assert torch.equal(nonfinite.nsa_nonfinite_rows(*args, **kwargs), want) and want.any()
     assert len(calls) == 2 and calls[0] is None and calls[1] is not None

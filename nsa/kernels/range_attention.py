@@ -433,7 +433,7 @@ def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
     return padded if tiles.dkv_head_rows and padded <= tiles.dkv_m else 0
 
 
-def tiles_for(head_dim: int, branch: str, group: int = 16) -> RangeTiles:
+def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     """Tiles of ``branch`` ("cmp": the compression, "win": the window) for the widest head dim, picked by the H200
     tile sweep (bench_prefill --parts tiles, 2026-12-01, the public and paper shapes at 64k): long, narrow dq (128
     queries x 32 keys; 64 keys up to head dim 128 since 2026-12-03) and dk/dv tiles (128 keys x 16-32 queries) ran

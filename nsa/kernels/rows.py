@@ -93,7 +93,7 @@ def _guard_rows_kernel(counts_ptr, seg_len, seg_cmp, seg_sel, seg_win, rows_cmp,
     batch = tl.program_id(1) // kv_heads
     head = tl.program_id(1) % kv_heads
     ok = t < seq_len
-    if PACKED:  # positions restart in each sequence (nsa.nonfinite._packing)
+    if PACKED:  # positions restart in each sequence (nsa.nonfinite.sequence_packing)
         token_start = tl.load(token_start_ptr + t, mask=ok, other=0)
         block_start = tl.load(block_start_ptr + t, mask=ok, other=0)
         position = tl.load(position_ptr + t, mask=ok, other=0)
@@ -126,13 +126,16 @@ def _guard_rows_kernel(counts_ptr, seg_len, seg_cmp, seg_sel, seg_win, rows_cmp,
 def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
                               v_win: Tensor, gates: Tensor, block_indices: Tensor, *, block_size: int,
                               block_stride: int, sel_block_size: int, window_size: int,
-                              packing: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                              cu_seqlens: Tensor | None = None) -> Tensor:
     """bool [B, T, HQ]: nsa.nonfinite.nsa_nonfinite_rows (the same arguments and rule) on contiguous tensors, in
     seven launches: q's and the gates' vectors, each branch's (key, value) pairs into one int32 buffer, one prefix
     sum along the positions, and one pass over the rows that counts the non-finite pairs each (query, kv head) can
-    see: the compressed prefix, the window and the n selected blocks. ``packing``: (token_start, block_start,
-    position), int64 [T], of sequences packed by cu_seqlens (nsa.nonfinite._packing); None: one per batch row.
-    The window branch shares the selection's flags when it reads the same tensors."""
+    see: the compressed prefix, the window and the n selected blocks. The window branch shares the selection's
+    flags when it reads the same tensors."""
+    from nsa.nonfinite import sequence_packing
+
+    packing = None if cu_seqlens is None else sequence_packing(q.shape[1], cu_seqlens, q.device, block_size,
+                                                               block_stride)
     batch, seq_len, heads = q.shape[:3]
     kv_heads = k_sel.shape[2]
     pairs = [(k_cmp, v_cmp), (k_sel, v_sel)]
@@ -145,12 +148,10 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
     counts = torch.empty(batch * kv_heads, starts[-1], dtype=torch.int32, device=q.device)
     for (k, v), seg0 in zip(pairs, starts, strict=False):
         if k.numel():
-            row_len = max(k.shape[-1], v.shape[-1])
             num_rows = k.numel() // k.shape[-1]
-            blocks = _blocks(row_len)
-            _pair_flags_kernel[(triton.cdiv(num_rows, blocks["BLOCK_R"]),)](
-                k, v, counts, num_rows, k.shape[1], kv_heads, k.shape[-1], v.shape[-1], starts[-1], seg0, **blocks,
-                num_warps=4)
+            grid, blocks = _grid(num_rows, max(k.shape[-1], v.shape[-1]))
+            _pair_flags_kernel[grid](k, v, counts, num_rows, k.shape[1], kv_heads, k.shape[-1], v.shape[-1],
+                                     starts[-1], seg0, **blocks, num_warps=4)
     counts.cumsum_(dim=-1)
     q_rows, gate_rows = nonfinite_rows_triton(q), nonfinite_rows_triton(gates)
     out = torch.empty(batch, seq_len, heads, dtype=torch.int8, device=q.device)
@@ -172,12 +173,18 @@ def _blocks(row_len: int) -> dict[str, int]:
     return {"BLOCK_D": block_d, "BLOCK_R": max(1, ELEMENTS_PER_STEP // block_d)}
 
 
+def _grid(num_rows: int, row_len: int) -> tuple[tuple[int], dict[str, int]]:
+    """(grid, the block constexprs) of a pass over num_rows rows of row_len elements."""
+    blocks = _blocks(row_len)
+    return (triton.cdiv(num_rows, blocks["BLOCK_R"]),), blocks
+
+
 def _launch(x: Tensor) -> tuple[tuple[int], dict[str, int]]:
     """(grid, the runtime row count and length with the block constexprs) for x taken as rows of its last dim."""
     row_len = x.shape[-1]
     num_rows = x.numel() // row_len
-    blocks = _blocks(row_len)
-    return (triton.cdiv(num_rows, blocks["BLOCK_R"]),), {"num_rows": num_rows, "row_len": row_len, **blocks}
+    grid, blocks = _grid(num_rows, row_len)
+    return grid, {"num_rows": num_rows, "row_len": row_len, **blocks}
 
 
 def nonfinite_rows_triton(x: Tensor) -> Tensor:
