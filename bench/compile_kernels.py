@@ -194,10 +194,11 @@ def row_cases() -> Iterator[KernelCase]:
     yield KernelCase("pair_flags", row_passes._pair_flags_kernel, blocks, 4, 3, pointer_types=(("counts_ptr", "*i32"),))
     # the public shape's guard: 16 selected blocks, G = 16, packed sequences (int64 positions)
     yield KernelCase("guard_rows", row_passes._guard_rows_kernel,
-                     {"PACKED": True, "BLOCK_T": 128, "BLOCK_N": 16, "BLOCK_G": 16}, 4, 3,
-                     pointer_types=(("counts_ptr", "*i32"), ("indices_ptr", "*i32"), ("q_rows_ptr", "*i8"),
-                                    ("gate_rows_ptr", "*i8"), ("out_ptr", "*i8"), ("token_start_ptr", "*i64"),
-                                    ("block_start_ptr", "*i64"), ("position_ptr", "*i64")))
+                     {"PACKED": True, "BLOCK_T": row_passes.GUARD_TOKENS, "BLOCK_N": 16,
+                      "HEADS": row_passes.GUARD_HEADS, **row_passes._row_tile(128, "BLOCK_DQ", row_passes.GUARD_TOKENS),
+                      **row_passes._row_tile(3, "BLOCK_DG", row_passes.GUARD_TOKENS)}, 4, 3,
+                     pointer_types=(("counts_ptr", "*i32"), ("indices_ptr", "*i32"), ("out_ptr", "*i8"),
+                                    ("token_start_ptr", "*i64"), ("block_start_ptr", "*i64"), ("position_ptr", "*i64")))
 
 
 def compile_case(case: KernelCase, arch: int = 90) -> Any:

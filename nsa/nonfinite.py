@@ -274,7 +274,7 @@ def nsa_nonfinite_rows(
     """bool [B, T, HQ]: rows of nsa_attention that see a non-finite input (its arguments, in its layout,
     cu_seqlens included, plus the block_indices it selected): the union of the three branches' rows and
     of the rows whose gates [B, T, HQ, 3] are non-finite (a gate reaches its own row only). q is scanned
-    once (it is the largest input: one pass over it is most of this function's time). Eager on CUDA: seven launches
+    once (it is the largest input: one pass over it is most of this function's time). Eager on CUDA: three launches
     of nsa.kernels.rows (the ~120 small PyTorch ops below took a fixed 1.4-1.7 ms on the H200, host-bound)."""
     raw = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     if all(map(_row_kernels_apply, raw)) and block_indices.device == q.device and block_indices.is_contiguous():

@@ -47,6 +47,7 @@ from nsa import (
     selected_attention,
     sliding_window_attention,
 )
+from nsa.kernels import rows as row_passes
 from nsa.kernels.rows import nsa_nonfinite_rows_triton
 from nsa.nonfinite import (
     compressed_nonfinite_rows,
@@ -247,12 +248,16 @@ def test_whole_sequence_row_flags(s: Shape, p: dict):
 
 @settings(max_examples=40)
 @given(shapes(groups=(1, 3, 4)), plants(), st.sets(st.sampled_from(NSA_INPUTS), min_size=1), st.booleans(),
-       st.sampled_from([torch.int32, torch.long]))
-def test_whole_sequence_row_flags_on_the_kernels(s: Shape, p: dict, names: set, shared_window: bool, index_dtype):
+       st.sampled_from([torch.int32, torch.long]),
+       st.sampled_from([(row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS), (16, 2)]))
+def test_whole_sequence_row_flags_on_the_kernels(s: Shape, p: dict, names: set, shared_window: bool, index_dtype,
+                                                 program: tuple[int, int]):
     """The layer's flags on nsa.kernels.rows (prefix sums of the non-finite (key, value) pairs, counted over each
     row's compressed prefix, window and selected blocks) against the dense-mask rule, in bf16 and float32, with
     garbage in some of the inputs (one branch's edges decide), the window reading the selection's tensors (one set
-    of flags for both) or its own."""
+    of flags for both) or its own; the row pass's programs at the default size and at 16 tokens x 2 query heads
+    (several programs per group, the last one partial at G = 3)."""
+    defaults = row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS
     t0, x = draw_t0(s, p), case_inputs(s, torch.bfloat16 if p["seed"] % 2 else F32)
     if shared_window:
         x["k_win"], x["v_win"] = x["k_sel"], x["v_sel"]
@@ -260,8 +265,12 @@ def test_whole_sequence_row_flags_on_the_kernels(s: Shape, p: dict, names: set, 
     if shared_window:
         bad["k_win"], bad["v_win"] = bad["k_sel"], bad["v_sel"]
     indices = random_block_indices(s, p["seed"])
-    flags = nsa_nonfinite_rows_triton(*(bad[n] for n in NSA_INPUTS), indices.to(index_dtype), block_size=s.l,
-                                      block_stride=s.d, sel_block_size=s.lp, window_size=s.w)
+    row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS = program
+    try:
+        flags = nsa_nonfinite_rows_triton(*(bad[n] for n in NSA_INPUTS), indices.to(index_dtype), block_size=s.l,
+                                          block_stride=s.d, sel_block_size=s.lp, window_size=s.w)
+    finally:
+        row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS = defaults
     assert flags.dtype == torch.bool and torch.equal(flags, expected_nsa(bad, indices, s))
 
 

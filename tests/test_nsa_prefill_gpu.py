@@ -190,7 +190,7 @@ def _plant(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(("batch", "lengths", "shared_window"), [(2, None, False), (1, (3000, 0, 5192), True)])
 def test_layer_rows_on_the_kernels_equal_the_torch_rule(batch, lengths, shared_window):
-    """nsa_nonfinite_rows on the GPU (nsa.kernels.rows, seven launches) against its PyTorch form on the CPU (itself
+    """nsa_nonfinite_rows on the GPU (nsa.kernels.rows, three launches) against its PyTorch form on the CPU (itself
     checked against the dense-mask rule in tests/test_inv_nonfinite.py): the public shape at 8k, real block sizes,
     a few non-finite vectors planted in one input at a time so each branch's edges decide, batched or packed."""
     gen = torch.Generator(device="cuda").manual_seed(9)

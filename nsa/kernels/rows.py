@@ -1,6 +1,6 @@
 """Triton kernels of the non-finite rule's row passes (nsa.nonfinite): one read of a tensor to flag its non-finite
 vectors, one read and one write to fill whole vectors with NaN (poisoning output rows) or zero (their gradient), and
-the whole NSA layer's rows to poison (``nsa_nonfinite_rows_triton``) in seven launches.
+the whole NSA layer's rows to poison (``nsa_nonfinite_rows_triton``) in three launches.
 
 A tensor [..., D] is taken as N = numel / D rows of D contiguous elements (callers pass contiguous tensors). In
 PyTorch the same passes take several kernels each: ``(x * 0).sum(-1).isnan()`` writes and reads a product the
@@ -20,6 +20,11 @@ from nsa.kernels.interpreter import allow_loaded_loop_bounds
 
 allow_loaded_loop_bounds()
 ELEMENTS_PER_STEP = 4096  # rows x columns of one program's step: 16-32 elements per thread on 4 warps
+# Tokens x query heads per program of the guard's row pass. H200, public shape (bench/results/logs/
+# probe_guard_launches_h200.jsonl): 64 x 16 ran the whole guard in 0.105 ms at 8k and 0.625 at 64k; 128 tokens
+# 0.131 / 0.887, 4 heads 0.100 / 0.698; the seven launches before 0.156 / 0.619.
+GUARD_TOKENS = 64
+GUARD_HEADS = 16
 
 
 @triton.jit
@@ -58,11 +63,11 @@ def _fill_rows_kernel(x_ptr, flags_ptr, out_ptr, num_rows, row_len, FILL_NAN: tl
 
 
 @triton.jit
-def _pair_flags_kernel(k_ptr, v_ptr, counts_ptr, num_rows, length, heads, k_len, v_len, seg_len, seg0,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Flags of the (key, value) vector pairs of k [B, N, H, Dk], v [B, N, H, Dv] (1: either is non-finite), stored
-    transposed as counts[b * H + h, seg0 + n] (int32) for the prefix sums along n."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _pair_segment(k_ptr, v_ptr, counts_ptr, block, num_rows, length, heads, k_len, v_len, seg_len, seg0,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flags of one block of (key, value) vector pairs of k [B, N, H, Dk], v [B, N, H, Dv] (1: either is
+    non-finite), stored transposed as counts[b * H + h, seg0 + n] (int32) for the prefix sums along n."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
     bad = _row_flags(k_ptr, rows, row_ok, k_len, BLOCK_D) | _row_flags(v_ptr, rows, row_ok, v_len, BLOCK_D)
     head = rows % heads
@@ -70,6 +75,25 @@ def _pair_flags_kernel(k_ptr, v_ptr, counts_ptr, num_rows, length, heads, k_len,
     column = seg0 + batch_pos % length
     line = (batch_pos // length) * heads + head
     tl.store(counts_ptr + line.to(tl.int64) * seg_len + column, bad, mask=row_ok)
+
+
+@triton.jit
+def _pair_flags_kernel(k_cmp_ptr, v_cmp_ptr, k_sel_ptr, v_sel_ptr, k_win_ptr, v_win_ptr, counts_ptr, heads, seg_len,
+                       rows_cmp, rows_sel, rows_win, len_cmp, len_sel, len_win, dk_cmp, dv_cmp, dk_sel, dv_sel, dk_win,
+                       dv_win, seg_sel, seg_win, programs_cmp, programs_sel, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Every branch's pair flags in one launch: the first programs_cmp programs take the compressed pairs, the next
+    programs_sel the selection's, the rest the window's (none where it reads the selection's tensors)."""
+    pid = tl.program_id(0)
+    if pid < programs_cmp:
+        _pair_segment(k_cmp_ptr, v_cmp_ptr, counts_ptr, pid, rows_cmp, len_cmp, heads, dk_cmp, dv_cmp, seg_len, 0,
+                      BLOCK_R, BLOCK_D)
+    elif pid < programs_cmp + programs_sel:
+        _pair_segment(k_sel_ptr, v_sel_ptr, counts_ptr, pid - programs_cmp, rows_sel, len_sel, heads, dk_sel, dv_sel,
+                      seg_len, seg_sel, BLOCK_R, BLOCK_D)
+    else:
+        _pair_segment(k_win_ptr, v_win_ptr, counts_ptr, pid - programs_cmp - programs_sel, rows_win, len_win, heads,
+                      dk_win, dv_win, seg_len, seg_win, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -82,13 +106,15 @@ def _prefix(line_ptr, seg, x, seg_rows, ok):
 
 @triton.jit
 def _guard_rows_kernel(counts_ptr, seg_len, seg_cmp, seg_sel, seg_win, rows_cmp, rows_sel, rows_win, indices_ptr,
-                       stride_ib, stride_it, stride_ih, stride_ij, q_rows_ptr, gate_rows_ptr, out_ptr,
-                       token_start_ptr, block_start_ptr, position_ptr, seq_len, kv_heads, group, num_selected,
-                       block_size, block_stride, sel_block_size, window_size, PACKED: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Rows [B, T, HQ] (int8) of one tile of BLOCK_T tokens and one kv head's G query heads: a visible compressed
-    block, a window token or a token of a selected block holds a non-finite pair (counted from the prefix sums),
-    or the query or the gate vector is non-finite."""
+                       stride_ib, stride_it, stride_ih, stride_ij, q_ptr, gates_ptr, out_ptr, token_start_ptr,
+                       block_start_ptr, position_ptr, seq_len, kv_heads, group, num_selected, block_size,
+                       block_stride, sel_block_size, window_size, q_len, gate_len, PACKED: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DG: tl.constexpr,
+                       HEADS: tl.constexpr):
+    """Rows [B, T, HQ] (int8) of one tile of BLOCK_T tokens and HEADS of one kv head's G query heads (program 2:
+    which HEADS): a visible compressed block, a window token or a token of a selected block holds a non-finite pair
+    (counted from the prefix sums), or the query vector q [B, T, HQ, q_len] or the gate vector gates [B, T, HQ,
+    gate_len] is non-finite (read here, one head at a time, rather than flagged by launches of their own)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     batch = tl.program_id(1) // kv_heads
     head = tl.program_id(1) % kv_heads
@@ -116,11 +142,11 @@ def _guard_rows_kernel(counts_ptr, seg_len, seg_cmp, seg_sel, seg_win, rows_cmp,
     end = tl.minimum(first + sel_block_size, t[:, None] + 1)
     read = (_prefix(line, seg_sel, end, rows_sel, picked) - _prefix(line, seg_sel, first, rows_sel, picked)) > 0
     bad |= tl.max((read & (chosen >= 0)).to(tl.int32), axis=1) > 0
-    g = tl.arange(0, BLOCK_G)
-    at = (batch * seq_len + t).to(tl.int64)[:, None] * (kv_heads * group) + head * group + g[None, :]
-    mask = ok[:, None] & (g < group)[None, :]
-    own = (tl.load(q_rows_ptr + at, mask=mask, other=0) | tl.load(gate_rows_ptr + at, mask=mask, other=0)) != 0
-    tl.store(out_ptr + at, (own | bad[:, None]).to(tl.int8), mask=mask)
+    for g in range(tl.program_id(2) * HEADS, tl.minimum(tl.program_id(2) * HEADS + HEADS, group)):
+        # row: of out, and the index of q's and the gates' vectors
+        row = (batch * seq_len + t).to(tl.int64) * (kv_heads * group) + head * group + g
+        own = _row_flags(q_ptr, row, ok, q_len, BLOCK_DQ) | _row_flags(gates_ptr, row, ok, gate_len, BLOCK_DG)
+        tl.store(out_ptr + row, ((own != 0) | bad).to(tl.int8), mask=ok)
 
 
 def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_win: Tensor,
@@ -128,44 +154,47 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
                               block_stride: int, sel_block_size: int, window_size: int,
                               cu_seqlens: Tensor | None = None) -> Tensor:
     """bool [B, T, HQ]: nsa.nonfinite.nsa_nonfinite_rows (the same arguments and rule) on contiguous tensors, in
-    seven launches: q's and the gates' vectors, each branch's (key, value) pairs into one int32 buffer, one prefix
-    sum along the positions, and one pass over the rows that counts the non-finite pairs each (query, kv head) can
-    see: the compressed prefix, the window and the n selected blocks. The window branch shares the selection's
-    flags when it reads the same tensors."""
+    three launches: every branch's (key, value) pair flags into one int32 buffer, one prefix sum along the
+    positions, and one pass over the rows that counts the non-finite pairs each (query, kv head) can see (the
+    compressed prefix, the window and the n selected blocks) and reads the query and gate vectors. The window
+    branch shares the selection's flags when it reads the same tensors."""
     from nsa.nonfinite import sequence_packing
 
     packing = None if cu_seqlens is None else sequence_packing(q.shape[1], cu_seqlens, q.device, block_size,
                                                                block_stride)
     batch, seq_len, heads = q.shape[:3]
     kv_heads = k_sel.shape[2]
-    pairs = [(k_cmp, v_cmp), (k_sel, v_sel)]
     shared = k_win is k_sel and v_win is v_sel
-    if not shared:
-        pairs.append((k_win, v_win))
-    starts = [0]
-    for k, _ in pairs:
-        starts.append(starts[-1] + k.shape[1])
-    counts = torch.empty(batch * kv_heads, starts[-1], dtype=torch.int32, device=q.device)
-    for (k, v), seg0 in zip(pairs, starts, strict=False):
-        if k.numel():
-            num_rows = k.numel() // k.shape[-1]
-            grid, blocks = _grid(num_rows, max(k.shape[-1], v.shape[-1]))
-            _pair_flags_kernel[grid](k, v, counts, num_rows, k.shape[1], kv_heads, k.shape[-1], v.shape[-1],
-                                     starts[-1], seg0, **blocks, num_warps=4)
-    counts.cumsum_(dim=-1)
-    q_rows, gate_rows = nonfinite_rows_triton(q), nonfinite_rows_triton(gates)
-    out = torch.empty(batch, seq_len, heads, dtype=torch.int8, device=q.device)
-    token_start, block_start, position = packing if packing is not None else (q_rows, q_rows, q_rows)  # unread
-    seg_win = starts[1] if shared else starts[2]
-    block_t = 128
-    _guard_rows_kernel[(triton.cdiv(seq_len, block_t), batch * kv_heads)](
-        counts, starts[-1], starts[0], starts[1], seg_win, k_cmp.shape[1], k_sel.shape[1], k_win.shape[1],
-        block_indices, *block_indices.stride(), q_rows.view(torch.int8), gate_rows.view(torch.int8), out,
-        token_start, block_start, position, seq_len, kv_heads, heads // kv_heads, block_indices.shape[-1],
-        block_size, block_stride, sel_block_size, window_size, PACKED=packing is not None, BLOCK_T=block_t,
-        BLOCK_N=triton.next_power_of_2(block_indices.shape[-1]), BLOCK_G=triton.next_power_of_2(heads // kv_heads),
+    seg_sel = k_cmp.shape[1]
+    seg_win = seg_sel if shared else seg_sel + k_sel.shape[1]
+    seg_len = seg_win + k_win.shape[1]
+    counts = torch.empty(batch * kv_heads, seg_len, dtype=torch.int32, device=q.device)
+    pairs = [(k_cmp, v_cmp), (k_sel, v_sel), (k_win, v_win)]
+    num_rows = [k.numel() // k.shape[-1] for k, _ in pairs]
+    blocks = _blocks(max(x.shape[-1] for pair in pairs for x in pair))
+    programs = [triton.cdiv(n, blocks["BLOCK_R"]) for n in num_rows]
+    _pair_flags_kernel[(programs[0] + programs[1] + (0 if shared else programs[2]),)](
+        *(x for pair in pairs for x in pair), counts, kv_heads, seg_len, *num_rows, *(k.shape[1] for k, _ in pairs),
+        *(x.shape[-1] for pair in pairs for x in pair), seg_sel, seg_win, programs[0], programs[1], **blocks,
         num_warps=4)
+    counts.cumsum_(dim=-1)
+    out = torch.empty(batch, seq_len, heads, dtype=torch.int8, device=q.device)
+    token_start, block_start, position = packing if packing is not None else (out, out, out)  # unread
+    block_t = GUARD_TOKENS
+    group = heads // kv_heads
+    _guard_rows_kernel[(triton.cdiv(seq_len, block_t), batch * kv_heads, triton.cdiv(group, GUARD_HEADS))](
+        counts, seg_len, 0, seg_sel, seg_win, k_cmp.shape[1], k_sel.shape[1], k_win.shape[1],
+        block_indices, *block_indices.stride(), q, gates, out, token_start, block_start, position, seq_len, kv_heads,
+        group, block_indices.shape[-1], block_size, block_stride, sel_block_size, window_size,
+        q.shape[-1], gates.shape[-1], PACKED=packing is not None, BLOCK_T=block_t,
+        BLOCK_N=triton.next_power_of_2(block_indices.shape[-1]), **_row_tile(q.shape[-1], "BLOCK_DQ", block_t),
+        **_row_tile(gates.shape[-1], "BLOCK_DG", block_t), HEADS=GUARD_HEADS, num_warps=4)
     return out.view(torch.bool)
+
+
+def _row_tile(row_len: int, name: str, rows: int) -> dict[str, int]:
+    """{name: the columns per step} of a pass over ``rows`` rows at a time of row_len elements."""
+    return {name: min(triton.next_power_of_2(row_len), max(1, ELEMENTS_PER_STEP // rows))}
 
 
 def _blocks(row_len: int) -> dict[str, int]:
@@ -173,18 +202,12 @@ def _blocks(row_len: int) -> dict[str, int]:
     return {"BLOCK_D": block_d, "BLOCK_R": max(1, ELEMENTS_PER_STEP // block_d)}
 
 
-def _grid(num_rows: int, row_len: int) -> tuple[tuple[int], dict[str, int]]:
-    """(grid, the block constexprs) of a pass over num_rows rows of row_len elements."""
-    blocks = _blocks(row_len)
-    return (triton.cdiv(num_rows, blocks["BLOCK_R"]),), blocks
-
-
 def _launch(x: Tensor) -> tuple[tuple[int], dict[str, int]]:
     """(grid, the runtime row count and length with the block constexprs) for x taken as rows of its last dim."""
     row_len = x.shape[-1]
     num_rows = x.numel() // row_len
-    grid, blocks = _grid(num_rows, row_len)
-    return grid, {"num_rows": num_rows, "row_len": row_len, **blocks}
+    blocks = _blocks(row_len)
+    return (triton.cdiv(num_rows, blocks["BLOCK_R"]),), {"num_rows": num_rows, "row_len": row_len, **blocks}
 
 
 def nonfinite_rows_triton(x: Tensor) -> Tensor:
