@@ -378,12 +378,14 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     their registers and spills for sm_90 without a GPU."""
     from nsa.kernels.range_attention import tiles_for
     from nsa.kernels.selected import SelectedTiles
-    from nsa.kernels.topn import TopnTiles
+    from nsa.kernels.topn import topn_tiles_for
 
     shape = SHAPES[shape_name]
     head_dim, group = max(shape.dk, shape.dv), shape.heads // shape.kv_heads
     cmp, win, sel = tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group), SelectedTiles()
-    variants: dict[str, list[Any]] = {"topn_tiles": [TopnTiles()], "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
+    topn = topn_tiles_for(group)  # and programs of the other row count (64 / 128) on the same 4 warps
+    variants: dict[str, list[Any]] = {"topn_tiles": [topn, topn._replace(rows=192 - topn.rows)],
+                                      "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
                                       "win_tiles": [win, win._replace(tma=not win.tma)],
                                       "sel_tiles": [sel, sel._replace(tma=False)]}
     if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills

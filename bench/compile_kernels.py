@@ -31,7 +31,7 @@ from nsa.kernels import rows as row_passes
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.tiles import split_dims
-from nsa.kernels.topn import TopnTiles
+from nsa.kernels.topn import topn_tiles_for
 from nsa.prefill import topn_tile_shape
 
 FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
@@ -107,7 +107,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
                      {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,
                      ("dk_ptr", "dv_ptr"))
-    topn_tiles = TopnTiles()
+    topn_tiles = topn_tiles_for(group)
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
                             topn_tiles.rows, topn_tiles.key_blocks)
     topn_constexprs = {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],

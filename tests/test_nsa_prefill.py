@@ -128,12 +128,32 @@ def test_topn_column_lists_rank_exactly_at_any_depth(depth):
     inputs = [x.detach() for x in make_inputs(1, [150], 8, 2, 16, 16, blocks, seed=5)]
     run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5)
     run.topn_tiles = TopnTiles(16, 4, 1, column_depth=depth)
+    check_topn(run, inputs, blocks)
+
+
+@pytest.mark.parametrize(("heads", "rows"), [(16, 128), (12, 128), (4, 64)])
+def test_topn_on_the_gpu_tiles_ranks_exactly(monkeypatch, heads, rows):
+    """The top-n under the GPU's tile choice (prefill._tiles off the interpreter branch: programs of 128 rows from
+    16 padded heads up, 8 tokens at G = 16 and 12, 64 rows below, 16 tokens at G = 4), interpreted, against the
+    float64 rule: 150 tokens, so a program's tokens straddle selection blocks and the sequence's end."""
+    blocks = {**CHOOSY, "num_selected": 16}
+    inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, 16, 16, blocks, seed=heads)]
+    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5)
+    monkeypatch.setattr(prefill, "interpreter_enabled", lambda: False)
+    run.topn_tiles = prefill._tiles(torch.device("cpu"), 16, heads).topn
+    assert run.topn_tiles.rows == rows
+    check_topn(run, inputs, blocks)
+
+
+def check_topn(run: prefill.PrefillRun, inputs: list[torch.Tensor], blocks: dict) -> None:
+    """The run's compression and top-n on one sequence of ``inputs`` against the float64 selection rule."""
     run.compressed()
     run.select()
     scores = dense_selection_scores(inputs[0].double(), inputs[1].double(), blocks["block_size"],
                                     blocks["block_stride"], blocks["sel_block_size"])
-    check_selection(run.indices.view(1, 150, 2, -1).long(), scores, blocks["sel_block_size"], 16,
-                    tol=1e-5 * max(1.0, float(scores.max())))
+    seq_len, kv_heads = inputs[0].shape[1], inputs[1].shape[2]
+    check_selection(run.indices.view(1, seq_len, kv_heads, -1).long(), scores, blocks["sel_block_size"],
+                    blocks["num_selected"], tol=1e-5 * max(1.0, float(scores.max())))
 
 
 @pytest.mark.parametrize(("ratio", "num_selected", "refused"), [(32, 4, False), (32, 16, True), (16, 16, False)])

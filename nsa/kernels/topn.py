@@ -49,7 +49,8 @@ KEEP = tl.constexpr((1 << 63) - 64)  # slots past n - 3 hold KEEP + i: above eve
 
 
 class TopnTiles(NamedTuple):
-    """rows: query rows per program (BQ queries x GP heads); num_warps / num_stages: launch settings; key_blocks:
+    """rows: query rows per program (BQ queries x GP heads; the GPU's choice by group: ``topn_tiles_for``);
+    num_warps / num_stages: launch settings; key_blocks:
     selection blocks per compressed-key tile (topn_tile_shape fits them to MAX_KEY_TILE and KP). H200, 64k
     (bench/results/prefill_tiles_cuda.md): with the former insertion loop 32 blocks per tile ran the public shape's
     top-n in 12.9 ms against 13.7 for 16 (2026-12-03), but G = 4 in 6.9 against 5.4 and the GPT's G = 2 in 2.65
@@ -70,6 +71,17 @@ class TopnTiles(NamedTuple):
     def depth_for(self, num_selected: int) -> int:
         """The per-column list depth the kernel keeps: column_depth, or fewer where n - 3 candidates need fewer."""
         return max(1, min(num_selected - 3, self.column_depth))
+
+
+def topn_tiles_for(group: int) -> TopnTiles:
+    """The GPU's top-n tiles for groups of ``group`` query heads: programs of 128 rows where the group padded to a
+    power of two has 16 heads or more (8 tokens at G = 16: each compressed-key tile is read by twice the rows), 64
+    rows below (16 tokens at G = 4). H200, 64k, independent queries (bench/results/prefill_tiles_cuda.md,
+    2026-12-04, twenty-first session), ms for 64 / 128 rows on 4 warps: public 9.11 / 7.62, the paper's d_k = 192
+    11.40 / 9.88, G = 12 9.11 / 8.82, G = 4 3.39 / 3.69, the GPT's G = 2 1.20 / 1.87; 128 rows on 8 warps and 256
+    rows on 8 ran 9.46 and 10.60 at the public shape, 32 rows 16.07. Groups above 16 (2 or 4 tokens per program)
+    were not timed."""
+    return TopnTiles(rows=128 if triton.next_power_of_2(group) >= 16 else 64)
 
 
 @triton.jit
