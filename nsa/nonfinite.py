@@ -166,7 +166,9 @@ def _num_cmp(seq_len: Tensor, block_size: int, block_stride: int) -> Tensor:
 
 
 def sequence_packing(seq_len: int, cu_seqlens: Tensor | None, device: torch.device, block_size: int = 1,
-             block_stride: int = 1) -> _Packing:
+                     block_stride: int = 1) -> _Packing:
+    """_Packing of seq_len query rows: one sequence without cu_seqlens, else the sequences cu_seqlens packs
+    (block_start counts compressed blocks of (block_size, block_stride) in the sequences before a row's)."""
     t = torch.arange(seq_len, device=device)
     if cu_seqlens is None:
         zeros = torch.zeros_like(t)

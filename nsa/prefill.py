@@ -287,9 +287,9 @@ def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_w
     lse_cmp, lse_sel, lse_win = (q.new_empty(rows, q.shape[2], dtype=torch.float32) for _ in range(3))
     branch_outs = q.new_empty(3, rows, q.shape[2], v_sel.shape[-1])
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]), q.shape[2] // k_sel.shape[2]).sel
-    lists, width = union_list_shape(rows, num_seqs, q.shape[2] // k_sel.shape[2], k_sel.shape[2], num_selected,
-                                    sel_tiles)
+    group = q.shape[2] // k_sel.shape[2]
+    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]), group).sel
+    lists, width = union_list_shape(rows, num_seqs, group, k_sel.shape[2], num_selected, sel_tiles)
     blocks = q.new_empty(lists, width, dtype=torch.int32)
     counts = q.new_empty(lists if width else 0, dtype=torch.int32)
     return out, indices, lse_cmp, lse_sel, lse_win, branch_outs, blocks, counts

@@ -699,7 +699,6 @@ def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
 def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
     """nsa_nonfinite_rows goes to nsa.kernels.rows when every input qualifies (eager CUDA; forced onto the interpreter
     here), packed sequences included, and keeps the PyTorch form where one does not (an empty k_cmp: T < l)."""
-    import nsa.kernels.rows as rows
     import nsa.nonfinite as nonfinite
 
     cases = []
@@ -713,9 +712,9 @@ def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
                   "cu_seqlens": None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)])}
         args = (*(bad[n] for n in NSA_INPUTS), indices)
         cases.append((args, kwargs, nsa_nonfinite_rows(*args, **kwargs)))
-    calls, kernels = [], rows.nsa_nonfinite_rows_triton
+    calls, kernels = [], row_passes.nsa_nonfinite_rows_triton
     monkeypatch.setattr(nonfinite, "_row_kernels_apply", lambda x: x.is_contiguous() and x.numel() > 0)
-    monkeypatch.setattr(rows, "nsa_nonfinite_rows_triton",
+    monkeypatch.setattr(row_passes, "nsa_nonfinite_rows_triton",
                         lambda *a, **kw: calls.append(kw["cu_seqlens"]) or kernels(*a, **kw))
     for args, kwargs, want in cases:
         assert torch.equal(nonfinite.nsa_nonfinite_rows(*args, **kwargs), want) and want.any()

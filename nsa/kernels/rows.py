@@ -105,7 +105,7 @@ def _prefix(line_ptr, seg, x, seg_rows, ok):
 
 
 @triton.jit
-def _guard_rows_kernel(counts_ptr, seg_len, seg_cmp, seg_sel, seg_win, rows_cmp, rows_sel, rows_win, indices_ptr,
+def _guard_rows_kernel(counts_ptr, seg_len, seg_sel, seg_win, rows_cmp, rows_sel, rows_win, indices_ptr,
                        stride_ib, stride_it, stride_ih, stride_ij, q_ptr, gates_ptr, out_ptr, token_start_ptr,
                        block_start_ptr, position_ptr, seq_len, kv_heads, group, num_selected, block_size,
                        block_stride, sel_block_size, window_size, q_len, gate_len, PACKED: tl.constexpr,
@@ -130,8 +130,8 @@ def _guard_rows_kernel(counts_ptr, seg_len, seg_cmp, seg_sel, seg_win, rows_cmp,
     line = counts_ptr + (batch * kv_heads + head).to(tl.int64) * seg_len
     seen = position + 1
     num_cmp = tl.where(seen >= block_size, (seen - block_size) // block_stride + 1, 0)
-    bad = (_prefix(line, seg_cmp, block_start + num_cmp, rows_cmp, ok)
-           - _prefix(line, seg_cmp, block_start, rows_cmp, ok)) > 0
+    bad = (_prefix(line, 0, block_start + num_cmp, rows_cmp, ok)  # the compressed segment comes first
+           - _prefix(line, 0, block_start, rows_cmp, ok)) > 0
     oldest = tl.maximum(token_start, t - window_size + 1)
     bad |= (_prefix(line, seg_win, t + 1, rows_win, ok) - _prefix(line, seg_win, oldest, rows_win, ok)) > 0
     j = tl.arange(0, BLOCK_N)
@@ -180,15 +180,14 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
     counts.cumsum_(dim=-1)
     out = torch.empty(batch, seq_len, heads, dtype=torch.int8, device=q.device)
     token_start, block_start, position = packing if packing is not None else (out, out, out)  # unread
-    block_t = GUARD_TOKENS
     group = heads // kv_heads
-    _guard_rows_kernel[(triton.cdiv(seq_len, block_t), batch * kv_heads, triton.cdiv(group, GUARD_HEADS))](
-        counts, seg_len, 0, seg_sel, seg_win, k_cmp.shape[1], k_sel.shape[1], k_win.shape[1],
+    _guard_rows_kernel[(triton.cdiv(seq_len, GUARD_TOKENS), batch * kv_heads, triton.cdiv(group, GUARD_HEADS))](
+        counts, seg_len, seg_sel, seg_win, k_cmp.shape[1], k_sel.shape[1], k_win.shape[1],
         block_indices, *block_indices.stride(), q, gates, out, token_start, block_start, position, seq_len, kv_heads,
         group, block_indices.shape[-1], block_size, block_stride, sel_block_size, window_size,
-        q.shape[-1], gates.shape[-1], PACKED=packing is not None, BLOCK_T=block_t,
-        BLOCK_N=triton.next_power_of_2(block_indices.shape[-1]), **_row_tile(q.shape[-1], "BLOCK_DQ", block_t),
-        **_row_tile(gates.shape[-1], "BLOCK_DG", block_t), HEADS=GUARD_HEADS, num_warps=4)
+        q.shape[-1], gates.shape[-1], PACKED=packing is not None, BLOCK_T=GUARD_TOKENS,
+        BLOCK_N=triton.next_power_of_2(block_indices.shape[-1]), **_row_tile(q.shape[-1], "BLOCK_DQ", GUARD_TOKENS),
+        **_row_tile(gates.shape[-1], "BLOCK_DG", GUARD_TOKENS), HEADS=GUARD_HEADS, num_warps=4)
     return out.view(torch.bool)
 
 
