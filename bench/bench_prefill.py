@@ -386,12 +386,16 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     topn = topn_tiles_for(group)  # and programs of the other row count on the same 4 warps
     variants: dict[str, list[Any]] = {"topn_tiles": [topn, topn._replace(rows=64 if topn.rows == 128 else 128)],
                                       "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
-                                      "win_tiles": [win, win._replace(tma=not win.tma)],
+                                      "win_tiles": [win, win._replace(tma=not win.tma),
+                                                    win._replace(head_rows=not win.head_rows)],
                                       "sel_tiles": [sel, sel._replace(tma=False)]}
     if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills
         variants["cmp_tiles"] += [cmp._replace(dkv_num_stages=5 - cmp.dkv_num_stages),
                                   cmp._replace(dq_num_stages=5 - cmp.dq_num_stages), cmp._replace(dkv_m=32)]
-        variants["win_tiles"] += [win._replace(dkv_n=64)]
+        variants["win_tiles"] += [win._replace(dkv_n=64), win._replace(fwd_m=64, dq_m=64),
+                                  win._replace(num_stages=2)]
+    else:  # wider heads: the window forward's programs of twice the rows
+        variants["win_tiles"] += [win._replace(fwd_m=2 * win.fwd_m)]
     if group < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -451,14 +451,25 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (12, 1, 24, 16), (4, 4, 16, 32)])
-@pytest.mark.parametrize("branch", ["cmp", "win"])
-def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads, dk, dv, branch):
-    """The range dk/dv taking dkv_m tokens of one head per step (RangeTiles(dkv_head_rows=False): wide heads, and
-    groups wider than dkv_m; the default steps over tokens x the group's heads run in every other test), the
-    kernel alone: given the float64 lse and delta = dO . o of its branch, dk and dv of the compression and window
-    branches equal the float64 gradients of sum(dO * g * o), on packed sequences whose ends fall inside steps."""
-    from nsa.kernels.range_attention import RangeRule, range_dkdv
+class RangeCase(NamedTuple):
+    """One range branch's kernel inputs on packed sequences (token rows) and its float64 results."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    gate: torch.Tensor
+    dout: torch.Tensor
+    packed: Packed
+    cu_keys: torch.Tensor
+    rule: Any
+    scale: float
+    expected: dict[str, torch.Tensor]  # branch_reference's
+
+
+def range_case(heads: int, kv_heads: int, dk: int, dv: int, branch: str) -> RangeCase:
+    """The compression ("cmp") or window ("win") branch on packed sequences of 21, 3 and 40 tokens (ends inside
+    programs and steps, a sequence shorter than a compressed block)."""
+    from nsa.kernels.range_attention import RangeRule
     from nsa.kernels.tiles import derived_counts, num_compressed
 
     lengths, blocks, scale = [21, 3, 40], CHOOSY, dk**-0.5
@@ -480,11 +491,60 @@ def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads,
         return dense_window_mask(length, blocks["window_size"])
 
     want = branch_reference(q, k, v, gate, dout, packed.cu, cu_keys, scale, mask_of)
-    tiles = prefill._tiles(q.device, max(dk, dv), heads // kv_heads).cmp._replace(dkv_head_rows=False)
-    dk_got, dv_got = range_dkdv(q, k, v, gate, dout, want["lse"].float(), want["delta"].float(), packed, cu_keys,
-                                rule, scale, tiles)
+    return RangeCase(q, k, v, gate, dout, packed, cu_keys, rule, scale, want)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (12, 1, 24, 16), (4, 4, 16, 32)])
+@pytest.mark.parametrize("branch", ["cmp", "win"])
+def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads, dk, dv, branch):
+    """The range dk/dv taking dkv_m tokens of one head per step (RangeTiles(dkv_head_rows=False): wide heads, and
+    groups wider than dkv_m; the default steps over tokens x the group's heads run in every other test), the
+    kernel alone: given the float64 lse and delta = dO . o of its branch, dk and dv of the compression and window
+    branches equal the float64 gradients of sum(dO * g * o), on packed sequences whose ends fall inside steps."""
+    from nsa.kernels.range_attention import range_dkdv
+
+    case = range_case(heads, kv_heads, dk, dv, branch)
+    want = case.expected
+    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(dkv_head_rows=False)
+    dk_got, dv_got = range_dkdv(case.q, case.k, case.v, case.gate, case.dout, want["lse"].float(),
+                                want["delta"].float(), case.packed, case.cu_keys, case.rule, case.scale, tiles)
     torch.testing.assert_close(dk_got.double(), want["dk"], **TOL)
     torch.testing.assert_close(dv_got.double(), want["dv"], **TOL)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (12, 1, 24, 16), (4, 4, 16, 32),
+                                                             (40, 2, 16, 16)])
+@pytest.mark.parametrize("branch", ["cmp", "win"])
+@pytest.mark.parametrize("head_rows", [False, True])
+def test_range_forward_and_dq_in_either_row_layout_match_float64_reference(heads, kv_heads, dk, dv, branch,
+                                                                            head_rows):
+    """The range forward and dq, the kernels alone, with programs of tokens x the group's heads (RangeTiles(
+    head_rows=True); G = 3 and 12 leave rows of a 16-row program unused, G = 20 is wider than it and falls back
+    to one head) and of tokens of one head: out (gated and added to what out held), lse, the un-gated branch
+    output, delta and dq (added to what dq held) equal the float64 values on packed sequences. Outputs start as
+    NaN where the kernel must write them."""
+    from nsa.kernels.range_attention import range_dq, range_forward
+
+    case = range_case(heads, kv_heads, dk, dv, branch)
+    want, q = case.expected, case.q
+    tiles = prefill._tiles(q.device, max(dk, dv), heads // kv_heads).win._replace(head_rows=head_rows)
+    rows, dv_shape = q.shape[0], (q.shape[0], heads, dv)
+    before = randn(*dv_shape, seed=5).float()
+    out, branch_out = before.clone(), torch.full(dv_shape, float("nan"))
+    lse, delta = torch.full((rows, heads), float("nan")), torch.full((rows, heads), float("nan"))
+    range_forward(q, case.k, case.v, case.gate, out, lse, branch_out, case.packed, case.cu_keys, case.rule,
+                  case.scale, True, tiles)
+    torch.testing.assert_close(out.double(), before.double() + want["out"], **TOL)
+    torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
+    seen = torch.isfinite(want["lse"])
+    torch.testing.assert_close(lse.double()[seen], want["lse"][seen], **TOL)
+    assert torch.equal(torch.isinf(lse), ~seen)
+    dq_before = randn(*q.shape, seed=6).float()
+    dq = dq_before.clone()
+    range_dq(q, case.k, case.v, case.gate, case.dout, branch_out, lse, delta, dq, case.packed, case.cu_keys,
+             case.rule, case.scale, True, tiles)
+    torch.testing.assert_close(delta.double(), want["delta"], **TOL)
+    torch.testing.assert_close(dq.double(), dq_before.double() + want["dq"], **TOL)
 
 
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():

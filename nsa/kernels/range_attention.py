@@ -47,9 +47,11 @@ from nsa.kernels.tiles import (
     TileTable,
     dot_precision,
     kv_descriptors,
+    load_at,
     load_tile,
     output_buffer,
     split_dims,
+    store_at,
     store_tile,
     tile_origin,
     tile_table,
@@ -70,7 +72,10 @@ class RangeTiles(NamedTuple):
     window's in 8.3 against 31.4 and 9.6 for 32 tokens of one head. dq tiles of 128 queries x 64 keys ran the
     compression / window dq in 14.9 / 6.6 ms against 17.3 / 7.4 for 128 x 32 (2026-12-03, sixteenth session).
     tma: the forward and dq load their K / V tiles through tensor descriptors (nsa.kernels.tiles.kv_descriptors;
-    pointer loads where the device or the tensors cannot). Per branch: ``tiles_for``."""
+    pointer loads where the device or the tensors cannot). head_rows: the forward's and dq's programs take
+    fwd_m // G (dq_m // G) tokens x the group's G query heads, which share their keys, instead of fwd_m tokens of
+    one head (``query_rows``): a window's tile then spans G times fewer tokens, so fewer of its keys fall outside
+    every row's window. Per branch: ``tiles_for``."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -86,6 +91,7 @@ class RangeTiles(NamedTuple):
     dkv_head_rows: bool = True
     tma: bool = False
     dkv_num_stages: int = 2
+    head_rows: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -123,24 +129,34 @@ def _key_bounds(first, last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr,
 
 
 @triton.jit
-def _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M: tl.constexpr, DQK: tl.constexpr,
-                D1: tl.constexpr, D2: tl.constexpr):
-    """This program's queries: (q1, q2, local rows, validity, the tile's first token row as int64)."""
-    local = tl.arange(0, BLOCK_M)
-    row_ok = first + local < seq_len
-    row0 = tok0 + first
-    q1, q2 = load_split(q_ptr + row0 * stride_qt + h * stride_qh, local, row_ok, stride_qt, DQK, D1, D2)
-    return q1, q2, local, row_ok, row0
+def _query_rows(q_ptr, stride_qt, stride_qh, h, row0, seq_len, first, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+                HEAD_ROWS: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """This program's query rows, from token row ``row0`` (the tile's first, int64): (q1, q2, each row's token
+    offset from row0, its query head, its validity). HEAD_ROWS: BLOCK_M // GROUP tokens x the GROUP query heads of
+    kv head h (a token's heads are neighbours in memory, and the tokens share their keys); else BLOCK_M tokens of
+    query head h."""
+    r = tl.arange(0, BLOCK_M)
+    if HEAD_ROWS:
+        tok = r // GROUP
+        head = h * GROUP + r % GROUP
+        ok = (r < (BLOCK_M // GROUP) * GROUP) & (first + tok < seq_len)
+    else:
+        tok = r
+        head = h
+        ok = first + tok < seq_len
+    q1, q2 = load_split_at(q_ptr + row0 * stride_qt, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
+    return q1, q2, tok, head, ok
 
 
 @triton.jit
-def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first, last, stride_kt, qk_scale,
-                     STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                     PRECISION: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr):
-    """Masked base-2 scores of the queries first .. last against the key tile at ``start``: (s, the key rows, their
-    validity, k1, k2). Only tiles crossing the causal edge of the first query, the window edge of the last or
-    the end of the visible range are masked (so a TMA load's rows past ``hi`` score -inf)."""
+def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, t, first, last, stride_kt, qk_scale,
+                     STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+                     ROW_T: tl.constexpr, TMA: tl.constexpr):
+    """Masked base-2 scores of the query rows (at positions t, tokens first .. last) against the key tile at
+    ``start``: (s, the key rows, their validity, k1, k2). Only tiles crossing the causal edge of the first query,
+    the window edge of the last or the end of the visible range are masked (so a TMA load's rows past ``hi`` score
+    -inf)."""
     cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
     col_ok = cols < hi
     k1, k2 = load_split_rows(k_base, k_desc1, k_desc2, key0 + start, hk, cols, col_ok, stride_kt, BLOCK_N, TMA, DQK,
@@ -150,7 +166,6 @@ def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, firs
     if WINDOW > 0:
         edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
     if edge:
-        t = first + tl.arange(0, BLOCK_M)
         s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
     return s, cols, col_ok, k1, k2
 
@@ -163,39 +178,43 @@ def _range_fwd_kernel(
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr, HEAD_ROWS: tl.constexpr,
 ):
+    """Program (token tile, head h): BLOCK_M rows of query head h, or with HEAD_ROWS of the query heads of kv head h
+    (``_query_rows``)."""
     h = tl.program_id(1)
+    tokens: tl.constexpr = BLOCK_M // GROUP if HEAD_ROWS else BLOCK_M
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-                                                       BLOCK_M)
-    q1, q2, local, row_ok, row0 = _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M, DQK,
-                                              D1, D2)
-    last = tl.minimum(first + BLOCK_M, seq_len) - 1
+                                                       tokens)
+    row0 = tok0 + first
+    q1, q2, tok, head, row_ok = _query_rows(q_ptr, stride_qt, stride_qh, h, row0, seq_len, first, BLOCK_M, GROUP,
+                                            HEAD_ROWS, DQK, D1, D2)
+    last = tl.minimum(first + tokens, seq_len) - 1
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    hk = h // GROUP
+    hk = h if HEAD_ROWS else h // GROUP
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
     for start in range(lo, hi, BLOCK_N):
-        s, cols, col_ok, _, _ = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first, last,
-                                                 stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_M, BLOCK_N, DQK, D1,
-                                                 D2, PRECISION, ROW_T, TMA)
+        s, cols, col_ok, _, _ = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first + tok,
+                                                 first, last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_N, DQK,
+                                                 D1, D2, PRECISION, ROW_T, TMA)
         v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
                                BLOCK_DV, 0)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
-    tl.store(lse_ptr + (row0 + local) * num_heads + h, lse, mask=row_ok)
-    store_tile(branch_ptr + row0 * stride_bt + h * stride_bh, local, row_ok, stride_bt,
-               out.to(branch_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+    tl.store(lse_ptr + (row0 + tok) * num_heads + head, lse, mask=row_ok)
+    store_at(branch_ptr + row0 * stride_bt, tok * stride_bt + head * stride_bh, row_ok,
+             out.to(branch_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + (row0 + local) * stride_gt + h * stride_gh, mask=row_ok, other=0.0)
+        gate = tl.load(gate_ptr + row0 * stride_gt + tok * stride_gt + head * stride_gh, mask=row_ok, other=0.0)
         out = out * gate.to(tl.float32)[:, None]
-    out_base = out_ptr + row0 * stride_ot + h * stride_oh
+    out_base, out_rows = out_ptr + row0 * stride_ot, tok * stride_ot + head * stride_oh
     if ACCUMULATE:
-        out += load_tile(out_base, local, row_ok, stride_ot, 0, BLOCK_DV, DV).to(tl.float32)
-    store_tile(out_base, local, row_ok, stride_ot, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+        out += load_at(out_base, out_rows, row_ok, 0, BLOCK_DV, DV).to(tl.float32)
+    store_at(out_base, out_rows, row_ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
 
 
 @triton.jit
@@ -206,46 +225,50 @@ def _range_dq_kernel(
     k_desc1, k_desc2, v_desc, GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr, HEAD_ROWS: tl.constexpr,
 ):
     """dq = g * scale * sum_j p_j (dp_j - delta) k_j with delta = dO . o from the forward's branch output, which
-    it also writes (the gate's gradient and the dk/dv kernel's row term)."""
+    it also writes (the gate's gradient and the dk/dv kernel's row term). Rows as in the forward."""
     h = tl.program_id(1)
+    tokens: tl.constexpr = BLOCK_M // GROUP if HEAD_ROWS else BLOCK_M
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-                                                       BLOCK_M)
-    q1, q2, local, row_ok, row0 = _query_tile(q_ptr, stride_qt, stride_qh, h, tok0, seq_len, first, BLOCK_M, DQK,
-                                              D1, D2)
+                                                       tokens)
+    row0 = tok0 + first
+    q1, q2, tok, head, row_ok = _query_rows(q_ptr, stride_qt, stride_qh, h, row0, seq_len, first, BLOCK_M, GROUP,
+                                            HEAD_ROWS, DQK, D1, D2)
     dq1, dq2 = zeros_split(BLOCK_M, D1, D2)
-    do = load_tile(do_ptr + row0 * stride_dot + h * stride_doh, local, row_ok, stride_dot, 0, BLOCK_DV, DV)
-    lse = tl.load(lse_ptr + (row0 + local) * num_heads + h, mask=row_ok, other=float("inf"))
-    delta = row_delta(do, load_tile(branch_ptr + row0 * stride_bt + h * stride_bh, local, row_ok, stride_bt, 0,
-                                    BLOCK_DV, DV))
-    tl.store(delta_ptr + (row0 + local) * num_heads + h, delta, mask=row_ok)
-    last = tl.minimum(first + BLOCK_M, seq_len) - 1
+    do = load_at(do_ptr + row0 * stride_dot, tok * stride_dot + head * stride_doh, row_ok, 0, BLOCK_DV, DV)
+    stats = (row0 + tok) * num_heads + head
+    lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
+    delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, tok * stride_bt + head * stride_bh, row_ok, 0,
+                                  BLOCK_DV, DV))
+    tl.store(delta_ptr + stats, delta, mask=row_ok)
+    last = tl.minimum(first + tokens, seq_len) - 1
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
-    hk = h // GROUP
+    hk = h if HEAD_ROWS else h // GROUP
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
     for start in range(lo, hi, BLOCK_N):
-        s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first,
-                                                   last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_M, BLOCK_N,
+        s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first + tok,
+                                                   first, last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_N,
                                                    DQK, D1, D2, PRECISION, ROW_T, TMA)
         v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
                                BLOCK_DV, 0)
         dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
     factor = tl.zeros([BLOCK_M], tl.float32) + scale
     if HAS_GATE:
-        factor *= tl.load(gate_ptr + (row0 + local) * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
-    dq_base = dq_ptr + row0 * stride_dqt + h * stride_dqh
+        factor *= tl.load(gate_ptr + row0 * stride_gt + tok * stride_gt + head * stride_gh, mask=row_ok,
+                          other=0.0).to(tl.float32)
+    dq_base, dq_rows = dq_ptr + row0 * stride_dqt, tok * stride_dqt + head * stride_dqh
     dq1 = dq1 * factor[:, None]
     if ACCUMULATE:
-        dq1 += load_tile(dq_base, local, row_ok, stride_dqt, 0, D1, DQK).to(tl.float32)
-    store_tile(dq_base, local, row_ok, stride_dqt, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
+        dq1 += load_at(dq_base, dq_rows, row_ok, 0, D1, DQK).to(tl.float32)
+    store_at(dq_base, dq_rows, row_ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
     if D2 > 0:
         dq2 = dq2 * factor[:, None]
         if ACCUMULATE:
-            dq2 += load_tile(dq_base, local, row_ok, stride_dqt, D1, D2, DQK).to(tl.float32)
-        store_tile(dq_base, local, row_ok, stride_dqt, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+            dq2 += load_at(dq_base, dq_rows, row_ok, D1, D2, DQK).to(tl.float32)
+        store_at(dq_base, dq_rows, row_ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
 
 
 @triton.jit
@@ -359,17 +382,18 @@ def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Ten
     """out[rows] (+)= gate * attention over the visible key range; lse[rows] = base-2 log-sum-exp (+inf where
     nothing is visible); branch_out[rows] = the attention itself, un-gated (out's shape; for range_dq). cu_keys:
     cumulative key counts [S + 1] of the packed key tensor k / v."""
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.fwd_m)
+    rows = query_rows(q.shape[1] // k.shape[1], tiles.fwd_m, tiles)
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, rows.tokens)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, out, branch_out)
-    _range_fwd_kernel[(table.grid, q.shape[1])](
+    _range_fwd_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, out, lse, branch_out, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         out.stride(0), out.stride(1), branch_out.stride(0), branch_out.stride(1), q.shape[1], packed.num_seqs,
         scale * LOG2E, **kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma),
         BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        HEAD_ROWS=rows.head_rows, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
@@ -377,17 +401,18 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
              delta: Tensor, dq: Tensor, packed: Packed, cu_keys: Tensor, rule: RangeRule, scale: float,
              accumulate: bool, tiles: RangeTiles) -> None:
     """dq[rows] (+)= this branch's query gradient; delta[rows] = dO . o (float32), o = range_forward's branch_out."""
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, tiles.dq_m)
+    rows = query_rows(q.shape[1] // k.shape[1], tiles.dq_m, tiles)
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, rows.tokens)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, dout, branch_out, dq)
-    _range_dq_kernel[(table.grid, q.shape[1])](
+    _range_dq_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, dout, branch_out, lse, delta, dq, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1),
         q.shape[1], packed.num_seqs, scale * LOG2E, scale, **kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma),
         BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
-        num_warps=tiles.num_warps, num_stages=tiles.dq_num_stages,
+        HEAD_ROWS=rows.head_rows, num_warps=tiles.num_warps, num_stages=tiles.dq_num_stages,
     )
 
 
@@ -433,6 +458,22 @@ def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
     return padded if tiles.dkv_head_rows and padded <= tiles.dkv_m else 0
 
 
+class QueryRows(NamedTuple):
+    """How the forward and dq lay out a program's rows: ``tokens`` per program, and whether the rows are those tokens
+    x the group's query heads (``head_rows``; the grid's second axis is then the kv heads) or tokens of one head."""
+
+    tokens: int
+    head_rows: bool
+
+
+def query_rows(group: int, block_m: int, tiles: RangeTiles) -> QueryRows:
+    """block_m // group tokens x the group's heads where tiles.head_rows and the group fits block_m rows, else
+    block_m tokens of one head."""
+    if tiles.head_rows and group <= block_m:
+        return QueryRows(block_m // group, True)
+    return QueryRows(block_m, False)
+
+
 def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     """Tiles of ``branch`` ("cmp": the compression, "win": the window) for the widest head dim, picked by the H200
     tile sweep (bench_prefill --parts tiles, 2026-12-01, the public and paper shapes at 64k): long, narrow dq (128
@@ -447,15 +488,23 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     head dim 64 (the GPT's G = 2) TMA slowed the compression: forward / dq 0.67 / 0.67 against 0.42 / 0.45 ms.
     The compression dk/dv pipelines 3 deep only at G = 16 (``group``: query heads per kv head), where it ran in
     20.85 ms against 21.39 with 2 stages (H200, 64k, 2026-12-04); 2 stages ran G = 12 in 20.83 against 25.27 and
-    G = 4 in 5.92 against 8.26 (ptxas spills 80 / 184 bytes with 3 stages, 32 with 2)."""
+    G = 4 in 5.92 against 8.26 (ptxas spills 80 / 184 bytes with 3 stages, 32 with 2).
+    The window's forward and dq take tokens x the group's heads (head_rows) up to head dim 192 (2026-12-04, 64k):
+    forward / dq 4.28 / 4.71 ms against 4.92 / 6.00 (public), 3.48 / 3.92 against 3.71 / 4.34 (G = 12), 1.15 /
+    1.26 against 1.25 / 1.44 (G = 4), 4.80 / 7.07 against 10.23 / 8.94 (paper, d_k 192, where the forward's
+    programs also doubled to 128 rows: 9.93 on 64); at head dim 64 (the GPT, G = 2) with 32-key dq tiles 0.195 /
+    0.221 against 0.191 / 0.300. The compression gains nothing from them (public 10.62 / 12.25 against 10.75 /
+    12.14, G = 12 8.46 / 9.84 against 8.10 / 9.17)."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
-        return RangeTiles()
+        return RangeTiles(head_rows=True, dq_n=32) if branch == "win" else RangeTiles()
     if head_dim <= 128:
         if branch == "win":
-            return RangeTiles()
+            return RangeTiles(head_rows=True)
         return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if group == 16 else 2)
     if head_dim <= 192:
+        if branch == "win":
+            return RangeTiles(dq_n=32, dkv_m=32, head_rows=True)
         return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=32, dkv_n=128)
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)
