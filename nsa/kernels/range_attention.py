@@ -479,7 +479,7 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     tile sweep (bench_prefill --parts tiles, 2026-12-01, the public and paper shapes at 64k): long, narrow dq (128
     queries x 32 keys; 64 keys up to head dim 128 since 2026-12-03) and dk/dv tiles (128 keys x 16-32 queries) ran
     1.4-2.8x faster than square ones although ptxas (bench/compile_kernels.py) reports 24-48 bytes of spills for
-    them; narrower forward tiles for wider heads.
+    them; narrower forward tiles at head dim 256.
     dk/dv over tokens x heads (dkv_head_rows) at 192 (2026-12-02): 2 tokens x 16 heads per step ran the compression
     / window dk/dv in 34.4 / 11.4 ms against 52.7 / 15.2 for 16 tokens of one head. 256: untuned, spill-free, one
     head per step. Up to head dim 128 the compression loads K / V through TMA with 3 backward stages (2026-12-04,
@@ -494,7 +494,8 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     1.26 against 1.25 / 1.44 (G = 4), 4.80 / 7.07 against 10.23 / 8.94 (paper, d_k 192, where the forward's
     programs also doubled to 128 rows: 9.93 on 64); at head dim 64 (the GPT, G = 2) with 32-key dq tiles 0.195 /
     0.221 against 0.191 / 0.300. The compression gains nothing from them (public 10.62 / 12.25 against 10.75 /
-    12.14, G = 12 8.46 / 9.84 against 8.10 / 9.17)."""
+    12.14, G = 12 8.46 / 9.84 against 8.10 / 9.17), but its forward at head dim 192 ran in 12.53 ms on 128-row
+    programs against 30.72 on 64 (the paper's shape, the same day)."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
@@ -506,5 +507,5 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     if head_dim <= 192:
         if branch == "win":
             return RangeTiles(dq_n=32, dkv_m=32, head_rows=True)
-        return RangeTiles(fwd_m=64, dq_m=128, dq_n=32, dkv_m=32, dkv_n=128)
+        return RangeTiles(dq_n=32, dkv_m=32)
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)
