@@ -187,6 +187,19 @@ def test_descriptors_only_for_16_byte_aligned_rows():
     assert not tiles.kv_descriptors(offset, v, 16, split_dims(16, 16), True)["TMA"]
 
 
+def test_token_rows_keep_head_offsets_within_int32():
+    """rows_view keeps a heads-major layout as a view while its last head starts within 2^31 elements, and copies
+    it to token-major past that (the kernels' head offsets are int32); shapes on the meta device, nothing
+    allocated."""
+    def heads_major(seq_len: int) -> torch.Tensor:
+        return torch.empty(1, 64, seq_len, 128, device="meta").transpose(1, 2)
+
+    short = tiles.rows_view(heads_major(1024))
+    assert short.shape == (1024, 64, 128) and short.stride() == (128, 1024 * 128, 1)
+    long = tiles.rows_view(heads_major(2**19))
+    assert long.shape == (2**19, 64, 128) and long.stride() == (64 * 128, 128, 1)
+
+
 def test_packed_sequences_match_float64_reference():
     lengths = [5, 35, 1, 29]  # shorter than l, longer than w, a single token
     inputs = make_inputs(1, lengths, 8, 2, 16, 16, SMALL, seed=7)

@@ -219,7 +219,8 @@ def token_sequences(packed: Packed) -> Tensor:
 
 def rows_view(x: Tensor) -> Tensor:
     """[B, T, H, D] -> [B * T, H, D] token rows with a contiguous last dim (copies only when the batch and
-    time strides cannot be merged, e.g. a transposed view)."""
-    if x.stride(-1) != 1:
+    time strides cannot be merged, e.g. a transposed view, or when the last head's offset passes 2^31 elements:
+    the kernels add head offsets in int32, and a heads-major layout at 512k tokens would overflow them)."""
+    if x.stride(-1) != 1 or (x.shape[2] - 1) * x.stride(2) >= 2**31:
         x = x.contiguous()
     return x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
