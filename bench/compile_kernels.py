@@ -102,7 +102,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                          {**common, **rule, **tma, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "HAS_GATE": True,
                           "ACCUMULATE": True,
                           "HEAD_ROWS": range_attention.query_rows(group, tiles.dq_m, tiles).head_rows},
-                         tiles.num_warps, tiles.dq_num_stages, pointer_types=tma_types)
+                         tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
         dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
                 "GP": range_attention.dkv_head_rows(group, tiles)}
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,

@@ -64,10 +64,10 @@ allow_loaded_loop_bounds()
 class RangeTiles(NamedTuple):
     """Tile sizes and launch settings: forward fwd_m queries x fwd_n keys, dq dq_m x dq_n, dk/dv dkv_n keys x
     dkv_m queries; the dk/dv query range is split over at most ``max_splits`` programs per key tile. num_warps:
-    the forward and dq launches; dkv_num_warps: the dk/dv launch; num_stages / dq_num_stages / dkv_num_stages: the
-    forward's, the dq's and the dk/dv's pipeline depths. dkv_head_rows: each dk/dv step takes dkv_m // GP
-    tokens x the group's GP heads (padded to a power of two, at most dkv_m) instead of dkv_m tokens of one head,
-    one pass over the queries instead of one per head. On the H200 at the public shape, 64k (bench/results/
+    the forward's launch; dq_num_warps: the dq's; dkv_num_warps: the dk/dv's; num_stages / dq_num_stages /
+    dkv_num_stages: the forward's, the dq's and the dk/dv's pipeline depths. dkv_head_rows: each dk/dv step takes
+    dkv_m // GP tokens x the group's GP heads (padded to a power of two, at most dkv_m) instead of dkv_m tokens of
+    one head, one pass over the queries instead of one per head. On the H200 at the public shape, 64k (bench/results/
     prefill_tiles_cuda.md, 2026-12-02), 4 tokens x 16 heads per step ran the compression dk/dv in 21.1 ms and the
     window's in 8.3 against 31.4 and 9.6 for 32 tokens of one head. dq tiles of 128 queries x 64 keys ran the
     compression / window dq in 14.9 / 6.6 ms against 17.3 / 7.4 for 128 x 32 (2026-12-03, sixteenth session).
@@ -92,6 +92,7 @@ class RangeTiles(NamedTuple):
     tma: bool = False
     dkv_num_stages: int = 2
     head_rows: bool = False
+    dq_num_warps: int = 8
 
 
 class RangeRule(NamedTuple):
@@ -412,7 +413,7 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
         dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1),
         q.shape[1], packed.num_seqs, scale * LOG2E, scale, **kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma),
         BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
-        HEAD_ROWS=rows.head_rows, num_warps=tiles.num_warps, num_stages=tiles.dq_num_stages,
+        HEAD_ROWS=rows.head_rows, num_warps=tiles.dq_num_warps, num_stages=tiles.dq_num_stages,
     )
 
 
