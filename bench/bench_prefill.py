@@ -395,8 +395,8 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         # one warpgroup per program, two programs per SM: one's softmax beside the other's matmuls
         variants["cmp_tiles"] += [cmp._replace(fwd_m=64, num_warps=4),
                                   cmp._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4)]
-        variants["win_tiles"] += [win._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4)]
-        variants["win_tiles"] += [win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),
+        variants["win_tiles"] += [win._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4),
+                                  win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),
                                   win._replace(fwd_m=64, dq_m=64), win._replace(num_stages=2)]
     else:  # wider heads: the forward's programs of twice the rows
         variants["win_tiles"] += [win._replace(fwd_m=2 * win.fwd_m)]

@@ -130,23 +130,33 @@ def _key_bounds(first, last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr,
 
 
 @triton.jit
-def _query_rows(q_ptr, stride_qt, stride_qh, h, row0, seq_len, first, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
-                HEAD_ROWS: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
-    """This program's query rows, from token row ``row0`` (the tile's first, int64): (q1, q2, each row's token
-    offset from row0, its query head, its validity). HEAD_ROWS: BLOCK_M // GROUP tokens x the GROUP query heads of
-    kv head h (a token's heads are neighbours in memory, and the tokens share their keys); else BLOCK_M tokens of
-    query head h."""
+def _query_rows(q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh,
+                BLOCK_M: tl.constexpr, GROUP: tl.constexpr, HEAD_ROWS: tl.constexpr, DQK: tl.constexpr,
+                D1: tl.constexpr, D2: tl.constexpr):
+    """This program's query rows: with HEAD_ROWS, BLOCK_M // GROUP tokens x the GROUP query heads of kv head h (a
+    token's heads are neighbours in memory, and the tokens share their keys), else BLOCK_M tokens of query head h;
+    h is the grid's second axis. -> (kv head, the tile's first token row (int64), the sequence's key offset and
+    count, the tile's first and last token, each row's token offset from the first row, its query head, its
+    validity, q1, q2)."""
+    h = tl.program_id(1)
+    tokens: tl.constexpr = BLOCK_M // GROUP if HEAD_ROWS else BLOCK_M
+    tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+                                                       tokens)
+    row0 = tok0 + first
     r = tl.arange(0, BLOCK_M)
     if HEAD_ROWS:
+        hk = h
         tok = r // GROUP
         head = h * GROUP + r % GROUP
-        ok = (r < (BLOCK_M // GROUP) * GROUP) & (first + tok < seq_len)
+        ok = (r < tokens * GROUP) & (first + tok < seq_len)
     else:
+        hk = h // GROUP
         tok = r
         head = h
         ok = first + tok < seq_len
     q1, q2 = load_split_at(q_ptr + row0 * stride_qt, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
-    return q1, q2, tok, head, ok
+    last = tl.minimum(first + tokens, seq_len) - 1
+    return hk, row0, key0, num_keys, first, last, tok, head, ok, q1, q2
 
 
 @triton.jit
@@ -183,19 +193,13 @@ def _range_fwd_kernel(
 ):
     """Program (token tile, head h): BLOCK_M rows of query head h, or with HEAD_ROWS of the query heads of kv head h
     (``_query_rows``)."""
-    h = tl.program_id(1)
-    tokens: tl.constexpr = BLOCK_M // GROUP if HEAD_ROWS else BLOCK_M
-    tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-                                                       tokens)
-    row0 = tok0 + first
-    q1, q2, tok, head, row_ok = _query_rows(q_ptr, stride_qt, stride_qh, h, row0, seq_len, first, BLOCK_M, GROUP,
-                                            HEAD_ROWS, DQK, D1, D2)
-    last = tl.minimum(first + tokens, seq_len) - 1
+    hk, row0, key0, num_keys, first, last, tok, head, row_ok, q1, q2 = _query_rows(
+        q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M, GROUP,
+        HEAD_ROWS, DQK, D1, D2)
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    hk = h if HEAD_ROWS else h // GROUP
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
     for start in range(lo, hi, BLOCK_N):
@@ -230,13 +234,9 @@ def _range_dq_kernel(
 ):
     """dq = g * scale * sum_j p_j (dp_j - delta) k_j with delta = dO . o from the forward's branch output, which
     it also writes (the gate's gradient and the dk/dv kernel's row term). Rows as in the forward."""
-    h = tl.program_id(1)
-    tokens: tl.constexpr = BLOCK_M // GROUP if HEAD_ROWS else BLOCK_M
-    tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-                                                       tokens)
-    row0 = tok0 + first
-    q1, q2, tok, head, row_ok = _query_rows(q_ptr, stride_qt, stride_qh, h, row0, seq_len, first, BLOCK_M, GROUP,
-                                            HEAD_ROWS, DQK, D1, D2)
+    hk, row0, key0, num_keys, first, last, tok, head, row_ok, q1, q2 = _query_rows(
+        q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M, GROUP,
+        HEAD_ROWS, DQK, D1, D2)
     dq1, dq2 = zeros_split(BLOCK_M, D1, D2)
     do = load_at(do_ptr + row0 * stride_dot, tok * stride_dot + head * stride_doh, row_ok, 0, BLOCK_DV, DV)
     stats = (row0 + tok) * num_heads + head
@@ -244,9 +244,7 @@ def _range_dq_kernel(
     delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, tok * stride_bt + head * stride_bh, row_ok, 0,
                                   BLOCK_DV, DV))
     tl.store(delta_ptr + stats, delta, mask=row_ok)
-    last = tl.minimum(first + tokens, seq_len) - 1
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
-    hk = h if HEAD_ROWS else h // GROUP
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
     for start in range(lo, hi, BLOCK_N):
@@ -506,7 +504,5 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
             return RangeTiles(head_rows=True)
         return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if group == 16 else 2)
     if head_dim <= 192:
-        if branch == "win":
-            return RangeTiles(dq_n=32, dkv_m=32, head_rows=True)
-        return RangeTiles(dq_n=32, dkv_m=32)
+        return RangeTiles(dq_n=32, dkv_m=32, head_rows=branch == "win")
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)
