@@ -388,19 +388,23 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                       "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
                                       "win_tiles": [win, win._replace(tma=not win.tma),
                                                     win._replace(head_rows=not win.head_rows)],
-                                      "sel_tiles": [sel, sel._replace(tma=False)]}
+                                      "sel_tiles": [sel, sel._replace(tma=False),
+                                                    sel._replace(forced_apart=not sel.forced_apart)]}
     if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills
         variants["cmp_tiles"] += [cmp._replace(dkv_num_stages=5 - cmp.dkv_num_stages),
                                   cmp._replace(dq_num_stages=5 - cmp.dq_num_stages), cmp._replace(dkv_m=32)]
         # one warpgroup per program, two programs per SM: one's softmax beside the other's matmuls
         variants["cmp_tiles"] += [cmp._replace(fwd_m=64, num_warps=4),
                                   cmp._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4)]
-        variants["win_tiles"] += [win._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4),
+        variants["win_tiles"] += [win._replace(fwd_m=128, num_warps=8, dq_m=128, dq_num_warps=8),
                                   win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),
-                                  win._replace(fwd_m=64, dq_m=64), win._replace(num_stages=2)]
+                                  win._replace(fwd_m=64, dq_m=64, num_warps=8, dq_num_warps=8),
+                                  win._replace(num_stages=2)]
     else:  # wider heads: the forward's programs of twice the rows
         variants["win_tiles"] += [win._replace(fwd_m=2 * win.fwd_m)]
         variants["cmp_tiles"] += [cmp._replace(fwd_m=2 * cmp.fwd_m)]
+    if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps
+        variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4)]
     if group < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64)]

@@ -130,11 +130,22 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     for suffix, sel_group, rows in (("", group, sel_tiles.rows), ("_g4", 4, 16)):
         query = selected.query_tile_shape(sel_group, rows)
         query = {**sel, "GROUP": sel_group, **query, "NUM_SELECTED": 16, "NP": 16, "UNION": query["BQ"] * 16,
-                 "HAS_GATE": True, "ACCUMULATE": True}
+                 "HAS_GATE": True, "ACCUMULATE": True, "FORCED": 0}
         yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, {**query, **tma},
                          **selected.query_launch(sel_tiles, query, dq=False), pointer_types=tma_types)
         yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, {**query, **tma},
                          **selected.query_launch(sel_tiles, query, dq=True), pointer_types=tma_types)
+    # the forced blocks apart (SelectedTiles.forced_apart): one token's other blocks, then the forced blocks' programs
+    one_token = {**sel, **selected.query_tile_shape(group, 0), "NUM_SELECTED": 16, "NP": 16, "UNION": 16,
+                 "HAS_GATE": True, "ACCUMULATE": True, **tma}
+    yield KernelCase("fwd_sel_partial", selected._sel_fwd_kernel, {**one_token, "FORCED": 1},
+                     **selected.query_launch(sel_tiles, one_token, dq=False), pointer_types=tma_types)
+    forced = selected.forced_tile_shape(group, sel_tiles)
+    forced = {**one_token, **forced, "UNION": forced["BQ"] * 16, "FORCED": 2}
+    yield KernelCase("fwd_sel_forced", selected._sel_fwd_kernel, forced, **selected.forced_launch(sel_tiles),
+                     pointer_types=tma_types)
+    yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, **selected.forced_launch(sel_tiles),
+                     pointer_types=tma_types)
     # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
     for suffix, sel_group in (("", group), ("_g4", 4)):
         yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,

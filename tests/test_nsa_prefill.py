@@ -31,6 +31,8 @@ from reference import (
     dense_selected_mask,
     dense_selection_scores,
     dense_window_mask,
+    ref_candidate_blocks,
+    ref_forced_blocks,
     ref_num_cmp,
 )
 
@@ -357,6 +359,25 @@ def random_selections(lengths: list[int], kv_heads: int, num_selected: int, sel_
     return torch.tensor(rows, dtype=torch.int32).view(sum(lengths), kv_heads, num_selected)
 
 
+def rule_selections(lengths: list[int], kv_heads: int, num_selected: int, sel_block_size: int, seed: int
+                    ) -> torch.Tensor:
+    """int32 [sum(lengths), Hkv, n] that keep the top-n's rule (tests/reference.py): each token's forced blocks
+    and a random number of its complete candidates, at random, ascending, padded with -1, so that short lists put
+    a token's local blocks among slots 1 .. n - 3."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in lengths:
+        for t in range(length):
+            forced = ref_forced_blocks(t, sel_block_size)
+            candidates = torch.tensor(ref_candidate_blocks(t, t // sel_block_size + 1, sel_block_size))
+            for _ in range(kv_heads):
+                room = min(num_selected - len(forced), candidates.numel())
+                count = int(torch.randint(0, room + 1, (), generator=generator))
+                chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]].tolist()
+                rows.append(sorted(forced + chosen) + [-1] * (num_selected - len(forced) - count))
+    return torch.tensor(rows, dtype=torch.int32).view(sum(lengths), kv_heads, num_selected)
+
+
 def packed_lengths(lengths: Sequence[int]) -> Packed:
     """Sequences of ``lengths`` tokens packed in one row dimension."""
     return packed_varlen(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), sum(lengths))
@@ -410,13 +431,14 @@ class SelectionCase(NamedTuple):
     expected: dict[str, torch.Tensor]  # out (gated), lse (base 2), delta = dO . o, dq, dk, dv
 
 
-def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40)) -> SelectionCase:
-    """Random selections (``random_selections``) of blocks of 4 tokens, n = 5, on packed sequences of ``lengths``
-    tokens; the expected values from the dense masked attention of each sequence in float64."""
+def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40),
+                   choose: Callable[..., torch.Tensor] = random_selections) -> SelectionCase:
+    """Random selections (``random_selections``, or ``choose``) of blocks of 4 tokens, n = 5, on packed sequences
+    of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in float64."""
     dk = 16
     q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dk, CHOOSY, seed=seed)
     q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
-    indices = random_selections(list(lengths), kv_heads, 5, 4, seed=seed)
+    indices = choose(list(lengths), kv_heads, 5, 4, seed=seed)
     dout = randn(sum(lengths), heads, dk, seed=99).float()
     packed = packed_lengths(lengths)
     expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
@@ -448,6 +470,35 @@ def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
                 scale, False, tiles)
     torch.testing.assert_close(dq.double(), want["dq"], **TOL)
     torch.testing.assert_close(delta.double(), want["delta"], **TOL)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "forced_rows"), [(12, 1, 128), (16, 2, 32), (20, 1, 64)])
+def test_selection_with_the_forced_blocks_apart_matches_float64_reference(heads, kv_heads, forced_rows):
+    """SelectedTiles.forced_apart: one-token programs over each token's chosen blocks, then programs of several
+    tokens over their forced blocks (8 tokens x 16 rows at G = 12, 2 x 16 at G = 16, 2 x 32 at G = 20), the forward
+    resuming from the first pass's partial softmax and the dq adding the two parts. Selections that keep the rule
+    (``rule_selections``), some too short to hold n - 3 candidates, so that a local block sits among the chosen
+    slots; tiles of 8 tokens span two blocks of 4. Output, lse, dq and delta against float64; outputs start NaN,
+    and the dq also adds into an existing gradient."""
+    case = selection_case(heads, kv_heads, seed=forced_rows, lengths=(13, 3, 30), choose=rule_selections)
+    q, want = case.q, case.expected
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(forced_apart=True,
+                                                                                   forced_rows=forced_rows)
+    scale = q.shape[-1] ** -0.5
+    out, lse, branch_out = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q), output_buffer(
+        *q.shape, like=q)
+    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4, scale, False,
+                     tiles)
+    torch.testing.assert_close(out.double(), want["out"], **TOL)
+    torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
+    torch.testing.assert_close(lse.double(), want["lse"], **TOL)
+    earlier = randn(*q.shape, seed=5).float()
+    for accumulate, start in ((False, output_buffer(*q.shape, like=q)), (True, earlier)):
+        dq, delta = start.clone(), output_buffer(*q.shape[:2], like=q)
+        selected_dq(q, case.k, case.v, case.gate, case.indices, case.dout, branch_out, lse, delta, dq, case.packed,
+                    4, scale, accumulate, tiles)
+        torch.testing.assert_close(dq.double(), want["dq"] + (earlier.double() if accumulate else 0), **TOL)
+        torch.testing.assert_close(delta.double(), want["delta"], **TOL)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (2, 2), (4, 2)])

@@ -494,14 +494,17 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     programs also doubled to 128 rows: 9.93 on 64); at head dim 64 (the GPT, G = 2) with 32-key dq tiles 0.195 /
     0.221 against 0.191 / 0.300. The compression gains nothing from them (public 10.62 / 12.25 against 10.75 /
     12.14, G = 12 8.46 / 9.84 against 8.10 / 9.17), but its forward at head dim 192 ran in 12.53 ms on 128-row
-    programs against 30.72 on 64 (the paper's shape, the same day)."""
+    programs against 30.72 on 64 (the paper's shape, the same day). Up to head dim 128 the window's forward and dq
+    run one warpgroup per program (64 rows on 4 warps, two programs per SM; 2026-12-04, 64k): forward / dq 3.89 /
+    4.60 ms against 4.28 / 4.74 on 128 rows of 8 warps (public), 3.32 / 3.66 against 3.50 / 3.93 (G = 12); the
+    compression's forward on them 10.68 against 10.83 (public) and its dq 14.83 against 12.27: it keeps 8 warps."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
         return RangeTiles(head_rows=True, dq_n=32) if branch == "win" else RangeTiles()
     if head_dim <= 128:
         if branch == "win":
-            return RangeTiles(head_rows=True)
+            return RangeTiles(fwd_m=64, dq_m=64, num_warps=4, dq_num_warps=4, head_rows=True)
         return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if group == 16 else 2)
     if head_dim <= 192:
         return RangeTiles(dq_n=32, dkv_m=32, head_rows=branch == "win")

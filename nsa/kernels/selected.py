@@ -82,7 +82,14 @@ class SelectedTiles(NamedTuple):
     16.51-16.58 on 3, against 17.88 / 18.73 with pointer loads on 3 (so one-token forwards take num_stages, their
     dq dq_num_stages); programs of several tokens with TMA on 3 stages / 2: G = 4 12.74 / 11.64 and 13.09 / 11.97
     against 14.31 / 13.73 with pointer loads on 2; the GPT's G = 2 3.01 / 2.72 and 3.07 / 2.82 against 3.81 /
-    3.43."""
+    3.43.
+    forced_apart: where one token takes a program, its n - 3 chosen blocks there and the three forced ones (block 0
+    and the token's two local blocks, which neighbouring tokens share) in programs of forced_rows rows (forced_rows
+    // GP tokens, at least two) on forced_num_warps / forced_num_stages, which load each forced block once for all
+    their tokens (``_passes``). Off: H200, 64k, 2026-12-04, forward / dq ms with them apart on programs of 128 rows
+    (8 warps) 16.08 / 16.61 and of 64 rows (4 warps) 15.22 / 16.23 against 14.99 / 16.37 in one pass (public);
+    G = 12 15.96 / 16.16 and 15.33 / 15.74 against 15.03 / 16.13. The second pass reads q, dO and the partial
+    output or dq again (~4 GB at 64k), about what the forced blocks' loads cost in the first."""
 
     num_warps: int = 4
     num_stages: int = 2
@@ -96,6 +103,10 @@ class SelectedTiles(NamedTuple):
     tile_num_stages: int = 3
     tile_dq_max_dim: int = 128
     tma: bool = True
+    forced_apart: bool = False
+    forced_rows: int = 128
+    forced_num_warps: int = 8
+    forced_num_stages: int = 2
 
 
 @triton.jit
@@ -137,13 +148,20 @@ def _block_tile(q1, q2, k_base, k_desc1, k_desc2, tok0, hk, block, reads, t, las
 
 
 @triton.jit
-def _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it, stride_ih,
-                NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, BQ: tl.constexpr):
+def _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it, stride_ih, first, last,
+                NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, BQ: tl.constexpr,
+                SEL_BLOCK: tl.constexpr, FORCED: tl.constexpr):
     """The blocks this program attends to: (where its list starts, its rows' own selections, the list's length).
     One token (BQ = 1): its own n slots (ascending, then -1), which every row reads; the length is NUM_SELECTED,
-    taken as a constexpr by the caller, and the selections are unused. Several tokens: the union of their blocks
-    (ascending, ``query_tiles``) and each row's selected blocks [rows, NP] (-1 unused)."""
-    if BQ == 1:
+    taken as a constexpr by the caller, and the selections are unused. Several tokens: the union
+    of their blocks (ascending, ``query_tiles``) and each row's selected blocks [rows, NP] (-1 unused). FORCED = 2:
+    the union of the tokens' forced blocks, computed, not read: block 0, then ``blocks`` (the first token's block
+    before its own, at least 1) up to the last token's own block."""
+    if FORCED == 2:
+        blocks = tl.maximum(first // SEL_BLOCK - 1, 1)
+        chosen = ok
+        count = tl.where(last >= 0, 1 + tl.maximum(last // SEL_BLOCK - blocks + 1, 0), 0)
+    elif BQ == 1:
         blocks = idx_ptr + row0 * stride_it + hk * stride_ih
         chosen = ok
         count = 0
@@ -161,13 +179,23 @@ def _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads
 def _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, k_desc1, k_desc2, v_desc, tok0, hk, ok, t, last,
                   stride_kt, stride_vt, qk_scale, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr,
                   D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  PRECISION: tl.constexpr, BQ: tl.constexpr, TMA: tl.constexpr):
+                  PRECISION: tl.constexpr, BQ: tl.constexpr, TMA: tl.constexpr, FORCED: tl.constexpr):
     """The i-th block of the program's list (``_block_list``): (masked scores s, k1, k2, v); with several tokens
-    only the rows whose token selected the block read it."""
-    block = tl.load(blocks + i, mask=last >= 0, other=-1)
+    only the rows whose token selected the block read it. FORCED = 1 skips the token's two local blocks where
+    they sit among slots 1 .. n - 3 (prefixes too short for n - 3 other candidates); FORCED = 2 reads each row's
+    forced blocks {0, c - 1, c}, c = t // l'."""
     reads = ok
-    if BQ > 1:
-        reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
+    if FORCED == 2:
+        block = tl.where(last >= 0, tl.where(i == 0, 0, blocks + i - 1), -1)
+        own = t // SEL_BLOCK
+        reads = ok & ((block == 0) | (block == own - 1) | (block == own))
+    else:
+        block = tl.load(blocks + i, mask=last >= 0, other=-1)
+        if FORCED == 1:
+            own = last // SEL_BLOCK
+            block = tl.where((block == own - 1) | (block == own), -1, block)
+        if BQ > 1:
+            reads = ok & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
     s, start, key_ok, k1, k2 = _block_tile(q1, q2, k_base, k_desc1, k_desc2, tok0, hk, block, reads, t, last,
                                            stride_kt, qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, PRECISION, TMA)
     v, _ = load_split_rows(v_base + start * stride_vt, v_desc, v_desc, tok0 + start, hk, tl.arange(0, BLOCK_S), key_ok,
@@ -184,8 +212,10 @@ def _sel_fwd_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
+    ACCUMULATE: tl.constexpr, TMA: tl.constexpr, FORCED: tl.constexpr,
 ):
+    """FORCED (``selected_forward``): 0, every selected block; 1, the blocks other than the forced ones, leaving
+    the partial softmax in lse and branch_out for 2, the forced blocks, which resumes from it and writes out."""
     hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
         q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
@@ -193,24 +223,33 @@ def _sel_fwd_kernel(
     m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ * GP], tl.float32)
     acc = tl.zeros([BQ * GP, BLOCK_DV], tl.float32)
+    if FORCED == 2:  # (lse, 1, o) of the other blocks is the same online-softmax state as (max, sum, acc)
+        partial = tl.load(lse_ptr + (row0 + local) * num_heads + heads, mask=ok, other=float("inf"))
+        seen = partial < float("inf")
+        m_i = tl.where(seen, partial, float("-inf"))
+        l_i = tl.where(seen, 1.0, 0.0)
+        acc = load_at(branch_ptr + row0 * stride_bt, local * stride_bt + heads * stride_bh, ok & seen, 0, BLOCK_DV,
+                      DV).to(tl.float32)
     blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
-                                        stride_ih, NUM_SELECTED, NP, UNION, BQ)
-    for i in range(0, NUM_SELECTED if BQ == 1 else count):  # one token: a static loop over its n slots
+                                        stride_ih, row0 - tok0, last, NUM_SELECTED, NP, UNION, BQ, SEL_BLOCK, FORCED)
+    # One token: a static loop over its n slots (FORCED = 1: slots 1 .. n - 3, where the forced blocks are not).
+    for i in range(FORCED if BQ == 1 else 0, NUM_SELECTED - 2 * FORCED if BQ == 1 else count):
         s, _, _, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, k_desc1, k_desc2, v_desc, tok0, hk, ok,
                                    t, last, stride_kt, stride_vt, qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV,
-                                   BLOCK_DV, PRECISION, BQ, TMA)
+                                   BLOCK_DV, PRECISION, BQ, TMA, FORCED)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + (row0 + local) * num_heads + heads, lse, mask=ok)
     store_at(branch_ptr + row0 * stride_bt, local * stride_bt + heads * stride_bh, ok,
              out.to(branch_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
-    if HAS_GATE:
-        gate = tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok, other=0.0)
-        out = out * gate.to(tl.float32)[:, None]
-    out_offsets = local * stride_ot + heads * stride_oh
-    if ACCUMULATE:
-        out += load_at(out_ptr + row0 * stride_ot, out_offsets, ok, 0, BLOCK_DV, DV).to(tl.float32)
-    store_at(out_ptr + row0 * stride_ot, out_offsets, ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+    if FORCED != 1:
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok, other=0.0)
+            out = out * gate.to(tl.float32)[:, None]
+        out_offsets = local * stride_ot + heads * stride_oh
+        if ACCUMULATE:
+            out += load_at(out_ptr + row0 * stride_ot, out_offsets, ok, 0, BLOCK_DV, DV).to(tl.float32)
+        store_at(out_ptr + row0 * stride_ot, out_offsets, ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
 
 
 @triton.jit
@@ -222,8 +261,10 @@ def _sel_dq_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NP: tl.constexpr, UNION: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
+    ACCUMULATE: tl.constexpr, TMA: tl.constexpr, FORCED: tl.constexpr,
 ):
+    """FORCED (``selected_dq``): 0, every selected block; 1, the blocks other than the forced ones; 2, the forced
+    ones (the two parts of dq add)."""
     hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
         q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
     dq1, dq2 = zeros_split(BQ * GP, D1, D2)
@@ -235,11 +276,11 @@ def _sel_dq_kernel(
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
     blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
-                                        stride_ih, NUM_SELECTED, NP, UNION, BQ)
-    for i in range(0, NUM_SELECTED if BQ == 1 else count):
+                                        stride_ih, row0 - tok0, last, NUM_SELECTED, NP, UNION, BQ, SEL_BLOCK, FORCED)
+    for i in range(FORCED if BQ == 1 else 0, NUM_SELECTED - 2 * FORCED if BQ == 1 else count):
         s, k1, k2, v = _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, k_desc1, k_desc2, v_desc, tok0, hk,
                                      ok, t, last, stride_kt, stride_vt, qk_scale, SEL_BLOCK, BLOCK_S, DQK, D1, D2, DV,
-                                     BLOCK_DV, PRECISION, BQ, TMA)
+                                     BLOCK_DV, PRECISION, BQ, TMA, FORCED)
         dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
     factor = tl.zeros([BQ * GP], tl.float32) + scale
     if HAS_GATE:
@@ -499,22 +540,57 @@ def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: P
     return query, args
 
 
+def forced_tile_shape(group: int, tiles: SelectedTiles) -> dict[str, int]:
+    """``query_tile_shape`` of the forced blocks' programs: forced_rows rows, at least two tokens."""
+    return query_tile_shape(group, max(tiles.forced_rows, 2 * triton.next_power_of_2(group)))
+
+
+def forced_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: SelectedTiles) -> QueryTiles:
+    """Programs of ``forced_tile_shape`` for the forced blocks (FORCED = 2), which compute their blocks: no union
+    lists (``blocks`` / ``counts`` are never read)."""
+    shape = forced_tile_shape(group, tiles)
+    num_selected = block_indices.shape[-1]
+    table = tile_table(packed.cu, packed.num_seqs, packed.total, shape["BQ"])
+    constexprs = {**shape, "NP": triton.next_power_of_2(num_selected), "UNION": shape["BQ"] * num_selected}
+    return QueryTiles(table, block_indices, block_indices, constexprs)
+
+
+def _passes(query: QueryTiles, args: dict, block_indices: Tensor, packed: Packed, tiles: SelectedTiles, dq: bool
+            ) -> list[tuple[QueryTiles, dict, int, dict[str, int]]]:
+    """The launches of one forward (dq) pass as (tiles, constexprs, FORCED, launch settings): one over every
+    selected block, or, with tiles.forced_apart and one token per program, one over each token's chosen blocks
+    (FORCED = 1) and one over the forced blocks (FORCED = 2) on ``forced_tiles``, which share them between
+    neighbouring tokens. block_indices must then hold the forced blocks, as the top-n writes them."""
+    if not (tiles.forced_apart and query.constexprs["BQ"] == 1 and args["NUM_SELECTED"] >= 3):
+        return [(query, args, 0, query_launch(tiles, args, dq))]
+    forced = forced_tiles(block_indices, packed, args["GROUP"], tiles)
+    return [(query, args, 1, query_launch(tiles, args, dq)),
+            (forced, {**args, **forced.constexprs}, 2, forced_launch(tiles))]
+
+
+def forced_launch(tiles: SelectedTiles) -> dict[str, int]:
+    """The launch settings of the forced blocks' programs (FORCED = 2)."""
+    return {"num_warps": tiles.forced_num_warps, "num_stages": tiles.forced_num_stages}
+
+
 def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, out: Tensor,
                      lse: Tensor, branch_out: Tensor, packed: Packed, sel_block_size: int, scale: float,
                      accumulate: bool, tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
     """out[rows] (+)= gate * attention over the selected blocks; lse[rows] base 2 (+inf: nothing selected);
     branch_out[rows] = the attention itself, un-gated (out's shape; for selected_dq). Returns the query tiles' union
-    lists (``union_lists``) for ``selected_dq`` on the same selection."""
+    lists (``union_lists``) for ``selected_dq`` on the same selection. With tiles.forced_apart (``_passes``) the
+    other blocks' normalised partial output passes through branch_out, rounded to its dtype."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, None)
-    _sel_fwd_kernel[(query.table.grid, k.shape[1])](
-        q, k, v, gate_t, block_indices, query.blocks, query.counts, out, lse, branch_out, packed.cu, query.table.seq,
-        query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt,
-        stride_gh, block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1),
-        branch_out.stride(0), branch_out.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E,
-        **kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma), HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **args, **query_launch(tiles, args, dq=False),
-    )
+    descriptors = kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma)
+    for part, part_args, forced, launch in _passes(query, args, block_indices, packed, tiles, dq=False):
+        _sel_fwd_kernel[(part.table.grid, k.shape[1])](
+            q, k, v, gate_t, block_indices, part.blocks, part.counts, out, lse, branch_out, packed.cu, part.table.seq,
+            part.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            stride_gt, stride_gh, block_indices.stride(0), block_indices.stride(1), out.stride(0), out.stride(1),
+            branch_out.stride(0), branch_out.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E,
+            **descriptors, HAS_GATE=gate is not None, ACCUMULATE=accumulate, FORCED=forced, **part_args, **launch,
+        )
     return union_lists(query)
 
 
@@ -523,19 +599,21 @@ def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
                 scale: float, accumulate: bool, tiles: SelectedTiles, unions: tuple[Tensor, Tensor] | None = None
                 ) -> None:
     """dq[rows] (+)= the selection branch's query gradient; delta[rows] = dO . o_sel, o_sel = selected_forward's
-    branch_out. ``unions``: what
-    ``selected_forward`` returned for this selection and these tiles (else the lists are built again)."""
+    branch_out. ``unions``: what ``selected_forward`` returned for this selection and these tiles (else the lists
+    are built again). With tiles.forced_apart (``_passes``) the forced blocks' part adds into dq after the rest."""
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, unions)
-    _sel_dq_kernel[(query.table.grid, k.shape[1])](
-        q, k, v, gate_t, block_indices, query.blocks, query.counts, dout, branch_out, lse, delta, dq, packed.cu,
-        query.table.seq, query.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), stride_gt, stride_gh, block_indices.stride(0), block_indices.stride(1), dout.stride(0),
-        dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1), q.shape[1],
-        k.shape[1], packed.num_seqs, scale * LOG2E, scale,
-        **kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma), HAS_GATE=gate is not None, ACCUMULATE=accumulate,
-        **args, **query_launch(tiles, args, dq=True),
-    )
+    descriptors = kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma)
+    for part, part_args, forced, launch in _passes(query, args, block_indices, packed, tiles, dq=True):
+        _sel_dq_kernel[(part.table.grid, k.shape[1])](
+            q, k, v, gate_t, block_indices, part.blocks, part.counts, dout, branch_out, lse, delta, dq, packed.cu,
+            part.table.seq, part.table.first, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), stride_gt, stride_gh, block_indices.stride(0), block_indices.stride(1), dout.stride(0),
+            dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1), q.shape[1],
+            k.shape[1], packed.num_seqs, scale * LOG2E, scale,
+            **descriptors, HAS_GATE=gate is not None, ACCUMULATE=accumulate or forced == 2, FORCED=forced,
+            **part_args, **launch,
+        )
 
 
 def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
