@@ -81,6 +81,7 @@ BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selec
 GPU_SEQ_LENS = [524288, 262144, 131072, 65536, 32768, 16384, 8192]
 GPT_SEQ_LENS = [4096, 16384, 65536]
 GPT_TOKENS_PER_STEP = 65536
+MODULE_HIDDEN = 4096  # the module part's model width (both modules project from and to it)
 CHECK_RTOL = 2e-2  # bf16 outputs against float32 math: a few bf16 roundings (2^-8 each) of O(1) values
 SELECTION_MISMATCH = 0.01  # rows whose selected set may differ (near ties scored in another order)
 
@@ -455,12 +456,16 @@ def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, varia
     return rows
 
 
-def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> list[dict]:
+def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, profile_dir: Path | None = None
+                ) -> list[dict]:
+    """The whole NSAAttention module (projections, RoPE, phi, gates, the layer, the output projection) beside a
+    dense attention module with the same projections, forward and forward+backward. profile_dir: after timing,
+    one forward+backward's operator table per module goes to profile_<impl>_<shape>_<T>.txt there (what each
+    module adds to its attention)."""
     shape = SHAPES[shape_name]
-    hidden = 4096
-    nsa_config = NSAConfig(hidden_size=hidden, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+    nsa_config = NSAConfig(hidden_size=MODULE_HIDDEN, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
                            head_dim=shape.dk, head_dim_v=shape.dv, backend="auto")
-    dense_config = ModelConfig(hidden_size=hidden, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+    dense_config = ModelConfig(hidden_size=MODULE_HIDDEN, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
                                head_dim=shape.dk, max_seq_len=seq_len)
     rows = []
     modules = (("nsa_module", NSAAttention(nsa_config)), ("dense_module", SDPAAttention(dense_config)))
@@ -468,11 +473,20 @@ def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
         module = module.to(device=device, dtype=dtype)
 
         def make(grad: bool) -> list[Tensor]:
-            return [torch.randn(1, seq_len, hidden, device=device, dtype=dtype, requires_grad=grad)]
+            return [torch.randn(1, seq_len, MODULE_HIDDEN, device=device, dtype=dtype, requires_grad=grad)]
 
-        row: dict[str, Any] = {"impl": impl, "shape": shape_name, "T": seq_len}
-        rows.append(guarded(row, lambda module=module, make=make: measure(lambda inputs: module(inputs[0]), make,
-                                                                            device)))
+        def work(module: torch.nn.Module = module, make: Callable[[bool], list[Tensor]] = make,
+                 name: str = f"{impl}_{shape_name}") -> dict[str, Any]:
+            def fn(inputs: list[Tensor]) -> Tensor:
+                return module(inputs[0])
+
+            result = measure(fn, make, device)
+            if profile_dir is not None:
+                path = profile_dir / f"profile_{name}_{seq_len}.txt"
+                path.write_text(profile_step(forward_backward(fn, make(True)), device) + "\n")
+            return result
+
+        rows.append(guarded({"impl": impl, "shape": shape_name, "T": seq_len}, work))
         del module
     return rows
 
@@ -555,6 +569,8 @@ def main() -> None:
                         "torch.compile (rows of shape gpt_compiled, beside the eager ones)")
     parser.add_argument("--gpt-profile", action="store_true", help="also write one step's operator table per GPT "
                         "to --results-dir (profile_gpt_<attention>_<shape>_<T>.txt)")
+    parser.add_argument("--module-profile", action="store_true", help="also write one forward+backward's operator "
+                        "table per module to --results-dir (profile_<nsa|dense>_module_public_<T>.txt)")
     parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None)
@@ -612,7 +628,8 @@ def main() -> None:
                     record(layer_rows(shape, seq_len, args.device, dtype, [impl]))  # a timeout keeps the rows so far
     if "module" in args.parts:
         for seq_len in args.module_lens if cuda else [1024]:
-            record(module_rows("public", seq_len, args.device, dtype))
+            record(module_rows("public", seq_len, args.device, dtype,
+                               profile_dir=args.results_dir if args.module_profile else None))
     if "gpt" in args.parts:
         for seq_len in args.gpt_lens if cuda else [1024]:
             record(gpt_rows(seq_len, args.device, compiled=args.gpt_compile,
