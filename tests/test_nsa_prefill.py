@@ -446,6 +446,32 @@ def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...
     return SelectionCase(q, k, v, gate, indices, dout, packed, expected)
 
 
+def check_selection_forward(case: SelectionCase, tiles: SelectedTiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """selected_forward on ``case`` into NaN-poisoned buffers, its out, o and lse against float64 -> (lse, o)."""
+    q, want = case.q, case.expected
+    out, lse, branch_out = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q), output_buffer(
+        *q.shape, like=q)
+    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4,
+                     q.shape[-1] ** -0.5, False, tiles)
+    torch.testing.assert_close(out.double(), want["out"], **TOL)
+    torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
+    torch.testing.assert_close(lse.double(), want["lse"], **TOL)
+    return lse, branch_out
+
+
+def check_selection_dq(case: SelectionCase, tiles: SelectedTiles, lse: torch.Tensor, branch_out: torch.Tensor,
+                       earlier: torch.Tensor | None = None) -> None:
+    """selected_dq on ``case`` into a NaN-poisoned buffer, or adding into ``earlier``; dq and delta against
+    float64."""
+    q, want = case.q, case.expected
+    dq = output_buffer(*q.shape, like=q) if earlier is None else earlier.clone()
+    delta = output_buffer(*q.shape[:2], like=q)
+    selected_dq(q, case.k, case.v, case.gate, case.indices, case.dout, branch_out, lse, delta, dq, case.packed, 4,
+                q.shape[-1] ** -0.5, earlier is not None, tiles)
+    torch.testing.assert_close(dq.double(), want["dq"] + (0 if earlier is None else earlier.double()), **TOL)
+    torch.testing.assert_close(delta.double(), want["delta"], **TOL)
+
+
 @pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(64, 6, 2), (32, 2, 2), (16, 8, 1), (0, 6, 2)])
 def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     """The selection forward / dq with several neighbouring tokens per program (SelectedTiles.rows = BQ tokens x
@@ -455,21 +481,8 @@ def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     select fails). Output, lse, dq and delta = dO . o against float64 given the same blocks. One token per
     program has no tile edges to place: shorter sequences."""
     case = selection_case(heads, kv_heads, seed=rows, lengths=(21, 3, 40) if rows else (13, 3, 20))
-    q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(rows=rows)
-    scale = q.shape[-1] ** -0.5
-    out, lse, branch_out = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q), output_buffer(
-        *q.shape, like=q)
-    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4, scale, False,
-                     tiles)
-    torch.testing.assert_close(out.double(), want["out"], **TOL)
-    torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
-    torch.testing.assert_close(lse.double(), want["lse"], **TOL)
-    dq, delta = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q)
-    selected_dq(q, case.k, case.v, case.gate, case.indices, case.dout, branch_out, lse, delta, dq, case.packed, 4,
-                scale, False, tiles)
-    torch.testing.assert_close(dq.double(), want["dq"], **TOL)
-    torch.testing.assert_close(delta.double(), want["delta"], **TOL)
+    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel._replace(rows=rows)
+    check_selection_dq(case, tiles, *check_selection_forward(case, tiles))
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "forced_rows"), [(12, 1, 128), (16, 2, 32), (20, 1, 64)])
@@ -481,24 +494,11 @@ def test_selection_with_the_forced_blocks_apart_matches_float64_reference(heads,
     slots; tiles of 8 tokens span two blocks of 4. Output, lse, dq and delta against float64; outputs start NaN,
     and the dq also adds into an existing gradient."""
     case = selection_case(heads, kv_heads, seed=forced_rows, lengths=(13, 3, 30), choose=rule_selections)
-    q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(forced_apart=True,
-                                                                                   forced_rows=forced_rows)
-    scale = q.shape[-1] ** -0.5
-    out, lse, branch_out = output_buffer(*q.shape, like=q), output_buffer(*q.shape[:2], like=q), output_buffer(
-        *q.shape, like=q)
-    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4, scale, False,
-                     tiles)
-    torch.testing.assert_close(out.double(), want["out"], **TOL)
-    torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
-    torch.testing.assert_close(lse.double(), want["lse"], **TOL)
-    earlier = randn(*q.shape, seed=5).float()
-    for accumulate, start in ((False, output_buffer(*q.shape, like=q)), (True, earlier)):
-        dq, delta = start.clone(), output_buffer(*q.shape[:2], like=q)
-        selected_dq(q, case.k, case.v, case.gate, case.indices, case.dout, branch_out, lse, delta, dq, case.packed,
-                    4, scale, accumulate, tiles)
-        torch.testing.assert_close(dq.double(), want["dq"] + (earlier.double() if accumulate else 0), **TOL)
-        torch.testing.assert_close(delta.double(), want["delta"], **TOL)
+    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel._replace(
+        forced_apart=True, forced_rows=forced_rows)
+    lse, branch_out = check_selection_forward(case, tiles)
+    check_selection_dq(case, tiles, lse, branch_out)
+    check_selection_dq(case, tiles, lse, branch_out, earlier=randn(*case.q.shape, seed=5).float())
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (2, 2), (4, 2)])
