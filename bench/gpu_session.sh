@@ -24,10 +24,11 @@ if [[ " $PARTS " == *" tests "* ]]; then
 fi
 if [[ " $PARTS " == *" prefill "* ]]; then
     # NSA prefill/training (issue 11): the public shape at every length first (the targets), then the other shapes
-    # at 64k, the module and the GPT. fla's rows need its wheel: carry .whl and install it (CLAUDE.md).
+    # at 64k, the module (with its operator table beside the dense module's) and the GPT. fla's rows need its wheel:
+    # carry .whl and install it (CLAUDE.md).
     timeout "${PREFILL_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts check kernels layer module gpt \
         --seq-lens 131072 65536 32768 16384 8192 262144 524288 --other-shape-lens 65536 --results-dir "$OUT" \
-        --max-seconds 300 2>&1 | tee "$OUT/bench_prefill.log" || echo "bench_prefill exited with $?"
+        --module-profile --max-seconds 300 2>&1 | tee "$OUT/bench_prefill.log" || echo "bench_prefill exited with $?"
 fi
 if [[ " $PARTS " == *" tiles "* ]]; then
     # Tile candidates of the range, top-n and selection kernels at 64k (bench_prefill.tile_variants, the defaults first),
