@@ -153,10 +153,10 @@ def _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads
                 SEL_BLOCK: tl.constexpr, FORCED: tl.constexpr):
     """The blocks this program attends to: (where its list starts, its rows' own selections, the list's length).
     One token (BQ = 1): its own n slots (ascending, then -1), which every row reads; the length is NUM_SELECTED,
-    taken as a constexpr by the caller, and the selections are unused. Several tokens: the union
-    of their blocks (ascending, ``query_tiles``) and each row's selected blocks [rows, NP] (-1 unused). FORCED = 2:
-    the union of the tokens' forced blocks, computed, not read: block 0, then ``blocks`` (the first token's block
-    before its own, at least 1) up to the last token's own block."""
+    taken as a constexpr by the caller, and the selections are unused. Several tokens: the union of their blocks
+    (ascending, ``query_tiles``) and each row's selected blocks [rows, NP] (-1 unused). FORCED = 2: the union of
+    the tokens' forced blocks, computed, not read: block 0, then ``blocks`` (the block before the first token's
+    own, at least 1) up to the last token's own block."""
     if FORCED == 2:
         blocks = tl.maximum(first // SEL_BLOCK - 1, 1)
         chosen = ok
