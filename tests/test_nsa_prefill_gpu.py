@@ -64,18 +64,17 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
-@pytest.mark.parametrize(("forced", "heads", "kv_heads", "dk", "dv", "seq_len"), [
-    (True, 64, 4, 128, 128, 2048),  # the public shape: 8 tokens x 16 heads per forced program
-    (True, 48, 4, 192, 128, 3000),  # G = 12, the paper's d_k, T not a multiple of any block
-    (True, 64, 1, 64, 64, 1024),  # G = 64: 2 tokens x 64 heads
-    (False, 64, 4, 128, 128, 2048),  # every block in one pass, where the default sets them apart
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [
+    (64, 4, 128, 128, 2048),  # the public shape: 8 tokens x 16 heads per forced program
+    (48, 4, 192, 128, 3000),  # G = 12, the paper's d_k, T not a multiple of any block
+    (64, 1, 64, 64, 1024),  # G = 64: 2 tokens x 64 heads
 ])
-def test_selection_with_the_forced_blocks_apart_or_not_matches_float64_reference(monkeypatch, forced, heads,
-                                                                                   kv_heads, dk, dv, seq_len):
+def test_selection_with_the_forced_blocks_apart_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv,
+                                                                           seq_len):
     """The selection forward / dq with the three forced blocks in programs of several tokens apart from the other
-    blocks (SelectedTiles.forced_apart, the forward resuming from the partial softmax), or not
-    (tests/test_nsa_prefill.py checks it in the interpreter)."""
-    use_prefill_tiles(monkeypatch, selected={"forced_apart": forced})
+    blocks (SelectedTiles.forced_apart, off by default: the one-pass default runs in every other test; the forward
+    resumes from the partial softmax; tests/test_nsa_prefill.py checks it in the interpreter)."""
+    use_prefill_tiles(monkeypatch, selected={"forced_apart": True})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 

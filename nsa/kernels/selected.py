@@ -185,8 +185,8 @@ def _listed_block(blocks, i, chosen, q1, q2, k_base, v_base, k_desc1, k_desc2, v
     they sit among slots 1 .. n - 3 (prefixes too short for n - 3 other candidates); FORCED = 2 reads each row's
     forced blocks {0, c - 1, c}, c = t // l'."""
     reads = ok
-    if FORCED == 2:
-        block = tl.where(last >= 0, tl.where(i == 0, 0, blocks + i - 1), -1)
+    if FORCED == 2:  # (a program past the last tile has an empty list: _block_list's count)
+        block = tl.where(i == 0, 0, blocks + i - 1)
         own = t // SEL_BLOCK
         reads = ok & ((block == 0) | (block == own - 1) | (block == own))
     else:
@@ -264,15 +264,19 @@ def _sel_dq_kernel(
     ACCUMULATE: tl.constexpr, TMA: tl.constexpr, FORCED: tl.constexpr,
 ):
     """FORCED (``selected_dq``): 0, every selected block; 1, the blocks other than the forced ones; 2, the forced
-    ones (the two parts of dq add)."""
+    ones (the two parts of dq add; 2 reads the delta that 1 stored)."""
     hk, tok0, row0, local, t, ok, heads, last, q1, q2 = _query_rows(
         q_ptr, cu_ptr, tile_seq_ptr, tile_first_ptr, num_seqs, stride_qt, stride_qh, GROUP, GP, BQ, DQK, D1, D2)
     dq1, dq2 = zeros_split(BQ * GP, D1, D2)
     do = load_at(do_ptr + row0 * stride_dot, local * stride_dot + heads * stride_doh, ok, 0, BLOCK_DV, DV)
-    lse = tl.load(lse_ptr + (row0 + local) * num_heads + heads, mask=ok, other=float("inf"))
-    delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, local * stride_bt + heads * stride_bh, ok, 0,
-                                  BLOCK_DV, DV))
-    tl.store(delta_ptr + (row0 + local) * num_heads + heads, delta, mask=ok)
+    stats = (row0 + local) * num_heads + heads
+    lse = tl.load(lse_ptr + stats, mask=ok, other=float("inf"))
+    if FORCED == 2:  # the first pass (FORCED = 1) stored delta for these rows
+        delta = tl.load(delta_ptr + stats, mask=ok, other=0.0)
+    else:
+        delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, local * stride_bt + heads * stride_bh, ok, 0,
+                                      BLOCK_DV, DV))
+        tl.store(delta_ptr + stats, delta, mask=ok)
     k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
     v_base = v_ptr + tok0 * stride_vt + hk * stride_vh
     blocks, chosen, count = _block_list(idx_ptr, union_ptr, count_ptr, row0, local, ok, hk, num_kv_heads, stride_it,
