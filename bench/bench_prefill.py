@@ -460,8 +460,8 @@ def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, 
                 ) -> list[dict]:
     """The whole NSAAttention module (projections, RoPE, phi, gates, the layer, the output projection) beside a
     dense attention module with the same projections, forward and forward+backward. profile_dir: after timing,
-    one forward+backward's operator table per module goes to profile_<impl>_<shape>_<T>.txt there (what each
-    module adds to its attention)."""
+    one forward+backward's operator table per module goes to profile_<impl>_<shape>_<T>.txt there and one
+    forward's (without gradients) to profile_<impl>_<shape>_<T>_fwd.txt (what each module adds to its attention)."""
     shape = SHAPES[shape_name]
     nsa_config = NSAConfig(hidden_size=MODULE_HIDDEN, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
                            head_dim=shape.dk, head_dim_v=shape.dv, backend="auto")
@@ -484,6 +484,10 @@ def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, 
             if profile_dir is not None:
                 path = profile_dir / f"profile_{name}_{seq_len}.txt"
                 path.write_text(profile_step(forward_backward(fn, make(True)), device) + "\n")
+                with torch.no_grad():  # the forward alone, as fwd_ms times it
+                    inputs = make(False)
+                    forward_table = profile_step(lambda: fn(inputs), device)
+                (profile_dir / f"profile_{name}_{seq_len}_fwd.txt").write_text(forward_table + "\n")
             return result
 
         rows.append(guarded({"impl": impl, "shape": shape_name, "T": seq_len}, work))
@@ -569,8 +573,9 @@ def main() -> None:
                         "torch.compile (rows of shape gpt_compiled, beside the eager ones)")
     parser.add_argument("--gpt-profile", action="store_true", help="also write one step's operator table per GPT "
                         "to --results-dir (profile_gpt_<attention>_<shape>_<T>.txt)")
-    parser.add_argument("--module-profile", action="store_true", help="also write one forward+backward's operator "
-                        "table per module to --results-dir (profile_<nsa|dense>_module_public_<T>.txt)")
+    parser.add_argument("--module-profile", action="store_true", help="also write one forward+backward's and one "
+                        "forward's operator table per module to --results-dir (profile_<nsa|dense>_module_public_<T>"
+                        ".txt, ..._<T>_fwd.txt)")
     parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None)

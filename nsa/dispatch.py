@@ -63,6 +63,16 @@ def triton_obstacles(tensors: tuple[torch.Tensor, ...], allow_interpreter: bool,
     return obstacles
 
 
+def elementwise_kernel_applies(x: torch.Tensor, *, contiguous: bool = True) -> bool:
+    """Whether a memory-bound pass over x (nsa.kernels.rows, nsa.kernels.rope) takes its single Triton kernel rather
+    than its PyTorch form: eager (under torch.compile inductor fuses the PyTorch form into the ops around it),
+    non-empty CUDA tensors of 16/32-bit floats, contiguous (``contiguous=False``: the last dim alone), triton
+    installed, and $NSA_BACKEND not "torch". Both forms compute the same values; nothing is logged."""
+    layout_ok = x.is_contiguous() if contiguous else x.dim() > 0 and x.stride(-1) == 1
+    return (x.is_cuda and x.dtype in TRITON_DTYPES and layout_ok and x.numel() > 0 and TRITON_AVAILABLE
+            and os.environ.get(BACKEND_ENV, "") != "torch" and not torch.compiler.is_compiling())
+
+
 def choose_backend(op: str, requested: str, tensors: tuple[torch.Tensor, ...], *, inference_only: bool,
                    error: type[Exception], extra_obstacles: tuple[str, ...] = (), fallback: str = "torch"
                    ) -> BackendChoice:

@@ -87,10 +87,10 @@ def poison_rows(out: Tensor, rows: Tensor) -> Tensor:
 
 
 def _row_kernels_apply(x: Tensor) -> bool:
-    """Whether the row passes take nsa.kernels.rows' single Triton pass: eager, non-empty CUDA tensors of 16/32-bit
-    floats, contiguous. Under torch.compile the torch forms stay (inductor fuses them into the ops around)."""
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous()
-            and x.numel() > 0 and not torch.compiler.is_compiling())
+    """Whether the row passes take nsa.kernels.rows' single Triton pass (nsa.dispatch.elementwise_kernel_applies)."""
+    from nsa.dispatch import elementwise_kernel_applies  # nsa.dispatch imports this module's importers
+
+    return elementwise_kernel_applies(x)
 
 
 class _PoisonRows(torch.autograd.Function):

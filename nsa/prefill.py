@@ -96,7 +96,7 @@ class PrefillTiles(NamedTuple):
 
 def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
     """Tile settings: the GPU defaults (tuned on the H200), or 16-wide tiles for the CPU interpreter's tiny tests
-    (the compression's K / V through TMA, the window's through pointer loads over tokens x heads, as on the GPU;
+    (the compression's and the window's K / V through TMA, the window over tokens x heads, as on the GPU;
     top-n programs of 32 rows, so that a top-n setting read where the selection's belongs changes shapes in the
     tests too)."""
     from nsa.kernels.range_attention import RangeTiles, tiles_for
@@ -107,7 +107,8 @@ def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
         ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1, dq_num_warps=4)
         selected = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8, dkv_num_warps=4,
                                  dkv_num_stages=1)
-        return PrefillTiles(ranges._replace(tma=True), ranges._replace(head_rows=True), TopnTiles(32, 4, 1), selected)
+        return PrefillTiles(ranges._replace(tma=True), ranges._replace(tma=True, head_rows=True), TopnTiles(32, 4, 1),
+                            selected)
     return PrefillTiles(tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group), topn_tiles_for(group),
                         SelectedTiles())
 

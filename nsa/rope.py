@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from nsa.dispatch import elementwise_kernel_applies
 from nsa.errors import NSAInputError
 
 
@@ -12,7 +15,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
 
     Pairs (i, i + D/2) rotate by angle position * theta^(-2i/D). Each head is rotated on its own D
     dims, never over the flattened H*D vector. The rotation is computed in float32 (float64 for
-    float64 inputs) so positions near 1M keep their precision, then cast back to x's dtype.
+    float64 inputs) so positions near 1M keep their precision, then cast back to x's dtype. Eager on CUDA
+    the rotation is one Triton pass forward and one backward (nsa.kernels.rope), the same float32 arithmetic.
     """
     if x.dim() != 4:
         raise NSAInputError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
@@ -27,7 +31,30 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
     angles = positions.to(compute_dtype)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
     if angles.dim() == 2:
         angles = angles.unsqueeze(0)
-    cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)  # [B|1, T, 1, D/2]
+    cos, sin = angles.cos(), angles.sin()  # [B|1, T, D/2]
+    if elementwise_kernel_applies(x, contiguous=False) and not positions.requires_grad:
+        return _RopeKernel.apply(x, cos, sin)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, T, 1, D/2]: broadcast over the heads
     x1, x2 = x[..., :half].to(compute_dtype), x[..., half:].to(compute_dtype)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x.dtype)
+
+
+class _RopeKernel(torch.autograd.Function):
+    """apply_rope in one pass (nsa.kernels.rope, eager CUDA); its backward rotates the gradient back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        from nsa.kernels.rope import rope_triton
+
+        ctx.save_for_backward(cos, sin)
+        return rope_triton(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        from nsa.kernels.rope import rope_triton
+
+        cos, sin = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        return rope_triton(grad, cos, sin, inverse=True), None, None

@@ -141,14 +141,15 @@ def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch
 def test_module_rows_time_both_modules_and_write_their_profiles(monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Any) -> None:
     """The module part on the CPU at a small width: an NSA module row and a dense module row, each with forward and
-    forward+backward times, and with --module-profile one operator table per module."""
+    forward+backward times, and with --module-profile two operator tables per module (forward+backward, forward)."""
     monkeypatch.setattr(bench_prefill, "MODULE_HIDDEN", 64)
     monkeypatch.setitem(bench_prefill.SHAPES, "public", bench_prefill.Shape(4, 2, 16, 16))
     rows = bench_prefill.module_rows("public", 128, "cpu", torch.float32, profile_dir=tmp_path)
     assert [row["impl"] for row in rows] == ["nsa_module", "dense_module"]
     assert all(row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0 and "error" not in row for row in rows)
     tables = {path.name: path.read_text() for path in tmp_path.iterdir()}
-    assert sorted(tables) == ["profile_dense_module_public_128.txt", "profile_nsa_module_public_128.txt"]
+    assert sorted(tables) == ["profile_dense_module_public_128.txt", "profile_dense_module_public_128_fwd.txt",
+                              "profile_nsa_module_public_128.txt", "profile_nsa_module_public_128_fwd.txt"]
     assert all("aten::" in table and "Self CPU time total" in table for table in tables.values())
 
 

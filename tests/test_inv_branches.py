@@ -339,6 +339,66 @@ def test_apply_rope_matches_reference(d):
     torch.testing.assert_close(apply_rope(x, pos), per_head, **TOL64)
 
 
+@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float32, 6), (torch.bfloat16, 128)])
+def test_rope_kernel_matches_reference_forward_and_backward(monkeypatch, dtype, head_dim):
+    """apply_rope on nsa.kernels.rope (the eager GPU path, in Triton's interpreter here) against the float64
+    loop reference: one table for every sequence and one per sequence, float positions, a head slice whose
+    rows are not contiguous (the module's key sets), D/2 not a power of two; its gradient against the
+    reference's (float64 autograd through the rotation); and against the PyTorch form, whose float32
+    arithmetic it repeats, to float32 rounding. The kernel really ran both ways."""
+    import nsa.kernels.rope as rope_kernels
+    import nsa.rope
+
+    calls: list[bool] = []
+    kernel = rope_kernels.rope_triton
+    monkeypatch.setattr(rope_kernels, "rope_triton", lambda *a, **kw: calls.append(kw.get("inverse", False))
+                        or kernel(*a, **kw))
+    eps = torch.finfo(dtype).eps
+    wide = randn(2, 5, 4, head_dim, seed=head_dim)
+    for positions in (torch.tensor([0, 3, 7, 100, 65535]), torch.tensor([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13]]),
+                      torch.tensor([0.5, 8.5, 24.5, 1e4 + 0.5, 7.5e5 + 0.5], dtype=F64)):
+        # float32 angles pos * theta^(-2i/D) carry ~2^-23 * pos of absolute error (both forms compute them so)
+        angle_tol = 2.0**-21 * float(positions.abs().max()) * float(wide.abs().max())
+        tol = angle_tol + 2 * eps * float(wide.abs().max())
+        x = wide[:, :, 1:3].to(dtype).requires_grad_()  # strides of the 4-head tensor
+        dy = randn(2, 5, 2, head_dim, seed=7).to(dtype)
+        with monkeypatch.context() as on_kernel:
+            on_kernel.setattr(nsa.rope, "elementwise_kernel_applies", lambda x, contiguous: x.stride(-1) == 1)
+            y = apply_rope(x, positions)
+            (dx,) = torch.autograd.grad(y, x, dy)
+        assert y.dtype == dtype and y.is_contiguous()
+        x64 = x.detach().double().requires_grad_()
+        want = ref_rope(x64, positions)
+        (dx_want,) = torch.autograd.grad(want, x64, dy.double())
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=tol)
+        torch.testing.assert_close(dx.double(), dx_want, rtol=0, atol=tol)
+        y_torch = apply_rope(x, positions)  # the PyTorch form (a CPU tensor)
+        (dx_torch,) = torch.autograd.grad(y_torch, x, dy)
+        # the same float32 products, summed with or without a fused multiply-add: one float32 rounding apart,
+        # then at most one ulp of the result's dtype where the rounding to it tips
+        torch.testing.assert_close(y, y_torch, rtol=eps, atol=1e-6)
+        torch.testing.assert_close(dx, dx_torch, rtol=eps, atol=1e-6)
+    assert calls == [False, True] * 3
+
+
+def test_elementwise_kernels_stay_off_the_cpu_and_under_the_torch_switch(monkeypatch):
+    """The memory-bound passes (nonfinite rows, RoPE) take their Triton kernels only on CUDA tensors, and
+    NSA_BACKEND=torch keeps them on PyTorch (checked through the rule's other conditions on a CPU tensor)."""
+    from nsa import dispatch
+
+    x = torch.ones(2, 3)
+    assert not dispatch.elementwise_kernel_applies(x)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert dispatch.elementwise_kernel_applies(x) == dispatch.TRITON_AVAILABLE
+    columns = torch.ones(3, 4)[:, :2]  # rows 4 apart, each contiguous
+    assert not dispatch.elementwise_kernel_applies(columns) and not dispatch.elementwise_kernel_applies(
+        x.t(), contiguous=False)
+    assert dispatch.elementwise_kernel_applies(columns, contiguous=False) == dispatch.TRITON_AVAILABLE
+    assert not dispatch.elementwise_kernel_applies(x.double()) and not dispatch.elementwise_kernel_applies(x[:0])
+    monkeypatch.setenv("NSA_BACKEND", "torch")
+    assert not dispatch.elementwise_kernel_applies(x)
+
+
 def test_apply_rope_relative_position_property():
     """<rope(q, m), rope(k, n)> depends only on m - n."""
     q, k = randn(1, 1, 1, 8, seed=1), randn(1, 1, 1, 8, seed=2)

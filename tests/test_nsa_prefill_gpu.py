@@ -14,7 +14,7 @@ import torch
 from conftest import use_prefill_tiles
 from reference import check_selection, dense_nsa, dense_selection_scores, ref_num_cmp
 
-from nsa import NSAAttention, NSAConfig, nsa_attention
+from nsa import NSAAttention, NSAConfig, apply_rope, nsa_attention
 from nsa.compress_pool import compress_mean_pool
 from nsa.nonfinite import nonfinite_rows, nsa_nonfinite_rows, poison_rows
 
@@ -102,7 +102,7 @@ def test_loads_through_pointers_or_descriptors_match_float64_reference(monkeypat
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [(16, 4, 128, 128, 2048), (4, 4, 64, 64, 3000)])
 def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
     """The selection dk/dv of groups narrower than a 16-row step, filled with list entries (tests/test_nsa_prefill.py
-    checks it in the interpreter)."""
+    checks it in the interpreter); at head dim 128 the window's K / V through TMA (the default up to G = 4)."""
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
@@ -267,6 +267,43 @@ def test_poison_rows_fill_nan_forward_and_zero_gradient(dtype):
     want = torch.where(flags, float("nan"), out.detach().cpu().double())
     torch.testing.assert_close(got.detach().cpu().double(), want, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(grad.cpu(), torch.where(flags, 0, weights.cpu()))
+
+
+@pytest.mark.parametrize(("dtype", "shape", "per_sequence"), [
+    (torch.bfloat16, (1, 8192, 64, 128), False),  # the public shape's queries
+    (torch.float32, (2, 3000, 8, 96), True),  # D/2 not a power of two, one table per sequence
+])
+def test_rope_kernel_matches_float64_rotation_and_the_torch_form(monkeypatch, dtype, shape, per_sequence):
+    """apply_rope on the GPU (nsa.kernels.rope, one pass each way) against the rotation in float64 on the CPU (to
+    the float32 angles' error, ~2^-23 * position, plus the dtype's rounding) and against the PyTorch form on the
+    same tensors (NSA_BACKEND=torch; the same float32 arithmetic, one rounding apart); gradients likewise."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    wide = torch.randn(shape[0], shape[1], 2 * shape[2], shape[3], device="cuda", generator=gen).to(dtype)
+    x = wide[:, :, : shape[2]].requires_grad_()  # rows 2 * H * D apart, as the module's key sets
+    positions = torch.arange(shape[1], device="cuda") + (torch.tensor([[0], [5000]], device="cuda")
+                                                         if per_sequence else 0)
+    dy = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    y = apply_rope(x, positions)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    half = shape[3] // 2
+    angles = positions.cpu().double()[..., None] * 10000.0 ** (-torch.arange(half).double() * 2 / shape[3])
+    angles = angles.expand(shape[0], shape[1], half)[:, :, None]
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotate(v: torch.Tensor, sign: float) -> torch.Tensor:
+        v1, v2 = v[..., :half], v[..., half:]
+        return torch.cat((v1 * cos - sign * v2 * sin, v2 * cos + sign * v1 * sin), dim=-1)
+
+    scale = float(wide.abs().max())
+    tol = 2.0**-21 * float(positions.max()) * scale + 2 * torch.finfo(dtype).eps * scale
+    torch.testing.assert_close(y.double().cpu(), rotate(x.detach().double().cpu(), 1.0), rtol=0, atol=tol)
+    torch.testing.assert_close(dx.double().cpu(), rotate(dy.double().cpu(), -1.0), rtol=0, atol=tol)
+    monkeypatch.setenv("NSA_BACKEND", "torch")
+    y_torch = apply_rope(x, positions)
+    (dx_torch,) = torch.autograd.grad(y_torch, x, dy)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y, y_torch, rtol=eps, atol=1e-6)
+    torch.testing.assert_close(dx, dx_torch, rtol=eps, atol=1e-6)
 
 
 @pytest.mark.parametrize(("batch", "seq_len", "first_bad", "lengths"), [

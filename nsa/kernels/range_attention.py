@@ -497,14 +497,17 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     programs against 30.72 on 64 (the paper's shape, the same day). Up to head dim 128 the window's forward and dq
     run one warpgroup per program (64 rows on 4 warps, two programs per SM; 2026-12-04, 64k): forward / dq 3.89 /
     4.60 ms against 4.28 / 4.74 on 128 rows of 8 warps (public), 3.32 / 3.66 against 3.50 / 3.93 (G = 12); the
-    compression's forward on them 10.68 against 10.83 (public) and its dq 14.83 against 12.27: it keeps 8 warps."""
+    compression's forward on them 10.68 against 10.83 (public) and its dq 14.83 against 12.27: it keeps 8 warps. On
+    those tiles the window loads K / V through TMA (2026-12-04, 64k): forward / dq 3.64 / 4.34 ms against 3.87 /
+    4.50 (public), 0.98 / 1.15 against 1.06 / 1.19 (G = 4), where 128-row programs of 8 warps had gained nothing
+    from it."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
         return RangeTiles(head_rows=True, dq_n=32) if branch == "win" else RangeTiles()
     if head_dim <= 128:
         if branch == "win":
-            return RangeTiles(fwd_m=64, dq_m=64, num_warps=4, dq_num_warps=4, head_rows=True)
+            return RangeTiles(fwd_m=64, dq_m=64, num_warps=4, dq_num_warps=4, head_rows=True, tma=True)
         return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if group == 16 else 2)
     if head_dim <= 192:
         return RangeTiles(dq_n=32, dkv_m=32, head_rows=branch == "win")
