@@ -16,7 +16,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
     Pairs (i, i + D/2) rotate by angle position * theta^(-2i/D). Each head is rotated on its own D
     dims, never over the flattened H*D vector. The rotation is computed in float32 (float64 for
     float64 inputs) so positions near 1M keep their precision, then cast back to x's dtype. Eager on CUDA
-    the rotation is one Triton pass forward and one backward (nsa.kernels.rope), the same float32 arithmetic.
+    the rotation is one Triton pass forward and one backward (nsa.kernels.rope), bitwise the same result.
     """
     if x.dim() != 4:
         raise NSAInputError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")

@@ -6,8 +6,10 @@ sum, the concatenation and the cast back), each a pass over a float32 tensor the
 
 x [B, T, H, D] (strides arbitrary but the last dim's, which is contiguous) is taken as B * T * H rows of D; row
 (b, t, h) rotates its pairs (i, i + D/2) by the angles whose cosines and sines are cos[b', t, i], sin[b', t, i]
-(float32 [B', T, D/2], B' = 1 or B: one table for every sequence or one per sequence). The arithmetic is float32
-like the PyTorch form's; the backward is the rotation by the opposite angles (sin negated).
+(float32 [B', T, D/2], B' = 1 or B: one table for every sequence or one per sequence). The arithmetic is the
+PyTorch form's, rounding for rounding (float32 products and sums, no fused multiply-add), so eager calls on the
+kernel and torch.compile'd ones on the PyTorch form agree bitwise; the backward is the rotation by the opposite
+angles (sin negated), which is what autograd computes through the PyTorch form.
 """
 
 from __future__ import annotations
@@ -54,5 +56,6 @@ def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> T
     num_rows = batch * seq_len * heads
     _rope_kernel[(triton.cdiv(num_rows, block_r),)](
         x, cos, sin, out, num_rows, seq_len, heads, half, x.stride(0), x.stride(1), x.stride(2),
-        0 if cos.shape[0] == 1 else seq_len, INVERSE=inverse, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+        0 if cos.shape[0] == 1 else seq_len, INVERSE=inverse, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
+        enable_fp_fusion=False)  # no fused multiply-adds: the PyTorch form's roundings, bit for bit
     return out
