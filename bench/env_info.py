@@ -70,7 +70,8 @@ def cpu_median_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
 
 def profile_step(step: Callable[[], None], device: str) -> str:
     """Operator table of one call of ``step`` (the 25 largest by self time): where the time goes (launches vs
-    kernels, kernels vs elementwise work)."""
+    kernels, kernels vs elementwise work). On CUDA a second table ranks the same operators by their host time (a
+    host-bound step: which calls the GPU waits on)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -78,8 +79,11 @@ def profile_step(step: Callable[[], None], device: str) -> str:
         step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-    sort_key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    return str(prof.key_averages().table(sort_by=sort_key, row_limit=25))
+    averages = prof.key_averages()
+    if not device.startswith("cuda"):
+        return str(averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    return (f"{averages.table(sort_by='self_cuda_time_total', row_limit=25)}\n\nBy host time:\n"
+            f"{averages.table(sort_by='cpu_time_total', row_limit=40)}")
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
