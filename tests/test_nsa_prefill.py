@@ -16,6 +16,7 @@ float64 scores by check_selection: equal sets except where two boundary scores a
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -23,6 +24,8 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from conftest import F64, randn, use_prefill_tiles
+from hypothesis import given
+from hypothesis import strategies as st
 from reference import (
     check_selection,
     dense_cmp_mask,
@@ -187,6 +190,37 @@ def test_descriptors_only_for_16_byte_aligned_rows():
     assert not tiles.kv_descriptors(odd, v, 16, split_dims(16, 16), True)["TMA"]
     offset = torch.randn(40 * 2 * 16 + 1)[1:].view(40, 2, 16)  # base 4 bytes past an aligned address
     assert not tiles.kv_descriptors(offset, v, 16, split_dims(16, 16), True)["TMA"]
+
+
+def _python_tile_table(lengths: list[int], tile: int, grid: int) -> tuple[list[int], list[int]]:
+    """Program -> sequence by counting, from the sizes alone: sequence s holds ceil(len_s / tile) consecutive
+    programs; programs past the last real tile map to S."""
+    first = [0]
+    for length in lengths:
+        first.append(first[-1] + -(-length // tile))
+    seq = [next((s for s in range(len(lengths)) if first[s] <= p < first[s + 1]), len(lengths)) for p in range(grid)]
+    return seq, first
+
+
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=5), st.sampled_from([1, 4, 16, 64]), st.booleans())
+def test_tile_tables_of_equal_and_packed_sequences_count_tiles(lengths, tile, equal):
+    """tile_table (prefix sums and a search over cu) and its arithmetic form for batches of equal lengths (the
+    host's sizes alone: what an unpacked [B, T] batch takes) against counting in Python; token_sequences
+    likewise, sequences of length 0 included."""
+    if equal:
+        lengths = [lengths[0]] * len(lengths)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    total = int(cu[-1])
+    packed = (tiles.packed_batch(len(lengths), lengths[0], torch.device("cpu")) if equal
+              else packed_varlen(cu, total))
+    grid = tiles.tile_grid(total, len(lengths), tile)
+    want_seq, want_first = _python_tile_table(lengths, tile, grid)
+    tables = [tiles.tile_table(cu, len(lengths), total, tile), tiles.packed_tiles(packed, tile)]
+    for table in tables:
+        assert table.grid == grid and table.seq.dtype == table.first.dtype == torch.int32
+        assert table.seq.tolist() == want_seq and table.first.tolist() == want_first
+    assert tiles.token_sequences(packed).tolist() == [s for s, n in enumerate(lengths) for _ in range(n)]
+    assert packed.equal == equal
 
 
 def test_token_rows_keep_head_offsets_within_int32():

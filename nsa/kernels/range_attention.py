@@ -50,6 +50,7 @@ from nsa.kernels.tiles import (
     load_at,
     load_tile,
     output_buffer,
+    packed_tiles,
     split_dims,
     store_at,
     store_tile,
@@ -382,7 +383,7 @@ def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Ten
     nothing is visible); branch_out[rows] = the attention itself, un-gated (out's shape; for range_dq). cu_keys:
     cumulative key counts [S + 1] of the packed key tensor k / v."""
     rows = query_rows(q.shape[1] // k.shape[1], tiles.fwd_m, tiles)
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, rows.tokens)
+    table = packed_tiles(packed, rows.tokens)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, out, branch_out)
@@ -401,7 +402,7 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
              accumulate: bool, tiles: RangeTiles) -> None:
     """dq[rows] (+)= this branch's query gradient; delta[rows] = dO . o (float32), o = range_forward's branch_out."""
     rows = query_rows(q.shape[1] // k.shape[1], tiles.dq_m, tiles)
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, rows.tokens)
+    table = packed_tiles(packed, rows.tokens)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, dout, branch_out, dq)
@@ -424,7 +425,9 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
     if k.shape[0] == 0:
         return dk, dv
     num_keys = k.shape[0]
-    table: TileTable = tile_table(cu_keys, packed.num_seqs, num_keys, tiles.dkv_n)
+    # an unpacked batch has as many keys in every sequence
+    table: TileTable = tile_table(cu_keys, packed.num_seqs, num_keys, tiles.dkv_n,
+                                  num_keys // packed.num_seqs if packed.equal else None)
     # A window bounds a key tile's queries (dkv_n * stride + window): splitting them only adds empty programs.
     per_split = -(-packed.max_len // (1 if rule.window else tiles.max_splits))
     split_len = -(-per_split // tiles.dkv_m) * tiles.dkv_m

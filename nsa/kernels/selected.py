@@ -48,12 +48,12 @@ from nsa.kernels.tiles import (
     load_at,
     load_tile,
     output_buffer,
+    packed_tiles,
     split_dims,
     store_at,
     store_tile,
     tile_grid,
     tile_origin,
-    tile_table,
     token_sequences,
 )
 
@@ -412,10 +412,10 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     order, so the dk/dv sums run in a fixed order. No host sync (the sizes are host bounds)."""
     _, num_kv_heads, num_selected = block_indices.shape
     device = block_indices.device
-    lengths = (packed.cu[1:] - packed.cu[:-1]).long()
-    per_seq = (lengths + sel_block_size - 1) // sel_block_size
-    cu_blocks = torch.cat((per_seq.new_zeros(1), per_seq.cumsum(0)))
-    blocks_per_head = -(-packed.total // sel_block_size) + packed.num_seqs  # bound on the global block count
+    # A sequence's selection blocks are its tiles of sel_block_size tokens: global block -> sequence, and a bound on
+    # the global block count, as for any tiles.
+    blocks = packed_tiles(packed, sel_block_size)
+    cu_blocks, blocks_per_head = blocks.first, blocks.grid
     num_lists = num_kv_heads * blocks_per_head
     seq_of_token = token_sequences(packed).long()
     global_block = cu_blocks[seq_of_token][:, None, None] + block_indices.long()
@@ -432,10 +432,9 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     chunk_list = torch.searchsorted(list_chunks[1:], chunk_ids, right=True)
     owner = chunk_list.clamp_max(num_lists - 1)
     chunk_start = bounds[owner] + (chunk_ids - list_chunks[owner]) * chunk
-    block_seq = torch.searchsorted(cu_blocks[1:], torch.arange(blocks_per_head, device=device), right=True)
     return SelectionLists(entries, bounds[1:].to(torch.int32), list_chunks.to(torch.int32),
-                          chunk_list.to(torch.int32), chunk_start.to(torch.int32), block_seq.to(torch.int32),
-                          cu_blocks.to(torch.int32), blocks_per_head)
+                          chunk_list.to(torch.int32), chunk_start.to(torch.int32), blocks.seq, cu_blocks,
+                          blocks_per_head)
 
 
 def _launch_args(q: Tensor, k: Tensor, v: Tensor, sel_block_size: int) -> dict:
@@ -489,7 +488,7 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
     shape = query_tile_shape(group, tiles.rows)
     gp, bq = shape["GP"], shape["BQ"]
     num_kv_heads, num_selected = block_indices.shape[1:]
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, bq)
+    table = packed_tiles(packed, bq)
     constexprs = {"GP": gp, "BQ": bq, "NP": triton.next_power_of_2(num_selected), "UNION": bq * num_selected}
     if bq == 1:  # each program reads its token's own indices
         return QueryTiles(table, block_indices, block_indices, constexprs)
@@ -554,7 +553,7 @@ def forced_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Selec
     lists (``blocks`` / ``counts`` are never read)."""
     shape = forced_tile_shape(group, tiles)
     num_selected = block_indices.shape[-1]
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, shape["BQ"])
+    table = packed_tiles(packed, shape["BQ"])
     constexprs = {**shape, "NP": triton.next_power_of_2(num_selected), "UNION": shape["BQ"] * num_selected}
     return QueryTiles(table, block_indices, block_indices, constexprs)
 

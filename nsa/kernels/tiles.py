@@ -153,18 +153,21 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 class Packed(NamedTuple):
     """Sequences packed as rows of one tensor: ``cu`` [S + 1] int32 cumulative token counts on the device,
-    ``num_seqs`` S, ``total`` the number of token rows, ``max_len`` a host upper bound on one sequence's length."""
+    ``num_seqs`` S, ``total`` the number of token rows, ``max_len`` a host upper bound on one sequence's length;
+    ``equal``: every sequence has exactly max_len rows (a [B, T, ...] batch), so the tables over them are
+    arithmetic on the host's sizes (``tile_table``, ``token_sequences``)."""
 
     cu: Tensor
     num_seqs: int
     total: int
     max_len: int
+    equal: bool = False
 
 
 def packed_batch(batch: int, seq_len: int, device: torch.device) -> Packed:
     """B sequences of T tokens each (a [B, T, ...] tensor viewed as [B * T, ...])."""
     cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
-    return Packed(cu, batch, batch * seq_len, seq_len)
+    return Packed(cu, batch, batch * seq_len, seq_len, equal=True)
 
 
 def packed_varlen(cu_seqlens: Tensor, total: int) -> Packed:
@@ -200,19 +203,36 @@ def tile_grid(total: int, num_seqs: int, tile: int) -> int:
     return max(1, -(-total // tile) + num_seqs)
 
 
-def tile_table(cu: Tensor, num_seqs: int, total: int, tile: int) -> TileTable:
-    """Tiles of ``tile`` rows over sequences with cumulative row counts ``cu`` (``total`` rows in all)."""
+def tile_table(cu: Tensor, num_seqs: int, total: int, tile: int, equal_length: int | None = None) -> TileTable:
+    """Tiles of ``tile`` rows over sequences with cumulative row counts ``cu`` (``total`` rows in all).
+    ``equal_length``: every sequence has this many rows, and the table is built from the host's sizes (five small
+    ops instead of fifteen, 9 tables per forward+backward: the eager layer is host-bound at small widths)."""
+    grid = tile_grid(total, num_seqs, tile)
+    if equal_length is not None:
+        tiles_each = -(-equal_length // tile)
+        first = torch.arange(num_seqs + 1, device=cu.device, dtype=torch.int32).mul_(tiles_each)
+        if tiles_each == 0:  # no tiles at all: every program is past the real tiles
+            return TileTable(torch.full((grid,), num_seqs, device=cu.device, dtype=torch.int32), first, grid)
+        programs = torch.arange(grid, device=cu.device, dtype=torch.int32)
+        return TileTable(programs.div_(tiles_each, rounding_mode="floor").clamp_max_(num_seqs), first, grid)
     lengths = (cu[1:] - cu[:-1]).long()
     per_seq = (lengths + tile - 1) // tile
     first = torch.cat((per_seq.new_zeros(1), per_seq.cumsum(0)))
-    grid = tile_grid(total, num_seqs, tile)
     programs = torch.arange(grid, device=cu.device)
     seq = torch.searchsorted(first[1:], programs, right=True)
     return TileTable(seq.to(torch.int32), first.to(torch.int32), grid)
 
 
+def packed_tiles(packed: Packed, tile: int) -> TileTable:
+    """``tile_table`` over the token rows of ``packed``."""
+    return tile_table(packed.cu, packed.num_seqs, packed.total, tile, packed.max_len if packed.equal else None)
+
+
 def token_sequences(packed: Packed) -> Tensor:
     """Sequence index of every token row: int32 [total]."""
+    if packed.equal:
+        rows = torch.arange(packed.total, device=packed.cu.device, dtype=torch.int32)
+        return rows.div_(max(1, packed.max_len), rounding_mode="floor")
     rows = torch.arange(packed.total, device=packed.cu.device)
     return torch.searchsorted(packed.cu[1:].long(), rows, right=True).to(torch.int32)
 

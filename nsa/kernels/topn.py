@@ -34,9 +34,9 @@ from nsa.kernels.tiles import (
     dot_precision,
     eq9_overlap,
     output_buffer,
+    packed_tiles,
     split_dims,
     tile_origin,
-    tile_table,
     visible_key_count,
 )
 from nsa.prefill import TOPN_KEY_BLOCKS, topn_tile_shape
@@ -238,7 +238,7 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
     group = num_heads // num_kv_heads
     shape = topn_tile_shape(num_selected, group, sel_block_size, block_stride, tiles.rows, tiles.key_blocks)
     out = output_buffer(q.shape[0], num_kv_heads, num_selected, like=q, dtype=torch.int32)
-    table = tile_table(packed.cu, packed.num_seqs, packed.total, shape["BQ"])
+    table = packed_tiles(packed, shape["BQ"])
     k_cmp = k_cmp if k_cmp.shape[0] else k_cmp.new_zeros(1, *k_cmp.shape[1:])
     spill = (sel_block_size - block_stride + block_size - 1) // sel_block_size
     _topn_kernel[(table.grid, num_kv_heads)](
