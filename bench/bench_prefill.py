@@ -386,10 +386,8 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     cmp, win, sel = tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group), SelectedTiles()
     topn = topn_tiles_for(group)  # and programs of the other row count on the same 4 warps
     variants: dict[str, list[Any]] = {"topn_tiles": [topn, topn._replace(rows=64 if topn.rows == 128 else 128)],
-                                      "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma),
-                                                    cmp._replace(dkv_tma=not cmp.dkv_tma)],
+                                      "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],
                                       "win_tiles": [win, win._replace(tma=not win.tma),
-                                                    win._replace(dkv_tma=not win.dkv_tma),
                                                     win._replace(head_rows=not win.head_rows)],
                                       "sel_tiles": [sel, sel._replace(tma=False),
                                                     sel._replace(forced_apart=not sel.forced_apart)]}

@@ -68,21 +68,16 @@ def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, 
     return signature
 
 
-def descriptor_args(tma: bool, rows: int, dims: dict[str, int], heads: int = 1,
-                    names: tuple[str, str] = ("k_desc", "v_desc"), flag: str = "TMA"
-                    ) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
-    """(constexprs, argument types) of a kernel's descriptor arguments (nsa.kernels.tiles.descriptor_args): bf16
-    [rows, heads, width] boxes of the keys (k_desc1 / k_desc2 and v_desc, ``rows`` K / V rows of one head) or, with
-    names ("q_desc", "do_desc") and flag "Q_TMA", of a backward's q and dO, where tma; else None (pointer
-    loads)."""
-    first, second = names
+def descriptor_args(tma: bool, rows: int, dims: dict[str, int]) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+    """(constexprs, argument types) of a kernel's k_desc1 / k_desc2 / v_desc: bf16 descriptors of ``rows`` K / V
+    rows of one head (nsa.kernels.tiles.kv_descriptors) where tma, else None (pointer loads)."""
     if not tma:
-        return {flag: False, f"{first}1": None, f"{first}2": None, second: None}, ()
-    types = [(f"{first}1", f"tensordesc<bf16[{rows},{heads},{dims['D1']}]>"),
-             (second, f"tensordesc<bf16[{rows},{heads},{dims['BLOCK_DV']}]>")]
+        return {"TMA": False, "k_desc1": None, "k_desc2": None, "v_desc": None}, ()
+    types = [("k_desc1", f"tensordesc<bf16[{rows},1,{dims['D1']}]>"),
+             ("v_desc", f"tensordesc<bf16[{rows},1,{dims['BLOCK_DV']}]>")]
     if not dims["D2"]:
-        return {flag: True, f"{first}2": None}, tuple(types)
-    return {flag: True}, (*types, (f"{first}2", f"tensordesc<bf16[{rows},{heads},{dims['D2']}]>"))
+        return {"TMA": True, "k_desc2": None}, tuple(types)
+    return {"TMA": True}, (*types, ("k_desc2", f"tensordesc<bf16[{rows},1,{dims['D2']}]>"))
 
 
 def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str, RangeTiles] | None = None,
@@ -108,17 +103,14 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                           "ACCUMULATE": True,
                           "HEAD_ROWS": range_attention.query_rows(group, tiles.dq_m, tiles).head_rows},
                          tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
-        head_rows = range_attention.dkv_head_rows(group, tiles)
-        boxes, box_types = descriptor_args(tiles.dkv_tma and head_rows == group, tiles.dkv_m // group, dims, group,
-                                           ("q_desc", "do_desc"), "Q_TMA")
-        dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True, "GP": head_rows}
-        yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, {**dkdv, **boxes}, tiles.dkv_num_warps,
-                         tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), box_types)
+        dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
+                "GP": range_attention.dkv_head_rows(group, tiles)}
+        yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
+                         tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"))
     # the dk/dv steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
-    gathered, _ = descriptor_args(False, 0, dims, names=("q_desc", "do_desc"), flag="Q_TMA")
     yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
-                     {**dkdv, **rules["cmp"], **gathered, "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps,
-                     tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"))
+                     {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,
+                     ("dk_ptr", "dv_ptr"))
     topn_tiles = topn_tiles_for(group)
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
                             topn_tiles.rows, topn_tiles.key_blocks)

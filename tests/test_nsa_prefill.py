@@ -610,42 +610,6 @@ def test_range_dkdv_one_head_per_step_matches_float64_reference(heads, kv_heads,
     torch.testing.assert_close(dv_got.double(), want["dv"], **TOL)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "boxed"), [(4, 2, 16, 16, True), (8, 2, 24, 16, True),
-                                                                      (16, 1, 16, 32, True), (6, 2, 16, 16, False)])
-@pytest.mark.parametrize("branch", ["cmp", "win"])
-def test_range_dkdv_through_query_boxes_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, boxed,
-                                                                   branch):
-    """The range dk/dv loading each step's q and dO as one [tokens, G, D] descriptor box (RangeTiles(dkv_tma=True),
-    groups of 2, 4 and 16; d_k = 24 takes two column parts; a group of 3 has padding heads and keeps gathered
-    rows), the kernel alone, on packed sequences of 21, 3 and 40 tokens. A box also reads the rows after its
-    sequence: the second sequence's first dO row holds +inf and the first sequence's last box reads it, so the
-    first and third sequences' dk / dv must still equal the float64 gradients (the second's see the inf)."""
-    from nsa.kernels import range_attention
-
-    case = range_case(heads, kv_heads, dk, dv, branch)
-    want = case.expected
-    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(dkv_tma=True)
-    took_boxes = []
-
-    def recording(*args, **kwargs):
-        made = query_descriptors(*args, **kwargs)
-        took_boxes.append(made["Q_TMA"])
-        return made
-
-    query_descriptors = range_attention.query_descriptors
-    monkeypatch.setattr(range_attention, "query_descriptors", recording)
-    dout = case.dout.clone()
-    dout[int(case.packed.cu[1])] = float("inf")
-    dk_got, dv_got = range_attention.range_dkdv(case.q, case.k, case.v, case.gate, dout, want["lse"].float(),
-                                                want["delta"].float(), case.packed, case.cu_keys, case.rule,
-                                                case.scale, tiles)
-    assert took_boxes == [boxed]
-    keys = case.cu_keys.tolist()
-    clean = torch.cat((torch.arange(keys[0], keys[1]), torch.arange(keys[2], keys[3])))
-    torch.testing.assert_close(dk_got.double()[clean], want["dk"][clean], **TOL)
-    torch.testing.assert_close(dv_got.double()[clean], want["dv"][clean], **TOL)
-
-
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv"), [(6, 2, 16, 16), (12, 1, 24, 16), (4, 4, 16, 32),
                                                              (40, 2, 16, 16)])
 @pytest.mark.parametrize("branch", ["cmp", "win"])

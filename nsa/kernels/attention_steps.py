@@ -122,14 +122,16 @@ def dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2: tl.constexpr, PRECISI
 
 
 @triton.jit
-def gathered_dkdv_step(s_t, q1, q2, v, do, lse_ptr, delta_ptr, gate_ptr, stats, gate_rows, row_ok, dk1, dk2, dv,
-                       D2: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr):
+def gathered_dkdv_step(s_t, q1, q2, v, do_ptr, lse_ptr, delta_ptr, gate_ptr, do_rows, stats, gate_rows, row_ok, dk1,
+                       dk2, dv, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                       HAS_GATE: tl.constexpr):
     """dkdv_step for query rows gathered anywhere: s_t [N, M] their base-2 scores against the keys, -inf where a
-    key is not seen; do [M, BLOCK_DV] their output gradients; stats / gate_rows each row's element offset into lse
-    and delta ([tokens, HQ] float32) and the gates (row_ok False: a padding row, which adds nothing)."""
+    key is not seen; stats / gate_rows / do_rows each row's element offset into lse and delta ([tokens, HQ]
+    float32), the gates and dO (row_ok False: a padding row, which adds nothing)."""
     lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
     p_t = tl.math.exp2(s_t - lse[None, :])
     if HAS_GATE:
         p_t = p_t * tl.load(gate_ptr + gate_rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    do = load_at(do_ptr, do_rows, row_ok, 0, BLOCK_DV, DV)
     return dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2, PRECISION)

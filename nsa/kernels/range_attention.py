@@ -45,14 +45,12 @@ from nsa.kernels.tiles import (
     LOG2E,
     Packed,
     TileTable,
-    desc_rows,
     dot_precision,
     kv_descriptors,
     load_at,
     load_tile,
     output_buffer,
     packed_tiles,
-    query_descriptors,
     split_dims,
     store_at,
     store_tile,
@@ -78,9 +76,7 @@ class RangeTiles(NamedTuple):
     pointer loads where the device or the tensors cannot). head_rows: the forward's and dq's programs take
     fwd_m // G (dq_m // G) tokens x the group's G query heads, which share their keys, instead of fwd_m tokens of
     one head (``query_rows``): a window's tile then spans G times fewer tokens, so fewer of its keys fall outside
-    every row's window. dkv_tma: the dk/dv's steps of tokens x heads (dkv_head_rows, a power-of-two group) load
-    their q and dO as one descriptor box [tokens, G, D] each instead of gathered rows (nsa.kernels.tiles.
-    query_descriptors). Per branch: ``tiles_for``."""
+    every row's window. Per branch: ``tiles_for``."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -98,7 +94,6 @@ class RangeTiles(NamedTuple):
     dkv_num_stages: int = 2
     head_rows: bool = False
     dq_num_warps: int = 8
-    dkv_tma: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -277,40 +272,24 @@ def _range_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, q_desc1, q_desc2, do_desc, tok0, toks, head0, heads, row_ok,
-               m0, q_hi, first, last_key, cols, k1, k2, v, dk1, dk2, dv, stride_qt, stride_qh, stride_dot, stride_doh,
-               stride_gt, stride_gh, num_heads, qk_scale, STEP: tl.constexpr, ROWS: tl.constexpr,
-               STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
-               D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-               HAS_GATE: tl.constexpr, Q_TMA: tl.constexpr):
-    """One dk/dv step: the query rows (token toks, head heads; STEP tokens from m0) against this program's keys.
-    Q_TMA: q and dO arrive as one [STEP, heads, D] descriptor box each (the rows are STEP tokens x all the group's
-    heads from head0, in that order); the box also reads rows past q_hi, which an edge step zeroes (another
-    sequence's or split's dO may hold anything)."""
+def _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, heads, row_ok, m0, q_hi, first, last_key, cols,
+               k1, k2, v, dk1, dk2, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh, num_heads,
+               qk_scale, STEP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+               DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+               PRECISION: tl.constexpr, HAS_GATE: tl.constexpr):
+    """One dk/dv step: the query rows (token toks, head heads; STEP tokens from m0) against this program's keys."""
+    q1, q2 = load_split_at(q_ptr + tok0 * stride_qt, toks * stride_qt + heads * stride_qh, row_ok, DQK, D1, D2)
+    s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
     edge = (_key_end(last_key, STRIDE, SPAN) > m0) | (m0 + STEP > q_hi)
     if WINDOW > 0:
         edge = edge | (m0 + STEP - 1 - _key_end(first, STRIDE, SPAN) >= WINDOW)
-    if Q_TMA:
-        q1 = desc_rows(q_desc1, tok0 + m0, head0, 0, ROWS, D1)
-        q2 = q1
-        if D2 > 0:
-            q2 = desc_rows(q_desc2, tok0 + m0, head0, D1, ROWS, D2)
-        do = desc_rows(do_desc, tok0 + m0, head0, 0, ROWS, BLOCK_DV)
-        if edge:
-            q1 = tl.where(row_ok[:, None], q1, 0.0)
-            if D2 > 0:
-                q2 = tl.where(row_ok[:, None], q2, 0.0)
-            do = tl.where(row_ok[:, None], do, 0.0)
-    else:
-        q1, q2 = load_split_at(q_ptr + tok0 * stride_qt, toks * stride_qt + heads * stride_qh, row_ok, DQK, D1, D2)
-        do = load_at(do_ptr + tok0 * stride_dot, toks * stride_dot + heads * stride_doh, row_ok, 0, BLOCK_DV, DV)
-    s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
     if edge:
         s_t = tl.where(_visible(toks[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & row_ok[None, :], s_t,
                        float("-inf"))
-    return gathered_dkdv_step(s_t, q1, q2, v, do, lse_ptr, delta_ptr, gate_ptr, (tok0 + toks) * num_heads + heads,
-                              (tok0 + toks) * stride_gt + heads * stride_gh, row_ok, dk1, dk2, dv, D2, PRECISION,
-                              HAS_GATE)
+    return gathered_dkdv_step(s_t, q1, q2, v, do_ptr + tok0 * stride_dot, lse_ptr, delta_ptr, gate_ptr,
+                              toks * stride_dot + heads * stride_doh, (tok0 + toks) * num_heads + heads,
+                              (tok0 + toks) * stride_gt + heads * stride_gh, row_ok, dk1, dk2, dv, D2, DV, BLOCK_DV,
+                              PRECISION, HAS_GATE)
 
 
 @triton.jit
@@ -318,17 +297,16 @@ def _range_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_k_ptr, cu_q_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dk_split, stride_dv_split,
-    num_heads, num_seqs, split_len, qk_scale, scale, q_desc1, q_desc2, do_desc,
+    num_heads, num_seqs, split_len, qk_scale, scale,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ROW_T: tl.constexpr,
-    GP: tl.constexpr, Q_TMA: tl.constexpr,
+    GP: tl.constexpr,
 ):
     """dv = sum over the GROUP query heads and the queries of this program's split of (g p)^T dO, and
     dk = scale * sum (g p (dp - delta))^T q, for BLOCK_N keys of one kv head. GP = 0: each step takes BLOCK_M
     tokens of one head, head after head; GP = the group padded to a power of two: each step takes BLOCK_M // GP
-    tokens x the GP heads (a token's heads are neighbours in memory), one pass over the queries, loaded through
-    one descriptor box each for q and dO where Q_TMA (GP == GROUP: no padding heads)."""
+    tokens x the GP heads (a token's heads are neighbours in memory), one pass over the queries."""
     hk, split = tl.program_id(1), tl.program_id(2)
     key0, num_keys, tok0, seq_len, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_k_ptr, cu_q_ptr, num_seqs,
                                                        BLOCK_N)
@@ -352,21 +330,20 @@ def _range_dkdv_kernel(
         g = r % GP
         for m0 in range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP):
             toks = (m0 + r // GP).to(ROW_T)
-            dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, q_desc1, q_desc2, do_desc, tok0,
-                                      toks, hk * GROUP, hk * GROUP + g, (toks < q_hi) & (g < GROUP), m0, q_hi, first,
-                                      last_key, cols, k1, k2, v, dk1, dk2, dv, stride_qt, stride_qh, stride_dot,
-                                      stride_doh, stride_gt, stride_gh, num_heads, qk_scale, BLOCK_M // GP, BLOCK_M,
-                                      STRIDE, SPAN, WINDOW, DQK, D1, D2, DV, BLOCK_DV, PRECISION, HAS_GATE, Q_TMA)
+            dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
+                                      (toks < q_hi) & (g < GROUP), m0, q_hi, first, last_key, cols, k1, k2, v, dk1,
+                                      dk2, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh,
+                                      num_heads, qk_scale, BLOCK_M // GP, STRIDE, SPAN, WINDOW, DQK, D1, D2, DV,
+                                      BLOCK_DV, PRECISION, HAS_GATE)
     else:
         for g in range(0, GROUP):
             for m0 in range(q_lo // BLOCK_M * BLOCK_M, q_hi, BLOCK_M):
                 toks = (m0 + tl.arange(0, BLOCK_M)).to(ROW_T)
-                dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, q_desc1, q_desc2, do_desc,
-                                          tok0, toks, hk * GROUP + g, hk * GROUP + g, toks < q_hi, m0, q_hi, first,
-                                          last_key, cols, k1, k2, v, dk1, dk2, dv, stride_qt, stride_qh, stride_dot,
-                                          stride_doh, stride_gt, stride_gh, num_heads, qk_scale, BLOCK_M, BLOCK_M,
-                                          STRIDE, SPAN, WINDOW, DQK, D1, D2, DV, BLOCK_DV, PRECISION, HAS_GATE,
-                                          False)
+                dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
+                                          toks < q_hi, m0, q_hi, first, last_key, cols, k1, k2, v, dk1, dk2, dv,
+                                          stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh,
+                                          num_heads, qk_scale, BLOCK_M, STRIDE, SPAN, WINDOW, DQK, D1, D2, DV,
+                                          BLOCK_DV, PRECISION, HAS_GATE)
     split64 = split.to(tl.int64)
     dk_base = dk_ptr + split64 * stride_dk_split + k_row0 * stride_dkt + hk * stride_dkh
     store_tile(dk_base, key_tile, col_ok, stride_dkt, (dk1 * scale).to(dk_ptr.dtype.element_ty), 0, D1, DQK)
@@ -461,17 +438,13 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
     else:
         dk_out, dv_out = dk[None], dv[None]
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
-    group = q.shape[1] // k.shape[1]
-    consts = _common(q, k, v, rule, packed.max_len, dout)
-    head_rows = dkv_head_rows(group, tiles)
-    # q / dO boxes of whole groups: only where a step's rows are tokens x the group's heads with no padding head
-    boxes = query_descriptors(q, dout, tiles.dkv_m // group, group, consts, tiles.dkv_tma and head_rows == group)
     _range_dkdv_kernel[(table.grid, k.shape[1], num_splits)](
         q, k, v, gate_t, dout, lse, delta, dk_out, dv_out, cu_keys, packed.cu, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1), dv_out.stride(2),
-        dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale, **boxes,
-        BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None, **consts, GP=head_rows,
+        dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale,
+        BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None,
+        **_common(q, k, v, rule, packed.max_len, dout), GP=dkv_head_rows(q.shape[1] // k.shape[1], tiles),
         num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     if num_splits > 1:

@@ -344,10 +344,10 @@ def _sel_dkdv_kernel(
         q1, q2 = load_split_at(q_ptr, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
         s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
         seen = key_ok[:, None] & ok[None, :] & (pos[:, None] <= (tok - tok0)[None, :])
-        do = load_at(do_ptr, tok * stride_dot + head * stride_doh, ok, 0, BLOCK_DV, DV)
-        dk1, dk2, dv = gathered_dkdv_step(tl.where(seen, s_t, float("-inf")), q1, q2, v, do, lse_ptr, delta_ptr,
-                                          gate_ptr, tok * num_heads + head, tok * stride_gt + head * stride_gh, ok,
-                                          dk1, dk2, dv, D2, PRECISION, HAS_GATE)
+        dk1, dk2, dv = gathered_dkdv_step(tl.where(seen, s_t, float("-inf")), q1, q2, v, do_ptr, lse_ptr, delta_ptr,
+                                          gate_ptr, tok * stride_dot + head * stride_doh, tok * num_heads + head,
+                                          tok * stride_gt + head * stride_gh, ok, dk1, dk2, dv, D2, DV, BLOCK_DV,
+                                          PRECISION, HAS_GATE)
     part = chunk.to(tl.int64) * BLOCK_S
     all_rows = offs >= 0
     store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)

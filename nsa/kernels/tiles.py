@@ -109,55 +109,30 @@ def tma_capable(device: torch.device) -> bool:
     return interpreter_enabled()
 
 
-def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...], heads: int = 1) -> tuple[Any, ...] | None:
-    """Tensor descriptors over token rows x [N, H, D] that load ``rows`` consecutive token rows of ``heads``
-    consecutive heads (a [rows, heads, width] box, read as rows x heads tile rows, token-major), one per column
-    part: widths (D1, D2) give boxes of D1 columns from column 0 and D2 from column D1 (a width 0: None).
+def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """Tensor descriptors over token rows x [N, H, D] that load ``rows`` consecutive rows of one head, one per
+    column part: widths (D1, D2) give boxes of D1 columns from column 0 and D2 from column D1 (a width 0: None).
     TMA zero-fills past the tensor's rows and past column D. None where TMA cannot read x: strides or base not
     16-byte aligned, or a box side over 256 elements."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     size = x.element_size()
     aligned = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
-    if not aligned or max(rows, heads, *widths) > 256 or min(w for w in widths if w) * size < 16:
+    if not aligned or max(rows, *widths) > 256 or min(w for w in widths if w) * size < 16:
         return None
-    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, heads, w]) if w else None
-                 for w in widths)
-
-
-def descriptor_args(flag: str, wanted: bool, boxes: dict[str, tuple[Tensor, int, int, tuple[int, ...]]]
-                    ) -> dict[str, Any]:
-    """A kernel's keyword arguments for loads through tensor descriptors: for each name -> (x, rows, heads, widths)
-    of ``boxes``, ``row_descriptors(x, rows, widths, heads)`` as name1 / name2 (two column parts) or name (one), and
-    ``flag`` True; where not ``wanted``, or the device or any tensor cannot take TMA, every descriptor None and
-    ``flag`` False (the kernel's pointer loads)."""
-    args: dict[str, Any] = {}
-    for name, (x, rows, heads, widths) in boxes.items():
-        descs = row_descriptors(x, rows, widths, heads) if wanted and tma_capable(x.device) else None
-        if descs is None:
-            return {**{key: None for key in _descriptor_names(boxes)}, flag: False}
-        args.update(zip(_descriptor_names({name: boxes[name]}), descs, strict=True))
-    return {**args, flag: True}
-
-
-def _descriptor_names(boxes: dict[str, tuple[Tensor, int, int, tuple[int, ...]]]) -> list[str]:
-    return [f"{name}{i + 1}" if len(widths) > 1 else name for name, (*_, widths) in boxes.items()
-            for i in range(len(widths))]
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, 1, w]) if w else None for w in widths)
 
 
 def kv_descriptors(k: Tensor, v: Tensor, rows: int, consts: dict, wanted: bool) -> dict[str, Any]:
-    """descriptor_args of ``rows`` consecutive key rows of one head: k_desc1 / k_desc2 (k's D1 and D2 column parts),
-    v_desc (v's BLOCK_DV columns) and TMA."""
-    return descriptor_args("TMA", wanted, {"k_desc": (k, rows, 1, (consts["D1"], consts["D2"])),
-                                           "v_desc": (v, rows, 1, (consts["BLOCK_DV"],))})
-
-
-def query_descriptors(q: Tensor, dout: Tensor, tokens: int, heads: int, consts: dict, wanted: bool
-                      ) -> dict[str, Any]:
-    """descriptor_args of [tokens, heads] query rows for a backward's query side: q_desc1 / q_desc2 (q's D1 and D2
-    parts), do_desc (dO's BLOCK_DV columns) and Q_TMA."""
-    return descriptor_args("Q_TMA", wanted, {"q_desc": (q, tokens, heads, (consts["D1"], consts["D2"])),
-                                             "do_desc": (dout, tokens, heads, (consts["BLOCK_DV"],))})
+    """A kernel's keyword arguments k_desc1 / k_desc2 (the D1 and D2 column parts of k) and v_desc (v's BLOCK_DV
+    columns), descriptors of ``rows`` rows (``row_descriptors``), and TMA: loads through them where ``wanted`` and
+    the device and the tensors allow it, else pointer loads."""
+    if wanted and tma_capable(k.device):
+        k_desc = row_descriptors(k, rows, (consts["D1"], consts["D2"]))
+        v_desc = row_descriptors(v, rows, (consts["BLOCK_DV"],))
+        if k_desc is not None and v_desc is not None:
+            return {"k_desc1": k_desc[0], "k_desc2": k_desc[1], "v_desc": v_desc[0], "TMA": True}
+    return {"k_desc1": None, "k_desc2": None, "v_desc": None, "TMA": False}
 
 
 def split_dims(dqk: int, dv: int) -> dict[str, int]:
