@@ -111,17 +111,22 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
                      {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,
                      ("dk_ptr", "dv_ptr"))
-    topn_tiles = topn_tiles_for(group)
+    topn_tiles = topn_tiles_for(group, head_dim)
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
                             topn_tiles.rows, topn_tiles.key_blocks)
     topn_constexprs = {"GROUP": group, "CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"],
                        "SEL_BLOCK": BLOCKS["sel_block_size"], "SPILL": 1, "NUM_SELECTED": BLOCKS["num_selected"],
                        "OUT_WIDTH": 16, "PRECISION": "tf32", "DQK": head_dim, "D1": dims["D1"], "D2": dims["D2"],
                        "DEPTH": topn_tiles.depth_for(BLOCKS["num_selected"]), **shape}
-    yield KernelCase("topn", topn._topn_kernel, topn_constexprs, topn_tiles.num_warps, topn_tiles.num_stages)
-    # lists shallower than n - 3: the kernel also holds the exact merge it falls back on
-    yield KernelCase("topn_shallow", topn._topn_kernel, {**topn_constexprs, "DEPTH": 4}, topn_tiles.num_warps,
-                     topn_tiles.num_stages)
+    # the compressed keys as launched (through descriptors where topn_tiles.tma), then the other way; lists
+    # shallower than n - 3 (the kernel also holds the exact merge it falls back on)
+    for name, tma, depth in (("topn", topn_tiles.tma, topn_constexprs["DEPTH"]), ("topn_other", not topn_tiles.tma,
+                             topn_constexprs["DEPTH"]), ("topn_shallow", topn_tiles.tma, 4)):
+        keys, key_types = descriptor_args(tma, shape["NS"] * shape["RATIO"], dims)
+        yield KernelCase(name, topn._topn_kernel,
+                         {**topn_constexprs, **{k: v for k, v in keys.items() if k != "v_desc"}, "DEPTH": depth},
+                         topn_tiles.num_warps, topn_tiles.num_stages,
+                         pointer_types=tuple(t for t in key_types if t[0] != "v_desc"))
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}

@@ -197,9 +197,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def use_prefill_tiles(monkeypatch: pytest.MonkeyPatch, *, ranges: dict[str, Any] | None = None,
-                      selected: dict[str, Any] | None = None) -> None:
+                      selected: dict[str, Any] | None = None, topn: dict[str, Any] | None = None) -> None:
     """Run nsa.prefill's kernels under its default tiles with these RangeTiles (both range branches) /
-    SelectedTiles fields replaced."""
+    SelectedTiles / TopnTiles fields replaced."""
     from nsa import prefill
 
     make_tiles = prefill._tiles
@@ -207,6 +207,6 @@ def use_prefill_tiles(monkeypatch: pytest.MonkeyPatch, *, ranges: dict[str, Any]
     def tiles(device: torch.device, head_dim: int, group: int) -> prefill.PrefillTiles:
         made = make_tiles(device, head_dim, group)
         return made._replace(cmp=made.cmp._replace(**(ranges or {})), win=made.win._replace(**(ranges or {})),
-                             sel=made.sel._replace(**(selected or {})))
+                             sel=made.sel._replace(**(selected or {})), topn=made.topn._replace(**(topn or {})))
 
     monkeypatch.setattr(prefill, "_tiles", tiles)

@@ -172,10 +172,11 @@ def test_prefill_refuses_only_key_tiles_wider_than_the_kernel_holds(ratio, num_s
 
 @pytest.mark.parametrize(("lengths", "heads", "kv_heads"), [([45], 6, 2), ([5, 35, 1, 29], 12, 1)])
 def test_kernels_with_pointer_loads_only_match_float64_reference(monkeypatch, lengths, heads, kv_heads):
-    """The defaults load every branch's K / V through tensor descriptors (TMA; the window's up to head dim 128);
-    here every branch takes pointer loads (the path of devices without TMA, of misaligned tensors and of the
-    window's wider heads), for a group of 3 (several tokens per selection program) and of 12 (one token)."""
-    use_prefill_tiles(monkeypatch, ranges={"tma": False}, selected={"tma": False})
+    """The defaults load every branch's K / V and the top-n's compressed keys through tensor descriptors (TMA; the
+    window's and the top-n's up to head dim 128); here every kernel takes pointer loads (the path of devices without
+    TMA, of misaligned tensors and of the wider and narrower heads), for a group of 3 (several tokens per selection
+    program) and of 12 (one token)."""
+    use_prefill_tiles(monkeypatch, ranges={"tma": False}, selected={"tma": False}, topn={"tma": False})
     inputs = make_inputs(1, lengths, heads, kv_heads, 24, 16, SMALL, seed=11)
     check_against_reference(inputs, SMALL, lengths if len(lengths) > 1 else None)
 

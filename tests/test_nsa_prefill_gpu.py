@@ -92,10 +92,10 @@ def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, hea
                          [(64, 4, 128, 128, 2048, False), (48, 4, 192, 128, 3000, True)])
 def test_loads_through_pointers_or_descriptors_match_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,
                                                                        tma):
-    """Every range and selection kernel loading K / V the other way than the defaults pick (all by pointers, the
-    path without TMA; or all through tensor descriptors, the window included; tests/test_nsa_prefill.py checks
-    both in the interpreter)."""
-    use_prefill_tiles(monkeypatch, ranges={"tma": tma}, selected={"tma": tma})
+    """Every range, selection and top-n kernel loading K / V the other way than the defaults pick (all by pointers,
+    the path without TMA; or all through tensor descriptors, the window and the top-n at d_k = 192 included;
+    tests/test_nsa_prefill.py checks both in the interpreter)."""
+    use_prefill_tiles(monkeypatch, ranges={"tma": tma}, selected={"tma": tma}, topn={"tma": tma})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 

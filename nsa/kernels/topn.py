@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa.kernels.attention_steps import load_split, load_split_at, scaled_scores
+from nsa.kernels.attention_steps import load_split_at, load_split_rows, scaled_scores
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
     LOG2E,
@@ -35,8 +35,10 @@ from nsa.kernels.tiles import (
     eq9_overlap,
     output_buffer,
     packed_tiles,
+    row_descriptors,
     split_dims,
     tile_origin,
+    tma_capable,
     visible_key_count,
 )
 from nsa.prefill import TOPN_KEY_BLOCKS, topn_tile_shape
@@ -49,7 +51,8 @@ KEEP = tl.constexpr((1 << 63) - 64)  # slots past n - 3 hold KEEP + i: above eve
 
 
 class TopnTiles(NamedTuple):
-    """rows: query rows per program (BQ queries x GP heads; the GPU's choice by group: ``topn_tiles_for``);
+    """rows: query rows per program (BQ queries x GP heads; the GPU's choice by group and head dim:
+    ``topn_tiles_for``);
     num_warps / num_stages: launch settings; key_blocks:
     selection blocks per compressed-key tile (topn_tile_shape fits them to MAX_KEY_TILE and KP). H200, 64k
     (bench/results/prefill_tiles_cuda.md): with the former insertion loop 32 blocks per tile ran the public shape's
@@ -60,28 +63,34 @@ class TopnTiles(NamedTuple):
     needed. Column lists against the former per-tile insertion loop (``_merge_top``, now the fallback), 64k, indices
     equal (2026-12-03, seventeenth session): public 9.39 against 12.92 ms, G = 12 9.18 against 13.92, G = 4 3.41
     against 5.45, the GPT's G = 2 1.19 against 1.96; depths 8 and 4 ran within 0.3 ms of 16 except G = 4 and G = 2
-    at depth 4 (4.35, 1.66)."""
+    at depth 4 (4.35, 1.66). tma: the compressed-key tiles through tensor descriptors (nsa.kernels.tiles.
+    row_descriptors; pointer loads where the device or the tensor cannot)."""
 
     rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
     key_blocks: int = TOPN_KEY_BLOCKS
     column_depth: int = 16
+    tma: bool = False
 
     def depth_for(self, num_selected: int) -> int:
         """The per-column list depth the kernel keeps: column_depth, or fewer where n - 3 candidates need fewer."""
         return max(1, min(num_selected - 3, self.column_depth))
 
 
-def topn_tiles_for(group: int) -> TopnTiles:
-    """The GPU's top-n tiles for groups of ``group`` query heads: programs of 128 rows where the group padded to a
-    power of two has 16 heads or more (8 tokens at G = 16: each compressed-key tile is read by twice the rows), 64
-    rows below (16 tokens at G = 4). H200, 64k, independent queries (bench/results/prefill_tiles_cuda.md,
-    2026-12-04, twenty-first session), ms for 64 / 128 rows on 4 warps: public 9.11 / 7.62, the paper's d_k = 192
-    11.40 / 9.88, G = 12 9.11 / 8.82, G = 4 3.39 / 3.69, the GPT's G = 2 1.20 / 1.87; 128 rows on 8 warps and 256
-    rows on 8 ran 9.46 and 10.60 at the public shape, 32 rows 16.07. Groups above 16 (2 or 4 tokens per program)
-    were not timed."""
-    return TopnTiles(rows=128 if triton.next_power_of_2(group) >= 16 else 64)
+def topn_tiles_for(group: int, head_dim: int) -> TopnTiles:
+    """The GPU's top-n tiles for groups of ``group`` query heads and d_k = ``head_dim``: programs of 128 rows where
+    the group padded to a power of two has 16 heads or more (8 tokens at G = 16: each compressed-key tile is read by
+    twice the rows), 64 rows below (16 tokens at G = 4); the key tiles through TMA for 64 < d_k <= 128.
+    H200, 64k, independent queries (bench/results/prefill_tiles_cuda.md), ms:
+    - rows (2026-12-04, twenty-first session), 64 / 128 rows on 4 warps: public 9.11 / 7.62, the paper's d_k = 192
+      11.40 / 9.88, G = 12 9.11 / 8.82, G = 4 3.39 / 3.69, the GPT's G = 2 1.20 / 1.87; 128 rows on 8 warps and 256
+      rows on 8 ran 9.46 and 10.60 at the public shape, 32 rows 16.07. Groups above 16 (2 or 4 tokens per program)
+      were not timed.
+    - key loads (2026-12-04, twenty-fifth session, indices equal), pointers / TMA: public 7.60 / 7.43, G = 12 8.80 /
+      7.55, G = 4 3.37 / 3.26, but the GPT's d_k = 64 1.17 / 1.29 and the paper's d_k = 192 9.85 / 10.06; 3 stages
+      with TMA: public 7.89, G = 4 3.21, paper 13.22."""
+    return TopnTiles(rows=128 if triton.next_power_of_2(group) >= 16 else 64, tma=64 < head_dim <= 128)
 
 
 @triton.jit
@@ -94,16 +103,19 @@ def _shift(x, offset, NS: tl.constexpr):
 
 
 @triton.jit
-def _tile_keys(q1, q2, lse, carry, k_ptr, start, hi, hk, stride_kt, stride_kh, qk_scale, t_row, row_ok, current,
-               query_ok, BQ: tl.constexpr, GP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-               SEL_BLOCK: tl.constexpr, RATIO: tl.constexpr, SPILL: tl.constexpr, NS: tl.constexpr,
-               DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_keys(q1, q2, lse, carry, k_ptr, k_desc1, k_desc2, key0, start, hi, hk, stride_kt, stride_kh, qk_scale, t_row,
+               row_ok, current, query_ok, BQ: tl.constexpr, GP: tl.constexpr, CMP_BLOCK: tl.constexpr,
+               CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr, RATIO: tl.constexpr, SPILL: tl.constexpr,
+               NS: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+               TMA: tl.constexpr):
     """The candidate keys [BQ, NS] of the selection blocks start / RATIO .. + NS (NO_KEY where a block is not a
-    candidate), from the compressed keys start .. start + NS * RATIO (k_ptr at the sequence's first key), and the
-    carry of Eq. 9's spill into the next tile."""
+    candidate), from the compressed keys start .. start + NS * RATIO (k_ptr at the sequence's first key, row key0
+    of the descriptors where TMA, whose keys past hi no row sees), and the carry of Eq. 9's spill into the next
+    tile."""
     key_tile = tl.arange(0, NS * RATIO)
     cols = start + key_tile
-    k1, k2 = load_split(k_ptr + start * stride_kt + hk * stride_kh, key_tile, cols < hi, stride_kt, DQK, D1, D2)
+    k1, k2 = load_split_rows(k_ptr + start * stride_kt + hk * stride_kh, k_desc1, k_desc2, key0 + start, hk, key_tile,
+                             cols < hi, stride_kt, NS * RATIO, TMA, DQK, D1, D2)
     s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
     seen = (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t_row[:, None]) & row_ok[:, None]
     p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)  # Eq. 8
@@ -135,11 +147,11 @@ def _column_insert(columns, lost, keys, DEPTH: tl.constexpr):
 @triton.jit
 def _topn_kernel(
     q_ptr, k_ptr, lse_ptr, idx_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_it, stride_ih, num_heads, num_seqs, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_it, stride_ih, num_heads, num_seqs, qk_scale, k_desc1, k_desc2,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     SEL_BLOCK: tl.constexpr, RATIO: tl.constexpr, SPILL: tl.constexpr, NS: tl.constexpr, KP: tl.constexpr,
     NUM_SELECTED: tl.constexpr, OUT_WIDTH: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    PRECISION: tl.constexpr, DEPTH: tl.constexpr,
+    PRECISION: tl.constexpr, DEPTH: tl.constexpr, TMA: tl.constexpr,
 ):
     hk = tl.program_id(1)
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BQ)
@@ -167,9 +179,9 @@ def _topn_kernel(
     lost = tl.full([BQ, NS], NO_KEY, tl.int64)
     carry = tl.zeros([BQ, NS], tl.float32)
     for start in range(0, hi, NS * RATIO):
-        keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, start, hi, hk, stride_kt, stride_kh, qk_scale, t_row,
-                                 row_ok, current, query_ok, BQ, GP, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, RATIO, SPILL,
-                                 NS, DQK, D1, D2, PRECISION)
+        keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, k_desc1, k_desc2, key0, start, hi, hk, stride_kt,
+                                 stride_kh, qk_scale, t_row, row_ok, current, query_ok, BQ, GP, CMP_BLOCK, CMP_STRIDE,
+                                 SEL_BLOCK, RATIO, SPILL, NS, DQK, D1, D2, PRECISION, TMA)
         columns, lost = _column_insert(columns, lost, keys, DEPTH)
     # The best n - 3 of the lists: each column's head is its largest, so n - 3 rounds of (take the largest head,
     # advance that column).
@@ -190,9 +202,10 @@ def _topn_kernel(
             best = tl.where(slot_id < NUM_SELECTED - 3, -1 - slot_id, slot_id + KEEP)
             carry = tl.zeros([BQ, NS], tl.float32)
             for start in range(0, hi, NS * RATIO):
-                keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, start, hi, hk, stride_kt, stride_kh, qk_scale,
-                                         t_row, row_ok, current, query_ok, BQ, GP, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK,
-                                         RATIO, SPILL, NS, DQK, D1, D2, PRECISION)
+                keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, k_desc1, k_desc2, key0, start, hi, hk,
+                                         stride_kt, stride_kh, qk_scale, t_row, row_ok, current, query_ok, BQ, GP,
+                                         CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, RATIO, SPILL, NS, DQK, D1, D2, PRECISION,
+                                         TMA)
                 best = _merge_top(best, keys)
     # Forced blocks, then the chosen candidates; written ascending, then -1.
     chosen = tl.where((best >= 0) & (best < KEEP), -(best & 0xFFFFFFFF) + MAX_INDEX, UNUSED)
@@ -241,15 +254,16 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
     table = packed_tiles(packed, shape["BQ"])
     k_cmp = k_cmp if k_cmp.shape[0] else k_cmp.new_zeros(1, *k_cmp.shape[1:])
     spill = (sel_block_size - block_stride + block_size - 1) // sel_block_size
+    dims = {key: value for key, value in split_dims(q.shape[-1], 16).items() if key in ("DQK", "D1", "D2")}
+    descs = row_descriptors(k_cmp, shape["NS"] * shape["RATIO"], (dims["D1"], dims["D2"])) \
+        if tiles.tma and tma_capable(k_cmp.device) else None
     _topn_kernel[(table.grid, num_kv_heads)](
         q, k_cmp, lse, out, packed.cu, cu_cmp, table.seq, table.first,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
-        num_heads, packed.num_seqs, scale * LOG2E,
+        num_heads, packed.num_seqs, scale * LOG2E, *(descs or (None, None)), TMA=descs is not None,
         GROUP=group, CMP_BLOCK=block_size, CMP_STRIDE=block_stride, SEL_BLOCK=sel_block_size, SPILL=spill,
         NUM_SELECTED=num_selected, OUT_WIDTH=triton.next_power_of_2(num_selected), PRECISION=dot_precision(q.dtype),
         DEPTH=tiles.depth_for(num_selected),
-        **shape,
-        **{key: value for key, value in split_dims(q.shape[-1], 16).items() if key in ("DQK", "D1", "D2")},
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **shape, **dims, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
