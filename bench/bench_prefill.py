@@ -384,7 +384,7 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     shape = SHAPES[shape_name]
     head_dim, group = max(shape.dk, shape.dv), shape.heads // shape.kv_heads
     cmp, win, sel = tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group), SelectedTiles()
-    topn = topn_tiles_for(group, shape.dk)  # and programs of the other row count on the same 4 warps
+    topn = topn_tiles_for(group, head_dim)  # and programs of the other row count on the same 4 warps
     variants: dict[str, list[Any]] = {"topn_tiles": [topn, topn._replace(rows=64 if topn.rows == 128 else 128),
                                                      topn._replace(tma=not topn.tma)],
                                       "cmp_tiles": [cmp, cmp._replace(tma=not cmp.tma)],

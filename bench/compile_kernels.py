@@ -123,10 +123,9 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     for name, tma, depth in (("topn", topn_tiles.tma, topn_constexprs["DEPTH"]), ("topn_other", not topn_tiles.tma,
                              topn_constexprs["DEPTH"]), ("topn_shallow", topn_tiles.tma, 4)):
         keys, key_types = descriptor_args(tma, shape["NS"] * shape["RATIO"], dims)
-        yield KernelCase(name, topn._topn_kernel,
-                         {**topn_constexprs, **{k: v for k, v in keys.items() if k != "v_desc"}, "DEPTH": depth},
-                         topn_tiles.num_warps, topn_tiles.num_stages,
-                         pointer_types=tuple(t for t in key_types if t[0] != "v_desc"))
+        keys.pop("v_desc", None)  # the top-n reads no values
+        yield KernelCase(name, topn._topn_kernel, {**topn_constexprs, **keys, "DEPTH": depth}, topn_tiles.num_warps,
+                         topn_tiles.num_stages, pointer_types=tuple(t for t in key_types if t[0] != "v_desc"))
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}

@@ -79,9 +79,11 @@ class TopnTiles(NamedTuple):
 
 
 def topn_tiles_for(group: int, head_dim: int) -> TopnTiles:
-    """The GPU's top-n tiles for groups of ``group`` query heads and d_k = ``head_dim``: programs of 128 rows where
-    the group padded to a power of two has 16 heads or more (8 tokens at G = 16: each compressed-key tile is read by
-    twice the rows), 64 rows below (16 tokens at G = 4); the key tiles through TMA for 64 < d_k <= 128.
+    """The GPU's top-n tiles for groups of ``group`` query heads and a layer whose widest head dim (of d_k and d_v,
+    as every tile choice takes it: ``nsa.prefill._tiles``) is ``head_dim``: programs of 128 rows where the group
+    padded to a power of two has 16 heads or more (8 tokens at G = 16: each compressed-key tile is read by twice the
+    rows), 64 rows below (16 tokens at G = 4); the key tiles through TMA for 64 < head_dim <= 128 (every shape
+    timed had d_k widest).
     H200, 64k, independent queries (bench/results/prefill_tiles_cuda.md), ms:
     - rows (2026-12-04, twenty-first session), 64 / 128 rows on 4 warps: public 9.11 / 7.62, the paper's d_k = 192
       11.40 / 9.88, G = 12 9.11 / 8.82, G = 4 3.39 / 3.69, the GPT's G = 2 1.20 / 1.87; 128 rows on 8 warps and 256
