@@ -35,7 +35,8 @@ class Projected(NamedTuple):
     v_sel: torch.Tensor
     k_win: torch.Tensor  # rotated
     v_win: torch.Tensor
-    gates: torch.Tensor  # [B, T, HQ, 3]
+    gates: torch.Tensor  # [B, T, HQ, 3], finite for a non-finite token (NSAAux's are NaN there)
+    nonfinite_tokens: torch.Tensor  # bool [B, T, 1]: x_t holds a NaN or inf
 
 
 class NSAAttention(nn.Module):
@@ -54,10 +55,11 @@ class NSAAttention(nn.Module):
     exactly the same rule, at the absolute positions the cache tracks.
 
     Non-finite tokens (a NaN or inf anywhere in x_t; nsa.nonfinite): the layer computes on x with
-    them replaced by zero and sets every projection of such a token (q, k, v, gates) and every
-    compressed block holding one to NaN, so the ops return NaN in exactly the output rows that see
-    one and leave every other row bitwise as it would be without it, in prefill, training and
-    decode. Parameter gradients stay finite (no layer ever multiplies by a NaN).
+    them replaced by zero and sets every key and value of such a token and every compressed block
+    holding one to NaN, so the ops return NaN in exactly the output rows that see one (its own row
+    always does) and leave every other row bitwise as it would be without it, in prefill, training
+    and decode; NSAAux's gates are NaN at such a token. Parameter gradients stay finite (no layer
+    ever multiplies by a NaN).
     """
 
     def __init__(self, config: NSAConfig) -> None:
@@ -114,7 +116,7 @@ class NSAAttention(nn.Module):
             return self._empty_result(x, return_aux)
         c = self.config
         if cache is not None:
-            out, block_indices, gates = self._append(x, cache, counts)
+            out, block_indices, p = self._append(x, cache, counts)
         else:
             lengths = None if cu_seqlens is None else self._packed_lengths(x, cu_seqlens)
             positions = torch.arange(x.shape[1], device=x.device) if lengths is None else packed_positions(lengths,
@@ -127,9 +129,10 @@ class NSAAttention(nn.Module):
                 num_selected=c.num_selected, window_size=c.window_size, scale=c.attention_scale,
                 query_chunk_size=c.query_chunk_size, cu_seqlens=cu_seqlens, backend=c.backend,
             )
-            gates = p.gates
         y = guarded_apply(self.o_proj, out.flatten(2))  # poisoned rows stay NaN; W's gradient stays finite
-        return (y, NSAAux(block_indices, gates)) if return_aux else y
+        if not return_aux:
+            return y
+        return y, NSAAux(block_indices, poison_rows(p.gates, p.nonfinite_tokens))
 
     def check_input(self, x: torch.Tensor) -> None:
         """NSAInputError unless x is [B, T, hidden_size] with the parameters' device and dtype (autocast: any)."""
@@ -166,15 +169,20 @@ class NSAAttention(nn.Module):
         return y, NSAAux(block_indices, x.new_zeros(batch, seq_len, c.num_heads, 3))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
-        """Projections at absolute positions ([T] or [B, T]); NaN in every row of a non-finite token
-        (computed from zeros, so parameter gradients never meet the NaN)."""
+        """Projections at absolute positions ([T] or [B, T]), computed from x with non-finite tokens replaced by
+        zeros (parameter gradients never meet a NaN). Every key and value of a non-finite token is NaN; its query and
+        gates are not: its own output row reads its own window key (w >= 1) and its own block (always selected), so
+        the ops poison that row anyway, and only it reads them (its gradient there is exactly 0)."""
         c = self.config
         batch, seq_len, _ = x.shape
         bad_tokens = nonfinite_rows(x)[:, :, None]  # [B, T, 1]: broadcasts over the heads of each projection
-        x = finite_or_zero_under_poison(x)  # every projection of a non-finite token is poisoned below
+        x = finite_or_zero_under_poison(x)  # every key and value of a non-finite token is poisoned below
         q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions, c.rope_theta)
-        k = self.k_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(batch, seq_len, -1, c.num_kv_heads, c.head_dim_v)
+        # One pass per projection over its sets x heads (slices of it would each take a pass of their own).
+        k = poison_rows(self.k_proj(x).view(batch, seq_len, -1, c.head_dim), bad_tokens)
+        v = poison_rows(self.v_proj(x).view(batch, seq_len, -1, c.head_dim_v), bad_tokens)
+        k = k.view(batch, seq_len, -1, c.num_kv_heads, c.head_dim)
+        v = v.view(batch, seq_len, -1, c.num_kv_heads, c.head_dim_v)
         cmp_set, sel_set, win_set = (0, 0, 0) if c.shared_kv else (0, 1, 2)
         # The selection and window keys rotate in one call (RoPE acts per head: the same values as two calls).
         sets = k[:, :, sel_set:win_set + 1]  # [B, T, 1 or 2, Hkv, D]
@@ -182,8 +190,8 @@ class NSAAttention(nn.Module):
         k_sel, k_win = rotated[:, :, 0], rotated[:, :, -1]
         gate_logits = self.gate_proj(x).view(batch, seq_len, c.num_heads, 3)
         gates = gate_logits.sigmoid() if c.gate == "sigmoid" else gate_logits.softmax(dim=-1)
-        projected = (q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win, v[:, :, win_set], gates)
-        return Projected(*(poison_rows(p, bad_tokens) for p in projected))
+        return Projected(q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win, v[:, :, win_set],
+                         gates, bad_tokens)
 
     def _packed_lengths(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
         """Sequence lengths of packed x (validated like nsa_attention's cu_seqlens)."""
@@ -229,12 +237,12 @@ class NSAAttention(nn.Module):
 
     def _append(
         self, x: torch.Tensor, cache: NSAKVCache, counts: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Projected]:
         """Write x's tokens (counts[b] valid ones, from _check_append) into the cache (raw, ring and newly
         complete compressed blocks), then attend: a single token per sequence with decode_attention (the
         backend dispatch point), anything else chunk by chunk with the chunk step shared with prefill.
         The backend is chosen before the first write, so a refused backend leaves the cache unchanged.
-        Returns (out, block_indices, gates)."""
+        Returns (out, block_indices, the projections)."""
         c = self.config
         all_valid = all(n == x.shape[1] for n in counts)
         positions = cache.query_positions(x.shape[1], None if all_valid else counts)
@@ -269,7 +277,7 @@ class NSAAttention(nn.Module):
                 page_table=cache.page_table,
             )
             cache.commit(counts, all_valid, step.reads[:, None], positions)
-            return step.output[:, None], step.block_indices[:, None], p.gates
+            return step.output[:, None], step.block_indices[:, None], p
         chunk = c.query_chunk_size or prefill_chunk_size(p.q, cache.k_cmp[:, :num_cmp_visible], p.v_sel, self.sizes)
         k_sel, v_sel = cache.selection_view(num_sel_blocks * c.sel_block_size)
         outputs, indices, reads = [], [], []
@@ -285,7 +293,7 @@ class NSAAttention(nn.Module):
             indices.append(result.block_indices)
             reads.append(result.reads)
         cache.commit(counts, all_valid, torch.cat(reads, dim=1), positions)
-        return torch.cat(outputs, dim=1), torch.cat(indices, dim=1), p.gates
+        return torch.cat(outputs, dim=1), torch.cat(indices, dim=1), p
 
     def _compressed_emissions(self, cache: NSAKVCache, p: Projected, positions: torch.Tensor,
                               counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

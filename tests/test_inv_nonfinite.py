@@ -499,9 +499,13 @@ def test_layer_prefill_and_training(case, p: dict, dtype: torch.dtype):
         (y[:, :t0] * weights).sum().backward()
         param_grads = {n: torch.zeros_like(w) if w.grad is None else w.grad.clone()
                        for n, w in layer.named_parameters()}
-        runs.append((y.detach(), aux.block_indices, leaf.grad, param_grads))
-    (y_bad, idx_bad, gx_bad, gp_bad), (y_clean, _, gx_clean, gp_clean) = runs
+        runs.append((y.detach(), aux.block_indices, aux.gates.detach(), leaf.grad, param_grads))
+    (y_bad, idx_bad, gates_bad, gx_bad, gp_bad), (y_clean, _, gates_clean, gx_clean, gp_clean) = runs
     assert_rows(y_bad, y_clean, expected_layer_rows(bad, idx_bad, config), t0, unseen_equal=False)
+    bad_tokens = ~torch.isfinite(bad).all(-1)
+    assert torch.equal(gates_bad.isnan().any(-1).any(-1), bad_tokens), "aux gates: NaN exactly at non-finite tokens"
+    assert gates_bad[bad_tokens].isnan().all(), "aux gates: every gate of a non-finite token is NaN"
+    assert torch.equal(gates_bad[~bad_tokens], gates_clean[~bad_tokens])
     assert_same_finite_grads({"x": gx_bad, **gp_bad}, {"x": gx_clean, **gp_clean})
 
 
