@@ -488,9 +488,10 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     public shape: forward / dq / dk/dv 10.58 / 12.75 / 20.56 ms against 10.98 / 13.11 / 21.01); the window gains
     nothing from TMA (4.99 against 4.94 ms forward) and loses with 3 backward stages (dk/dv 12.7 against 8.2). At
     head dim 64 (the GPT's G = 2) TMA slowed the compression: forward / dq 0.67 / 0.67 against 0.42 / 0.45 ms.
-    The compression dk/dv pipelines 3 deep only at G = 16 (``group``: query heads per kv head), where it ran in
-    20.85 ms against 21.39 with 2 stages (H200, 64k, 2026-12-04); 2 stages ran G = 12 in 20.83 against 25.27 and
-    G = 4 in 5.92 against 8.26 (ptxas spills 80 / 184 bytes with 3 stages, 32 with 2).
+    On 128-key programs of 8 warps the compression dk/dv ran 3 stages deep best only at G = 16 (``group``: query
+    heads per kv head), 20.85 ms against 21.39 with 2 (H200, 64k, 2026-12-04); 2 stages ran G = 12 in 20.83 against
+    25.27 and G = 4 in 5.92 against 8.26 (ptxas spills 80 / 184 bytes with 3 stages, 32 with 2). G = 16 now takes
+    one-warpgroup programs (below).
     The window's forward and dq take tokens x the group's heads (head_rows) up to head dim 192 (2026-12-04, 64k):
     forward / dq 4.28 / 4.71 ms against 4.92 / 6.00 (public), 3.48 / 3.92 against 3.71 / 4.34 (G = 12), 1.15 /
     1.26 against 1.25 / 1.44 (G = 4), 4.80 / 7.07 against 10.23 / 8.94 (paper, d_k 192, where the forward's
@@ -503,15 +504,21 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     compression's forward on them 10.68 against 10.83 (public) and its dq 14.83 against 12.27: it keeps 8 warps. On
     those tiles the window loads K / V through TMA (2026-12-04, 64k): forward / dq 3.64 / 4.34 ms against 3.87 /
     4.50 (public), 0.98 / 1.15 against 1.06 / 1.19 (G = 4), where 128-row programs of 8 warps had gained nothing
-    from it."""
+    from it. The dk/dv on one warpgroup too (64 keys, 4 warps, two programs per SM; 2026-12-04, 64k, ms against the
+    tiles before): the compression at G = 16 19.83 against 20.71 on 2 stages (29.78 on 3), but G = 12 21.16 against
+    20.84 and G = 4 6.54 against 5.82; the window with 2 tokens x the padded group per step (32 rows) at G = 4 1.85
+    against 2.17 and G = 12 8.32 against 8.61, but G = 16 9.09 against 8.59."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
         return RangeTiles(head_rows=True, dq_n=32) if branch == "win" else RangeTiles()
     if head_dim <= 128:
         if branch == "win":
-            return RangeTiles(fwd_m=64, dq_m=64, num_warps=4, dq_num_warps=4, head_rows=True, tma=True)
-        return RangeTiles(tma=True, dq_num_stages=3, dkv_num_stages=3 if group == 16 else 2)
+            tiles = RangeTiles(fwd_m=64, dq_m=64, num_warps=4, dq_num_warps=4, head_rows=True, tma=True)
+            return tiles._replace(dkv_m=32, dkv_n=64, dkv_num_warps=4) if group <= 12 else tiles
+        if group == 16:
+            return RangeTiles(tma=True, dq_num_stages=3, dkv_n=64, dkv_num_warps=4)
+        return RangeTiles(tma=True, dq_num_stages=3)
     if head_dim <= 192:
         return RangeTiles(dq_n=32, dkv_m=32, head_rows=branch == "win")
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)
