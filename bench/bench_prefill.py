@@ -41,9 +41,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
+import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -496,12 +499,14 @@ def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, 
     return rows
 
 
-def gpt_rows(seq_len: int, device: str, compiled: bool = False, profile_dir: Path | None = None) -> list[dict]:
+def gpt_rows(seq_len: int, device: str, compiled: bool = False, profile_dir: Path | None = None,
+             tokens_per_step: int | None = None) -> list[dict]:
     """Training tokens/s of the 4-layer GPT with NSA and with dense attention; compiled: both models through
     torch.compile (rows of shape "gpt_compiled"), which fuses the layers' elementwise work around the kernels.
-    profile_dir: after timing, one step's operator table goes to profile_<impl>_<shape>_<T>.txt there."""
+    profile_dir: after timing, one step's operator table goes to profile_<impl>_<shape>_<T>.txt there.
+    tokens_per_step: batch x seq_len (default GPT_TOKENS_PER_STEP)."""
     rows = []
-    batch = max(1, GPT_TOKENS_PER_STEP // seq_len)
+    batch = max(1, (tokens_per_step or GPT_TOKENS_PER_STEP) // seq_len)
     for attention in ("nsa", "dense"):
         model = ModelConfig(vocab_size=256, n_layer=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
                             max_seq_len=seq_len)
@@ -534,6 +539,40 @@ def gpt_rows(seq_len: int, device: str, compiled: bool = False, profile_dir: Pat
 
         rows.append(guarded(row, work))
     return rows
+
+
+def gpt_rows_in_processes(seq_len: int, device: str, processes: int, compiled: bool = False,
+                          tokens_per_step: int | None = None) -> list[dict]:
+    """gpt_rows in ``processes`` fresh processes one after another (each times both GPTs), combined by
+    ``combined_process_rows``. An eager step that is host-bound (the NSA GPT at 16k on the H200) ran 51-89 ms in
+    different processes of the same code, so one process's time is not the step's (docs/PERF_NOTES.md, twenty-sixth
+    session)."""
+    per_process = []
+    for _ in range(processes):
+        # spawn: a fresh interpreter (CUDA cannot be forked), so nothing carries over between the processes
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_process.append(pool.submit(gpt_rows, seq_len, device, compiled, None, tokens_per_step).result())
+    return combined_process_rows(per_process)
+
+
+def combined_process_rows(per_process: Sequence[list[dict]]) -> list[dict]:
+    """One row per GPT from each process's gpt_rows: the median step_ms over the processes (tokens_per_s from it),
+    every process's step_ms in order (``process_step_ms``) and their count; the first error any process met
+    instead of a time."""
+    combined = []
+    for rows in zip(*per_process, strict=True):
+        row = {key: value for key, value in rows[0].items() if key not in ("step_ms", "tokens_per_s", "error")}
+        errors = [r["error"] for r in rows if "error" in r]
+        if errors:
+            row["error"] = errors[0]
+        else:
+            times = [r["step_ms"] for r in rows]
+            median = statistics.median(times)
+            row.update(step_ms=round(median, 2), tokens_per_s=round(row["batch"] * row["T"] / median * 1e3),
+                       process_step_ms=times)
+        row["processes"] = len(rows)
+        combined.append(row)
+    return combined
 
 
 def compile_counts() -> dict[str, int]:
@@ -572,6 +611,9 @@ def main() -> None:
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
                         "torch.compile (rows of shape gpt_compiled, beside the eager ones)")
+    parser.add_argument("--gpt-processes", type=int, default=1, help="time each GPT in this many fresh processes, "
+                        "one after another, and record the median step (host-bound eager steps vary between "
+                        "processes); not with --gpt-profile")
     parser.add_argument("--gpt-profile", action="store_true", help="also write one step's operator table per GPT "
                         "to --results-dir (profile_gpt_<attention>_<shape>_<T>.txt)")
     parser.add_argument("--module-profile", action="store_true", help="also write one forward+backward's and one "
@@ -581,6 +623,10 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    if args.gpt_processes < 1:
+        parser.error(f"--gpt-processes must be at least 1, got {args.gpt_processes}")
+    if args.gpt_processes > 1 and args.gpt_profile:
+        parser.error("--gpt-profile profiles a step of this process: use it with --gpt-processes 1")
     if not all(0.0 <= locality < 1.0 for locality in args.tile_localities):
         parser.error(f"--tile-localities must each be in [0, 1), got {args.tile_localities}")
     cuda = args.device.startswith("cuda")
@@ -638,8 +684,11 @@ def main() -> None:
                                profile_dir=args.results_dir if args.module_profile else None))
     if "gpt" in args.parts:
         for seq_len in args.gpt_lens if cuda else [1024]:
-            record(gpt_rows(seq_len, args.device, compiled=args.gpt_compile,
-                            profile_dir=args.results_dir if args.gpt_profile else None))
+            if args.gpt_processes > 1:
+                record(gpt_rows_in_processes(seq_len, args.device, args.gpt_processes, compiled=args.gpt_compile))
+            else:
+                record(gpt_rows(seq_len, args.device, compiled=args.gpt_compile,
+                                profile_dir=args.results_dir if args.gpt_profile else None))
     write_markdown(args.results_dir / f"{name}.md", jsonl)
     write_plot(args.results_dir / f"{name}.png", jsonl)
 
@@ -818,7 +867,9 @@ def write_markdown(path: Path, jsonl: Path) -> None:
             "## Targets (issue 11)", "", markdown_table(target_rows(latest), ["target", "bound", "ratio", "status",
                                                                             "commits"]), "",
             "## GPT training tokens/s", "",
-            markdown_table(gpt, ["impl", "shape", "T", "batch", "step_ms", "tokens_per_s", "error", "commit"]), "",
+            markdown_table([{**row, "process_step_ms": " / ".join(map(str, row.get("process_step_ms", [])))}
+                            for row in gpt], ["impl", "shape", "T", "batch", "step_ms", "tokens_per_s",
+                                              "process_step_ms", "error", "commit"]), "",
             "## Kernels (each alone; tflops counts the matmul FLOPs of the visible pairs)", "",
             markdown_table(kernels, ["kernel", "shape", "T", "ms", "tflops", "commit"]), "",
             *(["## Tile candidates (each checked against the default tiles' result, then timed; ms)", "",

@@ -189,3 +189,40 @@ def test_report_without_measured_rows_is_refused(tmp_path: Any, monkeypatch: pyt
         bench_prefill.main()
     assert raised.value.code == 2 and "prefill_cpu.jsonl does not exist" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_gpt_rows_in_processes_time_each_gpt_in_fresh_processes_and_take_the_median() -> None:
+    """--gpt-processes: each process (spawned: a fresh interpreter, as CUDA needs) times both GPTs; the row keeps
+    every process's step time in order and the median, with tokens/s from the median."""
+    rows = bench_prefill.gpt_rows_in_processes(32, "cpu", 2, tokens_per_step=64)
+    assert [(row["impl"], row["processes"], row["batch"]) for row in rows] == [("gpt_nsa", 2, 2), ("gpt_dense", 2, 2)]
+    for row in rows:
+        times = row["process_step_ms"]
+        assert len(times) == 2 and all(t > 0 for t in times) and "error" not in row
+        assert row["step_ms"] == round((times[0] + times[1]) / 2, 2)
+        assert row["tokens_per_s"] == round(2 * 32 / ((times[0] + times[1]) / 2) * 1e3)
+
+
+def test_combined_process_rows_take_the_median_and_keep_the_first_error() -> None:
+    def process(nsa: float | str, dense: float) -> list[dict[str, Any]]:
+        first = {"impl": "gpt_nsa", "shape": "gpt", "T": 1024, "batch": 4}
+        first.update({"error": nsa} if isinstance(nsa, str) else {"step_ms": nsa, "tokens_per_s": 1})
+        return [first, {"impl": "gpt_dense", "shape": "gpt", "T": 1024, "batch": 4, "step_ms": dense,
+                        "tokens_per_s": 1}]
+
+    nsa, dense = bench_prefill.combined_process_rows([process(77.06, 29.2), process(51.27, 28.8),
+                                                      process(60.7, 29.0)])
+    assert nsa == {"impl": "gpt_nsa", "shape": "gpt", "T": 1024, "batch": 4, "step_ms": 60.7,
+                   "tokens_per_s": round(4 * 1024 / 60.7 * 1e3), "process_step_ms": [77.06, 51.27, 60.7],
+                   "processes": 3}
+    assert dense["step_ms"] == 29.0 and dense["process_step_ms"] == [29.2, 28.8, 29.0]
+    failed, _ = bench_prefill.combined_process_rows([process(50.0, 29.0), process("out of memory", 29.0)])
+    assert failed["error"] == "out of memory" and "step_ms" not in failed and failed["processes"] == 2
+
+
+@pytest.mark.parametrize("flags", [["--gpt-processes", "0"], ["--gpt-processes", "2", "--gpt-profile"]])
+def test_gpt_processes_flag_is_validated(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, flags: list[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "gpt", "--results-dir", str(tmp_path), *flags])
+    with pytest.raises(SystemExit) as raised:
+        bench_prefill.main()
+    assert raised.value.code == 2 and not list(tmp_path.iterdir())
