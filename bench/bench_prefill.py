@@ -321,6 +321,46 @@ def attention_pairs(seq_len: int) -> dict[str, int]:
     return {"cmp": int(cmp), "sel": int(selected), "win": int(window)}
 
 
+def selected_blocks(seq_len: int) -> int:
+    """(token, selected block) pairs of one group over a sequence: every visible block while there are at most n
+    (NSA selects all candidates then), n after."""
+    t = torch.arange(seq_len)
+    return int(torch.clamp(t // BLOCKS["sel_block_size"] + 1, max=BLOCKS["num_selected"]).sum())
+
+
+def kernel_traffic(name: str, shape: Shape, seq_len: int) -> int:
+    """Bytes kernel ``name`` moves between the SMs and memory (L2 or HBM) at this shape, by a stated model: bf16
+    tensors (fp32 lse / delta, int32 indices), every operand once, except where a kernel gathers by the selection.
+    The selection's forward and dq load each (token, group)'s selected blocks of K and V whole, its dk/dv the q and
+    dO rows of the G heads for each (token, group, selected block); the range kernels (compression,
+    window) and the top-n re-read K / V and q tiles from L2 far more than once, so for them it is a lower bound
+    (they are compute-bound: their TFLOP/s is the figure to read). The guard reads its 8 inputs and the sanitising
+    pass writes them back. Divided by the time it gives the TB/s beside the copy ceiling of the same run."""
+    heads, kv_heads, dk, dv = shape
+    n, sel_block = BLOCKS["num_selected"], BLOCKS["sel_block_size"]
+    cmp_keys = max(0, (seq_len - BLOCKS["block_size"]) // BLOCKS["block_stride"] + 1)
+    rows = seq_len * heads  # (token, query head) rows
+    q, o, stats, gate = rows * dk * 2, rows * dv * 2, rows * 4, rows * 2
+    kv_win, kv_cmp = seq_len * kv_heads * (dk + dv) * 2, cmp_keys * kv_heads * (dk + dv) * 2
+    indices = seq_len * kv_heads * n * 4
+    triples = selected_blocks(seq_len) * kv_heads  # (token, group, selected block)
+    gathered_kv = triples * sel_block * (dk + dv) * 2  # whole blocks (the current one's future rows masked)
+    gathered_rows = triples * (heads // kv_heads) * ((dk + dv) * 2 + 4 + 4 + 2)  # q, dO, lse, delta, gate
+    raw = q + kv_cmp + 2 * kv_win + rows * 3 * 2  # the guard's 8 inputs (k_sel / v_sel and k_win / v_win alike)
+    traffic = {
+        "fwd_cmp": q + kv_cmp + 2 * o + stats + gate, "topn": q + kv_cmp + stats + indices,
+        "fwd_sel": gathered_kv + q + 3 * o + stats + gate + indices,
+        "fwd_win": q + kv_win + 3 * o + stats + gate,
+        "dq_cmp": 2 * q + 2 * o + kv_cmp + 2 * stats + gate,  # q, dO, o, k, v read; dq written
+        "dq_sel": gathered_kv + 3 * q + 2 * o + 2 * stats + gate + indices,  # dq read and written
+        "dq_win": 3 * q + 2 * o + kv_win + 2 * stats + gate,
+        "dkdv_cmp": q + o + 2 * stats + gate + 2 * kv_cmp, "dkdv_sel": gathered_rows + 2 * kv_win + indices,
+        "dkdv_win": q + o + 2 * stats + gate + 2 * kv_win,
+        "guard_sanitize": 2 * raw, "guard_rows": raw + indices,
+    }
+    return traffic[name]
+
+
 def kernel_steps(run: Any, shape: Shape, seq_len: int) -> list[tuple[str, Callable[[], Any], int]]:
     """(name, the kernel launch, its matmul FLOPs) for each kernel of a prefill run (nsa.prefill.PrefillRun)
     whose forward has run."""
@@ -348,7 +388,8 @@ def prefill_run(inputs: list[Tensor], shape: Shape) -> Any:
 
 
 def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> list[dict]:
-    """Each kernel of the fused op (nsa.prefill.PrefillRun's steps) timed alone, with its matmul FLOPs."""
+    """Each kernel of the fused op (nsa.prefill.PrefillRun's steps) timed alone, with its matmul TFLOP/s and its
+    TB/s (``kernel_traffic``)."""
     shape = SHAPES[shape_name]
     run = prefill_run(nsa_inputs(shape, seq_len, dtype, device, False), shape)
     run.forward()
@@ -363,7 +404,8 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
     for name, fn, flops in steps:
         ms = timed(fn, device, warmup_ms=200)  # do_bench's 25 ms left the first kernels timed at 8k up to 2x slow
         rows.append({"impl": "kernel", "kernel": name, "shape": shape_name, "T": seq_len, "ms": round(ms, 3),
-                     "tflops": round(flops / ms / 1e9, 1)})
+                     "tflops": round(flops / ms / 1e9, 1),
+                     "tbps": round(kernel_traffic(name, shape, seq_len) / ms / 1e9, 2)})
     return rows
 
 
@@ -841,6 +883,14 @@ def write_plot(path: Path, jsonl: Path) -> None:
     plt.close(fig)
 
 
+def with_traffic(row: dict[str, Any]) -> dict[str, Any]:
+    """A kernel row with its TB/s: as measured, or (rows from before the field existed) from its time and
+    kernel_traffic at its shape and length."""
+    if "tbps" in row or row.get("shape") not in SHAPES or not isinstance(row.get("ms"), float):
+        return row
+    return {**row, "tbps": round(kernel_traffic(row["kernel"], SHAPES[row["shape"]], row["T"]) / row["ms"] / 1e9, 2)}
+
+
 def write_markdown(path: Path, jsonl: Path) -> None:
     """The tables of every row in the jsonl (the latest row per (impl, shape, T, kernel)), ratios to dense
     measured in the same run, and the targets of issue 11 with their status."""
@@ -870,8 +920,10 @@ def write_markdown(path: Path, jsonl: Path) -> None:
             markdown_table([{**row, "process_step_ms": " / ".join(map(str, row.get("process_step_ms", [])))}
                             for row in gpt], ["impl", "shape", "T", "batch", "step_ms", "tokens_per_s",
                                               "process_step_ms", "error", "commit"]), "",
-            "## Kernels (each alone; tflops counts the matmul FLOPs of the visible pairs)", "",
-            markdown_table(kernels, ["kernel", "shape", "T", "ms", "tflops", "commit"]), "",
+            "## Kernels (each alone; tflops counts the matmul FLOPs of the visible pairs, tbps the bytes of "
+            "`kernel_traffic`'s model: the selection's gathered K / V or q / dO, every other operand once)", "",
+            markdown_table([with_traffic(row) for row in kernels], ["kernel", "shape", "T", "ms", "tflops", "tbps",
+                                                                     "commit"]), "",
             *(["## Tile candidates (each checked against the default tiles' result, then timed; ms)", "",
                tile_table(rows), ""] if any(row.get("impl") == "tiles" for row in rows) else []),
             "Ceilings measured in the same runs: " + ", ".join(

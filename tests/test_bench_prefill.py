@@ -226,3 +226,29 @@ def test_gpt_processes_flag_is_validated(monkeypatch: pytest.MonkeyPatch, tmp_pa
     with pytest.raises(SystemExit) as raised:
         bench_prefill.main()
     assert raised.value.code == 2 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seq_len", [5, 24, 61])
+def test_kernel_traffic_counts_the_blocks_the_selection_actually_picks(seq_len: int) -> None:
+    """The selection's gathered traffic rests on selected_blocks: every (token, group) selects all its visible
+    blocks while they are at most n, then n. Checked against the slots a real selection (nsa_attention, torch path)
+    fills, and the fwd_sel traffic moves with exactly those whole blocks of K and V."""
+    from nsa import nsa_attention
+
+    inputs = bench_prefill.nsa_inputs(TINY, seq_len, torch.float32, "cpu", False)
+    _, indices = nsa_attention(*inputs, **SMALL_BLOCKS, backend="torch")
+    used = int((indices >= 0).sum())
+    assert bench_prefill.selected_blocks(seq_len) * TINY.kv_heads == used
+    wider = TINY._replace(dv=TINY.dv + 8)  # 8 more value dims: 8 * 2 bytes more per loaded value row ...
+    extra = bench_prefill.kernel_traffic("fwd_sel", wider, seq_len) - bench_prefill.kernel_traffic("fwd_sel", TINY,
+                                                                                                   seq_len)
+    rows = seq_len * TINY.heads  # ... and per output row read, written and stored (out twice, the branch once)
+    assert extra == used * SMALL_BLOCKS["sel_block_size"] * 8 * 2 + rows * 8 * 2 * 3
+
+
+def test_report_derives_the_kernel_rows_tb_per_s_from_their_time() -> None:
+    row = {"impl": "kernel", "kernel": "guard_sanitize", "shape": "public", "T": 1024, "ms": 0.5, "tflops": 0.0}
+    derived = bench_prefill.with_traffic(row)
+    assert derived["tbps"] == round(bench_prefill.kernel_traffic("guard_sanitize", bench_prefill.SHAPES["public"],
+                                                                 1024) / 0.5 / 1e9, 2)
+    assert bench_prefill.with_traffic({**row, "tbps": 3.0})["tbps"] == 3.0
