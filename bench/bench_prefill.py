@@ -338,7 +338,7 @@ def kernel_traffic(name: str, shape: Shape, seq_len: int) -> int:
     pass writes them back. Divided by the time it gives the TB/s beside the copy ceiling of the same run."""
     heads, kv_heads, dk, dv = shape
     n, sel_block = BLOCKS["num_selected"], BLOCKS["sel_block_size"]
-    cmp_keys = max(0, (seq_len - BLOCKS["block_size"]) // BLOCKS["block_stride"] + 1)
+    cmp_keys = num_compressed_blocks(seq_len, BLOCKS["block_size"], BLOCKS["block_stride"])
     rows = seq_len * heads  # (token, query head) rows
     q, o, stats, gate = rows * dk * 2, rows * dv * 2, rows * 4, rows * 2
     kv_win, kv_cmp = seq_len * kv_heads * (dk + dv) * 2, cmp_keys * kv_heads * (dk + dv) * 2
@@ -359,6 +359,11 @@ def kernel_traffic(name: str, shape: Shape, seq_len: int) -> int:
         "guard_sanitize": 2 * raw, "guard_rows": raw + indices,
     }
     return traffic[name]
+
+
+def traffic_tbps(kernel: str, shape: Shape, seq_len: int, ms: float) -> float:
+    """TB/s of ``kernel_traffic``'s bytes moved in ``ms``."""
+    return round(kernel_traffic(kernel, shape, seq_len) / ms / 1e9, 2)
 
 
 def kernel_steps(run: Any, shape: Shape, seq_len: int) -> list[tuple[str, Callable[[], Any], int]]:
@@ -405,7 +410,7 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
         ms = timed(fn, device, warmup_ms=200)  # do_bench's 25 ms left the first kernels timed at 8k up to 2x slow
         rows.append({"impl": "kernel", "kernel": name, "shape": shape_name, "T": seq_len, "ms": round(ms, 3),
                      "tflops": round(flops / ms / 1e9, 1),
-                     "tbps": round(kernel_traffic(name, shape, seq_len) / ms / 1e9, 2)})
+                     "tbps": traffic_tbps(name, shape, seq_len, ms)})
     return rows
 
 
@@ -888,7 +893,7 @@ def with_traffic(row: dict[str, Any]) -> dict[str, Any]:
     kernel_traffic at its shape and length."""
     if "tbps" in row or row.get("shape") not in SHAPES or not isinstance(row.get("ms"), float):
         return row
-    return {**row, "tbps": round(kernel_traffic(row["kernel"], SHAPES[row["shape"]], row["T"]) / row["ms"] / 1e9, 2)}
+    return {**row, "tbps": traffic_tbps(row["kernel"], SHAPES[row["shape"]], row["T"], row["ms"])}
 
 
 def write_markdown(path: Path, jsonl: Path) -> None:

@@ -68,13 +68,16 @@ def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, 
     return signature
 
 
-def descriptor_args(tma: bool, rows: int, dims: dict[str, int]) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+def descriptor_args(tma: bool, rows: int, dims: dict[str, int], values: bool = True
+                    ) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
     """(constexprs, argument types) of a kernel's k_desc1 / k_desc2 / v_desc: bf16 descriptors of ``rows`` K / V
-    rows of one head (nsa.kernels.tiles.kv_descriptors) where tma, else None (pointer loads)."""
+    rows of one head (nsa.kernels.tiles.kv_descriptors) where tma, else None (pointer loads); ``values`` False: a
+    kernel without v_desc (the top-n reads keys only)."""
     if not tma:
-        return {"TMA": False, "k_desc1": None, "k_desc2": None, "v_desc": None}, ()
-    types = [("k_desc1", f"tensordesc<bf16[{rows},1,{dims['D1']}]>"),
-             ("v_desc", f"tensordesc<bf16[{rows},1,{dims['BLOCK_DV']}]>")]
+        return {"TMA": False, "k_desc1": None, "k_desc2": None, **({"v_desc": None} if values else {})}, ()
+    types = [("k_desc1", f"tensordesc<bf16[{rows},1,{dims['D1']}]>")]
+    if values:
+        types.append(("v_desc", f"tensordesc<bf16[{rows},1,{dims['BLOCK_DV']}]>"))
     if not dims["D2"]:
         return {"TMA": True, "k_desc2": None}, tuple(types)
     return {"TMA": True}, (*types, ("k_desc2", f"tensordesc<bf16[{rows},1,{dims['D2']}]>"))
@@ -122,10 +125,9 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     # shallower than n - 3 (the kernel also holds the exact merge it falls back on)
     for name, tma, depth in (("topn", topn_tiles.tma, topn_constexprs["DEPTH"]), ("topn_other", not topn_tiles.tma,
                              topn_constexprs["DEPTH"]), ("topn_shallow", topn_tiles.tma, 4)):
-        keys, key_types = descriptor_args(tma, shape["NS"] * shape["RATIO"], dims)
-        keys.pop("v_desc", None)  # the top-n reads no values
+        keys, key_types = descriptor_args(tma, shape["NS"] * shape["RATIO"], dims, values=False)
         yield KernelCase(name, topn._topn_kernel, {**topn_constexprs, **keys, "DEPTH": depth}, topn_tiles.num_warps,
-                         topn_tiles.num_stages, pointer_types=tuple(t for t in key_types if t[0] != "v_desc"))
+                         topn_tiles.num_stages, pointer_types=key_types)
     sel_tiles = sel_tiles or SelectedTiles()
     gp = max(16, triton.next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}
