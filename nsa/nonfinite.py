@@ -87,11 +87,12 @@ def poison_rows(out: Tensor, rows: Tensor) -> Tensor:
     return torch.where(rows[..., None], nan, out)
 
 
-def _row_kernels_apply(x: Tensor) -> bool:
-    """Whether the row passes take nsa.kernels.rows' single Triton pass (nsa.dispatch.elementwise_kernel_applies)."""
+def _row_kernels_apply(x: Tensor, contiguous: bool = True) -> bool:
+    """Whether the row passes take nsa.kernels.rows' single Triton pass (nsa.dispatch.elementwise_kernel_applies;
+    ``contiguous=False``: for a pass that reads x's vectors at any strides)."""
     from nsa.dispatch import elementwise_kernel_applies  # nsa.dispatch imports this module's importers
 
-    return elementwise_kernel_applies(x)
+    return elementwise_kernel_applies(x, contiguous=contiguous)
 
 
 class _PoisonRows(torch.autograd.Function):
@@ -278,9 +279,13 @@ def nsa_nonfinite_rows(
     cu_seqlens included, plus the block_indices it selected): the union of the three branches' rows and
     of the rows whose gates [B, T, HQ, 3] are non-finite (a gate reaches its own row only). q is scanned
     once (it is the largest input: one pass over it is most of this function's time). Eager on CUDA: three launches
-    of nsa.kernels.rows (the ~120 small PyTorch ops below took a fixed 1.4-1.7 ms on the H200, host-bound)."""
+    of nsa.kernels.rows (the ~120 small PyTorch ops below took a fixed 1.4-1.7 ms on the H200, host-bound), which
+    take the keys and values as strided views (NSAAttention's selection and window sets are slices of one
+    projection's output)."""
     raw = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
-    if all(map(_row_kernels_apply, raw)) and block_indices.device == q.device and block_indices.is_contiguous():
+    if (_row_kernels_apply(q) and _row_kernels_apply(gates) and all(_row_kernels_apply(x, contiguous=False)
+                                                                     for x in raw[1:-1])
+            and block_indices.device == q.device and block_indices.is_contiguous()):
         from nsa.kernels.rows import nsa_nonfinite_rows_triton
 
         return nsa_nonfinite_rows_triton(*raw, block_indices, block_size=block_size, block_stride=block_stride,

@@ -129,6 +129,7 @@ class PrefillRun:
         buffers of its own: they would add to the backward's peak memory)."""
         from nsa.kernels.range_attention import RangeRule
         from nsa.kernels.tiles import (
+            batch_offsets,
             derived_counts,
             num_compressed,
             output_buffer,
@@ -140,7 +141,7 @@ class PrefillRun:
         batch, seq_len = q.shape[:2]
         if cu_seqlens is None:
             self.packed = packed_batch(batch, seq_len, q.device)
-            self.cu_cmp = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * k_cmp.shape[1]
+            self.cu_cmp = batch_offsets(batch, k_cmp.shape[1], q.device)
         else:
             self.packed = packed_varlen(cu_seqlens, seq_len)
             self.cu_cmp = derived_counts(self.packed,

@@ -246,22 +246,39 @@ def test_whole_sequence_row_flags(s: Shape, p: dict):
     assert torch.equal(flags, expected_nsa(bad, indices, s))
 
 
+def _interpreted_row_kernels_apply(x: torch.Tensor, contiguous: bool = True) -> bool:
+    """nsa.nonfinite._row_kernels_apply as on eager CUDA, for CPU tensors (the kernels run in the interpreter)."""
+    return (x.is_contiguous() if contiguous else x.stride(-1) == 1) and x.numel() > 0
+
+
+def _in_nan_buffer(x: torch.Tensor, sets: int = 3) -> torch.Tensor:
+    """x [B, N, H, D] as the middle set of a [B, N, sets, H, D] buffer whose other sets are NaN, as NSAAttention's
+    projections hand out their selection and window keys and values: a pass that reads anything but x's own
+    vectors flags rows that the rule does not."""
+    buffer = torch.full((*x.shape[:2], sets, *x.shape[2:]), float("nan"), dtype=x.dtype)
+    buffer[:, :, sets // 2] = x
+    return buffer[:, :, sets // 2]
+
+
 @settings(max_examples=40)
 @given(shapes(groups=(1, 3, 4)), plants(), st.sets(st.sampled_from(NSA_INPUTS), min_size=1), st.booleans(),
        st.sampled_from([torch.int32, torch.long]),
-       st.sampled_from([(row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS), (16, 2)]))
+       st.sampled_from([(row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS), (16, 2)]), st.booleans())
 def test_whole_sequence_row_flags_on_the_kernels(s: Shape, p: dict, names: set, shared_window: bool, index_dtype,
-                                                 program: tuple[int, int]):
+                                                 program: tuple[int, int], strided: bool):
     """The layer's flags on nsa.kernels.rows (prefix sums of the non-finite (key, value) pairs, counted over each
     row's compressed prefix, window and selected blocks) against the dense-mask rule, in bf16 and float32, with
     garbage in some of the inputs (one branch's edges decide), the window reading the selection's tensors (one set
     of flags for both) or its own; the row pass's programs at the default size and at 16 tokens x 2 query heads
-    (several programs per group, the last one partial at G = 3)."""
+    (several programs per group, the last one partial at G = 3); keys and values contiguous or strided views
+    into buffers of NaN (``_in_nan_buffer``)."""
     defaults = row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS
     t0, x = draw_t0(s, p), case_inputs(s, torch.bfloat16 if p["seed"] % 2 else F32)
     if shared_window:
         x["k_win"], x["v_win"] = x["k_sel"], x["v_sel"]
     bad = planted(x, names, t0, s, p)
+    if strided:
+        bad.update({name: _in_nan_buffer(bad[name]) for name in NSA_INPUTS[1:-1]})
     if shared_window:
         bad["k_win"], bad["v_win"] = bad["k_sel"], bad["v_sel"]
     indices = random_block_indices(s, p["seed"])
@@ -688,7 +705,7 @@ def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
     torch.where: NaN rows forward, flags broadcast from [B, T, 1], and zero gradient in exactly those rows."""
     import nsa.nonfinite as nonfinite
 
-    monkeypatch.setattr(nonfinite, "_row_kernels_apply", lambda x: x.is_contiguous() and x.numel() > 0)
+    monkeypatch.setattr(nonfinite, "_row_kernels_apply", _interpreted_row_kernels_apply)
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(2, 7, 3, 5, generator=gen, requires_grad=True)
     rows = torch.rand(2, 7, 1, generator=gen) < 0.3
@@ -702,14 +719,17 @@ def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
 
 def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
     """nsa_nonfinite_rows goes to nsa.kernels.rows when every input qualifies (eager CUDA; forced onto the interpreter
-    here), packed sequences included, and keeps the PyTorch form where one does not (an empty k_cmp: T < l)."""
+    here), packed sequences and keys / values as strided views (NSAAttention's) included, and keeps the PyTorch
+    form where one does not (an empty k_cmp: T < l; a strided q, whose rows the kernel indexes as contiguous)."""
     import nsa.nonfinite as nonfinite
 
     cases = []
-    for seq_len, lengths in ((30, None), (30, (11, 19)), (5, None)):
+    for seq_len, lengths, strided in ((30, None, "kv"), (30, (11, 19), ""), (5, None, ""), (30, None, "q")):
         s = Shape(B=1, T=seq_len, HQ=4, Hkv=2, Dk=8, Dv=4, l=8, d=4, lp=8, n=3, w=6, seed=seq_len)
         p = {"frac": 0.4, "density": 0.3, "seed": 7}
         bad = planted(case_inputs(s, F32), NSA_INPUTS, draw_t0(s, p), s, p)
+        views = NSA_INPUTS[1:-1] if strided == "kv" else ("q",) if strided else ()
+        bad.update({name: _in_nan_buffer(bad[name]) for name in views})
         indices = random_block_indices(s, 7) if lengths is None else torch.cat(
             [random_block_indices(dataclasses.replace(s, T=n), 7) for n in lengths], dim=1)
         kwargs = {"block_size": s.l, "block_stride": s.d, "sel_block_size": s.lp, "window_size": s.w,
@@ -717,7 +737,7 @@ def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
         args = (*(bad[n] for n in NSA_INPUTS), indices)
         cases.append((args, kwargs, nsa_nonfinite_rows(*args, **kwargs)))
     calls, kernels = [], row_passes.nsa_nonfinite_rows_triton
-    monkeypatch.setattr(nonfinite, "_row_kernels_apply", lambda x: x.is_contiguous() and x.numel() > 0)
+    monkeypatch.setattr(nonfinite, "_row_kernels_apply", _interpreted_row_kernels_apply)
     monkeypatch.setattr(row_passes, "nsa_nonfinite_rows_triton",
                         lambda *a, **kw: calls.append(kw["cu_seqlens"]) or kernels(*a, **kw))
     for args, kwargs, want in cases:

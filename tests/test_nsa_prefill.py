@@ -224,6 +224,33 @@ def test_tile_tables_of_equal_and_packed_sequences_count_tiles(lengths, tile, eq
     assert packed.equal == equal
 
 
+def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatch):
+    """An unpacked batch's tables are built once per (sizes, device) and handed out again (the eager layer is
+    host-bound at small widths); one first built under torch.inference_mode() is a normal tensor, so a training
+    step may index with it later; past SIZED_ENTRIES the oldest entry goes and is built again when asked for."""
+    from collections import OrderedDict
+
+    from nsa.kernels.selected import tile_token_rows
+
+    monkeypatch.setattr(tiles, "_SIZED", OrderedDict())
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        first = tiles.packed_tiles(tiles.packed_batch(3, 40, cpu), 16)
+    packed = tiles.packed_batch(3, 40, cpu)
+    again = tiles.packed_tiles(packed, 16)
+    assert again.seq is first.seq and again.first is first.first and not first.seq.is_inference()
+    assert packed.cu is tiles.packed_batch(3, 40, cpu).cu and packed.cu.tolist() == [0, 40, 80, 120]
+    assert tiles.packed_tiles(packed, 8).seq is not first.seq  # another tile: another table
+    rows, live = tile_token_rows(packed, again, 16)
+    assert rows is tile_token_rows(packed, again, 16)[0]
+    assert rows[live[:, :, 0, 0]].tolist() == list(range(120))  # every token once, in order
+    monkeypatch.setattr(tiles, "SIZED_ENTRIES", 2)
+    for length in (41, 42):
+        tiles.packed_tiles(tiles.packed_batch(3, length, cpu), 16)
+    rebuilt = tiles.packed_tiles(tiles.packed_batch(3, 40, cpu), 16)
+    assert rebuilt.seq is not first.seq and torch.equal(rebuilt.seq, first.seq)
+
+
 def test_token_rows_keep_head_offsets_within_int32():
     """rows_view keeps a heads-major layout as a view while its last head starts within 2^31 elements, and copies
     it to token-major past that (the kernels' head offsets are int32); shapes on the meta device, nothing

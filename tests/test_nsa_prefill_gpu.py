@@ -151,6 +151,43 @@ def test_prefill_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch):
+    """Forward + backward captured in a CUDA graph replay bitwise as run eagerly, also once every table kept
+    for unpacked batches (nsa.kernels.tiles.sized_tensors) is dropped and its memory taken by other tensors: a
+    capture builds tables of its own, which the graph holds, instead of reading kept ones."""
+    from collections import OrderedDict
+
+    from nsa.kernels import tiles
+
+    monkeypatch.setattr(tiles, "_SIZED", OrderedDict())
+    inputs = _inputs(4096, 16, 4, 64, 64, seed=3)
+    dout = torch.randn(1, 4096, 16, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        out = nsa_attention(*inputs, **BLOCKS, backend="triton").output
+        return (out, *torch.autograd.grad(out, inputs, dout))
+
+    want = step()
+    kept = [t for value in tiles._SIZED.values() for t in (value if isinstance(value, tuple) else (value,))
+            if isinstance(t, torch.Tensor)]
+    assert kept, "the eager step kept no table"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream, as torch.cuda.graph asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    shapes = [(t.shape, t.dtype) for t in kept]
+    del kept
+    tiles._SIZED.clear()
+    junk = [torch.full(shape, -7, dtype=dtype, device="cuda") for shape, dtype in shapes for _ in range(4)]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert junk and all(torch.equal(got, ref) for got, ref in zip(captured, want, strict=True))
+
+
 @pytest.mark.long_compile  # 83 s in the H200 suite at ec05d2c (bench/results/logs/gpu_tests_h200.log)
 def test_prefill_packed_sequences_equal_separate_runs():
     lengths = [1000, 77, 2500, 31]

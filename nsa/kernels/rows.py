@@ -2,7 +2,8 @@
 vectors, one read and one write to fill whole vectors with NaN (poisoning output rows) or zero (their gradient), and
 the whole NSA layer's rows to poison (``nsa_nonfinite_rows_triton``) in three launches.
 
-A tensor [..., D] is taken as N = numel / D rows of D contiguous elements (callers pass contiguous tensors). In
+A tensor [..., D] is taken as N = numel / D rows of D contiguous elements (callers pass contiguous tensors; the
+guard's keys and values may be strided views). In
 PyTorch the same passes take several kernels each: ``(x * 0).sum(-1).isnan()`` writes and reads a product the
 size of x, and ``torch.where(rows[..., None], nan, x)`` broadcasts the flags along the last dim, which
 PyTorch's vectorised elementwise path does not take (1.5 ms for each direction over a 1 GiB output on the H200,
@@ -29,9 +30,16 @@ GUARD_HEADS = 16
 
 @triton.jit
 def _row_flags(x_ptr, rows, row_ok, row_len, BLOCK_D: tl.constexpr):
-    """int32 [BLOCK_R]: 1 where the row (of row_len contiguous elements) holds a NaN or +-inf."""
-    base = x_ptr + rows.to(tl.int64)[:, None] * row_len
-    bad = tl.zeros(rows.shape, tl.int32)
+    """int32 [BLOCK_R]: 1 where the row (of row_len contiguous elements, rows one after the other) holds a NaN or
+    +-inf."""
+    return _flags_at(x_ptr, rows.to(tl.int64) * row_len, row_ok, row_len, BLOCK_D)
+
+
+@triton.jit
+def _flags_at(x_ptr, starts, row_ok, row_len, BLOCK_D: tl.constexpr):
+    """_row_flags of the rows of row_len contiguous elements starting at x_ptr + starts (int64 element offsets)."""
+    base = x_ptr + starts[:, None]
+    bad = tl.zeros(starts.shape, tl.int32)
     for start in range(0, row_len, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         x = tl.load(base + cols[None, :], mask=row_ok[:, None] & (cols < row_len)[None, :], other=0.0)
@@ -63,37 +71,47 @@ def _fill_rows_kernel(x_ptr, flags_ptr, out_ptr, num_rows, row_len, FILL_NAN: tl
 
 
 @triton.jit
-def _pair_segment(k_ptr, v_ptr, counts_ptr, block, num_rows, length, heads, k_len, v_len, seg_len, seg0,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pair_segment(k_ptr, v_ptr, counts_ptr, block, num_rows, length, heads, k_len, v_len, seg_len, seg0, stride_kb,
+                  stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Flags of one block of (key, value) vector pairs of k [B, N, H, Dk], v [B, N, H, Dv] (1: either is
-    non-finite), stored transposed as counts[b * H + h, seg0 + n] (int32) for the prefix sums along n."""
+    non-finite), stored transposed as counts[b * H + h, seg0 + n] (int32) for the prefix sums along n. k and v
+    may be strided views (the layer's selection and window sets are slices of one projection's output); their
+    vectors are contiguous."""
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
-    bad = _row_flags(k_ptr, rows, row_ok, k_len, BLOCK_D) | _row_flags(v_ptr, rows, row_ok, v_len, BLOCK_D)
     head = rows % heads
     batch_pos = rows // heads
-    column = seg0 + batch_pos % length
-    line = (batch_pos // length) * heads + head
-    tl.store(counts_ptr + line.to(tl.int64) * seg_len + column, bad, mask=row_ok)
+    position = batch_pos % length
+    batch = batch_pos // length
+    b, n, h = batch.to(tl.int64), position.to(tl.int64), head.to(tl.int64)
+    bad = (_flags_at(k_ptr, b * stride_kb + n * stride_kn + h * stride_kh, row_ok, k_len, BLOCK_D)
+           | _flags_at(v_ptr, b * stride_vb + n * stride_vn + h * stride_vh, row_ok, v_len, BLOCK_D))
+    line = batch * heads + head
+    tl.store(counts_ptr + line.to(tl.int64) * seg_len + seg0 + position, bad, mask=row_ok)
 
 
 @triton.jit
 def _pair_flags_kernel(k_cmp_ptr, v_cmp_ptr, k_sel_ptr, v_sel_ptr, k_win_ptr, v_win_ptr, counts_ptr, heads, seg_len,
                        rows_cmp, rows_sel, rows_win, len_cmp, len_sel, len_win, dk_cmp, dv_cmp, dk_sel, dv_sel, dk_win,
-                       dv_win, seg_sel, seg_win, programs_cmp, programs_sel, BLOCK_R: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       dv_win, seg_sel, seg_win, programs_cmp, programs_sel, stride_kcb, stride_kcn, stride_kch,
+                       stride_vcb, stride_vcn, stride_vch, stride_ksb, stride_ksn, stride_ksh, stride_vsb, stride_vsn,
+                       stride_vsh, stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Every branch's pair flags in one launch: the first programs_cmp programs take the compressed pairs, the next
-    programs_sel the selection's, the rest the window's (none where it reads the selection's tensors)."""
+    programs_sel the selection's, the rest the window's (none where it reads the selection's tensors). Strides:
+    each tensor's (batch, position, head) element strides."""
     pid = tl.program_id(0)
     if pid < programs_cmp:
         _pair_segment(k_cmp_ptr, v_cmp_ptr, counts_ptr, pid, rows_cmp, len_cmp, heads, dk_cmp, dv_cmp, seg_len, 0,
-                      BLOCK_R, BLOCK_D)
+                      stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch, BLOCK_R, BLOCK_D)
     elif pid < programs_cmp + programs_sel:
         _pair_segment(k_sel_ptr, v_sel_ptr, counts_ptr, pid - programs_cmp, rows_sel, len_sel, heads, dk_sel, dv_sel,
-                      seg_len, seg_sel, BLOCK_R, BLOCK_D)
+                      seg_len, seg_sel, stride_ksb, stride_ksn, stride_ksh, stride_vsb, stride_vsn, stride_vsh,
+                      BLOCK_R, BLOCK_D)
     else:
         _pair_segment(k_win_ptr, v_win_ptr, counts_ptr, pid - programs_cmp - programs_sel, rows_win, len_win, heads,
-                      dk_win, dv_win, seg_len, seg_win, BLOCK_R, BLOCK_D)
+                      dk_win, dv_win, seg_len, seg_win, stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn,
+                      stride_vwh, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -153,8 +171,8 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
                               v_win: Tensor, gates: Tensor, block_indices: Tensor, *, block_size: int,
                               block_stride: int, sel_block_size: int, window_size: int,
                               cu_seqlens: Tensor | None = None) -> Tensor:
-    """bool [B, T, HQ]: nsa.nonfinite.nsa_nonfinite_rows (the same arguments and rule) on contiguous tensors, in
-    three launches: every branch's (key, value) pair flags into one int32 buffer, one prefix sum along the
+    """bool [B, T, HQ]: nsa.nonfinite.nsa_nonfinite_rows (the same arguments and rule) on contiguous q and gates
+    and keys / values of contiguous vectors (any batch, position and head strides), in three launches: every branch's (key, value) pair flags into one int32 buffer, one prefix sum along the
     positions, and one pass over the rows that counts the non-finite pairs each (query, kv head) can see (the
     compressed prefix, the window and the n selected blocks) and reads the query and gate vectors. The window
     branch shares the selection's flags when it reads the same tensors."""
@@ -175,8 +193,8 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
     programs = [triton.cdiv(n, blocks["BLOCK_R"]) for n in num_rows]
     _pair_flags_kernel[(programs[0] + programs[1] + (0 if shared else programs[2]),)](
         *(x for pair in pairs for x in pair), counts, kv_heads, seg_len, *num_rows, *(k.shape[1] for k, _ in pairs),
-        *(x.shape[-1] for pair in pairs for x in pair), seg_sel, seg_win, programs[0], programs[1], **blocks,
-        num_warps=4)
+        *(x.shape[-1] for pair in pairs for x in pair), seg_sel, seg_win, programs[0], programs[1],
+        *(stride for pair in pairs for x in pair for stride in x.stride()[:3]), **blocks, num_warps=4)
     counts.cumsum_(dim=-1)
     out = torch.empty(batch, seq_len, heads, dtype=torch.int8, device=q.device)
     token_start, block_start, position = packing if packing is not None else (out, out, out)  # unread

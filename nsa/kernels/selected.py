@@ -49,6 +49,7 @@ from nsa.kernels.tiles import (
     load_tile,
     output_buffer,
     packed_tiles,
+    sized_tensors,
     split_dims,
     store_at,
     store_tile,
@@ -411,30 +412,44 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every list in token
     order, so the dk/dv sums run in a fixed order. No host sync (the sizes are host bounds)."""
     _, num_kv_heads, num_selected = block_indices.shape
-    device = block_indices.device
     # A sequence's selection blocks are its tiles of sel_block_size tokens: global block -> sequence, and a bound on
     # the global block count, as for any tiles.
     blocks = packed_tiles(packed, sel_block_size)
     cu_blocks, blocks_per_head = blocks.first, blocks.grid
     num_lists = num_kv_heads * blocks_per_head
-    seq_of_token = token_sequences(packed).long()
-    global_block = cu_blocks[seq_of_token][:, None, None] + block_indices.long()
-    head = torch.arange(num_kv_heads, device=device)[None, :, None]
-    keys = torch.where(block_indices >= 0, head * blocks_per_head + global_block, num_lists).flatten()
+    num_chunks = max(1, -(-block_indices.numel() // chunk) + num_lists)
+    bases, list_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks)
+    keys = torch.where(block_indices >= 0, bases + block_indices, num_lists).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = (order // (num_kv_heads * num_selected)).to(torch.int32)
-    bounds = torch.searchsorted(sorted_keys, torch.arange(num_lists + 1, device=device))
+    bounds = torch.searchsorted(sorted_keys, list_ids)
     counts = bounds[1:] - bounds[:-1]
     per_list = (counts + chunk - 1) // chunk
     list_chunks = torch.cat((per_list.new_zeros(1), per_list.cumsum(0)))
-    num_chunks = max(1, -(-keys.numel() // chunk) + num_lists)
-    chunk_ids = torch.arange(num_chunks, device=device)
     chunk_list = torch.searchsorted(list_chunks[1:], chunk_ids, right=True)
     owner = chunk_list.clamp_max(num_lists - 1)
     chunk_start = bounds[owner] + (chunk_ids - list_chunks[owner]) * chunk
     return SelectionLists(entries, bounds[1:].to(torch.int32), list_chunks.to(torch.int32),
                           chunk_list.to(torch.int32), chunk_start.to(torch.int32), blocks.seq, cu_blocks,
                           blocks_per_head)
+
+
+def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the list of block 0 of each token's sequence
+    under each kv head: lists are kv head-major over the global blocks), list ids [L + 1] and chunk ids
+    [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.kernels.tiles.sized_tensors)."""
+    def build() -> tuple[Tensor, Tensor, Tensor]:
+        device = packed.cu.device
+        head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
+        bases = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
+        num_lists = num_kv_heads * blocks.grid
+        return bases, torch.arange(num_lists + 1, device=device), torch.arange(num_chunks, device=device)
+
+    if packed.equal:
+        key = ("list keys", packed.num_seqs, packed.max_len, blocks.grid, num_kv_heads, num_chunks)
+        return sized_tensors(key, packed.cu.device, build)
+    return build()
 
 
 def _launch_args(q: Tensor, k: Tensor, v: Tensor, sel_block_size: int) -> dict:
@@ -494,17 +509,11 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
         return QueryTiles(table, block_indices, block_indices, constexprs)
     if unions is not None:
         return QueryTiles(table, *unions, constexprs)
-    device = block_indices.device
-    seq = table.seq.long().clamp_max(packed.num_seqs - 1)
-    lengths = (packed.cu[1:] - packed.cu[:-1]).long()
-    first = (torch.arange(table.grid, device=device) - table.first[seq].long()) * bq
-    position = first[:, None] + torch.arange(bq, device=device)  # [grid, BQ]
-    live = (table.seq.long() < packed.num_seqs)[:, None] & (position < lengths[seq][:, None])
-    rows = (packed.cu[seq].long()[:, None] + position).clamp(0, max(packed.total - 1, 0))
+    rows, live = tile_token_rows(packed, table, bq)
     chosen = block_indices[rows] if packed.total else block_indices.new_zeros(table.grid, bq, num_kv_heads,
                                                                               num_selected)
     never = torch.iinfo(torch.int32).max  # sorts after every block
-    chosen = torch.where(live[:, :, None, None] & (chosen >= 0), chosen.int(), never)
+    chosen = torch.where(live & (chosen >= 0), chosen.int(), never)
     width = bq * num_selected
     ordered = chosen.permute(0, 2, 1, 3).reshape(table.grid * num_kv_heads, width).sort(-1).values
     # One sort, then each distinct block moves to its rank among the distinct ones (a scatter, not a second sort);
@@ -514,6 +523,25 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
     rank = torch.where(fresh, fresh.cumsum(-1) - 1, width)
     blocks = ordered.new_full((ordered.shape[0], width + 1), -1).scatter_(1, rank, torch.where(fresh, ordered, -1))
     return QueryTiles(table, blocks[:, :width].contiguous(), fresh.sum(-1, dtype=torch.int32), constexprs)
+
+
+def tile_token_rows(packed: Packed, table: TileTable, bq: int) -> tuple[Tensor, Tensor]:
+    """The token rows of the programs of ``table`` (tiles of ``bq`` tokens): rows int64 [grid, BQ] (clamped into
+    the packed rows) and live bool [grid, BQ, 1, 1] (the rows that are tokens of the program's tile). Kept per
+    size for a [B, T] batch (nsa.kernels.tiles.sized_tensors)."""
+    def build() -> tuple[Tensor, Tensor]:
+        device = packed.cu.device
+        seq = table.seq.long().clamp_max(packed.num_seqs - 1)
+        lengths = (packed.cu[1:] - packed.cu[:-1]).long()
+        first = (torch.arange(table.grid, device=device) - table.first[seq].long()) * bq
+        position = first[:, None] + torch.arange(bq, device=device)  # [grid, BQ]
+        live = (table.seq.long() < packed.num_seqs)[:, None] & (position < lengths[seq][:, None])
+        rows = (packed.cu[seq].long()[:, None] + position).clamp(0, max(packed.total - 1, 0))
+        return rows, live[:, :, None, None]
+
+    if packed.equal:
+        return sized_tensors(("tile rows", packed.num_seqs, packed.max_len, bq), packed.cu.device, build)
+    return build()
 
 
 def union_lists(query: QueryTiles) -> tuple[Tensor, Tensor]:
