@@ -38,6 +38,7 @@ FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
 INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
                   "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "list_end_ptr", "block_seq_ptr",
                   "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr")
+DKDV_GATES = (("gate_ptr", "*fp32"),)  # as every dk/dv kernel reads them (nsa.prefill.dkdv_gates)
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 
 
@@ -109,11 +110,11 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
         dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
                 "GP": range_attention.dkv_head_rows(group, tiles)}
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
-                         tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"))
+                         tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), DKDV_GATES)
     # the dk/dv steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
     yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
                      {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,
-                     ("dk_ptr", "dv_ptr"))
+                     ("dk_ptr", "dv_ptr"), DKDV_GATES)
     topn_tiles = topn_tiles_for(group, head_dim)
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
                             topn_tiles.rows, topn_tiles.key_blocks)
@@ -157,7 +158,8 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
         yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
                          {**sel, "GROUP": sel_group, **selected.dkv_rows(sel_group, sel_tiles),
                           "CHUNK": sel_tiles.chunk, "BLOCK_DK": max(16, triton.next_power_of_2(head_dim)),
-                          "HAS_GATE": True}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages)
+                          "HAS_GATE": True}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages,
+                         pointer_types=DKDV_GATES)
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
                      {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": triton.next_power_of_2(head_dim),
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
@@ -241,21 +243,44 @@ def resource_usage(kernel: Any) -> str:
     return next((line.strip() for line in report.splitlines() if "REG:" in line), "?")
 
 
+def loop_loads(ttgir: str) -> list[str]:
+    """The synchronous loads (``tt.load``) inside the loops of a kernel's TTGIR, as their result types: what
+    Triton's software pipelining left on a step's path (a pipelined load is an async copy a step ahead; TMA loads
+    are descriptor loads). A scalar one may be a value read a step ahead by hand (the selection's next block)."""
+    found, loops = [], []  # loops: the indentation of each open scf.for
+    for line in ttgir.splitlines():
+        text = line.lstrip()
+        indent = len(line) - len(text)
+        if loops and indent == loops[-1] and text.startswith("}"):
+            loops.pop()
+        elif " scf.for " in line and text.rstrip().endswith("{"):
+            loops.append(indent)
+        elif loops and " tt.load " in line:
+            found.append(line.rsplit(" : ", 1)[-1].split(" loc(")[0].strip())
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 192])
+    parser.add_argument("--loop-loads", action="store_true",
+                        help="also list each kernel's synchronous loads inside its loops (loop_loads)")
     args = parser.parse_args()
+
+    def report(label: str, case: KernelCase) -> None:
+        kernel = compile_case(case, args.arch)
+        extra = f" loop loads: {loop_loads(kernel.asm['ttgir'])}" if args.loop_loads else ""
+        usage = resource_usage(kernel)
+        print(f"{label} {case.name:14s} warps={case.num_warps} stages={case.num_stages} {usage}{extra}")
+
     for head_dim in args.head_dims:
         for case in cases(head_dim, 128 if head_dim == 192 else head_dim, group=12 if head_dim == 192 else 16):
-            usage = resource_usage(compile_case(case, args.arch))
-            print(f"d={head_dim:3d} {case.name:10s} warps={case.num_warps} stages={case.num_stages} {usage}")
+            report(f"d={head_dim:3d}", case)
     for case in decode_cases():
-        usage = resource_usage(compile_case(case, args.arch))
-        print(f"decode {case.name:12s} warps={case.num_warps} stages={case.num_stages} {usage}")
+        report("decode", case)
     for case in row_cases():
-        usage = resource_usage(compile_case(case, args.arch))
-        print(f"rows   {case.name:14s} warps={case.num_warps} stages={case.num_stages} {usage}")
+        report("rows  ", case)
 
 
 if __name__ == "__main__":

@@ -223,11 +223,12 @@ class PrefillRun:
 
     def dkdv_steps(self, dout: Tensor, delta: list[Tensor], grads: dict[str, tuple[Tensor, Tensor]]
                    ) -> list[tuple[str, Callable[[], None]]]:
-        """The three dk / dv computations; each stores its (dk, dv) in ``grads`` under its branch name."""
+        """The three dk / dv computations; each stores its (dk, dv) in ``grads`` under its branch name. They read the
+        gates in float32 (``dkdv_gates``)."""
         from nsa.kernels.range_attention import range_dkdv
         from nsa.kernels.selected import selected_dkdv
 
-        g, packed, scale = self.gates, self.packed, self.scale
+        g, packed, scale = dkdv_gates(self.gates), self.packed, self.scale
 
         def cmp() -> None:
             grads["cmp"] = range_dkdv(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, self.lse[0], delta[0],
@@ -264,6 +265,14 @@ class PrefillRun:
         flat = (dq, *grads["cmp"], *grads["sel"], *grads["win"])
         return (*(grad.view(shape) for grad, shape in zip(flat, self.shapes, strict=True)),
                 dgates.view(*self.shapes[0][:3], 3))
+
+
+def dkdv_gates(gates: Tensor) -> Tensor:
+    """The gates [rows, HQ, 3] as the dk / dv kernels read them: float32 (the same values). Each step of their loops
+    reads one gate per query row, and Triton pipelines a load (copies it asynchronously, a step ahead) only when
+    each thread copies at least 4 bytes: from bf16 gates the read was a synchronous gather between two matmuls of
+    every step (the compiled kernels' TTGIR, ``bench.compile_kernels --loop-loads``), like no other operand."""
+    return gates.float()
 
 
 @torch.library.custom_op("nsa::prefill", mutates_args=())

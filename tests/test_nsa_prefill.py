@@ -279,6 +279,21 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+def test_dkdv_kernels_reading_float32_gates_change_no_bit(monkeypatch):
+    """The dk / dv kernels take the gates in float32 (prefill.dkdv_gates, so that Triton pipelines their loads):
+    in bf16 the gradients are bitwise those computed from the bf16 gates themselves (the kernels widen a gate to
+    float32 either way)."""
+    inputs = [x.detach().bfloat16().requires_grad_() for x in make_inputs(2, [40], 8, 2, 16, 16, SMALL, seed=4)]
+    dout = torch.randn(2, 40, 8, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(nsa_attention(*inputs, **SMALL, backend="triton").output, inputs, dout)
+
+    widened = grads()
+    monkeypatch.setattr(prefill, "dkdv_gates", lambda gates: gates)
+    assert all(torch.equal(a, b) for a, b in zip(widened, grads(), strict=True))
+
+
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_packed_sequences_on_the_pytorch_paths_equal_separate_runs(backend):
     """cu_seqlens on the torch path and on the dense twin: each packed sequence equals its own run (float64)."""

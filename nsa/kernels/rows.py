@@ -172,10 +172,11 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
                               block_stride: int, sel_block_size: int, window_size: int,
                               cu_seqlens: Tensor | None = None) -> Tensor:
     """bool [B, T, HQ]: nsa.nonfinite.nsa_nonfinite_rows (the same arguments and rule) on contiguous q and gates
-    and keys / values of contiguous vectors (any batch, position and head strides), in three launches: every branch's (key, value) pair flags into one int32 buffer, one prefix sum along the
-    positions, and one pass over the rows that counts the non-finite pairs each (query, kv head) can see (the
-    compressed prefix, the window and the n selected blocks) and reads the query and gate vectors. The window
-    branch shares the selection's flags when it reads the same tensors."""
+    and keys / values of contiguous vectors (any batch, position and head strides), in three launches: every
+    branch's (key, value) pair flags into one int32 buffer, one prefix sum along the positions, and one pass over
+    the rows that counts the non-finite pairs each (query, kv head) can see (the compressed prefix, the window and
+    the n selected blocks) and reads the query and gate vectors. The window branch shares the selection's flags
+    when it reads the same tensors."""
     from nsa.nonfinite import sequence_packing
 
     packing = None if cu_seqlens is None else sequence_packing(q.shape[1], cu_seqlens, q.device, block_size,
