@@ -181,17 +181,18 @@ class NSAAttention(nn.Module):
         # One pass per projection over its sets x heads (slices of it would each take a pass of their own).
         k = poison_rows(self.k_proj(x).view(batch, seq_len, -1, c.head_dim), bad_tokens)
         v = poison_rows(self.v_proj(x).view(batch, seq_len, -1, c.head_dim_v), bad_tokens)
-        k = k.view(batch, seq_len, -1, c.num_kv_heads, c.head_dim)
-        v = v.view(batch, seq_len, -1, c.num_kv_heads, c.head_dim_v)
-        cmp_set, sel_set, win_set = (0, 0, 0) if c.shared_kv else (0, 1, 2)
-        # The selection and window keys rotate in one call (RoPE acts per head: the same values as two calls).
-        sets = k[:, :, sel_set:win_set + 1]  # [B, T, 1 or 2, Hkv, D]
-        rotated = apply_rope(sets.flatten(2, 3), positions, c.rope_theta).view_as(sets)
-        k_sel, k_win = rotated[:, :, 0], rotated[:, :, -1]
         gate_logits = self.gate_proj(x).view(batch, seq_len, c.num_heads, 3)
         gates = gate_logits.sigmoid() if c.gate == "sigmoid" else gate_logits.softmax(dim=-1)
-        return Projected(q, k[:, :, cmp_set], v[:, :, cmp_set], k_sel, v[:, :, sel_set], k_win, v[:, :, win_set],
-                         gates, bad_tokens)
+        if c.shared_kv:
+            k_rotated = apply_rope(k, positions, c.rope_theta)
+            return Projected(q, k, v, k_rotated, v, k_rotated, v, gates, bad_tokens)
+        # The sets as views of one tensor, taken apart by split / unbind: their gradients come back as one cat /
+        # stack, where indexing would build a zero-filled [B, T, 3, Hkv, D] per index and add them up.
+        k_cmp, sets = k.view(batch, seq_len, 3, c.num_kv_heads, c.head_dim).split([1, 2], dim=2)
+        # The selection and window keys rotate in one call (RoPE acts per head: the same values as two calls).
+        k_sel, k_win = apply_rope(sets.flatten(2, 3), positions, c.rope_theta).view_as(sets).unbind(2)
+        v_cmp, v_sel, v_win = v.view(batch, seq_len, 3, c.num_kv_heads, c.head_dim_v).unbind(2)
+        return Projected(q, k_cmp.squeeze(2), v_cmp, k_sel, v_sel, k_win, v_win, gates, bad_tokens)
 
     def _packed_lengths(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
         """Sequence lengths of packed x (validated like nsa_attention's cu_seqlens)."""

@@ -8,6 +8,7 @@ import torch
 
 from nsa.dispatch import elementwise_kernel_applies
 from nsa.errors import NSAInputError
+from nsa.sized_tensors import sized_tensors
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -27,7 +28,11 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
         raise NSAInputError(f"positions must be [T] or [B, T] with T={x.shape[1]}, got {tuple(positions.shape)}")
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     half = head_dim // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=compute_dtype) * 2.0 / head_dim)
+
+    def frequencies() -> torch.Tensor:
+        return theta ** (-torch.arange(half, device=x.device, dtype=compute_dtype) * 2.0 / head_dim)
+
+    inv_freq = sized_tensors(("rope frequencies", head_dim, theta, compute_dtype), x.device, frequencies)
     angles = positions.to(compute_dtype)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
     if angles.dim() == 2:
         angles = angles.unsqueeze(0)

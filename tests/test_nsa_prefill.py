@@ -230,9 +230,10 @@ def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatc
     step may index with it later; past SIZED_ENTRIES the oldest entry goes and is built again when asked for."""
     from collections import OrderedDict
 
+    from nsa import sized_tensors as sized
     from nsa.kernels.selected import tile_token_rows
 
-    monkeypatch.setattr(tiles, "_SIZED", OrderedDict())
+    monkeypatch.setattr(sized, "_SIZED", OrderedDict())
     cpu = torch.device("cpu")
     with torch.inference_mode():
         first = tiles.packed_tiles(tiles.packed_batch(3, 40, cpu), 16)
@@ -244,7 +245,7 @@ def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatc
     rows, live = tile_token_rows(packed, again, 16)
     assert rows is tile_token_rows(packed, again, 16)[0]
     assert rows[live[:, :, 0, 0]].tolist() == list(range(120))  # every token once, in order
-    monkeypatch.setattr(tiles, "SIZED_ENTRIES", 2)
+    monkeypatch.setattr(sized, "SIZED_ENTRIES", 2)
     for length in (41, 42):
         tiles.packed_tiles(tiles.packed_batch(3, length, cpu), 16)
     rebuilt = tiles.packed_tiles(tiles.packed_batch(3, 40, cpu), 16)

@@ -153,13 +153,13 @@ def test_prefill_backward_is_deterministic():
 
 def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch):
     """Forward + backward captured in a CUDA graph replay bitwise as run eagerly, also once every table kept
-    for unpacked batches (nsa.kernels.tiles.sized_tensors) is dropped and its memory taken by other tensors: a
+    for unpacked batches (nsa.sized_tensors) is dropped and its memory taken by other tensors: a
     capture builds tables of its own, which the graph holds, instead of reading kept ones."""
     from collections import OrderedDict
 
-    from nsa.kernels import tiles
+    from nsa import sized_tensors as sized
 
-    monkeypatch.setattr(tiles, "_SIZED", OrderedDict())
+    monkeypatch.setattr(sized, "_SIZED", OrderedDict())
     inputs = _inputs(4096, 16, 4, 64, 64, seed=3)
     dout = torch.randn(1, 4096, 16, 64, device="cuda", dtype=torch.bfloat16)
 
@@ -168,7 +168,7 @@ def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch):
         return (out, *torch.autograd.grad(out, inputs, dout))
 
     want = step()
-    kept = [t for value in tiles._SIZED.values() for t in (value if isinstance(value, tuple) else (value,))
+    kept = [t for value in sized._SIZED.values() for t in (value if isinstance(value, tuple) else (value,))
             if isinstance(t, torch.Tensor)]
     assert kept, "the eager step kept no table"
     side = torch.cuda.Stream()
@@ -181,7 +181,7 @@ def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch):
         captured = step()
     shapes = [(t.shape, t.dtype) for t in kept]
     del kept
-    tiles._SIZED.clear()
+    sized._SIZED.clear()
     junk = [torch.full(shape, -7, dtype=dtype, device="cuda") for shape, dtype in shapes for _ in range(4)]
     graph.replay()
     torch.cuda.synchronize()

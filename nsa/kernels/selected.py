@@ -49,7 +49,6 @@ from nsa.kernels.tiles import (
     load_tile,
     output_buffer,
     packed_tiles,
-    sized_tensors,
     split_dims,
     store_at,
     store_tile,
@@ -57,6 +56,7 @@ from nsa.kernels.tiles import (
     tile_origin,
     token_sequences,
 )
+from nsa.sized_tensors import sized_tensors
 
 allow_loaded_loop_bounds()
 
@@ -438,7 +438,7 @@ def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks:
                ) -> tuple[Tensor, Tensor, Tensor]:
     """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the list of block 0 of each token's sequence
     under each kv head: lists are kv head-major over the global blocks), list ids [L + 1] and chunk ids
-    [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.kernels.tiles.sized_tensors)."""
+    [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.sized_tensors)."""
     def build() -> tuple[Tensor, Tensor, Tensor]:
         device = packed.cu.device
         head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
@@ -528,7 +528,7 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
 def tile_token_rows(packed: Packed, table: TileTable, bq: int) -> tuple[Tensor, Tensor]:
     """The token rows of the programs of ``table`` (tiles of ``bq`` tokens): rows int64 [grid, BQ] (clamped into
     the packed rows) and live bool [grid, BQ, 1, 1] (the rows that are tokens of the program's tile). Kept per
-    size for a [B, T] batch (nsa.kernels.tiles.sized_tensors)."""
+    size for a [B, T] batch (nsa.sized_tensors)."""
     def build() -> tuple[Tensor, Tensor]:
         device = packed.cu.device
         seq = table.seq.long().clamp_max(packed.num_seqs - 1)

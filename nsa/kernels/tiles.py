@@ -10,17 +10,16 @@ the real tiles exit at once).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from nsa.sized_tensors import sized_tensors
+
 LOG2E = 1.4426950408889634
-_Built = TypeVar("_Built")
 # Tests set this: every buffer a kernel must fill starts as NaN (float) or INT_MIN (int), so an element a kernel
 # failed to write shows in the result instead of passing as leftover memory.
 POISON_OUTPUTS = False
@@ -165,38 +164,6 @@ class Packed(NamedTuple):
     total: int
     max_len: int
     equal: bool = False
-
-
-# Index tensors built from host sizes alone, by (what, sizes..., device, stream): see sized_tensors.
-_SIZED: OrderedDict[tuple, Any] = OrderedDict()
-SIZED_ENTRIES = 256  # enough for every table of a few models' layers; the oldest entry goes past it
-
-
-def sized_tensors(key: tuple, device: torch.device, build: Callable[[], _Built]) -> _Built:
-    """``build()``: device tensors that depend on host sizes alone (the tile tables of a [B, T] batch), kept per
-    (key, device, current stream) and handed out again instead of being rebuilt. An eager training step of the
-    GPT (4 layers, d = 64, 16k tokens) is host-bound on the H200, and these tables were ~90 of the ~230 small
-    tensor ops of each layer's forward + backward. The tensors are read-only to every caller. Per stream, because
-    a kernel on another stream could read a table before the stream that builds it has. Not kept while a CUDA
-    graph is captured, nor read there: a capture records the build without running it, and a graph that read a
-    kept tensor would read freed memory once the tensor left the cache. Built outside inference mode, so a table
-    first built under torch.inference_mode() serves training steps too."""
-    if torch.compiler.is_compiling():
-        return build()
-    stream = 0
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return build()
-        stream = torch.cuda.current_stream(device).cuda_stream
-    full_key = (*key, device, stream)
-    kept = _SIZED.get(full_key)
-    if kept is None:
-        with torch.inference_mode(False):
-            kept = build()
-        _SIZED[full_key] = kept
-        while len(_SIZED) > SIZED_ENTRIES:
-            _SIZED.popitem(last=False)
-    return kept
 
 
 def batch_offsets(batch: int, length: int, device: torch.device) -> Tensor:

@@ -1,0 +1,45 @@
+"""Tensors that follow from host sizes alone (index tables, RoPE frequencies), built once and handed out again.
+
+An eager training step of a small model is host-bound on the GPU: the 4-layer GPT of bench/bench_prefill.py (d = 64,
+16k tokens) spends more host time per step than GPU time, and each small tensor op costs a launch. What depends only
+on sizes (an unpacked [B, T] batch's tile tables, the RoPE frequencies of a head dim) is therefore built once per
+(key, device, stream) and kept.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+_Built = TypeVar("_Built")
+_SIZED: OrderedDict[tuple, Any] = OrderedDict()
+SIZED_ENTRIES = 256  # enough for every table of a few models' layers; the oldest entry goes past it
+
+
+def sized_tensors(key: tuple, device: torch.device, build: Callable[[], _Built]) -> _Built:
+    """``build()``: device tensors that depend on host sizes alone, kept per (key, device, current stream) and handed
+    out again instead of being rebuilt. The tensors are read-only to every caller. Per stream, because a kernel on
+    another stream could read a tensor before the stream that builds it has. Not kept while a CUDA graph is
+    captured, nor read there: a capture records the build without running it, and a graph that read a kept tensor
+    would read freed memory once the tensor left the cache. Built outside inference mode, so a tensor first built
+    under torch.inference_mode() serves training steps too; under torch.compile, built in the graph (inductor fuses
+    it with its neighbours)."""
+    if torch.compiler.is_compiling():
+        return build()
+    stream = 0
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return build()
+        stream = torch.cuda.current_stream(device).cuda_stream
+    full_key = (*key, device, stream)
+    kept = _SIZED.get(full_key)
+    if kept is None:
+        with torch.inference_mode(False):
+            kept = build()
+        _SIZED[full_key] = kept
+        while len(_SIZED) > SIZED_ENTRIES:
+            _SIZED.popitem(last=False)
+    return kept
