@@ -45,25 +45,30 @@ def finite_or_zero(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # one pass (where(isfinite) takes three)
 
 
-def finite_or_zero_under_poison(x: Tensor) -> Tensor:
-    """finite_or_zero for the input of a computation that poisons every output row reading a replaced entry
+def finite_or_zero_under_poison(*xs: Tensor) -> tuple[Tensor, ...]:
+    """finite_or_zero of each input of a computation that poisons every output row reading a replaced entry
     (``nsa_nonfinite_guard``, ``guarded_apply``, NSAAttention's projections: the layer's output rows that read a
-    non-finite token are NaN); its backward passes the gradient
+    non-finite token are NaN); its backward passes the gradients
     through unchanged. A poisoned row receives exactly zero gradient and no other row reads the entry (its
     probability or weight is exactly 0), so the gradient reaching a replaced entry is exactly 0 already:
     finite_or_zero's backward mask (isfinite and a product, four passes over q: 4.5 ms of a 151 ms layer at 64k
-    on the H200) would change nothing."""
-    return _FiniteOrZeroUnderPoison.apply(x)
+    on the H200) would change nothing. All inputs in one autograd node (the guard sanitises eight tensors per
+    layer: eight Python nodes each way were host time in an eager step)."""
+    return _FiniteOrZeroUnderPoison.apply(*xs)
 
 
 class _FiniteOrZeroUnderPoison(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return finite_or_zero(x)
+    def forward(ctx: Any, *xs: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zeros are made for it)
+        outs = tuple(finite_or_zero(x) for x in xs)
+        # as if each input had its own node: an output requires grad only where its input does
+        ctx.mark_non_differentiable(*(out for x, out in zip(xs, outs, strict=True) if not x.requires_grad))
+        return outs
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        return grads
 
 
 def nonfinite_rows(x: Tensor) -> Tensor:
@@ -127,7 +132,8 @@ def guarded_apply(fn: Callable[[Tensor], Tensor], x: Tensor, item_dims: int = 1)
     (a linear layer: item_dims=1; phi over blocks [..., l, D]: item_dims=2). fn never sees a
     non-finite value, so its parameter gradients never form 0 * NaN.
     """
-    return poison_rows(fn(finite_or_zero_under_poison(x)), nonfinite_rows(x.flatten(-item_dims)))
+    (finite,) = finite_or_zero_under_poison(x)
+    return poison_rows(fn(finite), nonfinite_rows(x.flatten(-item_dims)))
 
 
 def gated_sum(gates: Tensor, branches: Sequence[Tensor]) -> Tensor:
@@ -308,7 +314,7 @@ def nsa_nonfinite_guard(
     rows nsa_nonfinite_rows names for the original inputs (layouts and cu_seqlens as in nsa_attention).
     """
     raw = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
-    output, block_indices = attend(*(finite_or_zero_under_poison(x) for x in raw))
+    output, block_indices = attend(*finite_or_zero_under_poison(*raw))
     rows = nsa_nonfinite_rows(*raw, block_indices, block_size=block_size, block_stride=block_stride,
                               sel_block_size=sel_block_size, window_size=window_size, cu_seqlens=cu_seqlens)
     return poison_rows(output, rows), block_indices

@@ -176,7 +176,7 @@ class NSAAttention(nn.Module):
         c = self.config
         batch, seq_len, _ = x.shape
         bad_tokens = nonfinite_rows(x)[:, :, None]  # [B, T, 1]: broadcasts over the heads of each projection
-        x = finite_or_zero_under_poison(x)  # every key and value of a non-finite token is poisoned below
+        (x,) = finite_or_zero_under_poison(x)  # every key and value of a non-finite token is poisoned below
         q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions, c.rope_theta)
         # One pass per projection over its sets x heads (slices of it would each take a pass of their own).
         k = poison_rows(self.k_proj(x).view(batch, seq_len, -1, c.head_dim), bad_tokens)
