@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What one device session runs: GPU tests, then the benchmarks; results land in $OUT (and bench/results).
 # Test failures do not stop the benchmarks (their numbers are still worth having); the script exits
-# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles" and
-# "gpt" on request).
+# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles", "gpt"
+# and "ab" on request).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -54,6 +54,28 @@ if [[ " $PARTS " == *" gpt "* ]]; then
     timeout "${GPT_COMPILE_TIMEOUT:-300}" python3 -m bench.bench_prefill --device cuda --parts gpt --gpt-lens 16384 \
         65536 --gpt-compile --results-dir "$OUT" 2>&1 | tee -a "$OUT/bench_gpt.log" \
         || echo "bench_prefill gpt --gpt-compile exited with $?"
+fi
+if [[ " $PARTS " == *" ab "* ]]; then
+    # A same-call A/B against an older tree (only on request: PARTS=ab). The device gets no history: extract the tree
+    # beside this one before the call (git archive <commit> | tar -x -C ab_base, an untracked folder travels) and name
+    # it in AB_BASE_LABEL. Each round runs, for each tree in turn, one process with the parity check, the kernels,
+    # the layer and the module at 64k (public shape) and the eager GPT at 16k, so that the host's and the GPU's drift
+    # falls on both trees alike; rows go to $OUT/prefill_ab.jsonl labelled with their tree (BENCH_COMMIT for this
+    # one).
+    [[ -d ab_base ]] || { echo "PARTS=ab needs the older tree in ab_base/"; exit 2; }
+    root=$(pwd)
+    out=$(cd "$OUT" && pwd)
+    for round in $(seq "${AB_ROUNDS:-2}"); do
+        for tree in . ab_base; do
+            label=${BENCH_COMMIT:-new}
+            [[ $tree == . ]] || label=${AB_BASE_LABEL:-base}
+            echo "== round $round: $label"
+            (cd "$root/$tree" && BENCH_COMMIT=$label timeout "${AB_TIMEOUT:-200}" python3 -m bench.bench_prefill \
+                --device cuda --parts check kernels layer module gpt --shapes public --seq-lens 65536 \
+                --impls nsa dense --gpt-lens 16384 --results-dir "$out" --name prefill_ab) 2>&1 \
+                | tee -a "$out/bench_ab.log" || echo "bench_prefill ($label) exited with $?"
+        done
+    done
 fi
 if [[ " $PARTS " == *" nsa "* ]]; then
     timeout 240 python3 -m bench.bench_decode --device cuda --skip-reads --profile --paged 2>&1 | tee "$OUT/bench_decode.log"
