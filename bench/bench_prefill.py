@@ -441,7 +441,11 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                       "win_tiles": [win, win._replace(tma=not win.tma),
                                                     win._replace(head_rows=not win.head_rows)],
                                       "sel_tiles": [sel, sel._replace(tma=False),
-                                                    sel._replace(forced_apart=not sel.forced_apart)]}
+                                                    sel._replace(forced_apart=not sel.forced_apart),
+                                                    # dk/dv: its list entries (the q / dO gathers' addresses)
+                                                    # pipelined too: no synchronous load left in its loop
+                                                    # (bench.compile_kernels --loop-loads)
+                                                    sel._replace(dkv_num_stages=3)]}
     if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills
         variants["cmp_tiles"] += [cmp._replace(dkv_num_stages=5 - cmp.dkv_num_stages),
                                   cmp._replace(dq_num_stages=5 - cmp.dq_num_stages), cmp._replace(dkv_m=32)]
