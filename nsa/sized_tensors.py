@@ -25,9 +25,10 @@ def sized_tensors(key: tuple, device: torch.device, build: Callable[[], _Built])
     another stream could read a tensor before the stream that builds it has. Not kept while a CUDA graph is
     captured, nor read there: a capture records the build without running it, and a graph that read a kept tensor
     would read freed memory once the tensor left the cache. Built outside inference mode, so a tensor first built
-    under torch.inference_mode() serves training steps too; under torch.compile, built in the graph (inductor fuses
-    it with its neighbours)."""
-    if torch.compiler.is_compiling():
+    under torch.inference_mode() serves training steps too. Under torch.compile, built in the graph (inductor fuses
+    it with its neighbours); under FakeTensorMode or make_fx (memory estimates, export), built as their tensors and
+    never kept (a kept fake tensor would reach real steps; a kept real one fails in a fake step)."""
+    if _traced():
         return build()
     stream = 0
     if device.type == "cuda":
@@ -43,3 +44,11 @@ def sized_tensors(key: tuple, device: torch.device, build: Callable[[], _Built])
         while len(_SIZED) > SIZED_ENTRIES:
             _SIZED.popitem(last=False)
     return kept
+
+
+def _traced() -> bool:
+    """Whether the tensors made now are not real values to keep: torch.compile / export, or a FakeTensorMode or
+    make_fx's proxy mode on the dispatch stack."""
+    modes = torch._C._TorchDispatchModeKey
+    return (torch.compiler.is_compiling() or torch._C._get_dispatch_mode(modes.FAKE) is not None
+            or torch._C._get_dispatch_mode(modes.PROXY) is not None)

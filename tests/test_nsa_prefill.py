@@ -252,6 +252,33 @@ def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatc
     assert rebuilt.seq is not first.seq and torch.equal(rebuilt.seq, first.seq)
 
 
+def test_sized_tensors_are_neither_kept_nor_read_under_fake_tensors_or_make_fx(monkeypatch):
+    """Under FakeTensorMode (a memory estimate runs the model's Python on fake tensors) and make_fx, the RoPE
+    frequencies are built as that mode's tensors and not kept: a kept fake tensor would reach later real steps, and
+    a kept real one fails inside a fake step."""
+    from collections import OrderedDict
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from nsa import apply_rope
+    from nsa import sized_tensors as sized
+
+    monkeypatch.setattr(sized, "_SIZED", OrderedDict())
+    x, positions = torch.randn(1, 8, 2, 16), torch.arange(8)
+    want = apply_rope(x, positions)  # keeps the real frequencies
+    kept = dict(sized._SIZED)
+    with FakeTensorMode() as fake:
+        rotated = apply_rope(fake.from_tensor(x), fake.from_tensor(positions))
+    assert rotated.shape == x.shape and dict(sized._SIZED) == kept
+    graph = make_fx(lambda x, positions: apply_rope(x, positions))(x, positions)
+    assert dict(sized._SIZED) == kept and torch.equal(graph(x, positions), want)
+    monkeypatch.setattr(sized, "_SIZED", OrderedDict())
+    with FakeTensorMode() as fake:
+        apply_rope(fake.from_tensor(x), fake.from_tensor(positions))
+    assert not sized._SIZED and torch.equal(apply_rope(x, positions), want)
+
+
 def test_token_rows_keep_head_offsets_within_int32():
     """rows_view keeps a heads-major layout as a view while its last head starts within 2^31 elements, and copies
     it to token-major past that (the kernels' head offsets are int32); shapes on the meta device, nothing
