@@ -1,0 +1,36 @@
+"""bench/host_ops.py: the host work of one NSA layer's forward + backward on the kernel path, counted on the CPU.
+
+It runs in a fresh process without TRITON_INTERPRET (the kernels must be Triton's JIT functions, whose launches it
+replaces by a counter). The launch counts are the layer's structure on eager CUDA: one launch per kernel and
+branch, the non-finite guard on its three-launch kernels (NSAAttention hands it strided key / value views, which
+made it take its PyTorch form before), RoPE's kernel for q and the keys each way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# one forward + backward: the range kernels run for the compression and the window
+PREFILL_LAUNCHES = {"_range_fwd_kernel": 2, "_topn_kernel": 1, "_sel_fwd_kernel": 1, "_range_dq_kernel": 2,
+                    "_sel_dq_kernel": 1, "_range_dkdv_kernel": 2, "_sel_dkdv_kernel": 1, "_sel_reduce_kernel": 1}
+
+
+def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "bench.host_ops", "--seq-len", "128", "--repeats", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["what"]: row for row in map(json.loads, result.stdout.splitlines())}
+    module, op = rows["nsa_module"], rows["nsa_prefill_op"]
+    assert {name: op["launches"][name] for name in PREFILL_LAUNCHES} == PREFILL_LAUNCHES
+    assert op["tensor_ops"] == op["fused_op_tensor_ops"] > 0 and op["launching_ops"] > 0
+    launches = module["launches"]
+    assert {name: launches[name] for name in PREFILL_LAUNCHES} == PREFILL_LAUNCHES
+    assert launches["_pair_flags_kernel"] == launches["_guard_rows_kernel"] == 1
+    assert launches["_rope_kernel"] == 6  # q, the selection and window keys, the compressed keys; each way
+    assert module["tensor_ops"] > module["fused_op_tensor_ops"] > 0 and module["host_ms"] > 0
