@@ -31,11 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.env_info import environment
 
-ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+# ops that launch no kernel although their schema does not mark them as views: allocations, and _unsafe_view (a
+# reshape's view of a fresh tensor)
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the tensor ops dispatched under it: all of them, and those that launch a kernel on the GPU."""
+    """Counts the tensor ops dispatched under it: all of them, and those that launch a kernel on the GPU (not views,
+    not ``NO_KERNEL``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,7 +49,7 @@ class OpCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if func.namespace != "nsa":  # nsa::prefill / prefill_backward: their own ops are counted inside them
             self.ops[name] += 1
-            if not func.is_view and name not in ALLOCATIONS:
+            if not func.is_view and name not in NO_KERNEL:
                 self.launching[name] += 1
         return func(*args, **(kwargs or {}))
 
