@@ -15,8 +15,12 @@ from typing import Any, TypeVar
 import torch
 
 _Built = TypeVar("_Built")
-_SIZED: OrderedDict[tuple, Any] = OrderedDict()
-SIZED_ENTRIES = 256  # enough for every table of a few models' layers; the oldest entry goes past it
+_SIZED: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()  # full key -> (the tensors, their bytes)
+# Past either bound the oldest entries go. Entries: enough for every table of a few models' layers. Bytes: a run of
+# many sequence lengths (prefill of prompts of every length, at up to 1M tokens the tables take ~50 MB per length)
+# must not pin GPU memory without bound.
+SIZED_ENTRIES = 256
+SIZED_BYTES = 1 << 28
 
 
 def sized_tensors(key: tuple, device: torch.device, build: Callable[[], _Built]) -> _Built:
@@ -36,14 +40,25 @@ def sized_tensors(key: tuple, device: torch.device, build: Callable[[], _Built])
             return build()
         stream = torch.cuda.current_stream(device).cuda_stream
     full_key = (*key, device, stream)
-    kept = _SIZED.get(full_key)
-    if kept is None:
-        with torch.inference_mode(False):
-            kept = build()
-        _SIZED[full_key] = kept
-        while len(_SIZED) > SIZED_ENTRIES:
-            _SIZED.popitem(last=False)
-    return kept
+    entry = _SIZED.get(full_key)
+    if entry is not None:
+        return entry[0]
+    with torch.inference_mode(False):
+        built = build()
+    size = _bytes(built)
+    if size > SIZED_BYTES:  # would push out everything else
+        return built
+    _SIZED[full_key] = (built, size)
+    while len(_SIZED) > SIZED_ENTRIES or sum(size for _, size in _SIZED.values()) > SIZED_BYTES:
+        _SIZED.popitem(last=False)
+    return built
+
+
+def _bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or a tuple of tensors and host values)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_bytes(item) for item in value) if isinstance(value, tuple) else 0
 
 
 def _traced() -> bool:

@@ -227,7 +227,8 @@ def test_tile_tables_of_equal_and_packed_sequences_count_tiles(lengths, tile, eq
 def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatch):
     """An unpacked batch's tables are built once per (sizes, device) and handed out again (the eager layer is
     host-bound at small widths); one first built under torch.inference_mode() is a normal tensor, so a training
-    step may index with it later; past SIZED_ENTRIES the oldest entry goes and is built again when asked for."""
+    step may index with it later; past SIZED_ENTRIES entries or SIZED_BYTES bytes the oldest entries go and are
+    built again when asked for, and a table larger than SIZED_BYTES is not kept at all."""
     from collections import OrderedDict
 
     from nsa import sized_tensors as sized
@@ -250,6 +251,20 @@ def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatc
         tiles.packed_tiles(tiles.packed_batch(3, length, cpu), 16)
     rebuilt = tiles.packed_tiles(tiles.packed_batch(3, 40, cpu), 16)
     assert rebuilt.seq is not first.seq and torch.equal(rebuilt.seq, first.seq)
+    monkeypatch.setattr(sized, "SIZED_ENTRIES", 256)
+    monkeypatch.setattr(sized, "_SIZED", OrderedDict())
+    monkeypatch.setattr(sized, "SIZED_BYTES", 100)  # an [S + 1] int32 offsets table of S = 3: 16 bytes
+    offsets = tiles.batch_offsets(3, 7, cpu)
+    assert tiles.batch_offsets(3, 7, cpu) is offsets
+    assert len(sized._SIZED) == 1 and sum(size for _, size in sized._SIZED.values()) == 16
+    packed = tiles.packed_batch(2, 30, cpu)  # its offsets: 12 bytes more
+    big = tiles.token_sequences(packed)  # 240 bytes: past the bound on its own, not kept, nothing else evicted
+    assert tiles.token_sequences(packed) is not big and tiles.batch_offsets(3, 7, cpu) is offsets
+    assert [size for _, size in sized._SIZED.values()] == [16, 12]
+    tiles.batch_offsets(9, 9, cpu)  # 40 bytes: 68 in all
+    assert [size for _, size in sized._SIZED.values()] == [16, 12, 40]
+    tiles.batch_offsets(17, 9, cpu)  # 72 bytes: the oldest go until the rest fits
+    assert [size for _, size in sized._SIZED.values()] == [72]
 
 
 def test_sized_tensors_are_neither_kept_nor_read_under_fake_tensors_or_make_fx(monkeypatch):

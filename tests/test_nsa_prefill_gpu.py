@@ -168,7 +168,7 @@ def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch):
         return (out, *torch.autograd.grad(out, inputs, dout))
 
     want = step()
-    kept = [t for value in sized._SIZED.values() for t in (value if isinstance(value, tuple) else (value,))
+    kept = [t for built, _ in sized._SIZED.values() for t in (built if isinstance(built, tuple) else (built,))
             if isinstance(t, torch.Tensor)]
     assert kept, "the eager step kept no table"
     side = torch.cuda.Stream()
