@@ -2,6 +2,7 @@
 
     python -m bench.host_ops                          # the 4-layer GPT's attention (B=4, HQ=4, H_kv=2, d=64)
     python -m bench.host_ops --batch 1 --heads 64 --kv-heads 4 --head-dim 128 --seq-len 512
+    python -m bench.host_ops --gpt                    # and a training step of the 4-layer GPT, NSA and dense
 
 An eager training step of a small model is host-bound on the GPU (docs/PERF_NOTES.md: the 4-layer GPT at 16k tokens
 spends more host time per step than GPU time), and what it costs there is mostly the number of launches: each
@@ -175,6 +176,29 @@ def op_step(args: argparse.Namespace) -> Callable[[], None]:
     return step
 
 
+def gpt_step(attention: str) -> Callable[[argparse.Namespace], Callable[[], None]]:
+    """A training step's forward + backward of bench_prefill's 4-layer GPT (width 256, 4 heads of d = 64, 2 kv heads)
+    with NSA or dense attention, in bf16 (no optimizer step: the fused AdamW is a handful of launches)."""
+    def make(args: argparse.Namespace) -> Callable[[], None]:
+        from sal_harness.model import GPT, DenseAttentionConfig, GPTConfig, ModelConfig, NSAAttentionConfig
+
+        torch.manual_seed(0)
+        model = ModelConfig(vocab_size=256, n_layer=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                            max_seq_len=args.seq_len)
+        layer = (NSAAttentionConfig(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16,
+                                    window_size=512) if attention == "nsa" else DenseAttentionConfig())
+        gpt = GPT(GPTConfig(model=model, attention=layer)).to(torch.bfloat16)
+        tokens = torch.randint(0, 256, (args.batch, args.seq_len + 1))
+
+        def step() -> None:
+            gpt(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+            gpt.zero_grad(set_to_none=True)
+
+        return step
+
+    return make
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
@@ -183,6 +207,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--gpt", action="store_true", help="also a training step of bench_prefill's 4-layer GPT, "
+                        "with NSA and with dense attention (its layers at the GPT's shape, whatever the flags above)")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="also append the rows to host_ops_cpu.jsonl there (bench/results: the recorded ones)")
     args = parser.parse_args()
@@ -190,9 +216,13 @@ def main() -> None:
         parser.error("need --seq-len >= 64 (a selection block), --heads a multiple of --kv-heads, and --batch, "
                      "--repeats >= 1")
     env = environment("cpu")
-    for name, make in (("nsa_module", module_step), ("nsa_prefill_op", op_step)):
-        row = {"what": name, "B": args.batch, "T": args.seq_len, "HQ": args.heads, "H_kv": args.kv_heads,
-               "d": args.head_dim, **measure(make(args), args.repeats), **env}
+    steps = [("nsa_module", module_step), ("nsa_prefill_op", op_step)]
+    if args.gpt:
+        steps += [("gpt_nsa", gpt_step("nsa")), ("gpt_dense", gpt_step("dense"))]
+    for name, make in steps:
+        shape = ({"HQ": 4, "H_kv": 2, "d": 64} if name.startswith("gpt") else
+                 {"HQ": args.heads, "H_kv": args.kv_heads, "d": args.head_dim})
+        row = {"what": name, "B": args.batch, "T": args.seq_len, **shape, **measure(make(args), args.repeats), **env}
         print(json.dumps(row), flush=True)
         if args.results_dir is not None:
             args.results_dir.mkdir(parents=True, exist_ok=True)

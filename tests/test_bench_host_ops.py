@@ -3,7 +3,8 @@
 It runs in a fresh process without TRITON_INTERPRET (the kernels must be Triton's JIT functions, whose launches it
 replaces by a counter). The launch counts are the layer's structure on eager CUDA: one launch per kernel and
 branch, the non-finite guard on its three-launch kernels (NSAAttention hands it strided key / value views, which
-made it take its PyTorch form before), RoPE's kernel for q and the keys each way.
+made it take its PyTorch form before), RoPE's kernel for q and the keys each way; the 4-layer GPT's step four
+times the layer's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ PREFILL_LAUNCHES = {"_range_fwd_kernel": 2, "_topn_kernel": 1, "_sel_fwd_kernel"
 
 def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "bench.host_ops", "--seq-len", "128", "--repeats", "1"],
+    result = subprocess.run([sys.executable, "-m", "bench.host_ops", "--seq-len", "128", "--repeats", "1", "--gpt"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["what"]: row for row in map(json.loads, result.stdout.splitlines())}
@@ -34,3 +35,6 @@ def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:
     assert launches["_pair_flags_kernel"] == launches["_guard_rows_kernel"] == 1
     assert launches["_rope_kernel"] == 6  # q, the selection and window keys, the compressed keys; each way
     assert module["tensor_ops"] > module["fused_op_tensor_ops"] > 0 and module["host_ms"] > 0
+    # the GPT's four layers are the module's shape: four times its launches; the dense GPT launches RoPE's only
+    assert rows["gpt_nsa"]["launches"] == {name: 4 * count for name, count in launches.items()}
+    assert rows["gpt_dense"]["launches"] == {"_rope_kernel": 16}
