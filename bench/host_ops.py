@@ -63,23 +63,17 @@ def kernel_path_on_cpu(launches: collections.Counter[str]) -> Iterator[None]:
 
     import nsa.dispatch
     import nsa.kernels.tiles
-    import nsa.kernels.topn
     import nsa.rope
 
     def count(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
         launches[self.fn.__name__] += 1
 
-    def applies(x: torch.Tensor, *, contiguous: bool = True) -> bool:
-        layout_ok = x.is_contiguous() if contiguous else x.dim() > 0 and x.stride(-1) == 1
-        return x.dtype in nsa.dispatch.TRITON_DTYPES and layout_ok and x.numel() > 0
-
     patches: list[tuple[Any, str, Any]] = [
         (jit.JITFunction, "run", count),
         (nsa.dispatch, "triton_obstacles", lambda tensors, allow_interpreter, inference_only: []),
-        (nsa.dispatch, "elementwise_kernel_applies", applies),
-        (nsa.rope, "elementwise_kernel_applies", applies),
+        (nsa.dispatch, "elementwise_kernel_applies", nsa.dispatch.elementwise_kernel_fits),
+        (nsa.rope, "elementwise_kernel_applies", nsa.dispatch.elementwise_kernel_fits),
         (nsa.kernels.tiles, "tma_capable", lambda device: True),
-        (nsa.kernels.topn, "tma_capable", lambda device: True),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:

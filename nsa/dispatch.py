@@ -68,9 +68,16 @@ def elementwise_kernel_applies(x: torch.Tensor, *, contiguous: bool = True) -> b
     than its PyTorch form: eager (under torch.compile inductor fuses the PyTorch form into the ops around it),
     non-empty CUDA tensors of 16/32-bit floats, contiguous (``contiguous=False``: the last dim alone), triton
     installed, and $NSA_BACKEND not "torch". Both forms compute the same values; nothing is logged."""
-    layout_ok = x.is_contiguous() if contiguous else x.dim() > 0 and x.stride(-1) == 1
-    return (x.is_cuda and x.dtype in TRITON_DTYPES and layout_ok and x.numel() > 0 and TRITON_AVAILABLE
+    return (x.is_cuda and elementwise_kernel_fits(x, contiguous=contiguous) and TRITON_AVAILABLE
             and os.environ.get(BACKEND_ENV, "") != "torch" and not torch.compiler.is_compiling())
+
+
+def elementwise_kernel_fits(x: torch.Tensor, *, contiguous: bool = True) -> bool:
+    """The tensor's part of ``elementwise_kernel_applies``, whatever its device (the CPU tools that follow eager
+    CUDA's path, bench/host_ops.py and the interpreter's tests, take it): non-empty, a 16/32-bit float, contiguous
+    (``contiguous=False``: the last dim alone)."""
+    layout_ok = x.is_contiguous() if contiguous else x.dim() > 0 and x.stride(-1) == 1
+    return x.dtype in TRITON_DTYPES and layout_ok and x.numel() > 0
 
 
 def choose_backend(op: str, requested: str, tensors: tuple[torch.Tensor, ...], *, inference_only: bool,

@@ -47,6 +47,7 @@ from nsa import (
     selected_attention,
     sliding_window_attention,
 )
+from nsa.dispatch import elementwise_kernel_fits
 from nsa.kernels import rows as row_passes
 from nsa.kernels.rows import nsa_nonfinite_rows_triton
 from nsa.nonfinite import (
@@ -244,11 +245,6 @@ def test_whole_sequence_row_flags(s: Shape, p: dict):
     flags = nsa_nonfinite_rows(*(bad[n] for n in NSA_INPUTS), indices, block_size=s.l, block_stride=s.d,
                                sel_block_size=s.lp, window_size=s.w)
     assert torch.equal(flags, expected_nsa(bad, indices, s))
-
-
-def _interpreted_row_kernels_apply(x: torch.Tensor, contiguous: bool = True) -> bool:
-    """nsa.nonfinite._row_kernels_apply as on eager CUDA, for CPU tensors (the kernels run in the interpreter)."""
-    return (x.is_contiguous() if contiguous else x.stride(-1) == 1) and x.numel() > 0
 
 
 def _in_nan_buffer(x: torch.Tensor, sets: int = 3) -> torch.Tensor:
@@ -705,7 +701,7 @@ def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
     torch.where: NaN rows forward, flags broadcast from [B, T, 1], and zero gradient in exactly those rows."""
     import nsa.nonfinite as nonfinite
 
-    monkeypatch.setattr(nonfinite, "_row_kernels_apply", _interpreted_row_kernels_apply)
+    monkeypatch.setattr(nonfinite, "_row_kernels_apply", elementwise_kernel_fits)
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(2, 7, 3, 5, generator=gen, requires_grad=True)
     rows = torch.rand(2, 7, 1, generator=gen) < 0.3
@@ -737,7 +733,7 @@ def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
         args = (*(bad[n] for n in NSA_INPUTS), indices)
         cases.append((args, kwargs, nsa_nonfinite_rows(*args, **kwargs)))
     calls, kernels = [], row_passes.nsa_nonfinite_rows_triton
-    monkeypatch.setattr(nonfinite, "_row_kernels_apply", _interpreted_row_kernels_apply)
+    monkeypatch.setattr(nonfinite, "_row_kernels_apply", elementwise_kernel_fits)
     monkeypatch.setattr(row_passes, "nsa_nonfinite_rows_triton",
                         lambda *a, **kw: calls.append(kw["cu_seqlens"]) or kernels(*a, **kw))
     for args, kwargs, want in cases:

@@ -48,6 +48,7 @@ from nsa.kernels.tiles import (
     load_at,
     load_tile,
     output_buffer,
+    packed_sized,
     packed_tiles,
     split_dims,
     store_at,
@@ -56,7 +57,6 @@ from nsa.kernels.tiles import (
     tile_origin,
     token_sequences,
 )
-from nsa.sized_tensors import sized_tensors
 
 allow_loaded_loop_bounds()
 
@@ -438,7 +438,7 @@ def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks:
                ) -> tuple[Tensor, Tensor, Tensor]:
     """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the list of block 0 of each token's sequence
     under each kv head: lists are kv head-major over the global blocks), list ids [L + 1] and chunk ids
-    [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.sized_tensors)."""
+    [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.kernels.tiles.packed_sized)."""
     def build() -> tuple[Tensor, Tensor, Tensor]:
         device = packed.cu.device
         head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
@@ -446,10 +446,7 @@ def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks:
         num_lists = num_kv_heads * blocks.grid
         return bases, torch.arange(num_lists + 1, device=device), torch.arange(num_chunks, device=device)
 
-    if packed.equal:
-        key = ("list keys", packed.num_seqs, packed.max_len, blocks.grid, num_kv_heads, num_chunks)
-        return sized_tensors(key, packed.cu.device, build)
-    return build()
+    return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks), build)
 
 
 def _launch_args(q: Tensor, k: Tensor, v: Tensor, sel_block_size: int) -> dict:
@@ -528,7 +525,7 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
 def tile_token_rows(packed: Packed, table: TileTable, bq: int) -> tuple[Tensor, Tensor]:
     """The token rows of the programs of ``table`` (tiles of ``bq`` tokens): rows int64 [grid, BQ] (clamped into
     the packed rows) and live bool [grid, BQ, 1, 1] (the rows that are tokens of the program's tile). Kept per
-    size for a [B, T] batch (nsa.sized_tensors)."""
+    size for a [B, T] batch (nsa.kernels.tiles.packed_sized)."""
     def build() -> tuple[Tensor, Tensor]:
         device = packed.cu.device
         seq = table.seq.long().clamp_max(packed.num_seqs - 1)
@@ -539,9 +536,7 @@ def tile_token_rows(packed: Packed, table: TileTable, bq: int) -> tuple[Tensor, 
         rows = (packed.cu[seq].long()[:, None] + position).clamp(0, max(packed.total - 1, 0))
         return rows, live[:, :, None, None]
 
-    if packed.equal:
-        return sized_tensors(("tile rows", packed.num_seqs, packed.max_len, bq), packed.cu.device, build)
-    return build()
+    return packed_sized(packed, ("tile rows", bq), build)
 
 
 def union_lists(query: QueryTiles) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,8 @@ the real tiles exit at once).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import triton
@@ -20,6 +21,7 @@ from torch import Tensor
 from nsa.sized_tensors import sized_tensors
 
 LOG2E = 1.4426950408889634
+_Built = TypeVar("_Built")
 # Tests set this: every buffer a kernel must fill starts as NaN (float) or INT_MIN (int), so an element a kernel
 # failed to write shows in the result instead of passing as leftover memory.
 POISON_OUTPUTS = False
@@ -125,16 +127,19 @@ def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...]) -> tuple[Any,
     return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, 1, w]) if w else None for w in widths)
 
 
-def kv_descriptors(k: Tensor, v: Tensor, rows: int, consts: dict, wanted: bool) -> dict[str, Any]:
+def kv_descriptors(k: Tensor, v: Tensor | None, rows: int, consts: dict, wanted: bool) -> dict[str, Any]:
     """A kernel's keyword arguments k_desc1 / k_desc2 (the D1 and D2 column parts of k) and v_desc (v's BLOCK_DV
-    columns), descriptors of ``rows`` rows (``row_descriptors``), and TMA: loads through them where ``wanted`` and
-    the device and the tensors allow it, else pointer loads."""
-    if wanted and tma_capable(k.device):
-        k_desc = row_descriptors(k, rows, (consts["D1"], consts["D2"]))
-        v_desc = row_descriptors(v, rows, (consts["BLOCK_DV"],))
-        if k_desc is not None and v_desc is not None:
-            return {"k_desc1": k_desc[0], "k_desc2": k_desc[1], "v_desc": v_desc[0], "TMA": True}
-    return {"k_desc1": None, "k_desc2": None, "v_desc": None, "TMA": False}
+    columns; none where v is None, for a kernel that reads keys only), descriptors of ``rows`` rows
+    (``row_descriptors``), and TMA: loads through them where ``wanted`` and the device and the tensors allow it, else
+    pointer loads."""
+    pointers = {"k_desc1": None, "k_desc2": None, **({} if v is None else {"v_desc": None}), "TMA": False}
+    if not (wanted and tma_capable(k.device)):
+        return pointers
+    k_desc = row_descriptors(k, rows, (consts["D1"], consts["D2"]))
+    v_desc = () if v is None else row_descriptors(v, rows, (consts["BLOCK_DV"],))
+    if k_desc is None or v_desc is None:
+        return pointers
+    return {"k_desc1": k_desc[0], "k_desc2": k_desc[1], **({"v_desc": v_desc[0]} if v_desc else {}), "TMA": True}
 
 
 def split_dims(dqk: int, dv: int) -> dict[str, int]:
@@ -240,6 +245,14 @@ def packed_tiles(packed: Packed, tile: int) -> TileTable:
     return tile_table(packed.cu, packed.num_seqs, packed.total, tile, packed.max_len if packed.equal else None)
 
 
+def packed_sized(packed: Packed, key: tuple, build: Callable[[], _Built]) -> _Built:
+    """``build()``, kept per (key, the batch's sizes) for an unpacked [B, T] batch (``sized_tensors``); built at
+    every call for packed sequences, whose tables follow from cu's values."""
+    if not packed.equal:
+        return build()
+    return sized_tensors((*key, packed.num_seqs, packed.max_len), packed.cu.device, build)
+
+
 def token_sequences(packed: Packed) -> Tensor:
     """Sequence index of every token row: int32 [total]."""
     if packed.equal:
@@ -247,7 +260,7 @@ def token_sequences(packed: Packed) -> Tensor:
             rows = torch.arange(packed.total, device=packed.cu.device, dtype=torch.int32)
             return rows.div_(max(1, packed.max_len), rounding_mode="floor")
 
-        return sized_tensors(("sequences", packed.total, packed.max_len), packed.cu.device, build)
+        return packed_sized(packed, ("sequences",), build)
     rows = torch.arange(packed.total, device=packed.cu.device)
     return torch.searchsorted(packed.cu[1:].long(), rows, right=True).to(torch.int32)
 

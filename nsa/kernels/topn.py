@@ -33,12 +33,11 @@ from nsa.kernels.tiles import (
     Packed,
     dot_precision,
     eq9_overlap,
+    kv_descriptors,
     output_buffer,
     packed_tiles,
-    row_descriptors,
     split_dims,
     tile_origin,
-    tma_capable,
     visible_key_count,
 )
 from nsa.prefill import TOPN_KEY_BLOCKS, topn_tile_shape
@@ -64,7 +63,7 @@ class TopnTiles(NamedTuple):
     equal (2026-12-03, seventeenth session): public 9.39 against 12.92 ms, G = 12 9.18 against 13.92, G = 4 3.41
     against 5.45, the GPT's G = 2 1.19 against 1.96; depths 8 and 4 ran within 0.3 ms of 16 except G = 4 and G = 2
     at depth 4 (4.35, 1.66). tma: the compressed-key tiles through tensor descriptors (nsa.kernels.tiles.
-    row_descriptors; pointer loads where the device or the tensor cannot)."""
+    kv_descriptors; pointer loads where the device or the tensor cannot)."""
 
     rows: int = 64
     num_warps: int = 4
@@ -257,12 +256,11 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
     k_cmp = k_cmp if k_cmp.shape[0] else k_cmp.new_zeros(1, *k_cmp.shape[1:])
     spill = (sel_block_size - block_stride + block_size - 1) // sel_block_size
     dims = {key: value for key, value in split_dims(q.shape[-1], 16).items() if key in ("DQK", "D1", "D2")}
-    descs = row_descriptors(k_cmp, shape["NS"] * shape["RATIO"], (dims["D1"], dims["D2"])) \
-        if tiles.tma and tma_capable(k_cmp.device) else None
     _topn_kernel[(table.grid, num_kv_heads)](
         q, k_cmp, lse, out, packed.cu, cu_cmp, table.seq, table.first,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
-        num_heads, packed.num_seqs, scale * LOG2E, *(descs or (None, None)), TMA=descs is not None,
+        num_heads, packed.num_seqs, scale * LOG2E,
+        **kv_descriptors(k_cmp, None, shape["NS"] * shape["RATIO"], dims, tiles.tma),
         GROUP=group, CMP_BLOCK=block_size, CMP_STRIDE=block_stride, SEL_BLOCK=sel_block_size, SPILL=spill,
         NUM_SELECTED=num_selected, OUT_WIDTH=triton.next_power_of_2(num_selected), PRECISION=dot_precision(q.dtype),
         DEPTH=tiles.depth_for(num_selected),
