@@ -99,7 +99,8 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
         yield KernelCase(f"fwd_{branch}", range_attention._range_fwd_kernel,
                          {**common, **rule, **tma, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n, "HAS_GATE": True,
                           "ACCUMULATE": branch == "win",
-                          "HEAD_ROWS": range_attention.query_rows(group, tiles.fwd_m, tiles).head_rows},
+                          "HEAD_ROWS": range_attention.query_rows(group, tiles.fwd_m, tiles).head_rows,
+                          "WARP_SPECIALIZE": False, "q_desc": None},
                          tiles.num_warps, tiles.num_stages, pointer_types=tma_types)
         tma, tma_types = descriptor_args(tiles.tma, tiles.dq_n, dims)
         yield KernelCase(f"dq_{branch}", range_attention._range_dq_kernel,
@@ -111,6 +112,15 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                 "GP": range_attention.dkv_head_rows(group, tiles)}
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
                          tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), DKDV_GATES)
+    # the compression forward warp-specialised (RangeTiles.warp_specialize), where it applies: a power-of-two d_k
+    if not dims["D2"]:
+        tiles = (range_tiles or {}).get("cmp") or tiles_for(max(head_dim, head_dim_v), "cmp", group)
+        tma, tma_types = descriptor_args(True, tiles.fwd_n, dims)
+        yield KernelCase("fwd_cmp_ws", range_attention._range_fwd_kernel,
+                         {**common, **rules["cmp"], **tma, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n,
+                          "HAS_GATE": True, "ACCUMULATE": False, "HEAD_ROWS": False, "WARP_SPECIALIZE": True}, 4,
+                         tiles.num_stages,
+                         pointer_types=(*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.fwd_m},{head_dim}]>")))
     # the dk/dv steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
     yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
                      {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,
@@ -272,7 +282,9 @@ def main() -> None:
         kernel = compile_case(case, args.arch)
         extra = f" loop loads: {loop_loads(kernel.asm['ttgir'])}" if args.loop_loads else ""
         usage = resource_usage(kernel)
-        print(f"{label} {case.name:14s} warps={case.num_warps} stages={case.num_stages} {usage}{extra}")
+        warps = kernel.metadata.num_warps  # more than launched: Triton split a loop into warpgroups
+        split = f" -> {warps} in warpgroups" if warps != case.num_warps else ""
+        print(f"{label} {case.name:14s} warps={case.num_warps}{split} stages={case.num_stages} {usage}{extra}")
 
     for head_dim in args.head_dims:
         for case in cases(head_dim, 128 if head_dim == 192 else head_dim, group=12 if head_dim == 192 else 16):

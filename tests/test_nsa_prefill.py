@@ -731,6 +731,41 @@ def test_range_forward_and_dq_in_either_row_layout_match_float64_reference(heads
     torch.testing.assert_close(dq.double(), dq_before.double() + want["dq"], **TOL)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
+                         [(6, 2, 16, 16, True), (4, 4, 16, 32, True), (12, 1, 24, 16, False)])
+@pytest.mark.parametrize("branch", ["cmp", "win"])
+def test_range_forward_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised,
+                                                                          branch, monkeypatch):
+    """RangeTiles(warp_specialize=True): q through a descriptor, every key tile masked (the interpreter runs the
+    math, not the warpgroups); out, lse and the branch output equal the float64 values on packed sequences whose
+    ends fall inside programs. A d_k that is not a power of two (24: two column parts) and q whose heads are not
+    next to each other run the plain loop, with the same results."""
+    from nsa.kernels import range_attention
+    from nsa.kernels.range_attention import range_forward
+
+    taken = []
+    real = range_attention.query_descriptor
+    monkeypatch.setattr(range_attention, "query_descriptor", lambda *a: taken.append(real(*a)) or taken[-1])
+    case = range_case(heads, kv_heads, dk, dv, branch)
+    want = case.expected
+    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
+        warp_specialize=True, num_warps=4, head_rows=False)
+    spread = torch.full((case.q.shape[0], heads, 2 * dk), float("nan"))[..., :dk]  # heads 2 * dk apart
+    for q, descriptor in ((case.q, specialised), (spread.copy_(case.q), False)):
+        taken.clear()
+        dv_shape = (q.shape[0], heads, dv)
+        out, branch_out = torch.full(dv_shape, float("nan")), torch.full(dv_shape, float("nan"))
+        lse = torch.full((q.shape[0], heads), float("nan"))
+        range_forward(q, case.k, case.v, case.gate, out, lse, branch_out, case.packed, case.cu_keys, case.rule,
+                      case.scale, False, tiles)
+        assert any(d is not None for d in taken) == descriptor
+        torch.testing.assert_close(out.double(), want["out"], **TOL)
+        torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
+        seen = torch.isfinite(want["lse"])
+        torch.testing.assert_close(lse.double()[seen], want["lse"][seen], **TOL)
+        assert torch.equal(torch.isinf(lse), ~seen)
+
+
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
     """query_tiles' lists against a plain Python union per (tile, kv head): every distinct block a tile's tokens
     selected, ascending, nothing else; tiles restart at each sequence; programs past the last tile get none."""

@@ -99,6 +99,17 @@ def test_loads_through_pointers_or_descriptors_match_float64_reference(monkeypat
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"),
+                         [(64, 4, 128, 128, 2048), (16, 4, 64, 64, 3000), (48, 4, 192, 128, 2048)])
+def test_range_forward_warp_specialised_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
+    """The compression and window forwards with their key loop split into a loading and two computing warpgroups
+    (RangeTiles.warp_specialize, a tile-sweep candidate: Triton's Hopper pass, which the interpreter does not run;
+    tests/test_nsa_prefill.py checks the same kernel's math there). d_k = 192 runs the plain loop."""
+    use_prefill_tiles(monkeypatch, ranges={"warp_specialize": True, "num_warps": 4, "tma": True, "head_rows": False,
+                                           "fwd_m": 128, "fwd_n": 64, "num_stages": 2})
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [(16, 4, 128, 128, 2048), (4, 4, 64, 64, 3000)])
 def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
     """The selection dk/dv of groups narrower than a 16-row step, filled with list entries (tests/test_nsa_prefill.py

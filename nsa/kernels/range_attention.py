@@ -51,6 +51,7 @@ from nsa.kernels.tiles import (
     load_tile,
     output_buffer,
     packed_tiles,
+    query_descriptor,
     split_dims,
     store_at,
     store_tile,
@@ -76,7 +77,11 @@ class RangeTiles(NamedTuple):
     pointer loads where the device or the tensors cannot). head_rows: the forward's and dq's programs take
     fwd_m // G (dq_m // G) tokens x the group's G query heads, which share their keys, instead of fwd_m tokens of
     one head (``query_rows``): a window's tile then spans G times fewer tokens, so fewer of its keys fall outside
-    every row's window. Per branch: ``tiles_for``."""
+    every row's window. warp_specialize: the forward's key loop split by Triton (3.6) between a warpgroup that
+    loads K / V and two that compute, each on fwd_m / 2 rows (FlashAttention-3's layout; launch num_warps = 4
+    per warpgroup, so 12 warps run); it needs tma, one head's rows (not head_rows), a power-of-two d_k and q's
+    heads contiguous (``query_descriptor``), and the plain loop runs where any is missing. Per branch:
+    ``tiles_for``."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -94,6 +99,7 @@ class RangeTiles(NamedTuple):
     dkv_num_stages: int = 2
     head_rows: bool = False
     dq_num_warps: int = 8
+    warp_specialize: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -131,14 +137,15 @@ def _key_bounds(first, last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr,
 
 
 @triton.jit
-def _query_rows(q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh,
+def _query_rows(q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh,
                 BLOCK_M: tl.constexpr, GROUP: tl.constexpr, HEAD_ROWS: tl.constexpr, DQK: tl.constexpr,
-                D1: tl.constexpr, D2: tl.constexpr):
+                D1: tl.constexpr, D2: tl.constexpr, Q_DESC: tl.constexpr):
     """This program's query rows: with HEAD_ROWS, BLOCK_M // GROUP tokens x the GROUP query heads of kv head h (a
     token's heads are neighbours in memory, and the tokens share their keys), else BLOCK_M tokens of query head h;
     h is the grid's second axis. -> (kv head, the tile's first token row (int64), the sequence's key offset and
     count, the tile's first and last token, each row's token offset from the first row, its query head, its
-    validity, q1, q2)."""
+    validity, q1, q2). Q_DESC (one head's tokens, D2 == 0): q1 through q_desc (``query_descriptor``), whose rows
+    past the sequence belong to the next one or are zeros; nothing reads their results."""
     h = tl.program_id(1)
     tokens: tl.constexpr = BLOCK_M // GROUP if HEAD_ROWS else BLOCK_M
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
@@ -155,7 +162,11 @@ def _query_rows(q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seq
         tok = r
         head = h
         ok = first + tok < seq_len
-    q1, q2 = load_split_at(q_ptr + row0 * stride_qt, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
+    if Q_DESC:
+        q1 = q_desc.load([row0.to(tl.int32), h * DQK])
+        q2 = q1
+    else:
+        q1, q2 = load_split_at(q_ptr + row0 * stride_qt, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
     last = tl.minimum(first + tokens, seq_len) - 1
     return hk, row0, key0, num_keys, first, last, tok, head, ok, q1, q2
 
@@ -164,11 +175,11 @@ def _query_rows(q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seq
 def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, t, first, last, stride_kt, qk_scale,
                      STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
                      DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
-                     ROW_T: tl.constexpr, TMA: tl.constexpr):
+                     ROW_T: tl.constexpr, TMA: tl.constexpr, EVERY_TILE: tl.constexpr):
     """Masked base-2 scores of the query rows (at positions t, tokens first .. last) against the key tile at
     ``start``: (s, the key rows, their validity, k1, k2). Only tiles crossing the causal edge of the first query,
     the window edge of the last or the end of the visible range are masked (so a TMA load's rows past ``hi`` score
-    -inf)."""
+    -inf); EVERY_TILE masks each tile (a branch inside the loop keeps Triton from warp-specialising it)."""
     cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
     col_ok = cols < hi
     k1, k2 = load_split_rows(k_base, k_desc1, k_desc2, key0 + start, hk, cols, col_ok, stride_kt, BLOCK_N, TMA, DQK,
@@ -177,7 +188,7 @@ def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, t, f
     edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
     if WINDOW > 0:
         edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
-    if edge:
+    if EVERY_TILE or edge:
         s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
     return s, cols, col_ok, k1, k2
 
@@ -186,27 +197,30 @@ def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, t, f
 def _range_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr, branch_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_ot, stride_oh,
-    stride_bt, stride_bh, num_heads, num_seqs, qk_scale, k_desc1, k_desc2, v_desc,
+    stride_bt, stride_bh, num_heads, num_seqs, qk_scale, k_desc1, k_desc2, v_desc, q_desc,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr, HEAD_ROWS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Program (token tile, head h): BLOCK_M rows of query head h, or with HEAD_ROWS of the query heads of kv head h
-    (``_query_rows``)."""
+    (``_query_rows``). WARP_SPECIALIZE (with TMA, q_desc, one head's rows and D2 == 0): the key loop as Triton's
+    Hopper warp specialisation builds it, a producer warpgroup loading K / V tiles for two consumer warpgroups of
+    BLOCK_M / 2 rows each, which then load everything through descriptors and mask every tile."""
     hk, row0, key0, num_keys, first, last, tok, head, row_ok, q1, q2 = _query_rows(
-        q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M, GROUP,
-        HEAD_ROWS, DQK, D1, D2)
+        q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M,
+        GROUP, HEAD_ROWS, DQK, D1, D2, WARP_SPECIALIZE)
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         s, cols, col_ok, _, _ = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first + tok,
                                                  first, last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_N, DQK,
-                                                 D1, D2, PRECISION, ROW_T, TMA)
+                                                 D1, D2, PRECISION, ROW_T, TMA, WARP_SPECIALIZE)
         v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
                                BLOCK_DV, 0)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
@@ -236,8 +250,8 @@ def _range_dq_kernel(
     """dq = g * scale * sum_j p_j (dp_j - delta) k_j with delta = dO . o from the forward's branch output, which
     it also writes (the gate's gradient and the dk/dv kernel's row term). Rows as in the forward."""
     hk, row0, key0, num_keys, first, last, tok, head, row_ok, q1, q2 = _query_rows(
-        q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M, GROUP,
-        HEAD_ROWS, DQK, D1, D2)
+        q_ptr, None, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M,
+        GROUP, HEAD_ROWS, DQK, D1, D2, False)
     dq1, dq2 = zeros_split(BLOCK_M, D1, D2)
     do = load_at(do_ptr + row0 * stride_dot, tok * stride_dot + head * stride_doh, row_ok, 0, BLOCK_DV, DV)
     stats = (row0 + tok) * num_heads + head
@@ -251,7 +265,7 @@ def _range_dq_kernel(
     for start in range(lo, hi, BLOCK_N):
         s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first + tok,
                                                    first, last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_N,
-                                                   DQK, D1, D2, PRECISION, ROW_T, TMA)
+                                                   DQK, D1, D2, PRECISION, ROW_T, TMA, False)
         v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
                                BLOCK_DV, 0)
         dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
@@ -387,13 +401,18 @@ def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Ten
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, out, branch_out)
+    descriptors = kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma)
+    q_desc = None
+    if tiles.warp_specialize and tiles.num_warps == 4 and descriptors["TMA"] and not (rows.head_rows or consts["D2"]):
+        q_desc = query_descriptor(q, tiles.fwd_m)
     _range_fwd_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, out, lse, branch_out, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         out.stride(0), out.stride(1), branch_out.stride(0), branch_out.stride(1), q.shape[1], packed.num_seqs,
-        scale * LOG2E, **kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma),
+        scale * LOG2E, **descriptors, q_desc=q_desc,
         BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
-        HEAD_ROWS=rows.head_rows, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        HEAD_ROWS=rows.head_rows, WARP_SPECIALIZE=q_desc is not None, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 

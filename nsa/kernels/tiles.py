@@ -127,6 +127,20 @@ def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...]) -> tuple[Any,
     return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, 1, w]) if w else None for w in widths)
 
 
+def query_descriptor(q: Tensor, rows: int) -> Any:
+    """A tensor descriptor over token rows q [N, H, D] seen as [N, H * D] that loads ``rows`` consecutive rows of
+    one head (the box [rows, D] at column head * D), or None where TMA cannot read q so: a head's columns not next
+    to the previous head's, strides or base not 16-byte aligned, or a box side over 256 elements."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, heads, width = q.shape
+    size = q.element_size()
+    flat = q.stride(-1) == 1 and (heads == 1 or q.stride(1) == width)
+    if not flat or q.data_ptr() % 16 or q.stride(0) * size % 16 or width * size % 16 or max(rows, width) > 256:
+        return None
+    return TensorDescriptor(q, [n, heads * width], [q.stride(0), 1], [rows, width])
+
+
 def kv_descriptors(k: Tensor, v: Tensor | None, rows: int, consts: dict, wanted: bool) -> dict[str, Any]:
     """A kernel's keyword arguments k_desc1 / k_desc2 (the D1 and D2 column parts of k) and v_desc (v's BLOCK_DV
     columns; none where v is None, for a kernel that reads keys only), descriptors of ``rows`` rows
