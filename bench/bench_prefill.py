@@ -454,9 +454,13 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                   cmp._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4)]
         # the forward's key loop warp-specialised: a loading warpgroup and two computing ones (Triton's Hopper
         # pass; python -m bench.compile_kernels shows it as 4 warps -> 12)
+        # and the dk/dv's pass over the queries (64 keys x steps of 32 rows: ptxas spills least there)
+        dkdv_split = {"dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32}
         variants["cmp_tiles"] += [cmp._replace(warp_specialize=True, num_warps=4, tma=True),
-                                  cmp._replace(warp_specialize=True, num_warps=4, tma=True, fwd_n=128, num_stages=2)]
-        variants["win_tiles"] += [win._replace(warp_specialize=True, num_warps=4, head_rows=False, fwd_m=128)]
+                                  cmp._replace(warp_specialize=True, num_warps=4, tma=True, fwd_n=128, num_stages=2),
+                                  cmp._replace(**dkdv_split)]
+        variants["win_tiles"] += [win._replace(warp_specialize=True, num_warps=4, head_rows=False, fwd_m=128),
+                                  win._replace(**dkdv_split)]
         variants["win_tiles"] += [win._replace(fwd_m=128, num_warps=8, dq_m=128, dq_num_warps=8),
                                   win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),
                                   win._replace(fwd_m=64, dq_m=64, num_warps=8, dq_num_warps=8),

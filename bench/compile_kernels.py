@@ -84,6 +84,19 @@ def descriptor_args(tma: bool, rows: int, dims: dict[str, int], values: bool = T
     return {"TMA": True}, (*types, ("k_desc2", f"tensordesc<bf16[{rows},1,{dims['D2']}]>"))
 
 
+DKDV_DESCRIPTORS = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
+
+
+def dkdv_descriptor_types(keys: int, tokens: int, heads: int, dims: dict[str, int]) -> tuple[tuple[str, str], ...]:
+    """The warp-specialised dk/dv's descriptor types (nsa.kernels.range_attention.dkdv_descriptors): K / V boxes of
+    ``keys`` rows, and q, dO, lse, delta and the float32 gates in boxes of ``tokens`` x ``heads``."""
+    width, width_v = dims["D1"], dims["BLOCK_DV"]
+    return (("k_desc", f"tensordesc<bf16[{keys},1,{width}]>"), ("v_desc", f"tensordesc<bf16[{keys},1,{width_v}]>"),
+            ("q_desc", f"tensordesc<bf16[{tokens},{heads},{width}]>"),
+            ("do_desc", f"tensordesc<bf16[{tokens},{heads},{width_v}]>"),
+            *((name, f"tensordesc<fp32[{tokens},{heads}]>") for name in ("lse_desc", "delta_desc", "gate_desc")))
+
+
 def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str, RangeTiles] | None = None,
           sel_tiles: SelectedTiles | None = None) -> Iterator[KernelCase]:
     """Every prefill kernel with the constexprs and launch settings the launchers use at this shape (or under the
@@ -109,10 +122,12 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                           "HEAD_ROWS": range_attention.query_rows(group, tiles.dq_m, tiles).head_rows},
                          tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
         dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
-                "GP": range_attention.dkv_head_rows(group, tiles)}
+                "GP": range_attention.dkv_head_rows(group, tiles), "WARP_SPECIALIZE": False,
+                **dict.fromkeys(DKDV_DESCRIPTORS)}
         yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
                          tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), DKDV_GATES)
-    # the compression forward warp-specialised (RangeTiles.warp_specialize), where it applies: a power-of-two d_k
+    # the compression's forward and dk/dv warp-specialised (RangeTiles.warp_specialize / dkv_warp_specialize),
+    # where they apply: a power-of-two d_k
     if not dims["D2"]:
         tiles = (range_tiles or {}).get("cmp") or tiles_for(max(head_dim, head_dim_v), "cmp", group)
         tma, tma_types = descriptor_args(True, tiles.fwd_n, dims)
@@ -121,6 +136,12 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                           "HAS_GATE": True, "ACCUMULATE": False, "HEAD_ROWS": False, "WARP_SPECIALIZE": True}, 4,
                          tiles.num_stages,
                          pointer_types=(*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.fwd_m},{head_dim}]>")))
+        gp = max(4, triton.next_power_of_2(group))
+        yield KernelCase("dkdv_cmp_ws", range_attention._range_dkdv_kernel,
+                         {**{name: value for name, value in dkdv.items() if name not in DKDV_DESCRIPTORS},
+                          **rules["cmp"], "BLOCK_M": tiles.dkv_m, "BLOCK_N": 64, "GP": gp, "WARP_SPECIALIZE": True}, 4,
+                         tiles.dkv_num_stages,
+                         ("dk_ptr", "dv_ptr"), dkdv_descriptor_types(64, tiles.dkv_m // gp, gp, dims))
     # the dk/dv steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
     yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
                      {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,

@@ -271,8 +271,10 @@ def dkdv_gates(gates: Tensor) -> Tensor:
     """The gates [rows, HQ, 3] as the dk / dv kernels read them: float32 (the same values). Each step of their loops
     reads one gate per query row, and Triton pipelines a load (copies it asynchronously, a step ahead) only when
     each thread copies at least 4 bytes: from bf16 gates the read was a synchronous gather between two matmuls of
-    every step (the compiled kernels' TTGIR, ``bench.compile_kernels --loop-loads``), like no other operand."""
-    return gates.float()
+    every step (the compiled kernels' TTGIR, ``bench.compile_kernels --loop-loads``), like no other operand. Each
+    branch's [rows, HQ] is contiguous (strides (HQ, 1): ``RangeTiles.dkv_warp_specialize`` reads boxes of it through
+    TMA, which needs a contiguous last dim)."""
+    return gates.float().permute(2, 0, 1).contiguous().permute(1, 2, 0)
 
 
 @torch.library.custom_op("nsa::prefill", mutates_args=())

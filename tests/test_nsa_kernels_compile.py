@@ -22,9 +22,9 @@ def test_prefill_and_decode_kernels_compile_for_sm90():
                              "192", "256"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # 20 prefill kernels per head dim (the top-n's key loads both ways), the warp-specialised compression forward
-    # at the power-of-two head dims, 6 decode, 2 row passes and the guard's 2
-    assert result.stdout.count("REG:") == 4 * 20 + 3 + 6 + 4, result.stdout
-    # Triton still splits that forward's key loop into warpgroups (4 warps launched: one loading, two computing)
-    specialised = [line for line in result.stdout.splitlines() if "fwd_cmp_ws" in line]
-    assert all("-> 12 in warpgroups" in line for line in specialised if line.startswith(("d= 64", "d=128"))), \
-        specialised
+    # and dk/dv at the power-of-two head dims, 6 decode, 2 row passes and the guard's 2
+    assert result.stdout.count("REG:") == 4 * 20 + 3 * 2 + 6 + 4, result.stdout
+    # Triton still splits their loops into warpgroups (4 warps launched: one loading, two computing)
+    specialised = [line for line in result.stdout.splitlines()
+                   if "_cmp_ws" in line and line.startswith(("d= 64", "d=128"))]
+    assert len(specialised) == 4 and all("-> 12 in warpgroups" in line for line in specialised), specialised

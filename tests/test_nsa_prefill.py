@@ -766,6 +766,37 @@ def test_range_forward_with_warp_specialisation_matches_float64_reference(heads,
         assert torch.equal(torch.isinf(lse), ~seen)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
+                         [(8, 2, 16, 16, True), (16, 1, 16, 32, True), (24, 2, 16, 16, True), (6, 2, 16, 16, False),
+                          (8, 2, 24, 16, False)])
+@pytest.mark.parametrize("branch", ["cmp", "win"])
+def test_range_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised, branch,
+                                                                       monkeypatch):
+    """RangeTiles(dkv_warp_specialize=True): K / V, and q, dO, lse, delta and the gates of each step, through
+    descriptors (boxes of tokens x the padded group's heads: G = 12 reads four heads of the next group, masked), every
+    step masked; dk and dv equal the float64 gradients on packed sequences. Where a box cannot be made (6 query
+    heads: lse rows of 24 bytes; the gates as a strided slice) or d_k is not a power of two, the gathering loop runs,
+    with the same results."""
+    from nsa.kernels import range_attention
+    from nsa.kernels.range_attention import range_dkdv
+
+    taken = []
+    real = range_attention.dkdv_descriptors
+    monkeypatch.setattr(range_attention, "dkdv_descriptors",
+                        lambda *a: taken.append(real(*a)["WARP_SPECIALIZE"]) or real(*a))
+    case = range_case(heads, kv_heads, dk, dv, branch)
+    want = case.expected
+    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
+        dkv_warp_specialize=True, dkv_num_warps=4)
+    for gate, descriptors in ((case.gate.contiguous(), specialised), (case.gate, False)):
+        taken.clear()
+        dk_got, dv_got = range_dkdv(case.q, case.k, case.v, gate, case.dout, want["lse"].float(),
+                                    want["delta"].float(), case.packed, case.cu_keys, case.rule, case.scale, tiles)
+        assert taken == [descriptors]
+        torch.testing.assert_close(dk_got.double(), want["dk"], **TOL)
+        torch.testing.assert_close(dv_got.double(), want["dv"], **TOL)
+
+
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
     """query_tiles' lists against a plain Python union per (tile, kv head): every distinct block a tile's tokens
     selected, ascending, nothing else; tiles restart at each sequence; programs past the last tile get none."""

@@ -21,7 +21,7 @@ over programs that write fp32 partials, summed in a fixed order.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.attention_steps import (
+    dkdv_step,
     dq_step,
     gathered_dkdv_step,
     load_split,
@@ -45,6 +46,8 @@ from nsa.kernels.tiles import (
     LOG2E,
     Packed,
     TileTable,
+    box_descriptor,
+    desc_rows,
     dot_precision,
     kv_descriptors,
     load_at,
@@ -57,6 +60,7 @@ from nsa.kernels.tiles import (
     store_tile,
     tile_origin,
     tile_table,
+    tma_capable,
     visible_key_count,
 )
 
@@ -80,8 +84,9 @@ class RangeTiles(NamedTuple):
     every row's window. warp_specialize: the forward's key loop split by Triton (3.6) between a warpgroup that
     loads K / V and two that compute, each on fwd_m / 2 rows (FlashAttention-3's layout; launch num_warps = 4
     per warpgroup, so 12 warps run); it needs tma, one head's rows (not head_rows), a power-of-two d_k and q's
-    heads contiguous (``query_descriptor``), and the plain loop runs where any is missing. Per branch:
-    ``tiles_for``."""
+    heads contiguous (``query_descriptor``), and the plain loop runs where any is missing. dkv_warp_specialize: the
+    same for the dk/dv's pass over the queries (dkv_num_warps = 4, steps of tokens x heads, a power-of-two d_k,
+    every operand readable through TMA: ``dkdv_descriptors``). Per branch: ``tiles_for``."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -100,6 +105,7 @@ class RangeTiles(NamedTuple):
     head_rows: bool = False
     dq_num_warps: int = 8
     warp_specialize: bool = False
+    dkv_warp_specialize: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -307,20 +313,46 @@ def _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, heads, r
 
 
 @triton.jit
+def _dkdv_tile_through_descriptors(q_desc, do_desc, lse_desc, delta_desc, gate_desc, tok0, m0, hk, toks, row_ok, cols,
+                                   k1, v, dk1, dv, qk_scale, STEP: tl.constexpr, GROUP: tl.constexpr,
+                                   GP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+                                   D1: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                                   HAS_GATE: tl.constexpr):
+    """``_dkdv_tile`` with every query-side operand (q, dO, lse, delta, the gates) a box of STEP tokens x GP heads
+    from kv head hk's first query head, and every step masked: Triton warp-specialises only a loop without branches
+    fed by descriptors. Heads past the group (GP > GROUP) and tokens past the sequence are read, then masked."""
+    row, head = (tok0 + m0).to(tl.int32), hk * GROUP
+    rows: tl.constexpr = STEP * GP
+    q1 = q_desc.load([row, head, 0]).reshape(rows, D1)
+    do = do_desc.load([row, head, 0]).reshape(rows, BLOCK_DV)
+    lse = lse_desc.load([row, head]).reshape(rows)
+    delta = delta_desc.load([row, head]).reshape(rows)
+    s_t = scaled_scores(k1, k1, q1, q1, qk_scale, 0, PRECISION)
+    s_t = tl.where(_visible(toks[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & row_ok[None, :], s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if HAS_GATE:
+        p_t = p_t * gate_desc.load([row, head]).reshape(rows).to(tl.float32)[None, :]
+    dk1, _, dv = dkdv_step(v, q1, q1, do, p_t, delta, dk1, dk1, dv, 0, PRECISION)
+    return dk1, dv
+
+
+@triton.jit
 def _range_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_k_ptr, cu_q_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dk_split, stride_dv_split,
-    num_heads, num_seqs, split_len, qk_scale, scale,
+    num_heads, num_seqs, split_len, qk_scale, scale, k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, gate_desc,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ROW_T: tl.constexpr,
-    GP: tl.constexpr,
+    GP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """dv = sum over the GROUP query heads and the queries of this program's split of (g p)^T dO, and
     dk = scale * sum (g p (dp - delta))^T q, for BLOCK_N keys of one kv head. GP = 0: each step takes BLOCK_M
     tokens of one head, head after head; GP = the group padded to a power of two: each step takes BLOCK_M // GP
-    tokens x the GP heads (a token's heads are neighbours in memory), one pass over the queries."""
+    tokens x the GP heads (a token's heads are neighbours in memory), one pass over the queries.
+    WARP_SPECIALIZE (GP > 0, D2 == 0): that pass as Triton's Hopper warp specialisation builds it, K / V and every
+    step's operands through the descriptors (``dkdv_descriptors``)."""
     hk, split = tl.program_id(1), tl.program_id(2)
     key0, num_keys, tok0, seq_len, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_k_ptr, cu_q_ptr, num_seqs,
                                                        BLOCK_N)
@@ -328,8 +360,13 @@ def _range_dkdv_kernel(
     cols = first + key_tile
     col_ok = cols < num_keys
     k_row0 = key0 + first
-    k1, k2 = load_split(k_ptr + k_row0 * stride_kt + hk * stride_kh, key_tile, col_ok, stride_kt, DQK, D1, D2)
-    v = load_tile(v_ptr + k_row0 * stride_vt + hk * stride_vh, key_tile, col_ok, stride_vt, 0, BLOCK_DV, DV)
+    if WARP_SPECIALIZE:  # rows past the keys: the next sequence's keys or zeros, and no query sees them
+        k1 = desc_rows(k_desc, k_row0, hk, 0, BLOCK_N, D1)
+        k2 = k1
+        v = desc_rows(v_desc, k_row0, hk, 0, BLOCK_N, BLOCK_DV)
+    else:
+        k1, k2 = load_split(k_ptr + k_row0 * stride_kt + hk * stride_kh, key_tile, col_ok, stride_kt, DQK, D1, D2)
+        v = load_tile(v_ptr + k_row0 * stride_vt + hk * stride_vh, key_tile, col_ok, stride_vt, 0, BLOCK_DV, DV)
     dk1, dk2 = zeros_split(BLOCK_N, D1, D2)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # Queries that see a key of this tile: from the first key's end to the last key's window end.
@@ -339,7 +376,16 @@ def _range_dkdv_kernel(
     if WINDOW > 0:
         q_hi = tl.minimum(q_hi, _key_end(last_key, STRIDE, SPAN) + WINDOW)
     q_hi = tl.where(num_keys > first, q_hi, 0)
-    if GP > 0:
+    if WARP_SPECIALIZE:
+        r = tl.arange(0, BLOCK_M)
+        g = r % GP
+        for m0 in tl.range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP, warp_specialize=True):
+            toks = (m0 + r // GP).to(ROW_T)
+            dk1, dv = _dkdv_tile_through_descriptors(q_desc, do_desc, lse_desc, delta_desc, gate_desc, tok0, m0, hk,
+                                                     toks, (toks < q_hi) & (g < GROUP), cols, k1, v, dk1, dv,
+                                                     qk_scale, BLOCK_M // GP, GROUP, GP, STRIDE, SPAN, WINDOW, D1,
+                                                     BLOCK_DV, PRECISION, HAS_GATE)
+    elif GP > 0:
         r = tl.arange(0, BLOCK_M)
         g = r % GP
         for m0 in range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP):
@@ -457,19 +503,42 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
     else:
         dk_out, dv_out = dk[None], dv[None]
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
+    consts = _common(q, k, v, rule, packed.max_len, dout)
+    gp = dkv_head_rows(q.shape[1] // k.shape[1], tiles)
     _range_dkdv_kernel[(table.grid, k.shape[1], num_splits)](
         q, k, v, gate_t, dout, lse, delta, dk_out, dv_out, cu_keys, packed.cu, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1), dv_out.stride(2),
         dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale,
-        BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None,
-        **_common(q, k, v, rule, packed.max_len, dout), GP=dkv_head_rows(q.shape[1] // k.shape[1], tiles),
+        **dkdv_descriptors(q, k, v, gate, dout, lse, delta, tiles, consts, gp),
+        BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None, **consts, GP=gp,
         num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     if num_splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
     return dk, dv
+
+
+def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
+                     tiles: RangeTiles, consts: dict, gp: int) -> dict[str, Any]:
+    """The dk/dv kernel's descriptor arguments and WARP_SPECIALIZE: K / V boxes of the program's dkv_n keys and,
+    per step, boxes of dkv_m // gp tokens x gp heads of q, dO, lse, delta and the gates (``box_descriptor``), where
+    tiles.dkv_warp_specialize holds and every one can be made (steps of tokens x heads, one warpgroup, a power-of-two
+    d_k, a TMA device); else None and the loop that gathers them."""
+    names = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
+    plain: dict[str, Any] = {**dict.fromkeys(names), "WARP_SPECIALIZE": False}
+    if not (tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and gp and not consts["D2"]
+            and tma_capable(q.device)):
+        return plain
+    step, width, width_v = tiles.dkv_m // gp, consts["D1"], consts["BLOCK_DV"]
+    boxes = ((k, (tiles.dkv_n, 1, width)), (v, (tiles.dkv_n, 1, width_v)), (q, (step, gp, width)),
+             (dout, (step, gp, width_v)), (lse, (step, gp)), (delta, (step, gp)), (gate, (step, gp)))
+    descriptors = {name: None if x is None else box_descriptor(x, box) for name, (x, box) in
+                   zip(names, boxes, strict=True)}
+    if any(descriptors[name] is None for name in names[:-1]) or (gate is not None and descriptors["gate_desc"] is None):
+        return plain
+    return {**descriptors, "WARP_SPECIALIZE": True}
 
 
 def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
