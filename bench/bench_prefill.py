@@ -421,6 +421,13 @@ TILE_KERNELS = {"cmp_tiles": ("fwd_cmp", "dq_cmp", "dkdv_cmp"), "win_tiles": ("f
                 "sel_tiles": ("fwd_sel", "dq_sel", "dkdv_sel")}  # the kernels each PrefillRun tile field governs
 
 
+# The range loops warp-specialised (RangeTiles.warp_specialize / dkv_warp_specialize; range_attention.forward_splits /
+# dkdv_splits say when Triton splits them): one warpgroup launched, and the dk/dv on 64 keys x 32-row steps, where
+# ptxas spills least (104 bytes at head dim 128 against 368 on 64-row steps).
+SPLIT_FORWARD = {"warp_specialize": True, "num_warps": 4, "tma": True}
+SPLIT_DKDV = {"dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32}
+
+
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
     same run), then candidates one or two fields off them: the loads through tensor descriptors (TMA) against
@@ -452,15 +459,12 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         # one warpgroup per program, two programs per SM: one's softmax beside the other's matmuls
         variants["cmp_tiles"] += [cmp._replace(fwd_m=64, num_warps=4),
                                   cmp._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4)]
-        # the forward's key loop warp-specialised: a loading warpgroup and two computing ones (Triton's Hopper
-        # pass; python -m bench.compile_kernels shows it as 4 warps -> 12)
-        # and the dk/dv's pass over the queries (64 keys x steps of 32 rows: ptxas spills least there)
-        dkdv_split = {"dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32}
-        variants["cmp_tiles"] += [cmp._replace(warp_specialize=True, num_warps=4, tma=True),
-                                  cmp._replace(warp_specialize=True, num_warps=4, tma=True, fwd_n=128, num_stages=2),
-                                  cmp._replace(**dkdv_split)]
-        variants["win_tiles"] += [win._replace(warp_specialize=True, num_warps=4, head_rows=False, fwd_m=128),
-                                  win._replace(**dkdv_split)]
+        # the forward's key loop and the dk/dv's pass over the queries warp-specialised: a loading warpgroup and
+        # two computing ones (python -m bench.compile_kernels --candidates shows them as 4 warps -> 12)
+        variants["cmp_tiles"] += [cmp._replace(**SPLIT_FORWARD),
+                                  cmp._replace(**SPLIT_FORWARD, fwd_n=128, num_stages=2), cmp._replace(**SPLIT_DKDV)]
+        variants["win_tiles"] += [win._replace(**SPLIT_FORWARD, head_rows=False, fwd_m=128),
+                                  win._replace(**SPLIT_DKDV)]
         variants["win_tiles"] += [win._replace(fwd_m=128, num_warps=8, dq_m=128, dq_num_warps=8),
                                   win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),
                                   win._replace(fwd_m=64, dq_m=64, num_warps=8, dq_num_warps=8),

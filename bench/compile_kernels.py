@@ -40,6 +40,8 @@ INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx
                   "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr")
 DKDV_GATES = (("gate_ptr", "*fp32"),)  # as every dk/dv kernel reads them (nsa.prefill.dkdv_gates)
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
+RULES = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
+         "win": {"STRIDE": 1, "SPAN": 1, "WINDOW": BLOCKS["window_size"]}}
 
 
 class KernelCase(NamedTuple):
@@ -97,55 +99,74 @@ def dkdv_descriptor_types(keys: int, tokens: int, heads: int, dims: dict[str, in
             *((name, f"tensordesc<fp32[{tokens},{heads}]>") for name in ("lse_desc", "delta_desc", "gate_desc")))
 
 
+def range_cases(branch: str, tiles: RangeTiles, group: int, dims: dict[str, int], suffix: str = ""
+                ) -> Iterator[KernelCase]:
+    """The range forward, dq and dk/dv of ``branch`` ("cmp" / "win") as their launchers run them under ``tiles``:
+    K / V through descriptors where tiles.tma, and the warp-specialised loops where the tiles ask for them and
+    allow them (range_attention.forward_splits / dkdv_splits; the tensors' own TMA checks pass here)."""
+    rule = RULES[branch]
+    common = {"GROUP": group, "PRECISION": "tf32", "ROW_T": tl.int32, **dims, **rule, "HAS_GATE": True}
+    head_rows = range_attention.query_rows(group, tiles.fwd_m, tiles).head_rows
+    tma, tma_types = descriptor_args(tiles.tma, tiles.fwd_n, dims)
+    query: dict[str, Any] = {"q_desc": None}
+    if range_attention.forward_splits(tiles, head_rows, dims["D2"]):
+        query, tma_types = {}, (*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.fwd_m},{dims['DQK']}]>"))
+    yield KernelCase(f"fwd_{branch}{suffix}", range_attention._range_fwd_kernel,
+                     {**common, **tma, **query, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n,
+                      "ACCUMULATE": branch == "win", "HEAD_ROWS": head_rows, "WARP_SPECIALIZE": not query},
+                     tiles.num_warps, tiles.num_stages, pointer_types=tma_types)
+    tma, tma_types = descriptor_args(tiles.tma, tiles.dq_n, dims)
+    yield KernelCase(f"dq_{branch}{suffix}", range_attention._range_dq_kernel,
+                     {**common, **tma, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "ACCUMULATE": True,
+                      "HEAD_ROWS": range_attention.query_rows(group, tiles.dq_m, tiles).head_rows},
+                     tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
+    gp = range_attention.dkv_head_rows(group, tiles)
+    split = range_attention.dkdv_splits(tiles, gp, dims["D2"])
+    descriptors = dkdv_descriptor_types(tiles.dkv_n, tiles.dkv_m // max(gp, 1), gp, dims) if split else ()
+    yield KernelCase(f"dkdv_{branch}{suffix}", range_attention._range_dkdv_kernel,
+                     {**common, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "GP": gp, "WARP_SPECIALIZE": split,
+                      **({} if split else dict.fromkeys(DKDV_DESCRIPTORS))},
+                     tiles.dkv_num_warps, tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), (*DKDV_GATES, *descriptors))
+
+
+def warp_specialised(tiles: RangeTiles) -> RangeTiles:
+    """``tiles`` with both range loops warp-specialised as bench_prefill's tile sweep proposes them."""
+    from bench.bench_prefill import SPLIT_DKDV, SPLIT_FORWARD
+
+    return tiles._replace(**SPLIT_FORWARD, **SPLIT_DKDV)
+
+
+def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
+    """The range kernels under each of bench_prefill's tile candidates at this shape (``tile_variants``; the
+    defaults first), named <kernel>#<candidate index>."""
+    from bench.bench_prefill import SHAPES, tile_variants
+
+    shape = SHAPES[shape_name]
+    dims, group = split_dims(shape.dk, shape.dv), shape.heads // shape.kv_heads
+    variants = tile_variants(shape_name)
+    for field, branch in (("cmp_tiles", "cmp"), ("win_tiles", "win")):
+        for index, tiles in enumerate(variants[field]):
+            yield from range_cases(branch, tiles, group, dims, f"#{index}")
+
+
 def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str, RangeTiles] | None = None,
           sel_tiles: SelectedTiles | None = None) -> Iterator[KernelCase]:
     """Every prefill kernel with the constexprs and launch settings the launchers use at this shape (or under the
     given tiles, per range branch "cmp" / "win": bench_prefill's tile candidates are checked here before a device
     run)."""
     dims = split_dims(head_dim, head_dim_v)
-    common = {"GROUP": group, "PRECISION": "tf32", "ROW_T": tl.int32, **dims}
-    rules = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
-             "win": {"STRIDE": 1, "SPAN": 1, "WINDOW": BLOCKS["window_size"]}}
-    for branch, rule in rules.items():
+    for branch in RULES:
         tiles = (range_tiles or {}).get(branch) or tiles_for(max(head_dim, head_dim_v), branch, group)
-        tma, tma_types = descriptor_args(tiles.tma, tiles.fwd_n, dims)
-        yield KernelCase(f"fwd_{branch}", range_attention._range_fwd_kernel,
-                         {**common, **rule, **tma, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n, "HAS_GATE": True,
-                          "ACCUMULATE": branch == "win",
-                          "HEAD_ROWS": range_attention.query_rows(group, tiles.fwd_m, tiles).head_rows,
-                          "WARP_SPECIALIZE": False, "q_desc": None},
-                         tiles.num_warps, tiles.num_stages, pointer_types=tma_types)
-        tma, tma_types = descriptor_args(tiles.tma, tiles.dq_n, dims)
-        yield KernelCase(f"dq_{branch}", range_attention._range_dq_kernel,
-                         {**common, **rule, **tma, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "HAS_GATE": True,
-                          "ACCUMULATE": True,
-                          "HEAD_ROWS": range_attention.query_rows(group, tiles.dq_m, tiles).head_rows},
-                         tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
-        dkdv = {**common, **rule, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "HAS_GATE": True,
-                "GP": range_attention.dkv_head_rows(group, tiles), "WARP_SPECIALIZE": False,
-                **dict.fromkeys(DKDV_DESCRIPTORS)}
-        yield KernelCase(f"dkdv_{branch}", range_attention._range_dkdv_kernel, dkdv, tiles.dkv_num_warps,
-                         tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), DKDV_GATES)
+        yield from range_cases(branch, tiles, group, dims)
     # the compression's forward and dk/dv warp-specialised (RangeTiles.warp_specialize / dkv_warp_specialize),
     # where they apply: a power-of-two d_k
+    cmp = (range_tiles or {}).get("cmp") or tiles_for(max(head_dim, head_dim_v), "cmp", group)
     if not dims["D2"]:
-        tiles = (range_tiles or {}).get("cmp") or tiles_for(max(head_dim, head_dim_v), "cmp", group)
-        tma, tma_types = descriptor_args(True, tiles.fwd_n, dims)
-        yield KernelCase("fwd_cmp_ws", range_attention._range_fwd_kernel,
-                         {**common, **rules["cmp"], **tma, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n,
-                          "HAS_GATE": True, "ACCUMULATE": False, "HEAD_ROWS": False, "WARP_SPECIALIZE": True}, 4,
-                         tiles.num_stages,
-                         pointer_types=(*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.fwd_m},{head_dim}]>")))
-        gp = max(4, triton.next_power_of_2(group))
-        yield KernelCase("dkdv_cmp_ws", range_attention._range_dkdv_kernel,
-                         {**{name: value for name, value in dkdv.items() if name not in DKDV_DESCRIPTORS},
-                          **rules["cmp"], "BLOCK_M": tiles.dkv_m, "BLOCK_N": 64, "GP": gp, "WARP_SPECIALIZE": True}, 4,
-                         tiles.dkv_num_stages,
-                         ("dk_ptr", "dv_ptr"), dkdv_descriptor_types(64, tiles.dkv_m // gp, gp, dims))
-    # the dk/dv steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
-    yield KernelCase("dkdv_cmp_1h", range_attention._range_dkdv_kernel,
-                     {**dkdv, **rules["cmp"], "BLOCK_M": 32, "GP": 0}, tiles.dkv_num_warps, tiles.dkv_num_stages,
-                     ("dk_ptr", "dv_ptr"), DKDV_GATES)
+        yield from (case for case in range_cases("cmp", warp_specialised(cmp), group, dims, "_ws")
+                    if not case.name.startswith("dq"))
+    # the compression dk/dv's steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
+    yield from (case for case in range_cases("cmp", cmp._replace(dkv_head_rows=False, dkv_m=32), group, dims, "_1h")
+                if case.name.startswith("dkdv"))
     topn_tiles = topn_tiles_for(group, head_dim)
     shape = topn_tile_shape(BLOCKS["num_selected"], group, BLOCKS["sel_block_size"], BLOCKS["block_stride"],
                             topn_tiles.rows, topn_tiles.key_blocks)
@@ -297,6 +318,9 @@ def main() -> None:
     parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 192])
     parser.add_argument("--loop-loads", action="store_true",
                         help="also list each kernel's synchronous loads inside its loops (loop_loads)")
+    parser.add_argument("--candidates", nargs="+", default=[], metavar="SHAPE",
+                        help="instead: the range kernels under each tile candidate of bench_prefill's sweep at these "
+                        "shapes (public, paper, g4, g12, gpt, g4_paper)")
     args = parser.parse_args()
 
     def report(label: str, case: KernelCase) -> None:
@@ -307,6 +331,11 @@ def main() -> None:
         split = f" -> {warps} in warpgroups" if warps != case.num_warps else ""
         print(f"{label} {case.name:14s} warps={case.num_warps}{split} stages={case.num_stages} {usage}{extra}")
 
+    if args.candidates:
+        for shape_name in args.candidates:
+            for case in candidate_cases(shape_name):
+                report(f"{shape_name:8s}", case)
+        return
     for head_dim in args.head_dims:
         for case in cases(head_dim, 128 if head_dim == 192 else head_dim, group=12 if head_dim == 192 else 16):
             report(f"d={head_dim:3d}", case)

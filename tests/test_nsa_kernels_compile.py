@@ -28,3 +28,23 @@ def test_prefill_and_decode_kernels_compile_for_sm90():
     specialised = [line for line in result.stdout.splitlines()
                    if "_cmp_ws" in line and line.startswith(("d= 64", "d=128"))]
     assert len(specialised) == 4 and all("-> 12 in warpgroups" in line for line in specialised), specialised
+
+
+def test_tile_sweep_candidates_compile_for_sm90():
+    """Every range tile candidate of bench_prefill's sweep at the public shape compiles (a candidate that Triton
+    rejects would cost a device call), and the warp-specialised ones are split into warpgroups."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "bench.compile_kernels", "--candidates", "public"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from bench.bench_prefill import tile_variants
+
+    variants = tile_variants("public")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 * (len(variants["cmp_tiles"]) + len(variants["win_tiles"])), result.stdout
+    assert all("REG:" in line for line in lines), result.stdout
+    for field, branch in (("cmp_tiles", "cmp"), ("win_tiles", "win")):
+        for index, tiles in enumerate(variants[field]):
+            for kernel, asks in (("fwd", tiles.warp_specialize), ("dkdv", tiles.dkv_warp_specialize)):
+                line = next(line for line in lines if f" {kernel}_{branch}#{index} " in line)
+                assert ("-> 12 in warpgroups" in line) == asks, line

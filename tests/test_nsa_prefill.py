@@ -749,7 +749,7 @@ def test_range_forward_with_warp_specialisation_matches_float64_reference(heads,
     case = range_case(heads, kv_heads, dk, dv, branch)
     want = case.expected
     tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
-        warp_specialize=True, num_warps=4, head_rows=False)
+        warp_specialize=True, num_warps=4, head_rows=False, fwd_m=64)  # range_attention.forward_splits
     spread = torch.full((case.q.shape[0], heads, 2 * dk), float("nan"))[..., :dk]  # heads 2 * dk apart
     for q, descriptor in ((case.q, specialised), (spread.copy_(case.q), False)):
         taken.clear()
@@ -787,7 +787,7 @@ def test_range_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv
     case = range_case(heads, kv_heads, dk, dv, branch)
     want = case.expected
     tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
-        dkv_warp_specialize=True, dkv_num_warps=4)
+        dkv_warp_specialize=True, dkv_num_warps=4, dkv_n=64)  # range_attention.dkdv_splits
     for gate, descriptors in ((case.gate.contiguous(), specialised), (case.gate, False)):
         taken.clear()
         dk_got, dv_got = range_dkdv(case.q, case.k, case.v, gate, case.dout, want["lse"].float(),

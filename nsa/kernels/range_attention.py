@@ -449,7 +449,7 @@ def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Ten
     consts = _common(q, k, v, rule, packed.max_len, out, branch_out)
     descriptors = kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma)
     q_desc = None
-    if tiles.warp_specialize and tiles.num_warps == 4 and descriptors["TMA"] and not (rows.head_rows or consts["D2"]):
+    if forward_splits(tiles, rows.head_rows, consts["D2"]) and descriptors["TMA"]:
         q_desc = query_descriptor(q, tiles.fwd_m)
     _range_fwd_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, out, lse, branch_out, packed.cu, cu_keys, table.seq, table.first,
@@ -520,6 +520,23 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
     return dk, dv
 
 
+def forward_splits(tiles: RangeTiles, head_rows: bool, d2: int) -> bool:
+    """Whether the forward runs its warp-specialised loop under these tiles (where q and K / V then take their
+    descriptors): tiles.warp_specialize with TMA on one warpgroup (Triton 3.6 splits 4 warps into 12; it leaves 8
+    whole), at least 64 rows (two computing warpgroups share them; 32 stay whole), rows of one head and one column
+    part (D2 == 0): q as one 2-D box."""
+    return (tiles.warp_specialize and tiles.tma and tiles.num_warps == 4 and tiles.fwd_m >= 64 and not head_rows
+            and not d2)
+
+
+def dkdv_splits(tiles: RangeTiles, gp: int, d2: int) -> bool:
+    """Whether the dk/dv runs its warp-specialised loop under these tiles (where every operand then takes its
+    box): tiles.dkv_warp_specialize on one warpgroup with 64 keys (Triton 3.6 leaves 32 whole and fails to compile
+    128), steps of tokens x gp >= 4 heads (an lse / delta / gate box row holds gp float32 values, and TMA reads
+    rows of 16 bytes or more) and one column part."""
+    return tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and tiles.dkv_n == 64 and gp >= 4 and not d2
+
+
 def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
                      tiles: RangeTiles, consts: dict, gp: int) -> dict[str, Any]:
     """The dk/dv kernel's descriptor arguments and WARP_SPECIALIZE: K / V boxes of the program's dkv_n keys and,
@@ -528,8 +545,7 @@ def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout:
     d_k, a TMA device); else None and the loop that gathers them."""
     names = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
     plain: dict[str, Any] = {**dict.fromkeys(names), "WARP_SPECIALIZE": False}
-    if not (tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and gp and not consts["D2"]
-            and tma_capable(q.device)):
+    if not (dkdv_splits(tiles, gp, consts["D2"]) and tma_capable(q.device)):
         return plain
     step, width, width_v = tiles.dkv_m // gp, consts["D1"], consts["BLOCK_DV"]
     boxes = ((k, (tiles.dkv_n, 1, width)), (v, (tiles.dkv_n, 1, width_v)), (q, (step, gp, width)),
