@@ -421,10 +421,11 @@ TILE_KERNELS = {"cmp_tiles": ("fwd_cmp", "dq_cmp", "dkdv_cmp"), "win_tiles": ("f
                 "sel_tiles": ("fwd_sel", "dq_sel", "dkdv_sel")}  # the kernels each PrefillRun tile field governs
 
 
-# The range loops warp-specialised (RangeTiles.warp_specialize / dkv_warp_specialize; range_attention.forward_splits /
-# dkdv_splits say when Triton splits them): one warpgroup launched, and the dk/dv on 64 keys x 32-row steps, where
-# ptxas spills least (104 bytes at head dim 128 against 368 on 64-row steps).
+# The range loops warp-specialised (RangeTiles.warp_specialize / dq_ / dkv_warp_specialize; range_attention's
+# forward_splits / dq_splits / dkdv_splits say when Triton splits them): one warpgroup launched, and the dk/dv on 64
+# keys x 32-row steps, where ptxas spills least (104 bytes at head dim 128 against 368 on 64-row steps).
 SPLIT_FORWARD = {"warp_specialize": True, "num_warps": 4, "tma": True}
+SPLIT_DQ = {"dq_warp_specialize": True, "dq_num_warps": 4, "tma": True}
 SPLIT_DKDV = {"dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32}
 
 
@@ -462,8 +463,9 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         # the forward's key loop and the dk/dv's pass over the queries warp-specialised: a loading warpgroup and
         # two computing ones (python -m bench.compile_kernels --candidates shows them as 4 warps -> 12)
         variants["cmp_tiles"] += [cmp._replace(**SPLIT_FORWARD),
-                                  cmp._replace(**SPLIT_FORWARD, fwd_n=128, num_stages=2), cmp._replace(**SPLIT_DKDV)]
-        variants["win_tiles"] += [win._replace(**SPLIT_FORWARD, head_rows=False, fwd_m=128),
+                                  cmp._replace(**SPLIT_FORWARD, fwd_n=128, num_stages=2), cmp._replace(**SPLIT_DQ),
+                                  cmp._replace(**SPLIT_DKDV)]
+        variants["win_tiles"] += [win._replace(**{**SPLIT_FORWARD, **SPLIT_DQ}, head_rows=False, fwd_m=128, dq_m=128),
                                   win._replace(**SPLIT_DKDV)]
         variants["win_tiles"] += [win._replace(fwd_m=128, num_warps=8, dq_m=128, dq_num_warps=8),
                                   win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),

@@ -109,19 +109,26 @@ def range_cases(branch: str, tiles: RangeTiles, group: int, dims: dict[str, int]
     head_rows = range_attention.query_rows(group, tiles.fwd_m, tiles).head_rows
     tma, tma_types = descriptor_args(tiles.tma, tiles.fwd_n, dims)
     query: dict[str, Any] = {"q_desc": None}
-    if range_attention.forward_splits(tiles, head_rows, dims["D2"]):
+    if range_attention.forward_splits(tiles, head_rows, dims):
         query, tma_types = {}, (*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.fwd_m},{dims['DQK']}]>"))
     yield KernelCase(f"fwd_{branch}{suffix}", range_attention._range_fwd_kernel,
                      {**common, **tma, **query, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n,
                       "ACCUMULATE": branch == "win", "HEAD_ROWS": head_rows, "WARP_SPECIALIZE": not query},
                      tiles.num_warps, tiles.num_stages, pointer_types=tma_types)
     tma, tma_types = descriptor_args(tiles.tma, tiles.dq_n, dims)
+    head_rows = range_attention.query_rows(group, tiles.dq_m, tiles).head_rows
+    rows: dict[str, Any] = dict.fromkeys(("q_desc", "do_desc", "lse_desc", "delta_desc"))
+    if range_attention.dq_splits(tiles, head_rows, dims):
+        rows, tma_types = {}, (*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.dq_m},{dims['DQK']}]>"),
+                               ("do_desc", f"tensordesc<bf16[{tiles.dq_m},{dims['DV']}]>"),
+                               ("lse_desc", f"tensordesc<fp32[{tiles.dq_m}]>"),
+                               ("delta_desc", f"tensordesc<fp32[{tiles.dq_m}]>"))
     yield KernelCase(f"dq_{branch}{suffix}", range_attention._range_dq_kernel,
-                     {**common, **tma, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "ACCUMULATE": True,
-                      "HEAD_ROWS": range_attention.query_rows(group, tiles.dq_m, tiles).head_rows},
+                     {**common, **tma, **rows, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "ACCUMULATE": True,
+                      "HEAD_ROWS": head_rows, "WARP_SPECIALIZE": not rows},
                      tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
     gp = range_attention.dkv_head_rows(group, tiles)
-    split = range_attention.dkdv_splits(tiles, gp, dims["D2"])
+    split = range_attention.dkdv_splits(tiles, gp, dims)
     descriptors = dkdv_descriptor_types(tiles.dkv_n, tiles.dkv_m // max(gp, 1), gp, dims) if split else ()
     yield KernelCase(f"dkdv_{branch}{suffix}", range_attention._range_dkdv_kernel,
                      {**common, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "GP": gp, "WARP_SPECIALIZE": split,
@@ -130,10 +137,10 @@ def range_cases(branch: str, tiles: RangeTiles, group: int, dims: dict[str, int]
 
 
 def warp_specialised(tiles: RangeTiles) -> RangeTiles:
-    """``tiles`` with both range loops warp-specialised as bench_prefill's tile sweep proposes them."""
-    from bench.bench_prefill import SPLIT_DKDV, SPLIT_FORWARD
+    """``tiles`` with the three range loops warp-specialised as bench_prefill's tile sweep proposes them."""
+    from bench.bench_prefill import SPLIT_DKDV, SPLIT_DQ, SPLIT_FORWARD
 
-    return tiles._replace(**SPLIT_FORWARD, **SPLIT_DKDV)
+    return tiles._replace(**{**SPLIT_FORWARD, **SPLIT_DQ, **SPLIT_DKDV})
 
 
 def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
@@ -158,12 +165,11 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     for branch in RULES:
         tiles = (range_tiles or {}).get(branch) or tiles_for(max(head_dim, head_dim_v), branch, group)
         yield from range_cases(branch, tiles, group, dims)
-    # the compression's forward and dk/dv warp-specialised (RangeTiles.warp_specialize / dkv_warp_specialize),
-    # where they apply: a power-of-two d_k
+    # the compression's kernels warp-specialised (RangeTiles.warp_specialize / dq_ / dkv_warp_specialize), where
+    # they apply: a power-of-two d_k
     cmp = (range_tiles or {}).get("cmp") or tiles_for(max(head_dim, head_dim_v), "cmp", group)
     if not dims["D2"]:
-        yield from (case for case in range_cases("cmp", warp_specialised(cmp), group, dims, "_ws")
-                    if not case.name.startswith("dq"))
+        yield from range_cases("cmp", warp_specialised(cmp), group, dims, "_ws")
     # the compression dk/dv's steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
     yield from (case for case in range_cases("cmp", cmp._replace(dkv_head_rows=False, dkv_m=32), group, dims, "_1h")
                 if case.name.startswith("dkdv"))

@@ -21,13 +21,13 @@ def test_prefill_and_decode_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-m", "bench.compile_kernels", "--arch", "90", "--head-dims", "64", "128",
                              "192", "256"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    # 20 prefill kernels per head dim (the top-n's key loads both ways), the warp-specialised compression forward
-    # and dk/dv at the power-of-two head dims, 6 decode, 2 row passes and the guard's 2
-    assert result.stdout.count("REG:") == 4 * 20 + 3 * 2 + 6 + 4, result.stdout
+    # 20 prefill kernels per head dim (the top-n's key loads both ways), the warp-specialised compression forward,
+    # dq and dk/dv at the power-of-two head dims, 6 decode, 2 row passes and the guard's 2
+    assert result.stdout.count("REG:") == 4 * 20 + 3 * 3 + 6 + 4, result.stdout
     # Triton still splits their loops into warpgroups (4 warps launched: one loading, two computing)
     specialised = [line for line in result.stdout.splitlines()
                    if "_cmp_ws" in line and line.startswith(("d= 64", "d=128"))]
-    assert len(specialised) == 4 and all("-> 12 in warpgroups" in line for line in specialised), specialised
+    assert len(specialised) == 6 and all("-> 12 in warpgroups" in line for line in specialised), specialised
 
 
 def test_tile_sweep_candidates_compile_for_sm90():
@@ -45,6 +45,7 @@ def test_tile_sweep_candidates_compile_for_sm90():
     assert all("REG:" in line for line in lines), result.stdout
     for field, branch in (("cmp_tiles", "cmp"), ("win_tiles", "win")):
         for index, tiles in enumerate(variants[field]):
-            for kernel, asks in (("fwd", tiles.warp_specialize), ("dkdv", tiles.dkv_warp_specialize)):
+            for kernel, asks in (("fwd", tiles.warp_specialize), ("dq", tiles.dq_warp_specialize),
+                                 ("dkdv", tiles.dkv_warp_specialize)):
                 line = next(line for line in lines if f" {kernel}_{branch}#{index} " in line)
                 assert ("-> 12 in warpgroups" in line) == asks, line

@@ -767,6 +767,38 @@ def test_range_forward_with_warp_specialisation_matches_float64_reference(heads,
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
+                         [(6, 2, 16, 16, True), (4, 4, 16, 32, True), (12, 1, 24, 16, False), (6, 2, 16, 24, False)])
+@pytest.mark.parametrize("branch", ["cmp", "win"])
+def test_range_dq_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised, branch,
+                                                                     monkeypatch):
+    """RangeTiles(dq_warp_specialize=True): delta computed first (range_attention.row_deltas, also head-major), then
+    q and dO through 2-D boxes and lse and delta through 1-D boxes of head-major copies, every key tile masked; delta
+    and dq (added to what dq held) equal the float64 values on packed sequences. A d_k or d_v that is not a power
+    of two, and q whose heads are apart, run the gathering loop, with the same results."""
+    from nsa.kernels import range_attention
+    from nsa.kernels.range_attention import range_dq
+
+    taken = []
+    real = range_attention.dq_descriptors
+    monkeypatch.setattr(range_attention, "dq_descriptors",
+                        lambda *a: taken.append(real(*a)) or taken[-1])
+    case = range_case(heads, kv_heads, dk, dv, branch)
+    want = case.expected
+    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
+        dq_warp_specialize=True, dq_num_warps=4, head_rows=False, dq_m=64)  # range_attention.dq_splits
+    spread = torch.full((case.q.shape[0], heads, 2 * dk), float("nan"))[..., :dk]  # heads 2 * dk apart
+    for q, descriptors in ((case.q, specialised), (spread.copy_(case.q), False)):
+        taken.clear()
+        dq_before = randn(*q.shape, seed=6).float()
+        dq, delta = dq_before.clone(), torch.full((q.shape[0], heads), float("nan"))
+        range_dq(q, case.k, case.v, case.gate, case.dout, want["o"].float(), want["lse"].float(), delta, dq,
+                 case.packed, case.cu_keys, case.rule, case.scale, True, tiles)
+        assert [split["WARP_SPECIALIZE"] for split in taken] == [descriptors]
+        torch.testing.assert_close(delta.double(), want["delta"], **TOL)
+        torch.testing.assert_close(dq.double(), dq_before.double() + want["dq"], **TOL)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
                          [(8, 2, 16, 16, True), (16, 1, 16, 32, True), (24, 2, 16, 16, True), (6, 2, 16, 16, False),
                           (8, 2, 24, 16, False)])
 @pytest.mark.parametrize("branch", ["cmp", "win"])

@@ -53,6 +53,7 @@ from nsa.kernels.tiles import (
     load_at,
     load_tile,
     output_buffer,
+    packed_sized,
     packed_tiles,
     query_descriptor,
     split_dims,
@@ -84,9 +85,9 @@ class RangeTiles(NamedTuple):
     every row's window. warp_specialize: the forward's key loop split by Triton (3.6) between a warpgroup that
     loads K / V and two that compute, each on fwd_m / 2 rows (FlashAttention-3's layout; launch num_warps = 4
     per warpgroup, so 12 warps run); it needs tma, one head's rows (not head_rows), a power-of-two d_k and q's
-    heads contiguous (``query_descriptor``), and the plain loop runs where any is missing. dkv_warp_specialize: the
-    same for the dk/dv's pass over the queries (dkv_num_warps = 4, steps of tokens x heads, a power-of-two d_k,
-    every operand readable through TMA: ``dkdv_descriptors``). Per branch: ``tiles_for``."""
+    heads contiguous (``query_descriptor``), and the plain loop runs where any is missing (``forward_splits``).
+    dq_warp_specialize and dkv_warp_specialize: the same for the dq's key loop (``dq_splits``, ``dq_descriptors``)
+    and the dk/dv's pass over the queries (``dkdv_splits``, ``dkdv_descriptors``). Per branch: ``tiles_for``."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -106,6 +107,7 @@ class RangeTiles(NamedTuple):
     dq_num_warps: int = 8
     warp_specialize: bool = False
     dkv_warp_specialize: bool = False
+    dq_warp_specialize: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -248,30 +250,43 @@ def _range_dq_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, branch_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
     stride_dot, stride_doh, stride_bt, stride_bh, stride_dqt, stride_dqh, num_heads, num_seqs, qk_scale, scale,
-    k_desc1, k_desc2, v_desc, GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+    k_desc1, k_desc2, v_desc, q_desc, do_desc, lse_desc, delta_desc,
+    GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr, HEAD_ROWS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """dq = g * scale * sum_j p_j (dp_j - delta) k_j with delta = dO . o from the forward's branch output, which
-    it also writes (the gate's gradient and the dk/dv kernel's row term). Rows as in the forward."""
+    it also writes (the gate's gradient and the dk/dv kernel's row term). Rows as in the forward.
+    WARP_SPECIALIZE (one head's rows, D2 == 0, DV a power of two): the key loop as Triton's Hopper warp
+    specialisation builds it; q and dO then come through 2-D boxes, and lse and delta (computed before,
+    ``row_deltas``) through 1-D boxes of copies laid out per program [grid, HQ, BLOCK_M] (``dq_descriptors``): the
+    pass splits no loop after a reduction of loaded tiles or after gathers."""
     hk, row0, key0, num_keys, first, last, tok, head, row_ok, q1, q2 = _query_rows(
-        q_ptr, None, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M,
-        GROUP, HEAD_ROWS, DQK, D1, D2, False)
+        q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M,
+        GROUP, HEAD_ROWS, DQK, D1, D2, WARP_SPECIALIZE)
     dq1, dq2 = zeros_split(BLOCK_M, D1, D2)
-    do = load_at(do_ptr + row0 * stride_dot, tok * stride_dot + head * stride_doh, row_ok, 0, BLOCK_DV, DV)
-    stats = (row0 + tok) * num_heads + head
-    lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
-    delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, tok * stride_bt + head * stride_bh, row_ok, 0,
-                                  BLOCK_DV, DV))
-    tl.store(delta_ptr + stats, delta, mask=row_ok)
+    if WARP_SPECIALIZE:
+        h = tl.program_id(1)
+        do = do_desc.load([row0.to(tl.int32), h * DV])
+        stats = (tl.program_id(0) * num_heads + h) * BLOCK_M
+        lse = lse_desc.load([stats])
+        delta = delta_desc.load([stats])
+    else:
+        do = load_at(do_ptr + row0 * stride_dot, tok * stride_dot + head * stride_doh, row_ok, 0, BLOCK_DV, DV)
+        stats = (row0 + tok) * num_heads + head
+        lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
+        delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, tok * stride_bt + head * stride_bh, row_ok, 0,
+                                      BLOCK_DV, DV))
+        tl.store(delta_ptr + stats, delta, mask=row_ok)
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first + tok,
                                                    first, last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_N,
-                                                   DQK, D1, D2, PRECISION, ROW_T, TMA, False)
+                                                   DQK, D1, D2, PRECISION, ROW_T, TMA, WARP_SPECIALIZE)
         v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
                                BLOCK_DV, 0)
         dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
@@ -289,6 +304,18 @@ def _range_dq_kernel(
         if ACCUMULATE:
             dq2 += load_at(dq_base, dq_rows, row_ok, D1, D2, DQK).to(tl.float32)
         store_at(dq_base, dq_rows, row_ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+
+
+@triton.jit
+def _row_delta_kernel(do_ptr, o_ptr, delta_ptr, stride_dot, stride_doh, stride_ot, stride_oh, num_rows, num_heads,
+                      BLOCK_R: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = dO . o (float32) of BLOCK_R (token, head) rows of delta [N, HQ] (contiguous)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < num_rows * num_heads
+    tok, head = r // num_heads, r % num_heads
+    do = load_at(do_ptr, tok.to(tl.int64) * stride_dot + head * stride_doh, ok, 0, BLOCK_DV, DV)
+    o = load_at(o_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, ok, 0, BLOCK_DV, DV)
+    tl.store(delta_ptr + r, row_delta(do, o), mask=ok)
 
 
 @triton.jit
@@ -449,7 +476,7 @@ def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Ten
     consts = _common(q, k, v, rule, packed.max_len, out, branch_out)
     descriptors = kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma)
     q_desc = None
-    if forward_splits(tiles, rows.head_rows, consts["D2"]) and descriptors["TMA"]:
+    if forward_splits(tiles, rows.head_rows, consts) and descriptors["TMA"]:
         q_desc = query_descriptor(q, tiles.fwd_m)
     _range_fwd_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, out, lse, branch_out, packed.cu, cu_keys, table.seq, table.first,
@@ -471,13 +498,57 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, dout, branch_out, dq)
+    descriptors = kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma)
+    split = dq_descriptors(q, dout, branch_out, lse, delta, tiles, rows.head_rows, consts, descriptors["TMA"],
+                           packed, table)
     _range_dq_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, dout, branch_out, lse, delta, dq, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1),
-        q.shape[1], packed.num_seqs, scale * LOG2E, scale, **kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma),
+        q.shape[1], packed.num_seqs, scale * LOG2E, scale, **descriptors, **split,
         BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
         HEAD_ROWS=rows.head_rows, num_warps=tiles.dq_num_warps, num_stages=tiles.dq_num_stages,
+    )
+
+
+def dq_descriptors(q: Tensor, dout: Tensor, branch_out: Tensor, lse: Tensor, delta: Tensor, tiles: RangeTiles,
+                   head_rows: bool, consts: dict, tma: bool, packed: Packed, table: TileTable) -> dict[str, Any]:
+    """The dq kernel's q_desc, do_desc, lse_desc, delta_desc and WARP_SPECIALIZE where ``dq_splits`` holds and TMA
+    reads q and dO: boxes of dq_m rows of one head, 2-D over [N, H * D] for q and dO, 1-D over lse and delta laid
+    out per program ([grid, HQ, dq_m] copies: a box's first element must sit on 16 bytes, which a row's offset in
+    [HQ, N] need not); delta is computed here (``row_deltas``, into ``delta`` too). Else None, and the kernel
+    gathers them."""
+    plain: dict[str, Any] = {"q_desc": None, "do_desc": None, "lse_desc": None, "delta_desc": None,
+                             "WARP_SPECIALIZE": False}
+    if not (dq_splits(tiles, head_rows, consts) and tma):
+        return plain
+    q_desc, do_desc = query_descriptor(q, tiles.dq_m), query_descriptor(dout, tiles.dq_m)
+    if q_desc is None or do_desc is None:
+        return plain
+    row_deltas(dout, branch_out, delta, consts)
+    rows = program_rows(packed, table, tiles.dq_m)
+    by_program = [x[rows].transpose(1, 2).contiguous().view(-1) for x in (lse, delta)]  # [grid, HQ, dq_m]
+    return {"q_desc": q_desc, "do_desc": do_desc, "lse_desc": box_descriptor(by_program[0], (tiles.dq_m,)),
+            "delta_desc": box_descriptor(by_program[1], (tiles.dq_m,)), "WARP_SPECIALIZE": True}
+
+
+def program_rows(packed: Packed, table: TileTable, tile: int) -> Tensor:
+    """int64 [grid, tile]: the token row of each program's rows (clamped into the tensor past a sequence's end)."""
+    def build() -> Tensor:
+        seq = table.seq.clamp_max(packed.num_seqs - 1).long()
+        programs = torch.arange(table.grid, device=seq.device)
+        start = packed.cu.long()[seq] + (programs - table.first.long()[seq]) * tile
+        return (start[:, None] + torch.arange(tile, device=seq.device)).clamp_(0, max(packed.total - 1, 0))
+
+    return packed_sized(packed, ("program rows", packed.num_seqs, packed.max_len, tile, table.grid), build)
+
+
+def row_deltas(dout: Tensor, branch_out: Tensor, delta: Tensor, consts: dict) -> None:
+    """delta [N, HQ] (float32, contiguous) = dO . o per (token, head) row."""
+    rows = 64
+    _row_delta_kernel[(triton.cdiv(delta.numel(), rows),)](
+        dout, branch_out, delta, dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1),
+        delta.shape[0], delta.shape[1], BLOCK_R=rows, DV=consts["DV"], BLOCK_DV=consts["BLOCK_DV"],
     )
 
 
@@ -520,21 +591,29 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
     return dk, dv
 
 
-def forward_splits(tiles: RangeTiles, head_rows: bool, d2: int) -> bool:
+def forward_splits(tiles: RangeTiles, head_rows: bool, dims: dict) -> bool:
     """Whether the forward runs its warp-specialised loop under these tiles (where q and K / V then take their
     descriptors): tiles.warp_specialize with TMA on one warpgroup (Triton 3.6 splits 4 warps into 12; it leaves 8
     whole), at least 64 rows (two computing warpgroups share them; 32 stay whole), rows of one head and one column
     part (D2 == 0): q as one 2-D box."""
     return (tiles.warp_specialize and tiles.tma and tiles.num_warps == 4 and tiles.fwd_m >= 64 and not head_rows
-            and not d2)
+            and not dims["D2"])
 
 
-def dkdv_splits(tiles: RangeTiles, gp: int, d2: int) -> bool:
+def dq_splits(tiles: RangeTiles, head_rows: bool, dims: dict) -> bool:
+    """Whether the dq runs its warp-specialised loop under these tiles: as ``forward_splits`` with the dq's tiles,
+    and d_v a power of two (dO's box of BLOCK_DV columns must not reach the next head's)."""
+    return (tiles.dq_warp_specialize and tiles.tma and tiles.dq_num_warps == 4 and tiles.dq_m >= 64
+            and not head_rows and not dims["D2"] and dims["DV"] == dims["BLOCK_DV"])
+
+
+def dkdv_splits(tiles: RangeTiles, gp: int, dims: dict) -> bool:
     """Whether the dk/dv runs its warp-specialised loop under these tiles (where every operand then takes its
     box): tiles.dkv_warp_specialize on one warpgroup with 64 keys (Triton 3.6 leaves 32 whole and fails to compile
     128), steps of tokens x gp >= 4 heads (an lse / delta / gate box row holds gp float32 values, and TMA reads
     rows of 16 bytes or more) and one column part."""
-    return tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and tiles.dkv_n == 64 and gp >= 4 and not d2
+    return (tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and tiles.dkv_n == 64 and gp >= 4
+            and not dims["D2"])
 
 
 def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
@@ -545,7 +624,7 @@ def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout:
     d_k, a TMA device); else None and the loop that gathers them."""
     names = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
     plain: dict[str, Any] = {**dict.fromkeys(names), "WARP_SPECIALIZE": False}
-    if not (dkdv_splits(tiles, gp, consts["D2"]) and tma_capable(q.device)):
+    if not (dkdv_splits(tiles, gp, consts) and tma_capable(q.device)):
         return plain
     step, width, width_v = tiles.dkv_m // gp, consts["D1"], consts["BLOCK_DV"]
     boxes = ((k, (tiles.dkv_n, 1, width)), (v, (tiles.dkv_n, 1, width_v)), (q, (step, gp, width)),
