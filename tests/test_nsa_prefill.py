@@ -731,6 +731,24 @@ def test_range_forward_and_dq_in_either_row_layout_match_float64_reference(heads
     torch.testing.assert_close(dq.double(), dq_before.double() + want["dq"], **TOL)
 
 
+def recorded(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[Any]:
+    """The results of module.name, appended as the code under test calls it."""
+    results: list[Any] = []
+    real = getattr(module, name)
+
+    def spy(*args: Any) -> Any:
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, spy)
+    return results
+
+
+def heads_apart(q: torch.Tensor) -> torch.Tensor:
+    """q's values in a tensor whose heads lie 2 * D elements apart (NaN between them): no 2-D box reads it."""
+    return torch.full((*q.shape[:-1], 2 * q.shape[-1]), float("nan"))[..., :q.shape[-1]].copy_(q)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
                          [(6, 2, 16, 16, True), (4, 4, 16, 32, True), (12, 1, 24, 16, False)])
 @pytest.mark.parametrize("branch", ["cmp", "win"])
@@ -743,15 +761,12 @@ def test_range_forward_with_warp_specialisation_matches_float64_reference(heads,
     from nsa.kernels import range_attention
     from nsa.kernels.range_attention import range_forward
 
-    taken = []
-    real = range_attention.query_descriptor
-    monkeypatch.setattr(range_attention, "query_descriptor", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = recorded(monkeypatch, range_attention, "query_descriptor")
     case = range_case(heads, kv_heads, dk, dv, branch)
     want = case.expected
     tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
         warp_specialize=True, num_warps=4, head_rows=False, fwd_m=64)  # range_attention.forward_splits
-    spread = torch.full((case.q.shape[0], heads, 2 * dk), float("nan"))[..., :dk]  # heads 2 * dk apart
-    for q, descriptor in ((case.q, specialised), (spread.copy_(case.q), False)):
+    for q, descriptor in ((case.q, specialised), (heads_apart(case.q), False)):
         taken.clear()
         dv_shape = (q.shape[0], heads, dv)
         out, branch_out = torch.full(dv_shape, float("nan")), torch.full(dv_shape, float("nan"))
@@ -771,23 +786,19 @@ def test_range_forward_with_warp_specialisation_matches_float64_reference(heads,
 @pytest.mark.parametrize("branch", ["cmp", "win"])
 def test_range_dq_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised, branch,
                                                                      monkeypatch):
-    """RangeTiles(dq_warp_specialize=True): delta computed first (range_attention.row_deltas, also head-major), then
-    q and dO through 2-D boxes and lse and delta through 1-D boxes of head-major copies, every key tile masked; delta
-    and dq (added to what dq held) equal the float64 values on packed sequences. A d_k or d_v that is not a power
-    of two, and q whose heads are apart, run the gathering loop, with the same results."""
+    """RangeTiles(dq_warp_specialize=True): delta computed first (range_attention.row_deltas), then q and dO through
+    2-D boxes and lse and delta through 1-D boxes of copies laid out per program, every key tile masked; delta and
+    dq (added to what dq held) equal the float64 values on packed sequences. A d_k or d_v that is not a power of
+    two, and q whose heads are apart, run the gathering loop, with the same results."""
     from nsa.kernels import range_attention
     from nsa.kernels.range_attention import range_dq
 
-    taken = []
-    real = range_attention.dq_descriptors
-    monkeypatch.setattr(range_attention, "dq_descriptors",
-                        lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = recorded(monkeypatch, range_attention, "dq_descriptors")
     case = range_case(heads, kv_heads, dk, dv, branch)
     want = case.expected
     tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
         dq_warp_specialize=True, dq_num_warps=4, head_rows=False, dq_m=64)  # range_attention.dq_splits
-    spread = torch.full((case.q.shape[0], heads, 2 * dk), float("nan"))[..., :dk]  # heads 2 * dk apart
-    for q, descriptors in ((case.q, specialised), (spread.copy_(case.q), False)):
+    for q, descriptors in ((case.q, specialised), (heads_apart(case.q), False)):
         taken.clear()
         dq_before = randn(*q.shape, seed=6).float()
         dq, delta = dq_before.clone(), torch.full((q.shape[0], heads), float("nan"))
@@ -812,10 +823,7 @@ def test_range_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv
     from nsa.kernels import range_attention
     from nsa.kernels.range_attention import range_dkdv
 
-    taken = []
-    real = range_attention.dkdv_descriptors
-    monkeypatch.setattr(range_attention, "dkdv_descriptors",
-                        lambda *a: taken.append(real(*a)["WARP_SPECIALIZE"]) or real(*a))
+    taken = recorded(monkeypatch, range_attention, "dkdv_descriptors")
     case = range_case(heads, kv_heads, dk, dv, branch)
     want = case.expected
     tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
@@ -824,7 +832,7 @@ def test_range_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv
         taken.clear()
         dk_got, dv_got = range_dkdv(case.q, case.k, case.v, gate, case.dout, want["lse"].float(),
                                     want["delta"].float(), case.packed, case.cu_keys, case.rule, case.scale, tiles)
-        assert taken == [descriptors]
+        assert [split["WARP_SPECIALIZE"] for split in taken] == [descriptors]
         torch.testing.assert_close(dk_got.double(), want["dk"], **TOL)
         torch.testing.assert_close(dv_got.double(), want["dv"], **TOL)
 
