@@ -274,7 +274,7 @@ def dkdv_gates(gates: Tensor) -> Tensor:
     every step (the compiled kernels' TTGIR, ``bench.compile_kernels --loop-loads``), like no other operand. Each
     branch's [rows, HQ] is contiguous (strides (HQ, 1): ``RangeTiles.dkv_warp_specialize`` reads boxes of it through
     TMA, which needs a contiguous last dim)."""
-    return gates.float().permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    return gates.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).permute(1, 2, 0)
 
 
 @torch.library.custom_op("nsa::prefill", mutates_args=())
