@@ -810,16 +810,16 @@ def test_range_dq_with_warp_specialisation_matches_float64_reference(heads, kv_h
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
-                         [(8, 2, 16, 16, True), (16, 1, 16, 32, True), (24, 2, 16, 16, True), (6, 2, 16, 16, False),
-                          (8, 2, 24, 16, False)])
+                         [(8, 2, 16, 16, True), (16, 1, 16, 32, True), (24, 2, 16, 16, True), (24, 4, 16, 16, False),
+                          (6, 2, 16, 16, False), (8, 2, 24, 16, False)])
 @pytest.mark.parametrize("branch", ["cmp", "win"])
 def test_range_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised, branch,
                                                                        monkeypatch):
     """RangeTiles(dkv_warp_specialize=True): K / V, and q, dO, lse, delta and the gates of each step, through
     descriptors (boxes of tokens x the padded group's heads: G = 12 reads four heads of the next group, masked), every
     step masked; dk and dv equal the float64 gradients on packed sequences. Where a box cannot be made (6 query
-    heads: lse rows of 24 bytes; the gates as a strided slice) or d_k is not a power of two, the gathering loop runs,
-    with the same results."""
+    heads: lse rows of 24 bytes; G = 6: lse boxes starting off 16 bytes; the gates as a strided slice) or d_k is
+    not a power of two, the gathering loop runs, with the same results."""
     from nsa.kernels import range_attention
     from nsa.kernels.range_attention import range_dkdv
 

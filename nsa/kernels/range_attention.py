@@ -607,13 +607,14 @@ def dq_splits(tiles: RangeTiles, head_rows: bool, dims: dict) -> bool:
             and not head_rows and not dims["D2"] and dims["DV"] == dims["BLOCK_DV"])
 
 
-def dkdv_splits(tiles: RangeTiles, gp: int, dims: dict) -> bool:
+def dkdv_splits(tiles: RangeTiles, group: int, gp: int, dims: dict) -> bool:
     """Whether the dk/dv runs its warp-specialised loop under these tiles (where every operand then takes its
     box): tiles.dkv_warp_specialize on one warpgroup with 64 keys (Triton 3.6 leaves 32 whole and fails to compile
     128), steps of tokens x gp >= 4 heads (an lse / delta / gate box row holds gp float32 values, and TMA reads
-    rows of 16 bytes or more) and one column part."""
+    rows of 16 bytes or more), a group of a multiple of 4 heads (such a box starts at column hk * group, which must
+    sit on 16 bytes) and one column part."""
     return (tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and tiles.dkv_n == 64 and gp >= 4
-            and not dims["D2"])
+            and group % 4 == 0 and not dims["D2"])
 
 
 def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
@@ -624,7 +625,7 @@ def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout:
     d_k, a TMA device); else None and the loop that gathers them."""
     names = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
     plain: dict[str, Any] = {**dict.fromkeys(names), "WARP_SPECIALIZE": False}
-    if not (dkdv_splits(tiles, gp, consts) and tma_capable(q.device)):
+    if not (dkdv_splits(tiles, consts["GROUP"], gp, consts) and tma_capable(q.device)):
         return plain
     step, width, width_v = tiles.dkv_m // gp, consts["D1"], consts["BLOCK_DV"]
     boxes = ((k, (tiles.dkv_n, 1, width)), (v, (tiles.dkv_n, 1, width_v)), (q, (step, gp, width)),
