@@ -30,7 +30,7 @@ from nsa.kernels import decode, range_attention, selected, topn
 from nsa.kernels import rows as row_passes
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
-from nsa.kernels.tiles import split_dims
+from nsa.kernels.tiles import DKDV_BOXES, split_dims
 from nsa.kernels.topn import topn_tiles_for
 from nsa.prefill import topn_tile_shape
 
@@ -86,9 +86,6 @@ def descriptor_args(tma: bool, rows: int, dims: dict[str, int], values: bool = T
     return {"TMA": True}, (*types, ("k_desc2", f"tensordesc<bf16[{rows},1,{dims['D2']}]>"))
 
 
-DKDV_DESCRIPTORS = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
-
-
 def dkdv_descriptor_types(keys: int, tokens: int, heads: int, dims: dict[str, int]) -> tuple[tuple[str, str], ...]:
     """The warp-specialised dk/dv's descriptor types (nsa.kernels.range_attention.dkdv_descriptors): K / V boxes of
     ``keys`` rows, and q, dO, lse, delta and the float32 gates in boxes of ``tokens`` x ``heads``."""
@@ -132,7 +129,7 @@ def range_cases(branch: str, tiles: RangeTiles, group: int, dims: dict[str, int]
     descriptors = dkdv_descriptor_types(tiles.dkv_n, tiles.dkv_m // max(gp, 1), gp, dims) if split else ()
     yield KernelCase(f"dkdv_{branch}{suffix}", range_attention._range_dkdv_kernel,
                      {**common, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "GP": gp, "WARP_SPECIALIZE": split,
-                      **({} if split else dict.fromkeys(DKDV_DESCRIPTORS))},
+                      **({} if split else dict.fromkeys(DKDV_BOXES))},
                      tiles.dkv_num_warps, tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), (*DKDV_GATES, *descriptors))
 
 

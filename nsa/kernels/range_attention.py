@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.attention_steps import (
-    dkdv_step,
+    boxed_dkdv_step,
     dq_step,
     gathered_dkdv_step,
     load_split,
@@ -43,11 +43,13 @@ from nsa.kernels.attention_steps import (
 )
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
+    DKDV_BOXES,
     LOG2E,
     Packed,
     TileTable,
     box_descriptor,
     desc_rows,
+    dkdv_boxes,
     dot_precision,
     kv_descriptors,
     load_at,
@@ -340,30 +342,6 @@ def _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, heads, r
 
 
 @triton.jit
-def _dkdv_tile_through_descriptors(q_desc, do_desc, lse_desc, delta_desc, gate_desc, tok0, m0, hk, toks, row_ok, cols,
-                                   k1, v, dk1, dv, qk_scale, STEP: tl.constexpr, GROUP: tl.constexpr,
-                                   GP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
-                                   D1: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                                   HAS_GATE: tl.constexpr):
-    """``_dkdv_tile`` with every query-side operand (q, dO, lse, delta, the gates) a box of STEP tokens x GP heads
-    from kv head hk's first query head, and every step masked: Triton warp-specialises only a loop without branches
-    fed by descriptors. Heads past the group (GP > GROUP) and tokens past the sequence are read, then masked."""
-    row, head = (tok0 + m0).to(tl.int32), hk * GROUP
-    rows: tl.constexpr = STEP * GP
-    q1 = q_desc.load([row, head, 0]).reshape(rows, D1)
-    do = do_desc.load([row, head, 0]).reshape(rows, BLOCK_DV)
-    lse = lse_desc.load([row, head]).reshape(rows)
-    delta = delta_desc.load([row, head]).reshape(rows)
-    s_t = scaled_scores(k1, k1, q1, q1, qk_scale, 0, PRECISION)
-    s_t = tl.where(_visible(toks[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & row_ok[None, :], s_t, float("-inf"))
-    p_t = tl.math.exp2(s_t - lse[None, :])
-    if HAS_GATE:
-        p_t = p_t * gate_desc.load([row, head]).reshape(rows).to(tl.float32)[None, :]
-    dk1, _, dv = dkdv_step(v, q1, q1, do, p_t, delta, dk1, dk1, dv, 0, PRECISION)
-    return dk1, dv
-
-
-@triton.jit
 def _range_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_k_ptr, cu_q_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
@@ -408,10 +386,11 @@ def _range_dkdv_kernel(
         g = r % GP
         for m0 in tl.range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP, warp_specialize=True):
             toks = (m0 + r // GP).to(ROW_T)
-            dk1, dv = _dkdv_tile_through_descriptors(q_desc, do_desc, lse_desc, delta_desc, gate_desc, tok0, m0, hk,
-                                                     toks, (toks < q_hi) & (g < GROUP), cols, k1, v, dk1, dv,
-                                                     qk_scale, BLOCK_M // GP, GROUP, GP, STRIDE, SPAN, WINDOW, D1,
-                                                     BLOCK_DV, PRECISION, HAS_GATE)
+            # every step masked, heads past the group (GP > GROUP) and tokens past q_hi too: they were read
+            seen = _visible(toks[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & ((toks < q_hi) & (g < GROUP))[None, :]
+            dk1, dv = boxed_dkdv_step(q_desc, do_desc, lse_desc, delta_desc, gate_desc, (tok0 + m0).to(tl.int32),
+                                      hk * GROUP, seen, k1, v, dk1, dv, qk_scale, BLOCK_M, D1, BLOCK_DV, PRECISION,
+                                      HAS_GATE)
     elif GP > 0:
         r = tl.arange(0, BLOCK_M)
         g = r % GP
@@ -620,21 +599,13 @@ def dkdv_splits(tiles: RangeTiles, group: int, gp: int, dims: dict) -> bool:
 def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
                      tiles: RangeTiles, consts: dict, gp: int) -> dict[str, Any]:
     """The dk/dv kernel's descriptor arguments and WARP_SPECIALIZE: K / V boxes of the program's dkv_n keys and,
-    per step, boxes of dkv_m // gp tokens x gp heads of q, dO, lse, delta and the gates (``box_descriptor``), where
-    tiles.dkv_warp_specialize holds and every one can be made (steps of tokens x heads, one warpgroup, a power-of-two
-    d_k, a TMA device); else None and the loop that gathers them."""
-    names = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
-    plain: dict[str, Any] = {**dict.fromkeys(names), "WARP_SPECIALIZE": False}
-    if not (dkdv_splits(tiles, consts["GROUP"], gp, consts) and tma_capable(q.device)):
-        return plain
-    step, width, width_v = tiles.dkv_m // gp, consts["D1"], consts["BLOCK_DV"]
-    boxes = ((k, (tiles.dkv_n, 1, width)), (v, (tiles.dkv_n, 1, width_v)), (q, (step, gp, width)),
-             (dout, (step, gp, width_v)), (lse, (step, gp)), (delta, (step, gp)), (gate, (step, gp)))
-    descriptors = {name: None if x is None else box_descriptor(x, box) for name, (x, box) in
-                   zip(names, boxes, strict=True)}
-    if any(descriptors[name] is None for name in names[:-1]) or (gate is not None and descriptors["gate_desc"] is None):
-        return plain
-    return {**descriptors, "WARP_SPECIALIZE": True}
+    per step, boxes of dkv_m // gp tokens x gp heads of q, dO, lse, delta and the gates (``dkdv_boxes``), where
+    ``dkdv_splits`` holds on a TMA device and every box can be made; else None and the loop that gathers them."""
+    boxes = None
+    if dkdv_splits(tiles, consts["GROUP"], gp, consts) and tma_capable(q.device):
+        boxes = dkdv_boxes(q, k, v, gate, dout, lse, delta, tiles.dkv_n, tiles.dkv_m // gp, gp, consts["D1"],
+                           consts["BLOCK_DV"])
+    return {**(boxes or dict.fromkeys(DKDV_BOXES)), "WARP_SPECIALIZE": boxes is not None}
 
 
 def dkv_head_rows(group: int, tiles: RangeTiles) -> int:

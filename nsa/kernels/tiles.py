@@ -144,6 +144,25 @@ def query_descriptor(q: Tensor, rows: int) -> Any:
     return box_descriptor(q.as_strided((n, heads * width), (q.stride(0), 1)), (rows, width))
 
 
+DKDV_BOXES = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
+
+
+def dkdv_boxes(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
+               keys: int, tokens: int, heads: int, width: int, width_v: int) -> dict[str, Any] | None:
+    """A dk/dv kernel's descriptors (``DKDV_BOXES``, for attention_steps.boxed_dkdv_step): K / V boxes of ``keys``
+    rows of one head ([N, H_kv, D]), q and dO boxes of ``tokens`` x ``heads`` x D, and lse, delta and the gates
+    ([N, HQ] float32) boxes of ``tokens`` x ``heads``; gate None: no gate box. None where one cannot be made
+    (``box_descriptor``)."""
+    rows = (tokens, heads)
+    boxes = ((k, (keys, 1, width)), (v, (keys, 1, width_v)), (q, (*rows, width)), (dout, (*rows, width_v)),
+             (lse, rows), (delta, rows), (gate, rows))
+    made = {name: None if x is None else box_descriptor(x, box)
+            for name, (x, box) in zip(DKDV_BOXES, boxes, strict=True)}
+    if any(made[name] is None for name in DKDV_BOXES[:-1]) or (gate is not None and made["gate_desc"] is None):
+        return None
+    return made
+
+
 def kv_descriptors(k: Tensor, v: Tensor | None, rows: int, consts: dict, wanted: bool) -> dict[str, Any]:
     """A kernel's keyword arguments k_desc1 / k_desc2 (the D1 and D2 column parts of k) and v_desc (v's BLOCK_DV
     columns; none where v is None, for a kernel that reads keys only), descriptors of ``rows`` rows
