@@ -427,6 +427,8 @@ TILE_KERNELS = {"cmp_tiles": ("fwd_cmp", "dq_cmp", "dkdv_cmp"), "win_tiles": ("f
 SPLIT_FORWARD = {"warp_specialize": True, "num_warps": 4, "tma": True}
 SPLIT_DQ = {"dq_warp_specialize": True, "dq_num_warps": 4, "tma": True}
 SPLIT_DKDV = {"dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32}
+# the selection dk/dv's walk too (SelectedTiles.dkv_warp_specialize), one list entry of G >= 9 heads per step
+SPLIT_SELECTED_DKDV = {"dkv_warp_specialize": True, "dkv_rows": 16}
 
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
@@ -474,8 +476,9 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     else:  # wider heads: the forward's programs of twice the rows
         variants["win_tiles"] += [win._replace(fwd_m=2 * win.fwd_m)]
         variants["cmp_tiles"] += [cmp._replace(fwd_m=2 * cmp.fwd_m)]
-    if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps
-        variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4)]
+    if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps; the dk/dv split
+        variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4),
+                                  sel._replace(**SPLIT_SELECTED_DKDV)]
     if group < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64)]

@@ -133,6 +133,20 @@ def range_cases(branch: str, tiles: RangeTiles, group: int, dims: dict[str, int]
                      tiles.dkv_num_warps, tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), (*DKDV_GATES, *descriptors))
 
 
+def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], suffix: str = ""
+                        ) -> Iterator[KernelCase]:
+    """The selection dk/dv as its launcher runs it under ``tiles`` (64-key blocks): warp-specialised where
+    selected.sel_dkdv_splits allows it (the tensors' own TMA checks pass here)."""
+    rows = selected.dkv_rows(group, tiles)
+    sel = {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims, **rows}
+    split = selected.sel_dkdv_splits(tiles, group, rows, sel)
+    descriptors = dkdv_descriptor_types(64, 1, rows["GP"], dims) if split else ()
+    yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
+                     {**sel, "CHUNK": tiles.chunk, "BLOCK_DK": max(16, triton.next_power_of_2(dims["DQK"])),
+                      "HAS_GATE": True, "WARP_SPECIALIZE": split, **({} if split else dict.fromkeys(DKDV_BOXES))},
+                     tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=(*DKDV_GATES, *descriptors))
+
+
 def warp_specialised(tiles: RangeTiles) -> RangeTiles:
     """``tiles`` with the three range loops warp-specialised as bench_prefill's tile sweep proposes them."""
     from bench.bench_prefill import SPLIT_DKDV, SPLIT_DQ, SPLIT_FORWARD
@@ -141,8 +155,8 @@ def warp_specialised(tiles: RangeTiles) -> RangeTiles:
 
 
 def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
-    """The range kernels under each of bench_prefill's tile candidates at this shape (``tile_variants``; the
-    defaults first), named <kernel>#<candidate index>."""
+    """The range kernels and the selection dk/dv under each of bench_prefill's tile candidates at this shape
+    (``tile_variants``; the defaults first), named <kernel>#<candidate index>."""
     from bench.bench_prefill import SHAPES, tile_variants
 
     shape = SHAPES[shape_name]
@@ -151,6 +165,8 @@ def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
     for field, branch in (("cmp_tiles", "cmp"), ("win_tiles", "win")):
         for index, tiles in enumerate(variants[field]):
             yield from range_cases(branch, tiles, group, dims, f"#{index}")
+    for index, sel_tiles in enumerate(variants["sel_tiles"]):
+        yield from selected_dkdv_cases(sel_tiles, group, dims, f"#{index}")
 
 
 def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str, RangeTiles] | None = None,
@@ -208,13 +224,14 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                      pointer_types=tma_types)
     yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, **selected.forced_launch(sel_tiles),
                      pointer_types=tma_types)
-    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
-    for suffix, sel_group in (("", group), ("_g4", 4)):
-        yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
-                         {**sel, "GROUP": sel_group, **selected.dkv_rows(sel_group, sel_tiles),
-                          "CHUNK": sel_tiles.chunk, "BLOCK_DK": max(16, triton.next_power_of_2(head_dim)),
-                          "HAS_GATE": True}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages,
-                         pointer_types=DKDV_GATES)
+    # dk/dv as launched, at G = 4 (8 entries x 4 heads per step), and warp-specialised where it applies (one entry
+    # of a power-of-two d_k per step: SelectedTiles.dkv_warp_specialize)
+    yield from selected_dkdv_cases(sel_tiles, group, dims)
+    yield from selected_dkdv_cases(sel_tiles, 4, dims, "_g4")
+    if not dims["D2"]:
+        from bench.bench_prefill import SPLIT_SELECTED_DKDV
+
+        yield from selected_dkdv_cases(sel_tiles._replace(**SPLIT_SELECTED_DKDV), group, dims, "_ws")
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
                      {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": triton.next_power_of_2(head_dim),
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
@@ -322,8 +339,8 @@ def main() -> None:
     parser.add_argument("--loop-loads", action="store_true",
                         help="also list each kernel's synchronous loads inside its loops (loop_loads)")
     parser.add_argument("--candidates", nargs="+", default=[], metavar="SHAPE",
-                        help="instead: the range kernels under each tile candidate of bench_prefill's sweep at these "
-                        "shapes (public, paper, g4, g12, gpt, g4_paper)")
+                        help="instead: the range kernels and the selection dk/dv under each tile candidate of "
+                        "bench_prefill's sweep at these shapes (public, paper, g4, g12, gpt, g4_paper)")
     args = parser.parse_args()
 
     def report(label: str, case: KernelCase) -> None:

@@ -552,17 +552,19 @@ class SelectionCase(NamedTuple):
 
 
 def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40),
-                   choose: Callable[..., torch.Tensor] = random_selections) -> SelectionCase:
-    """Random selections (``random_selections``, or ``choose``) of blocks of 4 tokens, n = 5, on packed sequences
-    of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in float64."""
+                   choose: Callable[..., torch.Tensor] = random_selections, block: int = 4,
+                   num_selected: int = 5) -> SelectionCase:
+    """Random selections (``random_selections``, or ``choose``) of ``num_selected`` blocks of ``block`` tokens on
+    packed sequences of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in
+    float64."""
     dk = 16
     q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dk, CHOOSY, seed=seed)
     q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
-    indices = choose(list(lengths), kv_heads, 5, 4, seed=seed)
+    indices = choose(list(lengths), kv_heads, num_selected, block, seed=seed)
     dout = randn(sum(lengths), heads, dk, seed=99).float()
     packed = packed_lengths(lengths)
     expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
-                                lambda rows, length, _: dense_selected_mask(indices[None, rows], length, 4))
+                                lambda rows, length, _: dense_selected_mask(indices[None, rows], length, block))
     return SelectionCase(q, k, v, gate, indices, dout, packed, expected)
 
 
@@ -633,6 +635,32 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
                            want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
     torch.testing.assert_close(dk.double(), want["dk"], **TOL)
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "specialised"),
+                         [(16, 1, True), (24, 2, True), (12, 2, False), (8, 2, False)])
+def test_selection_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv_heads, specialised,
+                                                                           monkeypatch):
+    """SelectedTiles(dkv_warp_specialize=True): one list entry per step, its token's heads (G = 12: four of the
+    next group's, masked), lse, delta and gates as boxes, K / V of the 64-key block as boxes; dk and dv equal the
+    float64 gradients of random selections on packed sequences (blocks cut by their sequence's end). G = 6 (boxes
+    off 16 bytes) and G = 4 (four entries per step) run the gathering walk, with the same results; so do gates
+    given as a strided slice."""
+    from nsa.kernels import selected
+
+    taken = recorded(monkeypatch, selected, "dkdv_boxes")
+    case = selection_case(heads, kv_heads, seed=heads, lengths=(150, 40, 97), block=64, num_selected=3)
+    q, want = case.q, case.expected
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(dkv_warp_specialize=True,
+                                                                                dkv_rows=16, dkv_num_warps=4)
+    strided = torch.stack([case.gate, case.gate], -1)[..., 0]
+    for gate, boxes in ((case.gate.contiguous(), specialised), (strided, False)):
+        taken.clear()
+        dk, dv = selected_dkdv(q, case.k, case.v, gate, case.indices, case.dout, want["lse"].float(),
+                               want["delta"].float(), case.packed, 64, q.shape[-1] ** -0.5, tiles)
+        assert any(made is not None for made in taken) == boxes
+        torch.testing.assert_close(dk.double(), want["dk"], **TOL)
+        torch.testing.assert_close(dv.double(), want["dv"], **TOL)
 
 
 class RangeCase(NamedTuple):

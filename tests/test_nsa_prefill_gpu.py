@@ -102,14 +102,16 @@ def test_loads_through_pointers_or_descriptors_match_float64_reference(monkeypat
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"),
                          [(64, 4, 128, 128, 2048), (16, 4, 64, 64, 3000), (48, 4, 192, 128, 2048)])
 def test_range_kernels_warp_specialised_match_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len):
-    """The compression and window forwards, dq and dk/dv with their loops split into a loading and two computing
-    warpgroups (RangeTiles.warp_specialize / dq_ / dkv_warp_specialize, tile-sweep candidates: Triton's Hopper
-    pass, which the interpreter does not run; tests/test_nsa_prefill.py checks the same kernels' math there).
-    d_k = 192 runs the plain loops."""
+    """The compression and window forwards, dq and dk/dv, and the selection dk/dv, with their loops split into a
+    loading and two computing warpgroups (RangeTiles.warp_specialize / dq_ / dkv_warp_specialize,
+    SelectedTiles.dkv_warp_specialize, tile-sweep candidates: Triton's Hopper pass, which the interpreter does not
+    run; tests/test_nsa_prefill.py checks the same kernels' math there). d_k = 192 runs the plain loops, and so
+    does the selection dk/dv at G = 4."""
     use_prefill_tiles(monkeypatch, ranges={"warp_specialize": True, "num_warps": 4, "tma": True, "head_rows": False,
                                            "fwd_m": 128, "fwd_n": 64, "num_stages": 2, "dq_warp_specialize": True,
                                            "dq_num_warps": 4, "dq_m": 128, "dq_n": 64, "dq_num_stages": 2,
-                                           "dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32})
+                                           "dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32},
+                      selected={"dkv_warp_specialize": True, "dkv_rows": 16})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
