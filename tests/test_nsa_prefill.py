@@ -193,6 +193,23 @@ def test_descriptors_only_for_16_byte_aligned_rows():
     assert not tiles.kv_descriptors(offset, v, 16, split_dims(16, 16), True)["TMA"]
 
 
+def test_query_and_dkdv_boxes_only_where_tma_can_read_them():
+    """q as 2-D boxes of one head's rows needs the heads next to each other and each head's first column on 16
+    bytes; the dk/dv's boxes need every operand aligned (a gate sliced out of [N, HQ, 3] is not: its last dim is
+    strided) and box rows of at least 16 bytes (lse boxes of 2 heads in float32 are 8)."""
+    q = torch.randn(40, 4, 16)
+    assert tiles.query_descriptor(q, 16) is not None
+    assert tiles.query_descriptor(torch.randn(40, 4, 32)[..., :16], 16) is None  # heads 32 apart
+    assert tiles.query_descriptor(torch.randn(40, 4, 6), 16) is None  # a head starts every 24 bytes
+    k, v, lse = torch.randn(40, 2, 16), torch.randn(40, 2, 16), torch.randn(40, 4)
+    gates = torch.randn(40, 4, 3)
+    args = (q, k, v, gates[..., 0].contiguous(), q, lse, lse)
+    assert tiles.dkdv_boxes(*args, 16, 2, 4, 16, 16) is not None
+    assert tiles.dkdv_boxes(q, k, v, None, q, lse, lse, 16, 2, 4, 16, 16)["gate_desc"] is None
+    assert tiles.dkdv_boxes(q, k, v, gates[..., 0], q, lse, lse, 16, 2, 4, 16, 16) is None
+    assert tiles.dkdv_boxes(*args, 16, 2, 2, 16, 16) is None
+
+
 def _python_tile_table(lengths: list[int], tile: int, grid: int) -> tuple[list[int], list[int]]:
     """Program -> sequence by counting, from the sizes alone: sequence s holds ceil(len_s / tile) consecutive
     programs; programs past the last real tile map to S."""

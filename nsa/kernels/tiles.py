@@ -136,10 +136,10 @@ def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...]) -> tuple[Any,
 
 def query_descriptor(q: Tensor, rows: int) -> Any:
     """A tensor descriptor over token rows q [N, H, D] seen as [N, H * D] that loads ``rows`` consecutive rows of
-    one head (the box [rows, D] at column head * D), or None where q's heads are not next to each other or TMA
-    cannot read it (``box_descriptor``)."""
+    one head (the box [rows, D] at column head * D), or None where q's heads are not next to each other, a head's
+    first column does not sit on 16 bytes (a box's start must), or TMA cannot read it (``box_descriptor``)."""
     n, heads, width = q.shape
-    if q.stride(-1) != 1 or (heads > 1 and q.stride(1) != width):
+    if q.stride(-1) != 1 or (heads > 1 and q.stride(1) != width) or width * q.element_size() % 16:
         return None
     return box_descriptor(q.as_strided((n, heads * width), (q.stride(0), 1)), (rows, width))
 
