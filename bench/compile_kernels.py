@@ -126,7 +126,7 @@ def range_cases(branch: str, tiles: RangeTiles, group: int, dims: dict[str, int]
                      tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
     gp = range_attention.dkv_head_rows(group, tiles)
     split = range_attention.dkdv_splits(tiles, group, gp, dims)
-    descriptors = dkdv_descriptor_types(tiles.dkv_n, tiles.dkv_m // max(gp, 1), gp, dims) if split else ()
+    descriptors = dkdv_descriptor_types(tiles.dkv_n, tiles.dkv_m // gp, gp, dims) if split else ()
     yield KernelCase(f"dkdv_{branch}{suffix}", range_attention._range_dkdv_kernel,
                      {**common, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "GP": gp, "WARP_SPECIALIZE": split,
                       **({} if split else dict.fromkeys(DKDV_BOXES))},

@@ -32,7 +32,6 @@ from nsa.kernels.attention_steps import (
     boxed_dkdv_step,
     dq_step,
     gathered_dkdv_step,
-    load_split,
     load_split_at,
     load_split_rows,
     row_delta,
@@ -48,12 +47,10 @@ from nsa.kernels.tiles import (
     Packed,
     TileTable,
     box_descriptor,
-    desc_rows,
     dkdv_boxes,
     dot_precision,
     kv_descriptors,
     load_at,
-    load_tile,
     output_buffer,
     packed_sized,
     packed_tiles,
@@ -365,13 +362,12 @@ def _range_dkdv_kernel(
     cols = first + key_tile
     col_ok = cols < num_keys
     k_row0 = key0 + first
-    if WARP_SPECIALIZE:  # rows past the keys: the next sequence's keys or zeros, and no query sees them
-        k1 = desc_rows(k_desc, k_row0, hk, 0, BLOCK_N, D1)
-        k2 = k1
-        v = desc_rows(v_desc, k_row0, hk, 0, BLOCK_N, BLOCK_DV)
-    else:
-        k1, k2 = load_split(k_ptr + k_row0 * stride_kt + hk * stride_kh, key_tile, col_ok, stride_kt, DQK, D1, D2)
-        v = load_tile(v_ptr + k_row0 * stride_vt + hk * stride_vh, key_tile, col_ok, stride_vt, 0, BLOCK_DV, DV)
+    # WARP_SPECIALIZE (one column part): through the boxes, whose rows past the keys (the next sequence's or zeros)
+    # no query sees
+    k1, k2 = load_split_rows(k_ptr + k_row0 * stride_kt + hk * stride_kh, k_desc, k_desc, k_row0, hk, key_tile, col_ok,
+                             stride_kt, BLOCK_N, WARP_SPECIALIZE, DQK, D1, D2)
+    v, _ = load_split_rows(v_ptr + k_row0 * stride_vt + hk * stride_vh, v_desc, v_desc, k_row0, hk, key_tile, col_ok,
+                           stride_vt, BLOCK_N, WARP_SPECIALIZE, DV, BLOCK_DV, 0)
     dk1, dk2 = zeros_split(BLOCK_N, D1, D2)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # Queries that see a key of this tile: from the first key's end to the last key's window end.

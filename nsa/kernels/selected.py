@@ -30,7 +30,6 @@ from nsa.kernels.attention_steps import (
     boxed_dkdv_step,
     dq_step,
     gathered_dkdv_step,
-    load_split,
     load_split_at,
     load_split_rows,
     row_delta,
@@ -45,12 +44,10 @@ from nsa.kernels.tiles import (
     LOG2E,
     Packed,
     TileTable,
-    desc_rows,
     dkdv_boxes,
     dot_precision,
     kv_descriptors,
     load_at,
-    load_tile,
     output_buffer,
     packed_sized,
     packed_tiles,
@@ -342,13 +339,12 @@ def _sel_dkdv_kernel(
     pos = j * SEL_BLOCK + offs
     key_ok = (offs < SEL_BLOCK) & (pos < seq_len)
     block_row = tok0 + j * SEL_BLOCK
-    if WARP_SPECIALIZE:  # rows past the sequence: the next one's keys or zeros, which key_ok leaves unseen
-        k1 = desc_rows(k_desc, block_row, hk, 0, BLOCK_S, D1)
-        k2 = k1
-        v = desc_rows(v_desc, block_row, hk, 0, BLOCK_S, BLOCK_DV)
-    else:
-        k1, k2 = load_split(k_ptr + block_row * stride_kt + hk * stride_kh, offs, key_ok, stride_kt, DQK, D1, D2)
-        v = load_tile(v_ptr + block_row * stride_vt + hk * stride_vh, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
+    # WARP_SPECIALIZE (one column part): through the boxes, whose rows past the sequence (the next one's keys or
+    # zeros) key_ok leaves unseen
+    k1, k2 = load_split_rows(k_ptr + block_row * stride_kt + hk * stride_kh, k_desc, k_desc, block_row, hk, offs,
+                             key_ok, stride_kt, BLOCK_S, WARP_SPECIALIZE, DQK, D1, D2)
+    v, _ = load_split_rows(v_ptr + block_row * stride_vt + hk * stride_vh, v_desc, v_desc, block_row, hk, offs, key_ok,
+                           stride_vt, BLOCK_S, WARP_SPECIALIZE, DV, BLOCK_DV, 0)
     dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     first = tl.load(chunk_start_ptr + chunk)
