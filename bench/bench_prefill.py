@@ -487,6 +487,13 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     return variants
 
 
+def matching(candidates: list[Any], text: str | None) -> list[Any]:
+    """A field's defaults (the first candidate, the sweep's baseline) and the candidates whose repr holds ``text``."""
+    if text is None:
+        return candidates
+    return candidates[:1] + [tiles for tiles in candidates[1:] if text in repr(tiles)]
+
+
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
     """A whole forward and backward of a prefill run: out, the indices, the eight gradients."""
     out, indices, *lse, branch_outs, blocks, counts = run.forward()
@@ -676,6 +683,8 @@ def main() -> None:
                         help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
     parser.add_argument("--tile-fields", nargs="+", default=list(TILE_KERNELS), choices=list(TILE_KERNELS),
                         help="which tiles the tiles part sweeps (each field's candidates: tile_variants)")
+    parser.add_argument("--tile-match", default=None, help="sweep only the candidates whose repr contains this "
+                        "text (e.g. 'warp_specialize=True'), beside each field's defaults")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
@@ -733,7 +742,8 @@ def main() -> None:
     if "tiles" in args.parts and cuda:
         for locality in args.tile_localities:
             for shape in args.tile_shapes:
-                variants = {field: tiles for field, tiles in tile_variants(shape).items() if field in args.tile_fields}
+                variants = {field: matching(tiles, args.tile_match) for field, tiles in tile_variants(shape).items()
+                            if field in args.tile_fields}
                 tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, variants, locality,
                           on_row=lambda row: record([row]))
     if "layer" in args.parts:

@@ -42,11 +42,12 @@ if [[ " $PARTS " == *" tiles "* ]]; then
     # each checked against the default tiles' result before it is timed, on independent queries and on queries that
     # share 90% of their variance within 64-token spans (neighbours select overlapping blocks): the next defaults of
     # nsa/kernels (only on request: PARTS=tiles; TILE_SHAPES, TILE_LOCALITIES pick the shapes, "gpt" being the 4-layer
-    # GPT's G = 2 attention, "g4_paper" G = 4 at d_k = 192; TILE_FIELDS the kernels, e.g. "cmp_tiles win_tiles").
+    # GPT's G = 2 attention, "g4_paper" G = 4 at d_k = 192; TILE_FIELDS the kernels, e.g. "cmp_tiles win_tiles";
+    # TILE_MATCH only the candidates whose repr holds that text, e.g. "warp_specialize=True", beside the defaults).
     # shellcheck disable=SC2086  # lists of shapes, localities and fields
     timeout "${TILES_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts tiles \
         --tile-shapes ${TILE_SHAPES:-public g4 gpt} --tile-localities ${TILE_LOCALITIES:-0 0.9} \
-        --tile-fields ${TILE_FIELDS:-cmp_tiles win_tiles topn_tiles sel_tiles} \
+        --tile-fields ${TILE_FIELDS:-cmp_tiles win_tiles topn_tiles sel_tiles} ${TILE_MATCH:+--tile-match "$TILE_MATCH"} \
         --results-dir "$OUT" --name prefill_tiles_cuda 2>&1 | tee "$OUT/bench_prefill_tiles.log" || echo "bench_prefill tiles exited with $?"
 fi
 if [[ " $PARTS " == *" gpt "* ]]; then
