@@ -421,16 +421,6 @@ TILE_KERNELS = {"cmp_tiles": ("fwd_cmp", "dq_cmp", "dkdv_cmp"), "win_tiles": ("f
                 "sel_tiles": ("fwd_sel", "dq_sel", "dkdv_sel")}  # the kernels each PrefillRun tile field governs
 
 
-# The range loops warp-specialised (RangeTiles.warp_specialize / dq_ / dkv_warp_specialize; range_attention's
-# forward_splits / dq_splits / dkdv_splits say when Triton splits them): one warpgroup launched, and the dk/dv on 64
-# keys x 32-row steps, where ptxas spills least (104 bytes at head dim 128 against 368 on 64-row steps).
-SPLIT_FORWARD = {"warp_specialize": True, "num_warps": 4, "tma": True}
-SPLIT_DQ = {"dq_warp_specialize": True, "dq_num_warps": 4, "tma": True}
-SPLIT_DKDV = {"dkv_warp_specialize": True, "dkv_num_warps": 4, "dkv_n": 64, "dkv_m": 32}
-# the selection dk/dv's walk too (SelectedTiles.dkv_warp_specialize), one list entry of G >= 9 heads per step
-SPLIT_SELECTED_DKDV = {"dkv_warp_specialize": True, "dkv_rows": 16}
-
-
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     """Candidate launch settings for the next tuning run at this shape: the current defaults first (timed in the
     same run), then candidates one or two fields off them: the loads through tensor descriptors (TMA) against
@@ -462,13 +452,6 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         # one warpgroup per program, two programs per SM: one's softmax beside the other's matmuls
         variants["cmp_tiles"] += [cmp._replace(fwd_m=64, num_warps=4),
                                   cmp._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4)]
-        # the forward's key loop and the dk/dv's pass over the queries warp-specialised: a loading warpgroup and
-        # two computing ones (python -m bench.compile_kernels --candidates shows them as 4 warps -> 12)
-        variants["cmp_tiles"] += [cmp._replace(**SPLIT_FORWARD),
-                                  cmp._replace(**SPLIT_FORWARD, fwd_n=128, num_stages=2), cmp._replace(**SPLIT_DQ),
-                                  cmp._replace(**SPLIT_DKDV)]
-        variants["win_tiles"] += [win._replace(**{**SPLIT_FORWARD, **SPLIT_DQ}, head_rows=False, fwd_m=128, dq_m=128),
-                                  win._replace(**SPLIT_DKDV)]
         variants["win_tiles"] += [win._replace(fwd_m=128, num_warps=8, dq_m=128, dq_num_warps=8),
                                   win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),
                                   win._replace(fwd_m=64, dq_m=64, num_warps=8, dq_num_warps=8),
@@ -476,9 +459,8 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     else:  # wider heads: the forward's programs of twice the rows
         variants["win_tiles"] += [win._replace(fwd_m=2 * win.fwd_m)]
         variants["cmp_tiles"] += [cmp._replace(fwd_m=2 * cmp.fwd_m)]
-    if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps; the dk/dv split
-        variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4),
-                                  sel._replace(**SPLIT_SELECTED_DKDV)]
+    if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps
+        variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4)]
     if group < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64)]
@@ -684,7 +666,7 @@ def main() -> None:
     parser.add_argument("--tile-fields", nargs="+", default=list(TILE_KERNELS), choices=list(TILE_KERNELS),
                         help="which tiles the tiles part sweeps (each field's candidates: tile_variants)")
     parser.add_argument("--tile-match", default=None, help="sweep only the candidates whose repr contains this "
-                        "text (e.g. 'warp_specialize=True'), beside each field's defaults")
+                        "text (e.g. 'tma=False'), beside each field's defaults")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "

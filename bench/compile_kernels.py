@@ -30,7 +30,7 @@ from nsa.kernels import decode, range_attention, selected, topn
 from nsa.kernels import rows as row_passes
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
-from nsa.kernels.tiles import DKDV_BOXES, split_dims
+from nsa.kernels.tiles import split_dims
 from nsa.kernels.topn import topn_tiles_for
 from nsa.prefill import topn_tile_shape
 
@@ -86,72 +86,36 @@ def descriptor_args(tma: bool, rows: int, dims: dict[str, int], values: bool = T
     return {"TMA": True}, (*types, ("k_desc2", f"tensordesc<bf16[{rows},1,{dims['D2']}]>"))
 
 
-def dkdv_descriptor_types(keys: int, tokens: int, heads: int, dims: dict[str, int]) -> tuple[tuple[str, str], ...]:
-    """The warp-specialised dk/dv's descriptor types (nsa.kernels.range_attention.dkdv_descriptors): K / V boxes of
-    ``keys`` rows, and q, dO, lse, delta and the float32 gates in boxes of ``tokens`` x ``heads``."""
-    width, width_v = dims["D1"], dims["BLOCK_DV"]
-    return (("k_desc", f"tensordesc<bf16[{keys},1,{width}]>"), ("v_desc", f"tensordesc<bf16[{keys},1,{width_v}]>"),
-            ("q_desc", f"tensordesc<bf16[{tokens},{heads},{width}]>"),
-            ("do_desc", f"tensordesc<bf16[{tokens},{heads},{width_v}]>"),
-            *((name, f"tensordesc<fp32[{tokens},{heads}]>") for name in ("lse_desc", "delta_desc", "gate_desc")))
-
-
 def range_cases(branch: str, tiles: RangeTiles, group: int, dims: dict[str, int], suffix: str = ""
                 ) -> Iterator[KernelCase]:
-    """The range forward, dq and dk/dv of ``branch`` ("cmp" / "win") as their launchers run them under ``tiles``:
-    K / V through descriptors where tiles.tma, and the warp-specialised loops where the tiles ask for them and
-    allow them (range_attention.forward_splits / dkdv_splits; the tensors' own TMA checks pass here)."""
+    """The range forward, dq and dk/dv of ``branch`` ("cmp" / "win") as their launchers run them under ``tiles``
+    (K / V through descriptors where tiles.tma)."""
     rule = RULES[branch]
     common = {"GROUP": group, "PRECISION": "tf32", "ROW_T": tl.int32, **dims, **rule, "HAS_GATE": True}
-    head_rows = range_attention.query_rows(group, tiles.fwd_m, tiles).head_rows
     tma, tma_types = descriptor_args(tiles.tma, tiles.fwd_n, dims)
-    query: dict[str, Any] = {"q_desc": None}
-    if range_attention.forward_splits(tiles, head_rows, dims):
-        query, tma_types = {}, (*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.fwd_m},{dims['DQK']}]>"))
     yield KernelCase(f"fwd_{branch}{suffix}", range_attention._range_fwd_kernel,
-                     {**common, **tma, **query, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n,
-                      "ACCUMULATE": branch == "win", "HEAD_ROWS": head_rows, "WARP_SPECIALIZE": not query},
+                     {**common, **tma, "BLOCK_M": tiles.fwd_m, "BLOCK_N": tiles.fwd_n, "ACCUMULATE": branch == "win",
+                      "HEAD_ROWS": range_attention.query_rows(group, tiles.fwd_m, tiles).head_rows},
                      tiles.num_warps, tiles.num_stages, pointer_types=tma_types)
     tma, tma_types = descriptor_args(tiles.tma, tiles.dq_n, dims)
-    head_rows = range_attention.query_rows(group, tiles.dq_m, tiles).head_rows
-    rows: dict[str, Any] = dict.fromkeys(("q_desc", "do_desc", "lse_desc", "delta_desc"))
-    if range_attention.dq_splits(tiles, head_rows, dims):
-        rows, tma_types = {}, (*tma_types, ("q_desc", f"tensordesc<bf16[{tiles.dq_m},{dims['DQK']}]>"),
-                               ("do_desc", f"tensordesc<bf16[{tiles.dq_m},{dims['DV']}]>"),
-                               ("lse_desc", f"tensordesc<fp32[{tiles.dq_m}]>"),
-                               ("delta_desc", f"tensordesc<fp32[{tiles.dq_m}]>"))
     yield KernelCase(f"dq_{branch}{suffix}", range_attention._range_dq_kernel,
-                     {**common, **tma, **rows, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "ACCUMULATE": True,
-                      "HEAD_ROWS": head_rows, "WARP_SPECIALIZE": not rows},
+                     {**common, **tma, "BLOCK_M": tiles.dq_m, "BLOCK_N": tiles.dq_n, "ACCUMULATE": True,
+                      "HEAD_ROWS": range_attention.query_rows(group, tiles.dq_m, tiles).head_rows},
                      tiles.dq_num_warps, tiles.dq_num_stages, pointer_types=tma_types)
-    gp = range_attention.dkv_head_rows(group, tiles)
-    split = range_attention.dkdv_splits(tiles, group, gp, dims)
-    descriptors = dkdv_descriptor_types(tiles.dkv_n, tiles.dkv_m // gp, gp, dims) if split else ()
     yield KernelCase(f"dkdv_{branch}{suffix}", range_attention._range_dkdv_kernel,
-                     {**common, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n, "GP": gp, "WARP_SPECIALIZE": split,
-                      **({} if split else dict.fromkeys(DKDV_BOXES))},
-                     tiles.dkv_num_warps, tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), (*DKDV_GATES, *descriptors))
+                     {**common, "BLOCK_M": tiles.dkv_m, "BLOCK_N": tiles.dkv_n,
+                      "GP": range_attention.dkv_head_rows(group, tiles)},
+                     tiles.dkv_num_warps, tiles.dkv_num_stages, ("dk_ptr", "dv_ptr"), DKDV_GATES)
 
 
 def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], suffix: str = ""
                         ) -> Iterator[KernelCase]:
-    """The selection dk/dv as its launcher runs it under ``tiles`` (64-key blocks): warp-specialised where
-    selected.sel_dkdv_splits allows it (the tensors' own TMA checks pass here)."""
-    rows = selected.dkv_rows(group, tiles)
-    sel = {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims, **rows}
-    split = selected.sel_dkdv_splits(tiles, group, rows, sel)
-    descriptors = dkdv_descriptor_types(64, 1, rows["GP"], dims) if split else ()
+    """The selection dk/dv as its launcher runs it under ``tiles`` (64-key blocks)."""
     yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
-                     {**sel, "CHUNK": tiles.chunk, "BLOCK_DK": max(16, triton.next_power_of_2(dims["DQK"])),
-                      "HAS_GATE": True, "WARP_SPECIALIZE": split, **({} if split else dict.fromkeys(DKDV_BOXES))},
-                     tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=(*DKDV_GATES, *descriptors))
-
-
-def warp_specialised(tiles: RangeTiles) -> RangeTiles:
-    """``tiles`` with the three range loops warp-specialised as bench_prefill's tile sweep proposes them."""
-    from bench.bench_prefill import SPLIT_DKDV, SPLIT_DQ, SPLIT_FORWARD
-
-    return tiles._replace(**{**SPLIT_FORWARD, **SPLIT_DQ, **SPLIT_DKDV})
+                     {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
+                      **selected.dkv_rows(group, tiles), "CHUNK": tiles.chunk,
+                      "BLOCK_DK": max(16, triton.next_power_of_2(dims["DQK"])), "HAS_GATE": True},
+                     tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=DKDV_GATES)
 
 
 def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
@@ -178,11 +142,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     for branch in RULES:
         tiles = (range_tiles or {}).get(branch) or tiles_for(max(head_dim, head_dim_v), branch, group)
         yield from range_cases(branch, tiles, group, dims)
-    # the compression's kernels warp-specialised (RangeTiles.warp_specialize / dq_ / dkv_warp_specialize), where
-    # they apply: a power-of-two d_k
     cmp = (range_tiles or {}).get("cmp") or tiles_for(max(head_dim, head_dim_v), "cmp", group)
-    if not dims["D2"]:
-        yield from range_cases("cmp", warp_specialised(cmp), group, dims, "_ws")
     # the compression dk/dv's steps over one head's tokens (dkv_head_rows off: wide heads, or groups above dkv_m)
     yield from (case for case in range_cases("cmp", cmp._replace(dkv_head_rows=False, dkv_m=32), group, dims, "_1h")
                 if case.name.startswith("dkdv"))
@@ -224,14 +184,9 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                      pointer_types=tma_types)
     yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, **selected.forced_launch(sel_tiles),
                      pointer_types=tma_types)
-    # dk/dv as launched, at G = 4 (8 entries x 4 heads per step), and warp-specialised where it applies (one entry
-    # of a power-of-two d_k per step: SelectedTiles.dkv_warp_specialize)
+    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
     yield from selected_dkdv_cases(sel_tiles, group, dims)
     yield from selected_dkdv_cases(sel_tiles, 4, dims, "_g4")
-    if not dims["D2"]:
-        from bench.bench_prefill import SPLIT_SELECTED_DKDV
-
-        yield from selected_dkdv_cases(sel_tiles._replace(**SPLIT_SELECTED_DKDV), group, dims, "_ws")
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
                      {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": triton.next_power_of_2(head_dim),
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
@@ -347,9 +302,7 @@ def main() -> None:
         kernel = compile_case(case, args.arch)
         extra = f" loop loads: {loop_loads(kernel.asm['ttgir'])}" if args.loop_loads else ""
         usage = resource_usage(kernel)
-        warps = kernel.metadata.num_warps  # more than launched: Triton split a loop into warpgroups
-        split = f" -> {warps} in warpgroups" if warps != case.num_warps else ""
-        print(f"{label} {case.name:14s} warps={case.num_warps}{split} stages={case.num_stages} {usage}{extra}")
+        print(f"{label} {case.name:14s} warps={case.num_warps} stages={case.num_stages} {usage}{extra}")
 
     if args.candidates:
         for shape_name in args.candidates:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What one device session runs: GPU tests, then the benchmarks; results land in $OUT (and bench/results).
 # Test failures do not stop the benchmarks (their numbers are still worth having); the script exits
-# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "split",
-# "tiles", "gpt" and "ab" on request).
+# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles",
+# "gpt" and "ab" on request).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -10,13 +10,6 @@ PARTS=${PARTS:-tests prefill nsa scope}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 tests_status=0
-if [[ " $PARTS " == *" split "* ]]; then
-    # The warp-specialised tile candidates' parity test alone, under a short timeout: a loop Triton split into
-    # warpgroups that miscompiled would hang, and must not eat a whole call (docs/PERF_NOTES.md, twenty-eighth).
-    timeout "${SPLIT_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nsa_prefill_gpu.py \
-        -k warp_specialised >"$OUT/gpu_split_tests.log" 2>&1 || tests_status=$?
-    tail -n 15 "$OUT/gpu_split_tests.log"
-fi
 if [[ " $PARTS " == *" tests "* ]]; then
     # Compiles dominate (serially the suite ran past 9 minutes on the H200): 8 xdist workers share the GPU, each
     # compiling with one inductor thread (inductor's own compile pools under 8 workers stalled past 470 s). The
@@ -43,7 +36,7 @@ if [[ " $PARTS " == *" tiles "* ]]; then
     # share 90% of their variance within 64-token spans (neighbours select overlapping blocks): the next defaults of
     # nsa/kernels (only on request: PARTS=tiles; TILE_SHAPES, TILE_LOCALITIES pick the shapes, "gpt" being the 4-layer
     # GPT's G = 2 attention, "g4_paper" G = 4 at d_k = 192; TILE_FIELDS the kernels, e.g. "cmp_tiles win_tiles";
-    # TILE_MATCH only the candidates whose repr holds that text, e.g. "warp_specialize=True", beside the defaults).
+    # TILE_MATCH only the candidates whose repr holds that text, e.g. "dkv_n=64", beside the defaults).
     # shellcheck disable=SC2086  # lists of shapes, localities and fields
     timeout "${TILES_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts tiles \
         --tile-shapes ${TILE_SHAPES:-public g4 gpt} --tile-localities ${TILE_LOCALITIES:-0 0.9} \

@@ -193,23 +193,6 @@ def test_descriptors_only_for_16_byte_aligned_rows():
     assert not tiles.kv_descriptors(offset, v, 16, split_dims(16, 16), True)["TMA"]
 
 
-def test_query_and_dkdv_boxes_only_where_tma_can_read_them():
-    """q as 2-D boxes of one head's rows needs the heads next to each other and each head's first column on 16
-    bytes; the dk/dv's boxes need every operand aligned (a gate sliced out of [N, HQ, 3] is not: its last dim is
-    strided) and box rows of at least 16 bytes (lse boxes of 2 heads in float32 are 8)."""
-    q = torch.randn(40, 4, 16)
-    assert tiles.query_descriptor(q, 16) is not None
-    assert tiles.query_descriptor(torch.randn(40, 4, 32)[..., :16], 16) is None  # heads 32 apart
-    assert tiles.query_descriptor(torch.randn(40, 4, 6), 16) is None  # a head starts every 24 bytes
-    k, v, lse = torch.randn(40, 2, 16), torch.randn(40, 2, 16), torch.randn(40, 4)
-    gates = torch.randn(40, 4, 3)
-    args = (q, k, v, gates[..., 0].contiguous(), q, lse, lse)
-    assert tiles.dkdv_boxes(*args, 16, 2, 4, 16, 16) is not None
-    assert tiles.dkdv_boxes(q, k, v, None, q, lse, lse, 16, 2, 4, 16, 16)["gate_desc"] is None
-    assert tiles.dkdv_boxes(q, k, v, gates[..., 0], q, lse, lse, 16, 2, 4, 16, 16) is None
-    assert tiles.dkdv_boxes(*args, 16, 2, 2, 16, 16) is None
-
-
 def _python_tile_table(lengths: list[int], tile: int, grid: int) -> tuple[list[int], list[int]]:
     """Program -> sequence by counting, from the sizes alone: sequence s holds ceil(len_s / tile) consecutive
     programs; programs past the last real tile map to S."""
@@ -569,19 +552,17 @@ class SelectionCase(NamedTuple):
 
 
 def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40),
-                   choose: Callable[..., torch.Tensor] = random_selections, block: int = 4,
-                   num_selected: int = 5) -> SelectionCase:
-    """Random selections (``random_selections``, or ``choose``) of ``num_selected`` blocks of ``block`` tokens on
-    packed sequences of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in
-    float64."""
+                   choose: Callable[..., torch.Tensor] = random_selections) -> SelectionCase:
+    """Random selections (``random_selections``, or ``choose``) of blocks of 4 tokens, n = 5, on packed sequences
+    of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in float64."""
     dk = 16
     q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dk, CHOOSY, seed=seed)
     q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
-    indices = choose(list(lengths), kv_heads, num_selected, block, seed=seed)
+    indices = choose(list(lengths), kv_heads, 5, 4, seed=seed)
     dout = randn(sum(lengths), heads, dk, seed=99).float()
     packed = packed_lengths(lengths)
     expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
-                                lambda rows, length, _: dense_selected_mask(indices[None, rows], length, block))
+                                lambda rows, length, _: dense_selected_mask(indices[None, rows], length, 4))
     return SelectionCase(q, k, v, gate, indices, dout, packed, expected)
 
 
@@ -652,32 +633,6 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
                            want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
     torch.testing.assert_close(dk.double(), want["dk"], **TOL)
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "specialised"),
-                         [(16, 1, True), (24, 2, True), (12, 2, False), (8, 2, False)])
-def test_selection_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv_heads, specialised,
-                                                                           monkeypatch):
-    """SelectedTiles(dkv_warp_specialize=True): one list entry per step, its token's heads (G = 12: four of the
-    next group's, masked), lse, delta and gates as boxes, K / V of the 64-key block as boxes; dk and dv equal the
-    float64 gradients of random selections on packed sequences (blocks cut by their sequence's end). G = 6 (boxes
-    off 16 bytes) and G = 4 (four entries per step) run the gathering walk, with the same results; so do gates
-    given as a strided slice."""
-    from nsa.kernels import selected
-
-    taken = recorded(monkeypatch, selected, "dkdv_boxes")
-    case = selection_case(heads, kv_heads, seed=heads, lengths=(150, 40, 97), block=64, num_selected=3)
-    q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(dkv_warp_specialize=True,
-                                                                                dkv_rows=16, dkv_num_warps=4)
-    strided = torch.stack([case.gate, case.gate], -1)[..., 0]
-    for gate, boxes in ((case.gate.contiguous(), specialised), (strided, False)):
-        taken.clear()
-        dk, dv = selected_dkdv(q, case.k, case.v, gate, case.indices, case.dout, want["lse"].float(),
-                               want["delta"].float(), case.packed, 64, q.shape[-1] ** -0.5, tiles)
-        assert any(made is not None for made in taken) == boxes
-        torch.testing.assert_close(dk.double(), want["dk"], **TOL)
-        torch.testing.assert_close(dv.double(), want["dv"], **TOL)
 
 
 class RangeCase(NamedTuple):
@@ -774,112 +729,6 @@ def test_range_forward_and_dq_in_either_row_layout_match_float64_reference(heads
              case.rule, case.scale, True, tiles)
     torch.testing.assert_close(delta.double(), want["delta"], **TOL)
     torch.testing.assert_close(dq.double(), dq_before.double() + want["dq"], **TOL)
-
-
-def recorded(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[Any]:
-    """The results of module.name, appended as the code under test calls it."""
-    results: list[Any] = []
-    real = getattr(module, name)
-
-    def spy(*args: Any) -> Any:
-        results.append(real(*args))
-        return results[-1]
-
-    monkeypatch.setattr(module, name, spy)
-    return results
-
-
-def heads_apart(q: torch.Tensor) -> torch.Tensor:
-    """q's values in a tensor whose heads lie 2 * D elements apart (NaN between them): no 2-D box reads it."""
-    return torch.full((*q.shape[:-1], 2 * q.shape[-1]), float("nan"))[..., :q.shape[-1]].copy_(q)
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
-                         [(6, 2, 16, 16, True), (4, 4, 16, 32, True), (12, 1, 24, 16, False)])
-@pytest.mark.parametrize("branch", ["cmp", "win"])
-def test_range_forward_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised,
-                                                                          branch, monkeypatch):
-    """RangeTiles(warp_specialize=True): q through a descriptor, every key tile masked (the interpreter runs the
-    math, not the warpgroups); out, lse and the branch output equal the float64 values on packed sequences whose
-    ends fall inside programs. A d_k that is not a power of two (24: two column parts) and q whose heads are not
-    next to each other run the plain loop, with the same results."""
-    from nsa.kernels import range_attention
-    from nsa.kernels.range_attention import range_forward
-
-    taken = recorded(monkeypatch, range_attention, "query_descriptor")
-    case = range_case(heads, kv_heads, dk, dv, branch)
-    want = case.expected
-    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
-        warp_specialize=True, num_warps=4, head_rows=False, fwd_m=64)  # range_attention.forward_splits
-    for q, descriptor in ((case.q, specialised), (heads_apart(case.q), False)):
-        taken.clear()
-        dv_shape = (q.shape[0], heads, dv)
-        out, branch_out = torch.full(dv_shape, float("nan")), torch.full(dv_shape, float("nan"))
-        lse = torch.full((q.shape[0], heads), float("nan"))
-        range_forward(q, case.k, case.v, case.gate, out, lse, branch_out, case.packed, case.cu_keys, case.rule,
-                      case.scale, False, tiles)
-        assert any(d is not None for d in taken) == descriptor
-        torch.testing.assert_close(out.double(), want["out"], **TOL)
-        torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
-        seen = torch.isfinite(want["lse"])
-        torch.testing.assert_close(lse.double()[seen], want["lse"][seen], **TOL)
-        assert torch.equal(torch.isinf(lse), ~seen)
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
-                         [(6, 2, 16, 16, True), (4, 4, 16, 32, True), (12, 1, 24, 16, False), (6, 2, 16, 24, False)])
-@pytest.mark.parametrize("branch", ["cmp", "win"])
-def test_range_dq_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised, branch,
-                                                                     monkeypatch):
-    """RangeTiles(dq_warp_specialize=True): delta computed first (range_attention.row_deltas), then q and dO through
-    2-D boxes and lse and delta through 1-D boxes of copies laid out per program, every key tile masked; delta and
-    dq (added to what dq held) equal the float64 values on packed sequences. A d_k or d_v that is not a power of
-    two, and q whose heads are apart, run the gathering loop, with the same results."""
-    from nsa.kernels import range_attention
-    from nsa.kernels.range_attention import range_dq
-
-    taken = recorded(monkeypatch, range_attention, "dq_descriptors")
-    case = range_case(heads, kv_heads, dk, dv, branch)
-    want = case.expected
-    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
-        dq_warp_specialize=True, dq_num_warps=4, head_rows=False, dq_m=64)  # range_attention.dq_splits
-    for q, descriptors in ((case.q, specialised), (heads_apart(case.q), False)):
-        taken.clear()
-        dq_before = randn(*q.shape, seed=6).float()
-        dq, delta = dq_before.clone(), torch.full((q.shape[0], heads), float("nan"))
-        range_dq(q, case.k, case.v, case.gate, case.dout, want["o"].float(), want["lse"].float(), delta, dq,
-                 case.packed, case.cu_keys, case.rule, case.scale, True, tiles)
-        assert [split["WARP_SPECIALIZE"] for split in taken] == [descriptors]
-        torch.testing.assert_close(delta.double(), want["delta"], **TOL)
-        torch.testing.assert_close(dq.double(), dq_before.double() + want["dq"], **TOL)
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "specialised"),
-                         [(8, 2, 16, 16, True), (16, 1, 16, 32, True), (24, 2, 16, 16, True), (24, 4, 16, 16, False),
-                          (6, 2, 16, 16, False), (8, 2, 24, 16, False)])
-@pytest.mark.parametrize("branch", ["cmp", "win"])
-def test_range_dkdv_with_warp_specialisation_matches_float64_reference(heads, kv_heads, dk, dv, specialised, branch,
-                                                                       monkeypatch):
-    """RangeTiles(dkv_warp_specialize=True): K / V, and q, dO, lse, delta and the gates of each step, through
-    descriptors (boxes of tokens x the padded group's heads: G = 12 reads four heads of the next group, masked), every
-    step masked; dk and dv equal the float64 gradients on packed sequences. Where a box cannot be made (6 query
-    heads: lse rows of 24 bytes; G = 6: lse boxes starting off 16 bytes; the gates as a strided slice) or d_k is
-    not a power of two, the gathering loop runs, with the same results."""
-    from nsa.kernels import range_attention
-    from nsa.kernels.range_attention import range_dkdv
-
-    taken = recorded(monkeypatch, range_attention, "dkdv_descriptors")
-    case = range_case(heads, kv_heads, dk, dv, branch)
-    want = case.expected
-    tiles = prefill._tiles(case.q.device, max(dk, dv), heads // kv_heads).cmp._replace(
-        dkv_warp_specialize=True, dkv_num_warps=4, dkv_n=64)  # range_attention.dkdv_splits
-    for gate, descriptors in ((case.gate.contiguous(), specialised), (case.gate, False)):
-        taken.clear()
-        dk_got, dv_got = range_dkdv(case.q, case.k, case.v, gate, case.dout, want["lse"].float(),
-                                    want["delta"].float(), case.packed, case.cu_keys, case.rule, case.scale, tiles)
-        assert [split["WARP_SPECIALIZE"] for split in taken] == [descriptors]
-        torch.testing.assert_close(dk_got.double(), want["dk"], **TOL)
-        torch.testing.assert_close(dv_got.double(), want["dv"], **TOL)
 
 
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():

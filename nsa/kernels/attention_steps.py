@@ -135,23 +135,3 @@ def gathered_dkdv_step(s_t, q1, q2, v, do_ptr, lse_ptr, delta_ptr, gate_ptr, do_
         p_t = p_t * tl.load(gate_ptr + gate_rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     do = load_at(do_ptr, do_rows, row_ok, 0, BLOCK_DV, DV)
     return dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2, PRECISION)
-
-
-@triton.jit
-def boxed_dkdv_step(q_desc, do_desc, lse_desc, delta_desc, gate_desc, row, head, seen, k1, v, dk1, dv, qk_scale,
-                    ROWS: tl.constexpr, D1: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                    HAS_GATE: tl.constexpr):
-    """dkdv_step (one column part) for query rows read as boxes of tokens x heads from token row ``row`` and query
-    head ``head`` (nsa.kernels.tiles.dkdv_boxes: q and dO [tokens, heads, D], lse, delta and the gates [tokens,
-    heads] float32), ROWS = tokens x heads; seen [N, ROWS]: the (key, row) pairs that count, every other scoring
-    -inf. No branch and no gather: the loop around it can be warp-specialised."""
-    q1 = q_desc.load([row, head, 0]).reshape(ROWS, D1)
-    do = do_desc.load([row, head, 0]).reshape(ROWS, BLOCK_DV)
-    lse = lse_desc.load([row, head]).reshape(ROWS)
-    delta = delta_desc.load([row, head]).reshape(ROWS)
-    s_t = tl.where(seen, scaled_scores(k1, k1, q1, q1, qk_scale, 0, PRECISION), float("-inf"))
-    p_t = tl.math.exp2(s_t - lse[None, :])
-    if HAS_GATE:
-        p_t = p_t * gate_desc.load([row, head]).reshape(ROWS).to(tl.float32)[None, :]
-    dk1, _, dv = dkdv_step(v, q1, q1, do, p_t, delta, dk1, dk1, dv, 0, PRECISION)
-    return dk1, dv

@@ -21,7 +21,7 @@ over programs that write fp32 partials, summed in a fixed order.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,9 +29,9 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.attention_steps import (
-    boxed_dkdv_step,
     dq_step,
     gathered_dkdv_step,
+    load_split,
     load_split_at,
     load_split_rows,
     row_delta,
@@ -42,25 +42,20 @@ from nsa.kernels.attention_steps import (
 )
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
-    DKDV_BOXES,
     LOG2E,
     Packed,
     TileTable,
-    box_descriptor,
-    dkdv_boxes,
     dot_precision,
     kv_descriptors,
     load_at,
+    load_tile,
     output_buffer,
-    packed_sized,
     packed_tiles,
-    query_descriptor,
     split_dims,
     store_at,
     store_tile,
     tile_origin,
     tile_table,
-    tma_capable,
     visible_key_count,
 )
 
@@ -81,12 +76,7 @@ class RangeTiles(NamedTuple):
     pointer loads where the device or the tensors cannot). head_rows: the forward's and dq's programs take
     fwd_m // G (dq_m // G) tokens x the group's G query heads, which share their keys, instead of fwd_m tokens of
     one head (``query_rows``): a window's tile then spans G times fewer tokens, so fewer of its keys fall outside
-    every row's window. warp_specialize: the forward's key loop split by Triton (3.6) between a warpgroup that
-    loads K / V and two that compute, each on fwd_m / 2 rows (FlashAttention-3's layout; launch num_warps = 4
-    per warpgroup, so 12 warps run); it needs tma, one head's rows (not head_rows), a power-of-two d_k and q's
-    heads contiguous (``query_descriptor``), and the plain loop runs where any is missing (``forward_splits``).
-    dq_warp_specialize and dkv_warp_specialize: the same for the dq's key loop (``dq_splits``, ``dq_descriptors``)
-    and the dk/dv's pass over the queries (``dkdv_splits``, ``dkdv_descriptors``). Per branch: ``tiles_for``."""
+    every row's window. Per branch: ``tiles_for``."""
 
     fwd_m: int = 128
     fwd_n: int = 64
@@ -104,9 +94,6 @@ class RangeTiles(NamedTuple):
     dkv_num_stages: int = 2
     head_rows: bool = False
     dq_num_warps: int = 8
-    warp_specialize: bool = False
-    dkv_warp_specialize: bool = False
-    dq_warp_specialize: bool = False
 
 
 class RangeRule(NamedTuple):
@@ -144,15 +131,14 @@ def _key_bounds(first, last, num_keys, STRIDE: tl.constexpr, SPAN: tl.constexpr,
 
 
 @triton.jit
-def _query_rows(q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh,
+def _query_rows(q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh,
                 BLOCK_M: tl.constexpr, GROUP: tl.constexpr, HEAD_ROWS: tl.constexpr, DQK: tl.constexpr,
-                D1: tl.constexpr, D2: tl.constexpr, Q_DESC: tl.constexpr):
+                D1: tl.constexpr, D2: tl.constexpr):
     """This program's query rows: with HEAD_ROWS, BLOCK_M // GROUP tokens x the GROUP query heads of kv head h (a
     token's heads are neighbours in memory, and the tokens share their keys), else BLOCK_M tokens of query head h;
     h is the grid's second axis. -> (kv head, the tile's first token row (int64), the sequence's key offset and
     count, the tile's first and last token, each row's token offset from the first row, its query head, its
-    validity, q1, q2). Q_DESC (one head's tokens, D2 == 0): q1 through q_desc (``query_descriptor``), whose rows
-    past the sequence belong to the next one or are zeros; nothing reads their results."""
+    validity, q1, q2)."""
     h = tl.program_id(1)
     tokens: tl.constexpr = BLOCK_M // GROUP if HEAD_ROWS else BLOCK_M
     tok0, seq_len, key0, num_keys, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
@@ -169,11 +155,7 @@ def _query_rows(q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr,
         tok = r
         head = h
         ok = first + tok < seq_len
-    if Q_DESC:
-        q1 = q_desc.load([row0.to(tl.int32), h * DQK])
-        q2 = q1
-    else:
-        q1, q2 = load_split_at(q_ptr + row0 * stride_qt, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
+    q1, q2 = load_split_at(q_ptr + row0 * stride_qt, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
     last = tl.minimum(first + tokens, seq_len) - 1
     return hk, row0, key0, num_keys, first, last, tok, head, ok, q1, q2
 
@@ -182,11 +164,11 @@ def _query_rows(q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr,
 def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, t, first, last, stride_kt, qk_scale,
                      STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
                      DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
-                     ROW_T: tl.constexpr, TMA: tl.constexpr, EVERY_TILE: tl.constexpr):
+                     ROW_T: tl.constexpr, TMA: tl.constexpr):
     """Masked base-2 scores of the query rows (at positions t, tokens first .. last) against the key tile at
     ``start``: (s, the key rows, their validity, k1, k2). Only tiles crossing the causal edge of the first query,
     the window edge of the last or the end of the visible range are masked (so a TMA load's rows past ``hi`` score
-    -inf); EVERY_TILE masks each tile (a branch inside the loop keeps Triton from warp-specialising it)."""
+    -inf)."""
     cols = (start + tl.arange(0, BLOCK_N)).to(ROW_T)
     col_ok = cols < hi
     k1, k2 = load_split_rows(k_base, k_desc1, k_desc2, key0 + start, hk, cols, col_ok, stride_kt, BLOCK_N, TMA, DQK,
@@ -195,7 +177,7 @@ def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, t, f
     edge = (_key_end(start + BLOCK_N - 1, STRIDE, SPAN) > first) | (start + BLOCK_N > hi)
     if WINDOW > 0:
         edge = edge | (last - _key_end(start, STRIDE, SPAN) >= WINDOW)
-    if EVERY_TILE or edge:
+    if edge:
         s = tl.where(_visible(t[:, None], cols[None, :], STRIDE, SPAN, WINDOW), s, float("-inf"))
     return s, cols, col_ok, k1, k2
 
@@ -204,30 +186,27 @@ def _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, t, f
 def _range_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr, branch_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_ot, stride_oh,
-    stride_bt, stride_bh, num_heads, num_seqs, qk_scale, k_desc1, k_desc2, v_desc, q_desc,
+    stride_bt, stride_bh, num_heads, num_seqs, qk_scale, k_desc1, k_desc2, v_desc,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr, HEAD_ROWS: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Program (token tile, head h): BLOCK_M rows of query head h, or with HEAD_ROWS of the query heads of kv head h
-    (``_query_rows``). WARP_SPECIALIZE (with TMA, q_desc, one head's rows and D2 == 0): the key loop as Triton's
-    Hopper warp specialisation builds it, a producer warpgroup loading K / V tiles for two consumer warpgroups of
-    BLOCK_M / 2 rows each, which then load everything through descriptors and mask every tile."""
+    (``_query_rows``)."""
     hk, row0, key0, num_keys, first, last, tok, head, row_ok, q1, q2 = _query_rows(
-        q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M,
-        GROUP, HEAD_ROWS, DQK, D1, D2, WARP_SPECIALIZE)
+        q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M, GROUP,
+        HEAD_ROWS, DQK, D1, D2)
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
-    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start in range(lo, hi, BLOCK_N):
         s, cols, col_ok, _, _ = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first + tok,
                                                  first, last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_N, DQK,
-                                                 D1, D2, PRECISION, ROW_T, TMA, WARP_SPECIALIZE)
+                                                 D1, D2, PRECISION, ROW_T, TMA)
         v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
                                BLOCK_DV, 0)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
@@ -249,43 +228,30 @@ def _range_dq_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, branch_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
     stride_dot, stride_doh, stride_bt, stride_bh, stride_dqt, stride_dqh, num_heads, num_seqs, qk_scale, scale,
-    k_desc1, k_desc2, v_desc, q_desc, do_desc, lse_desc, delta_desc,
-    GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
+    k_desc1, k_desc2, v_desc, GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr, ROW_T: tl.constexpr, TMA: tl.constexpr, HEAD_ROWS: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """dq = g * scale * sum_j p_j (dp_j - delta) k_j with delta = dO . o from the forward's branch output, which
-    it also writes (the gate's gradient and the dk/dv kernel's row term). Rows as in the forward.
-    WARP_SPECIALIZE (one head's rows, D2 == 0, DV a power of two): the key loop as Triton's Hopper warp
-    specialisation builds it; q and dO then come through 2-D boxes, and lse and delta (computed before,
-    ``row_deltas``) through 1-D boxes of copies laid out per program [grid, HQ, BLOCK_M] (``dq_descriptors``): the
-    pass splits no loop after a reduction of loaded tiles or after gathers."""
+    it also writes (the gate's gradient and the dk/dv kernel's row term). Rows as in the forward."""
     hk, row0, key0, num_keys, first, last, tok, head, row_ok, q1, q2 = _query_rows(
-        q_ptr, q_desc, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M,
-        GROUP, HEAD_ROWS, DQK, D1, D2, WARP_SPECIALIZE)
+        q_ptr, tile_seq_ptr, tile_first_ptr, cu_q_ptr, cu_k_ptr, num_seqs, stride_qt, stride_qh, BLOCK_M, GROUP,
+        HEAD_ROWS, DQK, D1, D2)
     dq1, dq2 = zeros_split(BLOCK_M, D1, D2)
-    if WARP_SPECIALIZE:
-        h = tl.program_id(1)
-        do = do_desc.load([row0.to(tl.int32), h * DV])
-        stats = (tl.program_id(0) * num_heads + h) * BLOCK_M
-        lse = lse_desc.load([stats])
-        delta = delta_desc.load([stats])
-    else:
-        do = load_at(do_ptr + row0 * stride_dot, tok * stride_dot + head * stride_doh, row_ok, 0, BLOCK_DV, DV)
-        stats = (row0 + tok) * num_heads + head
-        lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
-        delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, tok * stride_bt + head * stride_bh, row_ok, 0,
-                                      BLOCK_DV, DV))
-        tl.store(delta_ptr + stats, delta, mask=row_ok)
+    do = load_at(do_ptr + row0 * stride_dot, tok * stride_dot + head * stride_doh, row_ok, 0, BLOCK_DV, DV)
+    stats = (row0 + tok) * num_heads + head
+    lse = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
+    delta = row_delta(do, load_at(branch_ptr + row0 * stride_bt, tok * stride_bt + head * stride_bh, row_ok, 0,
+                                  BLOCK_DV, DV))
+    tl.store(delta_ptr + stats, delta, mask=row_ok)
     lo, hi = _key_bounds(first, last, num_keys, STRIDE, SPAN, WINDOW, BLOCK_N)
     k_base = k_ptr + key0 * stride_kt + hk * stride_kh
     v_base = v_ptr + key0 * stride_vt + hk * stride_vh
-    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start in range(lo, hi, BLOCK_N):
         s, cols, col_ok, k1, k2 = _key_tile_scores(q1, q2, k_base, k_desc1, k_desc2, key0, hk, start, hi, first + tok,
                                                    first, last, stride_kt, qk_scale, STRIDE, SPAN, WINDOW, BLOCK_N,
-                                                   DQK, D1, D2, PRECISION, ROW_T, TMA, WARP_SPECIALIZE)
+                                                   DQK, D1, D2, PRECISION, ROW_T, TMA)
         v, _ = load_split_rows(v_base, v_desc, v_desc, key0 + start, hk, cols, col_ok, stride_vt, BLOCK_N, TMA, DV,
                                BLOCK_DV, 0)
         dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, v, k1, k2, delta, dq1, dq2, D2, PRECISION)
@@ -303,18 +269,6 @@ def _range_dq_kernel(
         if ACCUMULATE:
             dq2 += load_at(dq_base, dq_rows, row_ok, D1, D2, DQK).to(tl.float32)
         store_at(dq_base, dq_rows, row_ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
-
-
-@triton.jit
-def _row_delta_kernel(do_ptr, o_ptr, delta_ptr, stride_dot, stride_doh, stride_ot, stride_oh, num_rows, num_heads,
-                      BLOCK_R: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta = dO . o (float32) of BLOCK_R (token, head) rows of delta [N, HQ] (contiguous)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = r < num_rows * num_heads
-    tok, head = r // num_heads, r % num_heads
-    do = load_at(do_ptr, tok.to(tl.int64) * stride_dot + head * stride_doh, ok, 0, BLOCK_DV, DV)
-    o = load_at(o_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, ok, 0, BLOCK_DV, DV)
-    tl.store(delta_ptr + r, row_delta(do, o), mask=ok)
 
 
 @triton.jit
@@ -343,18 +297,16 @@ def _range_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_k_ptr, cu_q_ptr, tile_seq_ptr,
     tile_first_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dk_split, stride_dv_split,
-    num_heads, num_seqs, split_len, qk_scale, scale, k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, gate_desc,
+    num_heads, num_seqs, split_len, qk_scale, scale,
     GROUP: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, ROW_T: tl.constexpr,
-    GP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    GP: tl.constexpr,
 ):
     """dv = sum over the GROUP query heads and the queries of this program's split of (g p)^T dO, and
     dk = scale * sum (g p (dp - delta))^T q, for BLOCK_N keys of one kv head. GP = 0: each step takes BLOCK_M
     tokens of one head, head after head; GP = the group padded to a power of two: each step takes BLOCK_M // GP
-    tokens x the GP heads (a token's heads are neighbours in memory), one pass over the queries.
-    WARP_SPECIALIZE (GP > 0, D2 == 0): that pass as Triton's Hopper warp specialisation builds it, K / V and every
-    step's operands through the descriptors (``dkdv_descriptors``)."""
+    tokens x the GP heads (a token's heads are neighbours in memory), one pass over the queries."""
     hk, split = tl.program_id(1), tl.program_id(2)
     key0, num_keys, tok0, seq_len, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_k_ptr, cu_q_ptr, num_seqs,
                                                        BLOCK_N)
@@ -362,12 +314,8 @@ def _range_dkdv_kernel(
     cols = first + key_tile
     col_ok = cols < num_keys
     k_row0 = key0 + first
-    # WARP_SPECIALIZE (one column part): through the boxes, whose rows past the keys (the next sequence's or zeros)
-    # no query sees
-    k1, k2 = load_split_rows(k_ptr + k_row0 * stride_kt + hk * stride_kh, k_desc, k_desc, k_row0, hk, key_tile, col_ok,
-                             stride_kt, BLOCK_N, WARP_SPECIALIZE, DQK, D1, D2)
-    v, _ = load_split_rows(v_ptr + k_row0 * stride_vt + hk * stride_vh, v_desc, v_desc, k_row0, hk, key_tile, col_ok,
-                           stride_vt, BLOCK_N, WARP_SPECIALIZE, DV, BLOCK_DV, 0)
+    k1, k2 = load_split(k_ptr + k_row0 * stride_kt + hk * stride_kh, key_tile, col_ok, stride_kt, DQK, D1, D2)
+    v = load_tile(v_ptr + k_row0 * stride_vt + hk * stride_vh, key_tile, col_ok, stride_vt, 0, BLOCK_DV, DV)
     dk1, dk2 = zeros_split(BLOCK_N, D1, D2)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # Queries that see a key of this tile: from the first key's end to the last key's window end.
@@ -377,17 +325,7 @@ def _range_dkdv_kernel(
     if WINDOW > 0:
         q_hi = tl.minimum(q_hi, _key_end(last_key, STRIDE, SPAN) + WINDOW)
     q_hi = tl.where(num_keys > first, q_hi, 0)
-    if WARP_SPECIALIZE:
-        r = tl.arange(0, BLOCK_M)
-        g = r % GP
-        for m0 in tl.range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP, warp_specialize=True):
-            toks = (m0 + r // GP).to(ROW_T)
-            # every step masked, heads past the group (GP > GROUP) and tokens past q_hi too: they were read
-            seen = _visible(toks[None, :], cols[:, None], STRIDE, SPAN, WINDOW) & ((toks < q_hi) & (g < GROUP))[None, :]
-            dk1, dv = boxed_dkdv_step(q_desc, do_desc, lse_desc, delta_desc, gate_desc, (tok0 + m0).to(tl.int32),
-                                      hk * GROUP, seen, k1, v, dk1, dv, qk_scale, BLOCK_M, D1, BLOCK_DV, PRECISION,
-                                      HAS_GATE)
-    elif GP > 0:
+    if GP > 0:
         r = tl.arange(0, BLOCK_M)
         g = r % GP
         for m0 in range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP):
@@ -449,18 +387,13 @@ def range_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Ten
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, out, branch_out)
-    descriptors = kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma)
-    q_desc = None
-    if forward_splits(tiles, rows.head_rows, consts) and descriptors["TMA"]:
-        q_desc = query_descriptor(q, tiles.fwd_m)
     _range_fwd_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, out, lse, branch_out, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         out.stride(0), out.stride(1), branch_out.stride(0), branch_out.stride(1), q.shape[1], packed.num_seqs,
-        scale * LOG2E, **descriptors, q_desc=q_desc,
+        scale * LOG2E, **kv_descriptors(k, v, tiles.fwd_n, consts, tiles.tma),
         BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
-        HEAD_ROWS=rows.head_rows, WARP_SPECIALIZE=q_desc is not None, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        HEAD_ROWS=rows.head_rows, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
@@ -473,57 +406,13 @@ def range_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor,
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     k, v = _nonempty(k), _nonempty(v)
     consts = _common(q, k, v, rule, packed.max_len, dout, branch_out, dq)
-    descriptors = kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma)
-    split = dq_descriptors(q, dout, branch_out, lse, delta, tiles, rows.head_rows, consts, descriptors["TMA"],
-                           packed, table)
     _range_dq_kernel[(table.grid, k.shape[1] if rows.head_rows else q.shape[1])](
         q, k, v, gate_t, dout, branch_out, lse, delta, dq, packed.cu, cu_keys, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1), dq.stride(0), dq.stride(1),
-        q.shape[1], packed.num_seqs, scale * LOG2E, scale, **descriptors, **split,
+        q.shape[1], packed.num_seqs, scale * LOG2E, scale, **kv_descriptors(k, v, tiles.dq_n, consts, tiles.tma),
         BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, HAS_GATE=gate is not None, ACCUMULATE=accumulate, **consts,
         HEAD_ROWS=rows.head_rows, num_warps=tiles.dq_num_warps, num_stages=tiles.dq_num_stages,
-    )
-
-
-def dq_descriptors(q: Tensor, dout: Tensor, branch_out: Tensor, lse: Tensor, delta: Tensor, tiles: RangeTiles,
-                   head_rows: bool, consts: dict, tma: bool, packed: Packed, table: TileTable) -> dict[str, Any]:
-    """The dq kernel's q_desc, do_desc, lse_desc, delta_desc and WARP_SPECIALIZE where ``dq_splits`` holds and TMA
-    reads q and dO: boxes of dq_m rows of one head, 2-D over [N, H * D] for q and dO, 1-D over lse and delta laid
-    out per program ([grid, HQ, dq_m] copies: a box's first element must sit on 16 bytes, which a row's offset in
-    [HQ, N] need not); delta is computed here (``row_deltas``, into ``delta`` too). Else None, and the kernel
-    gathers them."""
-    plain: dict[str, Any] = {"q_desc": None, "do_desc": None, "lse_desc": None, "delta_desc": None,
-                             "WARP_SPECIALIZE": False}
-    if not (dq_splits(tiles, head_rows, consts) and tma):
-        return plain
-    q_desc, do_desc = query_descriptor(q, tiles.dq_m), query_descriptor(dout, tiles.dq_m)
-    if q_desc is None or do_desc is None:
-        return plain
-    row_deltas(dout, branch_out, delta, consts)
-    rows = program_rows(packed, table, tiles.dq_m)
-    by_program = [x[rows].transpose(1, 2).contiguous().view(-1) for x in (lse, delta)]  # [grid, HQ, dq_m]
-    return {"q_desc": q_desc, "do_desc": do_desc, "lse_desc": box_descriptor(by_program[0], (tiles.dq_m,)),
-            "delta_desc": box_descriptor(by_program[1], (tiles.dq_m,)), "WARP_SPECIALIZE": True}
-
-
-def program_rows(packed: Packed, table: TileTable, tile: int) -> Tensor:
-    """int64 [grid, tile]: the token row of each program's rows (clamped into the tensor past a sequence's end)."""
-    def build() -> Tensor:
-        seq = table.seq.clamp_max(packed.num_seqs - 1).long()
-        programs = torch.arange(table.grid, device=seq.device)
-        start = packed.cu.long()[seq] + (programs - table.first.long()[seq]) * tile
-        return (start[:, None] + torch.arange(tile, device=seq.device)).clamp_(0, max(packed.total - 1, 0))
-
-    return packed_sized(packed, ("program rows", packed.num_seqs, packed.max_len, tile, table.grid), build)
-
-
-def row_deltas(dout: Tensor, branch_out: Tensor, delta: Tensor, consts: dict) -> None:
-    """delta [N, HQ] (float32, contiguous) = dO . o per (token, head) row."""
-    rows = 64
-    _row_delta_kernel[(triton.cdiv(delta.numel(), rows),)](
-        dout, branch_out, delta, dout.stride(0), dout.stride(1), branch_out.stride(0), branch_out.stride(1),
-        delta.shape[0], delta.shape[1], BLOCK_R=rows, DV=consts["DV"], BLOCK_DV=consts["BLOCK_DV"],
     )
 
 
@@ -549,59 +438,19 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
     else:
         dk_out, dv_out = dk[None], dv[None]
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
-    consts = _common(q, k, v, rule, packed.max_len, dout)
-    gp = dkv_head_rows(q.shape[1] // k.shape[1], tiles)
     _range_dkdv_kernel[(table.grid, k.shape[1], num_splits)](
         q, k, v, gate_t, dout, lse, delta, dk_out, dv_out, cu_keys, packed.cu, table.seq, table.first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1), dv_out.stride(2),
         dk_out.stride(0), dv_out.stride(0), q.shape[1], packed.num_seqs, split_len, scale * LOG2E, scale,
-        **dkdv_descriptors(q, k, v, gate, dout, lse, delta, tiles, consts, gp),
-        BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None, **consts, GP=gp,
+        BLOCK_M=tiles.dkv_m, BLOCK_N=tiles.dkv_n, HAS_GATE=gate is not None,
+        **_common(q, k, v, rule, packed.max_len, dout), GP=dkv_head_rows(q.shape[1] // k.shape[1], tiles),
         num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     if num_splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
     return dk, dv
-
-
-def forward_splits(tiles: RangeTiles, head_rows: bool, dims: dict) -> bool:
-    """Whether the forward runs its warp-specialised loop under these tiles (where q and K / V then take their
-    descriptors): tiles.warp_specialize with TMA on one warpgroup (Triton 3.6 splits 4 warps into 12; it leaves 8
-    whole), at least 64 rows (two computing warpgroups share them; 32 stay whole), rows of one head and one column
-    part (D2 == 0): q as one 2-D box."""
-    return (tiles.warp_specialize and tiles.tma and tiles.num_warps == 4 and tiles.fwd_m >= 64 and not head_rows
-            and not dims["D2"])
-
-
-def dq_splits(tiles: RangeTiles, head_rows: bool, dims: dict) -> bool:
-    """Whether the dq runs its warp-specialised loop under these tiles: as ``forward_splits`` with the dq's tiles,
-    and d_v a power of two (dO's box of BLOCK_DV columns must not reach the next head's)."""
-    return (tiles.dq_warp_specialize and tiles.tma and tiles.dq_num_warps == 4 and tiles.dq_m >= 64
-            and not head_rows and not dims["D2"] and dims["DV"] == dims["BLOCK_DV"])
-
-
-def dkdv_splits(tiles: RangeTiles, group: int, gp: int, dims: dict) -> bool:
-    """Whether the dk/dv runs its warp-specialised loop under these tiles (where every operand then takes its
-    box): tiles.dkv_warp_specialize on one warpgroup with 64 keys (Triton 3.6 leaves 32 whole and fails to compile
-    128), steps of tokens x gp >= 4 heads (an lse / delta / gate box row holds gp float32 values, and TMA reads
-    rows of 16 bytes or more), a group of a multiple of 4 heads (such a box starts at column hk * group, which must
-    sit on 16 bytes) and one column part."""
-    return (tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and tiles.dkv_n == 64 and gp >= 4
-            and group % 4 == 0 and not dims["D2"])
-
-
-def dkdv_descriptors(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
-                     tiles: RangeTiles, consts: dict, gp: int) -> dict[str, Any]:
-    """The dk/dv kernel's descriptor arguments and WARP_SPECIALIZE: K / V boxes of the program's dkv_n keys and,
-    per step, boxes of dkv_m // gp tokens x gp heads of q, dO, lse, delta and the gates (``dkdv_boxes``), where
-    ``dkdv_splits`` holds on a TMA device and every box can be made; else None and the loop that gathers them."""
-    boxes = None
-    if dkdv_splits(tiles, consts["GROUP"], gp, consts) and tma_capable(q.device):
-        boxes = dkdv_boxes(q, k, v, gate, dout, lse, delta, tiles.dkv_n, tiles.dkv_m // gp, gp, consts["D1"],
-                           consts["BLOCK_DV"])
-    return {**(boxes or dict.fromkeys(DKDV_BOXES)), "WARP_SPECIALIZE": boxes is not None}
 
 
 def dkv_head_rows(group: int, tiles: RangeTiles) -> int:

@@ -27,9 +27,9 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.attention_steps import (
-    boxed_dkdv_step,
     dq_step,
     gathered_dkdv_step,
+    load_split,
     load_split_at,
     load_split_rows,
     row_delta,
@@ -40,14 +40,13 @@ from nsa.kernels.attention_steps import (
 )
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.tiles import (
-    DKDV_BOXES,
     LOG2E,
     Packed,
     TileTable,
-    dkdv_boxes,
     dot_precision,
     kv_descriptors,
     load_at,
+    load_tile,
     output_buffer,
     packed_sized,
     packed_tiles,
@@ -56,7 +55,6 @@ from nsa.kernels.tiles import (
     store_tile,
     tile_grid,
     tile_origin,
-    tma_capable,
     token_sequences,
 )
 
@@ -92,10 +90,7 @@ class SelectedTiles(NamedTuple):
     their tokens (``_passes``). Off: H200, 64k, 2026-12-04, forward / dq ms with them apart on programs of 128 rows
     (8 warps) 16.08 / 16.61 and of 64 rows (4 warps) 15.22 / 16.23 against 14.99 / 16.37 in one pass (public);
     G = 12 15.96 / 16.16 and 15.33 / 15.74 against 15.03 / 16.13. The second pass reads q, dO and the partial
-    output or dq again (~4 GB at 64k), about what the forced blocks' loads cost in the first.
-    dkv_warp_specialize (off; a tile-sweep candidate): the dk/dv's walk over a list split by Triton's Hopper pass
-    into a warpgroup that loads and two that compute, one list entry per step, its token's heads and their lse,
-    delta and gates as TMA boxes (``sel_dkdv_splits``: dkv_num_warps = 4, one entry per step, 64-key blocks)."""
+    output or dq again (~4 GB at 64k), about what the forced blocks' loads cost in the first."""
 
     num_warps: int = 4
     num_stages: int = 2
@@ -113,7 +108,6 @@ class SelectedTiles(NamedTuple):
     forced_rows: int = 128
     forced_num_warps: int = 8
     forced_num_stages: int = 2
-    dkv_warp_specialize: bool = False
 
 
 @triton.jit
@@ -316,15 +310,11 @@ def _sel_dkdv_kernel(
     chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
     num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
-    k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, gate_desc,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads.
-    WARP_SPECIALIZE (BQ == 1, D2 == 0): the walk as Triton's Hopper warp specialisation builds it, K / V and each
-    entry's operands through the boxes of nsa.kernels.tiles.dkdv_boxes."""
+    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads."""
     chunk = tl.program_id(0)
     listed = tl.load(chunk_list_ptr + chunk)
     live = listed < num_lists
@@ -339,38 +329,26 @@ def _sel_dkdv_kernel(
     pos = j * SEL_BLOCK + offs
     key_ok = (offs < SEL_BLOCK) & (pos < seq_len)
     block_row = tok0 + j * SEL_BLOCK
-    # WARP_SPECIALIZE (one column part): through the boxes, whose rows past the sequence (the next one's keys or
-    # zeros) key_ok leaves unseen
-    k1, k2 = load_split_rows(k_ptr + block_row * stride_kt + hk * stride_kh, k_desc, k_desc, block_row, hk, offs,
-                             key_ok, stride_kt, BLOCK_S, WARP_SPECIALIZE, DQK, D1, D2)
-    v, _ = load_split_rows(v_ptr + block_row * stride_vt + hk * stride_vh, v_desc, v_desc, block_row, hk, offs, key_ok,
-                           stride_vt, BLOCK_S, WARP_SPECIALIZE, DV, BLOCK_DV, 0)
+    k1, k2 = load_split(k_ptr + block_row * stride_kt + hk * stride_kh, offs, key_ok, stride_kt, DQK, D1, D2)
+    v = load_tile(v_ptr + block_row * stride_vt + hk * stride_vh, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
     dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     first = tl.load(chunk_start_ptr + chunk)
     end = tl.where(live, tl.minimum(first + CHUNK, tl.load(list_end_ptr + listed)), first)
     r = tl.arange(0, BQ * GP)
     g = r % GP
-    if WARP_SPECIALIZE:
-        for e in tl.range(first, end, warp_specialize=True):
-            tok = tl.load(entries_ptr + e)
-            # heads past the group (GP > GROUP) were read: masked with the keys this entry's token cannot see
-            seen = key_ok[:, None] & (g < GROUP)[None, :] & (pos[:, None] <= tok - tok0)
-            dk1, dv = boxed_dkdv_step(q_desc, do_desc, lse_desc, delta_desc, gate_desc, tok, hk * GROUP, seen, k1, v,
-                                      dk1, dv, qk_scale, GP, D1, BLOCK_DV, PRECISION, HAS_GATE)
-    else:
-        for e in range(first, end, BQ):
-            entry = e + r // GP
-            ok = (entry < end) & (g < GROUP)
-            tok = tl.load(entries_ptr + entry, mask=ok, other=0).to(tl.int64)
-            head = hk * GROUP + g
-            q1, q2 = load_split_at(q_ptr, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
-            s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
-            seen = key_ok[:, None] & ok[None, :] & (pos[:, None] <= (tok - tok0)[None, :])
-            dk1, dk2, dv = gathered_dkdv_step(tl.where(seen, s_t, float("-inf")), q1, q2, v, do_ptr, lse_ptr,
-                                              delta_ptr, gate_ptr, tok * stride_dot + head * stride_doh,
-                                              tok * num_heads + head, tok * stride_gt + head * stride_gh, ok, dk1,
-                                              dk2, dv, D2, DV, BLOCK_DV, PRECISION, HAS_GATE)
+    for e in range(first, end, BQ):
+        entry = e + r // GP
+        ok = (entry < end) & (g < GROUP)
+        tok = tl.load(entries_ptr + entry, mask=ok, other=0).to(tl.int64)
+        head = hk * GROUP + g
+        q1, q2 = load_split_at(q_ptr, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
+        s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
+        seen = key_ok[:, None] & ok[None, :] & (pos[:, None] <= (tok - tok0)[None, :])
+        dk1, dk2, dv = gathered_dkdv_step(tl.where(seen, s_t, float("-inf")), q1, q2, v, do_ptr, lse_ptr, delta_ptr,
+                                          gate_ptr, tok * stride_dot + head * stride_doh, tok * num_heads + head,
+                                          tok * stride_gt + head * stride_gh, ok, dk1, dk2, dv, D2, DV, BLOCK_DV,
+                                          PRECISION, HAS_GATE)
     part = chunk.to(tl.int64) * BLOCK_S
     all_rows = offs >= 0
     store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)
@@ -671,15 +649,6 @@ def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
     return {"GP": gp, "BQ": max(1, tiles.dkv_rows // gp, 16 // gp)}
 
 
-def sel_dkdv_splits(tiles: SelectedTiles, group: int, rows: dict[str, int], dims: dict) -> bool:
-    """Whether the dk/dv walks its lists warp-specialised (``_sel_dkdv_kernel``'s WARP_SPECIALIZE) under these tiles:
-    tiles.dkv_warp_specialize on one warpgroup, one entry per step (``dkv_rows``: BQ = 1, so GP >= 16) of a group of a
-    multiple of 4 heads (its lse / delta / gate box starts at column hk * group, on 16 bytes), blocks of 64 keys
-    (Triton 3.6 splits a dk/dv of 64 keys, as range_attention.dkdv_splits) and one column part."""
-    return (tiles.dkv_warp_specialize and tiles.dkv_num_warps == 4 and rows["BQ"] == 1 and group % 4 == 0
-            and dims["SEL_BLOCK"] == dims["BLOCK_S"] == 64 and not dims["D2"])
-
-
 def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
@@ -693,18 +662,14 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     num_lists = k.shape[1] * lists.blocks_per_head
-    rows = dkv_rows(args["GROUP"], tiles)
-    boxes = None
-    if sel_dkdv_splits(tiles, args["GROUP"], rows, {**args, "SEL_BLOCK": sel_block_size}) and tma_capable(q.device):
-        boxes = dkdv_boxes(q, k, v, gate, dout, lse, delta, block_s, 1, rows["GP"], args["D1"], block_dv)
     _sel_dkdv_kernel[(num_chunks,)](
         q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_list, lists.chunk_start,
         lists.list_end, lists.block_seq, packed.cu, lists.cu_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
-        scale * LOG2E, scale, **(boxes or dict.fromkeys(DKDV_BOXES)), WARP_SPECIALIZE=boxes is not None,
+        scale * LOG2E, scale,
         CHUNK=tiles.chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
-        **{**args, **rows}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
+        **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
     _sel_reduce_kernel[(num_lists,)](

@@ -10,7 +10,7 @@ the real tiles exit at once).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -113,54 +113,18 @@ def tma_capable(device: torch.device) -> bool:
     return interpreter_enabled()
 
 
-def box_descriptor(x: Tensor, box: Sequence[int]) -> Any:
-    """A tensor descriptor over x that loads boxes of ``box`` elements (TMA zero-fills past x's edges), or None
-    where TMA cannot read x so: its last dim not contiguous, its base or another stride not 16-byte aligned, a box
-    side over 256 elements or a box row under 16 bytes."""
+def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """Tensor descriptors over token rows x [N, H, D] that load ``rows`` consecutive rows of one head, one per
+    column part: widths (D1, D2) give boxes of D1 columns from column 0 and D2 from column D1 (a width 0: None).
+    TMA zero-fills past the tensor's rows and past column D. None where TMA cannot read x: strides or base not
+    16-byte aligned, or a box side over 256 elements."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     size = x.element_size()
     aligned = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
-    if not aligned or max(box) > 256 or box[-1] * size < 16:
+    if not aligned or max(rows, *widths) > 256 or min(w for w in widths if w) * size < 16:
         return None
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), list(box))
-
-
-def row_descriptors(x: Tensor, rows: int, widths: tuple[int, ...]) -> tuple[Any, ...] | None:
-    """Tensor descriptors over token rows x [N, H, D] that load ``rows`` consecutive rows of one head, one per
-    column part: widths (D1, D2) give boxes of D1 columns from column 0 and D2 from column D1 (a width 0: None).
-    TMA zero-fills past the tensor's rows and past column D. None where TMA cannot read x (``box_descriptor``)."""
-    descriptors = tuple(box_descriptor(x, (rows, 1, w)) if w else None for w in widths)
-    return None if any(d is None for d, w in zip(descriptors, widths, strict=True) if w) else descriptors
-
-
-def query_descriptor(q: Tensor, rows: int) -> Any:
-    """A tensor descriptor over token rows q [N, H, D] seen as [N, H * D] that loads ``rows`` consecutive rows of
-    one head (the box [rows, D] at column head * D), or None where q's heads are not next to each other, a head's
-    first column does not sit on 16 bytes (a box's start must), or TMA cannot read it (``box_descriptor``)."""
-    n, heads, width = q.shape
-    if q.stride(-1) != 1 or (heads > 1 and q.stride(1) != width) or width * q.element_size() % 16:
-        return None
-    return box_descriptor(q.as_strided((n, heads * width), (q.stride(0), 1)), (rows, width))
-
-
-DKDV_BOXES = ("k_desc", "v_desc", "q_desc", "do_desc", "lse_desc", "delta_desc", "gate_desc")
-
-
-def dkdv_boxes(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tensor, lse: Tensor, delta: Tensor,
-               keys: int, tokens: int, heads: int, width: int, width_v: int) -> dict[str, Any] | None:
-    """A dk/dv kernel's descriptors (``DKDV_BOXES``, for attention_steps.boxed_dkdv_step): K / V boxes of ``keys``
-    rows of one head ([N, H_kv, D]), q and dO boxes of ``tokens`` x ``heads`` x D, and lse, delta and the gates
-    ([N, HQ] float32) boxes of ``tokens`` x ``heads``; gate None: no gate box. None where one cannot be made
-    (``box_descriptor``)."""
-    rows = (tokens, heads)
-    boxes = ((k, (keys, 1, width)), (v, (keys, 1, width_v)), (q, (*rows, width)), (dout, (*rows, width_v)),
-             (lse, rows), (delta, rows), (gate, rows))
-    made = {name: None if x is None else box_descriptor(x, box)
-            for name, (x, box) in zip(DKDV_BOXES, boxes, strict=True)}
-    if any(made[name] is None for name in DKDV_BOXES[:-1]) or (gate is not None and made["gate_desc"] is None):
-        return None
-    return made
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, 1, w]) if w else None for w in widths)
 
 
 def kv_descriptors(k: Tensor, v: Tensor | None, rows: int, consts: dict, wanted: bool) -> dict[str, Any]:
