@@ -483,39 +483,74 @@ def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
     return [out, indices, *run.backward(dout, indices, tuple(lse), branch_outs, (blocks, counts))]
 
 
+def tile_candidates(variants: dict[str, list[Any]]) -> list[tuple[str, Any]]:
+    """The sweep's (field, tiles) pairs in the order it measures them."""
+    return [(field, tiles) for field, candidates in variants.items() for tiles in candidates]
+
+
+def tile_row(shape: Shape, seq_len: int, field: str, tiles: Any, locality: float) -> dict[str, Any]:
+    """A tile-sweep row's description of its candidate, before any measurement."""
+    return {"impl": "tiles", "shape": shape_name(shape), "T": seq_len, "field": field, "tiles": repr(tiles),
+            "query_locality": locality}
+
+
 def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]],
-              locality: float = 0.0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+              locality: float = 0.0, on_row: Callable[[dict], None] | None = None, skip: int = 0,
+              stop_on_error: bool = False) -> list[dict]:
     """The kernels a tile setting touches, timed under each candidate of ``variants``, after checking that the
     candidate's forward and backward equal the default tiles' (within bf16 rounding; the selection exactly).
     Picks the next defaults of nsa/kernels in one device call. ``on_row`` gets each row as soon as it is
-    measured (a timeout keeps the rows so far)."""
+    measured (a timeout keeps the rows so far). ``skip``: start at that candidate (``tile_candidates`` order);
+    ``stop_on_error``: return after the first row with an error (a CUDA fault leaves the process unusable)."""
     inputs = nsa_inputs(shape, seq_len, dtype, device, False, locality)
     dout = torch.randn(1, seq_len, shape.heads, shape.dv, device=device, dtype=dtype)
     reference = run_outputs(prefill_run(inputs, shape), dout)
     rows = []
-    for field, candidates in variants.items():
-        for tiles in candidates:
-            row: dict[str, Any] = {"impl": "tiles", "shape": shape_name(shape), "T": seq_len, "field": field,
-                                   "tiles": repr(tiles), "query_locality": locality}
+    for field, tiles in tile_candidates(variants)[skip:]:
+        row = tile_row(shape, seq_len, field, tiles, locality)
 
-            def work(field: str = field, tiles: Any = tiles, row: dict[str, Any] = row) -> dict[str, Any]:
-                run = prefill_run(inputs, shape)
-                setattr(run, field, tiles)
-                got = run_outputs(run, dout)
-                row["indices_equal"] = torch.equal(got[1], reference[1])
-                pairs = zip(got, reference, strict=True)
-                row["max_rel_err"] = max(relative_error(a, b) for i, (a, b) in enumerate(pairs) if i != 1)
-                if not (row["indices_equal"] and row["max_rel_err"] < CHECK_RTOL):
-                    return {"error": "differs from the default tiles' result"}
-                # 200 ms of warm-up: with do_bench's 25 ms, the first candidate timed after the checks ran its
-                # dk/dv 0.3 ms slower (of 1.3-1.7) than the same tiles timed later in the sweep
-                return {name: round(timed(fn, device, warmup_ms=200), 3)
-                        for name, fn, _ in kernel_steps(run, shape, seq_len) if name in TILE_KERNELS[field]}
+        def work(field: str = field, tiles: Any = tiles, row: dict[str, Any] = row) -> dict[str, Any]:
+            run = prefill_run(inputs, shape)
+            setattr(run, field, tiles)
+            got = run_outputs(run, dout)
+            row["indices_equal"] = torch.equal(got[1], reference[1])
+            pairs = zip(got, reference, strict=True)
+            row["max_rel_err"] = max(relative_error(a, b) for i, (a, b) in enumerate(pairs) if i != 1)
+            if not (row["indices_equal"] and row["max_rel_err"] < CHECK_RTOL):
+                return {"error": "differs from the default tiles' result"}
+            # 200 ms of warm-up: with do_bench's 25 ms, the first candidate timed after the checks ran its
+            # dk/dv 0.3 ms slower (of 1.3-1.7) than the same tiles timed later in the sweep
+            return {name: round(timed(fn, device, warmup_ms=200), 3)
+                    for name, fn, _ in kernel_steps(run, shape, seq_len) if name in TILE_KERNELS[field]}
 
-            rows.append(guarded(row, work))
-            if on_row is not None:
-                on_row(row)
+        rows.append(guarded(row, work))
+        if on_row is not None:
+            on_row(row)
+        if stop_on_error and "error" in row:
+            break
     return rows
+
+
+def tile_rows_in_child(shape: str, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]],
+                       locality: float, skip: int, put: Callable[[dict], None]) -> None:
+    """``bench.isolated.isolated_rows``' target for the tile sweep: tile_rows from candidate ``skip`` on, each row
+    handed to ``put``, stopping after an error so that a fresh process measures the next candidate."""
+    tile_rows(SHAPES[shape], seq_len, device, dtype, variants, locality, on_row=put, skip=skip, stop_on_error=True)
+
+
+def isolated_tile_rows(shape: str, seq_len: int, device: str, dtype: torch.dtype, variants: dict[str, list[Any]],
+                       locality: float, timeout_s: float, on_row: Callable[[dict], None]) -> None:
+    """tile_rows in child processes (``bench.isolated``): a candidate that hangs past ``timeout_s`` or kills its
+    process (a deadlock, a CUDA fault) gets an error row, and the sweep goes on with the next candidate."""
+    from bench.isolated import isolated_rows
+
+    candidates = tile_candidates(variants)
+    for row in isolated_rows(tile_rows_in_child, (shape, seq_len, device, dtype, variants, locality),
+                             len(candidates), timeout_s):
+        if row.get("impl") != "tiles":  # a candidate whose process hung or died
+            field, tiles = candidates[row["index"]]
+            row = {**tile_row(SHAPES[shape], seq_len, field, tiles, locality), "error": row["error"]}
+        on_row(row)
 
 
 def module_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, profile_dir: Path | None = None
@@ -667,6 +702,10 @@ def main() -> None:
                         help="which tiles the tiles part sweeps (each field's candidates: tile_variants)")
     parser.add_argument("--tile-match", default=None, help="sweep only the candidates whose repr contains this "
                         "text (e.g. 'tma=False'), beside each field's defaults")
+    parser.add_argument("--tile-timeout", type=float, default=None, help="run the sweep in child processes and "
+                        "give a candidate that yields no row within this many seconds, or kills its process, an "
+                        "error row instead (the sweep goes on; the first candidate's time includes the reference "
+                        "run)")
     parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
@@ -687,6 +726,8 @@ def main() -> None:
         parser.error(f"--gpt-processes must be at least 1, got {args.gpt_processes}")
     if args.gpt_processes > 1 and args.gpt_profile:
         parser.error("--gpt-profile profiles a step of this process: use it with --gpt-processes 1")
+    if args.tile_timeout is not None and not 0 < args.tile_timeout < float("inf"):
+        parser.error(f"--tile-timeout must be a positive number of seconds, got {args.tile_timeout}")
     if not all(0.0 <= locality < 1.0 for locality in args.tile_localities):
         parser.error(f"--tile-localities must each be in [0, 1), got {args.tile_localities}")
     cuda = args.device.startswith("cuda")
@@ -726,8 +767,12 @@ def main() -> None:
             for shape in args.tile_shapes:
                 variants = {field: matching(tiles, args.tile_match) for field, tiles in tile_variants(shape).items()
                             if field in args.tile_fields}
-                tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, variants, locality,
-                          on_row=lambda row: record([row]))
+                if args.tile_timeout is None:
+                    tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, variants, locality,
+                              on_row=lambda row: record([row]))
+                else:
+                    isolated_tile_rows(shape, args.kernel_len, args.device, dtype, variants, locality,
+                                       args.tile_timeout, on_row=lambda row: record([row]))
     if "layer" in args.parts:
         impls = args.impls if cuda else ["nsa", "dense"]
         for seq_len in seq_lens:

@@ -17,10 +17,12 @@ if [[ " $PARTS " == *" tests "* ]]; then
     # the whole device call.
     workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8 --dist load)
-    TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${TEST_TIMEOUT:-470}" python3 -m pytest -q -m "gpu and not slow" \
+    # -v: each test's outcome is logged as it ends, so a suite cut short by the timeout still names its failures.
+    TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${TEST_TIMEOUT:-470}" python3 -m pytest -v -m "gpu and not slow" \
         -p no:cacheprovider "${workers[@]}" --timeout 400 --durations=30 tests/ >"$OUT/gpu_tests.log" 2>&1 \
         || tests_status=$?
-    tail -n 30 "$OUT/gpu_tests.log"
+    grep -E "(FAILED|ERROR) " "$OUT/gpu_tests.log" | tail -n 20 || echo "no test failed before the log ends"
+    tail -n 5 "$OUT/gpu_tests.log"
 fi
 if [[ " $PARTS " == *" prefill "* ]]; then
     # NSA prefill/training (issue 11): the public shape at every length first (the targets), then the other shapes
@@ -36,11 +38,13 @@ if [[ " $PARTS " == *" tiles "* ]]; then
     # share 90% of their variance within 64-token spans (neighbours select overlapping blocks): the next defaults of
     # nsa/kernels (only on request: PARTS=tiles; TILE_SHAPES, TILE_LOCALITIES pick the shapes, "gpt" being the 4-layer
     # GPT's G = 2 attention, "g4_paper" G = 4 at d_k = 192; TILE_FIELDS the kernels, e.g. "cmp_tiles win_tiles";
-    # TILE_MATCH only the candidates whose repr holds that text, e.g. "dkv_n=64", beside the defaults).
+    # TILE_MATCH only the candidates whose repr holds that text, e.g. "dkv_n=64", beside the defaults; TILE_TIMEOUT
+    # seconds: each candidate in a child process, one that hangs or faults gets an error row and the sweep goes on).
     # shellcheck disable=SC2086  # lists of shapes, localities and fields
     timeout "${TILES_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts tiles \
         --tile-shapes ${TILE_SHAPES:-public g4 gpt} --tile-localities ${TILE_LOCALITIES:-0 0.9} \
         --tile-fields ${TILE_FIELDS:-cmp_tiles win_tiles topn_tiles sel_tiles} ${TILE_MATCH:+--tile-match "$TILE_MATCH"} \
+        ${TILE_TIMEOUT:+--tile-timeout "$TILE_TIMEOUT"} \
         --results-dir "$OUT" --name prefill_tiles_cuda 2>&1 | tee "$OUT/bench_prefill_tiles.log" || echo "bench_prefill tiles exited with $?"
 fi
 if [[ " $PARTS " == *" gpt "* ]]; then

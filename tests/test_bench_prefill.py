@@ -60,6 +60,49 @@ def test_tile_sweep_refuses_a_candidate_whose_result_differs(monkeypatch: pytest
     assert not set(row) & set(bench_prefill.KERNEL_NAMES)
 
 
+def test_tile_sweep_resumes_at_a_candidate_and_stops_after_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a fresh child process of an isolated sweep does: start at candidate ``skip`` (the reference still
+    computed), and with stop_on_error end after the first error row (a CUDA fault poisons the process)."""
+    make = bench_prefill.prefill_run
+    runs: list[Any] = []
+
+    def scale_off_in_the_second_candidate(*args: Any) -> Any:
+        run = make(*args)
+        runs.append(run)
+        if len(runs) == 3:  # the reference, the first measured candidate, then this one
+            run.scale *= 1.5
+        return run
+
+    monkeypatch.setattr(bench_prefill, "prefill_run", scale_off_in_the_second_candidate)
+    variants = {"cmp_tiles": [INTERPRETER_RANGE, INTERPRETER_RANGE._replace(dkv_n=32)],
+                "win_tiles": [INTERPRETER_RANGE, INTERPRETER_RANGE._replace(tma=True)]}
+    rows = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, variants, skip=1, stop_on_error=True)
+    assert [(row["field"], row["tiles"]) for row in rows] == [("cmp_tiles", repr(variants["cmp_tiles"][1])),
+                                                             ("win_tiles", repr(variants["win_tiles"][0]))]
+    assert "error" not in rows[0] and rows[1]["error"] == "differs from the default tiles' result"
+
+
+def test_isolated_tile_sweep_reports_a_lost_candidate_as_its_tile_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate whose child process hung or died comes back as an error row naming its field and tiles."""
+    import bench.isolated
+
+    variants = {"cmp_tiles": [INTERPRETER_RANGE], "win_tiles": [INTERPRETER_RANGE._replace(tma=True)]}
+    measured = {**bench_prefill.tile_row(TINY, 24, "cmp_tiles", INTERPRETER_RANGE, 0.5), "fwd_cmp": 1.0}
+
+    def fake_isolated_rows(target: Any, args: tuple, count: int, timeout_s: float) -> Any:
+        assert target is bench_prefill.tile_rows_in_child and count == 2 and timeout_s == 9.0
+        yield measured
+        yield {"index": 1, "error": "no result within 9 s: the child was killed"}
+
+    monkeypatch.setattr(bench.isolated, "isolated_rows", fake_isolated_rows)
+    monkeypatch.setitem(bench_prefill.SHAPES, "tiny", TINY)
+    rows: list[dict[str, Any]] = []
+    bench_prefill.isolated_tile_rows("tiny", 24, "cpu", torch.float32, variants, 0.5, 9.0, on_row=rows.append)
+    assert rows[0] == measured
+    assert rows[1] == {**bench_prefill.tile_row(TINY, 24, "win_tiles", variants["win_tiles"][0], 0.5),
+                       "error": "no result within 9 s: the child was killed"}
+
+
 def test_markdown_states_each_target_from_the_rows(tmp_path: Any) -> None:
     """The targets table of prefill_cuda.md: ratios from the rows, met / missed / not measured, the GPT (eager, and
     compiled where measured) and per-head targets and the 512k fit; every tile-sweep row is listed in run order."""

@@ -151,18 +151,14 @@ def test_prefill_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-# The H200 (2026-12-05, torch 2.11, main at 178eb84) raised "operation would make the legacy stream depend on a
-# capturing blocking stream" from inside nsa::prefill_backward while capturing; the forward alone captured and
-# replayed bitwise. The cause is not found yet (docs/PERF_NOTES.md, twenty-ninth session): strict, so the fix shows.
-BACKWARD_CAPTURE_FAILS = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                           reason="the prefill backward does not capture yet (H200, 2026-12-05)")
-
-
-@pytest.mark.parametrize("backward", [False, pytest.param(True, marks=BACKWARD_CAPTURE_FAILS)])
-def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch, backward):
-    """The forward (and the backward) captured in a CUDA graph replay bitwise as run eagerly, also once every table
-    kept for unpacked batches (nsa.sized_tensors) is dropped and its memory taken by other tensors: a capture builds
-    tables of its own, which the graph holds, instead of reading kept ones."""
+def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch):
+    """Forward + backward captured in a CUDA graph replay bitwise as run eagerly, also once every table kept
+    for unpacked batches (nsa.sized_tensors) is dropped and its memory taken by other tensors: a
+    capture builds tables of its own, which the graph holds, instead of reading kept ones. Each step returns its
+    output detached: an eager step whose autograd graph lived on would leave the leaves' AccumulateGrad nodes bound
+    to the stream they ran on, and the captured backward would then make that stream wait on the capture (the H200
+    raised "operation would make the legacy stream depend on a capturing blocking stream" on 2026-12-05;
+    PyTorch #180090)."""
     from collections import OrderedDict
 
     from nsa import sized_tensors as sized
@@ -173,7 +169,7 @@ def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch, backward):
 
     def step() -> tuple[torch.Tensor, ...]:
         out = nsa_attention(*inputs, **BLOCKS, backend="triton").output
-        return (out, *torch.autograd.grad(out, inputs, dout)) if backward else (out.detach(),)
+        return (out.detach(), *torch.autograd.grad(out, inputs, dout))
 
     want = step()
     kept = [t for built, _ in sized._SIZED.values() for t in (built if isinstance(built, tuple) else (built,))
