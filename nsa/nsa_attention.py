@@ -119,9 +119,7 @@ class NSAAttention(nn.Module):
             out, block_indices, p = self._append(x, cache, counts)
         else:
             lengths = None if cu_seqlens is None else self._packed_lengths(x, cu_seqlens)
-            positions = torch.arange(x.shape[1], device=x.device) if lengths is None else packed_positions(lengths,
-                                                                                                          x.device)
-            p = self.project(x, positions)
+            p = self.project(x, None if lengths is None else packed_positions(lengths, x.device))
             k_cmp, v_cmp = self._compress(p.k_cmp_raw, p.v_cmp_raw, lengths)
             out, block_indices = nsa_attention(
                 p.q, k_cmp, v_cmp, p.k_sel, p.v_sel, p.k_win, p.v_win, p.gates,
@@ -168,8 +166,9 @@ class NSAAttention(nn.Module):
                                    device=x.device)
         return y, NSAAux(block_indices, x.new_zeros(batch, seq_len, c.num_heads, 3))
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> Projected:
-        """Projections at absolute positions ([T] or [B, T]), computed from x with non-finite tokens replaced by
+    def project(self, x: torch.Tensor, positions: torch.Tensor | None) -> Projected:
+        """Projections at absolute positions ([T] or [B, T]; None: 0 .. T - 1, whose RoPE tables are kept per
+        size, nsa.rope.apply_rope), computed from x with non-finite tokens replaced by
         zeros (parameter gradients never meet a NaN). Every key and value of a non-finite token is NaN; its query and
         gates are not: its own output row reads its own window key (w >= 1) and its own block (always selected), so
         the ops poison that row anyway, and only it reads them (its gradient there is exactly 0)."""
@@ -214,16 +213,15 @@ class NSAAttention(nn.Module):
         c = self.config
         if lengths is None:
             k_blocks = block_windows(k_raw, c.cmp_block_size, c.cmp_stride)
-            block_ids = torch.arange(k_blocks.shape[1], device=k_raw.device)
-            return self.compress_blocks(k_blocks, block_windows(v_raw, c.cmp_block_size, c.cmp_stride), block_ids)
+            return self.compress_blocks(k_blocks, block_windows(v_raw, c.cmp_block_size, c.cmp_stride), None)
         rows, block_ids = packed_block_rows(lengths, c.cmp_block_size, c.cmp_stride, k_raw.device)
         return self.compress_blocks(k_raw[:, rows].transpose(2, 3), v_raw[:, rows].transpose(2, 3), block_ids)
 
-    def compress_blocks(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_ids: torch.Tensor
+    def compress_blocks(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_ids: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """phi over blocks of raw keys and values [B, N, Hkv, l, D] (tokens in order) whose indices inside their
-        sequence are block_ids ([N] or [B, N]): (compressed keys rotated at the block centres i*d + (l-1)/2,
-        compressed values), each [B, N, Hkv, D]; NaN for a block holding a non-finite token."""
+        sequence are block_ids ([N] or [B, N]; None: 0 .. N - 1): (compressed keys rotated at the block centres
+        i*d + (l-1)/2, compressed values), each [B, N, Hkv, D]; NaN for a block holding a non-finite token."""
         k_cmp = self._rotate_compressed(self._pool(self.compress_k, k_blocks), block_ids)
         return k_cmp, self._pool(self.compress_v, v_blocks)
 
@@ -232,9 +230,12 @@ class NSAAttention(nn.Module):
         itself runs on zeros there, so its backward stays finite)."""
         return guarded_apply(phi.pool, blocks, item_dims=2)
 
-    def _rotate_compressed(self, k_cmp: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    def _rotate_compressed(self, k_cmp: torch.Tensor, block_ids: torch.Tensor | None) -> torch.Tensor:
         c = self.config
-        return apply_rope(k_cmp, block_ids * c.cmp_stride + (c.cmp_block_size - 1) / 2, c.rope_theta)
+        centre = (c.cmp_block_size - 1) / 2
+        if block_ids is None:
+            return apply_rope(k_cmp, None, c.rope_theta, stride=c.cmp_stride, offset=centre)
+        return apply_rope(k_cmp, block_ids * c.cmp_stride + centre, c.rope_theta)
 
     def _append(
         self, x: torch.Tensor, cache: NSAKVCache, counts: list[int],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,38 +12,67 @@ from nsa.errors import NSAInputError
 from nsa.sized_tensors import sized_tensors
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, theta: float = 10000.0, *, stride: int = 1,
+               offset: float = 0.0) -> torch.Tensor:
     """Rotate x [B, T, H, D] at `positions` ([T] or [B, T], int or float; absolute token positions).
 
     Pairs (i, i + D/2) rotate by angle position * theta^(-2i/D). Each head is rotated on its own D
     dims, never over the flattened H*D vector. The rotation is computed in float32 (float64 for
     float64 inputs) so positions near 1M keep their precision, then cast back to x's dtype. Eager on CUDA
     the rotation is one Triton pass forward and one backward (nsa.kernels.rope), bitwise the same result.
+    positions None: token t sits at t * stride + offset (0 .. T - 1 by default), and the angles' cos / sin
+    follow from the sizes alone, so they are built once per size and kept (nsa.sized_tensors): the same values
+    as from those positions given as a tensor, without four launches per call.
     """
     if x.dim() != 4:
         raise NSAInputError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
     head_dim = x.shape[-1]
     if head_dim % 2 != 0:
         raise NSAInputError(f"RoPE needs an even head dim, got D={head_dim}")
-    if positions.dim() not in (1, 2) or positions.shape[-1] != x.shape[1]:
-        raise NSAInputError(f"positions must be [T] or [B, T] with T={x.shape[1]}, got {tuple(positions.shape)}")
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    half = head_dim // 2
-
-    def frequencies() -> torch.Tensor:
-        return theta ** (-torch.arange(half, device=x.device, dtype=compute_dtype) * 2.0 / head_dim)
-
-    inv_freq = sized_tensors(("rope frequencies", head_dim, theta, compute_dtype), x.device, frequencies)
-    angles = positions.to(compute_dtype)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
-    if angles.dim() == 2:
-        angles = angles.unsqueeze(0)
-    cos, sin = angles.cos(), angles.sin()  # [B|1, T, D/2]
-    if elementwise_kernel_applies(x, contiguous=False) and not positions.requires_grad:
+    if positions is None:
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise NSAInputError(f"stride must be a positive int, got {stride!r}")
+        if not math.isfinite(offset):
+            raise NSAInputError(f"offset must be finite, got {offset!r}")
+        seq_len, device = x.shape[1], x.device
+        cos, sin = sized_tensors(("rope tables", seq_len, stride, offset, head_dim, theta, compute_dtype), device,
+                                 lambda: _tables(_sequence_positions(seq_len, stride, offset, device), head_dim,
+                                                 theta, compute_dtype))
+    else:
+        if positions.dim() not in (1, 2) or positions.shape[-1] != x.shape[1]:
+            raise NSAInputError(f"positions must be [T] or [B, T] with T={x.shape[1]}, got {tuple(positions.shape)}")
+        cos, sin = _tables(positions, head_dim, theta, compute_dtype)
+    if elementwise_kernel_applies(x, contiguous=False) and not (positions is not None and positions.requires_grad):
         return _RopeKernel.apply(x, cos, sin)
+    half = head_dim // 2
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, T, 1, D/2]: broadcast over the heads
     x1, x2 = x[..., :half].to(compute_dtype), x[..., half:].to(compute_dtype)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x.dtype)
+
+
+def _sequence_positions(seq_len: int, stride: int, offset: float, device: torch.device) -> torch.Tensor:
+    """t * stride + offset for t < seq_len, as a caller would write them (int64 unless the offset is not 0)."""
+    positions = torch.arange(seq_len, device=device)
+    if stride != 1:
+        positions = positions * stride
+    return positions + offset if offset else positions
+
+
+def _tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B|1, T, D/2] of the angles position * theta^(-2i/D), in ``dtype``."""
+    half = head_dim // 2
+
+    def frequencies() -> torch.Tensor:
+        return theta ** (-torch.arange(half, device=positions.device, dtype=dtype) * 2.0 / head_dim)
+
+    inv_freq = sized_tensors(("rope frequencies", head_dim, theta, dtype), positions.device, frequencies)
+    angles = positions.to(dtype)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
+    if angles.dim() == 2:
+        angles = angles.unsqueeze(0)
+    return angles.cos(), angles.sin()
 
 
 class _RopeKernel(torch.autograd.Function):

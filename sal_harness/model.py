@@ -190,10 +190,8 @@ class SDPAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        positions = torch.arange(seq_len, device=x.device)
-        q = apply_rope(self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim), positions, self.rope_theta)
-        k = apply_rope(self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim), positions,
-                       self.rope_theta)
+        q = apply_rope(self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim), None, self.rope_theta)
+        k = apply_rope(self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim), None, self.rope_theta)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA / Flex layout [B, H, T, D]
         if self.window is None:
@@ -203,6 +201,7 @@ class SDPAAttention(nn.Module):
         elif self.impl == "banded" or (self.impl == "auto" and x.device.type == "cuda"):
             o = banded_window_attention(q, k, v, self.window)
         else:
+            positions = torch.arange(seq_len, device=x.device)
             i = positions[:, None]
             band = (positions[None, :] <= i) & (positions[None, :] > i - self.window)  # [T, T]: a dense baseline
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)

@@ -401,6 +401,33 @@ def test_elementwise_kernels_stay_off_the_cpu_and_under_the_torch_switch(monkeyp
     assert not dispatch.elementwise_kernel_applies(x)
 
 
+@pytest.mark.parametrize(("stride", "offset"), [(1, 0.0), (16, 15.5), (4, 1.5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_apply_rope_of_sequence_positions_equals_them_as_a_tensor(monkeypatch, stride, offset, dtype):
+    """positions None (token t at t * stride + offset, the module's unpacked queries and keys, and its compressed
+    keys at block centres): bitwise what the same positions give as a tensor, on the PyTorch form and on the
+    kernel (interpreter), forward and backward; the tables are built once per size and kept."""
+    from collections import OrderedDict
+
+    import nsa.rope
+    from nsa import sized_tensors as sized
+
+    monkeypatch.setattr(sized, "_SIZED", OrderedDict())
+    positions = torch.arange(9) * stride + offset if offset else torch.arange(9) * stride
+    x = randn(2, 9, 3, 8, seed=stride).to(dtype).requires_grad_()
+    dy = randn(2, 9, 3, 8, seed=5).to(dtype)
+    for on_kernel in (False, True):
+        with monkeypatch.context() as patch:
+            if on_kernel:
+                patch.setattr(nsa.rope, "elementwise_kernel_applies", lambda x, contiguous: dtype != torch.float64)
+            got = apply_rope(x, None, 500.0, stride=stride, offset=offset)
+            want = apply_rope(x, positions, 500.0)
+            grads = [torch.autograd.grad(y, x, dy)[0] for y in (got, want)]
+        assert torch.equal(got, want) and torch.equal(*grads)
+    kept = [key for key in sized._SIZED if key[0] == "rope tables"]
+    assert len(kept) == 1  # one entry for this size, read by the second call
+
+
 def test_apply_rope_relative_position_property():
     """<rope(q, m), rope(k, n)> depends only on m - n."""
     q, k = randn(1, 1, 1, 8, seed=1), randn(1, 1, 1, 8, seed=2)

@@ -156,6 +156,13 @@ SHAPE_CASES = [
     ("block_indices_float", lambda: call_sel(mod(idx=torch.zeros(B, T, HKV, 2))), names("block_indices")),
     ("lse_shape", lambda: call_select(mod(lse=torch.zeros(B, T, HKV, dtype=torch.float64))), names("lse")),
     ("rope_odd_dim", lambda: apply_rope(randn(B, T, HKV, 5, seed=1), torch.arange(T)), names("x", "D", "head dim")),
+    ("rope_stride_zero", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, stride=0), names("stride")),
+    ("rope_stride_float", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, stride=1.5), names("stride")),
+    ("rope_stride_bool", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, stride=True), names("stride")),
+    ("rope_offset_nan", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, offset=float("nan")),
+     names("offset")),
+    ("rope_offset_inf", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, offset=float("inf")),
+     names("offset")),
 ]
 
 
