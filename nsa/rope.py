@@ -40,6 +40,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, theta: float = 1
                                  lambda: _tables(_sequence_positions(seq_len, stride, offset, device), head_dim,
                                                  theta, compute_dtype))
     else:
+        if isinstance(stride, bool) or stride != 1 or offset != 0.0:
+            raise NSAInputError(f"stride={stride!r} and offset={offset!r} place the tokens only when positions is "
+                                "None; given positions, fold them in (positions * stride + offset)")
         if positions.dim() not in (1, 2) or positions.shape[-1] != x.shape[1]:
             raise NSAInputError(f"positions must be [T] or [B, T] with T={x.shape[1]}, got {tuple(positions.shape)}")
         cos, sin = _tables(positions, head_dim, theta, compute_dtype)

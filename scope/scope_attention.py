@@ -160,7 +160,7 @@ class ScopeAttention(nn.Module):
         if seq_len % c.block != 0:
             raise ScopeInputError(f"sequence length T={seq_len} must be a multiple of block={c.block}")
         bad = nonfinite_rows(x)  # [B, T]
-        proj = self.project(finite_or_zero(x), torch.arange(seq_len, device=x.device))
+        proj = self.project(finite_or_zero(x), None)
         out, aux = self.attend(*proj, doc_ids=doc_ids, step=step, generator=generator)
         mask = aux.pointer_mask
         reads_bad = rows_that_read(bad[:, None], mask.kv_num_blocks, mask.kv_indices, block=c.block,
@@ -170,8 +170,9 @@ class ScopeAttention(nn.Module):
         y = poison_rows(self.o_proj(finite_or_zero(out)), poisoned)
         return y, aux, poison_rows(proj.k, bad[:, None]), poison_rows(proj.v, bad[:, None])
 
-    def project(self, x: Tensor, positions: Tensor) -> ScopeProjection:
-        """x [B, T, hidden] at ``positions`` [T] -> q, k, v [B, H|H_kv, T, D] (q, k rotated) and q before RoPE."""
+    def project(self, x: Tensor, positions: Tensor | None) -> ScopeProjection:
+        """x [B, T, hidden] at ``positions`` [T] (None: 0 .. T - 1, whose RoPE tables are kept per size,
+        nsa.rope.apply_rope) -> q, k, v [B, H|H_kv, T, D] (q, k rotated) and q before RoPE."""
         c = self.config
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim)

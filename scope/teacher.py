@@ -131,7 +131,7 @@ def layer_teacher_loss(layer: torch.nn.Module, x: Tensor, *, queries: int | None
     if not 0 < queries <= seq_len:
         raise ScopeInputError(f"teacher queries={queries} must be in 1..T={seq_len}")
     num_blocks, query_blocks = seq_len // config.block, queries // config.block
-    q, k, _, q_content = layer.project(x, torch.arange(seq_len, device=x.device))
+    q, k, _, q_content = layer.project(x, None)
     target = teacher_block_targets(q[:, :, seq_len - queries:], k, block=config.block,
                                    local_blocks=config.local_blocks, scale=layer.scale)
     params = layer.spectral.pointer_head(q_content, step)

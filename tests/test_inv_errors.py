@@ -163,6 +163,10 @@ SHAPE_CASES = [
      names("offset")),
     ("rope_offset_inf", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, offset=float("inf")),
      names("offset")),
+    ("rope_stride_with_positions", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), torch.arange(T), stride=2),
+     names("stride", "positions")),
+    ("rope_offset_with_positions", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), torch.arange(T), offset=0.5),
+     names("offset", "positions")),
 ]
 
 
