@@ -452,6 +452,8 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         # one warpgroup per program, two programs per SM: one's softmax beside the other's matmuls
         variants["cmp_tiles"] += [cmp._replace(fwd_m=64, num_warps=4),
                                   cmp._replace(fwd_m=64, num_warps=4, dq_m=64, dq_num_warps=4)]
+        # the forward's other key tile (64 or 128 keys)
+        variants["cmp_tiles"] += [cmp._replace(fwd_n=192 - cmp.fwd_n)]
         variants["win_tiles"] += [win._replace(fwd_m=128, num_warps=8, dq_m=128, dq_num_warps=8),
                                   win._replace(dkv_n=64), win._replace(dkv_m=128, dkv_n=64),
                                   win._replace(fwd_m=64, dq_m=64, num_warps=8, dq_num_warps=8),
@@ -464,9 +466,10 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     if group < 16:  # selection programs of several tokens over the union of their blocks
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64)]
-    elif head_dim <= 128:  # one token per program
-        variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3)]
-    return variants
+    elif head_dim <= 128:  # one token per program; its 16-row dots on 1, 2 or 4 warps
+        variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3),
+                                  sel._replace(num_warps=1), sel._replace(num_warps=4)]
+    return {field: list(dict.fromkeys(tiles)) for field, tiles in variants.items()}  # a candidate equal to the defaults once
 
 
 def matching(candidates: list[Any], text: str | None) -> list[Any]:

@@ -507,7 +507,9 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     from it. The dk/dv on one warpgroup too (64 keys, 4 warps, two programs per SM; 2026-12-04, 64k, ms against the
     tiles before): the compression at G = 16 19.83 against 20.71 on 2 stages (29.78 on 3), but G = 12 21.16 against
     20.84 and G = 4 6.54 against 5.82; the window with 2 tokens x the padded group per step (32 rows) at G = 4 1.85
-    against 2.17 and G = 12 8.32 against 8.61, but G = 16 9.09 against 8.59."""
+    against 2.17 and G = 12 8.32 against 8.61, but G = 16 9.09 against 8.59. The compression's forward at G = 16
+    takes 128-key tiles (2026-12-05, 64k, public): 10.31 ms against 10.64 on 64 keys; 128 rows on one warpgroup
+    ran it in 13.09 (other groups untimed)."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
@@ -517,7 +519,7 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
             tiles = RangeTiles(fwd_m=64, dq_m=64, num_warps=4, dq_num_warps=4, head_rows=True, tma=True)
             return tiles._replace(dkv_m=32, dkv_n=64, dkv_num_warps=4) if group <= 12 else tiles
         if group == 16:
-            return RangeTiles(tma=True, dq_num_stages=3, dkv_n=64, dkv_num_warps=4)
+            return RangeTiles(fwd_n=128, tma=True, dq_num_stages=3, dkv_n=64, dkv_num_warps=4)
         return RangeTiles(tma=True, dq_num_stages=3)
     if head_dim <= 192:
         return RangeTiles(dq_n=32, dkv_m=32, head_rows=branch == "win")

@@ -90,9 +90,13 @@ class SelectedTiles(NamedTuple):
     their tokens (``_passes``). Off: H200, 64k, 2026-12-04, forward / dq ms with them apart on programs of 128 rows
     (8 warps) 16.08 / 16.61 and of 64 rows (4 warps) 15.22 / 16.23 against 14.99 / 16.37 in one pass (public);
     G = 12 15.96 / 16.16 and 15.33 / 15.74 against 15.03 / 16.13. The second pass reads q, dO and the partial
-    output or dq again (~4 GB at 64k), about what the forced blocks' loads cost in the first."""
+    output or dq again (~4 GB at 64k), about what the forced blocks' loads cost in the first.
+    One-token programs (16 rows) run on 2 warps since 2026-12-05 (H200, 64k, public, one sweep): forward / dq
+    14.33 / 15.07 ms against 15.08 / 17.15 on 4 warps; 1 warp ran the forward in 14.20 but the dq in 21.00. With
+    TMA a program's warps wait on its descriptor loads; fewer warps per program leave the loads as deep and cut
+    the 16-row dots' cross-warp work. (Before TMA, 2 warps had lost: 22.5 against 17.8.)"""
 
-    num_warps: int = 4
+    num_warps: int = 2
     num_stages: int = 2
     dq_num_stages: int = 3
     dkv_rows: int = 32
