@@ -488,6 +488,27 @@ def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
     return [out, indices, *run.backward(dout, indices, tuple(lse), branch_outs, (blocks, counts))]
 
 
+# run_outputs' entries: those with a row per (token, query head), and the selection's key / value gradients
+PER_QUERY_OUTPUTS, SELECTED_KV_GRADS = (0, 2, 9), (5, 6)
+
+
+def tile_agreement(got: list[Tensor], reference: list[Tensor], group: int) -> dict[str, Any]:
+    """How a candidate's run_outputs agree with the default tiles': the indices bitwise, the fraction of
+    (token, kv head) rows whose selected set differs, and the largest relative error of the other outputs, taken
+    over the query rows whose group selected the same set (the selection's dk / dv only where every set agrees:
+    a differing set moves them by whole blocks). The compression's and the window's gradients do not depend on
+    the selection and are compared whole."""
+    same = (got[1].sort(-1).values == reference[1].sort(-1).values).all(-1)  # [B, T, H_kv]
+    agree = same.repeat_interleave(group, dim=-1)  # [B, T, HQ]
+    errors = []
+    for i, (a, b) in enumerate(zip(got, reference, strict=True)):
+        if i == 1 or (i in SELECTED_KV_GRADS and not bool(same.all())):
+            continue
+        errors.append(relative_error(a[agree], b[agree]) if i in PER_QUERY_OUTPUTS else relative_error(a, b))
+    return {"indices_equal": torch.equal(got[1], reference[1]),
+            "selection_mismatch": round(1.0 - float(same.float().mean()), 6), "max_rel_err": max(errors)}
+
+
 def tile_candidates(variants: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     """The sweep's (field, tiles) pairs in the order it measures them."""
     return [(field, tiles) for field, candidates in variants.items() for tiles in candidates]
@@ -503,7 +524,8 @@ def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, varia
               locality: float = 0.0, on_row: Callable[[dict], None] | None = None, skip: int = 0,
               stop_on_error: bool = False) -> list[dict]:
     """The kernels a tile setting touches, timed under each candidate of ``variants``, after checking that the
-    candidate's forward and backward equal the default tiles' (within bf16 rounding; the selection exactly).
+    candidate's forward and backward equal the default tiles' (within bf16 rounding; the selection exactly, but
+    for the range kernels' candidates, which may flip near ties: ``tile_agreement``).
     Picks the next defaults of nsa/kernels in one device call. ``on_row`` gets each row as soon as it is
     measured (a timeout keeps the rows so far). ``skip``: start at that candidate (``tile_candidates`` order);
     ``stop_on_error``: return after the first row with an error (a CUDA fault leaves the process unusable)."""
@@ -517,11 +539,11 @@ def tile_rows(shape: Shape, seq_len: int, device: str, dtype: torch.dtype, varia
         def work(field: str = field, tiles: Any = tiles, row: dict[str, Any] = row) -> dict[str, Any]:
             run = prefill_run(inputs, shape)
             setattr(run, field, tiles)
-            got = run_outputs(run, dout)
-            row["indices_equal"] = torch.equal(got[1], reference[1])
-            pairs = zip(got, reference, strict=True)
-            row["max_rel_err"] = max(relative_error(a, b) for i, (a, b) in enumerate(pairs) if i != 1)
-            if not (row["indices_equal"] and row["max_rel_err"] < CHECK_RTOL):
+            row.update(tile_agreement(run_outputs(run, dout), reference, shape.heads // shape.kv_heads))
+            # only the top-n and the selection rank: the range kernels' candidates may flip near ties through
+            # the lse they hand the top-n (its sums in another order)
+            allowed = 0.0 if field in ("topn_tiles", "sel_tiles") else SELECTION_MISMATCH
+            if not (row["selection_mismatch"] <= allowed and row["max_rel_err"] < CHECK_RTOL):
                 return {"error": "differs from the default tiles' result"}
             # 200 ms of warm-up: with do_bench's 25 ms, the first candidate timed after the checks ran its
             # dk/dv 0.3 ms slower (of 1.3-1.7) than the same tiles timed later in the sweep

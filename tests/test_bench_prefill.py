@@ -14,6 +14,7 @@ import torch
 from bench import bench_prefill
 from nsa.kernels.range_attention import RangeTiles
 from nsa.kernels.selected import SelectedTiles
+from nsa.kernels.topn import TopnTiles
 
 TINY = bench_prefill.Shape(heads=4, kv_heads=2, dk=16, dv=16)
 SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_selected": 3, "window_size": 8}
@@ -58,6 +59,50 @@ def test_tile_sweep_refuses_a_candidate_whose_result_differs(monkeypatch: pytest
     (row,) = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, {"cmp_tiles": [INTERPRETER_RANGE]})
     assert row["error"] == "differs from the default tiles' result"
     assert not set(row) & set(bench_prefill.KERNEL_NAMES)
+
+
+def test_tile_agreement_compares_the_rows_whose_selection_agrees() -> None:
+    """One (token, kv head) row picks another block: its query heads' out / dq / dgates and the selection's dk / dv
+    leave the comparison, everything else is still compared, and the mismatch is that row's share."""
+    gen = torch.Generator().manual_seed(0)
+    batch, seq_len, kv_heads, group, dim, n = 1, 8, 2, 3, 4, 2
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    per_query = rand(batch, seq_len, kv_heads * group, dim)
+    reference = [per_query, torch.arange(n).expand(batch, seq_len, kv_heads, n).contiguous(), rand(*per_query.shape),
+                 *(rand(batch, 3, kv_heads, dim) for _ in range(2)), *(rand(batch, seq_len, kv_heads, dim)
+                                                                        for _ in range(4)),
+                 rand(batch, seq_len, kv_heads * group, 3)]
+    got = [t.clone() for t in reference]
+    got[1][0, 5, 1] = torch.tensor([0, 7])  # token 5, kv head 1: query heads 3..5
+    for i in bench_prefill.PER_QUERY_OUTPUTS:
+        got[i][0, 5, 3:6] += 100.0
+    for i in bench_prefill.SELECTED_KV_GRADS:
+        got[i] += 100.0
+    agreement = bench_prefill.tile_agreement(got, reference, group)
+    assert agreement == {"indices_equal": False, "selection_mismatch": round(1 / 16, 6), "max_rel_err": 0.0}
+    got[3][0, 0, 0, 0] += 1.0  # a compression gradient: compared whole
+    assert bench_prefill.tile_agreement(got, reference, group)["max_rel_err"] > 0.0
+    got[1][0, 5, 1] = torch.tensor([1, 0])  # the same set in another order: agrees, but not bitwise
+    got[3] = reference[3]
+    assert bench_prefill.tile_agreement(got, reference, group)["selection_mismatch"] == 0.0
+    assert bench_prefill.tile_agreement(got, reference, group)["max_rel_err"] > 1.0  # every row compared again
+
+
+@pytest.mark.parametrize(("field", "accepted"), [("cmp_tiles", True), ("topn_tiles", False)])
+def test_tile_sweep_lets_only_range_candidates_flip_near_ties(monkeypatch: pytest.MonkeyPatch, field: str,
+                                                              accepted: bool) -> None:
+    """A selection differing in a few rows (under SELECTION_MISMATCH) is the range kernels' rounding reaching the
+    top-n through the lse; a top-n candidate must rank exactly."""
+    mismatch = {"indices_equal": False, "selection_mismatch": bench_prefill.SELECTION_MISMATCH / 2,
+                "max_rel_err": 0.0}
+    monkeypatch.setattr(bench_prefill, "tile_agreement", lambda got, reference, group: mismatch)
+    # nsa.prefill's CPU tiles, the top-n's on pointer loads
+    tiles = INTERPRETER_RANGE if field == "cmp_tiles" else TopnTiles(32, 4, 1, tma=False)
+    (row,) = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, {field: [tiles]})
+    assert ("error" not in row) is accepted, row
 
 
 def test_tile_sweep_resumes_at_a_candidate_and_stops_after_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
