@@ -91,14 +91,16 @@ def test_tile_agreement_compares_the_rows_whose_selection_agrees() -> None:
     assert bench_prefill.tile_agreement(got, reference, group)["max_rel_err"] > 1.0  # every row compared again
 
 
-@pytest.mark.parametrize(("field", "accepted"), [("cmp_tiles", True), ("topn_tiles", False)])
+@pytest.mark.parametrize(("field", "mismatch", "accepted"),
+                         [("cmp_tiles", bench_prefill.SELECTION_MISMATCH / 2, True),
+                          ("topn_tiles", bench_prefill.SELECTION_MISMATCH / 2, False), ("topn_tiles", 0.0, False)])
 def test_tile_sweep_lets_only_range_candidates_flip_near_ties(monkeypatch: pytest.MonkeyPatch, field: str,
-                                                              accepted: bool) -> None:
+                                                              mismatch: float, accepted: bool) -> None:
     """A selection differing in a few rows (under SELECTION_MISMATCH) is the range kernels' rounding reaching the
-    top-n through the lse; a top-n candidate must rank exactly."""
-    mismatch = {"indices_equal": False, "selection_mismatch": bench_prefill.SELECTION_MISMATCH / 2,
-                "max_rel_err": 0.0}
-    monkeypatch.setattr(bench_prefill, "tile_agreement", lambda got, reference, group: mismatch)
+    top-n through the lse; a top-n candidate must select bitwise as the defaults do (the same sets in another
+    order, mismatch 0, are refused too)."""
+    agreement = {"indices_equal": False, "selection_mismatch": mismatch, "max_rel_err": 0.0}
+    monkeypatch.setattr(bench_prefill, "tile_agreement", lambda got, reference, group: agreement)
     # nsa.prefill's CPU tiles, the top-n's on pointer loads
     tiles = INTERPRETER_RANGE if field == "cmp_tiles" else TopnTiles(32, 4, 1, tma=False)
     (row,) = bench_prefill.tile_rows(TINY, 24, "cpu", torch.float32, {field: [tiles]})
