@@ -106,7 +106,7 @@ def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
     if device.type != "cuda" and interpreter_enabled():
         ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1, dq_num_warps=4, tma=True)
         selected = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8, dkv_num_warps=4,
-                                 dkv_num_stages=1)
+                                 dkv_num_stages=1, short_chunk=4, short_tokens=64)
         return PrefillTiles(ranges, ranges._replace(head_rows=True), TopnTiles(32, 4, 1, tma=True), selected)
     return PrefillTiles(tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group),
                         topn_tiles_for(group, head_dim), SelectedTiles())

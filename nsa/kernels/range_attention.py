@@ -509,7 +509,9 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
     20.84 and G = 4 6.54 against 5.82; the window with 2 tokens x the padded group per step (32 rows) at G = 4 1.85
     against 2.17 and G = 12 8.32 against 8.61, but G = 16 9.09 against 8.59. The compression's forward at G = 16
     takes 128-key tiles (2026-12-05, 64k, public): 10.31 ms against 10.64 on 64 keys; 128 rows on one warpgroup
-    ran it in 13.09 (other groups untimed)."""
+    ran it in 13.09. So do the other groups up to head dim 128 (2026-12-05, 64k): G = 12 7.62 against 8.01 ms,
+    G = 4 2.59 against 2.67 (G = 1, 2 and 8 untimed); the top-n's selection there moved on 4e-6 of the (token, kv
+    head) rows, near ties whose compression lse the other summation order rounded apart."""
     if branch not in ("cmp", "win"):
         raise ValueError(f"branch must be 'cmp' or 'win', got {branch!r}")
     if head_dim <= 64:
@@ -520,7 +522,7 @@ def tiles_for(head_dim: int, branch: str, group: int) -> RangeTiles:
             return tiles._replace(dkv_m=32, dkv_n=64, dkv_num_warps=4) if group <= 12 else tiles
         if group == 16:
             return RangeTiles(fwd_n=128, tma=True, dq_num_stages=3, dkv_n=64, dkv_num_warps=4)
-        return RangeTiles(tma=True, dq_num_stages=3)
+        return RangeTiles(fwd_n=128, tma=True, dq_num_stages=3)
     if head_dim <= 192:
         return RangeTiles(dq_n=32, dkv_m=32, head_rows=branch == "win")
     return RangeTiles(fwd_m=32, dq_m=32, dq_n=64, dkv_m=32, dkv_n=32, dkv_head_rows=False)
