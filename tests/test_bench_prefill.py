@@ -20,7 +20,8 @@ TINY = bench_prefill.Shape(heads=4, kv_heads=2, dk=16, dv=16)
 SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_selected": 3, "window_size": 8}
 INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1)  # nsa.prefill's CPU tiles
 INTERPRETER_SELECTED = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8,
-                                     dkv_num_warps=4, dkv_num_stages=1, short_chunk=4, short_tokens=64)
+                                     dkv_num_warps=4, dkv_num_stages=1, short_chunk=4, short_tokens=64,
+                                     dkv_windows=3)
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +34,7 @@ def small_and_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:
     variants = {"cmp_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
                 "win_tiles": [INTERPRETER_RANGE._replace(tma=True)],
-                "sel_tiles": [INTERPRETER_SELECTED._replace(dkv_rows=32, short_chunk=2, tma=False)]}
+                "sel_tiles": [INTERPRETER_SELECTED._replace(dkv_rows=32, short_chunk=2, tma=False, dkv_windows=1)]}
     rows = bench_prefill.tile_rows(TINY, 28, "cpu", torch.float32, variants)
     assert [row["field"] for row in rows] == ["cmp_tiles", "win_tiles", "sel_tiles"]
     for row in rows:

@@ -14,7 +14,9 @@ dk/dv: the selections are inverted into per-(kv head, block) lists of the tokens
 (``selection_lists``: a stable sort, so each list is in token order), cut into chunks of at most CHUNK tokens.
 One program per chunk loads its block's K/V once and gathers BQ tokens x GP heads per step; its float32
 partial is written to its own slot and a second kernel sums each block's chunks in order: deterministic, no
-atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many chunks.)
+atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many chunks.) The chunk
+programs run in list order, or window by window (``SelectedTiles.dkv_windows``): then the programs that run
+together gather the q / dO rows of one stretch of tokens.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class SelectedTiles(NamedTuple):
     the 16-row dots' cross-warp work. (Before TMA, 2 warps had lost: 22.5 against 17.8.)
     short_chunk: tokens per dk/dv program where the packed rows number at most short_tokens (``dkv_chunk``). A short
     sequence's grid has few waves, and its longest lists (block 0's holds every token) leave a tail of long
-    programs: H200, public, 8k (2026-12-05), the dk/dv in 2.02 ms on chunks of 256 against 2.17 on 1024."""
+    programs: H200, public, 8k (2026-12-05), the dk/dv in 2.02 ms on chunks of 256 against 2.17 on 1024.
+    dkv_windows: the dk/dv's lists cut into that many windows of the packed rows, launched window by window
+    (``selection_lists``)."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -117,6 +121,7 @@ class SelectedTiles(NamedTuple):
     forced_num_stages: int = 2
     short_chunk: int = 256
     short_tokens: int = 8192
+    dkv_windows: int = 1
 
     def dkv_chunk(self, num_tokens: int) -> int:
         """Tokens per dk/dv program for num_tokens packed rows."""
@@ -320,15 +325,15 @@ def _sel_dq_kernel(
 @triton.jit
 def _sel_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, entries_ptr,
-    chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    launch_ptr, chunk_list_ptr, chunk_start_ptr, chunk_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
     num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+    DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads."""
-    chunk = tl.program_id(0)
+    chunk = tl.load(launch_ptr + tl.program_id(0))
     listed = tl.load(chunk_list_ptr + chunk)
     live = listed < num_lists
     listed = tl.minimum(listed, num_lists - 1)
@@ -347,7 +352,7 @@ def _sel_dkdv_kernel(
     dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     first = tl.load(chunk_start_ptr + chunk)
-    end = tl.where(live, tl.minimum(first + CHUNK, tl.load(list_end_ptr + listed)), first)
+    end = tl.where(live, tl.load(chunk_end_ptr + chunk), first)
     r = tl.arange(0, BQ * GP)
     g = r % GP
     for e in range(first, end, BQ):
@@ -409,57 +414,95 @@ def _sel_reduce_kernel(
 
 
 class SelectionLists(NamedTuple):
-    """Per-(kv head, global block) lists of the tokens that selected the block, cut into chunks."""
+    """Per-(kv head, global block) lists of the tokens that selected the block, cut into chunks: at most ``chunk``
+    entries, none across a window boundary (``selection_lists``)."""
 
     entries: Tensor  # int32 [N * H_kv * n]: token rows, list after list, ascending within a list
-    list_end: Tensor  # int32 [L]: one past each list's last entry (L = H_kv * blocks_per_head)
-    list_chunks: Tensor  # int32 [L + 1]: cumulative chunk counts
+    list_chunks: Tensor  # int32 [L + 1]: cumulative chunk counts (L = H_kv * blocks_per_head)
     chunk_list: Tensor  # int32 [C]: the list of each chunk (L past the last chunk)
     chunk_start: Tensor  # int32 [C]: the first entry of each chunk
+    chunk_end: Tensor  # int32 [C]: one past its last entry
+    launch: Tensor  # int32 [C]: the chunks in launch order, by kv head, then window, then block
     block_seq: Tensor  # int32 [blocks_per_head]: the sequence of each global block (num_seqs past the last)
     cu_blocks: Tensor  # int32 [S + 1]: cumulative selection blocks per sequence
     blocks_per_head: int
 
 
-def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, chunk: int) -> SelectionLists:
+def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, chunk: int,
+                    windows: int = 1) -> SelectionLists:
     """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every list in token
-    order, so the dk/dv sums run in a fixed order. No host sync (the sizes are host bounds)."""
+    order, so the dk/dv sums run in a fixed order. With ``windows`` > 1 the packed rows are cut into that many
+    windows (``window_rows`` each) and each list into one segment per window: the programs launched together are
+    one window's, whose q / dO rows are then read by every block's program at about the same time (L2 hits
+    instead of one HBM read per (token, block)). No host sync (the sizes are host bounds)."""
     _, num_kv_heads, num_selected = block_indices.shape
     # A sequence's selection blocks are its tiles of sel_block_size tokens: global block -> sequence, and a bound on
     # the global block count, as for any tiles.
     blocks = packed_tiles(packed, sel_block_size)
     cu_blocks, blocks_per_head = blocks.first, blocks.grid
     num_lists = num_kv_heads * blocks_per_head
-    num_chunks = max(1, -(-block_indices.numel() // chunk) + num_lists)
-    bases, list_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks)
-    keys = torch.where(block_indices >= 0, bases + block_indices, num_lists).flatten()
+    num_segments = num_lists * windows
+    width = window_rows(packed.total, windows, sel_block_size)
+    bound = num_kv_heads * segment_bound(blocks_per_head, packed.num_seqs, windows, width // sel_block_size)
+    num_chunks = max(1, -(-block_indices.numel() // chunk) + bound)
+    bases, segment_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks, windows, width)
+    keys = torch.where(block_indices >= 0, bases + block_indices * windows, num_segments).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = (order // (num_kv_heads * num_selected)).to(torch.int32)
-    bounds = torch.searchsorted(sorted_keys, list_ids)
-    counts = bounds[1:] - bounds[:-1]
-    per_list = (counts + chunk - 1) // chunk
-    list_chunks = torch.cat((per_list.new_zeros(1), per_list.cumsum(0)))
-    chunk_list = torch.searchsorted(list_chunks[1:], chunk_ids, right=True)
-    owner = chunk_list.clamp_max(num_lists - 1)
-    chunk_start = bounds[owner] + (chunk_ids - list_chunks[owner]) * chunk
-    return SelectionLists(entries, bounds[1:].to(torch.int32), list_chunks.to(torch.int32),
-                          chunk_list.to(torch.int32), chunk_start.to(torch.int32), blocks.seq, cu_blocks,
-                          blocks_per_head)
+    bounds = torch.searchsorted(sorted_keys, segment_ids)
+    per_segment = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
+    segment_chunks = torch.cat((per_segment.new_zeros(1), per_segment.cumsum(0)))
+    chunk_segment = torch.searchsorted(segment_chunks[1:], chunk_ids, right=True)  # num_segments past the last
+    owner = chunk_segment.clamp_max(num_segments - 1)
+    chunk_start = bounds[owner] + (chunk_ids - segment_chunks[owner]) * chunk
+    chunk_end = torch.minimum(chunk_start + chunk, bounds[owner + 1])
+    chunk_list = chunk_segment // windows
+    if windows == 1:  # chunks are numbered list after list: that order already
+        launch = chunk_ids
+    else:
+        block, window = chunk_list % blocks_per_head, chunk_segment % windows
+        head_window = (chunk_list // blocks_per_head) * windows + window
+        launch = torch.sort(torch.where(chunk_segment < num_segments, head_window * blocks_per_head + block,
+                                        num_segments), stable=True).indices
+    return SelectionLists(entries, segment_chunks[::windows].to(torch.int32), chunk_list.to(torch.int32),
+                          chunk_start.to(torch.int32), chunk_end.to(torch.int32), launch.to(torch.int32), blocks.seq,
+                          cu_blocks, blocks_per_head)
 
 
-def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int
+def window_rows(total: int, windows: int, sel_block_size: int) -> int:
+    """Rows per window of ``selection_lists``: the packed rows in ``windows`` parts, whole selection blocks each."""
+    blocks = -(-max(1, total) // sel_block_size)
+    return -(-blocks // windows) * sel_block_size
+
+
+def segment_bound(num_blocks: int, num_seqs: int, windows: int, window_blocks: int) -> int:
+    """Host bound on the non-empty (list, window) segments of one kv head. Global block g starts at a packed row of
+    at least (g - num_seqs) whole blocks (each earlier sequence ends in at most one partial block) and its tokens
+    come from there on, so its list spans at most windows - (g - num_seqs) // window_blocks windows."""
+    bound, later = num_blocks * windows, max(0, num_blocks - num_seqs)
+    for skipped in range(1, windows):  # the blocks whose first possible window is `skipped`, the last one onwards
+        lo = skipped * window_blocks
+        hi = later if skipped == windows - 1 else min(later, lo + window_blocks)
+        bound -= skipped * max(0, hi - lo)
+    return bound
+
+
+def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int, windows: int, width: int
                ) -> tuple[Tensor, Tensor, Tensor]:
-    """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the list of block 0 of each token's sequence
-    under each kv head: lists are kv head-major over the global blocks), list ids [L + 1] and chunk ids
-    [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.kernels.tiles.packed_sized)."""
+    """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the segment of block 0 of each token's sequence
+    under each kv head, in the token's window: segments are list-major, lists kv head-major over the global blocks),
+    segment ids [L * windows + 1] and chunk ids [num_chunks] (aranges). Kept per size for a [B, T] batch
+    (nsa.kernels.tiles.packed_sized)."""
     def build() -> tuple[Tensor, Tensor, Tensor]:
         device = packed.cu.device
         head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
-        bases = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
-        num_lists = num_kv_heads * blocks.grid
-        return bases, torch.arange(num_lists + 1, device=device), torch.arange(num_chunks, device=device)
+        lists = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
+        window = torch.arange(packed.total, device=device)[:, None, None] // width
+        num_segments = num_kv_heads * blocks.grid * windows
+        return (lists * windows + window, torch.arange(num_segments + 1, device=device),
+                torch.arange(num_chunks, device=device))
 
-    return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks), build)
+    return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks, windows, width), build)
 
 
 def _launch_args(q: Tensor, k: Tensor, v: Tensor, sel_block_size: int) -> dict:
@@ -666,23 +709,22 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
     """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists."""
-    chunk = tiles.dkv_chunk(packed.total)
-    lists = selection_lists(block_indices, packed, sel_block_size, chunk)
+    lists = selection_lists(block_indices, packed, sel_block_size, tiles.dkv_chunk(packed.total), tiles.dkv_windows)
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
     block_dk = max(16, triton.next_power_of_2(q.shape[-1]))
-    num_chunks = lists.chunk_list.numel()
+    num_chunks = lists.launch.numel()
     part_k = output_buffer(num_chunks * block_s, block_dk, like=q, dtype=torch.float32)
     part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     num_lists = k.shape[1] * lists.blocks_per_head
     _sel_dkdv_kernel[(num_chunks,)](
-        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_list, lists.chunk_start,
-        lists.list_end, lists.block_seq, packed.cu, lists.cu_blocks,
+        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.launch, lists.chunk_list,
+        lists.chunk_start, lists.chunk_end, lists.block_seq, packed.cu, lists.cu_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
         scale * LOG2E, scale,
-        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
+        BLOCK_DK=block_dk, HAS_GATE=gate is not None,
         **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
