@@ -445,8 +445,9 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     width = window_rows(packed.total, windows, sel_block_size)
     bound = num_kv_heads * segment_bound(blocks_per_head, packed.num_seqs, windows, width // sel_block_size)
     num_chunks = max(1, -(-block_indices.numel() // chunk) + bound)
-    bases, segment_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks, windows, width)
-    keys = torch.where(block_indices >= 0, bases + block_indices * windows, num_segments).flatten()
+    bases, segment_ids, chunk_ids, in_order = _list_keys(packed, blocks, num_kv_heads, num_chunks, windows, width)
+    spread = block_indices * windows if windows > 1 else block_indices  # (the eager GPT's host time counts ops)
+    keys = torch.where(block_indices >= 0, bases + spread, num_segments).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = (order // (num_kv_heads * num_selected)).to(torch.int32)
     bounds = torch.searchsorted(sorted_keys, segment_ids)
@@ -456,17 +457,17 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     owner = chunk_segment.clamp_max(num_segments - 1)
     chunk_start = bounds[owner] + (chunk_ids - segment_chunks[owner]) * chunk
     chunk_end = torch.minimum(chunk_start + chunk, bounds[owner + 1])
-    chunk_list = chunk_segment // windows
-    if windows == 1:  # chunks are numbered list after list: that order already
-        launch = chunk_ids
+    if windows == 1:  # segments are lists, and chunks are numbered list after list: the launch order already
+        chunk_list, launch = chunk_segment, in_order
     else:
+        chunk_list = chunk_segment // windows
         block, window = chunk_list % blocks_per_head, chunk_segment % windows
         head_window = (chunk_list // blocks_per_head) * windows + window
         launch = torch.sort(torch.where(chunk_segment < num_segments, head_window * blocks_per_head + block,
-                                        num_segments), stable=True).indices
+                                        num_segments), stable=True).indices.to(torch.int32)
     return SelectionLists(entries, segment_chunks[::windows].to(torch.int32), chunk_list.to(torch.int32),
-                          chunk_start.to(torch.int32), chunk_end.to(torch.int32), launch.to(torch.int32), blocks.seq,
-                          cu_blocks, blocks_per_head)
+                          chunk_start.to(torch.int32), chunk_end.to(torch.int32), launch, blocks.seq, cu_blocks,
+                          blocks_per_head)
 
 
 def window_rows(total: int, windows: int, sel_block_size: int) -> int:
@@ -488,19 +489,20 @@ def segment_bound(num_blocks: int, num_seqs: int, windows: int, window_blocks: i
 
 
 def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int, windows: int, width: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the segment of block 0 of each token's sequence
     under each kv head, in the token's window: segments are list-major, lists kv head-major over the global blocks),
-    segment ids [L * windows + 1] and chunk ids [num_chunks] (aranges). Kept per size for a [B, T] batch
-    (nsa.kernels.tiles.packed_sized)."""
-    def build() -> tuple[Tensor, Tensor, Tensor]:
+    segment ids [L * windows + 1], chunk ids [num_chunks] and the same as int32 (aranges). Kept per size for a
+    [B, T] batch (nsa.kernels.tiles.packed_sized)."""
+    def build() -> tuple[Tensor, Tensor, Tensor, Tensor]:
         device = packed.cu.device
         head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
-        lists = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
-        window = torch.arange(packed.total, device=device)[:, None, None] // width
-        num_segments = num_kv_heads * blocks.grid * windows
-        return (lists * windows + window, torch.arange(num_segments + 1, device=device),
-                torch.arange(num_chunks, device=device))
+        bases = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
+        if windows > 1:
+            bases = bases * windows + torch.arange(packed.total, device=device)[:, None, None] // width
+        chunk_ids = torch.arange(num_chunks, device=device)
+        return (bases, torch.arange(num_kv_heads * blocks.grid * windows + 1, device=device), chunk_ids,
+                chunk_ids.to(torch.int32))
 
     return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks, windows, width), build)
 
