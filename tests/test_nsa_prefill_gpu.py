@@ -106,6 +106,19 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("windows", "heads", "kv_heads", "dk", "dv", "seq_len"), [
+    (4, 64, 4, 128, 128, 2048),  # the public shape
+    (3, 16, 4, 64, 64, 3000),  # G = 4, windows that do not divide the blocks
+])
+def test_selection_dkdv_window_by_window_matches_float64_reference(monkeypatch, windows, heads, kv_heads, dk, dv,
+                                                                   seq_len):
+    """The selection dk/dv with its lists cut into windows and launched window by window (SelectedTiles.dkv_windows,
+    off by default; tests/test_nsa_prefill.py runs it in the interpreter, tests/test_nsa_selection_lists.py checks
+    the schedule)."""
+    use_prefill_tiles(monkeypatch, selected={"dkv_windows": windows})
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
 def _reference_by_kv_head(inputs: list[torch.Tensor], indices: torch.Tensor, dout: torch.Tensor
                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """dense_nsa in float64 and its gradients, one kv head and its G query heads at a time (they share nothing
@@ -142,7 +155,9 @@ def _check_against_reference(heads: int, kv_heads: int, dk: int, dv: int, seq_le
     assert max(errors.values()) < BF16_RTOL, errors
 
 
-def test_prefill_backward_is_deterministic():
+@pytest.mark.parametrize("windows", [1, 4])
+def test_prefill_backward_is_deterministic(monkeypatch, windows):
+    use_prefill_tiles(monkeypatch, selected={"dkv_windows": windows})
     inputs = _inputs(8192, 64, 4, 128, 128, seed=1)
     out = nsa_attention(*inputs, **BLOCKS, backend="triton").output
     dout = torch.randn_like(out)
