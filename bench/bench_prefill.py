@@ -450,8 +450,9 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                                     # length, and the long sequences' at every length
                                                     sel._replace(chunk=sel.short_chunk),
                                                     sel._replace(short_chunk=sel.chunk),
-                                                    # the dk/dv's chunks launched window by window
-                                                    sel._replace(dkv_windows=4), sel._replace(dkv_windows=8)]}
+                                                    # the dk/dv's chunks launched window by window (the cache
+                                                    # model, bench.model_dkdv_gathers, ranks 8 to 32 at 64k)
+                                                    *(sel._replace(dkv_windows=n) for n in (8, 16, 32))]}
     if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills
         variants["cmp_tiles"] += [cmp._replace(dkv_num_stages=5 - cmp.dkv_num_stages),
                                   cmp._replace(dq_num_stages=5 - cmp.dq_num_stages), cmp._replace(dkv_m=32)]
