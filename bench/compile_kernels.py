@@ -36,8 +36,8 @@ from nsa.prefill import topn_tile_shape
 
 FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
 INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
-                  "entries_ptr", "launch_ptr", "chunk_list_ptr", "chunk_start_ptr", "chunk_end_ptr", "block_seq_ptr",
-                  "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr")
+                  "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "chunk_end_ptr", "block_seq_ptr",
+                  "cu_blocks_ptr", "segment_chunks_ptr", "union_ptr", "count_ptr")
 DKDV_GATES = (("gate_ptr", "*fp32"),)  # as every dk/dv kernel reads them (nsa.prefill.dkdv_gates)
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 RULES = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},

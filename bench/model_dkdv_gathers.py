@@ -44,8 +44,8 @@ def program_tokens(indices: torch.Tensor, windows: int, chunk: int) -> list[list
     """The token list of each dk/dv program, in launch order (the live chunks of ``selection_lists``)."""
     lists = selection_lists(indices, packed_batch(1, indices.shape[0], torch.device("cpu")), SEL_BLOCK, chunk, windows)
     entries, start, end = lists.entries.tolist(), lists.chunk_start.tolist(), lists.chunk_end.tolist()
-    live = lists.chunk_list < lists.list_chunks.numel() - 1
-    return [entries[start[c]:end[c]] for c in lists.launch.tolist() if live[c]]
+    live = (lists.chunk_list < lists.blocks_per_head).tolist()  # one kv head: L = blocks_per_head
+    return [entries[start[c]:end[c]] for c in range(len(live)) if live[c]]
 
 
 def hit_rate(programs: list[list[int]], slots: int, capacity: int) -> float:

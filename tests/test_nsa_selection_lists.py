@@ -2,8 +2,8 @@
 
 Each (kv head, global block) list must hold exactly the token rows that selected the block, ascending, cut into
 chunks of at most ``chunk`` entries that never cross a window boundary; every chunk must fit the buffer the host
-bound sized (a lost chunk would drop entries); the launch order must visit every chunk once, the live chunks by
-(kv head, window, block).
+bound sized (a lost chunk would drop entries); the chunks must be numbered (the grid's order) by window, then kv
+head, then block.
 """
 
 from __future__ import annotations
@@ -60,27 +60,26 @@ def test_chunks_hold_each_list_in_token_order_within_one_window(case: tuple) -> 
     chunk_list, start, end = lists.chunk_list.tolist(), lists.chunk_start.tolist(), lists.chunk_end.tolist()
     live = [c for c, owner in enumerate(chunk_list) if owner < num_lists]
     assert live == list(range(len(live)))  # the live chunks first, then the unused slots of the host bound
-    entries = lists.entries.tolist()
+    entries, segment_chunks = lists.entries.tolist(), lists.segment_chunks.tolist()
     for listed in range(num_lists):
         mine = [c for c in live if chunk_list[c] == listed]
-        lo, hi = lists.list_chunks[listed].item(), lists.list_chunks[listed + 1].item()
-        assert mine == list(range(lo, hi))  # each list's chunks are contiguous: the reduce sums them in order
-        got = [t for c in mine for t in entries[start[c]:end[c]]]
+        got = [t for c in mine for t in entries[start[c]:end[c]]]  # in chunk order: what the reduction sums
         assert got == expected.get((listed // per_head, listed % per_head), [])
+        for window in range(windows):  # each segment's chunks: a contiguous range the reduction walks
+            segment = window * num_lists + listed
+            chunks = range(segment_chunks[segment], segment_chunks[segment + 1])
+            assert all(chunk_list[c] == listed and entries[start[c]] // width == window for c in chunks)
         for c in mine:
             assert 0 < end[c] - start[c] <= chunk
             assert len({t // width for t in entries[start[c]:end[c]]}) == 1
+    assert segment_chunks[-1] == len(live)
 
-    launch = lists.launch.tolist()
-    assert sorted(launch) == list(range(len(chunk_list)))
-
-    def order(c: int) -> tuple[int, int, int]:
+    def order(c: int) -> tuple[int, int, int]:  # the grid runs the chunks in id order
         listed = chunk_list[c]
-        return listed // per_head, entries[start[c]] // width, listed % per_head
+        return entries[start[c]] // width, listed // per_head, listed % per_head
 
-    ran = [order(c) for c in launch if c in set(live)]
+    ran = [order(c) for c in live]
     assert ran == sorted(ran)
-    assert set(launch[:len(live)]) == set(live)
 
 
 def test_segment_bound_counts_the_windows_each_block_can_reach() -> None:

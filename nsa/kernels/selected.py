@@ -14,9 +14,9 @@ dk/dv: the selections are inverted into per-(kv head, block) lists of the tokens
 (``selection_lists``: a stable sort, so each list is in token order), cut into chunks of at most CHUNK tokens.
 One program per chunk loads its block's K/V once and gathers BQ tokens x GP heads per step; its float32
 partial is written to its own slot and a second kernel sums each block's chunks in order: deterministic, no
-atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many chunks.) The chunk
-programs run in list order, or window by window (``SelectedTiles.dkv_windows``): then the programs that run
-together gather the q / dO rows of one stretch of tokens.
+atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many chunks.) With
+``SelectedTiles.dkv_windows`` > 1 the lists are cut at window boundaries of the packed rows and the chunks run
+window by window, so the programs that run together gather the q / dO rows of one stretch of tokens.
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def _sel_dq_kernel(
 @triton.jit
 def _sel_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, entries_ptr,
-    launch_ptr, chunk_list_ptr, chunk_start_ptr, chunk_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    chunk_list_ptr, chunk_start_ptr, chunk_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
     num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -333,7 +333,7 @@ def _sel_dkdv_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads."""
-    chunk = tl.load(launch_ptr + tl.program_id(0))
+    chunk = tl.program_id(0)
     listed = tl.load(chunk_list_ptr + chunk)
     live = listed < num_lists
     listed = tl.minimum(listed, num_lists - 1)
@@ -377,12 +377,12 @@ def _sel_dkdv_kernel(
 
 @triton.jit
 def _sel_reduce_kernel(
-    part_k_ptr, part_v_ptr, dk_ptr, dv_ptr, list_chunks_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_seqs, blocks_per_head,
+    part_k_ptr, part_v_ptr, dk_ptr, dv_ptr, segment_chunks_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_seqs, blocks_per_head, num_lists, windows,
     SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr, BLOCK_DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """dk / dv of one (kv head, block): the sum of its chunks' partials, in chunk order."""
+    """dk / dv of one (kv head, block): the sum of its chunks' partials, window by window, in chunk order."""
     listed = tl.program_id(0)
     hk = listed // blocks_per_head
     block = listed % blocks_per_head
@@ -397,10 +397,12 @@ def _sel_reduce_kernel(
     all_rows = offs >= 0
     dk = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
-    for chunk in range(tl.load(list_chunks_ptr + listed), tl.load(list_chunks_ptr + listed + 1)):
-        part_rows = (chunk * BLOCK_S + offs).to(tl.int64)  # the partial buffers pass 2^31 elements at 512k
-        dk += load_at(part_k_ptr, part_rows * BLOCK_DK, all_rows, 0, BLOCK_DK, BLOCK_DK)
-        dv += load_at(part_v_ptr, part_rows * BLOCK_DV, all_rows, 0, BLOCK_DV, BLOCK_DV)
+    for window in range(windows):
+        segment = window * num_lists + listed
+        for chunk in range(tl.load(segment_chunks_ptr + segment), tl.load(segment_chunks_ptr + segment + 1)):
+            part_rows = (chunk * BLOCK_S + offs).to(tl.int64)  # the partial buffers pass 2^31 elements at 512k
+            dk += load_at(part_k_ptr, part_rows * BLOCK_DK, all_rows, 0, BLOCK_DK, BLOCK_DK)
+            dv += load_at(part_v_ptr, part_rows * BLOCK_DV, all_rows, 0, BLOCK_DV, BLOCK_DV)
     row = tok0 + first
     store_tile(dk_ptr + row * stride_dkt + hk * stride_dkh, offs, key_ok, stride_dkt, dk.to(dk_ptr.dtype.element_ty),
                0, BLOCK_DK, DQK)
@@ -414,26 +416,27 @@ def _sel_reduce_kernel(
 
 
 class SelectionLists(NamedTuple):
-    """Per-(kv head, global block) lists of the tokens that selected the block, cut into chunks: at most ``chunk``
-    entries, none across a window boundary (``selection_lists``)."""
+    """Per-(kv head, global block) lists of the tokens that selected the block, cut at window boundaries into
+    segments (window-major: every list's segment in window 0, then in window 1, ...) and the segments into chunks of
+    at most ``chunk`` entries (``selection_lists``). Chunk ids follow the segments: the grid's order."""
 
-    entries: Tensor  # int32 [N * H_kv * n]: token rows, list after list, ascending within a list
-    list_chunks: Tensor  # int32 [L + 1]: cumulative chunk counts (L = H_kv * blocks_per_head)
+    entries: Tensor  # int32 [N * H_kv * n]: token rows, segment after segment, ascending within a segment
+    segment_chunks: Tensor  # int32 [windows * L + 1]: cumulative chunk counts (L = H_kv * blocks_per_head)
     chunk_list: Tensor  # int32 [C]: the list of each chunk (L past the last chunk)
     chunk_start: Tensor  # int32 [C]: the first entry of each chunk
     chunk_end: Tensor  # int32 [C]: one past its last entry
-    launch: Tensor  # int32 [C]: the chunks in launch order, by kv head, then window, then block
     block_seq: Tensor  # int32 [blocks_per_head]: the sequence of each global block (num_seqs past the last)
     cu_blocks: Tensor  # int32 [S + 1]: cumulative selection blocks per sequence
     blocks_per_head: int
+    windows: int
 
 
 def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, chunk: int,
                     windows: int = 1) -> SelectionLists:
-    """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every list in token
+    """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every segment in token
     order, so the dk/dv sums run in a fixed order. With ``windows`` > 1 the packed rows are cut into that many
-    windows (``window_rows`` each) and each list into one segment per window: the programs launched together are
-    one window's, whose q / dO rows are then read by every block's program at about the same time (L2 hits
+    windows (``window_rows`` each) and the chunks of one window come before the next one's: the programs that run
+    together are one window's, whose q / dO rows every block's program then reads at about the same time (L2 hits
     instead of one HBM read per (token, block)). No host sync (the sizes are host bounds)."""
     _, num_kv_heads, num_selected = block_indices.shape
     # A sequence's selection blocks are its tiles of sel_block_size tokens: global block -> sequence, and a bound on
@@ -445,9 +448,8 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     width = window_rows(packed.total, windows, sel_block_size)
     bound = num_kv_heads * segment_bound(blocks_per_head, packed.num_seqs, windows, width // sel_block_size)
     num_chunks = max(1, -(-block_indices.numel() // chunk) + bound)
-    bases, segment_ids, chunk_ids, in_order = _list_keys(packed, blocks, num_kv_heads, num_chunks, windows, width)
-    spread = block_indices * windows if windows > 1 else block_indices  # (the eager GPT's host time counts ops)
-    keys = torch.where(block_indices >= 0, bases + spread, num_segments).flatten()
+    bases, segment_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks, windows, width)
+    keys = torch.where(block_indices >= 0, bases + block_indices, num_segments).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = (order // (num_kv_heads * num_selected)).to(torch.int32)
     bounds = torch.searchsorted(sorted_keys, segment_ids)
@@ -457,17 +459,12 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     owner = chunk_segment.clamp_max(num_segments - 1)
     chunk_start = bounds[owner] + (chunk_ids - segment_chunks[owner]) * chunk
     chunk_end = torch.minimum(chunk_start + chunk, bounds[owner + 1])
-    if windows == 1:  # segments are lists, and chunks are numbered list after list: the launch order already
-        chunk_list, launch = chunk_segment, in_order
-    else:
-        chunk_list = chunk_segment // windows
-        block, window = chunk_list % blocks_per_head, chunk_segment % windows
-        head_window = (chunk_list // blocks_per_head) * windows + window
-        launch = torch.sort(torch.where(chunk_segment < num_segments, head_window * blocks_per_head + block,
-                                        num_segments), stable=True).indices.to(torch.int32)
-    return SelectionLists(entries, segment_chunks[::windows].to(torch.int32), chunk_list.to(torch.int32),
-                          chunk_start.to(torch.int32), chunk_end.to(torch.int32), launch, blocks.seq, cu_blocks,
-                          blocks_per_head)
+    # (with one window a segment is its list, and the eager GPT's host time counts ops)
+    chunk_list = chunk_segment if windows == 1 else torch.where(chunk_segment < num_segments,
+                                                                 chunk_segment % num_lists, num_lists)
+    return SelectionLists(entries, segment_chunks.to(torch.int32), chunk_list.to(torch.int32),
+                          chunk_start.to(torch.int32), chunk_end.to(torch.int32), blocks.seq, cu_blocks,
+                          blocks_per_head, windows)
 
 
 def window_rows(total: int, windows: int, sel_block_size: int) -> int:
@@ -489,20 +486,19 @@ def segment_bound(num_blocks: int, num_seqs: int, windows: int, window_blocks: i
 
 
 def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int, windows: int, width: int
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the segment of block 0 of each token's sequence
-    under each kv head, in the token's window: segments are list-major, lists kv head-major over the global blocks),
-    segment ids [L * windows + 1], chunk ids [num_chunks] and the same as int32 (aranges). Kept per size for a
-    [B, T] batch (nsa.kernels.tiles.packed_sized)."""
-    def build() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    under each kv head in the token's window: segments are window-major, lists kv head-major over the global
+    blocks), segment ids [windows * L + 1] and chunk ids [num_chunks] (aranges). Kept per size for a [B, T] batch
+    (nsa.kernels.tiles.packed_sized)."""
+    def build() -> tuple[Tensor, Tensor, Tensor]:
         device = packed.cu.device
+        num_lists = num_kv_heads * blocks.grid
         head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
         bases = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
         if windows > 1:
-            bases = bases * windows + torch.arange(packed.total, device=device)[:, None, None] // width
-        chunk_ids = torch.arange(num_chunks, device=device)
-        return (bases, torch.arange(num_kv_heads * blocks.grid * windows + 1, device=device), chunk_ids,
-                chunk_ids.to(torch.int32))
+            bases = bases + torch.arange(packed.total, device=device)[:, None, None] // width * num_lists
+        return (bases, torch.arange(num_lists * windows + 1, device=device), torch.arange(num_chunks, device=device))
 
     return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks, windows, width), build)
 
@@ -715,14 +711,14 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
     block_dk = max(16, triton.next_power_of_2(q.shape[-1]))
-    num_chunks = lists.launch.numel()
+    num_chunks = lists.chunk_list.numel()
     part_k = output_buffer(num_chunks * block_s, block_dk, like=q, dtype=torch.float32)
     part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     num_lists = k.shape[1] * lists.blocks_per_head
     _sel_dkdv_kernel[(num_chunks,)](
-        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.launch, lists.chunk_list,
-        lists.chunk_start, lists.chunk_end, lists.block_seq, packed.cu, lists.cu_blocks,
+        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_list, lists.chunk_start,
+        lists.chunk_end, lists.block_seq, packed.cu, lists.cu_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
         scale * LOG2E, scale,
@@ -731,8 +727,9 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     )
     dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
     _sel_reduce_kernel[(num_lists,)](
-        part_k, part_v, dk, dv, lists.list_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), packed.num_seqs, lists.blocks_per_head,
+        part_k, part_v, dk, dv, lists.segment_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), packed.num_seqs, lists.blocks_per_head, num_lists,
+        lists.windows,
         SEL_BLOCK=sel_block_size, BLOCK_S=block_s, DQK=q.shape[-1], BLOCK_DK=block_dk, DV=v.shape[-1],
         BLOCK_DV=block_dv, num_warps=8,
     )
