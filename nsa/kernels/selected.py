@@ -13,11 +13,10 @@ stores the un-gated branch output, from which the dq kernel takes delta = dO . o
 dk/dv: the selections are inverted into per-(kv head, block) lists of the tokens that selected the block
 (``selection_lists``: a stable sort, so each list is in token order), cut into chunks of at most
 ``SelectedTiles.dkv_chunk`` tokens. One program per chunk loads its block's K/V once and gathers BQ tokens x GP
-heads per step; its float32
-partial is written to its own slot and a second kernel sums each block's chunks in order: deterministic, no
-atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many chunks.) With
-``SelectedTiles.dkv_windows`` > 1 the lists are cut at window boundaries of the packed rows and the chunks run
-window by window, so the programs that run together gather the q / dO rows of one stretch of tokens.
+heads per step; its float32 partial is written to its own slot and a second kernel sums each block's chunks in
+order: deterministic, no atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many
+chunks.) With ``SelectedTiles.dkv_windows`` > 1 the lists are cut at window boundaries of the packed rows and the
+chunks run window by window, so the programs that run together gather the q / dO rows of one stretch of tokens.
 """
 
 from __future__ import annotations
