@@ -36,7 +36,7 @@ from nsa.prefill import topn_tile_shape
 
 FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
 INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
-                  "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "chunk_end_ptr", "block_seq_ptr",
+                  "entries_ptr", "chunk_segment_ptr", "chunk_start_ptr", "segment_end_ptr", "block_seq_ptr",
                   "cu_blocks_ptr", "segment_chunks_ptr", "union_ptr", "count_ptr")
 DKDV_GATES = (("gate_ptr", "*fp32"),)  # as every dk/dv kernel reads them (nsa.prefill.dkdv_gates)
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
@@ -113,7 +113,7 @@ def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], 
     """The selection dk/dv as its launcher runs it under ``tiles`` (64-key blocks)."""
     yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
                      {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
-                      **selected.dkv_rows(group, tiles),
+                      **selected.dkv_rows(group, tiles), "CHUNK": tiles.chunk,
                       "BLOCK_DK": max(16, triton.next_power_of_2(dims["DQK"])), "HAS_GATE": True},
                      tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=DKDV_GATES)
 

@@ -43,9 +43,9 @@ def random_selection(seq_len: int, seed: int = 0) -> torch.Tensor:
 def program_tokens(indices: torch.Tensor, windows: int, chunk: int) -> list[list[int]]:
     """The token list of each dk/dv program, in launch order (the live chunks of ``selection_lists``)."""
     lists = selection_lists(indices, packed_batch(1, indices.shape[0], torch.device("cpu")), SEL_BLOCK, chunk, windows)
-    entries, start, end = lists.entries.tolist(), lists.chunk_start.tolist(), lists.chunk_end.tolist()
-    live = (lists.chunk_list < lists.blocks_per_head).tolist()  # one kv head: L = blocks_per_head
-    return [entries[start[c]:end[c]] for c in range(len(live)) if live[c]]
+    entries, start, segment_end = lists.entries.tolist(), lists.chunk_start.tolist(), lists.segment_end.tolist()
+    live = [segment for segment in lists.chunk_segment.tolist() if segment < windows * lists.blocks_per_head]
+    return [entries[start[c]:min(start[c] + chunk, segment_end[segment])] for c, segment in enumerate(live)]
 
 
 def hit_rate(programs: list[list[int]], slots: int, capacity: int) -> float:

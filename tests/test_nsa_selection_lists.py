@@ -57,9 +57,12 @@ def test_chunks_hold_each_list_in_token_order_within_one_window(case: tuple) -> 
     width = window_rows(total, windows, sel_block)
     per_head = lists.blocks_per_head
     num_lists = kv_heads * per_head
-    chunk_list, start, end = lists.chunk_list.tolist(), lists.chunk_start.tolist(), lists.chunk_end.tolist()
-    live = [c for c, owner in enumerate(chunk_list) if owner < num_lists]
+    segments, start, segment_end = lists.chunk_segment.tolist(), lists.chunk_start.tolist(), lists.segment_end.tolist()
+    live = [c for c, segment in enumerate(segments) if segment < windows * num_lists]
     assert live == list(range(len(live)))  # the live chunks first, then the unused slots of the host bound
+    # what the dk/dv kernel reads of chunk c: its list, and its entries up to the chunk size or its segment's end
+    chunk_list = [segments[c] % num_lists for c in live]
+    end = [min(start[c] + chunk, segment_end[segments[c]]) for c in live]
     entries, segment_chunks = lists.entries.tolist(), lists.segment_chunks.tolist()
     for listed in range(num_lists):
         mine = [c for c in live if chunk_list[c] == listed]
@@ -99,11 +102,11 @@ def test_every_block_chosen_fills_each_reachable_window_and_fits_the_buffer() ->
         indices = torch.tensor(rows, dtype=torch.int32)
         cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
         lists = selection_lists(indices, packed_varlen(cu, total), sel_block, indices.numel(), windows)
-        live = int((lists.chunk_list < lists.blocks_per_head).sum())
+        live = int((lists.chunk_segment < windows * lists.blocks_per_head).sum())  # one kv head
         width = window_rows(total, windows, sel_block)
         reachable = 0
         for seq, length in enumerate(lengths):
             start = cu[seq].item()
             for b in range(-(-length // sel_block)):
                 reachable += (start + length - 1) // width - (start + b * sel_block) // width + 1
-        assert live == reachable and lists.chunk_list.numel() >= live
+        assert live == reachable and lists.chunk_segment.numel() >= live

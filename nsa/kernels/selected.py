@@ -325,18 +325,20 @@ def _sel_dq_kernel(
 @triton.jit
 def _sel_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, entries_ptr,
-    chunk_list_ptr, chunk_start_ptr, chunk_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    chunk_segment_ptr, chunk_start_ptr, segment_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
-    num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
+    num_heads, num_seqs, num_lists, num_segments, blocks_per_head, qk_scale, scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+    CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
-    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads."""
+    """Partial dk / dv of one chunk of one segment of a (kv head, block) list: sum over its tokens and the group's
+    heads."""
     chunk = tl.program_id(0)
-    listed = tl.load(chunk_list_ptr + chunk)
-    live = listed < num_lists
-    listed = tl.minimum(listed, num_lists - 1)
+    segment = tl.load(chunk_segment_ptr + chunk)
+    live = segment < num_segments
+    segment = tl.minimum(segment, num_segments - 1)
+    listed = segment % num_lists  # segments are window-major (selection_lists)
     hk = listed // blocks_per_head
     block = listed % blocks_per_head
     seq = tl.minimum(tl.load(block_seq_ptr + block), num_seqs - 1)  # past the last block: an empty list
@@ -352,7 +354,7 @@ def _sel_dkdv_kernel(
     dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     first = tl.load(chunk_start_ptr + chunk)
-    end = tl.where(live, tl.load(chunk_end_ptr + chunk), first)
+    end = tl.where(live, tl.minimum(first + CHUNK, tl.load(segment_end_ptr + segment)), first)
     r = tl.arange(0, BQ * GP)
     g = r % GP
     for e in range(first, end, BQ):
@@ -421,10 +423,10 @@ class SelectionLists(NamedTuple):
     at most ``chunk`` entries (``selection_lists``). Chunk ids follow the segments: the grid's order."""
 
     entries: Tensor  # int32 [N * H_kv * n]: token rows, segment after segment, ascending within a segment
-    segment_chunks: Tensor  # int32 [windows * L + 1]: cumulative chunk counts (L = H_kv * blocks_per_head)
-    chunk_list: Tensor  # int32 [C]: the list of each chunk (L past the last chunk)
+    segment_end: Tensor  # int32 [windows * L]: one past each segment's last entry (L = H_kv * blocks_per_head)
+    segment_chunks: Tensor  # int32 [windows * L + 1]: cumulative chunk counts
+    chunk_segment: Tensor  # int32 [C]: the segment of each chunk (windows * L past the last chunk)
     chunk_start: Tensor  # int32 [C]: the first entry of each chunk
-    chunk_end: Tensor  # int32 [C]: one past its last entry
     block_seq: Tensor  # int32 [blocks_per_head]: the sequence of each global block (num_seqs past the last)
     cu_blocks: Tensor  # int32 [S + 1]: cumulative selection blocks per sequence
     blocks_per_head: int
@@ -458,12 +460,8 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     chunk_segment = torch.searchsorted(segment_chunks[1:], chunk_ids, right=True)  # num_segments past the last
     owner = chunk_segment.clamp_max(num_segments - 1)
     chunk_start = bounds[owner] + (chunk_ids - segment_chunks[owner]) * chunk
-    chunk_end = torch.minimum(chunk_start + chunk, bounds[owner + 1])
-    # (with one window a segment is its list, and the eager GPT's host time counts ops)
-    chunk_list = chunk_segment if windows == 1 else torch.where(chunk_segment < num_segments,
-                                                                 chunk_segment % num_lists, num_lists)
-    return SelectionLists(entries, segment_chunks.to(torch.int32), chunk_list.to(torch.int32),
-                          chunk_start.to(torch.int32), chunk_end.to(torch.int32), blocks.seq, cu_blocks,
+    return SelectionLists(entries, bounds[1:].to(torch.int32), segment_chunks.to(torch.int32),
+                          chunk_segment.to(torch.int32), chunk_start.to(torch.int32), blocks.seq, cu_blocks,
                           blocks_per_head, windows)
 
 
@@ -707,22 +705,23 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
     """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists."""
-    lists = selection_lists(block_indices, packed, sel_block_size, tiles.dkv_chunk(packed.total), tiles.dkv_windows)
+    chunk = tiles.dkv_chunk(packed.total)
+    lists = selection_lists(block_indices, packed, sel_block_size, chunk, tiles.dkv_windows)
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
     block_dk = max(16, triton.next_power_of_2(q.shape[-1]))
-    num_chunks = lists.chunk_list.numel()
+    num_chunks = lists.chunk_segment.numel()
     part_k = output_buffer(num_chunks * block_s, block_dk, like=q, dtype=torch.float32)
     part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     num_lists = k.shape[1] * lists.blocks_per_head
     _sel_dkdv_kernel[(num_chunks,)](
-        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_list, lists.chunk_start,
-        lists.chunk_end, lists.block_seq, packed.cu, lists.cu_blocks,
+        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_segment, lists.chunk_start,
+        lists.segment_end, lists.block_seq, packed.cu, lists.cu_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
-        dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
-        scale * LOG2E, scale,
-        BLOCK_DK=block_dk, HAS_GATE=gate is not None,
+        dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, num_lists * lists.windows,
+        lists.blocks_per_head, scale * LOG2E, scale,
+        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
         **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
     dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
