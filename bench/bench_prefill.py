@@ -451,8 +451,11 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                                     sel._replace(chunk=sel.short_chunk),
                                                     sel._replace(short_chunk=sel.chunk),
                                                     # the dk/dv's chunks launched window by window (the cache
-                                                    # model, bench.model_dkdv_gathers, ranks 8 to 32 at 64k)
-                                                    *(sel._replace(dkv_windows=n) for n in (8, 16, 32))]}
+                                                    # model, bench.model_dkdv_gathers, ranks 8 to 32 at 64k), their
+                                                    # partials summed by a second kernel or added in list order
+                                                    *(sel._replace(dkv_windows=n) for n in (8, 16, 32)),
+                                                    *(sel._replace(dkv_windows=n, dkv_ordered=True)
+                                                      for n in (1, 8, 16, 32))]}
     if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills
         variants["cmp_tiles"] += [cmp._replace(dkv_num_stages=5 - cmp.dkv_num_stages),
                                   cmp._replace(dq_num_stages=5 - cmp.dq_num_stages), cmp._replace(dkv_m=32)]
@@ -481,11 +484,12 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     return {field: list(dict.fromkeys(tiles)) for field, tiles in variants.items()}
 
 
-def matching(candidates: list[Any], text: str | None) -> list[Any]:
-    """A field's defaults (the first candidate, the sweep's baseline) and the candidates whose repr holds ``text``."""
-    if text is None:
+def matching(candidates: list[Any], texts: list[str] | None) -> list[Any]:
+    """A field's defaults (the first candidate, the sweep's baseline) and the candidates whose repr holds any of
+    ``texts``."""
+    if texts is None:
         return candidates
-    return candidates[:1] + [tiles for tiles in candidates[1:] if text in repr(tiles)]
+    return candidates[:1] + [tiles for tiles in candidates[1:] if any(text in repr(tiles) for text in texts)]
 
 
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
@@ -737,8 +741,9 @@ def main() -> None:
                         help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
     parser.add_argument("--tile-fields", nargs="+", default=list(TILE_KERNELS), choices=list(TILE_KERNELS),
                         help="which tiles the tiles part sweeps (each field's candidates: tile_variants)")
-    parser.add_argument("--tile-match", default=None, help="sweep only the candidates whose repr contains this "
-                        "text (e.g. 'tma=False'), beside each field's defaults")
+    parser.add_argument("--tile-match", nargs="+", default=None, help="sweep only the candidates whose repr "
+                        "contains one of these texts (e.g. 'tma=False'; a tiles tuple's repr lists every field, so "
+                        "'dkv_windows=1,' names one value), beside each field's defaults")
     parser.add_argument("--tile-timeout", type=float, default=None, help="run the sweep in child processes and "
                         "give a candidate that yields no row within this many seconds, or kills its process, an "
                         "error row instead (the sweep goes on; the first candidate's time includes the reference "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What one device session runs: GPU tests, then the benchmarks; results land in $OUT (and bench/results).
 # Test failures do not stop the benchmarks (their numbers are still worth having); the script exits
-# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles",
-# "gpt" and "ab" on request).
+# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "ordered",
+# "tiles", "gpt" and "ab" on request).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -10,6 +10,13 @@ PARTS=${PARTS:-tests prefill nsa scope}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 tests_status=0
+if [[ " $PARTS " == *" ordered "* ]]; then
+    # The selection dk/dv adding in list order (SelectedTiles.dkv_ordered) alone, under a short timeout, before
+    # anything else: its chunks wait on each other, and a wait that never ends must not eat a whole call.
+    timeout "${ORDERED_TIMEOUT:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nsa_prefill_gpu.py \
+        -k "in_list_order" >"$OUT/gpu_ordered_tests.log" 2>&1 || tests_status=$?
+    tail -n 15 "$OUT/gpu_ordered_tests.log"
+fi
 if [[ " $PARTS " == *" tests "* ]]; then
     # Compiles dominate (serially the suite ran past 9 minutes on the H200): 8 xdist workers share the GPU, each
     # compiling with one inductor thread (inductor's own compile pools under 8 workers stalled past 470 s). The
@@ -38,12 +45,15 @@ if [[ " $PARTS " == *" tiles "* ]]; then
     # share 90% of their variance within 64-token spans (neighbours select overlapping blocks): the next defaults of
     # nsa/kernels (only on request: PARTS=tiles; TILE_SHAPES, TILE_LOCALITIES pick the shapes, "gpt" being the 4-layer
     # GPT's G = 2 attention, "g4_paper" G = 4 at d_k = 192; TILE_FIELDS the kernels, e.g. "cmp_tiles win_tiles";
-    # TILE_MATCH only the candidates whose repr holds that text, e.g. "dkv_n=64", beside the defaults; TILE_TIMEOUT
+    # TILE_MATCH only the candidates whose repr holds one of its '|'-separated texts, e.g. "dkv_n=64" or
+    # "dkv_windows=8,|dkv_ordered=True", beside the defaults; TILE_TIMEOUT
     # seconds: each candidate in a child process, one that hangs or faults gets an error row and the sweep goes on).
+    matches=()
+    [[ -z "${TILE_MATCH:-}" ]] || { IFS='|' read -r -a texts <<< "$TILE_MATCH"; matches=(--tile-match "${texts[@]}"); }
     # shellcheck disable=SC2086  # lists of shapes, localities and fields
     timeout "${TILES_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts tiles \
         --tile-shapes ${TILE_SHAPES:-public g4 gpt} --tile-localities ${TILE_LOCALITIES:-0 0.9} \
-        --tile-fields ${TILE_FIELDS:-cmp_tiles win_tiles topn_tiles sel_tiles} ${TILE_MATCH:+--tile-match "$TILE_MATCH"} \
+        --tile-fields ${TILE_FIELDS:-cmp_tiles win_tiles topn_tiles sel_tiles} "${matches[@]}" \
         ${TILE_TIMEOUT:+--tile-timeout "$TILE_TIMEOUT"} \
         --results-dir "$OUT" --name prefill_tiles_cuda 2>&1 | tee "$OUT/bench_prefill_tiles.log" || echo "bench_prefill tiles exited with $?"
 fi

@@ -552,13 +552,14 @@ class SelectionCase(NamedTuple):
 
 
 def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40),
-                   choose: Callable[..., torch.Tensor] = random_selections) -> SelectionCase:
-    """Random selections (``random_selections``, or ``choose``) of blocks of 4 tokens, n = 5, on packed sequences
-    of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in float64."""
+                   choose: Callable[..., torch.Tensor] = random_selections, num_selected: int = 5) -> SelectionCase:
+    """Random selections (``random_selections``, or ``choose``) of ``num_selected`` blocks of 4 tokens on packed
+    sequences of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in
+    float64."""
     dk = 16
     q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dk, CHOOSY, seed=seed)
     q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
-    indices = choose(list(lengths), kv_heads, 5, 4, seed=seed)
+    indices = choose(list(lengths), kv_heads, num_selected, 4, seed=seed)
     dout = randn(sum(lengths), heads, dk, seed=99).float()
     packed = packed_lengths(lengths)
     expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
@@ -627,12 +628,32 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     heads, G = 1: 16 entries, G = 2: 8 x 2), the kernel alone given the float64 lse and delta: random selections
     spread each block's list over many tokens and chunks."""
     case = selection_case(heads, kv_heads, seed=heads + 7)
+    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel
+    check_selection_dkdv(case, tiles)
+
+
+def check_selection_dkdv(case: SelectionCase, tiles: SelectedTiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """selected_dkdv on ``case`` given the float64 lse and delta; dk and dv against float64 -> (dk, dv)."""
     q, want = case.q, case.expected
-    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel
     dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, want["lse"].float(),
                            want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
     torch.testing.assert_close(dk.double(), want["dk"], **TOL)
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
+    return dk, dv
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "windows", "num_selected"), [(6, 2, 3, 5), (16, 1, 1, 5), (4, 2, 2, 2)])
+def test_selection_dkdv_adding_in_list_order_matches_float64_reference_and_the_partials(heads, kv_heads, windows,
+                                                                                        num_selected):
+    """SelectedTiles.dkv_ordered: each chunk adds into its block's running sum after the block's earlier chunks and
+    the last one writes dk / dv. Against float64, and bit for bit against the partials summed by the second kernel
+    (the same additions in the same order); on one window and on several, where a block's chunks sit in several
+    windows; with 2 blocks per token, some blocks no token selected (their dk / dv zero, written by no chunk)."""
+    case = selection_case(heads, kv_heads, seed=heads + windows, num_selected=num_selected)
+    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel._replace(dkv_windows=windows)
+    partials = check_selection_dkdv(case, tiles)
+    ordered = check_selection_dkdv(case, tiles._replace(dkv_ordered=True))
+    assert all(torch.equal(a, b) for a, b in zip(partials, ordered, strict=True))
 
 
 class RangeCase(NamedTuple):

@@ -3,7 +3,8 @@
 Each (kv head, global block) list must hold exactly the token rows that selected the block, ascending, cut into
 chunks of at most ``chunk`` entries that never cross a window boundary; every chunk must fit the buffer the host
 bound sized (a lost chunk would drop entries); the chunks must be numbered (the grid's order) by window, then kv
-head, then block.
+head, then block. The ordered dk/dv (SelectedTiles.dkv_ordered) waits on each chunk's rank within its list: a rank
+too high never ends its wait, two chunks of one rank race.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import itertools
 
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsa.kernels.selected import segment_bound, selection_lists, window_rows
+from nsa.kernels.selected import _list_rank, segment_bound, selection_lists, window_rows
 from nsa.kernels.tiles import packed_batch, packed_varlen
 
 
@@ -110,3 +113,29 @@ def test_every_block_chosen_fills_each_reachable_window_and_fits_the_buffer() ->
             for b in range(-(-length // sel_block)):
                 reachable += (start + length - 1) // width - (start + b * sel_block) // width + 1
         assert live == reachable and lists.chunk_segment.numel() >= live
+
+
+@triton.jit
+def _ranks_kernel(segment_chunks_ptr, chunk_segment_ptr, out_ptr, num_lists, windows, WP: tl.constexpr):
+    chunk = tl.program_id(0)
+    segment = tl.load(chunk_segment_ptr + chunk)
+    rank, total = _list_rank(segment_chunks_ptr, segment % num_lists, segment // num_lists, chunk, num_lists, windows,
+                             WP)
+    tl.store(out_ptr + 2 * chunk, rank)
+    tl.store(out_ptr + 2 * chunk + 1, total)
+
+
+@given(selections())
+def test_each_chunk_knows_its_rank_in_its_list_and_the_list_count(case: tuple) -> None:
+    """What the ordered dk/dv's chunk computes (``_list_rank``, in the interpreter) against counts by plain loops over
+    the chunks in grid order: how many chunks of its list come before it, and how many its list has."""
+    lengths, _, sel_block, indices, chunk, windows = case
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    lists = selection_lists(indices, packed_varlen(cu, sum(lengths)), sel_block, chunk, windows)
+    num_lists = indices.shape[1] * lists.blocks_per_head
+    chunk_list = [s % num_lists for s in lists.chunk_segment.tolist() if s < windows * num_lists]
+    got = torch.empty(len(chunk_list), 2, dtype=torch.int32)
+    _ranks_kernel[(len(chunk_list),)](lists.segment_chunks, lists.chunk_segment, got, num_lists, windows,
+                                      WP=triton.next_power_of_2(windows))
+    expected = [[chunk_list[:c].count(listed), chunk_list.count(listed)] for c, listed in enumerate(chunk_list)]
+    assert got.tolist() == expected

@@ -17,6 +17,10 @@ heads per step; its float32 partial is written to its own slot and a second kern
 order: deterministic, no atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many
 chunks.) With ``SelectedTiles.dkv_windows`` > 1 the lists are cut at window boundaries of the packed rows and the
 chunks run window by window, so the programs that run together gather the q / dO rows of one stretch of tokens.
+With ``SelectedTiles.dkv_ordered`` there is no second kernel: each chunk waits for its block's earlier chunks (a
+flag per block; the chunks take their ids from a counter in grid order, so the chunks waited on have started) and
+adds its sum to the block's running float32 sum, the last writing dk / dv: the same additions in the same order,
+one float32 slot per block instead of per chunk.
 """
 
 from __future__ import annotations
@@ -101,7 +105,11 @@ class SelectedTiles(NamedTuple):
     sequence's grid has few waves, and its longest lists (block 0's holds every token) leave a tail of long
     programs: H200, public, 8k (2026-12-05), the dk/dv in 2.02 ms on chunks of 256 against 2.17 on 1024.
     dkv_windows: the dk/dv's lists cut into that many windows of the packed rows, launched window by window
-    (``selection_lists``)."""
+    (``selection_lists``).
+    dkv_ordered: each dk/dv chunk adds into its block's running float32 sum after the block's earlier chunks (in
+    the grid's order) and the last one writes dk / dv, instead of a partial per chunk summed by a second kernel:
+    the same bits, and the float32 buffer holds one slot per block whatever the windows (64k, public shape: 0.27
+    GB, against 0.5 GB of partials on one window and 2.4 GB on 16)."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -122,6 +130,7 @@ class SelectedTiles(NamedTuple):
     short_chunk: int = 256
     short_tokens: int = 8192
     dkv_windows: int = 1
+    dkv_ordered: bool = False
 
     def dkv_chunk(self, num_tokens: int) -> int:
         """Tokens per dk/dv program for num_tokens packed rows."""
@@ -325,30 +334,27 @@ def _sel_dq_kernel(
 @triton.jit
 def _sel_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, entries_ptr,
-    chunk_segment_ptr, chunk_start_ptr, segment_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    chunk_segment_ptr, chunk_start_ptr, segment_end_ptr, segment_chunks_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    dk_ptr, dv_ptr, order_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
-    num_heads, num_seqs, num_lists, num_segments, blocks_per_head, qk_scale, scale,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    num_heads, num_seqs, num_lists, num_segments, blocks_per_head, windows, qk_scale, scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    ORDERED: tl.constexpr, WP: tl.constexpr,
 ):
-    """Partial dk / dv of one chunk of one segment of a (kv head, block) list: sum over its tokens and the group's
-    heads."""
-    chunk = tl.program_id(0)
-    segment = tl.load(chunk_segment_ptr + chunk)
-    live = segment < num_segments
-    segment = tl.minimum(segment, num_segments - 1)
-    listed = segment % num_lists  # segments are window-major (selection_lists)
-    hk = listed // blocks_per_head
-    block = listed % blocks_per_head
-    seq = tl.minimum(tl.load(block_seq_ptr + block), num_seqs - 1)  # past the last block: an empty list
-    tok0 = tl.load(cu_ptr + seq).to(tl.int64)
-    seq_len = tl.load(cu_ptr + seq + 1) - tok0
-    j = block - tl.load(cu_blocks_ptr + seq)
+    """dk / dv of one chunk of one segment of a (kv head, block) list: the sum over its tokens and the group's
+    heads. ORDERED False: written as the chunk's partial (part_k / part_v, one slot per chunk) for
+    _sel_reduce_kernel. ORDERED True (``_ordered_add``): added into its list's running sum (part_k / part_v, one
+    slot per list) after the list's earlier chunks, the last chunk writing dk / dv; the chunks are taken in grid
+    order from a counter (order_ptr[num_lists]), so every earlier chunk has started when one waits on it. WP: the
+    windows padded to a power of two."""
+    chunk = tl.atomic_add(order_ptr + num_lists, 1) if ORDERED else tl.program_id(0)
+    segment, live, listed, hk, tok0, pos, key_ok, block_row = _chunk_block(
+        chunk_segment_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr, chunk, num_seqs, num_lists, num_segments,
+        blocks_per_head, SEL_BLOCK, BLOCK_S)
     offs = tl.arange(0, BLOCK_S)
-    pos = j * SEL_BLOCK + offs
-    key_ok = (offs < SEL_BLOCK) & (pos < seq_len)
-    block_row = tok0 + j * SEL_BLOCK
     k1, k2 = load_split(k_ptr + block_row * stride_kt + hk * stride_kh, offs, key_ok, stride_kt, DQK, D1, D2)
     v = load_tile(v_ptr + block_row * stride_vt + hk * stride_vh, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
     dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
@@ -369,12 +375,99 @@ def _sel_dkdv_kernel(
                                           gate_ptr, tok * stride_dot + head * stride_doh, tok * num_heads + head,
                                           tok * stride_gt + head * stride_gh, ok, dk1, dk2, dv, D2, DV, BLOCK_DV,
                                           PRECISION, HAS_GATE)
-    part = chunk.to(tl.int64) * BLOCK_S
-    all_rows = offs >= 0
-    store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)
+    dk1 *= scale
     if D2 > 0:
-        store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk2 * scale, D1, D2, BLOCK_DK)
-    store_tile(part_v_ptr + part * BLOCK_DV, offs, all_rows, BLOCK_DV, dv, 0, BLOCK_DV, BLOCK_DV)
+        dk2 *= scale
+    if ORDERED:
+        # the chunk's block read again (its loads volatile, so not kept from the first read): values live through
+        # the loop are spilled in it (sm_90 SASS: 115 local loads / stores per step against 55 this way)
+        segment, live, listed, hk, _, _, key_ok, block_row = _chunk_block(
+            chunk_segment_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr, chunk, num_seqs, num_lists, num_segments,
+            blocks_per_head, SEL_BLOCK, BLOCK_S)
+        if live:
+            rank, total = _list_rank(segment_chunks_ptr, listed, segment // num_lists, chunk, num_lists, windows, WP)
+            _ordered_add(dk1, dk2, dv, part_k_ptr, part_v_ptr, order_ptr + listed, listed.to(tl.int64) * BLOCK_S,
+                         rank, total, dk_ptr + block_row * stride_dkt + hk * stride_dkh,
+                         dv_ptr + block_row * stride_dvt + hk * stride_dvh, offs, key_ok, stride_dkt, stride_dvt, D1,
+                         D2, DQK, BLOCK_DK, DV, BLOCK_DV)
+    else:
+        part = chunk.to(tl.int64) * BLOCK_S
+        all_rows = offs >= 0
+        store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1, 0, D1, BLOCK_DK)
+        if D2 > 0:
+            store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk2, D1, D2, BLOCK_DK)
+        store_tile(part_v_ptr + part * BLOCK_DV, offs, all_rows, BLOCK_DV, dv, 0, BLOCK_DV, BLOCK_DV)
+
+
+@triton.jit
+def _chunk_block(chunk_segment_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr, chunk, num_seqs, num_lists, num_segments,
+                 blocks_per_head, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Chunk ``chunk``'s (segment; whether it is a chunk, not a spare slot of the host bound; its list and kv head;
+    its sequence's first row; the block's key positions, which of them are keys, and its first row). Volatile
+    loads: a second call reads them again."""
+    segment = tl.load(chunk_segment_ptr + chunk, volatile=True)
+    live = segment < num_segments
+    segment = tl.minimum(segment, num_segments - 1)
+    listed = segment % num_lists  # segments are window-major (selection_lists)
+    hk = listed // blocks_per_head
+    block = listed % blocks_per_head
+    seq = tl.minimum(tl.load(block_seq_ptr + block, volatile=True), num_seqs - 1)  # past the last block: no list
+    tok0 = tl.load(cu_ptr + seq, volatile=True).to(tl.int64)
+    seq_len = tl.load(cu_ptr + seq + 1, volatile=True) - tok0
+    j = block - tl.load(cu_blocks_ptr + seq, volatile=True)
+    pos = j * SEL_BLOCK + tl.arange(0, BLOCK_S)
+    return segment, live, listed, hk, tok0, pos, (pos < (j + 1) * SEL_BLOCK) & (pos < seq_len), tok0 + j * SEL_BLOCK
+
+
+@triton.jit
+def _list_rank(segment_chunks_ptr, listed, window, chunk, num_lists, windows, WP: tl.constexpr):
+    """(the chunk's rank among its list's chunks, the list's chunk count): its list's chunks in the earlier windows'
+    segments, plus its place in its own segment."""
+    w = tl.arange(0, WP)
+    seen = w < windows
+    first = tl.load(segment_chunks_ptr + w * num_lists + listed, mask=seen, other=0)
+    counts = tl.load(segment_chunks_ptr + w * num_lists + listed + 1, mask=seen, other=0) - first
+    rank = tl.sum(tl.where(w < window, counts, 0)) + chunk - tl.sum(tl.where(w == window, first, 0))
+    return rank, tl.sum(counts)
+
+
+@triton.jit
+def _ordered_add(dk1, dk2, dv, sum_k_ptr, sum_v_ptr, done_ptr, sum_row, rank, total, dk_ptr, dv_ptr, offs, key_ok,
+                 stride_dkt, stride_dvt, D1: tl.constexpr, D2: tl.constexpr, DQK: tl.constexpr,
+                 BLOCK_DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Add this chunk's dk / dv to its list's running float32 sum in list order: wait until ``done_ptr`` (the
+    list's chunks added so far) reaches the chunk's ``rank``, add the sum, then store the sum and release the next
+    chunk, or, the list's last chunk, write dk / dv. The same additions in the same order as _sel_reduce_kernel's,
+    so the same bits, without a slot per chunk."""
+    if rank > 0:
+        added = tl.atomic_add(done_ptr, 0, sem="acquire")
+        while added < rank:
+            added = tl.atomic_add(done_ptr, 0, sem="acquire")
+    last = rank == total - 1
+    sums_k = sum_k_ptr + sum_row * BLOCK_DK
+    _add_sum(dk1, sums_k, BLOCK_DK, dk_ptr, stride_dkt, offs, key_ok, rank, last, 0, D1, DQK)
+    if D2 > 0:
+        _add_sum(dk2, sums_k, BLOCK_DK, dk_ptr, stride_dkt, offs, key_ok, rank, last, D1, D2, DQK)
+    _add_sum(dv, sum_v_ptr + sum_row * BLOCK_DV, BLOCK_DV, dv_ptr, stride_dvt, offs, key_ok, rank, last, 0, BLOCK_DV,
+             DV)
+    if not last:
+        tl.debug_barrier()  # every thread's part of the sum is stored before the release
+        tl.atomic_xchg(done_ptr, rank + 1, sem="release")
+
+
+@triton.jit
+def _add_sum(x, sums_ptr, sum_width: tl.constexpr, out_ptr, stride_out, offs, key_ok, rank, last,
+             COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
+    """Columns COL0 .. COL0 + WIDTH of ``_ordered_add``: x plus the running sum (after the first chunk; read from
+    L2, as an SM's L1 may hold an older copy), stored as the new sum, or into the output where ``last``; one
+    column part at a time, so that only one sum tile is live."""
+    sums = sums_ptr + offs[:, None] * sum_width + COL0 + tl.arange(0, WIDTH)[None, :]
+    if rank > 0:
+        x += tl.load(sums, cache_modifier=".cg")
+    if last:
+        store_tile(out_ptr, offs, key_ok, stride_out, x.to(out_ptr.dtype.element_ty), COL0, WIDTH, NCOLS)
+    else:
+        tl.store(sums, x)
 
 
 @triton.jit
@@ -704,27 +797,39 @@ def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
 def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
-    """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists."""
+    """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists. With tiles.dkv_ordered each
+    chunk adds into its list's running sum in list order (``_ordered_add``) instead of writing a partial for a
+    second kernel: the same bits, float32 sums of one slot per list instead of per chunk."""
     chunk = tiles.dkv_chunk(packed.total)
     lists = selection_lists(block_indices, packed, sel_block_size, chunk, tiles.dkv_windows)
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
     block_dk = max(16, triton.next_power_of_2(q.shape[-1]))
     num_chunks = lists.chunk_segment.numel()
-    part_k = output_buffer(num_chunks * block_s, block_dk, like=q, dtype=torch.float32)
-    part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
-    gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     num_lists = k.shape[1] * lists.blocks_per_head
+    slots = num_lists if tiles.dkv_ordered else num_chunks
+    part_k = output_buffer(slots * block_s, block_dk, like=q, dtype=torch.float32)
+    part_v = output_buffer(slots * block_s, block_dv, like=q, dtype=torch.float32)
+    if tiles.dkv_ordered:  # a block no token selected has no chunk to write it
+        dk, dv = (torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (k, v))
+        order = torch.zeros(num_lists + 1, device=q.device, dtype=torch.int32)  # chunks added per list; the counter
+    else:
+        dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
+        order = lists.entries  # unread
+    gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     _sel_dkdv_kernel[(num_chunks,)](
         q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_segment, lists.chunk_start,
-        lists.segment_end, lists.block_seq, packed.cu, lists.cu_blocks,
+        lists.segment_end, lists.segment_chunks, lists.block_seq, packed.cu, lists.cu_blocks, dk, dv, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
-        dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, num_lists * lists.windows,
-        lists.blocks_per_head, scale * LOG2E, scale,
-        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
+        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        q.shape[1], packed.num_seqs, num_lists, num_lists * lists.windows, lists.blocks_per_head, lists.windows,
+        scale * LOG2E, scale,
+        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None, ORDERED=tiles.dkv_ordered,
+        WP=triton.next_power_of_2(lists.windows),
         **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
-    dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
+    if tiles.dkv_ordered:
+        return dk, dv
     _sel_reduce_kernel[(num_lists,)](
         part_k, part_v, dk, dv, lists.segment_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), packed.num_seqs, lists.blocks_per_head, num_lists,
