@@ -273,6 +273,31 @@ def resource_usage(kernel: Any) -> str:
     return next((line.strip() for line in report.splitlines() if "REG:" in line), "?")
 
 
+def sass(kernel: Any) -> list[str]:
+    """A compiled kernel's SASS, line by line (nvdisasm ships with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([tool, "-c", cubin.name], capture_output=True, text=True).stdout.splitlines()
+
+
+def loop_spills(lines: list[str]) -> list[int]:
+    """Local-memory loads and stores (LDL / STL: spilled registers) inside each loop of a kernel's SASS ``lines``
+    that holds a matmul (HGMMA / HMMA), one count per loop in the order the loops start (an outer loop counts its
+    inner loops' too): ptxas' stack size does not say whether the spills sit on a loop's path. A loop is a branch
+    back to a label above it."""
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if line.startswith(".L_x_")}
+    counts = []
+    for end, line in enumerate(lines):
+        target = line.split("BRA `(")[-1].split(")")[0] if "BRA `(" in line else ""
+        start = labels.get(target, end)
+        body = lines[start:end]
+        if start < end and any("MMA" in text for text in body):
+            counts.append((start, sum(" STL" in text or " LDL" in text for text in body)))
+    return [count for _, count in sorted(counts)]
+
+
 def loop_loads(ttgir: str) -> list[str]:
     """The synchronous loads (``tt.load``) inside the loops of a kernel's TTGIR, as their result types: what
     Triton's software pipelining left on a step's path (a pipelined load is an async copy a step ahead; TMA loads
@@ -296,6 +321,9 @@ def main() -> None:
     parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 192])
     parser.add_argument("--loop-loads", action="store_true",
                         help="also list each kernel's synchronous loads inside its loops (loop_loads)")
+    parser.add_argument("--loop-spills", action="store_true",
+                        help="also count the spills' local loads / stores inside each loop that holds a matmul "
+                        "(loop_spills, from the SASS)")
     parser.add_argument("--candidates", nargs="+", default=[], metavar="SHAPE",
                         help="instead: the range kernels and the selection dk/dv under each tile candidate of "
                         "bench_prefill's sweep at these shapes (public, paper, g4, g12, gpt, g4_paper)")
@@ -304,6 +332,7 @@ def main() -> None:
     def report(label: str, case: KernelCase) -> None:
         kernel = compile_case(case, args.arch)
         extra = f" loop loads: {loop_loads(kernel.asm['ttgir'])}" if args.loop_loads else ""
+        extra += f" loop spills: {loop_spills(sass(kernel))}" if args.loop_spills else ""
         usage = resource_usage(kernel)
         print(f"{label} {case.name:14s} warps={case.num_warps} stages={case.num_stages} {usage}{extra}")
 

@@ -39,3 +39,28 @@ def test_tile_sweep_candidates_compile_for_sm90():
     lines = result.stdout.splitlines()
     assert len(lines) == 3 * (len(variants["cmp_tiles"]) + len(variants["win_tiles"])) + len(variants["sel_tiles"])
     assert all("REG:" in line for line in lines), result.stdout
+
+
+def test_loop_spills_counts_local_memory_inside_loops_with_matmuls():
+    """bench.compile_kernels.loop_spills on hand-written SASS: a loop with a matmul and its spills (an inner loop's
+    counted in the outer one too), a loop without a matmul (not reported), spills outside every loop (not counted)."""
+    from bench.compile_kernels import loop_spills
+
+    lines = [
+        "        /*0000*/                   STL [R1+0x8], R2 ;",  # before any loop
+        ".L_x_0:",
+        "        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;",
+        "        /*0020*/                   LDL R3, [R1+0x8] ;",
+        ".L_x_1:",
+        "        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;",
+        "        /*0040*/                   STL [R1+0xc], R5 ;",
+        "        /*0050*/              @P0 BRA `(.L_x_1) ;",
+        "        /*0060*/              @P1 BRA `(.L_x_0) ;",
+        ".L_x_2:",
+        "        /*0070*/                   LDL R6, [R1+0x10] ;",
+        "        /*0080*/              @P2 BRA `(.L_x_2) ;",
+        "        /*0090*/                   STL [R1+0x14], R7 ;",
+        "        /*00a0*/                   BRA `(.L_x_3) ;",
+        ".L_x_3:",
+    ]
+    assert loop_spills(lines) == [2, 1]

@@ -351,10 +351,20 @@ def _sel_dkdv_kernel(
     order from a counter (order_ptr[num_lists]), so every earlier chunk has started when one waits on it. WP: the
     windows padded to a power of two."""
     chunk = tl.atomic_add(order_ptr + num_lists, 1) if ORDERED else tl.program_id(0)
-    segment, live, listed, hk, tok0, pos, key_ok, block_row = _chunk_block(
-        chunk_segment_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr, chunk, num_seqs, num_lists, num_segments,
-        blocks_per_head, SEL_BLOCK, BLOCK_S)
+    segment = tl.load(chunk_segment_ptr + chunk)
+    live = segment < num_segments
+    segment = tl.minimum(segment, num_segments - 1)
+    listed = segment % num_lists  # segments are window-major (selection_lists)
+    hk = listed // blocks_per_head
+    block = listed % blocks_per_head
+    seq = tl.minimum(tl.load(block_seq_ptr + block), num_seqs - 1)  # past the last block: an empty list
+    tok0 = tl.load(cu_ptr + seq).to(tl.int64)
+    seq_len = tl.load(cu_ptr + seq + 1) - tok0
+    j = block - tl.load(cu_blocks_ptr + seq)
     offs = tl.arange(0, BLOCK_S)
+    pos = j * SEL_BLOCK + offs
+    key_ok = (offs < SEL_BLOCK) & (pos < seq_len)
+    block_row = tok0 + j * SEL_BLOCK
     k1, k2 = load_split(k_ptr + block_row * stride_kt + hk * stride_kh, offs, key_ok, stride_kt, DQK, D1, D2)
     v = load_tile(v_ptr + block_row * stride_vt + hk * stride_vh, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
     dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
@@ -379,11 +389,6 @@ def _sel_dkdv_kernel(
     if D2 > 0:
         dk2 *= scale
     if ORDERED:
-        # the chunk's block read again (its loads volatile, so not kept from the first read): values live through
-        # the loop are spilled in it (sm_90 SASS: 115 local loads / stores per step against 55 this way)
-        segment, live, listed, hk, _, _, key_ok, block_row = _chunk_block(
-            chunk_segment_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr, chunk, num_seqs, num_lists, num_segments,
-            blocks_per_head, SEL_BLOCK, BLOCK_S)
         if live:
             rank, total = _list_rank(segment_chunks_ptr, listed, segment // num_lists, chunk, num_lists, windows, WP)
             _ordered_add(dk1, dk2, dv, part_k_ptr, part_v_ptr, order_ptr + listed, listed.to(tl.int64) * BLOCK_S,
@@ -397,26 +402,6 @@ def _sel_dkdv_kernel(
         if D2 > 0:
             store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk2, D1, D2, BLOCK_DK)
         store_tile(part_v_ptr + part * BLOCK_DV, offs, all_rows, BLOCK_DV, dv, 0, BLOCK_DV, BLOCK_DV)
-
-
-@triton.jit
-def _chunk_block(chunk_segment_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr, chunk, num_seqs, num_lists, num_segments,
-                 blocks_per_head, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Chunk ``chunk``'s (segment; whether it is a chunk, not a spare slot of the host bound; its list and kv head;
-    its sequence's first row; the block's key positions, which of them are keys, and its first row). Volatile
-    loads: a second call reads them again."""
-    segment = tl.load(chunk_segment_ptr + chunk, volatile=True)
-    live = segment < num_segments
-    segment = tl.minimum(segment, num_segments - 1)
-    listed = segment % num_lists  # segments are window-major (selection_lists)
-    hk = listed // blocks_per_head
-    block = listed % blocks_per_head
-    seq = tl.minimum(tl.load(block_seq_ptr + block, volatile=True), num_seqs - 1)  # past the last block: no list
-    tok0 = tl.load(cu_ptr + seq, volatile=True).to(tl.int64)
-    seq_len = tl.load(cu_ptr + seq + 1, volatile=True) - tok0
-    j = block - tl.load(cu_blocks_ptr + seq, volatile=True)
-    pos = j * SEL_BLOCK + tl.arange(0, BLOCK_S)
-    return segment, live, listed, hk, tok0, pos, (pos < (j + 1) * SEL_BLOCK) & (pos < seq_len), tok0 + j * SEL_BLOCK
 
 
 @triton.jit
