@@ -119,9 +119,24 @@ def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], 
                      tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=DKDV_GATES)
 
 
+def selected_query_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], rows: int, suffix: str = ""
+                         ) -> Iterator[KernelCase]:
+    """The selection forward and dq as their launchers run them under ``tiles`` with programs of ``rows`` rows
+    (``query_tile_shape``: one token, or several walking the union of their blocks; 64-key blocks, n = 16)."""
+    query = {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
+             **selected.query_tile_shape(group, rows), "NUM_SELECTED": 16, "NP": 16, "HAS_GATE": True,
+             "ACCUMULATE": True, "FORCED": 0}
+    query["UNION"] = query["BQ"] * 16
+    tma, tma_types = descriptor_args(tiles.tma, 64, dims)
+    yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, {**query, **tma},
+                     **selected.query_launch(tiles, query, dq=False), pointer_types=tma_types)
+    yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, {**query, **tma},
+                     **selected.query_launch(tiles, query, dq=True), pointer_types=tma_types)
+
+
 def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
-    """The range kernels and the selection dk/dv under each of bench_prefill's tile candidates at this shape
-    (``tile_variants``; the defaults first), named <kernel>#<candidate index>."""
+    """The range kernels and the selection forward, dq and dk/dv under each of bench_prefill's tile candidates at
+    this shape (``tile_variants``; the defaults first), named <kernel>#<candidate index>."""
     from bench.bench_prefill import SHAPES, tile_variants
 
     shape = SHAPES[shape_name]
@@ -131,6 +146,7 @@ def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
         for index, tiles in enumerate(variants[field]):
             yield from range_cases(branch, tiles, group, dims, f"#{index}")
     for index, sel_tiles in enumerate(variants["sel_tiles"]):
+        yield from selected_query_cases(sel_tiles, group, dims, sel_tiles.rows, f"#{index}")
         yield from selected_dkdv_cases(sel_tiles, group, dims, f"#{index}")
 
 
@@ -166,14 +182,8 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}
     tma, tma_types = descriptor_args(sel_tiles.tma, 64, dims)
     # fwd / dq as launched, and with 4 tokens x G = 4 per program, walking the union of their blocks
-    for suffix, sel_group, rows in (("", group, sel_tiles.rows), ("_g4", 4, 16)):
-        query = selected.query_tile_shape(sel_group, rows)
-        query = {**sel, "GROUP": sel_group, **query, "NUM_SELECTED": 16, "NP": 16, "UNION": query["BQ"] * 16,
-                 "HAS_GATE": True, "ACCUMULATE": True, "FORCED": 0}
-        yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, {**query, **tma},
-                         **selected.query_launch(sel_tiles, query, dq=False), pointer_types=tma_types)
-        yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, {**query, **tma},
-                         **selected.query_launch(sel_tiles, query, dq=True), pointer_types=tma_types)
+    yield from selected_query_cases(sel_tiles, group, dims, sel_tiles.rows)
+    yield from selected_query_cases(sel_tiles, 4, dims, 16, "_g4")
     # the forced blocks apart (SelectedTiles.forced_apart): one token's other blocks, then the forced blocks' programs
     one_token = {**sel, **selected.query_tile_shape(group, 0), "NUM_SELECTED": 16, "NP": 16, "UNION": 16,
                  "HAS_GATE": True, "ACCUMULATE": True, **tma}

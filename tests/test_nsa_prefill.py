@@ -593,14 +593,14 @@ def check_selection_dq(case: SelectionCase, tiles: SelectedTiles, lse: torch.Ten
     torch.testing.assert_close(delta.double(), want["delta"], **TOL)
 
 
-@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(64, 6, 2), (32, 2, 2), (16, 8, 1), (0, 6, 2)])
+@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(64, 6, 2), (32, 2, 2), (16, 8, 1), (0, 6, 2), (64, 16, 1)])
 def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     """The selection forward / dq with several neighbouring tokens per program (SelectedTiles.rows = BQ tokens x
-    the group: BQ = 16 for G = 3, 32 for G = 1, 2 for G = 8; rows = 0: one token per program) walk the union of
-    their tokens' blocks, the kernels alone on random selections: a packed batch puts tile edges inside sequences
-    and sequence ends inside tiles, and neighbours choose different blocks (a row that read a block it did not
-    select fails). Output, lse, dq and delta = dO . o against float64 given the same blocks. One token per
-    program has no tile edges to place: shorter sequences."""
+    the group: BQ = 16 for G = 3, 32 for G = 1, 2 for G = 8, 4 for G = 16; rows = 0: one token per program) walk
+    the union of their tokens' blocks, the kernels alone on random selections: a packed batch puts tile edges
+    inside sequences and sequence ends inside tiles, and neighbours choose different blocks (a row that read a block
+    it did not select fails). Output, lse, dq and delta = dO . o against float64 given the same blocks. One token
+    per program has no tile edges to place: shorter sequences."""
     case = selection_case(heads, kv_heads, seed=rows, lengths=(21, 3, 40) if rows else (13, 3, 20))
     tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel._replace(rows=rows)
     check_selection_dq(case, tiles, *check_selection_forward(case, tiles))
