@@ -491,12 +491,12 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     return {field: list(dict.fromkeys(tiles)) for field, tiles in variants.items()}
 
 
-def matching(candidates: list[Any], texts: list[str] | None) -> list[Any]:
+def matching(candidates: list[Any], texts: list[str] | None, skip: list[str] | None = None) -> list[Any]:
     """A field's defaults (the first candidate, the sweep's baseline) and the candidates whose repr holds any of
-    ``texts``."""
-    if texts is None:
-        return candidates
-    return candidates[:1] + [tiles for tiles in candidates[1:] if any(text in repr(tiles) for text in texts)]
+    ``texts`` (all where None) and none of ``skip``."""
+    return candidates[:1] + [tiles for tiles in candidates[1:]
+                             if (texts is None or any(text in repr(tiles) for text in texts))
+                             and not any(text in repr(tiles) for text in skip or [])]
 
 
 def run_outputs(run: Any, dout: Tensor) -> list[Tensor]:
@@ -751,6 +751,8 @@ def main() -> None:
     parser.add_argument("--tile-match", nargs="+", default=None, help="sweep only the candidates whose repr "
                         "contains one of these texts (e.g. 'tma=False'; a tiles tuple's repr lists every field, so "
                         "'dkv_windows=1,' names one value), beside each field's defaults")
+    parser.add_argument("--tile-skip", nargs="+", default=None, help="and none whose repr contains one of these "
+                        "texts (e.g. a candidate whose GPU tests failed)")
     parser.add_argument("--tile-timeout", type=float, default=None, help="run the sweep in child processes and "
                         "give a candidate that yields no row within this many seconds, or kills its process, an "
                         "error row instead (the sweep goes on; the first candidate's time includes the reference "
@@ -814,8 +816,8 @@ def main() -> None:
     if "tiles" in args.parts and cuda:
         for locality in args.tile_localities:
             for shape in args.tile_shapes:
-                variants = {field: matching(tiles, args.tile_match) for field, tiles in tile_variants(shape).items()
-                            if field in args.tile_fields}
+                variants = {field: matching(tiles, args.tile_match, args.tile_skip)
+                            for field, tiles in tile_variants(shape).items() if field in args.tile_fields}
                 if args.tile_timeout is None:
                     tile_rows(SHAPES[shape], args.kernel_len, args.device, dtype, variants, locality,
                               on_row=lambda row: record([row]))

@@ -343,3 +343,19 @@ def test_report_derives_the_kernel_rows_tb_per_s_from_their_time() -> None:
     assert derived["tbps"] == round(bench_prefill.kernel_traffic("guard_sanitize", bench_prefill.SHAPES["public"],
                                                                  1024) / 0.5 / 1e9, 2)
     assert bench_prefill.with_traffic({**row, "tbps": 3.0})["tbps"] == 3.0
+
+
+def test_tile_match_keeps_the_defaults_and_the_candidates_it_names_less_those_it_skips():
+    """bench_prefill --tile-match / --tile-skip on the public shape's selection candidates: the defaults always
+    first; a candidate kept when its repr holds one of the match texts and none of the skip texts."""
+    from bench.bench_prefill import matching, tile_variants
+
+    candidates = tile_variants("public")["sel_tiles"]
+    assert matching(candidates, None) == candidates
+    windows = matching(candidates, ["dkv_windows=8,", "dkv_windows=16,"])
+    assert windows[0] == candidates[0]
+    assert sorted((t.dkv_windows, t.dkv_ordered) for t in windows[1:]) == [(8, False), (8, True), (16, False),
+                                                                           (16, True)]
+    assert [(t.dkv_windows, t.dkv_ordered) for t in matching(candidates, ["dkv_windows=8,"], ["dkv_ordered=True"])[1:]
+            ] == [(8, False)]
+    assert all(not t.dkv_ordered for t in matching(candidates, None, ["dkv_ordered=True"]))
