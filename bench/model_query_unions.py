@@ -1,0 +1,57 @@
+"""What programs of several tokens save the selection forward / dq, on the CPU: the share of K / V block reads
+left when each program of BQ neighbouring tokens walks the union of their blocks once
+(nsa.kernels.selected.query_tiles, ``SelectedTiles.rows``), and the matmul rows it computes instead.
+
+The forward and dq of one-token programs read one K / V block per (token, kv head, selected block) and are
+L2-bound (docs/PERF_NOTES.md). A program of BQ tokens reads each block of its union once, for all its BQ x GP
+rows, masking the rows whose token did not select it. On a random selection with the top-n's rule (the selection
+``bench.model_dkdv_gathers`` draws, as random inputs select) this counts, through the lists ``query_tiles``
+builds:
+- bytes: the union's blocks over the tokens' selected blocks (the K / V reads left);
+- rows: the union's blocks x BQ over the tokens' selected blocks (each block's dot runs all BQ tokens' rows).
+
+    python -m bench.model_query_unions --seq-lens 8192 65536 --tokens 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.model_dkdv_gathers import random_selection
+from nsa.kernels.selected import SelectedTiles, query_tiles
+from nsa.kernels.tiles import packed_batch
+
+
+def union_shares(indices: torch.Tensor, tokens: int, group: int = 16) -> tuple[float, float]:
+    """(bytes, rows) of programs of ``tokens`` tokens x the group's heads (GP = ``group`` padded to a power of two)
+    on ``indices`` (int32 [T, H_kv, n]), against one-token programs."""
+    gp = 1 << (group - 1).bit_length()
+    tiles = SelectedTiles(rows=tokens * gp)
+    query = query_tiles(indices, packed_batch(1, indices.shape[0], indices.device), group, tiles)
+    if query.constexprs["BQ"] != tokens:
+        raise ValueError(f"{tokens} tokens x {gp} heads is not a program of query_tile_shape")
+    reads = int((indices >= 0).sum())
+    union = int(query.counts.sum())
+    return union / reads, union * tokens / reads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 65536])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4, 8, 16], help="tokens per program (BQ)")
+    parser.add_argument("--group", type=int, default=16, help="query heads per kv head (the public shape's 16)")
+    args = parser.parse_args()
+    if min(args.seq_lens) < 1 or min(args.tokens) < 2 or args.group < 1:
+        parser.error("--seq-lens and --group must be positive, --tokens at least 2")
+    print("| T | tokens per program | K / V reads left | matmul rows |\n|---|---|---|---|")
+    for seq_len in args.seq_lens:
+        indices = random_selection(seq_len)
+        for tokens in args.tokens:
+            reads, rows = union_shares(indices, tokens, args.group)
+            print(f"| {seq_len} | {tokens} | {reads:.2f} | {rows:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
