@@ -110,7 +110,7 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     (4, False, 64, 4, 128, 128, 2048),  # the public shape
     (3, False, 16, 4, 64, 64, 3000),  # G = 4, windows that do not divide the blocks
     (4, True, 64, 4, 128, 128, 2048),  # adding in list order (SelectedTiles.dkv_ordered)
-])
+], ids=["public", "g4", "public-ordered"])
 def test_selection_dkdv_window_by_window_matches_float64_reference(monkeypatch, windows, ordered, heads, kv_heads,
                                                                    dk, dv, seq_len):
     """The selection dk/dv with its lists cut into windows and launched window by window (SelectedTiles.dkv_windows,
@@ -156,7 +156,8 @@ def _check_against_reference(heads: int, kv_heads: int, dk: int, dv: int, seq_le
     assert max(errors.values()) < BF16_RTOL, errors
 
 
-@pytest.mark.parametrize(("windows", "ordered"), [(1, False), (4, False), (1, True), (16, True)])
+@pytest.mark.parametrize(("windows", "ordered"), [(1, False), (4, False), (1, True), (16, True)],
+                         ids=["partials", "partials-4-windows", "ordered", "ordered-16-windows"])
 def test_prefill_backward_is_deterministic(monkeypatch, windows, ordered):
     use_prefill_tiles(monkeypatch, selected={"dkv_windows": windows, "dkv_ordered": ordered})
     inputs = _inputs(8192, 64, 4, 128, 128, seed=1)
