@@ -442,10 +442,11 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                                     win._replace(head_rows=not win.head_rows)],
                                       "sel_tiles": [sel, sel._replace(tma=False),
                                                     sel._replace(forced_apart=not sel.forced_apart),
-                                                    # programs of 4 / 8 tokens over the union of their blocks on
-                                                    # one / two warpgroups (on 2 warps their dots spill at G = 16:
-                                                    # bench.compile_kernels --loop-spills); neighbours share more
-                                                    # blocks in short sequences
+                                                    # programs of 2 / 4 / 8 tokens over the union of their blocks
+                                                    # on one / two warpgroups (on 2 warps their dots spill at G =
+                                                    # 16: bench.compile_kernels --loop-spills); neighbours share
+                                                    # more blocks in short sequences (bench.model_query_unions)
+                                                    sel._replace(rows=32, tile_num_warps=4),
                                                     sel._replace(rows=64, tile_num_warps=4),
                                                     sel._replace(rows=64, tile_num_warps=4, tile_num_stages=2),
                                                     sel._replace(rows=128, tile_num_warps=8),
