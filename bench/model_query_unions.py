@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 
 from bench.model_dkdv_gathers import random_selection
 from nsa.kernels.selected import SelectedTiles, query_tiles
@@ -25,13 +26,12 @@ from nsa.kernels.tiles import packed_batch
 
 
 def union_shares(indices: torch.Tensor, tokens: int, group: int = 16) -> tuple[float, float]:
-    """(bytes, rows) of programs of ``tokens`` tokens x the group's heads (GP = ``group`` padded to a power of two)
+    """(bytes, rows) of programs of ``tokens`` tokens x the group's heads (``group`` padded to a power of two)
     on ``indices`` (int32 [T, H_kv, n]), against one-token programs."""
-    gp = 1 << (group - 1).bit_length()
-    tiles = SelectedTiles(rows=tokens * gp)
+    tiles = SelectedTiles(rows=tokens * triton.next_power_of_2(group))
     query = query_tiles(indices, packed_batch(1, indices.shape[0], indices.device), group, tiles)
     if query.constexprs["BQ"] != tokens:
-        raise ValueError(f"{tokens} tokens x {gp} heads is not a program of query_tile_shape")
+        raise ValueError(f"{tokens} tokens x {query.constexprs['GP']} heads is not a program of query_tile_shape")
     reads = int((indices >= 0).sum())
     union = int(query.counts.sum())
     return union / reads, union * tokens / reads
