@@ -457,13 +457,7 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                                     # the dk/dv programs' tokens: the short sequences' chunk at every
                                                     # length, and the long sequences' at every length
                                                     sel._replace(chunk=sel.short_chunk),
-                                                    sel._replace(short_chunk=sel.chunk),
-                                                    # the dk/dv's chunks launched window by window (the cache
-                                                    # model, bench.model_dkdv_gathers, ranks 8 to 32 at 64k), their
-                                                    # partials summed by a second kernel or added in list order
-                                                    *(sel._replace(dkv_windows=n) for n in (8, 16, 32)),
-                                                    *(sel._replace(dkv_windows=n, dkv_ordered=True)
-                                                      for n in (1, 8, 16, 32))]}
+                                                    sel._replace(short_chunk=sel.chunk)]}
     if head_dim <= 128:  # the other pipeline depth of the compression's dk/dv and dq; a window dk/dv without spills
         variants["cmp_tiles"] += [cmp._replace(dkv_num_stages=5 - cmp.dkv_num_stages),
                                   cmp._replace(dq_num_stages=5 - cmp.dq_num_stages), cmp._replace(dkv_m=32)]
@@ -751,7 +745,7 @@ def main() -> None:
                         help="which tiles the tiles part sweeps (each field's candidates: tile_variants)")
     parser.add_argument("--tile-match", nargs="+", default=None, help="sweep only the candidates whose repr "
                         "contains one of these texts (e.g. 'tma=False'; a tiles tuple's repr lists every field, so "
-                        "'dkv_windows=1,' names one value), beside each field's defaults")
+                        "', rows=64,' names one value), beside each field's defaults")
     parser.add_argument("--tile-skip", nargs="+", default=None, help="and none whose repr contains one of these "
                         "texts (e.g. a candidate whose GPU tests failed)")
     parser.add_argument("--tile-timeout", type=float, default=None, help="run the sweep in child processes and "

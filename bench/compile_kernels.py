@@ -36,8 +36,8 @@ from nsa.prefill import topn_tile_shape
 
 FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
 INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
-                  "entries_ptr", "chunk_segment_ptr", "chunk_start_ptr", "segment_end_ptr", "block_seq_ptr",
-                  "cu_blocks_ptr", "segment_chunks_ptr", "union_ptr", "count_ptr", "order_ptr")
+                  "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "list_end_ptr", "block_seq_ptr",
+                  "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr")
 DKDV_GATES = (("gate_ptr", "*fp32"),)  # as every dk/dv kernel reads them (nsa.prefill.dkdv_gates)
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 RULES = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
@@ -114,8 +114,7 @@ def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], 
     yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
                      {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
                       **selected.dkv_rows(group, tiles), "CHUNK": tiles.chunk,
-                      "BLOCK_DK": max(16, triton.next_power_of_2(dims["DQK"])), "HAS_GATE": True,
-                      "ORDERED": tiles.dkv_ordered, "WP": triton.next_power_of_2(tiles.dkv_windows)},
+                      "BLOCK_DK": max(16, triton.next_power_of_2(dims["DQK"])), "HAS_GATE": True},
                      tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=DKDV_GATES)
 
 
@@ -195,11 +194,9 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                      pointer_types=tma_types)
     yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, **selected.forced_launch(sel_tiles),
                      pointer_types=tma_types)
-    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step); adding in list order on 16 windows
+    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
     yield from selected_dkdv_cases(sel_tiles, group, dims)
     yield from selected_dkdv_cases(sel_tiles, 4, dims, "_g4")
-    yield from selected_dkdv_cases(sel_tiles._replace(dkv_ordered=not sel_tiles.dkv_ordered, dkv_windows=16), group,
-                                   dims, "_ordered" if not sel_tiles.dkv_ordered else "_partials")
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
                      {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": triton.next_power_of_2(head_dim),
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
@@ -335,8 +332,8 @@ def main() -> None:
                         help="also count the spills' local loads / stores inside each loop that holds a matmul "
                         "(loop_spills, from the SASS)")
     parser.add_argument("--candidates", nargs="+", default=[], metavar="SHAPE",
-                        help="instead: the range kernels and the selection dk/dv under each tile candidate of "
-                        "bench_prefill's sweep at these shapes (public, paper, g4, g12, gpt, g4_paper)")
+                        help="instead: the range kernels and the selection forward, dq and dk/dv under each tile "
+                        "candidate of bench_prefill's sweep at these shapes (public, paper, g4, g12, gpt, g4_paper)")
     args = parser.parse_args()
 
     def report(label: str, case: KernelCase) -> None:

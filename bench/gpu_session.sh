@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What one device session runs: GPU tests, then the benchmarks; results land in $OUT (and bench/results).
 # Test failures do not stop the benchmarks (their numbers are still worth having); the script exits
-# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "ordered",
-# "tiles", "gpt" and "ab" on request).
+# non-zero at the end if any test failed. PARTS picks what runs (default "tests prefill nsa scope"; "tiles",
+# "gpt" and "ab" on request).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -10,15 +10,6 @@ PARTS=${PARTS:-tests prefill nsa scope}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 tests_status=0
-if [[ " $PARTS " == *" ordered "* ]]; then
-    # The selection dk/dv adding in list order (SelectedTiles.dkv_ordered) alone, under a short timeout, before
-    # anything else: its chunks wait on each other, and a wait that never ends must not eat a whole call.
-    # If they fail or time out, the GPU suite and the tile sweep below leave the ordered form out.
-    timeout "${ORDERED_TIMEOUT:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nsa_prefill_gpu.py \
-        -k "in_list_order" >"$OUT/gpu_ordered_tests.log" 2>&1 \
-        || { tests_status=$?; TILE_SKIP="dkv_ordered=True"; SKIP_TESTS="not ordered and not in_list_order"; }
-    tail -n 15 "$OUT/gpu_ordered_tests.log"
-fi
 if [[ " $PARTS " == *" tests "* ]]; then
     # Compiles dominate (serially the suite ran past 9 minutes on the H200): 8 xdist workers share the GPU, each
     # compiling with one inductor thread (inductor's own compile pools under 8 workers stalled past 470 s). The
@@ -28,8 +19,8 @@ if [[ " $PARTS " == *" tests "* ]]; then
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8 --dist load)
     # -v: each test's outcome is logged as it ends, so a suite cut short by the timeout still names its failures.
     TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${TEST_TIMEOUT:-470}" python3 -m pytest -v -m "gpu and not slow" \
-        -k "${SKIP_TESTS:-}" -p no:cacheprovider "${workers[@]}" --timeout 400 --durations=30 tests/ \
-        >"$OUT/gpu_tests.log" 2>&1 || tests_status=$?
+        -p no:cacheprovider "${workers[@]}" --timeout 400 --durations=30 tests/ >"$OUT/gpu_tests.log" 2>&1 \
+        || tests_status=$?
     grep -E "(FAILED|ERROR) " "$OUT/gpu_tests.log" | tail -n 20 || echo "no test failed before the log ends"
     tail -n 5 "$OUT/gpu_tests.log"
 fi
@@ -48,7 +39,7 @@ if [[ " $PARTS " == *" tiles "* ]]; then
     # nsa/kernels (only on request: PARTS=tiles; TILE_SHAPES, TILE_LOCALITIES pick the shapes, "gpt" being the 4-layer
     # GPT's G = 2 attention, "g4_paper" G = 4 at d_k = 192; TILE_FIELDS the kernels, e.g. "cmp_tiles win_tiles";
     # TILE_MATCH only the candidates whose repr holds one of its '|'-separated texts, e.g. "dkv_n=64" or
-    # "dkv_windows=8,|dkv_ordered=True", beside the defaults; TILE_SKIP none whose repr holds one of its texts;
+    # ", rows=64,|, rows=128,", beside the defaults; TILE_SKIP none whose repr holds one of its texts;
     # KERNEL_LEN the tokens, 65536 unless given; TILE_TIMEOUT
     # seconds: each candidate in a child process, one that hangs or faults gets an error row and the sweep goes on).
     matches=()

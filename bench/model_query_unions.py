@@ -4,9 +4,9 @@ left when each program of BQ neighbouring tokens walks the union of their blocks
 
 The forward and dq of one-token programs read one K / V block per (token, kv head, selected block) and are
 L2-bound (docs/PERF_NOTES.md). A program of BQ tokens reads each block of its union once, for all its BQ x GP
-rows, masking the rows whose token did not select it. On a random selection with the top-n's rule (the selection
-``bench.model_dkdv_gathers`` draws, as random inputs select) this counts, through the lists ``query_tiles``
-builds:
+rows, masking the rows whose token did not select it. On a random selection with the top-n's rule
+(``random_selection``: the three forced blocks and n - 3 distinct complete candidates drawn uniformly, as random
+inputs select) this counts, through the lists ``query_tiles`` builds:
 - bytes: the union's blocks over the tokens' selected blocks (the K / V reads left);
 - rows: the union's blocks x BQ over the tokens' selected blocks (each block's dot runs all BQ tokens' rows).
 
@@ -20,9 +20,25 @@ import argparse
 import torch
 import triton
 
-from bench.model_dkdv_gathers import random_selection
 from nsa.kernels.selected import SelectedTiles, query_tiles
 from nsa.kernels.tiles import packed_batch
+
+SEL_BLOCK, NUM_SELECTED = 64, 16
+
+
+def random_selection(seq_len: int, seed: int = 0) -> torch.Tensor:
+    """int32 [T, 1, n] block indices of one kv head: forced {0, c - 1, c}, then n - 3 distinct uniform complete
+    candidates 1 <= j <= c - 2 (c = t // l'), -1 where fewer exist."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.full((seq_len, NUM_SELECTED), -1, dtype=torch.int32)
+    for t in range(seq_len):
+        current = t // SEL_BLOCK
+        forced = sorted({0, current, max(current - 1, 0)})
+        candidates = max(0, current - 2)
+        chosen = (1 + torch.randperm(candidates, generator=gen)[:NUM_SELECTED - 3]).tolist() if candidates else []
+        picked = forced + chosen
+        rows[t, :len(picked)] = torch.tensor(picked, dtype=torch.int32)
+    return rows[:, None, :]
 
 
 def union_shares(indices: torch.Tensor, tokens: int, group: int = 16) -> tuple[float, float]:

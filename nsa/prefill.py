@@ -98,8 +98,7 @@ def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
     """Tile settings: the GPU defaults (tuned on the H200), or 16-wide tiles for the CPU interpreter's tiny tests
     (the compression's and the window's K / V and the top-n's compressed keys through TMA, the window over tokens x
     heads, as on the GPU; top-n programs of 32 rows, so that a top-n setting read where the selection's belongs
-    changes shapes in the tests too; the selection dk/dv's lists in 3 windows, chunks of 4 entries up to 64 rows
-    and of 8 above)."""
+    changes shapes in the tests too; the selection's short-sequence programs up to 64 packed rows, 32 rows each)."""
     from nsa.kernels.range_attention import RangeTiles, tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles, topn_tiles_for
@@ -107,7 +106,8 @@ def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
     if device.type != "cuda" and interpreter_enabled():
         ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1, dq_num_warps=4, tma=True)
         selected = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8, dkv_num_warps=4,
-                                 dkv_num_stages=1, short_chunk=4, short_tokens=64, dkv_windows=3)
+                                 dkv_num_stages=1, short_chunk=4, short_tokens=64, short_rows=32,
+                                 short_tile_num_stages=1, short_query_tokens=64)
         return PrefillTiles(ranges, ranges._replace(head_rows=True), TopnTiles(32, 4, 1, tma=True), selected)
     return PrefillTiles(tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group),
                         topn_tiles_for(group, head_dim), SelectedTiles())
@@ -152,8 +152,10 @@ class PrefillRun:
             rows_view(t) for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win))
         self.gates = gates.reshape(self.q.shape[0], self.q.shape[1], 3)
         self.sizes, self.scale = sizes, scale
-        tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]), q.shape[2] // k_sel.shape[2])
-        self.cmp_tiles, self.win_tiles, self.topn_tiles, self.sel_tiles = tiles.cmp, tiles.win, tiles.topn, tiles.sel
+        head_dim, group = max(q.shape[-1], v_sel.shape[-1]), q.shape[2] // k_sel.shape[2]
+        tiles = _tiles(q.device, head_dim, group)
+        self.cmp_tiles, self.win_tiles, self.topn_tiles = tiles.cmp, tiles.win, tiles.topn
+        self.sel_tiles = tiles.sel.for_tokens(self.packed.total, group, head_dim)
         self.cmp_rule = RangeRule(sizes.block_stride, sizes.block_size, 0)
         self.win_rule = RangeRule(1, 1, sizes.window_size)
         if forward_outputs:
@@ -302,7 +304,8 @@ def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_w
     branch_outs = q.new_empty(3, rows, q.shape[2], v_sel.shape[-1])
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     group = q.shape[2] // k_sel.shape[2]
-    sel_tiles = _tiles(q.device, max(q.shape[-1], v_sel.shape[-1]), group).sel
+    head_dim = max(q.shape[-1], v_sel.shape[-1])
+    sel_tiles = _tiles(q.device, head_dim, group).sel.for_tokens(rows, group, head_dim)
     lists, width = union_list_shape(rows, num_seqs, group, k_sel.shape[2], num_selected, sel_tiles)
     blocks = q.new_empty(lists, width, dtype=torch.int32)
     counts = q.new_empty(lists if width else 0, dtype=torch.int32)

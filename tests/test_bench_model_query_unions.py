@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.model_dkdv_gathers import random_selection
-from bench.model_query_unions import union_shares
+from bench.model_query_unions import random_selection, union_shares
 
 
 @pytest.mark.parametrize(("seq_len", "tokens", "group"), [(1000, 4, 16), (777, 8, 16), (640, 16, 4)])

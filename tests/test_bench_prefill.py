@@ -21,7 +21,7 @@ SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_se
 INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1)  # nsa.prefill's CPU tiles
 INTERPRETER_SELECTED = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8,
                                      dkv_num_warps=4, dkv_num_stages=1, short_chunk=4, short_tokens=64,
-                                     dkv_windows=3)
+                                     short_rows=32, short_tile_num_stages=1, short_query_tokens=64)
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def small_and_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:
     variants = {"cmp_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
                 "win_tiles": [INTERPRETER_RANGE._replace(tma=True)],
-                "sel_tiles": [INTERPRETER_SELECTED._replace(dkv_rows=32, short_chunk=2, tma=False, dkv_windows=1)]}
+                "sel_tiles": [INTERPRETER_SELECTED._replace(dkv_rows=32, short_chunk=2, tma=False)]}
     rows = bench_prefill.tile_rows(TINY, 28, "cpu", torch.float32, variants)
     assert [row["field"] for row in rows] == ["cmp_tiles", "win_tiles", "sel_tiles"]
     for row in rows:
@@ -352,10 +352,9 @@ def test_tile_match_keeps_the_defaults_and_the_candidates_it_names_less_those_it
 
     candidates = tile_variants("public")["sel_tiles"]
     assert matching(candidates, None) == candidates
-    windows = matching(candidates, ["dkv_windows=8,", "dkv_windows=16,"])
-    assert windows[0] == candidates[0]
-    assert sorted((t.dkv_windows, t.dkv_ordered) for t in windows[1:]) == [(8, False), (8, True), (16, False),
-                                                                           (16, True)]
-    assert [(t.dkv_windows, t.dkv_ordered) for t in matching(candidates, ["dkv_windows=8,"], ["dkv_ordered=True"])[1:]
-            ] == [(8, False)]
-    assert all(not t.dkv_ordered for t in matching(candidates, None, ["dkv_ordered=True"]))
+    several = matching(candidates, [", rows=64,", ", rows=128,"])
+    assert several[0] == candidates[0]
+    assert sorted((t.rows, t.tile_num_warps, t.tile_num_stages) for t in several[1:]) == [(64, 4, 2), (64, 4, 3),
+                                                                                          (128, 8, 3)]
+    assert [t.tile_num_stages for t in matching(candidates, [", rows=64,"], [", tile_num_stages=2,"])[1:]] == [3]
+    assert all(t.tile_num_stages != 2 for t in matching(candidates, None, [", tile_num_stages=2,"])[1:])

@@ -113,6 +113,7 @@ def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: l
     (2, 37, 2, 2, 16, 16, {**SMALL, "sel_block_size": 8, "num_selected": 4, "window_size": 16}),  # G = 1, B = 2
     (1, 33, 12, 1, 16, 16, {**SMALL, "block_size": 16, "block_stride": 8, "num_selected": 6}),  # G = 12, l = l'
     (1, 6, 4, 2, 16, 16, SMALL),  # T < l: no compressed block at all
+    (1, 50, 8, 2, 16, 16, SMALL),  # G = 4: the short sequences' selection programs of 8 tokens (for_tokens)
     # l'/d = 32: top-n key tiles of 8 selection blocks (256 compressed keys, MAX_KEY_TILE), not the default 16
     (1, 200, 2, 1, 16, 16, {"block_size": 4, "block_stride": 1, "sel_block_size": 32, "num_selected": 4,
                             "window_size": 8}),
@@ -374,9 +375,12 @@ def test_packed_sequences_need_batch_one_and_matching_compressed_blocks():
         nsa_attention(*inputs, **SMALL, cu_seqlens=torch.tensor([0, 20, 40]), backend="torch")
 
 
-def test_op_registration_passes_opcheck():
-    """nsa::prefill's schema, fake implementation and autograd registration (torch.library.opcheck)."""
-    inputs = make_inputs(1, [24], 4, 2, 16, 16, SMALL, seed=5)
+@pytest.mark.parametrize("heads", [4, 8])
+def test_op_registration_passes_opcheck(heads):
+    """nsa::prefill's schema, fake implementation and autograd registration (torch.library.opcheck); at G = 4 the
+    selection runs the short sequences' programs of several tokens (SelectedTiles.for_tokens), whose union lists
+    the fake implementation must size alike."""
+    inputs = make_inputs(1, [24], heads, 2, 16, 16, SMALL, seed=5)
     args = (*inputs, None, *SMALL.values(), 0.25)
     torch.library.opcheck(prefill._prefill, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
@@ -552,14 +556,13 @@ class SelectionCase(NamedTuple):
 
 
 def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40),
-                   choose: Callable[..., torch.Tensor] = random_selections, num_selected: int = 5) -> SelectionCase:
-    """Random selections (``random_selections``, or ``choose``) of ``num_selected`` blocks of 4 tokens on packed
-    sequences of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in
-    float64."""
+                   choose: Callable[..., torch.Tensor] = random_selections) -> SelectionCase:
+    """Random selections (``random_selections``, or ``choose``) of blocks of 4 tokens, n = 5, on packed sequences
+    of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in float64."""
     dk = 16
     q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dk, CHOOSY, seed=seed)
     q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
-    indices = choose(list(lengths), kv_heads, num_selected, 4, seed=seed)
+    indices = choose(list(lengths), kv_heads, 5, 4, seed=seed)
     dout = randn(sum(lengths), heads, dk, seed=99).float()
     packed = packed_lengths(lengths)
     expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
@@ -628,32 +631,12 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     heads, G = 1: 16 entries, G = 2: 8 x 2), the kernel alone given the float64 lse and delta: random selections
     spread each block's list over many tokens and chunks."""
     case = selection_case(heads, kv_heads, seed=heads + 7)
-    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel
-    check_selection_dkdv(case, tiles)
-
-
-def check_selection_dkdv(case: SelectionCase, tiles: SelectedTiles) -> tuple[torch.Tensor, torch.Tensor]:
-    """selected_dkdv on ``case`` given the float64 lse and delta; dk and dv against float64 -> (dk, dv)."""
     q, want = case.q, case.expected
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel
     dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, want["lse"].float(),
                            want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
     torch.testing.assert_close(dk.double(), want["dk"], **TOL)
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
-    return dk, dv
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "windows", "num_selected"), [(6, 2, 3, 5), (16, 1, 1, 5), (4, 2, 2, 2)])
-def test_selection_dkdv_adding_in_list_order_matches_float64_reference_and_the_partials(heads, kv_heads, windows,
-                                                                                        num_selected):
-    """SelectedTiles.dkv_ordered: each chunk adds into its block's running sum after the block's earlier chunks and
-    the last one writes dk / dv. Against float64, and bit for bit against the partials summed by the second kernel
-    (the same additions in the same order); on one window and on several, where a block's chunks sit in several
-    windows; with 2 blocks per token, some blocks no token selected (their dk / dv zero, written by no chunk)."""
-    case = selection_case(heads, kv_heads, seed=heads + windows, num_selected=num_selected)
-    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel._replace(dkv_windows=windows)
-    partials = check_selection_dkdv(case, tiles)
-    ordered = check_selection_dkdv(case, tiles._replace(dkv_ordered=True))
-    assert all(torch.equal(a, b) for a, b in zip(partials, ordered, strict=True))
 
 
 class RangeCase(NamedTuple):
@@ -794,6 +777,31 @@ def test_union_list_shape_is_what_query_tiles_builds(lengths, group, rows):
     blocks, counts = union_lists(query_tiles(indices, packed_varlen(cu, total), group, tiles))
     expected = union_list_shape(total, len(lengths), group, num_kv_heads, num_selected, tiles)
     assert tuple(blocks.shape) == expected and tuple(counts.shape) == (expected[0] if expected[1] else 0,)
+
+
+@pytest.mark.parametrize(("tokens", "group", "head_dim", "short"), [
+    (64, 4, 128, True), (64, 16, 64, True),  # up to short_query_tokens packed rows, G >= 4
+    (65, 4, 128, False),  # a longer sequence
+    (64, 2, 128, False),  # the GPT's G = 2 kept its own programs
+    (64, 16, 192, False),  # heads wider than tile_dq_max_dim: the dq's several-token programs would spill
+])
+def test_short_sequences_take_the_short_selection_programs(tokens, group, head_dim, short):
+    """SelectedTiles.for_tokens, and through it what PrefillRun launches and nsa::prefill's fake implementation
+    sizes: the short sequences' rows and launch settings exactly where the rule says, the tiles unchanged
+    elsewhere."""
+    tiles = SelectedTiles(short_rows=32, short_tile_num_warps=8, short_tile_num_stages=1, short_query_tokens=64)
+    chosen = tiles.for_tokens(tokens, group, head_dim)
+    assert chosen == (tiles._replace(rows=32, tile_num_warps=8, tile_num_stages=1) if short else tiles)
+    assert SelectedTiles(short_query_tokens=0).for_tokens(1, 16, 128) == SelectedTiles(short_query_tokens=0)
+
+
+@pytest.mark.parametrize(("seq_len", "heads", "rows"), [(64, 8, 32), (65, 8, 16), (40, 4, 16)])
+def test_prefill_run_reads_the_selection_tiles_for_its_length(seq_len, heads, rows):
+    """The interpreter's tiles (nsa.prefill._tiles): programs of 32 rows up to 64 packed rows at G >= 4, of 16
+    otherwise; PrefillRun launches what for_tokens gives."""
+    inputs = [t.detach() for t in make_inputs(1, [seq_len], heads, 2, 16, 16, SMALL, seed=1)]
+    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**SMALL), 0.25)
+    assert run.sel_tiles.rows == rows
 
 
 @pytest.mark.parametrize(("group", "dk", "dv", "fwd", "dq"), [

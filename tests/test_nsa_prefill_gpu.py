@@ -106,20 +106,6 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
-@pytest.mark.parametrize(("windows", "ordered", "heads", "kv_heads", "dk", "dv", "seq_len"), [
-    (4, False, 64, 4, 128, 128, 2048),  # the public shape
-    (3, False, 16, 4, 64, 64, 3000),  # G = 4, windows that do not divide the blocks
-    (4, True, 64, 4, 128, 128, 2048),  # adding in list order (SelectedTiles.dkv_ordered)
-], ids=["public", "g4", "public-ordered"])
-def test_selection_dkdv_window_by_window_matches_float64_reference(monkeypatch, windows, ordered, heads, kv_heads,
-                                                                   dk, dv, seq_len):
-    """The selection dk/dv with its lists cut into windows and launched window by window (SelectedTiles.dkv_windows,
-    off by default; tests/test_nsa_prefill.py runs it in the interpreter, tests/test_nsa_selection_lists.py checks
-    the schedule), its chunks' partials summed by a second kernel or added in list order."""
-    use_prefill_tiles(monkeypatch, selected={"dkv_windows": windows, "dkv_ordered": ordered})
-    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
-
-
 def _reference_by_kv_head(inputs: list[torch.Tensor], indices: torch.Tensor, dout: torch.Tensor
                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """dense_nsa in float64 and its gradients, one kv head and its G query heads at a time (they share nothing
@@ -156,41 +142,13 @@ def _check_against_reference(heads: int, kv_heads: int, dk: int, dv: int, seq_le
     assert max(errors.values()) < BF16_RTOL, errors
 
 
-@pytest.mark.parametrize(("windows", "ordered"), [(1, False), (4, False), (1, True), (16, True)],
-                         ids=["partials", "partials-4-windows", "ordered", "ordered-16-windows"])
-def test_prefill_backward_is_deterministic(monkeypatch, windows, ordered):
-    use_prefill_tiles(monkeypatch, selected={"dkv_windows": windows, "dkv_ordered": ordered})
+def test_prefill_backward_is_deterministic():
     inputs = _inputs(8192, 64, 4, 128, 128, seed=1)
     out = nsa_attention(*inputs, **BLOCKS, backend="triton").output
     dout = torch.randn_like(out)
     first = torch.autograd.grad(out, inputs, dout)
     second = torch.autograd.grad(nsa_attention(*inputs, **BLOCKS, backend="triton").output, inputs, dout)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-
-
-@pytest.mark.parametrize(("windows", "heads"), [(1, 64), (16, 64), (8, 16)])
-def test_selection_dkdv_in_list_order_equals_the_partials_bitwise(windows, heads):
-    """SelectedTiles.dkv_ordered: chunks running at once on the GPU wait for their block's earlier chunks and add in
-    list order, so dk / dv equal, bit for bit, the partials summed by the second kernel (the same additions in the
-    same order). At 8k every token selects block 0, whose list spans 32 chunks (short_chunk), so its chunks wait on
-    each other; a missed wait or a stale read of the running sum changes bits. Selections from the top-n of random
-    inputs. Run alone under a short timeout first (bench/gpu_session.sh PARTS=ordered): a wait that never ends
-    hangs."""
-    from nsa.kernels.selected import SelectedTiles, selected_dkdv
-    from nsa.kernels.tiles import packed_batch
-
-    inputs = _inputs(8192, heads, 4, 128, 128, seed=3)
-    with torch.no_grad():
-        indices = nsa_attention(*inputs, **BLOCKS, backend="triton").block_indices[0].to(torch.int32)
-    q, k, v = (inputs[i].detach()[0] for i in (0, 3, 4))
-    gate, dout = inputs[7].detach()[0, ..., 1].float(), torch.randn_like(q)
-    lse = torch.randn(*q.shape[:2], device="cuda").abs() + 8  # any finite lse and delta: the sums are compared
-    delta = torch.randn_like(lse)
-    tiles = SelectedTiles(dkv_windows=windows)
-    args = (q, k, v, gate, indices, dout, lse, delta, packed_batch(1, 8192, q.device), 64, 128**-0.5)
-    partials = selected_dkdv(*args, tiles)
-    ordered = selected_dkdv(*args, tiles._replace(dkv_ordered=True))
-    assert all(torch.isfinite(x).all() and torch.equal(a, x) for a, x in zip(partials, ordered, strict=True))
 
 
 def test_prefill_in_a_cuda_graph_reads_no_kept_table(monkeypatch):

@@ -15,12 +15,7 @@ dk/dv: the selections are inverted into per-(kv head, block) lists of the tokens
 ``SelectedTiles.dkv_chunk`` tokens. One program per chunk loads its block's K/V once and gathers BQ tokens x GP
 heads per step; its float32 partial is written to its own slot and a second kernel sums each block's chunks in
 order: deterministic, no atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many
-chunks.) With ``SelectedTiles.dkv_windows`` > 1 the lists are cut at window boundaries of the packed rows and the
-chunks run window by window, so the programs that run together gather the q / dO rows of one stretch of tokens.
-With ``SelectedTiles.dkv_ordered`` there is no second kernel: each chunk waits for its block's earlier chunks (a
-flag per block; the chunks take their ids from a counter in grid order, so the chunks waited on have started) and
-adds its sum to the block's running float32 sum, the last writing dk / dv: the same additions in the same order,
-one float32 slot per block instead of per chunk.
+chunks.)
 """
 
 from __future__ import annotations
@@ -67,6 +62,9 @@ from nsa.kernels.tiles import (
 allow_loaded_loop_bounds()
 
 
+SHORT_MIN_GROUP = 4  # the short sequences' programs were timed at G = 4 and 16; the GPT's G = 2 lost at 16k
+
+
 class SelectedTiles(NamedTuple):
     """fwd/dq: launch settings, and ``rows``: query rows per program (``query_tiles``: rows // GP neighbouring
     tokens x the group's heads padded to a power of two GP, over the union of their blocks; one token per program
@@ -104,12 +102,14 @@ class SelectedTiles(NamedTuple):
     short_chunk: tokens per dk/dv program where the packed rows number at most short_tokens (``dkv_chunk``). A short
     sequence's grid has few waves, and its longest lists (block 0's holds every token) leave a tail of long
     programs: H200, public, 8k (2026-12-05), the dk/dv in 2.02 ms on chunks of 256 against 2.17 on 1024.
-    dkv_windows: the dk/dv's lists cut into that many windows of the packed rows, launched window by window
-    (``selection_lists``).
-    dkv_ordered: each dk/dv chunk adds into its block's running float32 sum after the block's earlier chunks (in
-    the grid's order) and the last one writes dk / dv, instead of a partial per chunk summed by a second kernel:
-    the same bits, and the float32 buffer holds one slot per block whatever the windows (64k, public shape: 0.27
-    GB, against 0.5 GB of partials on one window and 2.4 GB on 16)."""
+    short_rows / short_tile_num_warps / short_tile_num_stages: the forward / dq's rows per program and their
+    launch where the packed rows number at most short_query_tokens (0: never), for groups of at least
+    SHORT_MIN_GROUP heads and head dims up to tile_dq_max_dim (``for_tokens``). Neighbouring tokens share more of
+    their blocks in short sequences (``bench.model_query_unions``: programs of 4 tokens read 0.59 of the K / V
+    blocks at 8k, 0.80 at 64k, for 2.35x / 3.18x the matmul rows), and at 8k the selection is bound by those
+    reads. H100, 8k, forward + dq ms (2026-12-05): public (4 tokens x 16 heads) 3.617 against 3.784 for one
+    token; G = 4 (16 tokens x 4 heads) 1.814 against 2.357 for 4 tokens; at 64k they lose (public 18.7 + 21.3
+    against 16.5 + 16.7)."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -129,12 +129,24 @@ class SelectedTiles(NamedTuple):
     forced_num_stages: int = 2
     short_chunk: int = 256
     short_tokens: int = 8192
-    dkv_windows: int = 1
-    dkv_ordered: bool = False
+    short_rows: int = 64
+    short_tile_num_warps: int = 4
+    short_tile_num_stages: int = 2
+    short_query_tokens: int = 8192
 
     def dkv_chunk(self, num_tokens: int) -> int:
         """Tokens per dk/dv program for num_tokens packed rows."""
         return self.short_chunk if num_tokens <= self.short_tokens else self.chunk
+
+    def for_tokens(self, num_tokens: int, group: int, head_dim: int) -> SelectedTiles:
+        """These tiles for num_tokens packed rows of a group of G query heads per kv head at the widest head dim
+        ``head_dim``: the forward / dq's short-sequence programs (short_rows, ...) where they apply. The forward's
+        union lists take their shape from the rows, so the forward, the backward and nsa::prefill's fake
+        implementation all read the tiles through here."""
+        if num_tokens > self.short_query_tokens or group < SHORT_MIN_GROUP or head_dim > self.tile_dq_max_dim:
+            return self
+        return self._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
+                             tile_num_stages=self.short_tile_num_stages)
 
 
 @triton.jit
@@ -334,27 +346,18 @@ def _sel_dq_kernel(
 @triton.jit
 def _sel_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, entries_ptr,
-    chunk_segment_ptr, chunk_start_ptr, segment_end_ptr, segment_chunks_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
-    dk_ptr, dv_ptr, order_ptr,
+    chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    num_heads, num_seqs, num_lists, num_segments, blocks_per_head, windows, qk_scale, scale,
+    num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    ORDERED: tl.constexpr, WP: tl.constexpr,
 ):
-    """dk / dv of one chunk of one segment of a (kv head, block) list: the sum over its tokens and the group's
-    heads. ORDERED False: written as the chunk's partial (part_k / part_v, one slot per chunk) for
-    _sel_reduce_kernel. ORDERED True (``_ordered_add``): added into its list's running sum (part_k / part_v, one
-    slot per list) after the list's earlier chunks, the last chunk writing dk / dv; the chunks are taken in grid
-    order from a counter (order_ptr[num_lists]), so every earlier chunk has started when one waits on it. WP: the
-    windows padded to a power of two."""
-    chunk = tl.atomic_add(order_ptr + num_lists, 1) if ORDERED else tl.program_id(0)
-    segment = tl.load(chunk_segment_ptr + chunk)
-    live = segment < num_segments
-    segment = tl.minimum(segment, num_segments - 1)
-    listed = segment % num_lists  # segments are window-major (selection_lists)
+    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads."""
+    chunk = tl.program_id(0)
+    listed = tl.load(chunk_list_ptr + chunk)
+    live = listed < num_lists
+    listed = tl.minimum(listed, num_lists - 1)
     hk = listed // blocks_per_head
     block = listed % blocks_per_head
     seq = tl.minimum(tl.load(block_seq_ptr + block), num_seqs - 1)  # past the last block: an empty list
@@ -370,7 +373,7 @@ def _sel_dkdv_kernel(
     dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     first = tl.load(chunk_start_ptr + chunk)
-    end = tl.where(live, tl.minimum(first + CHUNK, tl.load(segment_end_ptr + segment)), first)
+    end = tl.where(live, tl.minimum(first + CHUNK, tl.load(list_end_ptr + listed)), first)
     r = tl.arange(0, BQ * GP)
     g = r % GP
     for e in range(first, end, BQ):
@@ -385,84 +388,22 @@ def _sel_dkdv_kernel(
                                           gate_ptr, tok * stride_dot + head * stride_doh, tok * num_heads + head,
                                           tok * stride_gt + head * stride_gh, ok, dk1, dk2, dv, D2, DV, BLOCK_DV,
                                           PRECISION, HAS_GATE)
-    dk1 *= scale
+    part = chunk.to(tl.int64) * BLOCK_S
+    all_rows = offs >= 0
+    store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)
     if D2 > 0:
-        dk2 *= scale
-    if ORDERED:
-        if live:
-            rank, total = _list_rank(segment_chunks_ptr, listed, segment // num_lists, chunk, num_lists, windows, WP)
-            _ordered_add(dk1, dk2, dv, part_k_ptr, part_v_ptr, order_ptr + listed, listed.to(tl.int64) * BLOCK_S,
-                         rank, total, dk_ptr + block_row * stride_dkt + hk * stride_dkh,
-                         dv_ptr + block_row * stride_dvt + hk * stride_dvh, offs, key_ok, stride_dkt, stride_dvt, D1,
-                         D2, DQK, BLOCK_DK, DV, BLOCK_DV)
-    else:
-        part = chunk.to(tl.int64) * BLOCK_S
-        all_rows = offs >= 0
-        store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1, 0, D1, BLOCK_DK)
-        if D2 > 0:
-            store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk2, D1, D2, BLOCK_DK)
-        store_tile(part_v_ptr + part * BLOCK_DV, offs, all_rows, BLOCK_DV, dv, 0, BLOCK_DV, BLOCK_DV)
-
-
-@triton.jit
-def _list_rank(segment_chunks_ptr, listed, window, chunk, num_lists, windows, WP: tl.constexpr):
-    """(the chunk's rank among its list's chunks, the list's chunk count): its list's chunks in the earlier windows'
-    segments, plus its place in its own segment."""
-    w = tl.arange(0, WP)
-    seen = w < windows
-    first = tl.load(segment_chunks_ptr + w * num_lists + listed, mask=seen, other=0)
-    counts = tl.load(segment_chunks_ptr + w * num_lists + listed + 1, mask=seen, other=0) - first
-    rank = tl.sum(tl.where(w < window, counts, 0)) + chunk - tl.sum(tl.where(w == window, first, 0))
-    return rank, tl.sum(counts)
-
-
-@triton.jit
-def _ordered_add(dk1, dk2, dv, sum_k_ptr, sum_v_ptr, done_ptr, sum_row, rank, total, dk_ptr, dv_ptr, offs, key_ok,
-                 stride_dkt, stride_dvt, D1: tl.constexpr, D2: tl.constexpr, DQK: tl.constexpr,
-                 BLOCK_DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Add this chunk's dk / dv to its list's running float32 sum in list order: wait until ``done_ptr`` (the
-    list's chunks added so far) reaches the chunk's ``rank``, add the sum, then store the sum and release the next
-    chunk, or, the list's last chunk, write dk / dv. The same additions in the same order as _sel_reduce_kernel's,
-    so the same bits, without a slot per chunk."""
-    if rank > 0:
-        added = tl.atomic_add(done_ptr, 0, sem="acquire")
-        while added < rank:
-            added = tl.atomic_add(done_ptr, 0, sem="acquire")
-    last = rank == total - 1
-    sums_k = sum_k_ptr + sum_row * BLOCK_DK
-    _add_sum(dk1, sums_k, BLOCK_DK, dk_ptr, stride_dkt, offs, key_ok, rank, last, 0, D1, DQK)
-    if D2 > 0:
-        _add_sum(dk2, sums_k, BLOCK_DK, dk_ptr, stride_dkt, offs, key_ok, rank, last, D1, D2, DQK)
-    _add_sum(dv, sum_v_ptr + sum_row * BLOCK_DV, BLOCK_DV, dv_ptr, stride_dvt, offs, key_ok, rank, last, 0, BLOCK_DV,
-             DV)
-    if not last:
-        tl.debug_barrier()  # every thread's part of the sum is stored before the release
-        tl.atomic_xchg(done_ptr, rank + 1, sem="release")
-
-
-@triton.jit
-def _add_sum(x, sums_ptr, sum_width: tl.constexpr, out_ptr, stride_out, offs, key_ok, rank, last,
-             COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
-    """Columns COL0 .. COL0 + WIDTH of ``_ordered_add``: x plus the running sum (after the first chunk; read from
-    L2, as an SM's L1 may hold an older copy), stored as the new sum, or into the output where ``last``; one
-    column part at a time, so that only one sum tile is live."""
-    sums = sums_ptr + offs[:, None] * sum_width + COL0 + tl.arange(0, WIDTH)[None, :]
-    if rank > 0:
-        x += tl.load(sums, cache_modifier=".cg")
-    if last:
-        store_tile(out_ptr, offs, key_ok, stride_out, x.to(out_ptr.dtype.element_ty), COL0, WIDTH, NCOLS)
-    else:
-        tl.store(sums, x)
+        store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk2 * scale, D1, D2, BLOCK_DK)
+    store_tile(part_v_ptr + part * BLOCK_DV, offs, all_rows, BLOCK_DV, dv, 0, BLOCK_DV, BLOCK_DV)
 
 
 @triton.jit
 def _sel_reduce_kernel(
-    part_k_ptr, part_v_ptr, dk_ptr, dv_ptr, segment_chunks_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_seqs, blocks_per_head, num_lists, windows,
+    part_k_ptr, part_v_ptr, dk_ptr, dv_ptr, list_chunks_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_seqs, blocks_per_head,
     SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr, BLOCK_DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """dk / dv of one (kv head, block): the sum of its chunks' partials, window by window, in chunk order."""
+    """dk / dv of one (kv head, block): the sum of its chunks' partials, in chunk order."""
     listed = tl.program_id(0)
     hk = listed // blocks_per_head
     block = listed % blocks_per_head
@@ -477,12 +418,10 @@ def _sel_reduce_kernel(
     all_rows = offs >= 0
     dk = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
-    for window in range(windows):
-        segment = window * num_lists + listed
-        for chunk in range(tl.load(segment_chunks_ptr + segment), tl.load(segment_chunks_ptr + segment + 1)):
-            part_rows = (chunk * BLOCK_S + offs).to(tl.int64)  # the partial buffers pass 2^31 elements at 512k
-            dk += load_at(part_k_ptr, part_rows * BLOCK_DK, all_rows, 0, BLOCK_DK, BLOCK_DK)
-            dv += load_at(part_v_ptr, part_rows * BLOCK_DV, all_rows, 0, BLOCK_DV, BLOCK_DV)
+    for chunk in range(tl.load(list_chunks_ptr + listed), tl.load(list_chunks_ptr + listed + 1)):
+        part_rows = (chunk * BLOCK_S + offs).to(tl.int64)  # the partial buffers pass 2^31 elements at 512k
+        dk += load_at(part_k_ptr, part_rows * BLOCK_DK, all_rows, 0, BLOCK_DK, BLOCK_DK)
+        dv += load_at(part_v_ptr, part_rows * BLOCK_DV, all_rows, 0, BLOCK_DV, BLOCK_DV)
     row = tok0 + first
     store_tile(dk_ptr + row * stride_dkt + hk * stride_dkh, offs, key_ok, stride_dkt, dk.to(dk_ptr.dtype.element_ty),
                0, BLOCK_DK, DQK)
@@ -496,87 +435,57 @@ def _sel_reduce_kernel(
 
 
 class SelectionLists(NamedTuple):
-    """Per-(kv head, global block) lists of the tokens that selected the block, cut at window boundaries into
-    segments (window-major: every list's segment in window 0, then in window 1, ...) and the segments into chunks of
-    at most ``chunk`` entries (``selection_lists``). Chunk ids follow the segments: the grid's order."""
+    """Per-(kv head, global block) lists of the tokens that selected the block, cut into chunks."""
 
-    entries: Tensor  # int32 [N * H_kv * n]: token rows, segment after segment, ascending within a segment
-    segment_end: Tensor  # int32 [windows * L]: one past each segment's last entry (L = H_kv * blocks_per_head)
-    segment_chunks: Tensor  # int32 [windows * L + 1]: cumulative chunk counts
-    chunk_segment: Tensor  # int32 [C]: the segment of each chunk (windows * L past the last chunk)
+    entries: Tensor  # int32 [N * H_kv * n]: token rows, list after list, ascending within a list
+    list_end: Tensor  # int32 [L]: one past each list's last entry (L = H_kv * blocks_per_head)
+    list_chunks: Tensor  # int32 [L + 1]: cumulative chunk counts
+    chunk_list: Tensor  # int32 [C]: the list of each chunk (L past the last chunk)
     chunk_start: Tensor  # int32 [C]: the first entry of each chunk
     block_seq: Tensor  # int32 [blocks_per_head]: the sequence of each global block (num_seqs past the last)
     cu_blocks: Tensor  # int32 [S + 1]: cumulative selection blocks per sequence
     blocks_per_head: int
-    windows: int
 
 
-def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, chunk: int,
-                    windows: int = 1) -> SelectionLists:
-    """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every segment in token
-    order, so the dk/dv sums run in a fixed order. With ``windows`` > 1 the packed rows are cut into that many
-    windows (``window_rows`` each) and the chunks of one window come before the next one's: the programs that run
-    together are one window's, whose q / dO rows every block's program then reads at about the same time (L2 hits
-    instead of one HBM read per (token, block)). No host sync (the sizes are host bounds)."""
+def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, chunk: int) -> SelectionLists:
+    """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every list in token
+    order, so the dk/dv sums run in a fixed order. No host sync (the sizes are host bounds)."""
     _, num_kv_heads, num_selected = block_indices.shape
     # A sequence's selection blocks are its tiles of sel_block_size tokens: global block -> sequence, and a bound on
     # the global block count, as for any tiles.
     blocks = packed_tiles(packed, sel_block_size)
     cu_blocks, blocks_per_head = blocks.first, blocks.grid
     num_lists = num_kv_heads * blocks_per_head
-    num_segments = num_lists * windows
-    width = window_rows(packed.total, windows, sel_block_size)
-    bound = num_kv_heads * segment_bound(blocks_per_head, packed.num_seqs, windows, width // sel_block_size)
-    num_chunks = max(1, -(-block_indices.numel() // chunk) + bound)
-    bases, segment_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks, windows, width)
-    keys = torch.where(block_indices >= 0, bases + block_indices, num_segments).flatten()
+    num_chunks = max(1, -(-block_indices.numel() // chunk) + num_lists)
+    bases, list_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks)
+    keys = torch.where(block_indices >= 0, bases + block_indices, num_lists).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = (order // (num_kv_heads * num_selected)).to(torch.int32)
-    bounds = torch.searchsorted(sorted_keys, segment_ids)
-    per_segment = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
-    segment_chunks = torch.cat((per_segment.new_zeros(1), per_segment.cumsum(0)))
-    chunk_segment = torch.searchsorted(segment_chunks[1:], chunk_ids, right=True)  # num_segments past the last
-    owner = chunk_segment.clamp_max(num_segments - 1)
-    chunk_start = bounds[owner] + (chunk_ids - segment_chunks[owner]) * chunk
-    return SelectionLists(entries, bounds[1:].to(torch.int32), segment_chunks.to(torch.int32),
-                          chunk_segment.to(torch.int32), chunk_start.to(torch.int32), blocks.seq, cu_blocks,
-                          blocks_per_head, windows)
+    bounds = torch.searchsorted(sorted_keys, list_ids)
+    counts = bounds[1:] - bounds[:-1]
+    per_list = (counts + chunk - 1) // chunk
+    list_chunks = torch.cat((per_list.new_zeros(1), per_list.cumsum(0)))
+    chunk_list = torch.searchsorted(list_chunks[1:], chunk_ids, right=True)
+    owner = chunk_list.clamp_max(num_lists - 1)
+    chunk_start = bounds[owner] + (chunk_ids - list_chunks[owner]) * chunk
+    return SelectionLists(entries, bounds[1:].to(torch.int32), list_chunks.to(torch.int32),
+                          chunk_list.to(torch.int32), chunk_start.to(torch.int32), blocks.seq, cu_blocks,
+                          blocks_per_head)
 
 
-def window_rows(total: int, windows: int, sel_block_size: int) -> int:
-    """Rows per window of ``selection_lists``: the packed rows in ``windows`` parts, whole selection blocks each."""
-    blocks = -(-max(1, total) // sel_block_size)
-    return -(-blocks // windows) * sel_block_size
-
-
-def segment_bound(num_blocks: int, num_seqs: int, windows: int, window_blocks: int) -> int:
-    """Host bound on the non-empty (list, window) segments of one kv head. Global block g starts at a packed row of
-    at least (g - num_seqs) whole blocks (each earlier sequence ends in at most one partial block) and its tokens
-    come from there on, so its list spans at most windows - (g - num_seqs) // window_blocks windows."""
-    bound, later = num_blocks * windows, max(0, num_blocks - num_seqs)
-    for skipped in range(1, windows):  # the blocks whose first possible window is `skipped`, the last one onwards
-        lo = skipped * window_blocks
-        hi = later if skipped == windows - 1 else min(later, lo + window_blocks)
-        bound -= skipped * max(0, hi - lo)
-    return bound
-
-
-def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int, windows: int, width: int
+def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int
                ) -> tuple[Tensor, Tensor, Tensor]:
-    """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the segment of block 0 of each token's sequence
-    under each kv head in the token's window: segments are window-major, lists kv head-major over the global
-    blocks), segment ids [windows * L + 1] and chunk ids [num_chunks] (aranges). Kept per size for a [B, T] batch
-    (nsa.kernels.tiles.packed_sized)."""
+    """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the list of block 0 of each token's sequence
+    under each kv head: lists are kv head-major over the global blocks), list ids [L + 1] and chunk ids
+    [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.kernels.tiles.packed_sized)."""
     def build() -> tuple[Tensor, Tensor, Tensor]:
         device = packed.cu.device
-        num_lists = num_kv_heads * blocks.grid
         head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
         bases = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
-        if windows > 1:
-            bases = bases + torch.arange(packed.total, device=device)[:, None, None] // width * num_lists
-        return (bases, torch.arange(num_lists * windows + 1, device=device), torch.arange(num_chunks, device=device))
+        num_lists = num_kv_heads * blocks.grid
+        return bases, torch.arange(num_lists + 1, device=device), torch.arange(num_chunks, device=device)
 
-    return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks, windows, width), build)
+    return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks), build)
 
 
 def _launch_args(q: Tensor, k: Tensor, v: Tensor, sel_block_size: int) -> dict:
@@ -782,43 +691,30 @@ def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
 def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
-    """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists. With tiles.dkv_ordered each
-    chunk adds into its list's running sum in list order (``_ordered_add``) instead of writing a partial for a
-    second kernel: the same bits, float32 sums of one slot per list instead of per chunk."""
+    """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists."""
     chunk = tiles.dkv_chunk(packed.total)
-    lists = selection_lists(block_indices, packed, sel_block_size, chunk, tiles.dkv_windows)
+    lists = selection_lists(block_indices, packed, sel_block_size, chunk)
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
     block_dk = max(16, triton.next_power_of_2(q.shape[-1]))
-    num_chunks = lists.chunk_segment.numel()
-    num_lists = k.shape[1] * lists.blocks_per_head
-    slots = num_lists if tiles.dkv_ordered else num_chunks
-    part_k = output_buffer(slots * block_s, block_dk, like=q, dtype=torch.float32)
-    part_v = output_buffer(slots * block_s, block_dv, like=q, dtype=torch.float32)
-    if tiles.dkv_ordered:  # a block no token selected has no chunk to write it
-        dk, dv = (torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (k, v))
-        order = torch.zeros(num_lists + 1, device=q.device, dtype=torch.int32)  # chunks added per list; the counter
-    else:
-        dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
-        order = lists.entries  # unread
+    num_chunks = lists.chunk_list.numel()
+    part_k = output_buffer(num_chunks * block_s, block_dk, like=q, dtype=torch.float32)
+    part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
+    num_lists = k.shape[1] * lists.blocks_per_head
     _sel_dkdv_kernel[(num_chunks,)](
-        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_segment, lists.chunk_start,
-        lists.segment_end, lists.segment_chunks, lists.block_seq, packed.cu, lists.cu_blocks, dk, dv, order,
+        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_list, lists.chunk_start,
+        lists.list_end, lists.block_seq, packed.cu, lists.cu_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
-        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        q.shape[1], packed.num_seqs, num_lists, num_lists * lists.windows, lists.blocks_per_head, lists.windows,
+        dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
         scale * LOG2E, scale,
-        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None, ORDERED=tiles.dkv_ordered,
-        WP=triton.next_power_of_2(lists.windows),
+        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
         **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
-    if tiles.dkv_ordered:
-        return dk, dv
+    dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
     _sel_reduce_kernel[(num_lists,)](
-        part_k, part_v, dk, dv, lists.segment_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), packed.num_seqs, lists.blocks_per_head, num_lists,
-        lists.windows,
+        part_k, part_v, dk, dv, lists.list_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), packed.num_seqs, lists.blocks_per_head,
         SEL_BLOCK=sel_block_size, BLOCK_S=block_s, DQK=q.shape[-1], BLOCK_DK=block_dk, DV=v.shape[-1],
         BLOCK_DV=block_dv, num_warps=8,
     )
