@@ -98,7 +98,8 @@ def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
     """Tile settings: the GPU defaults (tuned on the H200), or 16-wide tiles for the CPU interpreter's tiny tests
     (the compression's and the window's K / V and the top-n's compressed keys through TMA, the window over tokens x
     heads, as on the GPU; top-n programs of 32 rows, so that a top-n setting read where the selection's belongs
-    changes shapes in the tests too; the selection's short-sequence programs up to 64 packed rows, 32 rows each)."""
+    changes shapes in the tests too; the selection's short-sequence programs, 32 rows each, up to 256 packed rows
+    x heads)."""
     from nsa.kernels.range_attention import RangeTiles, tiles_for
     from nsa.kernels.selected import SelectedTiles
     from nsa.kernels.topn import TopnTiles, topn_tiles_for
@@ -107,7 +108,7 @@ def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
         ranges = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1, dq_num_warps=4, tma=True)
         selected = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8, dkv_num_warps=4,
                                  dkv_num_stages=1, short_chunk=4, short_tokens=64, short_rows=32,
-                                 short_tile_num_stages=1, short_query_tokens=64)
+                                 short_tile_num_stages=1, short_query_rows=256)
         return PrefillTiles(ranges, ranges._replace(head_rows=True), TopnTiles(32, 4, 1, tma=True), selected)
     return PrefillTiles(tiles_for(head_dim, "cmp", group), tiles_for(head_dim, "win", group),
                         topn_tiles_for(group, head_dim), SelectedTiles())

@@ -21,7 +21,7 @@ SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_se
 INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1)  # nsa.prefill's CPU tiles
 INTERPRETER_SELECTED = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8,
                                      dkv_num_warps=4, dkv_num_stages=1, short_chunk=4, short_tokens=64,
-                                     short_rows=32, short_tile_num_stages=1, short_query_tokens=64)
+                                     short_rows=32, short_tile_num_stages=1, short_query_rows=256)
 
 
 @pytest.fixture(autouse=True)

@@ -780,25 +780,25 @@ def test_union_list_shape_is_what_query_tiles_builds(lengths, group, rows):
 
 
 @pytest.mark.parametrize(("tokens", "group", "head_dim", "short"), [
-    (64, 4, 128, True), (64, 16, 64, True),  # up to short_query_tokens packed rows, G >= 4
-    (65, 4, 128, False),  # a longer sequence
+    (64, 4, 128, True), (16, 16, 64, True),  # up to short_query_rows packed rows x heads, G >= 4
+    (65, 4, 128, False), (17, 16, 64, False),  # a longer sequence
     (64, 2, 128, False),  # the GPT's G = 2 kept its own programs
-    (64, 16, 192, False),  # heads wider than tile_dq_max_dim: the dq's several-token programs would spill
+    (16, 16, 192, False),  # heads wider than tile_dq_max_dim: the dq's several-token programs would spill
 ])
 def test_short_sequences_take_the_short_selection_programs(tokens, group, head_dim, short):
     """SelectedTiles.for_tokens, and through it what PrefillRun launches and nsa::prefill's fake implementation
     sizes: the short sequences' rows and launch settings exactly where the rule says, the tiles unchanged
     elsewhere."""
-    tiles = SelectedTiles(short_rows=32, short_tile_num_warps=8, short_tile_num_stages=1, short_query_tokens=64)
+    tiles = SelectedTiles(short_rows=32, short_tile_num_warps=8, short_tile_num_stages=1, short_query_rows=256)
     chosen = tiles.for_tokens(tokens, group, head_dim)
     assert chosen == (tiles._replace(rows=32, tile_num_warps=8, tile_num_stages=1) if short else tiles)
-    assert SelectedTiles(short_query_tokens=0).for_tokens(1, 16, 128) == SelectedTiles(short_query_tokens=0)
+    assert SelectedTiles(short_query_rows=0).for_tokens(1, 16, 128) == SelectedTiles(short_query_rows=0)
 
 
 @pytest.mark.parametrize(("seq_len", "heads", "rows"), [(64, 8, 32), (65, 8, 16), (40, 4, 16)])
 def test_prefill_run_reads_the_selection_tiles_for_its_length(seq_len, heads, rows):
-    """The interpreter's tiles (nsa.prefill._tiles): programs of 32 rows up to 64 packed rows at G >= 4, of 16
-    otherwise; PrefillRun launches what for_tokens gives."""
+    """The interpreter's tiles (nsa.prefill._tiles): programs of 32 rows up to 256 packed rows x heads at G >= 4,
+    of 16 otherwise; PrefillRun launches what for_tokens gives."""
     inputs = [t.detach() for t in make_inputs(1, [seq_len], heads, 2, 16, 16, SMALL, seed=1)]
     run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**SMALL), 0.25)
     assert run.sel_tiles.rows == rows

@@ -103,13 +103,14 @@ class SelectedTiles(NamedTuple):
     sequence's grid has few waves, and its longest lists (block 0's holds every token) leave a tail of long
     programs: H200, public, 8k (2026-12-05), the dk/dv in 2.02 ms on chunks of 256 against 2.17 on 1024.
     short_rows / short_tile_num_warps / short_tile_num_stages: the forward / dq's rows per program and their
-    launch where the packed rows number at most short_query_tokens (0: never), for groups of at least
+    launch where the packed rows times the group number at most short_query_rows (0: never), for groups of at least
     SHORT_MIN_GROUP heads and head dims up to tile_dq_max_dim (``for_tokens``). Neighbouring tokens share more of
     their blocks in short sequences (``bench.model_query_unions``: programs of 4 tokens read 0.59 of the K / V
-    blocks at 8k, 0.80 at 64k, for 2.35x / 3.18x the matmul rows), and at 8k the selection is bound by those
-    reads. H100, 8k, forward + dq ms (2026-12-05): public (4 tokens x 16 heads) 3.617 against 3.784 for one
-    token; G = 4 (16 tokens x 4 heads) 1.814 against 2.357 for 4 tokens; at 64k they lose (public 18.7 + 21.3
-    against 16.5 + 16.7)."""
+    blocks at 8k, 0.80 at 64k, for 2.35x / 3.18x the matmul rows), and the short sequences' selection is bound by
+    those reads. H100, forward + dq ms against the default programs (2026-12-05, 64 rows on 4 warps and 2 stages):
+    8k public 3.60 / 3.76, G = 12 3.58 / 3.74, G = 4 (16 tokens x 4 heads) 1.72 / 2.34; 16k public 8.12 / 8.03,
+    G = 12 8.10 / 8.04, G = 4 4.88 / 5.64; 32k G = 4 12.68 / 12.75; 64k G = 4 31.2 / 27.9 (public and G = 12 lose
+    from 16k on). The edge falls at about 131072 rows x heads at each group timed."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -132,7 +133,7 @@ class SelectedTiles(NamedTuple):
     short_rows: int = 64
     short_tile_num_warps: int = 4
     short_tile_num_stages: int = 2
-    short_query_tokens: int = 8192
+    short_query_rows: int = 131072
 
     def dkv_chunk(self, num_tokens: int) -> int:
         """Tokens per dk/dv program for num_tokens packed rows."""
@@ -143,7 +144,7 @@ class SelectedTiles(NamedTuple):
         ``head_dim``: the forward / dq's short-sequence programs (short_rows, ...) where they apply. The forward's
         union lists take their shape from the rows, so the forward, the backward and nsa::prefill's fake
         implementation all read the tiles through here."""
-        if num_tokens > self.short_query_tokens or group < SHORT_MIN_GROUP or head_dim > self.tile_dq_max_dim:
+        if num_tokens * group > self.short_query_rows or group < SHORT_MIN_GROUP or head_dim > self.tile_dq_max_dim:
             return self
         return self._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
                              tile_num_stages=self.short_tile_num_stages)
