@@ -56,11 +56,13 @@ def test_prefill_matches_float64_reference(heads, kv_heads, dk, dv, seq_len):
     (64, 16, 4, 128, 128, 2048),  # 16 tokens per program
     (32, 4, 4, 256, 256, 1024),  # G = 1, the widest head: 32 tokens per program
     (0, 16, 4, 64, 64, 3000),  # one token per program
+    (16, 64, 4, 128, 128, 2048),  # the public shape's long sequences: one token per program
 ])
 def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads, kv_heads, dk, dv, seq_len):
     """The selection forward / dq with several neighbouring tokens per program, over the union of their blocks
-    (SelectedTiles.rows; tests/test_nsa_prefill.py checks it in the interpreter)."""
-    use_prefill_tiles(monkeypatch, selected={"rows": rows})
+    (SelectedTiles.rows; tests/test_nsa_prefill.py checks it in the interpreter), with the short sequences' programs
+    off so that the rows are the ones named (the other tests run them: every one up to 131072 rows x heads)."""
+    use_prefill_tiles(monkeypatch, selected={"rows": rows, "short_query_rows": 0})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
@@ -73,8 +75,9 @@ def test_selection_with_the_forced_blocks_apart_matches_float64_reference(monkey
                                                                            seq_len):
     """The selection forward / dq with the three forced blocks in programs of several tokens apart from the other
     blocks (SelectedTiles.forced_apart, off by default: the one-pass default runs in every other test; the forward
-    resumes from the partial softmax; tests/test_nsa_prefill.py checks it in the interpreter)."""
-    use_prefill_tiles(monkeypatch, selected={"forced_apart": True})
+    resumes from the partial softmax; tests/test_nsa_prefill.py checks it in the interpreter). One token per program
+    where the forced blocks go apart: the short sequences' programs off."""
+    use_prefill_tiles(monkeypatch, selected={"forced_apart": True, "short_query_rows": 0})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
