@@ -114,6 +114,16 @@ def _tiles(device: torch.device, head_dim: int, group: int) -> PrefillTiles:
                         topn_tiles_for(group, head_dim), SelectedTiles())
 
 
+def _layer_tiles(q: Tensor, k_sel: Tensor, v_sel: Tensor, num_tokens: int) -> PrefillTiles:
+    """The tiles one layer's kernels run (q [B, T, HQ, Dk], k_sel / v_sel [B, T, H_kv, D]): ``_tiles`` for its
+    widest head dim and its group, the selection's resolved for its num_tokens packed rows
+    (``SelectedTiles.for_tokens``). The op and its fake implementation both read them here: the forward's union
+    lists take their shape from the selection's rows."""
+    head_dim, group = max(q.shape[-1], v_sel.shape[-1]), q.shape[2] // k_sel.shape[2]
+    tiles = _tiles(q.device, head_dim, group)
+    return tiles._replace(sel=tiles.sel.for_tokens(num_tokens, group, head_dim))
+
+
 class PrefillRun:
     """The kernels of one fused NSA prefill over packed token rows, one method per step. nsa::prefill runs
     forward(); nsa::prefill_backward runs backward(); bench/bench_prefill.py times the steps one by one.
@@ -153,10 +163,8 @@ class PrefillRun:
             rows_view(t) for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win))
         self.gates = gates.reshape(self.q.shape[0], self.q.shape[1], 3)
         self.sizes, self.scale = sizes, scale
-        head_dim, group = max(q.shape[-1], v_sel.shape[-1]), q.shape[2] // k_sel.shape[2]
-        tiles = _tiles(q.device, head_dim, group)
-        self.cmp_tiles, self.win_tiles, self.topn_tiles = tiles.cmp, tiles.win, tiles.topn
-        self.sel_tiles = tiles.sel.for_tokens(self.packed.total, group, head_dim)
+        tiles = _layer_tiles(q, k_sel, v_sel, self.packed.total)
+        self.cmp_tiles, self.win_tiles, self.topn_tiles, self.sel_tiles = tiles.cmp, tiles.win, tiles.topn, tiles.sel
         self.cmp_rule = RangeRule(sizes.block_stride, sizes.block_size, 0)
         self.win_rule = RangeRule(1, 1, sizes.window_size)
         if forward_outputs:
@@ -305,8 +313,7 @@ def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_w
     branch_outs = q.new_empty(3, rows, q.shape[2], v_sel.shape[-1])
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     group = q.shape[2] // k_sel.shape[2]
-    head_dim = max(q.shape[-1], v_sel.shape[-1])
-    sel_tiles = _tiles(q.device, head_dim, group).sel.for_tokens(rows, group, head_dim)
+    sel_tiles = _layer_tiles(q, k_sel, v_sel, rows).sel
     lists, width = union_list_shape(rows, num_seqs, group, k_sel.shape[2], num_selected, sel_tiles)
     blocks = q.new_empty(lists, width, dtype=torch.int32)
     counts = q.new_empty(lists if width else 0, dtype=torch.int32)
