@@ -25,7 +25,8 @@ sweeps also gpt (HQ=4, H_kv=2, D=64: the 4-layer GPT's attention). Parts, in one
 - gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
   with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens);
   ``--gpt-compile``: both models under torch.compile (rows of shape ``gpt_compiled``); ``--gpt-profile``: one
-  step's operator table per model under ``--results-dir``.
+  step's operator table per model under ``--results-dir``, and where its host time goes (each Triton kernel's
+  launcher time, the Python functions by own time: ``bench.env_info.host_breakdown``).
 - report: no measurement; rewrites ``<name>.md`` and ``<name>.png`` from the rows already in ``<name>.jsonl``
   (every run ends by writing them).
 
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table, profile_step
+from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, host_breakdown, markdown_table, profile_step
 from nsa import (
     NSAAttention,
     NSAConfig,
@@ -639,7 +640,8 @@ def gpt_rows(seq_len: int, device: str, compiled: bool = False, profile_dir: Pat
              tokens_per_step: int | None = None) -> list[dict]:
     """Training tokens/s of the 4-layer GPT with NSA and with dense attention; compiled: both models through
     torch.compile (rows of shape "gpt_compiled"), which fuses the layers' elementwise work around the kernels.
-    profile_dir: after timing, one step's operator table goes to profile_<impl>_<shape>_<T>.txt there.
+    profile_dir: after timing, one step's operator table goes to profile_<impl>_<shape>_<T>.txt there and the split
+    of three steps' host time (Triton's launchers, Python by function) to profile_<impl>_<shape>_<T>_host.txt.
     tokens_per_step: batch x seq_len (default GPT_TOKENS_PER_STEP)."""
     rows = []
     batch = max(1, (tokens_per_step or GPT_TOKENS_PER_STEP) // seq_len)
@@ -670,6 +672,7 @@ def gpt_rows(seq_len: int, device: str, compiled: bool = False, profile_dir: Pat
             if profile_dir is not None:
                 path = profile_dir / f"profile_{name}_{seq_len}.txt"
                 path.write_text(profile_step(step, device) + "\n")
+                (profile_dir / f"profile_{name}_{seq_len}_host.txt").write_text(host_breakdown(step) + "\n")
             result = {"step_ms": round(ms, 2), "tokens_per_s": round(batch * seq_len / ms * 1e3)}
             return {**result, **compile_counts()} if compiled else result
 
@@ -760,7 +763,8 @@ def main() -> None:
                         "one after another, and record the median step (host-bound eager steps vary between "
                         "processes); not with --gpt-profile")
     parser.add_argument("--gpt-profile", action="store_true", help="also write one step's operator table per GPT "
-                        "to --results-dir (profile_gpt_<attention>_<shape>_<T>.txt)")
+                        "to --results-dir (profile_gpt_<attention>_<shape>_<T>.txt) and its host time's split "
+                        "between Triton's launchers and the Python functions (..._<T>_host.txt)")
     parser.add_argument("--module-profile", action="store_true", help="also write one forward+backward's and one "
                         "forward's operator table per module to --results-dir (profile_<nsa|dense>_module_public_<T>"
                         ".txt, ..._<T>_fwd.txt)")

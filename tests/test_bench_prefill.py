@@ -5,6 +5,7 @@ is timed, only the kernels its field governs are timed, and a candidate that cha
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -208,7 +209,7 @@ def test_query_locality_correlates_neighbouring_queries_only() -> None:
 def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """--gpt-compile: the NSA and the dense GPT both go through torch.compile and their rows say so (shape
     gpt_compiled); without it neither does. (torch.compile itself is replaced: the plumbing is what is tested.)
-    --gpt-profile: one operator table per model."""
+    --gpt-profile: one operator table per model and one split of its host time."""
     compiled: list[str] = []
 
     def record_compile(model: torch.nn.Module) -> torch.nn.Module:
@@ -220,13 +221,40 @@ def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch
     eager = bench_prefill.gpt_rows(64, "cpu", profile_dir=tmp_path)
     assert compiled == [] and [row["shape"] for row in eager] == ["gpt", "gpt"]
     tables = {path.name: path.read_text() for path in tmp_path.iterdir()}
-    assert sorted(tables) == ["profile_gpt_dense_gpt_64.txt", "profile_gpt_nsa_gpt_64.txt"]
-    assert all("aten::" in table and "Self CPU time total" in table for table in tables.values())
+    assert sorted(tables) == ["profile_gpt_dense_gpt_64.txt", "profile_gpt_dense_gpt_64_host.txt",
+                              "profile_gpt_nsa_gpt_64.txt", "profile_gpt_nsa_gpt_64_host.txt"]
+    for name, table in tables.items():
+        if name.endswith("_host.txt"):  # the CPU's GPT runs the torch path: no Triton launch
+            assert "none (this step launches no Triton kernel)" in table and "function calls" in table
+        else:
+            assert "aten::" in table and "Self CPU time total" in table
     rows = bench_prefill.gpt_rows(64, "cpu", compiled=True)
     assert [(row["impl"], row["shape"]) for row in rows] == [("gpt_nsa", "gpt_compiled"), ("gpt_dense", "gpt_compiled")]
     assert all(row["tokens_per_s"] > 0 and "error" not in row for row in rows)
     assert compiled == ["NSAAttention", "SDPAAttention"]
     assert all("graph_breaks" in row for row in rows) and not any("graph_breaks" in row for row in eager)
+
+
+def test_host_breakdown_times_each_triton_launch() -> None:
+    """The host split counts each kernel's launches per step and times them (here through the interpreter), then
+    ranks the Python functions; Triton's launchers are back in place afterwards."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from nsa.kernels.rows import nonfinite_rows_triton
+
+    runs = (JITFunction.run, InterpretedFunction.run)
+    x = torch.randn(8, 2, 16)
+    x[3, 1, 5] = float("nan")
+
+    def step() -> None:
+        assert nonfinite_rows_triton(x).nonzero().tolist() == [[3, 1]]
+        nonfinite_rows_triton(x[:4].contiguous())
+
+    table = bench_prefill.host_breakdown(step, steps=2)
+    assert re.search(r"_nonfinite_rows_kernel +2\.0 x +[0-9.]+ us", table), table
+    assert "all: 2.0 launches" in table and "function calls" in table
+    assert (JITFunction.run, InterpretedFunction.run) == runs
 
 
 def test_module_rows_time_both_modules_and_write_their_profiles(monkeypatch: pytest.MonkeyPatch,
