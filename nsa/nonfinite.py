@@ -83,13 +83,22 @@ def nonfinite_rows(x: Tensor) -> Tensor:
     return (x * 0).sum(dim=-1).isnan()
 
 
+# The smallest output poison_rows fills with nsa.kernels.rows' pass. That pass exists for GPU time: PyTorch's
+# elementwise ops broadcast the flags along the last dim off their vectorised path (torch.where: ~1.5 ms per GiB
+# each way on the H200 against ~0.5 for one read and write), which at 64 MiB (2^25 bf16 elements) costs ~0.13 ms
+# forward + backward. Below it an eager step is host-bound (the 4-layer GPT at 16k: ~70 ms of host time per step against
+# ~50 ms of GPU time on the H100), and masked_fill's one ATen op each way, with its backward in C++, costs less
+# host time than a Triton launch plus a Python autograd Function each way (~0.25 ms per poisoned output there,
+# torch profiler, thirty-fifth session). The values are the same either way.
+POISON_KERNEL_MIN_ELEMENTS = 1 << 25
+
+
 def poison_rows(out: Tensor, rows: Tensor) -> Tensor:
     """out [..., D] with NaN in the rows where ``rows`` (bool, out.shape[:-1] or broadcastable) is True; the
     gradient of those rows is zero."""
-    if _row_kernels_apply(out):
+    if out.numel() >= POISON_KERNEL_MIN_ELEMENTS and _row_kernels_apply(out):
         return _PoisonRows.apply(out, torch.broadcast_to(rows, out.shape[:-1]).contiguous())
-    nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
-    return torch.where(rows[..., None], nan, out)
+    return out.masked_fill(rows[..., None], float("nan"))
 
 
 def _row_kernels_apply(x: Tensor, contiguous: bool = True) -> bool:
@@ -114,7 +123,7 @@ class _PoisonRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (rows,) = ctx.saved_tensors
         if not _row_kernels_apply(grad):
-            return torch.where(rows[..., None], torch.zeros((), dtype=grad.dtype, device=grad.device), grad), None
+            return grad.masked_fill(rows[..., None], 0.0), None
         from nsa.kernels.rows import fill_rows_triton
 
         return fill_rows_triton(grad, rows, fill_nan=False), None

@@ -696,12 +696,18 @@ def test_row_kernels_match_an_elementwise_reference(dtype, row_len):
         torch.testing.assert_close(filled.double(), expected, rtol=0, atol=0, equal_nan=True)
 
 
-def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
-    """poison_rows through nsa.kernels.rows (the eager GPU path, forced onto the interpreter here) against
+@pytest.mark.parametrize("kernel_from", [0, 210, 211], ids=["kernel", "at_threshold", "below_threshold"])
+def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch, kernel_from):
+    """poison_rows on the eager GPU path (forced onto the interpreter here), whether the output is large enough for
+    nsa.kernels.rows' pass (POISON_KERNEL_MIN_ELEMENTS; 210 elements here) or takes masked_fill, against
     torch.where: NaN rows forward, flags broadcast from [B, T, 1], and zero gradient in exactly those rows."""
     import nsa.nonfinite as nonfinite
 
+    launches = []
     monkeypatch.setattr(nonfinite, "_row_kernels_apply", elementwise_kernel_fits)
+    monkeypatch.setattr(nonfinite, "POISON_KERNEL_MIN_ELEMENTS", kernel_from)
+    fill = row_passes.fill_rows_triton
+    monkeypatch.setattr(row_passes, "fill_rows_triton", lambda *args, **kw: launches.append(1) or fill(*args, **kw))
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(2, 7, 3, 5, generator=gen, requires_grad=True)
     rows = torch.rand(2, 7, 1, generator=gen) < 0.3
@@ -711,6 +717,7 @@ def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch):
     weights = torch.randn(out.shape, generator=gen)
     (grad,) = torch.autograd.grad(torch.where(got.isnan(), 0, got * weights).sum(), out)
     assert torch.equal(grad, torch.where(rows[..., None], 0.0, weights)) and rows.any()
+    assert len(launches) == (2 if out.numel() >= kernel_from else 0)  # forward and backward, or neither
 
 
 def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):

@@ -298,9 +298,13 @@ def test_nonfinite_rows_flag_exactly_the_vectors_holding_nan_or_inf(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_poison_rows_fill_nan_forward_and_zero_gradient(dtype):
-    """poison_rows on the GPU's row kernel (nsa.kernels.rows) against torch.where on the CPU: NaN in the flagged
-    rows (flags broadcast over the heads), every other element copied, zero gradient in exactly those rows."""
+def test_poison_rows_fill_nan_forward_and_zero_gradient(monkeypatch, dtype):
+    """poison_rows on the GPU's row kernel (nsa.kernels.rows; outputs of any size take it here) against torch.where
+    on the CPU: NaN in the flagged rows (flags broadcast over the heads), every other element copied, zero gradient
+    in exactly those rows."""
+    import nsa.nonfinite
+
+    monkeypatch.setattr(nsa.nonfinite, "POISON_KERNEL_MIN_ELEMENTS", 0)
     gen = torch.Generator(device="cuda").manual_seed(6)
     out = torch.randn(2, 3000, 8, 96, device="cuda", generator=gen).to(dtype).requires_grad_()
     rows = torch.rand(2, 3000, 1, device="cuda", generator=gen) < 0.1

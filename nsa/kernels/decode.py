@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from nsa.functional import NSASizes
+from nsa.kernels.launch_sizes import cdiv, next_power_of_2
 from nsa.kernels.tiles import eq9_overlap
 
 BLOCK_W = 64  # window ring slots per tile
@@ -416,12 +417,12 @@ def _combine_kernel(
 
 
 def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _slots_per_load(num_slots: int, limit: int) -> int:
     """Partial slots a merge loads per step: all of them (a power of two) up to ``limit``."""
-    return min(limit, triton.next_power_of_2(num_slots))
+    return min(limit, next_power_of_2(num_slots))
 
 
 def default_tiles(device: torch.device) -> DecodeTiles:
@@ -444,10 +445,10 @@ class CmpTileShape(NamedTuple):
 
 def cmp_tile_shape(sizes: NSASizes, lanes: int) -> CmpTileShape:
     per_block = sizes.sel_block_size // sizes.block_stride
-    block_r = triton.next_power_of_2(per_block)
-    spill = triton.cdiv(sizes.block_size // sizes.block_stride - 1, per_block)
+    block_r = next_power_of_2(per_block)
+    spill = cdiv(sizes.block_size // sizes.block_stride - 1, per_block)
     # at least spill selection blocks per tile: a block's Eq. 9 terms then come from its own tile or the one before
-    return CmpTileShape(max(lanes // block_r, triton.next_power_of_2(spill), 1), per_block, block_r, spill)
+    return CmpTileShape(max(lanes // block_r, next_power_of_2(spill), 1), per_block, block_r, spill)
 
 
 def cmp_tiling(sizes: NSASizes, num_cmp_bound: int, num_sel_blocks: int, pairs: int, tiles: DecodeTiles,
@@ -456,8 +457,8 @@ def cmp_tiling(sizes: NSASizes, num_cmp_bound: int, num_sel_blocks: int, pairs: 
     num_sel_blocks too (with l >= l' + d a complete block's own compressed blocks can all lie past the visible ones:
     its score comes from those before it). Single-tile splits take tiles.single_tile_block lanes."""
     def count(shape: CmpTileShape) -> int:
-        return max(1, triton.cdiv(num_cmp_bound, shape.block_q * shape.per_block),
-                   triton.cdiv(num_sel_blocks, shape.block_q))
+        return max(1, cdiv(num_cmp_bound, shape.block_q * shape.per_block),
+                   cdiv(num_sel_blocks, shape.block_q))
 
     shape = cmp_tile_shape(sizes, tiles.single_tile_block)
     num_tiles = count(shape)
@@ -466,14 +467,14 @@ def cmp_tiling(sizes: NSASizes, num_cmp_bound: int, num_sel_blocks: int, pairs: 
         shape = cmp_tile_shape(sizes, tiles.cmp_block)
         num_tiles = count(shape)
         num_splits = num_cmp_splits(num_tiles, pairs, tiles, device)
-    return shape, num_splits, triton.next_power_of_2(triton.cdiv(num_tiles, num_splits))
+    return shape, num_splits, next_power_of_2(cdiv(num_tiles, num_splits))
 
 
 def num_cmp_splits(num_tiles: int, pairs: int, tiles: DecodeTiles, device: torch.device) -> int:
     """Splits of the compressed branch per (sequence, KV head): about tiles.programs_per_sm programs per SM
     over the batch, at most one per tile (tiles rounded up to a power of two: recompiles only at doublings)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(tiles.programs_per_sm * sms, pairs), triton.next_power_of_2(num_tiles)))
+    return max(1, min(cdiv(tiles.programs_per_sm * sms, pairs), next_power_of_2(num_tiles)))
 
 
 def decode_attention_triton(
@@ -501,8 +502,8 @@ def decode_attention_triton(
     # pipelined loops). Splits or tiles past a sequence's visible blocks read nothing.
     shape, num_splits, tiles_per_split = cmp_tiling(sizes, num_cmp_bound, num_sel_blocks, pairs, tiles, q.device)
     total_tiles = num_splits * tiles_per_split
-    num_sel_programs = triton.cdiv(sizes.num_selected, tiles.sel_blocks)
-    num_win_tiles = triton.cdiv(sizes.window_size, BLOCK_W * tiles.sel_blocks)
+    num_sel_programs = cdiv(sizes.num_selected, tiles.sel_blocks)
+    num_win_tiles = cdiv(sizes.window_size, BLOCK_W * tiles.sel_blocks)
     num_slots = num_splits + num_sel_programs + num_win_tiles
     head_terms = q.new_empty(shape.spill + 1, pairs, block_g, total_tiles * shape.block_q, dtype=torch.float32)
     head_refs = q.new_empty(pairs, block_g, total_tiles, dtype=torch.float32)
@@ -522,7 +523,7 @@ def decode_attention_triton(
         BLOCK_R=shape.block_r, TILES_PER_SPLIT=tiles_per_split, **eq9, **heads, **blocks,
         num_warps=tiles.cmp_warps, num_stages=tiles.cmp_stages,
     )
-    block_out = triton.next_power_of_2(sizes.num_selected)
+    block_out = next_power_of_2(sizes.num_selected)
     local_top = min(block_out, tiles_per_split * shape.block_q)
     split_keys = q.new_empty(pairs, num_splits * local_top, dtype=torch.long)
     group_scores = q.new_empty(pairs, total_tiles * shape.block_q, dtype=torch.float32)
@@ -536,7 +537,7 @@ def decode_attention_triton(
     _select_topn_kernel[(pairs,)](
         split_keys, positions, block_indices, HKV=num_kv_heads, SEL_BLOCK=sizes.sel_block_size,
         NUM_SELECTED=sizes.num_selected, NUM_KEYS=split_keys.shape[1],
-        BLOCK_KEYS=max(block_out, triton.next_power_of_2(split_keys.shape[1])), BLOCK_OUT=block_out, num_warps=4,
+        BLOCK_KEYS=max(block_out, next_power_of_2(split_keys.shape[1])), BLOCK_OUT=block_out, num_warps=4,
     )
     _sel_win_partials_kernel[(pairs, num_sel_programs + num_win_tiles)](
         q, k_sel, v_sel, k_win, v_win, positions, block_indices,
@@ -554,7 +555,7 @@ def decode_attention_triton(
     reads = q.new_empty(batch, num_kv_heads, 3, dtype=torch.long)
     _combine_kernel[(pairs, group)](
         gates, out, m_part, l_part, acc_part, counts, reads, gates.stride(0), gates.stride(1), out.stride(0),
-        out.stride(1), num_slots, NUM_SPLITS=num_splits, BLOCK_SLOTS=triton.next_power_of_2(num_slots), G=group,
+        out.stride(1), num_slots, NUM_SPLITS=num_splits, BLOCK_SLOTS=next_power_of_2(num_slots), G=group,
         HKV=num_kv_heads, DV=dv, NUM_SEL_SLOTS=num_sel_programs,
         NUM_WIN_TILES=num_win_tiles, BLOCK_G=block_g, BLOCK_DV=block_dv,
         CMP_CHUNK=_slots_per_load(num_splits, tiles.merge_chunk),

@@ -41,6 +41,7 @@ from nsa.kernels.attention_steps import (
     zeros_split,
 )
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
+from nsa.kernels.launch_sizes import next_power_of_2
 from nsa.kernels.tiles import (
     LOG2E,
     Packed,
@@ -456,7 +457,7 @@ def range_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, dout: Tenso
 def dkv_head_rows(group: int, tiles: RangeTiles) -> int:
     """The dk/dv kernel's GP: the group padded to a power of two when tiles.dkv_head_rows and it fits a step's
     dkv_m rows, else 0 (one head per step)."""
-    padded = triton.next_power_of_2(group)
+    padded = next_power_of_2(group)
     return padded if tiles.dkv_head_rows and padded <= tiles.dkv_m else 0
 
 

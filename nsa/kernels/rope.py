@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nsa.kernels.launch_sizes import cdiv, next_power_of_2
+
 ELEMENTS_PER_STEP = 4096  # rows x half-dims of one program: 32 float32 pairs per thread on 4 warps
 
 
@@ -51,10 +53,10 @@ def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> T
     batch, seq_len, heads, head_dim = x.shape
     half = head_dim // 2
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_h = triton.next_power_of_2(half)
+    block_h = next_power_of_2(half)
     block_r = max(1, ELEMENTS_PER_STEP // block_h)
     num_rows = batch * seq_len * heads
-    _rope_kernel[(triton.cdiv(num_rows, block_r),)](
+    _rope_kernel[(cdiv(num_rows, block_r),)](
         x, cos, sin, out, num_rows, seq_len, heads, half, x.stride(0), x.stride(1), x.stride(2),
         0 if cos.shape[0] == 1 else seq_len, INVERSE=inverse, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
         enable_fp_fusion=False)  # no fused multiply-adds: the PyTorch form's roundings, bit for bit

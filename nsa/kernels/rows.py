@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
+from nsa.kernels.launch_sizes import cdiv, next_power_of_2
 
 allow_loaded_loop_bounds()
 ELEMENTS_PER_STEP = 4096  # rows x columns of one program's step: 16-32 elements per thread on 4 warps
@@ -191,7 +192,7 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
     pairs = [(k_cmp, v_cmp), (k_sel, v_sel), (k_win, v_win)]
     num_rows = [k.numel() // k.shape[-1] for k, _ in pairs]
     blocks = _blocks(max(x.shape[-1] for pair in pairs for x in pair))
-    programs = [triton.cdiv(n, blocks["BLOCK_R"]) for n in num_rows]
+    programs = [cdiv(n, blocks["BLOCK_R"]) for n in num_rows]
     _pair_flags_kernel[(programs[0] + programs[1] + (0 if shared else programs[2]),)](
         *(x for pair in pairs for x in pair), counts, kv_heads, seg_len, *num_rows, *(k.shape[1] for k, _ in pairs),
         *(x.shape[-1] for pair in pairs for x in pair), seg_sel, seg_win, programs[0], programs[1],
@@ -200,23 +201,23 @@ def nsa_nonfinite_rows_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Te
     out = torch.empty(batch, seq_len, heads, dtype=torch.int8, device=q.device)
     token_start, block_start, position = packing if packing is not None else (out, out, out)  # unread
     group = heads // kv_heads
-    _guard_rows_kernel[(triton.cdiv(seq_len, GUARD_TOKENS), batch * kv_heads, triton.cdiv(group, GUARD_HEADS))](
+    _guard_rows_kernel[(cdiv(seq_len, GUARD_TOKENS), batch * kv_heads, cdiv(group, GUARD_HEADS))](
         counts, seg_len, seg_sel, seg_win, k_cmp.shape[1], k_sel.shape[1], k_win.shape[1],
         block_indices, *block_indices.stride(), q, gates, out, token_start, block_start, position, seq_len, kv_heads,
         group, block_indices.shape[-1], block_size, block_stride, sel_block_size, window_size,
         q.shape[-1], gates.shape[-1], PACKED=packing is not None, BLOCK_T=GUARD_TOKENS,
-        BLOCK_N=triton.next_power_of_2(block_indices.shape[-1]), **_row_tile(q.shape[-1], "BLOCK_DQ", GUARD_TOKENS),
+        BLOCK_N=next_power_of_2(block_indices.shape[-1]), **_row_tile(q.shape[-1], "BLOCK_DQ", GUARD_TOKENS),
         **_row_tile(gates.shape[-1], "BLOCK_DG", GUARD_TOKENS), HEADS=GUARD_HEADS, num_warps=4)
     return out.view(torch.bool)
 
 
 def _row_tile(row_len: int, name: str, rows: int) -> dict[str, int]:
     """{name: the columns per step} of a pass over ``rows`` rows at a time of row_len elements."""
-    return {name: min(triton.next_power_of_2(row_len), max(1, ELEMENTS_PER_STEP // rows))}
+    return {name: min(next_power_of_2(row_len), max(1, ELEMENTS_PER_STEP // rows))}
 
 
 def _blocks(row_len: int) -> dict[str, int]:
-    block_d = min(triton.next_power_of_2(row_len), ELEMENTS_PER_STEP)
+    block_d = min(next_power_of_2(row_len), ELEMENTS_PER_STEP)
     return {"BLOCK_D": block_d, "BLOCK_R": max(1, ELEMENTS_PER_STEP // block_d)}
 
 
@@ -225,7 +226,7 @@ def _launch(x: Tensor) -> tuple[tuple[int], dict[str, int]]:
     row_len = x.shape[-1]
     num_rows = x.numel() // row_len
     blocks = _blocks(row_len)
-    return (triton.cdiv(num_rows, blocks["BLOCK_R"]),), {"num_rows": num_rows, "row_len": row_len, **blocks}
+    return (cdiv(num_rows, blocks["BLOCK_R"]),), {"num_rows": num_rows, "row_len": row_len, **blocks}
 
 
 def nonfinite_rows_triton(x: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from nsa.kernels.attention_steps import (
     zeros_split,
 )
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
+from nsa.kernels.launch_sizes import next_power_of_2
 from nsa.kernels.tiles import (
     LOG2E,
     Packed,
@@ -491,8 +492,8 @@ def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks:
 
 def _launch_args(q: Tensor, k: Tensor, v: Tensor, sel_block_size: int) -> dict:
     group = q.shape[1] // k.shape[1]
-    return {"GROUP": group, "GP": max(16, triton.next_power_of_2(group)), "SEL_BLOCK": sel_block_size,
-            "BLOCK_S": max(16, triton.next_power_of_2(sel_block_size)), "PRECISION": dot_precision(q.dtype),
+    return {"GROUP": group, "GP": max(16, next_power_of_2(group)), "SEL_BLOCK": sel_block_size,
+            "BLOCK_S": max(16, next_power_of_2(sel_block_size)), "PRECISION": dot_precision(q.dtype),
             **split_dims(q.shape[-1], v.shape[-1])}
 
 
@@ -515,7 +516,7 @@ def query_tile_shape(group: int, rows: int) -> dict[str, int]:
     """BQ = rows // GP tokens per program, GP = G rounded up to a power of two, at least 16 rows (tl.dot's smallest
     M): a small group fills its tile with neighbouring tokens instead of padding rows. BQ = 1 (rows < 2 GP, e.g.
     0): one token per program, its group padded to 16 rows."""
-    gp = triton.next_power_of_2(group)
+    gp = next_power_of_2(group)
     bq = max(1, rows // gp)
     if bq == 1:
         gp = max(16, gp)
@@ -541,7 +542,7 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
     gp, bq = shape["GP"], shape["BQ"]
     num_kv_heads, num_selected = block_indices.shape[1:]
     table = packed_tiles(packed, bq)
-    constexprs = {"GP": gp, "BQ": bq, "NP": triton.next_power_of_2(num_selected), "UNION": bq * num_selected}
+    constexprs = {"GP": gp, "BQ": bq, "NP": next_power_of_2(num_selected), "UNION": bq * num_selected}
     if bq == 1:  # each program reads its token's own indices
         return QueryTiles(table, block_indices, block_indices, constexprs)
     if unions is not None:
@@ -600,7 +601,7 @@ def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: P
                tiles: SelectedTiles, unions: tuple[Tensor, Tensor] | None) -> tuple[QueryTiles, dict]:
     group = q.shape[1] // k.shape[1]
     query = query_tiles(block_indices, packed, group, tiles, unions)
-    args = {"GROUP": group, "SEL_BLOCK": sel_block_size, "BLOCK_S": max(16, triton.next_power_of_2(sel_block_size)),
+    args = {"GROUP": group, "SEL_BLOCK": sel_block_size, "BLOCK_S": max(16, next_power_of_2(sel_block_size)),
             "PRECISION": dot_precision(q.dtype), "NUM_SELECTED": block_indices.shape[-1], **query.constexprs,
             **split_dims(q.shape[-1], v.shape[-1])}
     return query, args
@@ -608,7 +609,7 @@ def _tile_args(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, packed: P
 
 def forced_tile_shape(group: int, tiles: SelectedTiles) -> dict[str, int]:
     """``query_tile_shape`` of the forced blocks' programs: forced_rows rows, at least two tokens."""
-    return query_tile_shape(group, max(tiles.forced_rows, 2 * triton.next_power_of_2(group)))
+    return query_tile_shape(group, max(tiles.forced_rows, 2 * next_power_of_2(group)))
 
 
 def forced_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: SelectedTiles) -> QueryTiles:
@@ -617,7 +618,7 @@ def forced_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Selec
     shape = forced_tile_shape(group, tiles)
     num_selected = block_indices.shape[-1]
     table = packed_tiles(packed, shape["BQ"])
-    constexprs = {**shape, "NP": triton.next_power_of_2(num_selected), "UNION": shape["BQ"] * num_selected}
+    constexprs = {**shape, "NP": next_power_of_2(num_selected), "UNION": shape["BQ"] * num_selected}
     return QueryTiles(table, block_indices, block_indices, constexprs)
 
 
@@ -685,7 +686,7 @@ def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
 def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
     """The dk/dv kernel's rows per step: BQ entries x GP heads, GP the group padded to a power of two, BQ filling
     tiles.dkv_rows and at least tl.dot's 16 rows."""
-    gp = triton.next_power_of_2(group)
+    gp = next_power_of_2(group)
     return {"GP": gp, "BQ": max(1, tiles.dkv_rows // gp, 16 // gp)}
 
 
@@ -697,7 +698,7 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     lists = selection_lists(block_indices, packed, sel_block_size, chunk)
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
-    block_dk = max(16, triton.next_power_of_2(q.shape[-1]))
+    block_dk = max(16, next_power_of_2(q.shape[-1]))
     num_chunks = lists.chunk_list.numel()
     part_k = output_buffer(num_chunks * block_s, block_dk, like=q, dtype=torch.float32)
     part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)

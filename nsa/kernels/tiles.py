@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nsa.kernels.launch_sizes import next_power_of_2
 from nsa.sized_tensors import sized_tensors
 
 LOG2E = 1.4426950408889634
@@ -148,8 +149,8 @@ def split_dims(dqk: int, dv: int) -> dict[str, int]:
     So d_k = 192 costs 128 + 64 columns, not 256. BLOCK_DV: d_v rounded up to a power of two >= 16."""
     d1 = max(16, 1 << (dqk.bit_length() - 1))
     rest = max(0, dqk - d1)
-    d2 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
-    return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, triton.next_power_of_2(dv))}
+    d2 = 0 if rest == 0 else max(16, next_power_of_2(rest))
+    return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, next_power_of_2(dv))}
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from nsa.kernels.attention_steps import load_split_at, load_split_rows, scaled_scores
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
+from nsa.kernels.launch_sizes import next_power_of_2
 from nsa.kernels.tiles import (
     LOG2E,
     Packed,
@@ -91,7 +92,7 @@ def topn_tiles_for(group: int, head_dim: int) -> TopnTiles:
     - key loads (2026-12-04, twenty-fifth session, indices equal), pointers / TMA: public 7.60 / 7.43, G = 12 8.80 /
       7.55, G = 4 3.37 / 3.26, but the GPT's d_k = 64 1.17 / 1.29 and the paper's d_k = 192 9.85 / 10.06; 3 stages
       with TMA: public 7.89, G = 4 3.21, paper 13.22."""
-    return TopnTiles(rows=128 if triton.next_power_of_2(group) >= 16 else 64, tma=64 < head_dim <= 128)
+    return TopnTiles(rows=128 if next_power_of_2(group) >= 16 else 64, tma=64 < head_dim <= 128)
 
 
 @triton.jit
@@ -262,7 +263,7 @@ def select_topn(q: Tensor, k_cmp: Tensor, lse: Tensor, packed: Packed, cu_cmp: T
         num_heads, packed.num_seqs, scale * LOG2E,
         **kv_descriptors(k_cmp, None, shape["NS"] * shape["RATIO"], dims, tiles.tma),
         GROUP=group, CMP_BLOCK=block_size, CMP_STRIDE=block_stride, SEL_BLOCK=sel_block_size, SPILL=spill,
-        NUM_SELECTED=num_selected, OUT_WIDTH=triton.next_power_of_2(num_selected), PRECISION=dot_precision(q.dtype),
+        NUM_SELECTED=num_selected, OUT_WIDTH=next_power_of_2(num_selected), PRECISION=dot_precision(q.dtype),
         DEPTH=tiles.depth_for(num_selected),
         **shape, **dims, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
+from nsa.kernels.launch_sizes import next_power_of_2
 
 allow_loaded_loop_bounds()
 LOG2E = 1.4426950408889634
@@ -246,8 +247,8 @@ def _split_dims(dqk: int, dv: int) -> dict[str, int]:
     zero the columns past dqk); D2 = the rest rounded up to a power of two >= 16 (0 if none)."""
     d1 = max(16, 1 << (dqk.bit_length() - 1))
     rest = max(0, dqk - d1)
-    d2 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
-    return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, triton.next_power_of_2(dv))}
+    d2 = 0 if rest == 0 else max(16, next_power_of_2(rest))
+    return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, next_power_of_2(dv))}
 
 
 def _precision(dtype: torch.dtype) -> str:
