@@ -28,9 +28,9 @@ from triton.backends.compiler import GPUTarget
 from nsa.functional import NSASizes
 from nsa.kernels import decode, range_attention, selected, topn
 from nsa.kernels import rows as row_passes
+from nsa.kernels.launch_args import split_dims
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
-from nsa.kernels.tiles import split_dims
 from nsa.kernels.topn import topn_tiles_for
 from nsa.prefill import topn_tile_shape
 

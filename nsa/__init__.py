@@ -35,7 +35,8 @@ nsa_attention = _nsa_attention_fn
 
 # The modules other packages (scope) may import from, besides the names above: the shared pieces (backend
 # dispatch, RoPE, config and argument checks, errors, non-finite handling, the Triton interpreter shim and the
-# launchers' integer helpers, the context-parallel layouts and row transport). Every other module of nsa is internal.
+# launchers' host-side arguments, the context-parallel layouts and row transport). Every other module of nsa is
+# internal.
 # tests/test_scope_imports.py holds scope to this list.
 PUBLIC_MODULES = (
     "nsa.config",
@@ -43,7 +44,7 @@ PUBLIC_MODULES = (
     "nsa.dispatch",
     "nsa.errors",
     "nsa.kernels.interpreter",
-    "nsa.kernels.launch_sizes",
+    "nsa.kernels.launch_args",
     "nsa.nonfinite",
     "nsa.rope",
     "nsa.validation",

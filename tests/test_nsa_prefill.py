@@ -41,6 +41,7 @@ from reference import (
 
 from nsa import NSAAttention, NSAConfig, NSAInputError, functional, naive_nsa_attention, nsa_attention, prefill
 from nsa.kernels import tiles
+from nsa.kernels.launch_args import split_dims
 from nsa.kernels.selected import (
     SelectedTiles,
     query_launch,
@@ -49,7 +50,7 @@ from nsa.kernels.selected import (
     selected_dq,
     selected_forward,
 )
-from nsa.kernels.tiles import Packed, output_buffer, packed_varlen, split_dims
+from nsa.kernels.tiles import Packed, output_buffer, packed_varlen
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -1,7 +1,7 @@
 """The attention arithmetic every NSA prefill kernel repeats, as Triton jit helpers (base-2 online softmax).
 
 A q.k dot is split into two power-of-two parts (D1 columns, then D2; D2 = 0: one part) so that d_k = 192 costs
-128 + 64 columns (nsa.kernels.tiles.split_dims); helpers that take (x1, x2) pairs pass the first part again
+128 + 64 columns (nsa.kernels.launch_args.split_dims); helpers that take (x1, x2) pairs pass the first part again
 as the unused second one when D2 == 0. Scores are in base 2: s * qk_scale with qk_scale = scale * log2(e).
 """
 

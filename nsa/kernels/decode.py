@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from nsa.functional import NSASizes
-from nsa.kernels.launch_sizes import cdiv, next_power_of_2
+from nsa.kernels.launch_args import cdiv, next_power_of_2
 from nsa.kernels.tiles import eq9_overlap
 
 BLOCK_W = 64  # window ring slots per tile

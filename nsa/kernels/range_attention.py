@@ -41,18 +41,16 @@ from nsa.kernels.attention_steps import (
     zeros_split,
 )
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
-from nsa.kernels.launch_sizes import next_power_of_2
+from nsa.kernels.launch_args import dot_precision, next_power_of_2, split_dims
 from nsa.kernels.tiles import (
     LOG2E,
     Packed,
     TileTable,
-    dot_precision,
     kv_descriptors,
     load_at,
     load_tile,
     output_buffer,
     packed_tiles,
-    split_dims,
     store_at,
     store_tile,
     tile_origin,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa.kernels.launch_sizes import cdiv, next_power_of_2
+from nsa.kernels.launch_args import cdiv, next_power_of_2
 
 ELEMENTS_PER_STEP = 4096  # rows x half-dims of one program: 32 float32 pairs per thread on 4 warps
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
-from nsa.kernels.launch_sizes import cdiv, next_power_of_2
+from nsa.kernels.launch_args import cdiv, next_power_of_2
 
 allow_loaded_loop_bounds()
 ELEMENTS_PER_STEP = 4096  # rows x columns of one program's step: 16-32 elements per thread on 4 warps

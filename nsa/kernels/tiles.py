@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa.kernels.launch_sizes import next_power_of_2
 from nsa.sized_tensors import sized_tensors
 
 LOG2E = 1.4426950408889634
@@ -141,22 +140,6 @@ def kv_descriptors(k: Tensor, v: Tensor | None, rows: int, consts: dict, wanted:
     if k_desc is None or v_desc is None:
         return pointers
     return {"k_desc1": k_desc[0], "k_desc2": k_desc[1], **({"v_desc": v_desc[0]} if v_desc else {}), "TMA": True}
-
-
-def split_dims(dqk: int, dv: int) -> dict[str, int]:
-    """The q.k dot as two power-of-two dots: D1 = the largest power of two <= dqk (at least 16, tl.dot's
-    smallest K; loads zero the columns past dqk), D2 = the rest rounded up to a power of two >= 16, or 0.
-    So d_k = 192 costs 128 + 64 columns, not 256. BLOCK_DV: d_v rounded up to a power of two >= 16."""
-    d1 = max(16, 1 << (dqk.bit_length() - 1))
-    rest = max(0, dqk - d1)
-    d2 = 0 if rest == 0 else max(16, next_power_of_2(rest))
-    return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, next_power_of_2(dv))}
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 dots follow torch.get_float32_matmul_precision() as cuBLAS does: "highest" (torch's default) is
-    full precision, "high" / "medium" allow TF32. 16-bit inputs ignore it."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 class Packed(NamedTuple):

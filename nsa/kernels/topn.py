@@ -28,16 +28,14 @@ from torch import Tensor
 
 from nsa.kernels.attention_steps import load_split_at, load_split_rows, scaled_scores
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
-from nsa.kernels.launch_sizes import next_power_of_2
+from nsa.kernels.launch_args import dot_precision, next_power_of_2, split_dims
 from nsa.kernels.tiles import (
     LOG2E,
     Packed,
-    dot_precision,
     eq9_overlap,
     kv_descriptors,
     output_buffer,
     packed_tiles,
-    split_dims,
     tile_origin,
     visible_key_count,
 )

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
-from nsa.kernels.launch_sizes import next_power_of_2
+from nsa.kernels.launch_args import dot_precision, split_dims
 
 allow_loaded_loop_bounds()
 LOG2E = 1.4426950408889634
@@ -242,21 +242,6 @@ def _dkdv_kernel(
 # launchers
 
 
-def _split_dims(dqk: int, dv: int) -> dict[str, int]:
-    """D1 = the largest power of two <= dqk, at least 16 (tl.dot's smallest K on NVIDIA GPUs; the loads
-    zero the columns past dqk); D2 = the rest rounded up to a power of two >= 16 (0 if none)."""
-    d1 = max(16, 1 << (dqk.bit_length() - 1))
-    rest = max(0, dqk - d1)
-    d2 = 0 if rest == 0 else max(16, next_power_of_2(rest))
-    return {"DQK": dqk, "D1": d1, "D2": d2, "DV": dv, "BLOCK_DV": max(16, next_power_of_2(dv))}
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """float32 dots follow torch.get_float32_matmul_precision() as cuBLAS and FlexAttention do: "highest"
-    (torch's default) is full precision, "high" / "medium" allow TF32. 16-bit inputs ignore it."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _strides(*tensors: Tensor) -> list[int]:
     """(batch, head, token) strides of each [B, H, T, D] tensor (the last dim is contiguous)."""
     return [s for t in tensors for s in t.stride()[:3]]
@@ -273,8 +258,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: 
     _fwd_kernel[(seq_len // block_m, bsz * heads)](
         q, k, v, out, lse, kv_num_blocks, kv_indices, *_strides(q, k, v, out), heads, seq_len,
         seq_len // block, kv_indices.shape[-1], scale * LOG2E,
-        GROUP=heads // k.shape[1], BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, **_split_dims(dqk, v.shape[-1]),
-        PRECISION=_precision(q.dtype),
+        GROUP=heads // k.shape[1], BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, **split_dims(dqk, v.shape[-1]),
+        PRECISION=dot_precision(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out, lse
@@ -290,8 +275,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         t.contiguous() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))  # indexed as dense rows
     delta = torch.empty(bsz, heads, seq_len, device=q.device, dtype=torch.float32)  # the dq kernel writes it
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dims = _split_dims(dqk, v.shape[-1])
-    common = {"GROUP": heads // kv_heads, "BLOCK": block, "PRECISION": _precision(q.dtype), **dims}
+    dims = split_dims(dqk, v.shape[-1])
+    common = {"GROUP": heads // kv_heads, "BLOCK": block, "PRECISION": dot_precision(q.dtype), **dims}
     dq_m, dq_n = min(tiles.dq_m, block), min(tiles.dq_n, block)
     _dq_kernel[(seq_len // dq_m, bsz * heads)](
         q, k, v, out, dout, lse, delta, dq, kv_num_blocks, kv_indices, *_strides(q, k, v, out, dout), heads, seq_len,

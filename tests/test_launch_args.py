@@ -5,7 +5,7 @@ import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsa.kernels.launch_sizes import cdiv, next_power_of_2
+from nsa.kernels.launch_args import cdiv, next_power_of_2
 
 
 def test_next_power_of_2_matches_triton_on_every_small_int_and_around_each_power():
