@@ -70,9 +70,9 @@ if [[ " $PARTS " == *" ab "* ]]; then
     # A same-call A/B against an older tree (only on request: PARTS=ab). The device gets no history: extract the tree
     # beside this one before the call (git archive <commit> | tar -x -C ab_base, an untracked folder travels) and name
     # it in AB_BASE_LABEL. Each round runs, for each tree in turn, one process with the parity check, the kernels,
-    # the layer and the module at 64k (public shape) and the eager GPT at 16k, so that the host's and the GPU's drift
-    # falls on both trees alike; rows go to $OUT/prefill_ab.jsonl labelled with their tree (BENCH_COMMIT for this
-    # one).
+    # the layer and the module at 64k (public shape) and the eager GPT at 16k (AB_PARTS: a subset of those bench_prefill
+    # parts, e.g. "gpt" for the host-bound step alone), so that the host's and the GPU's drift falls on both trees
+    # alike; rows go to $OUT/prefill_ab.jsonl labelled with their tree (BENCH_COMMIT for this one).
     [[ -d ab_base ]] || { echo "PARTS=ab needs the older tree in ab_base/"; exit 2; }
     root=$(pwd)
     out=$(cd "$OUT" && pwd)
@@ -81,8 +81,9 @@ if [[ " $PARTS " == *" ab "* ]]; then
             label=${BENCH_COMMIT:-new}
             [[ $tree == . ]] || label=${AB_BASE_LABEL:-base}
             echo "== round $round: $label"
+            # shellcheck disable=SC2086  # AB_PARTS is a list of parts
             (cd "$root/$tree" && BENCH_COMMIT=$label timeout "${AB_TIMEOUT:-200}" python3 -m bench.bench_prefill \
-                --device cuda --parts check kernels layer module gpt --shapes public --seq-lens 65536 \
+                --device cuda --parts ${AB_PARTS:-check kernels layer module gpt} --shapes public --seq-lens 65536 \
                 --impls nsa dense --gpt-lens 16384 --results-dir "$out" --name prefill_ab) 2>&1 \
                 | tee -a "$out/bench_ab.log" || echo "bench_prefill ($label) exited with $?"
         done
