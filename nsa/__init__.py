@@ -43,6 +43,7 @@ PUBLIC_MODULES = (
     "nsa.context_layout",
     "nsa.dispatch",
     "nsa.errors",
+    "nsa.kernels.attention_steps",
     "nsa.kernels.interpreter",
     "nsa.kernels.launch_args",
     "nsa.nonfinite",

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nsa.kernels.attention_steps import dkdv_step, dq_step, row_delta, zeros_split
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.launch_args import dot_precision, split_dims
 
@@ -151,13 +152,12 @@ def _dq_kernel(
         num_qblocks, GROUP, BLOCK, BLOCK_M)
     bh = tl.program_id(1)
     q1 = _load_rows(q_base, rows, stride_qt, 0, D1, DQK)
-    dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    q2 = q1
     if D2 > 0:
         q2 = _load_rows(q_base, rows, stride_qt, D1, D2, DQK)
-        dq2 = tl.zeros([BLOCK_M, D2], tl.float32)
+    dq1, dq2 = zeros_split(BLOCK_M, D1, D2)
     do = _load_rows(do_ptr + b * stride_dob + h * stride_doh, rows, stride_dot, 0, BLOCK_DV, DV)
-    out = _load_rows(out_ptr + b * stride_ob + h * stride_oh, rows, stride_ot, 0, BLOCK_DV, DV)
-    delta = tl.sum(out.to(tl.float32) * do.to(tl.float32), 1)
+    delta = row_delta(do, _load_rows(out_ptr + b * stride_ob + h * stride_oh, rows, stride_ot, 0, BLOCK_DV, DV))
     tl.store(delta_ptr + bh * seq_len + rows, delta)
     lse = tl.load(lse_ptr + bh * seq_len + rows)
     num_kv = tl.load(kv_num_ptr + list_row)
@@ -165,16 +165,13 @@ def _dq_kernel(
         cols, first_col = _listed_tile(kv_idx_ptr, list_row, max_kv, it, BLOCK, BLOCK_N)
         k1 = _load_rows(k_base, cols, stride_kt, 0, D1, DQK)
         s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+        k2 = k1
         if D2 > 0:
             k2 = _load_rows(k_base, cols, stride_kt, D1, D2, DQK)
             s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
         s = _causal_scaled(s, rows[:, None], cols[None, :], first_row, first_col, BLOCK_N, scale_log2)
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(_load_rows(v_base, cols, stride_vt, 0, BLOCK_DV, DV)), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(k1.dtype)
-        dq1 += tl.dot(ds, k1, input_precision=PRECISION)
-        if D2 > 0:
-            dq2 += tl.dot(ds, k2, input_precision=PRECISION)
+        dq1, dq2 = dq_step(tl.math.exp2(s - lse[:, None]), do, _load_rows(v_base, cols, stride_vt, 0, BLOCK_DV, DV),
+                           k1, k2, delta, dq1, dq2, D2, PRECISION)
     dq_base = dq_ptr + b * stride_qb + h * stride_qh
     _store_rows(dq_base, rows, stride_qt, (dq1 * scale).to(dq_ptr.dtype.element_ty), 0, D1, DQK)
     if D2 > 0:
@@ -199,10 +196,10 @@ def _dkdv_kernel(
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     k1 = _load_rows(k_base, cols, stride_kt, 0, D1, DQK)
-    dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    k2 = k1
     if D2 > 0:
         k2 = _load_rows(k_base, cols, stride_kt, D1, D2, DQK)
-        dk2 = tl.zeros([BLOCK_N, D2], tl.float32)
+    dk1, dk2 = zeros_split(BLOCK_N, D1, D2)
     v = _load_rows(v_base, cols, stride_vt, 0, BLOCK_DV, DV)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, GROUP):
@@ -216,6 +213,7 @@ def _dkdv_kernel(
             rows, first_row = _listed_tile(q_idx_ptr, list_row, max_q, it, BLOCK, BLOCK_M)
             q1 = _load_rows(q_base, rows, stride_qt, 0, D1, DQK)
             s_t = tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
+            q2 = q1
             if D2 > 0:
                 q2 = _load_rows(q_base, rows, stride_qt, D1, D2, DQK)
                 s_t += tl.dot(k2, tl.trans(q2), input_precision=PRECISION)
@@ -223,13 +221,8 @@ def _dkdv_kernel(
             delta = tl.load(delta_ptr + bh * seq_len + rows)
             s_t = _causal_scaled(s_t, rows[None, :], cols[:, None], first_row, first_col, BLOCK_N, scale_log2)
             p_t = tl.math.exp2(s_t - lse[None, :])
-            do = _load_rows(do_base, rows, stride_dot, 0, BLOCK_DV, DV)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
-            dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
-            if D2 > 0:
-                dk2 += tl.dot(ds_t, q2, input_precision=PRECISION)
+            dk1, dk2, dv = dkdv_step(v, q1, q2, _load_rows(do_base, rows, stride_dot, 0, BLOCK_DV, DV), p_t, delta,
+                                     dk1, dk2, dv, D2, PRECISION)
     dk_base = dk_ptr + b * stride_kb + hk * stride_kh
     _store_rows(dk_base, cols, stride_kt, (dk1 * scale).to(dk_ptr.dtype.element_ty), 0, D1, DQK)
     if D2 > 0:
