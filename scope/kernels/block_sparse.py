@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa.kernels.attention_steps import dkdv_step, dq_step, row_delta, zeros_split
+from nsa.kernels.attention_steps import dkdv_step, dq_step, row_delta, softmax_result, zeros_split
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.launch_args import dot_precision, split_dims
 
@@ -126,13 +126,10 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-    visible = l_i > 0.0
-    out = acc / tl.where(visible, l_i, 1.0)[:, None]
+    out, lse = softmax_result(m_i, l_i, acc)
     _store_rows(out_ptr + b * stride_ob + h * stride_oh, rows, stride_ot, out.to(out_ptr.dtype.element_ty),
                 0, BLOCK_DV, DV)
-    # +inf for rows that see nothing: the backward's exp2(s - lse) is then 0, never NaN
-    lse = m_i + tl.math.log2(tl.where(visible, l_i, 1.0))
-    tl.store(lse_ptr + bh * seq_len + rows, tl.where(visible, lse, float("inf")))
+    tl.store(lse_ptr + bh * seq_len + rows, lse)
 
 
 @triton.jit
