@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from nsa.functional import NSASizes
 from nsa.kernels import decode, range_attention, selected, topn
 from nsa.kernels import rows as row_passes
-from nsa.kernels.launch_args import split_dims
+from nsa.kernels.launch_args import cdiv, next_power_of_2, split_dims
 from nsa.kernels.range_attention import RangeTiles, tiles_for
 from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.topn import topn_tiles_for
@@ -114,7 +114,7 @@ def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], 
     yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
                      {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
                       **selected.dkv_rows(group, tiles), "CHUNK": tiles.chunk,
-                      "BLOCK_DK": max(16, triton.next_power_of_2(dims["DQK"])), "HAS_GATE": True},
+                      "BLOCK_DK": max(16, next_power_of_2(dims["DQK"])), "HAS_GATE": True},
                      tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=DKDV_GATES)
 
 
@@ -177,7 +177,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
         yield KernelCase(name, topn._topn_kernel, {**topn_constexprs, **keys, "DEPTH": depth}, topn_tiles.num_warps,
                          topn_tiles.num_stages, pointer_types=key_types)
     sel_tiles = sel_tiles or SelectedTiles()
-    gp = max(16, triton.next_power_of_2(group))
+    gp = max(16, next_power_of_2(group))
     sel = {"GROUP": group, "GP": gp, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims}
     tma, tma_types = descriptor_args(sel_tiles.tma, 64, dims)
     # fwd / dq as launched, and with 4 tokens x G = 4 per program, walking the union of their blocks
@@ -198,7 +198,7 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     yield from selected_dkdv_cases(sel_tiles, group, dims)
     yield from selected_dkdv_cases(sel_tiles, 4, dims, "_g4")
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
-                     {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": triton.next_power_of_2(head_dim),
+                     {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim),
                       "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
 
 
@@ -212,8 +212,8 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
     a batch of 32 sequences at 128k launches them with (9 compressed splits of 8 tiles), paged and not."""
     tiles = tiles or decode.DecodeTiles()
     splits, block_out = 9, 16
-    sel_programs = triton.cdiv(BLOCKS["num_selected"], tiles.sel_blocks)
-    window_tiles = triton.cdiv(BLOCKS["window_size"], decode.BLOCK_W * tiles.sel_blocks)
+    sel_programs = cdiv(BLOCKS["num_selected"], tiles.sel_blocks)
+    window_tiles = cdiv(BLOCKS["window_size"], decode.BLOCK_W * tiles.sel_blocks)
     heads = {"HKV": 4, "G": 16, "BLOCK_G": 16}
     blocks = {"CMP_BLOCK": BLOCKS["block_size"], "CMP_STRIDE": BLOCKS["block_stride"]}
     select = {"HKV": 4, "SEL_BLOCK": BLOCKS["sel_block_size"], "NUM_SELECTED": BLOCKS["num_selected"],

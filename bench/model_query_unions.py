@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
 
+from nsa.kernels.launch_args import next_power_of_2
 from nsa.kernels.selected import SelectedTiles, query_tiles
 from nsa.kernels.tiles import packed_batch
 
@@ -44,7 +44,7 @@ def random_selection(seq_len: int, seed: int = 0) -> torch.Tensor:
 def union_shares(indices: torch.Tensor, tokens: int, group: int = 16) -> tuple[float, float]:
     """(bytes, rows) of programs of ``tokens`` tokens x the group's heads (``group`` padded to a power of two)
     on ``indices`` (int32 [T, H_kv, n]), against one-token programs."""
-    tiles = SelectedTiles(rows=tokens * triton.next_power_of_2(group))
+    tiles = SelectedTiles(rows=tokens * next_power_of_2(group))
     query = query_tiles(indices, packed_batch(1, indices.shape[0], indices.device), group, tiles)
     if query.constexprs["BQ"] != tokens:
         raise ValueError(f"{tokens} tokens x {query.constexprs['GP']} heads is not a program of query_tile_shape")

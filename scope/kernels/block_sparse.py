@@ -118,6 +118,7 @@ def _fwd_kernel(
         if D2 > 0:
             s += tl.dot(q2, tl.trans(_load_rows(k_base, cols, stride_kt, D1, D2, DQK)), input_precision=PRECISION)
         s = _causal_scaled(s, rows[:, None], cols[None, :], first_row, first_col, BLOCK_N, scale_log2)
+        # not nsa's softmax_step: it takes v loaded before the row max, which changed this loop's PTX (not timed)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.math.exp2(s - m_safe[:, None])
