@@ -12,6 +12,9 @@ import triton.language as tl
 
 from nsa.kernels.tiles import desc_rows, load_at, load_tile
 
+# Launchers pass qk_scale = scale * LOG2E: the helpers' softmax runs on exp2.
+LOG2E = 1.4426950408889634
+
 
 @triton.jit
 def load_split(ptr, rows, ok, stride, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nsa.kernels.attention_steps import (
+    LOG2E,
     dq_step,
     gathered_dkdv_step,
     load_split,
@@ -43,7 +44,6 @@ from nsa.kernels.attention_steps import (
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.launch_args import dot_precision, next_power_of_2, split_dims
 from nsa.kernels.tiles import (
-    LOG2E,
     Packed,
     TileTable,
     kv_descriptors,

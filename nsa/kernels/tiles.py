@@ -20,7 +20,6 @@ from torch import Tensor
 
 from nsa.sized_tensors import sized_tensors
 
-LOG2E = 1.4426950408889634
 _Built = TypeVar("_Built")
 # Tests set this: every buffer a kernel must fill starts as NaN (float) or INT_MIN (int), so an element a kernel
 # failed to write shows in the result instead of passing as leftover memory.

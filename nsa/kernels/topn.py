@@ -26,11 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa.kernels.attention_steps import load_split_at, load_split_rows, scaled_scores
+from nsa.kernels.attention_steps import LOG2E, load_split_at, load_split_rows, scaled_scores
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.launch_args import dot_precision, next_power_of_2, split_dims
 from nsa.kernels.tiles import (
-    LOG2E,
     Packed,
     eq9_overlap,
     kv_descriptors,

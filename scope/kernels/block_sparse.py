@@ -21,12 +21,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa.kernels.attention_steps import dkdv_step, dq_step, row_delta, softmax_result, zeros_split
+from nsa.kernels.attention_steps import LOG2E, dkdv_step, dq_step, row_delta, softmax_result, zeros_split
 from nsa.kernels.interpreter import allow_loaded_loop_bounds
 from nsa.kernels.launch_args import dot_precision, split_dims
 
 allow_loaded_loop_bounds()
-LOG2E = 1.4426950408889634
 
 
 class Tiles(NamedTuple):
