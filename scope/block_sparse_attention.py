@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from nsa.dispatch import accumulation_dtype, choose_backend
-from nsa.nonfinite import finite_or_zero, nonfinite_rows, poison_rows
+from nsa.nonfinite import finite_or_zero_under_poison, nonfinite_rows, poison_rows
 from scope.errors import ScopeInputError
 from scope.pointer_mask import ScoreMod
 
@@ -68,10 +68,16 @@ def block_sparse_attention_reference(
 def finite_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int,
                   doc_start: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (q, k, v) with every non-finite entry replaced by 0, and bool [B, H, T]: the query rows that read a
-    non-finite input (their own q row, or a k / v row they see; see ``rows_that_read``), to be poisoned."""
+    non-finite input (their own q row, or a k / v row they see; see ``rows_that_read``), to be poisoned.
+
+    The caller must poison those rows (zero gradient there): then the gradient reaching a replaced entry is
+    exactly 0 already, since only poisoned rows read it, so the replacement's backward passes gradients through
+    (nsa.nonfinite.finite_or_zero_under_poison) instead of masking them (one more read of q, k and v each)."""
     bad_keys = nonfinite_rows(k) | nonfinite_rows(v)
     reads = rows_that_read(bad_keys, kv_num_blocks, kv_indices, block=block, num_heads=q.shape[1], doc_start=doc_start)
-    return finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), nonfinite_rows(q) | reads
+    poisoned = nonfinite_rows(q) | reads
+    q, k, v = finite_or_zero_under_poison(q, k, v)
+    return q, k, v, poisoned
 
 
 def rows_that_read(flagged: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, *, block: int, num_heads: int,

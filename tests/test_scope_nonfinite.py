@@ -5,7 +5,9 @@ gradients, forward, decode).
 A NaN / +inf / -inf planted at a random position p of one input must turn NaN exactly the output rows that
 read it (the reference visibility of tests/test_scope_functional.py says which); every other row is bitwise
 equal (torch.equal) to the run without it, and so are the gradients of a loss over the rows before p with
-respect to the inputs at positions before p; no gradient is non-finite.
+respect to the inputs at positions before p; no gradient is non-finite. A loss over every row (the NaN rows
+included, which pass back zero gradient) passes exactly zero gradient to the planted entry: the ops' sanitising
+passes gradients through unmasked (nsa.nonfinite.finite_or_zero_under_poison), which is right only so.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ def check_plant(p: Problem, forward: Callable[[Problem], torch.Tensor], name: st
     for g_dirty, g_clean in zip(dirty_grads, clean_grads, strict=True):
         assert bool(g_dirty.isfinite().all())
         assert torch.equal(g_dirty[:, :, :pos], g_clean[:, :, :pos])
+    if grad:  # a loss over every row, the poisoned ones too (poison_rows passes them zero gradient)
+        _, all_rows_grads = run(p, forward, {**clean_inputs, name: plant(target, index, value)}, SEQ, grad)
+        assert all(bool(g.isfinite().all()) for g in all_rows_grads)
+        assert float(all_rows_grads[names.index(name)][index]) == 0.0  # only poisoned rows read the planted entry
 
 
 def on(backend: str) -> Callable[[Problem], torch.Tensor]:
