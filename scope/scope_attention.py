@@ -152,9 +152,9 @@ class ScopeAttention(nn.Module):
         return (y, aux) if return_aux else y
 
     def _prefill(self, x: Tensor, doc_ids: Tensor | None, step: int | None, generator: torch.Generator | None
-                 ) -> tuple[Tensor, ScopeAux, Tensor, Tensor]:
-        """Whole sequences: -> (y, aux, rotated k, v) (k and v as a decode cache stores them: NaN at the
-        non-finite tokens of x)."""
+                 ) -> tuple[Tensor, ScopeAux, ScopeProjection, Tensor]:
+        """Whole sequences: -> (y, aux, the projections of finite_or_zero(x), bool [B, T]: x's non-finite
+        tokens)."""
         c = self.config
         seq_len = x.shape[1]
         if seq_len % c.block != 0:
@@ -168,7 +168,7 @@ class ScopeAttention(nn.Module):
         out = out.transpose(1, 2).flatten(2)  # [B, T, H * D]
         poisoned = bad | reads_bad.any(1) | nonfinite_rows(out)  # the last: q / k / v that overflowed
         y = poison_rows(self.o_proj(finite_or_zero(out)), poisoned)
-        return y, aux, poison_rows(proj.k, bad[:, None]), poison_rows(proj.v, bad[:, None])
+        return y, aux, proj, bad
 
     def project(self, x: Tensor, positions: Tensor | None) -> ScopeProjection:
         """x [B, T, hidden] at ``positions`` [T] (None: 0 .. T - 1, whose RoPE tables are kept per size,
@@ -232,8 +232,10 @@ class ScopeAttention(nn.Module):
 
     def _prefill_into(self, x: Tensor, cache: ScopeKVCache, step: int | None) -> Tensor:
         seq_len = x.shape[1]
-        y, aux, k, v = self._prefill(x, None, step, None)
-        cache.k[:, :, :seq_len], cache.v[:, :, :seq_len] = k, v
+        y, aux, proj, bad = self._prefill(x, None, step, None)
+        # NaN at x's non-finite tokens, so that the decode steps reading them are NaN too (only a cache pays for it)
+        cache.k[:, :, :seq_len] = poison_rows(proj.k, bad[:, None])
+        cache.v[:, :, :seq_len] = poison_rows(proj.v, bad[:, None])
         cache.d_star[:, :, :seq_len] = aux.coeffs.params.d_star
         cache.budget_logits[:, :, :seq_len] = aux.coeffs.params.budget_logits
         cache.length = seq_len
