@@ -48,8 +48,8 @@ def finite_or_zero(x: Tensor) -> Tensor:
 def finite_or_zero_under_poison(*xs: Tensor) -> tuple[Tensor, ...]:
     """finite_or_zero of each input of a computation that poisons every output row reading a replaced entry
     (``nsa_nonfinite_guard``, ``guarded_apply``, NSAAttention's projections: the layer's output rows that read a
-    non-finite token are NaN); its backward passes the gradients
-    through unchanged. A poisoned row receives exactly zero gradient and no other row reads the entry (its
+    non-finite token are NaN; scope's ops, scope.block_sparse_attention.finite_inputs); its backward passes the
+    gradients through unchanged. A poisoned row receives exactly zero gradient and no other row reads the entry (its
     probability or weight is exactly 0), so the gradient reaching a replaced entry is exactly 0 already:
     finite_or_zero's backward mask (isfinite and a product, four passes over q: 4.5 ms of a 151 ms layer at 64k
     on the H200) would change nothing. All inputs in one autograd node (the guard sanitises eight tensors per
