@@ -79,7 +79,8 @@ def check_plant(p: Problem, forward: Callable[[Problem], torch.Tensor], name: st
     b, head = b % target.shape[0], head % target.shape[1]
     index = (b, head, pos) if name == "c" else (b, head, pos, dim % target.shape[-1])
     clean, clean_grads = run(p, forward, clean_inputs, pos, grad)
-    dirty, dirty_grads = run(p, forward, {**clean_inputs, name: plant(target, index, value)}, pos, grad)
+    dirty_inputs = {**clean_inputs, name: plant(target, index, value)}
+    dirty, dirty_grads = run(p, forward, dirty_inputs, pos, grad)
     visible = ref_visible(p.mask.kv_num_blocks, p.mask.kv_indices, SEQ, BLOCK, p.doc_ids)
     nan_rows = expected_nan_rows(p, name, b, head, pos, visible)
     assert bool(nan_rows.any())
@@ -88,7 +89,7 @@ def check_plant(p: Problem, forward: Callable[[Problem], torch.Tensor], name: st
         assert bool(g_dirty.isfinite().all())
         assert torch.equal(g_dirty[:, :, :pos], g_clean[:, :, :pos])
     if grad:  # a loss over every row, the poisoned ones too (poison_rows passes them zero gradient)
-        _, all_rows_grads = run(p, forward, {**clean_inputs, name: plant(target, index, value)}, SEQ, grad)
+        _, all_rows_grads = run(p, forward, dirty_inputs, SEQ, grad)
         assert all(bool(g.isfinite().all()) for g in all_rows_grads)
         assert float(all_rows_grads[names.index(name)][index]) == 0.0  # only poisoned rows read the planted entry
 
