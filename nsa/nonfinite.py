@@ -159,7 +159,8 @@ def gated_sum(gates: Tensor, branches: Sequence[Tensor]) -> Tensor:
 
 
 def kv_nonfinite(k: Tensor, v: Tensor) -> Tensor:
-    """bool [..., N, Hkv]: the key or the value vector is non-finite; k [..., N, Hkv, Dk], v [..., N, Hkv, Dv]."""
+    """bool k.shape[:-1]: the key or the value vector (last dim) is non-finite; k and v share every dim but the
+    last (NSA's [..., N, Hkv, Dk | Dv], scope's [B, H_kv, T, D])."""
     return nonfinite_rows(k) | nonfinite_rows(v)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from nsa.dispatch import accumulation_dtype, choose_backend
-from nsa.nonfinite import finite_or_zero_under_poison, nonfinite_rows, poison_rows
+from nsa.nonfinite import finite_or_zero_under_poison, kv_nonfinite, nonfinite_rows, poison_rows
 from scope.errors import ScopeInputError
 from scope.pointer_mask import ScoreMod
 
@@ -73,8 +73,8 @@ def finite_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_ind
     The caller must poison those rows (zero gradient there): then the gradient reaching a replaced entry is
     exactly 0 already, since only poisoned rows read it, so the replacement's backward passes gradients through
     (nsa.nonfinite.finite_or_zero_under_poison) instead of masking them (one more read of q, k and v each)."""
-    bad_keys = nonfinite_rows(k) | nonfinite_rows(v)
-    reads = rows_that_read(bad_keys, kv_num_blocks, kv_indices, block=block, num_heads=q.shape[1], doc_start=doc_start)
+    reads = rows_that_read(kv_nonfinite(k, v), kv_num_blocks, kv_indices, block=block, num_heads=q.shape[1],
+                           doc_start=doc_start)
     poisoned = nonfinite_rows(q) | reads
     q, k, v = finite_or_zero_under_poison(q, k, v)
     return q, k, v, poisoned
