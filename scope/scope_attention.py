@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from nsa.dispatch import accumulation_dtype
-from nsa.nonfinite import finite_or_zero, nonfinite_rows, poison_rows
+from nsa.nonfinite import finite_or_zero, finite_or_zero_under_poison, nonfinite_rows, poison_rows
 from nsa.rope import apply_rope
 from scope.block_sparse_attention import rows_that_read
 from scope.config import ScopeConfig
@@ -167,7 +167,10 @@ class ScopeAttention(nn.Module):
                                    num_heads=c.num_heads, doc_start=document_starts(doc_ids, seq_len, x.shape[0]))
         out = out.transpose(1, 2).flatten(2)  # [B, T, H * D]
         poisoned = bad | reads_bad.any(1) | nonfinite_rows(out)  # the last: q / k / v that overflowed
-        y = poison_rows(self.o_proj(finite_or_zero(out)), poisoned)
+        # o_proj mixes no tokens and every row of out holding a non-finite entry is poisoned in y, so the
+        # gradient reaching those entries is exactly 0 without finite_or_zero's backward mask (two passes)
+        (out,) = finite_or_zero_under_poison(out)
+        y = poison_rows(self.o_proj(out), poisoned)
         return y, aux, proj, bad
 
     def project(self, x: Tensor, positions: Tensor | None) -> ScopeProjection:
