@@ -1,7 +1,7 @@
 """Run configuration: hydra-core composes it, pydantic validates it.
 
-Config groups (YAML under ``sal_harness/conf``, shipped as package data): ``model`` (the decoder's
-size), ``attention`` (dense, window, nsa, scope), ``task`` (needle, mqar, passkey, text), ``train``
+Config groups (YAML under the checkout's top-level ``configs/``, installed as ``sal_harness/conf``): ``model``
+(the decoder's size), ``attention`` (dense, window, nsa, scope), ``task`` (needle, mqar, passkey, text), ``train``
 (optimisation and bookkeeping), ``eval`` (what is measured), and ``experiment`` (presets that set
 several groups at once, e.g. ``experiment=cuda_16k``). The primary config is ``train.yaml``::
 
@@ -27,7 +27,16 @@ from sal_harness.errors import HarnessConfigError
 from sal_harness.model import AttentionConfig, GPTConfig, ModelConfig, ScopeAttentionConfig
 from sal_harness.schema import StrictModel
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+def config_dir() -> Path:
+    """The config groups: ``sal_harness/conf`` where a wheel installed them (pyproject.toml maps the checkout's
+    ``configs/`` there, keeping a generic top-level name out of site-packages), else the checkout's ``configs/``."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONF_DIR = config_dir()
 
 
 class TrainConfig(StrictModel):

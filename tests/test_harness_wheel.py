@@ -1,5 +1,6 @@
-"""A clean install: the wheel holds nsa, scope and sal_harness only (no generic top-level names), ships the
-hydra configs as package data, and its console scripts run from a fresh virtual environment.
+"""A clean install: the wheel holds nsa, scope, sal_harness and sal_hf only (no generic top-level names), every module
+of theirs, the hydra configs of the checkout's configs/ as sal_harness/conf, and its console scripts run from a fresh
+virtual environment.
 
 The venv is created with --system-site-packages so that torch & co come from this machine instead of a
 download; the wheel itself is installed with --no-deps --no-index, so nothing of the checkout is on the path
@@ -18,7 +19,8 @@ from pathlib import Path
 from harness_tiny import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "README.md", "nsa", "scope", "sal_harness", "bench", "cli", "scripts")
+PACKAGES = ("nsa", "scope", "sal_harness", "sal_hf")
+SOURCES = ("pyproject.toml", "README.md", *PACKAGES, "configs", "bench", "cli", "scripts")
 CONSOLE_SCRIPTS = ("sal-train", "sal-compare", "sal-eval", "sal-report", "sal-demo")
 
 
@@ -44,8 +46,14 @@ def test_wheel_install_and_console_scripts(tmp_path: Path) -> None:
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert {"nsa", "scope", "sal_harness"} <= top_level
     assert not top_level & {"bench", "cli", "scripts", "tests", "configs"}  # no generic names in site-packages
-    shipped = {"sal_harness/conf/train.yaml", "sal_harness/conf/attention/scope.yaml", "sal_harness/py.typed"}
-    assert shipped <= set(names)
+    # the checkout's configs/ installs as sal_harness/conf; pyproject.toml lists the packages by hand, so every
+    # package of the checkout must be in the wheel, and every config group file
+    configs = {f"sal_harness/conf/{p.relative_to(REPO / 'configs').as_posix()}"
+               for p in (REPO / "configs").rglob("*.yaml")}
+    modules = {p.relative_to(REPO).as_posix() for package in PACKAGES for p in (REPO / package).rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert {"sal_harness/conf/train.yaml", "sal_harness/conf/attention/scope.yaml"} <= configs
+    assert configs | modules | {"sal_harness/py.typed"} <= set(names)
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp_path)
