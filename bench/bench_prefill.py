@@ -1,12 +1,14 @@
 """NSA prefill and training on the GPU beside dense attention and the public kernels (ANCHORS.md).
 
-    python -m bench.bench_prefill --device cuda                     # every part, every shape, 8k-512k
+    python -m bench.bench_prefill --device cuda                     # every part, every shape, 4k-512k
     python -m bench.bench_prefill --device cuda --parts check layer kernels --shapes public --seq-lens 65536
+    python -m bench.bench_prefill --device cuda --parts layer --shapes public --seq-lens 8192 --batch 8
     python -m bench.bench_prefill                                    # CPU smoke run (tiny, torch path)
 
-Shapes (NSA paper blocks l=32, d=16, l'=64, n=16, w=512; bf16; B=1): public (HQ=64, H_kv=4, D=128, the
-shape of the public NSA kernels), paper (d_k=192, d_v=128), g4 (HQ=16, H_kv=4) and g12 (HQ=48, H_kv=4); for tile
-sweeps also gpt (HQ=4, H_kv=2, D=64: the 4-layer GPT's attention). Parts, in one process:
+Shapes (NSA paper blocks l=32, d=16, l'=64, n=16, w=512; bf16; B=1, or ``--batch`` sequences in the layer part):
+public (HQ=64, H_kv=4, D=128, the shape of the public NSA kernels), paper (d_k=192, d_v=128), g4 (HQ=16, H_kv=4)
+and g12 (HQ=48, H_kv=4); for tile sweeps also gpt (HQ=4, H_kv=2, D=64: the 4-layer GPT's attention). Parts, in one
+process:
 
 - check: before any timing, per shape at ``--check-len``, the kernels' output, selection and all eight
   gradients against the PyTorch path (float32 math on the same bf16 inputs; the selection compared as sets,
@@ -14,7 +16,9 @@ sweeps also gpt (HQ=4, H_kv=2, D=64: the 4-layer GPT's attention). Parts, in one
 - layer: per T, largest first: ``nsa`` (nsa.nsa_attention, the fused Triton op), ``dense`` (SDPA, causal,
   enable_gqa), ``flex_window`` (compiled FlexAttention, sliding window 512) and ``fla`` (fla-core's
   parallel_nsa, compression + top-16 selection of 64-token blocks, window 0, where installed and the shape
-  allows); forward, forward+backward and the peak memory of one forward+backward.
+  allows); forward, forward+backward and the peak memory of one forward+backward. ``--batch N``: N sequences per
+  call here and in the check (ANCHORS.md asks for batch 1 and a batch that fills the GPU); those rows carry
+  ``batch`` and are tabled beside dense at the same batch, and issue 11's targets read only the batch-1 rows.
 - kernels: at ``--kernel-len``, each kernel of the fused op timed alone, with its FLOPs and bytes against the
   ceilings measured in the same run (bf16 matmul, device copy).
 - tiles (on request, GPU): the range, top-n and selection kernels under candidate tile settings (``tile_variants``,
@@ -82,7 +86,7 @@ LAYER_SHAPES = {"public": Shape(64, 4, 128, 128), "paper": Shape(64, 4, 192, 128
 # for tile sweeps: "gpt", the 4-layer GPT's attention (G = 2); "g4_paper", G = 4 with the paper's head dims
 SHAPES = {**LAYER_SHAPES, "gpt": Shape(4, 2, 64, 64), "g4_paper": Shape(16, 4, 192, 128)}
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
-GPU_SEQ_LENS = [524288, 262144, 131072, 65536, 32768, 16384, 8192]
+GPU_SEQ_LENS = [524288, 262144, 131072, 65536, 32768, 16384, 8192, 4096]
 GPT_SEQ_LENS = [4096, 16384, 65536]
 GPT_TOKENS_PER_STEP = 65536
 MODULE_HIDDEN = 4096  # the module part's model width (both modules project from and to it)
@@ -97,22 +101,22 @@ SELECTION_MISMATCH = 0.01  # rows whose selected set may differ (near ties score
 LOCAL_SPAN = 64  # tokens that share a query component under query locality
 
 
-def nsa_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool, locality: float = 0.0
-               ) -> list[Tensor]:
-    """q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates: random (never zero), the layout of nsa_attention.
-    ``locality`` in [0, 1): the share of each query's variance common to its span of LOCAL_SPAN tokens, so that
-    neighbouring queries select overlapping blocks (0: independent queries)."""
+def nsa_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool, locality: float = 0.0,
+               batch: int = 1) -> list[Tensor]:
+    """q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates: random (never zero), the layout of nsa_attention, ``batch``
+    sequences. ``locality`` in [0, 1): the share of each query's variance common to its span of LOCAL_SPAN tokens,
+    so that neighbouring queries select overlapping blocks (0: independent queries)."""
     num_cmp = num_compressed_blocks(seq_len, BLOCKS["block_size"], BLOCKS["block_stride"])
     sizes = [(seq_len, shape.heads, shape.dk), (num_cmp, shape.kv_heads, shape.dk), (num_cmp, shape.kv_heads, shape.dv),
              (seq_len, shape.kv_heads, shape.dk), (seq_len, shape.kv_heads, shape.dv),
              (seq_len, shape.kv_heads, shape.dk), (seq_len, shape.kv_heads, shape.dv)]
-    tensors = [torch.randn(1, *size, device=device, dtype=dtype) for size in sizes]
+    tensors = [torch.randn(batch, *size, device=device, dtype=dtype) for size in sizes]
     if locality:
         spans = -(-seq_len // LOCAL_SPAN)
-        shared = torch.randn(1, spans, shape.heads, shape.dk, device=device).repeat_interleave(LOCAL_SPAN, 1)
+        shared = torch.randn(batch, spans, shape.heads, shape.dk, device=device).repeat_interleave(LOCAL_SPAN, 1)
         own = tensors[0].float() * (1 - locality) ** 0.5
         tensors[0] = (own + shared[:, :seq_len] * locality**0.5).to(dtype)
-    tensors.append(torch.sigmoid(torch.randn(1, seq_len, shape.heads, 3, device=device)).to(dtype))
+    tensors.append(torch.sigmoid(torch.randn(batch, seq_len, shape.heads, 3, device=device)).to(dtype))
     return [t.requires_grad_(grad) for t in tensors]
 
 
@@ -120,9 +124,11 @@ def run_nsa(inputs: list[Tensor], backend: str = "triton") -> Tensor:
     return nsa_attention(*inputs, **BLOCKS, backend=backend).output
 
 
-def dense_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool) -> list[Tensor]:
+def dense_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool, batch: int = 1
+                 ) -> list[Tensor]:
     dims = [(shape.heads, shape.dk), (shape.kv_heads, shape.dk), (shape.kv_heads, shape.dv)]
-    return [torch.randn(1, heads, seq_len, dim, device=device, dtype=dtype, requires_grad=grad) for heads, dim in dims]
+    return [torch.randn(batch, heads, seq_len, dim, device=device, dtype=dtype, requires_grad=grad)
+            for heads, dim in dims]
 
 
 def run_dense(inputs: list[Tensor]) -> Tensor:
@@ -158,10 +164,11 @@ def fla_obstacle(shape: Shape) -> str:
     return ""
 
 
-def fla_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool) -> list[Tensor]:
+def fla_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, grad: bool, batch: int = 1
+               ) -> list[Tensor]:
     sizes = [(shape.heads, shape.dk), (shape.kv_heads, shape.dk), (shape.kv_heads, shape.dv)]
-    tensors = [torch.randn(1, seq_len, heads, dim, device=device, dtype=dtype) for heads, dim in sizes]
-    tensors += [torch.sigmoid(torch.randn(1, seq_len, shape.heads, device=device)).to(dtype) for _ in range(2)]
+    tensors = [torch.randn(batch, seq_len, heads, dim, device=device, dtype=dtype) for heads, dim in sizes]
+    tensors += [torch.sigmoid(torch.randn(batch, seq_len, shape.heads, device=device)).to(dtype) for _ in range(2)]
     return [t.requires_grad_(grad) for t in tensors]
 
 
@@ -241,10 +248,10 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def check(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def check(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, batch: int = 1) -> dict[str, Any]:
     """Kernels vs the PyTorch path on the same inputs (float32 math): outputs, selection, gradients."""
     shape = SHAPES[shape_name]
-    inputs = nsa_inputs(shape, seq_len, dtype, device, True)
+    inputs = nsa_inputs(shape, seq_len, dtype, device, True, batch=batch)
     out, indices = nsa_attention(*inputs, **BLOCKS, backend="triton")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, dout)
@@ -272,21 +279,26 @@ def check(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> dic
     return row
 
 
-def layer_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, impls: list[str]) -> list[dict]:
+def layer_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, impls: list[str], batch: int = 1
+               ) -> list[dict]:
+    """One row per implementation: ``batch`` sequences of seq_len tokens (the rows of batch > 1 say so)."""
     shape = SHAPES[shape_name]
     backend = "triton" if device.startswith("cuda") else "torch"  # the CPU smoke run times the torch path
     rows = []
     for impl in impls:
         row: dict[str, Any] = {"impl": impl, "shape": shape_name, "T": seq_len}
+        if batch > 1:
+            row["batch"] = batch
         if impl == "nsa":
             rows.append(guarded(row, lambda: measure(lambda inputs: run_nsa(inputs, backend),
-                                                      lambda g: nsa_inputs(shape, seq_len, dtype, device, g), device)))
+                                                      lambda g: nsa_inputs(shape, seq_len, dtype, device, g,
+                                                                           batch=batch), device)))
         elif impl == "dense":
             rows.append(guarded(row, lambda: measure(run_dense, lambda g: dense_inputs(shape, seq_len, dtype, device,
-                                                                                          g), device)))
+                                                                                          g, batch), device)))
         elif impl == "flex_window":
             rows.append(guarded(row, lambda: measure(flex_window(seq_len, device),
-                                                      lambda g: dense_inputs(shape, seq_len, dtype, device, g),
+                                                      lambda g: dense_inputs(shape, seq_len, dtype, device, g, batch),
                                                       device)))
         elif impl == "fla":
             fn, why = fla_nsa()
@@ -296,7 +308,8 @@ def layer_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, i
                 rows.append(row)
                 continue
             rows.append(guarded(row, lambda fn=fn: measure(lambda inputs: run_fla(fn, inputs),
-                                                            lambda g: fla_inputs(shape, seq_len, dtype, device, g),
+                                                            lambda g: fla_inputs(shape, seq_len, dtype, device, g,
+                                                                                 batch),
                                                             device)))
     return rows
 
@@ -737,6 +750,8 @@ def main() -> None:
     parser.add_argument("--other-shape-lens", nargs="+", type=int, default=None,
                         help="lengths for the shapes other than public (default: --seq-lens)")
     parser.add_argument("--impls", nargs="+", default=["nsa", "dense", "flex_window", "fla"])
+    parser.add_argument("--batch", type=int, default=1, help="sequences per call in the check and layer parts "
+                        "(every impl; rows of more than one carry 'batch', and issue 11's targets read only batch 1)")
     parser.add_argument("--check-len", type=int, default=2048)
     parser.add_argument("--kernel-len", type=int, default=65536)
     parser.add_argument("--tile-shapes", nargs="+", default=["public"], choices=list(SHAPES),
@@ -776,6 +791,8 @@ def main() -> None:
         parser.error(f"--gpt-processes must be at least 1, got {args.gpt_processes}")
     if args.gpt_processes > 1 and args.gpt_profile:
         parser.error("--gpt-profile profiles a step of this process: use it with --gpt-processes 1")
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
     if args.tile_timeout is not None and not 0 < args.tile_timeout < float("inf"):
         parser.error(f"--tile-timeout must be a positive number of seconds, got {args.tile_timeout}")
     if not all(0.0 <= locality < 1.0 for locality in args.tile_localities):
@@ -805,8 +822,9 @@ def main() -> None:
         record([{"impl": "ceilings", **ceilings(args.device)}])
     if "check" in args.parts and cuda:
         for shape in args.shapes:
-            result = {"impl": "check", "shape": shape, "T": args.check_len, **check(shape, args.check_len,
-                                                                                      args.device, dtype)}
+            result = {"impl": "check", "shape": shape, "T": args.check_len,
+                      **({"batch": args.batch} if args.batch > 1 else {}),
+                      **check(shape, args.check_len, args.device, dtype, args.batch)}
             record([result])
             if not result["passed"]:
                 raise SystemExit(f"parity check failed for {shape}: {result}")
@@ -833,7 +851,8 @@ def main() -> None:
                     record([{"impl": "skipped", "shape": shape, "T": seq_len, "reason": "--max-seconds"}])
                     continue
                 for impl in impls if shape == "public" else [i for i in impls if i != "flex_window"]:
-                    record(layer_rows(shape, seq_len, args.device, dtype, [impl]))  # a timeout keeps the rows so far
+                    # one impl per record: a timeout keeps the rows so far
+                    record(layer_rows(shape, seq_len, args.device, dtype, [impl], args.batch))
     if "module" in args.parts:
         for seq_len in args.module_lens if cuda else [1024]:
             record(module_rows("public", seq_len, args.device, dtype,
@@ -939,9 +958,22 @@ def read_rows(jsonl: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
 
 
+LAYER_IMPLS = ("nsa", "dense", "fla", "flex_window", "nsa_module", "dense_module")
+
+
+def row_variant(row: dict[str, Any]) -> str | None:
+    """What tells apart rows of one (impl, shape, T): a kernel row's kernel, a layer row's batch where it is more
+    than one sequence (``--batch``), else None (the B = 1 rows every target reads)."""
+    if row.get("kernel"):
+        return str(row["kernel"])
+    if row.get("impl") in LAYER_IMPLS and row.get("batch", 1) > 1:
+        return f"B={row['batch']}"
+    return None
+
+
 def latest_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict]:
-    """The last row per (impl, shape, T, kernel): a later run's measurement replaces an earlier one."""
-    return {(row.get("impl"), row.get("shape"), row.get("T"), row.get("kernel")): row for row in rows}
+    """The last row per (impl, shape, T, variant): a later run's measurement replaces an earlier one."""
+    return {(row.get("impl"), row.get("shape"), row.get("T"), row_variant(row)): row for row in rows}
 
 
 PLOT_IMPLS = {"nsa": "NSA (this library)", "dense": "dense SDPA", "fla": "fla parallel_nsa (cmp + sel)",
@@ -1011,11 +1043,12 @@ def write_markdown(path: Path, jsonl: Path) -> None:
     rows = read_rows(jsonl)
     latest = latest_rows(rows)
     table = []
-    order = sorted(latest.items(), key=lambda item: (str(item[0][1]), -(item[0][2] or 0), str(item[0][0])))
-    for (impl, shape, seq_len, _), row in order:
-        if impl not in ("nsa", "dense", "fla", "flex_window", "nsa_module", "dense_module"):
+    order = sorted(latest.items(), key=lambda item: (str(item[0][1]), item[0][3] is not None, str(item[0][3]),
+                                                     -(item[0][2] or 0), str(item[0][0])))
+    for (impl, shape, seq_len, variant), row in order:
+        if impl not in LAYER_IMPLS:
             continue
-        dense = latest.get(("dense" if impl != "nsa_module" else "dense_module", shape, seq_len, None), {})
+        dense = latest.get(("dense" if impl != "nsa_module" else "dense_module", shape, seq_len, variant), {})
         entry = dict(row)
         for key in ("fwd_ms", "fwdbwd_ms"):
             if isinstance(row.get(key), float) and isinstance(dense.get(key), float):
@@ -1026,8 +1059,8 @@ def write_markdown(path: Path, jsonl: Path) -> None:
     ceilings = [row for row in latest.values() if row.get("impl") == "ceilings"]
     text = ["# NSA prefill / training vs dense attention", "", "Written by `python -m bench.bench_prefill`"
             " (GPU, versions and commit in every row of the .jsonl beside this file).", "",
-            markdown_table(table, ["impl", "shape", "T", "fwd_ms", "fwd_vs_dense", "fwdbwd_ms", "fwdbwd_vs_dense",
-                                   "peak_gib", "error", "skipped", "commit"]), "",
+            markdown_table(table, ["impl", "shape", "T", "batch", "fwd_ms", "fwd_vs_dense", "fwdbwd_ms",
+                                   "fwdbwd_vs_dense", "peak_gib", "error", "skipped", "commit"]), "",
             "## Targets (issue 11)", "", markdown_table(target_rows(latest), ["target", "bound", "ratio", "status",
                                                                             "commits"]), "",
             "## GPT training tokens/s", "",

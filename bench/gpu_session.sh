@@ -29,8 +29,12 @@ if [[ " $PARTS " == *" prefill "* ]]; then
     # at 64k, the module (with its operator table beside the dense module's) and the GPT. fla's rows need its wheel:
     # carry .whl and install it (CLAUDE.md).
     timeout "${PREFILL_TIMEOUT:-400}" python3 -m bench.bench_prefill --device cuda --parts check kernels layer module gpt \
-        --seq-lens 131072 65536 32768 16384 8192 262144 524288 --other-shape-lens 65536 --results-dir "$OUT" \
+        --seq-lens 131072 65536 32768 16384 8192 4096 262144 524288 --other-shape-lens 65536 --results-dir "$OUT" \
         --module-profile --max-seconds 300 2>&1 | tee "$OUT/bench_prefill.log" || echo "bench_prefill exited with $?"
+    # ANCHORS.md's batch that fills the GPU: 8 sequences per call at the short lengths (64k tokens at 8k)
+    timeout "${PREFILL_BATCH_TIMEOUT:-150}" python3 -m bench.bench_prefill --device cuda --parts check layer \
+        --shapes public --seq-lens 8192 4096 --batch 8 --results-dir "$OUT" 2>&1 | tee -a "$OUT/bench_prefill.log" \
+        || echo "bench_prefill --batch 8 exited with $?"
 fi
 if [[ " $PARTS " == *" tiles "* ]]; then
     # Tile candidates of the range, top-n and selection kernels at 64k (bench_prefill.tile_variants, the defaults first),

@@ -386,3 +386,36 @@ def test_tile_match_keeps_the_defaults_and_the_candidates_it_names_less_those_it
                                                                                           (128, 8, 3)]
     assert [t.tile_num_stages for t in matching(candidates, [", rows=64,"], [", tile_num_stages=2,"])[1:]] == [3]
     assert all(t.tile_num_stages != 2 for t in matching(candidates, None, [", tile_num_stages=2,"])[1:])
+
+
+def test_batched_layer_rows_are_tabled_beside_dense_at_their_batch_and_leave_the_targets_alone(tmp_path: Any) -> None:
+    """--batch rows (a later run) neither replace the batch-1 rows the targets read nor borrow their dense time."""
+    rows = [
+        {"impl": "nsa", "shape": "public", "T": 8192, "fwd_ms": 1.0, "fwdbwd_ms": 9.0},
+        {"impl": "dense", "shape": "public", "T": 8192, "fwd_ms": 2.0, "fwdbwd_ms": 10.0},
+        {"impl": "nsa", "shape": "public", "T": 8192, "batch": 8, "fwd_ms": 4.0, "fwdbwd_ms": 60.0},
+        {"impl": "dense", "shape": "public", "T": 8192, "batch": 8, "fwd_ms": 16.0, "fwdbwd_ms": 80.0},
+    ]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows))
+    markdown = tmp_path / "rows.md"
+    bench_prefill.write_markdown(markdown, jsonl)
+    lines = markdown.read_text().splitlines()
+    (target,) = [line for line in lines if line.startswith("| 8k forward+backward vs dense |")]
+    assert [cell.strip() for cell in target.split("|")[2:5]] == ["1.0", "0.9", "met"]
+    header = next(line for line in lines if line.startswith("| impl | shape | T | batch |"))
+    columns = [cell.strip() for cell in header.split("|")[1:-1]]
+    table = [dict(zip(columns, [cell.strip() for cell in line.split("|")[1:-1]], strict=True))
+             for line in lines if line.startswith("| nsa | public | 8192 |")]
+    assert [(row["batch"], row["fwdbwd_vs_dense"], row["fwd_vs_dense"]) for row in table] == [
+        ("", "0.9", "0.5"), ("8", "0.75", "0.25")]
+
+
+def test_layer_rows_run_a_batch_of_sequences() -> None:
+    """The CPU smoke run of --batch 2: each impl's inputs hold two sequences, and the rows say so."""
+    rows = bench_prefill.layer_rows("gpt", 128, "cpu", torch.float32, ["nsa", "dense"], batch=2)
+    assert [(row["impl"], row["batch"]) for row in rows] == [("nsa", 2), ("dense", 2)]
+    assert all(isinstance(row.get("fwdbwd_ms"), float) and "error" not in row for row in rows)
+    shape = bench_prefill.SHAPES["gpt"]
+    assert bench_prefill.nsa_inputs(shape, 128, torch.float32, "cpu", False, batch=2)[0].shape == (2, 128, 4, 64)
+    assert bench_prefill.dense_inputs(shape, 128, torch.float32, "cpu", False, 2)[0].shape == (2, 4, 128, 64)
