@@ -5,9 +5,10 @@
     python -m bench.bench_scope                   # CPU smoke run: T = 1024, eager, fp32, forward only
     python -m bench.bench_scope --compile         # the same, compiled (CPU inductor kernels; ~1 min)
 
-Shape (ANCHORS.md): B=1, 16 query heads (``--kv-heads`` for GQA), D=128, bf16 on the GPU; SCOPE blocks of
-128, a total pointer budget of 32 blocks, a local band of 4, no global block, M=4 pointers, K=16
-frequencies (CPU default: 4 heads, D=64, fp32, budget 2, local 2). Per T, largest first, in one process:
+Shape (ANCHORS.md): B=1 (``--batch`` for more sequences per call; the 128k target reads B=1 rows), 16 query
+heads (``--kv-heads`` for GQA), D=128, bf16 on the GPU; SCOPE blocks of 128, a total pointer budget of 32 blocks,
+a local band of 4, no global block, M=4 pointers, K=16 frequencies (CPU default: 4 heads, D=64, fp32, budget 2,
+local 2). Per T, largest first, in one process:
 
 - dense: ``F.scaled_dot_product_attention(is_causal=True)``, forward (fwd) and forward+backward (fb);
 - window: stock FlexAttention with a static causal sliding window of the same number of key blocks as
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -68,6 +70,7 @@ TARGET_SEQ_LEN = 131072
 TARGET_SPEEDUP = 8.0  # dense / scope, forward+backward, at 128k
 TARGET_MASK_FRAC = 0.2
 CHECK_FACTOR = 4.0  # allowed error = CHECK_FACTOR x the error of the same math at the kernel's precision
+CHECK_MAX_BATCH = 2  # sequences of the check under --batch: two show the batch indexing, more only cost memory
 RESULTS_ENV = "SCOPE_BENCH_RESULTS"
 NA = "n/a"
 
@@ -106,16 +109,16 @@ def randn(*shape: int, device: str, dtype: torch.dtype, generator: torch.Generat
 
 
 def attention_inputs(config: ScopeConfig, seq_len: int, device: str, dtype: torch.dtype, seed: int,
-                     grad: bool) -> dict[str, Tensor]:
-    """q [1, H, T, D] (rotated), k / v [1, H_kv, T, D], q_content [1, H, T, D] (q before RoPE), dout."""
+                     grad: bool, batch: int = 1) -> dict[str, Tensor]:
+    """q [B, H, T, D] (rotated), k / v [B, H_kv, T, D], q_content [B, H, T, D] (q before RoPE), dout."""
     gen = torch.Generator(device=device).manual_seed(seed)
     h, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     return {
-        "q": randn(1, h, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
-        "k": randn(1, hkv, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
-        "v": randn(1, hkv, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
-        "q_content": randn(1, h, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
-        "dout": randn(1, h, seq_len, d, device=device, dtype=dtype, generator=gen),
+        "q": randn(batch, h, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
+        "k": randn(batch, hkv, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
+        "v": randn(batch, hkv, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
+        "q_content": randn(batch, h, seq_len, d, device=device, dtype=dtype, generator=gen, grad=grad),
+        "dout": randn(batch, h, seq_len, d, device=device, dtype=dtype, generator=gen),
     }
 
 
@@ -300,8 +303,8 @@ def grads_of(out: Tensor, inputs: Sequence[Tensor], dout: Tensor) -> tuple[Tenso
 
 def spectral_bias_float64(coef_a: Tensor, coef_b: Tensor, slope: Tensor | None, freqs: Sequence[float],
                           seq_len: int) -> Tensor:
-    """beta-less bias b_i(i - j) [H, T, T] in float64 from per-row coefficients A, B [H, T, K] (slope c
-    [H, T] or None), written from SCOPE.md: sum_k A_k cos(w_k D) + B_k sin(w_k D) - sum_k A_k + c D,
+    """beta-less bias b_i(i - j) [..., T, T] in float64 from per-row coefficients A, B [..., T, K] (slope c
+    [..., T] or None), written from SCOPE.md: sum_k A_k cos(w_k D) + B_k sin(w_k D) - sum_k A_k + c D,
     with cos(w (i - j)) expanded as cos(w i) cos(w j) + sin(w i) sin(w j) (sin likewise), so it is a
     product of [T, 2K] factors instead of a [T, T, K] tensor."""
     a, b = coef_a.double(), coef_b.double()
@@ -322,7 +325,7 @@ def spectral_bias_float32(coef_a: Tensor, coef_b: Tensor, slope: Tensor | None, 
     a, b = coef_a.float(), coef_b.float()
     pos = torch.arange(seq_len, device=a.device)
     delta = (pos[:, None] - pos[None, :]).float()
-    bias = -a.sum(-1)[..., None].expand(-1, -1, seq_len).clone()
+    bias = -a.sum(-1)[..., None].expand(*a.shape[:-1], seq_len).clone()
     for k, w in enumerate(freqs):
         bias += a[..., k, None] * torch.cos(delta * w) + b[..., k, None] * torch.sin(delta * w)
     if slope is not None:
@@ -332,20 +335,22 @@ def spectral_bias_float32(coef_a: Tensor, coef_b: Tensor, slope: Tensor | None, 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, allowed: Tensor,
                     round_to: torch.dtype | None = None) -> Tensor:
-    """softmax(q k^T * scale + bias, masked to ``allowed`` [H, T, T]) v in q's dtype, one head at a time
-    (GQA: head h reads kv head h // G). ``round_to`` rounds the probabilities before P @ V and the output
+    """softmax(q k^T * scale + bias, masked to ``allowed``) v in q's dtype, one (sequence, head) at a time
+    (GQA: head h reads kv head h // G); ``bias`` and ``allowed`` are [B, H, T, T] (``allowed`` may drop the
+    B: the same for every sequence). ``round_to`` rounds the probabilities before P @ V and the output
     to that dtype (the two places a bf16 flash-style kernel rounds)."""
     heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    allowed = allowed.expand(q.shape[0], -1, -1, -1) if allowed.dim() == 3 else allowed
     outs = []
-    for h in range(heads):
-        s = (q[0, h] @ k[0, h // group].T) * scale
+    for b, h in itertools.product(range(q.shape[0]), range(heads)):
+        s = (q[b, h] @ k[b, h // group].T) * scale
         if bias is not None:
-            s = s + bias[h]
-        p = torch.softmax(s.masked_fill(~allowed[h], float("-inf")), dim=-1)
-        vh = v[0, h // group]
+            s = s + bias[b, h]
+        p = torch.softmax(s.masked_fill(~allowed[b, h], float("-inf")), dim=-1)
+        vh = v[b, h // group]
         o = (p.to(round_to).to(p.dtype) @ vh) if round_to is not None else p @ vh
         outs.append(o.to(round_to).to(o.dtype) if round_to is not None else o)
-    return torch.stack(outs)[None]
+    return torch.stack(outs).unflatten(0, (q.shape[0], heads))
 
 
 def rel_err(x: Tensor, ref: Tensor) -> float:
@@ -357,8 +362,8 @@ def max_err(x: Tensor, ref: Tensor) -> float:
 
 
 def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor, Tensor]], seq_len: int,
-                device: str, dtype: torch.dtype, backward: bool) -> dict[str, Any]:
-    """The SCOPE step (as timed: compiled on the GPU) against a float64 dense reference.
+                device: str, dtype: torch.dtype, backward: bool, batch: int = 1) -> dict[str, Any]:
+    """The SCOPE step (as timed: compiled on the GPU) against a float64 dense reference, on ``batch`` sequences.
 
     The reference masks with the step's own block lists (the mask is discrete: D* computed by a
     different kernel could put a centre across a block edge, so the reference must not re-derive it;
@@ -379,7 +384,7 @@ def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor,
     if c.has_ramp:
         raise ValueError("check_scope's reference has no ramp term: benchmark a config without a ramp")
     num_blocks = seq_len // c.block
-    inputs = attention_inputs(c, seq_len, device, dtype, seed=1234, grad=backward)
+    inputs = attention_inputs(c, seq_len, device, dtype, seed=1234, grad=backward, batch=batch)
     q, k, v, qc, dout = (inputs[n] for n in ("q", "k", "v", "q_content", "dout"))
     layer.train(backward)
     with torch.set_grad_enabled(backward):  # forward-only (CPU): parameters requiring grad need no_grad too
@@ -393,8 +398,8 @@ def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor,
         differing = (block_visibility(eager_lists.kv_num_blocks, eager_lists.kv_indices, num_blocks)
                      != block_visibility(kv_num, kv_idx, num_blocks)).any(-1).sum()
     pos = torch.arange(seq_len, device=device)
-    blocks = block_visibility(kv_num, kv_idx, num_blocks)[0]  # [H, QB, KB]
-    allowed = blocks[:, pos // c.block][:, :, pos // c.block] & (pos[:, None] >= pos[None, :])
+    blocks = block_visibility(kv_num, kv_idx, num_blocks)  # [B, H, QB, KB]
+    allowed = blocks[:, :, pos // c.block][..., pos // c.block] & (pos[:, None] >= pos[None, :])
     scale = layer.scale
     use_bias = c.bias_impl != "none"
     freqs = layer.spectral.freqs
@@ -403,16 +408,16 @@ def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor,
         bias = None
         if use_bias:
             coeffs = layer.spectral.coefficients(qc64)  # float64 for float64 input
-            slope = coeffs.c[0] if c.c_scale > 0 else None
-            bias = c.beta * spectral_bias_float64(coeffs.A[0], coeffs.B[0], slope, freqs, seq_len)
+            slope = coeffs.c if c.c_scale > 0 else None
+            bias = c.beta * spectral_bias_float64(coeffs.A, coeffs.B, slope, freqs, seq_len)
         return dense_attention(q64, k64, v64, scale, bias, allowed)
 
     def low_precision(q32: Tensor, k32: Tensor, v32: Tensor, qc_in: Tensor) -> Tensor:
         bias = None
         if use_bias:
             coeffs = layer.spectral.coefficients(qc_in)  # float32 from the input dtype, as in the layer
-            slope = coeffs.c[0] if c.c_scale > 0 else None
-            bias = c.beta * spectral_bias_float32(coeffs.A[0], coeffs.B[0], slope, freqs, seq_len)
+            slope = coeffs.c if c.c_scale > 0 else None
+            bias = c.beta * spectral_bias_float32(coeffs.A, coeffs.B, slope, freqs, seq_len)
         return dense_attention(q32, k32, v32, scale, bias, allowed, round_to=dtype)
 
     leaves64 = [t.detach().double().requires_grad_(backward) for t in (q, k, v, qc)]
@@ -422,7 +427,8 @@ def check_scope(layer: ScopeAttention, step: Callable[..., tuple[Tensor, Tensor,
         ref = reference(*leaves64)
         low = low_precision(*leaves_low)
     result: dict[str, Any] = {
-        "T": seq_len, "bias_impl": c.bias_impl, "backend": c.backend, "dtype": str(dtype).removeprefix("torch."),
+        "T": seq_len, "batch": batch, "bias_impl": c.bias_impl, "backend": c.backend,
+        "dtype": str(dtype).removeprefix("torch."),
         "list_rows_differing": int(differing),
         "out_rel_err": rel_err(out, ref), "out_rel_own": rel_err(low, ref),
         "out_max_err": max_err(out, ref), "out_max_own": max_err(low, ref),
@@ -517,7 +523,8 @@ def time_scope(row: Row, layer: ScopeAttention, inp: dict[str, Tensor], compiled
         d_blk, u_blk = block_pointer_rows(layer, qc)
         kv_num = layer.pointer_mask(d_blk, u_blk, seq_len).kv_num_blocks
     row.data["kv_blocks_scope"] = round(float(kv_num.double().mean()), 2)
-    row.data["flop_ratio_scope"] = round(q.shape[1] * seq_len * (seq_len + 1) / 2 / score_elements(kv_num, c.block), 2)
+    dense_scores = q.shape[0] * q.shape[1] * seq_len * (seq_len + 1) / 2
+    row.data["flop_ratio_scope"] = round(dense_scores / score_elements(kv_num, c.block), 2)
     measure_fwd_fb(row, "scope", layer, scope_fwd, scope_fb if backward else None, step)
 
 
@@ -590,11 +597,12 @@ def time_mask(row: Row, layer: ScopeAttention, q_content: Tensor, compiled: bool
         row.errors["mask_graph_break"] = build.graph_break
 
 
-def time_module(row: Row, layer: ScopeAttention, seq_len: int, compiled: bool, backward: bool) -> None:
-    """The whole ScopeAttention (projections, RoPE, o_proj), compiled, fwd and fb."""
+def time_module(row: Row, layer: ScopeAttention, seq_len: int, compiled: bool, backward: bool, batch: int = 1
+                ) -> None:
+    """The whole ScopeAttention (projections, RoPE, o_proj) on ``batch`` sequences, compiled, fwd and fb."""
     weight = layer.q_proj.weight
     gen = torch.Generator(device=weight.device).manual_seed(5)
-    x = randn(1, seq_len, layer.config.hidden_size, device=str(weight.device), dtype=weight.dtype, generator=gen,
+    x = randn(batch, seq_len, layer.config.hidden_size, device=str(weight.device), dtype=weight.dtype, generator=gen,
               grad=backward)
     dy = torch.randn_like(x)
     module = Compiled(layer, compiled)
@@ -618,11 +626,11 @@ def run_length(args: argparse.Namespace, seq_len: int, device: str, dtype: torch
     base_cfg = bench_config(args, args.bias_impls[0])
     window_blocks = base_cfg.local_blocks + base_cfg.global_blocks + base_cfg.budget
     print(f"T={seq_len}", flush=True)
-    common = Row(device, T=seq_len, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+    common = Row(device, T=seq_len, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                  dtype=str(dtype).removeprefix("torch."), block=args.block, budget=args.budget,
                  local_blocks=args.local_blocks, global_blocks=args.global_blocks, window_blocks=window_blocks,
                  compiled=compiled)
-    inp = attention_inputs(base_cfg, seq_len, device, dtype, seed=0, grad=backward)
+    inp = attention_inputs(base_cfg, seq_len, device, dtype, seed=0, grad=backward, batch=args.batch)
     time_baselines(common, args, seq_len, inp, compiled, backward, window_blocks)
     rows = []
     mask_times: dict[str, dict[str, Any]] = {}  # backend -> its mask_* cells (same pointer head for every bias)
@@ -637,7 +645,7 @@ def run_length(args: argparse.Namespace, seq_len: int, device: str, dtype: torch
             mask_times[backend] = {k: v for k, v in row.data.items() if k.startswith("mask_")}
         row.data.update(mask_times[backend])
         if index == 0 and with_module:
-            time_module(row, layer, seq_len, compiled, backward)
+            time_module(row, layer, seq_len, compiled, backward, args.batch)
             row.ratio("mask_frac_module_fb", "mask_fb_ms", "module_fb_ms")
         row.ratio("mask_frac_fwd", "mask_fwd_ms", "scope_fwd_ms")
         row.ratio("mask_frac_fb", "mask_fb_ms", "scope_fb_ms")
@@ -659,18 +667,18 @@ def run_length(args: argparse.Namespace, seq_len: int, device: str, dtype: torch
 # main
 
 
-TABLE_COLUMNS = ["T", "bias_impl", "backend", "dense_fwd_ms", "dense_fb_ms", "window_fwd_ms", "window_fb_ms",
+TABLE_COLUMNS = ["T", "batch", "bias_impl", "backend", "dense_fwd_ms", "dense_fb_ms", "window_fwd_ms", "window_fb_ms",
                  "scope_fwd_ms", "scope_fb_ms", "mask_fwd_ms", "mask_fb_ms", "mask_frac_fwd", "mask_frac_fb",
                  "dense/scope_fwd", "dense/scope_fb", "dense/window_fb", "window/scope_fb", "kv_blocks_scope",
                  "kv_blocks_window", "flop_ratio_scope"]
-MODULE_COLUMNS = ["T", "bias_impl", "backend", "module_fwd_ms", "module_fb_ms", "scope_fb_ms", "mask_fb_ms",
+MODULE_COLUMNS = ["T", "batch", "bias_impl", "backend", "module_fwd_ms", "module_fb_ms", "scope_fb_ms", "mask_fb_ms",
                   "mask_frac_module_fb", "mask_eager_fwd_ms", "mask_eager_fb_ms"]
 SHORT_COLUMNS = {pass_: ["T", "bias_impl", "backend", f"dense_{pass_}_ms", f"window_{pass_}_ms", f"scope_{pass_}_ms",
                          f"dense/scope_{pass_}", f"window/scope_{pass_}", f"mask_frac_{pass_}"]
                  for pass_ in ("fb", "fwd")}
-CHECK_COLUMNS = ["T", "bias_impl", "backend", "dtype", "ok", "out_rel_err", "out_rel_own", "out_max_err", "out_max_own",
-                 "dq_rel_err", "dq_bound", "dk_rel_err", "dk_bound", "dv_rel_err", "dv_bound", "dq_content_rel_err",
-                 "dq_content_rel_own", "dq_content_bound", "list_rows_differing"]
+CHECK_COLUMNS = ["T", "batch", "bias_impl", "backend", "dtype", "ok", "out_rel_err", "out_rel_own", "out_max_err",
+                 "out_max_own", "dq_rel_err", "dq_bound", "dk_rel_err", "dk_bound", "dv_rel_err", "dv_bound",
+                 "dq_content_rel_err", "dq_content_rel_own", "dq_content_bound", "list_rows_differing"]
 
 
 def results_dir(arg: str | None) -> Path:
@@ -678,10 +686,11 @@ def results_dir(arg: str | None) -> Path:
 
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One verdict per variant measured at 128k (the target: forward+backward >= 8x dense, mask < 20%)."""
+    """One verdict per variant measured at 128k on one sequence (the target: forward+backward >= 8x dense, mask
+    < 20%)."""
     lines = []
     for row in rows:
-        if row["T"] != TARGET_SEQ_LEN:
+        if row["T"] != TARGET_SEQ_LEN or row.get("batch", 1) != 1:
             continue
         name = f"{row['bias_impl']}, {row['backend']}"
         speedup, frac = row.get("dense/scope_fb"), row.get("mask_frac_fb")
@@ -712,6 +721,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=None, help="query heads (default: GPU 16, CPU 4)")
     parser.add_argument("--kv-heads", type=int, default=None, help="kv heads, < heads for GQA (default: heads)")
     parser.add_argument("--head-dim", type=int, default=None, help="default: GPU 128, CPU 64")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per call (the check runs on at most "
+                        f"{CHECK_MAX_BATCH}: its float64 reference holds [B, H, T, T] scores)")
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--budget", type=int, default=None, help="pointer blocks per query block (GPU 32, CPU 2)")
     parser.add_argument("--local-blocks", type=int, default=None, help="local band (GPU 4, CPU 2)")
@@ -730,6 +741,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", help=f"where results go (default: ${RESULTS_ENV}, else bench/results)")
     parser.add_argument("--name", help="file stem of the results (default: scope_cuda / scope_cpu)")
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
     cuda = args.device.startswith("cuda")
     args.seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else CPU_SEQ_LENS)
     # score_mod's flex fwd+bwd takes minutes to compile on the GPU (torch 2.11): asked for explicitly only
@@ -763,8 +776,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}", flush=True)
-    print(f"shape B=1 H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}; block {args.block}, "
-          f"budget {args.budget}, local {args.local_blocks}, global {args.global_blocks}; "
+    print(f"shape B={args.batch} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}; "
+          f"block {args.block}, budget {args.budget}, local {args.local_blocks}, global {args.global_blocks}; "
           f"{'compiled' if args.compile else 'eager'}", flush=True)
 
     checks: list[dict[str, Any]] = []
@@ -774,7 +787,7 @@ def run(args: argparse.Namespace) -> int:
             layer = make_layer(bench_config(args, bias_impl, backend), device, dtype)
             step = Compiled(scope_attention_step, args.compile)
             t0 = time.perf_counter()
-            result = check_scope(layer, step, args.check_len, device, dtype, backward)
+            result = check_scope(layer, step, args.check_len, device, dtype, backward, min(args.batch, CHECK_MAX_BATCH))
             result["seconds"] = round(time.perf_counter() - t0, 1)
             checks.append(rounded(result))
             print(f"check {bias_impl} {backend} T={args.check_len}: {json.dumps(checks[-1])}", flush=True)
@@ -806,7 +819,7 @@ def run(args: argparse.Namespace) -> int:
         handle.writelines(json.dumps({"table": "timing", **r, **env}) + "\n" for r in rows)
         handle.write(json.dumps({"table": "run", "total_s": total_s, "settings": settings, **env}) + "\n")
     text = [f"# SCOPE attention vs dense SDPA and a static window, {env['device']}", "",
-            f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; B=1, H={args.heads}, "
+            f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; B={args.batch}, H={args.heads}, "
             f"H_kv={args.kv_heads}, D={args.head_dim}, {args.dtype}, {'torch.compile' if args.compile else 'eager'}; "
             f"blocks of {args.block}, budget {args.budget}, local {args.local_blocks}, global {args.global_blocks}, "
             f"M={args.num_pointers}, K={args.num_freqs}; whole run {total_s} s.", "",

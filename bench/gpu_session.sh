@@ -101,7 +101,8 @@ if [[ " $PARTS " == *" scope "* ]]; then
     # One process per backend and length group (compiles take minutes; a 128k run alone takes ~270 s, so
     # a 600 s device call fits about two: pick with SCOPE_BACKENDS / SCOPE_SEQ_LEN_GROUPS). The Triton
     # kernels (auto's choice for qk_aug) first, then Flex; score_mod only on request (its flex compile takes
-    # minutes). BENCH_COMMIT: the device's .git can lag the working tree it runs.
+    # minutes). SCOPE_BATCH: sequences per call (ANCHORS.md's batch that fills the GPU; the 128k target reads
+    # batch 1). BENCH_COMMIT: the device's .git can lag the working tree it runs.
     IFS=';' read -r -a groups <<< "${SCOPE_SEQ_LEN_GROUPS:-131072;65536 32768}"
     for backend in ${SCOPE_BACKENDS:-triton flex}; do
         for group in "${groups[@]}"; do
@@ -110,8 +111,9 @@ if [[ " $PARTS " == *" scope "* ]]; then
             [[ "$group" == *131072* ]] || module_lens=(--module-seq-lens)  # the module only at 128k
             # shellcheck disable=SC2086  # the group is a list of lengths
             timeout "${SCOPE_TIMEOUT:-290}" python3 -m bench.bench_scope --device cuda --backends "$backend" \
-                --seq-lens $group "${module_lens[@]}" --max-seconds 240 --results-dir "$OUT" --name "$name" \
-                2>&1 | tee -a "$OUT/bench_scope.log" || echo "bench_scope $backend $group exited with $?"
+                --seq-lens $group "${module_lens[@]}" ${SCOPE_BATCH:+--batch "$SCOPE_BATCH"} --max-seconds 240 \
+                --results-dir "$OUT" --name "$name" 2>&1 | tee -a "$OUT/bench_scope.log" \
+                || echo "bench_scope $backend $group exited with $?"
         done
     done
     timeout 100 python3 -m bench.bench_block_sparse --out "$OUT/block_sparse_cuda.jsonl" 2>&1 \

@@ -39,7 +39,7 @@ def profile_variant(args: argparse.Namespace, bias_impl: str, backend: str
     dtype = getattr(torch, args.dtype)
     layer = bench_scope.make_layer(bench_scope.bench_config(args, bias_impl, backend), args.device, dtype)
     inp = bench_scope.attention_inputs(layer.config, args.seq_lens[0], args.device, dtype, seed=0,
-                                       grad=not args.forward_only)
+                                       grad=not args.forward_only, batch=args.batch)
     _, fwd, fb = bench_scope.scope_step_calls(layer, inp, args.compile)
     run_step = fwd if args.forward_only else fb
     layer.train(not args.forward_only)

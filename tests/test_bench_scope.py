@@ -52,7 +52,22 @@ def test_cpu_smoke_run_writes_tables_to_the_results_dir(tmp_path: Path, monkeypa
     assert "errors" not in timing
     assert {"device", "torch", "commit"} <= set(timing)
     table = (tmp_path / "scope_cpu.md").read_text()
-    assert "## Correctness" in table and "## Attention" in table and "| 512 | score_mod |" in table
+    assert "## Correctness" in table and "## Attention" in table and "| 512 | 1 | score_mod |" in table
+
+
+def test_batched_smoke_run_records_its_batch_and_leaves_the_target_to_one_sequence(tmp_path: Path) -> None:
+    """--batch 2: the check, the timings and the module run on two sequences and say so; a 128k verdict is read
+    from one-sequence rows only."""
+    assert bench_scope.main([*SMOKE_ARGS, "--batch", "2", "--results-dir", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "scope_cpu.jsonl").read_text().splitlines()]
+    check, timing = records[0], records[1]
+    assert check["ok"] and check["batch"] == 2 and timing["batch"] == 2
+    assert isinstance(timing["module_fwd_ms"], float) and "errors" not in timing
+    assert "| 512 | 2 | score_mod |" in (tmp_path / "scope_cpu.md").read_text()
+    at_target = {"T": bench_scope.TARGET_SEQ_LEN, "bias_impl": "qk_aug", "backend": "triton", "dense/scope_fb": 9.0,
+                 "mask_frac_fb": 0.01}
+    assert bench_scope.target_lines([{**at_target, "batch": 2}]) == []
+    assert bench_scope.target_lines([at_target])[0].endswith(": met")
 
 
 def test_results_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -63,9 +78,10 @@ def test_results_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert bench_scope.results_dir(str(tmp_path / "arg")) == tmp_path / "arg"
 
 
-def test_check_fails_when_the_step_reads_other_blocks_than_it_reports() -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_check_fails_when_the_step_reads_other_blocks_than_it_reports(batch: int) -> None:
     """The correctness check must be able to fail: a step whose reported lists omit each row's first
-    listed block (it still reads it) is caught, while the true step passes."""
+    listed block (it still reads it) is caught, while the true step passes; on one sequence and on two."""
     layer = small_layer()
 
     def lying_step(layer: ScopeAttention, q, k, v, qc):
@@ -74,9 +90,9 @@ def test_check_fails_when_the_step_reads_other_blocks_than_it_reports() -> None:
         keep = kv_num > 1  # rows with one block keep it (the diagonal)
         return out, torch.where(keep[..., None], dropped, kv_idx), torch.where(keep, kv_num - 1, kv_num)
 
-    good = check_scope(layer, scope_attention_step, 512, "cpu", torch.float32, backward=False)
-    assert good["ok"], good
-    bad = check_scope(layer, lying_step, 512, "cpu", torch.float32, backward=False)
+    good = check_scope(layer, scope_attention_step, 512, "cpu", torch.float32, backward=False, batch=batch)
+    assert good["ok"] and good["batch"] == batch, good
+    bad = check_scope(layer, lying_step, 512, "cpu", torch.float32, backward=False, batch=batch)
     assert not bad["ok"] and "max" in bad["failed"]
 
 
@@ -95,6 +111,20 @@ def test_reference_bias_matches_the_dense_helper() -> None:
     assert coeffs.A.abs().max() > 1e-2  # the bias is on
     torch.testing.assert_close(b64, dense, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(b32.double(), dense, rtol=0, atol=1e-4)  # fp32 phases up to w_K * T = 50 rad
+
+
+def test_reference_bias_of_a_batch_is_each_sequence_s_bias() -> None:
+    """The reference helpers take coefficients with a leading batch dim: each sequence's bias is its own."""
+    layer = small_layer().double()
+    seq_len = 128
+    qc = torch.randn(2, 2, seq_len, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        coeffs = layer.spectral.coefficients(qc)
+    for helper in (spectral_bias_float64, spectral_bias_float32):
+        both = helper(coeffs.A, coeffs.B, coeffs.c, layer.spectral.freqs, seq_len)
+        for b in range(2):
+            alone = helper(coeffs.A[b], coeffs.B[b], coeffs.c[b], layer.spectral.freqs, seq_len)
+            torch.testing.assert_close(both[b], alone, rtol=0, atol=0)
 
 
 def test_sliding_window_mask_lists_and_mask_mod() -> None:
