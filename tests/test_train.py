@@ -124,8 +124,21 @@ def test_damaged_run_folder_names_the_file(tmp_path: Path) -> None:
             train(tiny_config(out_dir, "resume=true", "eval.text_samples=0"))
 
 
-def nan_at(steps: set[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the loss of the given (0-based) optimizer steps NaN."""
+class _NaNGradient(torch.autograd.Function):
+    """The identity whose backward returns NaN: a finite loss with a non-finite gradient (an overflow in a
+    backward kernel looks like this)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def nan_at(steps: set[int], monkeypatch: pytest.MonkeyPatch, where: str = "loss") -> None:
+    """Make the loss (``where="gradient"``: only its gradient) of the given (0-based) optimizer steps NaN."""
     real = train_module.scored_loss_sum
     counter = {"calls": 0}
 
@@ -133,19 +146,25 @@ def nan_at(steps: set[int], monkeypatch: pytest.MonkeyPatch) -> None:
         step = counter["calls"]
         counter["calls"] += 1
         loss = real(logits, targets)
-        return loss * float("nan") if step in steps else loss
+        if step not in steps:
+            return loss
+        return loss * float("nan") if where == "loss" else _NaNGradient.apply(loss)
 
     monkeypatch.setattr(train_module, "scored_loss_sum", poisoned)
 
 
-def test_nonfinite_step_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Step 3's NaN loss changes no weight: the run equals one whose step 3 never updated anything."""
-    nan_at({2}, monkeypatch)
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_step_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Step 3's NaN loss, or its finite loss with a NaN gradient, changes no weight: the run equals one whose step
+    3 never updated anything."""
+    nan_at({2}, monkeypatch, where)
     out_dir = tmp_path / "run"
     summary = train(tiny_config(out_dir, "eval.text_samples=0", "train.ckpt_interval=1", "train.keep_checkpoints=6"))
     assert summary["status"] == "finished" and summary["skipped"] == 1
     skips = records(out_dir, "skip")
     assert [r["step"] for r in skips] == [3] and "nan" in skips[0]["reason"]
+    if where == "gradient":
+        assert "gradient norm nan" in skips[0]["reason"] and "loss nan" not in skips[0]["reason"]
     before, after = (load_checkpoint(out_dir / f"ckpt-{s:08d}.pt")["model"] for s in (2, 3))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(t).all() for t in weights(out_dir).values() if t.is_floating_point())
