@@ -96,6 +96,43 @@ def test_resume_is_bitwise_exact(tmp_path: Path) -> None:
         [(r["step"], r["loss"]) for r in records(split, "train")]
 
 
+def test_a_checkpoint_cut_short_leaves_the_complete_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint write that fails half way (a full disk: some bytes written, then OSError) leaves no partial
+    file behind, the complete checkpoints as they were, and a folder that resumes to the same weights as a run
+    that never failed."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train(tiny_config(straight, "eval.text_samples=0"))
+    real_save = torch.save
+
+    def disk_full_at_step_4(obj: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            handle.write(b"the first bytes of a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_config(cut, "eval.text_samples=0"))
+    assert [p.name for p in list_checkpoints(cut)] == ["ckpt-00000002.pt"]
+    assert not [p.name for p in cut.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(tiny_config(cut, "eval.text_samples=0", "resume=true"))["step"] == 6
+    a, b = (weights(d) for d in (straight, cut))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path: Path) -> None:
+    """atomic_write in a process that dies half way through (os._exit after some bytes, as a SIGKILL or a power
+    cut would): the file keeps its old, complete content; the partial write is only a hidden temporary file."""
+    path = tmp_path / "ckpt-00000002.pt"
+    path.write_bytes(b"old and complete")
+    code = ("import os\nfrom sal_harness.checkpoint import atomic_write\n"
+            f"atomic_write({str(path)!r}, lambda h: (h.write(b'new but partial'), h.flush(), os._exit(9)))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 9
+    assert path.read_bytes() == b"old and complete"
+    assert list_checkpoints(tmp_path) == [path]
+
+
 def test_resume_refusals(smoke_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     out_dir, _ = smoke_run
     with pytest.raises(RunFolderError, match="already holds checkpoints"):
