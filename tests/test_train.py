@@ -24,7 +24,7 @@ from harness_tiny import tiny_config, tiny_overrides
 from omegaconf import OmegaConf
 
 from sal_harness import train as train_module
-from sal_harness.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sal_harness.checkpoint import list_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sal_harness.config import validate_run_config
 from sal_harness.errors import NonFiniteTrainingError, RunFolderError
 from sal_harness.train import lr_at, run_and_exit, seq_len_at, task_at_length, train
@@ -131,6 +131,19 @@ def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 9
     assert path.read_bytes() == b"old and complete"
     assert list_checkpoints(tmp_path) == [path]
+
+
+def test_rng_state_round_trip_restores_the_data_and_global_generators() -> None:
+    """What a checkpoint keeps of the random state: restored, both the data generator and torch's global one
+    draw what they drew after the save (a model drawing from the global generator, e.g. dropout, resumes exactly)."""
+    data = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=data), torch.rand(5)
+    saved = rng_state(data)
+    after = torch.rand(4, generator=data), torch.rand(4)
+    torch.rand(7, generator=data), torch.rand(7)  # the run goes on, then resumes from the checkpoint
+    restore_rng_state(saved, data)
+    again = torch.rand(4, generator=data), torch.rand(4)
+    assert all(torch.equal(x, y) for x, y in zip(after, again, strict=True))
 
 
 def test_resume_refusals(smoke_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
