@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nsa import NSAAux
+from sal_harness import evaluate
 from sal_harness.data import Batch
 from sal_harness.evaluate import RecallSums, nsa_probe, scope_probe
 from sal_harness.report import results_markdown
@@ -130,3 +131,49 @@ def test_results_table_shows_text_bpb_against_dense_and_unlike_recipes() -> None
     assert "| window | text | 64 | 1.0 | 6 | 1.200 | -4.0% | cpu |" in table  # a row without a recipe: no check
     assert "| dense | text | 64 | 1.0 | 6 | 1.250 |  | cpu |" in table
     assert "- scope / text: `train.batch_size=2 train.curriculum_batch=fixed`" in table
+
+
+@pytest.mark.parametrize(("alloc", "centre", "covered"), [(2, 5, (5, 6)), (4, 5, (4, 7))])
+def test_an_even_pointer_window_reaches_one_block_further_after_its_centre(alloc: int, centre: int,
+                                                                           covered: tuple[int, int]) -> None:
+    # A peak of n blocks covers centre - (n - 1) // 2 .. centre + n // 2 (scope.pointer_mask's slots): n = 2 at 5
+    # covers 5..6, n = 4 covers 4..7. Sources one block outside each edge, and on each edge, in blocks of 4 tokens.
+    low, high = covered
+    recalls = []
+    for source_block in (low - 1, low, high, high + 1):
+        sums = RecallSums()
+        aux = pointer_layer(centres=[[[centre]]], alloc=alloc, listed=[[[0]]])
+        sums.add([scope_probe(cast(Any, aux), batch(3, [4 * source_block + 1]), block=4)])
+        recalls.append(sums.fields()["pointer_recall"])
+    assert recalls == [0.0, 1.0, 1.0, 0.0]  # the two edge blocks, not the two outside
+
+
+def test_an_answer_counts_as_exact_only_when_all_its_tokens_are_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate_cell's accuracy is exact match over an answer's tokens, token_accuracy their share: two samples of
+    one two-token answer, one with its second token wrong -> accuracy 1/2, token accuracy 3/4."""
+    hits = torch.tensor([[[True, False]], [[True, True]]])
+    monkeypatch.setattr(evaluate, "answer_hits", lambda logits, data, answer_len: hits[: len(logits)])
+
+    class Samples:
+        config = SimpleNamespace(answer_len=2)
+
+        def sample(self, size: int, generator: torch.Generator, **where: Any) -> Any:
+            return _Sized(torch.zeros(size, 8, dtype=torch.long))
+
+    def model(inputs: torch.Tensor, return_aux: bool) -> Any:
+        return SimpleNamespace(logits=torch.zeros(inputs.shape[0], 8, 4), aux=None)
+
+    model.config = SimpleNamespace(attention=None)  # type: ignore[attr-defined]
+    cell = evaluate.evaluate_cell(cast(Any, model), cast(Any, Samples()), distance=4, depth=None, samples=2,
+                                  batch_size=2, generator=torch.Generator(), device="cpu")
+    assert (cell["accuracy"], cell["token_accuracy"], cell["n"]) == (0.5, 0.75, 2)
+
+
+class _Sized:
+    """A batch stand-in: inputs, and len() = its samples."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
