@@ -29,7 +29,8 @@ def test_clean_check_exits_zero(tmp_path: Path) -> None:
     assert bench_decode.main([*CHECK_ARGS, "--results-dir", str(tmp_path)]) == 0
 
 
-@pytest.mark.parametrize("planted", [(0, 1, 0), (1, -1, 0)], ids=["sel_off_by_one", "same_sum_other_branches"])
+@pytest.mark.parametrize("planted", [(0, 1, 0), (1, -1, 0), (0, 0, -1)],
+                         ids=["sel_off_by_one", "same_sum_other_branches", "win_off_by_one"])
 def test_planted_mismatch_exits_nonzero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str], planted: tuple[int, int, int]) -> None:
     """A formula that disagrees with the measured reads at one length (in the total, or only in how the total
