@@ -645,6 +645,18 @@ def test_telemetry_counts_kept_peaks_only():
     assert sum(s["dstar_hist_tokens"]["counts"]) == 16  # every D*, dropped peaks included
 
 
+def test_telemetry_radius_of_an_even_window_is_its_longer_side():
+    """Equal logits split the budget of 4 into n = 2 and 2: a window of 2 blocks reaches r = n // 2 = 1 block from
+    its centre on its longer side (centre .. centre + 1), so every kept peak lands in the radius-1 bin."""
+    seq_len, d_star, _, docs, kw = telemetry_case()
+    logits = torch.zeros(1, 1, 8, 2, dtype=F64)
+    pm = build_pointer_block_mask(d_star, logits, seq_len, doc_ids=docs, **kw)
+    assert pm.alloc[0, 0].tolist() == [[2, 2]] * 8
+    s = pointer_stats(pm, d_star, None, 4, budget=4, local_blocks=2, global_blocks=1, max_radius=1)
+    assert s["ptr_alloc_hist"] == [0, 0, 16, 0]
+    assert s["ptr_radius_hist"] == [0, 16]
+
+
 def test_telemetry_sliding_window():
     sw = sliding_window_block_mask(32, 4, 2)
     s = pointer_stats(sw, torch.zeros(1, 1, 8, 0, dtype=F64), None, 4, budget=0, local_blocks=2,
