@@ -158,6 +158,7 @@ def test_corpus_is_split_by_document() -> None:
     val_bytes = bytes(corpus_stream("val", 0.1).tolist())
     train_bytes = bytes(corpus_stream("train", 0.1).tolist())
     assert all(d.data in val_bytes and d.data not in train_bytes for d in val if len(d.data) > 2000)
+    assert all(d.data in train_bytes and d.data not in val_bytes for d in train if len(d.data) > 2000)
     assert len(train_bytes) > 1_000_000 and len(val_bytes) > 50_000
 
 

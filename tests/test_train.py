@@ -291,6 +291,10 @@ def test_schedule_and_curriculum() -> None:
     lrs = [lr_at(s, tc) for s in range(22)]
     assert lrs[3] == pytest.approx(tc.lr) and lrs[0] < lrs[3] and lrs[20] == lrs[21] == tc.min_lr
     assert all(a >= b - 1e-15 for a, b in itertools.pairwise(lrs[3:]))  # warm-up end == cosine start
+    # a cosine from lr at the warm-up's end (step 4) to min_lr at max_steps: half way (step 12) the mean of the two,
+    # a quarter of the way (step 8) min_lr + (1 + cos(pi / 4)) / 2 of the span
+    assert lrs[12] == pytest.approx((tc.lr + tc.min_lr) / 2)
+    assert lrs[8] == pytest.approx(tc.min_lr + (1 + math.cos(math.pi / 4)) / 2 * (tc.lr - tc.min_lr))
     tc = tiny_config(Path("x"), "train.curriculum_start=16", "train.curriculum_steps=4").train
     assert [seq_len_at(s, tc, 64) for s in range(6)] == [16, 32, 48, 64, 64, 64]
     # geometric: 16 * 4^(s/4) = 16, 22.6, 32, 45.3, 64 before rounding up to multiples of 8
