@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -275,6 +276,44 @@ def test_sigint_to_the_cli(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "resume=true" in err and list_checkpoints(out_dir)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_the_optimizer_sees_gradients_clipped_to_grad_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          clip: float) -> None:
+    """train.grad_clip bounds the global gradient norm that reaches AdamW.step (0: no bound; the tiny run's norms
+    then exceed 1e-3, so the bound is what keeps them under it)."""
+    seen: list[float] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train(tiny_config(tmp_path / "run", "eval.text_samples=0", f"train.grad_clip={clip}"))
+    assert len(seen) == 6
+    if clip:
+        assert max(seen) <= clip * (1 + 1e-5)
+    else:
+        assert min(seen) > 1e-3
+
+
+def test_bits_per_byte_is_the_held_out_loss_in_bits() -> None:
+    """evaluate_text: a model that spreads its bets evenly over the 256 bytes scores ln 256 nats per byte, which is
+    8 bits per byte."""
+    from sal_harness.evaluate import evaluate_text
+
+    class Uniform(torch.nn.Module):
+        def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
+            logits = torch.zeros(*inputs.shape, 256)
+            return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+
+    task = tiny_config(Path("x"), "task=text").task
+    result = evaluate_text(cast(Any, Uniform()), task, samples=3, batch_size=2, seed=0, device="cpu")
+    assert result["val_loss"] == pytest.approx(math.log(256)) and result["n"] == 3
+    assert result["bpb"] == pytest.approx(8.0)
 
 
 def test_gradient_accumulation_takes_the_same_step(tmp_path: Path) -> None:
