@@ -71,6 +71,8 @@ def test_compress_mean_pool_matches_reference(s: Shape):
     torch.testing.assert_close(got, ref_compress_mean(x, s.l, s.d), **TOL64)
     # CompressPool in mean mode, and a freshly built mlp mode (documented to start as mean pooling)
     torch.testing.assert_close(CompressPool(s.Dk, s.l, s.d, kind="mean")(x), ref_compress_mean(x, s.l, s.d), **TOL64)
+    fresh_mlp = CompressPool(s.Dk, s.l, s.d, kind="mlp").double()
+    torch.testing.assert_close(fresh_mlp(x), ref_compress_mean(x, s.l, s.d), **TOL64)
 
 
 
