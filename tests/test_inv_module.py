@@ -38,8 +38,11 @@ def test_module_aux(gate, compression):
     assert torch.equal(m(x), y)
     assert aux.gates.shape == (2, 23, 4, 3)
     assert bool(((aux.gates > 0) & (aux.gates < 1)).all())
-    if gate == "softmax":
-        torch.testing.assert_close(aux.gates.sum(-1), torch.ones(2, 23, 4, dtype=F64))
+    # NSA.md: g = sigmoid(W x_t + b) per query head and branch (softmax over the three branches as the option);
+    # gate_proj's output is [HQ, 3] per token, head-major
+    logits = (x @ m.gate_proj.weight.T + m.gate_proj.bias).view(2, 23, 4, 3)
+    want = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(aux.gates, want, rtol=1e-12, atol=1e-12)
     idx = aux.block_indices
     assert idx.shape == (2, 23, 2, 4) and idx.dtype == torch.int64
     lp, n = TINY["sel_block_size"], TINY["num_selected"]
