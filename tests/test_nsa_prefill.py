@@ -818,3 +818,19 @@ def test_selection_launch_settings_follow_the_programs_tokens_and_head_dims(grou
     assert query_launch(tiles, constexprs, dq=False) == settings[fwd]
     one_dq = {"num_warps": 4, "num_stages": 5}  # one token's dq: its own pipeline depth
     assert query_launch(tiles, constexprs, dq=True) == (settings["tile"] if dq == "tile" else one_dq)
+
+
+def test_nsa_backend_environment_variable_overrides_the_call(monkeypatch):
+    """NSA_BACKEND (the design card's switch) wins over the call's backend: torch runs a float64 call that asked for
+    triton (the kernels refuse float64), triton refuses a call that asked for torch, and any other value is an
+    error naming the variable."""
+    inputs = [t.detach().double() for t in make_inputs(1, [24], 4, 2, 8, 8, SMALL, seed=5)]
+    want = nsa_attention(*inputs, **SMALL, backend="torch").output
+    monkeypatch.setenv("NSA_BACKEND", "torch")
+    assert torch.equal(nsa_attention(*inputs, **SMALL, backend="triton").output, want)
+    monkeypatch.setenv("NSA_BACKEND", "triton")
+    with pytest.raises(NSAInputError, match="float64"):
+        nsa_attention(*inputs, **SMALL, backend="torch")
+    monkeypatch.setenv("NSA_BACKEND", "fast")
+    with pytest.raises(NSAInputError, match=r"NSA_BACKEND='fast' must be one of"):
+        nsa_attention(*inputs, **SMALL)
