@@ -3,6 +3,7 @@ score_mod = qk_aug, the teacher signal moving pointers, telemetry, errors."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from reference import ref_rope
 from bench.scope_pointer_toy import PERIOD, periodic_retrieval_layer_and_input, train_pointers
 from scope import ScopeConfig, ScopeInputError
 from scope.scope_attention import ScopeAttention
-from scope.teacher import layer_teacher_loss, teacher_block_targets
+from scope.teacher import inclusion_probability, layer_teacher_loss, teacher_block_targets, teacher_loss
 from scope.telemetry import ScopeTelemetry
 
 F64 = torch.float64
@@ -265,3 +266,45 @@ def test_teacher_loss_of_the_last_rows_reaches_blocks_beyond_them() -> None:
     for bad in (12, 0, 264):  # not a block multiple, none, more than T
         with pytest.raises(ScopeInputError, match="teacher"):
             layer_teacher_loss(layer, x, queries=bad)
+
+
+def test_inclusion_and_teacher_loss_equal_a_float64_loop_over_blocks() -> None:
+    """scope.teacher's student and losses against a loop written from SCOPE.md section 3 and the module docstring:
+    key block kb's interval [kb, kb + 1) has its middle at kb + 1/2; peak m covers it with sigmoid((radius_m -
+    |kb + 1/2 - centre_m|) / tau), centre_m = (t_rep - D*_m) / block, radius_m = budget softmax(u / temp)_m / 2;
+    the peaks combine by noisy-OR; causal blocks outside the local band only. Coverage: the mean over rows with
+    teacher mass of -sum target log p; budget: the mean over rows of ((sum p - budget) / budget)^2."""
+    gen = torch.Generator().manual_seed(7)
+    batch, heads, query_blocks, peaks, num_blocks, block, budget, local, tau, temp = 2, 2, 3, 2, 6, 4, 3, 1, 0.5, 1.5
+    d_star = torch.rand(batch, heads, query_blocks, peaks, generator=gen, dtype=F64) * 20
+    logits = torch.randn(batch, heads, query_blocks, peaks, generator=gen, dtype=F64)
+    t_rep = torch.tensor([15.0, 19.0, 23.0], dtype=F64)  # the last three of six blocks of 4 (their last tokens)
+    got = inclusion_probability(d_star, logits, t_rep, block=block, budget=budget, budget_temp=temp, tau=tau,
+                                local_blocks=local, num_blocks=num_blocks)
+    want = torch.zeros(batch, heads, query_blocks, num_blocks, dtype=F64)
+    for b, h, i, kb in itertools.product(range(batch), range(heads), range(query_blocks), range(num_blocks)):
+        qb = num_blocks - query_blocks + i
+        if kb > qb - local:
+            continue
+        share = [math.exp(float(u) / temp) for u in logits[b, h, i]]
+        miss = 1.0
+        for m in range(peaks):
+            centre = (float(t_rep[i]) - float(d_star[b, h, i, m])) / block
+            radius = budget * share[m] / sum(share) / 2
+            miss *= 1 - 1 / (1 + math.exp(-(radius - abs(kb + 0.5 - centre)) / tau))
+        want[b, h, i, kb] = 1 - miss
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    target = torch.rand(batch, heads, query_blocks, num_blocks, generator=gen, dtype=F64) * (want > 0)
+    target[0, 0, 0] = 0.0  # a row without teacher mass: left out of the coverage mean
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)
+    loss = teacher_loss(target, got, budget, budget_weight=0.25)
+    rows = [(b, h, i) for b, h, i in itertools.product(range(batch), range(heads), range(query_blocks))]
+    with_mass = [r for r in rows if float(target[r].sum()) > 0]
+    coverage = sum(-sum(float(target[r][kb]) * math.log(max(float(got[r][kb]), 1e-6)) for kb in range(num_blocks))
+                   for r in with_mass) / len(with_mass)
+    budget_term = sum(((float(got[r].sum()) - budget) / budget) ** 2 for r in rows) / len(rows)
+    assert len(with_mass) == len(rows) - 1
+    assert float(loss.coverage) == pytest.approx(coverage, rel=1e-12)
+    assert float(loss.budget) == pytest.approx(budget_term, rel=1e-12)
+    assert float(loss.total) == pytest.approx(coverage + 0.25 * budget_term, rel=1e-12)
