@@ -403,6 +403,14 @@ def test_elementwise_kernels_stay_off_the_cpu_and_under_the_torch_switch(monkeyp
     assert not dispatch.elementwise_kernel_applies(x)
 
 
+def test_kept_rope_tables_are_per_dtype():
+    """The frequency tables apply_rope keeps per size are also per dtype: a float32 call first (its table rounded
+    to float32) leaves a later float64 call of the same head dim and theta at float64 accuracy."""
+    x = randn(1, 40, 2, 6, seed=21)
+    apply_rope(x.float(), None, 12345.0)
+    torch.testing.assert_close(apply_rope(x, None, 12345.0), ref_rope(x, torch.arange(40), 12345.0), **TOL64)
+
+
 @pytest.mark.parametrize(("stride", "offset"), [(1, 0.0), (16, 15.5), (4, 1.5)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_apply_rope_of_sequence_positions_equals_them_as_a_tensor(monkeypatch, stride, offset, dtype):
