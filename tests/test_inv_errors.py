@@ -259,12 +259,20 @@ def _idx_with(t: int, value: int) -> torch.Tensor:
     return idx
 
 
+def _idx_twice(t: int, value: int) -> torch.Tensor:
+    idx = _idx_with(t, value)
+    idx[0, t, 0, 1] = value
+    return idx
+
+
 INDEX_CASES = [
     ("out_of_range", _idx_with(T - 1, -(-T // LP))),  # ceil(T / l') = 3 blocks: index 3 does not exist
     ("far_out_of_range", _idx_with(T - 1, 1000)),
     ("below_minus_one", _idx_with(5, -2)),
     ("future_block", _idx_with(3, 1)),  # t=3: block 1 starts at 4 > 3
     ("future_block_last_row", _idx_with(7, 2)),  # t=7: block 2 starts at 8 > 7
+    ("repeated_block", _idx_twice(6, 1)),  # a block listed twice in one row (-1 may repeat, blocks may not)
+    ("repeated_block_zero", _idx_twice(2, 0)),
 ]
 
 
