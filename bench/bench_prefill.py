@@ -279,6 +279,11 @@ def check(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, batch:
     return row
 
 
+def batch_field(batch: int) -> dict[str, int]:
+    """The ``batch`` a check or layer row carries: none for one sequence (the rows every target reads)."""
+    return {"batch": batch} if batch > 1 else {}
+
+
 def layer_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, impls: list[str], batch: int = 1
                ) -> list[dict]:
     """One row per implementation: ``batch`` sequences of seq_len tokens (the rows of batch > 1 say so)."""
@@ -286,9 +291,7 @@ def layer_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, i
     backend = "triton" if device.startswith("cuda") else "torch"  # the CPU smoke run times the torch path
     rows = []
     for impl in impls:
-        row: dict[str, Any] = {"impl": impl, "shape": shape_name, "T": seq_len}
-        if batch > 1:
-            row["batch"] = batch
+        row: dict[str, Any] = {"impl": impl, "shape": shape_name, "T": seq_len, **batch_field(batch)}
         if impl == "nsa":
             rows.append(guarded(row, lambda: measure(lambda inputs: run_nsa(inputs, backend),
                                                       lambda g: nsa_inputs(shape, seq_len, dtype, device, g,
@@ -823,7 +826,7 @@ def main() -> None:
     if "check" in args.parts and cuda:
         for shape in args.shapes:
             result = {"impl": "check", "shape": shape, "T": args.check_len,
-                      **({"batch": args.batch} if args.batch > 1 else {}),
+                      **batch_field(args.batch),
                       **check(shape, args.check_len, args.device, dtype, args.batch)}
             record([result])
             if not result["passed"]:

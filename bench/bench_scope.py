@@ -336,11 +336,11 @@ def spectral_bias_float32(coef_a: Tensor, coef_b: Tensor, slope: Tensor | None, 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, allowed: Tensor,
                     round_to: torch.dtype | None = None) -> Tensor:
     """softmax(q k^T * scale + bias, masked to ``allowed``) v in q's dtype, one (sequence, head) at a time
-    (GQA: head h reads kv head h // G); ``bias`` and ``allowed`` are [B, H, T, T] (``allowed`` may drop the
-    B: the same for every sequence). ``round_to`` rounds the probabilities before P @ V and the output
-    to that dtype (the two places a bf16 flash-style kernel rounds)."""
+    (GQA: head h reads kv head h // G); ``bias`` [B, H, T, T], ``allowed`` [B | 1, H, T, T] (1: the same for
+    every sequence). ``round_to`` rounds the probabilities before P @ V and the output to that dtype (the two
+    places a bf16 flash-style kernel rounds)."""
     heads, group = q.shape[1], q.shape[1] // k.shape[1]
-    allowed = allowed.expand(q.shape[0], -1, -1, -1) if allowed.dim() == 3 else allowed
+    allowed = allowed.expand(q.shape[0], -1, -1, -1)
     outs = []
     for b, h in itertools.product(range(q.shape[0]), range(heads)):
         s = (q[b, h] @ k[b, h // group].T) * scale
@@ -464,7 +464,7 @@ def sdpa_grad_error(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, scale: float)
     grads = torch.autograd.grad(out, (ql, kl, vl), dout)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     seq_len = q.shape[2]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril().expand(q.shape[1], -1, -1)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril().expand(1, q.shape[1], -1, -1)
     ref = dense_attention(q64, k64, v64, scale, None, causal)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     return {name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True)}
