@@ -411,6 +411,24 @@ def test_batched_layer_rows_are_tabled_beside_dense_at_their_batch_and_leave_the
         ("", "0.9", "0.5"), ("8", "0.75", "0.25")]
 
 
+def test_a_length_measured_only_under_batch_leaves_the_peak_memory_targets_alone(tmp_path: Any) -> None:
+    """The peak-memory targets read batch-1 rows: a length with only --batch rows writes no peak target for it (and
+    the report is written)."""
+    rows = [
+        {"impl": "nsa", "shape": "public", "T": 8192, "fwd_ms": 1.0, "fwdbwd_ms": 9.0, "peak_gib": 1.5},
+        {"impl": "dense", "shape": "public", "T": 8192, "fwd_ms": 2.0, "fwdbwd_ms": 10.0, "peak_gib": 1.0},
+        {"impl": "nsa", "shape": "public", "T": 4096, "batch": 8, "fwd_ms": 4.0, "fwdbwd_ms": 60.0, "peak_gib": 3.0},
+        {"impl": "dense", "shape": "public", "T": 4096, "batch": 8, "fwd_ms": 16.0, "fwdbwd_ms": 80.0, "peak_gib": 1.0},
+    ]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows))
+    markdown = tmp_path / "rows.md"
+    bench_prefill.write_markdown(markdown, jsonl)
+    peaks = [line for line in markdown.read_text().splitlines() if "peak memory vs dense" in line]
+    assert [[cell.strip() for cell in line.split("|")[1:5]] for line in peaks] == [
+        ["8k peak memory vs dense", "1.5", "1.5", "met"]]
+
+
 def test_layer_rows_run_a_batch_of_sequences() -> None:
     """The CPU smoke run of --batch 2: each impl's inputs hold two sequences, and the rows say so."""
     rows = bench_prefill.layer_rows("gpt", 128, "cpu", torch.float32, ["nsa", "dense"], batch=2)
