@@ -261,6 +261,14 @@ def row_cases() -> Iterator[KernelCase]:
                                     ("token_start_ptr", "*i64"), ("block_start_ptr", "*i64"), ("position_ptr", "*i64")))
 
 
+def union_cases() -> Iterator[KernelCase]:
+    """The selection's query-tile unions (nsa.kernels.selected.query_tiles) at n = 16, as the GPT's G = 2 (8
+    tokens per program) and G = 4's short programs (16 tokens) launch them: Triton's default 4 warps, 3 stages."""
+    for tokens in (8, 16):
+        yield KernelCase(f"union_{tokens}", selected._query_union_kernel,
+                         {"NUM_SELECTED": 16, "NP": 16, "BQ": tokens, "UNION": tokens * 16}, 4, 3)
+
+
 def compile_case(case: KernelCase, arch: int = 90) -> Any:
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(case.fn.arg_names)
                  if name.startswith("stride") or name.endswith("_ptr")}
@@ -355,6 +363,8 @@ def main() -> None:
         report("decode", case)
     for case in row_cases():
         report("rows  ", case)
+    for case in union_cases():
+        report("union ", case)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ The forward and dq of one-token programs read one K / V block per (token, kv hea
 L2-bound (docs/PERF_NOTES.md). A program of BQ tokens reads each block of its union once, for all its BQ x GP
 rows, masking the rows whose token did not select it. On a random selection with the top-n's rule
 (``random_selection``: the three forced blocks and n - 3 distinct complete candidates drawn uniformly, as random
-inputs select) this counts, through the lists ``query_tiles`` builds:
+inputs select) this counts, over the same unions ``query_tiles`` lists:
 - bytes: the union's blocks over the tokens' selected blocks (the K / V reads left);
 - rows: the union's blocks x BQ over the tokens' selected blocks (each block's dot runs all BQ tokens' rows).
 
@@ -20,8 +20,7 @@ import argparse
 import torch
 
 from nsa.kernels.launch_args import next_power_of_2
-from nsa.kernels.selected import SelectedTiles, query_tiles
-from nsa.kernels.tiles import packed_batch
+from nsa.kernels.selected import query_tile_shape
 
 SEL_BLOCK, NUM_SELECTED = 64, 16
 
@@ -43,13 +42,22 @@ def random_selection(seq_len: int, seed: int = 0) -> torch.Tensor:
 
 def union_shares(indices: torch.Tensor, tokens: int, group: int = 16) -> tuple[float, float]:
     """(bytes, rows) of programs of ``tokens`` tokens x the group's heads (``group`` padded to a power of two)
-    on ``indices`` (int32 [T, H_kv, n]), against one-token programs."""
-    tiles = SelectedTiles(rows=tokens * next_power_of_2(group))
-    query = query_tiles(indices, packed_batch(1, indices.shape[0], indices.device), group, tiles)
-    if query.constexprs["BQ"] != tokens:
-        raise ValueError(f"{tokens} tokens x {query.constexprs['GP']} heads is not a program of query_tile_shape")
+    on ``indices`` (int32 [T, H_kv, n] of one sequence), against one-token programs. The unions are the sets of
+    distinct blocks each program's tokens selected (what ``query_tiles`` lists for the kernels), counted here
+    through a block-membership table per program."""
+    shape = query_tile_shape(group, tokens * next_power_of_2(group))
+    if shape["BQ"] != tokens:
+        raise ValueError(f"{tokens} tokens x {shape['GP']} heads is not a program of query_tile_shape")
+    seq_len, num_kv_heads, num_selected = indices.shape
+    programs = -(-seq_len // tokens)
+    padded = indices.new_full((programs * tokens, num_kv_heads, num_selected), -1)
+    padded[:seq_len] = indices
+    slots = padded.view(programs, tokens, num_kv_heads, num_selected).transpose(1, 2).reshape(
+        programs * num_kv_heads, tokens * num_selected)
+    member = torch.zeros(slots.shape[0], int(indices.max()) + 2, dtype=torch.bool)
+    member.scatter_(1, slots.long() + 1, True)  # column 0 collects the unused slots (-1)
     reads = int((indices >= 0).sum())
-    union = int(query.counts.sum())
+    union = int(member[:, 1:].sum())
     return union / reads, union * tokens / reads
 
 

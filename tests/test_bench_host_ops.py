@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# one forward + backward: the range kernels run for the compression and the window
+# one forward + backward: the range kernels run for the compression and the window; the selection's query-tile
+# unions (G = 2: 8 tokens per program) are built once, by the forward, and the dq reads them
 PREFILL_LAUNCHES = {"_range_fwd_kernel": 2, "_topn_kernel": 1, "_sel_fwd_kernel": 1, "_range_dq_kernel": 2,
-                    "_sel_dq_kernel": 1, "_range_dkdv_kernel": 2, "_sel_dkdv_kernel": 1, "_sel_reduce_kernel": 1}
+                    "_sel_dq_kernel": 1, "_range_dkdv_kernel": 2, "_sel_dkdv_kernel": 1, "_sel_reduce_kernel": 1,
+                    "_query_union_kernel": 1}
 
 
 def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:

@@ -1,5 +1,5 @@
-"""bench.model_query_unions counts the unions the selection's several-token programs walk, through the lists the
-code builds: checked against unions taken by plain loops."""
+"""bench.model_query_unions counts the unions the selection's several-token programs walk: checked against unions
+taken by plain loops."""
 
 from __future__ import annotations
 

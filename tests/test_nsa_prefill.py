@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from conftest import F64, randn, use_prefill_tiles
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import (
     check_selection,
@@ -234,7 +234,6 @@ def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatc
     from collections import OrderedDict
 
     from nsa import sized_tensors as sized
-    from nsa.kernels.selected import tile_token_rows
 
     monkeypatch.setattr(sized, "_SIZED", OrderedDict())
     cpu = torch.device("cpu")
@@ -245,9 +244,8 @@ def test_sized_tensors_are_built_once_per_size_outside_inference_mode(monkeypatc
     assert again.seq is first.seq and again.first is first.first and not first.seq.is_inference()
     assert packed.cu is tiles.packed_batch(3, 40, cpu).cu and packed.cu.tolist() == [0, 40, 80, 120]
     assert tiles.packed_tiles(packed, 8).seq is not first.seq  # another tile: another table
-    rows, live = tile_token_rows(packed, again, 16)
-    assert rows is tile_token_rows(packed, again, 16)[0]
-    assert rows[live[:, :, 0, 0]].tolist() == list(range(120))  # every token once, in order
+    sequences = tiles.token_sequences(packed)
+    assert sequences is tiles.token_sequences(packed) and sequences.tolist() == [s for s in range(3) for _ in range(40)]
     monkeypatch.setattr(sized, "SIZED_ENTRIES", 2)
     for length in (41, 42):
         tiles.packed_tiles(tiles.packed_batch(3, length, cpu), 16)
@@ -736,31 +734,36 @@ def test_range_forward_and_dq_in_either_row_layout_match_float64_reference(heads
     torch.testing.assert_close(dq.double(), dq_before.double() + want["dq"], **TOL)
 
 
-def test_query_tile_unions_are_the_distinct_blocks_of_each_tile():
-    """query_tiles' lists against a plain Python union per (tile, kv head): every distinct block a tile's tokens
-    selected, ascending, nothing else; tiles restart at each sequence; programs past the last tile get none."""
+@given(st.lists(st.integers(0, 13), min_size=1, max_size=4), st.sampled_from([(4, 16), (2, 16), (1, 8), (4, 64)]),
+       st.integers(1, 5), st.integers(0, 2**16 - 1))
+@settings(max_examples=12)  # each example runs ~10 interpreted programs
+def test_query_tile_unions_are_the_distinct_blocks_of_each_tile(lengths, group_rows, num_selected, seed):
+    """query_tiles' lists (a Triton kernel) against a plain Python union per (tile, kv head): every distinct block
+    a tile's tokens selected, ascending, then -1 to the list's end, and their count; tiles restart at each
+    sequence (empty ones included); programs past the last tile get empty lists. The slots repeat blocks and hold
+    -1 (unused), and n need not be a power of two."""
     from nsa.kernels.selected import SelectedTiles, query_tiles
 
-    lengths, num_kv_heads, num_selected, block = [5, 1, 11], 2, 3, 4
-    cu = torch.tensor([0, 5, 6, 17], dtype=torch.int32)
-    generator = torch.Generator().manual_seed(0)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    indices = torch.randint(0, 3, (17, num_kv_heads, num_selected), generator=generator, dtype=torch.int32)
-    indices = torch.where(indices <= (positions // block)[:, None, None], indices, -1)  # -1: an unused slot
-    tiles = query_tiles(indices, packed_varlen(cu, 17), group=4, tiles=SelectedTiles(rows=16))  # GP 4, BQ 4
-    assert tiles.constexprs["BQ"] == 4
+    group, rows = group_rows
+    num_kv_heads, total = 2, sum(lengths)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(-1, 6, (total, num_kv_heads, num_selected), generator=generator, dtype=torch.int32)
+    query = query_tiles(indices, packed_varlen(cu, total), group, SelectedTiles(rows=rows))
+    bq, width = query.constexprs["BQ"], query.constexprs["BQ"] * num_selected
     expected = []
     for start, length in zip(cu[:-1].tolist(), lengths, strict=True):
-        for first in range(0, length, 4):
-            tokens = range(start + first, start + min(first + 4, length))
+        for first in range(0, length, bq):
+            tokens = range(start + first, start + min(first + bq, length))
             expected.append([sorted({j for t in tokens for j in indices[t, h].tolist() if j >= 0})
                              for h in range(num_kv_heads)])
-    blocks = tiles.blocks.view(tiles.table.grid, num_kv_heads, -1)
-    counts = tiles.counts.view(tiles.table.grid, num_kv_heads)
-    for program in range(tiles.table.grid):
+    blocks = query.blocks.view(query.table.grid, num_kv_heads, width)
+    counts = query.counts.view(query.table.grid, num_kv_heads)
+    for program in range(query.table.grid):
         for h in range(num_kv_heads):
-            got = blocks[program, h, :counts[program, h]].tolist()
-            assert got == (expected[program][h] if program < len(expected) else []), (program, h)
+            want = expected[program][h] if program < len(expected) else []
+            assert blocks[program, h].tolist() == want + [-1] * (width - len(want)), (program, h)
+            assert counts[program, h] == len(want), (program, h)
 
 
 @pytest.mark.parametrize(("lengths", "group", "rows"), [([5, 1, 11], 4, 16), ([24], 2, 16), ([3, 9], 1, 32),

@@ -66,6 +66,31 @@ def test_selection_query_tiles_match_float64_reference(monkeypatch, rows, heads,
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("group", "rows"), [(2, 16), (4, 64)])  # the GPT's 8 tokens; G = 4's short programs: 16
+def test_query_tile_unions_at_real_sizes_are_each_tiles_distinct_blocks(group, rows):
+    """query_tiles' union lists (a Triton kernel) over 2 x 16k tokens of random selections with repeats and unused
+    slots, against each (tile, kv head)'s distinct blocks taken through a membership table: ascending, then -1."""
+    from nsa.kernels.selected import SelectedTiles, query_tiles
+    from nsa.kernels.tiles import packed_batch
+
+    batch, seq_len, kv_heads, num_selected, num_blocks = 2, 16384, 2, 16, 256
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    indices = torch.randint(-1, num_blocks, (batch * seq_len, kv_heads, num_selected), device="cuda", generator=gen,
+                            dtype=torch.int32)
+    query = query_tiles(indices, packed_batch(batch, seq_len, indices.device), group, SelectedTiles(rows=rows))
+    bq = query.constexprs["BQ"]
+    slots = indices.view(-1, bq, kv_heads, num_selected).transpose(1, 2).reshape(-1, bq * num_selected)
+    member = torch.zeros(slots.shape[0], num_blocks + 1, dtype=torch.bool, device="cuda")
+    member.scatter_(1, slots.long() + 1, True)
+    member = member[:, 1:]
+    columns = torch.arange(num_blocks, device="cuda").expand_as(member)
+    listed = torch.where(member, columns, num_blocks + columns).sort(-1).values
+    expected = torch.where(listed < num_blocks, listed, -1)[:, :bq * num_selected].int()
+    real = slots.shape[0]  # the table may hold spare programs past the last tile: empty lists
+    assert torch.equal(query.counts[:real], member.sum(-1, dtype=torch.int32)) and not query.counts[real:].any()
+    assert torch.equal(query.blocks[:real], expected) and bool((query.blocks[real:] == -1).all())
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len"), [
     (64, 4, 128, 128, 2048),  # the public shape: 8 tokens x 16 heads per forced program
     (48, 4, 192, 128, 3000),  # G = 12, the paper's d_k, T not a multiple of any block

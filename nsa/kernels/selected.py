@@ -429,6 +429,33 @@ def _sel_reduce_kernel(
                0, BLOCK_DV, DV)
 
 
+@triton.jit
+def _query_union_kernel(idx_ptr, union_ptr, count_ptr, tile_seq_ptr, tile_first_ptr, cu_ptr, num_seqs, num_kv_heads,
+                        stride_it, stride_ih, NUM_SELECTED: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr,
+                        UNION: tl.constexpr):
+    """The union list of one (tile of BQ tokens, kv head): its distinct selected blocks, ascending, then -1, and
+    their count. The BQ x NP slots are sorted once; a slot is a new block where it differs from its predecessor,
+    and its rank among the new ones (a prefix count) is where it goes: ranks are distinct, so the stores never
+    collide and the list comes out the same on every run."""
+    hk = tl.program_id(1)
+    tok0, seq_len, _, _, first = tile_origin(tile_seq_ptr, tile_first_ptr, cu_ptr, cu_ptr, num_seqs, BQ)
+    slots = tl.arange(0, BQ * NP)
+    t = first + slots // NP
+    ok = (t < seq_len) & (slots % NP < NUM_SELECTED)
+    chosen = tl.load(idx_ptr + (tok0 + t) * stride_it + hk * stride_ih + slots % NP, mask=ok, other=-1)
+    never = 2147483647  # int32's largest: unused slots sort after every block
+    ordered = tl.sort(tl.where(chosen >= 0, chosen, never))
+    previous = tl.gather(ordered, tl.maximum(slots - 1, 0), 0)
+    fresh = (ordered < never) & ((slots == 0) | (ordered != previous))
+    rank = tl.cumsum(fresh.to(tl.int32), 0) - 1
+    count = tl.sum(fresh.to(tl.int32), 0)
+    list_id = tl.program_id(0).to(tl.int64) * num_kv_heads + hk
+    tl.store(union_ptr + list_id * UNION + rank, ordered, mask=fresh)
+    unused = (slots >= count) & (slots < UNION)
+    tl.store(union_ptr + list_id * UNION + slots, tl.full([BQ * NP], -1, tl.int32), mask=unused)
+    tl.store(count_ptr + list_id, count)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers: token rows [N, H, D] (last dim contiguous), block_indices int32 [N, H_kv, n] (local block ids,
 # -1 = unused), gate None or [N, HQ], lse / delta float32 [N, HQ] (base 2).
@@ -545,37 +572,18 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
         return QueryTiles(table, block_indices, block_indices, constexprs)
     if unions is not None:
         return QueryTiles(table, *unions, constexprs)
-    rows, live = tile_token_rows(packed, table, bq)
-    chosen = block_indices[rows] if packed.total else block_indices.new_zeros(table.grid, bq, num_kv_heads,
-                                                                              num_selected)
-    never = torch.iinfo(torch.int32).max  # sorts after every block
-    chosen = torch.where(live & (chosen >= 0), chosen.int(), never)
-    width = bq * num_selected
-    ordered = chosen.permute(0, 2, 1, 3).reshape(table.grid * num_kv_heads, width).sort(-1).values
-    # One sort, then each distinct block moves to its rank among the distinct ones (a scatter, not a second sort);
-    # repeats and unused slots go to a spare last column, cut off.
-    fresh = ordered < never
-    fresh[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
-    rank = torch.where(fresh, fresh.cumsum(-1) - 1, width)
-    blocks = ordered.new_full((ordered.shape[0], width + 1), -1).scatter_(1, rank, torch.where(fresh, ordered, -1))
-    return QueryTiles(table, blocks[:, :width].contiguous(), fresh.sum(-1, dtype=torch.int32), constexprs)
-
-
-def tile_token_rows(packed: Packed, table: TileTable, bq: int) -> tuple[Tensor, Tensor]:
-    """The token rows of the programs of ``table`` (tiles of ``bq`` tokens): rows int64 [grid, BQ] (clamped into
-    the packed rows) and live bool [grid, BQ, 1, 1] (the rows that are tokens of the program's tile). Kept per
-    size for a [B, T] batch (nsa.kernels.tiles.packed_sized)."""
-    def build() -> tuple[Tensor, Tensor]:
-        device = packed.cu.device
-        seq = table.seq.long().clamp_max(packed.num_seqs - 1)
-        lengths = (packed.cu[1:] - packed.cu[:-1]).long()
-        first = (torch.arange(table.grid, device=device) - table.first[seq].long()) * bq
-        position = first[:, None] + torch.arange(bq, device=device)  # [grid, BQ]
-        live = (table.seq.long() < packed.num_seqs)[:, None] & (position < lengths[seq][:, None])
-        rows = (packed.cu[seq].long()[:, None] + position).clamp(0, max(packed.total - 1, 0))
-        return rows, live[:, :, None, None]
-
-    return packed_sized(packed, ("tile rows", bq), build)
+    union = constexprs["UNION"]
+    blocks = block_indices.new_empty(table.grid * num_kv_heads, union, dtype=torch.int32)
+    counts = block_indices.new_empty(table.grid * num_kv_heads, dtype=torch.int32)
+    if packed.total:
+        _query_union_kernel[(table.grid, num_kv_heads)](
+            block_indices, blocks, counts, table.seq, table.first, packed.cu, packed.num_seqs, num_kv_heads,
+            block_indices.stride(0), block_indices.stride(1), NUM_SELECTED=num_selected, NP=constexprs["NP"], BQ=bq,
+            UNION=union)
+    else:
+        blocks.fill_(-1)
+        counts.zero_()
+    return QueryTiles(table, blocks, counts, constexprs)
 
 
 def union_lists(query: QueryTiles) -> tuple[Tensor, Tensor]:
