@@ -488,29 +488,29 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     keys = torch.where(block_indices >= 0, bases + block_indices, num_lists).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = (order // (num_kv_heads * num_selected)).to(torch.int32)
-    bounds = torch.searchsorted(sorted_keys, list_ids)
-    counts = bounds[1:] - bounds[:-1]
-    per_list = (counts + chunk - 1) // chunk
-    list_chunks = torch.cat((per_list.new_zeros(1), per_list.cumsum(0)))
-    chunk_list = torch.searchsorted(list_chunks[1:], chunk_ids, right=True)
+    # int32 throughout (the kernels' index type): no casts after the sort
+    bounds = torch.searchsorted(sorted_keys, list_ids, out_int32=True)
+    per_list = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
+    list_chunks = torch.cat((per_list.new_zeros(1), per_list.cumsum(0, dtype=torch.int32)))
+    chunk_list = torch.searchsorted(list_chunks[1:], chunk_ids, right=True, out_int32=True)
     owner = chunk_list.clamp_max(num_lists - 1)
     chunk_start = bounds[owner] + (chunk_ids - list_chunks[owner]) * chunk
-    return SelectionLists(entries, bounds[1:].to(torch.int32), list_chunks.to(torch.int32),
-                          chunk_list.to(torch.int32), chunk_start.to(torch.int32), blocks.seq, cu_blocks,
+    return SelectionLists(entries, bounds[1:], list_chunks, chunk_list, chunk_start, blocks.seq, cu_blocks,
                           blocks_per_head)
 
 
 def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int
                ) -> tuple[Tensor, Tensor, Tensor]:
-    """``selection_lists``' index tensors: bases int64 [N, H_kv, 1] (the list of block 0 of each token's sequence
+    """``selection_lists``' index tensors: bases int32 [N, H_kv, 1] (the list of block 0 of each token's sequence
     under each kv head: lists are kv head-major over the global blocks), list ids [L + 1] and chunk ids
     [num_chunks] (aranges). Kept per size for a [B, T] batch (nsa.kernels.tiles.packed_sized)."""
     def build() -> tuple[Tensor, Tensor, Tensor]:
         device = packed.cu.device
-        head = torch.arange(num_kv_heads, device=device)[None, :, None] * blocks.grid
-        bases = blocks.first[token_sequences(packed).long()].long()[:, None, None] + head
+        head = torch.arange(num_kv_heads, device=device, dtype=torch.int32)[None, :, None] * blocks.grid
+        bases = blocks.first[token_sequences(packed).long()][:, None, None] + head
         num_lists = num_kv_heads * blocks.grid
-        return bases, torch.arange(num_lists + 1, device=device), torch.arange(num_chunks, device=device)
+        return (bases, torch.arange(num_lists + 1, device=device, dtype=torch.int32),
+                torch.arange(num_chunks, device=device, dtype=torch.int32))
 
     return packed_sized(packed, ("list keys", blocks.grid, num_kv_heads, num_chunks), build)
 
