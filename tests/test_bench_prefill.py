@@ -437,3 +437,12 @@ def test_layer_rows_run_a_batch_of_sequences() -> None:
     shape = bench_prefill.SHAPES["gpt"]
     assert bench_prefill.nsa_inputs(shape, 128, torch.float32, "cpu", False, batch=2)[0].shape == (2, 128, 4, 64)
     assert bench_prefill.dense_inputs(shape, 128, torch.float32, "cpu", False, 2)[0].shape == (2, 4, 128, 64)
+
+
+def test_check_of_a_batch_compares_each_sequence_with_its_own_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check part at --batch 2 (the kernels in the interpreter): the reference runs one sequence at a time and
+    the row still compares all of the batch (a reference misaligned across sequences would fail it)."""
+    monkeypatch.setitem(bench_prefill.SHAPES, "tiny", TINY)
+    row = bench_prefill.check("tiny", 128, "cpu", torch.float32, batch=2)
+    assert row["passed"] and row["determinism"] and row["selection_mismatch"] == 0, row
+    assert row["out_rel_err"] < 1e-4 and row["dq_rel_err"] < 1e-4, row
