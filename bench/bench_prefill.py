@@ -12,7 +12,8 @@ process:
 
 - check: before any timing, per shape at ``--check-len``, the kernels' output, selection and all eight
   gradients against the PyTorch path (float32 math on the same bf16 inputs; the selection compared as sets,
-  the attention with the kernels' own selection). A failed check stops the run.
+  the attention with the kernels' own selection). A failed check stops the run. With ``--batch N`` the kernels
+  run the N sequences in one call and the reference runs them one at a time.
 - layer: per T, largest first: ``nsa`` (nsa.nsa_attention, the fused Triton op), ``dense`` (SDPA, causal,
   enable_gqa), ``flex_window`` (compiled FlexAttention, sliding window 512) and ``fla`` (fla-core's
   parallel_nsa, compression + top-16 selection of 64-token blocks, window 0, where installed and the shape
