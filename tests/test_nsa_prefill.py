@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from conftest import F64, randn, use_prefill_tiles
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from reference import (
     check_selection,
@@ -736,6 +736,7 @@ def test_range_forward_and_dq_in_either_row_layout_match_float64_reference(heads
 
 @given(st.lists(st.integers(0, 13), min_size=1, max_size=4), st.sampled_from([(4, 16), (2, 16), (1, 8), (4, 64)]),
        st.integers(1, 5), st.integers(0, 2**16 - 1))
+@example([0, 0], (4, 16), 3, 0)  # no token at all: every program is past the last tile
 @settings(max_examples=12)  # each example runs ~10 interpreted programs
 def test_query_tile_unions_are_the_distinct_blocks_of_each_tile(lengths, group_rows, num_selected, seed):
     """query_tiles' lists (a Triton kernel) against a plain Python union per (tile, kv head): every distinct block

@@ -575,14 +575,11 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
     union = constexprs["UNION"]
     blocks = block_indices.new_empty(table.grid * num_kv_heads, union, dtype=torch.int32)
     counts = block_indices.new_empty(table.grid * num_kv_heads, dtype=torch.int32)
-    if packed.total:
-        _query_union_kernel[(table.grid, num_kv_heads)](
-            block_indices, blocks, counts, table.seq, table.first, packed.cu, packed.num_seqs, num_kv_heads,
-            block_indices.stride(0), block_indices.stride(1), NUM_SELECTED=num_selected, NP=constexprs["NP"], BQ=bq,
-            UNION=union)
-    else:
-        blocks.fill_(-1)
-        counts.zero_()
+    # no tokens at all: every program is past the last tile and writes an empty list
+    _query_union_kernel[(table.grid, num_kv_heads)](
+        block_indices, blocks, counts, table.seq, table.first, packed.cu, packed.num_seqs, num_kv_heads,
+        block_indices.stride(0), block_indices.stride(1), NUM_SELECTED=num_selected, NP=constexprs["NP"], BQ=bq,
+        UNION=union)
     return QueryTiles(table, blocks, counts, constexprs)
 
 
