@@ -134,9 +134,10 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return torch.where(has_keys, out, 0.0)
 
 
-def budget_chunk_size(elements_per_query: int) -> int:
-    """Queries per chunk such that one chunk's score/gather tensors stay within the element budget."""
-    return max(1, CHUNK_ELEMENT_BUDGET // max(1, elements_per_query))
+def budget_chunk_size(elements_per_query: int, batch: int) -> int:
+    """Queries per chunk such that one chunk's score/gather tensors stay within the element budget. A chunk
+    holds its queries for every sequence of the batch, so the budget is shared by all of them."""
+    return max(1, CHUNK_ELEMENT_BUDGET // max(1, elements_per_query * batch))
 
 
 def query_chunks(seq_len: int, chunk_size: int) -> Iterator[tuple[int, int]]:

@@ -94,7 +94,7 @@ def compressed_attention(
     """
     seq_len = check_compressed_inputs(q, k_cmp, v_cmp, block_size, block_stride, scale)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2)
+    chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2, q.shape[0])
     outs, lses = [], []
     for start, end in query_chunks(seq_len, chunk):
         positions = torch.arange(start, end, device=q.device)[None]

@@ -153,7 +153,7 @@ def selected_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ind
     per_query = block_indices.shape[-1] * sel_block_size * (num_heads + num_kv_heads * (k.shape[-1] + v.shape[-1]))
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outputs = []
-    for start, end in query_chunks(q.shape[1], budget_chunk_size(per_query)):
+    for start, end in query_chunks(q.shape[1], budget_chunk_size(per_query, q.shape[0])):
         step = functools.partial(_selected_chunk, block_indices=block_indices[:, start:end],
                                  positions=torch.arange(start, end, device=q.device)[None],
                                  sel_block_size=sel_block_size, scale=scale)

@@ -108,7 +108,7 @@ def per_query_elements(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor
 def prefill_chunk_size(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, sizes: NSASizes) -> int:
     """Queries per chunk: within the memory budget, and at most max(w, 64) so the window's candidate
     keys (chunk + w) stay O(w) per query."""
-    return min(budget_chunk_size(per_query_elements(q, k_cmp, v_sel, sizes)), max(sizes.window_size, 64))
+    return min(budget_chunk_size(per_query_elements(q, k_cmp, v_sel, sizes), q.shape[0]), max(sizes.window_size, 64))
 
 
 def nsa_attention(

@@ -90,7 +90,7 @@ def selected_attention(
     check_block_indices(block_indices, q, num_kv_heads, block_size, validate_values=check_indices)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     keys_per_query = block_indices.shape[-1] * block_size
-    chunk = budget_chunk_size(keys_per_query * (num_heads + num_kv_heads * (k.shape[-1] + v.shape[-1])))
+    chunk = budget_chunk_size(keys_per_query * (num_heads + num_kv_heads * (k.shape[-1] + v.shape[-1])), q.shape[0])
     outs = [
         selected_attention_chunk(q[:, s:e], k, v, block_indices[:, s:e], torch.arange(s, e, device=q.device)[None],
                                  block_size, scale)[0]

@@ -150,7 +150,7 @@ def select_blocks(
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     num_kv_heads = k_cmp.shape[2]
     acc = accumulation_dtype(q.dtype)
-    chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2)
+    chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2, q.shape[0])
     outs = []
     for start, end in query_chunks(seq_len, chunk):
         num_visible = num_compressed_blocks(end, block_size, block_stride)

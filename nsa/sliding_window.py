@@ -54,7 +54,7 @@ def sliding_window_attention(
     check_scale(scale)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     # A chunk of C <= w queries reads at most 2w keys, so its scores stay O(C * w).
-    chunk = min(window_size, budget_chunk_size(num_heads * 4 * window_size))
+    chunk = min(window_size, budget_chunk_size(num_heads * 4 * window_size, q.shape[0]))
     outs = [
         window_chunk_from_sequence(q[:, start:end], k, v, start, window_size, scale)
         for start, end in query_chunks(seq_len, chunk)

@@ -22,6 +22,8 @@ from reference import (
     ref_selected_attention,
     ref_sliding_window,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from nsa import (
     CompressPool,
@@ -484,6 +486,57 @@ def test_fast_ops_with_tiny_query_chunks(monkeypatch, budget):
     out = nsa_attention(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"], **s.kw())
     assert_nsa_output_matches_reference(out, x, k_cmp, v_cmp, scores, s)
 
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest storage (in elements) any op output lives in: a chunk's score / gather tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.elements = max(self.elements, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def _largest_tensor_of(op: str, batch: int) -> tuple[int, int]:
+    """(largest storage an op output lives in, q's elements) for one fast op at a small shape of this batch."""
+    s = Shape(batch, 512, 4, 1, 4, 4, 8, 4, 8, 4, 16, seed=3)
+    x = make_raw_inputs(s)
+    k_cmp, v_cmp = compress_mean_pool(x["k_c"], s.l, s.d), compress_mean_pool(x["v_c"], s.l, s.d)
+    _, lse = compressed_attention(x["q"], k_cmp, v_cmp, s.l, s.d)
+    idx = select_blocks(x["q"], k_cmp, lse, block_size=s.l, block_stride=s.d, sel_block_size=s.lp, num_selected=s.n)
+    with _LargestTensor() as probe:
+        if op == "compressed":
+            compressed_attention(x["q"], k_cmp, v_cmp, s.l, s.d)
+        elif op == "scorer":
+            select_blocks(x["q"], k_cmp, lse, block_size=s.l, block_stride=s.d, sel_block_size=s.lp,
+                          num_selected=s.n)
+        elif op == "selected":
+            selected_attention(x["q"], x["k_sel"], x["v_sel"], idx, s.lp)
+        else:
+            nsa_attention(x["q"], k_cmp, v_cmp, x["k_sel"], x["v_sel"], x["k_win"], x["v_win"], x["gates"],
+                          backend="torch", **s.kw())
+    return probe.elements, x["q"].numel()
+
+
+@pytest.mark.parametrize("op", ["compressed", "scorer", "selected", "nsa"])
+def test_query_chunks_share_the_memory_budget_across_the_batch(monkeypatch, op):
+    """One chunk holds its queries for every sequence of the batch, so at batch 4 a chunk takes a quarter of the
+    queries it takes at batch 1: the largest tensor stays that of batch 1 (or the inputs themselves) instead of
+    growing 4x with the batch. (The window's scores live inside SDPA's fused CPU kernel, where no op shows them.)"""
+    import nsa.attention_core as core
+
+    monkeypatch.setattr(core, "CHUNK_ELEMENT_BUDGET", 1 << 16)
+    largest_1, q_1 = _largest_tensor_of(op, 1)
+    largest_4, q_4 = _largest_tensor_of(op, 4)
+    # At batch 1 the chunks' tensors outgrow q, so 1.25x tells a shared budget from a per-sequence one (4x).
+    assert largest_1 > q_1
+    assert largest_4 <= 1.25 * max(largest_1, q_4), (largest_1, largest_4, q_4)
 
 def test_paper_block_sizes_moderate_t():
     """The paper's l=32, d=16, l'=64 (n=5, w=48) at T=300 (not a multiple of 16, 32 or 64), G=4."""
