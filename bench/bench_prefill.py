@@ -28,10 +28,11 @@ process:
 - module: the whole NSAAttention (projections, MLP phi, gates, o_proj) against a dense attention module with
   the same projections (sal_harness.model.SDPAAttention), hidden size 4096.
 - gpt: training tokens/s of the 4-layer GPT (width 256, 4 heads of 64, 2 kv heads, AdamW, bf16 autocast)
-  with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens);
-  ``--gpt-compile``: both models under torch.compile (rows of shape ``gpt_compiled``); ``--gpt-profile``: one
-  step's operator table per model under ``--results-dir``, and where its host time goes (each Triton kernel's
-  launcher time, the Python functions by own time: ``bench.env_info.host_breakdown``).
+  with NSA and with dense attention, at 4k, 16k and 64k tokens per sequence (batch * T = 64k tokens); on CUDA
+  the median step of three fresh processes (``--gpt-processes``); ``--gpt-compile``: both models under
+  torch.compile (rows of shape ``gpt_compiled``); ``--gpt-profile``: one step's operator table per model under
+  ``--results-dir``, and where its host time goes (each Triton kernel's launcher time, the Python functions by own
+  time: ``bench.env_info.host_breakdown``).
 - report: no measurement; rewrites ``<name>.md`` and ``<name>.png`` from the rows already in ``<name>.jsonl``
   (every run ends by writing them).
 
@@ -789,9 +790,10 @@ def main() -> None:
     parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
                         "torch.compile (rows of shape gpt_compiled, beside the eager ones)")
-    parser.add_argument("--gpt-processes", type=int, default=1, help="time each GPT in this many fresh processes, "
-                        "one after another, and record the median step (host-bound eager steps vary between "
-                        "processes); not with --gpt-profile")
+    parser.add_argument("--gpt-processes", type=int, default=None, help="time each GPT in this many fresh "
+                        "processes, one after another, and record the median step (host-bound eager steps vary "
+                        "between processes: one H100 process ran the NSA GPT's 16k step in 67 ms, the next three "
+                        "in 54-61); default 3 on CUDA, 1 on the CPU or with --gpt-profile")
     parser.add_argument("--gpt-profile", action="store_true", help="also write one step's operator table per GPT "
                         "to --results-dir (profile_gpt_<attention>_<shape>_<T>.txt) and its host time's split "
                         "between Triton's launchers and the Python functions (..._<T>_host.txt)")
@@ -802,6 +804,9 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if args.gpt_processes is None:
+        args.gpt_processes = 3 if cuda and not args.gpt_profile else 1
     if args.gpt_processes < 1:
         parser.error(f"--gpt-processes must be at least 1, got {args.gpt_processes}")
     if args.gpt_processes > 1 and args.gpt_profile:
@@ -812,7 +817,6 @@ def main() -> None:
         parser.error(f"--tile-timeout must be a positive number of seconds, got {args.tile_timeout}")
     if not all(0.0 <= locality < 1.0 for locality in args.tile_localities):
         parser.error(f"--tile-localities must each be in [0, 1), got {args.tile_localities}")
-    cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else [1024])
     env = environment(args.device)
