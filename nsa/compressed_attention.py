@@ -77,6 +77,12 @@ def check_compressed_inputs(
     return seq_len
 
 
+def compressed_chunk_size(q: torch.Tensor, k_cmp: torch.Tensor) -> int:
+    """Queries per chunk over the compressed keys: each query holds its heads' scores and probabilities against
+    every block (compressed_attention, and select_blocks, which scores the same blocks again)."""
+    return budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2, q.shape[0])
+
+
 def compressed_attention(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int, block_stride: int,
     scale: float | None = None,
@@ -94,7 +100,7 @@ def compressed_attention(
     """
     seq_len = check_compressed_inputs(q, k_cmp, v_cmp, block_size, block_stride, scale)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2, q.shape[0])
+    chunk = compressed_chunk_size(q, k_cmp)
     outs, lses = [], []
     for start, end in query_chunks(seq_len, chunk):
         positions = torch.arange(start, end, device=q.device)[None]

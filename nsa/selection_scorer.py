@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nsa.attention_core import accumulation_dtype, budget_chunk_size, query_chunks
+from nsa.attention_core import accumulation_dtype, query_chunks
 from nsa.block_index import (
     compressed_visibility,
     num_compressed_blocks,
     num_selection_blocks,
     overlap_kernel,
 )
-from nsa.compressed_attention import check_compressed_inputs
+from nsa.compressed_attention import check_compressed_inputs, compressed_chunk_size
 from nsa.errors import NSAInputError
 from nsa.validation import check_divides, check_positive_int
 
@@ -150,7 +150,7 @@ def select_blocks(
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     num_kv_heads = k_cmp.shape[2]
     acc = accumulation_dtype(q.dtype)
-    chunk = budget_chunk_size(q.shape[2] * max(1, k_cmp.shape[1]) * 2, q.shape[0])
+    chunk = compressed_chunk_size(q, k_cmp)
     outs = []
     for start, end in query_chunks(seq_len, chunk):
         num_visible = num_compressed_blocks(end, block_size, block_stride)

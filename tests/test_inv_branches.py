@@ -487,7 +487,6 @@ def test_fast_ops_with_tiny_query_chunks(monkeypatch, budget):
     assert_nsa_output_matches_reference(out, x, k_cmp, v_cmp, scores, s)
 
 
-
 class _LargestTensor(TorchDispatchMode):
     """Records the largest storage (in elements) any op output lives in: a chunk's score / gather tensors."""
 
@@ -537,6 +536,7 @@ def test_query_chunks_share_the_memory_budget_across_the_batch(monkeypatch, op):
     # At batch 1 the chunks' tensors outgrow q, so 1.25x tells a shared budget from a per-sequence one (4x).
     assert largest_1 > q_1
     assert largest_4 <= 1.25 * max(largest_1, q_4), (largest_1, largest_4, q_4)
+
 
 def test_paper_block_sizes_moderate_t():
     """The paper's l=32, d=16, l'=64 (n=5, w=48) at T=300 (not a multiple of 16, 32 or 64), G=4."""
