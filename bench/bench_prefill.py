@@ -383,6 +383,7 @@ def kernel_traffic(name: str, shape: Shape, seq_len: int) -> int:
         "fwd_win": q + kv_win + 3 * o + stats + gate,
         "dq_cmp": 2 * q + 2 * o + kv_cmp + 2 * stats + gate,  # q, dO, o, k, v read; dq written
         "dq_sel": gathered_kv + 3 * q + 2 * o + 2 * stats + gate + indices,  # dq read and written
+        "delta_sel": 2 * o + stats,  # sel_tiles.fused_dq's delta: dO and o read
         "dq_win": 3 * q + 2 * o + kv_win + 2 * stats + gate,
         "dkdv_cmp": q + o + 2 * stats + gate + 2 * kv_cmp, "dkdv_sel": gathered_rows + 2 * kv_win + indices,
         "dkdv_win": q + o + 2 * stats + gate + 2 * kv_win,
@@ -406,9 +407,12 @@ def kernel_steps(run: Any, shape: Shape, seq_len: int) -> list[tuple[str, Callab
     dq_flops, dkdv_flops = 2 * (2 * shape.dk + shape.dv), 4 * (shape.dk + shape.dv)  # dq: q.k, dO.v, dS.k
     steps = [("fwd_cmp", run.compressed, pairs["cmp"] * fwd), ("topn", run.select, pairs["cmp"] * qk),
              ("fwd_sel", run.selected, pairs["sel"] * fwd), ("fwd_win", run.window, pairs["win"] * fwd)]
-    for name, fn in (*run.dq_steps(dout, dq, delta), *run.dkdv_steps(dout, delta, grads)):
-        branch = name.rsplit("_", 1)[1]
-        steps.append((name, fn, pairs[branch] * (dq_flops if name.startswith("dq") else dkdv_flops)))
+    fused_dq = 2 * shape.dk  # sel_tiles.fused_dq: the dk/dv's steps also take dS.k
+    flops = {"dq": dq_flops, "delta": 0, "dkdv": dkdv_flops}
+    for name, fn in (*run.dq_steps(dout, dq, delta), *run.dkdv_steps(dout, delta, grads, dq)):
+        kind, branch = name.rsplit("_", 1)
+        extra = fused_dq if name == "dkdv_sel" and run.sel_tiles.fused_dq else 0
+        steps.append((name, fn, pairs[branch] * (flops[kind] + extra)))
     return steps
 
 
@@ -444,11 +448,11 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
     return rows
 
 
-KERNEL_NAMES = ("fwd_cmp", "topn", "fwd_sel", "fwd_win", "dq_cmp", "dq_sel", "dq_win", "dkdv_cmp", "dkdv_sel",
-                "dkdv_win")
+KERNEL_NAMES = ("fwd_cmp", "topn", "fwd_sel", "fwd_win", "dq_cmp", "dq_sel", "delta_sel", "dq_win", "dkdv_cmp",
+                "dkdv_sel", "dkdv_win")
 TILE_KERNELS = {"cmp_tiles": ("fwd_cmp", "dq_cmp", "dkdv_cmp"), "win_tiles": ("fwd_win", "dq_win", "dkdv_win"),
                 "topn_tiles": ("topn",),
-                "sel_tiles": ("fwd_sel", "dq_sel", "dkdv_sel")}  # the kernels each PrefillRun tile field governs
+                "sel_tiles": ("fwd_sel", "dq_sel", "delta_sel", "dkdv_sel")}  # the kernels each tile field governs
 
 
 def tile_variants(shape_name: str) -> dict[str, list[Any]]:
@@ -506,8 +510,9 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps
         variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4)]
     if group < 16:  # selection programs of several tokens over the union of their blocks
+        # the dq inside the dk/dv's steps (its dk/dv then times the whole backward but for delta_sel)
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
-                                  sel._replace(dkv_rows=64)]
+                                  sel._replace(dkv_rows=64), sel._replace(fused_dq=True)]
     elif head_dim <= 128:  # one token per program; its 16-row dots on 1, 2 or 4 warps
         variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3),
                                   sel._replace(num_warps=1), sel._replace(num_warps=4),

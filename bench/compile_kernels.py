@@ -34,10 +34,10 @@ from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.topn import topn_tiles_for
 from nsa.prefill import topn_tile_shape
 
-FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
+FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr", "part_q_ptr")
 INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
                   "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "list_end_ptr", "block_seq_ptr",
-                  "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr")
+                  "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr", "slots_ptr")
 DKDV_GATES = (("gate_ptr", "*fp32"),)  # as every dk/dv kernel reads them (nsa.prefill.dkdv_gates)
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 RULES = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
@@ -114,7 +114,7 @@ def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], 
     yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
                      {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
                       **selected.dkv_rows(group, tiles), "CHUNK": tiles.chunk,
-                      "BLOCK_DK": max(16, next_power_of_2(dims["DQK"])), "HAS_GATE": True},
+                      "BLOCK_DK": max(16, next_power_of_2(dims["DQK"])), "HAS_GATE": True, "DQ": tiles.fused_dq},
                      tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=DKDV_GATES)
 
 
@@ -194,12 +194,22 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                      pointer_types=tma_types)
     yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, **selected.forced_launch(sel_tiles),
                      pointer_types=tma_types)
-    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step)
+    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step), there also with the dq inside (fused_dq)
     yield from selected_dkdv_cases(sel_tiles, group, dims)
     yield from selected_dkdv_cases(sel_tiles, 4, dims, "_g4")
+    yield from selected_dkdv_cases(sel_tiles._replace(fused_dq=True), 4, dims, "_g4_dq")
+    yield KernelCase("dq_reduce_sel_g4", selected._sel_dq_reduce_kernel,
+                     {"GROUP": 4, "GP": 4, "NUM_SELECTED": 16, "DQK": dims["DQK"], "D1": dims["D1"], "D2": dims["D2"],
+                      "ACCUMULATE": True}, 4, 1)
+    yield KernelCase("delta_sel", selected._row_delta_kernel, {"DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
+                                                               "ROWS": 128}, 4, 1)
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
                      {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim),
-                      "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"]}, 8, 1)
+                      "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"], "ACCUMULATE": False}, 8, 1)
+    yield KernelCase("reduce_sel_add", selected._sel_reduce_kernel,
+                     {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim),
+                      "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"], "ACCUMULATE": True}, 8, 1,
+                     pointer_types=(("dk_ptr", "*fp32"), ("dv_ptr", "*fp32")))
 
 
 DECODE_POINTERS = (("scores_ptr", "*fp32"), ("keys_ptr", "*i64"), ("ref_ptr", "*fp32"), ("terms_ptr", "*fp32"),

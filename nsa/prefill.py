@@ -218,25 +218,31 @@ class PrefillRun:
                 self.branch_outs, *self.unions)
 
     def dq_steps(self, dout: Tensor, dq: Tensor, delta: list[Tensor]) -> list[tuple[str, Callable[[], None]]]:
-        """The three dq kernels, in this order (they add into dq); dout and dq are token rows [rows, HQ, D]."""
+        """The three dq kernels, in this order (they add into dq); dout and dq are token rows [rows, HQ, D]. With
+        sel_tiles.fused_dq the selection's step only computes its delta (``delta_sel``)."""
         from nsa.kernels.range_attention import range_dq
-        from nsa.kernels.selected import selected_dq
+        from nsa.kernels.selected import selected_dq, selected_row_delta
 
         g, o, packed, scale = self.gates, self.branch_outs, self.packed, self.scale
+        if self.sel_tiles.fused_dq:  # the selection's dq comes with its dk/dv (dkdv_steps): only its delta here
+            sel: tuple[str, Callable[[], None]] = ("delta_sel", lambda: selected_row_delta(dout, o[1], delta[1]))
+        else:
+            sel = ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, o[1],
+                                                 self.lse[1], delta[1], dq, packed, self.sizes.sel_block_size, scale,
+                                                 True, self.sel_tiles, self.unions))
         return [
             ("dq_cmp", lambda: range_dq(self.q, self.k_cmp, self.v_cmp, g[..., 0], dout, o[0], self.lse[0], delta[0],
                                         dq, packed, self.cu_cmp, self.cmp_rule, scale, False, self.cmp_tiles)),
-            ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, o[1],
-                                           self.lse[1], delta[1], dq, packed, self.sizes.sel_block_size, scale, True,
-                                           self.sel_tiles, self.unions)),
+            sel,
             ("dq_win", lambda: range_dq(self.q, self.k_win, self.v_win, g[..., 2], dout, o[2], self.lse[2], delta[2],
                                         dq, packed, packed.cu, self.win_rule, scale, True, self.win_tiles)),
         ]
 
-    def dkdv_steps(self, dout: Tensor, delta: list[Tensor], grads: dict[str, tuple[Tensor, Tensor]]
+    def dkdv_steps(self, dout: Tensor, delta: list[Tensor], grads: dict[str, tuple[Tensor, Tensor]], dq: Tensor
                    ) -> list[tuple[str, Callable[[], None]]]:
         """The three dk / dv computations; each stores its (dk, dv) in ``grads`` under its branch name. They read the
-        gates in float32 (``dkdv_gates``)."""
+        gates in float32 (``dkdv_gates``). With sel_tiles.fused_dq the selection's also adds its dq into dq (after
+        ``dq_steps``)."""
         from nsa.kernels.range_attention import range_dkdv
         from nsa.kernels.selected import selected_dkdv
 
@@ -248,7 +254,8 @@ class PrefillRun:
 
         def sel() -> None:
             grads["sel"] = selected_dkdv(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, self.lse[1],
-                                         delta[1], packed, self.sizes.sel_block_size, scale, self.sel_tiles)
+                                         delta[1], packed, self.sizes.sel_block_size, scale, self.sel_tiles,
+                                         dq if self.sel_tiles.fused_dq else None, accumulate=True)
 
         def win() -> None:
             grads["win"] = range_dkdv(self.q, self.k_win, self.v_win, g[..., 2], dout, self.lse[2], delta[2],
@@ -271,7 +278,7 @@ class PrefillRun:
         dq = output_buffer(*self.q.shape, like=self.q)
         delta = [output_buffer(*self.lse[0].shape, like=self.lse[0]) for _ in range(3)]
         grads: dict[str, tuple[Tensor, Tensor]] = {}
-        for _, step in (*self.dq_steps(do, dq, delta), *self.dkdv_steps(do, delta, grads)):
+        for _, step in (*self.dq_steps(do, dq, delta), *self.dkdv_steps(do, delta, grads, dq)):
             step()
         dgates = torch.stack(delta, dim=-1).to(self.gates.dtype)
         flat = (dq, *grads["cmp"], *grads["sel"], *grads["win"])

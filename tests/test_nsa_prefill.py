@@ -44,11 +44,13 @@ from nsa.kernels import tiles
 from nsa.kernels.launch_args import split_dims
 from nsa.kernels.selected import (
     SelectedTiles,
+    dq_share_ranges,
     query_launch,
     query_tile_shape,
     selected_dkdv,
     selected_dq,
     selected_forward,
+    selected_row_delta,
 )
 from nsa.kernels.tiles import Packed, output_buffer, packed_varlen
 
@@ -555,14 +557,16 @@ class SelectionCase(NamedTuple):
 
 
 def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40),
-                   choose: Callable[..., torch.Tensor] = random_selections) -> SelectionCase:
+                   choose: Callable[..., torch.Tensor] = random_selections, dims: tuple[int, int] = (16, 16)
+                   ) -> SelectionCase:
     """Random selections (``random_selections``, or ``choose``) of blocks of 4 tokens, n = 5, on packed sequences
-    of ``lengths`` tokens; the expected values from the dense masked attention of each sequence in float64."""
-    dk = 16
-    q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dk, CHOOSY, seed=seed)
+    of ``lengths`` tokens, head dims ``dims`` (d_k, d_v); the expected values from the dense masked attention of each
+    sequence in float64."""
+    dk, dv = dims
+    q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dv, CHOOSY, seed=seed)
     q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
     indices = choose(list(lengths), kv_heads, 5, 4, seed=seed)
-    dout = randn(sum(lengths), heads, dk, seed=99).float()
+    dout = randn(sum(lengths), heads, dv, seed=99).float()
     packed = packed_lengths(lengths)
     expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
                                 lambda rows, length, _: dense_selected_mask(indices[None, rows], length, 4))
@@ -636,6 +640,48 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
                            want["delta"].float(), case.packed, 4, q.shape[-1] ** -0.5, tiles)
     torch.testing.assert_close(dk.double(), want["dk"], **TOL)
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dims", "accumulate", "range_tokens"), [
+    (8, 2, (16, 16), False, None),  # G = 4: 4 entries x 4 heads per step
+    (8, 2, (16, 16), True, 7),  # the same in ranges of 7 tokens, across the sequences' ends
+    (6, 2, (24, 16), True, None),  # G = 3 (rows padded to 4 per entry), d_k != d_v, q.k split 16 + 16 (D2 > 0)
+    (2, 2, (16, 32), False, 1),  # G = 1: 16 entries per step; one token per range
+    (16, 1, (16, 16), True, None),  # G = 16: one entry per step
+])
+def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads, dims, accumulate, range_tokens):
+    """SelectedTiles.fused_dq: the dk/dv's steps also store each gathered row's dq share (dS k) per (token, kv head,
+    slot), and a second kernel sums each token's slots in order into dq: written into a NaN-poisoned buffer, or
+    added to an existing gradient; in one token range, or in ranges of range_tokens (fused_dq_bytes: that many
+    tokens' shares), whose dk / dv add up. delta = dO . o from its own kernel. dq, dk, dv and delta against
+    float64, on random selections that leave early tokens with unused slots (-1: never written, never read)."""
+    case = selection_case(heads, kv_heads, seed=heads + dims[0], dims=dims)
+    q, want = case.q, case.expected
+    budget = 2**31 if range_tokens is None else range_tokens * q.shape[1] * 5 * dims[0] * 4  # n = 5 slots
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(fused_dq=True,
+                                                                                   fused_dq_bytes=budget)
+    assert len(dq_share_ranges(case.indices, heads // kv_heads, dims[0], tiles)) == (
+        1 if range_tokens is None else -(-q.shape[0] // range_tokens))
+    delta = output_buffer(*q.shape[:2], like=q)
+    selected_row_delta(case.dout, want["o"].float(), delta)
+    torch.testing.assert_close(delta.double(), want["delta"], **TOL)
+    earlier = randn(*q.shape, seed=5).float()
+    dq = earlier.clone() if accumulate else output_buffer(*q.shape, like=q)
+    dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, want["lse"].float(), delta,
+                           case.packed, 4, q.shape[-1] ** -0.5, tiles, dq, accumulate=accumulate)
+    torch.testing.assert_close(dq.double(), want["dq"] + (earlier.double() if accumulate else 0), **TOL)
+    torch.testing.assert_close(dk.double(), want["dk"], **TOL)
+    torch.testing.assert_close(dv.double(), want["dv"], **TOL)
+
+
+@pytest.mark.parametrize(("lengths", "heads", "kv_heads"), [([45], 8, 2), ([5, 35, 1, 29], 6, 2)])
+def test_kernels_with_the_selection_dq_inside_its_dkdv_match_float64_reference(monkeypatch, lengths, heads,
+                                                                                kv_heads):
+    """The whole layer with SelectedTiles.fused_dq (the backward's delta_sel and dk/dv steps in place of dq_sel):
+    output, selection and the eight gradients against float64, one sequence (G = 4) and packed ones (G = 3)."""
+    use_prefill_tiles(monkeypatch, selected={"fused_dq": True})
+    inputs = make_inputs(1, lengths, heads, kv_heads, 24, 16, SMALL, seed=13)
+    check_against_reference(inputs, SMALL, lengths if len(lengths) > 1 else None)
 
 
 class RangeCase(NamedTuple):

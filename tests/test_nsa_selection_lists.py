@@ -42,7 +42,7 @@ def test_chunks_hold_each_list_in_token_order(case: tuple) -> None:
     total, kv_heads = sum(lengths), indices.shape[1]
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     packed = packed_batch(len(lengths), lengths[0], torch.device("cpu")) if equal else packed_varlen(cu, total)
-    lists = selection_lists(indices, packed, sel_block, chunk)
+    lists = selection_lists(indices, packed, sel_block, chunk, with_slots=True)
 
     # the lists by plain loops: global block = the blocks of the earlier sequences + the local block
     first_block = [0, *itertools.accumulate(-(-n // sel_block) for n in lengths)]
@@ -62,11 +62,21 @@ def test_chunks_hold_each_list_in_token_order(case: tuple) -> None:
     # what the dk/dv kernel reads of chunk c: its entries up to the chunk size or its list's end
     end = [min(start[c] + chunk, list_end[chunk_list[c]]) for c in live]
     entries, list_chunks = lists.entries.tolist(), lists.list_chunks.tolist()
+    assert lists.slots is not None
+    slots, flat, num_selected = lists.slots.tolist(), indices.flatten().tolist(), indices.shape[-1]
     for listed in range(num_lists):
         mine = range(list_chunks[listed], list_chunks[listed + 1])  # the range the reduction walks
         assert all(chunk_list[c] == listed and 0 < end[c] - start[c] <= chunk for c in mine)
         got = [t for c in mine for t in entries[start[c]:end[c]]]  # in chunk order: what the reduction sums
         assert got == expected.get((listed // per_head, listed % per_head), [])
+        # each entry's slot (fused_dq's row for its dq share): its token, this list's kv head, this list's block
+        head, block = divmod(listed, per_head)
+        for c in mine:
+            for e in range(start[c], end[c]):
+                token, rest = divmod(slots[e], kv_heads * num_selected)
+                seq = sum(1 for bound in cu[1:].tolist() if bound <= token)
+                assert (token, rest // num_selected) == (entries[e], head)
+                assert flat[slots[e]] == block - first_block[seq]
     assert list_chunks[-1] == len(live)
     assert [chunk_list[c] for c in live] == sorted(chunk_list[c] for c in live)  # kv head, then block
 

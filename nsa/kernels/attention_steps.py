@@ -114,14 +114,15 @@ def dq_step(p, do, v, k1, k2, delta, dq1, dq2, D2: tl.constexpr, PRECISION: tl.c
 @triton.jit
 def dkdv_step(v, q1, q2, do, p_t, delta, dk1, dk2, dv, D2: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dv += p^T dO and dk += (p (dp - delta))^T q for one tile of queries; p_t [N, M] is the transposed
-    probability tile with the gate already applied, delta [M] the rows' dO . o."""
+    probability tile with the gate already applied, delta [M] the rows' dO . o. Also returns that tile's dS^T
+    (p (dp - delta), [N, M], in q's dtype), from which dS k gives the rows' dq share (scaled by the caller)."""
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
     dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
     if D2 > 0:
         dk2 += tl.dot(ds_t, q2, input_precision=PRECISION)
-    return dk1, dk2, dv
+    return dk1, dk2, dv, ds_t
 
 
 @triton.jit

@@ -329,7 +329,7 @@ def _range_dkdv_kernel(
         g = r % GP
         for m0 in range(q_lo // (BLOCK_M // GP) * (BLOCK_M // GP), q_hi, BLOCK_M // GP):
             toks = (m0 + r // GP).to(ROW_T)
-            dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
+            dk1, dk2, dv, _ = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
                                       (toks < q_hi) & (g < GROUP), m0, q_hi, first, last_key, cols, k1, k2, v, dk1,
                                       dk2, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh,
                                       num_heads, qk_scale, BLOCK_M // GP, STRIDE, SPAN, WINDOW, DQK, D1, D2, DV,
@@ -338,7 +338,7 @@ def _range_dkdv_kernel(
         for g in range(0, GROUP):
             for m0 in range(q_lo // BLOCK_M * BLOCK_M, q_hi, BLOCK_M):
                 toks = (m0 + tl.arange(0, BLOCK_M)).to(ROW_T)
-                dk1, dk2, dv = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
+                dk1, dk2, dv, _ = _dkdv_tile(q_ptr, do_ptr, gate_ptr, lse_ptr, delta_ptr, tok0, toks, hk * GROUP + g,
                                           toks < q_hi, m0, q_hi, first, last_key, cols, k1, k2, v, dk1, dk2, dv,
                                           stride_qt, stride_qh, stride_dot, stride_doh, stride_gt, stride_gh,
                                           num_heads, qk_scale, BLOCK_M, STRIDE, SPAN, WINDOW, DQK, D1, D2, DV,

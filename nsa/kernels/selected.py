@@ -109,7 +109,16 @@ class SelectedTiles(NamedTuple):
     those reads. H100, forward + dq ms against the default programs (2026-12-05, 64 rows on 4 warps and 2 stages):
     8k public 3.60 / 3.76, G = 12 3.58 / 3.74, G = 4 (16 tokens x 4 heads) 1.72 / 2.34; 16k public 8.12 / 8.03,
     G = 12 8.10 / 8.04, G = 4 4.88 / 5.64; 32k G = 4 12.68 / 12.75; 64k G = 4 31.2 / 27.9 (public and G = 12 lose
-    from 16k on). The edge falls at about 131072 rows x heads at each group timed."""
+    from 16k on). The edge falls at about 131072 rows x heads at each group timed.
+    fused_dq: the dq from the dk/dv's steps (FSA's loop order for the whole backward: each block's list of tokens,
+    dS k one more matmul per step) instead of ``selected_dq``'s one K / V block load per (token, group); its shares
+    go through a float32 buffer of G x d_k per (token, kv head, slot) (2 KB per (token, group, block) at G = 4, d_k =
+    128: 8.6 GB at 64k), summed per (token, kv head) in slot order, over token ranges whose shares take at most
+    fused_dq_bytes (``dq_share_ranges``; 2 GiB: 16k tokens at G = 4, H_kv = 4, d_k = 128). H100, 64k, independent
+    queries (2026-12-06, the whole 64k in one range, bench/results/logs/tiles_fused_dq_h100.jsonl), dq + dk/dv
+    against delta + fused dk/dv: G = 4 13.22 + 4.83 ms against 0.19 + 12.74 (the layer 50.8 -> 45.6 ms, its peak
+    3.7 -> 11.8 GiB), the GPT's G = 2 (d = 64) 2.87 + 1.11 against 0.04 + 2.38; at 16k 2.66 + 1.26 against 0.06 +
+    3.27 (G = 4) and 0.54 + 0.40 against 0.01 + 0.68 (G = 2). Off until the ranges are timed (docs/PERF_NOTES.md)."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -133,6 +142,8 @@ class SelectedTiles(NamedTuple):
     short_tile_num_warps: int = 4
     short_tile_num_stages: int = 2
     short_query_rows: int = 131072
+    fused_dq: bool = False
+    fused_dq_bytes: int = 2**31
 
     def dkv_chunk(self, num_tokens: int) -> int:
         """Tokens per dk/dv program for num_tokens packed rows."""
@@ -345,15 +356,18 @@ def _sel_dq_kernel(
 
 @triton.jit
 def _sel_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, entries_ptr,
-    chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, part_q_ptr, entries_ptr,
+    slots_ptr, chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
     num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
     GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    DQ: tl.constexpr,
 ):
-    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads."""
+    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads. DQ: each
+    step's rows also get their dq share from this block (dS k, one more matmul), stored at the row of their (token,
+    kv head, slot) in part_q (``slots``: each entry's flat index into the selection) for ``_sel_dq_reduce_kernel``."""
     chunk = tl.program_id(0)
     listed = tl.load(chunk_list_ptr + chunk)
     live = listed < num_lists
@@ -384,10 +398,16 @@ def _sel_dkdv_kernel(
         q1, q2 = load_split_at(q_ptr, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
         s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
         seen = key_ok[:, None] & ok[None, :] & (pos[:, None] <= (tok - tok0)[None, :])
-        dk1, dk2, dv = gathered_dkdv_step(tl.where(seen, s_t, float("-inf")), q1, q2, v, do_ptr, lse_ptr, delta_ptr,
-                                          gate_ptr, tok * stride_dot + head * stride_doh, tok * num_heads + head,
-                                          tok * stride_gt + head * stride_gh, ok, dk1, dk2, dv, D2, DV, BLOCK_DV,
-                                          PRECISION, HAS_GATE)
+        dk1, dk2, dv, ds_t = gathered_dkdv_step(tl.where(seen, s_t, float("-inf")), q1, q2, v, do_ptr, lse_ptr,
+                                                delta_ptr, gate_ptr, tok * stride_dot + head * stride_doh,
+                                                tok * num_heads + head, tok * stride_gt + head * stride_gh, ok, dk1,
+                                                dk2, dv, D2, DV, BLOCK_DV, PRECISION, HAS_GATE)
+        if DQ:  # ds_t carries the gate (p_t did): dq's share is scale * ds k
+            part_rows = (tl.load(slots_ptr + entry, mask=ok, other=0).to(tl.int64) * GROUP + g) * DQK
+            ds = tl.trans(ds_t)
+            store_at(part_q_ptr, part_rows, ok, tl.dot(ds, k1, input_precision=PRECISION) * scale, 0, D1, DQK)
+            if D2 > 0:
+                store_at(part_q_ptr, part_rows, ok, tl.dot(ds, k2, input_precision=PRECISION) * scale, D1, D2, DQK)
     part = chunk.to(tl.int64) * BLOCK_S
     all_rows = offs >= 0
     store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)
@@ -401,9 +421,10 @@ def _sel_reduce_kernel(
     part_k_ptr, part_v_ptr, dk_ptr, dv_ptr, list_chunks_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_seqs, blocks_per_head,
     SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DQK: tl.constexpr, BLOCK_DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """dk / dv of one (kv head, block): the sum of its chunks' partials, in chunk order."""
+    """dk / dv of one (kv head, block): the sum of its chunks' partials, in chunk order (ACCUMULATE: added to dk /
+    dv, an earlier token range's sums: ``selected_dkdv``'s float32 buffers)."""
     listed = tl.program_id(0)
     hk = listed // blocks_per_head
     block = listed % blocks_per_head
@@ -422,11 +443,57 @@ def _sel_reduce_kernel(
         part_rows = (chunk * BLOCK_S + offs).to(tl.int64)  # the partial buffers pass 2^31 elements at 512k
         dk += load_at(part_k_ptr, part_rows * BLOCK_DK, all_rows, 0, BLOCK_DK, BLOCK_DK)
         dv += load_at(part_v_ptr, part_rows * BLOCK_DV, all_rows, 0, BLOCK_DV, BLOCK_DV)
-    row = tok0 + first
-    store_tile(dk_ptr + row * stride_dkt + hk * stride_dkh, offs, key_ok, stride_dkt, dk.to(dk_ptr.dtype.element_ty),
-               0, BLOCK_DK, DQK)
-    store_tile(dv_ptr + row * stride_dvt + hk * stride_dvh, offs, key_ok, stride_dvt, dv.to(dv_ptr.dtype.element_ty),
-               0, BLOCK_DV, DV)
+    dk_rows = dk_ptr + (tok0 + first) * stride_dkt + hk * stride_dkh
+    dv_rows = dv_ptr + (tok0 + first) * stride_dvt + hk * stride_dvh
+    if ACCUMULATE:
+        dk += load_tile(dk_rows, offs, key_ok, stride_dkt, 0, BLOCK_DK, DQK)
+        dv += load_tile(dv_rows, offs, key_ok, stride_dvt, 0, BLOCK_DV, DV)
+    store_tile(dk_rows, offs, key_ok, stride_dkt, dk.to(dk_ptr.dtype.element_ty), 0, BLOCK_DK, DQK)
+    store_tile(dv_rows, offs, key_ok, stride_dvt, dv.to(dv_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+
+
+@triton.jit
+def _sel_dq_reduce_kernel(
+    part_q_ptr, idx_ptr, dq_ptr, stride_it, stride_ih, stride_dqt, stride_dqh, num_kv_heads, first_row,
+    GROUP: tl.constexpr, GP: tl.constexpr, NUM_SELECTED: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dq of the group's heads of one (token, kv head) (+)= its selected slots' dq shares, summed in slot order (a
+    fixed order: the same bits on every run). Unused slots (-1) hold no share and are skipped. The shares count
+    from token row first_row's (``dq_share_ranges``)."""
+    local = tl.program_id(0).to(tl.int64)
+    tok = first_row + local
+    hk = tl.program_id(1)
+    g = tl.arange(0, GP)
+    ok = g < GROUP
+    acc1, acc2 = zeros_split(GP, D1, D2)
+    for slot in range(NUM_SELECTED):
+        live = ok & (tl.load(idx_ptr + tok * stride_it + hk * stride_ih + slot) >= 0)
+        rows = (((local * num_kv_heads + hk) * NUM_SELECTED + slot) * GROUP + g) * DQK
+        acc1 += load_at(part_q_ptr, rows, live, 0, D1, DQK)
+        if D2 > 0:
+            acc2 += load_at(part_q_ptr, rows, live, D1, D2, DQK)
+    dq_offsets = tok * stride_dqt + (hk * GROUP + g) * stride_dqh
+    if ACCUMULATE:
+        acc1 += load_at(dq_ptr, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
+    store_at(dq_ptr, dq_offsets, ok, acc1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
+    if D2 > 0:
+        if ACCUMULATE:
+            acc2 += load_at(dq_ptr, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
+        store_at(dq_ptr, dq_offsets, ok, acc2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+
+
+@triton.jit
+def _row_delta_kernel(do_ptr, o_ptr, delta_ptr, num_rows, num_heads, stride_dot, stride_doh, stride_ot, stride_oh,
+                      DV: tl.constexpr, BLOCK_DV: tl.constexpr, ROWS: tl.constexpr):
+    """delta = dO . o for ROWS (token, head) rows, token-major (the dq kernels' ``row_delta``; here for the
+    selection's dq inside its dk/dv, ``SelectedTiles.fused_dq``)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    ok = rows < num_rows
+    tok, head = rows // num_heads, rows % num_heads
+    do = load_at(do_ptr, tok * stride_dot + head * stride_doh, ok, 0, BLOCK_DV, DV)
+    o = load_at(o_ptr, tok * stride_ot + head * stride_oh, ok, 0, BLOCK_DV, DV)
+    tl.store(delta_ptr + rows, row_delta(do, o), mask=ok)
 
 
 @triton.jit
@@ -472,22 +539,31 @@ class SelectionLists(NamedTuple):
     block_seq: Tensor  # int32 [blocks_per_head]: the sequence of each global block (num_seqs past the last)
     cu_blocks: Tensor  # int32 [S + 1]: cumulative selection blocks per sequence
     blocks_per_head: int
+    slots: Tensor | None  # int32, like entries: each entry's flat index into block_indices (None unless asked for)
 
 
-def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, chunk: int) -> SelectionLists:
+def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, chunk: int, with_slots: bool = False,
+                    rows: tuple[int, int] | None = None) -> SelectionLists:
     """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every list in token
-    order, so the dk/dv sums run in a fixed order. No host sync (the sizes are host bounds)."""
-    _, num_kv_heads, num_selected = block_indices.shape
+    order, so the dk/dv sums run in a fixed order. No host sync (the sizes are host bounds). with_slots: also each
+    entry's (token, kv head, slot) as its flat index into block_indices (the dq shares' rows, ``fused_dq``). rows:
+    only the selections of token rows [r0, r1): the entries stay token rows of the whole batch, the slots count
+    from r0's first."""
+    num_tokens, num_kv_heads, num_selected = block_indices.shape
+    first_row, end_row = rows or (0, num_tokens)
+    chosen = block_indices[first_row:end_row]
     # A sequence's selection blocks are its tiles of sel_block_size tokens: global block -> sequence, and a bound on
     # the global block count, as for any tiles.
     blocks = packed_tiles(packed, sel_block_size)
     cu_blocks, blocks_per_head = blocks.first, blocks.grid
     num_lists = num_kv_heads * blocks_per_head
-    num_chunks = max(1, -(-block_indices.numel() // chunk) + num_lists)
+    num_chunks = max(1, -(-chosen.numel() // chunk) + num_lists)
     bases, list_ids, chunk_ids = _list_keys(packed, blocks, num_kv_heads, num_chunks)
-    keys = torch.where(block_indices >= 0, bases + block_indices, num_lists).flatten()
+    keys = torch.where(chosen >= 0, bases[first_row:end_row] + chosen, num_lists).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = (order // (num_kv_heads * num_selected)).to(torch.int32)
+    if first_row:
+        entries += first_row
     # int32 throughout (the kernels' index type): no casts after the sort
     bounds = torch.searchsorted(sorted_keys, list_ids, out_int32=True)
     per_list = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
@@ -496,7 +572,7 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
     owner = chunk_list.clamp_max(num_lists - 1)
     chunk_start = bounds[owner] + (chunk_ids - list_chunks[owner]) * chunk
     return SelectionLists(entries, bounds[1:], list_chunks, chunk_list, chunk_start, blocks.seq, cu_blocks,
-                          blocks_per_head)
+                          blocks_per_head, order.to(torch.int32) if with_slots else None)
 
 
 def _list_keys(packed: Packed, blocks: TileTable, num_kv_heads: int, num_chunks: int
@@ -695,10 +771,40 @@ def dkv_rows(group: int, tiles: SelectedTiles) -> dict[str, int]:
 
 def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
-                  tiles: SelectedTiles) -> tuple[Tensor, Tensor]:
-    """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists."""
+                  tiles: SelectedTiles, dq: Tensor | None = None, accumulate: bool = False) -> tuple[Tensor, Tensor]:
+    """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists. With dq (q's shape; for
+    tiles.fused_dq, in place of ``selected_dq``, delta from ``selected_row_delta``): dq[rows] (+)= the branch's
+    query gradient too, from the same steps, over token ranges whose dq shares fit tiles.fused_dq_bytes
+    (``dq_share_ranges``); dk and dv then add up across the ranges in float32, in range order."""
+    group = q.shape[1] // k.shape[1]
+    ranges = [(0, q.shape[0])] if dq is None else dq_share_ranges(block_indices, group, q.shape[-1], tiles)
+    if len(ranges) == 1:
+        dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
+    else:
+        dk, dv = (output_buffer(*x.shape, like=x, dtype=torch.float32) for x in (k, v))
+    for i, rows in enumerate(ranges):
+        _dkdv_range(q, k, v, gate, block_indices, dout, lse, delta, packed, sel_block_size, scale, tiles, dq,
+                    accumulate, rows if len(ranges) > 1 else None, dk, dv, i > 0)
+    return (dk, dv) if len(ranges) == 1 else (dk.to(k.dtype), dv.to(v.dtype))
+
+
+def dq_share_ranges(block_indices: Tensor, group: int, head_dim: int, tiles: SelectedTiles) -> list[tuple[int, int]]:
+    """The token ranges [r0, r1) of ``selected_dkdv(dq=...)``: consecutive, covering every row, each holding at
+    most tiles.fused_dq_bytes of float32 dq shares (one [G, d_k] row per (token, kv head, slot)), at least one
+    token."""
+    num_tokens, num_kv_heads, num_selected = block_indices.shape
+    step = max(1, tiles.fused_dq_bytes // (num_kv_heads * num_selected * group * head_dim * 4))
+    return [(r0, min(r0 + step, num_tokens)) for r0 in range(0, max(num_tokens, 1), step)]
+
+
+def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
+                lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float, tiles: SelectedTiles,
+                dq: Tensor | None, accumulate: bool, rows: tuple[int, int] | None, dk: Tensor, dv: Tensor,
+                add: bool) -> None:
+    """``selected_dkdv`` over the selections of token rows ``rows`` (None: all): dk / dv written, or added (add)."""
     chunk = tiles.dkv_chunk(packed.total)
-    lists = selection_lists(block_indices, packed, sel_block_size, chunk)
+    lists = selection_lists(block_indices, packed, sel_block_size, chunk, with_slots=dq is not None, rows=rows)
+    first_row, end_row = rows or (0, block_indices.shape[0])
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
     block_dk = max(16, next_power_of_2(q.shape[-1]))
@@ -707,20 +813,40 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     num_lists = k.shape[1] * lists.blocks_per_head
+    # dq shares: one row per (token, kv head, slot, head of the group); unused slots stay unwritten and unread
+    num_slots = (end_row - first_row) * block_indices.shape[1] * block_indices.shape[2]
+    part_q = part_k if dq is None else output_buffer(num_slots * args["GROUP"], q.shape[-1], like=q,
+                                                     dtype=torch.float32)
     _sel_dkdv_kernel[(num_chunks,)](
-        q, k, v, gate_t, dout, lse, delta, part_k, part_v, lists.entries, lists.chunk_list, lists.chunk_start,
+        q, k, v, gate_t, dout, lse, delta, part_k, part_v, part_q, lists.entries,
+        lists.entries if lists.slots is None else lists.slots, lists.chunk_list, lists.chunk_start,
         lists.list_end, lists.block_seq, packed.cu, lists.cu_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
         scale * LOG2E, scale,
-        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None,
+        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None, DQ=dq is not None,
         **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
-    dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
+    if dq is not None:
+        _sel_dq_reduce_kernel[(end_row - first_row, k.shape[1])](
+            part_q, block_indices, dq, block_indices.stride(0), block_indices.stride(1), dq.stride(0), dq.stride(1),
+            k.shape[1], first_row, GROUP=args["GROUP"], GP=next_power_of_2(args["GROUP"]),
+            NUM_SELECTED=block_indices.shape[-1], DQK=args["DQK"], D1=args["D1"], D2=args["D2"],
+            ACCUMULATE=accumulate,
+        )
     _sel_reduce_kernel[(num_lists,)](
         part_k, part_v, dk, dv, lists.list_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), packed.num_seqs, lists.blocks_per_head,
         SEL_BLOCK=sel_block_size, BLOCK_S=block_s, DQK=q.shape[-1], BLOCK_DK=block_dk, DV=v.shape[-1],
-        BLOCK_DV=block_dv, num_warps=8,
+        BLOCK_DV=block_dv, ACCUMULATE=add, num_warps=8,
     )
-    return dk, dv
+
+
+def selected_row_delta(dout: Tensor, branch_out: Tensor, delta: Tensor) -> None:
+    """delta[rows] = dO . o_sel (float32 [N, HQ]; dout and branch_out [N, HQ, Dv]): what ``selected_dq`` stores
+    beside dq, for ``selected_dkdv(dq=...)`` (tiles.fused_dq)."""
+    num_rows, rows = dout.shape[0] * dout.shape[1], 128
+    _row_delta_kernel[(triton.cdiv(num_rows, rows),)](
+        dout, branch_out, delta, num_rows, dout.shape[1], dout.stride(0), dout.stride(1), branch_out.stride(0),
+        branch_out.stride(1), DV=dout.shape[-1], BLOCK_DV=max(16, next_power_of_2(dout.shape[-1])), ROWS=rows,
+    )

@@ -218,7 +218,7 @@ def _dkdv_kernel(
             delta = tl.load(delta_ptr + bh * seq_len + rows)
             s_t = _causal_scaled(s_t, rows[None, :], cols[:, None], first_row, first_col, BLOCK_N, scale_log2)
             p_t = tl.math.exp2(s_t - lse[None, :])
-            dk1, dk2, dv = dkdv_step(v, q1, q2, _load_rows(do_base, rows, stride_dot, 0, BLOCK_DV, DV), p_t, delta,
+            dk1, dk2, dv, _ = dkdv_step(v, q1, q2, _load_rows(do_base, rows, stride_dot, 0, BLOCK_DV, DV), p_t, delta,
                                      dk1, dk2, dv, D2, PRECISION)
     dk_base = dk_ptr + b * stride_kb + hk * stride_kh
     _store_rows(dk_base, cols, stride_kt, (dk1 * scale).to(dk_ptr.dtype.element_ty), 0, D1, DQK)
