@@ -510,9 +510,11 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps
         variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4)]
     if group < 16:  # selection programs of several tokens over the union of their blocks
-        # the dq inside the dk/dv's steps (its dk/dv then times the whole backward but for delta_sel)
+        # the dq inside the dk/dv's steps (its dk/dv then times the whole backward but for delta_sel), in token
+        # ranges of at most 2 GiB of dq shares (the field's default) and in one range
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
-                                  sel._replace(dkv_rows=64), sel._replace(fused_dq=True)]
+                                  sel._replace(dkv_rows=64), sel._replace(fused_dq=True),
+                                  sel._replace(fused_dq=True, fused_dq_bytes=2**40)]
     elif head_dim <= 128:  # one token per program; its 16-row dots on 1, 2 or 4 warps
         variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3),
                                   sel._replace(num_warps=1), sel._replace(num_warps=4),

@@ -646,7 +646,7 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     (8, 2, (16, 16), False, None),  # G = 4: 4 entries x 4 heads per step
     (8, 2, (16, 16), True, 7),  # the same in ranges of 7 tokens, across the sequences' ends
     (6, 2, (24, 16), True, None),  # G = 3 (rows padded to 4 per entry), d_k != d_v, q.k split 16 + 16 (D2 > 0)
-    (2, 2, (16, 32), False, 1),  # G = 1: 16 entries per step; one token per range
+    (2, 2, (16, 32), False, 5),  # G = 1: 16 entries per step; ranges of 5 tokens
     (16, 1, (16, 16), True, None),  # G = 16: one entry per step
 ])
 def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads, dims, accumulate, range_tokens):
