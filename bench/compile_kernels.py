@@ -203,12 +203,11 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                       "ACCUMULATE": True}, 4, 1)
     yield KernelCase("delta_sel", selected._row_delta_kernel, {"DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
                                                                "ROWS": 128}, 4, 1)
-    yield KernelCase("reduce_sel", selected._sel_reduce_kernel,
-                     {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim),
-                      "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"], "ACCUMULATE": False}, 8, 1)
-    yield KernelCase("reduce_sel_add", selected._sel_reduce_kernel,
-                     {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim),
-                      "DV": head_dim_v, "BLOCK_DV": dims["BLOCK_DV"], "ACCUMULATE": True}, 8, 1,
+    # the dk/dv reduction writing dk / dv, and adding into the float32 sums of earlier token ranges (fused_dq)
+    reduce = {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim), "DV": head_dim_v,
+              "BLOCK_DV": dims["BLOCK_DV"]}
+    yield KernelCase("reduce_sel", selected._sel_reduce_kernel, {**reduce, "ACCUMULATE": False}, 8, 1)
+    yield KernelCase("reduce_sel_add", selected._sel_reduce_kernel, {**reduce, "ACCUMULATE": True}, 8, 1,
                      pointer_types=(("dk_ptr", "*fp32"), ("dv_ptr", "*fp32")))
 
 
