@@ -383,7 +383,7 @@ def kernel_traffic(name: str, shape: Shape, seq_len: int) -> int:
         "fwd_win": q + kv_win + 3 * o + stats + gate,
         "dq_cmp": 2 * q + 2 * o + kv_cmp + 2 * stats + gate,  # q, dO, o, k, v read; dq written
         "dq_sel": gathered_kv + 3 * q + 2 * o + 2 * stats + gate + indices,  # dq read and written
-        "delta_sel": 2 * o + stats,  # sel_tiles.fused_dq's delta: dO and o read
+        "delta_sel": 2 * o + stats,  # the delta of the selection's dq inside its dk/dv: dO and o read
         "dq_win": 3 * q + 2 * o + kv_win + 2 * stats + gate,
         "dkdv_cmp": q + o + 2 * stats + gate + 2 * kv_cmp, "dkdv_sel": gathered_rows + 2 * kv_win + indices,
         "dkdv_win": q + o + 2 * stats + gate + 2 * kv_win,
@@ -407,11 +407,11 @@ def kernel_steps(run: Any, shape: Shape, seq_len: int) -> list[tuple[str, Callab
     dq_flops, dkdv_flops = 2 * (2 * shape.dk + shape.dv), 4 * (shape.dk + shape.dv)  # dq: q.k, dO.v, dS.k
     steps = [("fwd_cmp", run.compressed, pairs["cmp"] * fwd), ("topn", run.select, pairs["cmp"] * qk),
              ("fwd_sel", run.selected, pairs["sel"] * fwd), ("fwd_win", run.window, pairs["win"] * fwd)]
-    fused_dq = 2 * shape.dk  # sel_tiles.fused_dq: the dk/dv's steps also take dS.k
+    fused_dq = 2 * shape.dk  # run.fuses_sel_dq: the dk/dv's steps also take dS.k
     flops = {"dq": dq_flops, "delta": 0, "dkdv": dkdv_flops}
     for name, fn in (*run.dq_steps(dout, dq, delta), *run.dkdv_steps(dout, delta, grads, dq)):
         kind, branch = name.rsplit("_", 1)
-        extra = fused_dq if name == "dkdv_sel" and run.sel_tiles.fused_dq else 0
+        extra = fused_dq if name == "dkdv_sel" and run.fuses_sel_dq else 0
         steps.append((name, fn, pairs[branch] * (flops[kind] + extra)))
     return steps
 
@@ -510,11 +510,14 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
     if group > 8:  # one token per program: its forced blocks in programs of 64 rows on 4 warps
         variants["sel_tiles"] += [sel._replace(forced_apart=True, forced_rows=64, forced_num_warps=4)]
     if group < 16:  # selection programs of several tokens over the union of their blocks
-        # the dq inside the dk/dv's steps (its dk/dv then times the whole backward but for delta_sel), in token
-        # ranges of at most 2 GiB of dq shares (the field's default) and in one range
+        # the selection's dq in its own kernel or inside the dk/dv's steps, whichever the defaults do not (the
+        # dk/dv then times the whole backward but for delta_sel); inside: in token ranges of 2 GiB of dq shares
+        # and in one range
+        other = sel._replace(fused_dq_max_group=0 if sel.fuses_dq(group) else group)
+        fused = sel if sel.fuses_dq(group) else other
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
-                                  sel._replace(dkv_rows=64), sel._replace(fused_dq=True),
-                                  sel._replace(fused_dq=True, fused_dq_bytes=2**40)]
+                                  sel._replace(dkv_rows=64), other, fused._replace(fused_dq_bytes=2**31),
+                                  fused._replace(fused_dq_bytes=2**40)]
     elif head_dim <= 128:  # one token per program; its 16-row dots on 1, 2 or 4 warps
         variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3),
                                   sel._replace(num_warps=1), sel._replace(num_warps=4),

@@ -114,7 +114,8 @@ def selected_dkdv_cases(tiles: SelectedTiles, group: int, dims: dict[str, int], 
     yield KernelCase(f"dkdv_sel{suffix}", selected._sel_dkdv_kernel,
                      {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
                       **selected.dkv_rows(group, tiles), "CHUNK": tiles.chunk,
-                      "BLOCK_DK": max(16, next_power_of_2(dims["DQK"])), "HAS_GATE": True, "DQ": tiles.fused_dq},
+                      "BLOCK_DK": max(16, next_power_of_2(dims["DQK"])), "HAS_GATE": True,
+                      "DQ": tiles.fuses_dq(group)},
                      tiles.dkv_num_warps, tiles.dkv_num_stages, pointer_types=DKDV_GATES)
 
 
@@ -194,16 +195,17 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                      pointer_types=tma_types)
     yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, **selected.forced_launch(sel_tiles),
                      pointer_types=tma_types)
-    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step), there also with the dq inside (fused_dq)
+    # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step) with the dq inside (its default there) and
+    # without
     yield from selected_dkdv_cases(sel_tiles, group, dims)
-    yield from selected_dkdv_cases(sel_tiles, 4, dims, "_g4")
-    yield from selected_dkdv_cases(sel_tiles._replace(fused_dq=True), 4, dims, "_g4_dq")
+    yield from selected_dkdv_cases(sel_tiles._replace(fused_dq_max_group=0), 4, dims, "_g4")
+    yield from selected_dkdv_cases(sel_tiles._replace(fused_dq_max_group=4), 4, dims, "_g4_dq")
     yield KernelCase("dq_reduce_sel_g4", selected._sel_dq_reduce_kernel,
                      {"GROUP": 4, "GP": 4, "NUM_SELECTED": 16, "DQK": dims["DQK"], "D1": dims["D1"], "D2": dims["D2"],
                       "ACCUMULATE": True}, 4, 1)
     yield KernelCase("delta_sel", selected._row_delta_kernel, {"DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
                                                                "ROWS": 128}, 4, 1)
-    # the dk/dv reduction writing dk / dv, and adding into the float32 sums of earlier token ranges (fused_dq)
+    # the dk/dv reduction writing dk / dv, and adding into the float32 sums of earlier token ranges (the dq inside)
     reduce = {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim), "DV": head_dim_v,
               "BLOCK_DV": dims["BLOCK_DV"]}
     yield KernelCase("reduce_sel", selected._sel_reduce_kernel, {**reduce, "ACCUMULATE": False}, 8, 1)

@@ -217,14 +217,20 @@ class PrefillRun:
                 self.indices.view(*k_sel_shape[:3], self.sizes.num_selected), lse_cmp, lse_sel, lse_win,
                 self.branch_outs, *self.unions)
 
+    @property
+    def fuses_sel_dq(self) -> bool:
+        """Whether the selection's dq comes from its dk/dv's steps (``SelectedTiles.fuses_dq`` at this group)."""
+        return self.sel_tiles.fuses_dq(self.q.shape[1] // self.k_sel.shape[1])
+
     def dq_steps(self, dout: Tensor, dq: Tensor, delta: list[Tensor]) -> list[tuple[str, Callable[[], None]]]:
         """The three dq kernels, in this order (they add into dq); dout and dq are token rows [rows, HQ, D]. With
-        sel_tiles.fused_dq the selection's step only computes its delta (``delta_sel``)."""
+        the selection's dq inside its dk/dv (``fuses_sel_dq``) the selection's step only computes its delta
+        (``delta_sel``)."""
         from nsa.kernels.range_attention import range_dq
         from nsa.kernels.selected import selected_dq, selected_row_delta
 
         g, o, packed, scale = self.gates, self.branch_outs, self.packed, self.scale
-        if self.sel_tiles.fused_dq:  # the selection's dq comes with its dk/dv (dkdv_steps): only its delta here
+        if self.fuses_sel_dq:  # the selection's dq comes with its dk/dv (dkdv_steps): only its delta here
             sel: tuple[str, Callable[[], None]] = ("delta_sel", lambda: selected_row_delta(dout, o[1], delta[1]))
         else:
             sel = ("dq_sel", lambda: selected_dq(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, o[1],
@@ -241,7 +247,7 @@ class PrefillRun:
     def dkdv_steps(self, dout: Tensor, delta: list[Tensor], grads: dict[str, tuple[Tensor, Tensor]], dq: Tensor
                    ) -> list[tuple[str, Callable[[], None]]]:
         """The three dk / dv computations; each stores its (dk, dv) in ``grads`` under its branch name. They read the
-        gates in float32 (``dkdv_gates``). With sel_tiles.fused_dq the selection's also adds its dq into dq (after
+        gates in float32 (``dkdv_gates``). Where ``fuses_sel_dq`` the selection's also adds its dq into dq (after
         ``dq_steps``)."""
         from nsa.kernels.range_attention import range_dkdv
         from nsa.kernels.selected import selected_dkdv
@@ -255,7 +261,7 @@ class PrefillRun:
         def sel() -> None:
             grads["sel"] = selected_dkdv(self.q, self.k_sel, self.v_sel, g[..., 1], self.indices, dout, self.lse[1],
                                          delta[1], packed, self.sizes.sel_block_size, scale, self.sel_tiles,
-                                         dq if self.sel_tiles.fused_dq else None, accumulate=True)
+                                         dq if self.fuses_sel_dq else None, accumulate=True)
 
         def win() -> None:
             grads["win"] = range_dkdv(self.q, self.k_win, self.v_win, g[..., 2], dout, self.lse[2], delta[2],

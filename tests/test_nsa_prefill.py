@@ -650,15 +650,16 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     (16, 1, (16, 16), True, None),  # G = 16: one entry per step
 ])
 def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads, dims, accumulate, range_tokens):
-    """SelectedTiles.fused_dq: the dk/dv's steps also store each gathered row's dq share (dS k) per (token, kv head,
-    slot), and a second kernel sums each token's slots in order into dq: written into a NaN-poisoned buffer, or
+    """The selection's dq inside its dk/dv (SelectedTiles.fuses_dq, forced at every group here): the dk/dv's steps
+    also store each gathered row's dq share (dS k) per (token, kv head, slot), and a second kernel sums each
+    token's slots in order into dq: written into a NaN-poisoned buffer, or
     added to an existing gradient; in one token range, or in ranges of range_tokens (fused_dq_bytes: that many
     tokens' shares), whose dk / dv add up. delta = dO . o from its own kernel. dq, dk, dv and delta against
     float64, on random selections that leave early tokens with unused slots (-1: never written, never read)."""
     case = selection_case(heads, kv_heads, seed=heads + dims[0], dims=dims)
     q, want = case.q, case.expected
     budget = 2**31 if range_tokens is None else range_tokens * q.shape[1] * 5 * dims[0] * 4  # n = 5 slots
-    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(fused_dq=True,
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(fused_dq_max_group=64,
                                                                                    fused_dq_bytes=budget)
     assert len(dq_share_ranges(case.indices, heads // kv_heads, dims[0], tiles)) == (
         1 if range_tokens is None else -(-q.shape[0] // range_tokens))
@@ -674,12 +675,17 @@ def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads,
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
 
 
-@pytest.mark.parametrize(("lengths", "heads", "kv_heads"), [([45], 8, 2), ([5, 35, 1, 29], 6, 2)])
-def test_kernels_with_the_selection_dq_inside_its_dkdv_match_float64_reference(monkeypatch, lengths, heads,
-                                                                                kv_heads):
-    """The whole layer with SelectedTiles.fused_dq (the backward's delta_sel and dk/dv steps in place of dq_sel):
-    output, selection and the eight gradients against float64, one sequence (G = 4) and packed ones (G = 3)."""
-    use_prefill_tiles(monkeypatch, selected={"fused_dq": True})
+@pytest.mark.parametrize(("lengths", "heads", "kv_heads", "max_group"), [
+    ([45], 8, 2, 0),  # G = 4 with the selection's dq from its own kernel (inside the dk/dv by default)
+    ([5, 35, 1, 29], 6, 2, 0),  # G = 3, packed sequences, the same
+    ([5, 35, 1, 29], 16, 2, 64),  # G = 8 with the dq inside the dk/dv (its own kernel by default)
+])
+def test_kernels_with_the_other_selection_dq_match_float64_reference(monkeypatch, lengths, heads, kv_heads,
+                                                                     max_group):
+    """The whole layer with the selection's dq computed the way its group's default does not
+    (SelectedTiles.fused_dq_max_group: the backward's dq_sel step, or delta_sel with the dq inside the dk/dv):
+    output, selection and the eight gradients against float64."""
+    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group})
     inputs = make_inputs(1, lengths, heads, kv_heads, 24, 16, SMALL, seed=13)
     check_against_reference(inputs, SMALL, lengths if len(lengths) > 1 else None)
 

@@ -69,7 +69,8 @@ def test_chunks_hold_each_list_in_token_order(case: tuple) -> None:
         assert all(chunk_list[c] == listed and 0 < end[c] - start[c] <= chunk for c in mine)
         got = [t for c in mine for t in entries[start[c]:end[c]]]  # in chunk order: what the reduction sums
         assert got == expected.get((listed // per_head, listed % per_head), [])
-        # each entry's slot (fused_dq's row for its dq share): its token, this list's kv head, this list's block
+        # each entry's slot (the row of its dq share where the dq is inside the dk/dv): its token, this list's kv
+        # head, this list's block
         head, block = divmod(listed, per_head)
         for c in mine:
             for e in range(start[c], end[c]):

@@ -110,15 +110,23 @@ class SelectedTiles(NamedTuple):
     8k public 3.60 / 3.76, G = 12 3.58 / 3.74, G = 4 (16 tokens x 4 heads) 1.72 / 2.34; 16k public 8.12 / 8.03,
     G = 12 8.10 / 8.04, G = 4 4.88 / 5.64; 32k G = 4 12.68 / 12.75; 64k G = 4 31.2 / 27.9 (public and G = 12 lose
     from 16k on). The edge falls at about 131072 rows x heads at each group timed.
-    fused_dq: the dq from the dk/dv's steps (FSA's loop order for the whole backward: each block's list of tokens,
-    dS k one more matmul per step) instead of ``selected_dq``'s one K / V block load per (token, group); its shares
-    go through a float32 buffer of G x d_k per (token, kv head, slot) (2 KB per (token, group, block) at G = 4, d_k =
-    128: 8.6 GB at 64k), summed per (token, kv head) in slot order, over token ranges whose shares take at most
-    fused_dq_bytes (``dq_share_ranges``; 2 GiB: 16k tokens at G = 4, H_kv = 4, d_k = 128). H100, 64k, independent
-    queries (2026-12-06, the whole 64k in one range, bench/results/logs/tiles_fused_dq_h100.jsonl), dq + dk/dv
-    against delta + fused dk/dv: G = 4 13.22 + 4.83 ms against 0.19 + 12.74 (the layer 50.8 -> 45.6 ms, its peak
-    3.7 -> 11.8 GiB), the GPT's G = 2 (d = 64) 2.87 + 1.11 against 0.04 + 2.38; at 16k 2.66 + 1.26 against 0.06 +
-    3.27 (G = 4) and 0.54 + 0.40 against 0.01 + 0.68 (G = 2). Off until the ranges are timed (docs/PERF_NOTES.md)."""
+    fused_dq_max_group: groups of at most this many query heads per kv head (0: none, 64: every group) take the
+    selection's dq from the dk/dv's steps (``fuses_dq``; FSA's loop order for the whole backward: each block's list of
+    tokens, dS k one more matmul per step) instead of ``selected_dq``'s one K / V block load per (token, group). The
+    shares go through a float32 buffer of G x d_k per (token, kv head, slot) (2 KB per (token, group, block) at G = 4,
+    d_k = 128: 8.6 GB at 64k), summed per (token, kv head) in slot order, over token ranges whose shares take at most
+    fused_dq_bytes (``dq_share_ranges``). H100, 64k (2026-12-06, bench/results/logs/tiles_fused_dq_h100.jsonl),
+    independent queries, selection dq + dk/dv against delta + fused dk/dv in ranges of 2 GiB / 8 GiB / one range:
+    G = 4 13.26 + 4.88 ms against 0.19 + 14.52 / 12.73 / 12.74; G = 4 at d_k = 192 17.44 + 5.81 against 0.19 + 21.92
+    / 18.64 / 17.68; the GPT's G = 2 (d = 64) 2.88 + 1.08 against 0.04 + 2.39 in one range; G = 12 16.68 + 15.87
+    against 0.54 + 54.11 / 43.30 / 40.64 (its shares, 6 KB per pair, cost more than its L2 reads). Queries that share
+    90% of their variance within 64-token spans (neighbours select the same blocks, which the token-centric dq's
+    programs of several tokens read once) narrow it or turn it: G = 4 7.50 + 4.86 against 0.19 + 12.70 at 64k,
+    1.52 + 1.26 against 0.06 + 3.22 at 16k; G = 2 1.17 + 1.10 against 0.04 + 2.37 at 64k, 0.12 + 0.42 against
+    0.01 + 0.47 at 8k. Independent queries at 16k / 8k: G = 4 2.65 + 1.26 / 1.10 + 0.78 against 0.06 + 3.28 / 0.04
+    + 1.71; G = 2 0.53 + 0.43 / 0.22 + 0.42 against 0.01 + 0.68 / 0.01 + 0.47. fused_dq_bytes = 4 GiB: each range
+    also reads and writes the float32 dk / dv sums of the blocks it reaches (``_sel_reduce_kernel``), ~0.45 ms per
+    range at G = 4, 64k; 4 GiB is 32k tokens at G = 4, H_kv = 4, d_k = 128."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -142,8 +150,12 @@ class SelectedTiles(NamedTuple):
     short_tile_num_warps: int = 4
     short_tile_num_stages: int = 2
     short_query_rows: int = 131072
-    fused_dq: bool = False
-    fused_dq_bytes: int = 2**31
+    fused_dq_max_group: int = 4
+    fused_dq_bytes: int = 2**32
+
+    def fuses_dq(self, group: int) -> bool:
+        """Whether a group of ``group`` query heads per kv head takes the selection's dq inside its dk/dv."""
+        return group <= self.fused_dq_max_group
 
     def dkv_chunk(self, num_tokens: int) -> int:
         """Tokens per dk/dv program for num_tokens packed rows."""
@@ -436,10 +448,13 @@ def _sel_reduce_kernel(
     offs = tl.arange(0, BLOCK_S)
     first = (block - tl.load(cu_blocks_ptr + seq)) * SEL_BLOCK
     key_ok = live & (offs < SEL_BLOCK) & (first + offs < seq_len)
+    chunk0, chunk1 = tl.load(list_chunks_ptr + listed), tl.load(list_chunks_ptr + listed + 1)
+    if ACCUMULATE:  # a block no token of this range read keeps the earlier ranges' sums: not read, not written
+        key_ok = key_ok & (chunk1 > chunk0)
     all_rows = offs >= 0
     dk = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
-    for chunk in range(tl.load(list_chunks_ptr + listed), tl.load(list_chunks_ptr + listed + 1)):
+    for chunk in range(chunk0, chunk1):
         part_rows = (chunk * BLOCK_S + offs).to(tl.int64)  # the partial buffers pass 2^31 elements at 512k
         dk += load_at(part_k_ptr, part_rows * BLOCK_DK, all_rows, 0, BLOCK_DK, BLOCK_DK)
         dv += load_at(part_v_ptr, part_rows * BLOCK_DV, all_rows, 0, BLOCK_DV, BLOCK_DV)
@@ -487,7 +502,7 @@ def _sel_dq_reduce_kernel(
 def _row_delta_kernel(do_ptr, o_ptr, delta_ptr, num_rows, num_heads, stride_dot, stride_doh, stride_ot, stride_oh,
                       DV: tl.constexpr, BLOCK_DV: tl.constexpr, ROWS: tl.constexpr):
     """delta = dO . o for ROWS (token, head) rows, token-major (the dq kernels' ``row_delta``; here for the
-    selection's dq inside its dk/dv, ``SelectedTiles.fused_dq``)."""
+    selection's dq inside its dk/dv, ``SelectedTiles.fuses_dq``)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     ok = rows < num_rows
     tok, head = rows // num_heads, rows % num_heads
@@ -546,7 +561,8 @@ def selection_lists(block_indices: Tensor, packed: Packed, sel_block_size: int, 
                     rows: tuple[int, int] | None = None) -> SelectionLists:
     """Invert the selection: which tokens read each (kv head, block). A stable sort keeps every list in token
     order, so the dk/dv sums run in a fixed order. No host sync (the sizes are host bounds). with_slots: also each
-    entry's (token, kv head, slot) as its flat index into block_indices (the dq shares' rows, ``fused_dq``). rows:
+    entry's (token, kv head, slot) as its flat index into block_indices (the dq shares' rows,
+    ``SelectedTiles.fuses_dq``). rows:
     only the selections of token rows [r0, r1): the entries stay token rows of the whole batch, the slots count
     from r0's first."""
     num_tokens, num_kv_heads, num_selected = block_indices.shape
@@ -773,7 +789,7 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles, dq: Tensor | None = None, accumulate: bool = False) -> tuple[Tensor, Tensor]:
     """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists. With dq (q's shape; for
-    tiles.fused_dq, in place of ``selected_dq``, delta from ``selected_row_delta``): dq[rows] (+)= the branch's
+    tiles.fuses_dq, in place of ``selected_dq``, delta from ``selected_row_delta``): dq[rows] (+)= the branch's
     query gradient too, from the same steps, over token ranges whose dq shares fit tiles.fused_dq_bytes
     (``dq_share_ranges``); dk and dv then add up across the ranges in float32, in range order."""
     group = q.shape[1] // k.shape[1]
@@ -844,7 +860,7 @@ def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
 
 def selected_row_delta(dout: Tensor, branch_out: Tensor, delta: Tensor) -> None:
     """delta[rows] = dO . o_sel (float32 [N, HQ]; dout and branch_out [N, HQ, Dv]): what ``selected_dq`` stores
-    beside dq, for ``selected_dkdv(dq=...)`` (tiles.fused_dq)."""
+    beside dq, for ``selected_dkdv(dq=...)`` (tiles.fuses_dq)."""
     num_rows, rows = dout.shape[0] * dout.shape[1], 128
     _row_delta_kernel[(triton.cdiv(num_rows, rows),)](
         dout, branch_out, delta, num_rows, dout.shape[1], dout.stride(0), dout.stride(1), branch_out.stride(0),
