@@ -518,6 +518,11 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
         variants["sel_tiles"] += [sel._replace(tile_num_stages=2), sel._replace(tile_num_warps=4),
                                   sel._replace(dkv_rows=64), other, fused._replace(fused_dq_bytes=2**31),
                                   fused._replace(fused_dq_bytes=2**40)]
+        # the forward over the query tiles or over the blocks' token lists, whichever the defaults do not take;
+        # over the lists: in token ranges of 4 GiB of parts and in one range
+        other = sel._replace(block_forward_max_group=0 if sel.forwards_by_block(group) else group)
+        by_block = sel if sel.forwards_by_block(group) else other
+        variants["sel_tiles"] += [other, by_block._replace(block_forward_bytes=2**40)]
     elif head_dim <= 128:  # one token per program; its 16-row dots on 1, 2 or 4 warps
         variants["sel_tiles"] += [sel._replace(dq_num_stages=2), sel._replace(num_stages=3),
                                   sel._replace(num_warps=1), sel._replace(num_warps=4),

@@ -205,6 +205,15 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                       "ACCUMULATE": True}, 4, 1)
     yield KernelCase("delta_sel", selected._row_delta_kernel, {"DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
                                                                "ROWS": 128}, 4, 1)
+    # the forward over the blocks' token lists at G = 4 (SelectedTiles.forwards_by_block) and its combination
+    parts = (("part_lse_ptr", "*fp32"),)
+    yield KernelCase("fwd_sel_part_g4", selected._sel_fwd_part_kernel,
+                     {"GROUP": 4, "SEL_BLOCK": 64, "BLOCK_S": 64, "CHUNK": sel_tiles.chunk, "PRECISION": "tf32",
+                      **dims, **selected.dkv_rows(4, sel_tiles)}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages,
+                     pointer_types=parts)
+    yield KernelCase("fwd_sel_combine_g4", selected._sel_fwd_combine_kernel,
+                     {"GROUP": 4, "GP": 4, "NUM_SELECTED": 16, "DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
+                      "HAS_GATE": True, "ACCUMULATE": True}, 4, 3, pointer_types=parts)
     # the dk/dv reduction writing dk / dv, and adding into the float32 sums of earlier token ranges (the dq inside)
     reduce = {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim), "DV": head_dim_v,
               "BLOCK_DV": dims["BLOCK_DV"]}

@@ -40,6 +40,7 @@ from reference import (
 )
 
 from nsa import NSAAttention, NSAConfig, NSAInputError, functional, naive_nsa_attention, nsa_attention, prefill
+from nsa.kernels import selected as selected_module
 from nsa.kernels import tiles
 from nsa.kernels.launch_args import split_dims
 from nsa.kernels.selected import (
@@ -608,7 +609,8 @@ def test_selection_query_tiles_match_float64_reference(rows, heads, kv_heads):
     it did not select fails). Output, lse, dq and delta = dO . o against float64 given the same blocks. One token
     per program has no tile edges to place: shorter sequences."""
     case = selection_case(heads, kv_heads, seed=rows, lengths=(21, 3, 40) if rows else (13, 3, 20))
-    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel._replace(rows=rows)
+    tiles = prefill._tiles(case.q.device, case.q.shape[-1], heads // kv_heads).sel._replace(
+        rows=rows, block_forward_max_group=0)
     check_selection_dq(case, tiles, *check_selection_forward(case, tiles))
 
 
@@ -675,17 +677,55 @@ def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads,
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
 
 
-@pytest.mark.parametrize(("lengths", "heads", "kv_heads", "max_group"), [
-    ([45], 8, 2, 0),  # G = 4 with the selection's dq from its own kernel (inside the dk/dv by default)
-    ([5, 35, 1, 29], 6, 2, 0),  # G = 3, packed sequences, the same
-    ([5, 35, 1, 29], 16, 2, 64),  # G = 8 with the dq inside the dk/dv (its own kernel by default)
+@pytest.mark.parametrize(("heads", "kv_heads", "dims", "accumulate", "range_tokens"), [
+    (8, 2, (16, 16), False, None),  # G = 4 (8 entries x 4 heads per step) in one token range
+    (8, 2, (16, 16), True, 7),  # the same in ranges of 7 tokens, across the sequences' ends, adding into out
+    (6, 2, (24, 16), False, None),  # G = 3 (rows padded to 4 per entry), d_k != d_v, q.k split 16 + 8
+    (2, 2, (16, 32), True, 5),  # G = 1: 16 entries per step; ranges of 5 tokens
+    (16, 1, (16, 16), False, 11),  # G = 16: one entry per step
 ])
-def test_kernels_with_the_other_selection_dq_match_float64_reference(monkeypatch, lengths, heads, kv_heads,
-                                                                     max_group):
-    """The whole layer with the selection's dq computed the way its group's default does not
-    (SelectedTiles.fused_dq_max_group: the backward's dq_sel step, or delta_sel with the dq inside the dk/dv):
-    output, selection and the eight gradients against float64."""
-    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group})
+def test_selection_forward_over_the_blocks_lists_matches_float64_reference(monkeypatch, heads, kv_heads, dims,
+                                                                           accumulate, range_tokens):
+    """The selection forward over the (kv head, block) token lists (SelectedTiles.forwards_by_block, forced at every
+    group here): each gathered row's result over one block, combined per token in slot order by their lse; in one
+    token range or in ranges of range_tokens (block_forward_bytes: that many tokens' parts); out written into a
+    NaN-poisoned buffer or added to an earlier branch's; out, o and lse against float64, on random selections
+    that leave early tokens with unused slots (-1: never written, never read)."""
+    case = selection_case(heads, kv_heads, seed=heads + dims[0] + 1, dims=dims)
+    q, want = case.q, case.expected
+    part_bytes = kv_heads * 5 * (heads // kv_heads) * (dims[1] * q.element_size() + 4)  # n = 5 slots
+    budget = 2**32 if range_tokens is None else range_tokens * part_bytes
+    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(block_forward_max_group=64,
+                                                                                   block_forward_bytes=budget)
+    ranges: list[tuple[int, int] | None] = []
+    lists = selected_module.selection_lists
+    monkeypatch.setattr(selected_module, "selection_lists",
+                        lambda *args, **kwargs: ranges.append(kwargs["rows"]) or lists(*args, **kwargs))
+    out_shape = (*q.shape[:2], dims[1])
+    earlier = randn(*out_shape, seed=6).float()
+    out = earlier.clone() if accumulate else output_buffer(*out_shape, like=q)
+    lse, branch_out = output_buffer(*q.shape[:2], like=q), output_buffer(*out_shape, like=q)
+    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4,
+                     q.shape[-1] ** -0.5, accumulate, tiles)
+    step = q.shape[0] if range_tokens is None else range_tokens
+    assert ranges == [(r0, min(r0 + step, q.shape[0])) for r0 in range(0, q.shape[0], step)]
+    torch.testing.assert_close(out.double(), want["out"] + (earlier.double() if accumulate else 0), **TOL)
+    torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
+    torch.testing.assert_close(lse.double(), want["lse"], **TOL)
+
+
+@pytest.mark.parametrize(("lengths", "heads", "kv_heads", "max_group"), [
+    ([45], 8, 2, 0),  # G = 4: the selection's forward over query tiles, its dq from its own kernel
+    ([5, 35, 1, 29], 6, 2, 0),  # G = 3, packed sequences, the same
+    ([5, 35, 1, 29], 16, 2, 64),  # G = 8: the forward over the blocks' lists, the dq inside the dk/dv
+])
+def test_kernels_with_the_other_selection_forward_and_dq_match_float64_reference(monkeypatch, lengths, heads,
+                                                                                 kv_heads, max_group):
+    """The whole layer with the selection's forward and dq computed the way their group's defaults do not
+    (SelectedTiles.block_forward_max_group, fused_dq_max_group; the short sequences' programs off, which would keep
+    the query tiles' forward): output, selection and the eight gradients against float64."""
+    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group,
+                                             "short_query_rows": 0})
     inputs = make_inputs(1, lengths, heads, kv_heads, 24, 16, SMALL, seed=13)
     check_against_reference(inputs, SMALL, lengths if len(lengths) > 1 else None)
 
@@ -845,10 +885,11 @@ def test_union_list_shape_is_what_query_tiles_builds(lengths, group, rows):
 def test_short_sequences_take_the_short_selection_programs(tokens, group, head_dim, short):
     """SelectedTiles.for_tokens, and through it what PrefillRun launches and nsa::prefill's fake implementation
     sizes: the short sequences' rows and launch settings exactly where the rule says, the tiles unchanged
-    elsewhere."""
+    elsewhere; there the forward walks their unions, not the blocks' lists (forwards_by_block)."""
     tiles = SelectedTiles(short_rows=32, short_tile_num_warps=8, short_tile_num_stages=1, short_query_rows=256)
     chosen = tiles.for_tokens(tokens, group, head_dim)
-    assert chosen == (tiles._replace(rows=32, tile_num_warps=8, tile_num_stages=1) if short else tiles)
+    assert chosen == (tiles._replace(rows=32, tile_num_warps=8, tile_num_stages=1, block_forward_max_group=0)
+                      if short else tiles)
     assert SelectedTiles(short_query_rows=0).for_tokens(1, 16, 128) == SelectedTiles(short_query_rows=0)
 
 

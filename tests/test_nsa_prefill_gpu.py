@@ -122,6 +122,21 @@ def test_selection_dq_inside_the_dkdv_or_apart_matches_float64_reference(monkeyp
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "part_bytes"), [
+    (16, 4, 128, 128, 2048, 2**32),  # G = 4 in one token range
+    (16, 4, 128, 128, 2048, 2**25),  # the same in ranges of 504 tokens (66,560 bytes of parts per token)
+    (12, 4, 192, 128, 3000, 2**32),  # G = 3, the paper's d_k (q.k split 128 + 64), T not a multiple of any block
+])
+def test_selection_forward_over_block_lists_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,
+                                                                       part_bytes):
+    """The selection forward over the blocks' token lists, each token's per-block results combined in slot order
+    (SelectedTiles.forwards_by_block, the default up to G = 4 past the short sequences; tests/test_nsa_prefill.py
+    checks it in the interpreter)."""
+    use_prefill_tiles(monkeypatch, selected={"block_forward_max_group": 64, "block_forward_bytes": part_bytes,
+                                             "short_query_rows": 0})  # the short programs would keep their forward
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "dkv_m"),
                          [(64, 4, 128, 128, 2048, 32), (48, 4, 192, 128, 3000, 16)])
 def test_range_dkdv_one_head_per_step_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,

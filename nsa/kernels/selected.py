@@ -126,7 +126,18 @@ class SelectedTiles(NamedTuple):
     0.01 + 0.47 at 8k. Independent queries at 16k / 8k: G = 4 2.65 + 1.26 / 1.10 + 0.78 against 0.06 + 3.28 / 0.04
     + 1.71; G = 2 0.53 + 0.43 / 0.22 + 0.42 against 0.01 + 0.68 / 0.01 + 0.47. fused_dq_bytes = 4 GiB: each range
     also reads and writes the float32 dk / dv sums of the blocks it reaches (``_sel_reduce_kernel``), ~0.45 ms per
-    range at G = 4, 64k; 4 GiB is 32k tokens at G = 4, H_kv = 4, d_k = 128."""
+    range at G = 4, 64k; 4 GiB is 32k tokens at G = 4, H_kv = 4, d_k = 128.
+    block_forward_max_group: groups of at most this many heads (0: none) run the selection forward over the blocks'
+    token lists, as the dk/dv does (``forwards_by_block``; FSA's loop order for the forward): each chunk of a (kv
+    head, block) list loads the block once and gathers its tokens' q rows; each row's result over that block alone
+    (normalised, in q's dtype, with its float32 lse) goes to its (token, kv head, slot), and a second kernel
+    combines each token's slots in slot order. Token ranges of at most block_forward_bytes of those parts; not where
+    the short sequences' programs apply (``for_tokens``). H100, 64k (2026-12-06, bench/results/logs/
+    tiles_block_forward_h100.jsonl), forward ms against the query tiles' programs (4 GiB ranges / one range):
+    independent queries, G = 4 8.18 / 7.67 against 13.30, G = 4 at d_k = 192 8.89 / 8.28 against 17.23, the GPT's
+    G = 2 1.85 against 2.88; queries sharing 90% of their variance within 64-token spans, which the query tiles
+    read once per program, G = 4 8.22 / 7.70 against 7.56, G = 2 1.84 against 1.19. The G = 4 layer 40.9 ms against
+    46.3; the GPT on real text 57.99 ms a step at 64k against 60.05, 48.89 at 16k against 48.85 (same call)."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -152,10 +163,17 @@ class SelectedTiles(NamedTuple):
     short_query_rows: int = 131072
     fused_dq_max_group: int = 4
     fused_dq_bytes: int = 2**32
+    block_forward_max_group: int = 4
+    block_forward_bytes: int = 2**32
 
     def fuses_dq(self, group: int) -> bool:
         """Whether a group of ``group`` query heads per kv head takes the selection's dq inside its dk/dv."""
         return group <= self.fused_dq_max_group
+
+    def forwards_by_block(self, group: int) -> bool:
+        """Whether a group of ``group`` query heads per kv head runs the selection forward over the blocks' token
+        lists (``block_forward_max_group``)."""
+        return group <= self.block_forward_max_group
 
     def dkv_chunk(self, num_tokens: int) -> int:
         """Tokens per dk/dv program for num_tokens packed rows."""
@@ -163,13 +181,16 @@ class SelectedTiles(NamedTuple):
 
     def for_tokens(self, num_tokens: int, group: int, head_dim: int) -> SelectedTiles:
         """These tiles for num_tokens packed rows of a group of G query heads per kv head at the widest head dim
-        ``head_dim``: the forward / dq's short-sequence programs (short_rows, ...) where they apply. The forward's
+        ``head_dim``: the forward / dq's short-sequence programs (short_rows, ...) where they apply, the forward
+        then over their unions (not ``forwards_by_block``). The forward's
         union lists take their shape from the rows, so the forward, the backward and nsa::prefill's fake
         implementation all read the tiles through here."""
         if num_tokens * group > self.short_query_rows or group < SHORT_MIN_GROUP or head_dim > self.tile_dq_max_dim:
             return self
+        # the short programs were timed against programs of 16 rows, forwards_by_block at 64k only: the short
+        # programs keep the forward where they apply
         return self._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
-                             tile_num_stages=self.short_tile_num_stages)
+                             tile_num_stages=self.short_tile_num_stages, block_forward_max_group=0)
 
 
 @triton.jit
@@ -367,20 +388,13 @@ def _sel_dq_kernel(
 
 
 @triton.jit
-def _sel_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, part_q_ptr, entries_ptr,
-    slots_ptr, chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
-    num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
-    GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
-    DQ: tl.constexpr,
-):
-    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads. DQ: each
-    step's rows also get their dq share from this block (dS k, one more matmul), stored at the row of their (token,
-    kv head, slot) in part_q (``slots``: each entry's flat index into the selection) for ``_sel_dq_reduce_kernel``."""
-    chunk = tl.program_id(0)
+def _list_chunk(chunk, k_ptr, v_ptr, chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr,
+                cu_blocks_ptr, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, num_lists, blocks_per_head,
+                SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, DQK: tl.constexpr,
+                D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Chunk ``chunk`` of a (kv head, block) list (``selection_lists``): (kv head, its sequence's first row, the
+    block's key positions in the sequence, which of them exist, k1, k2, v of the block, the chunk's entries
+    [first, end); empty past the last list)."""
     listed = tl.load(chunk_list_ptr + chunk)
     live = listed < num_lists
     listed = tl.minimum(listed, num_lists - 1)
@@ -396,18 +410,126 @@ def _sel_dkdv_kernel(
     block_row = tok0 + j * SEL_BLOCK
     k1, k2 = load_split(k_ptr + block_row * stride_kt + hk * stride_kh, offs, key_ok, stride_kt, DQK, D1, D2)
     v = load_tile(v_ptr + block_row * stride_vt + hk * stride_vh, offs, key_ok, stride_vt, 0, BLOCK_DV, DV)
-    dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
-    dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     first = tl.load(chunk_start_ptr + chunk)
     end = tl.where(live, tl.minimum(first + CHUNK, tl.load(list_end_ptr + listed)), first)
+    return hk, tok0, pos, key_ok, k1, k2, v, first, end
+
+
+@triton.jit
+def _gathered_rows(q_ptr, entries_ptr, e, end, hk, stride_qt, stride_qh, GROUP: tl.constexpr, GP: tl.constexpr,
+                   BQ: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """One step's rows of a list chunk: BQ entries from e (those before end) x the group's GP (padded) heads,
+    entry-major. -> (each row's entry, validity, token row (int64), head within the group, query head, q1, q2)."""
     r = tl.arange(0, BQ * GP)
     g = r % GP
+    entry = e + r // GP
+    ok = (entry < end) & (g < GROUP)
+    tok = tl.load(entries_ptr + entry, mask=ok, other=0).to(tl.int64)
+    head = hk * GROUP + g
+    q1, q2 = load_split_at(q_ptr, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
+    return entry, ok, tok, g, head, q1, q2
+
+
+@triton.jit
+def _sel_fwd_part_kernel(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, entries_ptr, slots_ptr, chunk_list_ptr, chunk_start_ptr,
+    list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    stride_vh, num_seqs, num_lists, blocks_per_head, qk_scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The selection forward of one chunk of one (kv head, block) list (``SelectedTiles.forwards_by_block``): each
+    gathered (token, head) row's attention over this block alone, normalised, and its base-2 lse (+inf where it
+    sees no key), stored at the row of its (token, kv head, slot) for ``_sel_fwd_combine_kernel``."""
+    hk, tok0, pos, key_ok, k1, k2, v, first, end = _list_chunk(
+        tl.program_id(0), k_ptr, v_ptr, chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr,
+        cu_blocks_ptr, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, num_lists, blocks_per_head, SEL_BLOCK,
+        BLOCK_S, CHUNK, DQK, D1, D2, DV, BLOCK_DV)
     for e in range(first, end, BQ):
-        entry = e + r // GP
-        ok = (entry < end) & (g < GROUP)
-        tok = tl.load(entries_ptr + entry, mask=ok, other=0).to(tl.int64)
-        head = hk * GROUP + g
-        q1, q2 = load_split_at(q_ptr, tok * stride_qt + head * stride_qh, ok, DQK, D1, D2)
+        entry, ok, tok, g, _, q1, q2 = _gathered_rows(q_ptr, entries_ptr, e, end, hk, stride_qt, stride_qh, GROUP,
+                                                      GP, BQ, DQK, D1, D2)
+        s = scaled_scores(q1, q2, k1, k2, qk_scale, D2, PRECISION)
+        seen = ok[:, None] & key_ok[None, :] & (pos[None, :] <= (tok - tok0)[:, None])
+        m_i, l_i, acc = softmax_step(tl.where(seen, s, float("-inf")), v, tl.full([BQ * GP], float("-inf"),
+                                     tl.float32), tl.zeros([BQ * GP], tl.float32),
+                                     tl.zeros([BQ * GP, BLOCK_DV], tl.float32), PRECISION)
+        out, lse = softmax_result(m_i, l_i, acc)
+        part_rows = tl.load(slots_ptr + entry, mask=ok, other=0).to(tl.int64) * GROUP + g
+        store_at(part_o_ptr, part_rows * DV, ok, out.to(part_o_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+        tl.store(part_lse_ptr + part_rows, lse, mask=ok)
+
+
+@triton.jit
+def _sel_fwd_combine_kernel(
+    part_o_ptr, part_lse_ptr, idx_ptr, gate_ptr, out_ptr, lse_ptr, branch_ptr, stride_it, stride_ih, stride_gt,
+    stride_gh, stride_ot, stride_oh, stride_bt, stride_bh, num_heads, num_kv_heads, first_row,
+    GROUP: tl.constexpr, GP: tl.constexpr, NUM_SELECTED: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """The selection's output of the group's heads of one (token, kv head) from its slots' per-block results
+    (``_sel_fwd_part_kernel``), combined in slot order by their lse (a fixed order: the same bits on every run):
+    out (+)= gate * o, lse (base 2, +inf where no slot saw a key), branch_out = o, as ``_sel_fwd_kernel`` writes
+    them. Unused slots (-1) are skipped. The parts count from token row first_row's."""
+    local = tl.program_id(0).to(tl.int64)
+    tok = first_row + local
+    hk = tl.program_id(1)
+    g = tl.arange(0, GP)
+    ok = g < GROUP
+    heads = hk * GROUP + g
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
+    for slot in range(NUM_SELECTED):
+        live = ok & (tl.load(idx_ptr + tok * stride_it + hk * stride_ih + slot) >= 0)
+        rows = ((local * num_kv_heads + hk) * NUM_SELECTED + slot) * GROUP + g
+        part_lse = tl.load(part_lse_ptr + rows, mask=live, other=float("inf"))
+        part_lse = tl.where(part_lse < float("inf"), part_lse, float("-inf"))  # no key seen: no mass
+        m_new = tl.maximum(m_i, part_lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        weight = tl.math.exp2(part_lse - m_safe)
+        part = load_at(part_o_ptr, rows * DV, live & (part_lse > float("-inf")), 0, BLOCK_DV, DV).to(tl.float32)
+        acc = acc * alpha[:, None] + part * weight[:, None]
+        l_i = l_i * alpha + weight
+        m_i = m_new
+    out, lse = softmax_result(m_i, l_i, acc)
+    tl.store(lse_ptr + tok * num_heads + heads, lse, mask=ok)
+    store_at(branch_ptr + tok * stride_bt, heads * stride_bh, ok, out.to(branch_ptr.dtype.element_ty), 0, BLOCK_DV,
+             DV)
+    if HAS_GATE:
+        out = out * tl.load(gate_ptr + tok * stride_gt + heads * stride_gh, mask=ok, other=0.0).to(tl.float32)[:, None]
+    out_offsets = tok * stride_ot + heads * stride_oh
+    if ACCUMULATE:
+        out += load_at(out_ptr, out_offsets, ok, 0, BLOCK_DV, DV).to(tl.float32)
+    store_at(out_ptr, out_offsets, ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+
+
+@triton.jit
+def _sel_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, part_q_ptr, entries_ptr,
+    slots_ptr, chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, stride_dot, stride_doh,
+    num_heads, num_seqs, num_lists, blocks_per_head, qk_scale, scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, SEL_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHUNK: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    DQ: tl.constexpr,
+):
+    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads. DQ: each
+    step's rows also get their dq share from this block (dS k, one more matmul), stored at the row of their (token,
+    kv head, slot) in part_q (``slots``: each entry's flat index into the selection) for ``_sel_dq_reduce_kernel``."""
+    chunk = tl.program_id(0)
+    hk, tok0, pos, key_ok, k1, k2, v, first, end = _list_chunk(
+        chunk, k_ptr, v_ptr, chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
+        stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, num_lists, blocks_per_head, SEL_BLOCK, BLOCK_S, CHUNK,
+        DQK, D1, D2, DV, BLOCK_DV)
+    offs = tl.arange(0, BLOCK_S)
+    dk1, dk2 = zeros_split(BLOCK_S, D1, D2)
+    dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    for e in range(first, end, BQ):
+        entry, ok, tok, g, head, q1, q2 = _gathered_rows(q_ptr, entries_ptr, e, end, hk, stride_qt, stride_qh, GROUP,
+                                                         GP, BQ, DQK, D1, D2)
         s_t = scaled_scores(k1, k2, q1, q2, qk_scale, D2, PRECISION)
         seen = key_ok[:, None] & ok[None, :] & (pos[:, None] <= (tok - tok0)[None, :])
         dk1, dk2, dv, ds_t = gathered_dkdv_step(tl.where(seen, s_t, float("-inf")), q1, q2, v, do_ptr, lse_ptr,
@@ -741,7 +863,12 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
     """out[rows] (+)= gate * attention over the selected blocks; lse[rows] base 2 (+inf: nothing selected);
     branch_out[rows] = the attention itself, un-gated (out's shape; for selected_dq). Returns the query tiles' union
     lists (``union_lists``) for ``selected_dq`` on the same selection. With tiles.forced_apart (``_passes``) the
-    other blocks' normalised partial output passes through branch_out, rounded to its dtype."""
+    other blocks' normalised partial output passes through branch_out, rounded to its dtype. Where
+    tiles.forwards_by_block, over the blocks' token lists instead (``_block_forward``)."""
+    if tiles.forwards_by_block(q.shape[1] // k.shape[1]):
+        _block_forward(q, k, v, gate, block_indices, out, lse, branch_out, packed, sel_block_size, scale, accumulate,
+                       tiles)
+        return union_lists(query_tiles(block_indices, packed, q.shape[1] // k.shape[1], tiles))
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, None)
     descriptors = kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma)
@@ -754,6 +881,41 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
             **descriptors, HAS_GATE=gate is not None, ACCUMULATE=accumulate, FORCED=forced, **part_args, **launch,
         )
     return union_lists(query)
+
+
+def _block_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, out: Tensor,
+                   lse: Tensor, branch_out: Tensor, packed: Packed, sel_block_size: int, scale: float,
+                   accumulate: bool, tiles: SelectedTiles) -> None:
+    """``selected_forward`` over the blocks' token lists (tiles.forwards_by_block), in token ranges whose per-block
+    parts (one [G, d_v] row in q's dtype and G float32 lse per (token, kv head, slot)) take at most
+    tiles.block_forward_bytes."""
+    num_kv_heads, num_selected = block_indices.shape[1:]
+    args = _launch_args(q, k, v, sel_block_size)
+    group, dims = args["GROUP"], {name: args[name] for name in ("DQK", "D1", "D2", "DV", "BLOCK_DV")}
+    gate_t, stride_gt, stride_gh = _gate_args(gate, q)
+    chunk = tiles.dkv_chunk(packed.total)
+    slot_bytes = num_kv_heads * num_selected * group * (v.shape[-1] * q.element_size() + 4)
+    for r0, r1 in token_ranges(q.shape[0], slot_bytes, tiles.block_forward_bytes):
+        lists = selection_lists(block_indices, packed, sel_block_size, chunk, with_slots=True, rows=(r0, r1))
+        num_parts = (r1 - r0) * num_kv_heads * num_selected * group
+        part_o = output_buffer(num_parts, v.shape[-1], like=q)
+        part_lse = output_buffer(num_parts, like=q, dtype=torch.float32)
+        assert lists.slots is not None
+        _sel_fwd_part_kernel[(lists.chunk_list.numel(),)](
+            q, k, v, part_o, part_lse, lists.entries, lists.slots, lists.chunk_list, lists.chunk_start,
+            lists.list_end, lists.block_seq, packed.cu, lists.cu_blocks, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), packed.num_seqs, num_kv_heads * lists.blocks_per_head,
+            lists.blocks_per_head, scale * LOG2E, SEL_BLOCK=sel_block_size, BLOCK_S=args["BLOCK_S"], CHUNK=chunk,
+            PRECISION=args["PRECISION"], GROUP=group, **dims, **dkv_rows(group, tiles),
+            num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
+        )
+        _sel_fwd_combine_kernel[(r1 - r0, num_kv_heads)](
+            part_o, part_lse, block_indices, gate_t, out, lse, branch_out, block_indices.stride(0),
+            block_indices.stride(1), stride_gt, stride_gh, out.stride(0), out.stride(1), branch_out.stride(0),
+            branch_out.stride(1), q.shape[1], num_kv_heads, r0, GROUP=group, GP=next_power_of_2(group),
+            NUM_SELECTED=num_selected, DV=v.shape[-1], BLOCK_DV=args["BLOCK_DV"], HAS_GATE=gate is not None,
+            ACCUMULATE=accumulate,
+        )
 
 
 def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
@@ -809,7 +971,13 @@ def dq_share_ranges(block_indices: Tensor, group: int, head_dim: int, tiles: Sel
     most tiles.fused_dq_bytes of float32 dq shares (one [G, d_k] row per (token, kv head, slot)), at least one
     token."""
     num_tokens, num_kv_heads, num_selected = block_indices.shape
-    step = max(1, tiles.fused_dq_bytes // (num_kv_heads * num_selected * group * head_dim * 4))
+    return token_ranges(num_tokens, num_kv_heads * num_selected * group * head_dim * 4, tiles.fused_dq_bytes)
+
+
+def token_ranges(num_tokens: int, bytes_per_token: int, budget: int) -> list[tuple[int, int]]:
+    """Consecutive token ranges [r0, r1) covering num_tokens rows, each of at most budget // bytes_per_token
+    tokens, at least one."""
+    step = max(1, budget // bytes_per_token)
     return [(r0, min(r0 + step, num_tokens)) for r0 in range(0, max(num_tokens, 1), step)]
 
 
