@@ -317,7 +317,7 @@ def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_w
       gates: Tensor, cu_seqlens: Tensor | None, block_size: int, block_stride: int, sel_block_size: int,
       num_selected: int, window_size: int, scale: float
       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from nsa.kernels.selected import union_list_shape
+    from nsa.kernels.selected import kept_union_shape
 
     rows = q.shape[0] * q.shape[1]
     out = q.new_empty(*q.shape[:3], v_sel.shape[-1])
@@ -327,7 +327,7 @@ def _(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sel: Tensor, v_sel: Tensor, k_w
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     group = q.shape[2] // k_sel.shape[2]
     sel_tiles = _layer_tiles(q, k_sel, v_sel, rows).sel
-    lists, width = union_list_shape(rows, num_seqs, group, k_sel.shape[2], num_selected, sel_tiles)
+    lists, width = kept_union_shape(rows, num_seqs, group, k_sel.shape[2], num_selected, sel_tiles)
     blocks = q.new_empty(lists, width, dtype=torch.int32)
     counts = q.new_empty(lists if width else 0, dtype=torch.int32)
     return out, indices, lse_cmp, lse_sel, lse_win, branch_outs, blocks, counts

@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# one forward + backward: the range kernels run for the compression and the window; the selection's query-tile
-# unions (G = 2: 8 tokens per program) are built once, by the forward, and the dq reads them
-PREFILL_LAUNCHES = {"_range_fwd_kernel": 2, "_topn_kernel": 1, "_sel_fwd_kernel": 1, "_range_dq_kernel": 2,
-                    "_sel_dq_kernel": 1, "_range_dkdv_kernel": 2, "_sel_dkdv_kernel": 1, "_sel_reduce_kernel": 1,
-                    "_query_union_kernel": 1}
+# one forward + backward: the range kernels run for the compression and the window; at G = 2 the selection runs
+# over the blocks' token lists, its forward (parts, then their combination) and its dk/dv with the dq inside (the
+# shares' reduction, delta from its own kernel): no query tiles, no union lists
+PREFILL_LAUNCHES = {"_range_fwd_kernel": 2, "_topn_kernel": 1, "_sel_fwd_part_kernel": 1,
+                    "_sel_fwd_combine_kernel": 1, "_range_dq_kernel": 2, "_row_delta_kernel": 1,
+                    "_range_dkdv_kernel": 2, "_sel_dkdv_kernel": 1, "_sel_dq_reduce_kernel": 1, "_sel_reduce_kernel": 1}
+QUERY_TILE_KERNELS = ("_sel_fwd_kernel", "_sel_dq_kernel", "_query_union_kernel")
 
 
 def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:
@@ -31,6 +33,7 @@ def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:
     rows = {row["what"]: row for row in map(json.loads, result.stdout.splitlines())}
     module, op = rows["nsa_module"], rows["nsa_prefill_op"]
     assert {name: op["launches"][name] for name in PREFILL_LAUNCHES} == PREFILL_LAUNCHES
+    assert not set(QUERY_TILE_KERNELS) & set(op["launches"]), op["launches"]
     assert op["tensor_ops"] == op["fused_op_tensor_ops"] > 0 and op["launching_ops"] > 0
     launches = module["launches"]
     assert {name: launches[name] for name in PREFILL_LAUNCHES} == PREFILL_LAUNCHES

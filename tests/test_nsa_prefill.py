@@ -377,11 +377,13 @@ def test_packed_sequences_need_batch_one_and_matching_compressed_blocks():
         nsa_attention(*inputs, **SMALL, cu_seqlens=torch.tensor([0, 20, 40]), backend="torch")
 
 
-@pytest.mark.parametrize("heads", [4, 8])
-def test_op_registration_passes_opcheck(heads):
+@pytest.mark.parametrize(("heads", "dq_max_group"), [(4, 4), (8, 4), (8, 0)])
+def test_op_registration_passes_opcheck(monkeypatch, heads, dq_max_group):
     """nsa::prefill's schema, fake implementation and autograd registration (torch.library.opcheck); at G = 4 the
-    selection runs the short sequences' programs of several tokens (SelectedTiles.for_tokens), whose union lists
-    the fake implementation must size alike."""
+    selection runs the short sequences' programs of several tokens (SelectedTiles.for_tokens). Their union lists go
+    to the backward, which the fake implementation must size alike, only where the dq has its own kernel
+    (fused_dq_max_group = 0; by default G <= 4 takes it inside the dk/dv and keeps none)."""
+    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": dq_max_group})
     inputs = make_inputs(1, [24], heads, 2, 16, 16, SMALL, seed=5)
     args = (*inputs, None, *SMALL.values(), 0.25)
     torch.library.opcheck(prefill._prefill, args,

@@ -125,8 +125,9 @@ class SelectedTiles(NamedTuple):
     1.52 + 1.26 against 0.06 + 3.22 at 16k; G = 2 1.17 + 1.10 against 0.04 + 2.37 at 64k, 0.12 + 0.42 against
     0.01 + 0.47 at 8k. Independent queries at 16k / 8k: G = 4 2.65 + 1.26 / 1.10 + 0.78 against 0.06 + 3.28 / 0.04
     + 1.71; G = 2 0.53 + 0.43 / 0.22 + 0.42 against 0.01 + 0.68 / 0.01 + 0.47. fused_dq_bytes = 4 GiB: each range
-    also reads and writes the float32 dk / dv sums of the blocks it reaches (``_sel_reduce_kernel``), ~0.45 ms per
-    range at G = 4, 64k; 4 GiB is 32k tokens at G = 4, H_kv = 4, d_k = 128.
+    also reads and writes the float32 dk / dv sums of the blocks it reaches (``_sel_reduce_kernel``), ~0.6 ms per
+    range past the first at G = 4, 64k; 4 GiB is 32k tokens at G = 4, H_kv = 4, d_k = 128 (two ranges at 64k: 13.40
+    ms). The 16k / 8k rows compare with programs of 16 rows, not the short programs ``for_tokens`` picks there.
     block_forward_max_group: groups of at most this many heads (0: none) run the selection forward over the blocks'
     token lists, as the dk/dv does (``forwards_by_block``; FSA's loop order for the forward): each chunk of a (kv
     head, block) list loads the block once and gathers its tokens' q rows; each row's result over that block alone
@@ -800,9 +801,23 @@ def query_tiles(block_indices: Tensor, packed: Packed, group: int, tiles: Select
 def union_lists(query: QueryTiles) -> tuple[Tensor, Tensor]:
     """(blocks, counts) of ``query`` to keep for a later ``query_tiles(unions=...)``; empty where BQ = 1 (the lists
     are the block indices themselves)."""
-    if query.constexprs["BQ"] == 1:  # two tensors: a custom op's outputs may not alias each other
-        return query.blocks.new_empty(0, 0), query.blocks.new_empty(0)
+    if query.constexprs["BQ"] == 1:
+        return no_union_lists(query.blocks)
     return query.blocks, query.counts
+
+
+def no_union_lists(block_indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty (blocks, counts): two tensors, since a custom op's outputs may not alias each other."""
+    return block_indices.new_empty(0, 0, dtype=torch.int32), block_indices.new_empty(0, dtype=torch.int32)
+
+
+def kept_union_shape(total: int, num_seqs: int, group: int, num_kv_heads: int, num_selected: int,
+                     tiles: SelectedTiles) -> tuple[int, int]:
+    """Shape of the union lists ``selected_forward`` returns for the backward: ``union_list_shape``'s, or (0, 0)
+    where the selection's dq runs inside its dk/dv (tiles.fuses_dq), which reads none."""
+    if tiles.fuses_dq(group):
+        return 0, 0
+    return union_list_shape(total, num_seqs, group, num_kv_heads, num_selected, tiles)
 
 
 def query_launch(tiles: SelectedTiles, constexprs: dict[str, int], dq: bool) -> dict[str, int]:
@@ -864,11 +879,15 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
     branch_out[rows] = the attention itself, un-gated (out's shape; for selected_dq). Returns the query tiles' union
     lists (``union_lists``) for ``selected_dq`` on the same selection. With tiles.forced_apart (``_passes``) the
     other blocks' normalised partial output passes through branch_out, rounded to its dtype. Where
-    tiles.forwards_by_block, over the blocks' token lists instead (``_block_forward``)."""
-    if tiles.forwards_by_block(q.shape[1] // k.shape[1]):
+    tiles.forwards_by_block, over the blocks' token lists instead (``_block_forward``). Where the dq runs inside the
+    dk/dv (tiles.fuses_dq) no union lists are kept (``kept_union_shape``)."""
+    group = q.shape[1] // k.shape[1]
+    if tiles.forwards_by_block(group):
         _block_forward(q, k, v, gate, block_indices, out, lse, branch_out, packed, sel_block_size, scale, accumulate,
                        tiles)
-        return union_lists(query_tiles(block_indices, packed, q.shape[1] // k.shape[1], tiles))
+        if tiles.fuses_dq(group):
+            return no_union_lists(block_indices)
+        return union_lists(query_tiles(block_indices, packed, group, tiles))
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     query, args = _tile_args(q, k, v, block_indices, packed, sel_block_size, tiles, None)
     descriptors = kv_descriptors(k, v, args["BLOCK_S"], args, tiles.tma)
@@ -880,7 +899,7 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
             branch_out.stride(0), branch_out.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E,
             **descriptors, HAS_GATE=gate is not None, ACCUMULATE=accumulate, FORCED=forced, **part_args, **launch,
         )
-    return union_lists(query)
+    return no_union_lists(block_indices) if tiles.fuses_dq(group) else union_lists(query)
 
 
 def _block_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, out: Tensor,
