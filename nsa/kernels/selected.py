@@ -462,6 +462,16 @@ def _sel_fwd_part_kernel(
 
 
 @triton.jit
+def _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, slot, num_kv_heads, ok, g, GROUP: tl.constexpr,
+               NUM_SELECTED: tl.constexpr):
+    """The part rows of (token row tok, kv head hk, slot) for the group's heads g: (whether the slot is used and the
+    row valid, each row's index). Parts are laid out per (token, kv head, slot, head of the group), counting from
+    the range's first token (``local`` = tok - first_row): a ``selection_lists`` slot times GROUP, plus g."""
+    live = ok & (tl.load(idx_ptr + tok * stride_it + hk * stride_ih + slot) >= 0)
+    return live, ((local * num_kv_heads + hk) * NUM_SELECTED + slot) * GROUP + g
+
+
+@triton.jit
 def _sel_fwd_combine_kernel(
     part_o_ptr, part_lse_ptr, idx_ptr, gate_ptr, out_ptr, lse_ptr, branch_ptr, stride_it, stride_ih, stride_gt,
     stride_gh, stride_ot, stride_oh, stride_bt, stride_bh, num_heads, num_kv_heads, first_row,
@@ -482,8 +492,8 @@ def _sel_fwd_combine_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_DV], tl.float32)
     for slot in range(NUM_SELECTED):
-        live = ok & (tl.load(idx_ptr + tok * stride_it + hk * stride_ih + slot) >= 0)
-        rows = ((local * num_kv_heads + hk) * NUM_SELECTED + slot) * GROUP + g
+        live, rows = _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, slot, num_kv_heads, ok, g, GROUP,
+                                NUM_SELECTED)
         part_lse = tl.load(part_lse_ptr + rows, mask=live, other=float("inf"))
         part_lse = tl.where(part_lse < float("inf"), part_lse, float("-inf"))  # no key seen: no mass
         m_new = tl.maximum(m_i, part_lse)
@@ -606,11 +616,11 @@ def _sel_dq_reduce_kernel(
     ok = g < GROUP
     acc1, acc2 = zeros_split(GP, D1, D2)
     for slot in range(NUM_SELECTED):
-        live = ok & (tl.load(idx_ptr + tok * stride_it + hk * stride_ih + slot) >= 0)
-        rows = (((local * num_kv_heads + hk) * NUM_SELECTED + slot) * GROUP + g) * DQK
-        acc1 += load_at(part_q_ptr, rows, live, 0, D1, DQK)
+        live, rows = _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, slot, num_kv_heads, ok, g, GROUP,
+                                NUM_SELECTED)
+        acc1 += load_at(part_q_ptr, rows * DQK, live, 0, D1, DQK)
         if D2 > 0:
-            acc2 += load_at(part_q_ptr, rows, live, D1, D2, DQK)
+            acc2 += load_at(part_q_ptr, rows * DQK, live, D1, D2, DQK)
     dq_offsets = tok * stride_dqt + (hk * GROUP + g) * stride_dqh
     if ACCUMULATE:
         acc1 += load_at(dq_ptr, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
@@ -981,7 +991,7 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
         dk, dv = (output_buffer(*x.shape, like=x, dtype=torch.float32) for x in (k, v))
     for i, rows in enumerate(ranges):
         _dkdv_range(q, k, v, gate, block_indices, dout, lse, delta, packed, sel_block_size, scale, tiles, dq,
-                    accumulate, rows if len(ranges) > 1 else None, dk, dv, i > 0)
+                    accumulate, rows, dk, dv, i > 0)
     return (dk, dv) if len(ranges) == 1 else (dk.to(k.dtype), dv.to(v.dtype))
 
 
@@ -1002,12 +1012,12 @@ def token_ranges(num_tokens: int, bytes_per_token: int, budget: int) -> list[tup
 
 def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
                 lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float, tiles: SelectedTiles,
-                dq: Tensor | None, accumulate: bool, rows: tuple[int, int] | None, dk: Tensor, dv: Tensor,
+                dq: Tensor | None, accumulate: bool, rows: tuple[int, int], dk: Tensor, dv: Tensor,
                 add: bool) -> None:
-    """``selected_dkdv`` over the selections of token rows ``rows`` (None: all): dk / dv written, or added (add)."""
+    """``selected_dkdv`` over the selections of token rows ``rows`` = [r0, r1): dk / dv written, or added (add)."""
     chunk = tiles.dkv_chunk(packed.total)
     lists = selection_lists(block_indices, packed, sel_block_size, chunk, with_slots=dq is not None, rows=rows)
-    first_row, end_row = rows or (0, block_indices.shape[0])
+    first_row, end_row = rows
     args = _launch_args(q, k, v, sel_block_size)
     block_s, block_dv = args["BLOCK_S"], args["BLOCK_DV"]
     block_dk = max(16, next_power_of_2(q.shape[-1]))
