@@ -519,7 +519,7 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                   sel._replace(dkv_rows=64), other, fused._replace(fused_dq_bytes=2**31),
                                   fused._replace(fused_dq_bytes=2**40)]
         # the forward over the query tiles or over the blocks' token lists, whichever the defaults do not take;
-        # over the lists: in token ranges of 4 GiB of parts and in one range
+        # over the lists: in token ranges of the default bytes of parts and in one range
         other = sel._replace(block_forward_max_group=0 if sel.forwards_by_block(group) else group)
         by_block = sel if sel.forwards_by_block(group) else other
         variants["sel_tiles"] += [other, by_block._replace(block_forward_bytes=2**40)]

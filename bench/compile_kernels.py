@@ -34,7 +34,7 @@ from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.topn import topn_tiles_for
 from nsa.prefill import topn_tile_shape
 
-FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr", "part_q_ptr")
+FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
 INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx_ptr", "cu_ptr", "token_seq_ptr",
                   "entries_ptr", "chunk_list_ptr", "chunk_start_ptr", "list_end_ptr", "block_seq_ptr",
                   "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr", "slots_ptr")
@@ -200,9 +200,10 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     yield from selected_dkdv_cases(sel_tiles, group, dims)
     yield from selected_dkdv_cases(sel_tiles._replace(fused_dq_max_group=0), 4, dims, "_g4")
     yield from selected_dkdv_cases(sel_tiles._replace(fused_dq_max_group=4), 4, dims, "_g4_dq")
+    dq_slots = selected.slot_launch(4, 16)
     yield KernelCase("dq_reduce_sel_g4", selected._sel_dq_reduce_kernel,
-                     {"GROUP": 4, "GP": 4, "NUM_SELECTED": 16, "DQK": dims["DQK"], "D1": dims["D1"], "D2": dims["D2"],
-                      "ACCUMULATE": True}, 4, 1)
+                     {"GROUP": 4, "GP": dq_slots["GP"], "NSP": dq_slots["NSP"], "NUM_SELECTED": 16, "DQK": dims["DQK"],
+                      "D1": dims["D1"], "D2": dims["D2"], "ACCUMULATE": True}, dq_slots["num_warps"], 1)
     yield KernelCase("delta_sel", selected._row_delta_kernel, {"DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
                                                                "ROWS": 128}, 4, 1)
     # the forward over the blocks' token lists at G = 4 (SelectedTiles.forwards_by_block) and its combination
@@ -211,9 +212,11 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                      {"GROUP": 4, "SEL_BLOCK": 64, "BLOCK_S": 64, "CHUNK": sel_tiles.chunk, "PRECISION": "tf32",
                       **dims, **selected.dkv_rows(4, sel_tiles)}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages,
                      pointer_types=parts)
+    slots = selected.slot_launch(4, 16)
     yield KernelCase("fwd_sel_combine_g4", selected._sel_fwd_combine_kernel,
-                     {"GROUP": 4, "GP": 4, "NUM_SELECTED": 16, "DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
-                      "HAS_GATE": True, "ACCUMULATE": True}, 4, 3, pointer_types=parts)
+                     {"GROUP": 4, "GP": slots["GP"], "NSP": slots["NSP"], "NUM_SELECTED": 16, "DV": dims["DV"],
+                      "BLOCK_DV": dims["BLOCK_DV"], "HAS_GATE": True, "ACCUMULATE": True}, slots["num_warps"], 1,
+                     pointer_types=parts)
     # the dk/dv reduction writing dk / dv, and adding into the float32 sums of earlier token ranges (the dq inside)
     reduce = {"SEL_BLOCK": 64, "BLOCK_S": 64, "DQK": head_dim, "BLOCK_DK": next_power_of_2(head_dim), "DV": head_dim_v,
               "BLOCK_DV": dims["BLOCK_DV"]}

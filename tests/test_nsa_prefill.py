@@ -665,7 +665,7 @@ def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads,
     budget = 2**31 if range_tokens is None else range_tokens * q.shape[1] * 5 * dims[0] * 4  # n = 5 slots
     tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(fused_dq_max_group=64,
                                                                                    fused_dq_bytes=budget)
-    assert len(dq_share_ranges(case.indices, heads // kv_heads, dims[0], tiles)) == (
+    assert len(dq_share_ranges(case.indices, q, tiles)) == (
         1 if range_tokens is None else -(-q.shape[0] // range_tokens))
     delta = output_buffer(*q.shape[:2], like=q)
     selected_row_delta(case.dout, want["o"].float(), delta)
@@ -689,7 +689,7 @@ def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads,
 def test_selection_forward_over_the_blocks_lists_matches_float64_reference(monkeypatch, heads, kv_heads, dims,
                                                                            accumulate, range_tokens):
     """The selection forward over the (kv head, block) token lists (SelectedTiles.forwards_by_block, forced at every
-    group here): each gathered row's result over one block, combined per token in slot order by their lse; in one
+    group here): each gathered row's result over one block, combined per token over its slots by their lse; in one
     token range or in ranges of range_tokens (block_forward_bytes: that many tokens' parts); out written into a
     NaN-poisoned buffer or added to an earlier branch's; out, o and lse against float64, on random selections
     that leave early tokens with unused slots (-1: never written, never read)."""

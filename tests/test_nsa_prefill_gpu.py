@@ -108,14 +108,14 @@ def test_selection_with_the_forced_blocks_apart_matches_float64_reference(monkey
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "max_group", "share_bytes"), [
     (16, 4, 128, 128, 2048, 4, 2**31),  # G = 4 (the default there): the dq inside the dk/dv, in one token range
-    (16, 4, 128, 128, 2048, 4, 2**26),  # the same in four ranges of 512 tokens (dk / dv added up in float32)
+    (16, 4, 128, 128, 2048, 4, 2**25),  # the same in four ranges of 512 tokens (dk / dv added up in float32)
     (12, 4, 192, 128, 3000, 4, 2**31),  # G = 3, the paper's d_k (q.k split 128 + 64), T not a multiple of any block
     (48, 4, 128, 128, 2048, 64, 2**31),  # G = 12, whose default is the dq's own kernel
     (16, 4, 128, 128, 2048, 0, 2**31),  # G = 4 with the dq's own kernel
 ])
 def test_selection_dq_inside_the_dkdv_or_apart_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv,
                                                                          seq_len, max_group, share_bytes):
-    """The selection's dq from its dk/dv steps' shares, summed per token in slot order, or from its own kernel
+    """The selection's dq from its dk/dv steps' shares, summed per token over its slots, or from its own kernel
     (SelectedTiles.fused_dq_max_group: the dq inside up to G = 4 by default; tests/test_nsa_prefill.py checks both
     in the interpreter)."""
     use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "fused_dq_bytes": share_bytes})
@@ -129,7 +129,7 @@ def test_selection_dq_inside_the_dkdv_or_apart_matches_float64_reference(monkeyp
 ])
 def test_selection_forward_over_block_lists_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,
                                                                        part_bytes):
-    """The selection forward over the blocks' token lists, each token's per-block results combined in slot order
+    """The selection forward over the blocks' token lists, each token's per-block results combined over its slots
     (SelectedTiles.forwards_by_block, the default up to G = 4 past the short sequences; tests/test_nsa_prefill.py
     checks it in the interpreter)."""
     use_prefill_tiles(monkeypatch, selected={"block_forward_max_group": 64, "block_forward_bytes": part_bytes,
@@ -201,11 +201,12 @@ def _check_against_reference(heads: int, kv_heads: int, dk: int, dv: int, seq_le
     assert max(errors.values()) < BF16_RTOL, errors
 
 
-@pytest.mark.parametrize("fused_dq_max_group", [4, 64])
-def test_prefill_backward_is_deterministic(monkeypatch, fused_dq_max_group):
-    """Gradients bitwise equal on two runs (public shape, G = 16), also with the selection's dq summed from its
-    dk/dv's shares (SelectedTiles.fused_dq_max_group = 64; the default up to G = 4)."""
-    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": fused_dq_max_group})
+@pytest.mark.parametrize("max_group", [4, 64])
+def test_prefill_backward_is_deterministic(monkeypatch, max_group):
+    """Gradients bitwise equal on two runs (public shape, G = 16), also with the selection's forward combined from
+    the blocks' token lists and its dq summed from its dk/dv's shares (SelectedTiles.block_forward_max_group and
+    fused_dq_max_group = 64; the defaults up to G = 4)."""
+    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group})
     inputs = _inputs(8192, 64, 4, 128, 128, seed=1)
     out = nsa_attention(*inputs, **BLOCKS, backend="triton").output
     dout = torch.randn_like(out)

@@ -165,7 +165,7 @@ class SelectedTiles(NamedTuple):
     fused_dq_max_group: int = 4
     fused_dq_bytes: int = 2**32
     block_forward_max_group: int = 4
-    block_forward_bytes: int = 2**32
+    block_forward_bytes: int = 5 * 2**30
 
     def fuses_dq(self, group: int) -> bool:
         """Whether a group of ``group`` query heads per kv head takes the selection's dq inside its dk/dv."""
@@ -462,49 +462,53 @@ def _sel_fwd_part_kernel(
 
 
 @triton.jit
-def _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, slot, num_kv_heads, ok, g, GROUP: tl.constexpr,
-               NUM_SELECTED: tl.constexpr):
-    """The part rows of (token row tok, kv head hk, slot) for the group's heads g: (whether the slot is used and the
-    row valid, each row's index). Parts are laid out per (token, kv head, slot, head of the group), counting from
-    the range's first token (``local`` = tok - first_row): a ``selection_lists`` slot times GROUP, plus g."""
-    live = ok & (tl.load(idx_ptr + tok * stride_it + hk * stride_ih + slot) >= 0)
-    return live, ((local * num_kv_heads + hk) * NUM_SELECTED + slot) * GROUP + g
+def _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, num_kv_heads, GROUP: tl.constexpr,
+               NUM_SELECTED: tl.constexpr, NSP: tl.constexpr, GP: tl.constexpr):
+    """The part rows of (token row tok, kv head hk), all its slots at once: ([NSP, GP] whether the slot is used and
+    the head real, [NSP, GP] each row's index), slots padded to NSP, the group's heads to GP. Parts are laid out per
+    (token, kv head, slot, head of the group), counting from the range's first token (``local`` = tok - first_row):
+    a ``selection_lists`` slot times GROUP, plus the head."""
+    slot = tl.arange(0, NSP)[:, None]
+    g = tl.arange(0, GP)[None, :]
+    used = tl.load(idx_ptr + tok * stride_it + hk * stride_ih + slot, mask=slot < NUM_SELECTED, other=-1) >= 0
+    return used & (g < GROUP), ((local * num_kv_heads + hk) * NUM_SELECTED + slot) * GROUP + g
+
+
+@triton.jit
+def _slot_tiles(ptr, rows, live, COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
+    """[NSP, GP, WIDTH] float32: columns COL0 .. COL0 + WIDTH of the part rows ``rows`` (rows of NCOLS elements)
+    where live, zeros elsewhere (nsa.kernels.tiles.load_at with one more row axis)."""
+    cols = COL0 + tl.arange(0, WIDTH)[None, None, :]
+    return tl.load(ptr + rows[:, :, None] * NCOLS + cols, mask=live[:, :, None] & (cols < NCOLS),
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _sel_fwd_combine_kernel(
     part_o_ptr, part_lse_ptr, idx_ptr, gate_ptr, out_ptr, lse_ptr, branch_ptr, stride_it, stride_ih, stride_gt,
     stride_gh, stride_ot, stride_oh, stride_bt, stride_bh, num_heads, num_kv_heads, first_row,
-    GROUP: tl.constexpr, GP: tl.constexpr, NUM_SELECTED: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    GROUP: tl.constexpr, GP: tl.constexpr, NUM_SELECTED: tl.constexpr, NSP: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """The selection's output of the group's heads of one (token, kv head) from its slots' per-block results
-    (``_sel_fwd_part_kernel``), combined in slot order by their lse (a fixed order: the same bits on every run):
-    out (+)= gate * o, lse (base 2, +inf where no slot saw a key), branch_out = o, as ``_sel_fwd_kernel`` writes
-    them. Unused slots (-1) are skipped. The parts count from token row first_row's."""
+    (``_sel_fwd_part_kernel``), all slots loaded at once and combined by their lse over the slot axis (a fixed
+    reduction tree: the same bits on every run): out (+)= gate * o, lse (base 2, +inf where no slot saw a key),
+    branch_out = o, as ``_sel_fwd_kernel`` writes them. Unused slots (-1) are not read. The parts count from token
+    row first_row's."""
     local = tl.program_id(0).to(tl.int64)
     tok = first_row + local
     hk = tl.program_id(1)
+    live, rows = _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, num_kv_heads, GROUP, NUM_SELECTED, NSP,
+                            GP)
+    part_lse = tl.load(part_lse_ptr + rows, mask=live, other=float("inf"))
+    part_lse = tl.where(part_lse < float("inf"), part_lse, float("-inf"))  # no key seen: no mass
+    m_i = tl.max(part_lse, 0)
+    weight = tl.math.exp2(part_lse - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
+    part = _slot_tiles(part_o_ptr, rows, live & (part_lse > float("-inf")), 0, BLOCK_DV, DV)
+    out, lse = softmax_result(m_i, tl.sum(weight, 0), tl.sum(part * weight[:, :, None], 0))
     g = tl.arange(0, GP)
     ok = g < GROUP
     heads = hk * GROUP + g
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
-    for slot in range(NUM_SELECTED):
-        live, rows = _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, slot, num_kv_heads, ok, g, GROUP,
-                                NUM_SELECTED)
-        part_lse = tl.load(part_lse_ptr + rows, mask=live, other=float("inf"))
-        part_lse = tl.where(part_lse < float("inf"), part_lse, float("-inf"))  # no key seen: no mass
-        m_new = tl.maximum(m_i, part_lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        weight = tl.math.exp2(part_lse - m_safe)
-        part = load_at(part_o_ptr, rows * DV, live & (part_lse > float("-inf")), 0, BLOCK_DV, DV).to(tl.float32)
-        acc = acc * alpha[:, None] + part * weight[:, None]
-        l_i = l_i * alpha + weight
-        m_i = m_new
-    out, lse = softmax_result(m_i, l_i, acc)
     tl.store(lse_ptr + tok * num_heads + heads, lse, mask=ok)
     store_at(branch_ptr + tok * stride_bt, heads * stride_bh, ok, out.to(branch_ptr.dtype.element_ty), 0, BLOCK_DV,
              DV)
@@ -550,9 +554,11 @@ def _sel_dkdv_kernel(
         if DQ:  # ds_t carries the gate (p_t did): dq's share is scale * ds k
             part_rows = (tl.load(slots_ptr + entry, mask=ok, other=0).to(tl.int64) * GROUP + g) * DQK
             ds = tl.trans(ds_t)
-            store_at(part_q_ptr, part_rows, ok, tl.dot(ds, k1, input_precision=PRECISION) * scale, 0, D1, DQK)
+            share = tl.dot(ds, k1, input_precision=PRECISION) * scale
+            store_at(part_q_ptr, part_rows, ok, share.to(part_q_ptr.dtype.element_ty), 0, D1, DQK)
             if D2 > 0:
-                store_at(part_q_ptr, part_rows, ok, tl.dot(ds, k2, input_precision=PRECISION) * scale, D1, D2, DQK)
+                share = tl.dot(ds, k2, input_precision=PRECISION) * scale
+                store_at(part_q_ptr, part_rows, ok, share.to(part_q_ptr.dtype.element_ty), D1, D2, DQK)
     part = chunk.to(tl.int64) * BLOCK_S
     all_rows = offs >= 0
     store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)
@@ -603,29 +609,26 @@ def _sel_reduce_kernel(
 @triton.jit
 def _sel_dq_reduce_kernel(
     part_q_ptr, idx_ptr, dq_ptr, stride_it, stride_ih, stride_dqt, stride_dqh, num_kv_heads, first_row,
-    GROUP: tl.constexpr, GP: tl.constexpr, NUM_SELECTED: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
-    D2: tl.constexpr, ACCUMULATE: tl.constexpr,
+    GROUP: tl.constexpr, GP: tl.constexpr, NUM_SELECTED: tl.constexpr, NSP: tl.constexpr, DQK: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """dq of the group's heads of one (token, kv head) (+)= its selected slots' dq shares, summed in slot order (a
-    fixed order: the same bits on every run). Unused slots (-1) hold no share and are skipped. The shares count
-    from token row first_row's (``dq_share_ranges``)."""
+    """dq of the group's heads of one (token, kv head) (+)= its selected slots' dq shares, all slots loaded at once
+    and summed in float32 over the slot axis (a fixed reduction tree: the same bits on every run). Unused slots (-1)
+    hold no share and are not read. The shares count from token row first_row's (``dq_share_ranges``)."""
     local = tl.program_id(0).to(tl.int64)
     tok = first_row + local
     hk = tl.program_id(1)
+    live, rows = _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, num_kv_heads, GROUP, NUM_SELECTED, NSP,
+                            GP)
     g = tl.arange(0, GP)
     ok = g < GROUP
-    acc1, acc2 = zeros_split(GP, D1, D2)
-    for slot in range(NUM_SELECTED):
-        live, rows = _slot_rows(idx_ptr, stride_it, stride_ih, tok, local, hk, slot, num_kv_heads, ok, g, GROUP,
-                                NUM_SELECTED)
-        acc1 += load_at(part_q_ptr, rows * DQK, live, 0, D1, DQK)
-        if D2 > 0:
-            acc2 += load_at(part_q_ptr, rows * DQK, live, D1, D2, DQK)
     dq_offsets = tok * stride_dqt + (hk * GROUP + g) * stride_dqh
+    acc1 = tl.sum(_slot_tiles(part_q_ptr, rows, live, 0, D1, DQK), 0)
     if ACCUMULATE:
         acc1 += load_at(dq_ptr, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
     store_at(dq_ptr, dq_offsets, ok, acc1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
     if D2 > 0:
+        acc2 = tl.sum(_slot_tiles(part_q_ptr, rows, live, D1, D2, DQK), 0)
         if ACCUMULATE:
             acc2 += load_at(dq_ptr, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
         store_at(dq_ptr, dq_offsets, ok, acc2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
@@ -941,10 +944,18 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_i
         _sel_fwd_combine_kernel[(r1 - r0, num_kv_heads)](
             part_o, part_lse, block_indices, gate_t, out, lse, branch_out, block_indices.stride(0),
             block_indices.stride(1), stride_gt, stride_gh, out.stride(0), out.stride(1), branch_out.stride(0),
-            branch_out.stride(1), q.shape[1], num_kv_heads, r0, GROUP=group, GP=next_power_of_2(group),
-            NUM_SELECTED=num_selected, DV=v.shape[-1], BLOCK_DV=args["BLOCK_DV"], HAS_GATE=gate is not None,
-            ACCUMULATE=accumulate,
+            branch_out.stride(1), q.shape[1], num_kv_heads, r0, GROUP=group, NUM_SELECTED=num_selected,
+            DV=v.shape[-1], BLOCK_DV=args["BLOCK_DV"], HAS_GATE=gate is not None, ACCUMULATE=accumulate,
+            **slot_launch(group, num_selected),
         )
+
+
+def slot_launch(group: int, num_selected: int) -> dict[str, int]:
+    """The slot reductions' padded group and slot counts (GP, NSP), on one warp per (token, kv head). H100, 64k
+    (2026-12-06), the forward / the dk/dv with its dq on 1, 2, 4, 8 warps: G = 4 7.74 / 9.69, 8.00 / 9.73,
+    11.21 / 12.85, 16.39 / 17.49 ms; the GPT's G = 2 (d = 64) 1.37 / 1.90, 1.45 / 1.93, 1.95 / 2.34, 2.07 / 2.35.
+    More warps split the slot axis, whose sum then crosses warps through shared memory."""
+    return {"GP": next_power_of_2(group), "NSP": next_power_of_2(num_selected), "num_warps": 1}
 
 
 def selected_dq(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, dout: Tensor,
@@ -983,8 +994,7 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     tiles.fuses_dq, in place of ``selected_dq``, delta from ``selected_row_delta``): dq[rows] (+)= the branch's
     query gradient too, from the same steps, over token ranges whose dq shares fit tiles.fused_dq_bytes
     (``dq_share_ranges``); dk and dv then add up across the ranges in float32, in range order."""
-    group = q.shape[1] // k.shape[1]
-    ranges = [(0, q.shape[0])] if dq is None else dq_share_ranges(block_indices, group, q.shape[-1], tiles)
+    ranges = [(0, q.shape[0])] if dq is None else dq_share_ranges(block_indices, q, tiles)
     if len(ranges) == 1:
         dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
     else:
@@ -995,12 +1005,13 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     return (dk, dv) if len(ranges) == 1 else (dk.to(k.dtype), dv.to(v.dtype))
 
 
-def dq_share_ranges(block_indices: Tensor, group: int, head_dim: int, tiles: SelectedTiles) -> list[tuple[int, int]]:
+def dq_share_ranges(block_indices: Tensor, q: Tensor, tiles: SelectedTiles) -> list[tuple[int, int]]:
     """The token ranges [r0, r1) of ``selected_dkdv(dq=...)``: consecutive, covering every row, each holding at
-    most tiles.fused_dq_bytes of float32 dq shares (one [G, d_k] row per (token, kv head, slot)), at least one
+    most tiles.fused_dq_bytes of dq shares (one [G, d_k] row in q's dtype per (token, kv head, slot)), at least one
     token."""
-    num_tokens, num_kv_heads, num_selected = block_indices.shape
-    return token_ranges(num_tokens, num_kv_heads * num_selected * group * head_dim * 4, tiles.fused_dq_bytes)
+    num_tokens, _, num_selected = block_indices.shape
+    share_bytes = num_selected * q.shape[1] * q.shape[-1] * q.element_size()  # H_kv x G = HQ rows per slot
+    return token_ranges(num_tokens, share_bytes, tiles.fused_dq_bytes)
 
 
 def token_ranges(num_tokens: int, bytes_per_token: int, budget: int) -> list[tuple[int, int]]:
@@ -1028,8 +1039,7 @@ def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
     num_lists = k.shape[1] * lists.blocks_per_head
     # dq shares: one row per (token, kv head, slot, head of the group); unused slots stay unwritten and unread
     num_slots = (end_row - first_row) * block_indices.shape[1] * block_indices.shape[2]
-    part_q = part_k if dq is None else output_buffer(num_slots * args["GROUP"], q.shape[-1], like=q,
-                                                     dtype=torch.float32)
+    part_q = part_k if dq is None else output_buffer(num_slots * args["GROUP"], q.shape[-1], like=q)
     _sel_dkdv_kernel[(num_chunks,)](
         q, k, v, gate_t, dout, lse, delta, part_k, part_v, part_q, lists.entries,
         lists.entries if lists.slots is None else lists.slots, lists.chunk_list, lists.chunk_start,
@@ -1043,9 +1053,9 @@ def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
     if dq is not None:
         _sel_dq_reduce_kernel[(end_row - first_row, k.shape[1])](
             part_q, block_indices, dq, block_indices.stride(0), block_indices.stride(1), dq.stride(0), dq.stride(1),
-            k.shape[1], first_row, GROUP=args["GROUP"], GP=next_power_of_2(args["GROUP"]),
-            NUM_SELECTED=block_indices.shape[-1], DQK=args["DQK"], D1=args["D1"], D2=args["D2"],
-            ACCUMULATE=accumulate,
+            k.shape[1], first_row, GROUP=args["GROUP"], NUM_SELECTED=block_indices.shape[-1], DQK=args["DQK"],
+            D1=args["D1"], D2=args["D2"], ACCUMULATE=accumulate,
+            **slot_launch(args["GROUP"], block_indices.shape[-1]),
         )
     _sel_reduce_kernel[(num_lists,)](
         part_k, part_v, dk, dv, lists.list_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
