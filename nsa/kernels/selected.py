@@ -113,9 +113,11 @@ class SelectedTiles(NamedTuple):
     fused_dq_max_group: groups of at most this many query heads per kv head (0: none, 64: every group) take the
     selection's dq from the dk/dv's steps (``fuses_dq``; FSA's loop order for the whole backward: each block's list of
     tokens, dS k one more matmul per step) instead of ``selected_dq``'s one K / V block load per (token, group). The
-    shares go through a float32 buffer of G x d_k per (token, kv head, slot) (2 KB per (token, group, block) at G = 4,
-    d_k = 128: 8.6 GB at 64k), summed per (token, kv head) in slot order, over token ranges whose shares take at most
-    fused_dq_bytes (``dq_share_ranges``). H100, 64k (2026-12-06, bench/results/logs/tiles_fused_dq_h100.jsonl),
+    shares go through a buffer in q's dtype of G x d_k per (token, kv head, slot) (1 KB per (token, group, block) at
+    G = 4, d_k = 128 in bf16: 4.3 GB at 64k), summed per (token, kv head) in float32 over its slots
+    (``slot_launch``), over token ranges whose shares take at most fused_dq_bytes (``dq_share_ranges``). The rows
+    below, but the last, had them in float32 (2 KB per pair), one slot per step of the sum. H100, 64k (2026-12-06,
+    bench/results/logs/tiles_fused_dq_h100.jsonl),
     independent queries, selection dq + dk/dv against delta + fused dk/dv in ranges of 2 GiB / 8 GiB / one range:
     G = 4 13.26 + 4.88 ms against 0.19 + 14.52 / 12.73 / 12.74; G = 4 at d_k = 192 17.44 + 5.81 against 0.19 + 21.92
     / 18.64 / 17.68; the GPT's G = 2 (d = 64) 2.88 + 1.08 against 0.04 + 2.39 in one range; G = 12 16.68 + 15.87
@@ -126,19 +128,25 @@ class SelectedTiles(NamedTuple):
     0.01 + 0.47 at 8k. Independent queries at 16k / 8k: G = 4 2.65 + 1.26 / 1.10 + 0.78 against 0.06 + 3.28 / 0.04
     + 1.71; G = 2 0.53 + 0.43 / 0.22 + 0.42 against 0.01 + 0.68 / 0.01 + 0.47. fused_dq_bytes = 4 GiB: each range
     also reads and writes the float32 dk / dv sums of the blocks it reaches (``_sel_reduce_kernel``), ~0.6 ms per
-    range past the first at G = 4, 64k; 4 GiB is 32k tokens at G = 4, H_kv = 4, d_k = 128 (two ranges at 64k: 13.40
-    ms). The 16k / 8k rows compare with programs of 16 rows, not the short programs ``for_tokens`` picks there.
+    range past the first at G = 4, 64k; 4 GiB is 64k tokens at G = 4, H_kv = 4, d_k = 128 in bf16 (one range). The
+    16k / 8k rows compare with programs of 16 rows, not the short programs ``for_tokens`` picks there. With bf16
+    shares and all slots summed at once on one warp (0791d2c; bench/results/logs/slot_reduction_warps_h100.log):
+    G = 4 9.69 ms against 13.40, the GPT's G = 2 1.90 against 2.39.
     block_forward_max_group: groups of at most this many heads (0: none) run the selection forward over the blocks'
     token lists, as the dk/dv does (``forwards_by_block``; FSA's loop order for the forward): each chunk of a (kv
     head, block) list loads the block once and gathers its tokens' q rows; each row's result over that block alone
     (normalised, in q's dtype, with its float32 lse) goes to its (token, kv head, slot), and a second kernel
-    combines each token's slots in slot order. Token ranges of at most block_forward_bytes of those parts; not where
-    the short sequences' programs apply (``for_tokens``). H100, 64k (2026-12-06, bench/results/logs/
-    tiles_block_forward_h100.jsonl), forward ms against the query tiles' programs (4 GiB ranges / one range):
+    combines each token's slots, all at once (``slot_launch``). Token ranges of at most block_forward_bytes of those
+    parts: 5 GiB holds 64k tokens at G = 4, H_kv = 4, d_v = 128 (66,560 bytes per token) in one range, where 4 GiB
+    left a second range of 1,009 tokens that cost ~0.5 ms. Not where the short sequences' programs apply
+    (``for_tokens``). H100, 64k (2026-12-06, bench/results/logs/tiles_block_forward_h100.jsonl, its combination one
+    slot per step), forward ms against the query tiles' programs (4 GiB ranges / one range):
     independent queries, G = 4 8.18 / 7.67 against 13.30, G = 4 at d_k = 192 8.89 / 8.28 against 17.23, the GPT's
     G = 2 1.85 against 2.88; queries sharing 90% of their variance within 64-token spans, which the query tiles
     read once per program, G = 4 8.22 / 7.70 against 7.56, G = 2 1.84 against 1.19. The G = 4 layer 40.9 ms against
-    46.3; the GPT on real text 57.99 ms a step at 64k against 60.05, 48.89 at 16k against 48.85 (same call)."""
+    46.3; the GPT on real text 57.99 ms a step at 64k against 60.05, 48.89 at 16k against 48.85 (same call). With
+    all slots combined at once on one warp (0791d2c): G = 4 7.74 ms, the GPT's G = 2 1.37; the G = 4 layer 36.4 ms
+    (bench/results/logs/prefill_layer_0791d2c_h100.md)."""
 
     num_warps: int = 2
     num_stages: int = 2
