@@ -16,6 +16,12 @@ dk/dv: the selections are inverted into per-(kv head, block) lists of the tokens
 heads per step; its float32 partial is written to its own slot and a second kernel sums each block's chunks in
 order: deterministic, no atomics, no G-fold copies. (A block selected by every query, such as block 0, spans many
 chunks.)
+
+Small groups (``SelectedTiles.fuses_dq``, ``forwards_by_block``: up to 4 heads by default) run the forward and
+the dq over the same lists too, each block loaded once per chunk: the forward stores each gathered row's result
+over one block (normalised, with its lse) and the dk/dv steps each row's dq share, at the row of its (token, kv
+head, slot); one program per (token, kv head) then loads all its slots at once and combines them (by their lse)
+or sums them, in a fixed order.
 """
 
 from __future__ import annotations
