@@ -200,10 +200,11 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     yield from selected_dkdv_cases(sel_tiles, group, dims)
     yield from selected_dkdv_cases(sel_tiles._replace(fused_dq_max_group=0), 4, dims, "_g4")
     yield from selected_dkdv_cases(sel_tiles._replace(fused_dq_max_group=4), 4, dims, "_g4_dq")
-    dq_slots = selected.slot_launch(4, 16)
+    # the two slot reductions at G = 4, n = 16, as launched: the dq shares' sum, the block forward's combination
+    slots = selected.slot_launch(4, 16)
     yield KernelCase("dq_reduce_sel_g4", selected._sel_dq_reduce_kernel,
-                     {"GROUP": 4, "GP": dq_slots["GP"], "NSP": dq_slots["NSP"], "NUM_SELECTED": 16, "DQK": dims["DQK"],
-                      "D1": dims["D1"], "D2": dims["D2"], "ACCUMULATE": True}, dq_slots["num_warps"], 1)
+                     {"GROUP": 4, "GP": slots["GP"], "NSP": slots["NSP"], "NUM_SELECTED": 16, "DQK": dims["DQK"],
+                      "D1": dims["D1"], "D2": dims["D2"], "ACCUMULATE": True}, slots["num_warps"], 1)
     yield KernelCase("delta_sel", selected._row_delta_kernel, {"DV": dims["DV"], "BLOCK_DV": dims["BLOCK_DV"],
                                                                "ROWS": 128}, 4, 1)
     # the forward over the blocks' token lists at G = 4 (SelectedTiles.forwards_by_block) and its combination
@@ -212,7 +213,6 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                      {"GROUP": 4, "SEL_BLOCK": 64, "BLOCK_S": 64, "CHUNK": sel_tiles.chunk, "PRECISION": "tf32",
                       **dims, **selected.dkv_rows(4, sel_tiles)}, sel_tiles.dkv_num_warps, sel_tiles.dkv_num_stages,
                      pointer_types=parts)
-    slots = selected.slot_launch(4, 16)
     yield KernelCase("fwd_sel_combine_g4", selected._sel_fwd_combine_kernel,
                      {"GROUP": 4, "GP": slots["GP"], "NSP": slots["NSP"], "NUM_SELECTED": 16, "DV": dims["DV"],
                       "BLOCK_DV": dims["BLOCK_DV"], "HAS_GATE": True, "ACCUMULATE": True}, slots["num_warps"], 1,
