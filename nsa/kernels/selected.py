@@ -137,7 +137,9 @@ class SelectedTiles(NamedTuple):
     range past the first at G = 4, 64k; 4 GiB is 64k tokens at G = 4, H_kv = 4, d_k = 128 in bf16 (one range). The
     16k / 8k rows compare with programs of 16 rows, not the short programs ``for_tokens`` picks there. With bf16
     shares and all slots summed at once on one warp (0791d2c; bench/results/logs/slot_reduction_warps_h100.log):
-    G = 4 9.69 ms against 13.40, the GPT's G = 2 1.90 against 2.39.
+    G = 4 9.69 ms against 13.40, the GPT's G = 2 1.90 against 2.39. G = 8 (H100, 2026-12-06,
+    bench/results/logs/list_paths_g8_g4short_1c906e2_h100.jsonl): the layer 68.6 ms against 72.7 at 64k, 12.1 against
+    13.1 at 16k, for 4 GiB / 2 GiB more peak (about twice dense SDPA's), so G = 8 keeps selected_dq.
     block_forward_max_group: groups of at most this many heads (0: none) run the selection forward over the blocks'
     token lists, as the dk/dv does (``forwards_by_block``; FSA's loop order for the forward): each chunk of a (kv
     head, block) list loads the block once and gathers its tokens' q rows; each row's result over that block alone
@@ -152,7 +154,10 @@ class SelectedTiles(NamedTuple):
     read once per program, G = 4 8.22 / 7.70 against 7.56, G = 2 1.84 against 1.19. The G = 4 layer 40.9 ms against
     46.3; the GPT on real text 57.99 ms a step at 64k against 60.05, 48.89 at 16k against 48.85 (same call). With
     all slots combined at once on one warp (0791d2c): G = 4 7.74 ms, the GPT's G = 2 1.37; the G = 4 layer 36.4 ms
-    (bench/results/logs/prefill_layer_0791d2c_h100.md)."""
+    (bench/results/logs/prefill_layer_0791d2c_h100.md). G = 8 at 64k: 14.37 against 14.64 for 6.4 GiB more peak
+    (list_paths_g8_g4short_1c906e2_h100.jsonl). Against the short programs (G = 4, same file): 2.03 against 2.19 ms
+    at 16k and 3.78 against 5.68 at 32k on independent queries, but 2.02 against 0.87 and 3.81 against 1.91 where
+    queries share 90% of their variance within 64-token spans, whose unions the short programs read once."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -202,8 +207,8 @@ class SelectedTiles(NamedTuple):
         implementation all read the tiles through here."""
         if num_tokens * group > self.short_query_rows or group < SHORT_MIN_GROUP or head_dim > self.tile_dq_max_dim:
             return self
-        # the short programs were timed against programs of 16 rows, forwards_by_block at 64k only: the short
-        # programs keep the forward where they apply
+        # the short programs keep the forward where they apply: against forwards_by_block they lose up to 1.9 ms
+        # at 32k on independent queries and win by 2x where neighbouring queries share their blocks (docstring)
         return self._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
                              tile_num_stages=self.short_tile_num_stages, block_forward_max_group=0)
 
