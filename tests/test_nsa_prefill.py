@@ -560,16 +560,16 @@ class SelectionCase(NamedTuple):
 
 
 def selection_case(heads: int, kv_heads: int, seed: int, lengths: tuple[int, ...] = (21, 3, 40),
-                   choose: Callable[..., torch.Tensor] = random_selections, dims: tuple[int, int] = (16, 16)
-                   ) -> SelectionCase:
+                   choose: Callable[..., torch.Tensor] = random_selections, dims: tuple[int, int] = (16, 16),
+                   dtype: torch.dtype = torch.float32) -> SelectionCase:
     """Random selections (``random_selections``, or ``choose``) of blocks of 4 tokens, n = 5, on packed sequences
-    of ``lengths`` tokens, head dims ``dims`` (d_k, d_v); the expected values from the dense masked attention of each
-    sequence in float64."""
+    of ``lengths`` tokens, head dims ``dims`` (d_k, d_v), inputs in ``dtype``; the expected values from the dense
+    masked attention of each sequence in float64 (on the inputs as rounded to dtype)."""
     dk, dv = dims
     q, _, _, k, v, _, _, gates = make_inputs(1, list(lengths), heads, kv_heads, dk, dv, CHOOSY, seed=seed)
-    q, k, v, gate = q.detach()[0], k.detach()[0], v.detach()[0], gates.detach()[0, ..., 1]
+    q, k, v, gate = (x.detach().to(dtype) for x in (q[0], k[0], v[0], gates[0, ..., 1]))
     indices = choose(list(lengths), kv_heads, 5, 4, seed=seed)
-    dout = randn(sum(lengths), heads, dv, seed=99).float()
+    dout = randn(sum(lengths), heads, dv, seed=99).to(dtype)
     packed = packed_lengths(lengths)
     expected = branch_reference(q, k, v, gate, dout, packed.cu, packed.cu, dk**-0.5,
                                 lambda rows, length, _: dense_selected_mask(indices[None, rows], length, 4))
@@ -714,6 +714,50 @@ def test_selection_forward_over_the_blocks_lists_matches_float64_reference(monke
     torch.testing.assert_close(out.double(), want["out"] + (earlier.double() if accumulate else 0), **TOL)
     torch.testing.assert_close(branch_out.double(), want["o"], **TOL)
     torch.testing.assert_close(lse.double(), want["lse"], **TOL)
+
+
+def assert_close_in_half_precision(got: torch.Tensor, want: torch.Tensor) -> None:
+    """got (float16 math) against want (float64) within four float16 unit roundoffs (2^-11) of want's largest
+    magnitude: the list paths round the probabilities, each block's part or dq share, and the stored result once
+    each, and a sum's rounding error scales with its terms, not with its (possibly cancelling) value."""
+    roundoffs = 4 * 2.0**-11
+    torch.testing.assert_close(got.double(), want, rtol=roundoffs, atol=roundoffs * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dims", "range_tokens"), [
+    (8, 2, (16, 16), None),  # G = 4 in one token range
+    (6, 2, (24, 16), 7),  # G = 3, d_k != d_v (q.k split 16 + 8), ranges of 7 tokens across the sequences' ends
+])
+def test_selection_list_paths_in_half_precision_match_float64_reference(heads, kv_heads, dims, range_tokens):
+    """The forward over the blocks' lists, then the dq inside the dk/dv, on float16 inputs: both store their
+    per-block parts and dq shares in q's dtype (bf16 on the GPU, which Triton 3.6's interpreter cannot run:
+    its tl.dot multiplies bf16 bit patterns, triton-lang/triton#11584), where the other interpreter tests' float32
+    inputs keep them in float32. out, o, lse, delta, dq, dk and dv against float64 on the same rounded inputs; the
+    backward reads the forward's own lse and o."""
+    case = selection_case(heads, kv_heads, seed=heads + dims[0] + 2, dims=dims, dtype=torch.float16)
+    q, want, group = case.q, case.expected, heads // kv_heads
+    part_bytes, share_bytes = kv_heads * 5 * group * (dims[1] * 2 + 4), 5 * heads * dims[0] * 2  # n = 5, 2 B
+    tiles = prefill._tiles(q.device, q.shape[-1], group).sel._replace(
+        block_forward_max_group=64, fused_dq_max_group=64,
+        block_forward_bytes=2**32 if range_tokens is None else range_tokens * part_bytes,
+        fused_dq_bytes=2**32 if range_tokens is None else range_tokens * share_bytes)
+    assert len(dq_share_ranges(case.indices, q, tiles)) == (1 if range_tokens is None else -(-q.shape[0] //
+                                                                                              range_tokens))
+    out_shape, scale = (*q.shape[:2], dims[1]), q.shape[-1] ** -0.5
+    out, branch_out = output_buffer(*out_shape, like=q), output_buffer(*out_shape, like=q)
+    lse = output_buffer(*q.shape[:2], like=q, dtype=torch.float32)
+    selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4, scale, False,
+                     tiles)
+    for name, got in (("out", out), ("o", branch_out), ("lse", lse)):
+        assert_close_in_half_precision(got, want[name])
+    delta = output_buffer(*q.shape[:2], like=lse)
+    selected_row_delta(case.dout, branch_out, delta)
+    dq = output_buffer(*q.shape, like=q)
+    dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, lse, delta, case.packed, 4, scale,
+                           tiles, dq)
+    assert dq.dtype == dk.dtype == dv.dtype == torch.float16
+    for name, got in (("delta", delta), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert_close_in_half_precision(got, want[name])
 
 
 @pytest.mark.parametrize(("lengths", "heads", "kv_heads", "max_group"), [
