@@ -221,3 +221,30 @@ def use_prefill_tiles(monkeypatch: pytest.MonkeyPatch, *, ranges: dict[str, Any]
                              sel=made.sel._replace(**(selected or {})), topn=made.topn._replace(**(topn or {})))
 
     monkeypatch.setattr(prefill, "_tiles", tiles)
+
+
+@pytest.fixture
+def interpreter_bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton 3.6's interpreter stores bfloat16 as raw uint16 bits and its create_dot multiplies those bits
+    as integers (only fp8 operands are converted; triton-lang/triton#11584), so any tl.dot on bfloat16 returns
+    garbage on CPU. Convert bfloat16 operands to float32 first (exact; what the GPU's bf16 x bf16 -> fp32 MMA
+    computes). No effect on a GPU, where the interpreter is not used. The interpreter still rounds float32 ->
+    bfloat16 toward zero (one ulp, 2^-7, where the GPU rounds to nearest)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def as_float32(handle: Any) -> Any:
+        data = (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any) -> Any:
+        a = as_float32(a) if a.dtype.scalar == tl.bfloat16 else a
+        b = as_float32(b) if b.dtype.scalar == tl.bfloat16 else b
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)

@@ -325,7 +325,7 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
-def test_dkdv_kernels_reading_float32_gates_change_no_bit(monkeypatch):
+def test_dkdv_kernels_reading_float32_gates_change_no_bit(monkeypatch, interpreter_bf16_dot):
     """The dk / dv kernels take the gates in float32 (prefill.dkdv_gates, so that Triton pipelines their loads):
     in bf16 the gradients are bitwise those computed from the bf16 gates themselves (the kernels widen a gate to
     float32 either way)."""
@@ -716,25 +716,28 @@ def test_selection_forward_over_the_blocks_lists_matches_float64_reference(monke
     torch.testing.assert_close(lse.double(), want["lse"], **TOL)
 
 
-def assert_close_in_half_precision(got: torch.Tensor, want: torch.Tensor) -> None:
-    """got (float16 math) against want (float64) within four float16 unit roundoffs (2^-11) of want's largest
+def assert_close_in_half_precision(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """got (computed in ``dtype``) against want (float64) within four roundings to dtype, relative to want's largest
     magnitude: the list paths round the probabilities, each block's part or dq share, and the stored result once
-    each, and a sum's rounding error scales with its terms, not with its (possibly cancelling) value."""
-    roundoffs = 4 * 2.0**-11
+    each, and a sum's rounding error scales with its terms, not with its (possibly cancelling) value. A rounding:
+    float16's unit roundoff 2^-11; bfloat16's whole ulp 2^-7, as the interpreter truncates to it
+    (``interpreter_bf16_dot``)."""
+    roundoffs = 4 * (2.0**-11 if dtype == torch.float16 else 2.0**-7)
     torch.testing.assert_close(got.double(), want, rtol=roundoffs, atol=roundoffs * want.abs().max().item())
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dims", "range_tokens"), [
-    (8, 2, (16, 16), None),  # G = 4 in one token range
-    (6, 2, (24, 16), 7),  # G = 3, d_k != d_v (q.k split 16 + 8), ranges of 7 tokens across the sequences' ends
+@pytest.mark.parametrize(("heads", "kv_heads", "dims", "range_tokens", "dtype"), [
+    (8, 2, (16, 16), None, torch.bfloat16),  # G = 4 in one token range, the GPU's dtype
+    (6, 2, (24, 16), 7, torch.float16),  # G = 3, d_k != d_v (q.k split 16 + 8), ranges of 7 tokens across the
+    # sequences' ends
 ])
-def test_selection_list_paths_in_half_precision_match_float64_reference(heads, kv_heads, dims, range_tokens):
-    """The forward over the blocks' lists, then the dq inside the dk/dv, on float16 inputs: both store their
-    per-block parts and dq shares in q's dtype (bf16 on the GPU, which Triton 3.6's interpreter cannot run:
-    its tl.dot multiplies bf16 bit patterns, triton-lang/triton#11584), where the other interpreter tests' float32
-    inputs keep them in float32. out, o, lse, delta, dq, dk and dv against float64 on the same rounded inputs; the
-    backward reads the forward's own lse and o."""
-    case = selection_case(heads, kv_heads, seed=heads + dims[0] + 2, dims=dims, dtype=torch.float16)
+def test_selection_list_paths_in_half_precision_match_float64_reference(heads, kv_heads, dims, range_tokens, dtype,
+                                                                        interpreter_bf16_dot):
+    """The forward over the blocks' lists, then the dq inside the dk/dv, on half-precision inputs: both store their
+    per-block parts and dq shares in q's dtype, as on the GPU (bf16 there), where the other interpreter tests'
+    float32 inputs keep them in float32. out, o, lse, delta, dq, dk and dv against float64 on the same rounded
+    inputs; the backward reads the forward's own lse and o."""
+    case = selection_case(heads, kv_heads, seed=heads + dims[0] + 2, dims=dims, dtype=dtype)
     q, want, group = case.q, case.expected, heads // kv_heads
     part_bytes, share_bytes = kv_heads * 5 * group * (dims[1] * 2 + 4), 5 * heads * dims[0] * 2  # n = 5, 2 B
     tiles = prefill._tiles(q.device, q.shape[-1], group).sel._replace(
@@ -749,15 +752,15 @@ def test_selection_list_paths_in_half_precision_match_float64_reference(heads, k
     selected_forward(q, case.k, case.v, case.gate, case.indices, out, lse, branch_out, case.packed, 4, scale, False,
                      tiles)
     for name, got in (("out", out), ("o", branch_out), ("lse", lse)):
-        assert_close_in_half_precision(got, want[name])
+        assert_close_in_half_precision(got, want[name], dtype)
     delta = output_buffer(*q.shape[:2], like=lse)
     selected_row_delta(case.dout, branch_out, delta)
     dq = output_buffer(*q.shape, like=q)
     dk, dv = selected_dkdv(q, case.k, case.v, case.gate, case.indices, case.dout, lse, delta, case.packed, 4, scale,
                            tiles, dq)
-    assert dq.dtype == dk.dtype == dv.dtype == torch.float16
+    assert dq.dtype == dk.dtype == dv.dtype == dtype
     for name, got in (("delta", delta), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert_close_in_half_precision(got, want[name])
+        assert_close_in_half_precision(got, want[name], dtype)
 
 
 @pytest.mark.parametrize(("lengths", "heads", "kv_heads", "max_group"), [

@@ -20,9 +20,7 @@ output to it.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -199,32 +197,6 @@ def test_empty_list_rows_are_exactly_zero(backend: str) -> None:
         assert torch.equal(rows, torch.zeros_like(rows)), f"rows of empty list (b={b}, h={h}, qb={qb}) not zero"
     exact = ref_attention(q.double(), k.double(), v.double(), visible)
     assert_within_own_error(f"out[{backend}]", out, ref_attention(q, k, v, visible), exact)
-
-
-@pytest.fixture
-def interpreter_bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Triton 3.6's interpreter stores bfloat16 as raw uint16 bits and its create_dot multiplies those bits
-    as integers (only fp8 operands are converted), so any tl.dot on bfloat16 returns garbage on CPU. Convert
-    bfloat16 operands to float32 first (exact; what the GPU's bf16 x bf16 -> fp32 MMA computes). No effect
-    on a GPU, where the interpreter is not used."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def as_float32(handle: Any) -> Any:
-        data = (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def create_dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any) -> Any:
-        a = as_float32(a) if a.dtype.scalar == tl.bfloat16 else a
-        b = as_float32(b) if b.dtype.scalar == tl.bfloat16 else b
-        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
