@@ -1,4 +1,5 @@
-"""Shared test helpers: deterministic random tensors, hypothesis profile and shape strategies.
+"""Shared test helpers: deterministic random tensors, hypothesis profile, shape strategies, the prefill tiles'
+override and the interpreter's bf16 dot fixture.
 
 Test modules import the helpers directly (``from conftest import ...``); pytest puts tests/ on
 sys.path (rootdir-relative "prepend" import mode, tests/ has no __init__.py).
