@@ -1,5 +1,5 @@
 """Shared test helpers: deterministic random tensors, hypothesis profile, shape strategies, the prefill tiles'
-override and the interpreter's bf16 dot fixture.
+override, the interpreter's bf16 dot fixture and its language patching once per launch (a speed-up only).
 
 Test modules import the helpers directly (``from conftest import ...``); pytest puts tests/ on
 sys.path (rootdir-relative "prepend" import mode, tests/ has no __init__.py).
@@ -42,6 +42,49 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "nsa"))
+
+
+def patch_the_language_once_per_launch() -> None:
+    """Triton 3.6's interpreter patches triton.language for the interpreter at each launch, then again at every
+    call of a device function inside it (~1 ms each: ``inspect.getmembers`` over the modules; ~20% of a kernel
+    test's time). Within a launch a module stays patched once patched (the launch's scope restores its own
+    patches when it ends; a device function's are never restored), so inside a launch a device function whose
+    modules are all patched already gets an empty scope instead. Every other call patches as before: what runs
+    is unchanged, only the repeated work goes."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    patched: set[int] = set()
+    in_launch = [False]
+
+    def patch_once(fn: Any) -> Any:
+        modules = {id(value) for value in fn.__globals__.values()
+                   if inspect.ismodule(value) and value in (tl, tl.core)}
+        if in_launch[0] and modules <= patched:
+            return interpreter._LangPatchScope()
+        scope = patch_lang(fn)
+        if in_launch[0]:
+            patched.update(modules)
+        return scope
+
+    def launch_patching_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        patched.clear()
+        in_launch[0] = True
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            in_launch[0] = False
+            patched.clear()
+
+    interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = launch_patching_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_the_language_once_per_launch()
 
 F64 = torch.float64
 # float64 comparisons: every op here is O(T * D) sums of O(1) terms, so the rounding error of either
