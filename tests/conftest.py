@@ -63,7 +63,7 @@ def patch_the_language_once_per_launch() -> None:
     def patch_once(fn: Any) -> Any:
         modules = {id(value) for value in fn.__globals__.values()
                    if inspect.ismodule(value) and value in (tl, tl.core)}
-        if in_launch[0] and modules <= patched:
+        if in_launch[0] and patched and modules <= patched:  # the launch's own call always patches
             return interpreter._LangPatchScope()
         scope = patch_lang(fn)
         if in_launch[0]:
