@@ -57,27 +57,25 @@ def patch_the_language_once_per_launch() -> None:
     from triton.runtime import interpreter
 
     patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
-    patched: set[int] = set()
-    in_launch = [False]
+    patched: set[int] | None = None  # the modules the launch in progress patched; None between launches
 
     def patch_once(fn: Any) -> Any:
         modules = {id(value) for value in fn.__globals__.values()
                    if inspect.ismodule(value) and value in (tl, tl.core)}
-        if in_launch[0] and patched and modules <= patched:  # the launch's own call always patches
+        if patched and modules <= patched:  # empty at the launch's own call, which always patches
             return interpreter._LangPatchScope()
         scope = patch_lang(fn)
-        if in_launch[0]:
+        if patched is not None:
             patched.update(modules)
         return scope
 
     def launch_patching_once(self: Any, *args: Any, **kwargs: Any) -> Any:
-        patched.clear()
-        in_launch[0] = True
+        nonlocal patched
+        patched = set()
         try:
             return launch(self, *args, **kwargs)
         finally:
-            in_launch[0] = False
-            patched.clear()
+            patched = None
 
     interpreter._patch_lang = patch_once
     interpreter.GridExecutor.__call__ = launch_patching_once
