@@ -155,6 +155,25 @@ def test_topn_on_the_gpu_tiles_ranks_exactly(monkeypatch, heads, rows):
     check_topn(run, inputs, blocks)
 
 
+@pytest.mark.parametrize("gpu_tiles", [False, True])
+@pytest.mark.parametrize("heads", [16, 4])
+def test_topn_ranks_candidates_past_the_visible_compressed_keys(monkeypatch, heads, gpu_tiles):
+    """Where l > l' + d a selection block is complete before the compressed blocks over its end are visible
+    (l = 24, l' = 4: block 1 is a candidate from t = 12, the first compressed block is seen from t = 23). Such a
+    candidate scores 0, or only what Eq. 9 carries into it, and must still rank; n - 3 = 21 selects every candidate
+    of these 150 tokens up to t = 95 (NSA.md: with fewer candidates all are selected), which column lists of depth
+    16 then rank through the exact merge. The kernel's key tiles once stopped at the program's visible keys and
+    dropped such blocks: in programs that saw no compressed key at all (t = 12 ..), and where the visible keys ended
+    a key tile before the last candidate (t = 72 ..), on the interpreter's tiles and on the GPU's."""
+    blocks = {"block_size": 24, "block_stride": 4, "sel_block_size": 4, "num_selected": 24, "window_size": 8}
+    inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, 16, 16, blocks, seed=heads)]
+    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5)
+    if gpu_tiles:
+        monkeypatch.setattr(prefill, "interpreter_enabled", lambda: False)
+        run.topn_tiles = prefill._tiles(torch.device("cpu"), 16, heads).topn
+    check_topn(run, inputs, blocks)
+
+
 def check_topn(run: prefill.PrefillRun, inputs: list[torch.Tensor], blocks: dict) -> None:
     """The run's compression and top-n on one sequence of ``inputs`` against the float64 selection rule."""
     run.compressed()

@@ -168,6 +168,10 @@ def _topn_kernel(
     current = t_query // SEL_BLOCK
     last = tl.minimum(first + BQ, seq_len) - 1
     hi = visible_key_count(last, num_keys, CMP_STRIDE, CMP_BLOCK)
+    # The tiles run on to the last candidate block. Where l > l' + d a block can be complete before the compressed
+    # blocks over its end are visible: past the visible keys it scores 0 (or what Eq. 9 carries into it) and must
+    # still rank (with fewer candidates than n - 3 all are selected). Elsewhere key_end == hi.
+    key_end = tl.maximum(hi, (last // SEL_BLOCK - 1) * RATIO)
     k_seq = k_ptr + key0 * stride_kt
     # Each of the NS block columns of a tile keeps a descending list of the DEPTH largest keys it has seen (no
     # reduction across threads per tile); the n - 3 best of a row are the best of its columns' lists unless some
@@ -177,7 +181,7 @@ def _topn_kernel(
         columns = columns + (tl.full([BQ, NS], NO_KEY, tl.int64),)
     lost = tl.full([BQ, NS], NO_KEY, tl.int64)
     carry = tl.zeros([BQ, NS], tl.float32)
-    for start in range(0, hi, NS * RATIO):
+    for start in range(0, key_end, NS * RATIO):
         keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, k_desc1, k_desc2, key0, start, hi, hk, stride_kt,
                                  stride_kh, qk_scale, t_row, row_ok, current, query_ok, BQ, GP, CMP_BLOCK, CMP_STRIDE,
                                  SEL_BLOCK, RATIO, SPILL, NS, DQK, D1, D2, PRECISION, TMA)
@@ -200,7 +204,7 @@ def _topn_kernel(
             slot_id = slot.to(tl.int64) + tl.zeros([BQ, KP], tl.int64)
             best = tl.where(slot_id < NUM_SELECTED - 3, -1 - slot_id, slot_id + KEEP)
             carry = tl.zeros([BQ, NS], tl.float32)
-            for start in range(0, hi, NS * RATIO):
+            for start in range(0, key_end, NS * RATIO):
                 keys, carry = _tile_keys(q1, q2, lse, carry, k_seq, k_desc1, k_desc2, key0, start, hi, hk,
                                          stride_kt, stride_kh, qk_scale, t_row, row_ok, current, query_ok, BQ, GP,
                                          CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, RATIO, SPILL, NS, DQK, D1, D2, PRECISION,
