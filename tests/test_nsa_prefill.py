@@ -155,22 +155,24 @@ def test_topn_on_the_gpu_tiles_ranks_exactly(monkeypatch, heads, rows):
     check_topn(run, inputs, blocks)
 
 
-@pytest.mark.parametrize("gpu_tiles", [False, True])
+@pytest.mark.parametrize(("head_dim", "gpu_tiles"), [(16, False), (16, True), (128, True)])
 @pytest.mark.parametrize("heads", [16, 4])
-def test_topn_ranks_candidates_past_the_visible_compressed_keys(monkeypatch, heads, gpu_tiles):
+def test_topn_ranks_candidates_past_the_visible_compressed_keys(monkeypatch, heads, head_dim, gpu_tiles):
     """Where l > l' + d a selection block is complete before the compressed blocks over its end are visible
     (l = 24, l' = 4: block 1 is a candidate from t = 12, the first compressed block is seen from t = 23). Such a
     candidate scores 0, or only what Eq. 9 carries into it, and must still rank; n - 3 = 21 selects every candidate
     of these 150 tokens up to t = 95 (NSA.md: with fewer candidates all are selected), which column lists of depth
     16 then rank through the exact merge. The kernel's key tiles once stopped at the program's visible keys and
     dropped such blocks: in programs that saw no compressed key at all (t = 12 ..), and where the visible keys ended
-    a key tile before the last candidate (t = 72 ..), on the interpreter's tiles and on the GPU's."""
+    a key tile before the last candidate (t = 72 ..), on the interpreter's tiles and on the GPU's, whose key tiles
+    go through TMA at head dim 128 (loads past the visible keys, which only the causal mask voids)."""
     blocks = {"block_size": 24, "block_stride": 4, "sel_block_size": 4, "num_selected": 24, "window_size": 8}
-    inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, 16, 16, blocks, seed=heads)]
-    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5)
+    inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, head_dim, 16, blocks, seed=heads)]
+    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), head_dim**-0.5)
     if gpu_tiles:
         monkeypatch.setattr(prefill, "interpreter_enabled", lambda: False)
-        run.topn_tiles = prefill._tiles(torch.device("cpu"), 16, heads).topn
+        run.topn_tiles = prefill._tiles(torch.device("cpu"), head_dim, heads).topn
+    assert run.topn_tiles.tma or head_dim == 16  # the interpreter's tiles and the GPU's at 128 load through TMA
     check_topn(run, inputs, blocks)
 
 
