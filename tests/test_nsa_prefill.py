@@ -161,11 +161,11 @@ def test_topn_ranks_candidates_past_the_visible_compressed_keys(monkeypatch, hea
     """Where l > l' + d a selection block is complete before the compressed blocks over its end are visible
     (l = 24, l' = 4: block 1 is a candidate from t = 12, the first compressed block is seen from t = 23). Such a
     candidate scores 0, or only what Eq. 9 carries into it, and must still rank; n - 3 = 21 selects every candidate
-    of these 150 tokens up to t = 95 (NSA.md: with fewer candidates all are selected), which column lists of depth
-    16 then rank through the exact merge. The kernel's key tiles once stopped at the program's visible keys and
-    dropped such blocks: in programs that saw no compressed key at all (t = 12 ..), and where the visible keys ended
-    a key tile before the last candidate (t = 72 ..), on the interpreter's tiles and on the GPU's, whose key tiles
-    go through TMA at head dim 128 (loads past the visible keys, which only the causal mask voids)."""
+    of these 150 tokens up to t = 95 (NSA.md: with fewer candidates all are selected). The kernel's key tiles once
+    stopped at the program's visible keys and dropped such blocks: in programs that saw no compressed key at all
+    (t = 12 ..), and where the visible keys ended a key tile before the last candidate (t = 72 ..), on the
+    interpreter's tiles and on the GPU's, whose key tiles go through TMA at head dim 128 (loads past the visible
+    keys, which only the causal mask voids)."""
     blocks = {"block_size": 24, "block_stride": 4, "sel_block_size": 4, "num_selected": 24, "window_size": 8}
     inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, head_dim, 16, blocks, seed=heads)]
     run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), head_dim**-0.5)
