@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -42,6 +42,21 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "nsa"))
+
+
+class PrefillConfig(NamedTuple):
+    """One drawn setting of the NSA prefill layer (tests/test_nsa_prefill.py's strategy on the interpreter's tiles,
+    tests/test_nsa_prefill_gpu.py's on the GPU's): the inputs' sizes, and whether the lengths are packed
+    (cu_seqlens, batch 1) or one length for every batch row."""
+
+    batch: int
+    lengths: list[int]
+    packed: bool
+    heads: int
+    kv_heads: int
+    dk: int
+    dv: int
+    blocks: dict
 
 
 def patch_the_language_once_per_launch() -> None:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import F64, randn, use_prefill_tiles
+from conftest import F64, PrefillConfig, randn, use_prefill_tiles
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from reference import (
@@ -135,19 +135,6 @@ def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: l
 ])
 def test_kernels_match_float64_reference(batch, seq_len, heads, kv_heads, dk, dv, blocks):
     check_against_reference(make_inputs(batch, [seq_len], heads, kv_heads, dk, dv, blocks, seed=seq_len), blocks)
-
-
-class PrefillConfig(NamedTuple):
-    """One drawn layer setting: make_inputs' arguments, and whether the lengths are packed (cu_seqlens)."""
-
-    batch: int
-    lengths: list[int]
-    packed: bool
-    heads: int
-    kv_heads: int
-    dk: int
-    dv: int
-    blocks: dict
 
 
 @st.composite
