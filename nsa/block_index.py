@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import torch
 
+from nsa.validation import check_nonnegative_int, check_positive_int
+
 
 def num_compressed_blocks(seq_len: int, block_size: int, block_stride: int) -> int:
-    """Number of compressed blocks fully inside the first seq_len tokens: num_cmp(S)."""
+    """Number of compressed blocks fully inside the first seq_len tokens: num_cmp(S). Public (NSAInputError
+    naming the argument: seq_len an int >= 0, the sizes positive ints); the checks are host-only."""
+    check_nonnegative_int("seq_len", seq_len)
+    check_positive_int("block_size", block_size)
+    check_positive_int("block_stride", block_stride)
     return 0 if seq_len < block_size else (seq_len - block_size) // block_stride + 1
 
 
 def num_selection_blocks(seq_len: int, sel_block_size: int) -> int:
     """ceil(seq_len / l'): selection blocks touching the first seq_len tokens (last may be partial)."""
+    check_nonnegative_int("seq_len", seq_len)
+    check_positive_int("sel_block_size", sel_block_size)
     return -(-seq_len // sel_block_size)
 
 

@@ -27,6 +27,17 @@ def compress_mean_pool(x: torch.Tensor, block_size: int, block_stride: int) -> t
     return block_windows(x, block_size, block_stride).mean(dim=-2)
 
 
+def _check_pool_arguments(head_dim: int, block_size: int, block_stride: int, kind: str, hidden: int | None) -> None:
+    check_positive_int("head_dim", head_dim)
+    check_positive_int("block_size", block_size)
+    check_positive_int("block_stride", block_stride)
+    check_divides("block_stride", block_stride, "block_size", block_size)
+    if hidden is not None:
+        check_positive_int("hidden", hidden)
+    if kind not in ("mean", "mlp"):
+        raise NSAInputError(f"kind={kind!r} must be 'mean' or 'mlp'")
+
+
 class CompressPool(nn.Module):
     """phi of the compression branch, shared across heads.
 
@@ -37,12 +48,14 @@ class CompressPool(nn.Module):
 
     def __init__(self, head_dim: int, block_size: int, block_stride: int, kind: str = "mlp",
                  hidden: int | None = None) -> None:
+        """hidden: the MLP's width, None -> 2 * head_dim (NSAConfig.compression_hidden's default). NSAInputError
+        naming the argument: sizes positive ints, block_stride dividing block_size (d | l), hidden None or a
+        positive int, kind "mean" or "mlp"."""
+        _check_pool_arguments(head_dim, block_size, block_stride, kind, hidden)
         super().__init__()
-        if kind not in ("mean", "mlp"):
-            raise NSAInputError(f"kind={kind!r} must be 'mean' or 'mlp'")
         self.block_size, self.block_stride, self.kind = block_size, block_stride, kind
         if kind == "mlp":
-            hidden = hidden or 2 * head_dim
+            hidden = 2 * head_dim if hidden is None else hidden
             self.position = nn.Parameter(torch.randn(block_size, head_dim) * 0.02)
             output_layer = nn.Linear(hidden, head_dim)
             nn.init.zeros_(output_layer.weight)

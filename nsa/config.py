@@ -24,7 +24,8 @@ class NSAConfig:
     Paper symbols: l = cmp_block_size, d = cmp_stride, l' = sel_block_size, n = num_selected
     (including the three forced blocks), w = window_size, HQ = num_heads, H_kv = num_kv_heads,
     d_k = head_dim, d_v = head_dim_v. Requires d | l and d | l'. Checked on construction (NSAConfigError
-    naming the field): ints positive, float settings (rope_theta, scale) finite and > 0.
+    naming the field): ints positive, float settings (rope_theta, scale) > 0 and finite, also once rounded to
+    float32 (nonzero and not inf there: the layer computes them in float32).
     """
 
     hidden_size: int = 2560
@@ -80,9 +81,9 @@ class NSAConfig:
             raise NSAConfigError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if not isinstance(self.shared_kv, bool):
             raise NSAConfigError(f"shared_kv must be a bool, got {self.shared_kv!r}")
-        check_real("rope_theta", self.rope_theta, error=NSAConfigError, above=0.0)
+        check_real("rope_theta", self.rope_theta, error=NSAConfigError, above=0.0, float32=True)
         if self.scale is not None:
-            check_real("scale", self.scale, error=NSAConfigError, above=0.0)
+            check_real("scale", self.scale, error=NSAConfigError, above=0.0, float32=True)
 
     @property
     def group_size(self) -> int:
@@ -113,7 +114,22 @@ def reject_unknown_keys(cls: Any, values: Mapping[str, Any], where: str,
 
 
 def load_nsa_config(path: str | Path) -> NSAConfig:
-    """Read an NSAConfig from a TOML file holding the fields at top level or under [nsa]."""
+    """Read an NSAConfig from a TOML file holding the fields at top level or under [nsa] (read_config_table)."""
+    return NSAConfig.from_dict(read_config_table(path, "nsa", NSAConfigError))
+
+
+def read_config_table(path: str | Path, table: str, error: type[Exception]) -> dict[str, Any]:
+    """The fields of a TOML config file: at top level, or under [table] and then nothing else (keys beside the
+    table would otherwise be ignored without a word); `error` naming the stray keys, or a `table` key that is
+    not a table."""
     with open(path, "rb") as handle:
         data = tomllib.load(handle)
-    return NSAConfig.from_dict(data.get("nsa", data))
+    if table not in data:
+        return data
+    fields = data[table]
+    if not isinstance(fields, dict):
+        raise error(f"{path}: {table} must be a table ([{table}]) of fields, got {type(fields).__name__} {fields!r}")
+    stray = sorted(set(data) - {table})
+    if stray:
+        raise error(f"{path}: top-level key(s) {stray} beside the [{table}] table; put every field in one place")
+    return fields

@@ -20,6 +20,7 @@ from nsa.functional import NSASizes, nsa_attention, nsa_attention_chunk, prefill
 from nsa.kv_cache import NSAKVCache
 from nsa.nonfinite import finite_or_zero_under_poison, guarded_apply, nonfinite_rows, poison_rows
 from nsa.rope import apply_rope
+from nsa.validation import check_layer_input
 
 
 class NSAAux(NamedTuple):
@@ -133,20 +134,9 @@ class NSAAttention(nn.Module):
         return y, NSAAux(block_indices, poison_rows(p.gates, p.nonfinite_tokens))
 
     def check_input(self, x: torch.Tensor) -> None:
-        """NSAInputError unless x is [B, T, hidden_size] with the parameters' device and dtype (autocast: any)."""
-        c = self.config
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != c.hidden_size:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise NSAInputError(f"x must be [B, T, hidden_size={c.hidden_size}], got {shape}")
-        weight = self.q_proj.weight
-        if x.device != weight.device:
-            raise NSAInputError(f"x is on {x.device} but the layer's parameters are on {weight.device}")
-        # Under autocast the projections cast x themselves (mixed dtypes are the point of autocast).
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise NSAInputError(
-                f"x has dtype {x.dtype} but the layer's parameters have dtype {weight.dtype}; "
-                "cast x or the layer (or run under torch.autocast)"
-            )
+        """NSAInputError unless x is a floating [B, T, hidden_size] tensor with the parameters' device and dtype
+        (autocast: any floating dtype; nsa.validation.check_layer_input)."""
+        check_layer_input(x, self.config.hidden_size, self.q_proj.weight)
 
     def _check_append(self, x: torch.Tensor, cache: NSAKVCache, num_valid: Sequence[int] | None,
                       start_positions: Sequence[int] | None) -> list[int]:
@@ -251,6 +241,8 @@ class NSAAttention(nn.Module):
         if not all_valid:  # padding may hold anything (NaN included); masked keys must stay finite
             x = x.masked_fill((positions < 0)[:, :, None], 0.0)
         p = self.project(x, positions.clamp_min(0))
+        if p.q.dtype != cache.dtype:  # autocast's projections: the cache keeps its own dtype, and so does the step
+            p = Projected(*(t.to(cache.dtype) if t.is_floating_point() else t for t in p))
         emitted = self._compressed_emissions(cache, p, positions, counts)
         decode_step = x.shape[1] == 1 and all_valid  # one new token per sequence: reads the ring after the write
         if decode_step:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from nsa.dispatch import elementwise_kernel_applies
 from nsa.errors import NSAInputError
 from nsa.sized_tensors import sized_tensors
+from nsa.validation import check_float_tensor, check_positions_layout, check_positive_int, check_real, describe
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, theta: float = 10000.0, *, stride: int = 1,
@@ -23,18 +23,21 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, theta: float = 1
     positions None: token t sits at t * stride + offset (0 .. T - 1 by default), and the angles' cos / sin
     follow from the sizes alone, so they are built once per size and kept (nsa.sized_tensors): the same values
     as from those positions given as a tensor, without four launches per call.
+    NSAInputError naming the argument: x a floating [B, T, H, D] tensor with D even; theta > 0 and offset
+    finite, also in float32; positions an integer (not bool) or floating tensor [T] or [B|1, T] on x's device.
+    Float positions must be finite: checked on CPU tensors in eager mode only, since reading a device tensor's
+    values is a host sync (and would break the decode step's CUDA-graph capture); elsewhere a non-finite
+    position gives NaN in its rows.
     """
-    if x.dim() != 4:
-        raise NSAInputError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
+    check_float_tensor("x", x, 4)
     head_dim = x.shape[-1]
     if head_dim % 2 != 0:
-        raise NSAInputError(f"RoPE needs an even head dim, got D={head_dim}")
+        raise NSAInputError(f"RoPE needs an even head dim, got D={head_dim} (x's last dim)")
+    check_real("theta", theta, above=0.0, float32=True)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if positions is None:
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise NSAInputError(f"stride must be a positive int, got {stride!r}")
-        if not math.isfinite(offset):
-            raise NSAInputError(f"offset must be finite, got {offset!r}")
+        check_positive_int("stride", stride)
+        check_real("offset", offset, float32=True)
         seq_len, device = x.shape[1], x.device
         cos, sin = sized_tensors(("rope tables", seq_len, stride, offset, head_dim, theta, compute_dtype), device,
                                  lambda: _tables(_sequence_positions(seq_len, stride, offset, device), head_dim,
@@ -43,8 +46,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, theta: float = 1
         if isinstance(stride, bool) or stride != 1 or offset != 0.0:
             raise NSAInputError(f"stride={stride!r} and offset={offset!r} place the tokens only when positions is "
                                 "None; given positions, fold them in (positions * stride + offset)")
-        if positions.dim() not in (1, 2) or positions.shape[-1] != x.shape[1]:
-            raise NSAInputError(f"positions must be [T] or [B, T] with T={x.shape[1]}, got {tuple(positions.shape)}")
+        _check_positions(positions, x)
         cos, sin = _tables(positions, head_dim, theta, compute_dtype)
     if elementwise_kernel_applies(x, contiguous=False) and not (positions is not None and positions.requires_grad):
         return _RopeKernel.apply(x, cos, sin)
@@ -53,6 +55,18 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, theta: float = 1
     x1, x2 = x[..., :half].to(compute_dtype), x[..., half:].to(compute_dtype)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x.dtype)
+
+
+def _check_positions(positions: torch.Tensor, x: torch.Tensor) -> None:
+    """positions: an integer or floating tensor [T] or [B|1, T] on x's device; float ones finite (CPU, eager)."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype == torch.bool or positions.is_complex():
+        raise NSAInputError(f"positions must be an integer or floating tensor (token positions), got "
+                            f"{describe(positions)}")
+    check_positions_layout(positions, x.shape[0], x.shape[1], x.device, of="x")
+    # CPU values read without a device sync; under torch.compile the read would break the graph.
+    if (positions.is_floating_point() and positions.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(positions).all())):
+        raise NSAInputError("positions must be finite: a NaN or inf position rotates its token into NaN")
 
 
 def _sequence_positions(seq_len: int, stride: int, offset: float, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,13 @@ from nsa.block_index import (
 )
 from nsa.compressed_attention import check_compressed_inputs, compressed_chunk_size
 from nsa.errors import NSAInputError
-from nsa.validation import check_divides, check_positive_int
+from nsa.validation import (
+    check_divides,
+    check_nonnegative_int,
+    check_positions_layout,
+    check_positive_int,
+    describe,
+)
 
 
 def check_selection_sizes(block_stride: int, sel_block_size: int, num_selected: int) -> None:
@@ -53,6 +59,9 @@ def map_cmp_to_sel(
     check_divides("block_stride", block_stride, "block_size", block_size)
     check_positive_int("sel_block_size", sel_block_size)
     check_divides("block_stride", block_stride, "sel_block_size", sel_block_size)
+    check_nonnegative_int("num_sel_blocks", num_sel_blocks)
+    if not isinstance(p_cmp, torch.Tensor) or p_cmp.dim() == 0 or not p_cmp.is_floating_point():
+        raise NSAInputError(f"p_cmp must be a floating tensor [..., N_cmp], got {describe(p_cmp)}")
     weights, pad = overlap_kernel(block_size, block_stride, sel_block_size, p_cmp.device, p_cmp.dtype)
     ratio = sel_block_size // block_stride
     num_cmp = p_cmp.shape[-1]
@@ -67,9 +76,10 @@ def map_cmp_to_sel(
 
 def group_reduce(p: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Eq. 10: sum scores over the G query heads of each group. [B, T, HQ, N] -> [B, T, Hkv, N]."""
-    if p.dim() != 4 or p.shape[2] % num_kv_heads != 0:
+    check_positive_int("num_kv_heads", num_kv_heads)
+    if not isinstance(p, torch.Tensor) or p.dim() != 4 or p.shape[2] % num_kv_heads != 0:
         raise NSAInputError(
-            f"p must be [B, T, HQ, N] with HQ a multiple of num_kv_heads={num_kv_heads}, got {tuple(p.shape)}"
+            f"p must be [B, T, HQ, N] with HQ a multiple of num_kv_heads={num_kv_heads}, got {describe(p)}"
         )
     return p.unflatten(2, (num_kv_heads, -1)).sum(dim=3)
 
@@ -79,8 +89,10 @@ def topn_blocks(
 ) -> torch.Tensor:
     """Eq. 11-12: top-n selection blocks per row with the three forced blocks.
 
-    scores [B, T, Hkv, N] (group importance per selection block); positions [B|1, T] or [T]
-    (absolute query positions; None -> arange(T), which requires N >= ceil(T / l')).
+    scores [B, T, Hkv, N] (group importance per selection block); positions an integer tensor [B|1, T] or [T]
+    on scores' device (absolute query positions, each in [0, N * l'): the block holding it is forced, so it must
+    be one of the N; checking that reads the values, one host sync; None -> arange(T), which requires
+    N >= ceil(T / l')). Other arguments break NSAInputError's rules as in select_blocks.
     Returns int64 [B, T, Hkv, num_selected]: chosen blocks ascending, then -1 for unused slots.
     Never a future or incomplete block (except the forced current block), never a duplicate;
     equal scores go to the lower block index, exactly (stable sort, no epsilon arithmetic; see the
@@ -90,15 +102,37 @@ def topn_blocks(
     check_positive_int("num_selected", num_selected)
     if num_selected < 3:
         raise NSAInputError(f"num_selected={num_selected} must be >= 3 (it includes the three forced blocks)")
-    if scores.dim() != 4:
-        raise NSAInputError(f"scores must be [B, T, Hkv, N], got shape {tuple(scores.shape)}")
-    num_blocks = scores.shape[-1]
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        raise NSAInputError(f"scores must be [B, T, Hkv, N], got {describe(scores)}")
     if positions is None:
-        if num_blocks < num_selection_blocks(scores.shape[1], sel_block_size):
+        if scores.shape[-1] < num_selection_blocks(scores.shape[1], sel_block_size):
             raise NSAInputError(
-                f"scores has N={num_blocks} blocks but T={scores.shape[1]} needs ceil(T / sel_block_size)"
+                f"scores has N={scores.shape[-1]} blocks but T={scores.shape[1]} needs ceil(T / sel_block_size)"
             )
         positions = torch.arange(scores.shape[1], device=scores.device)
+    else:
+        _check_topn_positions(positions, scores, sel_block_size)
+    return _topn(scores, sel_block_size, num_selected, positions)
+
+
+def _check_topn_positions(positions: torch.Tensor, scores: torch.Tensor, sel_block_size: int) -> None:
+    """positions: integer [T] or [B|1, T] on scores' device, each in [0, N * l') so that the block holding it
+    (forced) is one of the scores' N blocks. The range costs one host sync; the library's own callers build
+    their positions and go to _topn directly."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype == torch.bool or positions.is_floating_point() \
+            or positions.is_complex():
+        raise NSAInputError(f"positions must be an integer tensor (token positions), got {describe(positions)}")
+    batch, seq_len, _, num_blocks = scores.shape
+    check_positions_layout(positions, batch, seq_len, scores.device, of="scores")
+    limit = num_blocks * sel_block_size
+    if positions.numel() and bool(((positions < 0) | (positions >= limit)).any()):
+        raise NSAInputError(f"positions must lie in [0, {limit - 1}]: scores has N={num_blocks} blocks of "
+                            f"sel_block_size={sel_block_size}, and the block holding each position is forced")
+
+
+def _topn(scores: torch.Tensor, sel_block_size: int, num_selected: int, positions: torch.Tensor) -> torch.Tensor:
+    """topn_blocks without its checks (the chunk step calls it with positions it built, so no host sync)."""
+    num_blocks = scores.shape[-1]
     if positions.dim() == 1:
         positions = positions[None]
     t = positions[:, :, None, None]  # [B|1, T, 1, 1]
@@ -129,7 +163,7 @@ def select_from_group_probs(
     """Chunk helper: group-summed compressed probabilities [B, C, Hkv, N_vis] of queries at
     positions [B|1, C] -> block indices over the first num_sel (host bound) selection blocks."""
     p_sel = map_cmp_to_sel(p_grp_cmp, block_size, block_stride, sel_block_size, num_sel)
-    return topn_blocks(p_sel, sel_block_size, num_selected, positions)
+    return _topn(p_sel, sel_block_size, num_selected, positions)
 
 
 @torch.no_grad()

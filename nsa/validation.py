@@ -1,9 +1,11 @@
 """Argument checks shared by the ops. Each check raises `NSAInputError` naming the argument.
 
-Shape checks cost no host sync; only `check_block_indices` reads tensor values (one sync), and
-the internal paths that build indices themselves skip it. The scalar checks (`check_positive_int`,
-`check_real`, `parse_device`, `check_device`) take the error class to raise, so configuration code
-(NSAConfig, the training config, ScopeConfig) shares them and raises its own config error.
+Shape checks cost no host sync; only `check_block_indices` reads tensor values here (one sync), and
+the internal paths that build indices themselves skip it. Outside this module two public ops read values
+too, never on the library's own hot paths: `topn_blocks` given positions (the chunk step calls `_topn`) and
+`apply_rope` given float positions on the CPU. The scalar checks (`check_positive_int`,
+`check_nonnegative_int`, `check_real`, `parse_device`, `check_device`) take the error class to raise, so
+configuration code (NSAConfig, the training config, ScopeConfig) shares them and raises its own config error.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import torch
 
 from nsa.errors import NSAInputError
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# float32 rounds |x| >= max + half an ulp to inf (the tie goes to the even neighbour, inf) and
+# |x| <= half the smallest subnormal to 0 (the tie goes to 0). Plain floats, so torch.compile traces the checks.
+_FLOAT32_TO_INF = float.fromhex("0x1.ffffffp+127")
+_FLOAT32_TO_ZERO = 2.0**-150
 
 
 def check_positive_int(name: str, value: int, *, error: type[Exception] = NSAInputError) -> None:
@@ -23,12 +31,21 @@ def check_positive_int(name: str, value: int, *, error: type[Exception] = NSAInp
         raise error(f"{name} must be a positive int, got {value!r}")
 
 
+def check_nonnegative_int(name: str, value: int, *, error: type[Exception] = NSAInputError) -> None:
+    """An int >= 0 (a count or a length). A torch.SymInt passes too: sizes read from tensor shapes are
+    SymInts while torch.compile traces with dynamic shapes."""
+    if isinstance(value, bool) or not isinstance(value, int | torch.SymInt) or value < 0:
+        raise error(f"{name} must be an int >= 0, got {value!r}")
+
+
 def check_real(name: str, value: object, *, error: type[Exception] = NSAInputError, above: float | None = None,
-               at_least: float | None = None, below: float | None = None) -> float:
+               at_least: float | None = None, below: float | None = None, float32: bool = False) -> float:
     """`value` as a float when it is a finite real number (not a bool) and, for each bound given,
     > above, >= at_least and < below; otherwise raise `error` naming `name`. Every float setting goes
     through here: an inf or NaN setting would otherwise turn outputs (or a training run) into NaN
-    without an error."""
+    without an error. float32: the setting enters float32 arithmetic (an attention scale, RoPE's
+    theta), so it must also stay finite there, and nonzero where the bounds ask for > 0: 1e39 would be
+    inf and 1e-300 would be 0 there, and either makes every output NaN."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise error(f"{name} must be a finite number, got {value!r}")
     number = float(value)
@@ -37,7 +54,19 @@ def check_real(name: str, value: object, *, error: type[Exception] = NSAInputErr
                      (below is None or number < below, f"< {below}")):
         if not ok:
             raise error(f"{name} must be {rule}, got {value!r}")
+    if float32:
+        positive = (above is not None and above >= 0.0) or (at_least is not None and at_least > 0.0)
+        _check_float32_range(name, number, error=error, nonzero=positive)
     return number
+
+
+def _check_float32_range(name: str, number: float, *, error: type[Exception], nonzero: bool) -> None:
+    """`number` (finite) stays finite once rounded to float32, and nonzero when `nonzero`."""
+    if abs(number) >= _FLOAT32_TO_INF:
+        raise error(f"{name}={number!r} overflows to inf in float32, where it is computed: |{name}| must be "
+                    "< 3.4e38")
+    if nonzero and abs(number) <= _FLOAT32_TO_ZERO:
+        raise error(f"{name}={number!r} underflows to 0 in float32, where it is computed: it must be > 0 there")
 
 
 def parse_device(name: str, device: object, *, error: type[Exception] = NSAInputError) -> torch.device:
@@ -68,15 +97,22 @@ def check_device(name: str, device: object, *, error: type[Exception] = NSAInput
     return parsed
 
 
+def describe(value: object) -> str:
+    """A rejected argument in a message: a tensor's shape and dtype, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}, dtype {value.dtype}"
+    return type(value).__name__
+
+
 def check_divides(divisor_name: str, divisor: int, name: str, value: int) -> None:
     if value % divisor != 0:
         raise NSAInputError(f"{divisor_name}={divisor} must divide {name}={value}")
 
 
 def check_scale(scale: float | None) -> None:
-    """The attention scale: None (1/sqrt(head dim)) or a finite number > 0."""
+    """The attention scale: None (1/sqrt(head dim)) or a number > 0, finite and nonzero in float32."""
     if scale is not None:
-        check_real("scale", scale, above=0.0)
+        check_real("scale", scale, above=0.0, float32=True)
 
 
 def check_float_tensor(name: str, x: torch.Tensor, ndim: int) -> None:
@@ -84,8 +120,35 @@ def check_float_tensor(name: str, x: torch.Tensor, ndim: int) -> None:
         raise NSAInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
         raise NSAInputError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise NSAInputError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+
+
+def check_layer_input(x: object, hidden_size: int, weight: torch.Tensor, *,
+                      error: type[Exception] = NSAInputError) -> None:
+    """`error` unless x is a floating [B, T, hidden_size] tensor on the device and in the dtype of the layer's
+    parameters (`weight`); under autocast any floating dtype, since the projections cast x themselves (mixed
+    dtypes are the point of autocast)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise error(f"x must be [B, T, hidden_size={hidden_size}], got {describe(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise error(f"x must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+    if x.device != weight.device:
+        raise error(f"x is on {x.device} but the layer's parameters are on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise error(f"x has dtype {x.dtype} but the layer's parameters have dtype {weight.dtype}; "
+                    "cast x or the layer (or run under torch.autocast)")
+
+
+def check_positions_layout(positions: torch.Tensor, batch: int, seq_len: int, device: torch.device,
+                           of: str) -> None:
+    """NSAInputError unless positions (one per token of `of`) is [T] or [B|1, T] with T = seq_len, on device."""
+    if positions.dim() not in (1, 2) or positions.shape[-1] != seq_len or (
+            positions.dim() == 2 and positions.shape[0] not in (1, batch)):
+        raise NSAInputError(f"positions must be [T] or [B, T] (B in (1, {batch})) with {of}'s T={seq_len}, "
+                            f"got {tuple(positions.shape)}")
+    if positions.device != device:
+        raise NSAInputError(f"positions is on {positions.device} but {of} is on {device}")
 
 
 def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:

@@ -15,7 +15,8 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 from scope.config import ScopeConfig, load_scope_config
 from scope.errors import ScopeConfigError, ScopeError, ScopeInputError
-from scope.functional import naive_scope_attention, scope_attention, scope_attention_backend
+from scope.functional import naive_scope_attention, scope_attention_backend
+from scope.functional import scope_attention as _scope_attention_fn
 from scope.pointer_mask import PointerMask, build_pointer_block_mask, sliding_window_block_mask
 from scope.scope_attention import ScopeAttention, ScopeAux, ScopeKVCache, ScopeProjection
 from scope.spectral_bias import (
@@ -29,6 +30,10 @@ from scope.spectral_bias import (
 )
 from scope.teacher import TeacherLoss, layer_teacher_loss
 from scope.telemetry import ScopeTelemetry, scope_stats
+
+# The submodule scope.scope_attention (home of ScopeAttention) shares this name; importing it rebinds the
+# package attribute to the module, so the public name is bound to the function after all imports.
+scope_attention = _scope_attention_fn
 
 __all__ = [
     "BiasCoefficients",

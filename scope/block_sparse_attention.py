@@ -16,10 +16,9 @@ from torch import Tensor
 
 from nsa.dispatch import accumulation_dtype, choose_backend
 from nsa.nonfinite import finite_or_zero_under_poison, kv_nonfinite, nonfinite_rows, poison_rows
+from nsa.validation import FLOAT_DTYPES
 from scope.errors import ScopeInputError
 from scope.pointer_mask import ScoreMod
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def block_sparse_attention(
@@ -175,7 +174,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_ind
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ScopeInputError(f"{name} must be [B, heads, T, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise ScopeInputError(f"{name} must be a floating tensor, got {t.dtype}")
         if t.device != q.device or t.dtype != q.dtype:
             raise ScopeInputError(f"{name} must match q's device and dtype ({q.device}, {q.dtype}), "

@@ -6,12 +6,11 @@ The math is ``../shared/spec/SCOPE.md``; the internal API is ``docs/SCOPE_CONTRA
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsa.config import reject_unknown_keys
+from nsa.config import read_config_table, reject_unknown_keys
 from nsa.dispatch import SCOPE_ATTENTION_BACKENDS
 from nsa.validation import check_real
 from scope.errors import ScopeConfigError, ScopeInputError
@@ -165,8 +164,7 @@ class ScopeConfig:
         steps)``: ``start + (end - start) * min(step, steps) / steps`` (linear, then held at ``end``);
         ``step=None`` (evaluation, decode) gives the schedule's final value ``end``.
         """
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ScopeInputError(f"step must be a non-negative int or None, got {step!r}")
+        check_step(step)
         if self.delta_max_schedule is None:
             return self.delta_max
         start, end, steps = self.delta_max_schedule
@@ -184,11 +182,18 @@ class ScopeConfig:
         return dataclasses.asdict(self)
 
 
+def check_step(step: object, *, optional: bool = True) -> None:
+    """ScopeInputError naming step unless it is an int >= 0 (not a bool), or None when optional."""
+    if step is None and optional:
+        return
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ScopeInputError(f"step must be a non-negative int{' or None' if optional else ''}, got {step!r}")
+
+
 def load_scope_config(path: str | Path) -> ScopeConfig:
-    """Read a ScopeConfig from a TOML file holding the fields at top level or under [scope]."""
-    with open(path, "rb") as handle:
-        data = tomllib.load(handle)
-    return ScopeConfig.from_dict(data.get("scope", data))
+    """Read a ScopeConfig from a TOML file holding the fields at top level or under [scope] (then nothing else:
+    nsa.config.read_config_table)."""
+    return ScopeConfig.from_dict(read_config_table(path, "scope", ScopeConfigError))
 
 
 def _require_int(name: str, value: Any, *, minimum: int, symbol: str | None = None) -> None:
@@ -200,9 +205,11 @@ def _require_int(name: str, value: Any, *, minimum: int, symbol: str | None = No
 
 
 def _require_real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
-    """check_real (nsa.validation) with ScopeConfigError: finite, and > 0 / >= 0 when asked."""
+    """check_real (nsa.validation) with ScopeConfigError: finite, > 0 / >= 0 when asked, and finite in float32
+    (still > 0 there when it must be > 0), since the layer computes in float32: a finite float64 such as
+    beta=1e300 or rope_theta=1e-300 would otherwise turn every output into NaN."""
     return check_real(name, value, error=ScopeConfigError, above=0.0 if positive else None,
-                      at_least=0.0 if nonnegative else None)
+                      at_least=0.0 if nonnegative else None, float32=True)
 
 
 def _check_schedule(schedule: Any) -> tuple[float, float, int]:

@@ -35,13 +35,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nsa.dispatch import BackendChoice, choose_scope_attention_backend
 from nsa.nonfinite import finite_or_zero, nonfinite_rows, poison_rows
+from nsa.validation import FLOAT_DTYPES
 from scope.block_sparse_attention import dense_block_sparse, finite_inputs, kernel_block_sparse
 from scope.errors import ScopeConfigError, ScopeInputError
 from scope.pointer_mask import PointerMask, document_starts, exact_mask_mod
 from scope.spectral_bias import BiasTerms, bias_score_mod, qk_augment, qk_width
 
 BIAS_IMPLS = ("score_mod", "qk_aug")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def scope_attention(
@@ -179,7 +179,7 @@ def _check_call(q: Tensor, k: Tensor, v: Tensor, mask: PointerMask, block: int, 
 def check_arguments(q: Tensor, k: Tensor, v: Tensor, block: int, bias: BiasTerms | None, bias_impl: str,
                      scale: float | None, qk_align: int) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or t.dtype not in _FLOAT_DTYPES:
+        if not isinstance(t, Tensor) or t.dim() != 4 or t.dtype not in FLOAT_DTYPES:
             seen = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
             raise ScopeInputError(f"{name} must be a 4-d floating tensor [B, heads, T, D], got {seen}")
         if t.dtype != q.dtype or t.device != q.device:

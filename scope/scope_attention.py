@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from nsa.dispatch import accumulation_dtype
 from nsa.nonfinite import finite_or_zero, finite_or_zero_under_poison, nonfinite_rows, poison_rows
 from nsa.rope import apply_rope
+from nsa.validation import FLOAT_DTYPES, check_device, check_layer_input, check_positive_int
 from scope.block_sparse_attention import rows_that_read
-from scope.config import ScopeConfig
+from scope.config import ScopeConfig, check_step
 from scope.errors import ScopeInputError
 from scope.functional import scope_attention, scope_attention_backend
 from scope.pointer_mask import (
@@ -85,14 +86,25 @@ def representative_rows(values: Tensor, num_blocks: int, block: int, kind: str) 
 
 class ScopeKVCache:
     """Decode state of one ScopeAttention layer: rotated keys and values [B, H_kv, capacity, D] and the
-    per-row pointer parameters (D*, budget logits) the block representatives are taken from."""
+    per-row pointer parameters (D*, budget logits) the block representatives are taken from.
+
+    config: a ScopeConfig; batch_size, capacity: ints >= 1 (not bools); device: a torch.device or a string
+    this build and machine have; dtype: a floating dtype (fp16 / bf16 / fp32 / fp64). ScopeInputError naming
+    the argument otherwise. ScopeAttention runs every check of an append before its first write: a refused
+    append leaves the cache as it was.
+    """
 
     def __init__(self, config: ScopeConfig, batch_size: int, capacity: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        if batch_size < 1 or capacity < 1:
-            raise ScopeInputError(f"batch_size and capacity must be >= 1, got {batch_size}, {capacity}")
+        if not isinstance(config, ScopeConfig):
+            raise ScopeInputError(f"config must be a ScopeConfig, got {type(config).__name__}")
+        check_positive_int("batch_size", batch_size, error=ScopeInputError)
+        check_positive_int("capacity", capacity, error=ScopeInputError)
+        if dtype not in FLOAT_DTYPES:
+            raise ScopeInputError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
         self.config, self.batch_size, self.capacity = config, batch_size, capacity
-        self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.device = check_device("device", "cpu" if device is None else device, error=ScopeInputError)
+        self.dtype = dtype
         rows = -(-capacity // config.block) * config.block
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=dtype)
@@ -105,6 +117,8 @@ class ScopeKVCache:
         self._block_lists: tuple[int, Tensor] | None = None  # (query block, kv block list [B|1, H|1, W])
 
     def check_append(self, x: Tensor, num_tokens: int) -> None:
+        """ScopeInputError unless x [B, T, ...] fits: the cache's batch, dtype and device, and room for
+        num_tokens more tokens. Changes nothing."""
         if x.shape[0] != self.batch_size:
             raise ScopeInputError(f"x has batch {x.shape[0]} but the cache holds {self.batch_size} sequences")
         if x.dtype != self.dtype or x.device != self.device:
@@ -118,9 +132,15 @@ class ScopeKVCache:
 class ScopeAttention(nn.Module):
     """SCOPE attention layer: x [B, T, hidden] -> y [B, T, hidden], causal.
 
-    forward(x) runs whole sequences (T a multiple of config.block); forward(x, cache=...) prefills an
-    empty cache or appends tokens one at a time with the same mask rule and bias (decode).
+    forward(x) runs whole sequences (T a positive multiple of config.block); forward(x, cache=...) prefills
+    an empty cache or appends tokens one at a time with the same mask rule and bias (decode).
     ``doc_ids`` [B, T] (or [T]) restricts attention to each token's document (prefill only).
+    x must be a floating tensor [B, T, hidden_size] with the parameters' device and dtype (any float dtype
+    under torch.autocast), step None or an int >= 0; ScopeInputError naming the argument otherwise.
+    With a cache, the cache must have been built for this layer's config (ScopeInputError naming the
+    fields that differ) and every check runs before the first write: a call that raises leaves the cache
+    as it was. An empty append (T = 0, as NSAAttention) returns an empty y [B, 0, hidden] and leaves the
+    cache unchanged; without a cache T = 0 is a ScopeInputError (a prefill needs whole blocks).
     """
 
     def __init__(self, config: ScopeConfig) -> None:
@@ -141,15 +161,19 @@ class ScopeAttention(nn.Module):
         self, x: Tensor, *, doc_ids: Tensor | None = None, step: int | None = None,
         generator: torch.Generator | None = None, cache: ScopeKVCache | None = None, return_aux: bool = False,
     ) -> Tensor | tuple[Tensor, ScopeAux]:
-        c = self.config
-        if x.dim() != 3 or x.shape[-1] != c.hidden_size:
-            raise ScopeInputError(f"x must be [B, T, hidden_size={c.hidden_size}], got shape {tuple(x.shape)}")
+        self.check_input(x)
+        check_step(step)
         if cache is not None:
             if doc_ids is not None or return_aux:
                 raise ScopeInputError("doc_ids and return_aux are not supported with a decode cache")
             return self._append(x, cache, step)
         y, aux, _, _ = self._prefill(x, doc_ids, step, generator)
         return (y, aux) if return_aux else y
+
+    def check_input(self, x: Tensor) -> None:
+        """ScopeInputError unless x is a floating [B, T, hidden_size] tensor with the parameters' device and
+        dtype (under autocast any floating dtype: nsa.validation.check_layer_input)."""
+        check_layer_input(x, self.config.hidden_size, self.q_proj.weight, error=ScopeInputError)
 
     def _prefill(self, x: Tensor, doc_ids: Tensor | None, step: int | None, generator: torch.Generator | None
                  ) -> tuple[Tensor, ScopeAux, ScopeProjection, Tensor]:
@@ -226,12 +250,26 @@ class ScopeAttention(nn.Module):
     # ---- decode ---------------------------------------------------------------------------------
 
     def _append(self, x: Tensor, cache: ScopeKVCache, step: int | None) -> Tensor:
-        """Prefill an empty cache with a whole-sequence forward, or decode x's tokens one by one."""
+        """Prefill an empty cache with a whole-sequence forward, or decode x's tokens one by one. x and step
+        are checked (forward); every check of the cache runs here, before anything is written."""
         c = self.config
+        self._check_cache(cache)
         cache.check_append(x, x.shape[1])
+        if x.shape[1] == 0:  # o_proj of nothing: y still reaches the parameters' autograd graph, as NSA's
+            return self.o_proj(x.new_zeros(x.shape[0], 0, c.num_heads * c.head_dim))
         if cache.length == 0 and x.shape[1] % c.block == 0:
             return self._prefill_into(x, cache, step)
         return torch.cat([self._decode_token(x[:, t : t + 1], cache, step) for t in range(x.shape[1])], dim=1)
+
+    def _check_cache(self, cache: ScopeKVCache) -> None:
+        """ScopeInputError unless cache is a ScopeKVCache built for this layer's config (its buffers' layout
+        follows block, the head counts and sizes, and the pointer count)."""
+        if not isinstance(cache, ScopeKVCache):
+            raise ScopeInputError(f"cache must be a ScopeKVCache, got {type(cache).__name__}")
+        if cache.config != self.config:
+            ours, theirs = self.config.to_dict(), cache.config.to_dict()
+            differ = ", ".join(f"{k}={theirs[k]!r} (layer: {ours[k]!r})" for k in ours if ours[k] != theirs[k])
+            raise ScopeInputError(f"cache was built for a different ScopeConfig than this layer's: {differ}")
 
     def _prefill_into(self, x: Tensor, cache: ScopeKVCache, step: int | None) -> Tensor:
         seq_len = x.shape[1]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scope.config import ScopeConfig
+from nsa.validation import check_real
+from scope.config import ScopeConfig, check_step
 from scope.errors import ScopeInputError
 from scope.scope_attention import ScopeAttention, causal_representative_positions, representative_rows
 
@@ -92,8 +93,10 @@ def inclusion_probability(d_star: Tensor, budget_logits: Tensor, t_rep: Tensor, 
     """Differentiable p(kb) [B, H, QB, KB] of each key block being covered by the block's pointers.
 
     d_star, budget_logits [B, H, QB, M] (representative rows) of a sequence's last QB query blocks (all of them
-    when num_blocks, the sequence's KB, is None); t_rep [QB] their representative positions.
+    when num_blocks, the sequence's KB, is None); t_rep [QB] their representative positions. tau: the sigmoid's
+    temperature, a finite number > 0 (ScopeInputError naming it otherwise: 0 or NaN makes p NaN).
     """
+    check_real("tau", tau, error=ScopeInputError, above=0.0)
     num_blocks = d_star.shape[2] if num_blocks is None else num_blocks
     centre = (t_rep.to(d_star.dtype)[:, None] - d_star) / block  # [B, H, QB, M]
     radius = budget * torch.softmax(budget_logits / budget_temp, dim=-1) / 2
@@ -106,7 +109,9 @@ def inclusion_probability(d_star: Tensor, budget_logits: Tensor, t_rep: Tensor, 
 
 
 def teacher_loss(target: Tensor, inclusion: Tensor, budget: int, budget_weight: float = 0.1) -> TeacherLoss:
-    """Coverage cross entropy on rows with teacher mass, plus the expected-budget penalty."""
+    """Coverage cross entropy on rows with teacher mass, plus the expected-budget penalty weighted by budget_weight,
+    a finite number >= 0 (ScopeInputError naming it otherwise)."""
+    check_real("budget_weight", budget_weight, error=ScopeInputError, at_least=0.0)
     has_mass = target.sum(-1) > 0
     coverage_rows = -(target * torch.log(inclusion.clamp_min(1e-6))).sum(-1)
     coverage = (coverage_rows * has_mass).sum() / has_mass.sum().clamp_min(1)
@@ -119,17 +124,23 @@ def teacher_loss(target: Tensor, inclusion: Tensor, budget: int, budget_weight: 
 def layer_teacher_loss(layer: torch.nn.Module, x: Tensor, *, queries: int | None = None, tau: float = 0.5,
                        budget_weight: float = 0.1, step: int | None = None) -> TeacherLoss:
     """The teacher loss of a ScopeAttention layer on x [B, T, hidden] (T % block == 0): the last ``queries`` rows
-    (a multiple of block; None: all T) against their whole causal prefix, so a short segment of queries still
-    teaches pointers as far back as the sequence reaches."""
+    (an int, not a bool, in 1..T and a multiple of block; None: all T) against their whole causal prefix, so a
+    short segment of queries still teaches pointers as far back as the sequence reaches. tau: a finite number
+    > 0; budget_weight: a finite number >= 0; step: None or an int >= 0. ScopeInputError naming the argument
+    otherwise, raised before anything is computed."""
     if not isinstance(layer, ScopeAttention):
         raise ScopeInputError(f"layer must be a ScopeAttention, got {type(layer).__name__}")
+    layer.check_input(x)
+    check_real("tau", tau, error=ScopeInputError, above=0.0)
+    check_real("budget_weight", budget_weight, error=ScopeInputError, at_least=0.0)
+    check_step(step)
     config: ScopeConfig = layer.config
     seq_len = x.shape[1]
     queries = seq_len if queries is None else queries
     if seq_len % config.block != 0:
         raise ScopeInputError(f"teacher segment length T={seq_len} must be a multiple of block={config.block}")
-    if not 0 < queries <= seq_len:
-        raise ScopeInputError(f"teacher queries={queries} must be in 1..T={seq_len}")
+    if isinstance(queries, bool) or not isinstance(queries, int) or not 0 < queries <= seq_len:
+        raise ScopeInputError(f"teacher queries={queries!r} must be None or an int in 1..T={seq_len}")
     num_blocks, query_blocks = seq_len // config.block, queries // config.block
     q, k, _, q_content = layer.project(x, None)
     target = teacher_block_targets(q[:, :, seq_len - queries:], k, block=config.block,

@@ -7,17 +7,23 @@ truthful budget_used, pi entropy, D* histograms in tokens and blocks), each regu
 ``SpectralBias.regularisers`` (raw and weighted), and the teacher fields when a teacher loss is
 given (teacher_coverage, teacher_budget, teacher_target_inclusion). Stats read tensors on the host:
 they are computed only on logging steps, never inside the forward.
+
+Every line is strict JSON (json.dumps(..., allow_nan=False)): a non-finite number (a NaN or infinite
+regulariser, say) is written as null; the record ``log`` returns keeps the float.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from scope.config import ScopeConfig
+from nsa.validation import check_positive_int
+from scope.config import ScopeConfig, check_step
+from scope.errors import ScopeInputError
 from scope.pointer_mask import pointer_stats
 from scope.scope_attention import ScopeAux, representative_rows
 from scope.teacher import TeacherLoss
@@ -25,7 +31,9 @@ from scope.teacher import TeacherLoss
 
 def scope_stats(aux: ScopeAux, config: ScopeConfig, regularisers: dict[str, Tensor] | None = None,
                 teacher: TeacherLoss | None = None) -> dict[str, Any]:
-    """The SCOPE_STATS fields of one forward (see the module docstring)."""
+    """The SCOPE_STATS fields of one forward (see the module docstring). config must be the config of the layer
+    that made aux (ScopeInputError naming the mismatch otherwise: a wrong block would regroup the rows silently)."""
+    _check_aux_matches(aux, config)
     num_blocks = aux.block_d_star.shape[2]
     pi_blocks = representative_rows(aux.coeffs.params.pi, num_blocks, config.block, config.representative)
     stats: dict[str, Any] = pointer_stats(
@@ -41,17 +49,48 @@ def scope_stats(aux: ScopeAux, config: ScopeConfig, regularisers: dict[str, Tens
     return stats
 
 
+def _check_aux_matches(aux: ScopeAux, config: ScopeConfig) -> None:
+    """ScopeInputError unless aux's shapes fit config: heads, pointers, and T = QB * block."""
+    _, heads, num_blocks, pointers = aux.block_d_star.shape
+    seq_len = aux.coeffs.params.pi.shape[2]
+    for name, value, fits in (("num_heads", config.num_heads, heads == config.num_heads),
+                              ("num_pointers", config.num_pointers, pointers == config.num_pointers),
+                              ("block", config.block, seq_len == num_blocks * config.block)):
+        if not fits:
+            raise ScopeInputError(
+                f"config.{name}={value} does not match aux ({heads} heads, {pointers} pointers, {seq_len} tokens "
+                f"in {num_blocks} blocks): pass the config of the layer that made aux"
+            )
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """record as one strict JSON line, its non-finite floats written as null."""
+    return json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
 class ScopeTelemetry:
-    """Append-only JSON-lines writer: RUN_CFG on creation, SCOPE_STATS on every `every`-th step."""
+    """Append-only JSON-lines writer: RUN_CFG on creation, SCOPE_STATS on every `every`-th step.
+
+    every: an int >= 1 (not a bool); steps: ints >= 0. ScopeInputError naming the argument otherwise."""
 
     def __init__(self, path: str | Path, config: ScopeConfig, every: int = 100) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        check_positive_int("every", every, error=ScopeInputError)
         self.path, self.config, self.every = Path(path), config, every
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write({"event": "RUN_CFG", "config": config.to_dict()})
 
     def should_log(self, step: int) -> bool:
+        check_step(step, optional=False)
         return step % self.every == 0
 
     def log(self, step: int, aux: ScopeAux, regularisers: dict[str, Tensor] | None = None,
@@ -64,4 +103,4 @@ class ScopeTelemetry:
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:  # one line per write: nothing lost on a crash
-            handle.write(json.dumps(record) + "\n")
+            handle.write(_json_line(record))

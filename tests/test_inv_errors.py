@@ -22,12 +22,15 @@ from nsa import (
     compress_mean_pool,
     compressed_attention,
     group_reduce,
+    load_nsa_config,
     map_cmp_to_sel,
     naive_compressed_attention,
     naive_nsa_attention,
     naive_selected_attention,
     naive_sliding_window_attention,
     nsa_attention,
+    num_compressed_blocks,
+    num_selection_blocks,
     select_blocks,
     selected_attention,
     sliding_window_attention,
@@ -491,7 +494,7 @@ def test_module_dtype_must_match_parameters():
     m = NSAAttention(NSAConfig(**TINY))
     with pytest.raises(NSAInputError, match=r"x has dtype torch.float64 .*parameters have dtype torch.float32"):
         m(torch.randn(1, 5, 12, dtype=torch.float64))
-    with pytest.raises(NSAInputError, match=r"x has dtype torch.int64"):
+    with pytest.raises(NSAInputError, match=r"x must be a floating tensor .*got torch.int64"):
         m(torch.zeros(1, 5, 12, dtype=torch.int64))
 
 
@@ -534,3 +537,174 @@ def test_cache_sizes_are_positive_ints():
     for kw in ({"batch_size": 0, "capacity": 8}, {"batch_size": 1, "capacity": -1}, {"batch_size": 1, "capacity": 2.0}):
         with pytest.raises(NSAInputError, match=names(*kw)):
             NSAKVCache(NSAConfig(**TINY), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# apply_rope's arguments: theta, positions (dtype, shape, batch, device, finite) and x's dtype
+
+ROPE_X = randn(B, T, HKV, DK, seed=1)
+ROPE_CASES = [
+    *((f"theta={v}", {"theta": v}, names("theta")) for v in (math.nan, 0.0, -1.0, math.inf, 1e39, 1e-300)),
+    ("theta_with_positions", {"theta": 0.0, "positions": torch.arange(T)}, names("theta")),
+    ("positions_batch_3_of_1", {"positions": torch.arange(T)[None].expand(3, -1)}, names("positions")),
+    ("positions_length", {"positions": torch.arange(T + 1)}, names("positions")),
+    ("positions_nan", {"positions": torch.full((T,), math.nan)}, names("positions")),
+    ("positions_inf", {"positions": torch.arange(T, dtype=torch.float64).index_fill(0, torch.tensor([4]), math.inf)},
+     names("positions")),
+    ("positions_bool", {"positions": torch.ones(T, dtype=torch.bool)}, names("positions")),
+    ("positions_meta", {"positions": torch.arange(T, device=META)}, names("positions", "x")),
+    ("positions_list", {"positions": list(range(T))}, names("positions")),
+    ("offset_overflows_float32", {"offset": 1e300}, names("offset")),
+    ("x_int64", {"x": torch.arange(B * T * HKV * DK).view(B, T, HKV, DK)}, names("x")),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "pattern"), ROPE_CASES, ids=[c[0] for c in ROPE_CASES])
+def test_rope_argument_rules(case, change, pattern):
+    """Each used to return NaN, a wrong batch or a truncated int tensor without an error."""
+    args = {"x": ROPE_X, "positions": None, **change}
+    with pytest.raises(NSAInputError, match=pattern):
+        apply_rope(args.pop("x"), args.pop("positions"), **args)
+
+
+def test_rope_valid_edges_pass():
+    """Positions of batch 1 broadcast over B; finite float and int32 positions are valid; theta tiny but
+    nonzero in float32 is valid."""
+    x = randn(2, T, HKV, DK, seed=2)
+    positions = torch.arange(T)
+    assert torch.equal(apply_rope(x, positions[None]), apply_rope(x, positions))
+    assert torch.equal(apply_rope(x, positions.to(torch.int32)), apply_rope(x, positions))
+    assert apply_rope(x, positions.to(torch.float64) + 0.5).isfinite().all()
+    assert apply_rope(x, None, 1e-3).isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite settings that overflow (or underflow to 0) in float32 made every output NaN
+
+
+def test_check_real_float32_bounds():
+    f32_max, f32_tiny = torch.finfo(torch.float32).max, 2.0**-149  # the largest float32, the smallest subnormal
+    assert check_real("x", f32_max, float32=True) == f32_max
+    assert check_real("x", -f32_tiny, float32=True) == -f32_tiny  # no lower bound: a 0 would be allowed anyway
+    assert check_real("x", f32_tiny, above=0.0, float32=True) == f32_tiny
+    assert check_real("x", 1e39) == 1e39  # float32 is opt-in
+    for value in (float.fromhex("0x1.ffffffp+127"), -1e39, 1e300):  # the first rounds to inf in float32
+        with pytest.raises(NSAConfigError, match=names("x") + ".*float32"):
+            check_real("x", value, error=NSAConfigError, float32=True)
+    for value in (2.0**-150, 1e-300):  # both round to 0 in float32
+        with pytest.raises(NSAInputError, match=names("x") + ".*float32"):
+            check_real("x", value, above=0.0, float32=True)
+
+
+@pytest.mark.parametrize(("field", "value"), [("scale", 1e39), ("scale", 1e300), ("scale", 1e-300),
+                                              ("rope_theta", 1e-300), ("rope_theta", 1e39)])
+def test_config_float_settings_fit_float32(field, value):
+    with pytest.raises(NSAConfigError, match=names(field) + ".*float32"):
+        NSAConfig(**{**TINY, field: value})
+
+
+@pytest.mark.parametrize("value", [1e300, 1e-300], ids=str)
+@pytest.mark.parametrize("op", [*FUNCTIONAL_OPS, "nsa_attention_triton"])
+def test_functional_scale_fits_float32(op, value):
+    """Checked before the backend is chosen, so the Triton path refuses it too."""
+    call = FUNCTIONAL_OPS.get(op, lambda x, **kw: call_nsa(x, backend="triton", **kw))
+    with pytest.raises(NSAInputError, match=names("scale") + ".*float32"):
+        call(base(), scale=value)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_nsa_config: keys beside [nsa] were ignored; nsa = 3 raised a plain TypeError
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    ("window_size = 3\n[nsa]\nhidden_size = 32\n", names("window_size") + ".*nsa"),
+    ("nsa = 3\n", names("nsa") + ".*table"),
+], ids=["stray_top_level_key", "nsa_not_a_table"])
+def test_load_nsa_config_file_layout(tmp_path, text, pattern):
+    path = tmp_path / "nsa.toml"
+    path.write_text(text)
+    with pytest.raises(NSAConfigError, match=pattern):
+        load_nsa_config(path)
+
+
+def test_load_nsa_config_either_layout_loads(tmp_path):
+    for text in ("window_size = 3\n", "[nsa]\nwindow_size = 3\n"):
+        (tmp_path / "nsa.toml").write_text(text)
+        assert load_nsa_config(tmp_path / "nsa.toml") == NSAConfig(window_size=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public selection functions and block counts: sizes, counts and positions
+
+
+SCORES = torch.rand(B, 2 * LP, HKV, 2, dtype=torch.float64)  # T = 8 tokens in N = 2 blocks of l' = 4
+SELECTION_CASES = [
+    ("map_num_sel_blocks_negative", lambda: map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 16, 8, 16, -1),
+     names("num_sel_blocks")),
+    ("map_num_sel_blocks_float", lambda: map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 4, 2, 4, 2.0),
+     names("num_sel_blocks")),
+    ("map_p_cmp_int", lambda: map_cmp_to_sel(torch.ones(2, 3, dtype=torch.int64), 4, 2, 4, 2), names("p_cmp")),
+    ("topn_positions_past_blocks", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP) + 200),
+     names("positions")),
+    ("topn_positions_one_past", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP) + 1),
+     names("positions")),
+    ("topn_positions_negative", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP) - 1),
+     names("positions")),
+    ("topn_positions_float", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP, dtype=torch.float64)),
+     names("positions")),
+    ("topn_positions_bool", lambda: topn_blocks(SCORES, LP, N, positions=torch.ones(2 * LP, dtype=torch.bool)),
+     names("positions")),
+    ("topn_positions_length", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP - 1)),
+     names("positions")),
+    ("topn_positions_batch", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP).expand(2, -1)),
+     names("positions")),
+    ("topn_positions_meta", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP, device=META)),
+     names("positions")),
+    *((f"group_reduce_num_kv_heads={v}", lambda v=v: group_reduce(torch.rand(1, T, HQ, 3, dtype=torch.float64), v),
+       names("num_kv_heads")) for v in (0, -2, 2.0)),
+    *((f"num_compressed_blocks{args}", lambda args=args: num_compressed_blocks(*args), names(name))
+      for args, name in (((10, 4, 0), "block_stride"), ((10, 0, 2), "block_size"), ((10, -4, 2), "block_size"),
+                         ((-1, 4, 2), "seq_len"), ((10.0, 4, 2), "seq_len"), ((math.nan, 4, 2), "seq_len"),
+                         ((True, 4, 2), "seq_len"), ((10, 4, 2.0), "block_stride"), ((10, 4, True), "block_stride"))),
+    *((f"num_selection_blocks{args}", lambda args=args: num_selection_blocks(*args), names(name))
+      for args, name in (((10, 0), "sel_block_size"), ((10, -4), "sel_block_size"), ((-1, 4), "seq_len"),
+                         ((10.5, 4), "seq_len"), ((math.nan, 4), "seq_len"), ((10, True), "sel_block_size"))),
+]
+
+
+@pytest.mark.parametrize(("case", "fn", "pattern"), SELECTION_CASES, ids=[c[0] for c in SELECTION_CASES])
+def test_selection_and_count_arguments(case, fn, pattern):
+    with pytest.raises(NSAInputError, match=pattern):
+        fn()
+
+
+def test_selection_and_count_edges_pass():
+    """The last position of the last block, batch-1 and int32 positions, zero counts."""
+    last = torch.arange(2 * LP)
+    assert torch.equal(topn_blocks(SCORES, LP, N, positions=last[None].to(torch.int32)), topn_blocks(SCORES, LP, N))
+    assert map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 4, 2, 4, 0).shape == (2, 0)
+    assert (num_compressed_blocks(0, 4, 2), num_selection_blocks(0, 4), num_selection_blocks(9, 4)) == (0, 0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# CompressPool's sizes: hidden=0 fell back to 2 * head_dim, zero / non-dividing sizes were accepted
+
+POOL_CASES = [
+    ({"hidden": 0}, "hidden"), ({"hidden": -3}, "hidden"), ({"hidden": 4.0}, "hidden"),
+    ({"head_dim": 0}, "head_dim"), ({"head_dim": -4}, "head_dim"),
+    ({"block_size": 0}, "block_size"), ({"block_size": -16}, "block_size"),
+    ({"block_stride": 0}, "block_stride"), ({"block_stride": -8}, "block_stride"),
+    ({"block_stride": 5}, "block_stride"),  # does not divide block_size 16
+]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mean"])
+@pytest.mark.parametrize(("change", "name"), POOL_CASES, ids=[str(c[0]) for c in POOL_CASES])
+def test_compress_pool_sizes(change, name, kind):
+    with pytest.raises(NSAInputError, match=names(name)):
+        CompressPool(**{"head_dim": 4, "block_size": 16, "block_stride": 8, "kind": kind, **change})
+
+
+def test_compress_pool_hidden_none_is_twice_head_dim():
+    assert CompressPool(4, 16, 8).mlp[0].out_features == 8
+    assert CompressPool(4, 16, 8, hidden=3).mlp[0].out_features == 3

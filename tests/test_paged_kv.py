@@ -268,3 +268,21 @@ def test_paged_custom_op_passes_opcheck() -> None:
             cache.k_win, cache.v_win, *layer.sizes, 0.25, cache.page_table)
     torch.library.opcheck(torch.ops.nsa.decode_attention_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("page_size", [None, PAGE])
+def test_appends_under_autocast_store_in_the_cache_dtype(page_size: int | None) -> None:
+    """Under torch.autocast the projections come out in bfloat16 while the cache keeps the layer's float32: the
+    append stores them in the cache's dtype (a bf16 write into it used to fail after a page was already mapped).
+    A prompt, a decode step and a chunk, contiguous and paged, against the float32 forward of the same tokens
+    without autocast: within 1e-2 of its largest value, a few bf16 roundings (2^-8 relative each) of the
+    projections and the autocast matmuls."""
+    layer = _layer("torch", torch.float32)
+    streams = randn(2, 22, HIDDEN, seed=3).float()
+    cache = layer.new_cache(2, CAPACITY, page_size=page_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.cat([layer(streams[:, a:b], cache=cache) for a, b in ((0, 16), (16, 17), (17, 22))], dim=1)
+    want = layer(streams)
+    assert got.dtype == torch.bfloat16 and cache.k_sel.dtype == torch.float32
+    assert cache.lengths == [22, 22]
+    assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()

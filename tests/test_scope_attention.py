@@ -14,9 +14,9 @@ from reference import ref_rope
 
 from bench.scope_pointer_toy import PERIOD, periodic_retrieval_layer_and_input, train_pointers
 from scope import ScopeConfig, ScopeInputError
-from scope.scope_attention import ScopeAttention
+from scope.scope_attention import ScopeAttention, ScopeAux, ScopeKVCache
 from scope.teacher import inclusion_probability, layer_teacher_loss, teacher_block_targets, teacher_loss
-from scope.telemetry import ScopeTelemetry
+from scope.telemetry import ScopeTelemetry, scope_stats
 
 F64 = torch.float64
 
@@ -308,3 +308,165 @@ def test_inclusion_and_teacher_loss_equal_a_float64_loop_over_blocks() -> None:
     assert float(loss.coverage) == pytest.approx(coverage, rel=1e-12)
     assert float(loss.budget) == pytest.approx(budget_term, rel=1e-12)
     assert float(loss.total) == pytest.approx(coverage + 0.25 * budget_term, rel=1e-12)
+
+
+# ---- rejected calls: typed errors naming the argument, and no state changed -----------------------------
+
+
+def filled_cache(config: ScopeConfig, capacity: int = 40) -> ScopeKVCache:
+    """A cache of config's layer holding 17 tokens (a prefill of 16, then one decode step: block lists kept)."""
+    layer = make_layer(config, seed=3)
+    cache = layer.new_cache(2, capacity)
+    with torch.no_grad():
+        layer(torch.randn(2, 16, 32, dtype=F64, generator=torch.Generator().manual_seed(11)), cache=cache)
+        layer(torch.randn(2, 1, 32, dtype=F64, generator=torch.Generator().manual_seed(12)), cache=cache)
+    return cache
+
+
+def cache_state(cache: ScopeKVCache) -> tuple:
+    lists = None if cache._block_lists is None else (cache._block_lists[0], cache._block_lists[1].clone())
+    return (cache.k.clone(), cache.v.clone(), cache.d_star.clone(), cache.budget_logits.clone(), cache.length, lists)
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    *tensors, length, lists = before
+    *now, now_length, now_lists = after
+    assert all(torch.equal(a, b) for a, b in zip(tensors, now, strict=True)) and length == now_length
+    assert (lists is None) == (now_lists is None)
+    if lists is not None:
+        assert lists[0] == now_lists[0] and torch.equal(lists[1], now_lists[1])
+
+
+@pytest.mark.parametrize(
+    ("cache_overrides", "tokens", "kwargs", "match"),
+    [
+        ({}, 1, {"step": -1}, "step must be"),
+        ({}, 1, {"step": 1.5}, "step must be"),
+        ({}, 3, {"step": True}, "step must be"),
+        ({"block": 16}, 1, {}, r"block=16 \(layer: 8\)"),  # the cache's layout is another layer's
+        ({"num_heads": 2, "num_kv_heads": 1}, 1, {}, r"num_kv_heads=1 \(layer: 2\)"),
+        ({}, 30, {}, "capacity"),
+    ],
+)
+def test_a_rejected_decode_changes_no_state(cache_overrides: dict, tokens: int, kwargs: dict, match: str) -> None:
+    layer = make_layer(small_config())
+    cache = filled_cache(small_config(**cache_overrides))
+    before = cache_state(cache)
+    with pytest.raises(ScopeInputError, match=match), torch.no_grad():
+        layer(torch.randn(2, tokens, 32, dtype=F64), cache=cache, **kwargs)
+    assert_same_state(before, cache_state(cache))
+
+
+@pytest.mark.parametrize("filled", [True, False])
+def test_an_empty_append_returns_nothing_and_changes_no_state(filled: bool) -> None:
+    """As NSAAttention: T = 0 is a valid append (y [B, 0, hidden]), checked like any other."""
+    layer = make_layer(small_config())
+    cache = filled_cache(layer.config) if filled else layer.new_cache(2, 40)
+    before = cache_state(cache)
+    with torch.no_grad():
+        y = layer(torch.randn(2, 0, 32, dtype=F64), cache=cache)
+        with pytest.raises(ScopeInputError, match="step"):
+            layer(torch.randn(2, 0, 32, dtype=F64), cache=cache, step=-1)
+    assert y.shape == (2, 0, 32) and y.dtype == F64
+    assert_same_state(before, cache_state(cache))
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.randn(1, 16, 32), "x has dtype torch.float32 but the layer's parameters have dtype torch.float64"),
+        (torch.ones(1, 16, 32, dtype=torch.long), "x must be a floating tensor"),
+        ([[0.0] * 32] * 16, r"x must be \[B, T, hidden_size=32\], got list"),
+        (torch.randn(1, 16, 32, dtype=F64, device="meta"), "x is on meta"),
+    ],
+)
+def test_forward_checks_x_type_dtype_and_device(x, match: str) -> None:
+    layer = make_layer(small_config())
+    with pytest.raises(ScopeInputError, match=match):
+        layer(x)
+    cache = filled_cache(layer.config)
+    before = cache_state(cache)
+    with pytest.raises(ScopeInputError, match=match):
+        layer(x, cache=cache)
+    assert_same_state(before, cache_state(cache))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((math.nan, 8), {}, "batch_size must be a positive int"),
+        ((1.5, 8), {}, "batch_size must be a positive int"),
+        ((True, 8), {}, "batch_size must be a positive int"),
+        ((1, True), {}, "capacity must be a positive int"),
+        ((1, 0), {}, "capacity must be a positive int"),
+        ((1, 8), {"device": "gpu"}, "device='gpu' is not a torch device"),
+        ((1, 8), {"dtype": torch.int64}, "dtype must be one of"),
+        ((1, 8), {"dtype": "float32"}, "dtype must be one of"),
+    ],
+)
+def test_cache_constructor_names_the_argument(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(ScopeInputError, match=match):
+        ScopeKVCache(small_config(), *args, **kwargs)
+
+
+def test_cache_constructor_rejects_a_missing_device_and_a_dict_config() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ScopeInputError, match="device='cuda': this torch build or machine has no cuda"):
+            ScopeKVCache(small_config(), 1, 8, device="cuda")
+    with pytest.raises(ScopeInputError, match="config must be a ScopeConfig, got dict"):
+        ScopeKVCache(small_config().to_dict(), 1, 8)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tau": math.nan}, "tau must be a finite number"),
+        ({"tau": 0.0}, "tau must be > 0"),
+        ({"tau": -1.0}, "tau must be > 0"),
+        ({"budget_weight": math.nan}, "budget_weight must be a finite number"),
+        ({"budget_weight": math.inf}, "budget_weight must be a finite number"),
+        ({"budget_weight": -1.0}, "budget_weight must be >= 0"),
+        ({"queries": True}, "queries=True must be None or an int"),
+        ({"queries": 16.0}, "queries=16.0 must be None or an int"),
+        ({"step": -1}, "step must be"),
+    ],
+)
+def test_layer_teacher_loss_names_the_argument(kwargs: dict, match: str) -> None:
+    layer = make_layer(small_config())
+    with pytest.raises(ScopeInputError, match=match):
+        layer_teacher_loss(layer, torch.randn(1, 16, 32, dtype=F64), **kwargs)
+
+
+def small_aux() -> tuple[ScopeAttention, ScopeAux]:
+    layer = make_layer(small_config())
+    with torch.no_grad():
+        _, aux = layer(torch.randn(1, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(13)),
+                       return_aux=True)
+    return layer, aux
+
+
+@pytest.mark.parametrize("every", [1.5, math.nan, True, 0, "5", None])
+def test_telemetry_every_must_be_a_positive_int(tmp_path: Path, every) -> None:
+    with pytest.raises(ScopeInputError, match="every must be a positive int"):
+        ScopeTelemetry(tmp_path / "scope.jsonl", small_config(), every=every)
+
+
+def test_telemetry_steps_json_and_config_are_checked(tmp_path: Path) -> None:
+    layer, aux = small_aux()
+    telemetry = ScopeTelemetry(tmp_path / "scope.jsonl", layer.config, every=1)
+    for step in (-1, 1.5, None):
+        with pytest.raises(ScopeInputError, match="step must be a non-negative int"):
+            telemetry.log(step, aux)  # type: ignore[arg-type]
+    record = telemetry.log(3, aux, {"hf": torch.tensor(math.nan)})
+    assert record is not None and math.isnan(record["reg_hf"])
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"invalid JSON constant {name}")
+
+    lines = [json.loads(line, parse_constant=no_constants)
+             for line in (tmp_path / "scope.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and lines[1]["reg_hf"] is None and lines[1]["step"] == 3
+    for overrides, field in (({"block": 4}, "block"), ({"num_heads": 2, "num_kv_heads": 1}, "num_heads"),
+                             ({"num_pointers": 3}, "num_pointers")):
+        with pytest.raises(ScopeInputError, match=f"config.{field}="):
+            scope_stats(aux, small_config(**overrides))

@@ -65,3 +65,18 @@ def test_public_modules_exist() -> None:
 
     for name in nsa.PUBLIC_MODULES:
         importlib.import_module(name)
+
+
+def test_public_names_are_not_shadowed_by_submodules() -> None:
+    """A submodule named like a public function (scope.scope_attention, nsa.nsa_attention) rebinds the package's
+    attribute to the module when it is imported; every name the packages export must still be what they document."""
+    import types
+
+    import scope
+    import scope.functional
+
+    for package in (nsa, scope):
+        modules = [name for name in package.__all__ if isinstance(getattr(package, name), types.ModuleType)]
+        assert not modules, f"{package.__name__} exports modules in place of its objects: {modules}"
+    assert scope.scope_attention is scope.functional.scope_attention
+    assert nsa.nsa_attention is nsa.functional.nsa_attention

@@ -551,6 +551,31 @@ def test_config_from_dict_and_qk_aug_rules():
     assert cfg.delta_max == 4096.0 and ScopeConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize(("field", "value"), [("rope_theta", 1e-300), ("beta", 1e300), ("beta", -1e300),
+                                              ("delta_max", 1e300), ("l_max", 1e300), ("min_period", 1e-300)])
+def test_config_rejects_values_float32_cannot_hold(field, value):
+    """Finite in float64 but infinite (or 0 where 0 is invalid) in float32: every output would be NaN."""
+    with pytest.raises(ScopeConfigError, match=f"{field}=.* (overflows to inf|underflows to 0) in float32"):
+        ScopeConfig(**{field: value})
+    assert ScopeConfig(beta=1e-300).beta == 1e-300  # beta may be 0: underflowing to it is no error
+
+
+def test_load_scope_config_rejects_stray_top_level_keys_and_a_non_table(tmp_path):
+    from scope import load_scope_config
+
+    path = tmp_path / "scope.toml"
+    path.write_text("window = 3\nbudget = 5\n[scope]\nnum_pointers = 2\n")
+    with pytest.raises(ScopeConfigError, match=r"\['budget', 'window'\]"):
+        load_scope_config(path)
+    path.write_text("scope = 3\n")
+    with pytest.raises(ScopeConfigError, match=r"scope must be a table \(\[scope\]\)"):
+        load_scope_config(path)
+    path.write_text("[scope]\nnum_pointers = 2\n")
+    assert load_scope_config(path).num_pointers == 2
+    path.write_text("num_pointers = 3\n")
+    assert load_scope_config(path).num_pointers == 3
+
+
 def test_input_errors():
     model = make_model()
     q, k, v = qkv(model.config, 8, seed=110)
