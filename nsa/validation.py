@@ -2,8 +2,9 @@
 
 Shape checks cost no host sync; only `check_block_indices` reads tensor values here (one sync), and
 the internal paths that build indices themselves skip it. Outside this module two public ops read values
-too, never on the library's own hot paths: `topn_blocks` given positions (the chunk step calls `_topn`) and
-`apply_rope` given float positions on the CPU. The scalar checks (`check_positive_int`,
+too: `topn_blocks` given positions (one sync; the library's chunk step calls `_topn`, which reads nothing) and
+`apply_rope` given float positions, only on the CPU (no device sync; the layer's compressed-key rotation
+passes such positions, so CPU runs pay one small reduction per call). The scalar checks (`check_positive_int`,
 `check_nonnegative_int`, `check_real`, `parse_device`, `check_device`) take the error class to raise, so
 configuration code (NSAConfig, the training config, ScopeConfig) shares them and raises its own config error.
 """
