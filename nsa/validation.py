@@ -32,7 +32,7 @@ def check_positive_int(name: str, value: int, *, error: type[Exception] = NSAInp
         raise error(f"{name} must be a positive int, got {value!r}")
 
 
-def check_nonnegative_int(name: str, value: int, *, error: type[Exception] = NSAInputError) -> None:
+def check_nonnegative_int(name: str, value: object, *, error: type[Exception] = NSAInputError) -> None:
     """An int >= 0 (a count or a length). A torch.SymInt passes too: sizes read from tensor shapes are
     SymInts while torch.compile traces with dynamic shapes."""
     if isinstance(value, bool) or not isinstance(value, int | torch.SymInt) or value < 0:

@@ -20,9 +20,10 @@ their columns and padding rows are zero. Without a cache, ``position_ids`` only 
 row's first real token starts a new one (transformers' packed format); NSA runs them as ``cu_seqlens`` (batch size
 1), SCOPE as documents (``doc_ids``; its blocks stay aligned to the row). Otherwise position_ids must rise by one
 from real token to real token (transformers' default arange, left padding included, and generate's
-cumsum positions do) or a typed error names the rule. With a cache, positions come from the cache. Reading the
-mask, the positions and a ragged batch's lengths costs one host synchronisation per layer call (the project's caches
-take lengths as host integers).
+cumsum positions do) or a typed error names the rule. With a cache, positions come from the cache: position_ids
+are only checked (rising by one, no packed sequence). position_ids are integers [B | 1, C]. Reading the mask, the
+positions and a ragged batch's lengths costs one host synchronisation per layer call (the project's caches take
+lengths as host integers).
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ class Layout(NamedTuple):
         they are 0 and must count up by one; None: one sequence per row), read on the host once."""
         if mask is None and position_ids is None:
             return Layout(None, None, None, [length] * batch)
+        if position_ids is not None and (not isinstance(position_ids, Tensor) or position_ids.is_floating_point()
+                                         or position_ids.is_complex() or position_ids.dtype == torch.bool
+                                         or position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch)
+                                         or position_ids.shape[1] != length):
+            got = (f"{position_ids.dtype} {tuple(position_ids.shape)}" if isinstance(position_ids, Tensor)
+                   else type(position_ids).__name__)
+            raise error(f"position_ids must be an integer tensor [B | 1, C] = [{batch} | 1, {length}], got {got}")
         given = mask if mask is not None else position_ids
         assert given is not None
         device = given.device
@@ -113,21 +121,37 @@ class SparseSelfAttention(nn.Module, ABC):
 
     def forward(self, hidden_states: Tensor, position_embeddings: Any = None, attention_mask: Tensor | None = None,
                 cache: Cache | None = None, **kwargs: Any) -> tuple[Tensor, None]:
-        """hidden_states [B, C, hidden] -> (out [B, C, hidden], None). See the module docstring."""
+        """hidden_states [B, C, hidden] -> (out [B, C, hidden], None). See the module docstring. Every argument is
+        checked before the cache is touched: a rejected call leaves it as it was."""
         cache = cache if cache is not None else kwargs.get("past_key_values")  # its name before transformers renamed it
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
-            raise self.error(f"the swapped {self.kind} layer got an attention mask of shape "
-                             f"{tuple(attention_mask.shape)}: it needs attn_implementation={self.kind!r} (which "
-                             "passes the padding mask) and takes no custom 4D masks")
+        getattr(self, self.kind).check_input(hidden_states)
         batch, length, _ = hidden_states.shape
+        self.check_mask(attention_mask, batch, length)
+        position_ids = kwargs.get("position_ids")
         if cache is None:
-            layout = Layout.of(attention_mask, kwargs.get("position_ids"), batch, length, self.error)
+            layout = Layout.of(attention_mask, position_ids, batch, length, self.error)
             return layout.restore(self.prefill(layout.compact(hidden_states), layout)), None
-        layout = Layout.of(attention_mask, None, batch, length, self.error)
+        layout = Layout.of(attention_mask, position_ids, batch, length, self.error)
+        if layout.starts is not None:
+            raise self.error("position_ids restart at 0 inside the chunk (packed sequences): a cache holds one "
+                             "sequence per row")
         state = layer_cache(cache, self.layer_idx, self.cache_layer_class)
         out = layout.restore(self.append(layout.compact(hidden_states), layout, state))
         state.seen_tokens += length
         return out, None
+
+    def check_mask(self, attention_mask: Tensor | None, batch: int, length: int) -> None:
+        """The layer's error unless attention_mask is None or bool [B, C] (what attn_implementation=kind passes)."""
+        if attention_mask is None:
+            return
+        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise self.error(f"the swapped {self.kind} layer got an attention mask of shape {got}: it needs "
+                             f"attn_implementation={self.kind!r} (which passes the padding mask) and takes no custom "
+                             "4D masks")
+        if tuple(attention_mask.shape) != (batch, length):
+            raise self.error(f"attention_mask must be bool [B, C] = {(batch, length)} (the current columns' padding "
+                             f"mask), got {tuple(attention_mask.shape)}")
 
     @abstractmethod
     def prefill(self, x: Tensor, layout: Layout) -> Tensor:

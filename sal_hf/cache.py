@@ -194,15 +194,27 @@ class SparseAttentionCache(Cache):
     def __init__(self, model: nn.Module) -> None:
         from sal_hf.swap import swapped_layers  # the swap module imports this one
 
+        if not isinstance(model, nn.Module):
+            raise NSAInputError(f"model must be a swapped transformers model, got {type(model).__name__}")
         layers: list[Any] = [module.cache_layer_class() for module in swapped_layers(model)]
         if not layers:
             raise NSAInputError("the model has no swapped attention layer (sal_hf.swap_attention)")
         super().__init__(layers=layers)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Never valid: only a dense attention layer stores keys and values this way (any layer index)."""
+        layer = self.layers[0]
+        assert isinstance(layer, SparseCacheLayer)
+        return layer.update(key_states, value_states)  # raises the layer's typed error
+
 
 def layer_cache(cache: Cache, layer_idx: int, layer_class: type[SparseCacheLayer]) -> SparseCacheLayer:
     """The SparseCacheLayer of layer `layer_idx` in `cache`, put in place of an untouched dense layer (or appended
     to a cache that grows its layer list lazily) at the first use."""
+    if not isinstance(cache, Cache):
+        raise layer_class.error(f"cache must be a transformers Cache (e.g. sal_hf.SparseAttentionCache), got "
+                                f"{type(cache).__name__}")
     layers = cache.layers
     if layer_idx == len(layers):
         layers.append(layer_class())

@@ -12,7 +12,7 @@ from typing import Any
 
 from nsa.config import read_config_table, reject_unknown_keys
 from nsa.dispatch import SCOPE_ATTENTION_BACKENDS
-from nsa.validation import check_real
+from nsa.validation import check_nonnegative_int, check_real
 from scope.errors import ScopeConfigError, ScopeInputError
 
 GATE_KINDS = ("none", "softplus", "relu")
@@ -186,8 +186,7 @@ def check_step(step: object, *, optional: bool = True) -> None:
     """ScopeInputError naming step unless it is an int >= 0 (not a bool), or None when optional."""
     if step is None and optional:
         return
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ScopeInputError(f"step must be a non-negative int{' or None' if optional else ''}, got {step!r}")
+    check_nonnegative_int("step", step, error=ScopeInputError)
 
 
 def load_scope_config(path: str | Path) -> ScopeConfig:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nsa.dispatch import accumulation_dtype
+from nsa.validation import check_nonnegative_int, check_real
 from scope.config import ScopeConfig
 from scope.errors import ScopeConfigError, ScopeInputError
 from scope.pointer_mask import ScoreMod
@@ -306,11 +307,9 @@ def qk_augment(
             f"coeffs.A / coeffs.B must be [B, H, T, K]={(bsz, heads, t_q, num_freqs)}, "
             f"got {tuple(coeffs.A.shape)} / {tuple(coeffs.B.shape)}"
         )
-    if not (isinstance(scale, int | float) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
-        raise ScopeInputError(f"scale must be a finite number > 0, got {scale!r}")
+    check_real("scale", scale, error=ScopeInputError, above=0.0, float32=True)
     for name, start, length in (("q_start", q_start, t_q), ("kv_start", kv_start, s_k)):
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ScopeInputError(f"{name} must be a non-negative int, got {start!r}")
+        check_nonnegative_int(name, start, error=ScopeInputError)
         if start + length > _MAX_POSITION:
             raise ScopeInputError(
                 f"{name} + length = {start + length} must be <= 2^24 (qk_aug position range)"

@@ -18,6 +18,7 @@ no norm between) uses TOL64.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
@@ -30,7 +31,22 @@ import pytest
 import torch
 from conftest import F64, TOL64
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    DynamicCache,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import sal_hf
 import sal_hf.cache
@@ -41,6 +57,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 LOGITS = {"rtol": 1e-6, "atol": 1e-6}
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+# sal_hf.swap.SUPPORTED_MODEL_TYPES: the conversion test runs every family; the rest run the two above
+ALL_FAMILIES = {**FAMILIES, "mistral": (MistralConfig, MistralForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM)}
+FAMILY_SETTINGS: dict[str, dict[str, Any]] = {"mistral": {"sliding_window": None}, "gemma": {"head_dim": 8}}
 # Small blocks so that 10-40 tokens exercise every branch: NSA sees compressed blocks after 4 tokens, selects 3 of
 # up to 10 blocks, windows 6 keys; SCOPE's pointer mask reads 1 local + 1 global + 1 budget block of 4 tokens.
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -60,12 +79,13 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def dense_model(family: str, seed: int = 0) -> PreTrainedModel:
-    """A 2-layer float64 model: hidden 32, 4 query heads in 2 kv groups, head dim 8 (Qwen2: q/k/v biases)."""
-    config_class, model_class = FAMILIES[family]
+def dense_model(family: str, seed: int = 0, **settings: Any) -> PreTrainedModel:
+    """A 2-layer float64 model: hidden 32, 4 query heads in 2 kv groups, head dim 8 (Qwen2: q/k/v biases);
+    `settings`: more config fields."""
+    config_class, model_class = ALL_FAMILIES[family]
     config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
-                          bos_token_id=None, eos_token_id=None)
+                          bos_token_id=None, eos_token_id=None, **{**FAMILY_SETTINGS.get(family, {}), **settings})
     torch.manual_seed(seed)
     model = model_class(config).to(F64).eval()
     if family == "qwen2":  # transformers initialises biases to zero: make them matter
@@ -109,7 +129,7 @@ def project_layer(module: sal_hf.SparseSelfAttention) -> nn.Module:
 # forward
 
 
-@pytest.mark.parametrize("kind, family", KINDS_FAMILIES)
+@pytest.mark.parametrize("kind, family", [(kind, family) for kind in OVERRIDES for family in ALL_FAMILIES])
 def test_converted_model_equals_dense_where_the_layer_reads_every_key(kind: str, family: str) -> None:
     """12 tokens. NSA: blocks of 16 are never complete (the compression branch reads nothing), the 3 selection blocks
     of 4 and the 12-token window cover every prefix, gates 0.5 + 0.5: the dense layer. SCOPE: 3 local blocks cover
@@ -330,6 +350,176 @@ def test_unsupported_inputs_raise_typed_errors() -> None:
     cache = sal_hf.SparseAttentionCache(nsa_model)
     with pytest.raises(NSAInputError, match="dense attention layer"):
         cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 0)
+
+
+def model_state(model: PreTrainedModel) -> tuple:
+    """What a rejected swap must leave as it was: each layer's attention module, the parameters, the config's
+    swap entry and attention implementation."""
+    return ([id(layer.self_attn) for layer in model.model.layers],
+            {name: p.clone() for name, p in model.state_dict().items()},
+            getattr(model.config, sal_hf.SPEC_KEY, None), model.config._attn_implementation)
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0] and before[2:] == after[2:]
+    assert before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[1][name], after[1][name]) for name in before[1])
+
+
+def _scaled(model: PreTrainedModel) -> None:
+    model.model.layers[1].self_attn.scaling = 0.5
+
+
+def _normed(model: PreTrainedModel) -> None:
+    model.model.layers[1].self_attn.register_parameter("q_norm", nn.Parameter(torch.ones(8, dtype=F64)))
+
+
+def _pruned(model: PreTrainedModel) -> None:
+    model.model.layers[1].self_attn.k_proj = nn.Linear(32, 8, bias=False, dtype=F64)
+
+
+def _biased(model: PreTrainedModel) -> None:
+    model.model.layers[1].self_attn.q_proj.bias = nn.Parameter(torch.zeros(32, dtype=F64))
+
+
+def _saved_swapped(model: PreTrainedModel) -> None:
+    setattr(model.config, sal_hf.SPEC_KEY, {"kind": "nsa"})
+
+
+def _per_layer_rope(model: PreTrainedModel) -> None:
+    model.config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+
+
+# (what makes the dense model one the swap would change, the error's words); each layer of the model is checked
+REJECTED_MODELS: dict[str, tuple[Any, str]] = {
+    "qwen3 (q_norm / k_norm)": (lambda: Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)).to(F64), "model_type 'qwen3'"),
+    "granite (attention_multiplier)": (lambda: GraniteForCausalLM(GraniteConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_multiplier=0.5)).to(F64), "model_type 'granite'"),
+    "mistral sliding window": (lambda: dense_model("mistral", sliding_window=8), "sliding_window=8"),
+    "qwen2 sliding window": (lambda: dense_model("qwen2", use_sliding_window=True, sliding_window=8,
+                                                 max_window_layers=0), "sliding_window=8"),
+    "one layer's scaling": (lambda: _changed(_scaled), r"layer 1 .*scaling=0.5"),
+    "one layer's extra parameter": (lambda: _changed(_normed), r"layer 1 .*\['q_norm'\]"),
+    "one layer's k_proj size": (lambda: _changed(_pruned), "k_proj: dense weight"),
+    "one layer's biases": (lambda: _changed(_biased), r"layers \[1\] have projection biases"),
+    "per-layer-type RoPE": (lambda: _changed(_per_layer_rope), "per layer type"),
+    "a config saved swapped": (lambda: _changed(_saved_swapped), "load_swapped"),
+}
+
+
+def _changed(change: Any) -> PreTrainedModel:
+    model = dense_model("llama")
+    change(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["nsa", "scope"])
+@pytest.mark.parametrize("case", REJECTED_MODELS)
+def test_swap_rejects_attention_it_would_change_and_leaves_the_model(kind: str, case: str) -> None:
+    """A dense attention the swapped layers would compute differently (q/k norms, another scale, a window, per-layer
+    RoPE, a family whose rotary pairs are not Llama's) is a typed error, raised before any layer changes: also when
+    only layer 1 differs, and when a layer's weights do not fit after layer 0 was built."""
+    build, words = REJECTED_MODELS[case]
+    model = build()
+    before = model_state(model)
+    with pytest.raises({"nsa": NSAConfigError, "scope": ScopeConfigError}[kind], match=words):
+        sal_hf.swap_attention(model, kind, **OVERRIDES[kind])
+    assert_same_state(before, model_state(model))
+
+
+def test_swap_arguments_are_checked() -> None:
+    model = dense_model("llama")
+    before = model_state(model)
+    for kind in (["nsa"], None, "NSA"):
+        with pytest.raises(NSAConfigError, match="kind="):
+            sal_hf.swap_attention(model, kind)  # type: ignore[arg-type]
+    with pytest.raises(NSAConfigError, match="PreTrainedModel"):
+        sal_hf.swap_attention(model.model.layers[0], "nsa")  # type: ignore[arg-type]
+    with pytest.raises(ScopeConfigError, match="copy_dense_weights must be a bool"):
+        sal_hf.swap_attention(model, "scope", copy_dense_weights="no")  # type: ignore[arg-type]
+    with pytest.raises(NSAConfigError, match="rope_theta"):
+        theta = dense_model("llama")
+        theta.config.rope_parameters = {"rope_type": "default", "rope_theta": "abc"}
+        sal_hf.swap_attention(theta, "nsa")
+    assert_same_state(before, model_state(model))
+    with pytest.raises(NSAInputError, match="swapped transformers model"):
+        sal_hf.SparseAttentionCache(None)  # type: ignore[arg-type]
+
+
+def _edit_spec(path: Path, edit: Any) -> None:
+    config = json.loads((path / "config.json").read_text())
+    edit(config[sal_hf.SPEC_KEY])
+    (path / "config.json").write_text(json.dumps(config))
+
+
+SPEC_EDITS: dict[str, tuple[Any, str]] = {
+    "a field left out": (lambda spec: spec["config"].pop("window_size"), r"lacks \['window_size'\]"),
+    "another rope_theta": (lambda spec: spec["config"].update(rope_theta=5.0), r"\['rope_theta'\] differ"),
+    "another head count": (lambda spec: spec["config"].update(num_heads=8, num_kv_heads=4), "num_heads"),
+    "a bias as a string": (lambda spec: spec["biases"].update(q="false"), "biases must map"),
+    "a bias left out": (lambda spec: spec["biases"].pop("q"), "biases must map"),
+    "config not a table": (lambda spec: spec.update(config="nsa"), "must be a table"),
+}
+
+
+@pytest.mark.parametrize("case", SPEC_EDITS)
+def test_load_swapped_rejects_a_corrupted_spec(case: str, tmp_path: Path) -> None:
+    swapped_model("llama", "nsa").save_pretrained(tmp_path)
+    edit, words = SPEC_EDITS[case]
+    _edit_spec(tmp_path, edit)
+    with pytest.raises(NSAConfigError, match=words):
+        sal_hf.load_swapped(str(tmp_path))
+
+
+def test_convert_checkpoint_never_overwrites_or_reconverts(tmp_path: Path) -> None:
+    dense_model("llama").save_pretrained(tmp_path / "dense")
+    weights = (tmp_path / "dense" / "model.safetensors").read_bytes()
+    with pytest.raises(NSAConfigError, match="overwrite the dense checkpoint"):
+        sal_hf.convert_checkpoint(str(tmp_path / "dense"), str(tmp_path / "dense" / "."), "nsa")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ScopeConfigError, match="existing file"):
+        sal_hf.convert_checkpoint(str(tmp_path / "dense"), str(tmp_path / "file"), "scope")
+    assert (tmp_path / "dense" / "model.safetensors").read_bytes() == weights
+    swapped_model("llama", "nsa").save_pretrained(tmp_path / "swapped")
+    with pytest.raises(NSAConfigError, match="load_swapped"):
+        sal_hf.convert_checkpoint(str(tmp_path / "swapped"), str(tmp_path / "again"), "nsa")
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(NSAConfigError, match="model_class must be"):
+        sal_hf.load_swapped(str(tmp_path / "swapped"), model_class="LlamaForCausalLM")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["nsa", "scope"])
+def test_module_checks_its_arguments_before_the_cache(kind: str) -> None:
+    """Bad hidden states, masks and position_ids are typed errors; a rejected first call leaves the cache empty,
+    so the next valid call runs (SCOPE: whole blocks of 4)."""
+    error = {"nsa": NSAInputError, "scope": ScopeInputError}[kind]
+    attention = swapped_model("llama", kind).model.layers[0].self_attn
+    x = torch.randn(2, 8, 32, dtype=F64, generator=torch.Generator().manual_seed(14))
+    cache = DynamicCache()
+    for bad in (torch.randn(3, 8, 31, dtype=F64), x[0], x[None], x.float()):
+        with pytest.raises(error, match="x "):
+            attention(bad, cache=cache)
+    assert cache.get_seq_length() == 0 and not cache.layers  # no layer put in, no state reserved
+    for mask in (torch.ones(2, 9, dtype=torch.bool), torch.ones(3, 8, dtype=torch.bool)):
+        with pytest.raises(error, match=r"attention_mask must be bool \[B, C\]"):
+            attention(x, attention_mask=mask, cache=cache)
+    for positions in (torch.arange(8.0)[None], torch.arange(9)[None], torch.arange(8).expand(3, 8), torch.arange(8)):
+        with pytest.raises(error, match="position_ids must be an integer tensor"):
+            attention(x, position_ids=positions)
+    with pytest.raises(error, match="restart at 0"):
+        attention(x, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), cache=cache)
+    with pytest.raises(error, match="must be a transformers Cache"):
+        attention(x, cache={})  # type: ignore[arg-type]
+    assert cache.get_seq_length() == 0
+    with torch.no_grad():
+        attention(x, cache=cache)
+    assert cache.get_seq_length() == 8
+    sparse_cache = sal_hf.SparseAttentionCache(swapped_model("llama", kind))
+    with pytest.raises(error, match="dense attention layer"):
+        sparse_cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 5)
 
 
 def capture_layers(model: nn.Module, run: Any) -> list[tuple[sal_hf.SparseSelfAttention, torch.Tensor, torch.Tensor]]:
