@@ -1,7 +1,7 @@
-"""NSA and SCOPE in Hugging Face transformers models (Llama family, Qwen2): the `hf` extra.
+"""NSA and SCOPE in Hugging Face transformers models (Llama, Mistral, Qwen2, Gemma): the `hf` extra.
 
     import sal_hf
-    model = AutoModelForCausalLM.from_pretrained(path)              # a dense Llama / Qwen2 checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path)              # a dense Llama / Mistral / Qwen2 / Gemma checkpoint
     sal_hf.swap_attention(model, "nsa", window_size=512)              # or "scope"; converts the dense weights
     model.generate(input_ids, max_new_tokens=32)                      # NSA's per-branch decode cache, automatically
     model.save_pretrained(out)                                        # the layers' parameters, under self_attn.nsa.*
