@@ -4,12 +4,14 @@ A checkpoint of one process or of DDP (whose state is whole on every rank: rank 
 is a dict saved with ``torch.save``::
 
     {"format": 2, "step": int, "config": RunConfig.model_dump(), "model": state_dict, "optimizer": state_dict,
-     "rng": {"data": ByteTensor, "torch": ByteTensor, "cuda": [ByteTensor]?}, "trainer": {"skipped": int}}
+     "rng": {"data": ByteTensor, "torch": ByteTensor, "cuda": [ByteTensor]?},
+     "trainer": {"skipped": int, "consecutive_skips": int, "window": [step results not yet in a "train" record],
+                 "train_s": training seconds so far}}
 
 ``step`` counts optimizer steps already taken; "rng.data" is the state of the generator that draws training
 batches, "rng.torch" the global CPU generator, "rng.cuda" the CUDA generators when CUDA is in use. A
-checkpoint never holds a non-finite weight (``save_checkpoint`` refuses). Reading a damaged file raises
-``RunFolderError`` naming it and what to do.
+checkpoint never holds a non-finite weight (``save_checkpoint`` refuses). Reading a damaged file (one that does not
+load, or whose zip entries fail their CRC-32) raises ``RunFolderError`` naming it and what to do.
 
 A checkpoint of several FSDP2 processes, the folder ``ckpt-<step:08d>/``, is written through
 torch.distributed.checkpoint (DCP), every rank its own shards (``__<rank>_<i>.distcp``, mapped by DCP's
@@ -34,6 +36,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +50,7 @@ from sal_harness.errors import NonFiniteTrainingError, RunFolderError
 FORMAT_VERSION = 2
 CHECKPOINT_PATTERN = re.compile(r"ckpt-(\d{8})(\.pt)?")  # a file (one process) or a folder (several)
 INFO_NAME = "meta.json"
+CHECKPOINT_KEYS = frozenset({"step", "config", "model", "optimizer", "rng", "trainer"})
 METRICS_NAME = "metrics.jsonl"
 HEARTBEAT_NAME = "heartbeat.json"
 
@@ -139,10 +143,16 @@ def first_nonfinite_index(state: dict[str, torch.Tensor]) -> int:
     return len(state)
 
 
+# A resumed run keeps its config (the math of k steps + resume is that of the run straight): settings that would
+# avoid the divergence make another run.
+NONFINITE_ADVICE = ("resume=true retries from it with the same settings; to change train.lr, train.warmup_steps or "
+                    "train.grad_clip, start another out_dir")
+
+
 def nonfinite_error(state: dict[str, torch.Tensor], index: int, step: int, out_dir: Path) -> NonFiniteTrainingError:
     return NonFiniteTrainingError(
         f"weight {list(state)[index]!r} is not finite at step {step}: no checkpoint written (the last good one in "
-        f"{out_dir} is kept); lower train.lr or raise train.warmup_steps and resume"
+        f"{out_dir} is kept); {NONFINITE_ADVICE}"
     )
 
 
@@ -348,13 +358,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.is_dir():
         return read_sharded_checkpoint(path, map_location)
     try:
+        with zipfile.ZipFile(path) as archive:  # torch.load reads the entries without checking their CRC-32s
+            changed = archive.testzip()
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # truncated zip, garbage bytes, unpickling errors: all mean a damaged file
         raise unreadable(path, err) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_VERSION:
-        raise RunFolderError(damaged_message(path, f"is not a format-{FORMAT_VERSION} sal_harness checkpoint"))
+    if changed is not None:
+        raise RunFolderError(damaged_message(path, f"fails its checksum (entry {changed!r} changed on disk)"))
+    if (not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_VERSION
+            or not set(checkpoint) >= CHECKPOINT_KEYS):
+        raise RunFolderError(damaged_message(path, f"is not a format-{FORMAT_VERSION} sal_harness checkpoint (keys "
+                                                   f"{sorted(CHECKPOINT_KEYS)})"))
     # RNG states must stay CPU ByteTensors whatever map_location says.
     checkpoint["rng"] = {
         k: ([t.cpu() for t in v] if isinstance(v, list) else v.cpu()) for k, v in checkpoint["rng"].items()

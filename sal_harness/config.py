@@ -37,13 +37,15 @@ def config_dir() -> Path:
 
 
 CONF_DIR = config_dir()
+MAX_SEED = 2**64 - 1  # torch's generators take seeds in [0, 2^64)
 
 
 class TrainConfig(StrictModel):
     """The ``train`` group.
 
-    max_minutes: a training-time budget (None: none): the run stops there, checkpoints and evaluates as if
-    it had reached max_steps (the schedule still follows max_steps). batch_size: samples per optimizer step,
+    max_minutes: a training-time budget (None: none) over every invocation of the run (a checkpoint carries the
+    time spent): the run stops there, checkpoints and evaluates as if it had reached max_steps (the schedule still
+    follows max_steps). batch_size: samples per optimizer step,
     over all processes and accumulation micro-steps
     (batch_size % (grad_accum x world size) must be 0). AdamW(lr, (beta1, beta2), weight_decay on matrices
     only); the learning rate warms up linearly over warmup_steps, then follows a cosine to min_lr at max_steps.
@@ -74,8 +76,8 @@ class TrainConfig(StrictModel):
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    seed: int = Field(0, ge=0)
-    data_seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    data_seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "cpu"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
@@ -103,18 +105,33 @@ class TrainConfig(StrictModel):
             raise ValueError(f"min_lr={self.min_lr} must be <= lr={self.lr}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be <= max_steps={self.max_steps} (the learning "
+                             "rate would never reach lr)")
+        if self.lr * self.weight_decay >= 1.0:  # AdamW scales every weight by 1 - lr * weight_decay per step
+            raise ValueError(f"lr x weight_decay = {self.lr * self.weight_decay:g} must be < 1 (AdamW multiplies "
+                             "the weights by 1 - lr x weight_decay each step)")
+        if (self.curriculum_start is None) != (self.curriculum_steps == 0):
+            raise ValueError(f"curriculum_start={self.curriculum_start} and curriculum_steps={self.curriculum_steps} "
+                             "must be set together (both for a length curriculum, neither without one)")
+        if self.curriculum_steps > self.max_steps:
+            raise ValueError(f"curriculum_steps={self.curriculum_steps} must be <= max_steps={self.max_steps} (the "
+                             "run would end before reaching task.seq_len, where it is evaluated)")
         return self
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, device: str) -> str:
-        """A torch device string (whether this machine has it is checked when the run starts)."""
+        """A torch device string of type cpu or cuda (whether this machine has it is checked when the run starts:
+        sal_harness.distributed.init_world)."""
         import torch
 
         try:
-            torch.device(device)
+            kind = torch.device(device).type
         except RuntimeError as err:
             raise ValueError(f"{device!r} is not a torch device ({str(err).split(':')[-1].strip()})") from None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"{device!r}: the harness trains on cpu or cuda[:index]")
         return device
 
 
@@ -130,10 +147,15 @@ class EvalConfig(StrictModel):
     samples: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     text_samples: int = Field(32, ge=0)
-    seed: int = Field(1234, ge=0)
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
+        if not self.depths:
+            raise ValueError("depths must hold at least one depth (the final grid's depth axis)")
+        for name, values in (("distances", self.distances), ("depths", self.depths)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}={values} repeats an entry")
         for depth in self.depths:
             if not 0.0 <= depth < 1.0:
                 raise ValueError(f"depths entry {depth} must be in [0, 1)")

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sal_harness.errors import HarnessError
+
 
 @dataclasses.dataclass(frozen=True)
 class World:
@@ -38,7 +40,9 @@ class World:
 
 
 def init_world(device: str, kind: str) -> World:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on the CPU, NCCL on CUDA)."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on the CPU, NCCL on CUDA); HarnessError when
+    the device is CUDA and this machine has none (or not that index)."""
+    check_device_present(torch.device(device))
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(0, 1, torch.device(device))
@@ -50,6 +54,15 @@ def init_world(device: str, kind: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if place.type == "cuda" else "gloo")
     return World(dist.get_rank(), size, place, kind)
+
+
+def check_device_present(place: torch.device) -> None:
+    if place.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (place.index or 0) >= count:
+        raise HarnessError(f"train.device={place} but this machine has {count} CUDA device(s) (torch "
+                           f"{torch.__version__}): set train.device=cpu, or run where the GPU is")
 
 
 DRAIN_TIMEOUT_S = 10.0

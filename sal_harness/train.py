@@ -18,14 +18,18 @@ max_consecutive_skips such steps in a row, or at once with nonfinite=stop, the r
 and the last good checkpoint); a checkpoint is never written with a non-finite weight; SIGINT / SIGTERM
 finish the current step, write a checkpoint and exit with 128 + the signal number; resume=true continues the
 newest checkpoint bitwise exactly on as many processes as wrote it (stop_step moves the stop, never the schedule:
-k steps + resume to N is the same run as N steps straight), and within rounding on another number; a damaged
-run folder raises RunFolderError naming the file and the fix.
+k steps + resume to N is the same run as N steps straight, its metrics records included but for their clock
+fields), and within rounding on another number; resuming a finished run evaluates nothing again; a damaged run
+folder (a checkpoint that does not load or fails its CRC-32s) raises RunFolderError naming the file and the fix.
+heartbeat.json ends at "finished", "interrupted", "time_budget", "stopped" (non-finite) or "failed" (any other
+error).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -43,9 +47,11 @@ import torch.nn.functional as F
 from sal_harness.checkpoint import (
     HEARTBEAT_NAME,
     METRICS_NAME,
+    NONFINITE_ADVICE,
     MetricsLog,
     atomic_json,
     atomic_write,
+    damaged_message,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -68,7 +74,7 @@ from sal_harness.distributed import (
     unwrap,
     wrap,
 )
-from sal_harness.errors import HarnessError, NonFiniteTrainingError, RunFolderError
+from sal_harness.errors import HarnessConfigError, HarnessError, NonFiniteTrainingError, RunFolderError
 from sal_harness.evaluate import EVAL_NAME, final_evaluation, format_table, periodic_evaluation
 from sal_harness.model import GPT
 from sal_harness.precision import autocast
@@ -77,7 +83,8 @@ from scope import ScopeAttention, layer_teacher_loss
 EXIT_NONFINITE = 3
 CONFIG_NAME = "config.yaml"
 # Settings a resumed run may change: they do not touch the math of the run.
-RUNTIME_KEYS: dict[str, Any] = {"resume": True, "stop_step": True, "train": {"threads", "progress", "heartbeat_s"}}
+RUNTIME_KEYS: dict[str, Any] = {"resume": True, "stop_step": True, "out_dir": True,
+                                "train": {"threads", "progress", "heartbeat_s"}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +218,11 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.consecutive_skips = 0
+        # steps applied since the last "train" record: a checkpoint carries them, so a stop between two
+        # log_interval multiples changes no record of the run
+        self.window: list[dict[str, Any]] = []
+        self.earlier_s = 0.0  # training seconds of the invocations before this one (a checkpoint carries them)
+        self._started = time.perf_counter()
         self._tasks: dict[int, Task] = {}
 
     # -- run folder ------------------------------------------------------------------------------
@@ -229,13 +241,18 @@ class Trainer:
             else:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self.metrics.start_fresh()
+                (self.out_dir / EVAL_NAME).unlink(missing_ok=True)  # a crashed earlier run's: not this run's
             self._write_config()
         barrier(self.world)
 
     def _restore(self, path: Path) -> None:
         sharded = path.is_dir()  # a checkpoint folder of several processes (DCP reshards it to this many)
         checkpoint = read_sharded_info(path) if sharded else load_checkpoint(path, map_location=self.world.device)
-        saved = validate_run_config(checkpoint["config"])
+        try:
+            saved = validate_run_config(checkpoint["config"])
+        except HarnessConfigError as err:
+            raise RunFolderError(f"resume: the config stored in {path} is not valid for this version of sal_harness "
+                                 f"({err}): start another out_dir") from None
         if saved.model_dump(exclude=RUNTIME_KEYS) != self.config.model_dump(exclude=RUNTIME_KEYS):
             raise RunFolderError(f"resume: the config differs from the one stored in {path}: resume with the same "
                                  "overrides (only stop_step, threads, progress and heartbeat may change), or start "
@@ -243,11 +260,19 @@ class Trainer:
         if sharded:
             load_sharded_checkpoint(path, self.wrapped, self.optimizer, self.data_generator, self.world)
         else:
-            load_full_state(self.wrapped, self.optimizer, checkpoint["model"], checkpoint["optimizer"], self.world)
+            try:
+                load_full_state(self.wrapped, self.optimizer, checkpoint["model"], checkpoint["optimizer"],
+                                self.world)
+            except (RuntimeError, KeyError, ValueError) as err:  # weights or optimizer state unlike the model's
+                raise RunFolderError(damaged_message(path, f"does not fit the model ({type(err).__name__}: "
+                                                           f"{str(err).splitlines()[0][:160]})")) from None
             restore_rng_state(checkpoint["rng"], self.data_generator)
         self.step = checkpoint["step"]
-        self.skipped = checkpoint["trainer"]["skipped"]
-        self.consecutive_skips = checkpoint["trainer"]["consecutive_skips"]
+        trainer = checkpoint["trainer"]
+        self.skipped, self.consecutive_skips = trainer["skipped"], trainer["consecutive_skips"]
+        # checkpoints written before 2026-12-07 lack these two (metrics only: no weight depends on them)
+        self.window = list(trainer.get("window", []))
+        self.earlier_s = float(trainer.get("train_s", 0.0))
 
     def _write_config(self) -> None:
         from omegaconf import OmegaConf
@@ -259,7 +284,8 @@ class Trainer:
         """Write a checkpoint of the current step (every rank calls): a sharded folder under FSDP2 (each rank writes
         its shards), else a file (rank 0: one process, or DDP's replicated state)."""
         info = {"step": self.step, "config": self.config.model_dump(mode="json"),
-                "trainer": {"skipped": self.skipped, "consecutive_skips": self.consecutive_skips}}
+                "trainer": {"skipped": self.skipped, "consecutive_skips": self.consecutive_skips,
+                            "window": self.window, "train_s": self.train_seconds()}}
         keep = self.config.train.keep_checkpoints
         if self.world.kind == "fsdp":
             return save_sharded_checkpoint(self.out_dir, info, self.wrapped, self.optimizer, self.data_generator,
@@ -267,6 +293,10 @@ class Trainer:
         return save_whole_checkpoint(self.out_dir, {**info, "model": self.model.state_dict(),
                                                     "optimizer": self.optimizer.state_dict(),
                                                     "rng": rng_state(self.data_generator)}, keep, self.world)
+
+    def train_seconds(self) -> float:
+        """Training time of the run so far, over every invocation (what max_minutes budgets)."""
+        return self.earlier_s + (time.perf_counter() - self._started)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -358,7 +388,7 @@ class Trainer:
             raise NonFiniteTrainingError(
                 f"stopped at step {self.step}: {self.consecutive_skips} step(s) in a row had a non-finite loss or "
                 f"gradient ({what}); no such update reached the weights. The last good checkpoint is in "
-                f"{self.out_dir}: lower train.lr, raise train.warmup_steps or train.grad_clip, then resume=true"
+                f"{self.out_dir}; {NONFINITE_ADVICE}"
             )
 
     # -- the loop --------------------------------------------------------------------------------
@@ -367,6 +397,7 @@ class Trainer:
         tc = self.config.train
         stop_step = min(self.config.stop_step or tc.max_steps, tc.max_steps)
         self.prepare_folder()
+        first_step = self.step
         main = self.world.is_main
         if main:
             print(f"{self.config.attention.kind} GPT, {self.model.num_parameters():,} parameters, "
@@ -376,51 +407,55 @@ class Trainer:
 
         progress = tqdm(total=stop_step, initial=self.step, desc=self.config.attention.kind, unit="step",
                         dynamic_ncols=True, disable=None if tc.progress and main else True)
-        start = time.perf_counter()
-        window: list[dict[str, Any]] = []
-        window_start = time.perf_counter()
+        self._started = time.perf_counter()
         status = "finished"
         budget_s = math.inf if tc.max_minutes is None else tc.max_minutes * 60
         try:
             with StopSignals() as signals:
                 while self.step < stop_step:
+                    if self._over_budget(self.train_seconds(), budget_s):
+                        status = "time_budget"
+                        break
+                    step_start = time.perf_counter()
                     result = self.train_step()
+                    result["seconds"] = time.perf_counter() - step_start
                     if not result["applied"]:
                         self.check_skips(result)
                     else:
-                        window.append(result)
+                        self.window.append(result)
                     progress.update(1)
                     progress.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{result['lr']:.1e}")
                     if main:
-                        self.heartbeat.beat("running", self.step, loss=result["loss"])
-                    if window and (self.step % tc.log_interval == 0 or self.step == stop_step):
-                        self._log_train(window, time.perf_counter() - window_start, time.perf_counter() - start)
-                        window, window_start = [], time.perf_counter()
-                    if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < stop_step:
+                        loss = result["loss"] if math.isfinite(result["loss"]) else None  # heartbeat.json is JSON
+                        self.heartbeat.beat("running", self.step, loss=loss)
+                    if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                        self._log_train()
+                    if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.max_steps:
                         self._log_eval()
-                        window_start = time.perf_counter()  # evaluation time is not training throughput
                     if tc.ckpt_interval and self.step % tc.ckpt_interval == 0:
                         self.save()
                     if self._stop_requested(signals):
                         status = "interrupted"
                         break
-                    if self._over_budget(time.perf_counter() - start, budget_s):
-                        status = "time_budget"
-                        break
+                if status == "time_budget":
+                    self._log_train()  # the run ends here: its last steps' record
                 self.save()
         except NonFiniteTrainingError:
             status = "stopped"
+            raise
+        except BaseException:
+            status = "failed"
             raise
         finally:
             progress.close()
             if main:
                 self.heartbeat.beat(status, self.step, force=True)
-        train_s = time.perf_counter() - start
+        train_s = self.train_seconds()
         summary: dict[str, Any] = {"status": status, "step": self.step, "elapsed_s": train_s,
                                    "skipped": self.skipped, "out_dir": str(self.out_dir),
                                    "signal": signals.received if status == "interrupted" else None}
         if status == "time_budget" or (status == "finished" and self.step == tc.max_steps):
-            summary["eval"] = self._final_eval(train_s / 60)
+            summary["eval"] = self._final_eval(train_s / 60, evaluated=self.step == first_step)
         return summary
 
     def _over_budget(self, seconds: float, budget_s: float) -> bool:
@@ -433,14 +468,17 @@ class Trainer:
         flag = torch.tensor(float(signals.received is not None), device=self.world.device)
         return bool(sum_over_ranks(flag, self.world) > 0)
 
-    def _log_train(self, window: list[dict[str, Any]], seconds: float, elapsed: float) -> None:
-        if not self.world.is_main:
+    def _log_train(self) -> None:
+        """The "train" record of the steps applied since the last one (none: no record)."""
+        window, self.window = self.window, []
+        if not window or not self.world.is_main:
             return
         last = window[-1]
         self.metrics.append({
             "kind": "train", "step": self.step, "loss": sum(r["loss"] for r in window) / len(window),
             "lr": last["lr"], "grad_norm": last["grad_norm"], "seq_len": last["seq_len"],
-            "tokens_per_s": sum(r["tokens"] for r in window) / max(seconds, 1e-9), "elapsed_s": elapsed,
+            "tokens_per_s": sum(r["tokens"] for r in window) / max(sum(r["seconds"] for r in window), 1e-9),
+            "elapsed_s": self.train_seconds(),
             **({"teacher_loss": sum(r["teacher_loss"] for r in window) / len(window)} if "teacher_loss" in last
                else {}),
         })
@@ -450,7 +488,14 @@ class Trainer:
         if self.world.is_main:
             self.metrics.append({"kind": "eval", "step": self.step, **record})
 
-    def _final_eval(self, train_minutes: float) -> dict[str, Any] | None:
+    def _final_eval(self, train_minutes: float, evaluated: bool) -> dict[str, Any] | None:
+        """The final evaluation (eval.json, an "eval" record); ``evaluated``: no step ran in this invocation, so an
+        eval.json of this very step is the result already (read back, nothing written again)."""
+        done = self.out_dir / EVAL_NAME
+        if evaluated and done.exists():
+            saved = json.loads(done.read_text())
+            if saved.get("step") == self.step:
+                return saved if self.world.is_main else None
         result = final_evaluation(unwrap(self.wrapped), self.config, self.step, self.world.device)  # type: ignore[arg-type]
         if not self.world.is_main:
             return None

@@ -63,6 +63,15 @@ def test_defaults_and_overrides() -> None:
         ("model.vocab_size=256", "model.vocab_size=256 is smaller than the"),
         ("eval.distances=[500]", "eval.distances entry=500 does not fit"),
         ("eval.depths=[1.0]", "depths entry 1.0 must be in [0, 1)"),
+        ("train.warmup_steps=300", "warmup_steps=300 must be <= max_steps=250"),
+        ("train.weight_decay=1000", "lr x weight_decay = 10 must be < 1"),
+        ("train.curriculum_start=16", "curriculum_start=16 and curriculum_steps=0 must be set together"),
+        ("train.curriculum_steps=10", "curriculum_start=None and curriculum_steps=10 must be set together"),
+        ("train.seed=18446744073709551616", "train.seed: Input should be less than or equal to 18446744073709551615"),
+        ("eval.seed=18446744073709551616", "eval.seed: Input should be less than or equal to"),
+        ("train.device=meta", "'meta': the harness trains on cpu or cuda[:index]"),
+        ("eval.depths=[]", "depths must hold at least one depth"),
+        ("eval.distances=[8,8]", "distances=[8, 8] repeats an entry"),
         ("+train.bogus=1", "train.bogus: Extra inputs are not permitted"),
         ("+model.nsa.window=4", "model.nsa: Extra inputs are not permitted"),
     ],
@@ -71,6 +80,11 @@ def test_bad_values_are_named(override: str, message: str) -> None:
     with pytest.raises(HarnessConfigError) as err:
         load_run_config([override])
     assert message in str(err.value)
+
+
+def test_the_curriculum_ends_within_the_run() -> None:
+    with pytest.raises(HarnessConfigError, match="curriculum_steps=300 must be <= max_steps=250"):
+        load_run_config(["train.curriculum_start=16", "train.curriculum_steps=300"])
 
 
 def test_scope_teacher_and_attention_keys_are_checked_per_kind() -> None:

@@ -7,14 +7,18 @@ dense, NSA and SCOPE retrieve beyond the window baseline's reach, the window bas
 
 from __future__ import annotations
 
+import copy
+import io
 import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -27,7 +31,7 @@ from omegaconf import OmegaConf
 from sal_harness import train as train_module
 from sal_harness.checkpoint import list_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sal_harness.config import validate_run_config
-from sal_harness.errors import NonFiniteTrainingError, RunFolderError
+from sal_harness.errors import HarnessError, NonFiniteTrainingError, RunFolderError
 from sal_harness.train import lr_at, run_and_exit, seq_len_at, task_at_length, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,11 +85,23 @@ def test_metrics_schema(smoke_run: tuple[Path, dict[str, Any]]) -> None:
     assert all({"by_distance", "bpb", "val_loss"} <= set(r) for r in evals)
 
 
-def test_resume_is_bitwise_exact(tmp_path: Path) -> None:
-    """6 steps straight == 4 steps, stop, resume to 6: identical weights, optimizer state, RNG and losses."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train(tiny_config(straight, "eval.text_samples=0"))
-    assert train(tiny_config(split, "eval.text_samples=0", "stop_step=4"))["step"] == 4
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny_config(out_dir, "eval.text_samples=0"))
+    return out_dir
+
+
+TIMINGS = ("tokens_per_s", "elapsed_s")  # the only fields of a record that depend on the clock
+
+
+@pytest.mark.parametrize("stop", [3, 4])
+def test_resume_is_bitwise_exact(straight_run: Path, tmp_path: Path, stop: int) -> None:
+    """6 steps straight == `stop` steps, stop, resume to 6: identical weights, optimizer state, RNG, and metrics
+    records (the clock's fields aside). Step 3 falls between two train records (log_interval 2), step 4 is a
+    periodic evaluation's."""
+    straight, split = straight_run, tmp_path / "split"
+    assert train(tiny_config(split, "eval.text_samples=0", f"stop_step={stop}"))["step"] == stop
     assert train(tiny_config(split, "eval.text_samples=0", "resume=true"))["step"] == 6
     a, b = (load_checkpoint(list_checkpoints(d)[-1]) for d in (straight, split))
     for name in a["model"]:
@@ -93,8 +109,38 @@ def test_resume_is_bitwise_exact(tmp_path: Path) -> None:
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a["rng"]["data"], b["rng"]["data"])
-    assert [(r["step"], r["loss"]) for r in records(straight, "train")] == \
-        [(r["step"], r["loss"]) for r in records(split, "train")]
+    untimed = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in records(d)] for d in (straight, split)]
+    assert untimed[0] == untimed[1] and [r["kind"] for r in untimed[0]].count("eval") == 2
+
+
+def test_resuming_a_finished_run_keeps_its_records_and_training_time(straight_run: Path, tmp_path: Path) -> None:
+    """No step left: nothing is evaluated or written again, and the run's training time is the saved one (every
+    invocation's, carried by the checkpoint), not this invocation's."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    metrics, result = (run / "metrics.jsonl").read_bytes(), (run / "eval.json").read_bytes()
+    saved_s = load_checkpoint(list_checkpoints(run)[-1])["trainer"]["train_s"]
+    summary = train(tiny_config(run, "eval.text_samples=0", "resume=true"))
+    assert summary["step"] == 6 and summary["eval"] == json.loads(result)
+    assert summary["elapsed_s"] >= saved_s > 0
+    assert (run / "metrics.jsonl").read_bytes() == metrics and (run / "eval.json").read_bytes() == result
+
+
+def test_a_moved_run_folder_resumes(tmp_path: Path) -> None:
+    train(tiny_config(tmp_path / "here", "eval.text_samples=0", "stop_step=2"))
+    (tmp_path / "here").rename(tmp_path / "there")
+    assert train(tiny_config(tmp_path / "there", "eval.text_samples=0", "resume=true"))["step"] == 6
+
+
+def test_a_fresh_run_drops_an_earlier_runs_result(tmp_path: Path) -> None:
+    """A folder without checkpoints (a run that crashed before its first) starts over: its metrics and its
+    eval.json are not the new run's."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 50, "loss": 1.0}\n')
+    (out_dir / "eval.json").write_text('{"step": 50}\n')
+    train(tiny_config(out_dir, "eval.text_samples=0", "stop_step=2"))
+    assert not (out_dir / "eval.json").exists() and [r["step"] for r in records(out_dir)] == [2]
 
 
 def test_a_checkpoint_cut_short_leaves_the_complete_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,6 +161,7 @@ def test_a_checkpoint_cut_short_leaves_the_complete_ones(tmp_path: Path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         train(tiny_config(cut, "eval.text_samples=0"))
     assert [p.name for p in list_checkpoints(cut)] == ["ckpt-00000002.pt"]
+    assert json.loads((cut / "heartbeat.json").read_text())["status"] == "failed"
     assert not [p.name for p in cut.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(torch, "save", real_save)
     assert train(tiny_config(cut, "eval.text_samples=0", "resume=true"))["step"] == 6
@@ -132,6 +179,13 @@ def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 9
     assert path.read_bytes() == b"old and complete"
     assert list_checkpoints(tmp_path) == [path]
+
+
+def test_a_missing_gpu_is_named_before_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(HarnessError, match=r"train.device=cuda but this machine has 0 CUDA device"):
+        train(tiny_config(tmp_path / "run", "train.device=cuda"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_rng_state_round_trip_restores_the_data_and_global_generators() -> None:
@@ -168,11 +222,35 @@ def test_damaged_run_folder_names_the_file(tmp_path: Path) -> None:
     metrics.write_text(good)
     newest = list_checkpoints(out_dir)[-1]
     blob = newest.read_bytes()
-    for damaged in (blob[: len(blob) // 2], b"garbage, not a checkpoint"):
+    for damaged in (blob[: len(blob) // 2], b"garbage, not a checkpoint", flip_a_weight_byte(newest, blob)):
         newest.write_bytes(damaged)
         with pytest.raises(RunFolderError, match=f"{newest.name}.*delete it to resume from the previous checkpoint "
                                                  r"\(ckpt-00000002.pt\)"):
             train(tiny_config(out_dir, "resume=true", "eval.text_samples=0"))
+    newest.write_bytes(flip_a_weight_byte(newest, blob))
+    with pytest.raises(RunFolderError, match="fails its checksum"):
+        train(tiny_config(out_dir, "resume=true", "eval.text_samples=0"))
+    good = torch.load(io.BytesIO(blob), weights_only=True)
+    for edit, words in ((lambda c: c.pop("trainer"), "is not a format-2 sal_harness checkpoint"),
+                        (lambda c: c["model"].pop("lm_head.weight"), "does not fit the model"),
+                        (lambda c: c["config"]["train"].update(lr=-1.0), "not valid for this version")):
+        checkpoint = copy.deepcopy(good)
+        edit(checkpoint)
+        torch.save(checkpoint, newest)
+        with pytest.raises(RunFolderError, match=words):
+            train(tiny_config(out_dir, "resume=true", "eval.text_samples=0"))
+
+
+def flip_a_weight_byte(path: Path, blob: bytes) -> bytes:
+    """blob (the checkpoint file at path) with one byte inside its largest tensor's data flipped: still a
+    loadable zip, one whose entry no longer matches its CRC-32."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    header = entry.header_offset
+    name_len, extra_len = int.from_bytes(blob[header + 26:header + 28], "little"), \
+        int.from_bytes(blob[header + 28:header + 30], "little")
+    at = header + 30 + name_len + extra_len + entry.file_size // 2
+    return blob[:at] + bytes([blob[at] ^ 0x40]) + blob[at + 1:]
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -209,6 +287,14 @@ def test_nonfinite_step_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     """Step 3's NaN loss, or its finite loss with a NaN gradient, changes no weight: the run equals one whose step
     3 never updated anything."""
     nan_at({2}, monkeypatch, where)
+    beats: list[dict[str, Any]] = []
+    real_beat = train_module.Heartbeat.beat
+
+    def recorded(self: Any, status: str, step: int, force: bool = False, **fields: Any) -> None:
+        beats.append(fields)
+        real_beat(self, status, step, force, **fields)
+
+    monkeypatch.setattr(train_module.Heartbeat, "beat", recorded)
     out_dir = tmp_path / "run"
     summary = train(tiny_config(out_dir, "eval.text_samples=0", "train.ckpt_interval=1", "train.keep_checkpoints=6"))
     assert summary["status"] == "finished" and summary["skipped"] == 1
@@ -219,6 +305,8 @@ def test_nonfinite_step_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     before, after = (load_checkpoint(out_dir / f"ckpt-{s:08d}.pt")["model"] for s in (2, 3))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(t).all() for t in weights(out_dir).values() if t.is_floating_point())
+    json.dumps(beats, allow_nan=False)  # heartbeat.json stays strict JSON at the skipped step
+    assert {"loss": None} in beats or where == "gradient"
 
 
 def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -227,7 +315,8 @@ def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypat
     out_dir = tmp_path / "run"
     config = tiny_config(out_dir, "eval.text_samples=0", "train.max_consecutive_skips=1")
     assert run_and_exit(config) == 3
-    assert "2 step(s) in a row" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 step(s) in a row" in err and "start another out_dir" in err  # a resume keeps the config
     # Step 4 was skipped (one in a row is allowed), so checkpoint 4 holds step 3's weights; step 5 stopped the run.
     assert [p.name for p in list_checkpoints(out_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
     assert all(torch.isfinite(t).all() for t in weights(out_dir).values() if t.is_floating_point())
