@@ -229,7 +229,8 @@ class Trainer:
 
     def prepare_folder(self) -> None:
         """Fresh run: refuse a folder that already holds checkpoints. Resume: load the newest checkpoint and cut
-        the metrics back to its step. Then write the resolved config."""
+        the metrics back to its step. Then drop temporary files a killed process left and write the resolved
+        config."""
         if self.config.resume:
             self._restore(latest_checkpoint(self.out_dir))
         elif list_checkpoints(self.out_dir):
@@ -242,6 +243,9 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self.metrics.start_fresh()
                 (self.out_dir / EVAL_NAME).unlink(missing_ok=True)  # a crashed earlier run's: not this run's
+            for leftover in self.out_dir.glob(".*.tmp"):  # atomic_write's files of a process killed mid-write
+                if leftover.is_file():
+                    leftover.unlink()
             self._write_config()
         barrier(self.world)
 

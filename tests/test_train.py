@@ -129,7 +129,10 @@ def test_resuming_a_finished_run_keeps_its_records_and_training_time(straight_ru
 def test_a_moved_run_folder_resumes(tmp_path: Path) -> None:
     train(tiny_config(tmp_path / "here", "eval.text_samples=0", "stop_step=2"))
     (tmp_path / "here").rename(tmp_path / "there")
+    leftover = tmp_path / "there" / ".ckpt-00000004.pt.x1y2.tmp"  # a process killed mid-write left it
+    leftover.write_bytes(b"the first bytes")
     assert train(tiny_config(tmp_path / "there", "eval.text_samples=0", "resume=true"))["step"] == 6
+    assert not leftover.exists()
 
 
 def test_a_fresh_run_drops_an_earlier_runs_result(tmp_path: Path) -> None:
