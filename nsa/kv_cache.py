@@ -35,7 +35,7 @@ import torch
 from nsa.block_index import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.errors import NSAInputError
-from nsa.validation import check_device, check_positive_int
+from nsa.validation import FLOAT_DTYPES, check_device, check_positive_int
 
 
 class NSAKVCache:
@@ -56,11 +56,17 @@ class NSAKVCache:
     def __init__(self, config: NSAConfig, batch_size: int, capacity: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  static_shapes: bool = False, page_size: int | None = None, num_pages: int | None = None) -> None:
+        if not isinstance(config, NSAConfig):
+            raise NSAInputError(f"config must be an NSAConfig, got {type(config).__name__}")
         check_positive_int("batch_size", batch_size)
         check_positive_int("capacity", capacity)
+        if dtype not in FLOAT_DTYPES:
+            raise NSAInputError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        if not isinstance(static_shapes, bool):
+            raise NSAInputError(f"static_shapes must be a bool, got {static_shapes!r}")
         c = self.config = config
         self.batch_size, self.capacity = batch_size, capacity
-        self.device, self.dtype = check_device("device", device or "cpu"), dtype
+        self.device, self.dtype = check_device("device", "cpu" if device is None else device), dtype
         self.static_shapes = static_shapes
         self.lengths: list[int] = [0] * batch_size
         self.device_lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
@@ -207,6 +213,8 @@ class NSAKVCache:
         positions >= 0). The Triton kernels load no masked row and the PyTorch path zeroes masked keys and
         values before its masked softmax, so not even a stale NaN reaches an output.
         """
+        if isinstance(sequences, torch.Tensor) or not isinstance(sequences, Sequence):
+            raise NSAInputError(f"sequences must be a list of sequence indices, got {type(sequences).__name__}")
         indices = list(sequences)
         if (not all(_is_int(b) and 0 <= b < self.batch_size for b in indices)
                 or len(set(indices)) != len(indices)):

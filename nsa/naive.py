@@ -40,6 +40,7 @@ from nsa.selection_scorer import check_selection_sizes, group_reduce, topn_block
 from nsa.validation import (
     check_attention_inputs,
     check_block_indices,
+    check_lse,
     check_positive_int,
     check_same_length,
     check_scale,
@@ -138,6 +139,7 @@ def naive_select_blocks(
     """Dense reference of select_blocks: full p_cmp, the dense Eq. 9 matrix, Eq. 10, top-n."""
     seq_len = check_compressed_inputs(q, k_cmp, k_cmp, block_size, block_stride, scale)
     check_selection_sizes(block_stride, sel_block_size, num_selected)
+    check_lse(lse, q)  # unused here (the twin renormalises itself), checked as select_blocks checks it
     q, k_cmp = finite_or_zero(q), finite_or_zero(k_cmp)
     _, probs, _ = _naive_compressed(q, k_cmp, k_cmp, block_size, block_stride, scale)
     return _select_from_probs(probs.permute(0, 2, 1, 3), k_cmp.shape[2], seq_len, block_size, block_stride,

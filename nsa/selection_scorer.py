@@ -31,6 +31,7 @@ from nsa.compressed_attention import check_compressed_inputs, compressed_chunk_s
 from nsa.errors import NSAInputError
 from nsa.validation import (
     check_divides,
+    check_lse,
     check_nonnegative_int,
     check_positions_layout,
     check_positive_int,
@@ -179,8 +180,7 @@ def select_blocks(
     """
     seq_len = check_compressed_inputs(q, k_cmp, k_cmp, block_size, block_stride, scale)
     check_selection_sizes(block_stride, sel_block_size, num_selected)
-    if tuple(lse.shape) != tuple(q.shape[:3]):
-        raise NSAInputError(f"lse must have shape [B, T, HQ] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    check_lse(lse, q)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     num_kv_heads = k_cmp.shape[2]
     acc = accumulation_dtype(q.dtype)

@@ -206,6 +206,15 @@ def check_gates(gates: torch.Tensor, q: torch.Tensor) -> None:
         raise NSAInputError(f"gates must have shape [B, T, HQ, 3] = {expected}, got {tuple(gates.shape)}")
 
 
+def check_lse(lse: object, q: torch.Tensor) -> None:
+    """compressed_attention's log-sum-exp as select_blocks takes it: a floating [B, T, HQ] tensor on q's device."""
+    if (not isinstance(lse, torch.Tensor) or not lse.is_floating_point() or tuple(lse.shape) != tuple(q.shape[:3])
+            or lse.device != q.device):
+        where = f" on {lse.device}" if isinstance(lse, torch.Tensor) else ""
+        raise NSAInputError(f"lse must be a floating tensor [B, T, HQ] = {tuple(q.shape[:3])} on {q.device} "
+                            f"(compressed_attention's), got {describe(lse)}{where}")
+
+
 def check_block_indices(
     block_indices: torch.Tensor, q: torch.Tensor, num_kv_heads: int, block_size: int, *, validate_values: bool
 ) -> None:

@@ -12,11 +12,12 @@ nsa.nonfinite: a non-finite input turns exactly the rows that read it NaN (``row
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nsa.dispatch import accumulation_dtype, choose_backend
 from nsa.nonfinite import finite_or_zero_under_poison, kv_nonfinite, nonfinite_rows, poison_rows
-from nsa.validation import FLOAT_DTYPES
+from nsa.validation import FLOAT_DTYPES, check_real, describe
 from scope.errors import ScopeInputError
 from scope.pointer_mask import ScoreMod
 
@@ -24,7 +25,7 @@ from scope.pointer_mask import ScoreMod
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, *, block: int,
     scale: float | None = None, q_num_blocks: Tensor | None = None, q_indices: Tensor | None = None,
-    backend: str = "auto",
+    backend: str = "auto", check_lists: bool = True,
 ) -> Tensor:
     """softmax(scale * q k^T) v over the listed key blocks, causal at token level.
 
@@ -36,11 +37,13 @@ def block_sparse_attention(
     returns 0; a row that sees a non-finite q_i, k_j or v_j returns NaN, and every other row, and its
     gradients, are what they would be without it (nsa.nonfinite). scale defaults to Dqk ** -0.5.
     q_num_blocks / q_indices: the transposed lists (see ``transpose_block_lists``), read by the backward
-    only; made from the kv lists when omitted. backend: "auto" (Triton kernels on CUDA, else the torch
-    twin), "triton" (raises when it cannot run), "torch". -> out [B, H, T, Dv] in q's dtype.
+    only; made from the kv lists when omitted, and when given they must be exactly those. backend: "auto"
+    (Triton kernels on CUDA, else the torch twin), "triton" (raises when it cannot run), "torch". check_lists:
+    check the lists' values (counts in [0, L], ids in [0, qb] and distinct, the q-side lists the transpose of the
+    kv lists; one host sync); the kernels trust them, so pass False only for lists a builder made.
+    -> out [B, H, T, Dv] in q's dtype.
     """
-    _check_inputs(q, k, v, kv_num_blocks, kv_indices, block)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block, scale, q_num_blocks, q_indices, check_lists)
     choice = choose_backend("scope block_sparse_attention", backend, (q, k, v), inference_only=False,
                             error=ScopeInputError)
     q, k, v, poisoned = finite_inputs(q, k, v, kv_num_blocks, kv_indices, block)
@@ -54,12 +57,11 @@ def block_sparse_attention(
 def block_sparse_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, *, block: int,
     scale: float | None = None, q_num_blocks: Tensor | None = None, q_indices: Tensor | None = None,
-    backend: str = "torch",
+    backend: str = "torch", check_lists: bool = True,
 ) -> Tensor:
-    """Dense PyTorch twin of block_sparse_attention (same arguments and non-finite rule; the q-side lists and
-    backend are accepted and unused). Scores and softmax in float32 (float64 for float64 inputs)."""
-    _check_inputs(q, k, v, kv_num_blocks, kv_indices, block)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    """Dense PyTorch twin of block_sparse_attention (same arguments, checks and non-finite rule; the q-side lists
+    and backend are checked and unused). Scores and softmax in float32 (float64 for float64 inputs)."""
+    scale = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block, scale, q_num_blocks, q_indices, check_lists)
     q, k, v, poisoned = finite_inputs(q, k, v, kv_num_blocks, kv_indices, block)
     return poison_rows(dense_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, scale), poisoned)
 
@@ -169,11 +171,13 @@ def transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_blocks:
     return listed_by.sum(-1, dtype=torch.int32), q_indices[..., :num_blocks].contiguous()
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int) -> int:
-    """-> the number of blocks QB; ScopeInputError naming the argument on a broken rule."""
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block: int,
+                  scale: float | None, q_num_blocks: Tensor | None, q_indices: Tensor | None,
+                  check_lists: bool) -> float:
+    """-> the scale to use; ScopeInputError naming the argument on a broken rule."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ScopeInputError(f"{name} must be [B, heads, T, D], got shape {tuple(t.shape)}")
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ScopeInputError(f"{name} must be a tensor [B, heads, T, D], got {describe(t)}")
         if t.dtype not in FLOAT_DTYPES:
             raise ScopeInputError(f"{name} must be a floating tensor, got {t.dtype}")
         if t.device != q.device or t.dtype != q.dtype:
@@ -183,23 +187,75 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_ind
     if k.shape[:3] != (bsz, k.shape[1], seq_len) or k.shape[-1] != dqk or v.shape[:3] != k.shape[:3]:
         raise ScopeInputError(f"k must be [B={bsz}, H_kv, T={seq_len}, Dqk={dqk}] and v [B, H_kv, T, Dv] with "
                               f"k's first three sizes, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if heads % k.shape[1] != 0:
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
         raise ScopeInputError(f"q's heads ({heads}) must be a multiple of k's heads ({k.shape[1]})")
     if seq_len == 0:
         raise ScopeInputError("the sequence length T must be >= 1, got 0")
-    if block < 16 or block & (block - 1):
-        raise ScopeInputError(f"block={block} must be a power of two >= 16")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ScopeInputError(f"block={block!r} must be a power of two >= 16")
     if seq_len % block != 0:
         raise ScopeInputError(f"the sequence length T={seq_len} must be a multiple of block={block}")
+    if not isinstance(check_lists, bool):
+        raise ScopeInputError(f"check_lists must be a bool, got {check_lists!r}")
     num_blocks = seq_len // block
-    if kv_num_blocks.shape != (bsz, heads, num_blocks) or kv_indices.dim() != 4 \
-            or kv_indices.shape[:3] != kv_num_blocks.shape:
-        raise ScopeInputError(f"kv_num_blocks must be [B, H, QB]={(bsz, heads, num_blocks)} and kv_indices "
-                              f"[B, H, QB, L], got {tuple(kv_num_blocks.shape)} / {tuple(kv_indices.shape)}")
-    for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
-        if t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
-            raise ScopeInputError(f"{name} must be an int32/int64 tensor on {q.device}, got {t.dtype} on {t.device}")
-    return num_blocks
+    check_list_layout("kv_num_blocks", kv_num_blocks, "kv_indices", kv_indices, (bsz, heads, num_blocks), q.device)
+    if (q_num_blocks is None) != (q_indices is None):
+        raise ScopeInputError("q_num_blocks and q_indices come together (both, or neither)")
+    if q_num_blocks is not None and q_indices is not None:
+        check_list_layout("q_num_blocks", q_num_blocks, "q_indices", q_indices, (bsz, heads, num_blocks), q.device)
+    if check_lists:
+        check_list_values(kv_num_blocks, kv_indices)
+        if q_num_blocks is not None and q_indices is not None:
+            check_transposed(kv_num_blocks, kv_indices, q_num_blocks, q_indices)
+    if scale is None:
+        return dqk ** -0.5
+    return check_real("scale", scale, error=ScopeInputError, above=0.0, float32=True)
+
+
+def check_transposed(kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor) -> None:
+    """ScopeInputError unless the q-side lists are those of transpose_block_lists (their first q_num_blocks
+    entries; q_indices may be narrower than QB where no key block is listed that often). One host sync."""
+    want_num, want_idx = transpose_block_lists(kv_num_blocks, kv_indices, kv_num_blocks.shape[-1])
+    width = q_indices.shape[-1]
+    want_idx = F.pad(want_idx, (0, max(0, width - want_idx.shape[-1])), value=-1)[..., :width]
+    listed = torch.arange(width, device=q_indices.device) < want_num[..., None]
+    wrong = ((q_num_blocks.long() != want_num.long()).any() | (want_num > width).any()
+             | (listed & (q_indices.long() != want_idx.long())).any())
+    if bool(wrong):
+        raise ScopeInputError("q_num_blocks / q_indices must be the transpose of the kv lists (transpose_block_lists)")
+
+
+def check_list_layout(num_name: str, num: Tensor, idx_name: str, idx: Tensor, shape: tuple[int, int, int],
+                      device: torch.device) -> None:
+    """A count tensor [B, H, N] (``shape``) beside its lists [B, H, N, L], both int32 / int64 on ``device``."""
+    for name, t in ((num_name, num), (idx_name, idx)):
+        if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64) or t.device != device:
+            where = f" on {t.device}" if isinstance(t, Tensor) else ""
+            raise ScopeInputError(f"{name} must be an int32/int64 tensor on {device}, got {describe(t)}{where}")
+    if num.shape != shape or idx.dim() != 4 or idx.shape[:3] != num.shape:
+        raise ScopeInputError(f"{num_name} must be [B, H, N]={shape} and {idx_name} [B, H, N, L], got "
+                              f"{tuple(num.shape)} / {tuple(idx.shape)}")
+
+
+def check_list_values(kv_num_blocks: Tensor, kv_indices: Tensor) -> None:
+    """ScopeInputError unless every count lies in [0, L] and query block qb lists distinct ids in [0, qb] (what
+    the kernels assume: a repeated block would be attended twice). Broadcast lists ([1|B, 1|H, QB]) are fine.
+    One host sync."""
+    slots = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
+    listed = slots < kv_num_blocks[..., None]
+    own = torch.arange(kv_indices.shape[-2], device=kv_indices.device)[:, None]  # each row's query block qb
+    ids = kv_indices.long()
+    ordered = torch.where(listed, ids, -1 - slots).sort(dim=-1).values  # the unlisted as distinct negatives
+    flags = torch.stack(((kv_num_blocks < 0).any() | (kv_num_blocks > kv_indices.shape[-1]).any(),
+                         (listed & ((ids < 0) | (ids > own))).any(),
+                         ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any())).tolist()
+    if flags[0]:
+        raise ScopeInputError(f"kv_num_blocks must lie in [0, L={kv_indices.shape[-1]}] (the lists' width)")
+    if flags[1]:
+        raise ScopeInputError("kv_indices must list key blocks in [0, qb] for query block qb (causal; entries past "
+                              "kv_num_blocks are ignored)")
+    if flags[2]:
+        raise ScopeInputError("kv_indices repeats a key block within one query block's list: ids must be distinct")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from nsa.context_layout import (
 )
 from nsa.dispatch import accumulation_dtype
 from nsa.nonfinite import finite_or_zero, nonfinite_rows, poison_rows
+from scope.config import check_step
 from scope.errors import ScopeInputError
 from scope.functional import check_arguments, check_mask, finite_bias
 from scope.pointer_mask import PointerMask, document_starts
@@ -57,7 +58,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def scope_attention_context_parallel(
     q: Tensor, k: Tensor, v: Tensor, mask: PointerMask, *, block: int, layout: ContextLayout,
     group: dist.ProcessGroup | None = None, bias: BiasTerms | None = None, scale: float | None = None,
-    doc_ids: Tensor | None = None,
+    doc_ids: Tensor | None = None, check_lists: bool = True,
 ) -> Tensor:
     """scope_attention (its "torch" path) over a sequence split across the ranks of ``group`` by ``layout``.
 
@@ -67,14 +68,16 @@ def scope_attention_context_parallel(
     PointerMask of the whole sequence (its lists kv_num_blocks / kv_indices, over T / block query blocks; the
     BlockMask is not read); doc_ids: the whole sequence's [B|1, T] or [T]. Every rank calls with the same sizes,
     mask and layout. -> out [B, H, T_r, Dv]: rank r's rows of scope_attention on the whole sequence (module
-    docstring of scope.functional for the rule), differentiable in q, k, v and the bias.
+    docstring of scope.functional for the rule), differentiable in q, k, v and the bias. check_lists: check the
+    mask lists' values (as scope_attention; every rank, before the ranks agree).
     """
     rank = group_rank_and_size(group, layout, ScopeInputError)
     rejection = None
     try:
         check_arguments(q, k, v, block, bias, "score_mod", scale, 16)
-        check_mask(mask, q.shape[0], q.shape[1], layout.length // block, q.device)
+        check_mask(mask, q.shape[0], q.shape[1], layout.length // block, q.device, values=check_lists)
         _check_layout(layout, rank, q.shape[2], block)
+        doc_start = document_starts(doc_ids, layout.length, q.shape[0])
     except ScopeInputError as err:
         rejection = err
     signature = [0] * 5 if rejection else [*q.shape[:2], k.shape[1], v.shape[3], _DTYPES.index(q.dtype)]
@@ -85,7 +88,7 @@ def scope_attention_context_parallel(
     lists, listed = _local_lists(mask, positions[::block] // block)
     store, block_slot = _fetch_listed_blocks(torch.cat((k, v), dim=-1), lists, listed, layout, rank, block, group)
     return _attend_listed(q, store, k.shape[-1], lists, listed, block_slot, positions, block=block, bias=bias,
-                          scale=scale, doc_start=document_starts(doc_ids, layout.length, q.shape[0]))
+                          scale=scale, doc_start=doc_start)
 
 
 def scope_layer_context_parallel(
@@ -101,10 +104,10 @@ def scope_layer_context_parallel(
     c = layer.config
     rejection = None
     try:
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != c.hidden_size:
-            raise ScopeInputError(f"x must be [B, T_r, hidden_size={c.hidden_size}], got "
-                                  f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        layer.check_input(x)
+        check_step(step)
         _check_layout(layout, rank, x.shape[1], c.block)
+        document_starts(doc_ids, layout.length, x.shape[0])  # checks doc_ids
     except ScopeInputError as err:
         rejection = err
     agree_on_inputs(rejection, [0 if rejection else x.shape[0]], group,
@@ -118,7 +121,8 @@ def scope_layer_context_parallel(
     # The op poisons the rows that read a non-finite key: the layer's own rule for tokens of x that are.
     out = scope_attention_context_parallel(
         proj.q, poison_rows(proj.k, bad[:, None]), poison_rows(proj.v, bad[:, None]), mask, block=c.block,
-        layout=layout, group=group, bias=bias, scale=layer.scale, doc_ids=doc_ids).transpose(1, 2).flatten(2)
+        layout=layout, group=group, bias=bias, scale=layer.scale, doc_ids=doc_ids,
+        check_lists=False).transpose(1, 2).flatten(2)
     return poison_rows(layer.o_proj(finite_or_zero(out)), bad | nonfinite_rows(out))
 
 

@@ -27,19 +27,17 @@ CPU backward), "auto".
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nsa.dispatch import BackendChoice, choose_scope_attention_backend
 from nsa.nonfinite import finite_or_zero, nonfinite_rows, poison_rows
-from nsa.validation import FLOAT_DTYPES
-from scope.block_sparse_attention import dense_block_sparse, finite_inputs, kernel_block_sparse
+from nsa.validation import FLOAT_DTYPES, check_real, describe
+from scope.block_sparse_attention import check_list_values, dense_block_sparse, finite_inputs, kernel_block_sparse
 from scope.errors import ScopeConfigError, ScopeInputError
 from scope.pointer_mask import PointerMask, document_starts, exact_mask_mod
-from scope.spectral_bias import BiasTerms, bias_score_mod, qk_augment, qk_width
+from scope.spectral_bias import RAMP_KINDS, BiasTerms, Ramp, bias_score_mod, qk_augment, qk_width
 
 BIAS_IMPLS = ("score_mod", "qk_aug")
 
@@ -47,7 +45,7 @@ BIAS_IMPLS = ("score_mod", "qk_aug")
 def scope_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: PointerMask, *, block: int, bias: BiasTerms | None = None,
     bias_impl: str = "score_mod", scale: float | None = None, qk_align: int = 16, doc_ids: Tensor | None = None,
-    backend: str = "auto",
+    backend: str = "auto", check_lists: bool = True,
 ) -> Tensor:
     """SCOPE attention over the pointer mask with the spectral bias (layout, alignment and the non-finite rule:
     the module docstring). -> out [B, H, T, Dv].
@@ -56,14 +54,16 @@ def scope_attention(
     drives compiled FlexAttention, and must carry the q-side lists for a Flex backward). bias_impl: how the
     bias reaches the kernel, "score_mod" (FlexAttention, every term) or "qk_aug" (features appended to q and k,
     zero-padded to a multiple of ``qk_align``; no ramp: ScopeConfigError). scale defaults to Dqk ** -0.5.
-    backend: "auto", "flex", "triton" or "torch" (module docstring).
+    backend: "auto", "flex", "triton" or "torch" (module docstring). check_lists: check the mask lists' values
+    (scope.block_sparse_attention.check_list_values; one host sync); False for a mask the builders made (the
+    layer's).
     """
-    _check_call(q, k, v, mask, block, bias, bias_impl, scale, qk_align)
+    _check_call(q, k, v, mask, block, bias, bias_impl, scale, qk_align, check_lists)
     choice = scope_attention_backend(q, k, v, block=block, bias=bias, bias_impl=bias_impl, qk_align=qk_align,
                                      doc_ids=doc_ids, backend=backend)
     if choice.name == "torch":
         return naive_scope_attention(q, k, v, mask, block=block, bias=bias, bias_impl=bias_impl, scale=scale,
-                                     doc_ids=doc_ids)
+                                     doc_ids=doc_ids, check_lists=False)  # checked above
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, bias, poisoned = _finite_call(q, k, v, mask, block, bias, document_starts(doc_ids, q.shape[2], q.shape[0]))
     score_mod = None
@@ -87,13 +87,13 @@ def scope_attention(
 def naive_scope_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: PointerMask, *, block: int, bias: BiasTerms | None = None,
     bias_impl: str = "score_mod", scale: float | None = None, qk_align: int = 16, doc_ids: Tensor | None = None,
-    backend: str = "torch",
+    backend: str = "torch", check_lists: bool = True,
 ) -> Tensor:
     """Dense twin of scope_attention: the same arguments, checks, function and non-finite rule, as one
     [B, H, T, T] masked softmax in float32 (float64 for float64 inputs; the bias added densely whatever
     bias_impl says; qk_align and backend are accepted and unused). O(B H T^2) memory: tests, and
     scope_attention's "torch" path."""
-    _check_call(q, k, v, mask, block, bias, bias_impl, scale, qk_align)
+    _check_call(q, k, v, mask, block, bias, bias_impl, scale, qk_align, check_lists)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     doc_start = document_starts(doc_ids, q.shape[2], q.shape[0])
     q, k, v, bias, poisoned = _finite_call(q, k, v, mask, block, bias, doc_start)
@@ -170,10 +170,11 @@ def _eager_block_mask(mask: PointerMask, block: int, seq_len: int, doc_ids: Tens
 
 
 def _check_call(q: Tensor, k: Tensor, v: Tensor, mask: PointerMask, block: int, bias: BiasTerms | None,
-                bias_impl: str, scale: float | None, qk_align: int) -> None:
-    """ScopeInputError (ScopeConfigError for a ramp under qk_aug) naming the argument; no tensor data read."""
+                bias_impl: str, scale: float | None, qk_align: int, check_lists: bool) -> None:
+    """ScopeInputError (ScopeConfigError for a ramp under qk_aug) naming the argument; no tensor data read
+    unless check_lists."""
     check_arguments(q, k, v, block, bias, bias_impl, scale, qk_align)
-    check_mask(mask, q.shape[0], q.shape[1], q.shape[2] // block, q.device)
+    check_mask(mask, q.shape[0], q.shape[1], q.shape[2] // block, q.device, values=check_lists)
 
 
 def check_arguments(q: Tensor, k: Tensor, v: Tensor, block: int, bias: BiasTerms | None, bias_impl: str,
@@ -202,23 +203,31 @@ def check_arguments(q: Tensor, k: Tensor, v: Tensor, block: int, bias: BiasTerms
         if bias_impl == "qk_aug" and bias.ramp is not None:
             raise ScopeConfigError("bias_impl='qk_aug' cannot express the ramp (it is not a dot product): use "
                                    "bias_impl='score_mod', or terms without a ramp")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)
-                              or not math.isfinite(scale) or scale <= 0):
-        raise ScopeInputError(f"scale must be a finite number > 0 or None, got {scale!r}")
+    if scale is not None:
+        check_real("scale", scale, error=ScopeInputError, above=0.0, float32=True)
     if isinstance(qk_align, bool) or not isinstance(qk_align, int) or qk_align < 1:
         raise ScopeInputError(f"qk_align must be an int >= 1, got {qk_align!r}")
 
 
-def check_mask(mask: PointerMask, bsz: int, heads: int, num_blocks: int, device: torch.device) -> None:
+def check_mask(mask: PointerMask, bsz: int, heads: int, num_blocks: int, device: torch.device, *,
+               values: bool) -> None:
+    """The mask's lists: shapes (B and H may be 1: broadcast), integer dtypes, device; with ``values`` also
+    their values (check_list_values: one host sync)."""
     if not isinstance(mask, PointerMask):
         raise ScopeInputError(f"mask must be a PointerMask, got {type(mask).__name__}")
+    if not isinstance(values, bool):
+        raise ScopeInputError(f"check_lists must be a bool, got {values!r}")
     num, idx = mask.kv_num_blocks, mask.kv_indices
+    if not all(isinstance(t, Tensor) and t.dtype in (torch.int32, torch.int64) for t in (num, idx)):
+        raise ScopeInputError(f"mask lists must be int32/int64 tensors, got {describe(num)} / {describe(idx)}")
     if (num.dim() != 3 or num.shape[0] not in (1, bsz) or num.shape[1] not in (1, heads) or num.shape[2] != num_blocks
             or idx.dim() != 4 or idx.shape[:3] != num.shape):
         raise ScopeInputError(f"mask lists must be kv_num_blocks [B|1, H|1, QB] and kv_indices [B|1, H|1, QB, L] "
                               f"with B={bsz}, H={heads}, QB={num_blocks}, got {tuple(num.shape)} / {tuple(idx.shape)}")
     if num.device != device or idx.device != device:
         raise ScopeInputError(f"mask lists must be on {device}, got {num.device} / {idx.device}")
+    if values:
+        check_list_values(num, idx)
 
 
 def _check_bias(bias: BiasTerms, rows: tuple[int, int, int], device: torch.device) -> None:
@@ -231,7 +240,27 @@ def _check_bias(bias: BiasTerms, rows: tuple[int, int, int], device: torch.devic
         if tuple(t.shape) != shape or not t.is_floating_point() or t.device != device:
             raise ScopeInputError(f"bias.coeffs.{name} must be a floating tensor of shape {shape} (K = len(freqs) "
                                   f"= {num_freqs}) on {device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
-    if num_freqs == 0 or not all(math.isfinite(w) and w > 0 for w in bias.freqs):
-        raise ScopeInputError(f"bias.freqs must be K >= 1 finite frequencies > 0, got {bias.freqs!r}")
-    if isinstance(bias.beta, bool) or not isinstance(bias.beta, int | float) or not math.isfinite(bias.beta):
-        raise ScopeInputError(f"bias.beta must be a finite number, got {bias.beta!r}")
+    if num_freqs == 0:
+        raise ScopeInputError("bias.freqs must hold K >= 1 frequencies, got none")
+    for w in bias.freqs:  # the bias is computed in float32 (float64 for float64 q)
+        check_real("bias.freqs entry", w, error=ScopeInputError, above=0.0, float32=True)
+    check_real("bias.beta", bias.beta, error=ScopeInputError, float32=True)
+    if not isinstance(bias.slope, bool):
+        raise ScopeInputError(f"bias.slope must be a bool, got {bias.slope!r}")
+    if bias.ramp is not None:
+        _check_ramp(bias.ramp, rows[1], device)
+
+
+def _check_ramp(ramp: Ramp, heads: int, device: torch.device) -> None:
+    """The trough's settings, as ScopeConfig checks them for the layer (gate_kind, ramp_lambda, ramp_width, tau)."""
+    if not isinstance(ramp, Ramp):
+        raise ScopeInputError(f"bias.ramp must be a scope.spectral_bias.Ramp or None, got {type(ramp).__name__}")
+    if not isinstance(ramp.gate, Tensor) or tuple(ramp.gate.shape) != (heads,) or not ramp.gate.is_floating_point() \
+            or ramp.gate.device != device:
+        raise ScopeInputError(f"bias.ramp.gate must be a floating tensor [H={heads}] on {device}, got "
+                              f"{describe(ramp.gate)}")
+    if ramp.kind not in RAMP_KINDS:
+        raise ScopeInputError(f"bias.ramp.kind={ramp.kind!r} must be one of {RAMP_KINDS}")
+    check_real("bias.ramp.strength", ramp.strength, error=ScopeInputError, at_least=0.0, float32=True)
+    check_real("bias.ramp.width", ramp.width, error=ScopeInputError, at_least=0.0, float32=True)
+    check_real("bias.ramp.tau", ramp.tau, error=ScopeInputError, above=0.0, float32=True)

@@ -266,7 +266,8 @@ def allocate_budget(budget_logits: Tensor, budget: int, max_radius: int, temp: f
     the freed blocks are distributed again, by the same rule, over the peaks still below the cap;
     repeated until nothing is freed (at most M rounds: each round that frees blocks caps one more
     peak). Hence sum n_m = min(budget, M_active * (2*max_radius + 1)). Vectorised over rows, float64
-    shares, no host sync.
+    shares, no host sync. Non-finite logits (a NaN pointer head's rows: the layer poisons them) and shares that
+    overflow float64 are clamped first (NaN -> 0, +-inf -> +-1e300), so the sum rule holds for every row.
     """
     budget = _check_int("budget", budget, 0)
     max_radius = _check_int("max_radius", max_radius, 0)
@@ -275,7 +276,7 @@ def allocate_budget(budget_logits: Tensor, budget: int, max_radius: int, temp: f
         raise ScopeInputError(f"active must have the shape of budget_logits {tuple(budget_logits.shape)}, "
                               f"got {tuple(active.shape)}")
     cap = 2 * max_radius + 1
-    u = budget_logits.detach().to(torch.float64) / temp
+    u = torch.nan_to_num(budget_logits.detach().to(torch.float64) / temp, nan=0.0, posinf=1e300, neginf=-1e300)
     num_peaks = u.shape[-1]
     act = torch.ones_like(u, dtype=torch.bool) if active is None else active.to(torch.bool)
     n = torch.zeros_like(u, dtype=torch.long)

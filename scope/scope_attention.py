@@ -227,7 +227,8 @@ class ScopeAttention(nn.Module):
         mask = self.pointer_mask(d_blk, u_blk, seq_len, doc_ids=doc_ids, generator=generator,
                                  q_side=backend == "flex" and (self.training or torch.is_grad_enabled()))
         out = scope_attention(q, k, v, mask, block=c.block, bias=bias, bias_impl=bias_impl, scale=self.scale,
-                              qk_align=c.qk_align, doc_ids=doc_ids, backend=c.backend)  # the same choice
+                              qk_align=c.qk_align, doc_ids=doc_ids, backend=c.backend,  # the same choice
+                              check_lists=False)  # the builder's lists: no host sync on the hot path
         return out, ScopeAux(coeffs, mask, d_blk, u_blk)
 
     def pointer_mask(self, d_blk: Tensor, u_blk: Tensor, seq_len: int, *, doc_ids: Tensor | None = None,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nsa.dispatch import accumulation_dtype
-from nsa.validation import check_nonnegative_int, check_real
+from nsa.validation import FLOAT_DTYPES, check_nonnegative_int, check_real, parse_device
 from scope.config import ScopeConfig
 from scope.errors import ScopeConfigError, ScopeInputError
 from scope.pointer_mask import ScoreMod
@@ -63,13 +63,16 @@ def frequencies(
     (longest period, l_max tokens) to 2 pi / min_period (shortest period). K = 1 gives [2 pi / l_max]."""
     if isinstance(num_freqs, bool) or not isinstance(num_freqs, int) or num_freqs < 1:
         raise ScopeInputError(f"num_freqs (K) must be an int >= 1, got {num_freqs!r}")
-    if not (math.isfinite(min_period) and min_period > 0):
-        raise ScopeInputError(f"min_period must be a finite number > 0, got {min_period!r}")
-    if not (math.isfinite(l_max) and l_max > min_period):
-        raise ScopeInputError(f"l_max={l_max!r} must be finite and > min_period={min_period!r}")
+    min_period = check_real("min_period", min_period, error=ScopeInputError, above=0.0)
+    l_max = check_real("l_max", l_max, error=ScopeInputError, above=min_period)
+    if not math.isfinite(2 * math.pi / min_period):
+        raise ScopeInputError(f"min_period={min_period!r} is too small: 2 pi / min_period overflows")
+    if dtype not in FLOAT_DTYPES:
+        raise ScopeInputError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    place = None if device is None else parse_device("device", device, error=ScopeInputError)
     lo, hi = math.log(2 * math.pi / l_max), math.log(2 * math.pi / min_period)
     logw = torch.linspace(lo, hi, num_freqs, dtype=torch.float64)
-    return logw.exp().to(dtype=dtype, device=device)
+    return logw.exp().to(dtype=dtype, device=place)
 
 
 def _inverse_softplus(y: float) -> float:
@@ -169,6 +172,9 @@ class PointerHead(nn.Module):
         budget_logits = out[..., 4 * m : 5 * m]
         slope = cfg.c_scale * torch.tanh(out[..., 5 * m])
         return PointerParams(d_star, mu, sigma, pi, budget_logits, slope, d_logit)
+
+
+RAMP_KINDS = ("softplus", "relu")  # the ramp's activations (ScopeConfig.gate_kind without "none")
 
 
 class Ramp(NamedTuple):

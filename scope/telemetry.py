@@ -33,6 +33,15 @@ def scope_stats(aux: ScopeAux, config: ScopeConfig, regularisers: dict[str, Tens
                 teacher: TeacherLoss | None = None) -> dict[str, Any]:
     """The SCOPE_STATS fields of one forward (see the module docstring). config must be the config of the layer
     that made aux (ScopeInputError naming the mismatch otherwise: a wrong block would regroup the rows silently)."""
+    if not isinstance(aux, ScopeAux) or not isinstance(config, ScopeConfig):
+        raise ScopeInputError(f"aux must be a ScopeAux and config a ScopeConfig, got {type(aux).__name__} / "
+                              f"{type(config).__name__}")
+    if regularisers is not None and not (isinstance(regularisers, dict) and all(
+            isinstance(name, str) and isinstance(value, Tensor) and value.numel() == 1
+            for name, value in regularisers.items())):
+        raise ScopeInputError("regularisers must map names to one-element tensors (SpectralBias.regularisers)")
+    if teacher is not None and not isinstance(teacher, TeacherLoss):
+        raise ScopeInputError(f"teacher must be a TeacherLoss or None, got {type(teacher).__name__}")
     _check_aux_matches(aux, config)
     num_blocks = aux.block_d_star.shape[2]
     pi_blocks = representative_rows(aux.coeffs.params.pi, num_blocks, config.block, config.representative)

@@ -288,6 +288,16 @@ def case_errors(layout: ContextLayout, rank: int, group: dist.ProcessGroup | Non
     except ScopeInputError as err:
         if "whole query blocks" not in str(err) and "rejected" not in str(err):
             failures.append(f"unexpected message: {err}")
+    blocks = ContextLayout.contiguous(SCOPE_BLOCK * SCOPE_BLOCKS, layout.world_size, unit=SCOPE_BLOCK)
+    x = randn(B, blocks.local_length(rank), 16, seed=34)
+    for bad, words in (("step", "step"), ("dtype", "dtype")):  # checked before the ranks agree, on rank 1 only
+        try:
+            scope_layer_context_parallel(_scope_layer(), x.float() if bad == "dtype" and rank == 1 else x,
+                                         layout=blocks, group=group, step=-1 if bad == "step" and rank == 1 else 0)
+            failures.append(f"a bad {bad} on rank 1 was accepted")
+        except ScopeInputError as err:
+            if (words if rank == 1 else "rank(s) [1] rejected") not in str(err):
+                failures.append(f"unexpected message for a bad {bad}: {err}")
     return failures
 
 

@@ -185,6 +185,7 @@ def test_release_in_float64_equals_the_float64_forward() -> None:
     (dict(page_size=16, num_pages=2.0), "num_pages must be a positive int"),
     (dict(page_size=16, num_pages=False), "num_pages must be a positive int"),
     (dict(num_pages=4), "num_pages=4 needs page_size"),
+    (dict(static_shapes="no"), "static_shapes must be a bool"),
 ])
 def test_bad_page_settings_are_rejected(kwargs: dict, message: str) -> None:
     """(d) page_size / num_pages out of their rules: NSAInputError naming the argument and the rule."""
@@ -195,6 +196,29 @@ def test_bad_page_settings_are_rejected(kwargs: dict, message: str) -> None:
         NSAKVCache(layer.config, 2, CAPACITY, **kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(dtype=torch.int64), "dtype must be one of"),
+    (dict(dtype=torch.bool), "dtype must be one of"),
+])
+def test_bad_cache_settings_are_rejected(kwargs: dict, message: str) -> None:
+    layer = _layer("torch", torch.float32)
+    with pytest.raises(NSAInputError, match=message):
+        NSAKVCache(layer.config, 2, CAPACITY, **kwargs)
+    with pytest.raises(NSAInputError, match="config must be an NSAConfig"):
+        NSAKVCache(layer.config.to_dict(), 2, CAPACITY)  # type: ignore[arg-type]
+
+
+def test_device_zero_means_cuda_zero() -> None:
+    """torch.device(0) is cuda:0: the cache lives there, or names the device where there is none (it used to
+    land on the CPU)."""
+    config = _layer("torch", torch.float32).config
+    if torch.cuda.is_available():
+        assert NSAKVCache(config, 1, CAPACITY, device=0).device == torch.device("cuda", 0)
+    else:
+        with pytest.raises(NSAInputError, match="device"):
+            NSAKVCache(config, 1, CAPACITY, device=0)
+
+
 def test_bad_page_calls_are_rejected_without_change() -> None:
     """(d) release and map_pages name their argument and rule, and change nothing when they refuse."""
     cache = _layer("torch", torch.float32).new_cache(2, CAPACITY, page_size=PAGE)
@@ -203,6 +227,9 @@ def test_bad_page_calls_are_rejected_without_change() -> None:
     for bad in ([2], [-1], [0, 0], [True], [0.0]):
         with pytest.raises(NSAInputError, match=r"sequences must be distinct ints in \[0, batch_size=2\)"):
             cache.release(bad)
+    for not_a_list in (0, torch.tensor([0])):
+        with pytest.raises(NSAInputError, match="sequences must be a list"):
+            cache.release(not_a_list)  # type: ignore[arg-type]
     for ends in ([41, 0], [1], [1, -1], [1.0, 2]):
         with pytest.raises(NSAInputError, match=r"ends must give 2 ints in \[0, capacity=40\]"):
             cache.map_pages(ends)

@@ -470,3 +470,8 @@ def test_telemetry_steps_json_and_config_are_checked(tmp_path: Path) -> None:
                              ({"num_pointers": 3}, "num_pointers")):
         with pytest.raises(ScopeInputError, match=f"config.{field}="):
             scope_stats(aux, small_config(**overrides))
+    for args, words in (((None, layer.config), "aux must be a ScopeAux"), ((aux, {}), "config a ScopeConfig"),
+                        ((aux, layer.config, {"hf": 1.0}), "regularisers must map"),
+                        ((aux, layer.config, None, "teacher"), "teacher must be a TeacherLoss")):
+        with pytest.raises(ScopeInputError, match=words):
+            scope_stats(*args)  # type: ignore[arg-type]

@@ -441,6 +441,22 @@ def _valid(**overrides) -> dict:
     return kwargs
 
 
+def _bad_lists(num: torch.Tensor, idx: torch.Tensor) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor], str]]:
+    """Lists whose values break the contract (the kernels would attend a repeated block twice, read a block past
+    the lists or after the query block)."""
+    cases = []
+    for name, qb, ids, words in (("repeated", 3, [3, 3], "repeats a key block"), ("future", 1, [2], r"\[0, qb\]"),
+                                 ("negative", 2, [-2], r"\[0, qb\]")):
+        n, i = num.clone(), idx.clone()
+        n[0, 0, qb], i[0, 0, qb, :len(ids)] = len(ids), torch.tensor(ids)
+        cases.append((name, (n, i), words))
+    for count in (-1, idx.shape[-1] + 1):
+        n = num.clone()
+        n[0, 1, 0] = count
+        cases.append((f"count-{count}", (n, idx), r"kv_num_blocks must lie in \[0, L=2\]"))
+    return cases
+
+
 def _bad_cases() -> list:
     q, k, v = make_qkv(1, 4, 2, 64, 16, 16, seed=5)
     num, idx = make_lists(1, 4, 4, 2, seed=6)
@@ -468,6 +484,16 @@ def _bad_cases() -> list:
         pytest.param(dict(kv_num_blocks=num.float()), "kv_num_blocks", id="num-dtype"),
         pytest.param(dict(block=24), r"block=24", id="block-not-power-of-two"),
         pytest.param(dict(block=8), r"block=8", id="block-below-16"),
+        pytest.param(dict(block=16.0), r"block=16.0", id="block-float"),
+        pytest.param(dict(k=k[:, :0], v=v[:, :0]), r"heads", id="no-kv-heads"),
+        *[pytest.param(dict(scale=scale), r"scale", id=f"scale-{scale}")
+          for scale in (math.nan, math.inf, 1e300, 1e-320, 0.0, -1.0, True)],
+        *[pytest.param(dict(kv_num_blocks=lists[0], kv_indices=lists[1]), words, id=name)
+          for name, lists, words in _bad_lists(num, idx)],
+        pytest.param(dict(q_num_blocks=transpose_block_lists(num, idx, 4)[0]), "come together", id="q-lists-half"),
+        pytest.param(dict(q_num_blocks=torch.zeros_like(transpose_block_lists(num, idx, 4)[0]),
+                          q_indices=transpose_block_lists(num, idx, 4)[1]), "transpose", id="q-lists-wrong"),
+        pytest.param(dict(check_lists="no"), "check_lists must be a bool", id="check-lists-flag"),
         pytest.param(dict(backend="cuda"), r"backend", id="backend-name"),
     ]
 
@@ -475,14 +501,15 @@ def _bad_cases() -> list:
 @pytest.mark.parametrize(("overrides", "match"), _bad_cases())
 def test_bad_inputs_raise(overrides: dict, match: str) -> None:
     a = _valid(**overrides)
+    extra = {name: a[name] for name in ("scale", "q_num_blocks", "q_indices", "check_lists") if name in a}
     with pytest.raises(ScopeInputError, match=match):
         block_sparse_attention(a["q"], a["k"], a["v"], a["kv_num_blocks"], a["kv_indices"], block=a["block"],
-                               backend=a["backend"])
+                               backend=a["backend"], **extra)
     if "backend" in overrides:
         return
     with pytest.raises(ScopeInputError, match=match):  # the twin validates the same way
         block_sparse_attention_reference(a["q"], a["k"], a["v"], a["kv_num_blocks"], a["kv_indices"],
-                                         block=a["block"])
+                                         block=a["block"], **extra)
 
 
 def test_bad_inputs_raise_on_triton_backend_too() -> None:

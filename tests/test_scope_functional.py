@@ -282,6 +282,39 @@ def test_triton_float16_forward_matches_reference(variant: str) -> None:
 # errors
 
 
+def _bad_ramps(p: Problem) -> list[tuple[Ramp, str]]:
+    gate = p.gate
+    return [(Ramp(gate, "bogus", RAMP_LAMBDA, RAMP_WIDTH, RAMP_TAU), "bias.ramp.kind"),
+            (Ramp(gate, "relu", RAMP_LAMBDA, RAMP_WIDTH, 0.0), "bias.ramp.tau"),
+            (Ramp(gate, "relu", RAMP_LAMBDA, math.nan, RAMP_TAU), "bias.ramp.width"),
+            (Ramp(gate, "relu", 1e300, RAMP_WIDTH, RAMP_TAU), "bias.ramp.strength"),
+            (Ramp(gate[:1], "relu", RAMP_LAMBDA, RAMP_WIDTH, RAMP_TAU), "bias.ramp.gate")]
+
+
+def _edited(mask: PointerMask, edit) -> PointerMask:
+    """mask with its lists replaced by edit(kv_indices, kv_num_blocks) (-> kv_indices, or both)."""
+    edited = edit(mask.kv_indices.clone(), mask.kv_num_blocks.clone())
+    indices, counts = edited if isinstance(edited, tuple) else (edited, mask.kv_num_blocks)
+    return replace(mask, kv_indices=indices, kv_num_blocks=counts)
+
+
+def _repeat_a_block(indices: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    indices[0, 0, 2, :2] = 2  # query block 2 lists block 2 twice
+    counts[0, 0, 2] = 2
+    return indices, counts
+
+
+def _list_the_future(indices: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    indices[0, 0, 1, 0] = 3  # query block 1 lists block 3
+    counts[0, 0, 1] = max(1, int(counts[0, 0, 1]))
+    return indices, counts
+
+
+def _count_past_the_width(indices: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    counts[0, 0, 0] = indices.shape[-1] + 1
+    return indices, counts
+
+
 def _bad_calls() -> tuple[list, list]:
     """(call(fn), error, match): argument rules (both functions), and backend rules (scope_attention's)."""
     p = make_problem(8, **VARIANTS["score_mod_all"])
@@ -302,6 +335,17 @@ def _bad_calls() -> tuple[list, list]:
          "mask lists"),
         (lambda fn: p.call(fn, bias=other.terms()._replace(freqs=FREQS[:3])), ScopeInputError, "bias.coeffs.A"),
         (lambda fn: p.call(fn, doc_ids=torch.zeros(SEQ + 1, dtype=torch.long)), ScopeInputError, "doc_ids"),
+        # finite in float64, not in float32 (where the scores and the bias are computed)
+        (lambda fn: p.call(fn, scale=1e300), ScopeInputError, "scale=1e.300 overflows to inf in float32"),
+        (lambda fn: p.call(fn, scale=1e-320), ScopeInputError, "scale=.* underflows to 0 in float32"),
+        (lambda fn: p.call(fn, bias=p.terms()._replace(beta=1e300)), ScopeInputError, "bias.beta"),
+        (lambda fn: p.call(fn, bias=p.terms()._replace(freqs=(1e300, *FREQS[1:]))), ScopeInputError, "bias.freqs"),
+        (lambda fn: p.call(fn, bias=p.terms()._replace(slope="no")), ScopeInputError, "bias.slope must be a bool"),
+        *[(lambda fn, ramp=ramp: p.call(fn, bias=p.terms()._replace(ramp=ramp)), ScopeInputError, words)
+          for ramp, words in _bad_ramps(p)],
+        *[(lambda fn, edit=edit: replace(p, mask=_edited(p.mask, edit)).call(fn), ScopeInputError, words)
+          for edit, words in ((lambda i, n: i.float(), "int32/int64"), (_repeat_a_block, "repeats a key block"),
+                              (_list_the_future, r"\[0, qb\]"), (_count_past_the_width, "kv_num_blocks"))],
     ]
     backends = [
         (lambda fn: p.call(fn, backend="cuda"), ScopeInputError, "backend='cuda' must be one of"),
@@ -319,6 +363,19 @@ ARGUMENT_ERRORS, BACKEND_ERRORS = _bad_calls()
 def test_bad_arguments_raise_typed_errors(fn, call, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call(fn)
+
+
+def test_the_lists_check_can_be_left_to_the_builder() -> None:
+    """check_lists=False skips the value check (the layer's own masks): a repeated block then counts once on
+    the torch path, as the twin's visibility has it."""
+    p = make_problem(8, **VARIANTS["score_mod_all"])
+    repeated = _edited(p.mask, _repeat_a_block)
+    with pytest.raises(ScopeInputError, match="repeats"):
+        replace(p, mask=repeated).call(naive_scope_attention)
+    with pytest.raises(ScopeInputError, match="check_lists must be a bool"):
+        p.call(scope_attention, check_lists="no")
+    out = replace(p, mask=repeated).call(naive_scope_attention, check_lists=False)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize(("call", "error", "match"), BACKEND_ERRORS)

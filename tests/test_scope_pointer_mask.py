@@ -447,6 +447,16 @@ def test_allocate_budget_total_and_caps(seed, num_peaks, budget, max_radius, tem
             assert n[idx].tolist() == ref_alloc(u[idx].tolist(), budget, max_radius, temp, a)
 
 
+def test_allocate_budget_never_exceeds_the_budget_on_nonfinite_logits():
+    """NaN logits (a NaN pointer head) and shares that overflow float64 still split exactly min(budget, M x cap)
+    blocks: NaN counts as 0, +-inf as +-1e300."""
+    for logits, temp in (([[math.nan, 0.0]], 1.0), ([[1e300, 0.0]], 1e-10), ([[math.inf, -math.inf]], 1.0),
+                         ([[math.nan, math.nan]], 1.0)):
+        n = allocate_budget(torch.tensor(logits, dtype=F64), 2, 1, temp)
+        assert n.sum().item() == 2 and (n >= 0).all() and (n <= 3).all(), (logits, n)
+    assert allocate_budget(torch.tensor([[1e300, 0.0]], dtype=F64), 2, 1, 1e-10).tolist() == [[2, 0]]
+
+
 def test_budget_used_in_mask():
     """pm.budget_used == min(budget, M_active * (2R+1)), with and without caps."""
     gen = torch.Generator().manual_seed(3)

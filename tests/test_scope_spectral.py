@@ -143,6 +143,12 @@ def test_frequencies_are_log_spaced_between_the_periods():
     assert frequencies(1, 100.0, 10.0).tolist() == pytest.approx([2 * math.pi / 100.0])
     with pytest.raises(ScopeInputError, match="l_max"):
         frequencies(4, 10.0, 10.0)
+    for args, kwargs, words in (((3, 64.0, 1e-310), {}, "2 pi / min_period overflows"),
+                                ((3, 64.0, True), {}, "min_period"),
+                                ((3, 64.0, 4.0), {"dtype": torch.int64}, "dtype"),
+                                ((3, 64.0, 4.0), {"device": "bogus"}, "device")):
+        with pytest.raises(ScopeInputError, match=words):
+            frequencies(*args, **kwargs)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
