@@ -36,7 +36,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from nsa.block_index import num_compressed_blocks
 from nsa.errors import NSAInputError
-from nsa.validation import check_positive_int
+from nsa.validation import check_positive_int, is_int
 
 Segment = tuple[int, int]  # [start, end) rows
 
@@ -55,6 +55,11 @@ class ContextLayout:
             raise NSAInputError(f"ContextLayout.length must be an int >= 0, got {self.length!r}")
         if not self.segments:
             raise NSAInputError("ContextLayout.segments must list at least one rank")
+        if not all(isinstance(rank, tuple) and all(
+                isinstance(seg, tuple) and len(seg) == 2 and all(is_int(end) for end in seg) for seg in rank)
+                for rank in self.segments):
+            raise NSAInputError("ContextLayout.segments must be a tuple per rank of (start, end) int pairs, got "
+                                f"{self.segments!r}")
         covered = sorted(seg for rank in self.segments for seg in rank)
         if any(not (0 <= a < b) for a, b in covered) or any(
                 sorted(rank) != list(rank) for rank in self.segments):
@@ -83,11 +88,16 @@ class ContextLayout:
         return len(self.segments)
 
     def local_length(self, rank: int) -> int:
-        return sum(b - a for a, b in self.segments[rank])
+        return sum(b - a for a, b in self.segments[self._checked(rank)])
 
     def positions(self, rank: int, device: torch.device | str | None = None) -> Tensor:
         """int64 [local_length(rank)]: the absolute row of each local row."""
-        return interval_rows(self.segments[rank]).to(device or "cpu")
+        return interval_rows(self.segments[self._checked(rank)]).to("cpu" if device is None else device)
+
+    def _checked(self, rank: int) -> int:
+        if not is_int(rank) or not 0 <= rank < self.world_size:
+            raise NSAInputError(f"rank must be an int in [0, world_size={self.world_size}), got {rank!r}")
+        return rank
 
     def shard(self, x: Tensor, rank: int, dim: int = 1) -> Tensor:
         """Rank ``rank``'s rows of a whole-sequence tensor x (rows along ``dim``), in local order."""
@@ -147,6 +157,10 @@ def group_rank_and_size(group: dist.ProcessGroup | None, layout: ContextLayout,
                         error: type[Exception] = NSAInputError) -> int:
     """This process's rank in ``group`` (None: the default group); ``error`` unless the group has the layout's
     number of ranks (the same verdict on every rank: the sizes are global)."""
+    if not isinstance(layout, ContextLayout):
+        raise error(f"layout must be a ContextLayout, got {type(layout).__name__}")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise error(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise error("context parallelism needs an initialised torch.distributed process group")
     size = dist.get_world_size(group)

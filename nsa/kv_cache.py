@@ -35,7 +35,7 @@ import torch
 from nsa.block_index import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.errors import NSAInputError
-from nsa.validation import FLOAT_DTYPES, check_device, check_positive_int
+from nsa.validation import FLOAT_DTYPES, check_device, check_positive_int, is_int
 
 
 class NSAKVCache:
@@ -111,7 +111,7 @@ class NSAKVCache:
         """
         lengths = [length] * self.batch_size if isinstance(length, int) else list(length)
         if (self.lengths != [0] * self.batch_size or len(lengths) != self.batch_size
-                or not all(_is_int(n) and 0 < n <= self.capacity for n in lengths)):
+                or not all(is_int(n) and 0 < n <= self.capacity for n in lengths)):
             raise NSAInputError(f"fill_random_ needs an empty cache and one length, or {self.batch_size}, in "
                                 f"(0, capacity={self.capacity}], got {length}")
         self.map_pages(lengths)
@@ -142,11 +142,11 @@ class NSAKVCache:
             raise NSAInputError(f"x is on {x.device} but the cache is on {self.device}")
         chunk = x.shape[1]
         counts = [chunk] * self.batch_size if num_valid is None else list(num_valid)
-        if (len(counts) != self.batch_size or not all(_is_int(n) for n in counts)
+        if (len(counts) != self.batch_size or not all(is_int(n) for n in counts)
                 or any(n < 0 or n > chunk for n in counts)):
             raise NSAInputError(f"num_valid must give {self.batch_size} ints in [0, C={chunk}], got {counts}")
         if start_positions is not None:
-            if len(start_positions) != self.batch_size or not all(_is_int(n) for n in start_positions):
+            if len(start_positions) != self.batch_size or not all(is_int(n) for n in start_positions):
                 raise NSAInputError(
                     f"start_positions must give {self.batch_size} ints, got {list(start_positions)}"
                 )
@@ -177,7 +177,7 @@ class NSAKVCache:
         free pages do not suffice, and nothing changed.
         """
         ends = list(ends)
-        if len(ends) != self.batch_size or not all(_is_int(n) and 0 <= n <= self.capacity for n in ends):
+        if len(ends) != self.batch_size or not all(is_int(n) and 0 <= n <= self.capacity for n in ends):
             raise NSAInputError(f"ends must give {self.batch_size} ints in [0, capacity={self.capacity}], got {ends}")
         needed = self._pages_to_map(ends)
         if not needed or self.page_table is None:
@@ -216,7 +216,7 @@ class NSAKVCache:
         if isinstance(sequences, torch.Tensor) or not isinstance(sequences, Sequence):
             raise NSAInputError(f"sequences must be a list of sequence indices, got {type(sequences).__name__}")
         indices = list(sequences)
-        if (not all(_is_int(b) and 0 <= b < self.batch_size for b in indices)
+        if (not all(is_int(b) and 0 <= b < self.batch_size for b in indices)
                 or len(set(indices)) != len(indices)):
             raise NSAInputError(f"sequences must be distinct ints in [0, batch_size={self.batch_size}), got {indices}")
         for b in indices:
@@ -326,17 +326,13 @@ def _check_pages(config: NSAConfig, batch_size: int, capacity: int, page_size: i
             raise NSAInputError(f"num_pages={num_pages!r} needs page_size (a paged cache); leave it None otherwise")
         return None
     block = config.sel_block_size
-    if not _is_int(page_size) or page_size <= 0 or page_size % block:
+    if not is_int(page_size) or page_size <= 0 or page_size % block:
         raise NSAInputError(f"page_size must be a positive int multiple of sel_block_size={block} (a selection "
                             f"block must not straddle two pages), got {page_size!r}")
     if num_pages is None:
         return page_size, batch_size * -(-capacity // page_size)
     check_positive_int("num_pages", num_pages)
     return page_size, num_pages
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _gather_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,11 @@ _FLOAT32_TO_INF = float.fromhex("0x1.ffffffp+127")
 _FLOAT32_TO_ZERO = 2.0**-150
 
 
+def is_int(value: object) -> bool:
+    """A Python int that is not a bool (True would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value: int, *, error: type[Exception] = NSAInputError) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise error(f"{name} must be a positive int, got {value!r}")

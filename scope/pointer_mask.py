@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
+from nsa.validation import parse_device
 from scope.errors import ScopeInputError
 
 __all__ = [
@@ -110,6 +111,13 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ScopeInputError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_flags(**flags: Any) -> None:
+    """Each flag a bool (or None, where None means the default): a truthy string is not a switch."""
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise ScopeInputError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_seq(seq_len: Any, block: Any) -> int:
@@ -449,6 +457,7 @@ def build_pointer_block_mask(
     global_blocks = _check_int("global_blocks", global_blocks, 0)
     max_radius = _check_int("max_radius", max_radius, 0)
     budget_temp = _check_temp(budget_temp)
+    _check_flags(training=training, compute_q_blocks=compute_q_blocks)
     if not isinstance(d_star, Tensor) or d_star.dim() != 4:
         raise ScopeInputError(f"d_star must be a 4-d tensor [B, H, QB, M], got "
                               f"{tuple(d_star.shape) if isinstance(d_star, Tensor) else type(d_star).__name__}")
@@ -526,7 +535,10 @@ def sliding_window_block_mask(
     M = 0 in centres/alloc/clamped. The q side, when asked for, has width min(QB, local_blocks)."""
     num_blocks = _check_seq(seq_len, block)
     local_blocks = _check_int("local_blocks", local_blocks, 1)
-    if device is None and doc_ids is not None:
+    _check_flags(compute_q_blocks=compute_q_blocks)
+    if device is not None:
+        device = parse_device("device", device, error=ScopeInputError)
+    elif doc_ids is not None:
         device = doc_ids.device
     dsb, seg = _documents(doc_ids, seq_len, block, None, device)
     bsz = dsb.shape[0]

@@ -389,7 +389,22 @@ def test_compressed_layout_gives_each_block_to_the_owner_of_its_last_token() -> 
     (lambda: ContextLayout.contiguous(10, 2, unit=4), "multiple of unit"),
     (lambda: ContextLayout(5, (((0, 2),), ((3, 5),))), "exactly once"),
     (lambda: ContextLayout(5, (((2, 5), (0, 2)),)), "ascending"),
+    (lambda: ContextLayout(4, (((0, 2.5), (2.5, 4)),)), "int pairs"),
+    (lambda: ContextLayout(4, ([(0, 4)],)), "int pairs"),
+    (lambda: ContextLayout.contiguous(4, 1).positions(1), r"rank must be an int in \[0, world_size=1\)"),
+    (lambda: ContextLayout.contiguous(4, 1).positions(-1), "rank must be"),
+    (lambda: ContextLayout.contiguous(4, 1).local_length(True), "rank must be"),
 ])
 def test_bad_layouts_raise(call: Callable[[], ContextLayout], message: str) -> None:
     with pytest.raises(NSAInputError, match=message):
         call()
+
+
+def test_bad_layout_and_group_arguments_are_named() -> None:
+    """Checked before the process group is asked anything (no group is initialised here)."""
+    inputs = _nsa_inputs()
+    with pytest.raises(NSAInputError, match="layout must be a ContextLayout"):
+        nsa_attention_context_parallel(*inputs, **NSA_SIZES, layout=13)  # type: ignore[arg-type]
+    with pytest.raises(NSAInputError, match=r"group must be a torch\.distributed ProcessGroup"):
+        nsa_attention_context_parallel(*inputs, **NSA_SIZES, layout=ContextLayout.contiguous(T, 1),
+                                       group="x")  # type: ignore[arg-type]

@@ -447,6 +447,19 @@ def test_allocate_budget_total_and_caps(seed, num_peaks, budget, max_radius, tem
             assert n[idx].tolist() == ref_alloc(u[idx].tolist(), budget, max_radius, temp, a)
 
 
+def test_switches_are_bools():
+    d_star = torch.zeros(1, 1, 4, 1, dtype=F64)
+    args = dict(block=4, budget=1, local_blocks=1, global_blocks=0, max_radius=0)
+    for kwargs, words in ((dict(training="no"), "training must be a bool"),
+                          (dict(compute_q_blocks="no"), "compute_q_blocks must be a bool")):
+        with pytest.raises(ScopeInputError, match=words):
+            build_pointer_block_mask(d_star, d_star, 16, **args, **kwargs)
+    with pytest.raises(ScopeInputError, match="compute_q_blocks must be a bool"):
+        sliding_window_block_mask(16, 4, 2, compute_q_blocks="no")
+    with pytest.raises(ScopeInputError, match="device"):
+        sliding_window_block_mask(16, 4, 2, device="bogus")
+
+
 def test_allocate_budget_never_exceeds_the_budget_on_nonfinite_logits():
     """NaN logits (a NaN pointer head) and shares that overflow float64 still split exactly min(budget, M x cap)
     blocks: NaN counts as 0, +-inf as +-1e300."""
