@@ -59,7 +59,8 @@ def scope_stats(aux: ScopeAux, config: ScopeConfig, regularisers: dict[str, Tens
 
 
 def _check_aux_matches(aux: ScopeAux, config: ScopeConfig) -> None:
-    """ScopeInputError unless aux's shapes fit config: heads, pointers, and T = QB * block."""
+    """ScopeInputError unless aux's shapes fit config: heads, pointers, T = QB * block, and the mask lists' width
+    (local, global and budget blocks; max_radius leaves no trace in the shapes)."""
     _, heads, num_blocks, pointers = aux.block_d_star.shape
     seq_len = aux.coeffs.params.pi.shape[2]
     for name, value, fits in (("num_heads", config.num_heads, heads == config.num_heads),
@@ -70,6 +71,15 @@ def _check_aux_matches(aux: ScopeAux, config: ScopeConfig) -> None:
                 f"config.{name}={value} does not match aux ({heads} heads, {pointers} pointers, {seq_len} tokens "
                 f"in {num_blocks} blocks): pass the config of the layer that made aux"
             )
+    # the builders' list width: local + global + budget + M with pointers, the local band without
+    width = (config.local_blocks + config.global_blocks + config.budget + config.num_pointers
+             if config.pointer_mask else config.local_blocks)
+    if aux.pointer_mask.kv_indices.shape[-1] != width:
+        raise ScopeInputError(
+            f"config's local_blocks + global_blocks + budget{' + num_pointers' if config.pointer_mask else ''} = "
+            f"{width} does not match aux's mask lists of width {aux.pointer_mask.kv_indices.shape[-1]}: pass the "
+            "config of the layer that made aux"
+        )
 
 
 def _json_line(record: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@ score_mod = qk_aug, the teacher signal moving pointers, telemetry, errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -470,6 +471,9 @@ def test_telemetry_steps_json_and_config_are_checked(tmp_path: Path) -> None:
                              ({"num_pointers": 3}, "num_pointers")):
         with pytest.raises(ScopeInputError, match=f"config.{field}="):
             scope_stats(aux, small_config(**overrides))
+    for field in ("budget", "local_blocks", "global_blocks"):
+        with pytest.raises(ScopeInputError, match="does not match aux's mask lists"):
+            scope_stats(aux, dataclasses.replace(layer.config, **{field: getattr(layer.config, field) + 1}))
     for args, words in (((None, layer.config), "aux must be a ScopeAux"), ((aux, {}), "config a ScopeConfig"),
                         ((aux, layer.config, {"hf": 1.0}), "regularisers must map"),
                         ((aux, layer.config, None, "teacher"), "teacher must be a TeacherLoss")):
