@@ -259,8 +259,8 @@ class Trainer:
                                  f"({err}): start another out_dir") from None
         if saved.model_dump(exclude=RUNTIME_KEYS) != self.config.model_dump(exclude=RUNTIME_KEYS):
             raise RunFolderError(f"resume: the config differs from the one stored in {path}: resume with the same "
-                                 "overrides (only stop_step, threads, progress and heartbeat may change), or start "
-                                 "another out_dir")
+                                 "overrides (only stop_step, out_dir, threads, progress and heartbeat may change), or "
+                                 "start another out_dir")
         if sharded:
             load_sharded_checkpoint(path, self.wrapped, self.optimizer, self.data_generator, self.world)
         else:
