@@ -168,7 +168,7 @@ def test_markdown_states_each_target_from_the_rows(tmp_path: Any) -> None:
         {"impl": "gpt_dense", "shape": "gpt", "T": 16384, "tokens_per_s": 1000},
         {"impl": "gpt_nsa", "shape": "gpt_compiled", "T": 16384, "tokens_per_s": 400},
         {"impl": "gpt_dense", "shape": "gpt_compiled", "T": 16384, "tokens_per_s": 1000},
-        {"impl": "nsa", "shape": "public", "T": 524288, "error": "out of memory"},
+        {"impl": "nsa", "shape": "public", "T": 524288, "error": "out of memory", "gpu": "NVIDIA H200"},
         {"impl": "tiles", "shape": "public", "T": 65536, "tiles": "A", "dq_cmp": 2.0},
         {"impl": "tiles", "shape": "public", "T": 65536, "tiles": "B", "dq_cmp": 1.0},
     ]
@@ -191,7 +191,12 @@ def test_markdown_states_each_target_from_the_rows(tmp_path: Any) -> None:
     assert status("GPT tokens/s at 64k vs dense (at least)") == ["1.0", "", "not measured"]
     assert status("GPT tokens/s at 16k vs dense (at least), both compiled") == ["0.5", "0.4", "missed (1.25x short)"]
     assert not [line for line in lines if line.startswith("| GPT tokens/s at 64k vs dense (at least), both")]
-    assert status("512k forward+backward fits") == ["fits", "out of memory", "missed"]
+    assert status("512k forward+backward fits") == ["fits (H200)", "out of memory", "missed"]
+    rows[-3]["gpu"] = "NVIDIA H100 80GB HBM3"  # a smaller card running out decides nothing about the H200's bound
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows))
+    bench_prefill.write_markdown(markdown, jsonl)
+    lines = markdown.read_text().splitlines()
+    assert status("512k forward+backward fits")[2] == "not decided on NVIDIA H100 80GB HBM3"
     assert status("64k peak memory vs dense") == ["1.5", "1.25", "met"]
     tile_lines = [line for line in lines if line.startswith("| public | 65536 |")]
     assert [line.split("|")[4].strip() for line in tile_lines] == ["A", "B"]
