@@ -459,7 +459,7 @@ class Trainer:
                                    "skipped": self.skipped, "out_dir": str(self.out_dir),
                                    "signal": signals.received if status == "interrupted" else None}
         if status == "time_budget" or (status == "finished" and self.step == tc.max_steps):
-            summary["eval"] = self._final_eval(train_s / 60, evaluated=self.step == first_step)
+            summary["eval"] = self._final_eval(train_s / 60, no_step_ran=self.step == first_step)
         return summary
 
     def _over_budget(self, seconds: float, budget_s: float) -> bool:
@@ -492,11 +492,11 @@ class Trainer:
         if self.world.is_main:
             self.metrics.append({"kind": "eval", "step": self.step, **record})
 
-    def _final_eval(self, train_minutes: float, evaluated: bool) -> dict[str, Any] | None:
-        """The final evaluation (eval.json, an "eval" record); ``evaluated``: no step ran in this invocation, so an
-        eval.json of this very step is the result already (read back, nothing written again)."""
+    def _final_eval(self, train_minutes: float, no_step_ran: bool) -> dict[str, Any] | None:
+        """The final evaluation (eval.json, an "eval" record). When no step ran in this invocation, an eval.json of
+        this very step is the result already (read back, nothing written again)."""
         done = self.out_dir / EVAL_NAME
-        if evaluated and done.exists():
+        if no_step_ran and done.exists():
             saved = json.loads(done.read_text())
             if saved.get("step") == self.step:
                 return saved if self.world.is_main else None
