@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -44,8 +45,9 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from sal_harness.config import usable_device
 from sal_harness.distributed import World, barrier, load_local_state, local_state, min_over_ranks, sum_over_ranks
-from sal_harness.errors import NonFiniteTrainingError, RunFolderError
+from sal_harness.errors import HarnessError, NonFiniteTrainingError, RunFolderError
 
 FORMAT_VERSION = 2
 CHECKPOINT_PATTERN = re.compile(r"ckpt-(\d{8})(\.pt)?")  # a file (one process) or a folder (several)
@@ -98,9 +100,36 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_json(path: str | Path, obj: Any) -> None:
-    """JSON through atomic_write (indented, trailing newline)."""
-    text = json.dumps(obj, indent=2) + "\n"
+    """JSON through atomic_write (indented, trailing newline). A NaN / inf (no JSON number: strict readers reject
+    the file) raises HarnessError naming the file and the entry, and writes nothing."""
+    bad = nonfinite_entry(obj)
+    if bad is not None:
+        raise HarnessError(f"{path} not written: its entry {bad} is not a finite number (JSON has no NaN / inf)")
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def nonfinite_entry(obj: Any, where: str = "") -> str | None:
+    """Where the first NaN / inf float of nested dicts and lists sits ("['grid'][3]['accuracy'] = nan"), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where or 'value'} = {obj}"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for key, value in items:
+        found = nonfinite_entry(value, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def stopped_by_time_budget(run_dir: Path, step: int) -> bool:
+    """heartbeat.json records the stop at ``step`` as train.max_minutes' (the one stop short of train.max_steps that
+    training ends with its final evaluation; stop_step and signals end as "finished" / "interrupted"). An unreadable
+    heartbeat says no: the run then counts as unfinished."""
+    try:
+        beat = json.loads((run_dir / HEARTBEAT_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(beat, dict) and beat.get("status") == "time_budget" and beat.get("step") == step
 
 
 def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
@@ -354,16 +383,26 @@ def unreadable(path: Path, err: Exception) -> RunFolderError:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by save_checkpoint (weights_only: plain data and tensors only) or, whole, one
-    written by save_sharded_checkpoint."""
-    if path.is_dir():
-        return read_sharded_checkpoint(path, map_location)
+    written by save_sharded_checkpoint. A non-finite weight is damage (saving refuses them)."""
+    # Checked first: torch.load's failure to place tensors on a device would read as a damaged file.
+    usable_device(str(map_location), "map_location")
+    read = read_sharded_checkpoint if path.is_dir() else read_checkpoint_file
+    checkpoint = read(path, map_location)
+    bad = first_nonfinite_index(checkpoint["model"])
+    if bad < len(checkpoint["model"]):
+        raise RunFolderError(damaged_message(path, f"holds a NaN / inf in weight {list(checkpoint['model'])[bad]!r} "
+                                                   "(training never saves one: the file was changed)"))
+    return checkpoint
+
+
+def read_checkpoint_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:  # torch.load reads the entries without checking their CRC-32s
             changed = archive.testzip()
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as err:  # truncated zip, garbage bytes, unpickling errors: all mean a damaged file
+    except Exception as err:  # truncated zip, garbage bytes, unpickling errors (the device is usable): damage
         raise unreadable(path, err) from None
     if changed is not None:
         raise RunFolderError(damaged_message(path, f"fails its checksum (entry {changed!r} changed on disk)"))
@@ -385,13 +424,36 @@ def damaged_message(path: Path, problem: str) -> str:
     return f"checkpoint {path} {problem}: {fallback}"
 
 
-def latest_checkpoint(out_dir: Path) -> Path:
-    """The newest checkpoint of a run folder, for a resume; RunFolderError when there is none."""
+RESUME_ADVICE = "start the run without resume=true, or point out_dir at the run folder to continue"
+
+
+def latest_checkpoint(out_dir: Path, purpose: str = "resume", advice: str = RESUME_ADVICE) -> Path:
+    """The newest checkpoint of a run folder; RunFolderError when there is none, naming the caller's ``purpose``
+    and giving its ``advice``."""
     found = list_checkpoints(out_dir)
     if not found:
-        raise RunFolderError(f"resume: no checkpoint (ckpt-*.pt, ckpt-*/) in {out_dir}: start the run without "
-                             "resume=true, or point out_dir at the run folder to continue")
+        raise RunFolderError(f"{purpose}: no checkpoint (ckpt-*.pt, ckpt-*/) in {out_dir}: {advice}")
     return found[-1]
+
+
+def load_weights(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> None:
+    """model.load_state_dict(checkpoint["model"]) for the model the checkpoint's own config builds; weights that do
+    not fit it raise RunFolderError naming the first mismatch."""
+    mismatch = first_weight_mismatch(checkpoint["model"], model.state_dict())
+    if mismatch is not None:
+        raise RunFolderError(f"checkpoint {path}: its weights do not match its config (first mismatch: {mismatch}): "
+                             "the file was changed after training; restore it, or use another checkpoint")
+    model.load_state_dict(checkpoint["model"])
+
+
+def first_weight_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    for name, tensor in expected.items():
+        if name not in saved:
+            return f"{name} is missing"
+        if saved[name].shape != tensor.shape:
+            return f"{name} is {list(saved[name].shape)}, the config makes it {list(tensor.shape)}"
+    extra = [name for name in saved if name not in expected]
+    return f"{extra[0]} is not a weight of the model the config builds" if extra else None
 
 
 class MetricsLog:

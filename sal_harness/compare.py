@@ -5,13 +5,17 @@
     python -m scripts.compare --attentions dense,nsa train.max_steps=100 nsa:attention.num_selected=6
 
 Every run is ``sal_harness.train`` on the composed config ``train.yaml`` + the overrides given here +
-``attention=<kind> task=<task> out_dir=<out>/<kind>-<task>``; an override prefixed ``<kind>:`` applies to
-that attention only. The runs of ``--ddp-attentions`` (default nsa and scope: on a CPU their training steps cost
-~13 and ~4 dense ones) are trained first, each by all ``--jobs`` processes together (DDP: the same steps as one process,
-up to rounding); the others then go to ``--jobs`` worker processes, one run each (``--threads`` torch threads
-per process). A run folder that already holds checkpoints is resumed (exactly), a finished one (its eval.json
-made at its newest checkpoint) is kept as it is, so the same command continues an interrupted comparison.
-The report (``sal_harness.report``) goes to ``<out>/report`` and its table is printed.
+``attention=<kind> task=<task> out_dir=<out>/<kind>-<task>``; an override prefixed ``<kind>:`` applies to that
+attention only (a kind of --attentions; out_dir and resume are sal-compare's, not overrides'). The runs of
+``--ddp-attentions`` (default nsa and scope: on a CPU their training steps cost ~13 and ~4 dense ones) are trained
+first, each by all ``--jobs`` processes together (DDP: the same steps as one process, up to rounding); the others
+then go to ``--jobs`` worker processes, one run each (``--threads`` torch threads per process). A run folder that
+already holds checkpoints is resumed (exactly), a finished one (its eval.json made at its newest checkpoint, that of
+train.max_steps or of the stop at train.max_minutes) is kept as it is, so the same command continues an interrupted
+comparison; a run folder whose config.yaml differs from the requested config (beyond the settings a resume may
+change: stop_step, threads, progress, heartbeat) is an error naming the keys. The report (``sal_harness.report``)
+goes to ``<out>/report`` and its table is printed. With stop_step=N (a comparison in parts) the runs stop at step N
+and the report is skipped (exit status 0): the same command without stop_step finishes them and writes it.
 """
 
 from __future__ import annotations
@@ -28,28 +32,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sal_harness.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
-from sal_harness.config import RunConfig, compose, validate_run_config
-from sal_harness.errors import HarnessError
+from sal_harness.checkpoint import CHECKPOINT_PATTERN, list_checkpoints, stopped_by_time_budget
+from sal_harness.config import RunConfig, compose, differing_keys, validate_run_config
+from sal_harness.errors import HarnessError, RunFolderError
 from sal_harness.evaluate import EVAL_NAME
 from sal_harness.model import ATTENTION_KINDS
 from sal_harness.report import read_run, side_by_side, write_report, write_results
+from sal_harness.train import CONFIG_NAME, RUNTIME_KEYS, read_run_config
 
 # Slowest first, so that the longest run starts at once when runs share the workers.
 COST_ORDER = ("nsa", "scope", "window", "dense")
+# Keys sal-compare sets for every run itself: an override of them would be overwritten.
+SET_BY_COMPARE = ("out_dir", "resume")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sal-compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="hydra key=value overrides of train.yaml ('<kind>:key=value' "
-                        "for one attention only)")
+                        "for one attention only, a kind of --attentions)")
     parser.add_argument("--attentions", default=",".join(ATTENTION_KINDS), help="comma-separated attention kinds")
     parser.add_argument("--attention-variant", default="", help="use the attention group's <kind>_<variant> options "
                         "(e.g. 16k: window_16k, nsa_16k, scope_16k, dense_16k)")
     parser.add_argument("--tasks", default="needle", help="comma-separated tasks (needle, mqar, passkey, text)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="parent of the run folders")
-    parser.add_argument("--jobs", type=int, default=2, help="training processes at once (default 2)")
+    parser.add_argument("--jobs", type=at_least_one, default=2, help="training processes at once (default 2)")
     parser.add_argument("--ddp-attentions", default="nsa,scope",
                         help="comma-separated kinds trained first, one at a time, by all --jobs processes together "
                         "(DDP over gloo / NCCL; default nsa,scope, the slowest on a CPU); the others share the "
@@ -60,23 +67,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before, between or after the options
 
 
-def run_configs(args: argparse.Namespace) -> list[RunConfig]:
-    """Every (attention, task) run, validated before anything starts."""
-    kinds = [k for k in args.attentions.split(",") if k]
-    unknown = sorted(set(kinds) - set(ATTENTION_KINDS))
+def at_least_one(text: str) -> int:
+    """argparse type of --jobs (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def listed(value: str, option: str, known: Sequence[str] | None = None, allow_empty: bool = False) -> list[str]:
+    """The entries of a comma-separated option: at least one (unless allow_empty), each once (a repeated kind or
+    task would train twice at once in one run folder) and, where ``known`` is given, each one of those."""
+    entries = [e for e in value.split(",") if e]
+    if not entries and not allow_empty:
+        raise HarnessError(f"{option}: nothing given; name at least one entry (comma-separated)")
+    repeated = sorted({e for e in entries if entries.count(e) > 1})
+    if repeated:
+        raise HarnessError(f"{option}: {repeated} given more than once; name each once")
+    unknown = sorted(set(entries) - set(known)) if known is not None else []
     if unknown:
-        raise HarnessError(f"--attentions: unknown kind(s) {unknown}; known: {list(ATTENTION_KINDS)}")
+        raise HarnessError(f"{option}: unknown kind(s) {unknown}; known: {list(known or ())}")
+    return entries
+
+
+def ddp_kinds(args: argparse.Namespace) -> list[str]:
+    return listed(args.ddp_attentions, "--ddp-attentions", ATTENTION_KINDS, allow_empty=True)
+
+
+def run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """Every (attention, task) run, validated, with its run folder, before anything starts."""
+    kinds = listed(args.attentions, "--attentions", ATTENTION_KINDS)
+    tasks = listed(args.tasks, "--tasks")
+    check_overrides(args.overrides, kinds)
+    check_no_file_in_the_way(args.out_dir / "report", args.out_dir)
     common = [o for o in args.overrides if not is_scoped(o)]
     configs = []
-    for task in [t for t in args.tasks.split(",") if t]:
+    for task in tasks:
         for kind in sorted(kinds, key=COST_ORDER.index):
             scoped = [o.split(":", 1)[1] for o in args.overrides if is_scoped(o) and o.split(":", 1)[0] == kind]
             out_dir = args.out_dir / f"{kind}-{task}"
             option = f"{kind}_{args.attention_variant}" if args.attention_variant else kind
-            values = compose([*common, f"attention={option}", f"task={task}", f"out_dir={out_dir}",
-                              f"train.threads={args.threads}", *scoped])
-            values["resume"] = bool(list_checkpoints(out_dir))
+            values = compose([*common, f"attention={option}", f"task={task}", f"train.threads={args.threads}",
+                              *scoped])
+            # Set here, not as an override: hydra's grammar gives ',', quotes or '${' in a path a meaning.
+            values.update(out_dir=str(out_dir), resume=bool(list_checkpoints(out_dir)))
             configs.append(validate_run_config(values))
+    for config in configs:
+        check_no_file_in_the_way(Path(config.out_dir), args.out_dir)
+        check_stored_config(config)
     return configs
 
 
@@ -85,14 +126,74 @@ def is_scoped(override: str) -> bool:
     return ":" in head and head.split(":", 1)[0] in ATTENTION_KINDS
 
 
+def check_overrides(overrides: Sequence[str], kinds: Sequence[str]) -> None:
+    """A scoped override of a kind not run (a typo'd prefix, a dropped kind) or of a key set by sal-compare would be
+    dropped without a word: refuse it."""
+    for override in overrides:
+        head = override.split("=", 1)[0]
+        kind = head.split(":", 1)[0]
+        if is_scoped(override) and kind not in kinds:
+            raise HarnessError(f"{override}: {kind} is not in --attentions {list(kinds)}; add it there or drop the "
+                               "override")
+        if head.rsplit(":", 1)[-1].lstrip("+~") in SET_BY_COMPARE:
+            raise HarnessError(f"{override}: sal-compare sets {', '.join(SET_BY_COMPARE)} itself (out_dir from "
+                               "--out-dir); drop the override")
+
+
+def check_no_file_in_the_way(folder: Path, out_dir: Path) -> None:
+    """``folder`` (below --out-dir) can be a folder: neither it nor a parent is an existing file."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise HarnessError(f"--out-dir {out_dir}: {path} is a file, not a folder; pass another --out-dir or "
+                                   "move the file")
+            return
+
+
+def check_stored_config(config: RunConfig) -> None:
+    """A run folder holding checkpoints holds a run of this config, up to what a resume may change (train's
+    RUNTIME_KEYS): otherwise a finished run of other settings would be reported as this one, or the resume would
+    fail after other runs have started."""
+    if not config.resume:
+        return
+    run_dir = Path(config.out_dir)
+    stored = read_run_config(run_dir, fix="pass another --out-dir, or delete the run folder")
+    differing = differing_keys(stored.model_dump(exclude=RUNTIME_KEYS), config.model_dump(exclude=RUNTIME_KEYS))
+    if differing:
+        raise HarnessError(f"{run_dir} holds a run of other settings (its {CONFIG_NAME} -> this call: "
+                           f"{'; '.join(differing)}): rerun with its settings, pass another --out-dir, or delete the "
+                           "run folder")
+
+
 def finished(config: RunConfig) -> bool:
-    """The run folder holds its final evaluation, made at its newest checkpoint."""
+    """The run reached its end (train.max_steps, or the stop at train.max_minutes) and its folder holds the final
+    evaluation, made at its newest checkpoint. An eval.json of an earlier stop (sal-eval of an interrupted run)
+    does not count: that run is resumed."""
     out_dir = Path(config.out_dir)
     last = list_checkpoints(out_dir)
     if not (out_dir / EVAL_NAME).exists() or not last:
         return False
     newest = CHECKPOINT_PATTERN.fullmatch(last[-1].name)  # a file (one process, DDP) or a folder (FSDP2)
-    return newest is not None and int(newest.group(1)) == json.loads((out_dir / EVAL_NAME).read_text())["step"]
+    step = evaluated_step(out_dir)
+    return (newest is not None and int(newest.group(1)) == step
+            and (step == config.train.max_steps or stopped_by_time_budget(out_dir, step)))
+
+
+def evaluated_step(run_dir: Path) -> int:
+    """eval.json's step; RunFolderError naming the file when it is torn or holds none (as report.read_run)."""
+    path = run_dir / EVAL_NAME
+    result = read_json(path, fix=f"rerun sal-eval {run_dir}")
+    step = result.get("step") if isinstance(result, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise RunFolderError(f"{path} holds no integer \"step\": rerun sal-eval {run_dir}")
+    return step
+
+
+def read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise RunFolderError(f"{path} cannot be read as JSON ({err}): {fix}") from None
 
 
 def train_in_worker(values: dict[str, Any]) -> tuple[str, int]:
@@ -130,6 +231,7 @@ def train_ddp(config: RunConfig, processes: int) -> tuple[str, int]:
 def run_all(configs: Sequence[RunConfig], jobs: int, ddp_kinds: Sequence[str] = ()) -> list[tuple[str, int]]:
     """Runs not finished earlier: those of ddp_kinds by all jobs processes together, one after another, then the
     rest on jobs worker processes (in this process when jobs is 1)."""
+    check_one_run_per_folder(configs)
     todo = [c for c in configs if not finished(c)]
     for config in configs:
         if config not in todo:
@@ -145,28 +247,46 @@ def run_all(configs: Sequence[RunConfig], jobs: int, ddp_kinds: Sequence[str] = 
         return statuses + [f.result() for f in futures]
 
 
+def check_one_run_per_folder(configs: Sequence[RunConfig]) -> None:
+    """Two runs of one folder would train at once into the same checkpoints, metrics and eval.json."""
+    folders = [c.out_dir for c in configs]
+    shared = sorted({f for f in folders if folders.count(f) > 1})
+    if shared:
+        raise HarnessError(f"several runs share the run folder(s) {shared}: give each attention and task once")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
         configs = run_configs(args)
-        statuses = run_all(configs, args.jobs, [k for k in args.ddp_attentions.split(",") if k])
+        statuses = run_all(configs, args.jobs, ddp_kinds(args))
+        failed = [(out, status) for out, status in statuses if status]
+        for out, status in failed:
+            print(f"{out}: training ended with status {status} (see its messages above)", file=sys.stderr)
+        if failed:
+            return max(status for _, status in failed)
+        report(args, configs, start)
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    failed = [(out, status) for out, status in statuses if status]
-    if failed:
-        for out, status in failed:
-            print(f"{out}: training ended with status {status} (see its messages above)", file=sys.stderr)
-        return max(status for _, status in failed)
+    return 0
+
+
+def report(args: argparse.Namespace, configs: Sequence[RunConfig], start: float) -> None:
+    """The report of the runs, once every one is finished; runs stopped early by stop_step get a note instead."""
+    unfinished = [c.out_dir for c in configs if not finished(c)]
+    if unfinished:
+        print(f"no report: {', '.join(unfinished)} stopped before train.max_steps (stop_step); the same command "
+              "without stop_step finishes them and writes the report")
+        return
     report_dir = args.out_dir / "report"
-    report = write_report([Path(c.out_dir) for c in configs], report_dir)
-    print(side_by_side(report))
+    summary = write_report([Path(c.out_dir) for c in configs], report_dir)
+    print(side_by_side(summary))
     if args.results is not None:
         write_results([read_run(Path(c.out_dir)) for c in configs], args.results, plots_from=report_dir)
         print(f"results: {args.results}.jsonl, {args.results}.md")
     print(f"report: {report_dir} ({time.perf_counter() - start:.0f} s in all)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sal_harness.data import RetrievalTask, TaskConfig, build_task
+from sal_harness.distributed import check_device_present
 from sal_harness.errors import HarnessConfigError
 from sal_harness.model import AttentionConfig, GPTConfig, ModelConfig, ScopeAttentionConfig
 from sal_harness.schema import StrictModel
@@ -122,17 +124,33 @@ class TrainConfig(StrictModel):
     @field_validator("device")
     @classmethod
     def _check_device(cls, device: str) -> str:
-        """A torch device string of type cpu or cuda (whether this machine has it is checked when the run starts:
+        """check_device_kind (whether this machine has it is checked when the run starts:
         sal_harness.distributed.init_world)."""
-        import torch
-
-        try:
-            kind = torch.device(device).type
-        except RuntimeError as err:
-            raise ValueError(f"{device!r} is not a torch device ({str(err).split(':')[-1].strip()})") from None
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"{device!r}: the harness trains on cpu or cuda[:index]")
+        check_device_kind(device)
         return device
+
+
+def check_device_kind(device: str) -> torch.device:
+    """The torch device of a string of type cpu or cuda[:index] (the only devices the harness runs on; a cpu index
+    would be recorded as plain cpu); ValueError otherwise."""
+    try:
+        place = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"{device!r} is not a torch device ({str(err).split(':')[-1].strip()})") from None
+    if place.type not in ("cpu", "cuda") or (place.type == "cpu" and place.index is not None):
+        raise ValueError(f"{device!r}: the harness runs on cpu or cuda[:index]")
+    return place
+
+
+def usable_device(device: str, name: str) -> torch.device:
+    """check_device_kind, then that this machine has that device (distributed.check_device_present); a problem is a
+    HarnessError naming the argument ``name``."""
+    try:
+        place = check_device_kind(device)
+    except ValueError as err:
+        raise HarnessConfigError(f"{name}: {err}") from None
+    check_device_present(place, name)
+    return place
 
 
 class EvalConfig(StrictModel):
@@ -238,6 +256,18 @@ def describe_validation_error(err: ValidationError) -> str:
         shown = "" if isinstance(given, dict) or problem["type"] == "missing" else f" (got {given!r})"
         lines.append(f"{key}: {message}{shown}")
     return "\n".join(lines)
+
+
+def differing_keys(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: ours -> theirs' for every dotted key of two configs' data whose values differ."""
+    found = []
+    for key in sorted(set(ours) | set(theirs)):
+        mine, other = ours.get(key), theirs.get(key)
+        if isinstance(mine, dict) and isinstance(other, dict):
+            found += differing_keys(mine, other, f"{prefix}{key}.")
+        elif mine != other:
+            found.append(f"{prefix}{key}: {mine!r} -> {other!r}")
+    return found
 
 
 def validate_run_config(values: dict[str, Any]) -> RunConfig:

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,9 @@ from typing import Any, NoReturn
 import torch
 
 from nsa import NSAAux, NSAConfig, num_compressed_blocks
+from sal_harness.checkpoint import list_checkpoints, load_checkpoint, load_weights, nonfinite_entry
+from sal_harness.config import MAX_SEED, usable_device, validate_run_config
+from sal_harness.errors import HarnessError, RunFolderError
 from sal_harness.generate import generate
 from sal_harness.model import GPT, GPTConfig, ModelConfig, NSAAttentionConfig
 
@@ -40,6 +44,9 @@ DEFAULT_OUT = Path("runs/demo/selected_blocks.png")
 SUMMARY_NAME = "summary.jsonl"
 MAX_HEATMAP_ROWS = 512  # query rows are averaged in bins so the image stays readable
 BYTE_VOCAB = 256
+# One decode step per token, ~10 ms for the default model on one CPU core: 65536 take ~11 minutes and their
+# caches ~100 MB. The demo shows what a decode step reads; it is no bulk generator.
+MAX_GENERATE = 65536
 
 
 def default_model_config(seq_len: int) -> GPTConfig:
@@ -72,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group", type=int, default=0, help="kv head group shown in the heatmap (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"heatmap PNG (default {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
-                        help="after the forward, prefill the text into decode caches and generate N bytes greedily")
+                        help="after the forward, prefill the text into decode caches and generate N bytes greedily "
+                             f"(0: off, at most {MAX_GENERATE})")
     return parser
 
 
@@ -100,16 +108,36 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
 
 
 def _check_basic_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags that need no model, before any work or any file written."""
     if args.seq_len < 1:
         _fail(parser, f"--seq-len must be >= 1, got {args.seq_len}")
-    if args.checkpoint is not None and not args.checkpoint.exists():  # a file, or an FSDP2 run's sharded folder
-        _fail(parser, f"--checkpoint {args.checkpoint}: no such file or folder")
+    if not 0 <= args.seed <= MAX_SEED:
+        _fail(parser, f"--seed must be in [0, {MAX_SEED}] (torch's generator seeds), got {args.seed}")
+    if not 0 <= args.generate <= MAX_GENERATE:
+        _fail(parser, f"--generate must be in [0, {MAX_GENERATE}] (0: off), got {args.generate}")
+    if args.checkpoint is not None:
+        _check_checkpoint_path(parser, args.checkpoint)
+    _check_out(parser, args.out)
     try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        _fail(parser, f"--device {args.device!r}: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _fail(parser, f"--device {args.device!r}: CUDA is not available on this machine")
+        usable_device(args.device, "--device")
+    except HarnessError as err:
+        _fail(parser, str(err))
+
+
+def _check_checkpoint_path(parser: argparse.ArgumentParser, path: Path) -> None:
+    if not path.exists():  # a file, or an FSDP2 run's sharded folder
+        _fail(parser, f"--checkpoint {path}: no such file or folder")
+    inside = list_checkpoints(path)
+    if inside:
+        _fail(parser, f"--checkpoint {path} is a run folder: pass one of its checkpoints (newest: {inside[-1]})")
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    if out.is_dir():  # "" too: Path("") is the current folder
+        _fail(parser, f"--out {str(out)!r} is a folder: give the heatmap's file name (e.g. {out / DEFAULT_OUT.name})")
+    nearest = next(folder for folder in out.parents if folder.exists())
+    if not nearest.is_dir():
+        _fail(parser, f"--out {out}: {nearest} is a file, not a folder")
 
 
 def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[GPT, str]:
@@ -118,13 +146,10 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         torch.manual_seed(args.seed)
         return GPT(default_model_config(args.seq_len)).to(args.device).eval(), f"random init (seed {args.seed})"
 
-    from sal_harness.checkpoint import load_checkpoint
-    from sal_harness.config import validate_run_config
-
     try:
         checkpoint = load_checkpoint(args.checkpoint, map_location=args.device)
         config = validate_run_config(checkpoint["config"]).gpt
-    except Exception as err:  # any unreadable file: torch.load, format check, config validation
+    except Exception as err:  # any unreadable file: torch.load, format check, non-finite weights, config validation
         _fail(parser, f"--checkpoint {args.checkpoint}: cannot read it as a sal_harness checkpoint: {err}")
     if not isinstance(config.attention, NSAAttentionConfig):
         _fail(parser, f"--checkpoint {args.checkpoint}: the model uses attention={config.attention.kind!r}; "
@@ -139,7 +164,10 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         longer = ModelConfig.model_validate({**config.model.model_dump(), "max_seq_len": args.seq_len})
         config = GPTConfig(model=longer, attention=config.attention)
     model = GPT(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        load_weights(model, checkpoint, args.checkpoint)
+    except RunFolderError as err:
+        _fail(parser, f"--checkpoint {args.checkpoint}: {err}")
     return model.to(args.device).eval(), note
 
 
@@ -238,10 +266,14 @@ def selection_matrix(block_indices: torch.Tensor, num_blocks: int) -> torch.Tens
     return onehot[:, :num_blocks]
 
 
+def row_bin_size(seq_len: int, max_rows: int) -> int:
+    return max(1, math.ceil(seq_len / max_rows))
+
+
 def bin_rows(matrix: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, int]:
-    """Average consecutive rows in bins of ceil(T / max_rows); returns (binned, bin size)."""
+    """Average consecutive rows in bins of row_bin_size; returns (binned, bin size)."""
     seq_len = matrix.shape[0]
-    size = max(1, math.ceil(seq_len / max_rows))
+    size = row_bin_size(seq_len, max_rows)
     rows = math.ceil(seq_len / size)
     padded = torch.zeros(rows * size, matrix.shape[1])
     padded[:seq_len] = matrix
@@ -250,8 +282,8 @@ def bin_rows(matrix: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, int]:
     return padded.view(rows, size, -1).sum(dim=1) / counts[:, None], size
 
 
-def plot_selection(path: Path, block_indices: torch.Tensor, sel_block_size: int, title: str) -> int:
-    """Write the heatmap PNG for block_indices [T, n]; returns the row bin size."""
+def plot_selection(path: Path, block_indices: torch.Tensor, sel_block_size: int, title: str) -> None:
+    """Write the heatmap PNG for block_indices [T, n] (rows binned by row_bin_size)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,7 +310,6 @@ def plot_selection(path: Path, block_indices: torch.Tensor, sel_block_size: int,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-    return size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,8 +353,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
              f"w={nsa.window_size}, hidden {nsa.hidden_size}, {n_layer} layers, "
              f"HQ={nsa.num_heads} Hkv={nsa.num_kv_heads}")
     block_indices = [aux.block_indices.cpu() for aux in auxes]
-    bin_size = plot_selection(args.out, block_indices[args.layer][0, :, args.group], nsa.sel_block_size, title)
-
+    shown = block_indices[args.layer][0, :, args.group]
     summary = {
         "model": config.model_dump(mode="json"),
         "num_parameters": model.num_parameters(),
@@ -333,16 +363,27 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         "forward_s": forward_s,
         "gate_means": [{"layer": i, **g} for i, g in enumerate(gate_means)],
         "reads": reads_summary(cmp, sel, win, dense),
-        "heatmap": {"path": str(args.out), "layer": args.layer, "group": args.group, "row_bin": bin_size},
+        "heatmap": {"path": str(args.out), "layer": args.layer, "group": args.group,
+                    "row_bin": row_bin_size(shown.shape[0], MAX_HEATMAP_ROWS)},
     }
     if args.generate:
         summary["generation"] = generate_summary(model, idx, args.generate)
     summary_path = args.out.parent / SUMMARY_NAME
+    line = summary_line(summary, summary_path)  # checked before the first file is written
+    plot_selection(args.out, shown, nsa.sel_block_size, title)
     with open(summary_path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(summary) + "\n")
+        handle.write(line)
     print(format_summary(summary, config_line(config, model.num_parameters())))
     print(f"wrote {args.out} and {summary_path}")
     return DemoResult(summary, block_indices, cmp, sel, win, dense)
+
+
+def summary_line(summary: dict[str, Any], path: Path) -> str:
+    """summary as one strict JSON line; a NaN / inf (a model that overflows) is a HarnessError naming the entry."""
+    bad = nonfinite_entry(summary)
+    if bad is not None:
+        raise HarnessError(f"{path} not written: {bad} is not a finite number (the model's outputs overflow)")
+    return json.dumps(summary, allow_nan=False) + "\n"
 
 
 def generate_summary(model: GPT, idx: torch.Tensor, num_tokens: int) -> dict[str, Any]:
@@ -398,7 +439,11 @@ def format_summary(summary: dict[str, Any], model_line: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run(args, parser)
+    try:
+        run(args, parser)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -56,13 +56,14 @@ def init_world(device: str, kind: str) -> World:
     return World(dist.get_rank(), size, place, kind)
 
 
-def check_device_present(place: torch.device) -> None:
+def check_device_present(place: torch.device, name: str = "train.device") -> None:
+    """HarnessError naming the setting ``name`` when ``place`` is a CUDA device this machine does not have."""
     if place.type != "cuda":
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0 or (place.index or 0) >= count:
-        raise HarnessError(f"train.device={place} but this machine has {count} CUDA device(s) (torch "
-                           f"{torch.__version__}): set train.device=cpu, or run where the GPU is")
+        raise HarnessError(f"{name}={place} but this machine has {count} CUDA device(s) (torch "
+                           f"{torch.__version__}): set {name}=cpu, or run where the GPU is")
 
 
 DRAIN_TIMEOUT_S = 10.0

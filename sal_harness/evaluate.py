@@ -29,16 +29,26 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from nsa import NSAAux
-from sal_harness.checkpoint import atomic_json, latest_checkpoint, load_checkpoint
-from sal_harness.config import RunConfig, validate_run_config
+from sal_harness.checkpoint import atomic_json, latest_checkpoint, load_checkpoint, load_weights
+from sal_harness.config import (
+    MAX_SEED,
+    EvalConfig,
+    RunConfig,
+    describe_validation_error,
+    usable_device,
+    validate_run_config,
+)
 from sal_harness.data import Batch, RetrievalTask, TaskConfig, TextTask, build_task, chance_accuracy
+from sal_harness.errors import HarnessConfigError, HarnessError
 from sal_harness.model import GPT, NSAAttentionConfig, ScopeAttentionConfig, receptive_field, window_of
 from sal_harness.precision import autocast
 from scope import ScopeAttention, ScopeAux, scope_stats
@@ -47,7 +57,18 @@ EVAL_NAME = "eval.json"
 
 
 def cell_generator(seed: int, distance: int, depth_index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + distance) * 101 + depth_index)
+    # Folded into the generator's seed range [0, 2**64): any eval.seed works, and every mix that fitted before
+    # (eval seeds up to ~1.8e11) is unchanged, so recorded results stay reproducible.
+    return torch.Generator().manual_seed(((seed * 1_000_003 + distance) * 101 + depth_index) % (MAX_SEED + 1))
+
+
+def check_arguments(**values: Any) -> None:
+    """The evaluate API's samples, batch_size, seed, distances and depths by EvalConfig's rules (the ones eval.*
+    keys follow): HarnessConfigError naming each argument that breaks one."""
+    try:
+        EvalConfig.model_validate(values)
+    except ValidationError as err:
+        raise HarnessConfigError("invalid evaluation arguments:\n" + describe_validation_error(err)) from None
 
 
 def answer_hits(logits: torch.Tensor, batch: Batch, answer_len: int) -> torch.Tensor:
@@ -181,21 +202,33 @@ def recall_fields(layers: list[dict[str, torch.Tensor]], any_layer: dict[str, to
 
 def evaluate_retrieval(model: GPT, task_config: TaskConfig, distances: Sequence[int], *, samples: int,
                        batch_size: int, seed: int, device: torch.device | str,
-                       depths: Sequence[float] | None = None) -> list[dict[str, Any]]:
+                       depths: Sequence[float] | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """One cell per distance (depths drawn per sample) or, with ``depths``, per (distance, depth) that fits.
-    Leaves the model's train/eval mode as it found it; draws nothing from the global RNG."""
+    Leaves the model's train/eval mode as it found it; draws nothing from the global RNG. progress: a bar over
+    the cells (on a terminal only, as training's)."""
+    from tqdm import tqdm
+
+    check_arguments(samples=samples, batch_size=batch_size, seed=seed, distances=list(distances),
+                    **({} if depths is None else {"depths": list(depths)}))
+    usable_device(str(device), "device")
     task = build_task(task_config)
     assert isinstance(task, RetrievalTask)
+    for distance in distances:
+        task.check_distance(distance, "distances entry")
+    axis = [None] if depths is None else depths
     was_training = model.training
     model.eval()
     cells = []
     try:
-        for distance in distances:
-            for index, depth in enumerate([None] if depths is None else depths):
-                if depth is not None and not task.fits(distance, depth):
-                    continue
-                generator = cell_generator(seed, distance, index + (depths is not None))
-                cells.append(evaluate_cell(model, task, distance, depth, samples, batch_size, generator, device))
+        with tqdm(total=len(distances) * len(axis), desc="eval", unit="cell", dynamic_ncols=True, leave=False,
+                  disable=None if progress else True) as bar:
+            for distance in distances:
+                for index, depth in enumerate(axis):
+                    bar.update(1)
+                    if depth is not None and not task.fits(distance, depth):
+                        continue
+                    generator = cell_generator(seed, distance, index + (depths is not None))
+                    cells.append(evaluate_cell(model, task, distance, depth, samples, batch_size, generator, device))
     finally:
         model.train(was_training)
     return cells
@@ -205,6 +238,8 @@ def evaluate_retrieval(model: GPT, task_config: TaskConfig, distances: Sequence[
 def evaluate_text(model: GPT, task_config: TaskConfig, samples: int, batch_size: int, seed: int,
                   device: torch.device | str) -> dict[str, Any]:
     """Mean next-byte loss on held-out windows: {"val_loss", "bpb", "n"} (windows of task_config.seq_len)."""
+    check_arguments(samples=samples, batch_size=batch_size, seed=seed)
+    usable_device(str(device), "device")
     text = TextTask(task_config)
     was_training = model.training
     model.eval()
@@ -235,30 +270,33 @@ def eval_distances(config: RunConfig) -> list[int]:
     return sorted({round(lo * (hi / lo) ** (i / max(count - 1, 1))) for i in range(count)})
 
 
-def periodic_evaluation(model: GPT, config: RunConfig, device: torch.device | str) -> dict[str, Any]:
+def periodic_evaluation(model: GPT, config: RunConfig, device: torch.device | str,
+                        progress: bool = False) -> dict[str, Any]:
     """What training logs every eval_interval steps: accuracy by distance (retrieval) and / or bits per byte, in
-    the precision the run trains in (train.precision)."""
+    the precision the run trains in (train.precision). progress: evaluate_retrieval's bar."""
     ev = config.eval
     record: dict[str, Any] = {}
     distances = eval_distances(config)
     with autocast(device, config.train.precision):
         if distances:
             record["by_distance"] = evaluate_retrieval(model, config.task, distances, samples=ev.samples,
-                                                       batch_size=ev.batch_size, seed=ev.seed, device=device)
+                                                       batch_size=ev.batch_size, seed=ev.seed, device=device,
+                                                       progress=progress)
         if ev.text_samples:
             record.update(evaluate_text(model, config.task, ev.text_samples, ev.batch_size, ev.seed, device))
     return record
 
 
-def final_evaluation(model: GPT, config: RunConfig, step: int, device: torch.device | str) -> dict[str, Any]:
+def final_evaluation(model: GPT, config: RunConfig, step: int, device: torch.device | str,
+                     progress: bool = False) -> dict[str, Any]:
     """Everything the report reads from a run: the periodic metrics, the distance x depth grid, chance, the
-    model's reach, SCOPE_STATS and one example's selection / pointer maps."""
+    model's reach, SCOPE_STATS and one example's selection / pointer maps. progress: bars over the cells."""
     result: dict[str, Any] = {
         "attention": config.attention.kind, "task": config.task.name, "step": step,
         "train_seq_len": config.task.seq_len, "window": window_of(config.gpt),
         "receptive_field": receptive_field(config.gpt), "num_parameters": model.num_parameters(),
         "recipe": config.recipe(),
-        **periodic_evaluation(model, config, device),
+        **periodic_evaluation(model, config, device, progress),
     }
     ev = config.eval
     distances = eval_distances(config)
@@ -268,7 +306,7 @@ def final_evaluation(model: GPT, config: RunConfig, step: int, device: torch.dev
         with autocast(device, config.train.precision):
             result["grid"] = evaluate_retrieval(model, config.task, distances, samples=ev.samples,
                                                 batch_size=ev.batch_size, seed=ev.seed, device=device,
-                                                depths=ev.depths)
+                                                depths=ev.depths, progress=progress)
             # Not the farthest distance: its needle sits in block 0, which NSA always selects and SCOPE lists as
             # global.
             result["example"] = example_maps(model, config, distances[len(distances) * 2 // 3], device)
@@ -305,10 +343,10 @@ def example_maps(model: GPT, config: RunConfig, distance: int, device: torch.dev
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """One run's accuracy by distance as plain text, marking distances beyond the window / reach."""
+    """One run's accuracy by distance as plain text, marking distances beyond a window model's reach."""
     lines = [f"{result['attention']} on {result['task']} (step {result['step']})",
              f"{'distance':>9} {'accuracy':>9} {'token_acc':>9} {'recall':>7}  note"]
-    reach = result.get("receptive_field") or result.get("window")
+    reach = result.get("receptive_field")  # None but for window models: NSA's and SCOPE's other branches reach all
     for cell in result.get("by_distance", []):
         recall = cell.get("selection_recall", cell.get("pointer_recall"))
         shown = "" if recall is None else f"{recall:.2f}"
@@ -325,10 +363,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[GPT, RunConfig, int]:
     """The latest checkpoint's model (eval mode), its run config and step."""
-    checkpoint = load_checkpoint(latest_checkpoint(run_dir), map_location=device)
+    path = latest_checkpoint(run_dir, "evaluate", "pass the folder sal-train wrote (its out_dir) once it has saved "
+                                                  "a checkpoint")
+    checkpoint = load_checkpoint(path, map_location=device)
     config = validate_run_config(checkpoint["config"])
     model = GPT(config.gpt).to(device)
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint, path)
     return model.eval(), config, checkpoint["step"]
 
 
@@ -336,11 +376,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """sal-eval RUN_DIR: evaluate a run folder's latest checkpoint, write RUN_DIR/eval.json, print the table."""
     parser = argparse.ArgumentParser(prog="sal-eval", description=main.__doc__)
     parser.add_argument("run_dir", type=Path, help="a run folder written by sal-train")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
     args = parser.parse_args(argv)
-    model, config, step = load_run_model(args.run_dir, args.device)
-    result = final_evaluation(model, config, step, args.device)
-    atomic_json(args.run_dir / EVAL_NAME, result)
+    if not args.run_dir.is_dir():
+        parser.error(f"run_dir {args.run_dir}: " + ("is a file, not a run folder" if args.run_dir.exists() else
+                                                    "no such run folder"))
+    try:
+        usable_device(args.device, "--device")
+    except HarnessError as err:
+        parser.error(str(err))
+    try:
+        model, config, step = load_run_model(args.run_dir, args.device)
+        result = final_evaluation(model, config, step, args.device, progress=True)
+        atomic_json(args.run_dir / EVAL_NAME, result)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(format_table(result))
     return 0
 

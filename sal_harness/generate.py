@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from nsa import NSAInputError, NSAKVCache
+from nsa.validation import check_positive_int
 from sal_harness.model import GPT
+
+# The smallest sampling temperature: below it sampling is greedy in effect, and logits / T would overflow float32
+# (max 3.4e38) for logits beyond 3.4e32 (1e-45, a subnormal, overflows logits of 0.01 already).
+MIN_TEMPERATURE = 1e-6
 
 
 class Generation(NamedTuple):
@@ -42,17 +48,14 @@ def generate(
     Each sequence continues from its own last prompt token, so a ragged batch equals its sequences
     generated one by one.
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise NSAInputError(f"prompt must be [B, T] with T >= 1, got shape {tuple(prompt.shape)}")
-    if max_new_tokens < 1:
-        raise NSAInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or (top_k is not None and top_k < 1):
-        raise NSAInputError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
+    check_prompt(prompt, model.config.model.vocab_size)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_sampling(temperature, top_k)
     batch, prompt_len = prompt.shape
     lengths = list(prompt_lengths) if prompt_lengths is not None else [prompt_len] * batch
     if len(lengths) != batch or not all(1 <= n <= prompt_len for n in lengths):
         raise NSAInputError(f"prompt_lengths must give {batch} lengths in [1, {prompt_len}], got {lengths}")
-    caches = model.new_caches(batch, capacity or max(lengths) + max_new_tokens)
+    caches = model.new_caches(batch, max(lengths) + max_new_tokens if capacity is None else capacity)
     logits = model(prompt, caches=caches, num_valid=lengths).logits
     last = logits[torch.arange(batch, device=prompt.device), torch.tensor(lengths, device=prompt.device) - 1]
     generated = []
@@ -61,3 +64,24 @@ def generate(
         generated.append(token)
         last = model(token[:, None], caches=caches).logits[:, -1]
     return Generation(torch.stack(generated, dim=1), caches)
+
+
+def check_prompt(prompt: torch.Tensor, vocab_size: int) -> None:
+    """[B, T], T >= 1, integer token ids in [0, vocab_size) (padding included: it is embedded too)."""
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise NSAInputError(f"prompt must be [B, T] with T >= 1, got shape {tuple(prompt.shape)}")
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise NSAInputError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    low, high = int(prompt.min()), int(prompt.max())
+    if low < 0 or high >= vocab_size:
+        raise NSAInputError(f"prompt token ids must be in [0, {vocab_size}) (the model's vocab_size), got "
+                            f"{low if low < 0 else high}")
+
+
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    """temperature 0 (greedy) or finite and >= MIN_TEMPERATURE; top_k None or an int >= 1."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):  # NaN fails both
+        raise NSAInputError(f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE} (smaller ones "
+                            f"overflow logits / temperature in float32), got {temperature!r}")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)

@@ -87,6 +87,29 @@ RUNTIME_KEYS: dict[str, Any] = {"resume": True, "stop_step": True, "out_dir": Tr
                                 "train": {"threads", "progress", "heartbeat_s"}}
 
 
+def read_run_config(run_dir: Path, fix: str) -> RunConfig:
+    """The config a run folder trains with: config.yaml, written by every start of a run (fresh, or resumed once the
+    resume has checked it against the checkpoint's) before its first checkpoint. RunFolderError naming the file and
+    ``fix`` when it is missing, unreadable or not valid for this version."""
+    from omegaconf import OmegaConf  # read as _write_config writes it
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError  # omegaconf's parser
+
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing: {run_dir} is not a run folder sal-train wrote (it writes "
+                             f"{CONFIG_NAME} when a run starts): {fix}")
+    try:
+        values: Any = OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, ValueError, YAMLError, OmegaConfBaseException) as err:  # ValueError: bytes that are not UTF-8
+        raise RunFolderError(f"{path} cannot be read ({type(err).__name__}): {fix}") from None
+    try:
+        return validate_run_config(values if isinstance(values, dict) else {})
+    except HarnessConfigError as err:
+        raise RunFolderError(f"{path} is not a valid config for this version of sal_harness ({err}): {fix}") \
+            from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
 
@@ -500,7 +523,8 @@ class Trainer:
             saved = json.loads(done.read_text())
             if saved.get("step") == self.step:
                 return saved if self.world.is_main else None
-        result = final_evaluation(unwrap(self.wrapped), self.config, self.step, self.world.device)  # type: ignore[arg-type]
+        result = final_evaluation(unwrap(self.wrapped), self.config, self.step, self.world.device,  # type: ignore[arg-type]
+                                  progress=self.config.train.progress and self.world.is_main)
         if not self.world.is_main:
             return None
         result["train_minutes"] = train_minutes

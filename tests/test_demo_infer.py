@@ -8,7 +8,9 @@ positions), not with the library's or the CLI's helpers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -164,6 +166,16 @@ def test_generate_decodes_through_the_caches(tmp_path: Path, capsys: pytest.Capt
         (["--group", "2"], "--group"),
         (["--checkpoint", "no/such/ckpt.pt"], "--checkpoint"),
         (["--device", "nonsense"], "--device"),
+        # Raw errors from torch (mps, meta), or accepted and recorded as "cpu" (cpu:1).
+        (["--device", "mps"], "--device"),
+        (["--device", "meta"], "--device"),
+        (["--device", "cpu:1"], "--device"),
+        (["--device", "cuda:99"], "--device"),
+        # Checked after the forward and the PNG (-1), or an allocation of 256 TB (1e12).
+        (["--generate", "-1"], "--generate"),
+        (["--generate", str(demo_infer.MAX_GENERATE + 1)], "--generate"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**64)], "--seed"),
     ],
 )
 def test_bad_flags(argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,7 +184,83 @@ def test_bad_flags(argv: list[str], flag: str, tmp_path: Path, capsys: pytest.Ca
                                                                         ["--seq-len", "8"]))
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_out_paths_are_refused_before_the_forward(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder, "" (the current folder) and a path under a file failed in PIL or mkdir after the forward."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for out, message in ((str(tmp_path), "is a folder"), ("", "is a folder"), (str(a_file / "x.png"), "is a file")):
+        with pytest.raises(SystemExit) as exc:
+            demo_infer.main(["--seq-len", "8", "--out", out])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "--out" in err and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def edited_checkpoint(run_dir: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """_save_small_checkpoint's file changed by ``edit`` past save_checkpoint's checks (a file changed on disk)."""
+    path, _ = _save_small_checkpoint(run_dir)
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def nan_head(checkpoint: dict[str, Any]) -> None:
+    checkpoint["model"]["lm_head.weight"].fill_(float("nan"))
+
+
+def wider_config(checkpoint: dict[str, Any]) -> None:
+    checkpoint["config"]["model"]["hidden_size"] = 64
+
+
+@pytest.mark.parametrize(("edit", "message"), [(nan_head, "NaN / inf in weight"),
+                                               (wider_config, "do not match its config (first mismatch: ")])
+def test_damaged_checkpoints_are_refused_and_nothing_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                edit: Callable[[dict[str, Any]], None],
+                                                                message: str) -> None:
+    """NaN weights wrote "cmp": NaN into summary.jsonl; a config that does not fit the weights gave a raw
+    load_state_dict error."""
+    ckpt = edited_checkpoint(tmp_path / "run", edit)
+    out = tmp_path / "out" / "x.png"
+    with pytest.raises(SystemExit) as exc:
+        demo_infer.main(["--checkpoint", str(ckpt), "--seq-len", "8", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--checkpoint" in err and message in err
+    assert not out.parent.exists()
+
+
+def test_a_run_folder_as_checkpoint_names_its_newest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It read as a damaged FSDP checkpoint folder ("no meta.json")."""
+    ckpt, _ = _save_small_checkpoint(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        demo_infer.main(["--checkpoint", str(ckpt.parent), "--seq-len", "8", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert "is a run folder" in err and str(ckpt) in err and "damaged" not in err
+
+
+def test_a_device_this_machine_lacks_is_no_damaged_checkpoint(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, _ = _save_small_checkpoint(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        demo_infer.main(["--checkpoint", str(ckpt), "--device", "cuda:99", "--seq-len", "8",
+                         "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert "--device" in err and "damaged" not in err
+
+
+def test_a_summary_that_is_not_finite_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose outputs overflow: an error, neither the PNG nor a NaN line in summary.jsonl."""
+    monkeypatch.setattr(demo_infer, "reads_summary", lambda *_: {"cmp": {"mean": float("nan")}})
+    out = tmp_path / "out" / "x.png"
+    assert demo_infer.main(["--seq-len", "8", "--out", str(out)]) == 2
+    assert "['reads']['cmp']['mean'] = nan" in capsys.readouterr().err
+    assert not out.parent.exists()
 
 
 def test_bad_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nsa import NSAInputError
-from sal_harness.generate import generate, next_token
+from sal_harness.generate import MIN_TEMPERATURE, generate, next_token
 from sal_harness.model import GPT, DenseAttentionConfig, GPTConfig, ModelConfig, NSAAttentionConfig
 
 NSA_BLOCKS = NSAAttentionConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=8, num_selected=3, window_size=8)
@@ -94,11 +94,28 @@ def test_top_k_one_is_greedy():
         (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, prompt_lengths=[4, 5]), "prompt_lengths"),
         (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, temperature=-1.0), "temperature"),
         (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, capacity=5), "capacity"),
+        # Crashed deep in torch.multinomial (NaN; 1e-45 overflows logits / T), sampled uniformly (inf).
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, temperature=math.nan), "temperature"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, temperature=math.inf), "temperature"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, temperature=1e-45), "temperature"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, temperature=1.0, top_k=2.5), "top_k"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2.5), "max_new_tokens"),
+        (dict(prompt=torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2, capacity=0), "capacity"),
+        (dict(prompt=torch.full((2, 4), 64), max_new_tokens=2), r"token ids must be in \[0, 64\).*got 64"),
+        (dict(prompt=torch.full((2, 4), -1), max_new_tokens=2), r"token ids must be in \[0, 64\).*got -1"),
+        (dict(prompt=torch.zeros(2, 4), max_new_tokens=2), "integer token ids"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(NSAInputError, match=match):
         generate(tiny_gpt(), **kwargs)
+
+
+def test_the_smallest_temperature_samples_the_argmax() -> None:
+    model = tiny_gpt()
+    prompt = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    sampled = generate(model, prompt, 5, temperature=MIN_TEMPERATURE, generator=torch.Generator().manual_seed(0)).tokens
+    assert torch.equal(sampled, generate(model, prompt, 5).tokens)
 
 
 def test_dense_models_have_no_nsa_caches():

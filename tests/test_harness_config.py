@@ -69,7 +69,7 @@ def test_defaults_and_overrides() -> None:
         ("train.curriculum_steps=10", "curriculum_start=None and curriculum_steps=10 must be set together"),
         ("train.seed=18446744073709551616", "train.seed: Input should be less than or equal to 18446744073709551615"),
         ("eval.seed=18446744073709551616", "eval.seed: Input should be less than or equal to"),
-        ("train.device=meta", "'meta': the harness trains on cpu or cuda[:index]"),
+        ("train.device=meta", "'meta': the harness runs on cpu or cuda[:index]"),
         ("eval.depths=[]", "depths must hold at least one depth"),
         ("eval.distances=[8,8]", "distances=[8, 8] repeats an entry"),
         ("+train.bogus=1", "train.bogus: Extra inputs are not permitted"),
