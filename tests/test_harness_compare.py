@@ -155,7 +155,9 @@ def test_two_runs_of_one_folder_are_refused(tmp_path: Path) -> None:
 ])
 def test_overrides_and_ddp_kinds_that_would_be_ignored_are_refused(tmp_path: Path, arguments: list[str],
                                                                      message: str,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative out_dir that slipped through would train here, not in the checkout
     assert compare.main([*arguments, "--out-dir", str(tmp_path / "out"), "--jobs", "1", *DENSE]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
