@@ -85,7 +85,8 @@ def swap_attention(model: PreTrainedModel, kind: str, *, copy_dense_weights: boo
 
 
 def load_swapped(path: str, model_class: type[PreTrainedModel] | None = None, **kwargs: Any) -> PreTrainedModel:
-    """A model saved after swap_attention, re-loaded with its swapped layers and all their parameters.
+    """A model saved after swap_attention, re-loaded with its swapped layers and all their parameters (a file that
+    lacks one of them is refused: from_pretrained would initialise it afresh).
 
     model_class: the transformers class to build (default: the AutoModelForCausalLM class of the saved config);
     kwargs go to from_pretrained (dtype, device_map, ...)."""
@@ -93,8 +94,20 @@ def load_swapped(path: str, model_class: type[PreTrainedModel] | None = None, **
     kind = read_spec(config)[0]
     if model_class is not None and not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
         raise CONFIG_ERRORS[kind](f"model_class must be a transformers PreTrainedModel class, got {model_class!r}")
+    if "output_loading_info" in kwargs:
+        raise CONFIG_ERRORS[kind]("output_loading_info is not taken: load_swapped reads the loading info itself and "
+                                  "refuses a checkpoint that lacks attention parameters")
     base = model_class or causal_lm_class(config)
-    return swapped_class(base).from_pretrained(path, attn_implementation=kind, **kwargs)
+    loaded: Any = swapped_class(base).from_pretrained(path, attn_implementation=kind, output_loading_info=True,
+                                                      **kwargs)
+    model, info = loaded  # (model, loading info) with output_loading_info
+    # from_pretrained only warns about a missing parameter and initialises it afresh: the attention would change.
+    missing = sorted(key for key in info["missing_keys"] if ".self_attn." in key)
+    if missing:
+        raise CONFIG_ERRORS[kind](f"{path} lacks {len(missing)} parameter(s) of the swapped attention, e.g. "
+                                  f"{missing[0]!r}: its {SPEC_KEY} does not match its weights (a spec edited after "
+                                  "saving, or weights saved from another model)")
+    return model
 
 
 def convert_checkpoint(dense_path: str, out_path: str, kind: str, *, from_pretrained: dict[str, Any] | None = None,

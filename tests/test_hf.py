@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
 
@@ -472,6 +473,29 @@ def test_load_swapped_rejects_a_corrupted_spec(case: str, tmp_path: Path) -> Non
     _edit_spec(tmp_path, edit)
     with pytest.raises(NSAConfigError, match=words):
         sal_hf.load_swapped(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["nsa", "scope"])
+def test_load_swapped_refuses_weights_without_the_attention_parameters(kind: str, tmp_path: Path) -> None:
+    """A parameter from_pretrained would initialise afresh (it only warns): the spec claims an o bias the file lacks,
+    or one attention tensor was dropped from the file."""
+    from safetensors.torch import load_file, save_file
+
+    error = NSAConfigError if kind == "nsa" else ScopeConfigError
+    swapped_model("llama", kind).save_pretrained(tmp_path / "bias")
+    _edit_spec(tmp_path / "bias", lambda spec: spec["biases"].update(o=True))
+    with pytest.raises(error, match=r"lacks 2 parameter\(s\) of the swapped attention, e\.g\. .*o_proj\.bias"):
+        sal_hf.load_swapped(str(tmp_path / "bias"))
+
+    swapped_model("llama", kind).save_pretrained(tmp_path / "dropped")
+    weights = load_file(tmp_path / "dropped" / "model.safetensors")
+    dropped = sorted(name for name in weights if ".self_attn." in name)[-1]
+    del weights[dropped]
+    save_file(weights, tmp_path / "dropped" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(error, match=f"lacks 1 parameter.*{re.escape(dropped)}"):
+        sal_hf.load_swapped(str(tmp_path / "dropped"))
+    with pytest.raises(error, match="output_loading_info is not taken"):
+        sal_hf.load_swapped(str(tmp_path / "bias"), output_loading_info=True)
 
 
 def test_convert_checkpoint_never_overwrites_or_reconverts(tmp_path: Path) -> None:
