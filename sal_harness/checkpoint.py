@@ -100,13 +100,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_json(path: str | Path, obj: Any) -> None:
-    """JSON through atomic_write (indented, trailing newline). A NaN / inf (no JSON number: strict readers reject
-    the file) raises HarnessError naming the file and the entry, and writes nothing."""
+    """finite_json (indented) through atomic_write: a NaN / inf writes nothing."""
+    text = finite_json(obj, path, indent=2)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def finite_json(obj: Any, path: str | Path, indent: int | None = None) -> str:
+    """obj as strict JSON text with a trailing newline. A NaN / inf (no JSON number: strict readers reject the
+    file) raises HarnessError naming ``path``, the file it was meant for, and the entry."""
     bad = nonfinite_entry(obj)
     if bad is not None:
         raise HarnessError(f"{path} not written: its entry {bad} is not a finite number (JSON has no NaN / inf)")
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    return json.dumps(obj, indent=indent, allow_nan=False) + "\n"
 
 
 def nonfinite_entry(obj: Any, where: str = "") -> str | None:
@@ -118,6 +123,15 @@ def nonfinite_entry(obj: Any, where: str = "") -> str | None:
         found = nonfinite_entry(value, f"{where}[{key!r}]")
         if found is not None:
             return found
+    return None
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The existing file that keeps ``folder`` from being a folder (folder itself, or the nearest existing path
+    above it when that is a file), else None."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
     return None
 
 

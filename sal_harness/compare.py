@@ -32,13 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sal_harness.checkpoint import CHECKPOINT_PATTERN, list_checkpoints, stopped_by_time_budget
-from sal_harness.config import RunConfig, compose, differing_keys, validate_run_config
+from sal_harness.checkpoint import CHECKPOINT_PATTERN, file_in_the_way, list_checkpoints, stopped_by_time_budget
+from sal_harness.config import RunConfig, compose, validate_run_config
 from sal_harness.errors import HarnessError, RunFolderError
 from sal_harness.evaluate import EVAL_NAME
 from sal_harness.model import ATTENTION_KINDS
 from sal_harness.report import read_run, side_by_side, write_report, write_results
-from sal_harness.train import CONFIG_NAME, RUNTIME_KEYS, read_run_config
+from sal_harness.train import CONFIG_NAME, changed_settings, read_run_config
 
 # Slowest first, so that the longest run starts at once when runs share the workers.
 COST_ORDER = ("nsa", "scope", "window", "dense")
@@ -142,12 +142,10 @@ def check_overrides(overrides: Sequence[str], kinds: Sequence[str]) -> None:
 
 def check_no_file_in_the_way(folder: Path, out_dir: Path) -> None:
     """``folder`` (below --out-dir) can be a folder: neither it nor a parent is an existing file."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise HarnessError(f"--out-dir {out_dir}: {path} is a file, not a folder; pass another --out-dir or "
-                                   "move the file")
-            return
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        raise HarnessError(f"--out-dir {out_dir}: {blocking} is a file, not a folder; pass another --out-dir or "
+                           "move the file")
 
 
 def check_stored_config(config: RunConfig) -> None:
@@ -157,8 +155,8 @@ def check_stored_config(config: RunConfig) -> None:
     if not config.resume:
         return
     run_dir = Path(config.out_dir)
-    stored = read_run_config(run_dir, fix="pass another --out-dir, or delete the run folder")
-    differing = differing_keys(stored.model_dump(exclude=RUNTIME_KEYS), config.model_dump(exclude=RUNTIME_KEYS))
+    differing = changed_settings(read_run_config(run_dir, fix="pass another --out-dir, or delete the run folder"),
+                                 config)
     if differing:
         raise HarnessError(f"{run_dir} holds a run of other settings (its {CONFIG_NAME} -> this call: "
                            f"{'; '.join(differing)}): rerun with its settings, pass another --out-dir, or delete the "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any, NoReturn
 import torch
 
 from nsa import NSAAux, NSAConfig, num_compressed_blocks
-from sal_harness.checkpoint import list_checkpoints, load_checkpoint, load_weights, nonfinite_entry
+from sal_harness.checkpoint import file_in_the_way, finite_json, list_checkpoints, load_checkpoint, load_weights
 from sal_harness.config import MAX_SEED, usable_device, validate_run_config
 from sal_harness.errors import HarnessError, RunFolderError
 from sal_harness.generate import generate
@@ -135,9 +134,9 @@ def _check_checkpoint_path(parser: argparse.ArgumentParser, path: Path) -> None:
 def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
     if out.is_dir():  # "" too: Path("") is the current folder
         _fail(parser, f"--out {str(out)!r} is a folder: give the heatmap's file name (e.g. {out / DEFAULT_OUT.name})")
-    nearest = next(folder for folder in out.parents if folder.exists())
-    if not nearest.is_dir():
-        _fail(parser, f"--out {out}: {nearest} is a file, not a folder")
+    blocking = file_in_the_way(out.parent)
+    if blocking is not None:
+        _fail(parser, f"--out {out}: {blocking} is a file, not a folder")
 
 
 def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[GPT, str]:
@@ -369,21 +368,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     if args.generate:
         summary["generation"] = generate_summary(model, idx, args.generate)
     summary_path = args.out.parent / SUMMARY_NAME
-    line = summary_line(summary, summary_path)  # checked before the first file is written
+    line = finite_json(summary, summary_path)  # checked before the first file is written
     plot_selection(args.out, shown, nsa.sel_block_size, title)
     with open(summary_path, "a", encoding="utf-8") as handle:
         handle.write(line)
     print(format_summary(summary, config_line(config, model.num_parameters())))
     print(f"wrote {args.out} and {summary_path}")
     return DemoResult(summary, block_indices, cmp, sel, win, dense)
-
-
-def summary_line(summary: dict[str, Any], path: Path) -> str:
-    """summary as one strict JSON line; a NaN / inf (a model that overflows) is a HarnessError naming the entry."""
-    bad = nonfinite_entry(summary)
-    if bad is not None:
-        raise HarnessError(f"{path} not written: {bad} is not a finite number (the model's outputs overflow)")
-    return json.dumps(summary, allow_nan=False) + "\n"
 
 
 def generate_summary(model: GPT, idx: torch.Tensor, num_tokens: int) -> dict[str, Any]:

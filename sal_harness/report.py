@@ -43,6 +43,7 @@ from sal_harness.checkpoint import (
     MetricsLog,
     atomic_json,
     atomic_write,
+    file_in_the_way,
     nonfinite_entry,
     stopped_by_time_budget,
 )
@@ -308,12 +309,10 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
 
 def check_report_folder(out_dir: Path) -> None:
     """out_dir is a folder, or can become one: neither it nor a folder above it is a file."""
-    for path in (out_dir, *out_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "is a file" if path == out_dir else f"lies under the file {path}"
-                raise HarnessError(f"report folder {out_dir} {where}: choose another report folder (sal-report --out)")
-            return
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        where = "is a file" if blocking == out_dir else f"lies under the file {blocking}"
+        raise HarnessError(f"report folder {out_dir} {where}: choose another report folder (sal-report --out)")
 
 
 def distinct_folders(run_dirs: Sequence[Path]) -> list[Path]:

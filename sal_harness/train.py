@@ -62,7 +62,7 @@ from sal_harness.checkpoint import (
     save_sharded_checkpoint,
     save_whole_checkpoint,
 )
-from sal_harness.config import RunConfig, TrainConfig, validate_run_config
+from sal_harness.config import RunConfig, TrainConfig, differing_keys, validate_run_config
 from sal_harness.data import IGNORE_INDEX, Batch, Task, TaskConfig, build_task
 from sal_harness.distributed import (
     barrier,
@@ -85,6 +85,11 @@ CONFIG_NAME = "config.yaml"
 # Settings a resumed run may change: they do not touch the math of the run.
 RUNTIME_KEYS: dict[str, Any] = {"resume": True, "stop_step": True, "out_dir": True,
                                 "train": {"threads", "progress", "heartbeat_s"}}
+
+
+def changed_settings(stored: RunConfig, requested: RunConfig) -> list[str]:
+    """'key: stored -> requested' for every setting that differs, beyond those a resume may change (RUNTIME_KEYS)."""
+    return differing_keys(stored.model_dump(exclude=RUNTIME_KEYS), requested.model_dump(exclude=RUNTIME_KEYS))
 
 
 def read_run_config(run_dir: Path, fix: str) -> RunConfig:
@@ -280,10 +285,11 @@ class Trainer:
         except HarnessConfigError as err:
             raise RunFolderError(f"resume: the config stored in {path} is not valid for this version of sal_harness "
                                  f"({err}): start another out_dir") from None
-        if saved.model_dump(exclude=RUNTIME_KEYS) != self.config.model_dump(exclude=RUNTIME_KEYS):
-            raise RunFolderError(f"resume: the config differs from the one stored in {path}: resume with the same "
-                                 "overrides (only stop_step, out_dir, threads, progress and heartbeat may change), or "
-                                 "start another out_dir")
+        changed = changed_settings(saved, self.config)
+        if changed:
+            raise RunFolderError(f"resume: the config differs from the one stored in {path} ({'; '.join(changed)}): "
+                                 "resume with the same overrides (only stop_step, out_dir, threads, progress and "
+                                 "heartbeat may change), or start another out_dir")
         if sharded:
             load_sharded_checkpoint(path, self.wrapped, self.optimizer, self.data_generator, self.world)
         else:
