@@ -33,7 +33,14 @@ from typing import Any, NoReturn
 import torch
 
 from nsa import NSAAux, NSAConfig, num_compressed_blocks
-from sal_harness.checkpoint import file_in_the_way, finite_json, list_checkpoints, load_checkpoint, load_weights
+from sal_harness.checkpoint import (
+    atomic_write,
+    file_in_the_way,
+    finite_json,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+)
 from sal_harness.config import MAX_SEED, usable_device, validate_run_config
 from sal_harness.errors import HarnessError, RunFolderError
 from sal_harness.generate import generate
@@ -306,9 +313,10 @@ def plot_selection(path: Path, block_indices: torch.Tensor, sel_block_size: int,
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    try:  # a reader (or an interrupted run) sees the old PNG or the new one, never half of one
+        atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

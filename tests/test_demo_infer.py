@@ -272,3 +272,22 @@ def test_bad_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             demo_infer.main(["--checkpoint", str(path), "--seq-len", "8", "--out", str(tmp_path / "x.png")])
         err = capsys.readouterr().err
         assert "--checkpoint" in err and message in err
+
+
+def test_failed_heatmap_write_keeps_the_previous_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PNG goes through a temporary file: a write that fails half-way leaves the last complete heatmap."""
+    import matplotlib.figure
+
+    out = tmp_path / "sel.png"
+    assert demo_infer.main(["--seq-len", "64", "--out", str(out)]) == 0
+    before = out.read_bytes()
+
+    def fail_half_way(self: Any, handle: Any, **kwargs: Any) -> None:
+        handle.write(PNG_MAGIC)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        run_demo("--seq-len", "64", "--out", str(out))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sel.png", "summary.jsonl"]  # no temporary file left
