@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.env_info import environment, markdown_table
+from bench.env_info import Distinct, device_name, environment, markdown_table, output_file, positive_int
 from scope.block_sparse_attention import block_sparse_attention_reference, transpose_block_lists
 
 
@@ -85,25 +85,40 @@ def dense_row(heads: int, seq_len: int) -> dict[str, Any]:
 
 
 def parse_tiles(text: str) -> Any:
+    """argparse type of a --tiles entry: 8 or 9 whole numbers >= 1 (Tiles would fill a shorter list from its
+    defaults, silently timing another configuration than the one named)."""
     from scope.kernels import block_sparse
 
-    values = [int(part) for part in text.split(",")]
+    try:
+        values = [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: each of its comma-separated entries {error}") from None
+    if len(values) not in (8, 9):
+        raise argparse.ArgumentTypeError(f"{text!r} has {len(values)} entries: give block_m,block_n,dq_m,dq_n,dkv_m,"
+                                         "dkv_n,num_warps,num_stages[,bwd_num_stages]")
     if len(values) == 8:  # no separate backward stages
         values.append(values[-1])
     return block_sparse.Tiles(*values)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=131072)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--qk-dims", type=int, nargs="+", default=[128, 160])
-    parser.add_argument("--tiles", nargs="+", help="default: the kernels' default Tiles")
-    parser.add_argument("--out", help="JSON-lines file to append to")
-    args = parser.parse_args()
+    parser.add_argument("--seq-len", type=positive_int, default=131072, help="a multiple of the mask block, 128")
+    parser.add_argument("--heads", type=positive_int, default=16)
+    parser.add_argument("--qk-dims", type=positive_int, nargs="+", action=Distinct, default=[128, 160])
+    parser.add_argument("--tiles", type=parse_tiles, nargs="+", action=Distinct,
+                        help="default: the kernels' default Tiles")
+    parser.add_argument("--out", type=output_file, help="JSON-lines file to append to")
+    args = parser.parse_args(argv)
+    if args.seq_len % 128:
+        parser.error(f"--seq-len must be a multiple of the mask block 128, got {args.seq_len}")
+    try:
+        device_name("cuda")
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"bench_block_sparse times CUDA kernels: {error}")
     from scope.kernels import block_sparse
 
-    tile_sets = [parse_tiles(text) for text in args.tiles] if args.tiles else [block_sparse.Tiles()]
+    tile_sets = args.tiles or [block_sparse.Tiles()]
     env = environment("cuda")
     for dqk in args.qk_dims:
         check_tiles(args.heads, dqk, tile_sets[0])

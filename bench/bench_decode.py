@@ -33,7 +33,17 @@ if __package__ in (None, ""):  # run as a file (python bench/bench_decode.py): m
 import torch
 import torch.nn.functional as F
 
-from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table, profile_step
+from bench.env_info import (
+    RESULTS_DIR,
+    Distinct,
+    cpu_median_ms,
+    device_name,
+    environment,
+    markdown_table,
+    positive_int,
+    profile_step,
+    results_folder,
+)
 from nsa import NSAAttention, NSAConfig, NSAKVCache, num_compressed_blocks, num_selection_blocks
 from nsa.decode_attention import decode_attention
 
@@ -270,17 +280,31 @@ def latency_row(seq_len: int, batch: int, shape: dict[str, int], device: str, dt
     return {**row, "dtype": str(dtype).removeprefix("torch."), **shape}
 
 
+def contradicting_flags(args: argparse.Namespace) -> str | None:
+    """Why these flags ask for nothing, or for work that --skip-latency / --tiles leave out (a run that would
+    write empty tables, or ignore a flag); None when they agree."""
+    if args.skip_latency and (args.skip_reads or args.tiles):
+        return "--skip-latency with --skip-reads or --tiles measures nothing: drop one"
+    ignored = [flag for flag, given in (("--seq-lens", args.seq_lens is not None), ("--paged", args.paged),
+                                        ("--profile", args.profile)) if given]
+    if args.skip_latency and ignored:
+        return f"--skip-latency times no steps, so {', '.join(ignored)} would do nothing: drop one"
+    if args.tiles and (args.paged or args.profile):
+        return "--tiles replaces the tables: --paged and --profile would do nothing"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seq-lens", type=int, nargs="+",
+    parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", action=Distinct,
                         help="latency lengths (default: CPU 8k 32k, GPU 8k 64k 128k)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--batches", type=positive_int, nargs="+", action=Distinct, default=[1, 32])
     parser.add_argument("--skip-reads", action="store_true")
     parser.add_argument("--skip-latency", action="store_true", help="the token-read check alone")
-    parser.add_argument("--read-lengths", type=int, nargs="+", default=READ_LENGTHS,
+    parser.add_argument("--read-lengths", type=positive_int, nargs="+", action=Distinct, default=READ_LENGTHS,
                         help="lengths S of the reads table (default 1k .. 1M)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+    parser.add_argument("--results-dir", type=results_folder, default=RESULTS_DIR,
                         help="where results go (default bench/results)")
     parser.add_argument("--profile", action="store_true",
                         help="print a profiler table of the Triton step at the largest batch and S")
@@ -291,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA only, instead of the tables: the Triton step under each DecodeTiles candidate at "
                              "every S and batch (results decode_tiles_cuda.jsonl)")
     args = parser.parse_args(argv)
+    contradiction = contradicting_flags(args)
+    if contradiction:
+        parser.error(contradiction)
     cuda = args.device.startswith("cuda")
     shape = (dict(num_heads=64, num_kv_heads=4, head_dim=128) if cuda
              else dict(num_heads=8, num_kv_heads=2, head_dim=64))

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from bench.bench_scope import median_ms, sync
-from bench.env_info import RESULTS_DIR, environment, markdown_table
+from bench.env_info import RESULTS_DIR, device_name, environment, markdown_table, results_folder
 from sal_harness.model import banded_window_attention
 from scope.teacher import outside_local_band, teacher_block_targets
 
@@ -123,8 +122,8 @@ def teacher_rows(args: argparse.Namespace, generator: torch.Generator) -> list[d
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--results-dir", type=results_folder, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = torch.bfloat16 if cuda else torch.float32

@@ -61,7 +61,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, host_breakdown, markdown_table, profile_step
+from bench.env_info import (
+    RESULTS_DIR,
+    Distinct,
+    cpu_median_ms,
+    device_name,
+    environment,
+    file_stem,
+    host_breakdown,
+    markdown_table,
+    positive_float,
+    positive_int,
+    profile_step,
+    results_folder,
+)
 from nsa import (
     NSAAttention,
     NSAConfig,
@@ -771,41 +784,43 @@ def compile_counts() -> dict[str, int]:
 # main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--parts", nargs="+", default=["check", "layer", "kernels", "module", "gpt"],
+    parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--parts", nargs="+", action=Distinct, default=["check", "layer", "kernels", "module", "gpt"],
                         choices=["check", "layer", "kernels", "tiles", "module", "gpt", "report"])
-    parser.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(SHAPES))
-    parser.add_argument("--seq-lens", nargs="+", type=int)
-    parser.add_argument("--other-shape-lens", nargs="+", type=int, default=None,
-                        help="lengths for the shapes other than public (default: --seq-lens)")
-    parser.add_argument("--impls", nargs="+", default=["nsa", "dense", "flex_window", "fla"])
-    parser.add_argument("--batch", type=int, default=1, help="sequences per call in the check and layer parts "
+    parser.add_argument("--shapes", nargs="+", action=Distinct, default=list(LAYER_SHAPES), choices=list(SHAPES))
+    parser.add_argument("--seq-lens", nargs="+", type=positive_int, action=Distinct)
+    parser.add_argument("--other-shape-lens", nargs="+", type=positive_int, action=Distinct, default=None,
+                        help="lengths for the shapes other than public, each one of --seq-lens (default: all of them)")
+    parser.add_argument("--impls", nargs="+", action=Distinct, default=["nsa", "dense", "flex_window", "fla"],
+                        choices=["nsa", "dense", "flex_window", "fla"], help="CUDA only (the CPU times nsa, dense)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call in the check and layer parts "
                         "(every impl; rows of more than one carry 'batch', and issue 11's targets read only batch 1)")
-    parser.add_argument("--check-len", type=int, default=2048)
-    parser.add_argument("--kernel-len", type=int, default=65536)
-    parser.add_argument("--tile-shapes", nargs="+", default=["public"], choices=list(SHAPES),
+    parser.add_argument("--check-len", type=positive_int, default=2048)
+    parser.add_argument("--kernel-len", type=positive_int, default=65536)
+    parser.add_argument("--tile-shapes", nargs="+", action=Distinct, default=["public"], choices=list(SHAPES),
                         help="shapes of the tiles part (gpt: the 4-layer GPT's G = 2 attention; g4_paper: G = 4, "
                         "d_k = 192)")
-    parser.add_argument("--tile-localities", nargs="+", type=float, default=[0.0],
+    parser.add_argument("--tile-localities", nargs="+", type=float, action=Distinct, default=[0.0],
                         help="query locality of the tiles part's inputs (nsa_inputs), each in [0, 1)")
-    parser.add_argument("--tile-fields", nargs="+", default=list(TILE_KERNELS), choices=list(TILE_KERNELS),
+    parser.add_argument("--tile-fields", nargs="+", action=Distinct, default=list(TILE_KERNELS),
+                        choices=list(TILE_KERNELS),
                         help="which tiles the tiles part sweeps (each field's candidates: tile_variants)")
     parser.add_argument("--tile-match", nargs="+", default=None, help="sweep only the candidates whose repr "
                         "contains one of these texts (e.g. 'tma=False'; a tiles tuple's repr lists every field, so "
                         "', rows=64,' names one value), beside each field's defaults")
     parser.add_argument("--tile-skip", nargs="+", default=None, help="and none whose repr contains one of these "
                         "texts (e.g. a candidate whose GPU tests failed)")
-    parser.add_argument("--tile-timeout", type=float, default=None, help="run the sweep in child processes and "
-                        "give a candidate that yields no row within this many seconds, or kills its process, an "
+    parser.add_argument("--tile-timeout", type=positive_float, default=None, help="run the sweep in child processes "
+                        "and give a candidate that yields no row within this many seconds, or kills its process, an "
                         "error row instead (the sweep goes on; the first candidate's time includes the reference "
                         "run)")
-    parser.add_argument("--module-lens", nargs="+", type=int, default=[65536])
-    parser.add_argument("--gpt-lens", nargs="+", type=int, default=GPT_SEQ_LENS)
+    parser.add_argument("--module-lens", nargs="+", type=positive_int, action=Distinct, default=[65536])
+    parser.add_argument("--gpt-lens", nargs="+", type=positive_int, action=Distinct, default=GPT_SEQ_LENS)
     parser.add_argument("--gpt-compile", action="store_true", help="the gpt part with both models under "
                         "torch.compile (rows of shape gpt_compiled, beside the eager ones)")
-    parser.add_argument("--gpt-processes", type=int, default=None, help="time each GPT in this many fresh "
+    parser.add_argument("--gpt-processes", type=positive_int, default=None, help="time each GPT in this many fresh "
                         "processes, one after another, and record the median step (host-bound eager steps vary "
                         "between processes: one H100 process ran the NSA GPT's 16k step in 67 ms, the next three "
                         "in 54-61); default 3 on CUDA, 1 on the CPU or with --gpt-profile")
@@ -815,32 +830,29 @@ def main() -> None:
     parser.add_argument("--module-profile", action="store_true", help="also write one forward+backward's and one "
                         "forward's operator table per module to --results-dir (profile_<nsa|dense>_module_public_<T>"
                         ".txt, ..._<T>_fwd.txt)")
-    parser.add_argument("--max-seconds", type=float, default=1e9, help="skip lengths not started by then")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--max-seconds", type=positive_float, default=1e9, help="skip lengths not started by then")
+    parser.add_argument("--results-dir", type=results_folder, default=RESULTS_DIR)
+    parser.add_argument("--name", type=file_stem, default=None)
+    args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.gpt_processes is None:
         args.gpt_processes = 3 if cuda and not args.gpt_profile else 1
-    if args.gpt_processes < 1:
-        parser.error(f"--gpt-processes must be at least 1, got {args.gpt_processes}")
     if args.gpt_processes > 1 and args.gpt_profile:
         parser.error("--gpt-profile profiles a step of this process: use it with --gpt-processes 1")
-    if args.batch < 1:
-        parser.error(f"--batch must be at least 1, got {args.batch}")
-    if args.tile_timeout is not None and not 0 < args.tile_timeout < float("inf"):
-        parser.error(f"--tile-timeout must be a positive number of seconds, got {args.tile_timeout}")
     if not all(0.0 <= locality < 1.0 for locality in args.tile_localities):
         parser.error(f"--tile-localities must each be in [0, 1), got {args.tile_localities}")
     dtype = torch.bfloat16 if cuda else torch.float32
     seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else [1024])
+    unused = sorted(set(args.other_shape_lens or []) - set(seq_lens))
+    if unused:  # the other shapes run at the lengths of both lists: one only here would run nowhere
+        parser.error(f"--other-shape-lens {unused} are not among the layer lengths {seq_lens} (--seq-lens)")
+    name = args.name or f"prefill_{'cuda' if cuda else 'cpu'}"
+    jsonl = args.results_dir / f"{name}.jsonl"
+    if args.parts == ["report"] and not jsonl.exists():  # before mkdir: a refused call makes no folder
+        parser.error(f"--parts report rewrites the tables from measured rows, and {jsonl} does not exist")
     env = environment(args.device)
     env = {"gpu": env["device"], "torch": env["torch"], "triton": env["triton"], "commit": env["commit"]}
-    name = args.name or f"prefill_{'cuda' if cuda else 'cpu'}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    jsonl = args.results_dir / f"{name}.jsonl"
-    if args.parts == ["report"] and not jsonl.exists():
-        parser.error(f"--parts report rewrites the tables from measured rows, and {jsonl} does not exist")
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
 

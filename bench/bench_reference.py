@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.env_info import RESULTS_DIR, environment, markdown_table
+from bench.env_info import RESULTS_DIR, Distinct, device_name, environment, markdown_table, positive_int
 from nsa import NSAAttention, NSAConfig
 
 SMALL_CONFIG = dict(hidden_size=256, num_heads=4, num_kv_heads=1, head_dim=64, head_dim_v=64)
@@ -61,10 +61,10 @@ def run_child(cmd: list[str], extra_env: dict[str, str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 65536])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", action=Distinct, default=[8192, 65536])
+    parser.add_argument("--device", type=device_name, default="cpu")
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=positive_int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(measure(args.child, args.device, args.backward)))

@@ -59,8 +59,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from bench.env_info import RESULTS_DIR, cpu_median_ms, environment, markdown_table
-from scope import ScopeConfig
+from bench.env_info import (
+    RESULTS_DIR,
+    Distinct,
+    cpu_median_ms,
+    device_name,
+    environment,
+    file_stem,
+    markdown_table,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    results_folder,
+)
+from scope import ScopeConfig, ScopeConfigError
 from scope.block_sparse_attention import block_visibility, transpose_block_lists
 from scope.scope_attention import ScopeAttention, representative_rows
 
@@ -681,7 +693,7 @@ CHECK_COLUMNS = ["T", "batch", "bias_impl", "backend", "dtype", "ok", "out_rel_e
                  "dq_content_rel_err", "dq_content_rel_own", "dq_content_bound", "list_rows_differing"]
 
 
-def results_dir(arg: str | None) -> Path:
+def results_dir(arg: str | Path | None) -> Path:
     return Path(arg or os.environ.get(RESULTS_ENV) or RESULTS_DIR)
 
 
@@ -708,41 +720,60 @@ def rounded(record: dict[str, Any]) -> dict[str, Any]:
             for k, v in record.items()}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seq-lens", type=int, nargs="+", help="default: GPU 131072 65536 32768, CPU 1024")
-    parser.add_argument("--module-seq-lens", type=int, nargs="*",
-                        help="lengths at which the whole ScopeAttention module is timed (default: the largest)")
-    parser.add_argument("--bias-impls", nargs="+", choices=["score_mod", "qk_aug", "none"],
+    parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", action=Distinct,
+                        help="default: GPU 131072 65536 32768, CPU 1024; multiples of --block")
+    parser.add_argument("--module-seq-lens", type=positive_int, nargs="*", action=Distinct,
+                        help="those of --seq-lens at which the whole ScopeAttention module is timed (default: the "
+                        "largest; none when given empty)")
+    parser.add_argument("--bias-impls", nargs="+", action=Distinct, choices=["score_mod", "qk_aug", "none"],
                         help="SCOPE bias implementations to time (default: score_mod)")
-    parser.add_argument("--backends", nargs="+", choices=["flex", "triton"],
+    parser.add_argument("--backends", nargs="+", action=Distinct, choices=["flex", "triton"],
                         help="attention kernels (default: GPU triton flex, CPU flex); score_mod runs in flex only")
-    parser.add_argument("--heads", type=int, default=None, help="query heads (default: GPU 16, CPU 4)")
-    parser.add_argument("--kv-heads", type=int, default=None, help="kv heads, < heads for GQA (default: heads)")
-    parser.add_argument("--head-dim", type=int, default=None, help="default: GPU 128, CPU 64")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per call (the check runs on at most "
-                        f"{CHECK_MAX_BATCH}: its float64 reference holds [B, H, T, T] scores)")
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--budget", type=int, default=None, help="pointer blocks per query block (GPU 32, CPU 2)")
-    parser.add_argument("--local-blocks", type=int, default=None, help="local band (GPU 4, CPU 2)")
-    parser.add_argument("--global-blocks", type=int, default=0)
-    parser.add_argument("--num-pointers", type=int, default=4)
-    parser.add_argument("--num-freqs", type=int, default=16)
-    parser.add_argument("--delta-max", type=float, default=65536.0)
-    parser.add_argument("--min-period", type=float, default=256.0)
+    parser.add_argument("--heads", type=positive_int, default=None, help="query heads (default: GPU 16, CPU 4)")
+    parser.add_argument("--kv-heads", type=positive_int, default=None,
+                        help="kv heads, < heads for GQA (default: heads)")
+    parser.add_argument("--head-dim", type=positive_int, default=None, help="default: GPU 128, CPU 64")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call (the check runs on at "
+                        f"most {CHECK_MAX_BATCH}: its float64 reference holds [B, H, T, T] scores)")
+    parser.add_argument("--block", type=positive_int, default=128)
+    parser.add_argument("--budget", type=nonnegative_int, default=None,
+                        help="pointer blocks per query block (GPU 32, CPU 2)")
+    parser.add_argument("--local-blocks", type=positive_int, default=None, help="local band (GPU 4, CPU 2)")
+    parser.add_argument("--global-blocks", type=nonnegative_int, default=0)
+    parser.add_argument("--num-pointers", type=positive_int, default=4)
+    parser.add_argument("--num-freqs", type=positive_int, default=16)
+    parser.add_argument("--delta-max", type=positive_float, default=65536.0)
+    parser.add_argument("--min-period", type=positive_float, default=256.0)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: GPU bf16, CPU fp32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the flex paths (default: on for CUDA, off (eager) on CPU)")
-    parser.add_argument("--check-len", type=int, default=None, help="T of the correctness check (GPU 4096, CPU 1024)")
+    parser.add_argument("--check-len", type=positive_int, default=None,
+                        help="T of the correctness check (GPU 4096, CPU 1024; a multiple of --block)")
     parser.add_argument("--skip-check", action="store_true", help="no correctness check (not for recorded results)")
-    parser.add_argument("--max-seconds", type=float, default=None,
+    parser.add_argument("--max-seconds", type=positive_float, default=None,
                         help="skip the lengths not started after this many seconds (default: GPU 270, CPU none)")
-    parser.add_argument("--results-dir", help=f"where results go (default: ${RESULTS_ENV}, else bench/results)")
-    parser.add_argument("--name", help="file stem of the results (default: scope_cuda / scope_cpu)")
+    parser.add_argument("--results-dir", type=results_folder,
+                        help=f"where results go (default: ${RESULTS_ENV}, else bench/results)")
+    parser.add_argument("--name", type=file_stem,
+                        help="file stem of the results (default: scope_cuda / scope_cpu)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error(f"--batch must be at least 1, got {args.batch}")
+    fill_defaults(args)
+    problem = refused_settings(args)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The device's defaults for the settings left out (every flag given is >= 1 here: none falls back)."""
     cuda = args.device.startswith("cuda")
     args.seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else CPU_SEQ_LENS)
     # score_mod's flex fwd+bwd takes minutes to compile on the GPU (torch 2.11): asked for explicitly only
@@ -759,7 +790,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.max_seconds = args.max_seconds if args.max_seconds is not None else (270.0 if cuda else math.inf)
     if args.module_seq_lens is None:
         args.module_seq_lens = [max(args.seq_lens)]
-    return args
+
+
+def refused_settings(args: argparse.Namespace) -> str | None:
+    """Why these settings (defaults filled) would time nothing, fail after the results folder is made, or leave a
+    flag unused; None when they run."""
+    if "triton" in args.backends and not args.device.startswith("cuda"):
+        return "--backends triton runs the block-sparse Triton kernels on CUDA tensors: use --device cuda"
+    if not variants(args):
+        return "--bias-impls score_mod runs in flex only: with --backends triton alone nothing would be timed"
+    uneven = [t for t in args.seq_lens if t % args.block]
+    if uneven:
+        return f"--seq-lens {uneven} are not multiples of --block {args.block}"
+    if not args.skip_check and args.check_len % args.block:
+        return f"--check-len {args.check_len} is not a multiple of --block {args.block}"
+    unused = sorted(set(args.module_seq_lens) - set(args.seq_lens))
+    if unused:
+        return f"--module-seq-lens {unused} are not among the timed lengths {args.seq_lens} (--seq-lens)"
+    try:  # the layer's own rules (heads a multiple of kv heads, min period below delta max, ...), before any work
+        for bias_impl, backend in variants(args):
+            bench_config(args, bias_impl, backend)
+    except ScopeConfigError as error:
+        return f"the layer these flags describe is refused: {error}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

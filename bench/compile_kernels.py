@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
+from bench.env_info import Distinct, positive_int
 from nsa.functional import NSASizes
 from nsa.kernels import decode, range_attention, selected, topn
 from nsa.kernels import rows as row_passes
@@ -40,6 +41,9 @@ INT32_POINTERS = ("cu_q_ptr", "cu_k_ptr", "tile_seq_ptr", "tile_first_ptr", "idx
                   "cu_blocks_ptr", "list_chunks_ptr", "union_ptr", "count_ptr", "slots_ptr")
 DKDV_GATES = (("gate_ptr", "*fp32"),)  # as every dk/dv kernel reads them (nsa.prefill.dkdv_gates)
 BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
+# the NVIDIA compute capabilities Triton 3.6 compiles these kernels for: any other number aborts LLVM without a
+# message (0, 69, 71, 95: "Cannot select: intrinsic") or fails in ptxas (110, 35)
+ARCHES = (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90, 100, 101, 103, 120, 121)
 RULES = {"cmp": {"STRIDE": BLOCKS["block_stride"], "SPAN": BLOCKS["block_size"], "WINDOW": 0},
          "win": {"STRIDE": 1, "SPAN": 1, "WINDOW": BLOCKS["window_size"]}}
 
@@ -353,19 +357,25 @@ def loop_loads(ttgir: str) -> list[str]:
     return found
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from bench.bench_prefill import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 192])
+    parser.add_argument("--arch", type=int, default=90, choices=ARCHES, metavar="ARCH",
+                        help=f"compute capability, one of {', '.join(map(str, ARCHES))} (default 90)")
+    parser.add_argument("--head-dims", nargs="+", type=positive_int, action=Distinct,
+                        help="default: 128 and 192 (not with --candidates, whose shapes fix them)")
     parser.add_argument("--loop-loads", action="store_true",
                         help="also list each kernel's synchronous loads inside its loops (loop_loads)")
     parser.add_argument("--loop-spills", action="store_true",
                         help="also count the spills' local loads / stores inside each loop that holds a matmul "
                         "(loop_spills, from the SASS)")
-    parser.add_argument("--candidates", nargs="+", default=[], metavar="SHAPE",
+    parser.add_argument("--candidates", nargs="+", default=[], metavar="SHAPE", choices=list(SHAPES), action=Distinct,
                         help="instead: the range kernels and the selection forward, dq and dk/dv under each tile "
                         "candidate of bench_prefill's sweep at these shapes (public, paper, g4, g12, gpt, g4_paper)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.candidates and args.head_dims:
+        parser.error("--candidates compiles at its shapes' head dims: --head-dims would do nothing")
 
     def report(label: str, case: KernelCase) -> None:
         kernel = compile_case(case, args.arch)
@@ -379,7 +389,7 @@ def main() -> None:
             for case in candidate_cases(shape_name):
                 report(f"{shape_name:8s}", case)
         return
-    for head_dim in args.head_dims:
+    for head_dim in args.head_dims or [128, 192]:
         for case in cases(head_dim, 128 if head_dim == 192 else head_dim, group=12 if head_dim == 192 else 16):
             report(f"d={head_dim:3d}", case)
     for case in decode_cases():

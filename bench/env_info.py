@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import cProfile
 import io
+import math
 import os
 import platform
 import pstats
+import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +154,109 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# command-line checks the benchmarks share: argparse types and actions (argparse names the flag in the error and
+# exits with status 2 before any work, so a refused call writes nothing)
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A length, batch, head count or repeat count: 0 or fewer would time nothing, or fail deep inside a kernel
+    after the results folder was made."""
+    return _whole_number(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """A count that may be zero (a budget of extra blocks, global blocks)."""
+    return _whole_number(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds, a period, a distance): nan compares false with everything (a nan time budget
+    never stops a run) and inf is no setting (leave the flag out for none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """cpu, or cuda / cuda:N on a machine whose torch sees that GPU. The benchmarks take anything not "cuda..." for
+    the CPU's settings, and a GPU that is not there fails deep inside torch (an AssertionError from its lazy init)."""
+    if text == "cpu":
+        return text
+    if not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device (torch.cuda.is_available() is "
+                                         "False)")
+    index, count = int(text.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), numbered from 0")
+    return text
+
+
+def _blocked_by_a_file(path: Path) -> Path | None:
+    """The nearest existing path at or above ``path`` when it is not a folder (mkdir would fail there)."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def results_folder(text: str) -> Path:
+    """A folder for results (made when the rows are written): named (Path("") is the current folder, where the
+    rows would land unnoticed) and not under an existing file (found only after the timing otherwise)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a folder")
+    path = Path(text)
+    blocker = _blocked_by_a_file(path)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{blocker} is a file, not a folder")
+    return path
+
+
+def output_file(text: str) -> str:
+    """A file to write or append to: named, not a folder, in a folder that exists (checked before the run, not
+    after the GPU time is spent)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a file")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a file")
+    if not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its folder {path.parent} does not exist")
+    return text
+
+
+def file_stem(text: str) -> str:
+    """The stem of result files inside --results-dir: a plain name (a path separator would write elsewhere, or
+    fail after the timing; an empty one used to fall back to the default name silently)."""
+    if not text.strip() or text in (".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"must be a plain file name (no folder, not empty), got {text!r}")
+    return text
+
+
+class Distinct(argparse.Action):
+    """Stores a list option whose entries are each given once: a repeated length, shape or impl would time and
+    record the same row twice."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        entries: Sequence[Any] = values
+        repeated = list(dict.fromkeys(v for v in entries if entries.count(v) > 1))
+        if repeated:
+            raise argparse.ArgumentError(self, f"{', '.join(map(str, repeated))} given more than once: name each once")
+        setattr(namespace, self.dest, list(entries))

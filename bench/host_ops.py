@@ -24,13 +24,12 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.env_info import environment
+from bench.env_info import environment, positive_int, results_folder
 
 # ops that launch no kernel although their schema does not mark them as views: allocations, and _unsafe_view (a
 # reshape's view of a fresh tensor)
@@ -193,22 +192,23 @@ def gpt_step(attention: str) -> Callable[[argparse.Namespace], Callable[[], None
     return make
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256, help="T (the counts do not depend on it; >= 64)")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="T (the counts do not depend on it; >= 64)")
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--kv-heads", type=positive_int, default=2)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--gpt", action="store_true", help="also a training step of bench_prefill's 4-layer GPT, "
                         "with NSA and with dense attention (its layers at the GPT's shape, whatever the flags above)")
-    parser.add_argument("--results-dir", type=Path, default=None,
+    parser.add_argument("--results-dir", type=results_folder, default=None,
                         help="also append the rows to host_ops_cpu.jsonl there (bench/results: the recorded ones)")
-    args = parser.parse_args()
-    if args.seq_len < 64 or args.heads % args.kv_heads or min(args.batch, args.repeats) < 1:
-        parser.error("need --seq-len >= 64 (a selection block), --heads a multiple of --kv-heads, and --batch, "
-                     "--repeats >= 1")
+    args = parser.parse_args(argv)
+    if args.seq_len < 64:
+        parser.error(f"--seq-len must be >= 64 (a selection block), got {args.seq_len}")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     env = environment("cpu")
     steps = [("nsa_module", module_step), ("nsa_prefill_op", op_step)]
     if args.gpt:

@@ -20,7 +20,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import bench_scope
-from bench.env_info import environment, markdown_table
+from bench.env_info import environment, markdown_table, output_file, positive_int
+
+# bench_scope's options for its timed run, not the layer: a profile would silently ignore them
+SCOPE_RUN_ONLY = ("module_seq_lens", "check_len", "skip_check", "max_seconds", "results_dir", "name")
 
 
 def kernel_table(prof: profile, steps: int, top: int) -> tuple[list[dict[str, Any]], float]:
@@ -56,17 +59,22 @@ def profile_variant(args: argparse.Namespace, bias_impl: str, backend: str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--top", type=positive_int, default=15)
     parser.add_argument("--forward-only", action="store_true")
-    parser.add_argument("--out", help="JSON-lines file to append to")
-    parser.add_argument("--trace", help="Chrome trace of the last variant")
+    parser.add_argument("--out", type=output_file, help="JSON-lines file to append to")
+    parser.add_argument("--trace", type=output_file, help="Chrome trace of the last variant")
     own, rest = parser.parse_known_args(argv)
+    given = vars(bench_scope.build_parser().parse_args(rest))
+    ignored = [f"--{dest.replace('_', '-')}" for dest in SCOPE_RUN_ONLY if given[dest] not in (None, False)]
+    if ignored:
+        parser.error(f"{', '.join(ignored)} set bench_scope's own run (its check, time budget and results), which "
+                     "profile_scope does not do: drop them")
     args = bench_scope.parse_args(rest)
     for name, value in vars(own).items():
         setattr(args, name, value)
     if not args.device.startswith("cuda"):
-        raise SystemExit("profile_scope times GPU kernels: pass --device cuda")
+        parser.error("profile_scope times GPU kernels: pass --device cuda")
     env = environment(args.device)
     prof = None
     with bench_scope.compile_settings(64, cpu_compile=False):

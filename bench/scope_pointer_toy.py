@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.env_info import RESULTS_DIR, environment, markdown_table
+from bench.env_info import RESULTS_DIR, environment, markdown_table, positive_int
 from scope import ScopeConfig
 from scope.scope_attention import ScopeAttention, causal_representative_positions, representative_rows
 from scope.teacher import inclusion_probability, layer_teacher_loss
@@ -87,7 +87,8 @@ def train_pointers(steps: int = 40, lr: float = 0.05, seq_len: int = 256) -> lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=positive_int, default=40, help="Adam steps (the recorded table is "
+                        "overwritten: 0 would replace it by the untrained layer's row)")
     args = parser.parse_args(argv)
     history = train_pointers(args.steps)
     env = environment("cpu")

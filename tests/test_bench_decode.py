@@ -73,3 +73,39 @@ def test_paged_rows_hold_less_memory_for_mixed_lengths(tmp_path: Path) -> None:
     assert paged["lengths"] == "256..1024" and paged["paged_ms"] > 0 and paged["contiguous_ms"] > 0
     assert paged["paged_sel_gib"] < paged["contiguous_sel_gib"]
     assert "## Paged KV" in (tmp_path / "decode_cpu.md").read_text()
+
+
+REFUSED_DECODE_ARGS = [
+    (["--skip-reads", "--seq-lens", "0"], "--seq-lens: must be >= 1"),  # NSAInputError "capacity" traceback
+    (["--skip-reads", "--seq-lens", "1024", "--batches", "-2"], "--batches: must be >= 1"),
+    (["--skip-latency", "--read-lengths", "0"], "--read-lengths: must be >= 1"),
+    (["--skip-latency", "--read-lengths", "1024", "1024"], "--read-lengths: 1024 given more than once"),
+    (["--skip-reads", "--seq-lens", "1024", "--batches", "1", "1"], "--batches: 1 given more than once"),
+    (["--device", "cuda:99"], "--device: cuda:99"),  # an AssertionError from torch's lazy CUDA init
+    (["--device", "bogus"], "--device: must be cpu, cuda or cuda:N"),  # ran the CPU tables under "bogus"
+    (["--skip-latency", "--skip-reads"], "measures nothing"),  # wrote empty tables
+    (["--skip-latency", "--tiles"], "measures nothing"),
+    (["--skip-latency", "--paged"], "--paged would do nothing"),
+    (["--skip-latency", "--seq-lens", "1024"], "--seq-lens would do nothing"),
+    (["--tiles", "--profile"], "--tiles replaces the tables"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), REFUSED_DECODE_ARGS, ids=[" ".join(f) for f, _ in REFUSED_DECODE_ARGS])
+def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   flags: list[str], message: str) -> None:
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as refused:
+        bench_decode.main([*flags, "--results-dir", str(results)])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_a_results_dir_that_is_a_file_is_refused_before_the_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to measure first, then fail at mkdir (FileExistsError traceback)."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(bench_decode, "reads_table", lambda lengths: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        bench_decode.main([*CHECK_ARGS, "--results-dir", str(tmp_path / "afile")])
+    assert refused.value.code == 2 and "--results-dir: " in capsys.readouterr().err

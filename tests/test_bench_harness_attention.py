@@ -34,3 +34,18 @@ def test_parity_checks_fail_on_a_wrong_path(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(AssertionError, match="teacher targets"):
         bench.main(["--results-dir", str(tmp_path)])
     assert not list(tmp_path.glob("*.jsonl"))  # nothing written by a failed run
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--device", "cuda:99"], "--device: cuda:99"),  # an AssertionError from torch after the CPU work
+    (["--device", "bogus"], "--device: must be cpu, cuda or cuda:N"),
+    (["--results-dir", ""], "--results-dir: an empty path"),  # wrote the rows into the current folder
+    (["--results-dir", "{tmp}/afile"], "afile is a file, not a folder"),  # FileExistsError after the timing
+])
+def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   flags: list[str], message: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as refused:
+        bench.main([flag.format(tmp=tmp_path) for flag in flags])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["afile"]

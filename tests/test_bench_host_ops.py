@@ -15,6 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import host_ops
+
 ROOT = Path(__file__).resolve().parent.parent
 # one forward + backward: the range kernels run for the compression and the window; at G = 2 the selection runs
 # over the blocks' token lists, its forward (parts, then their combination) and its dk/dv with the dq inside (the
@@ -43,3 +47,22 @@ def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:
     # the GPT's four layers are the module's shape: four times its launches; the dense GPT launches RoPE's only
     assert rows["gpt_nsa"]["launches"] == {name: 4 * count for name, count in launches.items()}
     assert rows["gpt_dense"]["launches"] == {"_rope_kernel": 16}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--kv-heads", "0"], "--kv-heads: must be >= 1"),  # ZeroDivisionError
+    (["--kv-heads", "-1"], "--kv-heads: must be >= 1"),  # passed the divisibility check (4 % -1 == 0)
+    (["--heads", "0"], "--heads: must be >= 1"),  # NSAConfigError "hidden_size" traceback
+    (["--head-dim", "-8"], "--head-dim: must be >= 1"),
+    (["--heads", "3"], "--heads 3 must be a multiple of --kv-heads 2"),
+    (["--seq-len", "63"], "--seq-len must be >= 64"),
+    (["--repeats", "0"], "--repeats: must be >= 1"),
+    (["--results-dir", "{tmp}/afile"], "afile is a file, not a folder"),  # FileExistsError after the first row
+    (["--results-dir", ""], "--results-dir: an empty path"),  # appended to ./host_ops_cpu.jsonl
+])
+def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   flags: list[str], message: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as refused:
+        host_ops.main([flag.format(tmp=tmp_path) for flag in flags])
+    assert refused.value.code == 2 and message in capsys.readouterr().err

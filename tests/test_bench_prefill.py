@@ -455,3 +455,89 @@ def test_check_of_a_batch_compares_each_sequence_with_its_own_reference(monkeypa
     row = bench_prefill.check("tiny", 96, "cpu", torch.float32, batch=2)  # two selection blocks of 64 tokens
     assert row["passed"] and row["determinism"] and row["selection_mismatch"] == 0, row
     assert row["out_rel_err"] < 1e-4 and row["dq_rel_err"] < 1e-4, row
+
+
+# the command line: a bad value or a contradiction is refused by argparse (status 2), naming the flag, before any
+# folder is made or row written; "cuda:99" is refused on any machine (no GPU here, fewer than 100 on a GPU host)
+REFUSED_PREFILL_ARGS = [
+    (["--seq-lens", "0"], "--seq-lens: must be >= 1"),
+    (["--seq-lens", "-5"], "--seq-lens: must be >= 1"),
+    (["--seq-lens", "128", "128"], "--seq-lens: 128 given more than once"),
+    (["--shapes", "public", "public"], "--shapes: public given more than once"),
+    (["--parts", "layer", "layer"], "--parts: layer given more than once"),
+    (["--impls", "bogus"], "--impls: invalid choice: 'bogus'"),
+    (["--max-seconds", "nan"], "--max-seconds: must be a finite number > 0, got nan"),
+    (["--max-seconds", "-1"], "--max-seconds: must be a finite number > 0"),
+    (["--tile-timeout", "inf"], "--tile-timeout: must be a finite number > 0, got inf"),
+    (["--check-len", "0"], "--check-len: must be >= 1"),
+    (["--gpt-lens", "0"], "--gpt-lens: must be >= 1"),
+    (["--device", "cuda:99"], "--device: cuda:99"),
+    (["--device", "bogus"], "--device: must be cpu, cuda or cuda:N"),
+    (["--name", ""], "--name: must be a plain file name"),
+    (["--name", "sub/x"], "--name: must be a plain file name"),
+    (["--seq-lens", "1024", "--other-shape-lens", "4096"], "--other-shape-lens [4096] are not among"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), REFUSED_PREFILL_ARGS, ids=[" ".join(f) for f, _ in REFUSED_PREFILL_ARGS])
+def test_bad_arguments_are_refused_naming_the_flag_before_any_folder_is_made(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str], flags: list[str],
+        message: str) -> None:
+    results = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "layer", "--results-dir", str(results), *flags])
+    with pytest.raises(SystemExit) as raised:
+        bench_prefill.main()
+    assert raised.value.code == 2 and message in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_a_results_dir_that_is_a_file_is_refused_before_the_timing(monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to fail at mkdir (FileExistsError traceback); under a file it would fail the same way."""
+    (tmp_path / "afile").write_text("x")
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "layer", "--results-dir", str(folder)])
+        with pytest.raises(SystemExit) as raised:
+            bench_prefill.main()
+        assert raised.value.code == 2 and "--results-dir: " in capsys.readouterr().err
+
+
+def test_report_without_measured_rows_makes_no_results_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The refusal comes before mkdir (it used to leave the folder behind)."""
+    results = tmp_path / "new"
+    monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "report", "--results-dir", str(results)])
+    with pytest.raises(SystemExit):
+        bench_prefill.main()
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--arch", "0"], "--arch: invalid choice: 0"),  # it aborted LLVM without a message
+    (["--arch", "69"], "--arch: invalid choice: 69"),
+    (["--head-dims", "0"], "--head-dims: must be >= 1"),  # "negative shift count" from deep inside
+    (["--head-dims", "128", "128"], "--head-dims: 128 given more than once"),
+    (["--candidates", "bogus"], "--candidates: invalid choice: 'bogus'"),  # a KeyError traceback
+    (["--candidates", "public", "--head-dims", "64"], "--head-dims would do nothing"),
+])
+def test_compile_kernels_refuses_bad_arguments(capsys: pytest.CaptureFixture[str], flags: list[str],
+                                               message: str) -> None:
+    from bench import compile_kernels
+
+    with pytest.raises(SystemExit) as raised:
+        compile_kernels.main(flags)
+    assert raised.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seq-lens", "0"], "--seq-lens: must be >= 1"),  # it appended a T=0 row to bench/results
+    (["--seq-lens", "64", "64"], "--seq-lens: 64 given more than once"),
+    (["--device", "cuda:99"], "--device: cuda:99"),  # a CalledProcessError from the child
+])
+def test_reference_bench_refuses_bad_arguments_before_any_child_runs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
+    from bench import bench_reference
+
+    monkeypatch.setattr(bench_reference, "run_child", lambda *args: pytest.fail("a child ran"))
+    with pytest.raises(SystemExit) as raised:
+        bench_reference.main(flags)
+    assert raised.value.code == 2 and message in capsys.readouterr().err

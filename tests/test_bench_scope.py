@@ -182,3 +182,103 @@ def test_layer_traces_as_one_graph_with_one_flex_attention(training: bool) -> No
     with torch.no_grad():
         torch.compile(layer, backend=counting_backend, fullgraph=True, dynamic=False)(x)
     assert graphs == [1]
+
+
+REFUSED_SCOPE_ARGS = [
+    (["--local-blocks", "0"], "--local-blocks: must be >= 1"),  # 0 fell back to the default 2: other math
+    (["--heads", "0"], "--heads: must be >= 1"),  # fell back to 4
+    (["--check-len", "0"], "--check-len: must be >= 1"),  # fell back to 1024
+    (["--seq-lens", "0"], "--seq-lens: must be >= 1"),  # ZeroDivisionError
+    (["--budget", "-1"], "--budget: must be >= 0"),  # ScopeConfigError traceback
+    (["--max-seconds", "nan"], "--max-seconds: must be a finite number > 0, got nan"),  # never stopped the run
+    (["--max-seconds", "-5"], "--max-seconds: must be a finite number > 0"),
+    (["--delta-max", "inf"], "--delta-max: must be a finite number > 0, got inf"),
+    (["--seq-lens", "500"], "--seq-lens [500] are not multiples of --block 64"),
+    (["--check-len", "100"], "--check-len 100 is not a multiple of --block 64"),
+    (["--seq-lens", "512", "512"], "--seq-lens: 512 given more than once"),  # timed twice
+    (["--bias-impls", "score_mod", "score_mod"], "--bias-impls: score_mod given more than once"),
+    (["--module-seq-lens", "1024"], "--module-seq-lens [1024] are not among the timed lengths [512]"),
+    (["--backends", "triton"], "--backends triton runs the block-sparse Triton kernels on CUDA tensors"),
+    (["--heads", "3", "--kv-heads", "2"], "num_heads=3 must be a multiple of num_kv_heads=2"),
+    (["--device", "cuda:99"], "--device: cuda:99"),
+    (["--results-dir", ""], "--results-dir: an empty path"),  # wrote to bench/results
+    (["--name", "a/b"], "--name: must be a plain file name"),  # FileNotFoundError after the timing
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), REFUSED_SCOPE_ARGS, ids=[" ".join(f) for f, _ in REFUSED_SCOPE_ARGS])
+def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                   message: str) -> None:
+    monkeypatch.setenv(bench_scope.RESULTS_ENV, str(tmp_path / "results"))
+    with pytest.raises(SystemExit) as refused:
+        bench_scope.main([*SMOKE_ARGS, *flags])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_score_mod_with_only_the_triton_backend_is_refused() -> None:
+    """On CUDA (settings built by hand: no GPU here) score_mod alone with --backends triton times nothing; it used
+    to write empty tables."""
+    args = bench_scope.build_parser().parse_args(["--bias-impls", "score_mod", "--backends", "triton"])
+    args.device = "cuda"
+    bench_scope.fill_defaults(args)
+    assert "nothing would be timed" in str(bench_scope.refused_settings(args))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "0"], "--steps: must be >= 1"),  # a division by zero in the kernel table
+    (["--top", "-3"], "--top: must be >= 1"),
+    (["--out", "{tmp}/no_folder/x.jsonl"], "its folder"),  # found only after the profile
+    (["--results-dir", "{tmp}"], "--results-dir set bench_scope's own run"),  # silently ignored
+    (["--check-len", "1024"], "--check-len set bench_scope's own run"),
+    ([], "pass --device cuda"),
+])
+def test_profile_scope_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
+                                             message: str) -> None:
+    from bench import profile_scope
+
+    with pytest.raises(SystemExit) as refused:
+        profile_scope.main([flag.format(tmp=tmp_path) for flag in flags])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tiles", "a,b"], "--tiles: 'a,b': each of its comma-separated entries must be a whole number"),  # ValueError
+    (["--tiles", "1,2"], "--tiles: '1,2' has 2 entries"),  # Tiles filled the rest from its defaults
+    (["--tiles", "128,64,128,64,64,128,8,0"], "must be >= 1"),
+    (["--seq-len", "1000"], "--seq-len must be a multiple of the mask block 128"),
+    (["--qk-dims", "0"], "--qk-dims: must be >= 1"),
+    (["--out", "{tmp}/no_folder/x.jsonl"], "--out: "),
+])
+def test_block_sparse_bench_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  flags: list[str], message: str) -> None:
+    from bench import bench_block_sparse
+
+    with pytest.raises(SystemExit) as refused:
+        bench_block_sparse.main([flag.format(tmp=tmp_path) for flag in flags])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_block_sparse_bench_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to fail inside torch (AssertionError: Torch not compiled with CUDA enabled)."""
+    from bench import bench_block_sparse
+
+    with pytest.raises(SystemExit) as refused:
+        bench_block_sparse.main(["--seq-len", "1024"])
+    assert refused.value.code == 2 and "bench_block_sparse times CUDA kernels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["-1", "0"])
+def test_pointer_toy_refuses_a_step_count_below_one_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    steps: str) -> None:
+    """-1 used to truncate the recorded table and then fail (IndexError); 0 overwrote it with the untrained row."""
+    from bench import scope_pointer_toy
+
+    monkeypatch.setattr(scope_pointer_toy, "RESULTS_DIR", tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        scope_pointer_toy.main(["--steps", steps])
+    assert refused.value.code == 2 and "--steps: must be >= 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
