@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,12 @@ import torch.nn.functional as F
 from bench.env_info import Distinct, device_name, environment, markdown_table, output_file, positive_int
 from scope.block_sparse_attention import block_sparse_attention_reference, transpose_block_lists
 
+if TYPE_CHECKING:  # the kernels import triton: only the timing and the checks load them
+    from scope.kernels.block_sparse import Tiles
 
-def scope_like_lists(heads: int, num_blocks: int, local: int, budget: int, seed: int) -> tuple[torch.Tensor, ...]:
+
+def scope_like_lists(heads: int, num_blocks: int, local: int, budget: int, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """kv_num_blocks [1, H, QB], kv_indices [1, H, QB, local + budget] (ascending, -1 padded), on CUDA."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     rows = torch.arange(num_blocks, device="cuda")
@@ -38,8 +42,8 @@ def scope_like_lists(heads: int, num_blocks: int, local: int, budget: int, seed:
     return keep.sum(-1, dtype=torch.int32)[None], torch.where(idx < num_blocks, idx, -1).to(torch.int32)[None]
 
 
-def time_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: tuple[torch.Tensor, ...],
-               tiles: Any) -> dict[str, float]:
+def time_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: tuple[torch.Tensor, torch.Tensor],
+               tiles: Tiles) -> dict[str, float]:
     """Median ms of the forward and of the backward kernels (given the forward's out / lse)."""
     from triton.testing import do_bench
 
@@ -55,7 +59,7 @@ def time_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: tuple[t
     return {"fwd_ms": round(fwd, 3), "bwd_ms": round(bwd, 3)}
 
 
-def check_tiles(heads: int, dqk: int, tiles: Any) -> None:
+def check_tiles(heads: int, dqk: int, tiles: Tiles) -> None:
     """The kernels' forward vs the torch twin at T=2048 (bf16; a wrong list or tile shows as O(1) error)."""
     from scope.kernels import block_sparse
 
@@ -84,7 +88,7 @@ def dense_row(heads: int, seq_len: int) -> dict[str, Any]:
     return {"T": seq_len, "dqk": 128, "tiles": "dense SDPA", "fwd_ms": round(fwd, 3), "bwd_ms": round(fb - fwd, 3)}
 
 
-def parse_tiles(text: str) -> Any:
+def parse_tiles(text: str) -> Tiles:
     """argparse type of a --tiles entry: 8 or 9 whole numbers >= 1 (Tiles would fill a shorter list from its
     defaults, silently timing another configuration than the one named)."""
     from scope.kernels import block_sparse

@@ -21,6 +21,7 @@ Results: bench/results/decode_<device>.jsonl and .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -190,7 +191,7 @@ def tile_rows(seq_len: int, batch: int, shape: dict[str, int], device: str, dtyp
                                "max_abs_diff": round((out.float() - reference.output.float()).abs().max().item(), 5),
                                "blocks_equal": bool(torch.equal(indices, reference.block_indices))}
         if row["blocks_equal"] and row["max_abs_diff"] < 0.02:
-            row["graph_ms"] = round(cuda_graph_ms(lambda t=tiles: decode_attention_triton(*args, tiles=t)), 4)
+            row["graph_ms"] = round(cuda_graph_ms(functools.partial(decode_attention_triton, *args, tiles=tiles)), 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

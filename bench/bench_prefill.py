@@ -55,7 +55,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,7 @@ from nsa import (
     selected_attention,
     sliding_window_attention,
 )
+from nsa.functional import NSASizes
 from nsa.nonfinite import finite_or_zero, nsa_nonfinite_rows
 from sal_harness.model import GPT, DenseAttentionConfig, GPTConfig, ModelConfig, NSAAttentionConfig, SDPAAttention
 
@@ -96,11 +97,21 @@ class Shape(NamedTuple):
     dv: int
 
 
+class Blocks(TypedDict):
+    """nsa_attention's block sizes: a TypedDict, so that mypy checks each **BLOCKS against the keywords it fills."""
+
+    block_size: int
+    block_stride: int
+    sel_block_size: int
+    num_selected: int
+    window_size: int
+
+
 LAYER_SHAPES = {"public": Shape(64, 4, 128, 128), "paper": Shape(64, 4, 192, 128), "g4": Shape(16, 4, 128, 128),
                 "g12": Shape(48, 4, 128, 128)}  # issue 11's layer shapes
 # for tile sweeps: "gpt", the 4-layer GPT's attention (G = 2); "g4_paper", G = 4 with the paper's head dims
 SHAPES = {**LAYER_SHAPES, "gpt": Shape(4, 2, 64, 64), "g4_paper": Shape(16, 4, 192, 128)}
-BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
+BLOCKS: Blocks = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
 GPU_SEQ_LENS = [524288, 262144, 131072, 65536, 32768, 16384, 8192, 4096]
 GPT_SEQ_LENS = [4096, 16384, 65536]
 GPT_TOKENS_PER_STEP = 65536
@@ -147,7 +158,8 @@ def dense_inputs(shape: Shape, seq_len: int, dtype: torch.dtype, device: str, gr
 
 
 def run_dense(inputs: list[Tensor]) -> Tensor:
-    return F.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=True)
+    q, k, v = inputs
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 def flex_window(seq_len: int, device: str) -> Callable[[list[Tensor]], Tensor]:
@@ -160,7 +172,12 @@ def flex_window(seq_len: int, device: str) -> Callable[[list[Tensor]], Tensor]:
 
     mask = create_block_mask(sliding, None, None, seq_len, seq_len, device=device, _compile=True)  # no [T, T]
     compiled = torch.compile(flex_attention)
-    return lambda inputs: compiled(*inputs, block_mask=mask, enable_gqa=True)
+
+    def attend(inputs: list[Tensor]) -> Tensor:
+        q, k, v = inputs
+        return compiled(q, k, v, block_mask=mask, enable_gqa=True)
+
+    return attend
 
 
 def fla_nsa() -> tuple[Callable | None, str]:
@@ -294,7 +311,7 @@ def reference_nsa(inputs: list[Tensor], indices: Tensor, dout: Tensor) -> tuple[
     (output, its own selection, the eight inputs' gradients under ``dout``)."""
     wide = [t.detach().float().requires_grad_() for t in inputs]
     q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates = wide
-    l, d, lp, n, w = BLOCKS.values()
+    l, d, lp, n, w = NSASizes(**BLOCKS)
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, l, d)
     with torch.no_grad():
         selection = select_blocks(q, k_cmp, lse, block_size=l, block_stride=d, sel_block_size=lp, num_selected=n)
@@ -336,10 +353,12 @@ def layer_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype, i
                 row["skipped"] = why
                 rows.append(row)
                 continue
-            rows.append(guarded(row, lambda fn=fn: measure(lambda inputs: run_fla(fn, inputs),
-                                                            lambda g: fla_inputs(shape, seq_len, dtype, device, g,
-                                                                                 batch),
-                                                            device)))
+
+            def work(fn: Callable = fn) -> dict[str, Any]:
+                return measure(lambda inputs: run_fla(fn, inputs),
+                               lambda g: fla_inputs(shape, seq_len, dtype, device, g, batch), device)
+
+            rows.append(guarded(row, work))
     return rows
 
 
@@ -358,7 +377,7 @@ def attention_pairs(seq_len: int) -> dict[str, int]:
     """(query, key) pairs one query head reads per branch: compressed blocks visible, selected tokens (the
     n * l' bound, less the early queries' fewer blocks), window keys."""
     t = torch.arange(seq_len, dtype=torch.float64)
-    l, d, lp, n, w = BLOCKS.values()
+    l, d, lp, n, w = NSASizes(**BLOCKS)
     cmp = torch.where(t >= l - 1, torch.div(t - l + 1, d, rounding_mode="floor") + 1, 0).sum()
     selected, window = torch.clamp(t + 1, max=n * lp).sum(), torch.clamp(t + 1, max=w).sum()
     return {"cmp": int(cmp), "sel": int(selected), "win": int(window)}
@@ -414,7 +433,8 @@ def kernel_steps(run: Any, shape: Shape, seq_len: int) -> list[tuple[str, Callab
     """(name, the kernel launch, its matmul FLOPs) for each kernel of a prefill run (nsa.prefill.PrefillRun)
     whose forward has run."""
     dout = torch.randn_like(run.out)
-    dq, delta, grads = torch.empty_like(run.q), [torch.empty_like(run.lse[0]) for _ in range(3)], {}
+    dq, delta = torch.empty_like(run.q), [torch.empty_like(run.lse[0]) for _ in range(3)]
+    grads: dict[str, tuple[Tensor, Tensor]] = {}  # each dk/dv step stores its branch's (dk, dv) here
     pairs = {name: count * shape.heads for name, count in attention_pairs(seq_len).items()}
     fwd, qk = 2 * (shape.dk + shape.dv), 2 * shape.dk
     dq_flops, dkdv_flops = 2 * (2 * shape.dk + shape.dv), 4 * (shape.dk + shape.dv)  # dq: q.k, dO.v, dS.k
@@ -436,7 +456,8 @@ def shape_name(shape: Shape) -> str:
 def prefill_run(inputs: list[Tensor], shape: Shape) -> Any:
     from nsa.prefill import PrefillRun, PrefillSizes
 
-    return PrefillRun(*inputs, None, PrefillSizes(**BLOCKS), shape.dk**-0.5)
+    q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates = inputs
+    return PrefillRun(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, None, PrefillSizes(**BLOCKS), shape.dk**-0.5)
 
 
 def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) -> list[dict]:
@@ -448,10 +469,12 @@ def kernel_rows(shape_name: str, seq_len: int, device: str, dtype: torch.dtype) 
     steps = kernel_steps(run, shape, seq_len)
     # The non-finite guard around the fused op (nsa.nonfinite): sanitised inputs, then the rows to poison.
     raw = nsa_inputs(shape, seq_len, dtype, device, False)
-    rule = {key: BLOCKS[key] for key in ("block_size", "block_stride", "sel_block_size", "window_size")}
+    q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates = raw
+    l, d, lp, _, w = NSASizes(**BLOCKS)
     steps.append(("guard_sanitize", lambda: [finite_or_zero(x) for x in raw], 0))
-    steps.append(("guard_rows", lambda: nsa_nonfinite_rows(*raw, run.indices.view(1, seq_len, shape.kv_heads, -1),
-                                                           **rule), 0))
+    steps.append(("guard_rows", lambda: nsa_nonfinite_rows(
+        q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, run.indices.view(1, seq_len, shape.kv_heads, -1),
+        block_size=l, block_stride=d, sel_block_size=lp, window_size=w), 0))
     rows = []
     for name, fn, flops in steps:
         ms = timed(fn, device, warmup_ms=200)  # do_bench's 25 ms left the first kernels timed at 8k up to 2x slow

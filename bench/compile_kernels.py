@@ -58,6 +58,12 @@ class KernelCase(NamedTuple):
     pointer_types: tuple[tuple[str, str], ...] = ()  # (name, Triton type) overriding the naming rule
 
 
+def warps_stages(launch: dict[str, int]) -> tuple[int, int]:
+    """(num_warps, num_stages) of a launcher's settings (selected.query_launch / forced_launch), positional for
+    KernelCase: unpacked with ** a dict[str, int] could fill any of its fields, as far as mypy knows."""
+    return launch["num_warps"], launch["num_stages"]
+
+
 def _signature(fn: Any, constexprs: dict[str, Any], float32_outputs: tuple[str, ...],
                pointer_types: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     signature = {}
@@ -127,15 +133,15 @@ def selected_query_cases(tiles: SelectedTiles, group: int, dims: dict[str, int],
                          ) -> Iterator[KernelCase]:
     """The selection forward and dq as their launchers run them under ``tiles`` with programs of ``rows`` rows
     (``query_tile_shape``: one token, or several walking the union of their blocks; 64-key blocks, n = 16)."""
-    query = {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
-             **selected.query_tile_shape(group, rows), "NUM_SELECTED": 16, "NP": 16, "HAS_GATE": True,
-             "ACCUMULATE": True, "FORCED": 0}
+    query: dict[str, Any] = {"GROUP": group, "SEL_BLOCK": 64, "BLOCK_S": 64, "PRECISION": "tf32", **dims,
+                             **selected.query_tile_shape(group, rows), "NUM_SELECTED": 16, "NP": 16, "HAS_GATE": True,
+                             "ACCUMULATE": True, "FORCED": 0}
     query["UNION"] = query["BQ"] * 16
     tma, tma_types = descriptor_args(tiles.tma, 64, dims)
     yield KernelCase(f"fwd_sel{suffix}", selected._sel_fwd_kernel, {**query, **tma},
-                     **selected.query_launch(tiles, query, dq=False), pointer_types=tma_types)
+                     *warps_stages(selected.query_launch(tiles, query, dq=False)), pointer_types=tma_types)
     yield KernelCase(f"dq_sel{suffix}", selected._sel_dq_kernel, {**query, **tma},
-                     **selected.query_launch(tiles, query, dq=True), pointer_types=tma_types)
+                     *warps_stages(selected.query_launch(tiles, query, dq=True)), pointer_types=tma_types)
 
 
 def candidate_cases(shape_name: str) -> Iterator[KernelCase]:
@@ -176,9 +182,10 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
                        "DEPTH": topn_tiles.depth_for(BLOCKS["num_selected"]), **shape}
     # the compressed keys as launched (through descriptors where topn_tiles.tma), then the other way; lists
     # shallower than n - 3 (the kernel also holds the exact merge it falls back on)
-    for name, tma, depth in (("topn", topn_tiles.tma, topn_constexprs["DEPTH"]), ("topn_other", not topn_tiles.tma,
-                             topn_constexprs["DEPTH"]), ("topn_shallow", topn_tiles.tma, 4)):
-        keys, key_types = descriptor_args(tma, shape["NS"] * shape["RATIO"], dims, values=False)
+    for name, keys_tma, depth in (("topn", topn_tiles.tma, topn_constexprs["DEPTH"]),
+                                  ("topn_other", not topn_tiles.tma, topn_constexprs["DEPTH"]),
+                                  ("topn_shallow", topn_tiles.tma, 4)):
+        keys, key_types = descriptor_args(keys_tma, shape["NS"] * shape["RATIO"], dims, values=False)
         yield KernelCase(name, topn._topn_kernel, {**topn_constexprs, **keys, "DEPTH": depth}, topn_tiles.num_warps,
                          topn_tiles.num_stages, pointer_types=key_types)
     sel_tiles = sel_tiles or SelectedTiles()
@@ -189,16 +196,15 @@ def cases(head_dim: int, head_dim_v: int, group: int = 16, range_tiles: dict[str
     yield from selected_query_cases(sel_tiles, group, dims, sel_tiles.rows)
     yield from selected_query_cases(sel_tiles, 4, dims, 16, "_g4")
     # the forced blocks apart (SelectedTiles.forced_apart): one token's other blocks, then the forced blocks' programs
-    one_token = {**sel, **selected.query_tile_shape(group, 0), "NUM_SELECTED": 16, "NP": 16, "UNION": 16,
-                 "HAS_GATE": True, "ACCUMULATE": True, **tma}
+    one_token: dict[str, Any] = {**sel, **selected.query_tile_shape(group, 0), "NUM_SELECTED": 16, "NP": 16,
+                                 "UNION": 16, "HAS_GATE": True, "ACCUMULATE": True, **tma}
     yield KernelCase("fwd_sel_partial", selected._sel_fwd_kernel, {**one_token, "FORCED": 1},
-                     **selected.query_launch(sel_tiles, one_token, dq=False), pointer_types=tma_types)
-    forced = selected.forced_tile_shape(group, sel_tiles)
-    forced = {**one_token, **forced, "UNION": forced["BQ"] * 16, "FORCED": 2}
-    yield KernelCase("fwd_sel_forced", selected._sel_fwd_kernel, forced, **selected.forced_launch(sel_tiles),
-                     pointer_types=tma_types)
-    yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, **selected.forced_launch(sel_tiles),
-                     pointer_types=tma_types)
+                     *warps_stages(selected.query_launch(sel_tiles, one_token, dq=False)), pointer_types=tma_types)
+    forced_shape = selected.forced_tile_shape(group, sel_tiles)
+    forced = {**one_token, **forced_shape, "UNION": forced_shape["BQ"] * 16, "FORCED": 2}
+    forced_launch = warps_stages(selected.forced_launch(sel_tiles))
+    yield KernelCase("fwd_sel_forced", selected._sel_fwd_kernel, forced, *forced_launch, pointer_types=tma_types)
+    yield KernelCase("dq_sel_forced", selected._sel_dq_kernel, forced, *forced_launch, pointer_types=tma_types)
     # dk/dv as launched, and at G = 4 (8 entries x 4 heads per step) with the dq inside (its default there) and
     # without
     yield from selected_dkdv_cases(sel_tiles, group, dims)
@@ -344,7 +350,8 @@ def loop_loads(ttgir: str) -> list[str]:
     """The synchronous loads (``tt.load``) inside the loops of a kernel's TTGIR, as their result types: what
     Triton's software pipelining left on a step's path (a pipelined load is an async copy a step ahead; TMA loads
     are descriptor loads). A scalar one may be a value read a step ahead by hand (the selection's next block)."""
-    found, loops = [], []  # loops: the indentation of each open scf.for
+    found: list[str] = []
+    loops: list[int] = []  # the indentation of each open scf.for
     for line in ttgir.splitlines():
         text = line.lstrip()
         indent = len(line) - len(text)

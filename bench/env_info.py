@@ -77,7 +77,7 @@ def cpu_median_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def profile_step(step: Callable[[], None], device: str) -> str:
+def profile_step(step: Callable[[], object], device: str) -> str:
     """Operator table of one call of ``step`` (the 25 largest by self time): where the time goes (launches vs
     kernels, kernels vs elementwise work). On CUDA a second table ranks the same operators by their host time (a
     host-bound step: which calls the GPU waits on)."""

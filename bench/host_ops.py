@@ -156,15 +156,17 @@ def op_step(args: argparse.Namespace) -> Callable[[], None]:
     num_cmp = (args.seq_len - 32) // 16 + 1
     shapes = [(args.seq_len, args.heads), (num_cmp, args.kv_heads), (num_cmp, args.kv_heads)] + [
         (args.seq_len, args.kv_heads)] * 4
-    tensors = [torch.randn(args.batch, n, h, args.head_dim, generator=gen).bfloat16() for n, h in shapes]
+    q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win = (
+        torch.randn(args.batch, n, h, args.head_dim, generator=gen).bfloat16() for n, h in shapes)
     gates = torch.rand(args.batch, args.seq_len, args.heads, 3, generator=gen).bfloat16()
     sizes, scale = PrefillSizes(32, 16, 64, 16, 512), args.head_dim**-0.5
     dout = torch.randn(args.batch, args.seq_len, args.heads, args.head_dim, generator=gen).bfloat16()
+    run_args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, None, sizes, scale)
 
     def step() -> None:
-        _, indices, *lse, branch_outs, blocks, counts = PrefillRun(*tensors, gates, None, sizes, scale).forward()
-        PrefillRun(*tensors, gates, None, sizes, scale, forward_outputs=False).backward(
-            dout, indices, tuple(lse), branch_outs, (blocks, counts))
+        _, indices, lse_cmp, lse_sel, lse_win, branch_outs, blocks, counts = PrefillRun(*run_args).forward()
+        PrefillRun(*run_args, forward_outputs=False).backward(
+            dout, indices, (lse_cmp, lse_sel, lse_win), branch_outs, (blocks, counts))
 
     return step
 
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.heads % args.kv_heads:
         parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     env = environment("cpu")
-    steps = [("nsa_module", module_step), ("nsa_prefill_op", op_step)]
+    steps: list[tuple[str, Callable[[argparse.Namespace], Callable[[], None]]]] = [
+        ("nsa_module", module_step), ("nsa_prefill_op", op_step)]
     if args.gpt:
         steps += [("gpt_nsa", gpt_step("nsa")), ("gpt_dense", gpt_step("dense"))]
     for name, make in steps:
