@@ -292,6 +292,8 @@ def contradicting_flags(args: argparse.Namespace) -> str | None:
         return f"--skip-latency times no steps, so {', '.join(ignored)} would do nothing: drop one"
     if args.tiles and (args.paged or args.profile):
         return "--tiles replaces the tables: --paged and --profile would do nothing"
+    if args.skip_reads and args.read_lengths is not None:
+        return "--skip-reads leaves out the reads table, so --read-lengths would do nothing: drop one"
     return None
 
 
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=positive_int, nargs="+", action=Distinct, default=[1, 32])
     parser.add_argument("--skip-reads", action="store_true")
     parser.add_argument("--skip-latency", action="store_true", help="the token-read check alone")
-    parser.add_argument("--read-lengths", type=positive_int, nargs="+", action=Distinct, default=READ_LENGTHS,
+    parser.add_argument("--read-lengths", type=positive_int, nargs="+", action=Distinct,
                         help="lengths S of the reads table (default 1k .. 1M)")
     parser.add_argument("--results-dir", type=results_folder, default=RESULTS_DIR,
                         help="where results go (default bench/results)")
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     handle.writelines(json.dumps({"table": "tiles", **row, **env}) + "\n"
                                       for row in tile_rows(seq_len, batch, shape, args.device, dtype))
         return 0
-    reads = [] if args.skip_reads else reads_table(args.read_lengths)
+    reads = [] if args.skip_reads else reads_table(args.read_lengths or READ_LENGTHS)
     latency = []
     for seq_len in seq_lens:
         for batch in args.batches:

@@ -862,6 +862,9 @@ def main(argv: list[str] | None = None) -> None:
         args.gpt_processes = 3 if cuda and not args.gpt_profile else 1
     if args.gpt_processes > 1 and args.gpt_profile:
         parser.error("--gpt-profile profiles a step of this process: use it with --gpt-processes 1")
+    for flag, texts in (("--tile-match", args.tile_match), ("--tile-skip", args.tile_skip)):
+        if texts and not all(texts):  # "" is in every repr: it would match (or skip) every candidate
+            parser.error(f"{flag} texts must not be empty, got {texts}")
     if not all(0.0 <= locality < 1.0 for locality in args.tile_localities):
         parser.error(f"--tile-localities must each be in [0, 1), got {args.tile_localities}")
     dtype = torch.bfloat16 if cuda else torch.float32

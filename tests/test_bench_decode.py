@@ -88,6 +88,7 @@ REFUSED_DECODE_ARGS = [
     (["--skip-latency", "--paged"], "--paged would do nothing"),
     (["--skip-latency", "--seq-lens", "1024"], "--seq-lens would do nothing"),
     (["--tiles", "--profile"], "--tiles replaces the tables"),
+    (["--skip-reads", "--read-lengths", "1024"], "--read-lengths would do nothing"),  # was ignored
 ]
 
 

@@ -476,6 +476,8 @@ REFUSED_PREFILL_ARGS = [
     (["--name", ""], "--name: must be a plain file name"),
     (["--name", "sub/x"], "--name: must be a plain file name"),
     (["--seq-lens", "1024", "--other-shape-lens", "4096"], "--other-shape-lens [4096] are not among"),
+    (["--tile-match", "tma=False", ""], "--tile-match texts must not be empty"),  # "" matched every candidate
+    (["--tile-skip", ""], "--tile-skip texts must not be empty"),  # skipped every candidate
 ]
 
 
