@@ -804,6 +804,12 @@ def refused_settings(args: argparse.Namespace) -> str | None:
         return f"--seq-lens {uneven} are not multiples of --block {args.block}"
     if not args.skip_check and args.check_len % args.block:
         return f"--check-len {args.check_len} is not a multiple of --block {args.block}"
+    from_env = os.environ.get(RESULTS_ENV) if args.results_dir is None else None
+    if from_env:  # the folder --results-dir would have checked, found only after the timing otherwise
+        try:
+            results_folder(from_env)
+        except argparse.ArgumentTypeError as error:
+            return f"${RESULTS_ENV} (the results folder when --results-dir is left out): {error}"
     unused = sorted(set(args.module_seq_lens) - set(args.seq_lens))
     if unused:
         return f"--module-seq-lens {unused} are not among the timed lengths {args.seq_lens} (--seq-lens)"

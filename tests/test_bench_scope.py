@@ -217,6 +217,19 @@ def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "results").exists()
 
 
+def test_a_results_folder_from_the_environment_is_checked_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """$SCOPE_BENCH_RESULTS naming a file is refused as --results-dir would be (it failed after the timing)."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    monkeypatch.setenv(bench_scope.RESULTS_ENV, str(a_file / "results"))
+    with pytest.raises(SystemExit) as refused:
+        bench_scope.main(SMOKE_ARGS)
+    assert refused.value.code == 2
+    assert f"${bench_scope.RESULTS_ENV} (the results folder" in capsys.readouterr().err
+    assert a_file.read_text() == "x"
+
+
 def test_score_mod_with_only_the_triton_backend_is_refused() -> None:
     """On CUDA (settings built by hand: no GPU here) score_mod alone with --backends triton times nothing; it used
     to write empty tables."""
