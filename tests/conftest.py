@@ -8,6 +8,7 @@ sys.path (rootdir-relative "prepend" import mode, tests/ has no __init__.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -305,3 +306,12 @@ def interpreter_bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
         return original(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def cli_refusal(main: Callable[..., object], capsys: pytest.CaptureFixture[str], *args: Any) -> str:
+    """Call a command line's ``main(*args)``, which must refuse its arguments as argparse does (exit status 2);
+    -> what it wrote to stderr."""
+    with pytest.raises(SystemExit) as refused:
+        main(*args)
+    assert refused.value.code == 2
+    return capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_refusal
 
 from bench import bench_decode
 
@@ -96,9 +97,7 @@ REFUSED_DECODE_ARGS = [
 def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    flags: list[str], message: str) -> None:
     results = tmp_path / "results"
-    with pytest.raises(SystemExit) as refused:
-        bench_decode.main([*flags, "--results-dir", str(results)])
-    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(bench_decode.main, capsys, [*flags, "--results-dir", str(results)])
     assert not results.exists()
 
 
@@ -107,6 +106,5 @@ def test_a_results_dir_that_is_a_file_is_refused_before_the_reads(tmp_path: Path
     """It used to measure first, then fail at mkdir (FileExistsError traceback)."""
     (tmp_path / "afile").write_text("x")
     monkeypatch.setattr(bench_decode, "reads_table", lambda lengths: pytest.fail("measured before refusing"))
-    with pytest.raises(SystemExit) as refused:
-        bench_decode.main([*CHECK_ARGS, "--results-dir", str(tmp_path / "afile")])
-    assert refused.value.code == 2 and "--results-dir: " in capsys.readouterr().err
+    argv = [*CHECK_ARGS, "--results-dir", str(tmp_path / "afile")]
+    assert "--results-dir: " in cli_refusal(bench_decode.main, capsys, argv)

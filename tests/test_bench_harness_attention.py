@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import cli_refusal
 
 from bench import bench_harness_attention as bench
 from sal_harness.model import banded_window_attention
@@ -45,7 +46,5 @@ def test_parity_checks_fail_on_a_wrong_path(tmp_path: Path, monkeypatch: pytest.
 def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    flags: list[str], message: str) -> None:
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(SystemExit) as refused:
-        bench.main([flag.format(tmp=tmp_path) for flag in flags])
-    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(bench.main, capsys, [flag.format(tmp=tmp_path) for flag in flags])
     assert [path.name for path in tmp_path.iterdir()] == ["afile"]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_refusal
 
 from bench import host_ops
 
@@ -63,6 +64,4 @@ def test_host_ops_counts_the_layers_launches_on_the_kernel_path() -> None:
 def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    flags: list[str], message: str) -> None:
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(SystemExit) as refused:
-        host_ops.main([flag.format(tmp=tmp_path) for flag in flags])
-    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(host_ops.main, capsys, [flag.format(tmp=tmp_path) for flag in flags])

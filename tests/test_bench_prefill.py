@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import cli_refusal
 
 from bench import bench_prefill
 from nsa.kernels.range_attention import RangeTiles
@@ -313,9 +314,7 @@ def test_report_without_measured_rows_is_refused(tmp_path: Any, monkeypatch: pyt
     """--parts report on a results directory without the rows' .jsonl fails naming the file, and writes nothing
     (it used to write empty tables)."""
     monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "report", "--results-dir", str(tmp_path)])
-    with pytest.raises(SystemExit) as raised:
-        bench_prefill.main()
-    assert raised.value.code == 2 and "prefill_cpu.jsonl does not exist" in capsys.readouterr().err
+    assert "prefill_cpu.jsonl does not exist" in cli_refusal(bench_prefill.main, capsys)
     assert not list(tmp_path.iterdir())
 
 
@@ -487,9 +486,7 @@ def test_bad_arguments_are_refused_naming_the_flag_before_any_folder_is_made(
         message: str) -> None:
     results = tmp_path / "results"
     monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "layer", "--results-dir", str(results), *flags])
-    with pytest.raises(SystemExit) as raised:
-        bench_prefill.main()
-    assert raised.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(bench_prefill.main, capsys)
     assert not results.exists()
 
 
@@ -499,9 +496,7 @@ def test_a_results_dir_that_is_a_file_is_refused_before_the_timing(monkeypatch: 
     (tmp_path / "afile").write_text("x")
     for folder in (tmp_path / "afile", tmp_path / "afile" / "below"):
         monkeypatch.setattr(sys, "argv", ["bench_prefill", "--parts", "layer", "--results-dir", str(folder)])
-        with pytest.raises(SystemExit) as raised:
-            bench_prefill.main()
-        assert raised.value.code == 2 and "--results-dir: " in capsys.readouterr().err
+        assert "--results-dir: " in cli_refusal(bench_prefill.main, capsys)
 
 
 def test_report_without_measured_rows_makes_no_results_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
@@ -525,9 +520,7 @@ def test_compile_kernels_refuses_bad_arguments(capsys: pytest.CaptureFixture[str
                                                message: str) -> None:
     from bench import compile_kernels
 
-    with pytest.raises(SystemExit) as raised:
-        compile_kernels.main(flags)
-    assert raised.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(compile_kernels.main, capsys, flags)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -540,6 +533,4 @@ def test_reference_bench_refuses_bad_arguments_before_any_child_runs(
     from bench import bench_reference
 
     monkeypatch.setattr(bench_reference, "run_child", lambda *args: pytest.fail("a child ran"))
-    with pytest.raises(SystemExit) as raised:
-        bench_reference.main(flags)
-    assert raised.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(bench_reference.main, capsys, flags)

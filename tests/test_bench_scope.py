@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import cli_refusal
 
 from bench import bench_scope
 from bench.bench_scope import (
@@ -211,9 +212,7 @@ def test_bad_arguments_are_refused_naming_the_flag(tmp_path: Path, monkeypatch: 
                                                    capsys: pytest.CaptureFixture[str], flags: list[str],
                                                    message: str) -> None:
     monkeypatch.setenv(bench_scope.RESULTS_ENV, str(tmp_path / "results"))
-    with pytest.raises(SystemExit) as refused:
-        bench_scope.main([*SMOKE_ARGS, *flags])
-    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(bench_scope.main, capsys, [*SMOKE_ARGS, *flags])
     assert not (tmp_path / "results").exists()
 
 
@@ -223,10 +222,7 @@ def test_a_results_folder_from_the_environment_is_checked_before_any_work(
     a_file = tmp_path / "afile"
     a_file.write_text("x")
     monkeypatch.setenv(bench_scope.RESULTS_ENV, str(a_file / "results"))
-    with pytest.raises(SystemExit) as refused:
-        bench_scope.main(SMOKE_ARGS)
-    assert refused.value.code == 2
-    assert f"${bench_scope.RESULTS_ENV} (the results folder" in capsys.readouterr().err
+    assert f"${bench_scope.RESULTS_ENV} (the results folder" in cli_refusal(bench_scope.main, capsys, SMOKE_ARGS)
     assert a_file.read_text() == "x"
 
 
@@ -251,9 +247,7 @@ def test_profile_scope_refuses_bad_arguments(tmp_path: Path, capsys: pytest.Capt
                                              message: str) -> None:
     from bench import profile_scope
 
-    with pytest.raises(SystemExit) as refused:
-        profile_scope.main([flag.format(tmp=tmp_path) for flag in flags])
-    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(profile_scope.main, capsys, [flag.format(tmp=tmp_path) for flag in flags])
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -268,9 +262,7 @@ def test_block_sparse_bench_refuses_bad_arguments(tmp_path: Path, capsys: pytest
                                                   flags: list[str], message: str) -> None:
     from bench import bench_block_sparse
 
-    with pytest.raises(SystemExit) as refused:
-        bench_block_sparse.main([flag.format(tmp=tmp_path) for flag in flags])
-    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert message in cli_refusal(bench_block_sparse.main, capsys, [flag.format(tmp=tmp_path) for flag in flags])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
@@ -278,9 +270,8 @@ def test_block_sparse_bench_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> N
     """It used to fail inside torch (AssertionError: Torch not compiled with CUDA enabled)."""
     from bench import bench_block_sparse
 
-    with pytest.raises(SystemExit) as refused:
-        bench_block_sparse.main(["--seq-len", "1024"])
-    assert refused.value.code == 2 and "bench_block_sparse times CUDA kernels" in capsys.readouterr().err
+    err = cli_refusal(bench_block_sparse.main, capsys, ["--seq-len", "1024"])
+    assert "bench_block_sparse times CUDA kernels" in err
 
 
 @pytest.mark.parametrize("steps", ["-1", "0"])
@@ -291,7 +282,5 @@ def test_pointer_toy_refuses_a_step_count_below_one_before_writing(tmp_path: Pat
     from bench import scope_pointer_toy
 
     monkeypatch.setattr(scope_pointer_toy, "RESULTS_DIR", tmp_path)
-    with pytest.raises(SystemExit) as refused:
-        scope_pointer_toy.main(["--steps", steps])
-    assert refused.value.code == 2 and "--steps: must be >= 1" in capsys.readouterr().err
+    assert "--steps: must be >= 1" in cli_refusal(scope_pointer_toy.main, capsys, ["--steps", steps])
     assert not list(tmp_path.iterdir())

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import cli_refusal
 from harness_tiny import tiny_overrides
 
 from sal_harness import demo as demo_infer
@@ -194,10 +195,8 @@ def test_bad_out_paths_are_refused_before_the_forward(tmp_path: Path, capsys: py
     a_file.write_text("x")
     monkeypatch.chdir(tmp_path)
     for out, message in ((str(tmp_path), "is a folder"), ("", "is a folder"), (str(a_file / "x.png"), "is a file")):
-        with pytest.raises(SystemExit) as exc:
-            demo_infer.main(["--seq-len", "8", "--out", out])
-        err = capsys.readouterr().err
-        assert exc.value.code == 2 and "--out" in err and message in err
+        err = cli_refusal(demo_infer.main, capsys, ["--seq-len", "8", "--out", out])
+        assert "--out" in err and message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
@@ -227,10 +226,8 @@ def test_damaged_checkpoints_are_refused_and_nothing_is_written(tmp_path: Path, 
     load_state_dict error."""
     ckpt = edited_checkpoint(tmp_path / "run", edit)
     out = tmp_path / "out" / "x.png"
-    with pytest.raises(SystemExit) as exc:
-        demo_infer.main(["--checkpoint", str(ckpt), "--seq-len", "8", "--out", str(out)])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "--checkpoint" in err and message in err
+    err = cli_refusal(demo_infer.main, capsys, ["--checkpoint", str(ckpt), "--seq-len", "8", "--out", str(out)])
+    assert "--checkpoint" in err and message in err
     assert not out.parent.exists()
 
 

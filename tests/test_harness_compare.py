@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import cli_refusal
 from harness_tiny import TINY
 from omegaconf import OmegaConf
 
@@ -165,9 +166,7 @@ def test_overrides_and_ddp_kinds_that_would_be_ignored_are_refused(tmp_path: Pat
 
 @pytest.mark.parametrize("jobs", ["0", "-3", "two"])
 def test_jobs_must_be_at_least_one(jobs: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        compare.parse_args(["--jobs", jobs])
-    assert exit_info.value.code == 2 and "argument --jobs: must be" in capsys.readouterr().err
+    assert "argument --jobs: must be" in cli_refusal(compare.parse_args, capsys, ["--jobs", jobs])
 
 
 @pytest.mark.parametrize("blocked", [".", "dense-needle", "report"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cli_refusal
 from harness_tiny import tiny_config
 
 from sal_harness import report
@@ -331,7 +332,5 @@ def test_sal_report_empty_out_is_a_usage_error(tmp_path: Path, capsys: pytest.Ca
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     run = make_run(tmp_path / "run")
     monkeypatch.chdir(tmp_path)  # where Path("") would put the report
-    with pytest.raises(SystemExit) as exit_info:
-        report.main([str(run), "--out", ""])
-    assert exit_info.value.code == 2 and "argument --out: an empty path" in capsys.readouterr().err
+    assert "argument --out: an empty path" in cli_refusal(report.main, capsys, [str(run), "--out", ""])
     assert not (tmp_path / "report.json").exists()
