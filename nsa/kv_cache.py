@@ -44,9 +44,9 @@ class NSAKVCache:
     Counters: `last_reads` [B, C, Hkv, 3] holds the tokens each query of the last append read per
     branch (cmp, sel, win), taken from the masks the attention used; `total_reads` [B, Hkv, 3]
     accumulates them over all valid queries since the cache was created.
-    device: a torch.device or a string such as "cuda:0" (NSAInputError naming it when this build or
-    machine lacks it). An append that is refused (NSAInputError) changes nothing: NSAAttention runs
-    every check, the decode backend's included, before its first write.
+    device: a torch.device, a string such as "cuda:0", or an int (a CUDA index, as torch reads it);
+    NSAInputError names it when this build or machine lacks it. An append that is refused (NSAInputError)
+    changes nothing: NSAAttention runs every check, the decode backend's included, before its first write.
     page_size (None: contiguous buffers per sequence): a positive multiple of config.sel_block_size (a
     selection block never straddles two pages, so a selected block is one page lookup); num_pages: the
     pool's pages (default: enough for batch_size sequences of `capacity` tokens). An append the free
@@ -54,7 +54,7 @@ class NSAKVCache:
     """
 
     def __init__(self, config: NSAConfig, batch_size: int, capacity: int, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | int | None = None, dtype: torch.dtype = torch.float32,
                  static_shapes: bool = False, page_size: int | None = None, num_pages: int | None = None) -> None:
         if not isinstance(config, NSAConfig):
             raise NSAInputError(f"config must be an NSAConfig, got {type(config).__name__}")

@@ -17,9 +17,11 @@ from bench import bench_prefill
 from nsa.kernels.range_attention import RangeTiles
 from nsa.kernels.selected import SelectedTiles
 from nsa.kernels.topn import TopnTiles
+from sal_harness.model import GPT
 
 TINY = bench_prefill.Shape(heads=4, kv_heads=2, dk=16, dv=16)
-SMALL_BLOCKS = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_selected": 3, "window_size": 8}
+SMALL_BLOCKS: dict[str, Any] = {"block_size": 8, "block_stride": 4, "sel_block_size": 8, "num_selected": 3,
+                                "window_size": 8}
 INTERPRETER_RANGE = RangeTiles(16, 16, 16, 16, 16, 16, 4, 1, 1, 2, dkv_num_stages=1)  # nsa.prefill's CPU tiles
 INTERPRETER_SELECTED = SelectedTiles(num_warps=4, num_stages=1, dq_num_stages=1, dkv_rows=16, chunk=8,
                                      dkv_num_warps=4, dkv_num_stages=1, short_chunk=4, short_tokens=64,
@@ -37,9 +39,10 @@ def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:
     """Each candidate checked, then its field's kernels timed: the selection's dq, or where its dq is inside the
     dk/dv (SelectedTiles.fuses_dq) its delta."""
     selected = INTERPRETER_SELECTED._replace(dkv_rows=32, short_chunk=2, tma=False)
-    variants = {"cmp_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
-                "win_tiles": [INTERPRETER_RANGE._replace(tma=True)],
-                "sel_tiles": [selected._replace(fused_dq_max_group=0), selected._replace(fused_dq_max_group=64)]}
+    variants: dict[str, list[Any]] = {
+        "cmp_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
+        "win_tiles": [INTERPRETER_RANGE._replace(tma=True)],
+        "sel_tiles": [selected._replace(fused_dq_max_group=0), selected._replace(fused_dq_max_group=64)]}
     rows = bench_prefill.tile_rows(TINY, 28, "cpu", torch.float32, variants)
     assert [row["field"] for row in rows] == ["cmp_tiles", "win_tiles", "sel_tiles", "sel_tiles"]
     for row in rows:
@@ -222,7 +225,7 @@ def test_gpt_rows_compile_both_models_when_asked(monkeypatch: pytest.MonkeyPatch
     --gpt-profile: one operator table per model and one split of its host time."""
     compiled: list[str] = []
 
-    def record_compile(model: torch.nn.Module) -> torch.nn.Module:
+    def record_compile(model: GPT) -> GPT:
         compiled.append(type(model.blocks[0].attn).__name__)
         return model
 

@@ -4,6 +4,7 @@ window mask and FLOP count are right; ScopeAttention is one dynamo graph with on
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,8 @@ def test_reference_bias_of_a_batch_is_each_sequence_s_bias() -> None:
     # float64's bias is one matmul, whose [B * H * T] and [H * T] row counts a BLAS may block differently: rounding
     # of ~1e-17 on |bias| <= 0.2 here, while another sequence's coefficients would be off by ~0.1. float32's bias is
     # elementwise, the same operations either way: exact
-    tolerances = {spectral_bias_float64: {"rtol": 0, "atol": 1e-12}, spectral_bias_float32: {"rtol": 0, "atol": 0}}
+    tolerances: dict[Callable[..., torch.Tensor], dict[str, Any]] = {
+        spectral_bias_float64: {"rtol": 0, "atol": 1e-12}, spectral_bias_float32: {"rtol": 0, "atol": 0}}
     for helper, tolerance in tolerances.items():
         both = helper(coeffs.A, coeffs.B, coeffs.c, layer.spectral.freqs, seq_len)
         for b in range(2):

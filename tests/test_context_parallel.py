@@ -21,6 +21,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -46,8 +47,8 @@ LAYOUTS = ("contiguous", "zigzag")
 TIMEOUT_S = 180  # the whole run takes ~30 s on 2 shared cores
 
 B, T = 2, 37
-NSA_SIZES = dict(block_size=8, block_stride=4, sel_block_size=8, num_selected=4, window_size=6)
-SHORT_SIZES = dict(block_size=16, block_stride=8, sel_block_size=8, num_selected=3, window_size=4)
+NSA_SIZES: dict[str, Any] = dict(block_size=8, block_stride=4, sel_block_size=8, num_selected=4, window_size=6)
+SHORT_SIZES: dict[str, Any] = dict(block_size=16, block_stride=8, sel_block_size=8, num_selected=3, window_size=4)
 SCOPE_BLOCK, SCOPE_BLOCKS = 4, 11
 
 
@@ -83,7 +84,7 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def _nsa_inputs(length: int = T, sizes: dict[str, int] = NSA_SIZES, nonfinite: bool = False) -> list[torch.Tensor]:
+def _nsa_inputs(length: int = T, sizes: dict[str, Any] = NSA_SIZES, nonfinite: bool = False) -> list[torch.Tensor]:
     """nsa_attention's 8 inputs; with ``nonfinite`` (length T), a NaN in q, a selection key, a compressed value and an
     inf in a window value (rows on several ranks read them)."""
     num_cmp = num_compressed_blocks(length, sizes["block_size"], sizes["block_stride"])
@@ -96,14 +97,14 @@ def _nsa_inputs(length: int = T, sizes: dict[str, int] = NSA_SIZES, nonfinite: b
     return inputs
 
 
-def _nsa_row_layouts(layout: ContextLayout, sizes: dict[str, int] = NSA_SIZES) -> list[ContextLayout]:
+def _nsa_row_layouts(layout: ContextLayout, sizes: dict[str, Any] = NSA_SIZES) -> list[ContextLayout]:
     """The layouts of nsa_attention's 8 inputs: the compressed blocks' for k_cmp / v_cmp, the tokens' otherwise."""
     cmp_layout = layout.compressed(sizes["block_size"], sizes["block_stride"])
     return [layout, cmp_layout, cmp_layout] + [layout] * 5
 
 
 def case_nsa_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None, nonfinite: bool = False,
-                sizes: dict[str, int] = NSA_SIZES) -> list[str]:
+                sizes: dict[str, Any] = NSA_SIZES) -> list[str]:
     """The op: every tensor input's gradient, the block indices, and (finite inputs) the dense reference."""
     failures: list[str] = []
     inputs, dy = _nsa_inputs(layout.length, sizes, nonfinite), randn(B, layout.length, 4, 6, seed=9)
@@ -129,7 +130,7 @@ def case_nsa_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | Non
     ref_indices = ref_topn(scores, sizes["sel_block_size"], sizes["num_selected"])
     if not torch.equal(indices_r, layout.shard(ref_indices, rank)):
         failures.append("block indices differ from the reference selection")
-    dense = dense_nsa(*inputs, ref_indices, **{k: v for k, v in sizes.items() if k != "num_selected"})
+    dense = dense_nsa(*[*inputs, ref_indices], **{k: v for k, v in sizes.items() if k != "num_selected"})
     _compare(failures, "output vs dense reference", out_r, layout.shard(dense, rank))
     return failures
 
@@ -145,9 +146,12 @@ def _nsa_layer() -> NSAAttention:
     return layer
 
 
-def _layer_case(layer: torch.nn.Module, x: torch.Tensor, layout: ContextLayout, rank: int,
-                group: dist.ProcessGroup | None, run_local: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
-                run_whole: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], nonfinite: bool) -> list[str]:
+LayerT = TypeVar("LayerT", bound=torch.nn.Module)
+
+
+def _layer_case(layer: LayerT, x: torch.Tensor, layout: ContextLayout, rank: int,
+                group: dist.ProcessGroup | None, run_local: Callable[[LayerT, torch.Tensor], torch.Tensor],
+                run_whole: Callable[[LayerT, torch.Tensor], torch.Tensor], nonfinite: bool) -> list[str]:
     """A layer on the whole x against its context-parallel run on this rank's rows: y, x's gradient and every
     parameter's gradient (summed over the ranks). ``nonfinite``: x holds a NaN and an inf token."""
     failures: list[str] = []
@@ -163,6 +167,7 @@ def _layer_case(layer: torch.nn.Module, x: torch.Tensor, layout: ContextLayout, 
     y_r = run_local(local_layer, x_local)
     _loss(y_r, layout.shard(dy, rank)).backward()
     _compare(failures, "y", y_r, layout.shard(y, rank))
+    assert x_local.grad is not None and x_whole.grad is not None
     _compare(failures, "grad x", x_local.grad, layout.shard(x_whole.grad, rank))
     for (name, p), p_r in zip(layer.named_parameters(), local_layer.parameters(), strict=True):
         grad = _grad(p_r)
@@ -190,9 +195,9 @@ def case_scope_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | N
     heads, kv_heads, dim, num_freqs = 4, 2, 8, 3
     rows = (B, heads, SCOPE_T)
     d_blk = rand(B, heads, SCOPE_BLOCKS, 2, seed=20) * 30
+    t_rep = causal_representative_positions(SCOPE_BLOCKS, SCOPE_BLOCK, "last", torch.device("cpu"))
     mask = build_pointer_block_mask(d_blk, randn(*d_blk.shape, seed=21), SCOPE_T, block=SCOPE_BLOCK, budget=2,
-                                    local_blocks=2, global_blocks=1, max_radius=1, doc_ids=SCOPE_DOCS,
-                                    t_rep=causal_representative_positions(SCOPE_BLOCKS, SCOPE_BLOCK, "last", None))
+                                    local_blocks=2, global_blocks=1, max_radius=1, doc_ids=SCOPE_DOCS, t_rep=t_rep)
     inputs = [randn(B, heads, SCOPE_T, dim, seed=22), randn(B, kv_heads, SCOPE_T, dim, seed=23),
               randn(B, kv_heads, SCOPE_T, 6, seed=24), randn(*rows, num_freqs, seed=25, scale=0.5),
               randn(*rows, num_freqs, seed=26, scale=0.5), randn(*rows, seed=27, scale=0.1),
@@ -203,7 +208,7 @@ def case_scope_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | N
     dy = randn(B, heads, SCOPE_T, 6, seed=30)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-            d_main: torch.Tensor, gate: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+            d_main: torch.Tensor, gate: torch.Tensor, *, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         bias = BiasTerms(BiasCoefficients(a, b, c, d_main, None), (0.05, 0.3, 1.1), 0.8, True,  # type: ignore[arg-type]
                          Ramp(gate, "softplus", 0.5, 6.0, 2.0))
         return attend(q, k, v, mask, block=SCOPE_BLOCK, bias=bias, doc_ids=SCOPE_DOCS)
@@ -218,7 +223,9 @@ def case_scope_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | N
     _loss(out_r, layout.shard(dy, rank, dim=2)).backward()
     _compare(failures, "output", out_r, layout.shard(out.detach(), rank, dim=2))
     for name, x, x_r in zip(("q", "k", "v", "A", "B", "c", "d_star_main"), whole, local, strict=False):
+        assert x_r.grad is not None and x.grad is not None
         _compare(failures, f"grad {name}", x_r.grad, layout.shard(x.grad, rank, dim=2))
+    assert local[-1].grad is not None and whole[-1].grad is not None
     gate_grad = local[-1].grad.clone()
     dist.all_reduce(gate_grad, group=group)
     _compare(failures, "grad ramp gate", gate_grad, whole[-1].grad)
@@ -384,13 +391,18 @@ def test_compressed_layout_gives_each_block_to_the_owner_of_its_last_token() -> 
     assert torch.equal(blocks.owners(torch.arange(blocks.length))[0], layout.owners(last_tokens)[0])
 
 
+# segments of the wrong types on purpose (the checks under test)
+FLOAT_SEGMENTS: Any = (((0, 2.5), (2.5, 4)),)
+LIST_SEGMENTS: Any = ([(0, 4)],)
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda: ContextLayout.zigzag(7, 4), "fewer than the 8 chunks"),
     (lambda: ContextLayout.contiguous(10, 2, unit=4), "multiple of unit"),
     (lambda: ContextLayout(5, (((0, 2),), ((3, 5),))), "exactly once"),
     (lambda: ContextLayout(5, (((2, 5), (0, 2)),)), "ascending"),
-    (lambda: ContextLayout(4, (((0, 2.5), (2.5, 4)),)), "int pairs"),
-    (lambda: ContextLayout(4, ([(0, 4)],)), "int pairs"),
+    (lambda: ContextLayout(4, FLOAT_SEGMENTS), "int pairs"),
+    (lambda: ContextLayout(4, LIST_SEGMENTS), "int pairs"),
     (lambda: ContextLayout.contiguous(4, 1).positions(1), r"rank must be an int in \[0, world_size=1\)"),
     (lambda: ContextLayout.contiguous(4, 1).positions(-1), "rank must be"),
     (lambda: ContextLayout.contiguous(4, 1).local_length(True), "rank must be"),

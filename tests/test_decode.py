@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -119,6 +120,7 @@ def decode_token_by_token(layer: NSAAttention, x: torch.Tensor, capacity: int | 
         ys.append(y)
         blocks.append(aux.block_indices)
         gates.append(aux.gates)
+        assert cache.last_reads is not None
         reads.append(cache.last_reads.clone())
     assert cache.lengths == [seq_len] * batch
     return torch.cat(ys, 1), torch.cat(blocks, 1), torch.cat(gates, 1), cache, torch.cat(reads, 1)
@@ -126,7 +128,7 @@ def decode_token_by_token(layer: NSAAttention, x: torch.Tensor, capacity: int | 
 
 def cache_state(cache) -> dict:
     """A deep copy of everything a cache holds (tensors cloned, lists copied)."""
-    state = {}
+    state: dict[str, Any] = {}
     for name, value in vars(cache).items():
         if isinstance(value, torch.Tensor):
             state[name] = value.clone()
@@ -227,7 +229,11 @@ def test_decode_equals_prefill_per_branch(case):
         one_hot[branch] = 1.0
         assert torch.equal(aux_ref.gates, one_hot.expand_as(aux_ref.gates)), "gates are not exactly one-hot"
         y, blocks, _, _, _ = decode_token_by_token(layer, x)
-        torch.testing.assert_close(y, y_ref, **TOL64, msg=lambda m, b=BRANCHES[branch]: f"branch {b}: {m}")
+
+        def message(m: str, b: str = BRANCHES[branch]) -> str:
+            return f"branch {b}: {m}"
+
+        torch.testing.assert_close(y, y_ref, **TOL64, msg=message)
         assert torch.equal(blocks, aux_ref.block_indices), f"branch {BRANCHES[branch]}: selected blocks differ"
         outputs.append(y_ref)
     # The branches really are isolated: their outputs differ from each other.
@@ -266,6 +272,7 @@ def test_chunked_prefill_equals_token_by_token_and_prefill(case, cuts, query_chu
             ys.append(y)
             blocks.append(aux.block_indices)
             assert cache.lengths == [b] * batch
+            assert cache.last_reads is not None
             assert cache.last_reads.shape == (batch, b - a, config.num_kv_heads, 3)
     y_chunk = torch.cat(ys, 1)
     torch.testing.assert_close(y_chunk, y_ref, **TOL64)
@@ -331,6 +338,7 @@ def test_ragged_batch(case, extra_capacity, static):
                 start = list(before) if i % 2 else None
                 y = layer(x, cache=cache, num_valid=valid, start_positions=start)
                 assert cache.lengths == [n0 + n for n0, n in zip(before, valid, strict=True)]
+                assert cache.last_reads is not None
                 for b in range(3):
                     assert torch.equal(y[b, valid[b] :], torch.zeros_like(y[b, valid[b] :])), "padding output != 0"
                     assert (cache.last_reads[b, valid[b] :] == 0).all(), "padding query counted reads"
@@ -352,7 +360,11 @@ def test_ragged_batch(case, extra_capacity, static):
         tokens = torch.cat([x[b, : nv[b]] for x, (_, nv) in zip(xs, appends, strict=True)])[None]
         outs = torch.cat([y[b, : nv[b]] for y, (_, nv) in zip(ys, appends, strict=True)])[None]
         y_ref, _ = prefill(layer, tokens)
-        torch.testing.assert_close(outs, y_ref, **TOL64, msg=lambda m, b=b: f"sequence {b}: {m}")
+
+        def message(m: str, b: int = b) -> str:
+            return f"sequence {b}: {m}"
+
+        torch.testing.assert_close(outs, y_ref, **TOL64, msg=message)
         # counters do not depend on batching: one single-sequence append reads the same in total
         single = layer.new_cache(1, totals[b])
         with torch.no_grad():
@@ -401,6 +413,7 @@ def test_read_counters_per_step(case, prompt_frac, static):
         for a, b in appends:
             _, aux = layer(x[:, a:b], return_aux=True, cache=cache)
             reads = cache.last_reads
+            assert reads is not None
             assert reads.shape == (batch, b - a, config.num_kv_heads, 3) and reads.dtype == torch.long
             summed += reads.sum(dim=1)
             all_blocks, all_reads = aux.block_indices.tolist(), reads.tolist()

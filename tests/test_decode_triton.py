@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ GARBAGE = 50.0  # cache rows a query must not read hold large values: reading on
 
 
 def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int,
-                sizes: NSASizes = SIZES) -> tuple[dict, torch.Tensor]:
+                sizes: NSASizes = SIZES) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """Full-sequence inputs, their float64 reference outputs/indices, and cache-shaped buffers for the
     query of sequence b at POSITIONS[b]: rows after it filled with garbage, the window as a ring."""
     L, D, LP, N, W = sizes
@@ -64,7 +65,7 @@ def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int,
 
     visible_cmp = [ref_num_cmp(p + 1, L, D) for p in POSITIONS]
     tokens = [p + 1 for p in POSITIONS]
-    inputs = dict(
+    inputs: dict[str, Any] = dict(
         q=q[rows, t], gates=gates[rows, t], positions=t,
         k_cmp=prefix(k_cmp, visible_cmp), v_cmp=prefix(v_cmp, visible_cmp),
         num_cmp_bound=ref_num_cmp(seq_len, L, D),
@@ -74,8 +75,9 @@ def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int,
     return inputs, (out[rows, t], indices[rows, t])
 
 
-def _run(inputs: dict, dtype: torch.dtype, backend: str, sizes: NSASizes = SIZES):
-    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items() if torch.is_tensor(v)}
+def _run(inputs: dict[str, Any], dtype: torch.dtype, backend: str, sizes: NSASizes = SIZES):
+    cast: dict[str, Any] = {k: v.to(dtype) if v.is_floating_point() else v
+                            for k, v in inputs.items() if torch.is_tensor(v)}
     bounds = {k: v for k, v in inputs.items() if not torch.is_tensor(v)}
     return decode_attention(**cast, **bounds, sizes=sizes, scale=inputs["q"].shape[-1] ** -0.5, backend=backend)
 
@@ -106,7 +108,8 @@ def test_triton_decode_selection_matches_float64_reference_for_other_blocks(size
     block). With l >= l' + d a complete block's own compressed blocks may all be invisible. Tiles of 4 lanes (1-2
     selection blocks) put a tile end inside every candidate's Eq. 9 terms."""
     inputs, (ref_out, ref_indices) = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=23, sizes=sizes)
-    f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    f32: dict[str, Any] = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                           for k, v in inputs.items()}
     out, indices, _ = decode_attention_triton(**f32, sizes=sizes, scale=16 ** -0.5,
                                               tiles=DecodeTiles(cmp_block=4, single_tile_block=4, programs_per_sm=64,
                                                                 merge_chunk=2))
@@ -122,13 +125,13 @@ def test_triton_decode_with_fewer_split_candidates_than_the_top_n_width(position
     equal the float64 reference's (forced blocks, -1 for the rest)."""
     inputs, (ref_out, ref_indices) = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=31)
     b = POSITIONS.index(position)
-    one = {k: v[b:b + 1] if torch.is_tensor(v) else v for k, v in inputs.items()}
+    one: dict[str, Any] = {k: v[b:b + 1] if torch.is_tensor(v) else v for k, v in inputs.items()}
     one.update(num_cmp_bound=ref_num_cmp(position + 1, L, D), num_sel_blocks=ref_num_sel(position + 1, LP))
     tiles = DecodeTiles(cmp_block=4, single_tile_block=4, programs_per_sm=1, merge_chunk=2)
     shape, splits, tiles_per_split = cmp_tiling(SIZES, one["num_cmp_bound"], one["num_sel_blocks"], 2, tiles,
                                                 torch.device("cpu"))
     assert splits == 1 and shape.block_q * tiles_per_split < N
-    f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in one.items()}
+    f32: dict[str, Any] = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in one.items()}
     out, indices, _ = decode_attention_triton(**f32, sizes=SIZES, scale=16 ** -0.5, tiles=tiles)
     own_error = (_run(one, torch.float32, "torch").output.double() - ref_out[b:b + 1]).abs().max().item()
     assert (out.double() - ref_out[b:b + 1]).abs().max().item() <= 4 * own_error + 1e-6
@@ -171,7 +174,8 @@ def test_triton_decode_splits_and_merges_match_float64_reference(tiles: DecodeTi
                                   torch.device("cpu"))
     assert shape.block_q * shape.block_r == lanes
     assert (splits == 1) if tiles.programs_per_sm == 1 else (splits >= 2)
-    f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in padded.items()}
+    f32: dict[str, Any] = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                           for k, v in padded.items()}
     out, indices, _ = decode_attention_triton(**f32, sizes=SIZES, scale=16 ** -0.5, tiles=tiles)
     own_error = (_run(inputs, torch.float32, "torch").output.double() - ref_out).abs().max().item()
     assert (out.double() - ref_out).abs().max().item() <= 4 * own_error + 1e-6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ from nsa.decode_attention import decode_attention
 
 pytestmark = pytest.mark.gpu
 
-SIZES = dict(block_size=32, block_stride=16, sel_block_size=64, num_selected=16, window_size=512)
-PAPER = dict(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16, window_size=512)
+SIZES: dict[str, Any] = dict(block_size=32, block_stride=16, sel_block_size=64, num_selected=16, window_size=512)
+PAPER: dict[str, Any] = dict(cmp_block_size=32, cmp_stride=16, sel_block_size=64, num_selected=16, window_size=512)
 
 
 def _inputs(seq_len: int, heads: int, kv_heads: int, dim: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ module's own helpers), the corpus split by document, and reproducibility from th
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_sampled_distances_cover_the_range(sampling: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["needle", "mqar", "passkey", "text"])
-def test_samples_come_from_the_generator_alone(name: str) -> None:
+def test_samples_come_from_the_generator_alone(name: Literal["needle", "mqar", "passkey", "text"]) -> None:
     task = build_task(TaskConfig(name=name, seq_len=128, haystack="text"))
     a = task.sample(4, torch.Generator().manual_seed(7))
     torch.manual_seed(123)  # the global RNG must not matter

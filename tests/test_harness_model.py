@@ -3,16 +3,19 @@ it should (the window exactly its band, stacked windows n_layer x (w - 1) tokens
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import ref_sliding_window
 
-from nsa import NSAAux
+from nsa import NSAAttention, NSAAux
 from sal_harness.config import HarnessConfigError, load_run_config
 from sal_harness.model import (
     GPT,
+    AttentionConfig,
     DenseAttentionConfig,
     GPTConfig,
     ModelConfig,
@@ -25,7 +28,7 @@ from sal_harness.model import (
 from scope import ScopeAux
 
 MODEL = ModelConfig(vocab_size=64, n_layer=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=96)
-ATTENTIONS = {
+ATTENTIONS: dict[str, AttentionConfig] = {
     "dense": DenseAttentionConfig(),
     "window": WindowAttentionConfig(window_size=6),
     "nsa": NSAAttentionConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=8, num_selected=4, window_size=8),
@@ -69,7 +72,8 @@ def test_window_wider_than_the_sequence_is_dense() -> None:
 
 @pytest.mark.parametrize("impl", ["sdpa", "banded"])
 @pytest.mark.parametrize("n_layer", [1, 2, 3])
-def test_stacked_windows_reach_exactly_their_receptive_field(n_layer: int, impl: str) -> None:
+def test_stacked_windows_reach_exactly_their_receptive_field(
+        n_layer: int, impl: Literal["auto", "sdpa", "banded", "flex"]) -> None:
     """The last position depends on the token n_layer x (w - 1) back, never on the one just before it."""
     model_config = MODEL.model_copy(update={"n_layer": n_layer})
     model = GPT(GPTConfig(model=model_config, attention=WindowAttentionConfig(window_size=6, impl=impl))).double()
@@ -121,7 +125,7 @@ def test_banded_window_equals_the_float64_reference(seq_len: int, window: int, g
     q = torch.randn(2, 2 * group, seq_len, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 2, seq_len, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "kv")
     out = banded_window_attention(q, k, v, window)
-    expected = ref_sliding_window(*(t.transpose(1, 2) for t in (q, k, v)), window).transpose(1, 2)
+    expected = ref_sliding_window(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
@@ -132,8 +136,9 @@ def test_banded_window_equals_the_float64_reference(seq_len: int, window: int, g
     poisoned = [t.detach().clone() for t in (q, k, v)]
     for t in poisoned:
         t[:, :, cut:] = 1e6 * torch.randn(t[:, :, cut:].shape, generator=gen, dtype=torch.float64)
+    pq, pk, pv = poisoned
     with torch.no_grad():
-        torch.testing.assert_close(banded_window_attention(*poisoned, window)[:, :, :cut], out[:, :, :cut].detach(),
+        torch.testing.assert_close(banded_window_attention(pq, pk, pv, window)[:, :, :cut], out[:, :, :cut].detach(),
                                    rtol=0, atol=0)
 
 
@@ -144,8 +149,10 @@ def test_nsa_shared_kv_reaches_the_layer() -> None:
         attention = ATTENTIONS["nsa"].model_copy(update={"shared_kv": shared})
         model = GPT(GPTConfig(model=MODEL, attention=attention))
         layer = model.blocks[0].attn
+        assert isinstance(layer, NSAAttention)
         sizes[shared] = layer.k_proj.out_features, layer.v_proj.out_features
         assert layer.config.shared_kv is shared
     kv_width = MODEL.num_kv_heads * MODEL.head_dim
     assert sizes == {False: (3 * kv_width, 3 * kv_width), True: (kv_width, kv_width)}
-    assert load_run_config(["attention=nsa", "attention.shared_kv=true"]).attention.shared_kv is True
+    attention = load_run_config(["attention=nsa", "attention.shared_kv=true"]).attention
+    assert isinstance(attention, NSAAttentionConfig) and attention.shared_kv is True

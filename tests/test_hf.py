@@ -56,7 +56,7 @@ from scope import ScopeAttention, ScopeConfigError, ScopeInputError
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-LOGITS = {"rtol": 1e-6, "atol": 1e-6}
+LOGITS: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 # sal_hf.swap.SUPPORTED_MODEL_TYPES: the conversion test runs every family; the rest run the two above
 ALL_FAMILIES = {**FAMILIES, "mistral": (MistralConfig, MistralForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM)}
@@ -97,7 +97,8 @@ def dense_model(family: str, seed: int = 0, **settings: Any) -> PreTrainedModel:
     return model
 
 
-def swapped_model(family: str, kind: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+# -> Any: a *ForCausalLM (generate() comes from GenerationMixin, which transformers' PreTrainedModel does not include)
+def swapped_model(family: str, kind: str, seed: int = 0, **overrides: Any) -> Any:
     """dense_model converted to `kind`, its new parameters moved off their neutral init (gates, phi, the spectral
     bias's gain) so that every part of the layer shows in the outputs."""
     model = sal_hf.swap_attention(dense_model(family, seed), kind, **{**OVERRIDES[kind], **overrides})
@@ -116,6 +117,7 @@ def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
 def project_layer(module: sal_hf.SparseSelfAttention) -> nn.Module:
     """A fresh NSAAttention / ScopeAttention (with the dense model's projection biases) loaded with the swapped
     module's state dict: strict loading proves its parameters are exactly the project layer's."""
+    assert isinstance(module, sal_hf.NSASelfAttention | sal_hf.ScopeSelfAttention)
     inner = module.nsa if isinstance(module, sal_hf.NSASelfAttention) else module.scope
     layer = (NSAAttention(inner.config) if isinstance(inner, NSAAttention) else ScopeAttention(inner.config)).to(F64)
     for name in ("q", "k", "v", "o"):
@@ -391,14 +393,26 @@ def _per_layer_rope(model: PreTrainedModel) -> None:
     model.config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
 
 
+# `model: Any` below: transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound
+# function (F64 taken for self).
+def _qwen3() -> PreTrainedModel:
+    model: Any = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    return model.to(F64)
+
+
+def _granite() -> PreTrainedModel:
+    model: Any = GraniteForCausalLM(GraniteConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_multiplier=0.5))
+    return model.to(F64)
+
+
 # (what makes the dense model one the swap would change, the error's words); each layer of the model is checked
 REJECTED_MODELS: dict[str, tuple[Any, str]] = {
-    "qwen3 (q_norm / k_norm)": (lambda: Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8)).to(F64), "model_type 'qwen3'"),
-    "granite (attention_multiplier)": (lambda: GraniteForCausalLM(GraniteConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attention_multiplier=0.5)).to(F64), "model_type 'granite'"),
+    "qwen3 (q_norm / k_norm)": (_qwen3, "model_type 'qwen3'"),
+    "granite (attention_multiplier)": (_granite, "model_type 'granite'"),
     "mistral sliding window": (lambda: dense_model("mistral", sliding_window=8), "sliding_window=8"),
     "qwen2 sliding window": (lambda: dense_model("qwen2", use_sliding_window=True, sliding_window=8,
                                                  max_window_layers=0), "sliding_window=8"),
@@ -438,7 +452,7 @@ def test_swap_arguments_are_checked() -> None:
         with pytest.raises(NSAConfigError, match="kind="):
             sal_hf.swap_attention(model, kind)  # type: ignore[arg-type]
     with pytest.raises(NSAConfigError, match="PreTrainedModel"):
-        sal_hf.swap_attention(model.model.layers[0], "nsa")  # type: ignore[arg-type]
+        sal_hf.swap_attention(model.model.layers[0], "nsa")
     with pytest.raises(ScopeConfigError, match="copy_dense_weights must be a bool"):
         sal_hf.swap_attention(model, "scope", copy_dense_weights="no")  # type: ignore[arg-type]
     with pytest.raises(NSAConfigError, match="rope_theta"):
@@ -536,7 +550,7 @@ def test_module_checks_its_arguments_before_the_cache(kind: str) -> None:
     with pytest.raises(error, match="restart at 0"):
         attention(x, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), cache=cache)
     with pytest.raises(error, match="must be a transformers Cache"):
-        attention(x, cache={})  # type: ignore[arg-type]
+        attention(x, cache={})
     assert cache.get_seq_length() == 0
     with torch.no_grad():
         attention(x, cache=cache)
@@ -548,9 +562,9 @@ def test_module_checks_its_arguments_before_the_cache(kind: str) -> None:
 
 def capture_layers(model: nn.Module, run: Any) -> list[tuple[sal_hf.SparseSelfAttention, torch.Tensor, torch.Tensor]]:
     """(module, hidden_states in, output) of every swapped layer during run()."""
-    captured = []
+    captured: list[tuple[sal_hf.SparseSelfAttention, torch.Tensor, torch.Tensor]] = []
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+    def hook(module: sal_hf.SparseSelfAttention, args: tuple, kwargs: dict, output: tuple) -> None:
         captured.append((module, kwargs["hidden_states"].detach(), output[0].detach()))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()

@@ -8,6 +8,8 @@ also checks that nothing depends on T itself).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from conftest import F64, Shape, make_raw_inputs, shapes
 from hypothesis import given
@@ -30,7 +32,7 @@ from nsa import (
 )
 
 # Rows <= t must match to rounding; a leak from a perturbation of size ~3 is O(1e-2) or more.
-EXACT = {"rtol": 0.0, "atol": 1e-12}
+EXACT: dict[str, Any] = {"rtol": 0.0, "atol": 1e-12}
 
 
 def _perturb_after(x: torch.Tensor, t: int, seed: int) -> torch.Tensor:

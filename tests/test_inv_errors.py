@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -138,6 +139,7 @@ def test_wrong_rank(case, fn, pattern):
 # ---------------------------------------------------------------------------------------------
 # GQA: HQ not divisible by H_kv; head dim and length mismatches
 
+FLOAT_STRIDE: Any = 1.5  # a float where an int is required, on purpose
 SHAPE_CASES = [
     ("hq_not_multiple_cmp", lambda: call_cmp(mod(q=randn(B, T, 3, DK, seed=1))), names("q", "k_cmp")),
     ("hq_not_multiple_sel", lambda: call_sel(mod(q=randn(B, T, 3, DK, seed=1))), names("q", "k")),
@@ -165,7 +167,7 @@ SHAPE_CASES = [
                                               block_stride=D, sel_block_size=LP, num_selected=N), names("lse")),
     ("rope_odd_dim", lambda: apply_rope(randn(B, T, HKV, 5, seed=1), torch.arange(T)), names("x", "D", "head dim")),
     ("rope_stride_zero", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, stride=0), names("stride")),
-    ("rope_stride_float", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, stride=1.5), names("stride")),
+    ("rope_stride_float", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, stride=FLOAT_STRIDE), names("stride")),
     ("rope_stride_bool", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, stride=True), names("stride")),
     ("rope_offset_nan", lambda: apply_rope(randn(B, T, HKV, DK, seed=1), None, offset=float("nan")),
      names("offset")),
@@ -322,7 +324,7 @@ def test_k_cmp_block_count(which, wrong):
 # ---------------------------------------------------------------------------------------------
 # NSAConfig and the module
 
-TINY = {
+TINY: dict[str, Any] = {
     "hidden_size": 12, "num_heads": 4, "num_kv_heads": 2, "head_dim": 6, "head_dim_v": 4,
     "cmp_block_size": 4, "cmp_stride": 2, "sel_block_size": 4, "num_selected": 3, "window_size": 3,
 }
@@ -415,7 +417,10 @@ def test_check_scale_rejects_non_finite(value):
 def test_check_real_ranges_and_error_class():
     assert check_real("x", 3) == 3.0 and isinstance(check_real("x", 3), float)
     assert check_real("x", 0.0, at_least=0.0, below=1.0) == 0.0
-    for value, rule in ((0.0, {"above": 0.0}), (1.0, {"below": 1.0}), (-1e-300, {"at_least": 0.0})):
+    value: object
+    rules: tuple[tuple[float, dict[str, Any]], ...] = (
+        (0.0, {"above": 0.0}), (1.0, {"below": 1.0}), (-1e-300, {"at_least": 0.0}))
+    for value, rule in rules:
         with pytest.raises(NSAConfigError, match=names("x")):
             check_real("x", value, error=NSAConfigError, **rule)
     for value in (*NON_FINITE, None, "1.0", False, torch.tensor(1.0)):
@@ -643,10 +648,11 @@ def test_load_nsa_config_either_layout_loads(tmp_path):
 
 
 SCORES = torch.rand(B, 2 * LP, HKV, 2, dtype=torch.float64)  # T = 8 tokens in N = 2 blocks of l' = 4
+FLOAT_NUM_SEL: Any = 2.0  # a float where an int is required, on purpose
 SELECTION_CASES = [
     ("map_num_sel_blocks_negative", lambda: map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 16, 8, 16, -1),
      names("num_sel_blocks")),
-    ("map_num_sel_blocks_float", lambda: map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 4, 2, 4, 2.0),
+    ("map_num_sel_blocks_float", lambda: map_cmp_to_sel(torch.rand(2, 3, dtype=torch.float64), 4, 2, 4, FLOAT_NUM_SEL),
      names("num_sel_blocks")),
     ("map_p_cmp_int", lambda: map_cmp_to_sel(torch.ones(2, 3, dtype=torch.int64), 4, 2, 4, 2), names("p_cmp")),
     ("topn_positions_past_blocks", lambda: topn_blocks(SCORES, LP, N, positions=torch.arange(2 * LP) + 200),

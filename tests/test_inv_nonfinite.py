@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -181,6 +182,7 @@ def run_with_grads(fn, inputs: dict, t0: int, seed: int) -> tuple[list[torch.Ten
     gen = torch.Generator().manual_seed(seed)
     loss = sum((torch.where(torch.isfinite(o[:, :t0]), o[:, :t0], 0)
                 * torch.randn(o[:, :t0].shape, generator=gen, dtype=F64).to(o.dtype)).sum() for o in outs)
+    assert isinstance(loss, torch.Tensor)  # fn returns at least one output
     floats = [n for n, x in leaves.items() if x.requires_grad]
     grads = (torch.autograd.grad(loss, [leaves[n] for n in floats], allow_unused=True) if loss.requires_grad
              else [None] * len(floats))  # e.g. no query sees a compressed block: o = 0 for every row
@@ -242,8 +244,8 @@ def test_whole_sequence_row_flags(s: Shape, p: dict):
                        expected_win(bad["q"], bad["k_win"], bad["v_win"], s.w))
     assert torch.equal(selected_nonfinite_rows(bad["q"], bad["k_sel"], bad["v_sel"], indices, s.lp),
                        expected_sel(bad["q"], bad["k_sel"], bad["v_sel"], indices, s.lp))
-    flags = nsa_nonfinite_rows(*(bad[n] for n in NSA_INPUTS), indices, block_size=s.l, block_stride=s.d,
-                               sel_block_size=s.lp, window_size=s.w)
+    args: tuple[Any, ...] = (*(bad[n] for n in NSA_INPUTS), indices)
+    flags = nsa_nonfinite_rows(*args, block_size=s.l, block_stride=s.d, sel_block_size=s.lp, window_size=s.w)
     assert torch.equal(flags, expected_nsa(bad, indices, s))
 
 
@@ -280,8 +282,9 @@ def test_whole_sequence_row_flags_on_the_kernels(s: Shape, p: dict, names: set, 
     indices = random_block_indices(s, p["seed"])
     row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS = program
     try:
-        flags = nsa_nonfinite_rows_triton(*(bad[n] for n in NSA_INPUTS), indices.to(index_dtype), block_size=s.l,
-                                          block_stride=s.d, sel_block_size=s.lp, window_size=s.w)
+        args: tuple[Any, ...] = (*(bad[n] for n in NSA_INPUTS), indices.to(index_dtype))
+        flags = nsa_nonfinite_rows_triton(*args, block_size=s.l, block_stride=s.d, sel_block_size=s.lp,
+                                          window_size=s.w)
     finally:
         row_passes.GUARD_TOKENS, row_passes.GUARD_HEADS = defaults
     assert flags.dtype == torch.bool and torch.equal(flags, expected_nsa(bad, indices, s))
@@ -310,8 +313,9 @@ def test_whole_sequence_row_flags_of_packed_sequences(s: Shape, p: dict, lengths
     packed = {n: torch.cat([bad[n] for bad, _, _ in pieces], dim=1) for n in NSA_INPUTS}
     indices = torch.cat([idx for _, idx, _ in pieces], dim=1)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
-    flags = NSA_ROWS[impl](*(packed[n] for n in NSA_INPUTS), indices, block_size=s.l, block_stride=s.d,
-                           sel_block_size=s.lp, window_size=s.w, cu_seqlens=cu_seqlens)
+    args: tuple[Any, ...] = (*(packed[n] for n in NSA_INPUTS), indices)
+    flags = NSA_ROWS[impl](*args, block_size=s.l, block_stride=s.d, sel_block_size=s.lp, window_size=s.w,
+                           cu_seqlens=cu_seqlens)
     assert torch.equal(flags, torch.cat([expected for _, _, expected in pieces], dim=1))
 
 
@@ -390,7 +394,7 @@ def test_select_blocks(s: Shape, p: dict, dtype: torch.dtype, names: set):
     _, lse = compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], s.l, s.d)
     x = {"q": x["q"], "k_cmp": x["k_cmp"], "lse": lse}
     bad = planted(x, names, t0, s, p)
-    kw = {"block_size": s.l, "block_stride": s.d, "sel_block_size": s.lp, "num_selected": s.n}
+    kw: dict[str, Any] = {"block_size": s.l, "block_stride": s.d, "sel_block_size": s.lp, "num_selected": s.n}
     for op in (select_blocks, naive_select_blocks):
         got, clean = op(*bad.values(), **kw), op(*x.values(), **kw)
         assert torch.equal(got[:, :t0], clean[:, :t0])
@@ -621,9 +625,9 @@ def poison_stale_rows(cache, value: float) -> None:
                 v[b, -1] = value
 
 
-STALE_CONFIG = dict(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8, cmp_block_size=4,
-                    cmp_stride=2, sel_block_size=4, num_selected=3, window_size=6, compression="mlp",
-                    compression_hidden=8)
+STALE_CONFIG: dict[str, Any] = dict(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8,
+                                    cmp_block_size=4, cmp_stride=2, sel_block_size=4, num_selected=3, window_size=6,
+                                    compression="mlp", compression_hidden=8)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -707,7 +711,12 @@ def test_poison_rows_on_the_row_kernels_is_torch_where(monkeypatch, kernel_from)
     monkeypatch.setattr(nonfinite, "_row_kernels_apply", elementwise_kernel_fits)
     monkeypatch.setattr(nonfinite, "POISON_KERNEL_MIN_ELEMENTS", kernel_from)
     fill = row_passes.fill_rows_triton
-    monkeypatch.setattr(row_passes, "fill_rows_triton", lambda *args, **kw: launches.append(1) or fill(*args, **kw))
+
+    def spy(*args, **kw):
+        launches.append(1)
+        return fill(*args, **kw)
+
+    monkeypatch.setattr(row_passes, "fill_rows_triton", spy)
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(2, 7, 3, 5, generator=gen, requires_grad=True)
     rows = torch.rand(2, 7, 1, generator=gen) < 0.3
@@ -735,14 +744,19 @@ def test_nsa_rows_take_the_row_kernels_where_they_apply(monkeypatch):
         bad.update({name: _in_nan_buffer(bad[name]) for name in views})
         indices = random_block_indices(s, 7) if lengths is None else torch.cat(
             [random_block_indices(dataclasses.replace(s, T=n), 7) for n in lengths], dim=1)
-        kwargs = {"block_size": s.l, "block_stride": s.d, "sel_block_size": s.lp, "window_size": s.w,
-                  "cu_seqlens": None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)])}
+        kwargs: dict[str, Any] = {
+            "block_size": s.l, "block_stride": s.d, "sel_block_size": s.lp, "window_size": s.w,
+            "cu_seqlens": None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)])}
         args = (*(bad[n] for n in NSA_INPUTS), indices)
         cases.append((args, kwargs, nsa_nonfinite_rows(*args, **kwargs)))
     calls, kernels = [], row_passes.nsa_nonfinite_rows_triton
     monkeypatch.setattr(nonfinite, "_row_kernels_apply", elementwise_kernel_fits)
-    monkeypatch.setattr(row_passes, "nsa_nonfinite_rows_triton",
-                        lambda *a, **kw: calls.append(kw["cu_seqlens"]) or kernels(*a, **kw))
+
+    def spy(*a, **kw):
+        calls.append(kw["cu_seqlens"])
+        return kernels(*a, **kw)
+
+    monkeypatch.setattr(row_passes, "nsa_nonfinite_rows_triton", spy)
     for args, kwargs, want in cases:
         assert torch.equal(nonfinite.nsa_nonfinite_rows(*args, **kwargs), want) and want.any()
     assert len(calls) == 2 and calls[0] is None and calls[1] is not None

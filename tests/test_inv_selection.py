@@ -4,6 +4,7 @@ cases, the top-n selection rules on hand-built score tensors, and group consiste
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -347,12 +348,12 @@ def test_select_blocks_planted_equal_keys():
     assert any(abs(gap) <= 1e-9 for gap in gaps), "the planted keys must give near ties at a boundary"
     assert any(abs(gap) > 1e-3 for gap in gaps), "and clear boundaries elsewhere"
     _, lse = compressed_attention(q, k_cmp, v_cmp, l, d)
-    kw = {"block_size": l, "block_stride": d, "sel_block_size": lp, "num_selected": n}
+    kw: dict[str, Any] = {"block_size": l, "block_stride": d, "sel_block_size": lp, "num_selected": n}
     for fn in (select_blocks, naive_select_blocks):
         check_selection(fn(q, k_cmp, lse, **kw), scores, lp, n)
     gates = torch.rand(1, t_len, 4, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
-    kv = [randn(1, t_len, 2, dim, seed=5 + i) for i, dim in enumerate((8, 4, 8, 4))]
-    out = nsa_attention(q, k_cmp, v_cmp, *kv, gates, **kw, window_size=3)
+    k_sel, v_sel, k_win, v_win = [randn(1, t_len, 2, dim, seed=5 + i) for i, dim in enumerate((8, 4, 8, 4))]
+    out = nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, **kw, window_size=3)
     check_selection(out.block_indices, scores, lp, n)
 
 

@@ -58,11 +58,11 @@ from nsa.kernels.selected import (
 from nsa.kernels.tiles import Packed, output_buffer, packed_varlen
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
-TOL = {"rtol": 1e-5, "atol": 1e-5}
-SMALL = {"block_size": 8, "block_stride": 4, "sel_block_size": 16, "num_selected": 5, "window_size": 20}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
+SMALL: dict[str, Any] = {"block_size": 8, "block_stride": 4, "sel_block_size": 16, "num_selected": 5, "window_size": 20}
 # Many small selection blocks and few picks: neighbouring queries choose different blocks (with SMALL every
 # query of a short sequence selects all its blocks).
-CHOOSY = {"block_size": 8, "block_stride": 4, "sel_block_size": 4, "num_selected": 5, "window_size": 8}
+CHOOSY: dict[str, Any] = {"block_size": 8, "block_stride": 4, "sel_block_size": 4, "num_selected": 5, "window_size": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: l
     its largest value (at least 1e-5), for configs whose gradients reach ~20: float32 sums of such terms round
     by more than 1e-5 (the float32 reference itself errs by ~8e-6 at G = 16, l = 2, n = 16)."""
 
-    def tol(want: torch.Tensor) -> dict[str, float]:
+    def tol(want: torch.Tensor) -> dict[str, Any]:
         largest = want.abs().max().item() if want.numel() else 0.0  # empty: a sequence without compressed blocks
         return {**TOL, "atol": TOL["atol"] * max(1.0, largest)} if scaled_atol else TOL
 
@@ -114,12 +114,15 @@ def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: l
         check_selection(indices[:, rows], scores, blocks["sel_block_size"], blocks["num_selected"],
                         tol=1e-5 * max(1.0, float(scores.max())))
         kwargs = {key: blocks[key] for key in ("block_size", "block_stride", "sel_block_size", "window_size")}
-        expected = dense_nsa(*wide, indices[:, rows], **kwargs)
+        args = [*wide, indices[:, rows]]
+        expected = dense_nsa(*args, **kwargs)
         torch.testing.assert_close(out[:, rows].double(), expected, **tol(expected))
         expected_grads = torch.autograd.grad(expected, wide, dout[:, rows].double())
         for i, (name, got, want) in enumerate(zip(NAMES, grads, expected_grads, strict=True)):
-            torch.testing.assert_close(part(got, i).double(), want, **tol(want),
-                                       msg=lambda m, name=name: f"d{name}: {m}")
+            def message(m: str, name: str = name) -> str:
+                return f"d{name}: {m}"
+
+            torch.testing.assert_close(part(got, i).double(), want, **tol(want), msg=message)
         token, block = token + length, block + n_cmp
 
 
@@ -179,7 +182,8 @@ def test_topn_column_lists_rank_exactly_at_any_depth(depth):
 
     blocks = {**CHOOSY, "num_selected": 16}
     inputs = [x.detach() for x in make_inputs(1, [150], 8, 2, 16, 16, blocks, seed=5)]
-    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5)
+    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5]
+    run = prefill.PrefillRun(*args)
     run.topn_tiles = TopnTiles(16, 4, 1, column_depth=depth)
     check_topn(run, inputs, blocks)
 
@@ -191,7 +195,8 @@ def test_topn_on_the_gpu_tiles_ranks_exactly(monkeypatch, heads, rows):
     float64 rule: 150 tokens, so a program's tokens straddle selection blocks and the sequence's end."""
     blocks = {**CHOOSY, "num_selected": 16}
     inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, 16, 16, blocks, seed=heads)]
-    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5)
+    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5]
+    run = prefill.PrefillRun(*args)
     monkeypatch.setattr(prefill, "interpreter_enabled", lambda: False)
     run.topn_tiles = prefill._tiles(torch.device("cpu"), 16, heads).topn
     assert run.topn_tiles.rows == rows
@@ -211,7 +216,8 @@ def test_topn_ranks_candidates_past_the_visible_compressed_keys(monkeypatch, hea
     keys, which only the causal mask voids)."""
     blocks = {"block_size": 24, "block_stride": 4, "sel_block_size": 4, "num_selected": 24, "window_size": 8}
     inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, head_dim, 16, blocks, seed=heads)]
-    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**blocks), head_dim**-0.5)
+    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**blocks), head_dim**-0.5]
+    run = prefill.PrefillRun(*args)
     if gpu_tiles:
         monkeypatch.setattr(prefill, "interpreter_enabled", lambda: False)
         run.topn_tiles = prefill._tiles(torch.device("cpu"), head_dim, heads).topn
@@ -765,8 +771,12 @@ def test_selection_forward_over_the_blocks_lists_matches_float64_reference(monke
                                                                                    block_forward_bytes=budget)
     ranges: list[tuple[int, int] | None] = []
     lists = selected_module.selection_lists
-    monkeypatch.setattr(selected_module, "selection_lists",
-                        lambda *args, **kwargs: ranges.append(kwargs["rows"]) or lists(*args, **kwargs))
+
+    def recorded_lists(*args: Any, **kwargs: Any) -> Any:
+        ranges.append(kwargs["rows"])
+        return lists(*args, **kwargs)
+
+    monkeypatch.setattr(selected_module, "selection_lists", recorded_lists)
     out_shape = (*q.shape[:2], dims[1])
     earlier = randn(*out_shape, seed=6).float()
     out = earlier.clone() if accumulate else output_buffer(*out_shape, like=q)
@@ -1011,7 +1021,8 @@ def test_prefill_run_reads_the_selection_tiles_for_its_length(seq_len, heads, ro
     """The interpreter's tiles (nsa.prefill._tiles): programs of 32 rows up to 256 packed rows x heads at G >= 4,
     of 16 otherwise; PrefillRun launches what for_tokens gives."""
     inputs = [t.detach() for t in make_inputs(1, [seq_len], heads, 2, 16, 16, SMALL, seed=1)]
-    run = prefill.PrefillRun(*inputs, None, prefill.PrefillSizes(**SMALL), 0.25)
+    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**SMALL), 0.25]
+    run = prefill.PrefillRun(*args)
     assert run.sel_tiles.rows == rows
 
 

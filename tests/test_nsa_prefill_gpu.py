@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from nsa.compress_pool import compress_mean_pool
 from nsa.nonfinite import nonfinite_rows, nsa_nonfinite_rows, poison_rows
 
 pytestmark = pytest.mark.gpu
-BLOCKS = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16, "window_size": 512}
+BLOCKS: dict[str, Any] = {"block_size": 32, "block_stride": 16, "sel_block_size": 64, "num_selected": 16,
+                          "window_size": 512}
 BF16_RTOL = 1e-2
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 
@@ -190,7 +192,8 @@ def _reference_by_kv_head(inputs: list[torch.Tensor], indices: torch.Tensor, dou
         # inputs 0 and 7 (q, gates) have one entry per query head, the six K/V tensors one per kv head
         wide = [x.detach()[:, :, heads if i in (0, 7) else slice(h, h + 1)].double().requires_grad_()
                 for i, x in enumerate(inputs)]
-        reference = dense_nsa(*wide, indices[:, :, h:h + 1], **sizes)
+        args = [*wide, indices[:, :, h:h + 1]]
+        reference = dense_nsa(*args, **sizes)
         grads.append(torch.autograd.grad(reference, wide, dout[:, :, heads].double()))
         outs.append(reference.detach())
     return torch.cat(outs, dim=2), [torch.cat(parts, dim=2) for parts in zip(*grads, strict=True)]
@@ -427,9 +430,9 @@ def test_layer_rows_on_the_kernels_equal_the_torch_rule(batch, lengths, shared_w
         x[name] = vectors.view(x[name].shape)
         if shared_window:
             x["k_win"], x["v_win"] = x["k_sel"], x["v_sel"]
-        args = [x[n] for n in sizes]
-        got = nsa_nonfinite_rows(*args, indices, **rule, cu_seqlens=cu_seqlens)
-        want = nsa_nonfinite_rows(*(a.cpu() for a in args), indices.cpu(), **rule,
+        args = [*(x[n] for n in sizes), indices]
+        got = nsa_nonfinite_rows(*args, **rule, cu_seqlens=cu_seqlens)
+        want = nsa_nonfinite_rows(*(a.cpu() for a in args), **rule,
                                   cu_seqlens=None if cu_seqlens is None else cu_seqlens.cpu())
         assert got.is_cuda and torch.equal(got.cpu(), want), name
         assert want.any(), name

@@ -48,7 +48,7 @@ def test_chunks_hold_each_list_in_token_order(case: tuple) -> None:
     first_block = [0, *itertools.accumulate(-(-n // sel_block) for n in lengths)]
     expected: dict[tuple[int, int], list[int]] = {}
     for seq, length in enumerate(lengths):
-        for t in range(cu[seq].item(), cu[seq].item() + length):
+        for t in range(int(cu[seq].item()), int(cu[seq].item()) + length):
             for h in range(kv_heads):
                 for b in indices[t, h].tolist():
                     if b >= 0:

@@ -10,6 +10,8 @@ sequences' tokens.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from conftest import F64, TOL64, randn
@@ -28,7 +30,7 @@ PLAN = [(30, [10, 30, 22]), (1, [1, 1, 1]), (1, [1, 0, 1]), (1, [1, 1, 1]), (1, 
 FLOAT32_TOL = 1e-4  # float32 layer vs float64 over three branches of O(1) values (as test_decode_triton)
 # float32 runs of the same tokens in different batches: the bounds a step scans (the batch's longest sequence)
 # differ, so sums round differently (seen: 2e-6); a read of another sequence's token would move outputs by O(1).
-BATCHING_TOL = {"rtol": 1e-5, "atol": 1e-5}
+BATCHING_TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _scramble(cache: NSAKVCache) -> None:
@@ -224,6 +226,8 @@ def test_bad_page_calls_are_rejected_without_change() -> None:
     cache = _layer("torch", torch.float32).new_cache(2, CAPACITY, page_size=PAGE)
     cache.map_pages([20, 3])
     before = _state(cache)
+    bad: Any  # wrong values and types, on purpose
+    ends: Any
     for bad in ([2], [-1], [0, 0], [True], [0.0]):
         with pytest.raises(NSAInputError, match=r"sequences must be distinct ints in \[0, batch_size=2\)"):
             cache.release(bad)
@@ -247,7 +251,7 @@ def test_static_paged_steps_have_the_same_kernel_arguments(monkeypatch: pytest.M
     addresses: list[list[int]] = []
     triton_step = kernels.decode_attention_triton
 
-    def recording(*args: object, **kwargs: object) -> object:
+    def recording(*args: Any, **kwargs: Any) -> Any:
         values = (*args, *kwargs.values())
         calls.append(tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
                            for a in values))
@@ -260,6 +264,7 @@ def test_static_paged_steps_have_the_same_kernel_arguments(monkeypatch: pytest.M
     _scramble(cache)
     streams = randn(2, 17, HIDDEN, seed=8)
     first, _ = _run(layer, cache, streams.float(), [(15, [15, 14]), (1, [1, 1])])
+    assert cache.page_table is not None  # a paged cache
     table = cache.page_table.clone()
     second, _ = _run(layer, cache, streams.float(), [(1, [1, 1])], start=[16, 15])  # sequence 0 reaches page 2
     assert len(calls) == 2 and calls[0] == calls[1]

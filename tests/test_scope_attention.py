@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,9 +24,9 @@ F64 = torch.float64
 
 
 def small_config(**overrides) -> ScopeConfig:
-    values = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_pointers=2, num_freqs=6,
-                  l_max=4096.0, min_period=16.0, delta_max=96.0, mlp_hidden=16, block=8, budget=3,
-                  local_blocks=2, global_blocks=1, max_radius=1)
+    values: dict[str, Any] = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_pointers=2,
+                                  num_freqs=6, l_max=4096.0, min_period=16.0, delta_max=96.0, mlp_hidden=16,
+                                  block=8, budget=3, local_blocks=2, global_blocks=1, max_radius=1)
     values.update(overrides)
     return ScopeConfig(**values)
 
@@ -478,4 +479,4 @@ def test_telemetry_steps_json_and_config_are_checked(tmp_path: Path) -> None:
                         ((aux, layer.config, {"hf": 1.0}), "regularisers must map"),
                         ((aux, layer.config, None, "teacher"), "teacher must be a TeacherLoss")):
         with pytest.raises(ScopeInputError, match=words):
-            scope_stats(*args)  # type: ignore[arg-type]
+            scope_stats(*args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -270,7 +271,7 @@ def test_backward_matches_float64_reference(case: tuple, backend: str) -> None:
     visible = ref_visibility(num, idx, seq_len, block)
     cotangent = torch.randn(batch, heads, seq_len, dv, generator=torch.Generator().manual_seed(seed + 7),
                             dtype=F64)
-    extra = {}
+    extra: dict[str, Any] = {}
     if explicit:
         extra = dict(zip(("q_num_blocks", "q_indices"), loop_transpose(num, idx, q_blocks), strict=True))
 

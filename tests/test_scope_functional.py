@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from scope.spectral_bias import BiasCoefficients, BiasTerms, Ramp
 F64 = torch.float64
 BATCH, HEADS, KV_HEADS, SEQ, BLOCK, DIM = 2, 4, 2, 64, 16, 16
 FREQS = tuple(2 * math.pi / period for period in (500.0, 120.0, 40.0, 16.0))  # K = 4
-TOL64 = {"rtol": 1e-10, "atol": 1e-10}  # float64 on both sides: short sums of O(1) terms
+TOL64: dict[str, Any] = {"rtol": 1e-10, "atol": 1e-10}  # float64 on both sides: short sums of O(1) terms
 # float32 vs float64: every value is a short sum of O(1) terms, so relative errors stay near float32's
 # epsilon (1.2e-7) times a few hundred; 2e-5 leaves margin and still catches a wrong block (O(1) per row)
 REL32 = 2e-5
@@ -128,6 +129,12 @@ class Problem:
         ramp = None if self.ramp is None else Ramp(self.gate, self.ramp, RAMP_LAMBDA, RAMP_WIDTH, RAMP_TAU)
         return BiasTerms(coeffs, FREQS, self.beta, self.slope, ramp)
 
+    def bias_terms(self) -> BiasTerms:
+        """terms() of a biased problem (bias_impl != "none"), which are never None."""
+        terms = self.terms()
+        assert terms is not None
+        return terms
+
     def call(self, fn=scope_attention, **overrides) -> torch.Tensor:
         kwargs = dict(block=BLOCK, bias=self.terms(), bias_impl="score_mod" if self.bias_impl == "none" else
                       self.bias_impl, scale=self.scale, doc_ids=self.doc_ids)
@@ -152,6 +159,7 @@ def make_problem(seed: int, *, dtype: torch.dtype = F64, coeff_dtype: torch.dtyp
     num_freqs, coeff_dtype = len(FREQS), coeff_dtype or dtype
     doc_ids = torch.tensor([0] * 21 + [1] * 30 + [2] * 13).repeat(batch, 1) if docs else None
     if docs:
+        assert doc_ids is not None
         doc_ids[1, 40:] = 5  # the batch rows differ
     if window:
         mask = sliding_window_block_mask(SEQ, BLOCK, 2, doc_ids)
@@ -175,7 +183,7 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
 
 
-VARIANTS = {  # bias settings: every term, each bias_impl, no bias
+VARIANTS: dict[str, dict[str, Any]] = {  # bias settings: every term, each bias_impl, no bias
     "score_mod_all": dict(bias_impl="score_mod", slope=True, ramp="softplus"),
     "score_mod_relu_ramp": dict(bias_impl="score_mod", slope=False, ramp="relu", beta=1.3, scale=0.3),
     "qk_aug_slope": dict(bias_impl="qk_aug", slope=True),
@@ -321,6 +329,7 @@ def _bad_calls() -> tuple[list, list]:
     other = make_problem(8, **VARIANTS["qk_aug"])
     window = make_problem(8, window=True).mask
     no_docs = torch.zeros(SEQ, dtype=torch.long)
+    not_a_bool: Any = "no"  # the wrong type on purpose: the check under test
     arguments = [
         (lambda fn: p.call(fn, bias_impl="qk_aug"), ScopeConfigError, "cannot express the ramp"),
         (lambda fn: p.call(fn, bias_impl="dense"), ScopeInputError, "bias_impl"),
@@ -333,15 +342,16 @@ def _bad_calls() -> tuple[list, list]:
         (lambda fn: fn(p.q, p.k, p.v, p.mask.kv_indices, block=BLOCK), ScopeInputError, "PointerMask"),
         (lambda fn: fn(p.q[:, :, :32], p.k[:, :, :32], p.v[:, :, :32], p.mask, block=BLOCK), ScopeInputError,
          "mask lists"),
-        (lambda fn: p.call(fn, bias=other.terms()._replace(freqs=FREQS[:3])), ScopeInputError, "bias.coeffs.A"),
+        (lambda fn: p.call(fn, bias=other.bias_terms()._replace(freqs=FREQS[:3])), ScopeInputError, "bias.coeffs.A"),
         (lambda fn: p.call(fn, doc_ids=torch.zeros(SEQ + 1, dtype=torch.long)), ScopeInputError, "doc_ids"),
         # finite in float64, not in float32 (where the scores and the bias are computed)
         (lambda fn: p.call(fn, scale=1e300), ScopeInputError, "scale=1e.300 overflows to inf in float32"),
         (lambda fn: p.call(fn, scale=1e-320), ScopeInputError, "scale=.* underflows to 0 in float32"),
-        (lambda fn: p.call(fn, bias=p.terms()._replace(beta=1e300)), ScopeInputError, "bias.beta"),
-        (lambda fn: p.call(fn, bias=p.terms()._replace(freqs=(1e300, *FREQS[1:]))), ScopeInputError, "bias.freqs"),
-        (lambda fn: p.call(fn, bias=p.terms()._replace(slope="no")), ScopeInputError, "bias.slope must be a bool"),
-        *[(lambda fn, ramp=ramp: p.call(fn, bias=p.terms()._replace(ramp=ramp)), ScopeInputError, words)
+        (lambda fn: p.call(fn, bias=p.bias_terms()._replace(beta=1e300)), ScopeInputError, "bias.beta"),
+        (lambda fn: p.call(fn, bias=p.bias_terms()._replace(freqs=(1e300, *FREQS[1:]))), ScopeInputError, "bias.freqs"),
+        (lambda fn: p.call(fn, bias=p.bias_terms()._replace(slope=not_a_bool)), ScopeInputError,
+         "bias.slope must be a bool"),
+        *[(lambda fn, ramp=ramp: p.call(fn, bias=p.bias_terms()._replace(ramp=ramp)), ScopeInputError, words)
           for ramp, words in _bad_ramps(p)],
         *[(lambda fn, edit=edit: replace(p, mask=_edited(p.mask, edit)).call(fn), ScopeInputError, words)
           for edit, words in ((lambda i, n: i.float(), "int32/int64"), (_repeat_a_block, "repeats a key block"),

@@ -311,7 +311,7 @@ def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
     idx = torch.where(order < qb, order, -1).to(torch.int32)
     allowed = token_mask(idx, num, block, seq_len)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = block_sparse_attention(*leaves, num, idx, block=block, backend="triton")
+    out = block_sparse_attention(leaves[0], leaves[1], leaves[2], num, idx, block=block, backend="triton")
     grads = torch.autograd.grad(out, leaves, dout)
 
     def dense(qq: Tensor, kk: Tensor, vv: Tensor, round_p: bool) -> Tensor:
@@ -321,7 +321,7 @@ def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
 
     def run(dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, ...]]:
         ls = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
-        o = dense(*ls, round_p=dtype != torch.float64)
+        o = dense(ls[0], ls[1], ls[2], round_p=dtype != torch.float64)
         return o, torch.autograd.grad(o, ls, dout.to(dtype))
 
     out64, grads64 = run(torch.float64)
@@ -329,10 +329,11 @@ def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
     # SDPA's flash kernel needs equal head dims: its own error is measured on the first 128 q.k columns
     sdpa_inputs = (q[..., :dv], k[..., :dv], v)
     sdpa_leaves = [t.clone().requires_grad_(True) for t in sdpa_inputs]
-    sdpa = F.scaled_dot_product_attention(*sdpa_leaves, is_causal=True, enable_gqa=True)
+    sdpa = F.scaled_dot_product_attention(sdpa_leaves[0], sdpa_leaves[1], sdpa_leaves[2], is_causal=True,
+                                          enable_gqa=True)
     sdpa_grads = torch.autograd.grad(sdpa, sdpa_leaves, dout)
     causal = [t.detach().double().requires_grad_(True) for t in sdpa_inputs]
-    sdpa64 = F.scaled_dot_product_attention(*causal, is_causal=True, enable_gqa=True)
+    sdpa64 = F.scaled_dot_product_attention(causal[0], causal[1], causal[2], is_causal=True, enable_gqa=True)
     sdpa_grads64 = torch.autograd.grad(sdpa64, causal, dout.double())
     sdpa_own = max(rel_err(g, r) for g, r in zip(sdpa_grads, sdpa_grads64, strict=True))
     assert rel_err(out, out64) <= CHECK_FACTOR * rel_err(out32, out64)

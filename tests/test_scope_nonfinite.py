@@ -200,6 +200,7 @@ def test_layer_prefill(grad: bool, pos: int, dim: int, value: float, representat
     assert bool(dirty[0, nan_rows].isnan().all()) and bool(dirty[0, ~nan_rows].isfinite().all())
     assert torch.equal(dirty[:, :pos], clean[:, :pos])
     if grad:
+        assert dirty_grad is not None and clean_grad is not None
         assert bool(dirty_grad.isfinite().all())
         assert torch.equal(dirty_grad[:, :pos], clean_grad[:, :pos])
 

@@ -449,15 +449,17 @@ def test_allocate_budget_total_and_caps(seed, num_peaks, budget, max_radius, tem
 
 def test_switches_are_bools():
     d_star = torch.zeros(1, 1, 4, 1, dtype=F64)
-    args = dict(block=4, budget=1, local_blocks=1, global_blocks=0, max_radius=0)
-    for kwargs, words in ((dict(training="no"), "training must be a bool"),
-                          (dict(compute_q_blocks="no"), "compute_q_blocks must be a bool")):
+    args: dict[str, Any] = dict(block=4, budget=1, local_blocks=1, global_blocks=0, max_radius=0)
+    not_a_bool: Any = "no"  # the wrong types on purpose: the checks under test
+    not_a_device: Any = "bogus"
+    for kwargs, words in ((dict(training=not_a_bool), "training must be a bool"),
+                          (dict(compute_q_blocks=not_a_bool), "compute_q_blocks must be a bool")):
         with pytest.raises(ScopeInputError, match=words):
             build_pointer_block_mask(d_star, d_star, 16, **args, **kwargs)
     with pytest.raises(ScopeInputError, match="compute_q_blocks must be a bool"):
-        sliding_window_block_mask(16, 4, 2, compute_q_blocks="no")
+        sliding_window_block_mask(16, 4, 2, compute_q_blocks=not_a_bool)
     with pytest.raises(ScopeInputError, match="device"):
-        sliding_window_block_mask(16, 4, 2, device="bogus")
+        sliding_window_block_mask(16, 4, 2, device=not_a_device)
 
 
 def test_allocate_budget_never_exceeds_the_budget_on_nonfinite_logits():

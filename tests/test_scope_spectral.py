@@ -6,6 +6,7 @@ config errors, gradcheck."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -29,14 +30,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 # float64 comparisons: every quantity is a sum of O(M K) bounded terms of O(1) magnitude (phases
 # up to ~1e3 rad lose ~1e-13 in cos), so 1e-9 is orders of magnitude above rounding and far below a bug.
-TOL = {"rtol": 1e-9, "atol": 1e-9}
+TOL: dict[str, Any] = {"rtol": 1e-9, "atol": 1e-9}
 
-SMALL = {
+SMALL: dict[str, Any] = {
     "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "num_pointers": 3, "num_freqs": 6,
     "l_max": 4096.0, "min_period": 16.0, "delta_max": 96.0, "mlp_hidden": 8, "beta": 0.7,
 }
 ALL_TERMS = {"c_scale": 0.05, "ramp_lambda": 0.3, "ramp_width": 16.0, "ramp_tau": 4.0}
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "slope": {"c_scale": 0.05},
     "ramp_softplus": {**ALL_TERMS, "gate_kind": "softplus"},
@@ -355,7 +356,8 @@ def test_zero_bias_at_init_and_attention_equals_base(dtype):
     q_aug, k_aug, v_aug, sc = model.qk_augment(q, k, v, coeffs, scale)
     base_sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     aug_sdpa = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=sc, enable_gqa=True)
-    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-6, "atol": 1e-6}  # matmul order only
+    # matmul order only
+    tol: dict[str, Any] = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-6, "atol": 1e-6}
     torch.testing.assert_close(aug_sdpa, base_sdpa, **tol)
     # ... and the bias can learn: the gain gets a gradient at init
     biased.square().sum().backward()
@@ -417,7 +419,7 @@ def test_shift_theorem():
 def test_regularisers_on_a_hand_built_case():
     """K = 2, w = (pi/4, pi/2) (periods 8 and 4), M = 2, one head, two rows = the last two queries
     (positions 2 and 3) of a 4-token sequence."""
-    lambdas = {"lambda_hf": 0.1, "lambda_zero_mean": 0.2, "lambda_entropy": 0.3, "lambda_edge": 0.4}
+    lambdas: dict[str, Any] = {"lambda_hf": 0.1, "lambda_zero_mean": 0.2, "lambda_entropy": 0.3, "lambda_edge": 0.4}
     cfg = ScopeConfig(num_heads=1, num_kv_heads=1, head_dim=4, num_pointers=2, num_freqs=2, l_max=8.0,
                       min_period=4.0, entropy_floor_frac=0.5, **lambdas)
     model = SpectralBias(cfg).double()

@@ -59,7 +59,7 @@ def test_run_folder(smoke_run: tuple[Path, dict[str, Any]]) -> None:
     assert not list(out_dir.glob(".*.tmp"))
     heartbeat = json.loads((out_dir / "heartbeat.json").read_text())
     assert heartbeat["status"] == "finished" and heartbeat["step"] == 6
-    saved = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"))
+    saved: Any = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"))
     assert validate_run_config(saved) == tiny_config(out_dir)  # the resolved config, complete
     result = json.loads((out_dir / "eval.json").read_text())
     assert result["attention"] == "nsa" and result["step"] == 6 and result["bpb"] > 0
@@ -443,7 +443,7 @@ def test_token_batches_keep_the_tokens_of_a_full_length_step(tmp_path: Path, mon
     build = train_module.build_task
 
     def spying_build(config):
-        task = build(config)
+        task: Any = build(config)
         sample = task.sample
 
         def spy(batch_size, generator, **kwargs):
