@@ -30,7 +30,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -51,8 +51,10 @@ CONFIGS: dict[str, type[NSAConfig] | type[ScopeConfig]] = {"nsa": NSAConfig, "sc
 CONFIG_ERRORS: dict[str, type[Exception]] = {"nsa": NSAConfigError, "scope": ScopeConfigError}
 
 
-def swap_attention(model: PreTrainedModel, kind: str, *, copy_dense_weights: bool = True,
-                   **overrides: Any) -> PreTrainedModel:
+ModelT = TypeVar("ModelT", bound=PreTrainedModel)  # swap_attention returns the model it was given, type included
+
+
+def swap_attention(model: ModelT, kind: str, *, copy_dense_weights: bool = True, **overrides: Any) -> ModelT:
     """Replace every decoder layer's dense self-attention of `model` (Llama, Mistral, Qwen2, Gemma: the families in
     SUPPORTED_MODEL_TYPES) by NSA or SCOPE in place (module docstring); returns the model. `overrides`: NSAConfig /
     ScopeConfig fields. A rejected swap leaves the model as it was: every new layer is built (and converted) before
