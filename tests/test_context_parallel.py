@@ -130,7 +130,8 @@ def case_nsa_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | Non
     ref_indices = ref_topn(scores, sizes["sel_block_size"], sizes["num_selected"])
     if not torch.equal(indices_r, layout.shard(ref_indices, rank)):
         failures.append("block indices differ from the reference selection")
-    dense = dense_nsa(*[*inputs, ref_indices], **{k: v for k, v in sizes.items() if k != "num_selected"})
+    args = [*inputs, ref_indices]  # a list: mypy takes no f(*xs, y)
+    dense = dense_nsa(*args, **{k: v for k, v in sizes.items() if k != "num_selected"})
     _compare(failures, "output vs dense reference", out_r, layout.shard(dense, rank))
     return failures
 

@@ -83,6 +83,12 @@ def make_inputs(batch: int, lengths: list[int], heads: int, kv_heads: int, dk: i
     return [t.float().requires_grad_() for t in (*tensors, gates)]
 
 
+def unpacked_run(inputs: list[torch.Tensor], blocks: dict[str, Any], scale: float) -> prefill.PrefillRun:
+    """The op's run over make_inputs' eight tensors of one unpacked batch (no cu_seqlens)."""
+    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**blocks), scale]  # a list: mypy takes no f(*xs, y)
+    return prefill.PrefillRun(*args)
+
+
 def check_against_reference(inputs: list[torch.Tensor], blocks: dict, lengths: list[int] | None = None,
                             scaled_atol: bool = False) -> None:
     """Run the kernels (packed when ``lengths`` is given) and compare output, selection and the eight gradients
@@ -182,8 +188,7 @@ def test_topn_column_lists_rank_exactly_at_any_depth(depth):
 
     blocks = {**CHOOSY, "num_selected": 16}
     inputs = [x.detach() for x in make_inputs(1, [150], 8, 2, 16, 16, blocks, seed=5)]
-    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5]
-    run = prefill.PrefillRun(*args)
+    run = unpacked_run(inputs, blocks, 16**-0.5)
     run.topn_tiles = TopnTiles(16, 4, 1, column_depth=depth)
     check_topn(run, inputs, blocks)
 
@@ -195,8 +200,7 @@ def test_topn_on_the_gpu_tiles_ranks_exactly(monkeypatch, heads, rows):
     float64 rule: 150 tokens, so a program's tokens straddle selection blocks and the sequence's end."""
     blocks = {**CHOOSY, "num_selected": 16}
     inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, 16, 16, blocks, seed=heads)]
-    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**blocks), 16**-0.5]
-    run = prefill.PrefillRun(*args)
+    run = unpacked_run(inputs, blocks, 16**-0.5)
     monkeypatch.setattr(prefill, "interpreter_enabled", lambda: False)
     run.topn_tiles = prefill._tiles(torch.device("cpu"), 16, heads).topn
     assert run.topn_tiles.rows == rows
@@ -216,8 +220,7 @@ def test_topn_ranks_candidates_past_the_visible_compressed_keys(monkeypatch, hea
     keys, which only the causal mask voids)."""
     blocks = {"block_size": 24, "block_stride": 4, "sel_block_size": 4, "num_selected": 24, "window_size": 8}
     inputs = [x.detach() for x in make_inputs(1, [150], heads, 1, head_dim, 16, blocks, seed=heads)]
-    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**blocks), head_dim**-0.5]
-    run = prefill.PrefillRun(*args)
+    run = unpacked_run(inputs, blocks, head_dim**-0.5)
     if gpu_tiles:
         monkeypatch.setattr(prefill, "interpreter_enabled", lambda: False)
         run.topn_tiles = prefill._tiles(torch.device("cpu"), head_dim, heads).topn
@@ -1021,8 +1024,7 @@ def test_prefill_run_reads_the_selection_tiles_for_its_length(seq_len, heads, ro
     """The interpreter's tiles (nsa.prefill._tiles): programs of 32 rows up to 256 packed rows x heads at G >= 4,
     of 16 otherwise; PrefillRun launches what for_tokens gives."""
     inputs = [t.detach() for t in make_inputs(1, [seq_len], heads, 2, 16, 16, SMALL, seed=1)]
-    args: list[Any] = [*inputs, None, prefill.PrefillSizes(**SMALL), 0.25]
-    run = prefill.PrefillRun(*args)
+    run = unpacked_run(inputs, SMALL, 0.25)
     assert run.sel_tiles.rows == rows
 
 
