@@ -219,8 +219,8 @@ class PrefillRun:
 
     @property
     def fuses_sel_dq(self) -> bool:
-        """Whether the selection's dq comes from its dk/dv's steps (``SelectedTiles.fuses_dq`` at this group)."""
-        return self.sel_tiles.fuses_dq(self.q.shape[1] // self.k_sel.shape[1])
+        """Whether the selection's dq comes from its dk/dv's steps (``SelectedTiles.dq_in_dkdv`` at this group)."""
+        return self.sel_tiles.dq_in_dkdv(self.q.shape[1] // self.k_sel.shape[1])
 
     def dq_steps(self, dout: Tensor, dq: Tensor, delta: list[Tensor]) -> list[tuple[str, Callable[[], None]]]:
         """The three dq kernels, in this order (they add into dq); dout and dq are token rows [rows, HQ, D]. With

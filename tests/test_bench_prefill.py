@@ -36,20 +36,22 @@ def small_and_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:
-    """Each candidate checked, then its field's kernels timed: the selection's dq, or where its dq is inside the
-    dk/dv (SelectedTiles.fuses_dq) its delta."""
-    selected = INTERPRETER_SELECTED._replace(dkv_rows=32, short_chunk=2, tma=False)
+    """Each candidate checked, then its field's kernels timed: the selection's dq, or where its dq comes with the
+    dk/dv (SelectedTiles.dq_in_dkdv: its shares, or the dS it stores) its delta."""
+    selected = INTERPRETER_SELECTED._replace(dkv_rows=32, short_chunk=2, tma=False, fused_dq_max_group=0)
     variants: dict[str, list[Any]] = {
         "cmp_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
         "win_tiles": [INTERPRETER_RANGE._replace(tma=True)],
-        "sel_tiles": [selected._replace(fused_dq_max_group=0), selected._replace(fused_dq_max_group=64)]}
+        "sel_tiles": [selected, selected._replace(fused_dq_max_group=64),
+                      selected._replace(ds_dq=True, ds_dq_min_tokens=0)]}
     rows = bench_prefill.tile_rows(TINY, 28, "cpu", torch.float32, variants)
-    assert [row["field"] for row in rows] == ["cmp_tiles", "win_tiles", "sel_tiles", "sel_tiles"]
+    assert [row["field"] for row in rows] == ["cmp_tiles", "win_tiles", "sel_tiles", "sel_tiles", "sel_tiles"]
     for row in rows:
         assert "error" not in row, row
         assert row["indices_equal"] and row["max_rel_err"] < 1e-5
         timed = {key for key in row if key in bench_prefill.KERNEL_NAMES}
-        not_run = {"sel_tiles": "delta_sel" if "fused_dq_max_group=0," in row["tiles"] else "dq_sel"}.get(row["field"])
+        in_dkdv = "fused_dq_max_group=64," in row["tiles"] or "ds_dq=True," in row["tiles"]
+        not_run = {"sel_tiles": "dq_sel" if in_dkdv else "delta_sel"}.get(row["field"])
         assert timed == set(bench_prefill.TILE_KERNELS[row["field"]]) - {not_run}
 
 

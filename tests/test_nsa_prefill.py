@@ -719,26 +719,40 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
     torch.testing.assert_close(dv.double(), want["dv"], **TOL)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dims", "accumulate", "range_tokens"), [
-    (8, 2, (16, 16), False, None),  # G = 4: 4 entries x 4 heads per step
-    (8, 2, (16, 16), True, 7),  # the same in ranges of 7 tokens, across the sequences' ends
-    (6, 2, (24, 16), True, None),  # G = 3 (rows padded to 4 per entry), d_k != d_v, q.k split 16 + 16 (D2 > 0)
-    (2, 2, (16, 32), False, 5),  # G = 1: 16 entries per step; ranges of 5 tokens
-    (16, 1, (16, 16), True, None),  # G = 16: one entry per step
+def dq_in_dkdv_tiles(tiles: SelectedTiles, parts: str, budget: int) -> SelectedTiles:
+    """``tiles`` with the selection's dq from its dk/dv at every group, through dq shares (parts "shares":
+    fuses_dq) or stored dS (parts "ds": dq_from_ds at every length), whose buffer takes at most ``budget`` bytes per
+    token range."""
+    if parts == "shares":
+        return tiles._replace(fused_dq_max_group=64, fused_dq_bytes=budget)
+    return tiles._replace(fused_dq_max_group=0, ds_dq=True, ds_dq_min_tokens=0, ds_dq_bytes=budget)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dims", "accumulate", "range_tokens", "parts"), [
+    (8, 2, (16, 16), False, None, "shares"),  # G = 4: 4 entries x 4 heads per step
+    (8, 2, (16, 16), True, 7, "shares"),  # the same in ranges of 7 tokens, across the sequences' ends
+    (6, 2, (24, 16), True, None, "shares"),  # G = 3 (rows padded to 4 per entry), d_k != d_v, q.k split 16 + 16
+    (2, 2, (16, 32), False, 5, "shares"),  # G = 1: 16 entries per step; ranges of 5 tokens
+    (16, 1, (16, 16), True, None, "shares"),  # G = 16: one entry per step
+    (8, 2, (16, 16), True, 7, "ds"),  # dS: G = 4 (rows padded to 16 in the dq's dots), ranges of 7 tokens
+    (6, 2, (24, 16), False, None, "ds"),  # G = 3, d_k != d_v, q.k split 16 + 16 (D2 > 0)
+    (16, 1, (16, 16), True, None, "ds"),  # G = 16
 ])
-def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads, dims, accumulate, range_tokens):
-    """The selection's dq inside its dk/dv (SelectedTiles.fuses_dq, forced at every group here): the dk/dv's steps
-    also store each gathered row's dq share (dS k) per (token, kv head, slot), and a second kernel sums each
-    token's slots in order into dq: written into a NaN-poisoned buffer, or
-    added to an existing gradient; in one token range, or in ranges of range_tokens (fused_dq_bytes: that many
-    tokens' shares), whose dk / dv add up. delta = dO . o from its own kernel. dq, dk, dv and delta against
-    float64, on random selections that leave early tokens with unused slots (-1: never written, never read)."""
+def test_selection_dq_inside_the_dkdv_matches_float64_reference(heads, kv_heads, dims, accumulate, range_tokens,
+                                                               parts):
+    """The selection's dq from its dk/dv, forced at every group here: the dk/dv's steps also store, per (token, kv
+    head, slot), each gathered row's dq share (dS k; SelectedTiles.fuses_dq), which a second kernel sums over each
+    token's slots, or its dS over the block's keys (padded from l' = 4 to 16 columns; dq_from_ds), which a second
+    kernel multiplies by each slot's keys, in slot order. dq written into a NaN-poisoned buffer, or added to an
+    existing gradient; in one token range, or in ranges of range_tokens (that many tokens' shares or dS), whose
+    dk / dv add up. delta = dO . o from its own kernel. dq, dk, dv and delta against float64, on random
+    selections that leave early tokens with unused slots (-1: never written, never read)."""
     case = selection_case(heads, kv_heads, seed=heads + dims[0], dims=dims)
     q, want = case.q, case.expected
-    budget = 2**31 if range_tokens is None else range_tokens * q.shape[1] * 5 * dims[0] * 4  # n = 5 slots
-    tiles = prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel._replace(fused_dq_max_group=64,
-                                                                                   fused_dq_bytes=budget)
-    assert len(dq_share_ranges(case.indices, q, tiles)) == (
+    width = dims[0] if parts == "shares" else 16
+    budget = 2**31 if range_tokens is None else range_tokens * q.shape[1] * 5 * width * 4  # n = 5 slots
+    tiles = dq_in_dkdv_tiles(prefill._tiles(q.device, q.shape[-1], heads // kv_heads).sel, parts, budget)
+    assert len(dq_share_ranges(case.indices, q, heads // kv_heads, 4, tiles)) == (
         1 if range_tokens is None else -(-q.shape[0] // range_tokens))
     delta = output_buffer(*q.shape[:2], like=q)
     selected_row_delta(case.dout, want["o"].float(), delta)
@@ -803,26 +817,27 @@ def assert_close_in_half_precision(got: torch.Tensor, want: torch.Tensor, dtype:
     torch.testing.assert_close(got.double(), want, rtol=roundoffs, atol=roundoffs * want.abs().max().item())
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dims", "range_tokens", "dtype"), [
-    (8, 2, (16, 16), None, torch.bfloat16),  # G = 4 in one token range, the GPU's dtype
-    (6, 2, (24, 16), 7, torch.float16),  # G = 3, d_k != d_v (q.k split 16 + 8), ranges of 7 tokens across the
-    # sequences' ends
+@pytest.mark.parametrize(("heads", "kv_heads", "dims", "range_tokens", "dtype", "parts"), [
+    (8, 2, (16, 16), None, torch.bfloat16, "shares"),  # G = 4 in one token range, the GPU's dtype
+    (6, 2, (24, 16), 7, torch.float16, "shares"),  # G = 3, d_k != d_v (q.k split 16 + 8), ranges of 7 tokens
+    # across the sequences' ends
+    (16, 2, (24, 16), 7, torch.bfloat16, "ds"),  # G = 8, the dq from stored dS, the same ranges
 ])
 def test_selection_list_paths_in_half_precision_match_float64_reference(heads, kv_heads, dims, range_tokens, dtype,
-                                                                        interpreter_bf16_dot):
-    """The forward over the blocks' lists, then the dq inside the dk/dv, on half-precision inputs: both store their
-    per-block parts and dq shares in q's dtype, as on the GPU (bf16 there), where the other interpreter tests'
-    float32 inputs keep them in float32. out, o, lse, delta, dq, dk and dv against float64 on the same rounded
-    inputs; the backward reads the forward's own lse and o."""
+                                                                        parts, interpreter_bf16_dot):
+    """The forward over the blocks' lists, then the dq from the dk/dv (``dq_in_dkdv_tiles``), on half-precision
+    inputs: they store their per-block parts and dq shares or dS in q's dtype, as on the GPU (bf16 there), where
+    the other interpreter tests' float32 inputs keep them in float32. out, o, lse, delta, dq, dk and dv against
+    float64 on the same rounded inputs; the backward reads the forward's own lse and o."""
     case = selection_case(heads, kv_heads, seed=heads + dims[0] + 2, dims=dims, dtype=dtype)
     q, want, group = case.q, case.expected, heads // kv_heads
-    part_bytes, share_bytes = kv_heads * 5 * group * (dims[1] * 2 + 4), 5 * heads * dims[0] * 2  # n = 5, 2 B
-    tiles = prefill._tiles(q.device, q.shape[-1], group).sel._replace(
-        block_forward_max_group=64, fused_dq_max_group=64,
-        block_forward_bytes=2**32 if range_tokens is None else range_tokens * part_bytes,
-        fused_dq_bytes=2**32 if range_tokens is None else range_tokens * share_bytes)
-    assert len(dq_share_ranges(case.indices, q, tiles)) == (1 if range_tokens is None else -(-q.shape[0] //
-                                                                                              range_tokens))
+    width = dims[0] if parts == "shares" else 16
+    part_bytes, share_bytes = kv_heads * 5 * group * (dims[1] * 2 + 4), 5 * heads * width * 2  # n = 5, 2 B
+    tiles = dq_in_dkdv_tiles(prefill._tiles(q.device, q.shape[-1], group).sel, parts,
+                             2**32 if range_tokens is None else range_tokens * share_bytes)._replace(
+        block_forward_max_group=64, block_forward_bytes=2**32 if range_tokens is None else range_tokens * part_bytes)
+    assert len(dq_share_ranges(case.indices, q, group, 4, tiles)) == (
+        1 if range_tokens is None else -(-q.shape[0] // range_tokens))
     out_shape, scale = (*q.shape[:2], dims[1]), q.shape[-1] ** -0.5
     out, branch_out = output_buffer(*out_shape, like=q), output_buffer(*out_shape, like=q)
     lse = output_buffer(*q.shape[:2], like=q, dtype=torch.float32)
@@ -840,18 +855,20 @@ def test_selection_list_paths_in_half_precision_match_float64_reference(heads, k
         assert_close_in_half_precision(got, want[name], dtype)
 
 
-@pytest.mark.parametrize(("lengths", "heads", "kv_heads", "max_group"), [
-    ([45], 8, 2, 0),  # G = 4: the selection's forward over query tiles, its dq from its own kernel
-    ([5, 35, 1, 29], 6, 2, 0),  # G = 3, packed sequences, the same
-    ([5, 35, 1, 29], 16, 2, 64),  # G = 8: the forward over the blocks' lists, the dq inside the dk/dv
+@pytest.mark.parametrize(("lengths", "heads", "kv_heads", "max_group", "ds_dq"), [
+    ([45], 8, 2, 0, False),  # G = 4: the selection's forward over query tiles, its dq from its own kernel
+    ([5, 35, 1, 29], 6, 2, 0, False),  # G = 3, packed sequences, the same
+    ([5, 35, 1, 29], 16, 2, 64, False),  # G = 8: the forward over the blocks' lists, the dq inside the dk/dv
+    ([5, 35, 1, 29], 16, 2, 0, True),  # G = 8: the forward over query tiles, the dq from the dk/dv's stored dS
 ])
 def test_kernels_with_the_other_selection_forward_and_dq_match_float64_reference(monkeypatch, lengths, heads,
-                                                                                 kv_heads, max_group):
+                                                                                 kv_heads, max_group, ds_dq):
     """The whole layer with the selection's forward and dq computed the way their group's defaults do not
-    (SelectedTiles.block_forward_max_group, fused_dq_max_group; the short sequences' programs off, which would keep
-    the query tiles' forward): output, selection and the eight gradients against float64."""
+    (SelectedTiles.block_forward_max_group, fused_dq_max_group, ds_dq at every length; the short sequences'
+    programs off, which would keep the query tiles' forward): output, selection and the eight gradients against
+    float64."""
     use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group,
-                                             "short_query_rows": 0})
+                                             "short_query_rows": 0, "ds_dq": ds_dq, "ds_dq_min_tokens": 0})
     inputs = make_inputs(1, lengths, heads, kv_heads, 24, 16, SMALL, seed=13)
     check_against_reference(inputs, SMALL, lengths if len(lengths) > 1 else None)
 

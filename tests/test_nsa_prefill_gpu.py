@@ -135,6 +135,21 @@ def test_selection_dq_inside_the_dkdv_or_apart_matches_float64_reference(monkeyp
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "ds_bytes"), [
+    (64, 4, 128, 128, 2048, 2**31),  # G = 16 (public) in one token range
+    (64, 4, 128, 128, 2048, 2**26),  # the same in four ranges of 512 tokens (131,072 bytes of dS per token)
+    (48, 4, 192, 128, 3000, 2**31),  # G = 12, the paper's d_k (q.k split 128 + 64), T not a multiple of any block
+    (32, 4, 128, 128, 2048, 2**31),  # G = 8 (dS rows of 8 heads, padded to 16 in the dq's dots)
+])
+def test_selection_dq_from_stored_ds_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,
+                                                               ds_bytes):
+    """The selection's dq from the dS its dk/dv stores per (token, kv head, slot), one program per (token, kv head)
+    multiplying each slot's dS by its block's keys (SelectedTiles.ds_dq, at every length here;
+    tests/test_nsa_prefill.py checks it in the interpreter)."""
+    use_prefill_tiles(monkeypatch, selected={"ds_dq": True, "ds_dq_min_tokens": 0, "ds_dq_bytes": ds_bytes})
+    _check_against_reference(heads, kv_heads, dk, dv, seq_len)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dk", "dv", "seq_len", "part_bytes"), [
     (16, 4, 128, 128, 2048, 2**32),  # G = 4 in one token range
     (16, 4, 128, 128, 2048, 2**25),  # the same in ranges of 504 tokens (66,560 bytes of parts per token)
@@ -295,12 +310,15 @@ def _check_drawn_config(config: PrefillConfig, seed: int, dtype: torch.dtype = t
     assert not errors, f"{config}, seed {seed}: {errors}"
 
 
-@pytest.mark.parametrize("max_group", [4, 64])
-def test_prefill_backward_is_deterministic(monkeypatch, max_group):
+@pytest.mark.parametrize(("max_group", "ds_dq"), [(4, False), (64, False), (4, True)])
+def test_prefill_backward_is_deterministic(monkeypatch, max_group, ds_dq):
     """Gradients bitwise equal on two runs (public shape, G = 16), also with the selection's forward combined from
     the blocks' token lists and its dq summed from its dk/dv's shares (SelectedTiles.block_forward_max_group and
-    fused_dq_max_group = 64; the defaults up to G = 4)."""
-    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group})
+    fused_dq_max_group = 64; the defaults up to G = 4), and with its dq from the dS its dk/dv stores, in two token
+    ranges (ds_dq)."""
+    ds = {"ds_dq": True, "ds_dq_min_tokens": 0, "ds_dq_bytes": 2**29} if ds_dq else {}
+    use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group,
+                                             **ds})
     inputs = _inputs(8192, 64, 4, 128, 128, seed=1)
     out = nsa_attention(*inputs, **BLOCKS, backend="triton").output
     dout = torch.randn_like(out)

@@ -21,7 +21,9 @@ Small groups (``SelectedTiles.fuses_dq``, ``forwards_by_block``: up to 4 heads b
 the dq over the same lists too, each block loaded once per chunk: the forward stores each gathered row's result
 over one block (normalised, with its lse) and the dk/dv steps each row's dq share, at the row of its (token, kv
 head, slot); one program per (token, kv head) then loads all its slots at once and combines them (by their lse)
-or sums them, in a fixed order.
+or sums them, in a fixed order. Optionally (``SelectedTiles.ds_dq``), larger groups keep the token-centric forward
+and take the dq from the dS the dk/dv steps store per (token, kv head, slot), each token's slots multiplied by their
+blocks' keys in order.
 """
 
 from __future__ import annotations
@@ -157,7 +159,18 @@ class SelectedTiles(NamedTuple):
     (bench/results/logs/prefill_layer_0791d2c_h100.md). G = 8 at 64k: 14.37 against 14.64 for 6.4 GiB more peak
     (list_paths_g8_g4short_1c906e2_h100.jsonl). Against the short programs (G = 4, same file): 2.03 against 2.19 ms
     at 16k and 3.78 against 5.68 at 32k on independent queries, but 2.02 against 0.87 and 3.81 against 1.91 where
-    queries share 90% of their variance within 64-token spans, whose unions the short programs read once."""
+    queries share 90% of their variance within 64-token spans, whose unions the short programs read once.
+    ds_dq: groups that do not fuse the dq take it from the dS their dk/dv's steps store (``dq_from_ds``): one
+    [G, BLOCK_S] row in q's dtype per (token, kv head, slot), which ``_sel_dq_ds_kernel`` multiplies by the slot's
+    keys, token by token (K and dS read per (token, group, block): 16 + 2 KB against selected_dq's 32 KB of K and
+    V, one matmul instead of three). Over token ranges whose dS take at most ds_dq_bytes, from ds_dq_min_tokens
+    packed rows (``for_tokens``). Off: it trades memory for time, and within the 1.5x-dense peak-memory bound it
+    gains little. H100, public shape (2026-12-07, bench/results/logs/ds_dq_ab_79cbe42+wip_h100.jsonl), the layer's
+    forward+backward ms / peak GiB against the default: 64k 111.7 / 12.3 with 2 GiB ranges (4 ranges), 114.6 /
+    11.3 with 1 GiB, 110.1-114.3 / 14.4 with 4 GiB, against 114.6 / 10.4 (dense SDPA's peak: 8.3); the selection's
+    backward 29.3 ms in two ranges, 32.7 in eight, against 32.7; 32k 44.3 / 7.2 (2 GiB) against 47.6 / 5.2; 16k
+    19.3 / 4.6 against 20.7 / 2.6; 8k 8.57 / 2.39 (1 GiB) against 9.10 / 1.39; G = 12 at 64k 104.2 / 10.0 (2 GiB)
+    against 106.3 / 8.1."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -185,10 +198,23 @@ class SelectedTiles(NamedTuple):
     fused_dq_bytes: int = 2**32
     block_forward_max_group: int = 4
     block_forward_bytes: int = 5 * 2**30
+    ds_dq: bool = False
+    ds_dq_min_tokens: int = 32768
+    ds_dq_bytes: int = 2**30
 
     def fuses_dq(self, group: int) -> bool:
         """Whether a group of ``group`` query heads per kv head takes the selection's dq inside its dk/dv."""
         return group <= self.fused_dq_max_group
+
+    def dq_from_ds(self, group: int) -> bool:
+        """Whether a group of ``group`` query heads per kv head takes the selection's dq from the dS its dk/dv
+        stores (``ds_dq``; groups that fuse the dq do not)."""
+        return self.ds_dq and not self.fuses_dq(group)
+
+    def dq_in_dkdv(self, group: int) -> bool:
+        """Whether the selection's dq comes with its dk/dv (``fuses_dq`` or ``dq_from_ds``) instead of
+        ``selected_dq``, which then only stores delta (``selected_row_delta``) beforehand."""
+        return self.fuses_dq(group) or self.dq_from_ds(group)
 
     def forwards_by_block(self, group: int) -> bool:
         """Whether a group of ``group`` query heads per kv head runs the selection forward over the blocks' token
@@ -204,13 +230,14 @@ class SelectedTiles(NamedTuple):
         ``head_dim``: the forward / dq's short-sequence programs (short_rows, ...) where they apply, the forward
         then over their unions (not ``forwards_by_block``). The forward's
         union lists take their shape from the rows, so the forward, the backward and nsa::prefill's fake
-        implementation all read the tiles through here."""
+        implementation all read the tiles through here. Below ds_dq_min_tokens rows, ds_dq is off."""
+        tiles = self if num_tokens >= self.ds_dq_min_tokens else self._replace(ds_dq=False)
         if num_tokens * group > self.short_query_rows or group < SHORT_MIN_GROUP or head_dim > self.tile_dq_max_dim:
-            return self
+            return tiles
         # the short programs keep the forward where they apply: against forwards_by_block they lose up to 1.9 ms
         # at 32k on independent queries and win by 2x where neighbouring queries share their blocks (docstring)
-        return self._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
-                             tile_num_stages=self.short_tile_num_stages, block_forward_max_group=0)
+        return tiles._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
+                              tile_num_stages=self.short_tile_num_stages, block_forward_max_group=0)
 
 
 @triton.jit
@@ -550,9 +577,11 @@ def _sel_dkdv_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
     DQ: tl.constexpr,
 ):
-    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads. DQ: each
-    step's rows also get their dq share from this block (dS k, one more matmul), stored at the row of their (token,
-    kv head, slot) in part_q (``slots``: each entry's flat index into the selection) for ``_sel_dq_reduce_kernel``."""
+    """Partial dk / dv of one chunk of one (kv head, block) list: sum over its tokens and the group's heads. DQ = 1:
+    each step's rows also get their dq share from this block (dS k, one more matmul), stored at the row of their
+    (token, kv head, slot) in part_q (``slots``: each entry's flat index into the selection) for
+    ``_sel_dq_reduce_kernel``; DQ = 2: their dS over this block's BLOCK_S keys, stored there for
+    ``_sel_dq_ds_kernel``."""
     chunk = tl.program_id(0)
     hk, tok0, pos, key_ok, k1, k2, v, first, end = _list_chunk(
         chunk, k_ptr, v_ptr, chunk_list_ptr, chunk_start_ptr, list_end_ptr, block_seq_ptr, cu_ptr, cu_blocks_ptr,
@@ -570,14 +599,17 @@ def _sel_dkdv_kernel(
                                                 delta_ptr, gate_ptr, tok * stride_dot + head * stride_doh,
                                                 tok * num_heads + head, tok * stride_gt + head * stride_gh, ok, dk1,
                                                 dk2, dv, D2, DV, BLOCK_DV, PRECISION, HAS_GATE)
-        if DQ:  # ds_t carries the gate (p_t did): dq's share is scale * ds k
-            part_rows = (tl.load(slots_ptr + entry, mask=ok, other=0).to(tl.int64) * GROUP + g) * DQK
+        if DQ > 0:  # ds_t carries the gate (p_t did): dq's share is scale * ds k
+            part_rows = tl.load(slots_ptr + entry, mask=ok, other=0).to(tl.int64) * GROUP + g
             ds = tl.trans(ds_t)
-            share = tl.dot(ds, k1, input_precision=PRECISION) * scale
-            store_at(part_q_ptr, part_rows, ok, share.to(part_q_ptr.dtype.element_ty), 0, D1, DQK)
-            if D2 > 0:
-                share = tl.dot(ds, k2, input_precision=PRECISION) * scale
-                store_at(part_q_ptr, part_rows, ok, share.to(part_q_ptr.dtype.element_ty), D1, D2, DQK)
+            if DQ == 2:
+                store_at(part_q_ptr, part_rows * BLOCK_S, ok, ds, 0, BLOCK_S, BLOCK_S)
+            else:
+                share = tl.dot(ds, k1, input_precision=PRECISION) * scale
+                store_at(part_q_ptr, part_rows * DQK, ok, share.to(part_q_ptr.dtype.element_ty), 0, D1, DQK)
+                if D2 > 0:
+                    share = tl.dot(ds, k2, input_precision=PRECISION) * scale
+                    store_at(part_q_ptr, part_rows * DQK, ok, share.to(part_q_ptr.dtype.element_ty), D1, D2, DQK)
     part = chunk.to(tl.int64) * BLOCK_S
     all_rows = offs >= 0
     store_tile(part_k_ptr + part * BLOCK_DK, offs, all_rows, BLOCK_DK, dk1 * scale, 0, D1, BLOCK_DK)
@@ -651,6 +683,51 @@ def _sel_dq_reduce_kernel(
         if ACCUMULATE:
             acc2 += load_at(dq_ptr, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
         store_at(dq_ptr, dq_offsets, ok, acc2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+
+
+@triton.jit
+def _sel_dq_ds_kernel(
+    part_ds_ptr, k_ptr, idx_ptr, seq_ptr, cu_ptr, dq_ptr, stride_kt, stride_kh, stride_it, stride_ih, stride_dqt,
+    stride_dqh, num_kv_heads, first_row, scale, k_desc1, k_desc2,
+    GROUP: tl.constexpr, GP: tl.constexpr, NUM_SELECTED: tl.constexpr, SEL_BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dq of the group's heads of one (token, kv head) (+)= scale * sum over its slots, in slot order, of dS k: dS
+    the slot's [G, BLOCK_S] rows that the dk/dv stored (DQ = 2; they carry the gate, and are zero at the keys the
+    token does not see), k the slot's block. Unused slots (-1) read no dS. The dS rows count from token row
+    first_row's (``dq_share_ranges``)."""
+    local = tl.program_id(0).to(tl.int64)
+    tok = first_row + local
+    hk = tl.program_id(1)
+    tok0 = tl.load(cu_ptr + tl.load(seq_ptr + tok)).to(tl.int64)
+    g = tl.arange(0, GP)
+    offs = tl.arange(0, BLOCK_S)
+    k_base = k_ptr + tok0 * stride_kt + hk * stride_kh
+    dq1, dq2 = zeros_split(GP, D1, D2)
+    for i in range(NUM_SELECTED):
+        block = tl.load(idx_ptr + tok * stride_it + hk * stride_ih + i)
+        rows = ((local * num_kv_heads + hk) * NUM_SELECTED + i) * GROUP + g
+        ds = load_at(part_ds_ptr, rows * BLOCK_S, (g < GROUP) & (block >= 0), 0, BLOCK_S, BLOCK_S)
+        start = tl.maximum(block, 0).to(tl.int64) * SEL_BLOCK
+        # keys past the token, or past SEL_BLOCK, have dS = 0: TMA may read them, pointer loads zero them
+        key_ok = (block >= 0) & (offs < SEL_BLOCK) & (start + offs <= tok - tok0)
+        k1, k2 = load_split_rows(k_base + start * stride_kt, k_desc1, k_desc2, tok0 + start, hk, offs, key_ok,
+                                 stride_kt, BLOCK_S, TMA, DQK, D1, D2)
+        dq1 += tl.dot(ds, k1, input_precision=PRECISION)
+        if D2 > 0:
+            dq2 += tl.dot(ds, k2, input_precision=PRECISION)
+    ok = g < GROUP
+    dq_offsets = tok * stride_dqt + (hk * GROUP + g) * stride_dqh
+    dq1 = dq1 * scale
+    if ACCUMULATE:
+        dq1 += load_at(dq_ptr, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
+    store_at(dq_ptr, dq_offsets, ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
+    if D2 > 0:
+        dq2 = dq2 * scale
+        if ACCUMULATE:
+            dq2 += load_at(dq_ptr, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
+        store_at(dq_ptr, dq_offsets, ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
 
 
 @triton.jit
@@ -846,8 +923,8 @@ def no_union_lists(block_indices: Tensor) -> tuple[Tensor, Tensor]:
 def kept_union_shape(total: int, num_seqs: int, group: int, num_kv_heads: int, num_selected: int,
                      tiles: SelectedTiles) -> tuple[int, int]:
     """Shape of the union lists ``selected_forward`` returns for the backward: ``union_list_shape``'s, or (0, 0)
-    where the selection's dq runs inside its dk/dv (tiles.fuses_dq), which reads none."""
-    if tiles.fuses_dq(group):
+    where the selection's dq comes with its dk/dv (tiles.dq_in_dkdv), which reads none."""
+    if tiles.dq_in_dkdv(group):
         return 0, 0
     return union_list_shape(total, num_seqs, group, num_kv_heads, num_selected, tiles)
 
@@ -911,13 +988,13 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
     branch_out[rows] = the attention itself, un-gated (out's shape; for selected_dq). Returns the query tiles' union
     lists (``union_lists``) for ``selected_dq`` on the same selection. With tiles.forced_apart (``_passes``) the
     other blocks' normalised partial output passes through branch_out, rounded to its dtype. Where
-    tiles.forwards_by_block, over the blocks' token lists instead (``_block_forward``). Where the dq runs inside the
-    dk/dv (tiles.fuses_dq) no union lists are kept (``kept_union_shape``)."""
+    tiles.forwards_by_block, over the blocks' token lists instead (``_block_forward``). Where the dq comes with the
+    dk/dv (tiles.dq_in_dkdv) no union lists are kept (``kept_union_shape``)."""
     group = q.shape[1] // k.shape[1]
     if tiles.forwards_by_block(group):
         _block_forward(q, k, v, gate, block_indices, out, lse, branch_out, packed, sel_block_size, scale, accumulate,
                        tiles)
-        if tiles.fuses_dq(group):
+        if tiles.dq_in_dkdv(group):
             return no_union_lists(block_indices)
         return union_lists(query_tiles(block_indices, packed, group, tiles))
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
@@ -931,7 +1008,7 @@ def selected_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block
             branch_out.stride(0), branch_out.stride(1), q.shape[1], k.shape[1], packed.num_seqs, scale * LOG2E,
             **descriptors, HAS_GATE=gate is not None, ACCUMULATE=accumulate, FORCED=forced, **part_args, **launch,
         )
-    return no_union_lists(block_indices) if tiles.fuses_dq(group) else union_lists(query)
+    return no_union_lists(block_indices) if tiles.dq_in_dkdv(group) else union_lists(query)
 
 
 def _block_forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indices: Tensor, out: Tensor,
@@ -1010,10 +1087,12 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
                   lse: Tensor, delta: Tensor, packed: Packed, sel_block_size: int, scale: float,
                   tiles: SelectedTiles, dq: Tensor | None = None, accumulate: bool = False) -> tuple[Tensor, Tensor]:
     """-> dk, dv (k's and v's shapes and dtypes), through the inverted selection lists. With dq (q's shape; for
-    tiles.fuses_dq, in place of ``selected_dq``, delta from ``selected_row_delta``): dq[rows] (+)= the branch's
-    query gradient too, from the same steps, over token ranges whose dq shares fit tiles.fused_dq_bytes
-    (``dq_share_ranges``); dk and dv then add up across the ranges in float32, in range order."""
-    ranges = [(0, q.shape[0])] if dq is None else dq_share_ranges(block_indices, q, tiles)
+    tiles.dq_in_dkdv, in place of ``selected_dq``, delta from ``selected_row_delta``): dq[rows] (+)= the branch's
+    query gradient too, from the same steps (tiles.fuses_dq: their dq shares; else their dS, tiles.dq_from_ds),
+    over token ranges whose shares or dS fit the budget (``dq_share_ranges``); dk and dv then add up across the
+    ranges in float32, in range order."""
+    group = q.shape[1] // k.shape[1]
+    ranges = [(0, q.shape[0])] if dq is None else dq_share_ranges(block_indices, q, group, sel_block_size, tiles)
     if len(ranges) == 1:
         dk, dv = output_buffer(*k.shape, like=k), output_buffer(*v.shape, like=v)  # each token row: one block
     else:
@@ -1024,13 +1103,21 @@ def selected_dkdv(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_in
     return (dk, dv) if len(ranges) == 1 else (dk.to(k.dtype), dv.to(v.dtype))
 
 
-def dq_share_ranges(block_indices: Tensor, q: Tensor, tiles: SelectedTiles) -> list[tuple[int, int]]:
+def dq_share_ranges(block_indices: Tensor, q: Tensor, group: int, sel_block_size: int, tiles: SelectedTiles
+                    ) -> list[tuple[int, int]]:
     """The token ranges [r0, r1) of ``selected_dkdv(dq=...)``: consecutive, covering every row, each holding at
-    most tiles.fused_dq_bytes of dq shares (one [G, d_k] row in q's dtype per (token, kv head, slot)), at least one
-    token."""
+    most tiles.fused_dq_bytes of dq shares (tiles.fuses_dq), else tiles.ds_dq_bytes of dS (``dq_part_width``),
+    at least one token."""
     num_tokens, _, num_selected = block_indices.shape
-    share_bytes = num_selected * q.shape[1] * q.shape[-1] * q.element_size()  # H_kv x G = HQ rows per slot
-    return token_ranges(num_tokens, share_bytes, tiles.fused_dq_bytes)
+    budget = tiles.fused_dq_bytes if tiles.fuses_dq(group) else tiles.ds_dq_bytes
+    part_bytes = dq_part_width(group, q.shape[-1], sel_block_size, tiles) * q.element_size()
+    return token_ranges(num_tokens, num_selected * q.shape[1] * part_bytes, budget)  # H_kv x G = HQ rows per slot
+
+
+def dq_part_width(group: int, head_dim: int, sel_block_size: int, tiles: SelectedTiles) -> int:
+    """Elements per row of ``selected_dkdv``'s dq parts, one row per (token, kv head, slot, head of the group) in
+    q's dtype: a dq share of d_k = head_dim (tiles.fuses_dq), else dS over the block's keys padded to BLOCK_S."""
+    return head_dim if tiles.fuses_dq(group) else max(16, next_power_of_2(sel_block_size))
 
 
 def token_ranges(num_tokens: int, bytes_per_token: int, budget: int) -> list[tuple[int, int]]:
@@ -1056,9 +1143,12 @@ def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
     part_v = output_buffer(num_chunks * block_s, block_dv, like=q, dtype=torch.float32)
     gate_t, stride_gt, stride_gh = _gate_args(gate, q)
     num_lists = k.shape[1] * lists.blocks_per_head
-    # dq shares: one row per (token, kv head, slot, head of the group); unused slots stay unwritten and unread
+    # dq shares or dS: one row per (token, kv head, slot, head of the group); unused slots stay unwritten and unread
+    group = args["GROUP"]
+    dq_mode = 0 if dq is None else 1 if tiles.fuses_dq(group) else 2
     num_slots = (end_row - first_row) * block_indices.shape[1] * block_indices.shape[2]
-    part_q = part_k if dq is None else output_buffer(num_slots * args["GROUP"], q.shape[-1], like=q)
+    part_q = part_k if dq is None else output_buffer(
+        num_slots * group, dq_part_width(group, q.shape[-1], sel_block_size, tiles), like=q)
     _sel_dkdv_kernel[(num_chunks,)](
         q, k, v, gate_t, dout, lse, delta, part_k, part_v, part_q, lists.entries,
         lists.entries if lists.slots is None else lists.slots, lists.chunk_list, lists.chunk_start,
@@ -1066,16 +1156,18 @@ def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_gt, stride_gh,
         dout.stride(0), dout.stride(1), q.shape[1], packed.num_seqs, num_lists, lists.blocks_per_head,
         scale * LOG2E, scale,
-        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None, DQ=dq is not None,
-        **{**args, **dkv_rows(args["GROUP"], tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
+        CHUNK=chunk, BLOCK_DK=block_dk, HAS_GATE=gate is not None, DQ=dq_mode,
+        **{**args, **dkv_rows(group, tiles)}, num_warps=tiles.dkv_num_warps, num_stages=tiles.dkv_num_stages,
     )
-    if dq is not None:
+    if dq is not None and dq_mode == 1:
         _sel_dq_reduce_kernel[(end_row - first_row, k.shape[1])](
             part_q, block_indices, dq, block_indices.stride(0), block_indices.stride(1), dq.stride(0), dq.stride(1),
-            k.shape[1], first_row, GROUP=args["GROUP"], NUM_SELECTED=block_indices.shape[-1], DQK=args["DQK"],
-            D1=args["D1"], D2=args["D2"], ACCUMULATE=accumulate,
-            **slot_launch(args["GROUP"], block_indices.shape[-1]),
+            k.shape[1], first_row, GROUP=group, NUM_SELECTED=block_indices.shape[-1], DQK=args["DQK"],
+            D1=args["D1"], D2=args["D2"], ACCUMULATE=accumulate, **slot_launch(group, block_indices.shape[-1]),
         )
+    elif dq is not None:
+        _dq_from_ds(part_q, k, block_indices, dq, packed, sel_block_size, scale, accumulate, tiles, first_row,
+                    end_row, args)
     _sel_reduce_kernel[(num_lists,)](
         part_k, part_v, dk, dv, lists.list_chunks, lists.block_seq, packed.cu, lists.cu_blocks,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), packed.num_seqs, lists.blocks_per_head,
@@ -1084,9 +1176,24 @@ def _dkdv_range(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, block_indi
     )
 
 
+def _dq_from_ds(part_ds: Tensor, k: Tensor, block_indices: Tensor, dq: Tensor, packed: Packed, sel_block_size: int,
+                scale: float, accumulate: bool, tiles: SelectedTiles, first_row: int, end_row: int, args: dict
+                ) -> None:
+    """dq[first_row:end_row] (+)= the selection's query gradient from the dS its dk/dv stored (tiles.dq_from_ds):
+    one program per (token, kv head), its slots in order."""
+    consts = {name: args[name] for name in ("GROUP", "GP", "SEL_BLOCK", "BLOCK_S", "PRECISION", "DQK", "D1", "D2")}
+    _sel_dq_ds_kernel[(end_row - first_row, k.shape[1])](
+        part_ds, k, block_indices, token_sequences(packed), packed.cu, dq, k.stride(0), k.stride(1),
+        block_indices.stride(0), block_indices.stride(1), dq.stride(0), dq.stride(1), k.shape[1], first_row, scale,
+        **kv_descriptors(k, None, args["BLOCK_S"], args, tiles.tma), NUM_SELECTED=block_indices.shape[-1],
+        ACCUMULATE=accumulate, **consts,
+        num_warps=tiles.num_warps, num_stages=tiles.dq_num_stages,
+    )
+
+
 def selected_row_delta(dout: Tensor, branch_out: Tensor, delta: Tensor) -> None:
     """delta[rows] = dO . o_sel (float32 [N, HQ]; dout and branch_out [N, HQ, Dv]): what ``selected_dq`` stores
-    beside dq, for ``selected_dkdv(dq=...)`` (tiles.fuses_dq)."""
+    beside dq, for ``selected_dkdv(dq=...)`` (tiles.dq_in_dkdv)."""
     num_rows, rows = dout.shape[0] * dout.shape[1], 128
     _row_delta_kernel[(triton.cdiv(num_rows, rows),)](
         dout, branch_out, delta, num_rows, dout.shape[1], dout.stride(0), dout.stride(1), branch_out.stride(0),
