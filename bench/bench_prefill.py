@@ -564,7 +564,7 @@ def tile_variants(shape_name: str) -> dict[str, list[Any]]:
                                   sel._replace(num_warps=1), sel._replace(num_warps=4),
                                   sel._replace(dkv_rows=64, dkv_num_warps=8)]  # 32 rows: 2 warps spill 6 KB, 8 lost
     if not sel.fuses_dq(group):  # the dq from the dS the dk/dv stores: in ranges of the default budget, in one
-        from_ds = sel._replace(ds_dq=True, ds_dq_min_tokens=0)
+        from_ds = sel._replace(ds_dq=True)
         variants["sel_tiles"] += [from_ds, from_ds._replace(ds_dq_bytes=2**40)]
     # a candidate equal to the defaults (or to another candidate) is timed once
     return {field: list(dict.fromkeys(tiles)) for field, tiles in variants.items()}

@@ -43,7 +43,7 @@ def test_tile_sweep_times_the_kernels_of_each_candidate() -> None:
         "cmp_tiles": [INTERPRETER_RANGE._replace(dkv_n=32, max_splits=3)],
         "win_tiles": [INTERPRETER_RANGE._replace(tma=True)],
         "sel_tiles": [selected, selected._replace(fused_dq_max_group=64),
-                      selected._replace(ds_dq=True, ds_dq_min_tokens=0)]}
+                      selected._replace(ds_dq=True)]}
     rows = bench_prefill.tile_rows(TINY, 28, "cpu", torch.float32, variants)
     assert [row["field"] for row in rows] == ["cmp_tiles", "win_tiles", "sel_tiles", "sel_tiles", "sel_tiles"]
     for row in rows:

@@ -725,7 +725,7 @@ def dq_in_dkdv_tiles(tiles: SelectedTiles, parts: str, budget: int) -> SelectedT
     token range."""
     if parts == "shares":
         return tiles._replace(fused_dq_max_group=64, fused_dq_bytes=budget)
-    return tiles._replace(fused_dq_max_group=0, ds_dq=True, ds_dq_min_tokens=0, ds_dq_bytes=budget)
+    return tiles._replace(fused_dq_max_group=0, ds_dq=True, ds_dq_bytes=budget)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dims", "accumulate", "range_tokens", "parts"), [
@@ -868,7 +868,7 @@ def test_kernels_with_the_other_selection_forward_and_dq_match_float64_reference
     programs off, which would keep the query tiles' forward): output, selection and the eight gradients against
     float64."""
     use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group,
-                                             "short_query_rows": 0, "ds_dq": ds_dq, "ds_dq_min_tokens": 0})
+                                             "short_query_rows": 0, "ds_dq": ds_dq})
     inputs = make_inputs(1, lengths, heads, kv_heads, 24, 16, SMALL, seed=13)
     check_against_reference(inputs, SMALL, lengths if len(lengths) > 1 else None)
 

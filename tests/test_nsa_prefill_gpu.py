@@ -146,7 +146,7 @@ def test_selection_dq_from_stored_ds_matches_float64_reference(monkeypatch, head
     """The selection's dq from the dS its dk/dv stores per (token, kv head, slot), one program per (token, kv head)
     multiplying each slot's dS by its block's keys (SelectedTiles.ds_dq, at every length here;
     tests/test_nsa_prefill.py checks it in the interpreter)."""
-    use_prefill_tiles(monkeypatch, selected={"ds_dq": True, "ds_dq_min_tokens": 0, "ds_dq_bytes": ds_bytes})
+    use_prefill_tiles(monkeypatch, selected={"ds_dq": True, "ds_dq_bytes": ds_bytes})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
 
 
@@ -316,7 +316,7 @@ def test_prefill_backward_is_deterministic(monkeypatch, max_group, ds_dq):
     the blocks' token lists and its dq summed from its dk/dv's shares (SelectedTiles.block_forward_max_group and
     fused_dq_max_group = 64; the defaults up to G = 4), and with its dq from the dS its dk/dv stores, in two token
     ranges (ds_dq)."""
-    ds = {"ds_dq": True, "ds_dq_min_tokens": 0, "ds_dq_bytes": 2**29} if ds_dq else {}
+    ds = {"ds_dq": True, "ds_dq_bytes": 2**29} if ds_dq else {}
     use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group,
                                              **ds})
     inputs = _inputs(8192, 64, 4, 128, 128, seed=1)

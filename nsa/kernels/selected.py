@@ -163,14 +163,14 @@ class SelectedTiles(NamedTuple):
     ds_dq: groups that do not fuse the dq take it from the dS their dk/dv's steps store (``dq_from_ds``): one
     [G, BLOCK_S] row in q's dtype per (token, kv head, slot), which ``_sel_dq_ds_kernel`` multiplies by the slot's
     keys, token by token (K and dS read per (token, group, block): 16 + 2 KB against selected_dq's 32 KB of K and
-    V, one matmul instead of three). Over token ranges whose dS take at most ds_dq_bytes, from ds_dq_min_tokens
-    packed rows (``for_tokens``). Off: it trades memory for time, and within the 1.5x-dense peak-memory bound it
-    gains little. H100, public shape (2026-12-07, bench/results/logs/ds_dq_ab_79cbe42+wip_h100.jsonl), the layer's
-    forward+backward ms / peak GiB against the default: 64k 111.7 / 12.3 with 2 GiB ranges (4 ranges), 114.6 /
-    11.3 with 1 GiB, 110.1-114.3 / 14.4 with 4 GiB, against 114.6 / 10.4 (dense SDPA's peak: 8.3); the selection's
-    backward 29.3 ms in two ranges, 32.7 in eight, against 32.7; 32k 44.3 / 7.2 (2 GiB) against 47.6 / 5.2; 16k
-    19.3 / 4.6 against 20.7 / 2.6; 8k 8.57 / 2.39 (1 GiB) against 9.10 / 1.39; G = 12 at 64k 104.2 / 10.0 (2 GiB)
-    against 106.3 / 8.1."""
+    V, one matmul instead of three). Over token ranges whose dS take at most ds_dq_bytes (2 GiB: the most that
+    kept the public shape's 64k layer within 1.5x dense SDPA's peak). Off: it trades memory for time, and within
+    that bound it gains little. H100, public shape (2026-12-07, bench/results/logs/ds_dq_ab_79cbe42+wip_h100.jsonl),
+    the layer's forward+backward ms / peak GiB against the default: 64k 111.7 / 12.3 with 2 GiB ranges (4 ranges),
+    114.6 / 11.3 with 1 GiB, 110.1-114.3 / 14.4 with 4 GiB, against 114.6 / 10.4 (dense SDPA's peak: 8.3); the
+    selection's backward 29.3 ms in two ranges, 32.7 in eight, against 32.7; 32k 44.3 / 7.2 (2 GiB) against 47.6 /
+    5.2; 16k 19.3 / 4.6 against 20.7 / 2.6; 8k 8.57 / 2.39 (1 GiB) against 9.10 / 1.39; G = 12 at 64k 104.2 / 10.0
+    (2 GiB) against 106.3 / 8.1."""
 
     num_warps: int = 2
     num_stages: int = 2
@@ -199,8 +199,7 @@ class SelectedTiles(NamedTuple):
     block_forward_max_group: int = 4
     block_forward_bytes: int = 5 * 2**30
     ds_dq: bool = False
-    ds_dq_min_tokens: int = 32768
-    ds_dq_bytes: int = 2**30
+    ds_dq_bytes: int = 2**31
 
     def fuses_dq(self, group: int) -> bool:
         """Whether a group of ``group`` query heads per kv head takes the selection's dq inside its dk/dv."""
@@ -230,14 +229,13 @@ class SelectedTiles(NamedTuple):
         ``head_dim``: the forward / dq's short-sequence programs (short_rows, ...) where they apply, the forward
         then over their unions (not ``forwards_by_block``). The forward's
         union lists take their shape from the rows, so the forward, the backward and nsa::prefill's fake
-        implementation all read the tiles through here. Below ds_dq_min_tokens rows, ds_dq is off."""
-        tiles = self if num_tokens >= self.ds_dq_min_tokens else self._replace(ds_dq=False)
+        implementation all read the tiles through here."""
         if num_tokens * group > self.short_query_rows or group < SHORT_MIN_GROUP or head_dim > self.tile_dq_max_dim:
-            return tiles
+            return self
         # the short programs keep the forward where they apply: against forwards_by_block they lose up to 1.9 ms
         # at 32k on independent queries and win by 2x where neighbouring queries share their blocks (docstring)
-        return tiles._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
-                              tile_num_stages=self.short_tile_num_stages, block_forward_max_group=0)
+        return self._replace(rows=self.short_rows, tile_num_warps=self.short_tile_num_warps,
+                             tile_num_stages=self.short_tile_num_stages, block_forward_max_group=0)
 
 
 @triton.jit
