@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.kernels.tiles import desc_rows, load_at, load_tile
+from nsa.kernels.tiles import add_store_at, desc_rows, load_at, load_tile
 
 # Launchers pass qk_scale = scale * LOG2E: the helpers' softmax runs on exp2.
 LOG2E = 1.4426950408889634
@@ -50,6 +50,16 @@ def load_split_at(ptr, offsets, ok, DQK: tl.constexpr, D1: tl.constexpr, D2: tl.
     if D2 > 0:
         x2 = load_at(ptr, offsets, ok, D1, D2, DQK)
     return x1, x2
+
+
+@triton.jit
+def add_store_split_at(ptr, offsets, ok, x1, x2, ACCUMULATE: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+                       D2: tl.constexpr):
+    """The two float32 column parts of the rows at element offsets, stored (ACCUMULATE: added) in ptr's dtype
+    (nsa.kernels.tiles.add_store_at): the dq kernels' result."""
+    add_store_at(ptr, offsets, ok, x1, ACCUMULATE, 0, D1, DQK)
+    if D2 > 0:
+        add_store_at(ptr, offsets, ok, x2, ACCUMULATE, D1, D2, DQK)
 
 
 @triton.jit

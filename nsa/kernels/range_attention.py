@@ -30,6 +30,7 @@ from torch import Tensor
 
 from nsa.kernels.attention_steps import (
     LOG2E,
+    add_store_split_at,
     dq_step,
     gathered_dkdv_step,
     load_split,
@@ -46,6 +47,7 @@ from nsa.kernels.launch_args import dot_precision, next_power_of_2, split_dims
 from nsa.kernels.tiles import (
     Packed,
     TileTable,
+    add_store_at,
     kv_descriptors,
     load_at,
     load_tile,
@@ -216,10 +218,8 @@ def _range_fwd_kernel(
     if HAS_GATE:
         gate = tl.load(gate_ptr + row0 * stride_gt + tok * stride_gt + head * stride_gh, mask=row_ok, other=0.0)
         out = out * gate.to(tl.float32)[:, None]
-    out_base, out_rows = out_ptr + row0 * stride_ot, tok * stride_ot + head * stride_oh
-    if ACCUMULATE:
-        out += load_at(out_base, out_rows, row_ok, 0, BLOCK_DV, DV).to(tl.float32)
-    store_at(out_base, out_rows, row_ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+    add_store_at(out_ptr + row0 * stride_ot, tok * stride_ot + head * stride_oh, row_ok, out, ACCUMULATE, 0, BLOCK_DV,
+                 DV)
 
 
 @triton.jit
@@ -258,16 +258,8 @@ def _range_dq_kernel(
     if HAS_GATE:
         factor *= tl.load(gate_ptr + row0 * stride_gt + tok * stride_gt + head * stride_gh, mask=row_ok,
                           other=0.0).to(tl.float32)
-    dq_base, dq_rows = dq_ptr + row0 * stride_dqt, tok * stride_dqt + head * stride_dqh
-    dq1 = dq1 * factor[:, None]
-    if ACCUMULATE:
-        dq1 += load_at(dq_base, dq_rows, row_ok, 0, D1, DQK).to(tl.float32)
-    store_at(dq_base, dq_rows, row_ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
-    if D2 > 0:
-        dq2 = dq2 * factor[:, None]
-        if ACCUMULATE:
-            dq2 += load_at(dq_base, dq_rows, row_ok, D1, D2, DQK).to(tl.float32)
-        store_at(dq_base, dq_rows, row_ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+    add_store_split_at(dq_ptr + row0 * stride_dqt, tok * stride_dqt + head * stride_dqh, row_ok,
+                       dq1 * factor[:, None], dq2 * factor[:, None], ACCUMULATE, DQK, D1, D2)
 
 
 @triton.jit

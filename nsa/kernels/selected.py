@@ -37,6 +37,7 @@ from torch import Tensor
 
 from nsa.kernels.attention_steps import (
     LOG2E,
+    add_store_split_at,
     dq_step,
     gathered_dkdv_step,
     load_split,
@@ -53,6 +54,7 @@ from nsa.kernels.launch_args import dot_precision, next_power_of_2, split_dims
 from nsa.kernels.tiles import (
     Packed,
     TileTable,
+    add_store_at,
     kv_descriptors,
     load_at,
     load_tile,
@@ -375,10 +377,8 @@ def _sel_fwd_kernel(
         if HAS_GATE:
             gate = tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok, other=0.0)
             out = out * gate.to(tl.float32)[:, None]
-        out_offsets = local * stride_ot + heads * stride_oh
-        if ACCUMULATE:
-            out += load_at(out_ptr + row0 * stride_ot, out_offsets, ok, 0, BLOCK_DV, DV).to(tl.float32)
-        store_at(out_ptr + row0 * stride_ot, out_offsets, ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+        add_store_at(out_ptr + row0 * stride_ot, local * stride_ot + heads * stride_oh, ok, out, ACCUMULATE, 0,
+                     BLOCK_DV, DV)
 
 
 @triton.jit
@@ -419,17 +419,8 @@ def _sel_dq_kernel(
     if HAS_GATE:
         factor *= tl.load(gate_ptr + row0 * stride_gt + local * stride_gt + heads * stride_gh, mask=ok,
                           other=0.0).to(tl.float32)
-    dq_row = dq_ptr + row0 * stride_dqt
-    dq_offsets = local * stride_dqt + heads * stride_dqh
-    dq1 = dq1 * factor[:, None]
-    if ACCUMULATE:
-        dq1 += load_at(dq_row, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
-    store_at(dq_row, dq_offsets, ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
-    if D2 > 0:
-        dq2 = dq2 * factor[:, None]
-        if ACCUMULATE:
-            dq2 += load_at(dq_row, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
-        store_at(dq_row, dq_offsets, ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+    add_store_split_at(dq_ptr + row0 * stride_dqt, local * stride_dqt + heads * stride_dqh, ok,
+                       dq1 * factor[:, None], dq2 * factor[:, None], ACCUMULATE, DQK, D1, D2)
 
 
 @triton.jit
@@ -558,10 +549,7 @@ def _sel_fwd_combine_kernel(
              DV)
     if HAS_GATE:
         out = out * tl.load(gate_ptr + tok * stride_gt + heads * stride_gh, mask=ok, other=0.0).to(tl.float32)[:, None]
-    out_offsets = tok * stride_ot + heads * stride_oh
-    if ACCUMULATE:
-        out += load_at(out_ptr, out_offsets, ok, 0, BLOCK_DV, DV).to(tl.float32)
-    store_at(out_ptr, out_offsets, ok, out.to(out_ptr.dtype.element_ty), 0, BLOCK_DV, DV)
+    add_store_at(out_ptr, tok * stride_ot + heads * stride_oh, ok, out, ACCUMULATE, 0, BLOCK_DV, DV)
 
 
 @triton.jit
@@ -672,15 +660,11 @@ def _sel_dq_reduce_kernel(
     g = tl.arange(0, GP)
     ok = g < GROUP
     dq_offsets = tok * stride_dqt + (hk * GROUP + g) * stride_dqh
-    acc1 = tl.sum(_slot_tiles(part_q_ptr, rows, live, 0, D1, DQK), 0)
-    if ACCUMULATE:
-        acc1 += load_at(dq_ptr, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
-    store_at(dq_ptr, dq_offsets, ok, acc1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
+    add_store_at(dq_ptr, dq_offsets, ok, tl.sum(_slot_tiles(part_q_ptr, rows, live, 0, D1, DQK), 0), ACCUMULATE, 0,
+                 D1, DQK)
     if D2 > 0:
-        acc2 = tl.sum(_slot_tiles(part_q_ptr, rows, live, D1, D2, DQK), 0)
-        if ACCUMULATE:
-            acc2 += load_at(dq_ptr, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
-        store_at(dq_ptr, dq_offsets, ok, acc2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+        add_store_at(dq_ptr, dq_offsets, ok, tl.sum(_slot_tiles(part_q_ptr, rows, live, D1, D2, DQK), 0), ACCUMULATE,
+                     D1, D2, DQK)
 
 
 @triton.jit
@@ -715,17 +699,8 @@ def _sel_dq_ds_kernel(
         dq1 += tl.dot(ds, k1, input_precision=PRECISION)
         if D2 > 0:
             dq2 += tl.dot(ds, k2, input_precision=PRECISION)
-    ok = g < GROUP
-    dq_offsets = tok * stride_dqt + (hk * GROUP + g) * stride_dqh
-    dq1 = dq1 * scale
-    if ACCUMULATE:
-        dq1 += load_at(dq_ptr, dq_offsets, ok, 0, D1, DQK).to(tl.float32)
-    store_at(dq_ptr, dq_offsets, ok, dq1.to(dq_ptr.dtype.element_ty), 0, D1, DQK)
-    if D2 > 0:
-        dq2 = dq2 * scale
-        if ACCUMULATE:
-            dq2 += load_at(dq_ptr, dq_offsets, ok, D1, D2, DQK).to(tl.float32)
-        store_at(dq_ptr, dq_offsets, ok, dq2.to(dq_ptr.dtype.element_ty), D1, D2, DQK)
+    add_store_split_at(dq_ptr, tok * stride_dqt + (hk * GROUP + g) * stride_dqh, g < GROUP, dq1 * scale, dq2 * scale,
+                       ACCUMULATE, DQK, D1, D2)
 
 
 @triton.jit

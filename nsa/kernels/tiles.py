@@ -60,6 +60,16 @@ def store_at(ptr, row_offsets, row_ok, value, COL0: tl.constexpr, WIDTH: tl.cons
 
 
 @triton.jit
+def add_store_at(ptr, row_offsets, row_ok, value, ACCUMULATE: tl.constexpr, COL0: tl.constexpr,
+                 WIDTH: tl.constexpr, NCOLS: tl.constexpr):
+    """store_at of float32 ``value`` in ptr's dtype; ACCUMULATE: plus what ptr holds there (an earlier branch's or
+    token range's result), added in float32."""
+    if ACCUMULATE:
+        value += load_at(ptr, row_offsets, row_ok, COL0, WIDTH, NCOLS).to(tl.float32)
+    store_at(ptr, row_offsets, row_ok, value.to(ptr.dtype.element_ty), COL0, WIDTH, NCOLS)
+
+
+@triton.jit
 def load_tile(ptr, rows, row_ok, stride_row, COL0: tl.constexpr, WIDTH: tl.constexpr, NCOLS: tl.constexpr):
     """load_at for rows ``stride_row`` apart. ``rows`` count from ``ptr`` in int32: callers advance ``ptr`` to the
     tile's first row with int64 scalar arithmetic (T * H * D passes 2^31 at 512k tokens) and keep the
