@@ -721,7 +721,7 @@ def test_selection_dkdv_of_small_groups_matches_float64_reference(heads, kv_head
 
 def dq_in_dkdv_tiles(tiles: SelectedTiles, parts: str, budget: int) -> SelectedTiles:
     """``tiles`` with the selection's dq from its dk/dv at every group, through dq shares (parts "shares":
-    fuses_dq) or stored dS (parts "ds": dq_from_ds at every length), whose buffer takes at most ``budget`` bytes per
+    fuses_dq) or stored dS (parts "ds": dq_from_ds), whose buffer takes at most ``budget`` bytes per
     token range."""
     if parts == "shares":
         return tiles._replace(fused_dq_max_group=64, fused_dq_bytes=budget)
@@ -864,7 +864,7 @@ def test_selection_list_paths_in_half_precision_match_float64_reference(heads, k
 def test_kernels_with_the_other_selection_forward_and_dq_match_float64_reference(monkeypatch, lengths, heads,
                                                                                  kv_heads, max_group, ds_dq):
     """The whole layer with the selection's forward and dq computed the way their group's defaults do not
-    (SelectedTiles.block_forward_max_group, fused_dq_max_group, ds_dq at every length; the short sequences'
+    (SelectedTiles.block_forward_max_group, fused_dq_max_group, ds_dq; the short sequences'
     programs off, which would keep the query tiles' forward): output, selection and the eight gradients against
     float64."""
     use_prefill_tiles(monkeypatch, selected={"fused_dq_max_group": max_group, "block_forward_max_group": max_group,

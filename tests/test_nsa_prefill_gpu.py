@@ -144,7 +144,7 @@ def test_selection_dq_inside_the_dkdv_or_apart_matches_float64_reference(monkeyp
 def test_selection_dq_from_stored_ds_matches_float64_reference(monkeypatch, heads, kv_heads, dk, dv, seq_len,
                                                                ds_bytes):
     """The selection's dq from the dS its dk/dv stores per (token, kv head, slot), one program per (token, kv head)
-    multiplying each slot's dS by its block's keys (SelectedTiles.ds_dq, at every length here;
+    multiplying each slot's dS by its block's keys (SelectedTiles.ds_dq;
     tests/test_nsa_prefill.py checks it in the interpreter)."""
     use_prefill_tiles(monkeypatch, selected={"ds_dq": True, "ds_dq_bytes": ds_bytes})
     _check_against_reference(heads, kv_heads, dk, dv, seq_len)
