@@ -1,5 +1,6 @@
 """Shared test helpers: deterministic random tensors, hypothesis profile, shape strategies, the prefill tiles'
-override, the interpreter's bf16 dot fixture and its speed-ups (language patching once per launch, no dead work).
+override, the interpreter's bf16 dot fixture, its speed-ups (language patching once per launch, no dead work) and
+the tests' calls from a large frame (CPython 3.11's frame chunks).
 
 Test modules import the helpers directly (``from conftest import ...``); pytest puts tests/ on
 sys.path (rootdir-relative "prepend" import mode, tests/ has no __init__.py).
@@ -132,6 +133,36 @@ def skip_the_interpreters_dead_work() -> None:
 if os.environ.get("TRITON_INTERPRET") == "1":
     patch_the_language_once_per_launch()
     skip_the_interpreters_dead_work()
+
+
+def in_a_frame_of(num_slots: int) -> Callable[[Callable[[], Any]], Any]:
+    """A function that returns ``call()`` from a frame of ``num_slots`` (unassigned) local slots.
+
+    Why: CPython 3.11 keeps a thread's frames in chunks of 16 KB and unmaps a chunk the moment the frame at its
+    base returns (``_PyThreadState_PopFrame``), mapping a fresh one at the next call that crosses the boundary.
+    Triton's interpreter runs a few dozen nested Python calls per tl op; where they straddle a boundary, every op
+    maps and unmaps pages: 2.2M mmap / munmap pairs in one kernel test run alone (55 s, 24 of them system time;
+    22 s from a large frame). Under two xdist workers, whose depths differ, tests/test_nsa_prefill.py took 270 s
+    with 28 s of system time, and 256 s with 2 from a large frame. A frame larger than a chunk gets a chunk of its
+    own with room to spare, and the test's frames fit in that room: no boundary within reach (a decode kernel
+    test then maps 12k times, not millions)."""
+    names = " = ".join(f"_{i}" for i in range(num_slots))
+    namespace: dict[str, Any] = {}
+    exec(f"def call_in_a_large_frame(call):\n    if call is None:\n        {names} = None\n    return call()\n",
+         namespace)
+    return namespace["call_in_a_large_frame"]
+
+
+_in_a_large_frame = in_a_frame_of(66_000)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> object:
+    """pytest's own test call, from a large frame (``in_a_frame_of``): no test's speed depends on its stack depth."""
+    from _pytest.python import pytest_pyfunc_call as call_the_test
+
+    return _in_a_large_frame(lambda: call_the_test(pyfuncitem))
+
 
 F64 = torch.float64
 # float64 comparisons: every op here is O(T * D) sums of O(1) terms, so the rounding error of either
