@@ -76,9 +76,13 @@ def patch_the_language_once_per_launch() -> None:
     patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
     patched: set[int] | None = None  # the modules the launch in progress patched; None between launches
 
+    modules_of: dict[Any, set[int]] = {}  # per function: which of tl, tl.core its module holds (a scan of its globals)
+
     def patch_once(fn: Any) -> Any:
-        modules = {id(value) for value in fn.__globals__.values()
-                   if inspect.ismodule(value) and value in (tl, tl.core)}
+        if fn not in modules_of:
+            modules_of[fn] = {id(value) for value in fn.__globals__.values()
+                              if inspect.ismodule(value) and value in (tl, tl.core)}
+        modules = modules_of[fn]
         if patched and modules <= patched:  # empty at the launch's own call, which always patches
             return interpreter._LangPatchScope()
         scope = patch_lang(fn)
