@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import cli_refusal
+from test_scope_spectral import ref_bias
 
 from bench import bench_scope
 from bench.bench_scope import (
@@ -98,21 +99,23 @@ def test_check_fails_when_the_step_reads_other_blocks_than_it_reports(batch: int
     assert not bad["ok"] and "max" in bad["failed"]
 
 
-def test_reference_bias_matches_the_dense_helper() -> None:
-    """The benchmark's float64 (product form) and float32 (score_mod form) biases equal the layer's
-    dense helper ``SpectralBias.bias`` (spectral + slope terms)."""
+def test_reference_bias_matches_the_spectral_reference() -> None:
+    """The benchmark's float64 (product form) and float32 (score_mod form) biases equal SCOPE.md's bias written out
+    in tests/test_scope_spectral.py (``ref_bias``: spectral + slope terms, from the pointer parameters, without the
+    shift theorem)."""
     layer = small_layer().double()
     seq_len = 256
     qc = torch.randn(1, 2, seq_len, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         coeffs = layer.spectral.coefficients(qc)
         pos = torch.arange(seq_len)
-        dense = layer.spectral.bias(coeffs, (pos[:, None] - pos[None, :]).double()[None, None])[0]
+        want = ref_bias(coeffs.params, layer.spectral.pointer_head.gain, layer.spectral.config,
+                        (pos[:, None] - pos[None, :]).double()[None, None])[0]
         b64 = spectral_bias_float64(coeffs.A[0], coeffs.B[0], coeffs.c[0], layer.spectral.freqs, seq_len)
         b32 = spectral_bias_float32(coeffs.A[0], coeffs.B[0], coeffs.c[0], layer.spectral.freqs, seq_len)
     assert coeffs.A.abs().max() > 1e-2  # the bias is on
-    torch.testing.assert_close(b64, dense, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(b32.double(), dense, rtol=0, atol=1e-4)  # fp32 phases up to w_K * T = 50 rad
+    torch.testing.assert_close(b64, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b32.double(), want, rtol=0, atol=1e-4)  # fp32 phases up to w_K * T = 50 rad
 
 
 def test_reference_bias_of_a_batch_is_each_sequence_s_bias() -> None:

@@ -67,14 +67,18 @@ def test_ragged_prompts_continue_each_sequence_from_its_own_end():
         assert torch.equal(batched[row], generate(model, prompt, 12).tokens[0])
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "expected"), [(1.0, None, (0.25, 0.75, 0.0)),
-                                                                (0.5, None, (0.1, 0.9, 0.0)),
-                                                                (0.5, 2, (0.1, 0.9, 0.0))])
-def test_samples_follow_the_softmax_of_logits_over_temperature(temperature: float, top_k: int | None,
+@pytest.mark.parametrize(("third", "temperature", "top_k", "expected"), [
+    (-30.0, 1.0, None, (0.25, 0.75, 0.0)),
+    (-30.0, 0.5, None, (0.1, 0.9, 0.0)),
+    (math.log(2.0), 1.0, None, (1 / 6, 0.5, 1 / 3)),
+    (math.log(2.0), 1.0, 2, (0.0, 0.6, 0.4)),
+])
+def test_samples_follow_the_softmax_of_logits_over_temperature(third: float, temperature: float, top_k: int | None,
                                                               expected: tuple[float, ...]) -> None:
-    """Logits [0, ln 3, -inf-ish]: softmax(logits / T) is (1/4, 3/4) at T = 1 and (1/10, 9/10) at T = 1/2; 40000
-    seeded draws land within 1% of it (the binomial's standard error is ~0.2%)."""
-    logits = torch.tensor([[0.0, math.log(3.0), -30.0]]).expand(40000, -1)
+    """Logits [0, ln 3, third]: with third = -30 (~1e-13 of the mass), softmax(logits / T) is (1/4, 3/4) at T = 1
+    and (1/10, 9/10) at T = 1/2; with third = ln 2 it is (1/6, 1/2, 1/3), and top_k = 2 drops the first: (0, 3/5,
+    2/5). 40000 seeded draws land within 1% of it (the binomial's standard error is ~0.2%)."""
+    logits = torch.tensor([[0.0, math.log(3.0), third]]).expand(40000, -1)
     drawn = next_token(logits, temperature, top_k, torch.Generator().manual_seed(0))
     shares = torch.bincount(drawn, minlength=3).double() / drawn.numel()
     assert shares.tolist() == pytest.approx(expected, abs=0.01)

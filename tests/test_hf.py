@@ -56,6 +56,9 @@ from scope import ScopeAttention, ScopeConfigError, ScopeInputError
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
+# Not float64's 1e-10: transformers builds its RoPE tables in float32 (cast to the float64 model afterwards) where
+# the swapped layers rotate in float64, ~3.5e-9 on these logits; generate hands out float32 logits (~6e-8 relative).
+# A wrong mask, position or weight moves the logits by ~1e-2.
 LOGITS: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 # sal_hf.swap.SUPPORTED_MODEL_TYPES: the conversion test runs every family; the rest run the two above

@@ -2,10 +2,10 @@
 tokens live in a pool of fixed-size pages shared by the batch, mapped per sequence by a device page table.
 
 Correctness is checked against the float64 whole-sequence forward of the same weights (the layer without a
-cache, backend torch: the path proven against tests/reference.py elsewhere) and against the contiguous cache,
-for the PyTorch path and the Triton decode step (in Triton's interpreter on the CPU). Pages are deliberately
-handed out out of order (_scramble), so a kernel or gather that ignored the page table would read other
-sequences' tokens.
+cache, backend torch: the path tests/test_module_reference.py proves against tests/reference.py) and against the
+contiguous cache, for the PyTorch path and the Triton decode step (in Triton's interpreter on the CPU). Pages are
+deliberately handed out out of order (_scramble), so a kernel or gather that ignored the page table would read
+other sequences' tokens.
 """
 
 from __future__ import annotations

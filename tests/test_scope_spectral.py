@@ -364,6 +364,53 @@ def test_zero_bias_at_init_and_attention_equals_base(dtype):
     assert model.pointer_head.gain.grad is not None and model.pointer_head.gain.grad.abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------- (4b) the pointer head
+
+
+def ref_pointer_params(q: torch.Tensor, head, cfg: ScopeConfig, step: int | None) -> dict[str, torch.Tensor]:
+    """SCOPE.md's pointer MLP on q [B, H, T, D] in float64, from the head's weights w1 [n, D, hidden], b1, w2
+    [n, hidden, 5M + 1], b2 (n = H per head, 1 shared): x = q / rms(q) (no affine), h = silu(x w1 + b1),
+    out = h w2 + b2 = [D* logit | mu | sigma | pi logits | budget logits] x M, slope. D* = delta_max(step) *
+    sigmoid, mu = log(2 pi / l_max) + log(l_max / min_period) * sigmoid (between the extreme frequencies' logs),
+    sigma = sigma_min + log(1 + e^raw), pi = softmax over the M pointers, slope = c_scale * tanh."""
+    w1, b1, w2, b2 = (t.detach().to(F64) for t in (head.w1, head.b1, head.w2, head.b2))
+    x = q / torch.sqrt((q * q).mean(-1, keepdim=True))
+    pre = torch.einsum("bhtd,hde->bhte", x, w1.expand(q.shape[1], -1, -1)) + b1.expand(q.shape[1], -1)[:, None]
+    hidden = pre / (1 + torch.exp(-pre))
+    out = torch.einsum("bhte,heo->bhto", hidden, w2.expand(q.shape[1], -1, -1)) + b2.expand(q.shape[1], -1)[:, None]
+    m = cfg.num_pointers
+    raw = [out[..., i * m:(i + 1) * m] for i in range(5)]
+    delta_max = cfg.delta_max if cfg.delta_max_schedule is None else (
+        cfg.delta_max_schedule[1] if step is None else
+        cfg.delta_max_schedule[0] + (cfg.delta_max_schedule[1] - cfg.delta_max_schedule[0])
+        * min(step, cfg.delta_max_schedule[2]) / cfg.delta_max_schedule[2])
+    log_lo, log_hi = math.log(2 * math.pi / cfg.l_max), math.log(2 * math.pi / cfg.min_period)
+    return {"d_star": delta_max / (1 + torch.exp(-raw[0])), "mu": log_lo + (log_hi - log_lo) / (1 + torch.exp(-raw[1])),
+            "sigma": cfg.sigma_min + torch.log1p(torch.exp(raw[2])), "pi": torch.softmax(raw[3], dim=-1),
+            "budget_logits": raw[4], "slope": cfg.c_scale * torch.tanh(out[..., 5 * m]), "d_star_logit": raw[0]}
+
+
+@pytest.mark.parametrize(("overrides", "step"), [
+    ({"per_head_mlp": True, "c_scale": 0.05}, None),
+    ({"per_head_mlp": False, "c_scale": 0.05}, None),
+    ({"per_head_mlp": True, "delta_max_schedule": (100.0, 500.0, 40)}, 10),
+])
+def test_pointer_head_matches_its_formula(overrides, step):
+    model = make_model(**overrides)
+    head, cfg = model.pointer_head, model.config
+    with torch.no_grad():
+        head.b1.add_(randn(*head.b1.shape, seed=81) * 0.5)
+        head.b2.add_(randn(*head.b2.shape, seed=82) * 0.5)
+    q = randn(2, cfg.num_heads, 9, cfg.head_dim, seed=80, scale=3.0)
+    with torch.no_grad():
+        got = head(q, step)
+    for name, want in ref_pointer_params(q, head, cfg, step).items():
+        def message(text: str, name: str = name) -> str:
+            return f"{name}: {text}"
+
+        torch.testing.assert_close(getattr(got, name), want, **TOL, msg=message)
+
+
 # ----------------------------------------------------------------------------- (5) D* is absolute
 
 
