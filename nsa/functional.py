@@ -218,23 +218,31 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor, k_cmp: to
     """Validate packed-sequence boundaries (one host read); return the sequence lengths (None: no packing)."""
     if cu_seqlens is None:
         return None
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
-            torch.int32, torch.int64):
-        raise NSAInputError("cu_seqlens must be a 1-D int32/int64 tensor [S + 1]")
-    if cu_seqlens.device != q.device:
-        raise NSAInputError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    if q.shape[0] != 1:
-        raise NSAInputError(f"packed sequences (cu_seqlens) need batch size 1, got B={q.shape[0]}")
-    bounds = cu_seqlens.tolist()
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1]:
-        raise NSAInputError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {bounds[:3]}...{bounds[-1:]}")
-    lengths = [b - a for a, b in itertools.pairwise(bounds)]
-    if min(lengths) < 0:
-        raise NSAInputError("cu_seqlens must be non-decreasing")
+    lengths = packed_lengths(cu_seqlens, q, "q")
     expected = sum(num_compressed_blocks(n, block_size, block_stride) for n in lengths)
     if k_cmp.shape[1] != expected:
         raise NSAInputError(f"k_cmp has {k_cmp.shape[1]} blocks but the packed sequences need "
                             f"sum of num_cmp(len) = {expected}")
+    return lengths
+
+
+def packed_lengths(cu_seqlens: torch.Tensor, rows: torch.Tensor, name: str) -> list[int]:
+    """The sequence lengths of cu_seqlens (one host read, after the checks that need none): a 1-D int32/int64
+    tensor [S + 1] on the device of ``rows`` ([1, T, ...], named ``name`` in the errors) rising from 0 to T."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
+            torch.int32, torch.int64):
+        raise NSAInputError("cu_seqlens must be a 1-D int32/int64 tensor [S + 1]")
+    if cu_seqlens.device != rows.device:
+        raise NSAInputError(f"cu_seqlens is on {cu_seqlens.device} but {name} is on {rows.device}")
+    if rows.shape[0] != 1:
+        raise NSAInputError(f"packed sequences (cu_seqlens) need batch size 1, got B={rows.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != rows.shape[1]:
+        raise NSAInputError(f"cu_seqlens must start at 0 and end at T={rows.shape[1]}, got "
+                            f"{bounds[:3]}...{bounds[-1:]}")
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    if min(lengths) < 0:
+        raise NSAInputError("cu_seqlens must be non-decreasing")
     return lengths
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -16,7 +15,7 @@ from nsa.config import NSAConfig
 from nsa.decode_attention import decode_attention
 from nsa.dispatch import choose_decode_backend
 from nsa.errors import NSAInputError
-from nsa.functional import NSASizes, nsa_attention, nsa_attention_chunk, prefill_chunk_size
+from nsa.functional import NSASizes, nsa_attention, nsa_attention_chunk, packed_lengths, prefill_chunk_size
 from nsa.kv_cache import NSAKVCache
 from nsa.nonfinite import finite_or_zero_under_poison, guarded_apply, nonfinite_rows, poison_rows
 from nsa.rope import apply_rope
@@ -113,13 +112,13 @@ class NSAAttention(nn.Module):
         if cache is not None and cu_seqlens is not None:
             raise NSAInputError("cu_seqlens packs whole sequences for prefill or training; a cache appends to "
                                 "its own sequences (use num_valid for ragged batches)")
+        lengths = None if cu_seqlens is None else packed_lengths(cu_seqlens, x, "x")
         if x.numel() == 0:
             return self._empty_result(x, return_aux)
         c = self.config
         if cache is not None:
             out, block_indices, p = self._append(x, cache, counts)
         else:
-            lengths = None if cu_seqlens is None else self._packed_lengths(x, cu_seqlens)
             p = self.project(x, None if lengths is None else packed_positions(lengths, x.device))
             k_cmp, v_cmp = self._compress(p.k_cmp_raw, p.v_cmp_raw, lengths)
             out, block_indices = nsa_attention(
@@ -182,19 +181,6 @@ class NSAAttention(nn.Module):
         k_sel, k_win = apply_rope(sets.flatten(2, 3), positions, c.rope_theta).view_as(sets).unbind(2)
         v_cmp, v_sel, v_win = v.view(batch, seq_len, 3, c.num_kv_heads, c.head_dim_v).unbind(2)
         return Projected(q, k_cmp.squeeze(2), v_cmp, k_sel, v_sel, k_win, v_win, gates, bad_tokens)
-
-    def _packed_lengths(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
-        """Sequence lengths of packed x (validated like nsa_attention's cu_seqlens)."""
-        if x.shape[0] != 1:
-            raise NSAInputError(f"packed sequences (cu_seqlens) need batch size 1, got B={x.shape[0]}")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
-                torch.int32, torch.int64):
-            raise NSAInputError("cu_seqlens must be a 1-D int32/int64 tensor [S + 1]")
-        bounds = cu_seqlens.tolist()
-        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != x.shape[1] or any(
-                b < a for a, b in itertools.pairwise(bounds)):
-            raise NSAInputError(f"cu_seqlens must rise from 0 to T={x.shape[1]}, got {bounds}")
-        return [b - a for a, b in itertools.pairwise(bounds)]
 
     def _compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, lengths: list[int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:

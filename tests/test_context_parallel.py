@@ -289,6 +289,17 @@ def case_errors(layout: ContextLayout, rank: int, group: dist.ProcessGroup | Non
     except NSAInputError as err:
         if "but the group has" not in str(err):
             failures.append(f"unexpected message: {err}")
+    # rank 1's token rows one longer than its share of the layout, then its compressed blocks one more
+    for grown, words in (((0, 3, 4, 5, 6, 7), "rows of the layout"), ((1, 2), "compressed blocks")):
+        local = [lay.shard(x, rank) for lay, x in zip(_nsa_row_layouts(layout), _nsa_inputs(), strict=True)]
+        if rank == 1:
+            local = [torch.cat((x, x[:, :1]), dim=1) if i in grown else x for i, x in enumerate(local)]
+        call = functools.partial(nsa_attention_context_parallel, *local, **NSA_SIZES, layout=layout, group=group)
+        failures += _expect_rejection(call, NSAInputError, words, rank)
+    x = randn(B, layout.local_length(rank) + (rank == 1), 16, seed=35)
+    failures += _expect_rejection(lambda: nsa_layer_context_parallel(_nsa_layer(), x, layout=layout, group=group),
+                                  NSAInputError, "rows of the layout", rank)
+    failures += _scope_op_rejection(layout, rank, group)
     x = randn(B, layout.local_length(rank), 16, seed=33)
     try:
         scope_layer_context_parallel(_scope_layer(), x, layout=layout, group=group)
@@ -307,6 +318,30 @@ def case_errors(layout: ContextLayout, rank: int, group: dist.ProcessGroup | Non
             if (words if rank == 1 else "rank(s) [1] rejected") not in str(err):
                 failures.append(f"unexpected message for a bad {bad}: {err}")
     return failures
+
+
+def _expect_rejection(call: Callable[[], object], error: type[Exception], words: str, rank: int) -> list[str]:
+    """[] if ``call`` raises ``error`` naming ``words`` on rank 1 and the other ranks' "rank(s) [1] rejected"."""
+    try:
+        call()
+    except error as err:
+        expected = words if rank == 1 else "rank(s) [1] rejected"
+        return [] if expected in str(err) else [f"unexpected message: {err}"]
+    return [f"a bad argument on rank 1 was accepted ({words})"]
+
+
+def _scope_op_rejection(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
+    """scope_attention_context_parallel with a query block more than rank 1's share of the layout (in whole blocks)."""
+    blocks = ContextLayout.contiguous(SCOPE_T, layout.world_size, unit=SCOPE_BLOCK)
+    d_blk = rand(B, 4, SCOPE_BLOCKS, 2, seed=36) * 30
+    mask = build_pointer_block_mask(d_blk, randn(*d_blk.shape, seed=37), SCOPE_T, block=SCOPE_BLOCK, budget=2,
+                                    local_blocks=2, global_blocks=1, max_radius=1)
+    rows = blocks.local_length(rank) + SCOPE_BLOCK * (rank == 1)
+    q, k, v = (randn(B, heads, rows, 8, seed=38 + heads) for heads in (4, 2, 1))
+    v = v.expand(B, 2, rows, 8)
+    return _expect_rejection(lambda: scope_attention_context_parallel(q, k, v, mask, block=SCOPE_BLOCK, layout=blocks,
+                                                                      group=group),
+                             ScopeInputError, "rows of the layout", rank)
 
 
 CASES: dict[str, tuple[Callable[[ContextLayout, int, dist.ProcessGroup | None], list[str]], int, int]] = {

@@ -17,13 +17,16 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import F64, randn
+from conftest import BLOCK_CONFIGS, F64, randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import ref_compress_mean, ref_nsa, ref_num_cmp, ref_num_sel
 
 from nsa import NSAAttention, NSAConfig, NSAConfigError, NSAInputError, dispatch
 from nsa.decode_attention import decode_attention
 from nsa.functional import NSASizes
 from nsa.kernels.decode import DecodeTiles, cmp_tiling, decode_attention_triton
+from nsa.kernels.launch_args import cdiv
 
 L, D, LP, N, W = 8, 4, 8, 4, 16  # l, d, l', n, w: small, with d | l and d | l'
 SIZES = NSASizes(L, D, LP, N, W)
@@ -32,12 +35,13 @@ POSITIONS = [0, 6, 7, 8, 15, 16, 17, 31, 32, 47, 63, 79]
 GARBAGE = 50.0  # cache rows a query must not read hold large values: reading one moves the output
 
 
-def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int,
-                sizes: NSASizes = SIZES) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int, sizes: NSASizes = SIZES,
+                positions: list[int] = POSITIONS, kv_heads: int = 2,
+                ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """Full-sequence inputs, their float64 reference outputs/indices, and cache-shaped buffers for the
-    query of sequence b at POSITIONS[b]: rows after it filled with garbage, the window as a ring."""
+    query of sequence b at positions[b]: rows after it filled with garbage, the window as a ring."""
     L, D, LP, N, W = sizes
-    batch, hkv = len(POSITIONS), 2
+    batch, hkv = len(positions), kv_heads
     hq = groups * hkv
     q = randn(batch, seq_len, hq, dk, seed=seed)
     k_raw = randn(batch, seq_len, hkv, dk, seed=seed + 1)
@@ -49,7 +53,7 @@ def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int,
     out, indices = ref_nsa(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, block_size=L, block_stride=D,
                            sel_block_size=LP, num_selected=N, window_size=W)
     rows = torch.arange(batch)
-    t = torch.tensor(POSITIONS)
+    t = torch.tensor(positions)
 
     def prefix(full: torch.Tensor, visible: list[int]) -> torch.Tensor:
         buffer = full.clone()
@@ -63,8 +67,8 @@ def _cache_like(seq_len: int, groups: int, dk: int, dv: int, seed: int,
         buffer = full[rows[:, None], slot_pos.clamp_min(0)]
         return torch.where((slot_pos >= 0)[:, :, None, None], buffer, GARBAGE)
 
-    visible_cmp = [ref_num_cmp(p + 1, L, D) for p in POSITIONS]
-    tokens = [p + 1 for p in POSITIONS]
+    visible_cmp = [ref_num_cmp(p + 1, L, D) for p in positions]
+    tokens = [p + 1 for p in positions]
     inputs: dict[str, Any] = dict(
         q=q[rows, t], gates=gates[rows, t], positions=t,
         k_cmp=prefix(k_cmp, visible_cmp), v_cmp=prefix(v_cmp, visible_cmp),
@@ -180,6 +184,80 @@ def test_triton_decode_splits_and_merges_match_float64_reference(tiles: DecodeTi
     own_error = (_run(inputs, torch.float32, "torch").output.double() - ref_out).abs().max().item()
     assert (out.double() - ref_out).abs().max().item() <= 4 * own_error + 1e-6
     assert torch.equal(indices, ref_indices)
+
+
+# Tile settings the hypothesis test draws from: the interpreter's defaults (None); 4-lane tiles, one selected block
+# per program, two-slot merges; one split of single 16-lane tiles, 4 selected blocks per program, one-slot merges.
+DRAWN_TILES = [None, DecodeTiles(cmp_block=4, single_tile_block=4, programs_per_sm=64, merge_chunk=2, sel_blocks=1),
+               DecodeTiles(cmp_block=8, single_tile_block=16, programs_per_sm=1, merge_chunk=1, sel_blocks=4)]
+
+
+@st.composite
+def decode_cases(draw) -> dict[str, Any]:
+    """A decode step's setting: block sizes (l, d, l') of conftest.BLOCK_CONFIGS, n, w; a ragged batch of 1-3
+    positions (edge values around l, l', w and n*l' first); G (3: padded head rows), H_kv, head dims (12: padded);
+    host bounds past the longest sequence (a static-shape cache's); tiles; pages of 1-3 selection blocks."""
+    l, d, lp = draw(st.sampled_from(BLOCK_CONFIGS))
+    n, w = draw(st.integers(3, 5)), draw(st.integers(1, 20))
+    edges = sorted({0, l - 1, l, lp - 1, lp, w - 1, w, n * lp - 1, n * lp} - {-1})
+    position = st.one_of(st.sampled_from(edges), st.integers(0, 40))
+    return dict(sizes=NSASizes(l, d, lp, n, w), positions=draw(st.lists(position, min_size=1, max_size=3)),
+                groups=draw(st.sampled_from([1, 2, 3, 4])), kv_heads=draw(st.sampled_from([1, 2])),
+                dk=draw(st.sampled_from([8, 12, 16])), dv=draw(st.sampled_from([8, 12, 16])),
+                extra=draw(st.sampled_from([0, 0, 5, 17])), tiles=draw(st.sampled_from(DRAWN_TILES)),
+                page_blocks=draw(st.sampled_from([1, 2, 3])), seed=draw(st.integers(0, 2**20)))
+
+
+def _paged(k: torch.Tensor, v: torch.Tensor, page: int, seed: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence selection buffers k, v [B, rows, Hkv, D] as NSAKVCache's paged layout: pools [B * pages + 1,
+    page, Hkv, D] whose pages are handed out in a random order (the last one the discard page, all garbage, as is
+    every row past a buffer's), and the page table [B, pages + 1] int32 (its last column unmapped: the discard
+    page)."""
+    batch, rows = k.shape[:2]
+    pages = cdiv(rows, page)
+    order = torch.randperm(batch * pages, generator=torch.Generator().manual_seed(seed))
+    table = torch.cat((order.view(batch, pages), torch.full((batch, 1), batch * pages)), dim=1).to(torch.int32)
+    pools = []
+    for x in (k, v):
+        padded = torch.cat((x, x.new_full((batch, pages * page - rows, *x.shape[2:]), GARBAGE)), dim=1)
+        pool = GARBAGE * torch.ones(batch * pages + 1, page, *x.shape[2:], dtype=x.dtype)
+        pool[order] = padded.unflatten(1, (pages, page)).flatten(0, 1)
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
+@settings(max_examples=10)
+@given(decode_cases())
+def test_triton_decode_matches_float64_reference_on_drawn_settings(case: dict[str, Any]) -> None:
+    """Random settings (decode_cases) of one decode step: the Triton step's output is within the float64
+    reference's bound (4x the float32 torch step's own error), its blocks are the reference's, and its read
+    counters are NSA.md's counts for each position; on the selection rows as pages handed out in a random order it
+    returns bitwise the same. Few examples: the interpreter takes ~0.3-1 s per step."""
+    sizes, positions = case["sizes"], case["positions"]
+    lp, w = sizes.sel_block_size, sizes.window_size
+    seq_len = max(positions) + 1 + case["extra"]
+    inputs, (ref_out, ref_indices) = _cache_like(seq_len, case["groups"], case["dk"], case["dv"], case["seed"],
+                                                 sizes=sizes, positions=positions, kv_heads=case["kv_heads"])
+    f32: dict[str, Any] = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                           for k, v in inputs.items()}
+    scale, tiles = case["dk"] ** -0.5, case["tiles"]
+    out, indices, reads = decode_attention_triton(**f32, sizes=sizes, scale=scale, tiles=tiles)
+    k_pool, v_pool, page_table = _paged(f32["k_sel"], f32["v_sel"], case["page_blocks"] * lp, case["seed"])
+    paged = decode_attention_triton(**dict(f32, k_sel=k_pool, v_sel=v_pool), sizes=sizes, scale=scale,
+                                    page_table=page_table, tiles=tiles)
+    for got, want in zip(paged, (out, indices, reads), strict=True):
+        assert torch.equal(got, want)
+    own_error = (_run(inputs, torch.float32, "torch", sizes).output.double() - ref_out).abs().max().item()
+    assert (out.double() - ref_out).abs().max().item() <= 4 * own_error + 1e-6
+    assert torch.equal(indices, ref_indices)
+    t = torch.tensor(positions)[:, None]
+    heads = (-1, case["kv_heads"])
+    cmp_reads = torch.tensor([ref_num_cmp(p + 1, sizes.block_size, sizes.block_stride) for p in positions])
+    assert torch.equal(reads[..., 0], cmp_reads[:, None].expand(heads))
+    sel = torch.where(ref_indices >= 0, (t[..., None] + 1 - ref_indices * lp).clamp(0, lp), 0).sum(-1)
+    assert torch.equal(reads[..., 1], sel)
+    assert torch.equal(reads[..., 2], (t + 1).clamp(max=w).expand(heads))
 
 
 def _layer(backend: str, dtype: torch.dtype) -> NSAAttention:

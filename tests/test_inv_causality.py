@@ -8,6 +8,7 @@ also checks that nothing depends on T itself).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -195,3 +196,40 @@ def test_module_causal(t_len: int, r: int, compression: str, shared_kv: bool, ga
         _assert_prefix_equal(out, base, t)
         assert torch.equal(aux2.block_indices[:, : t + 1], aux.block_indices[:, : t + 1])
         _assert_prefix_equal(mod(x[:, : t + 1]), base, t)
+
+
+@given(
+    st.lists(st.integers(0, 9), min_size=1, max_size=4).filter(any),
+    st.integers(0, 10**6),
+    st.sampled_from(["mean", "mlp"]),
+    st.booleans(),
+    st.sampled_from(["sigmoid", "softmax"]),
+)
+def test_module_causal_packed(lengths: list[int], r: int, compression: str, shared_kv: bool, gate: str):
+    """layer(x, cu_seqlens=cu) with the tokens after position t of one sequence A replaced by garbage (random
+    values, then NaN), or cut off (the bounds moved with them): A's rows <= t and every row of every other
+    sequence unchanged, and so are their selections (bitwise; the selection's group scores come from those rows
+    alone). The NaN's rows (A's rows > t) are all NaN: each row reads its own token."""
+    mod = _tiny_module(3, compression=compression, shared_kv=shared_kv, gate=gate)
+    bounds = [0, *itertools.accumulate(lengths)]
+    filled = [i for i, n in enumerate(lengths) if n]
+    a, b = bounds[filled[r % len(filled)]], bounds[filled[r % len(filled)] + 1]
+    t = r % (b - a)
+    gen = torch.Generator().manual_seed(r)
+    x = torch.randn(1, bounds[-1], TINY["hidden_size"], generator=gen, dtype=F64)
+    cu = torch.tensor(bounds)
+    kept = torch.ones(bounds[-1], dtype=torch.bool)
+    kept[a + t + 1 : b] = False
+    nan = x.clone()
+    nan[:, a + t + 1 : b] = float("nan")
+    with torch.no_grad():
+        base, aux = mod(x, return_aux=True, cu_seqlens=cu)
+        for y in (_perturb_after(x[:, a:b], t, r + 1), nan[:, a:b]):
+            out, aux2 = mod(torch.cat([x[:, :a], y, x[:, b:]], dim=1), return_aux=True, cu_seqlens=cu)
+            torch.testing.assert_close(out[:, kept], base[:, kept], **EXACT)
+            assert torch.equal(aux2.block_indices[:, kept], aux.block_indices[:, kept])
+        assert out[:, ~kept].isnan().all() and torch.isfinite(out[:, kept]).all()
+        cut = torch.tensor([n if n <= a else n - (b - a - t - 1) for n in bounds])
+        out, aux2 = mod(x[:, kept], return_aux=True, cu_seqlens=cut)
+        torch.testing.assert_close(out, base[:, kept], **EXACT)
+        assert torch.equal(aux2.block_indices, aux.block_indices[:, kept])

@@ -530,6 +530,110 @@ def test_module_append_arguments_need_a_cache():
         m(torch.randn(1, 5, 12), start_positions=[0])
 
 
+# The layer's packed sequences (forward(x, cu_seqlens=...)): NSAAttention reads the bounds on the host itself
+# (positions restarting per sequence, phi's blocks per sequence) before nsa_attention sees them, so it checks them
+# itself (_packed_lengths).
+
+PACKED_T = 10
+CU_LIST: Any = [0, 4, PACKED_T]  # a list where a tensor is required, on purpose
+
+
+def _packed_call(cu_seqlens: Any, batch: int = 1) -> None:
+    m = NSAAttention(NSAConfig(**TINY))
+    m(torch.randn(batch, PACKED_T, TINY["hidden_size"]), cu_seqlens=cu_seqlens)
+
+
+def _cu(*bounds: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    return torch.tensor(bounds, dtype=dtype)
+
+
+PACKED_TENSOR = names("cu_seqlens") + r" must be a 1-D int32/int64 tensor"
+PACKED_BOUNDS = names("cu_seqlens") + rf" must start at 0 and end at T={PACKED_T}"
+PACKED_ORDER = names("cu_seqlens") + r" must be non-decreasing"
+PACKED_CASES = [
+    ("batch_2", lambda: _packed_call(_cu(0, 4, PACKED_T), batch=2), names("cu_seqlens") + r".*batch size 1.*B=2"),
+    ("batch_3_int32", lambda: _packed_call(_cu(0, PACKED_T, dtype=torch.int32), batch=3),
+     names("cu_seqlens") + r".*batch size 1.*B=3"),
+    ("float", lambda: _packed_call(_cu(0, 4, PACKED_T, dtype=torch.float32)), PACKED_TENSOR),
+    ("float64", lambda: _packed_call(_cu(0, 4, PACKED_T, dtype=torch.float64)), PACKED_TENSOR),
+    ("bool", lambda: _packed_call(torch.tensor([False, True])), PACKED_TENSOR),
+    ("int16", lambda: _packed_call(_cu(0, 4, PACKED_T, dtype=torch.int16)), PACKED_TENSOR),
+    ("rank_2", lambda: _packed_call(_cu(0, 4, PACKED_T)[None]), PACKED_TENSOR),
+    ("rank_0", lambda: _packed_call(torch.tensor(PACKED_T)), PACKED_TENSOR),
+    ("list", lambda: _packed_call(CU_LIST), PACKED_TENSOR),
+    ("empty", lambda: _packed_call(_cu()), PACKED_BOUNDS),
+    ("one_bound", lambda: _packed_call(_cu(PACKED_T)), PACKED_BOUNDS),
+    ("start_1", lambda: _packed_call(_cu(1, 4, PACKED_T)), PACKED_BOUNDS),
+    ("start_negative", lambda: _packed_call(_cu(-1, 4, PACKED_T)), PACKED_BOUNDS),
+    ("end_short", lambda: _packed_call(_cu(0, 4, PACKED_T - 1)), PACKED_BOUNDS),
+    ("end_long", lambda: _packed_call(_cu(0, 4, PACKED_T + 1)), PACKED_BOUNDS),
+    ("end_long_int32", lambda: _packed_call(_cu(0, PACKED_T + 4, dtype=torch.int32)), PACKED_BOUNDS),
+    ("decreasing", lambda: _packed_call(_cu(0, 6, 4, PACKED_T)), PACKED_ORDER),
+    ("past_t_then_back", lambda: _packed_call(_cu(0, PACKED_T + 2, PACKED_T)), PACKED_ORDER),
+    ("meta", lambda: _packed_call(_cu(0, 4, PACKED_T).to(META)), names("cu_seqlens") + r".*meta"),
+]
+
+
+@pytest.mark.parametrize(("case", "fn", "pattern"), PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_module_packed_sequence_bounds(case, fn, pattern):
+    with pytest.raises(NSAInputError, match=pattern):
+        fn()
+
+
+EMPTY_BOUNDS = names("cu_seqlens") + r" must start at 0 and end at T=0"
+
+
+@pytest.mark.parametrize(("cu_seqlens", "pattern"), [(_cu(0, 0, dtype=torch.int32), None), (_cu(0, 0, 0), None),
+                                                     (torch.tensor([0.0, 0.0]), PACKED_TENSOR),
+                                                     (_cu(0), EMPTY_BOUNDS), (_cu(0, 1), EMPTY_BOUNDS)])
+def test_module_packed_sequences_of_an_empty_input(cu_seqlens: torch.Tensor, pattern: str | None) -> None:
+    """An empty x [1, 0, hidden] still has its cu_seqlens checked (the empty result returns after the checks):
+    empty sequences are accepted, bounds that do not end at T = 0 or a float tensor are not."""
+    m = NSAAttention(NSAConfig(**TINY))
+    x = torch.randn(1, 0, TINY["hidden_size"])
+    if pattern is None:
+        assert m(x, cu_seqlens=cu_seqlens).shape == (1, 0, TINY["hidden_size"])
+        return
+    with pytest.raises(NSAInputError, match=pattern):
+        m(x, cu_seqlens=cu_seqlens)
+
+
+def test_module_packed_sequence_edges_pass():
+    """The accepted edges: int32 and int64 bounds, empty sequences (repeated bounds, at either end), one sequence
+    (the unpacked layer's output) and T one-token sequences."""
+    m = NSAAttention(NSAConfig(**TINY)).double()
+    x = randn(1, PACKED_T, TINY["hidden_size"], seed=6)
+    whole = m(x)
+    assert torch.equal(m(x, cu_seqlens=_cu(0, PACKED_T, dtype=torch.int32)), whole)
+    assert torch.equal(m(x, cu_seqlens=_cu(0, 0, PACKED_T, PACKED_T)), whole)
+    y = m(x, cu_seqlens=_cu(0, 4, 4, PACKED_T, dtype=torch.int32))
+    assert torch.equal(y, m(x, cu_seqlens=_cu(0, 4, PACKED_T)))
+    torch.testing.assert_close(y[:, :4], m(x[:, :4]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(y[:, 4:], m(x[:, 4:]), rtol=0, atol=1e-12)
+    ones = m(x, cu_seqlens=torch.arange(PACKED_T + 1))
+    torch.testing.assert_close(ones, torch.cat([m(x[:, t:t + 1]) for t in range(PACKED_T)], dim=1), rtol=0, atol=1e-12)
+
+
+def test_module_packed_sequences_refuse_a_cache_and_change_nothing():
+    """cu_seqlens packs whole sequences; a cache appends to its own: the call raises before any write (the cache's
+    tensors and lengths as they were, and the next append gives what it gives on a cache that never saw the call)."""
+    m = NSAAttention(NSAConfig(**TINY)).double()
+    prompt, step = randn(1, 5, TINY["hidden_size"], seed=7), randn(1, 4, TINY["hidden_size"], seed=8)
+    caches = [m.new_cache(1, 16), m.new_cache(1, 16)]
+    with torch.no_grad():
+        for cache in caches:
+            m(prompt, cache=cache)
+        before = {name: value.clone() for name, value in vars(caches[0]).items() if isinstance(value, torch.Tensor)}
+        lengths = list(caches[0].lengths)
+        for cu in (_cu(0, 2, 4), _cu(0, 4), CU_LIST):
+            with pytest.raises(NSAInputError, match=names("cu_seqlens") + r".*cache"):
+                m(step, cache=caches[0], cu_seqlens=cu)
+        assert caches[0].lengths == lengths
+        for name, value in before.items():
+            assert torch.equal(getattr(caches[0], name), value), name
+        assert torch.equal(m(step, cache=caches[0]), m(step, cache=caches[1]))
+
+
 def _missing_device() -> str:
     """A device this build or machine lacks: CUDA without CUDA, else one index past the last GPU."""
     return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"

@@ -526,6 +526,49 @@ def test_layer_prefill_and_training(case, p: dict, dtype: torch.dtype):
     assert_same_finite_grads({"x": gx_bad, **gp_bad}, {"x": gx_clean, **gp_clean})
 
 
+@settings(max_examples=10)
+@given(layer_cases(max_t=1), packed_lengths(), plants(), DTYPES)
+def test_layer_packed_sequences(case, lengths: list[int], p: dict, dtype: torch.dtype):
+    """layer(x, cu_seqlens=cu): x of one sequence A planted at its positions >= t0 (A's own positions): NaN exactly
+    in A's rows that see a planted token (the rule of test_layer_prefill_and_training, inside A alone, with A's own
+    selections); A's rows < t0 and every row of every other sequence bitwise unchanged, and so are their selections
+    and the gradients (w.r.t. x and every parameter, finite) of a weighted sum of all those rows. A row of A >= t0
+    that sees nothing may still differ (unseen_equal=False, as in the unpacked test)."""
+    config, _, seed = case
+    layer = make_layer(config, seed, dtype)
+    bounds = [0, *itertools.accumulate(lengths)]
+    filled = [i for i, n in enumerate(lengths) if n]
+    a, b = bounds[filled[p["seed"] % len(filled)]], bounds[filled[p["seed"] % len(filled)] + 1]
+    t0 = int(p["frac"] * (b - a))
+    x = rand_x(1, bounds[-1], config.hidden_size, seed + 1, dtype)
+    bad = x.clone()
+    bad[:, a:b] = plant(x[:, a:b], t0, p["seed"], p["density"])
+    assert not torch.isfinite(bad[:, a + t0:b]).all() and torch.isfinite(bad[:, :a + t0]).all()
+    unaffected = torch.ones(1, bounds[-1], dtype=torch.bool)
+    unaffected[:, a + t0:b] = False  # A's rows >= t0: the rows the loss leaves out
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32 if p["seed"] % 2 else torch.int64)
+    runs = []
+    for inputs in (bad, x):
+        leaf = inputs.clone().requires_grad_(True)
+        y, aux = layer(leaf, return_aux=True, cu_seqlens=cu_seqlens)
+        weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+        layer.zero_grad()
+        (y[unaffected] * weights[unaffected]).sum().backward()
+        param_grads = {n: torch.zeros_like(w) if w.grad is None else w.grad.clone()
+                       for n, w in layer.named_parameters()}
+        runs.append((y.detach(), aux.block_indices, aux.gates.detach(), leaf.grad, param_grads))
+    (y_bad, idx_bad, gates_bad, gx_bad, gp_bad), (y_clean, idx_clean, gates_clean, gx_clean, gp_clean) = runs
+    expected = torch.zeros(1, bounds[-1], dtype=torch.bool)
+    expected[:, a:b] = expected_layer_rows(bad[:, a:b], idx_bad[:, a:b], config)
+    assert_rows(y_bad, y_clean, expected, a + t0, unseen_equal=False)
+    assert torch.equal(y_bad[unaffected], y_clean[unaffected]), "a planted token reached another sequence"
+    assert torch.equal(idx_bad[unaffected], idx_clean[unaffected]), "a planted token changed another selection"
+    bad_tokens = ~torch.isfinite(bad).all(-1)
+    assert torch.equal(gates_bad.isnan().any(-1).any(-1), bad_tokens), "aux gates: NaN exactly at non-finite tokens"
+    assert torch.equal(gates_bad[~bad_tokens], gates_clean[~bad_tokens])
+    assert_same_finite_grads({"x": gx_bad, **gp_bad}, {"x": gx_clean, **gp_clean})
+
+
 # ----------------------------------------------------------------------------------------------
 # decode
 

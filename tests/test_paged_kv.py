@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import F64, TOL64, randn
+from reference import ref_num_cmp
 from test_decode_triton import SIZES, _layer  # the tiny layer (l, d, l', n, w = 8, 4, 8, 4, 16) and its sizes
 
 from nsa import NSAAttention, NSAInputError, NSAKVCache
@@ -318,3 +319,160 @@ def test_appends_under_autocast_store_in_the_cache_dtype(page_size: int | None) 
     assert got.dtype == torch.bfloat16 and cache.k_sel.dtype == torch.float32
     assert cache.lengths == [22, 22]
     assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite values on scrambled pages (the rule of nsa/nonfinite.py; tests/test_inv_nonfinite.py's decode tests
+# on contiguous buffers)
+
+
+def _poison_stale(cache: NSAKVCache, value: float) -> None:
+    """Write `value` into every row no query of the next append may read: each sequence's page rows at and past
+    its length, every page no sequence holds (released or never mapped; the discard page included), compressed
+    blocks not emitted yet, ring slots of negative positions, the discard rows."""
+    c, page = cache.config, cache.page_size
+    assert page is not None  # a paged cache
+    mapped = {p for pages in cache.pages for p in pages}
+    with torch.no_grad():
+        for pool in (cache.k_sel, cache.v_sel):
+            for b, length in enumerate(cache.lengths):
+                for i, p in enumerate(cache.pages[b]):
+                    pool[p, max(0, min(page, length - i * page)):] = value
+            pool[[p for p in range(pool.shape[0]) if p not in mapped]] = value
+        for b, length in enumerate(cache.lengths):
+            num_cmp = ref_num_cmp(length, c.cmp_block_size, c.cmp_stride)
+            for k, v, first in ((cache.k_cmp, cache.v_cmp, num_cmp),
+                                (cache.k_win, cache.v_win, min(length, c.window_size)),
+                                (cache.k_cmp_raw, cache.v_cmp_raw, min(length, c.cmp_block_size))):
+                for buffer in (k, v):
+                    buffer[b, first:] = value
+                    buffer[b, -1] = value  # the discard row
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_stale_rows_and_released_pages_change_nothing(backend: str, static_shapes: bool) -> None:
+    """NaN / +inf in every row no query may read, written before each append after a release (rows past each
+    sequence's length on its scrambled pages, the released sequence's and every other free page, the discard
+    page, unemitted compressed rows, unwritten ring slots): outputs and read counters bitwise equal to the run
+    on a clean pool. The appends after the release: a ragged chunk restarting the released slot (its new page
+    comes off the poisoned free list), then decode steps (the Triton step on backend triton) in which sequence 1
+    maps the released page 4 after its pages 5 and 8 (out of order) and the restarted sequence opens its second
+    selection block."""
+    layer = _layer(backend, torch.float32)
+    streams = randn(3, 40, HIDDEN, seed=11).float()
+    after = [(6, [1, 1, 6]), (1, [1, 1, 1]), (1, [1, 1, 1]), (1, [1, 1, 1])]
+    runs = []
+    for value in (None, float("nan"), float("inf")):
+        cache = layer.new_cache(3, CAPACITY, page_size=PAGE, static_shapes=static_shapes)
+        _scramble(cache)
+        _run(layer, cache, streams, [(30, [10, 30, 22]), (1, [1, 1, 1])])
+        cache.release([2])
+        start, outs, reads = [11, 31, 23], [], []  # the restarted sequence 2 reads new tokens (23 on)
+        for chunk, valid in after:
+            if value is not None:
+                _poison_stale(cache, value)
+            got, got_reads = _run(layer, cache, streams, [(chunk, valid)], start)
+            outs.append(got)
+            reads += got_reads
+            start = [s + n for s, n in zip(start, valid, strict=True)]
+        assert cache.lengths == [15, 35, 9] and cache.pages == [[2], [5, 8, 4], [1]], cache.pages
+        if value is not None:  # the poison is still there, in rows of mapped pages too (past the lengths)
+            assert not torch.isfinite(cache.k_sel[[p for pages in cache.pages for p in pages]]).all()
+        runs.append((outs, reads))
+    (clean, clean_reads), *poisoned = runs
+    assert all(torch.isfinite(y).all() for ys in clean for y in ys)
+    for outs, reads in poisoned:
+        for ys, clean_ys in zip(outs, clean, strict=True):
+            for y, clean_y in zip(ys, clean_ys, strict=True):
+                assert torch.equal(y, clean_y)
+        for got, want in zip(reads, clean_reads, strict=True):
+            assert torch.equal(got, want)
+
+
+def _run_aux(layer: NSAAttention, cache: NSAKVCache, streams: torch.Tensor, plan: list,
+             after_first: Any = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """_run from token 0 with the layer's aux: (each sequence's outputs [n_b, hidden], its block indices
+    [n_b, Hkv, n]); after_first(cache) runs after the first append."""
+    taken = [0] * cache.batch_size
+    outputs: list[list[torch.Tensor]] = [[] for _ in range(cache.batch_size)]
+    indices: list[list[torch.Tensor]] = [[] for _ in range(cache.batch_size)]
+    with torch.no_grad():
+        for i, (chunk, valid) in enumerate(plan):
+            x = randn(cache.batch_size, chunk, HIDDEN, seed=900 + i, scale=5.0).to(streams.dtype)
+            for b, n in enumerate(valid):
+                x[b, :n] = streams[b, taken[b]:taken[b] + n]
+            y, aux = layer(x, cache=cache, num_valid=valid, return_aux=True)
+            for b, n in enumerate(valid):
+                outputs[b].append(y[b, :n])
+                indices[b].append(aux.block_indices[b, :n])
+                taken[b] += n
+            if i == 0 and after_first is not None:
+                after_first(cache)
+    return [torch.cat(o) for o in outputs], [torch.cat(i) for i in indices]
+
+
+def _rows_reading(s: int, block_indices: torch.Tensor, heads: Any = slice(None),
+                  selection_only: bool = False) -> torch.Tensor:
+    """bool [n_b]: the rows t of a sequence (its block indices [n_b, Hkv, n]) that read token s under NSA.md's
+    masks: in a block selected by one of `heads` (s <= t), or (unless selection_only) in the window
+    (0 <= t - s < w) or a visible compressed block (i*d <= s < i*d + l, i*d + l - 1 <= t)."""
+    l, d, lp, _, w = SIZES
+    rows = []
+    for t, selected in enumerate(block_indices[:, heads].tolist()):
+        cmp = any(i * d <= s < i * d + l for i in range(ref_num_cmp(t + 1, l, d)))
+        others = not selection_only and (t - s < w or cmp)
+        rows.append(t >= s and (others or s // lp in torch.tensor(selected)))
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_token_on_scrambled_pages_poisons_exactly_the_rows_that_read_it(backend: str) -> None:
+    """A ragged batch on scrambled pages (sequence 1's third page is page 0, after pages 8 and 1), decoded token by
+    token after a prompt: a NaN token in sequence 0's prompt, a -inf token in a decode step of sequence 2, and a
+    NaN selection key and value of KV head 0 of one token of sequence 1 on its page (what a NaN token leaves in the
+    selection branch, and only there: the compressed and window branches never read it). Each poisons exactly the
+    rows that read it (the selection's rows found from the block indices: the planted block is one of the two
+    candidates the top-n chooses between from position 32 on); every other row is finite and bitwise equal to the
+    clean run's, and the selection unchanged. The Triton step poisons the same rows as the torch step, and its
+    finite rows agree with it (float32 rounding: 1e-5; a wrong row read moves them by O(1))."""
+    plan = [(30, [20, 30, 17])] + [(1, [1, 1, 1])] * 5  # lengths 25, 35, 22
+    streams = randn(3, 35, HIDDEN, seed=12).float()
+    bad = streams.clone()
+    bad[0, 3, 5] = float("nan")  # a prompt token
+    bad[2, 19, 0] = float("-inf")  # a decode step's token (positions 17..21)
+
+    def run(layer: NSAAttention, x: torch.Tensor, plant: Any = None) -> tuple[list, list]:
+        cache = layer.new_cache(3, CAPACITY, page_size=PAGE)
+        _scramble(cache)
+        outs, indices = _run_aux(layer, cache, x, plan, plant)
+        assert cache.pages == [[2, 5], [8, 1, 0], [4, 7]]
+        return outs, indices
+
+    layer = _layer(backend, torch.float32)
+    clean, clean_indices = run(layer, streams)
+    step_32 = clean_indices[1][32, 0].tolist()  # sequence 1's row 32, KV head 0: blocks 0, 3, 4 and 1 or 2
+    block = ({1, 2} - set(step_32)).pop()
+    token = block * 8 + 5
+
+    def plant(cache: NSAKVCache) -> None:
+        page, row = cache.pages[1][token // PAGE], token % PAGE
+        cache.k_sel[page, row, 0] = float("nan")
+        cache.v_sel[page, row, 0] = float("nan")
+
+    results = {backend: run(layer, bad, plant)}
+    if backend == "triton":
+        results["torch"] = run(_layer("torch", torch.float32), bad, plant)
+    outs, indices = results[backend]
+    expected = [_rows_reading(3, indices[0]), torch.zeros(30, dtype=torch.bool), _rows_reading(19, indices[2])]
+    expected[1] = torch.cat((expected[1], _rows_reading(token, indices[1], 0, selection_only=True)[30:]))
+    assert expected[1][30:].any() and not expected[1][32:].all(), "the planted block: read by some steps, not all"
+    assert torch.equal(indices[1], clean_indices[1]), "the planted selection key moved a selection"
+    for b, (y, poisoned) in enumerate(zip(outs, expected, strict=True)):
+        assert torch.equal(y.isnan().all(-1), poisoned), f"sequence {b}: poisoned rows differ from the rows reading"
+        assert torch.equal(y[~poisoned], clean[b][~poisoned]), f"sequence {b}: a row that reads nothing changed"
+    if backend == "triton":
+        for b, (y, y_torch) in enumerate(zip(outs, results["torch"][0], strict=True)):
+            poisoned = y_torch.isnan().all(-1)
+            assert torch.equal(y.isnan().all(-1), poisoned), f"sequence {b}: Triton and torch poison other rows"
+            torch.testing.assert_close(y[~poisoned], y_torch[~poisoned], rtol=0, atol=1e-5)

@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from test_scope_attention import allowed_from_lists, make_layer, small_config
 from test_scope_functional import BATCH, BLOCK, HEADS, SEQ, VARIANTS, Problem, make_problem, ref_visible
 
-from scope.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference
+from scope.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference, rows_that_read
+from scope.functional import naive_scope_attention
+from scope.pointer_mask import document_starts
 
 F64 = torch.float64
 VALUES = st.sampled_from([math.nan, math.inf, -math.inf])
@@ -69,9 +71,11 @@ def run(p: Problem, forward: Callable[[Problem], torch.Tensor], inputs: dict[str
 
 
 def check_plant(p: Problem, forward: Callable[[Problem], torch.Tensor], name: str, b: int, head: int, pos: int,
-                dim: int, value: float, grad: bool) -> None:
+                dim: int, value: float, grad: bool, project_rule: bool = False) -> None:
     """Plant ``value`` in input ``name`` (one the problem uses: otherwise the next one that it does) at batch b,
-    head, position pos, channel dim; compare with the clean run."""
+    head, position pos, channel dim; compare with the clean run. ``project_rule``: also check that the
+    reference's rows are the project's rule for a planted k / v (scope.block_sparse_attention.rows_that_read
+    of the planted token, under the mask's lists and documents)."""
     names = ["q", "k", "v"] + ([] if p.bias_impl == "none" else ["A", "B"] + (["c"] if p.slope else []))
     name = names[ALL_INPUTS.index(name) % len(names)]
     clean_inputs = {n: getattr(p, n) for n in names}
@@ -84,6 +88,12 @@ def check_plant(p: Problem, forward: Callable[[Problem], torch.Tensor], name: st
     visible = ref_visible(p.mask.kv_num_blocks, p.mask.kv_indices, SEQ, BLOCK, p.doc_ids)
     nan_rows = expected_nan_rows(p, name, b, head, pos, visible)
     assert bool(nan_rows.any())
+    if project_rule and name in ("k", "v"):
+        flagged = torch.zeros(target.shape[:3], dtype=torch.bool)
+        flagged[b, head, pos] = True
+        rule = rows_that_read(flagged, p.mask.kv_num_blocks, p.mask.kv_indices, block=BLOCK,
+                              num_heads=p.q.shape[1], doc_start=document_starts(p.doc_ids, SEQ, p.q.shape[0]))
+        assert torch.equal(rule, nan_rows)
     check_rows(dirty, clean, nan_rows)
     for g_dirty, g_clean in zip(dirty_grads, clean_grads, strict=True):
         assert bool(g_dirty.isfinite().all())
@@ -110,6 +120,22 @@ def test_scope_attention_torch_backend(variant: str, docs: bool, name: str, b: i
                                        value: float) -> None:
     p = make_problem(20, docs=docs, **VARIANTS[variant])
     check_plant(p, on("torch"), name, b, head, pos, dim, value, grad=True)
+
+
+QKV_PLANTS = {**PLANTS, "name": st.sampled_from(["q", "k", "v"])}
+
+
+@pytest.mark.parametrize(("variant", "docs"), [("score_mod_all", True), ("none", False)])
+@settings(max_examples=8, derandomize=True, deadline=None)
+@given(**QKV_PLANTS)
+def test_naive_scope_attention(variant: str, docs: bool, name: str, b: int, head: int, pos: int, dim: int,
+                               value: float) -> None:
+    """The dense twin (scope_attention's torch path, called directly) with a NaN / +-inf in q, k or v: NaN in
+    exactly the rows that read it (the reference's visibility, which is rows_that_read's rule), every other row
+    and the gradients before it bitwise equal to the clean run."""
+    p = make_problem(25, docs=docs, **VARIANTS[variant])
+    check_plant(p, lambda problem: problem.call(naive_scope_attention), name, b, head, pos, dim, value, grad=True,
+                project_rule=True)
 
 
 @pytest.mark.parametrize(("variant", "docs"), [("score_mod_all", True), ("qk_aug", False)])
@@ -143,9 +169,6 @@ def check_block_sparse(fn: Callable[..., torch.Tensor], backend: str, p: Problem
         return fn(problem.q, problem.k, problem.v, num, idx, block=BLOCK, backend=backend)
 
     check_plant(p, forward, name, b, head, pos, dim, value, grad=True)
-
-
-QKV_PLANTS = {**PLANTS, "name": st.sampled_from(["q", "k", "v"])}
 
 
 @pytest.mark.parametrize("fn", [block_sparse_attention, block_sparse_attention_reference])
@@ -205,23 +228,48 @@ def test_layer_prefill(grad: bool, pos: int, dim: int, value: float, representat
         assert torch.equal(dirty_grad[:, :pos], clean_grad[:, :pos])
 
 
-@settings(max_examples=5, derandomize=True, deadline=None)
-@given(pos=st.integers(1, 71), dim=st.integers(0, 31), value=VALUES, prompt=st.sampled_from([0, 16]))
-def test_layer_decode(pos: int, dim: int, value: float, prompt: int) -> None:
-    """Token-by-token decode (after a prefilled prompt of 0 or 16 tokens) of an input with a non-finite token:
-    NaN in exactly the rows the prefill of the same input makes NaN, the other rows equal to it, and the
-    steps before the token bitwise equal to the decode without it."""
-    layer = make_layer(small_config(c_scale=0.1))
-    x = torch.randn(1, 72, 32, dtype=F64, generator=torch.Generator().manual_seed(pos))
+DECODE_LEN, DECODE_BLOCK = 48, 8  # small_config's block
+
+
+@st.composite
+def decode_plants(draw: st.DrawFn) -> tuple[int, int]:
+    """(prompt, pos): a prompt of 13, 16 or 21 tokens, then token-by-token decode of the rest; the planted token
+    inside the prompt (1 <= pos < prompt) or in the decoded part (prompt <= pos < DECODE_LEN). A prompt of 13 or
+    21 tokens (not a block multiple) is itself decoded token by token from the empty cache; one of 16 is
+    prefilled, so a planted token in it reaches the cache through the prefill's write (_prefill_into). Every
+    prompt here ends before block 3, so the first decoded token (its local band: its block and the one before,
+    and the global block 0) reads every prompt token: a NaN in the prompt always reaches a decoded row."""
+    prompt = draw(st.sampled_from([13, 16, 21]))
+    if draw(st.booleans()):
+        return prompt, draw(st.integers(1, prompt - 1))
+    return prompt, draw(st.integers(prompt, DECODE_LEN - 1))
+
+
+@settings(max_examples=8, derandomize=True, deadline=None)
+@given(plant_at=decode_plants(), dim=st.integers(0, 31), value=VALUES)
+def test_layer_decode(plant_at: tuple[int, int], dim: int, value: float) -> None:
+    """Token-by-token decode (after a prompt, prefilled or decoded itself) of an input with a non-finite token,
+    in the prompt or after it: NaN in exactly the rows the prefill of the same input makes NaN, the other rows
+    equal to it, and the steps before the token bitwise equal to the decode without it."""
+    prompt, pos = plant_at
+    config = small_config(c_scale=0.1)
+    assert config.block == DECODE_BLOCK and config.local_blocks == 2 and config.global_blocks == 1
+    layer = make_layer(config)
+    x = torch.randn(1, DECODE_LEN, 32, dtype=F64, generator=torch.Generator().manual_seed(pos))
     dirty_x = plant(x, (0, pos, dim), value)
     decoded = []
     with torch.no_grad():
         full = layer(dirty_x)
-        for inputs in (x, dirty_x):
-            cache = layer.new_cache(1, 72)
-            head = [layer(inputs[:, :prompt], cache=cache)] if prompt else []
-            decoded.append(torch.cat([*head, layer(inputs[:, prompt:], cache=cache)], dim=1))
+        # the clean run only up to the planted token (or the prompt's end): its rows before pos are compared
+        for inputs, stop in ((x, max(pos, prompt)), (dirty_x, DECODE_LEN)):
+            cache = layer.new_cache(1, DECODE_LEN)
+            head = layer(inputs[:, :prompt], cache=cache)
+            assert cache.length == prompt
+            decoded.append(torch.cat([head, layer(inputs[:, prompt:stop], cache=cache)], dim=1))
     clean, dirty = decoded
     assert torch.equal(dirty.isnan(), full.isnan()) and bool(full[0, pos].isnan().all())
+    assert bool(dirty[0, max(pos, prompt):].isnan().any())  # a decode step reads it (docstring of decode_plants)
+    # float64 on both paths, the same math in other summation orders (block-sparse prefill vs a gathered
+    # decode row): O(1) values agree to ~1e-15, far inside these bounds
     torch.testing.assert_close(dirty, full, rtol=1e-9, atol=1e-10, equal_nan=True)
     assert torch.equal(dirty[:, :pos], clean[:, :pos])

@@ -477,6 +477,75 @@ def test_allocate_budget_never_exceeds_the_budget_on_nonfinite_logits():
     assert allocate_budget(torch.tensor([[1e300, 0.0]], dtype=F64), 2, 1, 1e-10).tolist() == [[2, 0]]
 
 
+@st.composite
+def nonfinite_mask_cases(draw):
+    """mask_cases with NaN / +inf / -inf planted in d_star and budget_logits: single entries, or every peak
+    of one (b, h, qb) row; eval or training with Gumbel top-k."""
+    seq_len, kw, d_star, logits, doc_ids = draw(mask_cases(max_blocks=6))
+    dirty = {"d_star": d_star.clone(), "logits": logits.clone()}
+    bsz, heads, num_q, num_peaks = d_star.shape
+    for _ in range(draw(st.integers(1, 4))):
+        target = dirty[draw(st.sampled_from(["d_star", "logits"]))]
+        row = (draw(st.integers(0, bsz - 1)), draw(st.integers(0, heads - 1)), draw(st.integers(0, num_q - 1)))
+        peaks = slice(None) if draw(st.booleans()) else draw(st.integers(0, num_peaks - 1))
+        target[(*row, peaks)] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    gumbel = draw(st.one_of(st.none(), st.integers(1, num_peaks)))
+    return seq_len, kw, d_star, logits, doc_ids, dirty["d_star"], dirty["logits"], gumbel
+
+
+@settings(max_examples=30, derandomize=True, deadline=None)
+@given(nonfinite_mask_cases(), st.integers(0, 1000))
+def test_nonfinite_pointers_give_a_valid_mask(case, gseed):
+    """build_pointer_block_mask with non-finite D* and budget logits (a NaN pointer head's rows: the layer
+    poisons their outputs, but the mask must stay a valid one). What the docstrings promise: a NaN D* clamps to
+    the document start and counts as clamped (pointer_centres); +-inf D* follow the clamp rule in the extended
+    reals (+inf: the document start, -inf: the query block, both clamped); the logits are clamped before the split
+    (allocate_budget: NaN -> 0, +-inf -> +-1e300 after the division by budget_temp), so the sum rule holds; the
+    rule is per (b, h, qb) row. So the mask equals the plain reference of the contract's rule on those finite
+    stand-ins (which also checks causality, documents, no duplicates, ascending lists), every list fits the
+    configured width and budget, and the rows whose D* and logits are all finite equal the clean run's."""
+    seq_len, kw, d_star, logits, doc_ids, dirty_d, dirty_u, gumbel = case
+    num_peaks = d_star.shape[-1]
+    training = gumbel is not None
+
+    def build(d: torch.Tensor, u: torch.Tensor) -> PointerMask:
+        return build_pointer_block_mask(d, u, seq_len, doc_ids=doc_ids, training=training, gumbel_topk=gumbel,
+                                        generator=torch.Generator().manual_seed(gseed), **kw)
+
+    pm, clean = build(dirty_d, dirty_u), build(d_star, logits)
+    # finite stand-ins with the same effect under the documented rule
+    huge = 1e300
+    d_sub = torch.nan_to_num(dirty_d, nan=huge, posinf=huge, neginf=-huge)
+    temp = kw["budget_temp"]  # 0.5, 1 or 2: +-1e300 * temp / temp is exactly +-1e300
+    u_sub = torch.nan_to_num(dirty_u, nan=0.0, posinf=huge * temp, neginf=-huge * temp)
+    kept = pm.centres >= 0
+    if training:
+        assert (kept.sum(-1) == gumbel).all()  # gumbel_keep: exactly k per row, whatever the logits
+    else:
+        assert kept.all()
+    ref = dense_block_reference(d_sub, u_sub, seq_len, doc_ids=doc_ids, active=kept if training else None, **kw)
+    check_against_reference(pm, ref, kw, seq_len, doc_ids)
+    # the centres of the non-finite D*: NaN and +inf at the document start, -inf at the query block, all clamped
+    dsb = pm.doc_start_block.long()[:, None, :, None].expand(pm.centres.shape)
+    qb = torch.arange(d_star.shape[2])[:, None].expand(pm.centres.shape)
+    low, high = kept & (dirty_d.isnan() | (dirty_d == math.inf)), kept & (dirty_d == -math.inf)
+    assert torch.equal(pm.centres.long()[low], dsb[low]) and torch.equal(pm.centres.long()[high], qb[high])
+    assert pm.clamped[low | high].all()
+    # widths and budget: local band + globals + at most `budget` pointer slots, inside the static width
+    width = kw["local_blocks"] + kw["global_blocks"] + kw["budget"] + num_peaks
+    assert pm.kv_indices.shape[-1] == width
+    assert (pm.kv_num_blocks >= 1).all()
+    assert (pm.kv_num_blocks <= kw["local_blocks"] + kw["global_blocks"] + kw["budget"]).all()
+    cap = 2 * kw["max_radius"] + 1
+    assert (pm.alloc >= 0).all() and (pm.alloc <= cap).all()
+    assert torch.equal(pm.budget_used.long(), torch.clamp(kept.sum(-1) * cap, max=kw["budget"]))
+    # rows whose pointers are all finite: the clean run's
+    finite = (dirty_d.isfinite() & dirty_u.isfinite()).all(-1)
+    assert bool((~finite).any())
+    for field in ("kv_indices", "kv_num_blocks", "centres", "alloc", "clamped", "budget_used"):
+        assert torch.equal(getattr(pm, field)[finite], getattr(clean, field)[finite]), field
+
+
 def test_budget_used_in_mask():
     """pm.budget_used == min(budget, M_active * (2R+1)), with and without caps."""
     gen = torch.Generator().manual_seed(3)
