@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_scope_block_sparse import ref_visibility
 
 from scope import ScopeConfigError, ScopeInputError
@@ -225,6 +227,21 @@ def test_torch_backend_forward_and_gradients_match_reference(variant: str, docs:
     ref_grads = torch.autograd.grad(ref, leaves, dout)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, **TOL64)
+
+
+@settings(max_examples=12)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), heads=st.sampled_from([(4, 2), (4, 4), (6, 2), (3, 1)]),
+       variant=st.sampled_from(list(VARIANTS)), layout=st.sampled_from(["pointers", "window", "docs"]),
+       fn=st.sampled_from(["torch", "naive"]))
+def test_torch_and_naive_match_reference_on_drawn_problems(seed: int, batch: int, heads: tuple[int, int], variant: str,
+                                                            layout: str, fn: str) -> None:
+    """Drawn batches, group sizes (G = 1, 2, 3), pointer lists, windows and documents, every bias variant: the
+    torch backend and the naive twin against the reference (documents need two batch rows: the second differs)."""
+    docs = layout == "docs" and batch >= 2
+    p = make_problem(seed, window=layout == "window", docs=docs, batch=batch, heads=heads[0], kv_heads=heads[1],
+                     **VARIANTS[variant])
+    out = p.call(naive_scope_attention) if fn == "naive" else p.call(backend="torch")
+    torch.testing.assert_close(out, reference(p), **TOL64)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
