@@ -133,6 +133,19 @@ def _decode_selection_scores(cache: NSAKVCache, q: torch.Tensor, seq_lens: list[
     return scores
 
 
+def _check_decode_selections(fast: torch.Tensor, ref: torch.Tensor, cache: NSAKVCache, q: torch.Tensor,
+                             seq_lens: list[int]) -> None:
+    """The Triton step's (fast) and the float64 torch step's (ref) block indices [B, H_kv, n] against the top-n of
+    ``_decode_selection_scores``, exchanges allowed only between blocks whose scores (sums of probabilities, at
+    most G) lie within rounding of each other: the float64 path's, and the kernel's float32 sums of the same bf16
+    values (~1e-8 here)."""
+    c = cache.config
+    scores = _decode_selection_scores(cache, q, seq_lens)
+    positions = torch.tensor(seq_lens)[:, None] - 1
+    check_selection(ref.cpu()[:, None], scores, c.sel_block_size, c.num_selected, positions, tol=1e-12)
+    check_selection(fast.cpu()[:, None], scores, c.sel_block_size, c.num_selected, positions, tol=1e-6)
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_triton_decode_matches_float64_within_bf16_error(static: bool) -> None:
     """The Triton decode step (bf16) vs the torch path in float64 on the same cache (the torch path is
@@ -151,13 +164,7 @@ def test_triton_decode_matches_float64_within_bf16_error(static: bool) -> None:
         ref = _decode(layer, cache, q.double(), gates.double(), "torch")
     own_error = (torch_bf16.output.double() - ref.output).abs().max().item()
     assert (fast.output.double() - ref.output).abs().max().item() <= 2 * own_error + 1e-3
-    # Both selections against the top-n of the float64 scores, exchanges allowed only between blocks whose scores
-    # (sums of probabilities, at most G) lie within rounding of each other: the float64 path's, and the kernel's
-    # float32 sums of the same bf16 values (~1e-8 here).
-    scores = _decode_selection_scores(cache, q, seq_lens)
-    positions = torch.tensor(seq_lens)[:, None] - 1
-    check_selection(ref.block_indices.cpu()[:, None], scores, 64, 16, positions, tol=1e-12)
-    check_selection(fast.block_indices.cpu()[:, None], scores, 64, 16, positions, tol=1e-6)
+    _check_decode_selections(fast.block_indices, ref.block_indices, cache, q, seq_lens)
     # Counters: cmp and window reads depend on t only; selection reads are the tokens <= t of the
     # blocks the kernel chose (NSA.md), counted here from its indices.
     assert torch.equal(fast.reads[..., 0], ref.reads[..., 0]) and torch.equal(fast.reads[..., 2], ref.reads[..., 2])
@@ -223,13 +230,7 @@ def test_paged_triton_step_in_cuda_graph_matches_eager_and_float64() -> None:
         ref = _decode(layer, SimpleNamespace(**{**vars(cache), **f64}), q.double(), gates.double(), "torch")
     own_error = (torch_bf16.output.double() - ref.output).abs().max().item()
     assert (fast.output.double() - ref.output).abs().max().item() <= 2 * own_error + 1e-3
-    # Both selections against the top-n of the float64 scores, exchanges allowed only between blocks whose scores
-    # (sums of probabilities, at most G) lie within rounding of each other: the float64 path's, and the kernel's
-    # float32 sums of the same bf16 values (~1e-8 here).
-    scores = _decode_selection_scores(cache, q, seq_lens)
-    positions = torch.tensor(seq_lens)[:, None] - 1
-    check_selection(ref.block_indices.cpu()[:, None], scores, 64, 16, positions, tol=1e-12)
-    check_selection(fast.block_indices.cpu()[:, None], scores, 64, 16, positions, tol=1e-6)
+    _check_decode_selections(fast.block_indices, ref.block_indices, cache, q, seq_lens)
     assert torch.equal(fast.reads[..., 0], ref.reads[..., 0]) and torch.equal(fast.reads[..., 2], ref.reads[..., 2])
 
     graph_cache = layer.new_cache(4, cache.capacity, static_shapes=True, page_size=256)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import F64, TOL64, randn
 from reference import ref_nsa, ref_rope
+from test_decode import make_layer
 
 from nsa import NSAAttention, NSAConfig
 
@@ -25,15 +26,9 @@ TINY = {
 
 
 def _layer(**over) -> NSAAttention:
-    """A float64 layer whose every weight is random (phi's MLP output layer starts at zero: made non-zero here, so
-    the MLP's term shows)."""
-    torch.manual_seed(0)
-    layer = NSAAttention(NSAConfig(**{**TINY, **over})).double()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.3)
-    return layer
+    """A float64 layer of TINY's settings and ``over`` whose every weight is random (test_decode.make_layer: phi's
+    MLP output layer, zero at init, included, so the MLP's term shows)."""
+    return make_layer(NSAConfig(**{**TINY, **over}), seed=0)
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:

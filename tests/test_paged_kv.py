@@ -10,6 +10,7 @@ other sequences' tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,10 +47,12 @@ def _scramble(cache: NSAKVCache) -> None:
 
 
 def _run(layer: NSAAttention, cache: NSAKVCache, streams: torch.Tensor, plan: list,
-         start: list[int] | None = None) -> tuple[list, list]:
+         start: list[int] | None = None, *, block_indices: list[list[torch.Tensor]] | None = None,
+         after_first: Callable[[NSAKVCache], None] | None = None) -> tuple[list, list]:
     """Feed each sequence its own token stream (streams [B, T, hidden], from token start[b] on) through the appends
     of `plan`; padding slots hold noise. Returns (each sequence's outputs [1, n_b, hidden], each append's
-    last_reads)."""
+    last_reads). block_indices: one list per sequence, to which each append adds its rows' selected blocks
+    [n, Hkv, n_sel]; after_first(cache) runs after the first append."""
     taken = list(start or [0] * cache.batch_size)
     outputs: list[list[torch.Tensor]] = [[] for _ in range(cache.batch_size)]
     reads = []
@@ -58,11 +61,15 @@ def _run(layer: NSAAttention, cache: NSAKVCache, streams: torch.Tensor, plan: li
             x = randn(cache.batch_size, chunk, HIDDEN, seed=900 + i, scale=5.0).to(streams.dtype)
             for b, n in enumerate(valid):
                 x[b, :n] = streams[b, taken[b]:taken[b] + n]
-            y = layer(x, cache=cache, num_valid=valid)
+            y, aux = layer(x, cache=cache, num_valid=valid, return_aux=True)
             for b, n in enumerate(valid):
                 outputs[b].append(y[b:b + 1, :n])
+                if block_indices is not None:
+                    block_indices[b].append(aux.block_indices[b, :n])
                 taken[b] += n
             reads.append(cache.last_reads)
+            if i == 0 and after_first is not None:
+                after_first(cache)
     return [torch.cat(o, dim=1) for o in outputs], reads
 
 
@@ -390,28 +397,6 @@ def test_nonfinite_stale_rows_and_released_pages_change_nothing(backend: str, st
             assert torch.equal(got, want)
 
 
-def _run_aux(layer: NSAAttention, cache: NSAKVCache, streams: torch.Tensor, plan: list,
-             after_first: Any = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """_run from token 0 with the layer's aux: (each sequence's outputs [n_b, hidden], its block indices
-    [n_b, Hkv, n]); after_first(cache) runs after the first append."""
-    taken = [0] * cache.batch_size
-    outputs: list[list[torch.Tensor]] = [[] for _ in range(cache.batch_size)]
-    indices: list[list[torch.Tensor]] = [[] for _ in range(cache.batch_size)]
-    with torch.no_grad():
-        for i, (chunk, valid) in enumerate(plan):
-            x = randn(cache.batch_size, chunk, HIDDEN, seed=900 + i, scale=5.0).to(streams.dtype)
-            for b, n in enumerate(valid):
-                x[b, :n] = streams[b, taken[b]:taken[b] + n]
-            y, aux = layer(x, cache=cache, num_valid=valid, return_aux=True)
-            for b, n in enumerate(valid):
-                outputs[b].append(y[b, :n])
-                indices[b].append(aux.block_indices[b, :n])
-                taken[b] += n
-            if i == 0 and after_first is not None:
-                after_first(cache)
-    return [torch.cat(o) for o in outputs], [torch.cat(i) for i in indices]
-
-
 def _rows_reading(s: int, block_indices: torch.Tensor, heads: Any = slice(None),
                   selection_only: bool = False) -> torch.Tensor:
     """bool [n_b]: the rows t of a sequence (its block indices [n_b, Hkv, n]) that read token s under NSA.md's
@@ -443,11 +428,13 @@ def test_nonfinite_token_on_scrambled_pages_poisons_exactly_the_rows_that_read_i
     bad[2, 19, 0] = float("-inf")  # a decode step's token (positions 17..21)
 
     def run(layer: NSAAttention, x: torch.Tensor, plant: Any = None) -> tuple[list, list]:
+        """Each sequence's outputs [n_b, hidden] and block indices [n_b, Hkv, n], plant(cache) after the prompt."""
         cache = layer.new_cache(3, CAPACITY, page_size=PAGE)
         _scramble(cache)
-        outs, indices = _run_aux(layer, cache, x, plan, plant)
+        indices: list[list[torch.Tensor]] = [[] for _ in range(3)]
+        outs, _ = _run(layer, cache, x, plan, block_indices=indices, after_first=plant)
         assert cache.pages == [[2, 5], [8, 1, 0], [4, 7]]
-        return outs, indices
+        return [y[0] for y in outs], [torch.cat(rows) for rows in indices]
 
     layer = _layer(backend, torch.float32)
     clean, clean_indices = run(layer, streams)
