@@ -46,10 +46,9 @@ def decode_attention(
     page_table (paged KV, NSAKVCache's paged layout): k_sel/v_sel are then pools [num_pages + 1, P, Hkv, D]
     of P-token pages (P a multiple of l') and page_table [B, pages] (int32) maps logical page position // P
     of sequence b to its physical page.
-    Non-finite cache entries (nsa.nonfinite): the torch step gives NaN in exactly the rows that read one. The Triton
-    step does so for NaN entries, which is what NSAAttention writes for every key and value of a non-finite token,
-    but it does not sanitise +-inf: a hand-built cache holding inf where a row reads it may give that row inf, or
-    drop the key (a -inf score), instead of NaN. Write NaN, not inf, to mark a bad token in a cache of your own.
+    Non-finite entries (nsa.nonfinite): both steps give NaN in every column of exactly the rows whose query holds a
+    NaN / inf or that read a cache entry holding one (a hand-built cache's +-inf included), and every other row as
+    if the entry were finite (a non-finite query attends as zeros toward its group's selection).
     """
     if page_table is not None and k_sel.shape[1] % sizes.sel_block_size:
         raise NSAInputError(f"page_table given: k_sel must be a pool of pages whose size is a multiple of "

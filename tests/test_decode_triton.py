@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -154,6 +155,46 @@ def test_triton_decode_bounds_past_the_batch_read_nothing_more() -> None:
     loose = _run(padded, torch.float32, "triton")
     torch.testing.assert_close(loose.output, tight.output, rtol=0, atol=1e-6)
     assert torch.equal(loose.block_indices, tight.block_indices) and torch.equal(loose.reads, tight.reads)
+
+
+# Where each planted +-inf sits: an entry of KV head 0 (or query head 0) that the rows of that group read in every
+# sequence whose position reaches it (compressed block 0 from t = l - 1 on; token 0 in block 0, a forced selection;
+# ring slot 0, which holds a position <= t at every t), so some rows read it and the other group's rows do not.
+INF_PLANTS: dict[str, tuple[Any, ...]] = {
+    "q": (slice(None, None, 3), 0, 1), "k_cmp": (slice(None), 0, 0, 2), "v_cmp": (slice(None), 0, 0, 3),
+    "k_sel": (slice(None), 0, 0, 4), "v_sel": (slice(None), 0, 0, 5), "k_win": (slice(None), 0, 0, 6),
+    "v_win": (slice(None), 0, 0, 7),
+}
+
+
+@pytest.mark.parametrize(("buffer", "value"), [
+    ("q", math.inf), ("k_cmp", math.inf), ("k_cmp", -math.inf), ("v_cmp", -math.inf), ("k_sel", -math.inf),
+    ("v_sel", math.inf), ("k_win", -math.inf), ("v_win", math.inf),
+])
+def test_triton_decode_poisons_infinite_entries_like_the_torch_step(buffer: str, value: float) -> None:
+    """One entry of a hand-built cache (or of q) holding +-inf where some rows read it (nsa.nonfinite): the Triton
+    step gives bit for bit what it gives with NaN there (an inf key gives +inf scores or -inf ones, which would drop
+    the key), NaN in every column of exactly the rows the torch step poisons (a value's NaN reaches only its own
+    column of p @ v), the torch step's other rows, and, in groups none of whose rows read it, the same selected
+    blocks (a NaN query attends as zeros: the group's other heads select as in the torch step)."""
+    inputs, _ = _cache_like(POSITIONS[-1] + 1, 2, 16, 16, seed=31)
+
+    def planted(fill: float) -> dict[str, Any]:
+        tensor = inputs[buffer].clone()
+        tensor[INF_PLANTS[buffer]] = fill
+        return {**inputs, buffer: tensor}
+
+    fast = _run(planted(value), torch.float32, "triton")
+    fast_nan = _run(planted(float("nan")), torch.float32, "triton")
+    reference = _run(planted(value), torch.float32, "torch")
+    poisoned = reference.output.isnan().all(-1)
+    assert poisoned.any() and not poisoned.all(), "the plant must reach some rows and not others"
+    for got, want in zip(fast, fast_nan, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(fast.output.isnan().all(-1), poisoned) and torch.isfinite(fast.output[~poisoned]).all()
+    torch.testing.assert_close(fast.output[~poisoned], reference.output[~poisoned], rtol=0, atol=1e-5)
+    clean_groups = ~poisoned.view(len(POSITIONS), 2, -1).any(-1)
+    assert torch.equal(fast.block_indices[clean_groups], reference.block_indices[clean_groups])
 
 
 @pytest.mark.parametrize(("tiles", "lanes"), [

@@ -174,6 +174,40 @@ def test_triton_decode_matches_float64_within_bf16_error(static: bool) -> None:
     assert torch.equal(fast.reads[..., 1], sel_tokens)
 
 
+def test_triton_decode_poisons_exactly_the_rows_reading_a_nonfinite_entry() -> None:
+    """nsa.nonfinite at the public shape (bf16, ragged lengths up to 70,001 tokens), on the Triton step and the torch
+    step: NaN / +-inf planted in one query head, a visible compressed key and value, keys and values of the forced
+    first selection block, and a window slot, each in one sequence and one KV head. Each poisons, in every column,
+    exactly the heads that read it, and no other row; elsewhere the Triton step matches the float64 torch step on
+    the same cache within the torch step's own bf16 error (as above)."""
+    torch.manual_seed(0)
+    seq_lens = [1, 40, 600, 3000, 65536, 70001]
+    layer, cache = _decode_case(len(seq_lens), seq_lens, torch.bfloat16)
+    q = torch.randn(len(seq_lens), 64, 128, device="cuda", dtype=torch.bfloat16)
+    gates = torch.rand(len(seq_lens), 64, 3, device="cuda", dtype=torch.bfloat16)
+    inf, nan = float("inf"), float("nan")
+    # (buffer, index, value, the query heads reading it): compressed block 0 is visible from t = 31 on, token 5 lies
+    # in block 0 (forced), ring slot 0 holds position 0 at t = 0; a KV head's group is its 16 query heads.
+    plants = [(q, (1, 5, 7), inf, slice(5, 6)), (cache.k_cmp, (2, 0, 1, 3), -inf, slice(16, 32)),
+              (cache.v_cmp, (4, 10, 2, 0), nan, slice(32, 48)), (cache.k_sel, (3, 5, 0, 9), inf, slice(0, 16)),
+              (cache.v_sel, (5, 7, 3, 1), -inf, slice(48, 64)), (cache.k_win, (0, 0, 2, 5), -inf, slice(32, 48))]
+    expected = torch.zeros(len(seq_lens), 64, dtype=torch.bool, device="cuda")
+    for buffer, index, value, heads in plants:
+        buffer[index] = value
+        expected[index[0], heads] = True
+    with torch.no_grad():
+        fast = _decode(layer, cache, q, gates, "triton")
+        torch_bf16 = _decode(layer, cache, q, gates, "torch")
+        f64 = {name: getattr(cache, name).double() for name in ("k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win")}
+        ref = _decode(layer, SimpleNamespace(**{**vars(cache), **f64}), q.double(), gates.double(), "torch")
+    for name, result in (("triton", fast), ("torch bf16", torch_bf16), ("torch float64", ref)):
+        poisoned = result.output.isnan().all(-1)
+        assert torch.equal(poisoned, expected), f"{name}: poisoned rows differ from the rows reading a plant"
+        assert torch.isfinite(result.output[~expected]).all(), f"{name}: a row reading no plant is not finite"
+    own_error = (torch_bf16.output.double() - ref.output)[~expected].abs().max().item()
+    assert (fast.output.double() - ref.output)[~expected].abs().max().item() <= 2 * own_error + 1e-3
+
+
 def test_triton_layer_step_in_cuda_graph_matches_eager() -> None:
     """A static-shape layer step with the Triton backend captures in a CUDA graph and replays exactly
     what eager computes (same kernels, same inputs)."""

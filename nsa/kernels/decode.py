@@ -87,7 +87,18 @@ def _load_group_queries(q_ptr, stride_qb, stride_qh, b, h, G: tl.constexpr, DK: 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_DK)
     ptrs = q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :]
-    return tl.load(ptrs, mask=(offs_g < G)[:, None] & (offs_d < DK)[None, :], other=0.0)
+    q = tl.load(ptrs, mask=(offs_g < G)[:, None] & (offs_d < DK)[None, :], other=0.0)
+    # A non-finite query attends as zeros, as in the torch step: its head's output is flagged NaN by the combine,
+    # and the group's other heads select from Eq. 9 sums that hold no NaN.
+    return tl.where(q * 0.0 == 0.0, q, 0.0)
+
+
+@triton.jit
+def _nan_if_infinite(x):
+    """x with +-inf entries turned NaN, others bit for bit (x * 0 is +-0 at finite x, NaN at NaN and +-inf). A NaN
+    key makes every score of its rows NaN; an inf one would give +inf scores (NaN as well) or -inf ones, which
+    drop the key where the contract (nsa.nonfinite) says NaN."""
+    return x + x * 0.0
 
 
 @triton.jit
@@ -98,7 +109,8 @@ def _attend_tile(q, k_ptr, v_ptr, k_rows, v_rows, valid, scale, m, l, acc,
     p): p [BLOCK_G, rows] the tile's probabilities relative to m (0 where m is -inf or the key is masked)."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(k_ptr + k_rows[:, None] + offs_dk[None, :], mask=valid[:, None] & (offs_dk < DK)[None, :], other=0.0)
+    k = _nan_if_infinite(tl.load(k_ptr + k_rows[:, None] + offs_dk[None, :],
+                                 mask=valid[:, None] & (offs_dk < DK)[None, :], other=0.0))
     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -383,13 +395,16 @@ def _merged_head_output(m_ptr, l_ptr, acc_ptr, bh, g, first_slot, count: tl.cons
 
 @triton.jit
 def _combine_kernel(
-    gates_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, reads_ptr, stride_gb, stride_gh, stride_ob, stride_oh,
-    num_slots,
-    HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_SEL_SLOTS: tl.constexpr,
-    NUM_WIN_TILES: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
-    CMP_CHUNK: tl.constexpr, SEL_CHUNK: tl.constexpr, WIN_CHUNK: tl.constexpr,
+    q_ptr, gates_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, reads_ptr, stride_qb, stride_qh, stride_gb, stride_gh,
+    stride_ob, stride_oh, num_slots,
+    HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    NUM_SEL_SLOTS: tl.constexpr, NUM_WIN_TILES: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_SLOTS: tl.constexpr, CMP_CHUNK: tl.constexpr, SEL_CHUNK: tl.constexpr,
+    WIN_CHUNK: tl.constexpr,
 ):
-    """One program per (sequence, KV head, query head of the group): G programs share the merge's reads."""
+    """One program per (sequence, KV head, query head of the group): G programs share the merge's reads. A head
+    whose query holds a NaN / inf, or whose output holds one in any column (a value's NaN / inf reaches only its own
+    column of the p @ v sums), is NaN in every column: the rows rule of nsa.nonfinite."""
     bh = tl.program_id(0)
     g = tl.program_id(1)
     b = bh // HKV
@@ -404,6 +419,9 @@ def _combine_kernel(
     gate_ptr = gates_ptr + b * stride_gb + (h * G + g) * stride_gh
     out = (tl.load(gate_ptr).to(tl.float32) * o_cmp + tl.load(gate_ptr + 1).to(tl.float32) * o_sel
            + tl.load(gate_ptr + 2).to(tl.float32) * o_win)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g) * stride_qh + offs_dk, mask=offs_dk < DK, other=0.0)
+    out += tl.sum(q.to(tl.float32) * 0.0, axis=0) + tl.sum(tl.where(offs_dv < DV, out * 0.0, 0.0), axis=0)
     tl.store(out_ptr + b * stride_ob + (h * G + g) * stride_oh + offs_dv, out.to(out_ptr.dtype.element_ty),
              mask=offs_dv < DV)
     if g == 0:
@@ -554,10 +572,10 @@ def decode_attention_triton(
     out = torch.empty(batch, num_heads, dv, device=q.device, dtype=q.dtype)
     reads = q.new_empty(batch, num_kv_heads, 3, dtype=torch.long)
     _combine_kernel[(pairs, group)](
-        gates, out, m_part, l_part, acc_part, counts, reads, gates.stride(0), gates.stride(1), out.stride(0),
-        out.stride(1), num_slots, NUM_SPLITS=num_splits, BLOCK_SLOTS=next_power_of_2(num_slots), G=group,
-        HKV=num_kv_heads, DV=dv, NUM_SEL_SLOTS=num_sel_programs,
-        NUM_WIN_TILES=num_win_tiles, BLOCK_G=block_g, BLOCK_DV=block_dv,
+        q, gates, out, m_part, l_part, acc_part, counts, reads, q.stride(0), q.stride(1), gates.stride(0),
+        gates.stride(1), out.stride(0), out.stride(1), num_slots, NUM_SPLITS=num_splits,
+        BLOCK_SLOTS=next_power_of_2(num_slots), DK=dk, DV=dv, NUM_SEL_SLOTS=num_sel_programs,
+        NUM_WIN_TILES=num_win_tiles, **heads, **blocks,
         CMP_CHUNK=_slots_per_load(num_splits, tiles.merge_chunk),
         SEL_CHUNK=_slots_per_load(num_sel_programs, tiles.merge_chunk),
         WIN_CHUNK=_slots_per_load(num_win_tiles, tiles.merge_chunk), num_warps=tiles.combine_warps,
