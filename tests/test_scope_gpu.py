@@ -288,16 +288,16 @@ def test_triton_layer_is_one_graph_with_one_block_sparse_op_forward_and_backward
     assert layer.spectral.pointer_head.gain.grad is not None
 
 
-def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
-    """The Triton op alone at the benchmark's shape class (T=4096, 16 heads over 4 kv heads, q.k dim 160 =
-    128 + 32 qk_aug features, v dim 128, bf16, lists of up to 12 blocks incl. the diagonal): out and the
-    grads of q, k, v against float64, within CHECK_FACTOR x the larger of (the same math in float32 with
-    P rounded to bf16, as the kernel rounds) and SDPA's own bf16 gradient error on these inputs."""
-    from scope.block_sparse_attention import block_sparse_attention
+SCOPE_SHAPE_BLOCK = 128
 
+
+def _scope_shape_problem() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The block-sparse op's inputs at the benchmark's shape class: q [1, 16, 4096, 160], k [1, 4, 4096, 160],
+    v [1, 4, 4096, 128], dout like the output (bf16), and block lists (num, idx) of up to 12 of the 128-token
+    blocks at or before each query block (each list holds its diagonal), in ascending order, -1 past num."""
     gen = torch.Generator(device="cuda").manual_seed(3)
-    bsz, heads, kv_heads, seq_len, block, dqk, dv = 1, 16, 4, 4096, 128, 160, 128
-    qb = seq_len // block
+    bsz, heads, kv_heads, seq_len, dqk, dv = 1, 16, 4, 4096, 160, 128
+    qb = seq_len // SCOPE_SHAPE_BLOCK
     q = torch.randn(bsz, heads, seq_len, dqk, device="cuda", generator=gen).bfloat16()
     k = torch.randn(bsz, kv_heads, seq_len, dqk, device="cuda", generator=gen).bfloat16()
     v = torch.randn(bsz, kv_heads, seq_len, dv, device="cuda", generator=gen).bfloat16()
@@ -308,7 +308,19 @@ def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
     chosen &= chosen.flip(-1).long().cumsum(-1).flip(-1) <= 12  # at most 12 per list, the latest kept
     num = chosen.sum(-1, dtype=torch.int32)
     order = torch.where(chosen, rows, qb).sort(-1).values
-    idx = torch.where(order < qb, order, -1).to(torch.int32)
+    return q, k, v, dout, num, torch.where(order < qb, order, -1).to(torch.int32)
+
+
+def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
+    """The Triton op alone at the benchmark's shape class (T=4096, 16 heads over 4 kv heads, q.k dim 160 =
+    128 + 32 qk_aug features, v dim 128, bf16, lists of up to 12 blocks incl. the diagonal): out and the
+    grads of q, k, v against float64, within CHECK_FACTOR x the larger of (the same math in float32 with
+    P rounded to bf16, as the kernel rounds) and SDPA's own bf16 gradient error on these inputs."""
+    from scope.block_sparse_attention import block_sparse_attention
+
+    q, k, v, dout, num, idx = _scope_shape_problem()
+    heads, kv_heads, seq_len, dqk, dv = q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3]
+    block = SCOPE_SHAPE_BLOCK
     allowed = token_mask(idx, num, block, seq_len)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = block_sparse_attention(leaves[0], leaves[1], leaves[2], num, idx, block=block, backend="triton")
@@ -340,3 +352,43 @@ def test_block_sparse_kernel_matches_float64_at_scope_shape() -> None:
     for name, g, g64, g32 in zip("qkv", grads, grads64, grads32, strict=True):
         err, bound = rel_err(g, g64), CHECK_FACTOR * max(rel_err(g32, g64), sdpa_own)
         assert err <= bound, f"d{name}: {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_block_sparse_kernel_poisons_exactly_the_rows_reading_a_nonfinite_entry(value: float) -> None:
+    """nsa.nonfinite's rule for the Triton block-sparse op at the benchmark's shape (bf16): one value planted in q
+    (query head 9, token 1000), in k (KV head 1, token 2100) and in v (KV head 3, token 700). The output is NaN in
+    every column of exactly the rows that read one (q: its own row; k / v: the rows of the KV head's query heads
+    whose block lists hold the token, at or after it: tests' own token_mask), every other row is bitwise the clean
+    run's, and the gradients of a loss over the rows reading no plant are bitwise the clean run's and finite (the
+    backward is deterministic: no atomics; a poisoned row passes exactly zero gradient)."""
+    from scope.block_sparse_attention import block_sparse_attention
+
+    q, k, v, dout, num, idx = _scope_shape_problem()
+    group = q.shape[1] // k.shape[1]
+    allowed = token_mask(idx, num, SCOPE_SHAPE_BLOCK, q.shape[2])  # [1, H, T, T]
+    expected = torch.zeros(q.shape[:3], dtype=torch.bool, device="cuda")
+    expected[0, 9, 1000] = True
+    for kv_head, token in ((1, 2100), (3, 700)):
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        expected[0, heads] |= allowed[0, heads, :, token]
+    dirty = [t.clone() for t in (q, k, v)]
+    dirty[0][0, 9, 1000, 17] = value
+    dirty[1][0, 1, 2100, 150] = value
+    dirty[2][0, 3, 700, 5] = value
+    weights = dout.masked_fill(expected[..., None], 0)
+
+    def run(inputs: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        leaves = [t.requires_grad_(True) for t in inputs]
+        out = block_sparse_attention(leaves[0], leaves[1], leaves[2], num, idx, block=SCOPE_SHAPE_BLOCK,
+                                     backend="triton")
+        return out, torch.autograd.grad(out, leaves, weights)
+
+    clean_out, clean_grads = run([t.clone() for t in (q, k, v)])
+    out, grads = run(dirty)
+    assert 16 < int(expected.sum()) < expected.numel() // 10, "the plants must reach some rows, not most"
+    assert torch.equal(out.isnan().all(-1), expected), "poisoned rows differ from the rows reading a plant"
+    assert torch.equal(out[~expected], clean_out[~expected]), "a row reading no plant changed"
+    for name, g, g_clean in zip("qkv", grads, clean_grads, strict=True):
+        assert bool(g.isfinite().all()), f"d{name} is not finite"
+        assert torch.equal(g, g_clean), f"d{name} differs from the clean run's"
