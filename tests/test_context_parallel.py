@@ -8,8 +8,12 @@ the dense float64 reference of tests/reference.py (selection and output). Length
 so no split, block size or stride divides them, and the split chunks are shorter than the window and the
 compressed block: the window's edge and the blocks' raw keys come from several ranks. Also: a sequence shorter
 than one compressed block, planted NaN / inf (the rows poisoned and every other row and gradient as in one
-process), training with Gumbel draws, and arguments rejected on one rank only. The rendezvous store listens on a
-port the OS picks (bound to 0 in this process: no race); a hang fails after TIMEOUT_S.
+process), training with Gumbel draws, and arguments rejected on one rank only. Causality (the NSA op and layer, the
+SCOPE op and layer): with every input row at a position >= a cut replaced by garbage (random values in one batch
+row, NaN / inf in the other; cuts inside blocks, on several ranks' shards), every output row before the cut, on
+whichever rank holds it, is bitwise the clean run's, and so are the gradients from a loss over those rows; every
+row after the cut changes. The rendezvous store listens on a port the OS picks (bound to 0 in this process: no
+race); a hang fails after TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pytest
 import torch
@@ -37,7 +41,7 @@ from nsa.context_parallel import nsa_attention_context_parallel, nsa_layer_conte
 from scope import ScopeConfig, ScopeInputError
 from scope.context_parallel import scope_attention_context_parallel, scope_layer_context_parallel
 from scope.functional import scope_attention
-from scope.pointer_mask import build_pointer_block_mask
+from scope.pointer_mask import PointerMask, build_pointer_block_mask
 from scope.scope_attention import ScopeAttention, causal_representative_positions
 from scope.spectral_bias import BiasCoefficients, BiasTerms, Ramp
 
@@ -97,6 +101,9 @@ def _nsa_inputs(length: int = T, sizes: dict[str, Any] = NSA_SIZES, nonfinite: b
     return inputs
 
 
+NSA_INPUTS = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+
+
 def _nsa_row_layouts(layout: ContextLayout, sizes: dict[str, Any] = NSA_SIZES) -> list[ContextLayout]:
     """The layouts of nsa_attention's 8 inputs: the compressed blocks' for k_cmp / v_cmp, the tokens' otherwise."""
     cmp_layout = layout.compressed(sizes["block_size"], sizes["block_stride"])
@@ -120,8 +127,7 @@ def case_nsa_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | Non
     _compare(failures, "output", out_r, layout.shard(out, rank))
     if not torch.equal(indices_r, layout.shard(indices, rank)):
         failures.append("block indices differ from nsa_attention's")
-    names = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
-    for name, lay, x, x_r in zip(names, row_layouts, whole, local, strict=True):
+    for name, lay, x, x_r in zip(NSA_INPUTS, row_layouts, whole, local, strict=True):
         _compare(failures, f"grad {name}", _grad(x_r), lay.shard(_grad(x), rank))
     if nonfinite:
         return failures
@@ -188,32 +194,47 @@ SCOPE_T = SCOPE_BLOCK * SCOPE_BLOCKS
 SCOPE_DOCS = torch.tensor([0] * 14 + [1] * 19 + [2] * (SCOPE_T - 33))  # boundaries inside blocks
 
 
+def _scope_mask(d_blk: torch.Tensor, u_blk: torch.Tensor) -> PointerMask:
+    """The pointer mask of the SCOPE op's cases from block-level D* and budget logits [B, 4, SCOPE_BLOCKS, 2]."""
+    t_rep = causal_representative_positions(SCOPE_BLOCKS, SCOPE_BLOCK, "last", torch.device("cpu"))
+    return build_pointer_block_mask(d_blk, u_blk, SCOPE_T, block=SCOPE_BLOCK, budget=2, local_blocks=2,
+                                    global_blocks=1, max_radius=1, doc_ids=SCOPE_DOCS, t_rep=t_rep)
+
+
+def _scope_op_inputs() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The SCOPE op's 8 tensor inputs (q, k, v, A, B, c, d_star_main [B, H, T, ...], the ramp gate [H]) and the
+    block-level D* and budget logits of its mask."""
+    heads, kv_heads, dim, num_freqs = 4, 2, 8, 3
+    rows = (B, heads, SCOPE_T)
+    inputs = [randn(B, heads, SCOPE_T, dim, seed=22), randn(B, kv_heads, SCOPE_T, dim, seed=23),
+              randn(B, kv_heads, SCOPE_T, 6, seed=24), randn(*rows, num_freqs, seed=25, scale=0.5),
+              randn(*rows, num_freqs, seed=26, scale=0.5), randn(*rows, seed=27, scale=0.1),
+              rand(*rows, seed=28) * 20, rand(heads, seed=29)]
+    d_blk = rand(B, heads, SCOPE_BLOCKS, 2, seed=20) * 30
+    return inputs, d_blk, randn(*d_blk.shape, seed=21)
+
+
+def _scope_op_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  c: torch.Tensor, d_main: torch.Tensor, gate: torch.Tensor, *, mask: PointerMask,
+                  attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """case_scope_op's call: ``attend`` (scope_attention or its context-parallel twin) with every bias term."""
+    bias = BiasTerms(BiasCoefficients(a, b, c, d_main, None), (0.05, 0.3, 1.1), 0.8, True,  # type: ignore[arg-type]
+                     Ramp(gate, "softplus", 0.5, 6.0, 2.0))
+    return attend(q, k, v, mask, block=SCOPE_BLOCK, bias=bias, doc_ids=SCOPE_DOCS)
+
+
 def case_scope_op(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None,
                   nonfinite: bool = False) -> list[str]:
     """The op with every bias term (spectral, slope, ramp) and documents; gradients of q, k, v and the bias.
     ``nonfinite``: a NaN in q, k and a bias coefficient, an inf in v."""
     failures: list[str] = []
-    heads, kv_heads, dim, num_freqs = 4, 2, 8, 3
-    rows = (B, heads, SCOPE_T)
-    d_blk = rand(B, heads, SCOPE_BLOCKS, 2, seed=20) * 30
-    t_rep = causal_representative_positions(SCOPE_BLOCKS, SCOPE_BLOCK, "last", torch.device("cpu"))
-    mask = build_pointer_block_mask(d_blk, randn(*d_blk.shape, seed=21), SCOPE_T, block=SCOPE_BLOCK, budget=2,
-                                    local_blocks=2, global_blocks=1, max_radius=1, doc_ids=SCOPE_DOCS, t_rep=t_rep)
-    inputs = [randn(B, heads, SCOPE_T, dim, seed=22), randn(B, kv_heads, SCOPE_T, dim, seed=23),
-              randn(B, kv_heads, SCOPE_T, 6, seed=24), randn(*rows, num_freqs, seed=25, scale=0.5),
-              randn(*rows, num_freqs, seed=26, scale=0.5), randn(*rows, seed=27, scale=0.1),
-              rand(*rows, seed=28) * 20, rand(heads, seed=29)]
+    inputs, d_blk, u_blk = _scope_op_inputs()
+    mask = _scope_mask(d_blk, u_blk)
     if nonfinite:
         inputs[0][0, 1, 30, 2] = inputs[1][1, 0, 9, 4] = inputs[3][1, 3, 21, 0] = float("nan")
         inputs[2][0, 1, 17, 5] = float("inf")
-    dy = randn(B, heads, SCOPE_T, 6, seed=30)
-
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-            d_main: torch.Tensor, gate: torch.Tensor, *, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
-        bias = BiasTerms(BiasCoefficients(a, b, c, d_main, None), (0.05, 0.3, 1.1), 0.8, True,  # type: ignore[arg-type]
-                         Ramp(gate, "softplus", 0.5, 6.0, 2.0))
-        return attend(q, k, v, mask, block=SCOPE_BLOCK, bias=bias, doc_ids=SCOPE_DOCS)
-
+    dy = randn(B, inputs[0].shape[1], SCOPE_T, 6, seed=30)
+    run = functools.partial(_scope_op_run, mask=mask)
     whole = _leaves(*inputs)
     out = run(*whole, attend=lambda *a, **kw: scope_attention(*a, **kw, backend="torch"))
     _loss(out, dy).backward()
@@ -267,6 +288,129 @@ def case_scope_layer_gumbel(layout: ContextLayout, rank: int, group: dist.Proces
                        lambda layer, x: scope_layer_context_parallel(layer, x, layout=layout, group=group,
                                                                      generator=generator()),
                        lambda layer, x: layer(x, generator=generator()), False)
+
+
+class _Rows(NamedTuple):
+    """An input of a causality case: its rows along ``dim`` stand for the whole-sequence positions ``times`` (a
+    compressed block for its last token, a query block's pointer parameters for its first; None: not positional,
+    never garbage), and each rank passes ``layout``'s shard of it (None: the whole tensor)."""
+
+    name: str
+    dim: int
+    times: torch.Tensor | None = None
+    layout: ContextLayout | None = None
+
+
+def _garbage(x: torch.Tensor, dim: int, dirty: torch.Tensor, nonfinite_row: int, seed: int) -> torch.Tensor:
+    """x with its rows along ``dim`` where ``dirty`` [B, N] replaced: by NaN, inf and -inf (a whole row each, in
+    turn) in batch row ``nonfinite_row``, by random values of ``seed`` in the other batch row."""
+    y = x.detach().movedim(dim, 1)
+    trailing = [1] * (y.dim() - 2)
+    cycle = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype)[torch.arange(y.shape[1]) % 3]
+    garbage = torch.where((torch.arange(y.shape[0]) == nonfinite_row).view(-1, 1, *trailing),
+                          cycle.view(1, -1, *trailing), randn(*y.shape, seed=seed, scale=3.0))
+    return torch.where(dirty.view(*dirty.shape, *trailing), garbage, y).movedim(1, dim)
+
+
+def _causality_case(layout: ContextLayout, rank: int, cuts: tuple[int, int],
+                    run: Callable[[list[torch.Tensor]], list[torch.Tensor]], inputs: list[torch.Tensor],
+                    rows: list[_Rows], out_dim: int, params: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Causality under context parallelism. In batch row b every input row standing for a position >= cuts[b] is
+    replaced by garbage (_garbage: NaN / inf in batch row P mod 2, so each cut meets both kinds over P = 2, 3, 4;
+    random values in the other), and ``run`` (this rank's shards -> its outputs, rows along ``out_dim``, the first
+    differentiable) runs clean and garbled. The rows before the cut, wherever the layout puts them, must be
+    bitwise equal to the clean run's (every output: nsa.nonfinite's contract, masked entries meet probabilities
+    that are exactly 0), and so must the gradients from a loss over those rows alone: of the input rows before
+    the cut, of the inputs that are not positional, and of ``params``. Every row after the cut must change (else
+    the garbage tests nothing)."""
+    failures: list[str] = []
+    params = params or {}
+    cut = torch.tensor(cuts)[:, None]
+    nonfinite_row = layout.world_size % 2
+    garbled = [x if r.times is None else _garbage(x, r.dim, r.times >= cut, nonfinite_row, seed=60 + i)
+               for i, (x, r) in enumerate(zip(inputs, rows, strict=True))]
+    keep = layout.positions(rank) < cut  # [B, T_r]: this rank's rows before the cut
+    runs = []
+    for tensors in (inputs, garbled):
+        local = _leaves(*(x if r.layout is None else r.layout.shard(x, rank, r.dim)
+                          for x, r in zip(tensors, rows, strict=True)))
+        outs = [out.movedim(out_dim, 1) for out in run(local)]
+        dy = randn(*outs[0].shape, seed=61) * keep.view(*keep.shape, *[1] * (outs[0].dim() - 2))
+        grads = torch.autograd.grad(_loss(outs[0], dy), [*local, *params.values()], allow_unused=True,
+                                    materialize_grads=True)
+        runs.append(([out.detach() for out in outs], grads))
+    (clean, clean_grads), (dirty, dirty_grads) = runs
+    for i, (out, out_clean) in enumerate(zip(dirty, clean, strict=True)):
+        if not torch.equal(out[keep], out_clean[keep]):
+            failures.append(f"output {i}: rows before the cut differ from the clean run's")
+    unchanged = int((dirty[0] == clean[0]).flatten(2).all(-1)[~keep].sum())
+    if unchanged:
+        failures.append(f"the garbage left {unchanged} row(s) after the cut unchanged")
+    for r, grad, grad_clean in zip([*rows, *(_Rows(name, 0) for name in params)], dirty_grads, clean_grads,
+                                   strict=True):
+        if r.times is not None:  # the rows before the cut
+            times = r.times if r.layout is None else r.times[r.layout.positions(rank)]
+            grad, grad_clean = (g.movedim(r.dim, 1)[times < cut] for g in (grad, grad_clean))
+        if not torch.equal(grad, grad_clean):
+            failures.append(f"grad {r.name}: differs from the clean run's")
+    return failures
+
+
+NSA_CUTS = (13, 23)  # T = 37: no block size, stride, window or query chunk divides them; several ranks hold garbage
+SCOPE_CUTS = (17, 30)  # SCOPE_T = 44: inside query blocks (of 4) and inside documents
+
+
+def case_nsa_op_causal(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
+    """Causality of the op (_causality_case): its output and block indices, the gradients of all 8 inputs."""
+    l, d = NSA_SIZES["block_size"], NSA_SIZES["block_stride"]
+    tokens, blocks = torch.arange(T), torch.arange(num_compressed_blocks(T, l, d)) * d + l - 1
+    rows = [_Rows(name, 1, blocks if name in ("k_cmp", "v_cmp") else tokens, lay)
+            for name, lay in zip(NSA_INPUTS, _nsa_row_layouts(layout), strict=True)]
+
+    def run(local: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(nsa_attention_context_parallel(*local, **NSA_SIZES, layout=layout, group=group,
+                                                   query_chunk_size=3))
+
+    return _causality_case(layout, rank, NSA_CUTS, run, _nsa_inputs(), rows, 1)
+
+
+def case_nsa_layer_causal(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
+    """Causality of the layer (_causality_case): y, the gradients of x and of every parameter (this rank's share)."""
+    layer = _nsa_layer()
+
+    def run(local: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [nsa_layer_context_parallel(layer, local[0], layout=layout, group=group)]
+
+    return _causality_case(layout, rank, NSA_CUTS, run, [randn(B, T, 16, seed=10)],
+                           [_Rows("x", 1, torch.arange(T), layout)], 1, dict(layer.named_parameters()))
+
+
+def case_scope_op_causal(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
+    """Causality of the op (_causality_case) with every bias term and documents; the pointer mask's lists of the
+    query blocks wholly after the cut are garbage too (their block-level D* and budget logits), so the ranks
+    fetch other key blocks."""
+    inputs, d_blk, u_blk = _scope_op_inputs()
+    tokens, query_blocks = torch.arange(SCOPE_T), torch.arange(SCOPE_BLOCKS) * SCOPE_BLOCK
+    rows = [*(_Rows(name, 2, tokens, layout) for name in ("q", "k", "v", "A", "B", "c", "d_star_main")),
+            _Rows("ramp gate", 0), _Rows("block D*", 2, query_blocks), _Rows("block budget logits", 2, query_blocks)]
+    attend = functools.partial(scope_attention_context_parallel, layout=layout, group=group)
+
+    def run(local: list[torch.Tensor]) -> list[torch.Tensor]:
+        *tensors, d_star, logits = local
+        return [_scope_op_run(*tensors, mask=_scope_mask(d_star, logits), attend=attend)]
+
+    return _causality_case(layout, rank, SCOPE_CUTS, run, [*inputs, d_blk, u_blk], rows, 2)
+
+
+def case_scope_layer_causal(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
+    """Causality of the layer (_causality_case, eval, documents): y, the gradients of x and of every parameter."""
+    layer = _scope_layer().eval()
+
+    def run(local: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [scope_layer_context_parallel(layer, local[0], layout=layout, group=group, doc_ids=SCOPE_DOCS)]
+
+    return _causality_case(layout, rank, SCOPE_CUTS, run, [randn(B, SCOPE_T, 16, seed=31)],
+                           [_Rows("x", 1, torch.arange(SCOPE_T), layout)], 1, dict(layer.named_parameters()))
 
 
 def case_errors(layout: ContextLayout, rank: int, group: dist.ProcessGroup | None) -> list[str]:
@@ -348,6 +492,10 @@ CASES: dict[str, tuple[Callable[[ContextLayout, int, dist.ProcessGroup | None], 
     "scope_layer": (case_scope_layer, SCOPE_T, SCOPE_BLOCK),
     "scope_layer_nonfinite": (functools.partial(case_scope_layer, nonfinite=True), SCOPE_T, SCOPE_BLOCK),
     "scope_layer_gumbel": (case_scope_layer_gumbel, SCOPE_T, SCOPE_BLOCK),
+    "nsa_op_causal": (case_nsa_op_causal, T, 1),
+    "nsa_layer_causal": (case_nsa_layer_causal, T, 1),
+    "scope_op_causal": (case_scope_op_causal, SCOPE_T, SCOPE_BLOCK),
+    "scope_layer_causal": (case_scope_layer_causal, SCOPE_T, SCOPE_BLOCK),
     "errors": (case_errors, T, 1),
 }
 
