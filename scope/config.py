@@ -85,6 +85,8 @@ class ScopeConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden", "block"):
             _require_int(name, getattr(self, name), minimum=1)
+        if self.head_dim % 2 != 0:  # as NSAConfig: the layer applies RoPE, which refuses an odd head dim at forward
+            raise ScopeConfigError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
         _require_int("num_pointers", self.num_pointers, minimum=1, symbol="M")
         _require_int("num_freqs", self.num_freqs, minimum=1, symbol="K")
         _require_int("budget", self.budget, minimum=0)
@@ -127,7 +129,8 @@ class ScopeConfig:
                 "backend='triton' runs the bias as qk_aug features (or no bias): set bias_impl='qk_aug' or "
                 "'none', or use backend='flex' / 'auto' for score_mod"
             )
-        if self.qk_align not in QK_ALIGNS or isinstance(self.qk_align, bool):
+        # an int: 16.0 == 16 would pass the membership test and then be refused by scope_attention at forward
+        if isinstance(self.qk_align, bool) or not isinstance(self.qk_align, int) or self.qk_align not in QK_ALIGNS:
             raise ScopeConfigError(f"qk_align={self.qk_align!r} must be one of {QK_ALIGNS}")
         for name in ("per_head_mlp", "pointer_mask"):
             if not isinstance(getattr(self, name), bool):

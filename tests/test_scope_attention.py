@@ -32,11 +32,15 @@ def small_config(**overrides) -> ScopeConfig:
 
 
 def make_layer(config: ScopeConfig, seed: int = 0, gain: float = 0.7) -> ScopeAttention:
-    """A float64 layer whose bias is switched on (gain and the ramp gate start at 0, which make it vanish)."""
+    """A float64 layer whose bias is switched on (gain, the slope's output row and the ramp gate start at 0, which
+    make it vanish): with gain != 0 the slope row is random too, so a c_scale reaches the logits."""
     torch.manual_seed(seed)
     layer = ScopeAttention(config).double().eval()
     with torch.no_grad():
         layer.spectral.pointer_head.gain.fill_(gain)
+        if gain:
+            slope_row = layer.spectral.pointer_head.w2[..., 5 * config.num_pointers]
+            slope_row.copy_(torch.randn(slope_row.shape, dtype=slope_row.dtype) / math.sqrt(config.mlp_hidden))
         if layer.spectral.ramp_gate is not None:
             layer.spectral.ramp_gate.fill_(1.0 if gain else 0.0)
     return layer
