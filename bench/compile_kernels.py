@@ -272,8 +272,8 @@ def decode_cases(tiles: Any = None) -> Iterator[KernelCase]:
                     "WINDOW": BLOCKS["window_size"], "BLOCK_SEL": 64, "BLOCK_W": decode.BLOCK_W, "PAGE": page,
                     "PER_PROGRAM": tiles.sel_blocks, "NUM_SEL_PROGRAMS": sel_programs})
     yield case("dec_combine", decode._combine_kernel,
-               {**heads, "DV": 128, "NUM_SPLITS": splits, "NUM_SEL_SLOTS": sel_programs, "NUM_WIN_TILES": window_tiles,
-                "BLOCK_DV": 128, "BLOCK_SLOTS": 64, "CMP_CHUNK": 16, "SEL_CHUNK": 8, "WIN_CHUNK": 4},
+               {**heads, **dims, "NUM_SPLITS": splits, "NUM_SEL_SLOTS": sel_programs, "NUM_WIN_TILES": window_tiles,
+                "BLOCK_SLOTS": 64, "CMP_CHUNK": 16, "SEL_CHUNK": 8, "WIN_CHUNK": 4},
                tiles.combine_warps)
 
 
