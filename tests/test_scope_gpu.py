@@ -386,7 +386,7 @@ def test_block_sparse_kernel_poisons_exactly_the_rows_reading_a_nonfinite_entry(
 
     clean_out, clean_grads = run([t.clone() for t in (q, k, v)])
     out, grads = run(dirty)
-    assert 16 < int(expected.sum()) < expected.numel() // 10, "the plants must reach some rows, not most"
+    assert 16 < int(expected.sum()) < expected.numel() // 2, "the plants must reach some rows, not most"
     assert torch.equal(out.isnan().all(-1), expected), "poisoned rows differ from the rows reading a plant"
     assert torch.equal(out[~expected], clean_out[~expected]), "a row reading no plant changed"
     for name, g, g_clean in zip("qkv", grads, clean_grads, strict=True):
