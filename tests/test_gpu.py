@@ -17,7 +17,7 @@ from nsa import (
     nsa_attention,
     num_compressed_blocks,
 )
-from nsa.decode_attention import decode_attention
+from nsa.decode_attention import DecodeResult, decode_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -110,6 +110,18 @@ def _decode(layer: NSAAttention, cache, q: torch.Tensor, gates: torch.Tensor, ba
     )
 
 
+def _decode_three_ways(layer: NSAAttention, cache: NSAKVCache, q: torch.Tensor,
+                       gates: torch.Tensor) -> tuple[DecodeResult, DecodeResult, DecodeResult]:
+    """The decode step on the cache: Triton, torch in the cache's dtype, and torch in float64 on a float64 copy of
+    the cache (the reference; the torch path is proven against the dense float64 references on the CPU)."""
+    with torch.no_grad():
+        fast = _decode(layer, cache, q, gates, "triton")
+        torch_low = _decode(layer, cache, q, gates, "torch")
+        f64 = {name: getattr(cache, name).double() for name in ("k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win")}
+        ref = _decode(layer, SimpleNamespace(**{**vars(cache), **f64}), q.double(), gates.double(), "torch")
+    return fast, torch_low, ref
+
+
 def _decode_selection_scores(cache: NSAKVCache, q: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
     """NSA.md's Eq. 8-10 for one decode query per sequence (at t = seq_lens[b] - 1) over the cache's compressed keys,
     in float64 on the CPU: [B, 1, H_kv, num_sel] (check_selection's layout). Eq. 9's overlap |[i d, i d + l)
@@ -156,12 +168,7 @@ def test_triton_decode_matches_float64_within_bf16_error(static: bool) -> None:
     layer, cache = _decode_case(len(seq_lens), seq_lens, torch.bfloat16, static)
     q = torch.randn(len(seq_lens), 64, 128, device="cuda", dtype=torch.bfloat16)
     gates = torch.rand(len(seq_lens), 64, 3, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        fast = _decode(layer, cache, q, gates, "triton")
-        torch_bf16 = _decode(layer, cache, q, gates, "torch")
-        for name in ("k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win"):
-            setattr(cache, name, getattr(cache, name).double())
-        ref = _decode(layer, cache, q.double(), gates.double(), "torch")
+    fast, torch_bf16, ref = _decode_three_ways(layer, cache, q, gates)
     own_error = (torch_bf16.output.double() - ref.output).abs().max().item()
     assert (fast.output.double() - ref.output).abs().max().item() <= 2 * own_error + 1e-3
     _check_decode_selections(fast.block_indices, ref.block_indices, cache, q, seq_lens)
@@ -195,11 +202,7 @@ def test_triton_decode_poisons_exactly_the_rows_reading_a_nonfinite_entry() -> N
     for buffer, index, value, heads in plants:
         buffer[index] = value
         expected[index[0], heads] = True
-    with torch.no_grad():
-        fast = _decode(layer, cache, q, gates, "triton")
-        torch_bf16 = _decode(layer, cache, q, gates, "torch")
-        f64 = {name: getattr(cache, name).double() for name in ("k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win")}
-        ref = _decode(layer, SimpleNamespace(**{**vars(cache), **f64}), q.double(), gates.double(), "torch")
+    fast, torch_bf16, ref = _decode_three_ways(layer, cache, q, gates)
     for name, result in (("triton", fast), ("torch bf16", torch_bf16), ("torch float64", ref)):
         poisoned = result.output.isnan().all(-1)
         assert torch.equal(poisoned, expected), f"{name}: poisoned rows differ from the rows reading a plant"
@@ -257,11 +260,7 @@ def test_paged_triton_step_in_cuda_graph_matches_eager_and_float64() -> None:
     assert cache.page_table is not None and cache.k_sel.shape[1:3] == (256, 4)
     q = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
     gates = torch.rand(4, 64, 3, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        fast = _decode(layer, cache, q, gates, "triton")
-        torch_bf16 = _decode(layer, cache, q, gates, "torch")
-        f64 = {name: getattr(cache, name).double() for name in ("k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win")}
-        ref = _decode(layer, SimpleNamespace(**{**vars(cache), **f64}), q.double(), gates.double(), "torch")
+    fast, torch_bf16, ref = _decode_three_ways(layer, cache, q, gates)
     own_error = (torch_bf16.output.double() - ref.output).abs().max().item()
     assert (fast.output.double() - ref.output).abs().max().item() <= 2 * own_error + 1e-3
     _check_decode_selections(fast.block_indices, ref.block_indices, cache, q, seq_lens)
